@@ -1,0 +1,839 @@
+//! The balancer: one shared region plus this process's selection tables.
+//!
+//! Shared (in the region): every node's counters, learned latency, in-flight count,
+//! base weight and availability, and the active topology as JSON text. Local (in
+//! each worker): the selectors built from that topology, a random generator, and
+//! the effective weights, refreshed every `refresh_ms` from the shared counters.
+//!
+//! A change of topology or weight bumps the region's generation; a worker notices on
+//! its next pick (one atomic load) and rebuilds (topology) or refreshes (weights).
+//! `pick` and `report` never take the shared lock and never allocate.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, ConfigError, EwmaConfig};
+use crate::load;
+use crate::select::{hash_key, Algorithm, Candidate, NodeView, Selector};
+use crate::shm::layout::{flags, Capacity, NodeSlot};
+use crate::shm::{clock, fork, saturating_sub, LockGuard, Region, ShmError};
+
+/// How long a configuration change waits for the shared lock.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// A removed node's slot is reused only after this long with nothing in flight, so a
+/// late report cannot land on a stranger.
+const SLOT_REUSE_GRACE_MS: u64 = 60_000;
+/// Base weights accepted at run time, as in the config.
+pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=10_000;
+const NO_WORKER: u32 = u32::MAX;
+
+/// What went wrong, for Lua (`nil, err` or `error`) and C (a result code).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Error {
+    /// The configuration was refused; nothing was changed.
+    Config(ConfigError),
+    /// The shared region could not be mapped, locked or written.
+    Shm(ShmError),
+    /// A bad argument: unknown pool or node, weight out of range.
+    Invalid(String),
+    /// No node of the pool can take a try now (all tried, cooling or ejected).
+    NoNode { pool: String },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Config(e) => write!(f, "{e}"),
+            Error::Shm(e) => write!(f, "{e}"),
+            Error::Invalid(e) => write!(f, "{e}"),
+            Error::NoNode { pool } => write!(f, "no available node in pool \"{pool}\""),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::Config(e)
+    }
+}
+
+impl From<ShmError> for Error {
+    fn from(e: ShmError) -> Self {
+        Error::Shm(e)
+    }
+}
+
+/// The active topology, stored as JSON in the region so every worker rebuilds the
+/// same tables. Slot numbers are stable for a (pool, node id) across reconfigurations.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Topology {
+    pub pools: Vec<PoolTopo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PoolTopo {
+    pub name: String,
+    pub slot: u32,
+    pub algorithm: Algorithm,
+    pub ewma: EwmaConfig,
+    pub slow_start_ms: u32,
+    pub refresh_ms: u32,
+    pub chash_points: u32,
+    pub nodes: Vec<NodeTopo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeTopo {
+    pub id: String,
+    /// Host as written in the config (for SNI and the Host header).
+    pub host: String,
+    /// Address resolved when the config was loaded.
+    pub addr: SocketAddr,
+    pub slot: u32,
+    pub backup: bool,
+}
+
+impl Topology {
+    fn parse(text: &[u8]) -> Topology {
+        if text.is_empty() {
+            return Topology::default();
+        }
+        // The text was written by `configure` from this same type; a parse failure
+        // would mean a corrupted region, which we treat as empty rather than crash.
+        serde_json::from_slice(text).unwrap_or_default()
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&PoolTopo> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+/// Live numbers of one node, read from its slot.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct NodeStats {
+    pub weight: u32,
+    pub inflight: u32,
+    pub picks: u64,
+    pub requests: u64,
+    pub failures: u64,
+    pub busy: u64,
+    pub latency_sum_us: u64,
+    /// Peak-EWMA estimate in microseconds (0 before the first sample).
+    pub ewma_us: f64,
+    pub backup: bool,
+    pub cooldown_until_ms: u64,
+    pub ejected_until_ms: u64,
+}
+
+/// Copy the live numbers out of a slot.
+pub fn node_stats(n: &NodeSlot) -> NodeStats {
+    NodeStats {
+        weight: n.weight.load(Ordering::Relaxed),
+        inflight: n.inflight.load(Ordering::Relaxed),
+        picks: n.picks.load(Ordering::Relaxed),
+        requests: n.requests.load(Ordering::Relaxed),
+        failures: n.failures.load(Ordering::Relaxed),
+        busy: n.busy.load(Ordering::Relaxed),
+        latency_sum_us: n.latency_sum_us.load(Ordering::Relaxed),
+        ewma_us: load::unpack(n.ewma.load(Ordering::Relaxed)).0 as f64,
+        backup: n.flags.load(Ordering::Relaxed) & flags::BACKUP != 0,
+        cooldown_until_ms: n.cooldown_until_ms.load(Ordering::Relaxed),
+        ejected_until_ms: n.ejected_until_ms.load(Ordering::Relaxed),
+    }
+}
+
+/// A handle on a shared region plus this process's tables.
+pub struct Balancer {
+    region: Arc<Region>,
+    local: Mutex<Local>,
+    worker: AtomicU32,
+}
+
+struct Local {
+    generation: u64,
+    config_version: u64,
+    topo: Arc<Topology>,
+    /// Indexed by pool slot.
+    pools: Vec<Option<LocalPool>>,
+    by_name: HashMap<String, u32>,
+    rng: SmallRng,
+    fork_epoch: u64,
+}
+
+struct LocalPool {
+    name: String,
+    algorithm: Algorithm,
+    ewma: EwmaConfig,
+    slow_start_ms: u32,
+    refresh_ms: u32,
+    next_refresh_ms: u64,
+    /// Median latency of the primaries (µs): idle nodes decay toward it.
+    reference_us: f64,
+    primary: Tier,
+    backup: Tier,
+}
+
+struct Tier {
+    slots: Vec<u32>,
+    cands: Vec<Candidate>,
+    /// Smoothed success share per node, and the counters seen at the last refresh.
+    success: Vec<f64>,
+    seen: Vec<(u64, u64)>,
+    selector: Selector,
+}
+
+/// How selection sees the shared slots of one tier for one request.
+struct View<'a> {
+    region: &'a Region,
+    slots: &'a [u32],
+    tried: &'a [u32],
+    now_ms: u64,
+    tau_ms: u32,
+    reference_us: f64,
+}
+
+impl View<'_> {
+    fn node(&self, i: usize) -> &NodeSlot {
+        // Tier slots come from the topology, whose slots are all < max_nodes.
+        self.region
+            .node(self.slots[i])
+            .expect("topology slot in range")
+    }
+}
+
+impl NodeView for View<'_> {
+    fn eligible(&self, i: usize) -> bool {
+        let slot = self.slots[i];
+        if self.tried.contains(&slot) {
+            return false;
+        }
+        let n = self.node(i);
+        self.now_ms >= n.cooldown_until_ms.load(Ordering::Relaxed)
+            && self.now_ms >= n.ejected_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn inflight(&self, i: usize) -> u32 {
+        self.node(i).inflight.load(Ordering::Relaxed)
+    }
+
+    fn latency(&self, i: usize) -> f64 {
+        let word = self.node(i).ewma.load(Ordering::Relaxed);
+        load::current(word, self.now_ms, self.tau_ms, self.reference_us)
+    }
+}
+
+fn os_rng() -> SmallRng {
+    let mut seed = rand::rngs::OsRng;
+    SmallRng::try_from_rng(&mut seed)
+        .unwrap_or_else(|_| SmallRng::seed_from_u64(std::process::id() as u64 ^ clock::now_ms()))
+}
+
+impl Balancer {
+    /// Map a new region sized by `cfg.shm` and load `cfg` into it.
+    pub fn create(cfg: &Config) -> Result<Balancer, Error> {
+        let cap = Capacity {
+            max_pools: cfg.shm.max_pools,
+            max_nodes: cfg.shm.max_nodes,
+            max_workers: cfg.shm.max_workers,
+            config_bytes: cfg.shm.config_bytes,
+        };
+        let b = Balancer::attach(Arc::new(Region::create(cap)?));
+        b.configure(cfg)?;
+        Ok(b)
+    }
+
+    /// Another handle on an existing region (same process or inherited across fork).
+    pub fn attach(region: Arc<Region>) -> Balancer {
+        Balancer {
+            region,
+            local: Mutex::new(Local {
+                generation: u64::MAX,
+                config_version: u64::MAX,
+                topo: Arc::new(Topology::default()),
+                pools: Vec::new(),
+                by_name: HashMap::new(),
+                rng: os_rng(),
+                fork_epoch: fork::epoch(),
+            }),
+            worker: AtomicU32::new(NO_WORKER),
+        }
+    }
+
+    pub fn region(&self) -> &Arc<Region> {
+        &self.region
+    }
+
+    /// Load a new configuration: nodes whose (pool, id) remain keep their slot and
+    /// everything learned; new nodes start in slow start; removed nodes stop being
+    /// picked at once. All checks run before anything is changed.
+    pub fn configure(&self, cfg: &Config) -> Result<(), Error> {
+        let cap = self.region.capacity();
+        for (field, want, have) in [
+            ("shm.max_nodes", cfg.shm.max_nodes, cap.max_nodes),
+            ("shm.max_pools", cfg.shm.max_pools, cap.max_pools),
+            ("shm.max_workers", cfg.shm.max_workers, cap.max_workers),
+            ("shm.config_bytes", cfg.shm.config_bytes, cap.config_bytes),
+        ] {
+            if want != have {
+                return Err(Error::Config(ConfigError {
+                    path: field.into(),
+                    message: format!(
+                        "{want} differs from the running region's {have}; capacities are fixed until nginx restarts"
+                    ),
+                }));
+            }
+        }
+        let guard = self.region.lock(LOCK_TIMEOUT)?;
+        let old = Topology::parse(&self.region.read_text(&guard));
+        let now = clock::now_ms();
+        let new = self.assign_slots(&old, cfg, now)?;
+        let text = serde_json::to_vec(&new).expect("topology serializes");
+        if text.len() > cap.config_bytes as usize {
+            return Err(ShmError::TextTooLarge {
+                len: text.len(),
+                cap: cap.config_bytes,
+            }
+            .into());
+        }
+        self.apply(&guard, &old, &new, cfg, now);
+        self.region.write_text(&guard, &text)?;
+        self.bump(&guard);
+        Ok(())
+    }
+
+    /// Choose stable slots for the new topology, without touching the region.
+    fn assign_slots(&self, old: &Topology, cfg: &Config, now: u64) -> Result<Topology, Error> {
+        let cap = self.region.capacity();
+        let mut pool_taken = vec![false; cap.max_pools as usize];
+        let mut node_taken = vec![false; cap.max_nodes as usize];
+        let old_pool: HashMap<&str, &PoolTopo> =
+            old.pools.iter().map(|p| (p.name.as_str(), p)).collect();
+        let mut keep_node: HashMap<(&str, &str), u32> = HashMap::new();
+        for (name, pc) in &cfg.pools {
+            if let Some(op) = old_pool.get(name.as_str()) {
+                pool_taken[op.slot as usize] = true;
+                for on in &op.nodes {
+                    if pc.nodes.iter().any(|n| n.id == on.id) {
+                        node_taken[on.slot as usize] = true;
+                        keep_node.insert((name.as_str(), on.id.as_str()), on.slot);
+                    }
+                }
+            }
+        }
+        // Nodes of the old topology stay reserved (REMOVED) until their grace ends.
+        let old_slots: std::collections::HashSet<u32> = old
+            .pools
+            .iter()
+            .flat_map(|p| p.nodes.iter().map(|n| n.slot))
+            .collect();
+        let reusable = |i: u32| -> bool {
+            let n = self.region.node(i).expect("in range");
+            let f = n.flags.load(Ordering::Acquire);
+            if f & flags::REMOVED != 0 {
+                return n.inflight.load(Ordering::Acquire) == 0
+                    && now.saturating_sub(n.removed_ms.load(Ordering::Relaxed))
+                        >= SLOT_REUSE_GRACE_MS;
+            }
+            // IN_USE but absent from the active topology: left by a writer that died.
+            !old_slots.contains(&i)
+        };
+        let mut next_free = {
+            let mut cursor = 0u32;
+            move |taken: &mut Vec<bool>| -> Option<u32> {
+                // Prefer never-used slots, then reusable removed ones.
+                let fresh = (cursor..cap.max_nodes).find(|&i| {
+                    !taken[i as usize]
+                        && self
+                            .region
+                            .node(i)
+                            .expect("in range")
+                            .flags
+                            .load(Ordering::Acquire)
+                            == 0
+                });
+                let pick = fresh
+                    .or_else(|| (0..cap.max_nodes).find(|&i| !taken[i as usize] && reusable(i)));
+                if let Some(i) = pick {
+                    taken[i as usize] = true;
+                    cursor = i;
+                }
+                pick
+            }
+        };
+        let mut pools = Vec::new();
+        for (name, pc) in &cfg.pools {
+            let slot = match old_pool.get(name.as_str()) {
+                Some(op) => op.slot,
+                None => {
+                    let i = (0..cap.max_pools)
+                        .find(|&i| !pool_taken[i as usize])
+                        .ok_or_else(|| {
+                            Error::Config(ConfigError {
+                                path: "shm.max_pools".into(),
+                                message: format!("{} pool slots are all in use", cap.max_pools),
+                            })
+                        })?;
+                    pool_taken[i as usize] = true;
+                    i
+                }
+            };
+            let mut nodes = Vec::new();
+            for (k, nc) in pc.nodes.iter().enumerate() {
+                let slot = match keep_node.get(&(name.as_str(), nc.id.as_str())) {
+                    Some(&s) => s,
+                    None => next_free(&mut node_taken).ok_or_else(|| {
+                        Error::Config(ConfigError {
+                            path: format!("pools.{name}.nodes[{k}]"),
+                            message: format!(
+                                "no free node slot: shm.max_nodes {} is exhausted (removed nodes free theirs {} s after their last request)",
+                                cap.max_nodes,
+                                SLOT_REUSE_GRACE_MS / 1000
+                            ),
+                        })
+                    })?,
+                };
+                nodes.push(NodeTopo {
+                    id: nc.id.clone(),
+                    host: nc.host().to_string(),
+                    addr: nc.resolved.ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "pools.{name}.nodes[{k}].addr: not resolved (config not validated)"
+                        ))
+                    })?,
+                    slot,
+                    backup: nc.backup,
+                });
+            }
+            pools.push(PoolTopo {
+                name: name.clone(),
+                slot,
+                algorithm: pc.algorithm,
+                ewma: pc.ewma.clone(),
+                slow_start_ms: pc.slow_start_ms,
+                refresh_ms: pc.refresh_ms,
+                chash_points: pc.chash_points,
+                nodes,
+            });
+        }
+        Ok(Topology { pools })
+    }
+
+    /// Write slot state for the new topology (lock held).
+    fn apply(&self, _g: &LockGuard<'_>, old: &Topology, new: &Topology, cfg: &Config, now: u64) {
+        let r = &self.region;
+        for p in &old.pools {
+            if new.pool(&p.name).is_none() {
+                r.pool(p.slot)
+                    .expect("in range")
+                    .in_use
+                    .store(0, Ordering::Release);
+            }
+            for n in &p.nodes {
+                let gone = new
+                    .pool(&p.name)
+                    .is_none_or(|np| np.nodes.iter().all(|x| x.slot != n.slot));
+                if gone {
+                    let s = r.node(n.slot).expect("in range");
+                    s.removed_ms.store(now, Ordering::Relaxed);
+                    s.flags.store(flags::REMOVED, Ordering::Release);
+                }
+            }
+        }
+        let old_slots: std::collections::HashSet<u32> = old
+            .pools
+            .iter()
+            .flat_map(|p| p.nodes.iter().map(|n| n.slot))
+            .collect();
+        for p in &new.pools {
+            let pc = &cfg.pools[&p.name];
+            let ps = r.pool(p.slot).expect("in range");
+            ps.decay_ms.store(p.ewma.decay_ms, Ordering::Relaxed);
+            ps.penalty_ms.store(p.ewma.penalty_ms, Ordering::Relaxed);
+            ps.penalty_cap_ms
+                .store(p.ewma.penalty_cap_ms, Ordering::Relaxed);
+            ps.in_use.store(1, Ordering::Release);
+            for (n, nc) in p.nodes.iter().zip(&pc.nodes) {
+                let s = r.node(n.slot).expect("in range");
+                if !old_slots.contains(&n.slot) {
+                    reset_node(s, now);
+                }
+                s.pool.store(p.slot, Ordering::Relaxed);
+                s.weight.store(nc.weight, Ordering::Relaxed);
+                let f = flags::IN_USE | if n.backup { flags::BACKUP } else { 0 };
+                s.flags.store(f, Ordering::Release);
+            }
+        }
+    }
+
+    fn bump(&self, _g: &LockGuard<'_>) {
+        // Release: slot and text writes above are visible to a worker that sees the new
+        // generation with Acquire in `sync`.
+        self.region
+            .header()
+            .generation
+            .fetch_add(1, Ordering::Release);
+    }
+
+    /// Claim this process's worker slot (nginx: `ngx.worker.id()`), reclaiming the
+    /// in-flight shares of dead workers first. Returns the slot used.
+    pub fn attach_worker(&self, want: u32) -> Result<u32, Error> {
+        let w = self.region.attach_worker(want)?;
+        self.worker.store(w, Ordering::Relaxed);
+        Ok(w)
+    }
+
+    /// Release this process's worker slot, folding its shares back.
+    pub fn detach_worker(&self) {
+        let w = self.worker.swap(NO_WORKER, Ordering::Relaxed);
+        if w != NO_WORKER {
+            self.region.detach_worker(w);
+        }
+    }
+
+    /// The generation this region is at (changes with any topology or weight change).
+    pub fn generation(&self) -> u64 {
+        self.region.header().generation.load(Ordering::Acquire)
+    }
+
+    /// The active topology (rebuilding local tables if it changed).
+    pub fn topology(&self) -> Result<Arc<Topology>, Error> {
+        let mut l = self.local.lock();
+        self.sync(&mut l)?;
+        Ok(l.topo.clone())
+    }
+
+    /// Pool slot of a pool name.
+    pub fn pool_index(&self, name: &str) -> Result<u32, Error> {
+        let mut l = self.local.lock();
+        self.sync(&mut l)?;
+        l.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::Invalid(format!("unknown pool \"{name}\"")))
+    }
+
+    /// Node slot of a node id in a pool.
+    pub fn node_index(&self, pool: &str, id: &str) -> Result<u32, Error> {
+        let topo = self.topology()?;
+        let p = topo
+            .pool(pool)
+            .ok_or_else(|| Error::Invalid(format!("unknown pool \"{pool}\"")))?;
+        p.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.slot)
+            .ok_or_else(|| Error::Invalid(format!("unknown node \"{id}\" in pool \"{pool}\"")))
+    }
+
+    /// Live numbers of a node slot.
+    pub fn node_stats(&self, node: u32) -> Result<NodeStats, Error> {
+        let n = self.live_node(node)?;
+        Ok(node_stats(n))
+    }
+
+    fn live_node(&self, node: u32) -> Result<&NodeSlot, Error> {
+        self.region
+            .node(node)
+            .filter(|n| n.flags.load(Ordering::Acquire) & flags::IN_USE != 0)
+            .ok_or_else(|| Error::Invalid(format!("unknown node slot {node}")))
+    }
+
+    /// Choose a node of `pool` for one try, skipping the slots in `tried`. The node's
+    /// in-flight count is raised; `report` must be called exactly once for it.
+    pub fn pick(&self, pool: u32, key: &[u8], tried: &[u32]) -> Result<u32, Error> {
+        let now = clock::now_ms();
+        let mut l = self.local.lock();
+        self.sync(&mut l)?;
+        let Local { pools, rng, .. } = &mut *l;
+        let p = pools
+            .get_mut(pool as usize)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))?;
+        if now >= p.next_refresh_ms {
+            p.refresh(&self.region, now);
+        }
+        let key_hash = if p.algorithm == Algorithm::Chash {
+            hash_key(key)
+        } else {
+            0
+        };
+        for tier in [&mut p.primary, &mut p.backup] {
+            let view = View {
+                region: &self.region,
+                slots: &tier.slots,
+                tried,
+                now_ms: now,
+                tau_ms: p.ewma.decay_ms,
+                reference_us: p.reference_us,
+            };
+            if let Some(i) = tier.selector.pick(rng, &view, key_hash) {
+                let slot = tier.slots[i];
+                self.acquire(slot);
+                return Ok(slot);
+            }
+        }
+        Err(Error::NoNode {
+            pool: p.name.clone(),
+        })
+    }
+
+    fn acquire(&self, slot: u32) {
+        let n = self.region.node(slot).expect("picked slot in range");
+        // Relaxed: counters; no other memory is published through them.
+        n.inflight.fetch_add(1, Ordering::Relaxed);
+        n.picks.fetch_add(1, Ordering::Relaxed);
+        let w = self.worker.load(Ordering::Relaxed);
+        if let Some(share) = self.region.share(w, slot) {
+            share.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Report the outcome of one try handed out by `pick`: `status` is the HTTP status
+    /// (0 when no response came: connect error, timeout, reset), `latency_us` the time
+    /// to the response, `retry_after_ms` the server's Retry-After (0 if none).
+    pub fn report(
+        &self,
+        node: u32,
+        status: u32,
+        latency_us: u32,
+        retry_after_ms: u32,
+    ) -> Result<(), Error> {
+        let n = self
+            .region
+            .node(node)
+            .ok_or_else(|| Error::Invalid(format!("unknown node slot {node}")))?;
+        // A node removed since its pick still gets its in-flight count back.
+        saturating_sub(&n.inflight, 1);
+        let w = self.worker.load(Ordering::Relaxed);
+        if let Some(share) = self.region.share(w, node) {
+            saturating_sub(share, 1);
+        }
+        n.requests.fetch_add(1, Ordering::Relaxed);
+        if load::is_failure(status) {
+            n.failures.fetch_add(1, Ordering::Relaxed);
+            n.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+        } else if status == 429 {
+            n.busy.fetch_add(1, Ordering::Relaxed);
+            n.consecutive_busy.fetch_add(1, Ordering::Relaxed);
+        } else {
+            n.latency_sum_us
+                .fetch_add(latency_us as u64, Ordering::Relaxed);
+            reset_if_set(&n.consecutive_failures);
+            reset_if_set(&n.consecutive_busy);
+        }
+        let Some(ps) = self.region.pool(n.pool.load(Ordering::Relaxed)) else {
+            return Ok(());
+        };
+        let sample = load::sample_us(
+            status,
+            latency_us,
+            retry_after_ms,
+            ps.penalty_ms.load(Ordering::Relaxed),
+            ps.penalty_cap_ms.load(Ordering::Relaxed),
+        );
+        let tau = ps.decay_ms.load(Ordering::Relaxed);
+        let now = clock::now_ms();
+        // One CAS on the packed (cost, stamp) word; a lost race retries with the winner's
+        // value, so no sample is dropped.
+        let _ = n
+            .ewma
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+                let (cost, stamp) = load::unpack(word);
+                Some(load::pack(
+                    load::observe(cost, stamp, sample, now, tau),
+                    now,
+                ))
+            });
+        Ok(())
+    }
+
+    /// Change a node's base weight; every worker uses it on its next pick.
+    pub fn set_weight(&self, node: u32, weight: u32) -> Result<(), Error> {
+        if !WEIGHT_RANGE.contains(&weight) {
+            return Err(Error::Invalid(format!(
+                "weight {weight} is out of range {}..={}",
+                WEIGHT_RANGE.start(),
+                WEIGHT_RANGE.end()
+            )));
+        }
+        let guard = self.region.lock(LOCK_TIMEOUT)?;
+        self.live_node(node)?
+            .weight
+            .store(weight, Ordering::Relaxed);
+        self.bump(&guard);
+        Ok(())
+    }
+
+    /// Bring local tables up to the region's generation.
+    fn sync(&self, l: &mut Local) -> Result<(), Error> {
+        let epoch = fork::epoch();
+        if l.fork_epoch != epoch {
+            l.rng = os_rng();
+            l.fork_epoch = epoch;
+        }
+        let h = self.region.header();
+        let generation = h.generation.load(Ordering::Acquire);
+        if generation == l.generation {
+            return Ok(());
+        }
+        if h.config_version.load(Ordering::Acquire) != l.config_version {
+            let guard = self.region.lock(LOCK_TIMEOUT)?;
+            let version = h.config_version.load(Ordering::Acquire);
+            let topo = Topology::parse(&self.region.read_text(&guard));
+            drop(guard);
+            self.rebuild(l, topo);
+            l.config_version = version;
+        }
+        let now = clock::now_ms();
+        for p in l.pools.iter_mut().flatten() {
+            p.refresh(&self.region, now);
+        }
+        l.generation = generation;
+        Ok(())
+    }
+
+    fn rebuild(&self, l: &mut Local, topo: Topology) {
+        let cap = self.region.capacity();
+        l.pools = (0..cap.max_pools).map(|_| None).collect();
+        l.by_name.clear();
+        for p in &topo.pools {
+            let tier = |backup: bool, rng: &mut SmallRng| {
+                let nodes: Vec<&NodeTopo> = p.nodes.iter().filter(|n| n.backup == backup).collect();
+                let cands: Vec<Candidate> = nodes
+                    .iter()
+                    .map(|n| Candidate {
+                        key: hash_key(n.id.as_bytes()),
+                        weight: self
+                            .region
+                            .node(n.slot)
+                            .map_or(1, |s| s.weight.load(Ordering::Relaxed))
+                            .max(1) as f64,
+                    })
+                    .collect();
+                Tier {
+                    slots: nodes.iter().map(|n| n.slot).collect(),
+                    success: vec![1.0; nodes.len()],
+                    seen: nodes
+                        .iter()
+                        .map(|n| self.region.node(n.slot).map_or((0, 0), bad_counts))
+                        .collect(),
+                    selector: Selector::build(p.algorithm, &cands, p.chash_points, rng),
+                    cands,
+                }
+            };
+            let primary = tier(false, &mut l.rng);
+            let backup = tier(true, &mut l.rng);
+            l.by_name.insert(p.name.clone(), p.slot);
+            l.pools[p.slot as usize] = Some(LocalPool {
+                name: p.name.clone(),
+                algorithm: p.algorithm,
+                ewma: p.ewma.clone(),
+                slow_start_ms: p.slow_start_ms,
+                refresh_ms: p.refresh_ms,
+                next_refresh_ms: 0,
+                reference_us: p.ewma.default_rtt_ms as f64 * 1000.0,
+                primary,
+                backup,
+            });
+        }
+        l.topo = Arc::new(topo);
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.detach_worker();
+    }
+}
+
+impl LocalPool {
+    /// Recompute the reference latency and every node's effective weight.
+    fn refresh(&mut self, region: &Region, now: u64) {
+        let tau = self.ewma.decay_ms;
+        let default_us = self.ewma.default_rtt_ms as f64 * 1000.0;
+        let mut sampled: Vec<f64> = self
+            .primary
+            .slots
+            .iter()
+            .filter_map(|&s| region.node(s))
+            .filter(|n| load::unpack(n.ewma.load(Ordering::Relaxed)).0 > 0.0)
+            .map(|n| load::current(n.ewma.load(Ordering::Relaxed), now, tau, default_us))
+            .collect();
+        self.reference_us = load::median(&mut sampled).unwrap_or(default_us);
+        let latency_weighted = !matches!(self.algorithm, Algorithm::P2cEwma | Algorithm::Chash);
+        for tier in [&mut self.primary, &mut self.backup] {
+            for (i, &slot) in tier.slots.iter().enumerate() {
+                let Some(n) = region.node(slot) else { continue };
+                let (tries, bad) = bad_counts(n);
+                let (seen_tries, seen_bad) = tier.seen[i];
+                tier.success[i] = load::success_factor(
+                    tier.success[i],
+                    tries.saturating_sub(seen_tries),
+                    bad.saturating_sub(seen_bad),
+                );
+                tier.seen[i] = (tries, bad);
+                let mut w = n.weight.load(Ordering::Relaxed).max(1) as f64
+                    * load::slow_start(
+                        now,
+                        n.started_ms.load(Ordering::Relaxed),
+                        self.slow_start_ms,
+                    )
+                    * tier.success[i];
+                if latency_weighted {
+                    let cost =
+                        load::current(n.ewma.load(Ordering::Relaxed), now, tau, self.reference_us);
+                    w *= load::latency_factor(cost, self.reference_us);
+                }
+                tier.cands[i].weight = w;
+            }
+            tier.selector.set_weights(&tier.cands);
+        }
+        self.next_refresh_ms = now + self.refresh_ms as u64;
+    }
+}
+
+/// (tries reported, tries that failed or were refused with 429).
+fn bad_counts(n: &NodeSlot) -> (u64, u64) {
+    (
+        n.requests.load(Ordering::Relaxed),
+        n.failures.load(Ordering::Relaxed) + n.busy.load(Ordering::Relaxed),
+    )
+}
+
+fn reset_if_set(cell: &AtomicU32) {
+    // Skip the store on the common path so a healthy node's line is not dirtied twice.
+    if cell.load(Ordering::Relaxed) != 0 {
+        cell.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Fresh state for a slot taken by a new node.
+fn reset_node(s: &NodeSlot, now: u64) {
+    s.inflight.store(0, Ordering::Relaxed);
+    s.consecutive_failures.store(0, Ordering::Relaxed);
+    s.consecutive_busy.store(0, Ordering::Relaxed);
+    s.ewma.store(0, Ordering::Relaxed);
+    for c in [
+        &s.picks,
+        &s.requests,
+        &s.failures,
+        &s.busy,
+        &s.latency_sum_us,
+    ] {
+        c.store(0, Ordering::Relaxed);
+    }
+    s.started_ms.store(now, Ordering::Relaxed);
+    s.cooldown_until_ms.store(0, Ordering::Relaxed);
+    s.ejected_until_ms.store(0, Ordering::Relaxed);
+    s.removed_ms.store(0, Ordering::Relaxed);
+}

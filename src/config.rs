@@ -1,0 +1,1078 @@
+//! Pool configuration: what the balancer is told to balance.
+//!
+//! A [`Config`] sizes the shared-memory region ([`ShmConfig`]) and names the upstream
+//! pools ([`PoolConfig`]), each with its algorithm, its nodes and the tuning of its
+//! latency estimate. It arrives as JSON text (a file or a string) or as a Lua table
+//! turned into a [`serde_json::Value`], and is parsed, validated and resolved here, once,
+//! before anything touches shared memory. One pool:
+//!
+//! ```json
+//! {
+//!   "pools": {
+//!     "deepseek": {
+//!       "algorithm": "p2c_ewma",
+//!       "nodes": [
+//!         { "id": "a", "addr": "10.0.0.1:8000", "weight": 2 },
+//!         { "id": "b", "addr": "gpu-b.internal:8000" },
+//!         { "id": "spare", "addr": "[fd00::7]:8000", "backup": true }
+//!       ],
+//!       "ewma": { "decay_ms": 10000, "penalty_ms": 5000 },
+//!       "slow_start_ms": 30000
+//!     }
+//!   }
+//! }
+//! ```
+//!
+//! Every field but `pools`, a pool's `nodes` and a node's `id` and `addr` has a default.
+//!
+//! Unknown keys are errors, at every level. A misspelt key (`"wieght": 5`) would
+//! otherwise be dropped without a word and the default used in its place: a config that
+//! loads but does not do what its author wrote is worse than one that is refused with
+//! the path of the offending key. Likewise every number has a range, every name a
+//! character set, and every address must resolve, so that a bad config fails at load
+//! time rather than as odd balancing later. Errors ([`ConfigError`]) name the path
+//! (`pools.deepseek.nodes[1].weight`) and the value.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::RangeInclusive;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::select::Algorithm;
+
+/// Why a config was refused: where (`pools.deepseek.nodes[1].weight`, or `config` for
+/// the document as a whole) and what is wrong, naming the value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub shm: ShmConfig,
+    /// Pools by name; names are 1..=64 bytes of `[A-Za-z0-9._-]`.
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+/// Sizes of the shared-memory region, fixed when it is created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShmConfig {
+    /// Node slots, over all pools (1..=65536).
+    pub max_nodes: u32,
+    /// Pool slots (1..=4096).
+    pub max_pools: u32,
+    /// nginx worker slots for in-flight accounting (1..=1024).
+    pub max_workers: u32,
+    /// Bytes kept for the config text (4096..=67108864).
+    pub config_bytes: u32,
+}
+
+impl Default for ShmConfig {
+    fn default() -> Self {
+        ShmConfig {
+            max_nodes: 4096,
+            max_pools: 64,
+            max_workers: 64,
+            config_bytes: 1 << 20,
+        }
+    }
+}
+
+/// One upstream pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// Required and non-empty, with at least one node that is not a backup.
+    pub nodes: Vec<NodeConfig>,
+    #[serde(default)]
+    pub ewma: EwmaConfig,
+    /// Ramp-up time of a node that (re)joins, 0..=3600000; 0 turns it off.
+    #[serde(default = "default_slow_start_ms")]
+    pub slow_start_ms: u32,
+    /// How often a worker recomputes effective weights, 10..=60000.
+    #[serde(default = "default_refresh_ms")]
+    pub refresh_ms: u32,
+    /// Points per unit of weight on the chash ring, 1..=10000.
+    #[serde(default = "default_chash_points")]
+    pub chash_points: u32,
+}
+
+fn default_slow_start_ms() -> u32 {
+    30_000
+}
+
+fn default_refresh_ms() -> u32 {
+    100
+}
+
+fn default_chash_points() -> u32 {
+    160
+}
+
+impl Default for PoolConfig {
+    /// Defaults for everything; `nodes` is empty, which validation refuses.
+    fn default() -> Self {
+        PoolConfig {
+            algorithm: Algorithm::default(),
+            nodes: Vec::new(),
+            ewma: EwmaConfig::default(),
+            slow_start_ms: default_slow_start_ms(),
+            refresh_ms: default_refresh_ms(),
+            chash_points: default_chash_points(),
+        }
+    }
+}
+
+/// Tuning of the peak-EWMA latency estimate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EwmaConfig {
+    /// Time constant (tau) of the decay, 100..=600000.
+    pub decay_ms: u32,
+    /// Latency assumed for a node without samples, 1..=600000.
+    pub default_rtt_ms: u32,
+    /// Latency a failure or a 429 counts as, 1..=600000.
+    pub penalty_ms: u32,
+    /// Ceiling of the penalised estimate, 1..=3600000 and >= `penalty_ms`.
+    pub penalty_cap_ms: u32,
+}
+
+impl Default for EwmaConfig {
+    fn default() -> Self {
+        EwmaConfig {
+            decay_ms: 10_000,
+            default_rtt_ms: 500,
+            penalty_ms: 5_000,
+            penalty_cap_ms: 300_000,
+        }
+    }
+}
+
+/// One node of a pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// 1..=64 bytes of `[A-Za-z0-9._:@-]`, unique within the pool.
+    pub id: String,
+    /// `ip:port`, `[v6]:port` or `host:port`, port 1..=65535.
+    pub addr: String,
+    /// 1..=10000.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Used only when no primary node of the pool can serve.
+    #[serde(default)]
+    pub backup: bool,
+    /// `addr` resolved, filled by [`Config::validate`].
+    #[serde(skip)]
+    pub resolved: Option<SocketAddr>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: String::new(),
+            addr: String::new(),
+            weight: default_weight(),
+            backup: false,
+            resolved: None,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The host part of `addr` as written, for the TLS SNI and the Host header: the
+    /// name, the IPv4 address, or the IPv6 address with its brackets (`[::1]`).
+    pub fn host(&self) -> &str {
+        match self.addr.rsplit_once(':') {
+            Some((host, _)) => host,
+            None => &self.addr,
+        }
+    }
+}
+
+impl Config {
+    /// Parses, validates and resolves JSON text.
+    pub fn from_json(text: &str) -> Result<Config, ConfigError> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let mut config: Config = serde_path_to_error::deserialize(&mut de).map_err(serde_error)?;
+        de.end()
+            .map_err(|e| ConfigError::new("config", e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Same as [`Config::from_json`], from a JSON value (a Lua table, converted).
+    pub fn from_value(v: serde_json::Value) -> Result<Config, ConfigError> {
+        let mut config: Config = serde_path_to_error::deserialize(v).map_err(serde_error)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads a JSON file, then as [`Config::from_json`].
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
+        })?;
+        Config::from_json(&text)
+    }
+
+    /// Checks ranges, names, duplicates and capacity, then resolves every node's
+    /// address into `resolved`. Name resolution comes last, so that a config with a
+    /// plain mistake is refused without waiting on DNS.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        self.shm.validate()?;
+        if self.pools.is_empty() {
+            return Err(ConfigError::new("pools", "at least one pool is required"));
+        }
+        for (name, pool) in &self.pools {
+            if !valid_name(name, b"._-") {
+                return Err(ConfigError::new(
+                    "pools",
+                    format!("invalid pool name {name:?}: must be 1..=64 bytes of [A-Za-z0-9._-]"),
+                ));
+            }
+            pool.validate(&format!("pools.{name}"))?;
+        }
+        let pools = self.pools.len();
+        if pools > self.shm.max_pools as usize {
+            return Err(ConfigError::new(
+                "shm.max_pools",
+                format!(
+                    "{} is too small: the config has {pools} pools",
+                    self.shm.max_pools
+                ),
+            ));
+        }
+        let nodes: usize = self.pools.values().map(|p| p.nodes.len()).sum();
+        if nodes > self.shm.max_nodes as usize {
+            return Err(ConfigError::new(
+                "shm.max_nodes",
+                format!(
+                    "{} is too small: the pools have {nodes} nodes in all",
+                    self.shm.max_nodes
+                ),
+            ));
+        }
+        for (name, pool) in &mut self.pools {
+            for (i, node) in pool.nodes.iter_mut().enumerate() {
+                let addr = resolve(&node.addr)
+                    .map_err(|m| ConfigError::new(format!("pools.{name}.nodes[{i}].addr"), m))?;
+                node.resolved = Some(addr);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ShmConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_range("shm", "max_nodes", self.max_nodes, 1..=65_536)?;
+        check_range("shm", "max_pools", self.max_pools, 1..=4_096)?;
+        check_range("shm", "max_workers", self.max_workers, 1..=1_024)?;
+        check_range("shm", "config_bytes", self.config_bytes, 4_096..=67_108_864)
+    }
+}
+
+impl PoolConfig {
+    /// Everything but address resolution; `path` is `pools.NAME`.
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        check_range(path, "slow_start_ms", self.slow_start_ms, 0..=3_600_000)?;
+        check_range(path, "refresh_ms", self.refresh_ms, 10..=60_000)?;
+        check_range(path, "chash_points", self.chash_points, 1..=10_000)?;
+        self.ewma.validate(&format!("{path}.ewma"))?;
+
+        let nodes_path = format!("{path}.nodes");
+        if self.nodes.is_empty() {
+            return Err(ConfigError::new(
+                nodes_path,
+                "at least one node is required",
+            ));
+        }
+        if self.nodes.iter().all(|n| n.backup) {
+            return Err(ConfigError::new(
+                nodes_path,
+                "every node is a backup: at least one must not be",
+            ));
+        }
+        let mut ids = HashSet::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let node_path = format!("{nodes_path}[{i}]");
+            if !valid_name(&node.id, b"._:@-") {
+                return Err(ConfigError::new(
+                    format!("{node_path}.id"),
+                    format!(
+                        "invalid id {:?}: must be 1..=64 bytes of [A-Za-z0-9._:@-]",
+                        node.id
+                    ),
+                ));
+            }
+            if !ids.insert(node.id.as_str()) {
+                return Err(ConfigError::new(
+                    format!("{node_path}.id"),
+                    format!("duplicate id {:?}", node.id),
+                ));
+            }
+            check_range(&node_path, "weight", node.weight, 1..=10_000)?;
+        }
+        Ok(())
+    }
+}
+
+impl EwmaConfig {
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        check_range(path, "decay_ms", self.decay_ms, 100..=600_000)?;
+        check_range(path, "default_rtt_ms", self.default_rtt_ms, 1..=600_000)?;
+        check_range(path, "penalty_ms", self.penalty_ms, 1..=600_000)?;
+        check_range(path, "penalty_cap_ms", self.penalty_cap_ms, 1..=3_600_000)?;
+        if self.penalty_cap_ms < self.penalty_ms {
+            return Err(ConfigError::new(
+                format!("{path}.penalty_cap_ms"),
+                format!(
+                    "{} is less than penalty_ms ({})",
+                    self.penalty_cap_ms, self.penalty_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_range(
+    path: &str,
+    field: &str,
+    value: u32,
+    range: RangeInclusive<u32>,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        format!("{path}.{field}"),
+        format!(
+            "{value} is out of range {}..={}",
+            range.start(),
+            range.end()
+        ),
+    ))
+}
+
+/// 1..=64 bytes, each ASCII alphanumeric or one of `extra`.
+fn valid_name(name: &str, extra: &[u8]) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+}
+
+/// Resolves `ip:port`, `[v6]:port` or `host:port`; the error message names `addr`.
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    let port_range = |port: &str| format!("{addr:?}: port {port} is out of range 1..=65535");
+    if let Ok(sa) = SocketAddr::from_str(addr) {
+        return match sa.port() {
+            0 => Err(port_range("0")),
+            _ => Ok(sa),
+        };
+    }
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| {
+        format!("{addr:?} has no port (expected ip:port, [v6]:port or host:port)")
+    })?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{addr:?}: invalid port {port:?}"));
+    }
+    let port = match port.parse::<u16>() {
+        Ok(p) if p != 0 => p,
+        _ => return Err(port_range(port)),
+    };
+    if host.is_empty() {
+        return Err(format!("{addr:?} has no host"));
+    }
+    if host.starts_with('[') {
+        return Err(format!("{addr:?}: {host} is not an IPv6 address"));
+    }
+    if host.contains(':') {
+        return Err(format!(
+            "{addr:?}: an IPv6 address must be in brackets, as in [::1]:80"
+        ));
+    }
+    let found: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{addr:?} does not resolve: {e}"))?
+        .collect();
+    found
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(found.first())
+        .copied()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))
+}
+
+/// A serde error with its path. The path names the object that holds the offending
+/// key, not the key itself, for an unknown key (the message names it) and for a syntax
+/// error in a key not yet read. serde_json's " at line X column Y" is dropped for data
+/// errors (the path says where) and kept for syntax errors.
+fn serde_error(err: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
+    use serde_path_to_error::Segment;
+
+    let inner_message = err.inner().to_string();
+    let mut segments: Vec<&Segment> = err.path().iter().collect();
+    if matches!(segments.last(), Some(Segment::Unknown))
+        || (err.inner().is_data() && inner_message.starts_with("unknown field `"))
+    {
+        segments.pop();
+    }
+    let mut path = String::new();
+    for segment in segments {
+        if !path.is_empty() && !matches!(segment, Segment::Seq { .. }) {
+            path.push('.');
+        }
+        path.push_str(&segment.to_string());
+    }
+    if path.is_empty() {
+        path.push_str("config");
+    }
+
+    let inner = err.into_inner();
+    let mut message = inner_message;
+    if inner.is_data() && inner.line() != 0 {
+        let suffix = format!(" at line {} column {}", inner.line(), inner.column());
+        if let Some(stripped) = message.strip_suffix(&suffix) {
+            message = stripped.to_string();
+        }
+    }
+    ConfigError::new(path, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn base() -> Value {
+        json!({
+            "pools": {
+                "deepseek": {
+                    "nodes": [
+                        { "id": "a", "addr": "127.0.0.1:8000" },
+                        { "id": "b", "addr": "127.0.0.2:8000", "weight": 3 }
+                    ]
+                }
+            }
+        })
+    }
+
+    /// `base()` with the value at JSON pointer `ptr` replaced (its parent must exist).
+    fn with(ptr: &str, v: Value) -> Value {
+        let mut doc = base();
+        let (parent, key) = ptr.rsplit_once('/').unwrap();
+        match doc.pointer_mut(parent).unwrap() {
+            Value::Object(m) => {
+                m.insert(key.to_string(), v);
+            }
+            Value::Array(a) => a[key.parse::<usize>().unwrap()] = v,
+            _ => panic!("{parent} is not a container"),
+        }
+        doc
+    }
+
+    fn err(v: Value) -> String {
+        Config::from_value(v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_filled() {
+        let c = Config::from_value(base()).unwrap();
+        assert_eq!(c.shm, ShmConfig::default());
+        assert_eq!(c.shm.max_nodes, 4096);
+        assert_eq!(c.shm.max_pools, 64);
+        assert_eq!(c.shm.max_workers, 64);
+        assert_eq!(c.shm.config_bytes, 1_048_576);
+        let p = &c.pools["deepseek"];
+        assert_eq!(p.algorithm, Algorithm::P2cEwma);
+        assert_eq!(p.slow_start_ms, 30_000);
+        assert_eq!(p.refresh_ms, 100);
+        assert_eq!(p.chash_points, 160);
+        assert_eq!(p.ewma, EwmaConfig::default());
+        assert_eq!(p.ewma.decay_ms, 10_000);
+        assert_eq!(p.ewma.default_rtt_ms, 500);
+        assert_eq!(p.ewma.penalty_ms, 5_000);
+        assert_eq!(p.ewma.penalty_cap_ms, 300_000);
+        assert_eq!(p.nodes[0].weight, 1);
+        assert_eq!(p.nodes[1].weight, 3);
+        assert!(!p.nodes[0].backup);
+        assert_eq!(p.nodes[0].resolved, Some("127.0.0.1:8000".parse().unwrap()));
+    }
+
+    #[test]
+    fn all_fields_parse() {
+        let text = r#"{
+            "shm": { "max_nodes": 10, "max_pools": 2, "max_workers": 8, "config_bytes": 8192 },
+            "pools": {
+                "p-1.x_y": {
+                    "algorithm": "chash",
+                    "nodes": [
+                        { "id": "n1:a@b", "addr": "127.0.0.1:1", "weight": 10000, "backup": false },
+                        { "id": "n2", "addr": "127.0.0.1:65535", "backup": true }
+                    ],
+                    "ewma": { "decay_ms": 100, "default_rtt_ms": 1, "penalty_ms": 7, "penalty_cap_ms": 7 },
+                    "slow_start_ms": 0, "refresh_ms": 10, "chash_points": 10000
+                }
+            }
+        }"#;
+        let c = Config::from_json(text).unwrap();
+        assert_eq!(c.shm.max_workers, 8);
+        let p = &c.pools["p-1.x_y"];
+        assert_eq!(p.algorithm, Algorithm::Chash);
+        assert!(p.nodes[1].backup);
+        assert_eq!(p.ewma.penalty_cap_ms, 7);
+        assert_eq!(p.slow_start_ms, 0);
+    }
+
+    #[test]
+    fn algorithms_parse() {
+        for (name, alg) in [
+            ("weighted_random", Algorithm::WeightedRandom),
+            ("round_robin", Algorithm::RoundRobin),
+            ("least_conn", Algorithm::LeastConn),
+            ("p2c_ewma", Algorithm::P2cEwma),
+            ("chash", Algorithm::Chash),
+        ] {
+            let c = Config::from_value(with("/pools/deepseek/algorithm", json!(name))).unwrap();
+            assert_eq!(c.pools["deepseek"].algorithm, alg);
+        }
+        let e = err(with("/pools/deepseek/algorithm", json!("fastest")));
+        assert!(
+            e.starts_with("pools.deepseek.algorithm: unknown variant `fastest`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn range_errors_name_path_and_value() {
+        let cases: &[(&str, u64, &str)] = &[
+            (
+                "/shm/max_nodes",
+                0,
+                "shm.max_nodes: 0 is out of range 1..=65536",
+            ),
+            (
+                "/shm/max_nodes",
+                65_537,
+                "shm.max_nodes: 65537 is out of range 1..=65536",
+            ),
+            (
+                "/shm/max_pools",
+                0,
+                "shm.max_pools: 0 is out of range 1..=4096",
+            ),
+            (
+                "/shm/max_pools",
+                4_097,
+                "shm.max_pools: 4097 is out of range 1..=4096",
+            ),
+            (
+                "/shm/max_workers",
+                0,
+                "shm.max_workers: 0 is out of range 1..=1024",
+            ),
+            (
+                "/shm/max_workers",
+                1_025,
+                "shm.max_workers: 1025 is out of range 1..=1024",
+            ),
+            (
+                "/shm/config_bytes",
+                4_095,
+                "shm.config_bytes: 4095 is out of range 4096..=67108864",
+            ),
+            (
+                "/shm/config_bytes",
+                67_108_865,
+                "shm.config_bytes: 67108865 is out of range 4096..=67108864",
+            ),
+            (
+                "/pools/deepseek/slow_start_ms",
+                3_600_001,
+                "pools.deepseek.slow_start_ms: 3600001 is out of range 0..=3600000",
+            ),
+            (
+                "/pools/deepseek/refresh_ms",
+                9,
+                "pools.deepseek.refresh_ms: 9 is out of range 10..=60000",
+            ),
+            (
+                "/pools/deepseek/refresh_ms",
+                60_001,
+                "pools.deepseek.refresh_ms: 60001 is out of range 10..=60000",
+            ),
+            (
+                "/pools/deepseek/chash_points",
+                0,
+                "pools.deepseek.chash_points: 0 is out of range 1..=10000",
+            ),
+            (
+                "/pools/deepseek/chash_points",
+                10_001,
+                "pools.deepseek.chash_points: 10001 is out of range 1..=10000",
+            ),
+            (
+                "/pools/deepseek/ewma/decay_ms",
+                99,
+                "pools.deepseek.ewma.decay_ms: 99 is out of range 100..=600000",
+            ),
+            (
+                "/pools/deepseek/ewma/decay_ms",
+                600_001,
+                "pools.deepseek.ewma.decay_ms: 600001 is out of range 100..=600000",
+            ),
+            (
+                "/pools/deepseek/ewma/default_rtt_ms",
+                0,
+                "pools.deepseek.ewma.default_rtt_ms: 0 is out of range 1..=600000",
+            ),
+            (
+                "/pools/deepseek/ewma/default_rtt_ms",
+                600_001,
+                "pools.deepseek.ewma.default_rtt_ms: 600001 is out of range 1..=600000",
+            ),
+            (
+                "/pools/deepseek/ewma/penalty_ms",
+                0,
+                "pools.deepseek.ewma.penalty_ms: 0 is out of range 1..=600000",
+            ),
+            (
+                "/pools/deepseek/ewma/penalty_ms",
+                600_001,
+                "pools.deepseek.ewma.penalty_ms: 600001 is out of range 1..=600000",
+            ),
+            (
+                "/pools/deepseek/ewma/penalty_cap_ms",
+                0,
+                "pools.deepseek.ewma.penalty_cap_ms: 0 is out of range 1..=3600000",
+            ),
+            (
+                "/pools/deepseek/ewma/penalty_cap_ms",
+                3_600_001,
+                "pools.deepseek.ewma.penalty_cap_ms: 3600001 is out of range 1..=3600000",
+            ),
+            (
+                "/pools/deepseek/ewma/penalty_cap_ms",
+                4_999,
+                "pools.deepseek.ewma.penalty_cap_ms: 4999 is less than penalty_ms (5000)",
+            ),
+            (
+                "/pools/deepseek/nodes/1/weight",
+                0,
+                "pools.deepseek.nodes[1].weight: 0 is out of range 1..=10000",
+            ),
+            (
+                "/pools/deepseek/nodes/1/weight",
+                10_001,
+                "pools.deepseek.nodes[1].weight: 10001 is out of range 1..=10000",
+            ),
+        ];
+        for &(ptr, value, want) in cases {
+            let mut doc = base();
+            let obj = doc.as_object_mut().unwrap();
+            obj.insert("shm".into(), json!({}));
+            obj["pools"]["deepseek"]
+                .as_object_mut()
+                .unwrap()
+                .insert("ewma".into(), json!({}));
+            let (parent, key) = ptr.rsplit_once('/').unwrap();
+            match doc.pointer_mut(parent).unwrap() {
+                Value::Object(m) => {
+                    m.insert(key.into(), json!(value));
+                }
+                _ => unreachable!(),
+            }
+            assert_eq!(err(doc), want, "{ptr} = {value}");
+        }
+    }
+
+    #[test]
+    fn out_of_u32_is_a_serde_error_with_path() {
+        let e = err(with("/pools/deepseek/refresh_ms", json!(5_000_000_000u64)));
+        assert!(
+            e.starts_with("pools.deepseek.refresh_ms: invalid value: integer `5000000000`"),
+            "{e}"
+        );
+        let e = err(with("/pools/deepseek/nodes/0/weight", json!(-1)));
+        assert!(
+            e.starts_with("pools.deepseek.nodes[0].weight: invalid value: integer `-1`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_refused_at_every_level() {
+        let e = err(with("/pool", json!({})));
+        assert!(
+            e.starts_with("config: unknown field `pool`, expected `shm` or `pools`"),
+            "{e}"
+        );
+        let e = err(with("/shm", json!({ "max_node": 1 })));
+        assert!(e.starts_with("shm: unknown field `max_node`"), "{e}");
+        let e = err(with("/pools/deepseek/algo", json!("chash")));
+        assert!(e.starts_with("pools.deepseek: unknown field `algo`"), "{e}");
+        let e = err(with("/pools/deepseek/ewma", json!({ "decay": 100 })));
+        assert!(
+            e.starts_with("pools.deepseek.ewma: unknown field `decay`"),
+            "{e}"
+        );
+        let e = err(with("/pools/deepseek/nodes/0/wieght", json!(5)));
+        assert_eq!(
+            e,
+            "pools.deepseek.nodes[0]: unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`"
+        );
+        let e = err(with(
+            "/pools/deepseek/nodes/0/resolved",
+            json!("127.0.0.1:1"),
+        ));
+        assert!(
+            e.starts_with("pools.deepseek.nodes[0]: unknown field `resolved`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_in_json_text_has_path_and_no_position() {
+        let text =
+            r#"{"pools":{"deepseek":{"nodes":[{"id":"a","addr":"127.0.0.1:1","wieght":2}]}}}"#;
+        let e = Config::from_json(text).unwrap_err();
+        assert_eq!(e.path, "pools.deepseek.nodes[0]");
+        assert_eq!(
+            e.message,
+            "unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`"
+        );
+    }
+
+    #[test]
+    fn duplicate_ids_refused() {
+        let mut doc = base();
+        doc["pools"]["deepseek"]["nodes"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({ "id": "a", "addr": "127.0.0.3:8000" }));
+        assert_eq!(err(doc), "pools.deepseek.nodes[2].id: duplicate id \"a\"");
+    }
+
+    #[test]
+    fn same_id_in_two_pools_allowed() {
+        let mut doc = base();
+        doc["pools"]["other"] = doc["pools"]["deepseek"].clone();
+        let c = Config::from_value(doc).unwrap();
+        assert_eq!(c.pools.len(), 2);
+    }
+
+    #[test]
+    fn empty_nodes_refused() {
+        let e = err(with("/pools/deepseek/nodes", json!([])));
+        assert_eq!(e, "pools.deepseek.nodes: at least one node is required");
+    }
+
+    #[test]
+    fn missing_required_fields_refused() {
+        let e = err(json!({ "pools": { "deepseek": {} } }));
+        assert_eq!(e, "pools.deepseek: missing field `nodes`");
+        let e = err(with(
+            "/pools/deepseek/nodes/0",
+            json!({ "addr": "127.0.0.1:1" }),
+        ));
+        assert_eq!(e, "pools.deepseek.nodes[0]: missing field `id`");
+        let e = err(with("/pools/deepseek/nodes/0", json!({ "id": "a" })));
+        assert_eq!(e, "pools.deepseek.nodes[0]: missing field `addr`");
+        let e = err(json!({}));
+        assert_eq!(e, "config: missing field `pools`");
+    }
+
+    #[test]
+    fn no_pools_refused() {
+        assert_eq!(
+            err(json!({ "pools": {} })),
+            "pools: at least one pool is required"
+        );
+    }
+
+    #[test]
+    fn only_backup_pool_refused() {
+        let doc = json!({ "pools": { "p": { "nodes": [
+            { "id": "a", "addr": "127.0.0.1:1", "backup": true },
+            { "id": "b", "addr": "127.0.0.1:2", "backup": true }
+        ] } } });
+        assert_eq!(
+            err(doc),
+            "pools.p.nodes: every node is a backup: at least one must not be"
+        );
+    }
+
+    #[test]
+    fn bad_pool_names_refused() {
+        let long = "p".repeat(65);
+        for name in ["", "a b", "a/b", "pööl", long.as_str()] {
+            let mut doc = base();
+            let pool = doc["pools"]["deepseek"].clone();
+            doc["pools"] = json!({ name: pool });
+            let e = Config::from_value(doc).unwrap_err();
+            assert_eq!(e.path, "pools", "{name:?}");
+            assert!(e.message.contains(&format!("{name:?}")), "{e}");
+        }
+        let ok = "A-z_0.9".to_string() + &"p".repeat(57);
+        assert_eq!(ok.len(), 64);
+        let mut doc = base();
+        let pool = doc["pools"]["deepseek"].clone();
+        doc["pools"] = json!({ ok.clone(): pool });
+        assert!(Config::from_value(doc).is_ok());
+    }
+
+    #[test]
+    fn bad_ids_refused() {
+        let long = "n".repeat(65);
+        for id in ["", "a b", "a/b", "a#b", "ü", long.as_str()] {
+            let e = Config::from_value(with("/pools/deepseek/nodes/1/id", json!(id))).unwrap_err();
+            assert_eq!(e.path, "pools.deepseek.nodes[1].id", "{id:?}");
+            assert!(e.message.contains(&format!("{id:?}")), "{e}");
+        }
+        let ok = "Az09._:@-".to_string() + &"n".repeat(55);
+        assert!(Config::from_value(with("/pools/deepseek/nodes/1/id", json!(ok))).is_ok());
+    }
+
+    #[test]
+    fn ip_v6_and_localhost_resolve() {
+        let doc = json!({ "pools": { "p": { "nodes": [
+            { "id": "v4", "addr": "10.1.2.3:80" },
+            { "id": "v6", "addr": "[::1]:8080" },
+            { "id": "name", "addr": "localhost:8080" }
+        ] } } });
+        let c = Config::from_value(doc).unwrap();
+        let n = &c.pools["p"].nodes;
+        assert_eq!(n[0].resolved, Some("10.1.2.3:80".parse().unwrap()));
+        assert_eq!(n[1].resolved, Some("[::1]:8080".parse().unwrap()));
+        let local = n[2].resolved.unwrap();
+        assert!(local.ip().is_loopback(), "{local}");
+        assert_eq!(local.port(), 8080);
+        assert_eq!(n[0].host(), "10.1.2.3");
+        assert_eq!(n[1].host(), "[::1]");
+        assert_eq!(n[2].host(), "localhost");
+    }
+
+    #[test]
+    fn unresolvable_host_refused() {
+        let e = Config::from_value(with(
+            "/pools/deepseek/nodes/1/addr",
+            json!("nosuchhost.invalid:80"),
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "pools.deepseek.nodes[1].addr");
+        assert!(
+            e.message
+                .starts_with("\"nosuchhost.invalid:80\" does not resolve: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_addresses_refused() {
+        let cases = [
+            (
+                "127.0.0.1:0",
+                "\"127.0.0.1:0\": port 0 is out of range 1..=65535",
+            ),
+            ("[::1]:0", "\"[::1]:0\": port 0 is out of range 1..=65535"),
+            (
+                "127.0.0.1:70000",
+                "\"127.0.0.1:70000\": port 70000 is out of range 1..=65535",
+            ),
+            (
+                "localhost:70000",
+                "\"localhost:70000\": port 70000 is out of range 1..=65535",
+            ),
+            (
+                "localhost",
+                "\"localhost\" has no port (expected ip:port, [v6]:port or host:port)",
+            ),
+            (
+                "127.0.0.1",
+                "\"127.0.0.1\" has no port (expected ip:port, [v6]:port or host:port)",
+            ),
+            ("localhost:", "\"localhost:\": invalid port \"\""),
+            (
+                "localhost:http",
+                "\"localhost:http\": invalid port \"http\"",
+            ),
+            ("localhost:+80", "\"localhost:+80\": invalid port \"+80\""),
+            (":80", "\":80\" has no host"),
+            (
+                "::1:80",
+                "\"::1:80\": an IPv6 address must be in brackets, as in [::1]:80",
+            ),
+            ("[nope]:80", "\"[nope]:80\": [nope] is not an IPv6 address"),
+        ];
+        for (addr, want) in cases {
+            let e =
+                Config::from_value(with("/pools/deepseek/nodes/0/addr", json!(addr))).unwrap_err();
+            assert_eq!(e.path, "pools.deepseek.nodes[0].addr", "{addr}");
+            assert_eq!(e.message, want, "{addr}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_refused() {
+        let e = err(with("/pools/deepseek/nodes/1/weight", json!("3")));
+        assert_eq!(
+            e,
+            "pools.deepseek.nodes[1].weight: invalid type: string \"3\", expected u32"
+        );
+        let e = err(with("/pools/deepseek/nodes/0/backup", json!(1)));
+        assert!(
+            e.starts_with("pools.deepseek.nodes[0].backup: invalid type: integer `1`"),
+            "{e}"
+        );
+        let e = err(with("/pools/deepseek/nodes", json!({})));
+        assert!(
+            e.starts_with("pools.deepseek.nodes: invalid type: map"),
+            "{e}"
+        );
+        let e = err(json!("pools"));
+        assert_eq!(
+            e,
+            "config: invalid type: string \"pools\", expected struct Config"
+        );
+
+        let text =
+            r#"{"pools":{"deepseek":{"nodes":[{"id":"a","addr":"127.0.0.1:1","weight":"3"}]}}}"#;
+        let e = Config::from_json(text).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "pools.deepseek.nodes[0].weight: invalid type: string \"3\", expected u32"
+        );
+    }
+
+    #[test]
+    fn totals_above_shm_limits_refused() {
+        let mut doc = with("/shm", json!({ "max_nodes": 3 }));
+        doc["pools"]["other"] = doc["pools"]["deepseek"].clone();
+        assert_eq!(
+            err(doc.clone()),
+            "shm.max_nodes: 3 is too small: the pools have 4 nodes in all"
+        );
+        doc["shm"] = json!({ "max_nodes": 4 });
+        assert!(Config::from_value(doc.clone()).is_ok());
+        doc["shm"] = json!({ "max_pools": 1 });
+        assert_eq!(
+            err(doc),
+            "shm.max_pools: 1 is too small: the config has 2 pools"
+        );
+    }
+
+    #[test]
+    fn json_syntax_errors_are_useful() {
+        let text = "{\n  \"pools\": {\n    \"deepseek\": {\n      \"nodes\": [ { \"id\": \"a\" \"addr\": \"x:1\" } ]\n";
+        let e = Config::from_json(text).unwrap_err();
+        assert_eq!(e.path, "pools.deepseek.nodes[0]");
+        assert_eq!(e.message, "expected `,` or `}` at line 4 column 30");
+
+        let e = Config::from_json("").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config: EOF while parsing a value at line 1 column 0"
+        );
+
+        let text = r#"{"pools":{"deepseek":{"nodes":[{"id":"a","addr":"127.0.0.1:1"}]}}} x"#;
+        let e = Config::from_json(text).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config: trailing characters at line 1 column 68"
+        );
+    }
+
+    #[test]
+    fn from_file_reads_and_reports() {
+        let dir = std::env::temp_dir().join(format!("rsbalancer-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.json");
+        std::fs::write(&good, base().to_string()).unwrap();
+        let c = Config::from_file(&good).unwrap();
+        assert_eq!(c.pools["deepseek"].nodes.len(), 2);
+
+        let missing = dir.join("missing.json");
+        let e = Config::from_file(&missing).unwrap_err();
+        assert_eq!(e.path, missing.display().to_string());
+        assert!(e.message.starts_with("cannot read: "), "{e}");
+        assert!(e.message.contains("No such file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn serialize_round_trips() {
+        let c = Config::from_value(base()).unwrap();
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(!text.contains("resolved"), "{text}");
+        assert_eq!(Config::from_json(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn host_is_as_written() {
+        let node = |addr: &str| NodeConfig {
+            id: "n".into(),
+            addr: addr.into(),
+            ..NodeConfig::default()
+        };
+        assert_eq!(node("gpu-1.internal:8000").host(), "gpu-1.internal");
+        assert_eq!(node("[fd00::1]:443").host(), "[fd00::1]");
+        assert_eq!(node("10.0.0.1:80").host(), "10.0.0.1");
+        assert_eq!(node("nohost").host(), "nohost");
+    }
+
+    #[test]
+    fn validate_fills_resolved_on_hand_built_config() {
+        let mut c = Config::default();
+        c.pools.insert(
+            "p".into(),
+            PoolConfig {
+                nodes: vec![NodeConfig {
+                    id: "a".into(),
+                    addr: "127.0.0.1:9".into(),
+                    ..NodeConfig::default()
+                }],
+                ..PoolConfig::default()
+            },
+        );
+        c.validate().unwrap();
+        assert_eq!(
+            c.pools["p"].nodes[0].resolved,
+            Some("127.0.0.1:9".parse().unwrap())
+        );
+    }
+}

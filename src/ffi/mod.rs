@@ -1,0 +1,470 @@
+//! The C ABI: `include/rsbalancer.h`, generated from this file by cbindgen.
+//!
+//! Conventions (after rustls-ffi):
+//! - every symbol and type starts with `rsb_`; handles are opaque (`rsb_balancer`);
+//! - every function returns an `rsb_result` (0 = `RSB_OK`) and writes its outputs
+//!   only on success; the message of the last failure in this thread is available from
+//!   `rsb_last_error`;
+//! - no panic crosses the boundary: every body runs inside [`guard`], which turns a
+//!   panic into `RSB_PANIC`;
+//! - at most 8 arguments per function (LuaJIT's FFI on arm64 mishandles more);
+//! - node and pool arguments are slot indices from `rsb_pool_index` / `rsb_pick`.
+
+#![allow(non_camel_case_types)]
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::balancer::{Balancer, Error};
+use crate::config::Config;
+
+/// Result codes. Stable numbers: new codes are only ever appended.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum rsb_result {
+    RSB_OK = 0,
+    /// A required pointer argument was NULL.
+    RSB_NULL_ARGUMENT = 1,
+    /// An argument is out of range or names no pool / node.
+    RSB_INVALID_ARGUMENT = 2,
+    /// The configuration was refused (the message names the field and value).
+    RSB_CONFIG = 3,
+    /// No node of the pool can take a try now.
+    RSB_NO_NODE = 4,
+    /// Shared memory could not be mapped, locked or written.
+    RSB_SHM = 5,
+    /// A bug: a panic was caught at the boundary.
+    RSB_PANIC = 6,
+}
+
+/// Live numbers of one node (a copy).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct rsb_node_stats {
+    pub weight: u32,
+    pub inflight: u32,
+    pub picks: u64,
+    pub requests: u64,
+    pub failures: u64,
+    pub busy: u64,
+    pub latency_sum_us: u64,
+    pub ewma_us: f64,
+    pub backup: c_int,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+fn set_error(msg: String) {
+    LAST_ERROR.with(|e| *e.borrow_mut() = msg);
+}
+
+fn fail(e: Error) -> rsb_result {
+    let code = match &e {
+        Error::Config(_) => rsb_result::RSB_CONFIG,
+        Error::Shm(_) => rsb_result::RSB_SHM,
+        Error::Invalid(_) => rsb_result::RSB_INVALID_ARGUMENT,
+        Error::NoNode { .. } => rsb_result::RSB_NO_NODE,
+    };
+    set_error(e.to_string());
+    code
+}
+
+/// Run an ABI body, turning a panic into `RSB_PANIC` with its message kept.
+fn guard(body: impl FnOnce() -> rsb_result) -> rsb_result {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            set_error(format!("internal error (panic): {msg}"));
+            rsb_result::RSB_PANIC
+        }
+    }
+}
+
+fn null(what: &str) -> rsb_result {
+    set_error(format!("{what} is NULL"));
+    rsb_result::RSB_NULL_ARGUMENT
+}
+
+/// Borrow `len` bytes at `ptr` (NULL allowed when `len` is 0).
+///
+/// # Safety
+/// When `len > 0`, `ptr` must point to `len` readable bytes valid for `'a`.
+unsafe fn bytes<'a>(ptr: *const c_char, len: usize) -> Option<&'a [u8]> {
+    if len == 0 {
+        return Some(&[]);
+    }
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: non-null and, by the caller's contract, `len` readable bytes.
+    Some(unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) })
+}
+
+fn utf8<'a>(b: &'a [u8], what: &str) -> Result<&'a str, rsb_result> {
+    std::str::from_utf8(b).map_err(|_| {
+        set_error(format!("{what} is not UTF-8"));
+        rsb_result::RSB_INVALID_ARGUMENT
+    })
+}
+
+/// Borrow the handle behind `b`.
+///
+/// # Safety
+/// `b` must be NULL or a live handle from `rsb_balancer_new` (or the mlua module).
+unsafe fn handle<'a>(b: *const Balancer) -> Option<&'a Balancer> {
+    // SAFETY: by the caller's contract the pointer is NULL or valid for reads.
+    unsafe { b.as_ref() }
+}
+
+macro_rules! try_rsb {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(code) => return code,
+        }
+    };
+}
+
+fn parse_config(json: &[u8]) -> Result<Config, rsb_result> {
+    let text = utf8(json, "config")?;
+    Config::from_json(text).map_err(|e| fail(Error::Config(e)))
+}
+
+/// Create a balancer with a new shared region from a JSON config (see README).
+/// Create it before forking: children share the region.
+///
+/// # Safety
+/// `json` must point to `len` readable bytes; `out` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_balancer_new(
+    json: *const c_char,
+    len: usize,
+    out: *mut *mut Balancer,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(text) = (unsafe { bytes(json, len) }) else {
+            return null("json");
+        };
+        if out.is_null() {
+            return null("out");
+        }
+        let cfg = try_rsb!(parse_config(text));
+        match Balancer::create(&cfg) {
+            Ok(b) => {
+                // SAFETY: `out` is non-null and writable by contract.
+                unsafe { *out = Box::into_raw(Box::new(b)) };
+                rsb_result::RSB_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Free a balancer from `rsb_balancer_new`. NULL is a no-op. Other processes that
+/// share the region keep it.
+///
+/// # Safety
+/// `b` must be NULL or a handle from `rsb_balancer_new` not yet freed; handles
+/// obtained from the Lua module are borrowed and must not be freed.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_balancer_free(b: *mut Balancer) {
+    let _ = guard(|| {
+        if !b.is_null() {
+            // SAFETY: created by Box::into_raw in rsb_balancer_new, freed once.
+            drop(unsafe { Box::from_raw(b) });
+        }
+        rsb_result::RSB_OK
+    });
+}
+
+/// Replace the configuration. Nodes whose (pool, id) remain keep their learned state.
+/// On error nothing changes.
+///
+/// # Safety
+/// `b` a live handle; `json` points to `len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_configure(
+    b: *const Balancer,
+    json: *const c_char,
+    len: usize,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let (Some(b), Some(text)) = (unsafe { handle(b) }, unsafe { bytes(json, len) }) else {
+            return null("balancer or json");
+        };
+        let cfg = try_rsb!(parse_config(text));
+        b.configure(&cfg).map_or_else(fail, |_| rsb_result::RSB_OK)
+    })
+}
+
+/// Claim a worker slot (nginx: `ngx.worker.id()`) for in-flight accounting,
+/// reclaiming what dead workers left. `out_slot` may be NULL.
+///
+/// # Safety
+/// `b` a live handle; `out_slot` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_attach_worker(
+    b: *const Balancer,
+    worker: u32,
+    out_slot: *mut u32,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        match b.attach_worker(worker) {
+            Ok(w) => {
+                if !out_slot.is_null() {
+                    // SAFETY: non-null and writable by contract.
+                    unsafe { *out_slot = w };
+                }
+                rsb_result::RSB_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Index of a pool by name.
+///
+/// # Safety
+/// `b` a live handle; `name` points to `len` bytes; `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_pool_index(
+    b: *const Balancer,
+    name: *const c_char,
+    len: usize,
+    out: *mut u32,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let (Some(b), Some(name)) = (unsafe { handle(b) }, unsafe { bytes(name, len) }) else {
+            return null("balancer or name");
+        };
+        if out.is_null() {
+            return null("out");
+        }
+        let name = try_rsb!(utf8(name, "pool name"));
+        match b.pool_index(name) {
+            Ok(i) => {
+                // SAFETY: non-null and writable by contract.
+                unsafe { *out = i };
+                rsb_result::RSB_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Slot of the node `id` in pool `pool` (by name).
+///
+/// # Safety
+/// `b` a live handle; `pool`/`id` point to `pool_len`/`id_len` bytes; `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_node_index(
+    b: *const Balancer,
+    pool: *const c_char,
+    pool_len: usize,
+    id: *const c_char,
+    id_len: usize,
+    out: *mut u32,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let (Some(b), Some(pool), Some(id)) = (
+            unsafe { handle(b) },
+            unsafe { bytes(pool, pool_len) },
+            unsafe { bytes(id, id_len) },
+        ) else {
+            return null("balancer, pool or id");
+        };
+        if out.is_null() {
+            return null("out");
+        }
+        let (pool, id) = (
+            try_rsb!(utf8(pool, "pool name")),
+            try_rsb!(utf8(id, "node id")),
+        );
+        match b.node_index(pool, id) {
+            Ok(i) => {
+                // SAFETY: non-null and writable by contract.
+                unsafe { *out = i };
+                rsb_result::RSB_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Pick a node of pool `pool` for one try, skipping the `ntried` slots in `tried`.
+/// `key` is the consistent-hashing key (ignored by other algorithms; may be NULL
+/// with `key_len` 0). On success `*out_node` is the node's slot and its in-flight
+/// count is raised: call `rsb_report` exactly once for it.
+///
+/// # Safety
+/// `b` a live handle; `key` points to `key_len` bytes; `tried` to `ntried` u32s;
+/// `out_node` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_pick(
+    b: *const Balancer,
+    pool: u32,
+    key: *const c_char,
+    key_len: usize,
+    tried: *const u32,
+    ntried: usize,
+    out_node: *mut u32,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let (Some(b), Some(key)) = (unsafe { handle(b) }, unsafe { bytes(key, key_len) }) else {
+            return null("balancer or key");
+        };
+        let tried: &[u32] = if ntried == 0 {
+            &[]
+        } else if tried.is_null() {
+            return null("tried");
+        } else {
+            // SAFETY: non-null and `ntried` readable u32s by contract.
+            unsafe { std::slice::from_raw_parts(tried, ntried) }
+        };
+        if out_node.is_null() {
+            return null("out_node");
+        }
+        match b.pick(pool, key, tried) {
+            Ok(n) => {
+                // SAFETY: non-null and writable by contract.
+                unsafe { *out_node = n };
+                rsb_result::RSB_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// Report the outcome of one try from `rsb_pick`: `status` the HTTP status or 0 when
+/// no response came (connect error, timeout), `latency_us` the response time,
+/// `retry_after_ms` the server's Retry-After (0 if none).
+///
+/// # Safety
+/// `b` a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_report(
+    b: *const Balancer,
+    node: u32,
+    status: u32,
+    latency_us: u32,
+    retry_after_ms: u32,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        b.report(node, status, latency_us, retry_after_ms)
+            .map_or_else(fail, |_| rsb_result::RSB_OK)
+    })
+}
+
+/// Set a node's base weight (1..=10000); every process uses it on its next pick.
+///
+/// # Safety
+/// `b` a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_set_weight(b: *const Balancer, node: u32, weight: u32) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        b.set_weight(node, weight)
+            .map_or_else(fail, |_| rsb_result::RSB_OK)
+    })
+}
+
+/// Copy a node's live numbers into `*out`.
+///
+/// # Safety
+/// `b` a live handle; `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_node_stats(
+    b: *const Balancer,
+    node: u32,
+    out: *mut rsb_node_stats,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        if out.is_null() {
+            return null("out");
+        }
+        match b.node_stats(node) {
+            Ok(s) => {
+                let c = rsb_node_stats {
+                    weight: s.weight,
+                    inflight: s.inflight,
+                    picks: s.picks,
+                    requests: s.requests,
+                    failures: s.failures,
+                    busy: s.busy,
+                    latency_sum_us: s.latency_sum_us,
+                    ewma_us: s.ewma_us,
+                    backup: s.backup as c_int,
+                };
+                // SAFETY: non-null and writable by contract.
+                unsafe { *out = c };
+                rsb_result::RSB_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// The region's generation: changes with every topology or weight change. 0 for NULL.
+///
+/// # Safety
+/// `b` NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_generation(b: *const Balancer) -> u64 {
+    // SAFETY: forwarded caller contract.
+    unsafe { handle(b) }.map_or(0, Balancer::generation)
+}
+
+/// Copy the last error message of this thread into `buf` (NUL-terminated, truncated
+/// to `cap - 1` bytes). Returns the message's full length; `buf` may be NULL to ask.
+///
+/// # Safety
+/// `buf` NULL or writable for `cap` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_last_error(buf: *mut c_char, cap: usize) -> usize {
+    LAST_ERROR.with(|e| {
+        let msg = e.borrow();
+        if !buf.is_null() && cap > 0 {
+            let n = msg.len().min(cap - 1);
+            // SAFETY: `buf` is writable for `cap > n` bytes by contract.
+            unsafe {
+                std::ptr::copy_nonoverlapping(msg.as_ptr(), buf.cast::<u8>(), n);
+                *buf.add(n) = 0;
+            }
+        }
+        msg.len()
+    })
+}
+
+/// The library version, a static NUL-terminated string.
+#[no_mangle]
+pub extern "C" fn rsb_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}

@@ -1,0 +1,190 @@
+//! Load metrics: what a node costs, computed from numbers in its shared slot.
+//!
+//! **Peak EWMA** (Finagle's `PeakEwma`, used by Linkerd and tower): the estimate jumps
+//! to any sample above it (a latency peak is believed at once) and otherwise decays
+//! toward new samples with weight `w = exp(-dt/tau)`, so recovery is smooth. Three
+//! corrections over the Lua ports (see `shared/LESSONS.md`):
+//!
+//! - failures and 429s are never fed as samples (a refused connection is fast): the
+//!   caller feeds a *penalty* instead, `max(penalty, Retry-After)` capped;
+//! - an idle node does not decay toward zero (which made dead nodes attractive again in
+//!   ingress-nginx) but toward the pool's reference latency (median of its nodes);
+//! - a node with no sample yet is assumed to cost the reference latency.
+//!
+//! The estimate and its timestamp share one 64-bit word (`f32` microseconds, `u32`
+//! milliseconds) so an update is a single compare-and-swap. The timestamp wraps every
+//! 49.7 days; `wrapping_sub` keeps `dt` right for any gap shorter than that, and a
+//! longer idle gap only decays less than it should.
+//!
+//! **Effective weight** = base weight x slow-start ramp x success factor, and for the
+//! algorithms that do not look at latency themselves (all but `p2c_ewma`, whose cost
+//! already divides latency by weight) x a latency factor `clamp(ref / cost, 0.1, 1)`.
+//! This is the seed's "weights adjusted by response time", made to decay sanely.
+
+/// Pack a cost (µs) and a time (ms) into one word.
+pub fn pack(cost_us: f32, now_ms: u64) -> u64 {
+    ((cost_us.to_bits() as u64) << 32) | (now_ms as u32 as u64)
+}
+
+/// Unpack a word into (cost µs, time ms low 32 bits). Cost 0 means "no sample yet".
+pub fn unpack(word: u64) -> (f32, u32) {
+    (f32::from_bits((word >> 32) as u32), word as u32)
+}
+
+/// Decay weight for `dt_ms` elapsed with time constant `tau_ms`.
+fn decay(dt_ms: u32, tau_ms: u32) -> f64 {
+    (-(dt_ms as f64) / tau_ms.max(1) as f64).exp()
+}
+
+/// The new estimate after a sample (peak EWMA update). `cost == 0` means no history.
+pub fn observe(cost: f32, stamp: u32, sample_us: f64, now_ms: u64, tau_ms: u32) -> f32 {
+    let cost = cost as f64;
+    if cost <= 0.0 || sample_us > cost {
+        return sample_us as f32;
+    }
+    let w = decay((now_ms as u32).wrapping_sub(stamp), tau_ms);
+    (cost * w + sample_us * (1.0 - w)) as f32
+}
+
+/// The estimate as seen at `now_ms` without a new sample: decayed toward `reference_us`.
+pub fn current(word: u64, now_ms: u64, tau_ms: u32, reference_us: f64) -> f64 {
+    let (cost, stamp) = unpack(word);
+    if cost <= 0.0 {
+        return reference_us;
+    }
+    let w = decay((now_ms as u32).wrapping_sub(stamp), tau_ms);
+    cost as f64 * w + reference_us * (1.0 - w)
+}
+
+/// What a try counts as, by status: `Ok(latency)` for a served answer, `Err(penalty)`
+/// for a failure (status 0 = no response, or 5xx) or a 429.
+pub fn sample_us(
+    status: u32,
+    latency_us: u32,
+    retry_after_ms: u32,
+    penalty_ms: u32,
+    cap_ms: u32,
+) -> f64 {
+    if is_failure(status) || status == 429 {
+        let ms = penalty_ms.max(retry_after_ms).min(cap_ms.max(penalty_ms));
+        ms as f64 * 1000.0
+    } else {
+        latency_us.max(1) as f64
+    }
+}
+
+/// No response at all (status 0: connect error, timeout, reset) or a server error.
+pub fn is_failure(status: u32) -> bool {
+    status == 0 || status >= 500
+}
+
+/// Slow-start ramp: from 10% to 100% of the weight, linearly over `window_ms`.
+pub fn slow_start(now_ms: u64, started_ms: u64, window_ms: u32) -> f64 {
+    if window_ms == 0 {
+        return 1.0;
+    }
+    let age = now_ms.saturating_sub(started_ms) as f64;
+    (age / window_ms as f64).clamp(0.1, 1.0)
+}
+
+/// Latency factor for weight-driven algorithms: nodes slower than the reference lose
+/// weight in proportion, never below 10%.
+pub fn latency_factor(cost_us: f64, reference_us: f64) -> f64 {
+    if cost_us <= 0.0 || reference_us <= 0.0 {
+        return 1.0;
+    }
+    (reference_us / cost_us).clamp(0.1, 1.0)
+}
+
+/// Success factor: the smoothed share of good tries in the recent refresh windows,
+/// never below 10% (ejection, not weight, takes dead nodes out).
+pub fn success_factor(prev: f64, tries: u64, bad: u64) -> f64 {
+    if tries == 0 {
+        return prev;
+    }
+    let ok = 1.0 - (bad.min(tries) as f64 / tries as f64);
+    (0.5 * prev + 0.5 * ok).clamp(0.1, 1.0)
+}
+
+/// Median of a list (upper median for even lengths); `None` when empty.
+pub fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mid = values.len() / 2;
+    let (_, m, _) = values.select_nth_unstable_by(mid, |a, b| a.total_cmp(b));
+    Some(*m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_is_taken_at_once() {
+        let c = observe(100_000.0, 0, 900_000.0, 10, 10_000);
+        assert_eq!(c, 900_000.0);
+    }
+
+    #[test]
+    fn lower_sample_decays_with_exp() {
+        // dt = tau: w = e^-1.
+        let c = observe(1_000_000.0, 0, 0.0 + 1.0, 10_000, 10_000) as f64;
+        let want = 1_000_000.0 * (-1.0f64).exp() + 1.0 * (1.0 - (-1.0f64).exp());
+        assert!((c - want).abs() < 1.0, "{c} vs {want}");
+        // dt = 0: no change.
+        assert_eq!(observe(5000.0, 7, 1.0, 7, 10_000), 5000.0);
+    }
+
+    #[test]
+    fn first_sample_is_taken_as_is() {
+        assert_eq!(observe(0.0, 0, 1234.0, 99, 10_000), 1234.0);
+    }
+
+    #[test]
+    fn idle_decays_toward_reference_not_zero() {
+        let w = pack(5_000_000.0, 1000);
+        let ref_us = 200_000.0;
+        let long_after = current(w, 1000 + 600_000, 10_000, ref_us);
+        assert!((long_after - ref_us).abs() < 1.0);
+        assert_eq!(current(0, 5, 10_000, ref_us), ref_us);
+        let fast = pack(1000.0, 0);
+        assert!((current(fast, 600_000, 10_000, ref_us) - ref_us).abs() < 1.0);
+    }
+
+    #[test]
+    fn timestamps_wrap() {
+        let near_wrap = u32::MAX as u64 - 5;
+        let w = pack(1000.0, near_wrap);
+        let after = near_wrap + 10; // crosses 2^32
+        let (_, stamp) = unpack(w);
+        assert_eq!((after as u32).wrapping_sub(stamp), 10);
+    }
+
+    #[test]
+    fn failures_and_429_are_penalties_not_fast_samples() {
+        assert_eq!(sample_us(0, 50, 0, 5000, 300_000), 5_000_000.0);
+        assert_eq!(sample_us(503, 50, 0, 5000, 300_000), 5_000_000.0);
+        assert_eq!(sample_us(429, 50, 20_000, 5000, 300_000), 20_000_000.0);
+        assert_eq!(sample_us(429, 50, 900_000, 5000, 300_000), 300_000_000.0);
+        assert_eq!(sample_us(200, 50, 0, 5000, 300_000), 50.0);
+        assert_eq!(sample_us(404, 0, 0, 5000, 300_000), 1.0);
+    }
+
+    #[test]
+    fn factors() {
+        assert_eq!(slow_start(0, 0, 0), 1.0);
+        assert_eq!(slow_start(0, 0, 1000), 0.1);
+        assert_eq!(slow_start(500, 0, 1000), 0.5);
+        assert_eq!(slow_start(5000, 0, 1000), 1.0);
+        assert_eq!(latency_factor(400.0, 100.0), 0.25);
+        assert_eq!(latency_factor(50.0, 100.0), 1.0);
+        assert_eq!(latency_factor(1e9, 100.0), 0.1);
+        assert_eq!(success_factor(1.0, 0, 0), 1.0);
+        assert_eq!(success_factor(1.0, 10, 10), 0.5);
+        assert_eq!(success_factor(0.1, 10, 10), 0.1);
+        let mut v = vec![3.0, 1.0, 2.0];
+        assert_eq!(median(&mut v), Some(2.0));
+        assert_eq!(median(&mut []), None);
+    }
+}

@@ -1,0 +1,283 @@
+//! The mlua module, `require "rsbalancer"`: the control plane.
+//!
+//! Per-request calls go through LuaJIT's FFI (`lua/resty/rsbalancer.lua`), which
+//! JIT-compiles; Lua C functions like these cannot be compiled and would stitch the
+//! trace. This module loads configuration (JSON text or a Lua table), hands the
+//! FFI a pointer to the balancer, and serves admin reads and writes.
+//!
+//! Balancers are kept in a process-wide registry by name. nginx runs `init_by_lua`
+//! again in the master on every reload, with a fresh Lua VM: finding the region
+//! there by name is what keeps learned state across reloads. The library is linked
+//! with `-z nodelete`, so the registry survives the old VM unloading the module.
+//!
+//! Errors: misuse (wrong argument types, out-of-range values) raises
+//! `bad argument #n to 'fn' (...)`; runtime failures return `nil, err`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use mlua::prelude::*;
+use mlua::{LightUserData, UserData, UserDataMethods, Value};
+use parking_lot::Mutex;
+
+use crate::balancer::{node_stats, Balancer, Error, WEIGHT_RANGE};
+use crate::config::Config;
+
+static REGISTRY: Mutex<Option<HashMap<String, Arc<Balancer>>>> = Mutex::new(None);
+
+struct LuaBalancer(Arc<Balancer>);
+
+fn bad_argument(pos: usize, func: &str, msg: impl std::fmt::Display) -> LuaError {
+    LuaError::runtime(format!("bad argument #{pos} to '{func}' ({msg})"))
+}
+
+/// `Ok(v)` as `v`, an error as `nil, err`.
+fn nil_err<T: IntoLua>(lua: &Lua, r: Result<T, Error>) -> LuaResult<LuaMultiValue> {
+    match r {
+        Ok(v) => (v,).into_lua_multi(lua),
+        Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+    }
+}
+
+/// Whole numbers become JSON integers (Lua 5.1 numbers are all doubles).
+fn integral(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15) {
+                if n.as_i64().is_none() && n.as_u64().is_none() {
+                    *v = serde_json::Value::from(f as i64);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(integral),
+        serde_json::Value::Object(o) => o.values_mut().for_each(integral),
+        _ => {}
+    }
+}
+
+/// A config from JSON text or a Lua table; argument errors raise.
+fn config_arg(lua: &Lua, v: Value, pos: usize, func: &str) -> LuaResult<Result<Config, Error>> {
+    match v {
+        Value::String(s) => Ok(Config::from_json(&s.to_str()?).map_err(Error::Config)),
+        Value::Table(_) => {
+            let mut json: serde_json::Value =
+                lua.from_value(v).map_err(|e| bad_argument(pos, func, e))?;
+            integral(&mut json);
+            Ok(Config::from_value(json).map_err(Error::Config))
+        }
+        other => Err(bad_argument(
+            pos,
+            func,
+            format!(
+                "config JSON string or table expected, got {}",
+                other.type_name()
+            ),
+        )),
+    }
+}
+
+fn weight_arg(w: i64, pos: usize, func: &str) -> LuaResult<u32> {
+    u32::try_from(w)
+        .ok()
+        .filter(|w| WEIGHT_RANGE.contains(w))
+        .ok_or_else(|| {
+            bad_argument(
+                pos,
+                func,
+                format!(
+                    "weight {w} is out of range {}..={}",
+                    WEIGHT_RANGE.start(),
+                    WEIGHT_RANGE.end()
+                ),
+            )
+        })
+}
+
+/// Create the named balancer, or reconfigure it if this process already has it.
+fn shared(name: &str, cfg: Config) -> Result<Arc<Balancer>, Error> {
+    let mut reg = REGISTRY.lock();
+    let map = reg.get_or_insert_with(HashMap::new);
+    if let Some(b) = map.get(name) {
+        b.configure(&cfg)?;
+        return Ok(b.clone());
+    }
+    let b = Arc::new(Balancer::create(&cfg)?);
+    map.insert(name.to_string(), b.clone());
+    Ok(b)
+}
+
+impl UserData for LuaBalancer {
+    fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
+        // The `rsb_balancer *` for LuaJIT's FFI. Valid while this object lives.
+        m.add_method("handle", |_, this, ()| {
+            Ok(LightUserData(Arc::as_ptr(&this.0) as *mut std::ffi::c_void))
+        });
+        m.add_method("configure", |lua, this, cfg: Value| {
+            let cfg = config_arg(lua, cfg, 1, "configure")?;
+            nil_err(lua, cfg.and_then(|c| this.0.configure(&c)).map(|_| true))
+        });
+        m.add_method("attach_worker", |lua, this, id: u32| {
+            nil_err(lua, this.0.attach_worker(id))
+        });
+        m.add_method("generation", |_, this, ()| Ok(this.0.generation()));
+        m.add_method("pool_names", |lua, this, ()| {
+            let r = this
+                .0
+                .topology()
+                .map(|t| t.pools.iter().map(|p| p.name.clone()).collect::<Vec<_>>());
+            nil_err(lua, r)
+        });
+        m.add_method("pool_index", |lua, this, name: String| {
+            nil_err(lua, this.0.pool_index(&name))
+        });
+        m.add_method("node_index", |lua, this, (pool, id): (String, String)| {
+            nil_err(lua, this.0.node_index(&pool, &id))
+        });
+        // Nodes of a pool: { {id=, host=, ip=, port=, slot=, backup=}, ... }
+        m.add_method("nodes", |lua, this, pool: String| {
+            let r = this.0.topology().and_then(|t| {
+                t.pool(&pool)
+                    .map(|p| p.nodes.clone())
+                    .ok_or_else(|| Error::Invalid(format!("unknown pool \"{pool}\"")))
+            });
+            let r = r.map(|nodes| {
+                let t = lua.create_table()?;
+                for n in nodes {
+                    let e = lua.create_table()?;
+                    e.set("id", n.id)?;
+                    e.set("host", n.host)?;
+                    e.set("ip", n.addr.ip().to_string())?;
+                    e.set("port", n.addr.port())?;
+                    e.set("slot", n.slot)?;
+                    e.set("backup", n.backup)?;
+                    t.push(e)?;
+                }
+                Ok::<_, LuaError>(t)
+            });
+            match r {
+                Ok(t) => (t?,).into_lua_multi(lua),
+                Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+            }
+        });
+        // The mlua path of the per-request calls (the FFI path is the fast one).
+        m.add_method(
+            "pick",
+            |lua, this, (pool, key, tried): (u32, Option<LuaString>, Option<Vec<u32>>)| {
+                let key = key
+                    .as_ref()
+                    .map(|k| k.as_bytes().to_vec())
+                    .unwrap_or_default();
+                nil_err(
+                    lua,
+                    this.0.pick(pool, &key, tried.as_deref().unwrap_or(&[])),
+                )
+            },
+        );
+        m.add_method(
+            "report",
+            |lua, this, (node, status, latency_s, retry_after_s): (u32, u32, f64, Option<f64>)| {
+                if latency_s.is_nan() || latency_s < 0.0 {
+                    return Err(bad_argument(
+                        3,
+                        "report",
+                        format!("latency {latency_s} is negative"),
+                    ));
+                }
+                let us = (latency_s * 1e6).min(u32::MAX as f64) as u32;
+                let ra = (retry_after_s.unwrap_or(0.0).max(0.0) * 1e3).min(u32::MAX as f64) as u32;
+                nil_err(lua, this.0.report(node, status, us, ra).map(|_| true))
+            },
+        );
+        m.add_method(
+            "set_weight",
+            |lua, this, (pool, id, weight): (String, String, i64)| {
+                let weight = weight_arg(weight, 3, "set_weight")?;
+                nil_err(
+                    lua,
+                    this.0
+                        .node_index(&pool, &id)
+                        .and_then(|n| this.0.set_weight(n, weight))
+                        .map(|_| true),
+                )
+            },
+        );
+        // State of a pool's nodes: { [id] = {weight=, inflight=, requests=, ...} }
+        m.add_method("stats", |lua, this, pool: String| {
+            let r = this.0.topology().and_then(|t| {
+                let p = t
+                    .pool(&pool)
+                    .ok_or_else(|| Error::Invalid(format!("unknown pool \"{pool}\"")))?;
+                let region = this.0.region();
+                Ok(p.nodes
+                    .iter()
+                    .map(|n| {
+                        (
+                            n.id.clone(),
+                            node_stats(region.node(n.slot).expect("slot in range")),
+                        )
+                    })
+                    .collect::<Vec<_>>())
+            });
+            match r {
+                Ok(list) => {
+                    let t = lua.create_table()?;
+                    for (id, s) in list {
+                        t.set(id, lua.to_value(&s)?)?;
+                    }
+                    (t,).into_lua_multi(lua)
+                }
+                Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+            }
+        });
+    }
+}
+
+#[mlua::lua_module(skip_memory_check)]
+fn rsbalancer(lua: &Lua) -> LuaResult<LuaTable> {
+    let m = lua.create_table()?;
+    m.set("version", env!("CARGO_PKG_VERSION"))?;
+    // rsbalancer.new(config) -> balancer | nil, err : a balancer with its own region.
+    m.set(
+        "new",
+        lua.create_function(|lua, cfg: Value| {
+            let cfg = config_arg(lua, cfg, 1, "new")?;
+            nil_err(
+                lua,
+                cfg.and_then(|c| Balancer::create(&c))
+                    .map(|b| LuaBalancer(Arc::new(b))),
+            )
+        })?,
+    )?;
+    // rsbalancer.shared(name, config) -> balancer | nil, err : created once per
+    // process and reconfigured on later calls (nginx reload keeps learned state).
+    m.set(
+        "shared",
+        lua.create_function(|lua, (name, cfg): (String, Value)| {
+            let cfg = config_arg(lua, cfg, 2, "shared")?;
+            nil_err(lua, cfg.and_then(|c| shared(&name, c)).map(LuaBalancer))
+        })?,
+    )?;
+    // rsbalancer.read_config(path) -> JSON text | nil, err (validated).
+    m.set(
+        "check_file",
+        lua.create_function(|lua, path: String| {
+            nil_err(
+                lua,
+                Config::from_file(std::path::Path::new(&path))
+                    .map(|_| true)
+                    .map_err(Error::Config),
+            )
+        })?,
+    )?;
+    m.set(
+        "load_file",
+        lua.create_function(|lua, (name, path): (String, String)| {
+            let r = Config::from_file(std::path::Path::new(&path))
+                .map_err(Error::Config)
+                .and_then(|c| shared(&name, c))
+                .map(LuaBalancer);
+            nil_err(lua, r)
+        })?,
+    )?;
+    Ok(m)
+}

@@ -1,0 +1,230 @@
+//! Weighted random selection in O(1) per pick with Vose's alias method.
+//!
+//! The alias method (Walker 1974; the numerically stable construction is Vose, "A
+//! linear algorithm for generating random numbers with a given distribution", IEEE TSE
+//! 1991) turns n weights into n slots, each holding a probability and an alias. A draw
+//! picks a slot uniformly and keeps it with the slot's probability, else takes its alias:
+//! one random number and one table access, whatever n is, after an O(n) build.
+//!
+//! Why: `weighted_random` is the cheapest algorithm that spreads load ∝ weight with no
+//! shared state between workers, and [`P2cEwma`](super::P2cEwma) samples its two
+//! candidates with the same table. Ineligible nodes are handled by rejection (redraw),
+//! bounded by [`MAX_DRAWS`]; after that an O(n) weighted scan over the eligible nodes
+//! gives the same conditional distribution.
+
+use super::{sane_weight, weighted_scan, NodeView, MAX_DRAWS};
+use rand::Rng;
+
+/// One slot of the table: keep `index` with probability `prob`, else take `alias`.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    prob: f64,
+    alias: usize,
+}
+
+/// Vose's alias table over a list of weights.
+#[derive(Clone, Debug, Default)]
+pub struct AliasTable {
+    slots: Vec<Slot>,
+}
+
+impl AliasTable {
+    /// Builds the table in O(n). Weights are clamped like every selector's (see
+    /// [`MIN_WEIGHT`](super::MIN_WEIGHT)).
+    pub fn new(weights: &[f64]) -> Self {
+        let n = weights.len();
+        let weights: Vec<f64> = weights.iter().map(|&w| sane_weight(w)).collect();
+        let total: f64 = weights.iter().sum();
+        // Scaled so that the average slot is exactly 1.
+        let mut scaled: Vec<f64> = weights.iter().map(|w| w * n as f64 / total).collect();
+        let mut slots: Vec<Slot> = (0..n)
+            .map(|i| Slot {
+                prob: 1.0,
+                alias: i,
+            })
+            .collect();
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
+            (0..n).partition(|&i| scaled[i] < 1.0);
+        while let (Some(&s), Some(&l)) = (small.last(), large.last()) {
+            small.pop();
+            slots[s] = Slot {
+                prob: scaled[s],
+                alias: l,
+            };
+            // Vose's stable update: the large one gives away what the small one lacks.
+            scaled[l] = (scaled[l] + scaled[s]) - 1.0;
+            if scaled[l] < 1.0 {
+                large.pop();
+                small.push(l);
+            }
+        }
+        // Whatever is left over (only through rounding) is ~1 and keeps itself.
+        AliasTable { slots }
+    }
+
+    /// Number of weights the table was built from.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True when built from no weights.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// An index drawn with probability ∝ weight, or `None` for an empty table.
+    ///
+    /// One uniform number serves for both steps: its integer part (times n) picks the
+    /// slot, its fractional part is the coin flipped against the slot's probability.
+    #[inline]
+    pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> Option<usize> {
+        let n = self.slots.len();
+        if n == 0 {
+            return None;
+        }
+        let x = rng.random::<f64>() * n as f64;
+        // `x` can round up to `n` itself for some n.
+        let i = (x as usize).min(n - 1);
+        let slot = self.slots[i];
+        Some(if x - (i as f64) < slot.prob {
+            i
+        } else {
+            slot.alias
+        })
+    }
+}
+
+/// The `weighted_random` algorithm: a weighted draw among the eligible candidates.
+#[derive(Clone, Debug)]
+pub struct WeightedRandom {
+    weights: Vec<f64>,
+    table: AliasTable,
+}
+
+impl WeightedRandom {
+    /// Builds the alias table for `weights` (O(n)).
+    pub fn new(weights: &[f64]) -> Self {
+        WeightedRandom {
+            weights: weights.iter().map(|&w| sane_weight(w)).collect(),
+            table: AliasTable::new(weights),
+        }
+    }
+
+    /// Replaces the weights and rebuilds the table (O(n)).
+    pub fn set_weights(&mut self, weights: &[f64]) {
+        *self = WeightedRandom::new(weights);
+    }
+
+    /// Number of candidates.
+    pub fn len(&self) -> usize {
+        self.weights.len()
+    }
+
+    /// True when there are no candidates.
+    pub fn is_empty(&self) -> bool {
+        self.weights.is_empty()
+    }
+
+    /// An eligible index drawn with probability ∝ weight among the eligible ones, or
+    /// `None` when none is eligible. O(1) expected unless ineligible nodes hold most of
+    /// the weight, in which case it ends with an O(n) scan.
+    pub fn pick<R: Rng + ?Sized, V: NodeView + ?Sized>(
+        &self,
+        rng: &mut R,
+        view: &V,
+    ) -> Option<usize> {
+        for _ in 0..MAX_DRAWS {
+            let i = self.table.sample(rng)?;
+            if view.eligible(i) {
+                return Some(i);
+            }
+        }
+        weighted_scan(rng, &self.weights, view, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{chi_square, TestView};
+    use super::*;
+    use rand::rngs::SmallRng;
+    use rand::SeedableRng;
+
+    /// Chi-square critical values at p = 0.001 by degrees of freedom (1..=4).
+    const CHI2_P001: [f64; 5] = [f64::NAN, 10.828, 13.816, 16.266, 18.467];
+
+    fn counts(weights: &[f64], view: &TestView, picks: usize, seed: u64) -> Vec<u64> {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let wr = WeightedRandom::new(weights);
+        let mut counts = vec![0u64; weights.len()];
+        for _ in 0..picks {
+            counts[wr.pick(&mut rng, view).unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn alias_table_slots_reconstruct_the_weights() {
+        let weights = [30.0, 50.0, 20.0, 0.5, 7.25];
+        let table = AliasTable::new(&weights);
+        let n = weights.len() as f64;
+        let total: f64 = weights.iter().sum();
+        // The mass of index i: its own slot's prob plus what other slots alias to it.
+        let mut mass = vec![0.0; weights.len()];
+        for (i, slot) in table.slots.iter().enumerate() {
+            mass[i] += slot.prob / n;
+            mass[slot.alias] += (1.0 - slot.prob) / n;
+        }
+        for (m, w) in mass.iter().zip(&weights) {
+            assert!((m - w / total).abs() < 1e-12, "{m} vs {}", w / total);
+        }
+    }
+
+    #[test]
+    fn weighted_random_chi_square_100k() {
+        // df = 2, critical value 13.816 at p = 0.001.
+        let weights = [30.0, 50.0, 20.0];
+        let c = counts(&weights, &TestView::idle(3), 100_000, 11);
+        let chi2 = chi_square(&c, &weights);
+        assert!(chi2 < CHI2_P001[2], "chi2 = {chi2}, counts {c:?}");
+    }
+
+    #[test]
+    fn weighted_random_with_ineligible_keeps_conditional_proportions() {
+        // The heavy node is ineligible, so the draws often fail and the scan fallback
+        // runs too: the remaining nodes must still come out ∝ weight.
+        let weights = [1000.0, 30.0, 50.0, 20.0];
+        let mut view = TestView::idle(4);
+        view.eligible[0] = false;
+        let c = counts(&weights, &view, 100_000, 12);
+        assert_eq!(c[0], 0);
+        // df = 2, critical value 13.816 at p = 0.001.
+        let chi2 = chi_square(&c[1..], &weights[1..]);
+        assert!(chi2 < CHI2_P001[2], "chi2 = {chi2}, counts {c:?}");
+    }
+
+    #[test]
+    fn weighted_random_set_weights_changes_proportions() {
+        let mut rng = SmallRng::seed_from_u64(13);
+        let view = TestView::idle(4);
+        let mut wr = WeightedRandom::new(&[1.0, 1.0, 1.0, 1.0]);
+        wr.set_weights(&[10.0, 20.0, 30.0, 40.0]);
+        let mut c = vec![0u64; 4];
+        for _ in 0..100_000 {
+            c[wr.pick(&mut rng, &view).unwrap()] += 1;
+        }
+        // df = 3, critical value 16.266 at p = 0.001.
+        let chi2 = chi_square(&c, &[10.0, 20.0, 30.0, 40.0]);
+        assert!(chi2 < CHI2_P001[3], "chi2 = {chi2}, counts {c:?}");
+    }
+
+    #[test]
+    fn alias_table_empty_and_single() {
+        let mut rng = SmallRng::seed_from_u64(14);
+        assert_eq!(AliasTable::new(&[]).sample(&mut rng), None);
+        let one = AliasTable::new(&[3.0]);
+        for _ in 0..100 {
+            assert_eq!(one.sample(&mut rng), Some(0));
+        }
+    }
+}

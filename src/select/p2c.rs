@@ -1,0 +1,274 @@
+//! Power of two choices over weighted samples, with a peak-EWMA latency cost.
+//!
+//! Draw two distinct eligible candidates with probability ∝ weight (alias tables), and
+//! keep the cheaper one, where `cost = latency * (inflight + 1) / weight`. This is
+//! Mitzenmacher's "power of two choices" (The Power of Two Choices in Randomized Load
+//! Balancing, 2001) with the cost Finagle's `P2CPeakEwma` balancer uses (Linkerd too):
+//! latency estimate times outstanding load.
+//!
+//! Why: comparing just two random nodes already avoids the worst ones exponentially
+//! better than one random choice, in O(1) per pick and with no coordination between
+//! workers; unlike picking the global minimum it does not make every worker herd on the
+//! same "best" node between two updates of the shared counters. Drawing by weight keeps
+//! the configured proportions for nodes that perform alike.
+//!
+//! Sampling two *distinct* nodes: the second draw is redrawn when it hits the first. To
+//! keep that O(1) expected even when one node holds most of the weight, a second alias
+//! table over every node but the heaviest is used when the first draw is the heaviest
+//! node; any other first node holds at most half the weight, so a redraw fails with
+//! probability ≤ 1/2. After [`MAX_DRAWS`] failed draws (also through ineligible nodes) an
+//! O(n) weighted scan gives the same distribution.
+
+use super::{sane_weight, weighted_scan, AliasTable, NodeView, MAX_DRAWS};
+use rand::Rng;
+
+/// Power-of-two-choices selection with a latency × load cost.
+#[derive(Clone, Debug)]
+pub struct P2cEwma {
+    weights: Vec<f64>,
+    table: AliasTable,
+    /// Index of a node of maximal weight (0 when empty).
+    heaviest: usize,
+    /// Alias table over every node but `heaviest`; its index `j` means node `j` below
+    /// `heaviest` and node `j + 1` from it on.
+    without_heaviest: AliasTable,
+}
+
+impl P2cEwma {
+    /// Builds both alias tables (O(n)).
+    pub fn new(weights: &[f64]) -> Self {
+        let weights: Vec<f64> = weights.iter().map(|&w| sane_weight(w)).collect();
+        let heaviest = weights
+            .iter()
+            .enumerate()
+            .fold(0, |best, (i, &w)| if w > weights[best] { i } else { best });
+        let rest: Vec<f64> = weights
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != heaviest)
+            .map(|(_, &w)| w)
+            .collect();
+        P2cEwma {
+            table: AliasTable::new(&weights),
+            without_heaviest: AliasTable::new(&rest),
+            heaviest,
+            weights,
+        }
+    }
+
+    /// Replaces the weights and rebuilds the tables (O(n)).
+    pub fn set_weights(&mut self, weights: &[f64]) {
+        *self = P2cEwma::new(weights);
+    }
+
+    /// Number of candidates.
+    pub fn len(&self) -> usize {
+        self.weights.len()
+    }
+
+    /// True when there are no candidates.
+    pub fn is_empty(&self) -> bool {
+        self.weights.is_empty()
+    }
+
+    /// The cheaper of two distinct eligible nodes drawn by weight; the only eligible node
+    /// when there is one; `None` when there is none.
+    pub fn pick<R: Rng + ?Sized, V: NodeView + ?Sized>(
+        &self,
+        rng: &mut R,
+        view: &V,
+    ) -> Option<usize> {
+        let (a, b) = self.draw_pair(rng, view)?;
+        let Some(b) = b else { return Some(a) };
+        let cost =
+            |i: usize| view.latency(i) * (f64::from(view.inflight(i)) + 1.0) / self.weights[i];
+        Some(if cost(b) < cost(a) { b } else { a })
+    }
+
+    /// Two distinct eligible nodes drawn without replacement, ∝ weight: the second is
+    /// `None` when only one node is eligible; `None` when none is.
+    fn draw_pair<R: Rng + ?Sized, V: NodeView + ?Sized>(
+        &self,
+        rng: &mut R,
+        view: &V,
+    ) -> Option<(usize, Option<usize>)> {
+        let first = self.draw_first(rng, view)?;
+        Some((first, self.draw_second(rng, view, first)))
+    }
+
+    fn draw_first<R: Rng + ?Sized, V: NodeView + ?Sized>(
+        &self,
+        rng: &mut R,
+        view: &V,
+    ) -> Option<usize> {
+        for _ in 0..MAX_DRAWS {
+            let i = self.table.sample(rng)?;
+            if view.eligible(i) {
+                return Some(i);
+            }
+        }
+        weighted_scan(rng, &self.weights, view, None)
+    }
+
+    fn draw_second<R: Rng + ?Sized, V: NodeView + ?Sized>(
+        &self,
+        rng: &mut R,
+        view: &V,
+        first: usize,
+    ) -> Option<usize> {
+        for _ in 0..MAX_DRAWS {
+            let i = if first == self.heaviest {
+                let j = self.without_heaviest.sample(rng)?;
+                if j < self.heaviest {
+                    j
+                } else {
+                    j + 1
+                }
+            } else {
+                self.table.sample(rng)?
+            };
+            if i != first && view.eligible(i) {
+                return Some(i);
+            }
+        }
+        weighted_scan(rng, &self.weights, view, Some(first))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{chi_square, TestView};
+    use super::*;
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+
+    #[test]
+    fn p2c_prefers_the_lower_cost_of_two() {
+        let mut rng = SmallRng::seed_from_u64(31);
+        let p2c = P2cEwma::new(&[1.0, 1.0]);
+        let mut view = TestView::idle(2);
+        // Node 0: 1000 * (0 + 1) = 1000; node 1: 300 * (3 + 1) = 1200.
+        view.latency = vec![1000.0, 300.0];
+        view.inflight = vec![0, 3];
+        for _ in 0..200 {
+            assert_eq!(p2c.pick(&mut rng, &view), Some(0));
+        }
+        // One more request in flight on node 0: 2000 > 1200.
+        view.inflight[0] = 1;
+        for _ in 0..200 {
+            assert_eq!(p2c.pick(&mut rng, &view), Some(1));
+        }
+        // Weight divides the cost: node 0 at weight 2 costs 1000 < 1200.
+        let p2c = P2cEwma::new(&[2.0, 1.0]);
+        for _ in 0..200 {
+            assert_eq!(p2c.pick(&mut rng, &view), Some(0));
+        }
+    }
+
+    #[test]
+    fn p2c_slow_node_gets_much_less_than_its_share() {
+        // Closed-loop simulation: 16 clients, each sends its next request as soon as the
+        // previous one completes; a request to node i takes latency[i] µs ± 50%. Node 0
+        // is 5x slower than the other four, all of equal weight (a 20% share).
+        let latency = [5000.0, 1000.0, 1000.0, 1000.0, 1000.0];
+        let mut rng = SmallRng::seed_from_u64(32);
+        let p2c = P2cEwma::new(&[1.0; 5]);
+        let mut view = TestView::idle(5);
+        view.latency = latency.to_vec();
+        let mut counts = [0u64; 5];
+        // Completion events: (time µs, node).
+        let mut events: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
+        let mut send = |now: u64, view: &mut TestView, events: &mut BinaryHeap<_>| {
+            let i = p2c.pick(&mut rng, view).unwrap();
+            counts[i] += 1;
+            view.inflight[i] += 1;
+            let took = latency[i] * rng.random_range(0.5..1.5);
+            events.push(Reverse((now + took as u64, i)));
+        };
+        for _ in 0..16 {
+            send(0, &mut view, &mut events);
+        }
+        for _ in 0..50_000 {
+            let Reverse((now, i)) = events.pop().unwrap();
+            view.inflight[i] -= 1;
+            send(now, &mut view, &mut events);
+        }
+        let total: u64 = counts.iter().sum();
+        let slow_share = counts[0] as f64 / total as f64;
+        assert!(
+            slow_share < 0.07,
+            "slow share {slow_share}, counts {counts:?}"
+        );
+        // The fast nodes share the rest about evenly.
+        for &c in &counts[1..] {
+            let share = c as f64 / total as f64;
+            assert!((0.22..0.28).contains(&share), "counts {counts:?}");
+        }
+    }
+
+    #[test]
+    fn p2c_pairs_are_drawn_without_replacement_by_weight() {
+        // With one dominant node, the pair distribution must still be exact:
+        // P(a, b) = w_a / W * w_b / (W - w_a).
+        let weights = [100.0, 1.0, 2.0, 3.0];
+        let total: f64 = weights.iter().sum();
+        let mut rng = SmallRng::seed_from_u64(33);
+        let p2c = P2cEwma::new(&weights);
+        assert_eq!(p2c.heaviest, 0);
+        let view = TestView::idle(4);
+        let mut counts = vec![0u64; 16];
+        let mut expected = vec![0.0; 16];
+        for a in 0..4 {
+            for b in 0..4 {
+                if a != b {
+                    expected[a * 4 + b] = weights[a] / total * weights[b] / (total - weights[a]);
+                }
+            }
+        }
+        for _ in 0..200_000 {
+            let (a, b) = p2c.draw_pair(&mut rng, &view).unwrap();
+            counts[a * 4 + b.unwrap()] += 1;
+        }
+        let (obs, exp): (Vec<u64>, Vec<f64>) = counts
+            .iter()
+            .zip(&expected)
+            .filter(|&(_, &e)| e > 0.0)
+            .map(|(&c, &e)| (c, e))
+            .unzip();
+        // 12 cells, df = 11, critical value 31.264 at p = 0.001.
+        let chi2 = chi_square(&obs, &exp);
+        assert!(chi2 < 31.264, "chi2 = {chi2}, counts {counts:?}");
+    }
+
+    #[test]
+    fn p2c_single_eligible_and_none() {
+        let mut rng = SmallRng::seed_from_u64(34);
+        let p2c = P2cEwma::new(&[5.0, 1.0, 1.0]);
+        let mut view = TestView::idle(3);
+        view.eligible = vec![false, false, true];
+        for _ in 0..100 {
+            assert_eq!(p2c.pick(&mut rng, &view), Some(2));
+        }
+        view.eligible[2] = false;
+        assert_eq!(p2c.pick(&mut rng, &view), None);
+        let one = P2cEwma::new(&[1.0]);
+        assert_eq!(one.pick(&mut rng, &TestView::idle(1)), Some(0));
+    }
+
+    #[test]
+    fn p2c_set_weights_changes_sampling() {
+        let mut rng = SmallRng::seed_from_u64(35);
+        let mut p2c = P2cEwma::new(&[1.0, 1.0, 1.0]);
+        p2c.set_weights(&[1.0, 1.0, 50.0]);
+        assert_eq!(p2c.heaviest, 2);
+        // Equal costs except weight: the heavy node wins whenever it is drawn, which
+        // is nearly always.
+        let view = TestView::idle(3);
+        let heavy = (0..1000)
+            .filter(|_| p2c.pick(&mut rng, &view) == Some(2))
+            .count();
+        assert!(heavy > 950, "{heavy}");
+    }
+}

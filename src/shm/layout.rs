@@ -1,0 +1,176 @@
+//! The shared region's layout: one versioned `#[repr(C)]` header followed by fixed
+//! arrays of cache-line-aligned slots.
+//!
+//! ```text
+//! Header | PoolSlot x max_pools | NodeSlot x max_nodes | WorkerSlot x max_workers
+//!        | in-flight share: AtomicU32 x max_workers x max_nodes (row per worker)
+//!        | config text: 2 x config_bytes (double buffer, flipped by `active_text`)
+//! ```
+//!
+//! Every field is an atomic or a plain value written once before the region is shared,
+//! so an all-zero mapping is a valid (empty) region and a process that dies between two
+//! stores leaves nothing that a reader could misinterpret. Slots are handed out as `&`
+//! references only; all mutation goes through atomics.
+
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
+
+/// "RSBALNCR" little-endian.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
+/// Bumped whenever any struct in this file changes shape.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Node flags (`NodeSlot::flags`).
+pub mod flags {
+    /// The slot belongs to a node of the active configuration.
+    pub const IN_USE: u32 = 1;
+    /// The node only serves when no primary of its pool can.
+    pub const BACKUP: u32 = 1 << 1;
+    /// The node left the configuration; the slot is reused once nothing is in flight.
+    pub const REMOVED: u32 = 1 << 2;
+}
+
+#[repr(C, align(64))]
+pub struct Header {
+    pub magic: u64,
+    pub layout_version: u32,
+    pub max_pools: u32,
+    pub max_nodes: u32,
+    pub max_workers: u32,
+    pub config_bytes: u32,
+    pub _reserved0: u32,
+    /// Bumped (Release) after any change workers must notice: topology, weights.
+    pub generation: AtomicU64,
+    /// Bumped (Release) after the active config text changed; read under the lock.
+    pub config_version: AtomicU64,
+    /// Which of the two text buffers is active (0 or 1); written under the lock.
+    pub active_text: AtomicU32,
+    /// Length of each text buffer's content; written under the lock.
+    pub text_len: [AtomicU32; 2],
+    /// pid of the process holding the writer lock, 0 when free.
+    pub lock_owner: AtomicI32,
+    /// Times the lock was taken over from a dead holder.
+    pub lock_steals: AtomicU64,
+}
+
+/// Per-pool shared parameters and counters. The report path reads the EWMA
+/// parameters from here so that it never needs the worker's local tables.
+#[repr(C, align(64))]
+pub struct PoolSlot {
+    pub in_use: AtomicU32,
+    /// Peak-EWMA time constant, milliseconds.
+    pub decay_ms: AtomicU32,
+    /// Latency (ms) a failure or a 429 counts as.
+    pub penalty_ms: AtomicU32,
+    /// Upper bound (ms) of a penalty, even with a longer Retry-After.
+    pub penalty_cap_ms: AtomicU32,
+    pub _reserved: [AtomicU64; 6],
+}
+
+/// One upstream node. The first cache line holds what every request writes; the
+/// second what configuration and state transitions write.
+#[repr(C, align(64))]
+pub struct NodeSlot {
+    // --- line 1: per request ---------------------------------------------------
+    /// Tries picked and not yet reported, across all workers. Never below zero.
+    pub inflight: AtomicU32,
+    /// Consecutive failures (connect error, timeout, 5xx); reset by a success.
+    pub consecutive_failures: AtomicU32,
+    /// Peak-EWMA state: high 32 bits the cost in microseconds as `f32` bits, low 32
+    /// bits the coarse monotonic time of the last update in milliseconds (wrapping).
+    /// One word so that an update is a single CAS.
+    pub ewma: AtomicU64,
+    /// Tries handed out by `pick`.
+    pub picks: AtomicU64,
+    /// Tries reported, whatever the outcome.
+    pub requests: AtomicU64,
+    /// Reported failures: no response (status 0) or 5xx.
+    pub failures: AtomicU64,
+    /// Reported 429s.
+    pub busy: AtomicU64,
+    /// Sum of reported latencies of non-failed tries, microseconds.
+    pub latency_sum_us: AtomicU64,
+    pub consecutive_busy: AtomicU32,
+    pub _pad1: u32,
+    // --- line 2: configuration and state ----------------------------------------
+    /// Pool slot index this node belongs to.
+    pub pool: AtomicU32,
+    /// `flags::*`.
+    pub flags: AtomicU32,
+    /// Base weight (configured or set at run time).
+    pub weight: AtomicU32,
+    pub _pad2: u32,
+    /// Start of the slow-start ramp (ms, coarse monotonic).
+    pub started_ms: AtomicU64,
+    /// No new tries before this time (ms): 429 cooldown.
+    pub cooldown_until_ms: AtomicU64,
+    /// No new tries before this time (ms): outlier ejection, health.
+    pub ejected_until_ms: AtomicU64,
+    /// When the node left the configuration (ms).
+    pub removed_ms: AtomicU64,
+    pub _reserved: [AtomicU64; 2],
+}
+
+/// One nginx worker (or any attached process) owning a row of in-flight shares.
+#[repr(C, align(64))]
+pub struct WorkerSlot {
+    /// Owner pid, 0 when free.
+    pub pid: AtomicI32,
+    pub _pad: u32,
+    pub attached_ms: AtomicU64,
+    pub _reserved: [AtomicU64; 6],
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<Header>() == 128);
+    assert!(std::mem::size_of::<PoolSlot>() == 64);
+    assert!(std::mem::size_of::<NodeSlot>() == 128);
+    assert!(std::mem::offset_of!(NodeSlot, pool) == 64);
+    assert!(std::mem::size_of::<WorkerSlot>() == 64);
+    assert!(std::mem::align_of::<NodeSlot>() == 64);
+};
+
+/// Capacities of a region, fixed when it is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub max_pools: u32,
+    pub max_nodes: u32,
+    pub max_workers: u32,
+    pub config_bytes: u32,
+}
+
+/// Byte offsets of each array inside the mapping.
+#[derive(Clone, Copy, Debug)]
+pub struct Offsets {
+    pub pools: usize,
+    pub nodes: usize,
+    pub workers: usize,
+    pub shares: usize,
+    pub text: usize,
+    pub total: usize,
+}
+
+fn align_up(n: usize, a: usize) -> usize {
+    n.div_ceil(a) * a
+}
+
+impl Capacity {
+    pub fn offsets(&self) -> Offsets {
+        let pools = std::mem::size_of::<Header>();
+        let nodes = pools + self.max_pools as usize * std::mem::size_of::<PoolSlot>();
+        let workers = nodes + self.max_nodes as usize * std::mem::size_of::<NodeSlot>();
+        let shares = workers + self.max_workers as usize * std::mem::size_of::<WorkerSlot>();
+        let text = align_up(
+            shares + self.max_workers as usize * self.max_nodes as usize * 4,
+            64,
+        );
+        let total = align_up(text + 2 * self.config_bytes as usize, 4096);
+        Offsets {
+            pools,
+            nodes,
+            workers,
+            shares,
+            text,
+            total,
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! Shared memory: the one region every nginx worker maps, and the only place (with
+//! `src/ffi`) that touches raw pointers.
+//!
+//! The region is an anonymous `MAP_SHARED` mapping created before nginx forks its
+//! workers (in `init_by_lua`, which runs in the master), so every worker inherits the
+//! same physical pages. Its layout is in [`layout`]. Counters and learned state are
+//! lock-free atomics; configuration changes take a process-shared writer lock
+//! ([`Region::lock`]) that records its owner's pid, so a holder killed with SIGKILL is
+//! detected and the lock taken over instead of being held forever.
+//!
+//! In-flight accounting survives dead workers: every attached process owns a row of
+//! per-node "shares" beside the pool-wide totals. When a process attaches, the shares
+//! of every dead owner are subtracted from the totals and cleared, so a killed worker
+//! leaves no phantom in-flight count behind.
+
+pub mod clock;
+pub mod layout;
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use layout::{Capacity, Header, NodeSlot, Offsets, PoolSlot, WorkerSlot, LAYOUT_VERSION, MAGIC};
+
+/// Why a region operation failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShmError {
+    Map(String),
+    LockTimeout { owner: i32 },
+    TextTooLarge { len: usize, cap: u32 },
+    NoWorkerSlot { max_workers: u32 },
+}
+
+impl std::fmt::Display for ShmError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ShmError::Map(e) => write!(f, "cannot map shared memory: {e}"),
+            ShmError::LockTimeout { owner } => {
+                write!(f, "shared writer lock held by live pid {owner}: timed out")
+            }
+            ShmError::TextTooLarge { len, cap } => write!(
+                f,
+                "shm.config_bytes: {cap} is too small for a config of {len} bytes"
+            ),
+            ShmError::NoWorkerSlot { max_workers } => write!(
+                f,
+                "shm.max_workers: all {max_workers} worker slots are owned by live processes"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ShmError {}
+
+/// A mapped region. Dropping it unmaps it in this process only.
+pub struct Region {
+    base: NonNull<u8>,
+    cap: Capacity,
+    off: Offsets,
+}
+
+// SAFETY: the mapping is only accessed through atomics (and plain fields written once
+// before the region is shared), so references to it may cross threads freely.
+unsafe impl Send for Region {}
+// SAFETY: as above: every shared mutation is an atomic operation.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Map a new zeroed region of the given capacity and write its header.
+    pub fn create(cap: Capacity) -> Result<Region, ShmError> {
+        let off = cap.offsets();
+        // SAFETY: anonymous shared mapping with no address hint; the result is checked
+        // against MAP_FAILED before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                off.total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(ShmError::Map(format!(
+                "mmap of {} bytes: {}",
+                off.total,
+                std::io::Error::last_os_error()
+            )));
+        }
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| ShmError::Map("null".into()))?;
+        // SAFETY: the mapping is fresh, page-aligned, at least size_of::<Header>() long,
+        // and no other process or thread can see it yet.
+        unsafe {
+            let h = base.as_ptr().cast::<Header>();
+            std::ptr::addr_of_mut!((*h).magic).write(MAGIC);
+            std::ptr::addr_of_mut!((*h).layout_version).write(LAYOUT_VERSION);
+            std::ptr::addr_of_mut!((*h).max_pools).write(cap.max_pools);
+            std::ptr::addr_of_mut!((*h).max_nodes).write(cap.max_nodes);
+            std::ptr::addr_of_mut!((*h).max_workers).write(cap.max_workers);
+            std::ptr::addr_of_mut!((*h).config_bytes).write(cap.config_bytes);
+        }
+        fork::install();
+        Ok(Region { base, cap, off })
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.cap
+    }
+
+    pub fn header(&self) -> &Header {
+        // SAFETY: the header lies at offset 0 of a live mapping, is 64-byte aligned
+        // (page-aligned base) and all its mutable fields are atomics.
+        unsafe { &*self.base.as_ptr().cast::<Header>() }
+    }
+
+    /// Slot `i` of an array of `T` at byte offset `at`, `None` past `len`.
+    fn slot<T>(&self, at: usize, i: u32, len: u32) -> Option<&T> {
+        if i >= len {
+            return None;
+        }
+        // SAFETY: `i < len`, and `Capacity::offsets` reserved `len` slots of `T` at `at`,
+        // 64-byte aligned; `T` is one of the layout structs whose mutable fields are
+        // atomics and for which all-zero bytes are valid.
+        Some(unsafe { &*self.base.as_ptr().add(at).cast::<T>().add(i as usize) })
+    }
+
+    pub fn pool(&self, i: u32) -> Option<&PoolSlot> {
+        self.slot(self.off.pools, i, self.cap.max_pools)
+    }
+
+    pub fn node(&self, i: u32) -> Option<&NodeSlot> {
+        self.slot(self.off.nodes, i, self.cap.max_nodes)
+    }
+
+    pub fn worker(&self, i: u32) -> Option<&WorkerSlot> {
+        self.slot(self.off.workers, i, self.cap.max_workers)
+    }
+
+    /// The in-flight share worker `w` holds on node `n`.
+    pub fn share(&self, w: u32, n: u32) -> Option<&AtomicU32> {
+        if w >= self.cap.max_workers || n >= self.cap.max_nodes {
+            return None;
+        }
+        let idx = w as usize * self.cap.max_nodes as usize + n as usize;
+        // SAFETY: idx < max_workers * max_nodes, the number of AtomicU32 reserved at
+        // `shares`, which is 64-byte aligned; zero is a valid AtomicU32.
+        Some(unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .add(self.off.shares)
+                .cast::<AtomicU32>()
+                .add(idx)
+        })
+    }
+
+    /// Take the process-shared writer lock, waiting at most `timeout`. A holder whose
+    /// process is gone is replaced (and counted in `lock_steals`).
+    pub fn lock(&self, timeout: Duration) -> Result<LockGuard<'_>, ShmError> {
+        let me = std::process::id() as i32;
+        let owner_cell = &self.header().lock_owner;
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            // Acquire pairs with the Release in `LockGuard::drop`: everything the previous
+            // holder wrote is visible once we own the lock.
+            match owner_cell.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => return Ok(LockGuard { region: self, me }),
+                Err(owner) if owner != me && !pid_alive(owner) => {
+                    if owner_cell
+                        .compare_exchange(owner, me, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        self.header().lock_steals.fetch_add(1, Ordering::Relaxed);
+                        return Ok(LockGuard { region: self, me });
+                    }
+                }
+                Err(owner) => {
+                    if start.elapsed() >= timeout {
+                        return Err(ShmError::LockTimeout { owner });
+                    }
+                }
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    /// The active config text (copied out). Call with the lock held.
+    pub fn read_text(&self, _guard: &LockGuard<'_>) -> Vec<u8> {
+        let h = self.header();
+        let which = h.active_text.load(Ordering::Acquire) as usize & 1;
+        let len = (h.text_len[which].load(Ordering::Acquire) as usize)
+            .min(self.cap.config_bytes as usize);
+        let at = self.off.text + which * self.cap.config_bytes as usize;
+        let mut out = vec![0u8; len];
+        // SAFETY: `at..at+len` lies inside the text buffer `which` (len <= config_bytes);
+        // writers only touch the inactive buffer, and we hold the lock, so no one writes
+        // these bytes during the copy.
+        unsafe { std::ptr::copy_nonoverlapping(self.base.as_ptr().add(at), out.as_mut_ptr(), len) };
+        out
+    }
+
+    /// Write `text` to the inactive buffer and make it active. Call with the lock held.
+    /// A writer killed half-way leaves the active buffer untouched.
+    pub fn write_text(&self, _guard: &LockGuard<'_>, text: &[u8]) -> Result<(), ShmError> {
+        if text.len() > self.cap.config_bytes as usize {
+            return Err(ShmError::TextTooLarge {
+                len: text.len(),
+                cap: self.cap.config_bytes,
+            });
+        }
+        let h = self.header();
+        let next = (h.active_text.load(Ordering::Acquire) as usize & 1) ^ 1;
+        let at = self.off.text + next * self.cap.config_bytes as usize;
+        // SAFETY: the destination is the inactive buffer, sized config_bytes >= len;
+        // only lock holders write text and we hold the lock; readers read the active one.
+        unsafe {
+            std::ptr::copy_nonoverlapping(text.as_ptr(), self.base.as_ptr().add(at), text.len())
+        };
+        h.text_len[next].store(text.len() as u32, Ordering::Release);
+        // Release: the bytes and length above are visible before the flip.
+        h.active_text.store(next as u32, Ordering::Release);
+        h.config_version.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Claim a worker slot for this process, preferring `want`, after reclaiming the
+    /// in-flight shares of every dead owner. Returns the slot index.
+    pub fn attach_worker(&self, want: u32) -> Result<u32, ShmError> {
+        let me = std::process::id() as i32;
+        self.reap_dead_workers();
+        let n = self.cap.max_workers;
+        let order = (0..n).map(|k| (want.min(n - 1) + k) % n);
+        for w in order {
+            let slot = self.worker(w).expect("w < max_workers");
+            let cur = slot.pid.load(Ordering::Acquire);
+            if cur == me {
+                return Ok(w);
+            }
+            if cur == 0
+                && slot
+                    .pid
+                    .compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                slot.attached_ms.store(clock::now_ms(), Ordering::Relaxed);
+                return Ok(w);
+            }
+        }
+        Err(ShmError::NoWorkerSlot { max_workers: n })
+    }
+
+    /// Give up a worker slot held by this process (its shares are folded back).
+    pub fn detach_worker(&self, w: u32) {
+        let me = std::process::id() as i32;
+        if let Some(slot) = self.worker(w) {
+            if slot.pid.load(Ordering::Acquire) == me {
+                self.release_shares(w);
+                slot.pid.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    /// Subtract the shares of every worker slot whose owner died, and free the slot.
+    /// Returns how many slots were reclaimed.
+    pub fn reap_dead_workers(&self) -> u32 {
+        let mut reaped = 0;
+        for w in 0..self.cap.max_workers {
+            let slot = self.worker(w).expect("w < max_workers");
+            let pid = slot.pid.load(Ordering::Acquire);
+            if pid != 0 && !pid_alive(pid) {
+                // Only the process that wins this CAS reclaims, so shares are folded
+                // back exactly once; the marker -1 keeps others from claiming the slot
+                // until its shares are gone.
+                if slot
+                    .pid
+                    .compare_exchange(pid, -1, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    self.release_shares(w);
+                    slot.pid.store(0, Ordering::Release);
+                    reaped += 1;
+                }
+            }
+        }
+        reaped
+    }
+
+    fn release_shares(&self, w: u32) {
+        for n in 0..self.cap.max_nodes {
+            let share = self.share(w, n).expect("in range");
+            let held = share.swap(0, Ordering::AcqRel);
+            if held > 0 {
+                let node = self.node(n).expect("in range");
+                saturating_sub(&node.inflight, held);
+            }
+        }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`total` are exactly what mmap returned; no reference into the
+        // region outlives `self` (all accessors borrow `self`).
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.off.total) };
+    }
+}
+
+/// Held writer lock; released on drop.
+pub struct LockGuard<'a> {
+    region: &'a Region,
+    me: i32,
+}
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        // Release pairs with the Acquire in `Region::lock`. If the lock was taken over
+        // (we were presumed dead), leave the new owner alone.
+        let _ = self.region.header().lock_owner.compare_exchange(
+            self.me,
+            0,
+            Ordering::Release,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// Decrement without going below zero; returns the value before.
+pub fn saturating_sub(cell: &AtomicU32, by: u32) -> u32 {
+    match cell.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(by))
+    }) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+/// Is there a live (non-zombie) process with this pid?
+pub fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only checks existence/permission.
+    let rc = unsafe { libc::kill(pid, 0) };
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+        return false;
+    }
+    // A killed worker stays a zombie until nginx reaps it: that is not alive.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .map(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+            .unwrap_or(true),
+        Err(_) => true,
+    }
+}
+
+/// Fork detection, so per-process random generators are reseeded in each worker.
+pub mod fork {
+    use super::*;
+    static EPOCH: AtomicU64 = AtomicU64::new(0);
+    static INSTALLED: AtomicI32 = AtomicI32::new(0);
+
+    extern "C" fn on_child() {
+        EPOCH.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Register the `pthread_atfork` child handler (once per process image).
+    pub fn install() {
+        if INSTALLED.swap(1, Ordering::AcqRel) == 0 {
+            // SAFETY: `on_child` is an `extern "C" fn()` that only touches an atomic, which
+            // is async-signal-safe and valid in the child right after fork.
+            unsafe { libc::pthread_atfork(None, None, Some(on_child)) };
+        }
+    }
+
+    /// Changes in a child after every fork.
+    pub fn epoch() -> u64 {
+        EPOCH.load(Ordering::Relaxed)
+    }
+}
