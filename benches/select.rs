@@ -18,9 +18,7 @@
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rsbalancer::select::{
-    hash_key, Algorithm, Candidate, NodeView, Selector, DEFAULT_CHASH_POINTS,
-};
+use rsbalancer::select::{hash_key, Algorithm, Candidate, NodeView, Selector, DEFAULT_CHASH_POINTS};
 use std::hint::black_box;
 use std::time::Instant;
 

@@ -124,6 +124,27 @@ enum rsb_result rsb_report(const struct rsb_balancer *b,
                            uint32_t latency_us,
                            uint32_t retry_after_ms);
 
+// May a request that has tried the `ntried` slots in `tried` try once more,
+// `elapsed_ms` after it began? `*out_denied` is 0 when it may, else why not:
+// 1 max tries, 2 deadline, 3 retry budget spent, 4 no untried node available.
+// Budget refusals are counted; the retry itself is counted by its `rsb_pick`.
+//
+// # Safety
+// `b` a live handle; `tried` points to `ntried` u32s; `out_denied` writable.
+enum rsb_result rsb_may_retry(const struct rsb_balancer *b,
+                              uint32_t pool,
+                              const uint32_t *tried,
+                              size_t ntried,
+                              uint32_t elapsed_ms,
+                              uint32_t *out_denied);
+
+// Can some node of pool `pool` take a request now? `RSB_OK` if so; `RSB_NO_NODE`
+// if not, with `*out_wait_ms` the soonest a node may (for a Retry-After).
+//
+// # Safety
+// `b` a live handle; `out_wait_ms` writable.
+enum rsb_result rsb_available(const struct rsb_balancer *b, uint32_t pool, uint64_t *out_wait_ms);
+
 // Set a node's base weight (1..=10000); every process uses it on its next pick.
 //
 // # Safety
@@ -134,9 +155,9 @@ enum rsb_result rsb_set_weight(const struct rsb_balancer *b, uint32_t node, uint
 //
 // # Safety
 // `b` a live handle; `out` writable.
-enum rsb_result rsb_node_stats(const struct rsb_balancer *b,
-                               uint32_t node,
-                               struct rsb_node_stats *out);
+enum rsb_result rsb_node_get_stats(const struct rsb_balancer *b,
+                                   uint32_t node,
+                                   struct rsb_node_stats *out);
 
 // The region's generation: changes with every topology or weight change. 0 for NULL.
 //

@@ -20,10 +20,14 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, ConfigError, EwmaConfig};
+use crate::config::{
+    Config, ConfigError, CooldownConfig, EwmaConfig, HealthConfig, LimitConfig, OutlierConfig, RetryConfig,
+};
+use crate::health::{self, Busy, Flip};
 use crate::load;
+use crate::retry;
 use crate::select::{hash_key, Algorithm, Candidate, NodeView, Selector};
-use crate::shm::layout::{flags, Capacity, NodeSlot};
+use crate::shm::layout::{flags, Capacity, NodeSlot, PoolSlot};
 use crate::shm::{clock, fork, saturating_sub, LockGuard, Region, ShmError};
 
 /// How long a configuration change waits for the shared lock.
@@ -89,6 +93,12 @@ pub struct PoolTopo {
     pub slow_start_ms: u32,
     pub refresh_ms: u32,
     pub chash_points: u32,
+    pub retry: RetryConfig,
+    pub cooldown: CooldownConfig,
+    pub limit: LimitConfig,
+    pub outlier: OutlierConfig,
+    pub health: Option<HealthConfig>,
+    pub no_node_status: u32,
     pub nodes: Vec<NodeTopo>,
 }
 
@@ -133,11 +143,44 @@ pub struct NodeStats {
     pub backup: bool,
     pub cooldown_until_ms: u64,
     pub ejected_until_ms: u64,
+    /// Learned concurrency limit (0 = none learned).
+    pub limit: f64,
+    /// healthy | cooling | ejected | down | slow_start
+    pub state: &'static str,
+    /// Milliseconds until the node may take tries again (0 when it may).
+    pub unavailable_ms: u64,
+    pub cooldowns: u64,
+    pub ejections: u64,
 }
 
 /// Copy the live numbers out of a slot.
-pub fn node_stats(n: &NodeSlot) -> NodeStats {
+pub fn node_stats(region: &Region, n: &NodeSlot) -> NodeStats {
+    let now = clock::now_ms();
+    let cooldown_until_ms = n.cooldown_until_ms.load(Ordering::Relaxed);
+    let ejected_until_ms = n.ejected_until_ms.load(Ordering::Relaxed);
+    let f = n.flags.load(Ordering::Relaxed);
+    let state = if f & flags::DOWN != 0 {
+        "down"
+    } else if now < ejected_until_ms {
+        "ejected"
+    } else if now < cooldown_until_ms {
+        "cooling"
+    } else if now
+        < n.started_ms.load(Ordering::Relaxed)
+            + region
+                .pool(n.pool.load(Ordering::Relaxed))
+                .map_or(0, |p| p.slow_start_ms.load(Ordering::Relaxed) as u64)
+    {
+        "slow_start"
+    } else {
+        "healthy"
+    };
     NodeStats {
+        limit: n.limit.load(Ordering::Relaxed) as f64 / health::LIMIT_ONE as f64,
+        state,
+        unavailable_ms: cooldown_until_ms.max(ejected_until_ms).saturating_sub(now),
+        cooldowns: n.cooldowns_total.load(Ordering::Relaxed),
+        ejections: n.ejections_total.load(Ordering::Relaxed),
         weight: n.weight.load(Ordering::Relaxed),
         inflight: n.inflight.load(Ordering::Relaxed),
         picks: n.picks.load(Ordering::Relaxed),
@@ -146,10 +189,31 @@ pub fn node_stats(n: &NodeSlot) -> NodeStats {
         busy: n.busy.load(Ordering::Relaxed),
         latency_sum_us: n.latency_sum_us.load(Ordering::Relaxed),
         ewma_us: load::unpack(n.ewma.load(Ordering::Relaxed)).0 as f64,
-        backup: n.flags.load(Ordering::Relaxed) & flags::BACKUP != 0,
-        cooldown_until_ms: n.cooldown_until_ms.load(Ordering::Relaxed),
-        ejected_until_ms: n.ejected_until_ms.load(Ordering::Relaxed),
+        backup: f & flags::BACKUP != 0,
+        cooldown_until_ms,
+        ejected_until_ms,
     }
+}
+
+/// Why a request may not try once more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum RetryDenied {
+    /// `retry.max_tries` reached.
+    MaxTries = 1,
+    /// `retry.deadline_ms` passed.
+    Deadline = 2,
+    /// The pool's retry budget is spent.
+    Budget = 3,
+    /// No node that this request has not tried can take it now.
+    NoNode = 4,
+}
+
+fn local_pool(pools: &mut [Option<LocalPool>], pool: u32) -> Result<&mut LocalPool, Error> {
+    pools
+        .get_mut(pool as usize)
+        .and_then(Option::as_mut)
+        .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
 }
 
 /// A handle on a shared region plus this process's tables.
@@ -173,12 +237,15 @@ struct Local {
 struct LocalPool {
     name: String,
     algorithm: Algorithm,
+    retry: RetryConfig,
     ewma: EwmaConfig,
     slow_start_ms: u32,
     refresh_ms: u32,
     next_refresh_ms: u64,
     /// Median latency of the primaries (µs): idle nodes decay toward it.
     reference_us: f64,
+    /// Whether `reference_us` comes from samples (else it is `default_rtt_ms`).
+    sampled: bool,
     primary: Tier,
     backup: Tier,
 }
@@ -205,9 +272,7 @@ struct View<'a> {
 impl View<'_> {
     fn node(&self, i: usize) -> &NodeSlot {
         // Tier slots come from the topology, whose slots are all < max_nodes.
-        self.region
-            .node(self.slots[i])
-            .expect("topology slot in range")
+        self.region.node(self.slots[i]).expect("topology slot in range")
     }
 }
 
@@ -218,8 +283,7 @@ impl NodeView for View<'_> {
             return false;
         }
         let n = self.node(i);
-        self.now_ms >= n.cooldown_until_ms.load(Ordering::Relaxed)
-            && self.now_ms >= n.ejected_until_ms.load(Ordering::Relaxed)
+        available_now(n, self.now_ms)
     }
 
     fn inflight(&self, i: usize) -> u32 {
@@ -299,11 +363,14 @@ impl Balancer {
         let new = self.assign_slots(&old, cfg, now)?;
         let text = serde_json::to_vec(&new).expect("topology serializes");
         if text.len() > cap.config_bytes as usize {
-            return Err(ShmError::TextTooLarge {
-                len: text.len(),
-                cap: cap.config_bytes,
-            }
-            .into());
+            return Err(Error::Config(ConfigError {
+                path: "shm.config_bytes".into(),
+                message: format!(
+                    "{} is too small: this config needs {} bytes in shared memory",
+                    cap.config_bytes,
+                    text.len()
+                ),
+            }));
         }
         self.apply(&guard, &old, &new, cfg, now);
         self.region.write_text(&guard, &text)?;
@@ -316,8 +383,7 @@ impl Balancer {
         let cap = self.region.capacity();
         let mut pool_taken = vec![false; cap.max_pools as usize];
         let mut node_taken = vec![false; cap.max_nodes as usize];
-        let old_pool: HashMap<&str, &PoolTopo> =
-            old.pools.iter().map(|p| (p.name.as_str(), p)).collect();
+        let old_pool: HashMap<&str, &PoolTopo> = old.pools.iter().map(|p| (p.name.as_str(), p)).collect();
         let mut keep_node: HashMap<(&str, &str), u32> = HashMap::new();
         for (name, pc) in &cfg.pools {
             if let Some(op) = old_pool.get(name.as_str()) {
@@ -341,8 +407,7 @@ impl Balancer {
             let f = n.flags.load(Ordering::Acquire);
             if f & flags::REMOVED != 0 {
                 return n.inflight.load(Ordering::Acquire) == 0
-                    && now.saturating_sub(n.removed_ms.load(Ordering::Relaxed))
-                        >= SLOT_REUSE_GRACE_MS;
+                    && now.saturating_sub(n.removed_ms.load(Ordering::Relaxed)) >= SLOT_REUSE_GRACE_MS;
             }
             // IN_USE but absent from the active topology: left by a writer that died.
             !old_slots.contains(&i)
@@ -361,8 +426,7 @@ impl Balancer {
                             .load(Ordering::Acquire)
                             == 0
                 });
-                let pick = fresh
-                    .or_else(|| (0..cap.max_nodes).find(|&i| !taken[i as usize] && reusable(i)));
+                let pick = fresh.or_else(|| (0..cap.max_nodes).find(|&i| !taken[i as usize] && reusable(i)));
                 if let Some(i) = pick {
                     taken[i as usize] = true;
                     cursor = i;
@@ -422,6 +486,12 @@ impl Balancer {
                 slow_start_ms: pc.slow_start_ms,
                 refresh_ms: pc.refresh_ms,
                 chash_points: pc.chash_points,
+                retry: pc.retry.clone(),
+                cooldown: pc.cooldown.clone(),
+                limit: pc.limit.clone(),
+                outlier: pc.outlier.clone(),
+                health: pc.health.clone(),
+                no_node_status: pc.no_node_status,
                 nodes,
             });
         }
@@ -457,10 +527,7 @@ impl Balancer {
         for p in &new.pools {
             let pc = &cfg.pools[&p.name];
             let ps = r.pool(p.slot).expect("in range");
-            ps.decay_ms.store(p.ewma.decay_ms, Ordering::Relaxed);
-            ps.penalty_ms.store(p.ewma.penalty_ms, Ordering::Relaxed);
-            ps.penalty_cap_ms
-                .store(p.ewma.penalty_cap_ms, Ordering::Relaxed);
+            store_params(ps, p);
             ps.in_use.store(1, Ordering::Release);
             for (n, nc) in p.nodes.iter().zip(&pc.nodes) {
                 let s = r.node(n.slot).expect("in range");
@@ -478,15 +545,18 @@ impl Balancer {
     fn bump(&self, _g: &LockGuard<'_>) {
         // Release: slot and text writes above are visible to a worker that sees the new
         // generation with Acquire in `sync`.
-        self.region
-            .header()
-            .generation
-            .fetch_add(1, Ordering::Release);
+        self.region.header().generation.fetch_add(1, Ordering::Release);
     }
 
     /// Claim this process's worker slot (nginx: `ngx.worker.id()`), reclaiming the
     /// in-flight shares of dead workers first. Returns the slot used.
     pub fn attach_worker(&self, want: u32) -> Result<u32, Error> {
+        let current = self.worker.load(Ordering::Relaxed);
+        if current != NO_WORKER {
+            // One slot per handle: a second call keeps the first (its shares stay valid).
+            self.region.reap_dead_workers();
+            return Ok(current);
+        }
         let w = self.region.attach_worker(want)?;
         self.worker.store(w, Ordering::Relaxed);
         Ok(w)
@@ -538,7 +608,7 @@ impl Balancer {
     /// Live numbers of a node slot.
     pub fn node_stats(&self, node: u32) -> Result<NodeStats, Error> {
         let n = self.live_node(node)?;
-        Ok(node_stats(n))
+        Ok(node_stats(&self.region, n))
     }
 
     fn live_node(&self, node: u32) -> Result<&NodeSlot, Error> {
@@ -549,19 +619,22 @@ impl Balancer {
     }
 
     /// Choose a node of `pool` for one try, skipping the slots in `tried`. The node's
-    /// in-flight count is raised; `report` must be called exactly once for it.
+    /// in-flight count is raised; `report` must be called exactly once for it. A pick
+    /// with an empty `tried` counts as a request, any other as a retry, in the pool's
+    /// retry budget.
     pub fn pick(&self, pool: u32, key: &[u8], tried: &[u32]) -> Result<u32, Error> {
         let now = clock::now_ms();
         let mut l = self.local.lock();
         self.sync(&mut l)?;
         let Local { pools, rng, .. } = &mut *l;
-        let p = pools
-            .get_mut(pool as usize)
-            .and_then(Option::as_mut)
-            .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))?;
-        if now >= p.next_refresh_ms {
+        let p = local_pool(pools, pool)?;
+        // Until some primary has a latency sample, refresh on every pick: otherwise the
+        // first node to report would look far cheaper than the unsampled ones (costed at
+        // `default_rtt_ms`) and take all traffic until the next refresh.
+        if now >= p.next_refresh_ms || !p.sampled {
             p.refresh(&self.region, now);
         }
+        let ps = self.region.pool(pool).expect("local pool slot in range");
         let key_hash = if p.algorithm == Algorithm::Chash {
             hash_key(key)
         } else {
@@ -579,12 +652,19 @@ impl Balancer {
             if let Some(i) = tier.selector.pick(rng, &view, key_hash) {
                 let slot = tier.slots[i];
                 self.acquire(slot);
+                let retry = !tried.is_empty();
+                retry::record(&ps.budget, now, p.retry.window_ms, retry);
+                let counter = if retry {
+                    &ps.retries_total
+                } else {
+                    &ps.requests_total
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 return Ok(slot);
             }
         }
-        Err(Error::NoNode {
-            pool: p.name.clone(),
-        })
+        ps.no_node_total.fetch_add(1, Ordering::Relaxed);
+        Err(Error::NoNode { pool: p.name.clone() })
     }
 
     fn acquire(&self, slot: u32) {
@@ -598,63 +678,317 @@ impl Balancer {
         }
     }
 
+    /// May the request that has tried `tried` (in order) try once more, `elapsed_ms`
+    /// after it began? Checks the pool's `max_tries`, deadline, retry budget, and that
+    /// some node not yet tried could take it now. Nothing is recorded except budget
+    /// refusals; the retry itself is counted by the `pick` that makes it.
+    pub fn may_retry(&self, pool: u32, tried: &[u32], elapsed_ms: u32) -> Result<(), RetryDenied> {
+        let now = clock::now_ms();
+        let mut l = self.local.lock();
+        self.sync(&mut l).map_err(|_| RetryDenied::NoNode)?;
+        let p = local_pool(&mut l.pools, pool).map_err(|_| RetryDenied::NoNode)?;
+        if tried.len() >= p.retry.max_tries as usize {
+            return Err(RetryDenied::MaxTries);
+        }
+        if elapsed_ms >= p.retry.deadline_ms {
+            return Err(RetryDenied::Deadline);
+        }
+        let any = [&p.primary, &p.backup].iter().any(|t| {
+            t.slots
+                .iter()
+                .any(|s| !tried.contains(s) && self.region.node(*s).is_some_and(|n| available_now(n, now)))
+        });
+        if !any {
+            return Err(RetryDenied::NoNode);
+        }
+        let ps = self.region.pool(pool).expect("local pool slot in range");
+        let (requests, retries) = retry::totals(&ps.budget, now, p.retry.window_ms);
+        if !retry::allows(
+            requests,
+            retries,
+            p.retry.budget_ratio,
+            p.retry.min_per_s,
+            p.retry.window_ms,
+        ) {
+            ps.retries_denied.fetch_add(1, Ordering::Relaxed);
+            return Err(RetryDenied::Budget);
+        }
+        Ok(())
+    }
+
+    /// Can some node of the pool (primary or backup) take a request now? If not,
+    /// `Err(ms)`: the soonest moment one may (a cooldown or ejection ending; one second
+    /// when the nodes are only at their concurrency limits).
+    pub fn available(&self, pool: u32) -> Result<(), u64> {
+        let now = clock::now_ms();
+        let mut l = self.local.lock();
+        if self.sync(&mut l).is_err() {
+            return Err(1000);
+        }
+        let Ok(p) = local_pool(&mut l.pools, pool) else {
+            return Err(1000);
+        };
+        let mut soonest = u64::MAX;
+        for &s in p.primary.slots.iter().chain(&p.backup.slots) {
+            let Some(n) = self.region.node(s) else { continue };
+            if available_now(n, now) {
+                return Ok(());
+            }
+            if n.flags.load(Ordering::Relaxed) & flags::DOWN != 0 {
+                continue;
+            }
+            let until = n
+                .cooldown_until_ms
+                .load(Ordering::Relaxed)
+                .max(n.ejected_until_ms.load(Ordering::Relaxed));
+            let wait = if until > now { until - now } else { 1000 };
+            soonest = soonest.min(wait);
+        }
+        Err(if soonest == u64::MAX { 1000 } else { soonest })
+    }
+
+    /// The status to answer when no node can take a request (429 or 503).
+    pub fn no_node_status(&self, pool: u32) -> u32 {
+        let topo = self.local.lock().topo.clone();
+        topo.pools
+            .iter()
+            .find(|p| p.slot == pool)
+            .map_or(429, |p| p.no_node_status)
+    }
+
     /// Report the outcome of one try handed out by `pick`: `status` is the HTTP status
-    /// (0 when no response came: connect error, timeout, reset), `latency_us` the time
-    /// to the response, `retry_after_ms` the server's Retry-After (0 if none).
-    pub fn report(
-        &self,
-        node: u32,
-        status: u32,
-        latency_us: u32,
-        retry_after_ms: u32,
-    ) -> Result<(), Error> {
+    /// (0 when no response came: connect error, timeout, reset; 499 when the client
+    /// left first, which only releases the try), `latency_us` the time to the
+    /// response, `retry_after_ms` the server's Retry-After (0 if none).
+    ///
+    /// Updates, exactly once per try: in-flight, counters, the peak EWMA (failures and
+    /// 429s as penalties), the learned concurrency limit, 429 cooldowns (quota) and
+    /// outlier ejection (consecutive failures).
+    pub fn report(&self, node: u32, status: u32, latency_us: u32, retry_after_ms: u32) -> Result<(), Error> {
         let n = self
             .region
             .node(node)
+            .filter(|n| n.flags.load(Ordering::Relaxed) & (flags::IN_USE | flags::REMOVED) != 0)
             .ok_or_else(|| Error::Invalid(format!("unknown node slot {node}")))?;
-        // A node removed since its pick still gets its in-flight count back.
-        saturating_sub(&n.inflight, 1);
+        // A node removed since its pick still gets its in-flight count back. The value
+        // before is the concurrency this answer came at (this try included).
+        let inflight = saturating_sub(&n.inflight, 1);
         let w = self.worker.load(Ordering::Relaxed);
         if let Some(share) = self.region.share(w, node) {
             saturating_sub(share, 1);
         }
         n.requests.fetch_add(1, Ordering::Relaxed);
-        if load::is_failure(status) {
-            n.failures.fetch_add(1, Ordering::Relaxed);
-            n.consecutive_failures.fetch_add(1, Ordering::Relaxed);
-        } else if status == 429 {
-            n.busy.fetch_add(1, Ordering::Relaxed);
-            n.consecutive_busy.fetch_add(1, Ordering::Relaxed);
-        } else {
-            n.latency_sum_us
-                .fetch_add(latency_us as u64, Ordering::Relaxed);
-            reset_if_set(&n.consecutive_failures);
-            reset_if_set(&n.consecutive_busy);
-        }
         let Some(ps) = self.region.pool(n.pool.load(Ordering::Relaxed)) else {
             return Ok(());
         };
-        let sample = load::sample_us(
-            status,
-            latency_us,
-            retry_after_ms,
-            ps.penalty_ms.load(Ordering::Relaxed),
-            ps.penalty_cap_ms.load(Ordering::Relaxed),
-        );
-        let tau = ps.decay_ms.load(Ordering::Relaxed);
+        if load::is_cancelled(status) {
+            return Ok(());
+        }
         let now = clock::now_ms();
+        let penalty_ms = ps.penalty_ms.load(Ordering::Relaxed);
+        let cap_ms = ps.penalty_cap_ms.load(Ordering::Relaxed);
+        let penalty = load::sample_us(status, latency_us, retry_after_ms, penalty_ms, cap_ms);
+        let sample = if load::is_failure(status) {
+            n.failures.fetch_add(1, Ordering::Relaxed);
+            let strikes = n.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if status == 503 && retry_after_ms > 0 {
+                // An overloaded node that says when to come back: rest it that long.
+                self.cool_down(n, ps, now, 1, retry_after_ms);
+            }
+            let after = ps.eject_after.load(Ordering::Relaxed);
+            if after > 0 && strikes >= after {
+                self.eject(node, n, ps, now);
+            }
+            penalty
+        } else if status == 429 {
+            n.busy.fetch_add(1, Ordering::Relaxed);
+            let strikes = n.consecutive_busy.fetch_add(1, Ordering::Relaxed) + 1;
+            let limit = n.limit.load(Ordering::Relaxed);
+            let kind = health::classify_429(
+                retry_after_ms,
+                strikes,
+                limit,
+                ps.limit_enabled.load(Ordering::Relaxed) != 0,
+                ps.limit_min.load(Ordering::Relaxed),
+                ps.quota_retry_after_ms.load(Ordering::Relaxed),
+                ps.quota_after.load(Ordering::Relaxed),
+            );
+            match kind {
+                Busy::Quota => {
+                    self.cool_down(n, ps, now, strikes, retry_after_ms);
+                    penalty
+                }
+                Busy::Capacity => {
+                    let (min, max) = (
+                        ps.limit_min.load(Ordering::Relaxed),
+                        ps.limit_max.load(Ordering::Relaxed),
+                    );
+                    let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                        Some(health::limit_after_busy(l, inflight, min, max))
+                    });
+                    // Counts against the cost as "twice as slow" (at most the penalty), not
+                    // as a failure: the node is fine, just full.
+                    let tau = ps.decay_ms.load(Ordering::Relaxed);
+                    let guess = ps.default_rtt_ms.load(Ordering::Relaxed) as f64 * 1000.0;
+                    let cost = load::current(n.ewma.load(Ordering::Relaxed), now, tau, guess);
+                    (2.0 * cost).min(penalty_ms as f64 * 1000.0)
+                }
+            }
+        } else {
+            n.latency_sum_us.fetch_add(latency_us as u64, Ordering::Relaxed);
+            reset_if_set(&n.consecutive_failures);
+            reset_if_set(&n.consecutive_busy);
+            if n.limit.load(Ordering::Relaxed) != 0 {
+                let (every, max) = (
+                    ps.limit_increase_every.load(Ordering::Relaxed),
+                    ps.limit_max.load(Ordering::Relaxed),
+                );
+                let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                    Some(health::limit_after_success(l, inflight, every, max))
+                });
+            }
+            if n.ejections.load(Ordering::Relaxed) != 0
+                && now
+                    > n.ejected_until_ms.load(Ordering::Relaxed)
+                        + ps.eject_max_ms.load(Ordering::Relaxed) as u64
+            {
+                n.ejections.store(0, Ordering::Relaxed);
+            }
+            load::sample_us(status, latency_us, 0, penalty_ms, cap_ms)
+        };
+        let tau = ps.decay_ms.load(Ordering::Relaxed);
         // One CAS on the packed (cost, stamp) word; a lost race retries with the winner's
         // value, so no sample is dropped.
-        let _ = n
-            .ewma
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
-                let (cost, stamp) = load::unpack(word);
-                Some(load::pack(
-                    load::observe(cost, stamp, sample, now, tau),
-                    now,
-                ))
-            });
+        let _ = n.ewma.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+            let (cost, stamp) = load::unpack(word);
+            Some(load::pack(load::observe(cost, stamp, sample, now, tau), now))
+        });
         Ok(())
+    }
+
+    /// Rest a node whose quota is spent; it comes back in slow start.
+    fn cool_down(&self, n: &NodeSlot, ps: &PoolSlot, now: u64, strikes: u32, retry_after_ms: u32) {
+        let ms = {
+            let mut l = self.local.lock();
+            retry::cooldown_ms(
+                &mut l.rng,
+                strikes,
+                retry_after_ms,
+                ps.honor_retry_after.load(Ordering::Relaxed) != 0,
+                ps.cooldown_base_ms.load(Ordering::Relaxed),
+                ps.cooldown_max_ms.load(Ordering::Relaxed),
+            )
+        };
+        let until = now + ms as u64;
+        // fetch_max: concurrent reports from other workers only ever lengthen it.
+        let before = n.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
+        if before < now {
+            n.cooldowns_total.fetch_add(1, Ordering::Relaxed);
+        }
+        n.started_ms.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Eject a node after consecutive failures, unless that would eject more than the
+    /// pool's `max_ejected_percent` of its tier. Only one reporter ejects it.
+    fn eject(&self, slot: u32, n: &NodeSlot, ps: &PoolSlot, now: u64) {
+        let current = n.ejected_until_ms.load(Ordering::Relaxed);
+        if current > now {
+            return;
+        }
+        let mut l = self.local.lock();
+        let Local { pools, rng, .. } = &mut *l;
+        let Some(p) = pools
+            .get(n.pool.load(Ordering::Relaxed) as usize)
+            .and_then(Option::as_ref)
+        else {
+            return;
+        };
+        let tier = if p.backup.slots.contains(&slot) {
+            &p.backup
+        } else {
+            &p.primary
+        };
+        let ejected = tier
+            .slots
+            .iter()
+            .filter(|&&s| {
+                self.region
+                    .node(s)
+                    .is_some_and(|x| x.ejected_until_ms.load(Ordering::Relaxed) > now)
+            })
+            .count();
+        let max_pct = ps.eject_max_percent.load(Ordering::Relaxed) as usize;
+        if (ejected + 1) * 100 > max_pct * tier.slots.len() {
+            return;
+        }
+        let k = n.ejections.load(Ordering::Relaxed);
+        let ms = retry::ejection_ms(
+            rng,
+            k,
+            ps.eject_base_ms.load(Ordering::Relaxed),
+            ps.eject_max_ms.load(Ordering::Relaxed),
+        );
+        let until = now + ms as u64;
+        if n.ejected_until_ms
+            .compare_exchange(current, until, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            n.ejections.fetch_add(1, Ordering::Relaxed);
+            n.ejections_total.fetch_add(1, Ordering::Relaxed);
+            n.consecutive_failures.store(0, Ordering::Relaxed);
+            n.started_ms.fetch_max(until, Ordering::Relaxed);
+        }
+    }
+
+    /// Take or renew the region-wide health-check lease for `ttl_ms`. True when this
+    /// process holds it; a holder that died or let it expire is replaced.
+    pub fn health_lease(&self, ttl_ms: u64) -> bool {
+        let h = self.region.header();
+        let me = std::process::id() as i32;
+        let now = clock::now_ms();
+        let owner = h.health_pid.load(Ordering::Acquire);
+        let expired = now >= h.health_until_ms.load(Ordering::Acquire);
+        let take = owner == me
+            || ((owner == 0 || expired || !crate::shm::pid_alive(owner))
+                && h.health_pid
+                    .compare_exchange(owner, me, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok());
+        if take {
+            h.health_until_ms.store(now + ttl_ms, Ordering::Release);
+        }
+        take
+    }
+
+    /// Record one active probe of a node; returns whether it flipped up or down.
+    pub fn health_report(&self, node: u32, passed: bool) -> Result<Flip, Error> {
+        let n = self.live_node(node)?;
+        let topo = self.local.lock().topo.clone();
+        let h = topo
+            .pools
+            .iter()
+            .find(|p| p.nodes.iter().any(|x| x.slot == node))
+            .and_then(|p| p.health.clone())
+            .unwrap_or_default();
+        let (ok, fail) = if passed {
+            n.health_fail.store(0, Ordering::Relaxed);
+            (n.health_ok.fetch_add(1, Ordering::Relaxed) + 1, 0)
+        } else {
+            n.health_ok.store(0, Ordering::Relaxed);
+            (0, n.health_fail.fetch_add(1, Ordering::Relaxed) + 1)
+        };
+        let down = n.flags.load(Ordering::Relaxed) & flags::DOWN != 0;
+        let flip = health::health_flip(down, passed, ok, fail, h.healthy, h.unhealthy);
+        match flip {
+            Flip::Up => {
+                n.flags.fetch_and(!flags::DOWN, Ordering::Release);
+                n.started_ms.store(clock::now_ms(), Ordering::Relaxed);
+            }
+            Flip::Down => {
+                n.flags.fetch_or(flags::DOWN, Ordering::Release);
+            }
+            Flip::None => {}
+        }
+        Ok(flip)
     }
 
     /// Change a node's base weight; every worker uses it on its next pick.
@@ -667,9 +1001,7 @@ impl Balancer {
             )));
         }
         let guard = self.region.lock(LOCK_TIMEOUT)?;
-        self.live_node(node)?
-            .weight
-            .store(weight, Ordering::Relaxed);
+        self.live_node(node)?.weight.store(weight, Ordering::Relaxed);
         self.bump(&guard);
         Ok(())
     }
@@ -737,11 +1069,13 @@ impl Balancer {
             l.pools[p.slot as usize] = Some(LocalPool {
                 name: p.name.clone(),
                 algorithm: p.algorithm,
+                retry: p.retry.clone(),
                 ewma: p.ewma.clone(),
                 slow_start_ms: p.slow_start_ms,
                 refresh_ms: p.refresh_ms,
                 next_refresh_ms: 0,
                 reference_us: p.ewma.default_rtt_ms as f64 * 1000.0,
+                sampled: false,
                 primary,
                 backup,
             });
@@ -769,6 +1103,7 @@ impl LocalPool {
             .filter(|n| load::unpack(n.ewma.load(Ordering::Relaxed)).0 > 0.0)
             .map(|n| load::current(n.ewma.load(Ordering::Relaxed), now, tau, default_us))
             .collect();
+        self.sampled = !sampled.is_empty();
         self.reference_us = load::median(&mut sampled).unwrap_or(default_us);
         let latency_weighted = !matches!(self.algorithm, Algorithm::P2cEwma | Algorithm::Chash);
         for tier in [&mut self.primary, &mut self.backup] {
@@ -783,15 +1118,10 @@ impl LocalPool {
                 );
                 tier.seen[i] = (tries, bad);
                 let mut w = n.weight.load(Ordering::Relaxed).max(1) as f64
-                    * load::slow_start(
-                        now,
-                        n.started_ms.load(Ordering::Relaxed),
-                        self.slow_start_ms,
-                    )
+                    * load::slow_start(now, n.started_ms.load(Ordering::Relaxed), self.slow_start_ms)
                     * tier.success[i];
                 if latency_weighted {
-                    let cost =
-                        load::current(n.ewma.load(Ordering::Relaxed), now, tau, self.reference_us);
+                    let cost = load::current(n.ewma.load(Ordering::Relaxed), now, tau, self.reference_us);
                     w *= load::latency_factor(cost, self.reference_us);
                 }
                 tier.cands[i].weight = w;
@@ -823,17 +1153,49 @@ fn reset_node(s: &NodeSlot, now: u64) {
     s.consecutive_failures.store(0, Ordering::Relaxed);
     s.consecutive_busy.store(0, Ordering::Relaxed);
     s.ewma.store(0, Ordering::Relaxed);
-    for c in [
-        &s.picks,
-        &s.requests,
-        &s.failures,
-        &s.busy,
-        &s.latency_sum_us,
-    ] {
+    for c in [&s.picks, &s.requests, &s.failures, &s.busy, &s.latency_sum_us] {
         c.store(0, Ordering::Relaxed);
     }
     s.started_ms.store(now, Ordering::Relaxed);
     s.cooldown_until_ms.store(0, Ordering::Relaxed);
     s.ejected_until_ms.store(0, Ordering::Relaxed);
     s.removed_ms.store(0, Ordering::Relaxed);
+}
+
+/// May a new try start on this node now? (Not cooling, not ejected, not down, under
+/// its learned concurrency limit.)
+fn available_now(n: &NodeSlot, now: u64) -> bool {
+    now >= n.cooldown_until_ms.load(Ordering::Relaxed)
+        && now >= n.ejected_until_ms.load(Ordering::Relaxed)
+        && n.flags.load(Ordering::Relaxed) & flags::DOWN == 0
+        && health::under_limit(
+            n.limit.load(Ordering::Relaxed),
+            n.inflight.load(Ordering::Relaxed),
+        )
+}
+
+/// Copy a pool's policy into its shared slot, where the report path reads it.
+fn store_params(ps: &PoolSlot, p: &PoolTopo) {
+    let set = |cell: &AtomicU32, v: u32| cell.store(v, Ordering::Relaxed);
+    set(&ps.decay_ms, p.ewma.decay_ms);
+    set(&ps.penalty_ms, p.ewma.penalty_ms);
+    set(&ps.penalty_cap_ms, p.ewma.penalty_cap_ms);
+    set(&ps.limit_enabled, p.limit.enabled as u32);
+    set(&ps.limit_min, p.limit.min);
+    set(&ps.limit_max, p.limit.max);
+    set(&ps.limit_increase_every, p.limit.increase_every);
+    set(&ps.quota_retry_after_ms, p.cooldown.quota_retry_after_ms);
+    set(&ps.quota_after, p.cooldown.quota_after);
+    set(&ps.cooldown_base_ms, p.cooldown.base_ms);
+    set(&ps.cooldown_max_ms, p.cooldown.max_ms);
+    set(&ps.honor_retry_after, p.cooldown.honor_retry_after as u32);
+    set(&ps.eject_after, p.outlier.consecutive_failures);
+    set(&ps.eject_base_ms, p.outlier.base_ms);
+    set(&ps.eject_max_ms, p.outlier.max_ms);
+    set(&ps.eject_max_percent, p.outlier.max_ejected_percent);
+    set(&ps.budget_ratio, (p.retry.budget_ratio as f32).to_bits());
+    set(&ps.budget_min_per_s, p.retry.min_per_s);
+    set(&ps.budget_window_ms, p.retry.window_ms);
+    set(&ps.slow_start_ms, p.slow_start_ms);
+    set(&ps.default_rtt_ms, p.ewma.default_rtt_ms);
 }

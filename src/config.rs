@@ -123,6 +123,169 @@ pub struct PoolConfig {
     /// Points per unit of weight on the chash ring, 1..=10000.
     #[serde(default = "default_chash_points")]
     pub chash_points: u32,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub cooldown: CooldownConfig,
+    #[serde(default)]
+    pub limit: LimitConfig,
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+    /// Active health checks; off when absent.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+    /// Status answered when no node can take a request (429 or 503).
+    #[serde(default = "default_no_node_status")]
+    pub no_node_status: u32,
+}
+
+fn default_no_node_status() -> u32 {
+    429
+}
+
+/// When a failed try may be retried on another node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Retries allowed as a share of requests over the window, 0.0..=1.0 (Envoy, Finagle).
+    pub budget_ratio: f64,
+    /// Retries per second always allowed, whatever the ratio, 0..=10000.
+    pub min_per_s: u32,
+    /// Sliding window of the budget, 1000..=60000 ms.
+    pub window_ms: u32,
+    /// Tries per request including the first, 1..=16 (nginx's proxy_next_upstream_tries
+    /// still caps it).
+    pub max_tries: u32,
+    /// No retry starts later than this after the request began, 1..=3600000 ms.
+    pub deadline_ms: u32,
+    /// Retry POST/PATCH/LOCK requests after a failure that may have reached the node
+    /// (timeouts, 502/504). 429, 503 and tries that sent nothing are always retryable.
+    pub non_idempotent: bool,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            budget_ratio: 0.2,
+            min_per_s: 3,
+            window_ms: 10_000,
+            max_tries: 3,
+            deadline_ms: 60_000,
+            non_idempotent: false,
+        }
+    }
+}
+
+/// How a node that answers 429 because its quota is spent is rested.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CooldownConfig {
+    /// First backoff without Retry-After, 1..=3600000 ms.
+    pub base_ms: u32,
+    /// Longest cooldown, Retry-After included, 1..=86400000 ms.
+    pub max_ms: u32,
+    /// Use the node's Retry-After (never shortened by jitter).
+    pub honor_retry_after: bool,
+    /// A 429 whose Retry-After is at least this long means "quota", 0..=3600000 ms
+    /// (0: any Retry-After does).
+    pub quota_retry_after_ms: u32,
+    /// Consecutive 429s at the lowest concurrency limit that mean "quota", 1..=1000.
+    pub quota_after: u32,
+}
+
+impl Default for CooldownConfig {
+    fn default() -> Self {
+        CooldownConfig {
+            base_ms: 1_000,
+            max_ms: 60_000,
+            honor_retry_after: true,
+            quota_retry_after_ms: 2_000,
+            quota_after: 3,
+        }
+    }
+}
+
+/// The per-node concurrency limit learned from "busy" 429s (AIMD).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitConfig {
+    pub enabled: bool,
+    /// Lowest limit, 1..=100000.
+    pub min: u32,
+    /// Highest limit, 1..=100000, >= min.
+    pub max: u32,
+    /// Successes at the limit needed to raise it by one, per unit of limit, 1..=1000.
+    pub increase_every: u32,
+}
+
+impl Default for LimitConfig {
+    fn default() -> Self {
+        LimitConfig {
+            enabled: true,
+            min: 1,
+            max: 10_000,
+            increase_every: 4,
+        }
+    }
+}
+
+/// Passive outlier ejection of nodes that fail (connect errors, timeouts, 5xx).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Consecutive failures that eject a node, 1..=1000; 0 turns ejection off.
+    pub consecutive_failures: u32,
+    /// First ejection time; doubles with each ejection, 1..=3600000 ms.
+    pub base_ms: u32,
+    /// Longest ejection, 1..=86400000 ms.
+    pub max_ms: u32,
+    /// Never eject more than this share of a pool's primaries, 0..=100.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 5,
+            base_ms: 10_000,
+            max_ms: 300_000,
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// Active HTTP health checks, run by one worker (a lease in shared memory).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Request path, starting with "/".
+    pub path: String,
+    /// Host header (default: the node's host).
+    pub host: Option<String>,
+    /// Statuses that count as healthy.
+    pub statuses: Vec<u32>,
+    /// 100..=3600000 ms, jittered by up to 10%.
+    pub interval_ms: u32,
+    /// 10..=600000 ms.
+    pub timeout_ms: u32,
+    /// Consecutive passes that bring a node back, 1..=100.
+    pub healthy: u32,
+    /// Consecutive failures that take a node out, 1..=100.
+    pub unhealthy: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            path: "/health".into(),
+            host: None,
+            statuses: vec![200],
+            interval_ms: 10_000,
+            timeout_ms: 2_000,
+            healthy: 2,
+            unhealthy: 3,
+        }
+    }
 }
 
 fn default_slow_start_ms() -> u32 {
@@ -147,6 +310,12 @@ impl Default for PoolConfig {
             slow_start_ms: default_slow_start_ms(),
             refresh_ms: default_refresh_ms(),
             chash_points: default_chash_points(),
+            retry: RetryConfig::default(),
+            cooldown: CooldownConfig::default(),
+            limit: LimitConfig::default(),
+            outlier: OutlierConfig::default(),
+            health: None,
+            no_node_status: default_no_node_status(),
         }
     }
 }
@@ -227,8 +396,7 @@ impl Config {
     pub fn from_json(text: &str) -> Result<Config, ConfigError> {
         let mut de = serde_json::Deserializer::from_str(text);
         let mut config: Config = serde_path_to_error::deserialize(&mut de).map_err(serde_error)?;
-        de.end()
-            .map_err(|e| ConfigError::new("config", e.to_string()))?;
+        de.end().map_err(|e| ConfigError::new("config", e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -242,9 +410,8 @@ impl Config {
 
     /// Reads a JSON file, then as [`Config::from_json`].
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
         Config::from_json(&text)
     }
 
@@ -312,13 +479,11 @@ impl PoolConfig {
         check_range(path, "refresh_ms", self.refresh_ms, 10..=60_000)?;
         check_range(path, "chash_points", self.chash_points, 1..=10_000)?;
         self.ewma.validate(&format!("{path}.ewma"))?;
+        self.validate_policies(path)?;
 
         let nodes_path = format!("{path}.nodes");
         if self.nodes.is_empty() {
-            return Err(ConfigError::new(
-                nodes_path,
-                "at least one node is required",
-            ));
+            return Err(ConfigError::new(nodes_path, "at least one node is required"));
         }
         if self.nodes.iter().all(|n| n.backup) {
             return Err(ConfigError::new(
@@ -350,6 +515,75 @@ impl PoolConfig {
     }
 }
 
+impl PoolConfig {
+    fn validate_policies(&self, path: &str) -> Result<(), ConfigError> {
+        if self.no_node_status != 429 && self.no_node_status != 503 {
+            return Err(ConfigError::new(
+                format!("{path}.no_node_status"),
+                format!("{} must be 429 or 503", self.no_node_status),
+            ));
+        }
+        let r = &self.retry;
+        let rp = format!("{path}.retry");
+        check_ratio(&rp, "budget_ratio", r.budget_ratio, 1.0)?;
+        check_range(&rp, "min_per_s", r.min_per_s, 0..=10_000)?;
+        check_range(&rp, "window_ms", r.window_ms, 1_000..=60_000)?;
+        check_range(&rp, "max_tries", r.max_tries, 1..=16)?;
+        check_range(&rp, "deadline_ms", r.deadline_ms, 1..=3_600_000)?;
+        let c = &self.cooldown;
+        let cp = format!("{path}.cooldown");
+        check_range(&cp, "base_ms", c.base_ms, 1..=3_600_000)?;
+        check_range(&cp, "max_ms", c.max_ms, c.base_ms..=86_400_000)?;
+        check_range(&cp, "quota_retry_after_ms", c.quota_retry_after_ms, 0..=3_600_000)?;
+        check_range(&cp, "quota_after", c.quota_after, 1..=1_000)?;
+        let l = &self.limit;
+        let lp = format!("{path}.limit");
+        check_range(&lp, "min", l.min, 1..=100_000)?;
+        check_range(&lp, "max", l.max, l.min..=100_000)?;
+        check_range(&lp, "increase_every", l.increase_every, 1..=1_000)?;
+        let o = &self.outlier;
+        let op = format!("{path}.outlier");
+        check_range(&op, "consecutive_failures", o.consecutive_failures, 0..=1_000)?;
+        check_range(&op, "base_ms", o.base_ms, 1..=3_600_000)?;
+        check_range(&op, "max_ms", o.max_ms, o.base_ms..=86_400_000)?;
+        check_range(&op, "max_ejected_percent", o.max_ejected_percent, 0..=100)?;
+        if let Some(h) = &self.health {
+            let hp = format!("{path}.health");
+            if !h.path.starts_with('/')
+                || h.path
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+            {
+                return Err(ConfigError::new(
+                    format!("{hp}.path"),
+                    format!("{:?} must start with \"/\" and contain no spaces", h.path),
+                ));
+            }
+            if h.statuses.is_empty() || h.statuses.iter().any(|s| !(100..=599).contains(s)) {
+                return Err(ConfigError::new(
+                    format!("{hp}.statuses"),
+                    format!("{:?} must be a non-empty list of statuses 100..=599", h.statuses),
+                ));
+            }
+            check_range(&hp, "interval_ms", h.interval_ms, 100..=3_600_000)?;
+            check_range(&hp, "timeout_ms", h.timeout_ms, 10..=600_000)?;
+            check_range(&hp, "healthy", h.healthy, 1..=100)?;
+            check_range(&hp, "unhealthy", h.unhealthy, 1..=100)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_ratio(path: &str, field: &str, value: f64, max: f64) -> Result<(), ConfigError> {
+    if value.is_finite() && (0.0..=max).contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        format!("{path}.{field}"),
+        format!("{value} is out of range 0..={max}"),
+    ))
+}
+
 impl EwmaConfig {
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
         check_range(path, "decay_ms", self.decay_ms, 100..=600_000)?;
@@ -369,22 +603,13 @@ impl EwmaConfig {
     }
 }
 
-fn check_range(
-    path: &str,
-    field: &str,
-    value: u32,
-    range: RangeInclusive<u32>,
-) -> Result<(), ConfigError> {
+fn check_range(path: &str, field: &str, value: u32, range: RangeInclusive<u32>) -> Result<(), ConfigError> {
     if range.contains(&value) {
         return Ok(());
     }
     Err(ConfigError::new(
         format!("{path}.{field}"),
-        format!(
-            "{value} is out of range {}..={}",
-            range.start(),
-            range.end()
-        ),
+        format!("{value} is out of range {}..={}", range.start(), range.end()),
     ))
 }
 
@@ -405,9 +630,9 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
             _ => Ok(sa),
         };
     }
-    let (host, port) = addr.rsplit_once(':').ok_or_else(|| {
-        format!("{addr:?} has no port (expected ip:port, [v6]:port or host:port)")
-    })?;
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{addr:?} has no port (expected ip:port, [v6]:port or host:port)"))?;
     if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("{addr:?}: invalid port {port:?}"));
     }
@@ -581,21 +806,13 @@ mod tests {
     #[test]
     fn range_errors_name_path_and_value() {
         let cases: &[(&str, u64, &str)] = &[
-            (
-                "/shm/max_nodes",
-                0,
-                "shm.max_nodes: 0 is out of range 1..=65536",
-            ),
+            ("/shm/max_nodes", 0, "shm.max_nodes: 0 is out of range 1..=65536"),
             (
                 "/shm/max_nodes",
                 65_537,
                 "shm.max_nodes: 65537 is out of range 1..=65536",
             ),
-            (
-                "/shm/max_pools",
-                0,
-                "shm.max_pools: 0 is out of range 1..=4096",
-            ),
+            ("/shm/max_pools", 0, "shm.max_pools: 0 is out of range 1..=4096"),
             (
                 "/shm/max_pools",
                 4_097,
@@ -747,19 +964,13 @@ mod tests {
         let e = err(with("/pools/deepseek/algo", json!("chash")));
         assert!(e.starts_with("pools.deepseek: unknown field `algo`"), "{e}");
         let e = err(with("/pools/deepseek/ewma", json!({ "decay": 100 })));
-        assert!(
-            e.starts_with("pools.deepseek.ewma: unknown field `decay`"),
-            "{e}"
-        );
+        assert!(e.starts_with("pools.deepseek.ewma: unknown field `decay`"), "{e}");
         let e = err(with("/pools/deepseek/nodes/0/wieght", json!(5)));
         assert_eq!(
             e,
             "pools.deepseek.nodes[0]: unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`"
         );
-        let e = err(with(
-            "/pools/deepseek/nodes/0/resolved",
-            json!("127.0.0.1:1"),
-        ));
+        let e = err(with("/pools/deepseek/nodes/0/resolved", json!("127.0.0.1:1")));
         assert!(
             e.starts_with("pools.deepseek.nodes[0]: unknown field `resolved`"),
             "{e}"
@@ -768,8 +979,7 @@ mod tests {
 
     #[test]
     fn unknown_key_in_json_text_has_path_and_no_position() {
-        let text =
-            r#"{"pools":{"deepseek":{"nodes":[{"id":"a","addr":"127.0.0.1:1","wieght":2}]}}}"#;
+        let text = r#"{"pools":{"deepseek":{"nodes":[{"id":"a","addr":"127.0.0.1:1","wieght":2}]}}}"#;
         let e = Config::from_json(text).unwrap_err();
         assert_eq!(e.path, "pools.deepseek.nodes[0]");
         assert_eq!(
@@ -806,10 +1016,7 @@ mod tests {
     fn missing_required_fields_refused() {
         let e = err(json!({ "pools": { "deepseek": {} } }));
         assert_eq!(e, "pools.deepseek: missing field `nodes`");
-        let e = err(with(
-            "/pools/deepseek/nodes/0",
-            json!({ "addr": "127.0.0.1:1" }),
-        ));
+        let e = err(with("/pools/deepseek/nodes/0", json!({ "addr": "127.0.0.1:1" })));
         assert_eq!(e, "pools.deepseek.nodes[0]: missing field `id`");
         let e = err(with("/pools/deepseek/nodes/0", json!({ "id": "a" })));
         assert_eq!(e, "pools.deepseek.nodes[0]: missing field `addr`");
@@ -905,10 +1112,7 @@ mod tests {
     #[test]
     fn bad_addresses_refused() {
         let cases = [
-            (
-                "127.0.0.1:0",
-                "\"127.0.0.1:0\": port 0 is out of range 1..=65535",
-            ),
+            ("127.0.0.1:0", "\"127.0.0.1:0\": port 0 is out of range 1..=65535"),
             ("[::1]:0", "\"[::1]:0\": port 0 is out of range 1..=65535"),
             (
                 "127.0.0.1:70000",
@@ -927,10 +1131,7 @@ mod tests {
                 "\"127.0.0.1\" has no port (expected ip:port, [v6]:port or host:port)",
             ),
             ("localhost:", "\"localhost:\": invalid port \"\""),
-            (
-                "localhost:http",
-                "\"localhost:http\": invalid port \"http\"",
-            ),
+            ("localhost:http", "\"localhost:http\": invalid port \"http\""),
             ("localhost:+80", "\"localhost:+80\": invalid port \"+80\""),
             (":80", "\":80\" has no host"),
             (
@@ -940,8 +1141,7 @@ mod tests {
             ("[nope]:80", "\"[nope]:80\": [nope] is not an IPv6 address"),
         ];
         for (addr, want) in cases {
-            let e =
-                Config::from_value(with("/pools/deepseek/nodes/0/addr", json!(addr))).unwrap_err();
+            let e = Config::from_value(with("/pools/deepseek/nodes/0/addr", json!(addr))).unwrap_err();
             assert_eq!(e.path, "pools.deepseek.nodes[0].addr", "{addr}");
             assert_eq!(e.message, want, "{addr}");
         }
@@ -960,18 +1160,14 @@ mod tests {
             "{e}"
         );
         let e = err(with("/pools/deepseek/nodes", json!({})));
-        assert!(
-            e.starts_with("pools.deepseek.nodes: invalid type: map"),
-            "{e}"
-        );
+        assert!(e.starts_with("pools.deepseek.nodes: invalid type: map"), "{e}");
         let e = err(json!("pools"));
         assert_eq!(
             e,
             "config: invalid type: string \"pools\", expected struct Config"
         );
 
-        let text =
-            r#"{"pools":{"deepseek":{"nodes":[{"id":"a","addr":"127.0.0.1:1","weight":"3"}]}}}"#;
+        let text = r#"{"pools":{"deepseek":{"nodes":[{"id":"a","addr":"127.0.0.1:1","weight":"3"}]}}}"#;
         let e = Config::from_json(text).unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -990,10 +1186,7 @@ mod tests {
         doc["shm"] = json!({ "max_nodes": 4 });
         assert!(Config::from_value(doc.clone()).is_ok());
         doc["shm"] = json!({ "max_pools": 1 });
-        assert_eq!(
-            err(doc),
-            "shm.max_pools: 1 is too small: the config has 2 pools"
-        );
+        assert_eq!(err(doc), "shm.max_pools: 1 is too small: the config has 2 pools");
     }
 
     #[test]
@@ -1011,10 +1204,7 @@ mod tests {
 
         let text = r#"{"pools":{"deepseek":{"nodes":[{"id":"a","addr":"127.0.0.1:1"}]}}} x"#;
         let e = Config::from_json(text).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "config: trailing characters at line 1 column 68"
-        );
+        assert_eq!(e.to_string(), "config: trailing characters at line 1 column 68");
     }
 
     #[test]

@@ -24,8 +24,10 @@
 pub mod balancer;
 pub mod config;
 pub mod ffi;
+pub mod health;
 pub mod load;
 #[cfg(feature = "lua-module")]
 mod lua;
+pub mod retry;
 pub mod select;
 pub mod shm;

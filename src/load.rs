@@ -58,13 +58,7 @@ pub fn current(word: u64, now_ms: u64, tau_ms: u32, reference_us: f64) -> f64 {
 
 /// What a try counts as, by status: `Ok(latency)` for a served answer, `Err(penalty)`
 /// for a failure (status 0 = no response, or 5xx) or a 429.
-pub fn sample_us(
-    status: u32,
-    latency_us: u32,
-    retry_after_ms: u32,
-    penalty_ms: u32,
-    cap_ms: u32,
-) -> f64 {
+pub fn sample_us(status: u32, latency_us: u32, retry_after_ms: u32, penalty_ms: u32, cap_ms: u32) -> f64 {
     if is_failure(status) || status == 429 {
         let ms = penalty_ms.max(retry_after_ms).min(cap_ms.max(penalty_ms));
         ms as f64 * 1000.0
@@ -76,6 +70,12 @@ pub fn sample_us(
 /// No response at all (status 0: connect error, timeout, reset) or a server error.
 pub fn is_failure(status: u32) -> bool {
     status == 0 || status >= 500
+}
+
+/// The client went away (nginx's 499) before the node answered: the try says nothing
+/// about the node, so it only releases its in-flight count.
+pub fn is_cancelled(status: u32) -> bool {
+    status == 499
 }
 
 /// Slow-start ramp: from 10% to 100% of the weight, linearly over `window_ms`.

@@ -49,6 +49,8 @@ typedef struct rsb_node_stats {
 enum rsb_result rsb_attach_worker(const struct rsb_balancer *b, uint32_t worker, uint32_t *out_slot);
 enum rsb_result rsb_pick(const struct rsb_balancer *b, uint32_t pool, const char *key, size_t key_len, const uint32_t *tried, size_t ntried, uint32_t *out_node);
 enum rsb_result rsb_report(const struct rsb_balancer *b, uint32_t node, uint32_t status, uint32_t latency_us, uint32_t retry_after_ms);
+enum rsb_result rsb_may_retry(const struct rsb_balancer *b, uint32_t pool, const uint32_t *tried, size_t ntried, uint32_t elapsed_ms, uint32_t *out_denied);
+enum rsb_result rsb_available(const struct rsb_balancer *b, uint32_t pool, uint64_t *out_wait_ms);
 enum rsb_result rsb_set_weight(const struct rsb_balancer *b, uint32_t node, uint32_t weight);
 uint64_t rsb_generation(const struct rsb_balancer *b);
 size_t rsb_last_error(char *buf, size_t cap);
@@ -68,9 +70,11 @@ local C, so_path = find_library()
 _M.library_path = so_path
 
 local C_pick, C_report, C_generation = C.rsb_pick, C.rsb_report, C.rsb_generation
+local C_may_retry, C_available = C.rsb_may_retry, C.rsb_available
 local MAX_TRIES = 32
 local tried_buf = ffi.new("uint32_t[?]", MAX_TRIES)
 local out_buf = ffi.new("uint32_t[1]")
+local wait_buf = ffi.new("uint64_t[1]")
 local err_buf = ffi.new("char[?]", 512)
 local RSB_OK, RSB_NO_NODE = 0, 4
 
@@ -78,6 +82,7 @@ local bal          -- mlua balancer object
 local handle       -- its `rsb_balancer *`
 local generation = -1
 local pools = {}   -- name -> pool index
+local policy = {}  -- name -> { no_node_status=, non_idempotent=, max_tries= }
 local peers = {}   -- node slot -> { ip, port, id, pool }
 
 local function last_error()
@@ -97,17 +102,24 @@ local function sync()
     end
     local topo = {}
     local new_peers = {}
+    local new_policy = {}
     local names = bal:pool_names()
     for i = 1, #names do
         local name = names[i]
         topo[name] = bal:pool_index(name)
+        local cfg = bal:pool_config(name)
+        new_policy[name] = {
+            no_node_status = cfg.no_node_status,
+            non_idempotent = cfg.retry.non_idempotent,
+            health = cfg.health,
+        }
         local nodes = bal:nodes(name)
         for j = 1, #nodes do
             local n = nodes[j]
             new_peers[n.slot] = { n.ip, n.port, n.id, name, n.host }
         end
     end
-    pools, peers, generation = topo, new_peers, g
+    pools, peers, policy, generation = topo, new_peers, new_policy, g
 end
 
 --- init(config [, name]): in init_by_lua. `config` is a path to a JSON file, a JSON
@@ -231,65 +243,161 @@ local function next_item(s, i)
 end
 _M._next_item = next_item
 
---- report_tries(tried, statuses, times): report every try of a request, matching
--- the slots picked (in order) with nginx's comma-separated $upstream_status and
--- $upstream_response_time. A try with no matching entry is reported as "no
--- response", so every pick is released exactly once.
-function _M.report_tries(tried, statuses, times)
-    local si, ti = 1, 1
-    for k = 1, #tried do
-        local status, latency
-        if statuses then status, si = next_item(statuses, si) end
-        if times then latency, ti = next_item(times, ti) end
-        if si == nil then statuses = nil end
-        if ti == nil then times = nil end
-        C_report(handle, tried[k], status or 0, (latency or 0) * 1e6, 0)
+-- The k-th item (1-based) of an nginx upstream list, or nil.
+local function item(s, k)
+    if not s then return nil end
+    local v, i = nil, 1
+    for _ = 1, k do
+        v, i = next_item(s, i)
+        if not i then return nil end
+    end
+    return v
+end
+
+--- report_tries(tried, statuses, times [, first]): report tries `first`..#tried of a
+-- request (default 1), matching the slots picked (in order) with nginx's
+-- comma-separated $upstream_status and $upstream_response_time. A try with no
+-- matching status is reported as cancelled (499): it releases the try and says
+-- nothing about the node. Every pick is released exactly once.
+function _M.report_tries(tried, statuses, times, first, retry_after_s)
+    first = first or 1
+    local n = #tried
+    for k = first, n do
+        local status = item(statuses, k) or 499
+        local latency = item(times, k) or 0
+        local ra = 0
+        if k == n and retry_after_s then ra = retry_after_s * 1000 end
+        C_report(handle, tried[k], status, latency * 1e6, ra)
     end
 end
 
+-- Retry-After: delay-seconds or an HTTP-date; seconds from now, or nil.
+local function retry_after_s(v)
+    if not v or v == "" then return nil end
+    local secs = tonumber(v)
+    if secs then
+        if secs < 0 then return nil end
+        return secs
+    end
+    local t = ngx.parse_http_time(v)
+    if not t then return nil end
+    local d = t - ngx.time()
+    if d < 0 then d = 0 end
+    return d
+end
+_M._retry_after_s = retry_after_s
+
+local IDEMPOTENT = { GET = true, HEAD = true, OPTIONS = true, PUT = true, DELETE = true, TRACE = true }
 local ngx_balancer
 
+-- Request state kept in ngx.ctx.rsb across the balancer and log phases.
+local function request_state(ctx, pool)
+    local st = ctx.rsb
+    if not st then
+        ngx.update_time()
+        st = { pool = pool, tried = {}, n = 0, reported = 0, start = ngx.now() }
+        ctx.rsb = st
+    end
+    return st
+end
+
 --- balance(pool [, key]): in balancer_by_lua. Picks a node not yet tried by this
--- request and sets it as the peer. On a retry, nginx has already counted the
--- previous try; it is reported with the others in log().
+-- request and sets it as the peer; grants nginx one more try only when the retry
+-- policy allows (max tries, deadline, pool-wide budget, an untried node free), so a
+-- broad proxy_next_upstream list never turns into a retry storm. On a retry call the
+-- previous try is reported first (status from get_last_failure(), Retry-After from
+-- $upstream_http_retry_after), so its node's cooldown or limit applies to this pick.
 function _M.balance(pool, key)
     if not handle then not_initialized("balance") end
     if not ngx_balancer then ngx_balancer = require "ngx.balancer" end
+    sync()
+    local idx = pools[pool]
+    if not idx then
+        error("bad argument #1 to 'balance' (unknown pool " .. tostring(pool) .. ")", 2)
+    end
     local ctx = ngx.ctx
-    local tried = ctx.rsb_tried
-    if not tried then
-        tried = {}
-        ctx.rsb_tried = tried
-        ctx.rsb_pool = pool
-        local more = _M.max_tries - 1
-        if more > 0 then ngx_balancer.set_more_tries(more) end
+    local st = request_state(ctx, pool)
+    local tried, n = st.tried, st.n
+    if n > 0 then
+        local state, code = ngx_balancer.get_last_failure()
+        local status = code or 0
+        if state == "failed" then status = 0 end
+        C_report(handle, tried[n], status, 0,
+                 (retry_after_s(ngx.var.upstream_http_retry_after) or 0) * 1000)
+        st.reported = n
+        -- A request that may have reached the node is not repeated unless allowed.
+        if status ~= 429 and status ~= 503 and not IDEMPOTENT[ngx.var.request_method]
+           and not policy[pool].non_idempotent then
+            local sent = item(ngx.var.upstream_bytes_sent, n)
+            if sent and sent > 0 then
+                return ngx.exit(502)
+            end
+        end
     end
-    local slot, err = _M.pick(pool, key, tried)
-    if not slot then
-        ngx.log(ngx.WARN, "rsbalancer: ", err)
-        return ngx.exit(503)
+    for i = 1, n do
+        tried_buf[i - 1] = tried[i]
     end
-    tried[#tried + 1] = slot
+    local klen = 0
+    if key then klen = #key end
+    local rc = C_pick(handle, idx, key, klen, tried_buf, n, out_buf)
+    if rc ~= RSB_OK then
+        if rc ~= RSB_NO_NODE then
+            ngx.log(ngx.ERR, "rsbalancer: ", last_error())
+        end
+        return ngx.exit(n == 0 and policy[pool].no_node_status or 502)
+    end
+    local slot = out_buf[0]
+    n = n + 1
+    tried[n] = slot
+    st.n = n
+    tried_buf[n - 1] = slot
     local p = peers[slot]
     local ok, perr = ngx_balancer.set_current_peer(p[1], p[2])
     if not ok then
         ngx.log(ngx.ERR, "rsbalancer: set_current_peer ", p[1], ":", p[2], ": ", perr)
         return ngx.exit(500)
     end
+    local elapsed = (ngx.now() - st.start) * 1000
+    if n < MAX_TRIES and C_may_retry(handle, idx, tried_buf, n, elapsed, out_buf) == RSB_OK
+       and out_buf[0] == 0 then
+        ngx_balancer.set_more_tries(1)
+    end
 end
 
---- Tries per request (first try included) that balance() asks nginx for; nginx
--- also caps it with proxy_next_upstream_tries.
-_M.max_tries = 3
+--- admit(pool): in access_by_lua. Answers at once with the pool's no_node_status
+-- (429 or 503) and a Retry-After of the soonest moment a node frees up when no node
+-- can take the request; never lets a request hammer a cooling pool.
+function _M.admit(pool)
+    if not handle then not_initialized("admit") end
+    sync()
+    local idx = pools[pool]
+    if not idx then
+        error("bad argument #1 to 'admit' (unknown pool " .. tostring(pool) .. ")", 2)
+    end
+    request_state(ngx.ctx, pool)
+    if C_available(handle, idx, wait_buf) == RSB_OK then
+        return true
+    end
+    local status = policy[pool].no_node_status
+    local secs = math.ceil(tonumber(wait_buf[0]) / 1000)
+    if secs < 1 then secs = 1 end
+    ngx.status = status
+    ngx.header["Retry-After"] = secs
+    ngx.header["Content-Type"] = "application/json"
+    ngx.say('{"error":{"message":"all upstream nodes of pool ', pool,
+            ' are busy; retry after ', secs, ' s","type":"',
+            status == 429 and "rate_limit_exceeded" or "service_unavailable", '"}}')
+    return ngx.exit(status)
+end
 
---- log(): in log_by_lua. Reports every try of the request.
+--- log(): in log_by_lua. Reports the tries not reported yet (normally the last).
 function _M.log()
-    local ctx = ngx.ctx
-    local tried = ctx.rsb_tried
-    if not tried then return end
+    local st = ngx.ctx.rsb
+    if not st or st.n == 0 then return end
     local var = ngx.var
-    _M.report_tries(tried, var.upstream_status, var.upstream_response_time)
-    ctx.rsb_tried = nil
+    _M.report_tries(st.tried, var.upstream_status, var.upstream_response_time,
+                    st.reported + 1, retry_after_s(var.upstream_http_retry_after))
+    st.n = 0
 end
 
 --- set_weight(pool, id, weight): change a node's base weight in every worker.

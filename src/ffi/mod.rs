@@ -108,6 +108,21 @@ unsafe fn bytes<'a>(ptr: *const c_char, len: usize) -> Option<&'a [u8]> {
     Some(unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) })
 }
 
+/// Borrow `len` u32s at `ptr` (NULL allowed when `len` is 0).
+///
+/// # Safety
+/// When `len > 0`, `ptr` must point to `len` readable, aligned u32s valid for `'a`.
+unsafe fn u32s<'a>(ptr: *const u32, len: usize) -> Option<&'a [u32]> {
+    if len == 0 {
+        return Some(&[]);
+    }
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: non-null and, by the caller's contract, `len` readable u32s.
+    Some(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
 fn utf8<'a>(b: &'a [u8], what: &str) -> Result<&'a str, rsb_result> {
     std::str::from_utf8(b).map_err(|_| {
         set_error(format!("{what} is not UTF-8"));
@@ -192,11 +207,7 @@ pub unsafe extern "C" fn rsb_balancer_free(b: *mut Balancer) {
 /// # Safety
 /// `b` a live handle; `json` points to `len` readable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn rsb_configure(
-    b: *const Balancer,
-    json: *const c_char,
-    len: usize,
-) -> rsb_result {
+pub unsafe extern "C" fn rsb_configure(b: *const Balancer, json: *const c_char, len: usize) -> rsb_result {
     guard(|| {
         // SAFETY: forwarded caller contract.
         let (Some(b), Some(text)) = (unsafe { handle(b) }, unsafe { bytes(json, len) }) else {
@@ -282,20 +293,17 @@ pub unsafe extern "C" fn rsb_node_index(
 ) -> rsb_result {
     guard(|| {
         // SAFETY: forwarded caller contract.
-        let (Some(b), Some(pool), Some(id)) = (
-            unsafe { handle(b) },
-            unsafe { bytes(pool, pool_len) },
-            unsafe { bytes(id, id_len) },
-        ) else {
+        let (Some(b), Some(pool), Some(id)) =
+            (unsafe { handle(b) }, unsafe { bytes(pool, pool_len) }, unsafe {
+                bytes(id, id_len)
+            })
+        else {
             return null("balancer, pool or id");
         };
         if out.is_null() {
             return null("out");
         }
-        let (pool, id) = (
-            try_rsb!(utf8(pool, "pool name")),
-            try_rsb!(utf8(id, "node id")),
-        );
+        let (pool, id) = (try_rsb!(utf8(pool, "pool name")), try_rsb!(utf8(id, "node id")));
         match b.node_index(pool, id) {
             Ok(i) => {
                 // SAFETY: non-null and writable by contract.
@@ -330,13 +338,9 @@ pub unsafe extern "C" fn rsb_pick(
         let (Some(b), Some(key)) = (unsafe { handle(b) }, unsafe { bytes(key, key_len) }) else {
             return null("balancer or key");
         };
-        let tried: &[u32] = if ntried == 0 {
-            &[]
-        } else if tried.is_null() {
+        // SAFETY: forwarded caller contract.
+        let Some(tried) = (unsafe { u32s(tried, ntried) }) else {
             return null("tried");
-        } else {
-            // SAFETY: non-null and `ntried` readable u32s by contract.
-            unsafe { std::slice::from_raw_parts(tried, ntried) }
         };
         if out_node.is_null() {
             return null("out_node");
@@ -376,6 +380,66 @@ pub unsafe extern "C" fn rsb_report(
     })
 }
 
+/// May a request that has tried the `ntried` slots in `tried` try once more,
+/// `elapsed_ms` after it began? `*out_denied` is 0 when it may, else why not:
+/// 1 max tries, 2 deadline, 3 retry budget spent, 4 no untried node available.
+/// Budget refusals are counted; the retry itself is counted by its `rsb_pick`.
+///
+/// # Safety
+/// `b` a live handle; `tried` points to `ntried` u32s; `out_denied` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_may_retry(
+    b: *const Balancer,
+    pool: u32,
+    tried: *const u32,
+    ntried: usize,
+    elapsed_ms: u32,
+    out_denied: *mut u32,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        // SAFETY: forwarded caller contract.
+        let Some(tried) = (unsafe { u32s(tried, ntried) }) else {
+            return null("tried");
+        };
+        if out_denied.is_null() {
+            return null("out_denied");
+        }
+        let denied = b.may_retry(pool, tried, elapsed_ms).err().map_or(0, |d| d as u32);
+        // SAFETY: non-null and writable by contract.
+        unsafe { *out_denied = denied };
+        rsb_result::RSB_OK
+    })
+}
+
+/// Can some node of pool `pool` take a request now? `RSB_OK` if so; `RSB_NO_NODE`
+/// if not, with `*out_wait_ms` the soonest a node may (for a Retry-After).
+///
+/// # Safety
+/// `b` a live handle; `out_wait_ms` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_available(b: *const Balancer, pool: u32, out_wait_ms: *mut u64) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        if out_wait_ms.is_null() {
+            return null("out_wait_ms");
+        }
+        let (code, wait) = match b.available(pool) {
+            Ok(()) => (rsb_result::RSB_OK, 0),
+            Err(ms) => (rsb_result::RSB_NO_NODE, ms),
+        };
+        // SAFETY: non-null and writable by contract.
+        unsafe { *out_wait_ms = wait };
+        code
+    })
+}
+
 /// Set a node's base weight (1..=10000); every process uses it on its next pick.
 ///
 /// # Safety
@@ -397,7 +461,7 @@ pub unsafe extern "C" fn rsb_set_weight(b: *const Balancer, node: u32, weight: u
 /// # Safety
 /// `b` a live handle; `out` writable.
 #[no_mangle]
-pub unsafe extern "C" fn rsb_node_stats(
+pub unsafe extern "C" fn rsb_node_get_stats(
     b: *const Balancer,
     node: u32,
     out: *mut rsb_node_stats,

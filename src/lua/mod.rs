@@ -60,18 +60,14 @@ fn config_arg(lua: &Lua, v: Value, pos: usize, func: &str) -> LuaResult<Result<C
     match v {
         Value::String(s) => Ok(Config::from_json(&s.to_str()?).map_err(Error::Config)),
         Value::Table(_) => {
-            let mut json: serde_json::Value =
-                lua.from_value(v).map_err(|e| bad_argument(pos, func, e))?;
+            let mut json: serde_json::Value = lua.from_value(v).map_err(|e| bad_argument(pos, func, e))?;
             integral(&mut json);
             Ok(Config::from_value(json).map_err(Error::Config))
         }
         other => Err(bad_argument(
             pos,
             func,
-            format!(
-                "config JSON string or table expected, got {}",
-                other.type_name()
-            ),
+            format!("config JSON string or table expected, got {}", other.type_name()),
         )),
     }
 }
@@ -127,6 +123,30 @@ impl UserData for LuaBalancer {
                 .map(|t| t.pools.iter().map(|p| p.name.clone()).collect::<Vec<_>>());
             nil_err(lua, r)
         });
+        // A pool's configuration as loaded (policies included), or nil, err.
+        m.add_method("pool_config", |lua, this, name: String| {
+            let r = this.0.topology().and_then(|t| {
+                t.pool(&name)
+                    .cloned()
+                    .ok_or_else(|| Error::Invalid(format!("unknown pool \"{name}\"")))
+            });
+            match r {
+                Ok(p) => (lua.to_value(&p)?,).into_lua_multi(lua),
+                Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+            }
+        });
+        m.add_method("health_lease", |_, this, ttl_ms: u64| {
+            Ok(this.0.health_lease(ttl_ms))
+        });
+        // Record one probe: returns "up", "down" or false (no change), or nil, err.
+        m.add_method("health_report", |lua, this, (node, passed): (u32, bool)| {
+            let r = this.0.health_report(node, passed).map(|f| match f {
+                crate::health::Flip::Up => Value::String(lua.create_string("up").expect("alloc")),
+                crate::health::Flip::Down => Value::String(lua.create_string("down").expect("alloc")),
+                crate::health::Flip::None => Value::Boolean(false),
+            });
+            nil_err(lua, r)
+        });
         m.add_method("pool_index", |lua, this, name: String| {
             nil_err(lua, this.0.pool_index(&name))
         });
@@ -163,14 +183,8 @@ impl UserData for LuaBalancer {
         m.add_method(
             "pick",
             |lua, this, (pool, key, tried): (u32, Option<LuaString>, Option<Vec<u32>>)| {
-                let key = key
-                    .as_ref()
-                    .map(|k| k.as_bytes().to_vec())
-                    .unwrap_or_default();
-                nil_err(
-                    lua,
-                    this.0.pick(pool, &key, tried.as_deref().unwrap_or(&[])),
-                )
+                let key = key.as_ref().map(|k| k.as_bytes().to_vec()).unwrap_or_default();
+                nil_err(lua, this.0.pick(pool, &key, tried.as_deref().unwrap_or(&[])))
             },
         );
         m.add_method(
@@ -213,7 +227,7 @@ impl UserData for LuaBalancer {
                     .map(|n| {
                         (
                             n.id.clone(),
-                            node_stats(region.node(n.slot).expect("slot in range")),
+                            node_stats(region, region.node(n.slot).expect("slot in range")),
                         )
                     })
                     .collect::<Vec<_>>())

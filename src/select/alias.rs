@@ -37,14 +37,8 @@ impl AliasTable {
         let total: f64 = weights.iter().sum();
         // Scaled so that the average slot is exactly 1.
         let mut scaled: Vec<f64> = weights.iter().map(|w| w * n as f64 / total).collect();
-        let mut slots: Vec<Slot> = (0..n)
-            .map(|i| Slot {
-                prob: 1.0,
-                alias: i,
-            })
-            .collect();
-        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
-            (0..n).partition(|&i| scaled[i] < 1.0);
+        let mut slots: Vec<Slot> = (0..n).map(|i| Slot { prob: 1.0, alias: i }).collect();
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| scaled[i] < 1.0);
         while let (Some(&s), Some(&l)) = (small.last(), large.last()) {
             small.pop();
             slots[s] = Slot {
@@ -86,11 +80,7 @@ impl AliasTable {
         // `x` can round up to `n` itself for some n.
         let i = (x as usize).min(n - 1);
         let slot = self.slots[i];
-        Some(if x - (i as f64) < slot.prob {
-            i
-        } else {
-            slot.alias
-        })
+        Some(if x - (i as f64) < slot.prob { i } else { slot.alias })
     }
 }
 
@@ -128,11 +118,7 @@ impl WeightedRandom {
     /// An eligible index drawn with probability ∝ weight among the eligible ones, or
     /// `None` when none is eligible. O(1) expected unless ineligible nodes hold most of
     /// the weight, in which case it ends with an O(n) scan.
-    pub fn pick<R: Rng + ?Sized, V: NodeView + ?Sized>(
-        &self,
-        rng: &mut R,
-        view: &V,
-    ) -> Option<usize> {
+    pub fn pick<R: Rng + ?Sized, V: NodeView + ?Sized>(&self, rng: &mut R, view: &V) -> Option<usize> {
         for _ in 0..MAX_DRAWS {
             let i = self.table.sample(rng)?;
             if view.eligible(i) {

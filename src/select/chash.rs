@@ -42,9 +42,9 @@ fn mix64(mut z: u64) -> u64 {
 /// mixes its last bytes poorly into the high bits). Deterministic across processes and
 /// runs: never change it, or every key remaps.
 pub fn hash_key(key: &[u8]) -> u64 {
-    let fnv = key.iter().fold(FNV_OFFSET, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
-    });
+    let fnv = key
+        .iter()
+        .fold(FNV_OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME));
     mix64(fnv)
 }
 

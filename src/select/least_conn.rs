@@ -45,11 +45,7 @@ impl LeastConn {
 
     /// The eligible node minimising `inflight / weight` (weighted random among ties), or
     /// `None` when none is eligible.
-    pub fn pick<R: Rng + ?Sized, V: NodeView + ?Sized>(
-        &self,
-        rng: &mut R,
-        view: &V,
-    ) -> Option<usize> {
+    pub fn pick<R: Rng + ?Sized, V: NodeView + ?Sized>(&self, rng: &mut R, view: &V) -> Option<usize> {
         let mut chosen = None;
         let mut best = f64::INFINITY;
         // Total weight of the nodes tied at `best` so far.

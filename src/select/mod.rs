@@ -74,9 +74,7 @@ pub trait NodeView {
 ///
 /// The default is `P2cEwma` (derived with `#[default]`, which clippy's `derivable_impls`
 /// asks for; same behaviour as a hand-written `impl Default`).
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Algorithm {
     WeightedRandom,

@@ -1,16 +1,22 @@
 //! Power of two choices over weighted samples, with a peak-EWMA latency cost.
 //!
 //! Draw two distinct eligible candidates with probability ∝ weight (alias tables), and
-//! keep the cheaper one, where `cost = latency * (inflight + 1) / weight`. This is
-//! Mitzenmacher's "power of two choices" (The Power of Two Choices in Randomized Load
-//! Balancing, 2001) with the cost Finagle's `P2CPeakEwma` balancer uses (Linkerd too):
-//! latency estimate times outstanding load.
+//! keep the cheaper one, where `cost = latency * (1 + inflight / (weight / mean weight))`.
+//! This is Mitzenmacher's "power of two choices" (The Power of Two Choices in Randomized
+//! Load Balancing, 2001) with the cost Finagle's `P2CPeakEwma` balancer uses (Linkerd
+//! too): latency estimate times outstanding load, `latency * (inflight + 1)`, which it
+//! equals when weights are equal. With unequal weights the load is counted per unit of
+//! relative capacity instead of dividing the whole cost by the weight: the latter would
+//! count the weight twice (draw and cost), so that an idle pool of weights 1:2:3 gives
+//! the heaviest node every comparison (measured: shares 0 / .15 / .85). Here an idle
+//! pool ties, a tie keeps the first draw, and shares follow the weights exactly.
 //!
 //! Why: comparing just two random nodes already avoids the worst ones exponentially
 //! better than one random choice, in O(1) per pick and with no coordination between
 //! workers; unlike picking the global minimum it does not make every worker herd on the
-//! same "best" node between two updates of the shared counters. Drawing by weight keeps
-//! the configured proportions for nodes that perform alike.
+//! same "best" node between two updates of the shared counters. Drawing by weight (and
+//! keeping the first draw on a tie) keeps the configured proportions for nodes that
+//! perform alike.
 //!
 //! Sampling two *distinct* nodes: the second draw is redrawn when it hits the first. To
 //! keep that O(1) expected even when one node holds most of the weight, a second alias
@@ -26,6 +32,8 @@ use rand::Rng;
 #[derive(Clone, Debug)]
 pub struct P2cEwma {
     weights: Vec<f64>,
+    /// Mean weight: in-flight counts are compared per unit of relative capacity.
+    mean: f64,
     table: AliasTable,
     /// Index of a node of maximal weight (0 when empty).
     heaviest: usize,
@@ -48,7 +56,13 @@ impl P2cEwma {
             .filter(|&(i, _)| i != heaviest)
             .map(|(_, &w)| w)
             .collect();
+        let mean = if weights.is_empty() {
+            1.0
+        } else {
+            weights.iter().sum::<f64>() / weights.len() as f64
+        };
         P2cEwma {
+            mean,
             table: AliasTable::new(&weights),
             without_heaviest: AliasTable::new(&rest),
             heaviest,
@@ -73,15 +87,16 @@ impl P2cEwma {
 
     /// The cheaper of two distinct eligible nodes drawn by weight; the only eligible node
     /// when there is one; `None` when there is none.
-    pub fn pick<R: Rng + ?Sized, V: NodeView + ?Sized>(
-        &self,
-        rng: &mut R,
-        view: &V,
-    ) -> Option<usize> {
+    pub fn pick<R: Rng + ?Sized, V: NodeView + ?Sized>(&self, rng: &mut R, view: &V) -> Option<usize> {
         let (a, b) = self.draw_pair(rng, view)?;
         let Some(b) = b else { return Some(a) };
+        // cost = latency x (1 + in-flight / relative capacity), where a node's relative
+        // capacity is its weight over the mean weight. With equal weights this is
+        // Finagle's latency x (in-flight + 1); with unequal ones an idle pool ties and
+        // the tie goes to the first draw, itself drawn by weight, so shares follow the
+        // weights until load (in flight per unit of capacity) or latency says otherwise.
         let cost =
-            |i: usize| view.latency(i) * (f64::from(view.inflight(i)) + 1.0) / self.weights[i];
+            |i: usize| view.latency(i) * (1.0 + f64::from(view.inflight(i)) * self.mean / self.weights[i]);
         Some(if cost(b) < cost(a) { b } else { a })
     }
 
@@ -96,11 +111,7 @@ impl P2cEwma {
         Some((first, self.draw_second(rng, view, first)))
     }
 
-    fn draw_first<R: Rng + ?Sized, V: NodeView + ?Sized>(
-        &self,
-        rng: &mut R,
-        view: &V,
-    ) -> Option<usize> {
+    fn draw_first<R: Rng + ?Sized, V: NodeView + ?Sized>(&self, rng: &mut R, view: &V) -> Option<usize> {
         for _ in 0..MAX_DRAWS {
             let i = self.table.sample(rng)?;
             if view.eligible(i) {
@@ -160,11 +171,29 @@ mod tests {
         for _ in 0..200 {
             assert_eq!(p2c.pick(&mut rng, &view), Some(1));
         }
-        // Weight divides the cost: node 0 at weight 2 costs 1000 < 1200.
-        let p2c = P2cEwma::new(&[2.0, 1.0]);
+        // In-flight counts per unit of relative capacity (weight / mean 2.5): node 0 at
+        // weight 4 costs 1000 * (1 + 1 * 2.5/4) = 1625 < node 1's 300 * (1 + 3 * 2.5) = 2550.
+        let p2c = P2cEwma::new(&[4.0, 1.0]);
         for _ in 0..200 {
             assert_eq!(p2c.pick(&mut rng, &view), Some(0));
         }
+    }
+
+    #[test]
+    fn p2c_idle_pool_follows_weights() {
+        // Equal latency, nothing in flight: every comparison ties, the tie keeps the
+        // first draw (by weight), so shares are the weights' (chi-square, df=2,
+        // critical value 13.816 at p=0.001).
+        let mut rng = SmallRng::seed_from_u64(33);
+        let weights = [1.0, 2.0, 3.0];
+        let p2c = P2cEwma::new(&weights);
+        let view = TestView::idle(3);
+        let mut counts = [0u64; 3];
+        for _ in 0..60_000 {
+            counts[p2c.pick(&mut rng, &view).unwrap()] += 1;
+        }
+        let x2 = chi_square(&counts, &weights);
+        assert!(x2 < 13.816, "chi-square {x2}, counts {counts:?}");
     }
 
     #[test]
@@ -197,10 +226,7 @@ mod tests {
         }
         let total: u64 = counts.iter().sum();
         let slow_share = counts[0] as f64 / total as f64;
-        assert!(
-            slow_share < 0.07,
-            "slow share {slow_share}, counts {counts:?}"
-        );
+        assert!(slow_share < 0.07, "slow share {slow_share}, counts {counts:?}");
         // The fast nodes share the rest about evenly.
         for &c in &counts[1..] {
             let share = c as f64 / total as f64;
@@ -266,9 +292,7 @@ mod tests {
         // Equal costs except weight: the heavy node wins whenever it is drawn, which
         // is nearly always.
         let view = TestView::idle(3);
-        let heavy = (0..1000)
-            .filter(|_| p2c.pick(&mut rng, &view) == Some(2))
-            .count();
+        let heavy = (0..1000).filter(|_| p2c.pick(&mut rng, &view) == Some(2)).count();
         assert!(heavy > 950, "{heavy}");
     }
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -27,7 +27,12 @@ pub mod flags {
     pub const BACKUP: u32 = 1 << 1;
     /// The node left the configuration; the slot is reused once nothing is in flight.
     pub const REMOVED: u32 = 1 << 2;
+    /// Active health checks found the node down.
+    pub const DOWN: u32 = 1 << 3;
 }
+
+/// Buckets of a pool's retry-budget window.
+pub const BUDGET_BUCKETS: usize = 10;
 
 #[repr(C, align(64))]
 pub struct Header {
@@ -50,20 +55,63 @@ pub struct Header {
     pub lock_owner: AtomicI32,
     /// Times the lock was taken over from a dead holder.
     pub lock_steals: AtomicU64,
+    /// pid of the process running active health checks, 0 when none.
+    pub health_pid: AtomicI32,
+    pub _pad0: u32,
+    /// The health-check lease ends at this time (ms) unless renewed.
+    pub health_until_ms: AtomicU64,
+    pub _reserved: [AtomicU64; 6],
 }
 
-/// Per-pool shared parameters and counters. The report path reads the EWMA
-/// parameters from here so that it never needs the worker's local tables.
+/// Per-pool shared parameters and counters. The report path reads its policy
+/// parameters from here (copied from the config by `configure`) so that it never
+/// needs a worker's local tables.
 #[repr(C, align(64))]
 pub struct PoolSlot {
     pub in_use: AtomicU32,
     /// Peak-EWMA time constant, milliseconds.
     pub decay_ms: AtomicU32,
-    /// Latency (ms) a failure or a 429 counts as.
+    /// Latency (ms) a failure or a quota 429 counts as.
     pub penalty_ms: AtomicU32,
     /// Upper bound (ms) of a penalty, even with a longer Retry-After.
     pub penalty_cap_ms: AtomicU32,
-    pub _reserved: [AtomicU64; 6],
+    /// `limit.*`: learned concurrency limits on (1) or off (0), bounds, increase pace.
+    pub limit_enabled: AtomicU32,
+    pub limit_min: AtomicU32,
+    pub limit_max: AtomicU32,
+    pub limit_increase_every: AtomicU32,
+    /// `cooldown.*`.
+    pub quota_retry_after_ms: AtomicU32,
+    pub quota_after: AtomicU32,
+    pub cooldown_base_ms: AtomicU32,
+    pub cooldown_max_ms: AtomicU32,
+    pub honor_retry_after: AtomicU32,
+    /// `outlier.*`.
+    pub eject_after: AtomicU32,
+    pub eject_base_ms: AtomicU32,
+    pub eject_max_ms: AtomicU32,
+    // --- line 2 ----------------------------------------------------------------
+    pub eject_max_percent: AtomicU32,
+    /// `retry.budget_ratio` as `f32` bits.
+    pub budget_ratio: AtomicU32,
+    pub budget_min_per_s: AtomicU32,
+    pub budget_window_ms: AtomicU32,
+    /// Requests (first tries) picked.
+    pub requests_total: AtomicU64,
+    /// Retries picked.
+    pub retries_total: AtomicU64,
+    /// Retries refused by the budget.
+    pub retries_denied: AtomicU64,
+    /// Requests or retries that found no node able to serve.
+    pub no_node_total: AtomicU64,
+    pub slow_start_ms: AtomicU32,
+    /// Latency (ms) assumed for a node without samples.
+    pub default_rtt_ms: AtomicU32,
+    pub _reserved1: AtomicU64,
+    // --- lines 3-4: retry-budget window ----------------------------------------
+    /// Each word: bucket tag (16 bits) | requests (24 bits) | retries (24 bits).
+    pub budget: [AtomicU64; BUDGET_BUCKETS],
+    pub _reserved2: [AtomicU64; 6],
 }
 
 /// One upstream node. The first cache line holds what every request writes; the
@@ -108,6 +156,18 @@ pub struct NodeSlot {
     /// When the node left the configuration (ms).
     pub removed_ms: AtomicU64,
     pub _reserved: [AtomicU64; 2],
+    // --- line 3: learned limit, ejection and health ----------------------------------
+    /// Learned concurrency limit, fixed point 48.16; 0 = none learned (unlimited).
+    pub limit: AtomicU64,
+    /// Ejections so far (the next one lasts longer).
+    pub ejections: AtomicU32,
+    /// Consecutive passing / failing active probes.
+    pub health_ok: AtomicU32,
+    pub health_fail: AtomicU32,
+    pub _pad3: u32,
+    pub cooldowns_total: AtomicU64,
+    pub ejections_total: AtomicU64,
+    pub _reserved3: [AtomicU64; 3],
 }
 
 /// One nginx worker (or any attached process) owning a row of in-flight shares.
@@ -121,9 +181,9 @@ pub struct WorkerSlot {
 }
 
 const _: () = {
-    assert!(std::mem::size_of::<Header>() == 128);
-    assert!(std::mem::size_of::<PoolSlot>() == 64);
-    assert!(std::mem::size_of::<NodeSlot>() == 128);
+    assert!(std::mem::size_of::<Header>() == 192);
+    assert!(std::mem::size_of::<PoolSlot>() == 256);
+    assert!(std::mem::size_of::<NodeSlot>() == 192);
     assert!(std::mem::offset_of!(NodeSlot, pool) == 64);
     assert!(std::mem::size_of::<WorkerSlot>() == 64);
     assert!(std::mem::align_of::<NodeSlot>() == 64);

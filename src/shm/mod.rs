@@ -15,6 +15,7 @@
 
 pub mod clock;
 pub mod layout;
+pub mod process;
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
@@ -195,8 +196,7 @@ impl Region {
     pub fn read_text(&self, _guard: &LockGuard<'_>) -> Vec<u8> {
         let h = self.header();
         let which = h.active_text.load(Ordering::Acquire) as usize & 1;
-        let len = (h.text_len[which].load(Ordering::Acquire) as usize)
-            .min(self.cap.config_bytes as usize);
+        let len = (h.text_len[which].load(Ordering::Acquire) as usize).min(self.cap.config_bytes as usize);
         let at = self.off.text + which * self.cap.config_bytes as usize;
         let mut out = vec![0u8; len];
         // SAFETY: `at..at+len` lies inside the text buffer `which` (len <= config_bytes);
@@ -220,9 +220,7 @@ impl Region {
         let at = self.off.text + next * self.cap.config_bytes as usize;
         // SAFETY: the destination is the inactive buffer, sized config_bytes >= len;
         // only lock holders write text and we hold the lock; readers read the active one.
-        unsafe {
-            std::ptr::copy_nonoverlapping(text.as_ptr(), self.base.as_ptr().add(at), text.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(text.as_ptr(), self.base.as_ptr().add(at), text.len()) };
         h.text_len[next].store(text.len() as u32, Ordering::Release);
         // Release: the bytes and length above are visible before the flip.
         h.active_text.store(next as u32, Ordering::Release);

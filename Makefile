@@ -1,0 +1,84 @@
+# rsbalancer: `make run` and `make test` do all set-up on a fresh Debian 12.
+#
+#   make run      install what is missing, build, start mock LLM nodes + the gateway
+#   make test     install what is missing, build, run every test
+#   make bench    micro and end-to-end benchmarks (figures go in README.md)
+#   make install  copy the library and Lua files under $(PREFIX)
+#   make header   regenerate include/rsbalancer.h with cbindgen
+#   make lint     rustfmt and clippy
+
+PREFIX     ?= /usr/local
+LUA_CDIR   ?= $(PREFIX)/lib/lua/5.1
+LUA_LDIR   ?= $(PREFIX)/share/lua/5.1
+CARGO      ?= cargo
+BUILD      := build
+# The Lua module (mlua + C ABI): resolves lua_* symbols from the host LuaJIT.
+LUA_SO     := target/release/librsbalancer.so
+# The plain C library (C ABI only, no Lua symbols): what C programs link.
+C_SO       := target/c/release/librsbalancer.so
+SOURCES    := $(shell find src -name '*.rs') Cargo.toml build.rs
+
+.PHONY: all deps build run test test-rust test-c test-lua test-nginx bench install header lint clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+build: $(BUILD)/lib/rsbalancer.so $(BUILD)/lib/librsbalancer.so
+
+$(LUA_SO): $(SOURCES)
+	$(CARGO) build --release
+
+$(C_SO): $(SOURCES)
+	$(CARGO) build --release --no-default-features --target-dir target/c
+
+# Lua finds modules as <name>.so on package.cpath; ffi.load uses the same file.
+$(BUILD)/lib/rsbalancer.so: $(LUA_SO)
+	@mkdir -p $(BUILD)/lib
+	cp $< $@
+
+$(BUILD)/lib/librsbalancer.so: $(C_SO)
+	@mkdir -p $(BUILD)/lib
+	cp $< $@
+
+run: deps build
+	@scripts/demo.sh
+
+test: deps build
+	$(MAKE) --no-print-directory test-rust test-c test-lua test-nginx
+	@echo "make test: all suites passed"
+
+test-rust:
+	$(CARGO) test --no-default-features
+
+test-c: $(BUILD)/lib/librsbalancer.so
+	@scripts/test-c.sh
+
+test-lua: $(BUILD)/lib/rsbalancer.so
+	@scripts/test-lua.sh
+
+test-nginx: $(BUILD)/lib/rsbalancer.so
+	RSB_LUA_SO=$(CURDIR)/$(BUILD)/lib/rsbalancer.so $(CARGO) test --no-default-features --test nginx -- --test-threads=1
+
+bench: deps build
+	$(CARGO) bench --no-default-features --bench select
+	@scripts/bench-lua.sh
+
+install: build
+	install -d $(DESTDIR)$(LUA_CDIR) $(DESTDIR)$(LUA_LDIR)/resty $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include
+	install -m 0755 $(BUILD)/lib/rsbalancer.so $(DESTDIR)$(LUA_CDIR)/rsbalancer.so
+	install -m 0755 $(BUILD)/lib/librsbalancer.so $(DESTDIR)$(PREFIX)/lib/librsbalancer.so
+	install -m 0644 include/rsbalancer.h $(DESTDIR)$(PREFIX)/include/rsbalancer.h
+	install -m 0644 lua/resty/rsbalancer.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer.lua
+
+header:
+	UPDATE_HEADER=1 $(CARGO) test --no-default-features --test header
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-features --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf $(BUILD)

@@ -1,0 +1,193 @@
+//! Retries that do not storm: a pool-wide retry budget and jittered backoff.
+//!
+//! **Budget** (Finagle's `RetryBudget`, Envoy's retry budget): retries may be at most
+//! `ratio` of the requests seen over a sliding window, plus a floor of `min_per_s`
+//! per second so that a quiet pool can still retry. All workers share one window per
+//! pool: `BUDGET_BUCKETS` buckets, each one 64-bit word holding a 16-bit bucket tag
+//! and two 24-bit counters, so recording is a single CAS and a stale bucket is reset
+//! by whoever first writes into it. A broad `proxy_next_upstream` list stays safe:
+//! nginx offers the retry, the budget decides.
+//!
+//! **Backoff** (AWS "Exponential Backoff and Jitter"): the n-th consecutive quota
+//! 429 without Retry-After rests a node for a random time in
+//! `[base, min(cap, base * 2^(n-1))]` — full jitter above the base, so that nodes
+//! cooled together do not all return at once. A server's Retry-After is honoured as a
+//! floor: jitter only ever lengthens it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rand::Rng;
+
+use crate::shm::layout::BUDGET_BUCKETS;
+
+const COUNT_MAX: u64 = (1 << 24) - 1;
+
+fn bucket_of(now_ms: u64, window_ms: u32) -> u64 {
+    now_ms / (window_ms as u64 / BUDGET_BUCKETS as u64).max(1)
+}
+
+fn unpack(word: u64) -> (u64, u64, u64) {
+    (word >> 48, (word >> 24) & COUNT_MAX, word & COUNT_MAX)
+}
+
+fn pack(tag: u64, requests: u64, retries: u64) -> u64 {
+    ((tag & 0xffff) << 48) | (requests.min(COUNT_MAX) << 24) | retries.min(COUNT_MAX)
+}
+
+/// Count one request (`retry == false`) or one retry in the current bucket.
+pub fn record(buckets: &[AtomicU64; BUDGET_BUCKETS], now_ms: u64, window_ms: u32, retry: bool) {
+    let b = bucket_of(now_ms, window_ms);
+    let cell = &buckets[(b % BUDGET_BUCKETS as u64) as usize];
+    let tag = b & 0xffff;
+    // Relaxed: a statistic; the CAS keeps each increment exactly once.
+    let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+        let (t, req, ret) = unpack(w);
+        let (req, ret) = if t == tag { (req, ret) } else { (0, 0) };
+        Some(if retry {
+            pack(tag, req, ret + 1)
+        } else {
+            pack(tag, req + 1, ret)
+        })
+    });
+}
+
+/// (requests, retries) over the window ending now.
+pub fn totals(buckets: &[AtomicU64; BUDGET_BUCKETS], now_ms: u64, window_ms: u32) -> (u64, u64) {
+    let cur = bucket_of(now_ms, window_ms) & 0xffff;
+    let mut sum = (0, 0);
+    for cell in buckets {
+        let (t, req, ret) = unpack(cell.load(Ordering::Relaxed));
+        // A bucket counts if its tag is one of the last BUDGET_BUCKETS periods.
+        if (cur.wrapping_sub(t) & 0xffff) < BUDGET_BUCKETS as u64 && (req | ret) != 0 {
+            sum.0 += req;
+            sum.1 += ret;
+        }
+    }
+    sum
+}
+
+/// Would one more retry stay within the budget?
+pub fn allows(requests: u64, retries: u64, ratio: f64, min_per_s: u32, window_ms: u32) -> bool {
+    let floor = min_per_s as f64 * window_ms as f64 / 1000.0;
+    let allowed = (ratio * requests as f64).max(floor);
+    (retries + 1) as f64 <= allowed
+}
+
+/// Cooldown after the `strikes`-th consecutive quota 429 (`strikes >= 1`).
+pub fn cooldown_ms<R: Rng + ?Sized>(
+    rng: &mut R,
+    strikes: u32,
+    retry_after_ms: u32,
+    honor_retry_after: bool,
+    base_ms: u32,
+    max_ms: u32,
+) -> u32 {
+    if honor_retry_after && retry_after_ms > 0 {
+        let jitter = rng.random_range(0..=retry_after_ms / 10);
+        return retry_after_ms
+            .saturating_add(jitter)
+            .min(max_ms.max(retry_after_ms));
+    }
+    let exp = (base_ms as u64) << (strikes.saturating_sub(1)).min(20);
+    let hi = exp.min(max_ms as u64) as u32;
+    rng.random_range(base_ms.min(hi)..=hi)
+}
+
+/// Ejection time after `ejections` earlier ones: doubling from `base`, capped,
+/// lengthened by up to 10% jitter (still capped).
+pub fn ejection_ms<R: Rng + ?Sized>(rng: &mut R, ejections: u32, base_ms: u32, max_ms: u32) -> u32 {
+    let exp = ((base_ms as u64) << ejections.min(20)).min(max_ms as u64) as u32;
+    exp.saturating_add(rng.random_range(0..=exp / 10)).min(max_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::SmallRng;
+    use rand::SeedableRng;
+
+    fn buckets() -> [AtomicU64; BUDGET_BUCKETS] {
+        std::array::from_fn(|_| AtomicU64::new(0))
+    }
+
+    #[test]
+    fn window_counts_and_forgets() {
+        let b = buckets();
+        for i in 0..100 {
+            record(&b, 1_000 + i, 10_000, false);
+        }
+        for _ in 0..7 {
+            record(&b, 1_500, 10_000, true);
+        }
+        assert_eq!(totals(&b, 2_000, 10_000), (100, 7));
+        // 9.9 s later the first bucket is still inside the window...
+        assert_eq!(totals(&b, 10_900, 10_000), (100, 7));
+        // ...and one bucket later it has left it.
+        assert_eq!(totals(&b, 11_000, 10_000), (0, 0));
+        // A stale bucket is reset by the next write into it.
+        record(&b, 11_000, 10_000, true);
+        assert_eq!(totals(&b, 11_000, 10_000), (0, 1));
+    }
+
+    #[test]
+    fn tag_wrap_does_not_resurrect_old_buckets() {
+        let b = buckets();
+        record(&b, 0, 10_000, false);
+        // 65536 bucket periods later the tag wraps to the same value, but the bucket's
+        // index is the same too and it is reset on write; reading alone sees tag equal:
+        // that is the one accepted imprecision (an idle pool for 18 hours).
+        let later = 65_536 * 1_000 + 10 * 1_000;
+        assert_eq!(totals(&b, later, 10_000), (0, 0));
+    }
+
+    #[test]
+    fn budget_ratio_and_floor() {
+        // 20% of 1000 requests: 200 retries allowed, the 201st not.
+        assert!(allows(1000, 199, 0.2, 0, 10_000));
+        assert!(!allows(1000, 200, 0.2, 0, 10_000));
+        // Floor: 3/s over 10 s = 30 retries even with no requests.
+        assert!(allows(0, 29, 0.2, 3, 10_000));
+        assert!(!allows(0, 30, 0.2, 3, 10_000));
+        assert!(!allows(0, 0, 0.0, 0, 10_000));
+    }
+
+    #[test]
+    fn cooldown_honours_retry_after_as_a_floor() {
+        let mut rng = SmallRng::seed_from_u64(7);
+        for _ in 0..1000 {
+            let d = cooldown_ms(&mut rng, 1, 5_000, true, 1_000, 60_000);
+            assert!((5_000..=5_500).contains(&d), "{d}");
+        }
+        // Capped by max_ms only when the server asks for less than the cap.
+        assert_eq!(cooldown_ms(&mut rng, 1, 90_000, true, 1_000, 60_000), 90_000);
+        // Not honoured: backoff.
+        let d = cooldown_ms(&mut rng, 1, 5_000, false, 1_000, 60_000);
+        assert_eq!(d, 1_000);
+    }
+
+    #[test]
+    fn backoff_grows_with_full_jitter_and_cap() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        for strikes in 1..=10u32 {
+            let hi = (1_000u32 << (strikes - 1)).min(60_000);
+            let samples: Vec<u32> = (0..500)
+                .map(|_| cooldown_ms(&mut rng, strikes, 0, true, 1_000, 60_000))
+                .collect();
+            assert!(samples.iter().all(|d| (1_000..=hi).contains(d)));
+            if strikes >= 3 {
+                // Jittered: not all the same.
+                assert!(samples.iter().any(|&d| d != samples[0]));
+            }
+        }
+    }
+
+    #[test]
+    fn ejection_doubles_and_caps() {
+        let mut rng = SmallRng::seed_from_u64(3);
+        let d0 = ejection_ms(&mut rng, 0, 10_000, 300_000);
+        assert!((10_000..=11_000).contains(&d0));
+        let d2 = ejection_ms(&mut rng, 2, 10_000, 300_000);
+        assert!((40_000..=44_000).contains(&d2));
+        assert_eq!(ejection_ms(&mut rng, 30, 10_000, 300_000), 300_000);
+    }
+}

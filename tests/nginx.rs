@@ -1,0 +1,706 @@
+//! End-to-end tests: the library inside real nginx (2 workers), in front of mock LLM
+//! nodes. Run with `make test-nginx` (`RSB_LUA_SO=... cargo test --no-default-features
+//! --test nginx -- --test-threads=1`). They need nginx with lua-nginx-module and a built
+//! `rsbalancer.so`, and fail (never skip) without them: see tests/support/mod.rs.
+//!
+//! The gateway is the demo template `nginx-conf/demo/gateway.conf`; the mock nodes run
+//! `nginx-conf/demo/lua/mock_llm.lua`. No assertion depends on wall-clock time; the
+//! only waits are polls with generous limits (nginx starting, reloading, respawning).
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+
+/// A pool config for the gateway's pool "llm".
+fn pool_json(algorithm: &str, nodes: &[(&str, String, u32)]) -> Value {
+    let nodes: Vec<Value> = nodes
+        .iter()
+        .map(|(id, addr, weight)| json!({ "id": id, "addr": addr, "weight": weight }))
+        .collect();
+    json!({ "pools": { "llm": { "algorithm": algorithm, "nodes": nodes } } })
+}
+
+/// `n` chat completions from `threads` threads: (status, X-Node, X-Worker, X-Upstream-Addr).
+fn load(g: &Gateway, n: usize, threads: usize) -> Vec<(u16, String, String, String)> {
+    run_parallel(n, threads, |_| {
+        let r = g.chat();
+        let h = |name: &str| r.header(name).unwrap_or("").to_string();
+        (r.status, h("X-Node"), h("X-Worker"), h("X-Upstream-Addr"))
+    })
+}
+
+/// Stats fetched concurrently until answers from at least two different workers came
+/// back (a lone client tends to land on the same worker); returns them all.
+fn stats_from_both_workers(g: &Gateway) -> Vec<(String, Value)> {
+    let mut all = Vec::new();
+    for _ in 0..20 {
+        let batch = run_parallel(16, 16, |_| {
+            let r = get(g.port, "/rsbalancer/stats");
+            assert_eq!(r.status, 200, "stats: {}", r.text());
+            (r.header("X-Worker").unwrap_or("").to_string(), r.json())
+        });
+        all.extend(batch);
+        let workers: HashSet<&str> = all.iter().map(|(w, _)| w.as_str()).collect();
+        if workers.len() >= 2 {
+            return all;
+        }
+    }
+    panic!("320 stats requests were all answered by one worker");
+}
+
+fn assert_share(counts: &BTreeMap<String, usize>, total: usize, node: &str, want_pct: f64, tol_pct: f64) {
+    let got = *counts.get(node).unwrap_or(&0) as f64 * 100.0 / total as f64;
+    assert!(
+        (got - want_pct).abs() <= tol_pct,
+        "node {node}: {got:.1}% of {total} requests, want {want_pct}% ± {tol_pct} (counts {counts:?})"
+    );
+}
+
+fn assert_no_inflight(stats: &Value) {
+    for (id, s) in stats.as_object().expect("stats object") {
+        assert_eq!(s["inflight"].as_f64(), Some(0.0), "node {id} inflight in {stats}");
+    }
+}
+
+#[test]
+fn weighted_random_follows_weights_across_both_workers() {
+    let dir = TestDir::new("weights");
+    let nodes = [
+        MockNode::new("a", 5),
+        MockNode::new("b", 5),
+        MockNode::new("c", 5),
+    ];
+    let _mocks = start_mocks(&dir, &nodes);
+    let g = start_gateway(
+        &dir,
+        &pool_json(
+            "weighted_random",
+            &[
+                ("a", nodes[0].addr(), 30),
+                ("b", nodes[1].addr(), 50),
+                ("c", nodes[2].addr(), 20),
+            ],
+        ),
+    );
+
+    let n = 2000;
+    let results = load(&g, n, 8);
+    let bad: Vec<_> = results.iter().filter(|r| r.0 != 200).collect();
+    assert!(
+        bad.is_empty(),
+        "{} requests failed, e.g. {:?}",
+        bad.len(),
+        bad.first()
+    );
+    let by_node = count(results.iter().map(|r| r.1.as_str()));
+    assert_share(&by_node, n, "a", 30.0, 4.0);
+    assert_share(&by_node, n, "b", 50.0, 4.0);
+    assert_share(&by_node, n, "c", 20.0, 4.0);
+
+    // Both workers served, so the shares above are those of the two together.
+    let by_worker = count(results.iter().map(|r| r.2.as_str()));
+    assert!(
+        by_worker.len() >= 2,
+        "one worker served everything: {by_worker:?}"
+    );
+    let workers: Vec<String> = g.nginx.workers().iter().map(|p| p.to_string()).collect();
+    for w in by_worker.keys() {
+        assert!(
+            workers.contains(w),
+            "X-Worker {w} is not a worker of the gateway ({workers:?})"
+        );
+    }
+
+    // One shared region: every worker reports the same numbers, which account for
+    // every request exactly once, with nothing left in flight.
+    let answers = stats_from_both_workers(&g);
+    let first = &answers[0].1;
+    for (w, s) in &answers {
+        assert_eq!(
+            s, first,
+            "stats from worker {w} differ from worker {}",
+            answers[0].0
+        );
+    }
+    let mut requests = 0;
+    for id in ["a", "b", "c"] {
+        assert_eq!(
+            stat(first, id, "requests"),
+            by_node[id] as u64,
+            "requests of {id}: {first}"
+        );
+        assert_eq!(stat(first, id, "picks"), stat(first, id, "requests"), "{first}");
+        assert_eq!(stat(first, id, "failures"), 0, "{first}");
+        requests += stat(first, id, "requests");
+    }
+    assert_eq!(requests, n as u64, "{first}");
+    assert_no_inflight(first);
+}
+
+#[test]
+fn retry_skips_the_refused_node_within_the_request() {
+    let dir = TestDir::new("retry");
+    let nodes = [MockNode::new("a", 2), MockNode::new("b", 2)];
+    let closed = free_port(); // nothing listens there: connection refused
+    let dead_addr = format!("127.0.0.1:{closed}");
+    let _mocks = start_mocks(&dir, &nodes);
+    let g = start_gateway(
+        &dir,
+        &pool_json(
+            "weighted_random",
+            &[
+                ("dead", dead_addr.clone(), 100),
+                ("a", nodes[0].addr(), 10),
+                ("b", nodes[1].addr(), 10),
+            ],
+        ),
+    );
+
+    let n = 300;
+    let results = load(&g, n, 8);
+    for (status, node, _, upstreams) in &results {
+        assert_eq!(*status, 200, "a request failed (tried {upstreams})");
+        assert!(
+            node == "a" || node == "b",
+            "answered by {node:?} (tried {upstreams})"
+        );
+        let tried: Vec<&str> = upstreams.split(", ").collect();
+        let unique: HashSet<&str> = tried.iter().copied().collect();
+        assert_eq!(
+            unique.len(),
+            tried.len(),
+            "a node was tried twice in one request: {upstreams}"
+        );
+    }
+    let retried = results.iter().filter(|r| r.3.starts_with(&dead_addr)).count();
+    assert!(retried > 0, "no request tried the dead node first: {results:?}");
+
+    let s = g.stats();
+    let dead_failures = stat(&s, "dead", "failures");
+    assert_eq!(dead_failures as usize, retried, "failures of the dead node: {s}");
+    assert_eq!(stat(&s, "dead", "requests"), dead_failures, "{s}");
+    assert_eq!(
+        stat(&s, "a", "requests") + stat(&s, "b", "requests"),
+        n as u64,
+        "{s}"
+    );
+    assert_eq!(stat(&s, "a", "failures") + stat(&s, "b", "failures"), 0, "{s}");
+    assert_no_inflight(&s);
+}
+
+#[test]
+fn busy_and_failing_nodes_are_retried_on_another_node() {
+    let dir = TestDir::new("busy");
+    let mut unavailable = MockNode::new("unavailable", 1);
+    unavailable.fail = "503".into();
+    let mut quota = MockNode::new("quota", 1);
+    quota.quota_rps = 1;
+    quota.quota_burst = 1;
+    let mut closing = MockNode::new("closing", 1);
+    closing.fail = "close".into();
+    let ok = MockNode::new("ok", 1);
+    let nodes = [unavailable, quota, closing, ok];
+    let mocks = start_mocks(&dir, &nodes);
+    let g = start_gateway(
+        &dir,
+        &pool_json(
+            "weighted_random",
+            &[
+                ("unavailable", nodes[0].addr(), 30),
+                ("quota", nodes[1].addr(), 30),
+                ("closing", nodes[2].addr(), 30),
+                ("ok", nodes[3].addr(), 10),
+            ],
+        ),
+    );
+
+    let n = 200;
+    let results = load(&g, n, 4);
+    for (status, node, _, upstreams) in &results {
+        assert_eq!(
+            *status,
+            200,
+            "a request failed (tried {upstreams})\n{}",
+            g.nginx.diagnostics()
+        );
+        assert!(
+            node == "ok" || node == "quota",
+            "answered by {node:?} (tried {upstreams})"
+        );
+    }
+    let s = g.stats();
+    assert!(
+        stat(&s, "unavailable", "failures") > 0,
+        "503s not counted as failures: {s}"
+    );
+    assert_eq!(
+        stat(&s, "unavailable", "failures"),
+        stat(&s, "unavailable", "requests"),
+        "{s}"
+    );
+    assert!(
+        stat(&s, "closing", "failures") > 0,
+        "closed connections not counted: {s}"
+    );
+    assert!(stat(&s, "quota", "busy") > 0, "429s not counted as busy: {s}");
+    let served: u64 = ["quota", "ok"]
+        .iter()
+        .map(|id| stat(&s, id, "requests") - stat(&s, id, "busy") - stat(&s, id, "failures"))
+        .sum();
+    assert_eq!(served, n as u64, "{s}");
+    assert_no_inflight(&s);
+
+    // The mocks' own in-flight counters (across their workers) are back to 0 as well.
+    for node in &nodes {
+        let st = get(node.port, "/mock/state").json();
+        assert_eq!(
+            st["inflight"],
+            json!(0),
+            "mock {}: {st}\n{}",
+            node.name,
+            mocks.diagnostics()
+        );
+    }
+}
+
+#[test]
+fn set_weight_changes_the_distribution_in_every_worker() {
+    let dir = TestDir::new("set-weight");
+    let nodes = [MockNode::new("a", 5), MockNode::new("b", 5)];
+    let _mocks = start_mocks(&dir, &nodes);
+    let g = start_gateway(
+        &dir,
+        &pool_json(
+            "weighted_random",
+            &[("a", nodes[0].addr(), 50), ("b", nodes[1].addr(), 50)],
+        ),
+    );
+    // Every worker has built its tables with the initial weights.
+    let before = load(&g, 200, 8);
+    assert!(before.iter().all(|r| r.0 == 200));
+    assert!(
+        count(before.iter().map(|r| r.1.as_str())).len() == 2,
+        "{before:?}"
+    );
+
+    // The admin location validates its input.
+    assert_eq!(g.set_weight("a", 0).status, 400);
+    assert_eq!(g.set_weight("nosuch", 5).status, 404);
+    assert_eq!(get(g.port, "/rsbalancer/weight?node=a&weight=5").status, 405);
+
+    let r = g.set_weight("a", 1);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({ "pool": "llm", "node": "a", "weight": 1 }));
+    for (w, s) in stats_from_both_workers(&g) {
+        assert_eq!(stat(&s, "a", "weight"), 1, "worker {w}: {s}");
+        assert_eq!(stat(&s, "b", "weight"), 50, "worker {w}: {s}");
+    }
+
+    // a now has 1/51 of the weight (2%), in each worker.
+    let after = load(&g, 1000, 8);
+    assert!(after.iter().all(|r| r.0 == 200));
+    let mut per_worker: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for (_, node, worker, _) in &after {
+        let e = per_worker.entry(worker.as_str()).or_default();
+        e.1 += 1;
+        if node == "a" {
+            e.0 += 1;
+        }
+    }
+    assert!(
+        per_worker.len() >= 2,
+        "one worker served everything: {per_worker:?}"
+    );
+    for (w, (a, total)) in &per_worker {
+        assert!(
+            *a as f64 <= *total as f64 * 0.10,
+            "worker {w}: a served {a} of {total} after its weight went 50 -> 1"
+        );
+    }
+}
+
+#[test]
+fn nginx_t_refuses_a_bad_pool_config_naming_the_field() {
+    let dir = TestDir::new("nginx-t");
+    let port = free_port();
+    let json = pool_json(
+        "weighted_random",
+        &[("a", "127.0.0.1:9".into(), 10), ("b", "127.0.0.1:10".into(), 0)],
+    );
+    let (conf, _) = write_gateway(&dir, port, &json);
+    let out = nginx_test_config(dir.path(), &conf);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nginx -t accepted weight 0:\n{stderr}");
+    assert!(
+        stderr.contains("pools.llm.nodes[1].weight"),
+        "stderr does not name the field:\n{stderr}"
+    );
+    assert!(stderr.contains("0 is out of range 1..=10000"), "{stderr}");
+
+    // The same config with a valid weight passes.
+    let json = pool_json(
+        "weighted_random",
+        &[("a", "127.0.0.1:9".into(), 10), ("b", "127.0.0.1:10".into(), 5)],
+    );
+    let (conf, _) = write_gateway(&dir, port, &json);
+    let out = nginx_test_config(dir.path(), &conf);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn reload_with_bad_config_keeps_serving_and_good_reload_keeps_counters() {
+    let dir = TestDir::new("reload");
+    let nodes = [
+        MockNode::new("a", 2),
+        MockNode::new("b", 2),
+        MockNode::new("c", 2),
+    ];
+    let _mocks = start_mocks(&dir, &nodes);
+    let all = [
+        ("a", nodes[0].addr(), 30),
+        ("b", nodes[1].addr(), 50),
+        ("c", nodes[2].addr(), 20),
+    ];
+    let g = start_gateway(&dir, &pool_json("weighted_random", &all));
+    assert!(load(&g, 300, 8).iter().all(|r| r.0 == 200));
+    let s1 = g.stats();
+    assert_eq!(
+        ["a", "b", "c"]
+            .iter()
+            .map(|id| stat(&s1, id, "requests"))
+            .sum::<u64>(),
+        300
+    );
+
+    // A bad config: nginx refuses the reload and the old workers go on serving.
+    let workers = g.nginx.workers();
+    let log_len = g.nginx.error_log().len();
+    std::fs::write(
+        &g.json,
+        r#"{"pools":{"llm":{"nodes":[{"id":"a","addr":"127.0.0.1:1","weight":0}]}}}"#,
+    )
+    .unwrap();
+    g.nginx.signal(libc::SIGHUP);
+    let mut refused = String::new();
+    wait_until(
+        Duration::from_secs(10),
+        "the refused reload in the error log",
+        || {
+            refused = g.nginx.error_log()[log_len..].to_string();
+            refused.contains("[emerg]")
+        },
+    );
+    assert!(
+        refused.contains("pools.llm.nodes[0].weight"),
+        "reload error: {refused}"
+    );
+    let after_bad = load(&g, 100, 4);
+    assert!(after_bad.iter().all(|r| r.0 == 200), "{after_bad:?}");
+    assert_eq!(
+        g.nginx.workers(),
+        workers,
+        "the workers changed on a refused reload"
+    );
+    let s2 = g.stats();
+    assert_eq!(
+        ["a", "b", "c"]
+            .iter()
+            .map(|id| stat(&s2, id, "requests"))
+            .sum::<u64>(),
+        400,
+        "{s2}"
+    );
+
+    // A good config without c: new workers, counters of a and b kept, c gets nothing.
+    std::fs::write(&g.json, pool_json("weighted_random", &all[..2]).to_string()).unwrap();
+    g.nginx.signal(libc::SIGHUP);
+    g.nginx.wait_workers(2, &workers);
+    let s3 = g.stats();
+    assert!(s3.get("c").is_none(), "c still listed after the reload: {s3}");
+    for id in ["a", "b"] {
+        assert_eq!(
+            stat(&s3, id, "requests"),
+            stat(&s2, id, "requests"),
+            "{id} reset by reload: {s3}"
+        );
+    }
+    let c_served = get(nodes[2].port, "/mock/state").json()["served"].clone();
+    let results = load(&g, 300, 8);
+    assert!(results.iter().all(|r| r.0 == 200 && r.1 != "c"), "{results:?}");
+    let by_node = count(results.iter().map(|r| r.1.as_str()));
+    let s4 = g.stats();
+    for id in ["a", "b"] {
+        assert_eq!(
+            stat(&s4, id, "requests"),
+            stat(&s2, id, "requests") + *by_node.get(id).unwrap_or(&0) as u64,
+            "{id}: {s4}"
+        );
+    }
+    assert_eq!(
+        get(nodes[2].port, "/mock/state").json()["served"],
+        c_served,
+        "c got traffic"
+    );
+    assert_no_inflight(&s4);
+}
+
+#[test]
+fn killed_worker_leaves_no_inflight_behind() {
+    let dir = TestDir::new("kill9");
+    let nodes = [
+        MockNode::new("a", 100),
+        MockNode::new("b", 100),
+        MockNode::new("c", 100),
+    ];
+    let _mocks = start_mocks(&dir, &nodes);
+    let g = start_gateway(
+        &dir,
+        &pool_json(
+            "least_conn",
+            &[
+                ("a", nodes[0].addr(), 30),
+                ("b", nodes[1].addr(), 50),
+                ("c", nodes[2].addr(), 20),
+            ],
+        ),
+    );
+    let workers = g.nginx.workers();
+    let victim = workers[0];
+
+    let stop = AtomicBool::new(false);
+    let sent = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    // Requests on the killed worker fail; that is expected.
+                    let _ = http(g.port, "POST", "/v1/chat/completions", Some(CHAT_BODY));
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        // Kill the worker while it has requests in flight.
+        wait_until(Duration::from_secs(10), "requests in flight", || {
+            let st = g.stats();
+            ["a", "b", "c"]
+                .iter()
+                .map(|id| stat(&st, id, "inflight"))
+                .sum::<u64>()
+                >= 8
+        });
+        signal(victim, libc::SIGKILL);
+        let respawned = g.nginx.wait_workers(2, &[victim]);
+        assert!(!respawned.contains(&victim));
+        // More traffic on the new worker, then stop.
+        let until = sent.load(Ordering::Relaxed) + 200;
+        wait_until(Duration::from_secs(20), "traffic after the respawn", || {
+            sent.load(Ordering::Relaxed) >= until
+        });
+        stop.store(true, Ordering::Relaxed);
+    });
+
+    let s = g.stats();
+    assert_no_inflight(&s);
+    let log = g.nginx.error_log();
+    assert!(
+        log.contains(&format!("{victim} exited on signal 9")),
+        "no sign of the kill in the error log:\n{log}"
+    );
+    // And the gateway serves as before.
+    let r = g.chat();
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn demo_configs_serve_chat_stream_stats_and_weights() {
+    let dir = TestDir::new("demo");
+    let (pa, pb, pc, pg) = (free_port(), free_port(), free_port(), free_port());
+    let demo = repo().join("nginx-conf/demo");
+    let json = dir.path().join("rsbalancer.json");
+    let mut vars = gateway_vars(&dir, pg, &json);
+    vars.extend([
+        ("DEMO", demo.display().to_string()),
+        ("PORT_A", pa.to_string()),
+        ("PORT_B", pb.to_string()),
+        ("PORT_C", pc.to_string()),
+    ]);
+    for name in ["mock-nodes.conf", "gateway.conf", "rsbalancer.json"] {
+        let text = std::fs::read_to_string(demo.join(name)).unwrap();
+        dir.write(name, &render(&text, &vars));
+    }
+    let demo_json: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let weights: Vec<u64> = demo_json["pools"]["llm"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["weight"].as_u64().unwrap())
+        .collect();
+    assert_eq!(weights, [30, 50, 20]);
+
+    let _mocks = Nginx::start(
+        &dir,
+        "mocks",
+        &dir.path().join("mock-nodes.conf"),
+        &dir.path().join("mock-nodes-error.log"),
+        &[pa, pb, pc],
+    );
+    let gw = Nginx::start(
+        &dir,
+        "gateway",
+        &dir.path().join("gateway.conf"),
+        &dir.path().join("gateway-error.log"),
+        &[pg],
+    );
+    gw.wait_workers(2, &[]);
+    // c is the slow node (1.5 s): keep it out of the way.
+    let r = post(pg, "/rsbalancer/weight?node=c&weight=1", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let r = post(pg, "/v1/chat/completions", CHAT_BODY);
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.diagnostics());
+    let node = r.header("X-Node").expect("X-Node").to_string();
+    assert!(["a", "b", "c"].contains(&node.as_str()), "{node}");
+    assert!(r.header("X-Worker").is_some());
+    let body = r.json();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "mock-llm");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert!(body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains(&node));
+    assert!(body["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
+
+    let r = post(pg, "/v1/chat/completions", STREAM_BODY);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("Content-Type"), Some("text/event-stream"));
+    let text = r.text();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(events.len() > 3, "{text}");
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let mut content = String::new();
+    for e in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(e.strip_prefix("data: ").expect("data: line")).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        content.push_str(chunk["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+    }
+    assert!(content.starts_with("Hello from mock node"), "{content}");
+
+    let r = get(pg, "/rsbalancer/stats");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Content-Type"), Some("application/json"));
+    let s = r.json();
+    assert_eq!(stat(&s, "c", "weight"), 1);
+    assert_eq!(
+        ["a", "b", "c"]
+            .iter()
+            .map(|id| stat(&s, id, "requests"))
+            .sum::<u64>(),
+        2,
+        "{s}"
+    );
+}
+
+#[test]
+fn mock_nodes_behave_like_busy_llm_endpoints() {
+    let dir = TestDir::new("mocks");
+    let mut capped = MockNode::new("capped", 300);
+    capped.max_conc = 2;
+    capped.retry_after = 7;
+    let mut quota = MockNode::new("quota", 0);
+    quota.quota_rps = 1;
+    quota.quota_burst = 3;
+    let plain = MockNode::new("plain", 0);
+    let mocks = start_mocks(&dir, &[capped.clone(), quota.clone(), plain.clone()]);
+
+    // Concurrency cap, counted across the mock's two workers.
+    let results = run_parallel(8, 8, |_| post(capped.port, "/v1/chat/completions", CHAT_BODY));
+    let ok = results.iter().filter(|r| r.status == 200).count();
+    let busy: Vec<_> = results.iter().filter(|r| r.status == 429).collect();
+    assert!(
+        (1..=2).contains(&ok),
+        "{ok} of 8 concurrent requests passed a cap of 2"
+    );
+    assert_eq!(ok + busy.len(), 8);
+    assert_eq!(busy[0].header("Retry-After"), Some("7"));
+    assert_eq!(busy[0].header("X-Node"), Some("capped"));
+    assert_eq!(busy[0].json()["error"]["code"], "rate_limit_exceeded");
+    let st = get(capped.port, "/mock/state").json();
+    assert_eq!(st["inflight"], json!(0), "{st}");
+
+    // Token bucket: 3 at once, then 429 with Retry-After in seconds.
+    let statuses: Vec<Response> = (0..6)
+        .map(|_| post(quota.port, "/v1/chat/completions", CHAT_BODY))
+        .collect();
+    let passed = statuses.iter().filter(|r| r.status == 200).count();
+    assert!((3..=4).contains(&passed), "burst of 3: {passed} of 6 passed");
+    let limited = statuses.iter().find(|r| r.status == 429).expect("a 429");
+    let ra: u64 = limited
+        .header("Retry-After")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!(ra >= 1, "{ra}");
+
+    // Runtime knobs: 503, closed connections, and back.
+    let r = post(plain.port, "/mock/set?fail=503", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = post(plain.port, "/v1/chat/completions", CHAT_BODY);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"]["type"], "server_error");
+    post(plain.port, "/mock/set?fail=close", "");
+    let e = http(plain.port, "POST", "/v1/chat/completions", Some(CHAT_BODY));
+    assert!(e.is_err(), "a response from a closing node: {e:?}");
+    post(plain.port, "/mock/set?fail=", "");
+    assert_eq!(get(plain.port, "/health").status, 200);
+    assert_eq!(get(plain.port, "/v1/chat/completions").status, 405);
+    assert_eq!(get(plain.port, "/nope").status, 404);
+    let st = get(plain.port, "/mock/state").json();
+    assert_eq!(st["inflight"], json!(0), "{st}\n{}", mocks.diagnostics());
+}
+
+#[test]
+fn example_openai_conf_passes_nginx_t() {
+    let dir = TestDir::new("example");
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    let json = dir.write(
+        "openai.json",
+        &pool_json(
+            "p2c_ewma",
+            &[
+                ("east", "127.0.0.1:8443".into(), 1),
+                ("west", "127.0.0.1:9443".into(), 1),
+            ],
+        )
+        .to_string()
+        .replace("\"llm\"", "\"openai\""),
+    );
+    let text = std::fs::read_to_string(repo().join("nginx-conf/example-openai.conf")).unwrap();
+    for needle in [
+        "proxy_ssl_server_name on;",
+        "proxy_ssl_name ",
+        "proxy_set_header Host ",
+    ] {
+        assert!(text.contains(needle), "example-openai.conf lacks {needle}");
+    }
+    let modules = nginx_modules().display().to_string();
+    let conf = text
+        .replace("/etc/nginx/rsbalancer-openai.json", &json.display().to_string())
+        .replace("/usr/local/share/lua/5.1/", &format!("{}/lua/", repo().display()))
+        .replace("/usr/local/lib/lua/5.1", &dir.lib_dir().display().to_string())
+        .replace("/usr/lib/nginx/modules", &modules)
+        .replace("user www-data;", user_line());
+    let conf = dir.write("example-openai.conf", &conf);
+    let out = nginx_test_config(dir.path(), &conf);
+    assert!(
+        out.status.success(),
+        "nginx -t:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,852 @@
+//! Support for the nginx end-to-end tests (`tests/nginx.rs`, `make test-nginx`).
+//!
+//! - Locating what the tests need: nginx (`$NGINX`, `/usr/sbin/nginx` or `PATH`), its
+//!   lua modules (`$NGINX_MODULES`, default `/usr/lib/nginx/modules`) and the Lua module
+//!   `rsbalancer.so` (`$RSB_LUA_SO`, else `build/lib/rsbalancer.so` of this checkout).
+//!   A missing piece PANICS with what to do: a test that needs nginx fails loudly, it
+//!   never passes or skips.
+//! - [`TestDir`]: a scratch directory for rendered configs, logs and pid files; kept
+//!   (and its path printed) when the test panics, removed otherwise.
+//! - [`Nginx`]: one nginx started in the foreground (`daemon off; master_process on;`)
+//!   as a child of the test. Dropping it (also while a test panics) stops the master,
+//!   escalating SIGTERM -> SIGKILL, and SIGKILLs any worker left behind, so no nginx
+//!   outlives a test.
+//! - Configs: the mock LLM nodes are `nginx-conf/demo/lua/mock_llm.lua` in servers
+//!   written by [`start_mocks`]; the gateway is the demo template
+//!   `nginx-conf/demo/gateway.conf`, rendered by [`start_gateway`], so the tests run the
+//!   configuration `make run` ships.
+//! - A minimal HTTP/1.1 client over `std::net::TcpStream` ([`http`], [`get`], [`post`],
+//!   one request per connection) and [`run_parallel`].
+//!
+//! Privileges: nginx started as root runs its workers as `nobody`, which may not be able
+//! to read a checkout under a 0700 home. When the tests run as root the configs say
+//! `user root;` (workers keep root's rights; everything listens on 127.0.0.1 only); as
+//! any other user no `user` line is written and the workers run as that user. Either
+//! way the workers can read the checkout and write the scratch directory.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The checkout (where Cargo.toml is).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The nginx binary: `$NGINX`, `/usr/sbin/nginx`, or `nginx` on `PATH`. Panics if none.
+pub fn nginx_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NGINX") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "NGINX={} is not a file", p.display());
+        return p;
+    }
+    let mut candidates = vec![PathBuf::from("/usr/sbin/nginx")];
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("nginx")));
+    }
+    candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!(
+            "nginx not found (tried $NGINX, /usr/sbin/nginx and PATH): the nginx end-to-end \
+             tests need it. Install it with `make deps` (Debian 12: nginx-core \
+             libnginx-mod-http-lua lua-resty-core luajit2)."
+        )
+    })
+}
+
+/// nginx's module directory, holding the NDK and lua modules. Panics if they are missing.
+pub fn nginx_modules() -> PathBuf {
+    let dir = std::env::var_os("NGINX_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/nginx/modules"));
+    for m in ["ndk_http_module.so", "ngx_http_lua_module.so"] {
+        assert!(
+            dir.join(m).is_file(),
+            "{} not found: the nginx tests need lua-nginx-module (Debian: `make deps` installs \
+             libnginx-mod-http-lua); set NGINX_MODULES to another module directory",
+            dir.join(m).display()
+        );
+    }
+    dir
+}
+
+/// The Lua module: `$RSB_LUA_SO`, else `build/lib/rsbalancer.so`. Panics if missing.
+pub fn lua_so() -> PathBuf {
+    let path = match std::env::var_os("RSB_LUA_SO") {
+        Some(p) => PathBuf::from(p),
+        None => repo().join("build/lib/rsbalancer.so"),
+    };
+    assert!(
+        path.is_file(),
+        "the Lua module {} is missing: run `make build` (or `make test-nginx`, which sets \
+         RSB_LUA_SO) before these tests",
+        path.display()
+    );
+    path.canonicalize().expect("canonical path of the Lua module")
+}
+
+/// A port on 127.0.0.1 that was free a moment ago and that this process has not handed
+/// out before (the kernel may offer the same ephemeral port twice in a row).
+pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if given.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+}
+
+/// True if something accepts connections on 127.0.0.1:`port`.
+pub fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
+}
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ----------------------------------------------------------------------------------
+// Scratch directories
+
+/// A scratch directory under the system temp dir, world-readable (0755) so that nginx
+/// workers running as another user can still read it.
+pub struct TestDir {
+    path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "rsb-nginx-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(path.join("tmp")).expect("create test dir");
+        set_mode(&path, 0o755);
+        TestDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `contents` to `name` inside the directory; returns the full path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.path.join(name);
+        fs::write(&p, contents).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        set_mode(&p, 0o644);
+        p
+    }
+
+    /// A directory holding the Lua module as `rsbalancer.so` (what `package.cpath`
+    /// finds): the module's own directory when it has that name, else a symlink here.
+    pub fn lib_dir(&self) -> PathBuf {
+        let so = lua_so();
+        if so.file_name().is_some_and(|n| n == "rsbalancer.so") {
+            return so.parent().expect("parent of the Lua module").to_path_buf();
+        }
+        let dir = self.path.join("lib");
+        fs::create_dir_all(&dir).expect("create lib dir");
+        let link = dir.join("rsbalancer.so");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&so, &link).expect("symlink rsbalancer.so");
+        dir
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test failed: configs and logs kept in {}", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = fs::set_permissions(p, fs::Permissions::from_mode(mode));
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The `user` line of a config: see the module documentation.
+pub fn user_line() -> &'static str {
+    if is_root() {
+        "user root;"
+    } else {
+        ""
+    }
+}
+
+/// Fills the `@NAME@` placeholders of a template; panics if one is left.
+pub fn render(template: &str, vars: &[(&str, String)]) -> String {
+    let mut out = template.to_string();
+    for (k, v) in vars {
+        out = out.replace(&format!("@{k}@"), v);
+    }
+    let b = out.as_bytes();
+    for (i, _) in out.match_indices('@') {
+        let name_len = b[i + 1..]
+            .iter()
+            .take_while(|c| c.is_ascii_uppercase() || **c == b'_')
+            .count();
+        assert!(
+            name_len == 0 || b.get(i + 1 + name_len) != Some(&b'@'),
+            "placeholder {} left unfilled",
+            &out[i..i + name_len + 2]
+        );
+    }
+    out
+}
+
+// ----------------------------------------------------------------------------------
+// nginx processes
+
+/// One nginx (master + workers) started by a test; stopped on drop.
+pub struct Nginx {
+    name: String,
+    child: Option<Child>,
+    prefix: PathBuf,
+    conf: PathBuf,
+    /// The error_log file the config names.
+    error_log: PathBuf,
+    stderr: PathBuf,
+}
+
+/// `nginx -p <prefix> -c <conf> ...` with stderr in `<prefix>/<name>.stderr`.
+fn nginx_command(prefix: &Path, conf: &Path) -> Command {
+    let mut cmd = Command::new(nginx_bin());
+    cmd.arg("-p").arg(prefix).arg("-c").arg(conf);
+    cmd
+}
+
+/// `nginx -t` on a config; returns the process output (status, stderr).
+pub fn nginx_test_config(prefix: &Path, conf: &Path) -> Output {
+    nginx_command(prefix, conf)
+        .arg("-t")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run nginx -t")
+}
+
+impl Nginx {
+    /// Starts `conf` (a file in `dir`) and waits until every port in `ports` accepts
+    /// connections. `error_log` is the file the config logs to (for diagnostics).
+    pub fn start(dir: &TestDir, name: &str, conf: &Path, error_log: &Path, ports: &[u16]) -> Nginx {
+        let stderr = dir.path().join(format!("{name}.stderr"));
+        let child = nginx_command(dir.path(), conf)
+            .arg("-g")
+            .arg("daemon off; master_process on;")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&stderr).expect("create stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", nginx_bin().display()));
+        let mut n = Nginx {
+            name: name.to_string(),
+            child: Some(child),
+            prefix: dir.path().to_path_buf(),
+            conf: conf.to_path_buf(),
+            error_log: error_log.to_path_buf(),
+            stderr,
+        };
+        let start = Instant::now();
+        for &port in ports {
+            while !port_open(port) {
+                if let Some(status) = n.child.as_mut().unwrap().try_wait().expect("try_wait") {
+                    n.child = None;
+                    panic!(
+                        "{name} nginx exited ({status}) before listening on {port}\n{}",
+                        n.diagnostics()
+                    );
+                }
+                if start.elapsed() > Duration::from_secs(15) {
+                    panic!(
+                        "{name} nginx does not listen on {port} after 15 s\n{}",
+                        n.diagnostics()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        n
+    }
+
+    /// The master's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("nginx running").id() as i32
+    }
+
+    /// Live workers (not those shutting down after a reload), sorted.
+    pub fn workers(&self) -> Vec<i32> {
+        children(self.pid())
+            .into_iter()
+            .filter(|&(_, ref cmd)| {
+                cmd.starts_with("nginx: worker process") && !cmd.contains("shutting down")
+            })
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// Waits until `n` live workers run, none of them in `not`; returns them.
+    pub fn wait_workers(&self, n: usize, not: &[i32]) -> Vec<i32> {
+        let mut w = Vec::new();
+        wait_until(
+            Duration::from_secs(15),
+            &format!("{} workers of {}", n, self.name),
+            || {
+                w = self.workers();
+                w.len() == n && w.iter().all(|p| !not.contains(p))
+            },
+        );
+        w
+    }
+
+    pub fn signal(&self, sig: i32) {
+        signal(self.pid(), sig);
+    }
+
+    /// The error log so far.
+    pub fn error_log(&self) -> String {
+        fs::read_to_string(&self.error_log).unwrap_or_default()
+    }
+
+    pub fn error_log_path(&self) -> &Path {
+        &self.error_log
+    }
+
+    pub fn conf(&self) -> &Path {
+        &self.conf
+    }
+
+    pub fn prefix(&self) -> &Path {
+        &self.prefix
+    }
+
+    /// stderr and the tail of the error log, for panic messages.
+    pub fn diagnostics(&self) -> String {
+        let stderr = fs::read_to_string(&self.stderr).unwrap_or_default();
+        let log = self.error_log();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "--- {} stderr ({}):\n{stderr}--- {} error log tail ({}):\n{}",
+            self.name,
+            self.stderr.display(),
+            self.name,
+            self.error_log.display(),
+            tail.join("\n")
+        )
+    }
+
+    /// Stops nginx: SIGTERM (fast shutdown: the master stops its workers and exits),
+    /// SIGKILL after 5 s, then SIGKILL for any worker left behind. Idempotent.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let master = child.id() as i32;
+        let mut workers: Vec<i32> = children(master).into_iter().map(|(p, _)| p).collect();
+        signal(master, libc::SIGTERM);
+        let start = Instant::now();
+        let mut exited = false;
+        while start.elapsed() < Duration::from_secs(5) {
+            workers.extend(children(master).into_iter().map(|(p, _)| p));
+            if child.try_wait().ok().flatten().is_some() {
+                exited = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !exited {
+            eprintln!(
+                "{} nginx (pid {master}) ignored SIGTERM for 5 s: SIGKILL",
+                self.name
+            );
+            workers.extend(children(master).into_iter().map(|(p, _)| p));
+            signal(master, libc::SIGKILL);
+            let _ = child.wait();
+        }
+        // Workers normally exit before their master; make sure of it (a worker outlives a
+        // master that was SIGKILLed). A pid is only killed while it is still an nginx
+        // process, in case it was reused.
+        workers.sort_unstable();
+        workers.dedup();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for pid in workers {
+            while is_nginx(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if is_nginx(pid) {
+                eprintln!("{}: worker {pid} outlived its master: SIGKILL", self.name);
+                signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.child.is_some() {
+            eprintln!("{}", self.diagnostics());
+        }
+        self.stop();
+    }
+}
+
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) with a pid of a process this test started; no memory is involved.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            panic!("kill({pid}, {sig}): {e}");
+        }
+    }
+}
+
+/// (pid, command line) of the children of `parent`, from /proc.
+pub fn children(parent: i32) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Some((ppid, state)) = stat(pid) else { continue };
+        if ppid == parent && state != 'Z' {
+            out.push((pid, cmdline(pid)));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// (ppid, state) of a process.
+fn stat(pid: i32) -> Option<(i32, char)> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = s.rsplit_once(") ")?;
+    let mut f = rest.split(' ');
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    Some((ppid, state))
+}
+
+fn cmdline(pid: i32) -> String {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " ").trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Is `pid` a live (not zombie) nginx process?
+pub fn is_nginx(pid: i32) -> bool {
+    matches!(stat(pid), Some((_, s)) if s != 'Z') && cmdline(pid).starts_with("nginx:")
+}
+
+// ----------------------------------------------------------------------------------
+// Mock LLM nodes
+
+/// One mock node: a server block running `mock_llm.lua` (knobs documented there).
+#[derive(Clone, Debug)]
+pub struct MockNode {
+    pub name: String,
+    pub port: u16,
+    pub latency_ms: u32,
+    pub chunk_ms: u32,
+    pub max_conc: u32,
+    pub retry_after: u32,
+    pub quota_rps: u32,
+    pub quota_burst: u32,
+    /// "", "503" or "close".
+    pub fail: String,
+}
+
+impl MockNode {
+    /// A healthy node on a fresh port, answering after `latency_ms`.
+    pub fn new(name: &str, latency_ms: u32) -> MockNode {
+        MockNode {
+            name: name.to_string(),
+            port: free_port(),
+            latency_ms,
+            chunk_ms: 5,
+            max_conc: 0,
+            retry_after: 0,
+            quota_rps: 0,
+            quota_burst: 0,
+            fail: String::new(),
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// Writes `mocks.conf` for `nodes` (2 workers, shared in-flight counters) and starts it.
+pub fn start_mocks(dir: &TestDir, nodes: &[MockNode]) -> Nginx {
+    let d = dir.path().display();
+    let mut servers = String::new();
+    for n in nodes {
+        write!(
+            servers,
+            r#"
+    server {{
+        listen 127.0.0.1:{port};
+        set $mock_node {name};
+        set $mock_latency_ms {latency};
+        set $mock_chunk_ms {chunk};
+        set $mock_max_conc {conc};
+        set $mock_retry_after {ra};
+        set $mock_quota_rps {rps};
+        set $mock_quota_burst {burst};
+        set $mock_fail "{fail}";
+        location / {{
+            content_by_lua_block {{ require("mock_llm").handle() }}
+            log_by_lua_block {{ require("mock_llm").log() }}
+        }}
+    }}
+"#,
+            port = n.port,
+            name = n.name,
+            latency = n.latency_ms,
+            chunk = n.chunk_ms,
+            conc = n.max_conc,
+            ra = n.retry_after,
+            rps = n.quota_rps,
+            burst = n.quota_burst,
+            fail = n.fail,
+        )
+        .unwrap();
+    }
+    let modules = nginx_modules();
+    let conf = format!(
+        r#"# Mock LLM nodes, written by tests/support/mod.rs.
+{user}
+load_module {modules}/ndk_http_module.so;
+load_module {modules}/ngx_http_lua_module.so;
+worker_processes 2;
+pid {d}/mocks.pid;
+error_log {d}/mocks-error.log notice;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp/mock_body;
+    proxy_temp_path {d}/tmp/mock_proxy;
+    fastcgi_temp_path {d}/tmp/mock_fastcgi;
+    uwsgi_temp_path {d}/tmp/mock_uwsgi;
+    scgi_temp_path {d}/tmp/mock_scgi;
+    client_body_buffer_size 1m;
+    keepalive_requests 100000;
+    lua_package_path "{demo}/lua/?.lua;;";
+    lua_shared_dict mock_llm 1m;
+    init_by_lua_block {{ require("mock_llm") }}
+{servers}}}
+"#,
+        user = user_line(),
+        modules = modules.display(),
+        demo = repo().join("nginx-conf/demo").display(),
+    );
+    let path = dir.write("mocks.conf", &conf);
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    let ngx = Nginx::start(dir, "mocks", &path, &dir.path().join("mocks-error.log"), &ports);
+    for n in nodes {
+        if n.fail.is_empty() {
+            let r = get(n.port, "/health");
+            assert_eq!(r.status, 200, "mock {} /health: {}", n.name, r.text());
+        }
+    }
+    ngx
+}
+
+// ----------------------------------------------------------------------------------
+// The gateway
+
+/// The placeholders of the demo templates, for a gateway in `dir` on `port`.
+pub fn gateway_vars(dir: &TestDir, port: u16, config: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("USER", user_line().to_string()),
+        ("MODULES", nginx_modules().display().to_string()),
+        ("RUNTIME", dir.path().display().to_string()),
+        ("REPO", repo().display().to_string()),
+        ("LIBDIR", dir.lib_dir().display().to_string()),
+        ("CONFIG", config.display().to_string()),
+        ("PORT", port.to_string()),
+    ]
+}
+
+/// Renders `nginx-conf/demo/gateway.conf` into `dir/gateway.conf` with the pool config
+/// `json` in `dir/rsbalancer.json`; returns (conf path, json path).
+pub fn write_gateway(dir: &TestDir, port: u16, json: &Value) -> (PathBuf, PathBuf) {
+    let json_path = dir.write("rsbalancer.json", &serde_json::to_string_pretty(json).unwrap());
+    let template =
+        fs::read_to_string(repo().join("nginx-conf/demo/gateway.conf")).expect("read gateway.conf");
+    let conf = render(&template, &gateway_vars(dir, port, &json_path));
+    (dir.write("gateway.conf", &conf), json_path)
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub nginx: Nginx,
+    pub port: u16,
+    pub json: PathBuf,
+}
+
+/// Starts the demo gateway (2 workers) with pool config `json`, and waits until both
+/// workers run and it answers.
+pub fn start_gateway(dir: &TestDir, json: &Value) -> Gateway {
+    let port = free_port();
+    let (conf, json_path) = write_gateway(dir, port, json);
+    let nginx = Nginx::start(
+        dir,
+        "gateway",
+        &conf,
+        &dir.path().join("gateway-error.log"),
+        &[port],
+    );
+    nginx.wait_workers(2, &[]);
+    let r = get(port, "/rsbalancer/stats");
+    assert_eq!(
+        r.status,
+        200,
+        "gateway stats: {}\n{}",
+        r.text(),
+        nginx.diagnostics()
+    );
+    Gateway {
+        nginx,
+        port,
+        json: json_path,
+    }
+}
+
+impl Gateway {
+    /// `GET /rsbalancer/stats`: { node id: { weight, inflight, picks, requests, ... } }.
+    pub fn stats(&self) -> Value {
+        let r = get(self.port, "/rsbalancer/stats");
+        assert_eq!(r.status, 200, "stats: {}", r.text());
+        r.json()
+    }
+
+    /// A chat completion through the gateway.
+    pub fn chat(&self) -> Response {
+        post(self.port, "/v1/chat/completions", CHAT_BODY)
+    }
+
+    pub fn set_weight(&self, node: &str, weight: u32) -> Response {
+        post(
+            self.port,
+            &format!("/rsbalancer/weight?node={node}&weight={weight}"),
+            "",
+        )
+    }
+}
+
+pub const CHAT_BODY: &str = r#"{"model":"mock-llm","messages":[{"role":"user","content":"Say hello."}]}"#;
+pub const STREAM_BODY: &str =
+    r#"{"model":"mock-llm","stream":true,"messages":[{"role":"user","content":"Say hello."}]}"#;
+
+/// A counter field of a node in a stats document, as u64 (panics if absent).
+pub fn stat(stats: &Value, node: &str, field: &str) -> u64 {
+    stats[node][field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("stats[{node}][{field}] missing in {stats}")) as u64
+}
+
+// ----------------------------------------------------------------------------------
+// HTTP client
+
+/// A response: status, headers (names as sent), body (de-chunked).
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("response is not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// One HTTP/1.1 request on a new connection to 127.0.0.1:`port` (`Connection: close`).
+pub fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> io::Result<Response> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    if let Some(b) = body {
+        write!(
+            req,
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        )
+        .unwrap();
+    }
+    req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    s.write_all(req.as_bytes())?;
+    let _ = s.shutdown(Shutdown::Write);
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+fn bad(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+fn parse_response(raw: &[u8]) -> io::Result<Response> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad(format!("no end of headers in {:?}", String::from_utf8_lossy(raw))))?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|e| bad(e.to_string()))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut r = Response {
+        status,
+        headers,
+        body: raw[end + 4..].to_vec(),
+    };
+    if r.header("Transfer-Encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        r.body = dechunk(&r.body)?;
+    } else if let Some(len) = r.header("Content-Length").and_then(|v| v.parse::<usize>().ok()) {
+        if r.body.len() < len {
+            return Err(bad(format!(
+                "body of {} bytes, Content-Length {len}",
+                r.body.len()
+            )));
+        }
+        r.body.truncate(len);
+    }
+    Ok(r)
+}
+
+fn dechunk(mut b: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| bad("truncated chunk size".into()))?;
+        let size_text = std::str::from_utf8(&b[..eol]).map_err(|e| bad(e.to_string()))?;
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size =
+            usize::from_str_radix(size_text, 16).map_err(|_| bad(format!("bad chunk size {size_text:?}")))?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if b.len() < size + 2 {
+            return Err(bad("truncated chunk".into()));
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+/// GET, panicking on a transport error.
+pub fn get(port: u16, path: &str) -> Response {
+    http(port, "GET", path, None).unwrap_or_else(|e| panic!("GET 127.0.0.1:{port}{path}: {e}"))
+}
+
+/// POST with a JSON body, panicking on a transport error.
+pub fn post(port: u16, path: &str, body: &str) -> Response {
+    http(port, "POST", path, Some(body)).unwrap_or_else(|e| panic!("POST 127.0.0.1:{port}{path}: {e}"))
+}
+
+/// Runs `f(0..n)` on `threads` threads; results in index order. A panic in `f` fails
+/// the caller.
+pub fn run_parallel<T: Send>(n: usize, threads: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let next = AtomicUsize::new(0);
+    let mut all: Vec<(usize, T)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            return mine;
+                        }
+                        mine.push((i, f(i)));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    all.sort_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, t)| t).collect()
+}
+
+/// How many times each value occurs.
+pub fn count<'a>(values: impl IntoIterator<Item = &'a str>) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for v in values {
+        *m.entry(v.to_string()).or_insert(0) += 1;
+    }
+    m
+}
