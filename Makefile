@@ -34,13 +34,14 @@ $(C_SO): $(SOURCES)
 	$(CARGO) build --release --no-default-features --target-dir target/c
 
 # Lua finds modules as <name>.so on package.cpath; ffi.load uses the same file.
+# Copy then rename: overwriting a mapped .so in place would crash running nginx.
 $(BUILD)/lib/rsbalancer.so: $(LUA_SO)
 	@mkdir -p $(BUILD)/lib
-	cp $< $@
+	cp $< $@.tmp && mv -f $@.tmp $@
 
 $(BUILD)/lib/librsbalancer.so: $(C_SO)
 	@mkdir -p $(BUILD)/lib
-	cp $< $@
+	cp $< $@.tmp && mv -f $@.tmp $@
 
 run: deps build
 	@scripts/demo.sh

@@ -8,7 +8,7 @@
 #   NGINX=/usr/sbin/nginx         NGINX_MODULES=/usr/lib/nginx/modules
 #
 # The configs are templates in nginx-conf/demo/ (gateway.conf, mock-nodes.conf,
-# rsbalancer.json); the @NAME@ placeholders are filled in here.
+# rsbalancer.json); the @...@ placeholders are filled in here.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

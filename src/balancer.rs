@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -220,7 +220,9 @@ fn local_pool(pools: &mut [Option<LocalPool>], pool: u32) -> Result<&mut LocalPo
 pub struct Balancer {
     region: Arc<Region>,
     local: Mutex<Local>,
-    worker: AtomicU32,
+    /// This handle's worker slot, tagged with the fork epoch it was claimed in (high 32
+    /// bits), so a forked child never uses its parent's slot.
+    worker: AtomicU64,
 }
 
 struct Local {
@@ -329,7 +331,7 @@ impl Balancer {
                 rng: os_rng(),
                 fork_epoch: fork::epoch(),
             }),
-            worker: AtomicU32::new(NO_WORKER),
+            worker: AtomicU64::new(NO_WORKER as u64),
         }
     }
 
@@ -536,7 +538,9 @@ impl Balancer {
                 }
                 s.pool.store(p.slot, Ordering::Relaxed);
                 s.weight.store(nc.weight, Ordering::Relaxed);
-                let f = flags::IN_USE | if n.backup { flags::BACKUP } else { 0 };
+                // Health (DOWN) is learned state and survives a reload.
+                let down = s.flags.load(Ordering::Relaxed) & flags::DOWN;
+                let f = flags::IN_USE | down | if n.backup { flags::BACKUP } else { 0 };
                 s.flags.store(f, Ordering::Release);
             }
         }
@@ -551,21 +555,28 @@ impl Balancer {
     /// Claim this process's worker slot (nginx: `ngx.worker.id()`), reclaiming the
     /// in-flight shares of dead workers first. Returns the slot used.
     pub fn attach_worker(&self, want: u32) -> Result<u32, Error> {
-        let current = self.worker.load(Ordering::Relaxed);
-        if current != NO_WORKER {
+        if let Some(current) = self.worker_slot() {
             // One slot per handle: a second call keeps the first (its shares stay valid).
             self.region.reap_dead_workers();
             return Ok(current);
         }
         let w = self.region.attach_worker(want)?;
-        self.worker.store(w, Ordering::Relaxed);
+        self.worker
+            .store((fork::epoch() << 32) | w as u64, Ordering::Relaxed);
         Ok(w)
+    }
+
+    /// This handle's worker slot in this process, if it claimed one.
+    fn worker_slot(&self) -> Option<u32> {
+        let v = self.worker.load(Ordering::Relaxed);
+        let w = v as u32;
+        (w != NO_WORKER && v >> 32 == fork::epoch() & 0xffff_ffff).then_some(w)
     }
 
     /// Release this process's worker slot, folding its shares back.
     pub fn detach_worker(&self) {
-        let w = self.worker.swap(NO_WORKER, Ordering::Relaxed);
-        if w != NO_WORKER {
+        if let Some(w) = self.worker_slot() {
+            self.worker.store(NO_WORKER as u64, Ordering::Relaxed);
             self.region.detach_worker(w);
         }
     }
@@ -603,6 +614,39 @@ impl Balancer {
             .find(|n| n.id == id)
             .map(|n| n.slot)
             .ok_or_else(|| Error::Invalid(format!("unknown node \"{id}\" in pool \"{pool}\"")))
+    }
+
+    /// Every pool and node with its live state, for admin reads and status pages.
+    pub fn status(&self) -> Result<serde_json::Value, Error> {
+        let topo = self.topology()?;
+        let pools: serde_json::Map<String, serde_json::Value> = topo
+            .pools
+            .iter()
+            .map(|p| {
+                let ps = self.region.pool(p.slot).expect("topology slot in range");
+                let nodes: Vec<serde_json::Value> = p
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        let st = node_stats(&self.region, self.region.node(n.slot).expect("slot in range"));
+                        let mut v = serde_json::to_value(st).expect("stats serialize");
+                        v["id"] = n.id.clone().into();
+                        v["addr"] = n.addr.to_string().into();
+                        v
+                    })
+                    .collect();
+                let pool = serde_json::json!({
+                    "algorithm": p.algorithm,
+                    "requests": ps.requests_total.load(Ordering::Relaxed),
+                    "retries": ps.retries_total.load(Ordering::Relaxed),
+                    "retries_denied": ps.retries_denied.load(Ordering::Relaxed),
+                    "no_node": ps.no_node_total.load(Ordering::Relaxed),
+                    "nodes": nodes,
+                });
+                (p.name.clone(), pool)
+            })
+            .collect();
+        Ok(serde_json::json!({ "generation": self.generation(), "pools": pools }))
     }
 
     /// Live numbers of a node slot.
@@ -672,8 +716,7 @@ impl Balancer {
         // Relaxed: counters; no other memory is published through them.
         n.inflight.fetch_add(1, Ordering::Relaxed);
         n.picks.fetch_add(1, Ordering::Relaxed);
-        let w = self.worker.load(Ordering::Relaxed);
-        if let Some(share) = self.region.share(w, slot) {
+        if let Some(share) = self.worker_slot().and_then(|w| self.region.share(w, slot)) {
             share.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -773,8 +816,7 @@ impl Balancer {
         // A node removed since its pick still gets its in-flight count back. The value
         // before is the concurrency this answer came at (this try included).
         let inflight = saturating_sub(&n.inflight, 1);
-        let w = self.worker.load(Ordering::Relaxed);
-        if let Some(share) = self.region.share(w, node) {
+        if let Some(share) = self.worker_slot().and_then(|w| self.region.share(w, node)) {
             saturating_sub(share, 1);
         }
         n.requests.fetch_add(1, Ordering::Relaxed);
@@ -1095,13 +1137,15 @@ impl LocalPool {
     fn refresh(&mut self, region: &Region, now: u64) {
         let tau = self.ewma.decay_ms;
         let default_us = self.ewma.default_rtt_ms as f64 * 1000.0;
+        // The reference is the median of the nodes' last estimates as they stand (not
+        // decayed: decaying them toward anything here would feed back into itself).
         let mut sampled: Vec<f64> = self
             .primary
             .slots
             .iter()
             .filter_map(|&s| region.node(s))
-            .filter(|n| load::unpack(n.ewma.load(Ordering::Relaxed)).0 > 0.0)
-            .map(|n| load::current(n.ewma.load(Ordering::Relaxed), now, tau, default_us))
+            .map(|n| load::unpack(n.ewma.load(Ordering::Relaxed)).0 as f64)
+            .filter(|&c| c > 0.0)
             .collect();
         self.sampled = !sampled.is_empty();
         self.reference_us = load::median(&mut sampled).unwrap_or(default_us);
@@ -1160,6 +1204,13 @@ fn reset_node(s: &NodeSlot, now: u64) {
     s.cooldown_until_ms.store(0, Ordering::Relaxed);
     s.ejected_until_ms.store(0, Ordering::Relaxed);
     s.removed_ms.store(0, Ordering::Relaxed);
+    s.limit.store(0, Ordering::Relaxed);
+    for c in [&s.ejections, &s.health_ok, &s.health_fail] {
+        c.store(0, Ordering::Relaxed);
+    }
+    s.cooldowns_total.store(0, Ordering::Relaxed);
+    s.ejections_total.store(0, Ordering::Relaxed);
+    s.flags.store(0, Ordering::Relaxed);
 }
 
 /// May a new try start on this node now? (Not cooling, not ejected, not down, under

@@ -138,7 +138,7 @@ mod tests {
         for _ in 0..32 {
             x = limit_after_success(x, 8, 4, 1000);
         }
-        assert!(x >= 9 * L - 64 && x <= 9 * L, "{}", x as f64 / L as f64);
+        assert!((9 * L - 64..=9 * L).contains(&x), "{}", x as f64 / L as f64);
         // Successes below the limit do not raise it.
         assert_eq!(limit_after_success(l, 3, 4, 1000), l);
         // Capped by max; no limit stays no limit.

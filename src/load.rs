@@ -106,14 +106,20 @@ pub fn success_factor(prev: f64, tries: u64, bad: u64) -> f64 {
     (0.5 * prev + 0.5 * ok).clamp(0.1, 1.0)
 }
 
-/// Median of a list (upper median for even lengths); `None` when empty.
+/// Median of a list (mean of the two middle values for even lengths); `None` when
+/// empty.
 pub fn median(values: &mut [f64]) -> Option<f64> {
     if values.is_empty() {
         return None;
     }
-    let mid = values.len() / 2;
-    let (_, m, _) = values.select_nth_unstable_by(mid, |a, b| a.total_cmp(b));
-    Some(*m)
+    let (mid, odd) = (values.len() / 2, values.len() % 2 == 1);
+    let (low, m, _) = values.select_nth_unstable_by(mid, |a, b| a.total_cmp(b));
+    let m = *m;
+    if odd {
+        return Some(m);
+    }
+    let below = low.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some((below + m) / 2.0)
 }
 
 #[cfg(test)]
@@ -185,6 +191,7 @@ mod tests {
         assert_eq!(success_factor(0.1, 10, 10), 0.1);
         let mut v = vec![3.0, 1.0, 2.0];
         assert_eq!(median(&mut v), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), Some(2.5));
         assert_eq!(median(&mut []), None);
     }
 }

@@ -41,11 +41,19 @@ fn total_inflight(b: &Balancer, slots: &[u32]) -> u32 {
     slots.iter().map(|&s| b.node_stats(s).unwrap().inflight).sum()
 }
 
-/// Block until `sig` delivers a byte, failing the test on timeout.
-fn expect_signal(sig: &Signal, what: &str) -> u8 {
-    sig.recv(HANDSHAKE)
-        .expect("pipe works")
-        .unwrap_or_else(|| panic!("timed out waiting for {what}"))
+/// Block until `sig` delivers a byte from `child`, failing the test at once if the
+/// child ends first (a failed assertion in it) or on timeout.
+fn expect_signal(sig: &Signal, child: &mut Child, what: &str) -> u8 {
+    let start = std::time::Instant::now();
+    while start.elapsed() < HANDSHAKE {
+        if let Some(byte) = sig.recv(Duration::from_millis(50)).expect("pipe works") {
+            return byte;
+        }
+        if let Some(code) = child.try_wait().expect("waitpid works") {
+            panic!("{what} ended with code {code} before signalling");
+        }
+    }
+    panic!("timed out waiting for {what}")
 }
 
 /// A child that never ends by itself (killed by the test, or by `Child`'s drop).
@@ -181,8 +189,8 @@ fn killed_worker_inflight_is_reclaimed() {
     let r = b.region();
 
     // A worker dies with 50 tries in flight; the next process to attach reclaims them.
-    let child = holder(&b, pool, 3, 50, &ready);
-    expect_signal(&ready, "first worker");
+    let mut child = holder(&b, pool, 3, 50, &ready);
+    expect_signal(&ready, &mut child, "first worker");
     assert_eq!(total_inflight(&b, &slots), 50);
     assert_eq!(r.worker(3).unwrap().pid.load(Ordering::Relaxed), child.pid());
     child.kill(libc::SIGKILL).unwrap();
@@ -192,7 +200,10 @@ fn killed_worker_inflight_is_reclaimed() {
         50,
         "nothing reclaims before an attach"
     );
-    assert_eq!(b.attach_worker(0).unwrap(), 0);
+    // The parent attaches through a handle of its own: the children below are forked
+    // from `b`, which must stay unattached for them to claim slots of their own.
+    let parent = Balancer::attach(b.region().clone());
+    assert_eq!(parent.attach_worker(0).unwrap(), 0);
     assert_eq!(total_inflight(&b, &slots), 0);
     assert_eq!(
         r.worker(3).unwrap().pid.load(Ordering::Relaxed),
@@ -205,18 +216,18 @@ fn killed_worker_inflight_is_reclaimed() {
 
     // Respawn: nginx starts a new worker with the dead one's id; its own attach
     // reclaims the dead worker's shares and takes the same slot.
-    let child = holder(&b, pool, 3, 50, &ready);
-    expect_signal(&ready, "second worker");
+    let mut child = holder(&b, pool, 3, 50, &ready);
+    expect_signal(&ready, &mut child, "second worker");
     assert_eq!(total_inflight(&b, &slots), 50);
     child.kill(libc::SIGKILL).unwrap();
     assert_eq!(child.wait().unwrap(), 128 + libc::SIGKILL);
-    let respawned = fork_child(|| {
+    let mut respawned = fork_child(|| {
         assert_eq!(b.attach_worker(3).unwrap(), 3, "same slot as the dead worker");
         ready.send(1).unwrap();
         park()
     })
     .unwrap();
-    expect_signal(&ready, "respawned worker");
+    expect_signal(&ready, &mut respawned, "respawned worker");
     assert_eq!(total_inflight(&b, &slots), 0);
     assert_eq!(r.worker(3).unwrap().pid.load(Ordering::Relaxed), respawned.pid());
     respawned.kill(libc::SIGKILL).unwrap();
@@ -231,13 +242,13 @@ fn lock_of_killed_holder_is_taken_over() {
     let h = b.region().header();
     let ready = Signal::new().unwrap();
 
-    let child = fork_child(|| {
+    let mut child = fork_child(|| {
         let _guard = b.region().lock(Duration::from_secs(5)).unwrap();
         ready.send(1).unwrap();
         park()
     })
     .unwrap();
-    expect_signal(&ready, "lock holder");
+    expect_signal(&ready, &mut child, "lock holder");
     assert_eq!(h.lock_owner.load(Ordering::Relaxed), child.pid());
     let steals = h.lock_steals.load(Ordering::Relaxed);
     child.kill(libc::SIGKILL).unwrap();
@@ -266,7 +277,7 @@ fn weight_set_in_one_process_used_by_another() {
     let (light, heavy) = (slot(&b, "light"), slot(&b, "heavy"));
     let (ready, go) = (Signal::new().unwrap(), Signal::new().unwrap());
 
-    let child = fork_child(|| {
+    let mut child = fork_child(|| {
         b.attach_worker(1).unwrap();
         let count = |n: u32| {
             let mut on_heavy = 0;
@@ -294,7 +305,7 @@ fn weight_set_in_one_process_used_by_another() {
         0
     })
     .unwrap();
-    expect_signal(&ready, "child at 1:1");
+    expect_signal(&ready, &mut child, "child at 1:1");
     b.set_weight(light, 1).unwrap();
     b.set_weight(heavy, 99).unwrap();
     go.send(1).unwrap();
@@ -316,7 +327,7 @@ fn reload_seen_by_a_child_forked_earlier() {
     let pool = b.pool_index("p").unwrap();
     let (ready, go) = (Signal::new().unwrap(), Signal::new().unwrap());
 
-    let child = fork_child(|| {
+    let mut child = fork_child(|| {
         b.attach_worker(2).unwrap();
         let c = b.node_index("p", "c").unwrap();
         let seen = |n: u32| {
@@ -350,7 +361,7 @@ fn reload_seen_by_a_child_forked_earlier() {
         0
     })
     .unwrap();
-    expect_signal(&ready, "child on the old topology");
+    expect_signal(&ready, &mut child, "child on the old topology");
     let c = slot(&b, "c");
     b.configure(&config(json!({
         "algorithm": "round_robin",

@@ -18,7 +18,7 @@ local native = require "rsbalancer"
 
 local C_ffi_string = ffi.string
 local type, tostring, tonumber, error = type, tostring, tonumber, error
-local byte, sub = string.byte, string.sub
+local byte, sub, find = string.byte, string.sub, string.find
 
 local _M = { version = native.version }
 
@@ -133,7 +133,7 @@ function _M.init(config, name)
     end
     local b, err
     local t = type(config)
-    if t == "string" and byte(config, 1) ~= 123 then -- not "{": a file path
+    if t == "string" and not find(config, "^%s*{") then -- not JSON text: a file path
         b, err = native.load_file(name, config)
     elseif t == "string" or t == "table" then
         b, err = native.shared(name, config)
@@ -148,14 +148,22 @@ function _M.init(config, name)
     return true
 end
 
---- init_worker(): in init_worker_by_lua. Claims this worker's in-flight slot and
--- reclaims counts left by a killed worker.
+--- init_worker(): in init_worker_by_lua. Claims this worker's in-flight slot,
+-- reclaims counts left by a killed worker, and starts the health-check timers.
 function _M.init_worker()
     if not bal then not_initialized("init_worker") end
     local id = ngx and ngx.worker and ngx.worker.id() or 0
     local slot, err = bal:attach_worker(id or 0)
     if not slot then
+        ngx.log(ngx.ERR, "rsbalancer: ", err)
         return nil, err
+    end
+    if ngx and ngx.timer then
+        math.randomseed(ngx.worker.pid() * 7919 + ngx.now() * 1000)
+        local ok, herr = require("resty.rsbalancer.health").start(bal)
+        if not ok then
+            ngx.log(ngx.ERR, "rsbalancer: cannot start health checks: ", herr)
+        end
     end
     return slot
 end
@@ -174,14 +182,28 @@ function _M.pick(pool, key, tried)
     end
     local n = 0
     if tried then
+        if type(tried) ~= "table" then
+            error("bad argument #3 to 'pick' (table expected, got " .. type(tried) .. ")", 2)
+        end
         n = #tried
-        if n > MAX_TRIES then n = MAX_TRIES end
+        if n > MAX_TRIES then
+            error("bad argument #3 to 'pick' (at most " .. MAX_TRIES .. " tried nodes)", 2)
+        end
         for i = 1, n do
-            tried_buf[i - 1] = tried[i]
+            local s = tried[i]
+            if type(s) ~= "number" then
+                error("bad argument #3 to 'pick' (tried[" .. i .. "] is not a node slot)", 2)
+            end
+            tried_buf[i - 1] = s
         end
     end
     local klen = 0
-    if key then klen = #key end
+    if key then
+        if type(key) ~= "string" then
+            error("bad argument #2 to 'pick' (string expected, got " .. type(key) .. ")", 2)
+        end
+        klen = #key
+    end
     local rc = C_pick(handle, idx, key, klen, tried_buf, n, out_buf)
     if rc ~= RSB_OK then
         return nil, last_error(), rc == RSB_NO_NODE
@@ -199,11 +221,12 @@ function _M.report(slot, status, latency_s, retry_after_s)
     if type(status) ~= "number" then
         error("bad argument #2 to 'report' (number expected, got " .. type(status) .. ")", 2)
     end
-    if type(latency_s) ~= "number" then
-        error("bad argument #3 to 'report' (number expected, got " .. type(latency_s) .. ")", 2)
+    if type(latency_s) ~= "number" or latency_s ~= latency_s or latency_s < 0 then
+        error("bad argument #3 to 'report' (latency in seconds >= 0 expected, got "
+              .. tostring(latency_s) .. ")", 2)
     end
     local us = latency_s * 1e6
-    if us > 4294967295 then us = 4294967295 elseif us < 0 then us = 0 end
+    if us > 4294967295 then us = 4294967295 end
     local ra = 0
     if retry_after_s then
         ra = retry_after_s * 1000
@@ -254,20 +277,28 @@ local function item(s, k)
     return v
 end
 
---- report_tries(tried, statuses, times [, first]): report tries `first`..#tried of a
--- request (default 1), matching the slots picked (in order) with nginx's
--- comma-separated $upstream_status and $upstream_response_time. A try with no
--- matching status is reported as cancelled (499): it releases the try and says
--- nothing about the node. Every pick is released exactly once.
+--- report_tries(tried, statuses, times [, first [, retry_after_s]]): report tries
+-- `first`..#tried of a request (default 1), matching the slots picked (in order)
+-- with nginx's comma-separated $upstream_status and $upstream_response_time;
+-- `retry_after_s` is the last try's Retry-After. A try with no matching status is
+-- reported as cancelled (499): it releases the try and says nothing about the node.
+-- Every pick is released exactly once.
 function _M.report_tries(tried, statuses, times, first, retry_after_s)
+    if not handle then not_initialized("report_tries") end
     first = first or 1
     local n = #tried
     for k = first, n do
         local status = item(statuses, k) or 499
-        local latency = item(times, k) or 0
+        local us = (item(times, k) or 0) * 1e6
+        if us > 4294967295 or us ~= us then us = 4294967295 elseif us < 0 then us = 0 end
         local ra = 0
-        if k == n and retry_after_s then ra = retry_after_s * 1000 end
-        C_report(handle, tried[k], status, latency * 1e6, ra)
+        if k == n and retry_after_s then
+            ra = retry_after_s * 1000
+            if ra > 4294967295 then ra = 4294967295 end
+        end
+        if C_report(handle, tried[k], status, us, ra) ~= RSB_OK and ngx then
+            ngx.log(ngx.ERR, "rsbalancer: report: ", last_error())
+        end
     end
 end
 
@@ -420,6 +451,12 @@ end
 function _M.stats(pool)
     if not bal then not_initialized("stats") end
     return bal:stats(pool)
+end
+
+--- status_json(): every pool and node with live state, as JSON text.
+function _M.status_json()
+    if not bal then not_initialized("status_json") end
+    return bal:status_json()
 end
 
 --- nodes(pool): the pool's nodes as configured, or nil, err.

@@ -27,6 +27,13 @@ static REGISTRY: Mutex<Option<HashMap<String, Arc<Balancer>>>> = Mutex::new(None
 
 struct LuaBalancer(Arc<Balancer>);
 
+/// Serialize absent values as absent (nil), not as mlua's `null` sentinel.
+fn plain() -> mlua::SerializeOptions {
+    mlua::SerializeOptions::new()
+        .serialize_none_to_null(false)
+        .serialize_unit_to_null(false)
+}
+
 fn bad_argument(pos: usize, func: &str, msg: impl std::fmt::Display) -> LuaError {
     LuaError::runtime(format!("bad argument #{pos} to '{func}' ({msg})"))
 }
@@ -131,7 +138,7 @@ impl UserData for LuaBalancer {
                     .ok_or_else(|| Error::Invalid(format!("unknown pool \"{name}\"")))
             });
             match r {
-                Ok(p) => (lua.to_value(&p)?,).into_lua_multi(lua),
+                Ok(p) => (lua.to_value_with(&p, plain())?,).into_lua_multi(lua),
                 Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
             }
         });
@@ -215,6 +222,10 @@ impl UserData for LuaBalancer {
                 )
             },
         );
+        // Every pool and node with live state, as JSON text (admin API, status page).
+        m.add_method("status_json", |lua, this, ()| {
+            nil_err(lua, this.0.status().map(|v| v.to_string()))
+        });
         // State of a pool's nodes: { [id] = {weight=, inflight=, requests=, ...} }
         m.add_method("stats", |lua, this, pool: String| {
             let r = this.0.topology().and_then(|t| {
@@ -236,7 +247,7 @@ impl UserData for LuaBalancer {
                 Ok(list) => {
                     let t = lua.create_table()?;
                     for (id, s) in list {
-                        t.set(id, lua.to_value(&s)?)?;
+                        t.set(id, lua.to_value_with(&s, plain())?)?;
                     }
                     (t,).into_lua_multi(lua)
                 }

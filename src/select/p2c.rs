@@ -29,6 +29,9 @@ use super::{sane_weight, weighted_scan, AliasTable, NodeView, MAX_DRAWS};
 use rand::Rng;
 
 /// Power-of-two-choices selection with a latency × load cost.
+/// Relative cost difference below which two nodes count as equally good.
+pub const TIE_BAND: f64 = 0.05;
+
 #[derive(Clone, Debug)]
 pub struct P2cEwma {
     weights: Vec<f64>,
@@ -95,9 +98,17 @@ impl P2cEwma {
         // Finagle's latency x (in-flight + 1); with unequal ones an idle pool ties and
         // the tie goes to the first draw, itself drawn by weight, so shares follow the
         // weights until load (in flight per unit of capacity) or latency says otherwise.
+        //
+        // Costs within TIE_BAND of each other are a tie: latency estimates carry noise
+        // (and float rounding), and letting a 0.01% difference decide would send every
+        // pick of a lightly loaded pool to whichever node is marginally cheaper.
         let cost =
             |i: usize| view.latency(i) * (1.0 + f64::from(view.inflight(i)) * self.mean / self.weights[i]);
-        Some(if cost(b) < cost(a) { b } else { a })
+        Some(if cost(b) * (1.0 + TIE_BAND) < cost(a) {
+            b
+        } else {
+            a
+        })
     }
 
     /// Two distinct eligible nodes drawn without replacement, ∝ weight: the second is
@@ -177,6 +188,21 @@ mod tests {
         for _ in 0..200 {
             assert_eq!(p2c.pick(&mut rng, &view), Some(0));
         }
+    }
+
+    #[test]
+    fn p2c_near_equal_costs_are_a_tie() {
+        // 1% apart: a tie, so shares follow the weights instead of herding on node 1.
+        let mut rng = SmallRng::seed_from_u64(34);
+        let p2c = P2cEwma::new(&[3.0, 1.0]);
+        let mut view = TestView::idle(2);
+        view.latency = vec![1000.0, 990.0];
+        let mut counts = [0u64; 2];
+        for _ in 0..40_000 {
+            counts[p2c.pick(&mut rng, &view).unwrap()] += 1;
+        }
+        let x2 = chi_square(&counts, &[3.0, 1.0]);
+        assert!(x2 < 10.828, "chi-square {x2}, counts {counts:?}");
     }
 
     #[test]

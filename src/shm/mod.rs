@@ -237,10 +237,8 @@ impl Region {
         let order = (0..n).map(|k| (want.min(n - 1) + k) % n);
         for w in order {
             let slot = self.worker(w).expect("w < max_workers");
+            // A slot this process already owns belongs to another handle: not ours.
             let cur = slot.pid.load(Ordering::Acquire);
-            if cur == me {
-                return Ok(w);
-            }
             if cur == 0
                 && slot
                     .pid
@@ -268,17 +266,21 @@ impl Region {
     /// Subtract the shares of every worker slot whose owner died, and free the slot.
     /// Returns how many slots were reclaimed.
     pub fn reap_dead_workers(&self) -> u32 {
+        let me = std::process::id() as i32;
         let mut reaped = 0;
         for w in 0..self.cap.max_workers {
             let slot = self.worker(w).expect("w < max_workers");
             let pid = slot.pid.load(Ordering::Acquire);
-            if pid != 0 && !pid_alive(pid) {
+            // A negative pid marks a slot being reaped by process -pid; a reaper that
+            // died half-way is replaced (releasing shares is idempotent: swap to 0).
+            let owner = pid.abs();
+            if pid != 0 && owner != me && !pid_alive(owner) {
                 // Only the process that wins this CAS reclaims, so shares are folded
-                // back exactly once; the marker -1 keeps others from claiming the slot
+                // back exactly once; the marker keeps others from claiming the slot
                 // until its shares are gone.
                 if slot
                     .pid
-                    .compare_exchange(pid, -1, Ordering::AcqRel, Ordering::Relaxed)
+                    .compare_exchange(pid, -me, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
                 {
                     self.release_shares(w);

@@ -264,53 +264,60 @@ test("report_tries reports both tries of \"502, 200\"", function()
     eq(st[third].requests, 0, "untouched node")
 end)
 
-test("report_tries: \" : \" groups, missing entries and nil vars", function()
-    local by_id, by_slot = fresh(F.config("round_robin", { 1, 1, 1 }))
+test("report_tries: \" : \" groups, missing entries, nil vars, first", function()
+    local by_id = fresh(F.config("round_robin", { 1, 1, 1 }))
     local a, b, c = by_id.a, by_id.b, by_id.c
+    -- raise in-flight counts as picks would, so that every report has its pick
     local function take(...)
-        -- raise in-flight counts as picks would, so every report has a pick
         for _, slot in ipairs({ ... }) do
-            local s = assert(rsb.pick("llm", nil, (function()
-                local t = {}
-                for _, o in ipairs({ a, b, c }) do
-                    if o ~= slot then t[#t + 1] = o end
-                end
-                return t
-            end)()))
-            eq(s, slot)
+            local others = {}
+            for _, o in ipairs({ a, b, c }) do
+                if o ~= slot then others[#others + 1] = o end
+            end
+            eq(assert(rsb.pick("llm", nil, others)), slot, "pick")
         end
     end
+    local function stats() return assert(rsb.stats("llm")) end
 
     take(a, b, c)
     rsb.report_tries({ a, b, c }, "502, 504 : 200", "0.010, 0.020 : 0.030")
-    local st = assert(rsb.stats("llm"))
+    local st = stats()
     eq(st.a.failures, 1); eq(st.b.failures, 1); eq(st.c.failures, 0)
     near(st.c.latency_sum_us, 30000, 1)
 
-    -- fewer statuses than tries: the rest count as "no response"
+    -- fewer statuses than tries: the rest are released as cancelled (499), which
+    -- says nothing about the node
     take(a, b)
     rsb.report_tries({ a, b }, "200", "0.005")
-    st = assert(rsb.stats("llm"))
+    st = stats()
     eq(st.a.failures, 1, "a served")
-    eq(st.b.failures, 2, "b had no entry")
+    eq(st.b.failures, 1, "b had no entry: released, not a failure")
+    eq(st.b.requests, 2, "b had no entry: still reported once")
 
-    -- no upstream variables at all (e.g. the request never reached one)
+    -- no upstream variables at all
     take(c)
     rsb.report_tries({ c }, nil, nil)
-    st = assert(rsb.stats("llm"))
-    eq(st.c.failures, 1)
+    st = stats()
+    eq(st.c.failures, 0)
+    eq(st.c.requests, 2)
 
     -- "-" for a try that got no response time
     take(a)
     rsb.report_tries({ a }, "504", "-")
-    st = assert(rsb.stats("llm"))
-    eq(st.a.failures, 2)
+    eq(stats().a.failures, 2)
+
+    -- `first`: tries before it were reported already (by balance() on a retry)
+    take(b, c)
+    eq(rsb.report(b, 502, 0.01), true)
+    rsb.report_tries({ b, c }, "502, 200", "0.010, 0.040", 2)
+    st = stats()
+    eq(st.b.failures, 2, "b reported once, by report()")
+    near(st.c.latency_sum_us, 70000, 1, "c reported by report_tries")
 
     for _, id in ipairs({ "a", "b", "c" }) do
         eq(st[id].inflight, 0, "inflight of " .. id)
         eq(st[id].requests, st[id].picks, "requests == picks for " .. id)
     end
-    local _ = by_slot
 end)
 
 test("_next_item edge cases", function()

@@ -445,7 +445,9 @@ pub fn children(parent: i32) -> Vec<(i32, String)> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        let Some((ppid, state)) = stat(pid) else { continue };
+        let Some((ppid, state)) = proc_stat(pid) else {
+            continue;
+        };
         if ppid == parent && state != 'Z' {
             out.push((pid, cmdline(pid)));
         }
@@ -455,7 +457,7 @@ pub fn children(parent: i32) -> Vec<(i32, String)> {
 }
 
 /// (ppid, state) of a process.
-fn stat(pid: i32) -> Option<(i32, char)> {
+fn proc_stat(pid: i32) -> Option<(i32, char)> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = s.rsplit_once(") ")?;
     let mut f = rest.split(' ');
@@ -472,7 +474,7 @@ fn cmdline(pid: i32) -> String {
 
 /// Is `pid` a live (not zombie) nginx process?
 pub fn is_nginx(pid: i32) -> bool {
-    matches!(stat(pid), Some((_, s)) if s != 'Z') && cmdline(pid).starts_with("nginx:")
+    matches!(proc_stat(pid), Some((_, s)) if s != 'Z') && cmdline(pid).starts_with("nginx:")
 }
 
 // ----------------------------------------------------------------------------------

@@ -1,0 +1,112 @@
+-- resty.rsbalancer.health: active HTTP health checks.
+--
+-- Every worker runs a timer per pool that has a "health" section, but only the
+-- worker holding the lease in shared memory probes: the lease is renewed on every
+-- tick and expires after three intervals, and a holder that died is replaced at
+-- once (its pid is gone), so probing moves to another worker when its worker is
+-- killed. Results go to the shared node slots (bal:health_report), so every worker
+-- sees a node go down or come back on its next pick. A passing probe does not cut a
+-- 429 cooldown or an ejection short: health is a separate state.
+--
+-- Probes are plain HTTP/1.0 GETs over cosockets, run concurrently (one light thread
+-- per node), each bounded by timeout_ms.
+
+local ngx = ngx
+local tcp = ngx.socket.tcp
+local spawn, wait = ngx.thread.spawn, ngx.thread.wait
+local find, sub, tonumber = string.find, string.sub, tonumber
+local random = math.random
+
+local _M = {}
+
+-- One probe: true when the node answered with an expected status.
+local function probe(node, cfg)
+    local sock = tcp()
+    sock:settimeout(cfg.timeout_ms)
+    local ok, err = sock:connect(node.ip, node.port)
+    if not ok then
+        return false, "connect: " .. tostring(err)
+    end
+    local host = cfg.host or node.host
+    local req = "GET " .. cfg.path .. " HTTP/1.0\r\nHost: " .. host
+        .. "\r\nUser-Agent: rsbalancer-health\r\nConnection: close\r\n\r\n"
+    ok, err = sock:send(req)
+    if not ok then
+        sock:close()
+        return false, "send: " .. tostring(err)
+    end
+    local line
+    line, err = sock:receive("*l")
+    sock:close()
+    if not line then
+        return false, "receive: " .. tostring(err)
+    end
+    local _, _, code = find(line, "^HTTP/%d%.%d (%d%d%d)")
+    code = tonumber(code)
+    if not code then
+        return false, "bad status line: " .. sub(line, 1, 64)
+    end
+    for i = 1, #cfg.statuses do
+        if cfg.statuses[i] == code then
+            return true
+        end
+    end
+    return false, "status " .. code
+end
+_M.probe = probe
+
+-- Probe every node of a pool once (lease holder only).
+local function check_pool(bal, pool, cfg)
+    local nodes = bal:nodes(pool)
+    if not nodes then return end
+    local threads = {}
+    for i = 1, #nodes do
+        threads[i] = spawn(probe, nodes[i], cfg)
+    end
+    for i = 1, #nodes do
+        local _, passed, why = wait(threads[i])
+        local n = nodes[i]
+        local flip = bal:health_report(n.slot, passed and true or false)
+        if flip == "down" then
+            ngx.log(ngx.WARN, "rsbalancer: pool ", pool, " node ", n.id, " (", n.ip, ":", n.port,
+                    ") is DOWN after failed health checks: ", why)
+        elseif flip == "up" then
+            ngx.log(ngx.NOTICE, "rsbalancer: pool ", pool, " node ", n.id, " (", n.ip, ":", n.port,
+                    ") is UP again (slow start)")
+        end
+    end
+end
+
+local function tick(premature, bal, pool, cfg)
+    if premature then return end
+    -- Lease for three intervals: the holder renews it each tick.
+    if bal:health_lease(cfg.interval_ms * 3) then
+        local ok, err = pcall(check_pool, bal, pool, cfg)
+        if not ok then
+            ngx.log(ngx.ERR, "rsbalancer: health check of pool ", pool, " failed: ", err)
+        end
+    end
+    -- Jitter of up to 10% so that probes do not line up with other periodic work.
+    local delay = cfg.interval_ms * (1 + random() * 0.1) / 1000
+    local ok, err = ngx.timer.at(delay, tick, bal, pool, cfg)
+    if not ok and err ~= "process exiting" then
+        ngx.log(ngx.ERR, "rsbalancer: cannot schedule health check of pool ", pool, ": ", err)
+    end
+end
+
+--- start(bal): in init_worker. One timer per pool with a health section.
+function _M.start(bal)
+    local names = bal:pool_names() or {}
+    for i = 1, #names do
+        local cfg = bal:pool_config(names[i]).health
+        if cfg then
+            local ok, err = ngx.timer.at(random() * cfg.interval_ms / 1000, tick, bal, names[i], cfg)
+            if not ok then
+                return nil, err
+            end
+        end
+    end
+    return true
+end
+
+return _M
