@@ -50,8 +50,12 @@ test: deps build
 	$(MAKE) --no-print-directory test-rust test-c test-lua test-nginx
 	@echo "make test: all suites passed"
 
+# Every Rust test target but the nginx one (run by test-nginx, serially).
+RUST_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out tests/nginx.rs,$(wildcard tests/*.rs)))
+
 test-rust:
-	$(CARGO) test --no-default-features
+	$(CARGO) test --no-default-features --lib $(RUST_TESTS)
+	$(CARGO) test --no-default-features --doc
 
 test-c: $(BUILD)/lib/librsbalancer.so
 	@scripts/test-c.sh
@@ -65,6 +69,7 @@ test-nginx: $(BUILD)/lib/rsbalancer.so
 bench: deps build
 	$(CARGO) bench --no-default-features --bench select
 	@scripts/bench-lua.sh
+	@if [ -x scripts/bench-gateway.sh ]; then scripts/bench-gateway.sh; fi
 
 install: build
 	install -d $(DESTDIR)$(LUA_CDIR) $(DESTDIR)$(LUA_LDIR)/resty $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include

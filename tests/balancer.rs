@@ -13,10 +13,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rsbalancer::balancer::{Balancer, Error, NodeStats};
-use rsbalancer::config::Config;
+use rsbalancer::health::Flip;
 use rsbalancer::select::Algorithm;
 use rsbalancer::shm::clock;
 use serde_json::{json, Value};
+
+mod common;
+use common::{config, config_with, pick_exactly, shm, slots};
 
 const ALL: [Algorithm; 5] = [
     Algorithm::WeightedRandom,
@@ -26,33 +29,8 @@ const ALL: [Algorithm; 5] = [
     Algorithm::Chash,
 ];
 
-fn shm() -> Value {
-    json!({ "max_nodes": 16, "max_pools": 4, "max_workers": 4, "config_bytes": 65536 })
-}
-
-/// A config with one pool `p`: `pool` holds everything but `nodes`.
-fn config_with(shm: Value, mut pool: Value, nodes: &[(&str, bool)]) -> Config {
-    pool["nodes"] = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, (id, backup))| {
-            json!({ "id": id, "addr": format!("127.0.0.1:{}", 9001 + i), "backup": backup })
-        })
-        .collect();
-    Config::from_value(json!({ "shm": shm, "pools": { "p": pool } })).expect("valid config")
-}
-
-fn config(pool: Value, nodes: &[&str]) -> Config {
-    let nodes: Vec<(&str, bool)> = nodes.iter().map(|&id| (id, false)).collect();
-    config_with(shm(), pool, &nodes)
-}
-
 fn algorithm(alg: Algorithm) -> Value {
     serde_json::to_value(alg).unwrap()
-}
-
-fn slots(b: &Balancer, ids: &[&str]) -> Vec<u32> {
-    ids.iter().map(|id| b.node_index("p", id).unwrap()).collect()
 }
 
 /// The config's default `ewma.default_rtt_ms`, in µs: what a node without samples is
@@ -78,14 +56,6 @@ fn learned(s: &NodeStats) -> (u32, u64, u64, u64, u64, u64, f64) {
         s.latency_sum_us,
         s.ewma_us,
     )
-}
-
-/// Pick exactly `target` (by excluding every other slot of `all`).
-fn pick_exactly(b: &Balancer, pool: u32, target: u32, all: &[u32]) -> u32 {
-    let tried: Vec<u32> = all.iter().copied().filter(|&s| s != target).collect();
-    let node = b.pick(pool, b"", &tried).unwrap();
-    assert_eq!(node, target);
-    node
 }
 
 /// Let the coarse clock pass a `refresh_ms` of 10 (its tick is up to 10 ms).
@@ -633,4 +603,148 @@ fn reconfigure_keeps_state_and_holds_removed_slots() {
         "fresh state"
     );
     assert_eq!(learned(&b.node_stats(a).unwrap()), learned(&a_before));
+}
+
+/// Regression: a node given a removed node's slot used to inherit what that node had
+/// learned beyond the plain counters: its concurrency limit, its ejection count (so its
+/// first ejection lasted twice as long), its health-probe streak and its totals.
+#[test]
+fn reused_slot_starts_clean() {
+    // Two node slots: a third node can only get the removed one's.
+    let shm = json!({ "max_nodes": 2, "max_pools": 1, "max_workers": 1, "config_bytes": 4096 });
+    let cfg = |ids: &[&str]| {
+        let nodes: Vec<(&str, bool)> = ids.iter().map(|&id| (id, false)).collect();
+        config_with(
+            shm.clone(),
+            json!({
+                "algorithm": "round_robin",
+                "slow_start_ms": 0,
+                "outlier": { "consecutive_failures": 2, "base_ms": 10000, "max_ms": 300000 }
+            }),
+            &nodes,
+        )
+    };
+    let b = Balancer::create(&cfg(&["a", "x"])).unwrap();
+    let pool = b.pool_index("p").unwrap();
+    let [a, x] = slots(&b, &["a", "x"])[..] else {
+        unreachable!()
+    };
+    let both = [a, x];
+
+    // x learns everything there is to learn: a limit (its third concurrent try was
+    // refused), a cooldown (503 with Retry-After), an ejection (two failures in a row)
+    // and a streak of two failed probes (one short of going down).
+    for _ in 0..3 {
+        pick_exactly(&b, pool, x, &both);
+    }
+    b.report(x, 429, 1000, 0).unwrap();
+    for _ in 0..2 {
+        b.report(x, 200, 1000, 0).unwrap();
+    }
+    for _ in 0..2 {
+        pick_exactly(&b, pool, x, &both);
+    }
+    b.report(x, 503, 1000, 5000).unwrap();
+    b.report(x, 0, 1000, 0).unwrap();
+    for _ in 0..2 {
+        assert_eq!(b.health_report(x, false).unwrap(), Flip::None);
+    }
+    let st = b.node_stats(x).unwrap();
+    assert!(st.limit >= 2.0, "{st:?}");
+    assert_eq!((st.state, st.cooldowns, st.ejections), ("ejected", 1, 1), "{st:?}");
+    let slot = b.region().node(x).unwrap();
+    assert_eq!(slot.ejections.load(Ordering::Relaxed), 1);
+    assert_eq!(slot.health_fail.load(Ordering::Relaxed), 2);
+    assert_eq!(st.inflight, 0);
+
+    // x leaves; past the reuse grace its slot goes to y.
+    b.configure(&cfg(&["a"])).unwrap();
+    slot.removed_ms
+        .store(clock::now_ms().saturating_sub(3_600_000), Ordering::Relaxed);
+    b.configure(&cfg(&["a", "y"])).unwrap();
+    let y = b.node_index("p", "y").unwrap();
+    assert_eq!(y, x, "the removed slot is reused");
+
+    let st = b.node_stats(y).unwrap();
+    assert_eq!(
+        (st.limit, st.state, st.unavailable_ms, st.cooldowns, st.ejections),
+        (0.0, "healthy", 0, 0, 0),
+        "{st:?}"
+    );
+    assert_eq!((st.picks, st.requests, st.failures, st.busy), (0, 0, 0, 0));
+    for (what, cell) in [
+        ("ejections", &slot.ejections),
+        ("health_ok", &slot.health_ok),
+        ("health_fail", &slot.health_fail),
+        ("consecutive_failures", &slot.consecutive_failures),
+        ("consecutive_busy", &slot.consecutive_busy),
+    ] {
+        assert_eq!(cell.load(Ordering::Relaxed), 0, "{what}");
+    }
+
+    // And it behaves as new. One failed probe is one, not three.
+    assert_eq!(b.health_report(y, false).unwrap(), Flip::None);
+    assert_eq!(b.health_report(y, true).unwrap(), Flip::None);
+    // No limit: five tries at once.
+    let ya = [a, y];
+    for _ in 0..5 {
+        pick_exactly(&b, pool, y, &ya);
+    }
+    for _ in 0..5 {
+        b.report(y, 200, 1000, 0).unwrap();
+    }
+    assert_eq!(b.node_stats(y).unwrap().limit, 0.0);
+    // Its first ejection lasts the base time (10 s + up to 10%), not twice that.
+    let t0 = clock::now_ms();
+    for _ in 0..2 {
+        b.report(pick_exactly(&b, pool, y, &ya), 0, 1000, 0).unwrap();
+    }
+    let t1 = clock::now_ms();
+    let st = b.node_stats(y).unwrap();
+    assert_eq!((st.state, st.ejections), ("ejected", 1), "{st:?}");
+    assert!(
+        (t0 + 10_000..=t1 + 11_000).contains(&st.ejected_until_ms),
+        "ejected for {} ms",
+        st.ejected_until_ms - t1
+    );
+}
+
+/// Regression: reloading the configuration (even an identical one) used to clear a
+/// node's DOWN flag, putting a node that health checks found dead back into rotation.
+#[test]
+fn reload_keeps_a_node_that_is_down_down() {
+    let cfg = config(json!({ "algorithm": "round_robin", "slow_start_ms": 0 }), &["a", "b"]);
+    let b = Balancer::create(&cfg).unwrap();
+    let pool = b.pool_index("p").unwrap();
+    let [a, dead] = slots(&b, &["a", "b"])[..] else {
+        unreachable!()
+    };
+    // No health section: the default thresholds (down after 3, up after 2).
+    assert_eq!(b.health_report(dead, false).unwrap(), Flip::None);
+    assert_eq!(b.health_report(dead, false).unwrap(), Flip::None);
+    assert_eq!(b.health_report(dead, false).unwrap(), Flip::Down);
+    assert_eq!(b.node_stats(dead).unwrap().state, "down");
+
+    let generation = b.generation();
+    b.configure(&cfg).unwrap();
+    assert_ne!(b.generation(), generation, "the reload happened");
+    assert_eq!(b.node_stats(dead).unwrap().state, "down", "still down after a reload");
+    for _ in 0..100 {
+        assert_eq!(try_once(&b, pool, b"", &[]).unwrap(), a, "a down node picked");
+    }
+    assert_eq!(
+        b.pick(pool, b"", &[a]),
+        Err(Error::NoNode { pool: "p".into() })
+    );
+
+    // A reload that changes the node keeps it down too; passing probes bring it back.
+    let mut heavier = cfg.clone();
+    heavier.pools.get_mut("p").unwrap().nodes[1].weight = 5;
+    b.configure(&heavier).unwrap();
+    let st = b.node_stats(dead).unwrap();
+    assert_eq!((st.state, st.weight), ("down", 5));
+    assert_eq!(b.health_report(dead, true).unwrap(), Flip::None);
+    assert_eq!(b.health_report(dead, true).unwrap(), Flip::Up);
+    assert_ne!(b.node_stats(dead).unwrap().state, "down");
+    assert_eq!(try_once(&b, pool, b"", &[a]).unwrap(), dead);
 }

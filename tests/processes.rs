@@ -15,8 +15,8 @@ use rsbalancer::config::Config;
 use rsbalancer::shm::process::{fork_child, Child, Signal};
 use serde_json::{json, Value};
 
-/// Generous: only reached when something is broken.
-const HANDSHAKE: Duration = Duration::from_secs(30);
+mod common;
+use common::{expect_signal, node_list, park, HANDSHAKE};
 
 fn config(pool: Value) -> Config {
     Config::from_value(json!({
@@ -27,10 +27,8 @@ fn config(pool: Value) -> Config {
 }
 
 fn nodes(ids: &[&str]) -> Value {
-    ids.iter()
-        .enumerate()
-        .map(|(i, id)| json!({ "id": id, "addr": format!("127.0.0.1:{}", 8001 + i) }))
-        .collect()
+    let primaries: Vec<(&str, bool)> = ids.iter().map(|&id| (id, false)).collect();
+    node_list(&primaries)
 }
 
 fn slot(b: &Balancer, id: &str) -> u32 {
@@ -39,28 +37,6 @@ fn slot(b: &Balancer, id: &str) -> u32 {
 
 fn total_inflight(b: &Balancer, slots: &[u32]) -> u32 {
     slots.iter().map(|&s| b.node_stats(s).unwrap().inflight).sum()
-}
-
-/// Block until `sig` delivers a byte from `child`, failing the test at once if the
-/// child ends first (a failed assertion in it) or on timeout.
-fn expect_signal(sig: &Signal, child: &mut Child, what: &str) -> u8 {
-    let start = std::time::Instant::now();
-    while start.elapsed() < HANDSHAKE {
-        if let Some(byte) = sig.recv(Duration::from_millis(50)).expect("pipe works") {
-            return byte;
-        }
-        if let Some(code) = child.try_wait().expect("waitpid works") {
-            panic!("{what} ended with code {code} before signalling");
-        }
-    }
-    panic!("timed out waiting for {what}")
-}
-
-/// A child that never ends by itself (killed by the test, or by `Child`'s drop).
-fn park() -> ! {
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-    }
 }
 
 /// splitmix64: the deterministic "random" status sequence both sides can recompute.
@@ -377,4 +353,156 @@ fn reload_seen_by_a_child_forked_earlier() {
         0,
         "4: removed node picked, 5/6: new node unknown or never picked"
     );
+}
+
+/// The in-flight shares worker slot `w` holds over `slots`.
+fn row(b: &Balancer, w: u32, slots: &[u32]) -> u32 {
+    slots
+        .iter()
+        .map(|&s| b.region().share(w, s).unwrap().load(Ordering::Relaxed))
+        .sum()
+}
+
+/// Regression: a child forked from a process whose handle had already claimed a worker
+/// slot got the parent's slot back from `attach_worker`; its tries were booked on the
+/// parent's row, so when it was killed nothing reclaimed them.
+#[test]
+fn forked_child_claims_its_own_worker_slot() {
+    let b = Balancer::create(&config(json!({
+        "algorithm": "least_conn",
+        "nodes": nodes(&["a", "b", "c"])
+    })))
+    .unwrap();
+    let pool = b.pool_index("p").unwrap();
+    let slots: Vec<u32> = ["a", "b", "c"].iter().map(|id| slot(&b, id)).collect();
+    let r = b.region();
+    let me = std::process::id() as i32;
+    assert_eq!(b.attach_worker(0).unwrap(), 0);
+    let mine = b.pick(pool, b"", &[]).unwrap();
+    assert_eq!(row(&b, 0, &slots), 1, "the parent's try is on its row");
+
+    let ready = Signal::new().unwrap();
+    let mut child = fork_child(|| {
+        assert_eq!(
+            b.attach_worker(3).unwrap(),
+            3,
+            "the child claims a slot of its own, not its parent's 0"
+        );
+        for _ in 0..5 {
+            b.pick(pool, b"", &[]).unwrap();
+        }
+        ready.send(1).unwrap();
+        park()
+    })
+    .unwrap();
+    expect_signal(&ready, &mut child, "forked worker");
+    assert_eq!(r.worker(3).unwrap().pid.load(Ordering::Relaxed), child.pid());
+    assert_eq!(r.worker(0).unwrap().pid.load(Ordering::Relaxed), me);
+    assert_eq!((row(&b, 0, &slots), row(&b, 3, &slots)), (1, 5));
+    assert_eq!(total_inflight(&b, &slots), 6);
+
+    child.kill(libc::SIGKILL).unwrap();
+    assert_eq!(child.wait().unwrap(), 128 + libc::SIGKILL);
+    // Another handle's attach reaps the dead child's row, and only that.
+    let other = Balancer::attach(r.clone());
+    assert_eq!(other.attach_worker(1).unwrap(), 1);
+    assert_eq!(total_inflight(&b, &slots), 1, "the child's 5 tries reclaimed");
+    assert_eq!(r.worker(3).unwrap().pid.load(Ordering::Relaxed), 0);
+    assert_eq!(row(&b, 3, &slots), 0);
+    assert_eq!(r.worker(0).unwrap().pid.load(Ordering::Relaxed), me);
+    b.report(mine, 200, 1000, 0).unwrap();
+    assert_eq!(total_inflight(&b, &slots), 0);
+    assert_eq!(row(&b, 0, &slots), 0);
+}
+
+/// Regression: two handles of one process asking for the same worker id shared one
+/// slot, so dropping either folded back the other's tries in flight too.
+#[test]
+fn two_handles_in_one_process_get_their_own_slots() {
+    let b = Balancer::create(&config(json!({
+        "algorithm": "least_conn",
+        "nodes": nodes(&["a", "b", "c"])
+    })))
+    .unwrap();
+    let pool = b.pool_index("p").unwrap();
+    let slots: Vec<u32> = ["a", "b", "c"].iter().map(|id| slot(&b, id)).collect();
+    let r = b.region();
+    let me = std::process::id() as i32;
+    let h1 = Balancer::attach(r.clone());
+    let h2 = Balancer::attach(r.clone());
+    let w1 = h1.attach_worker(1).unwrap();
+    let w2 = h2.attach_worker(1).unwrap();
+    assert_eq!(w1, 1);
+    assert_ne!(w2, w1, "the second handle gets a slot of its own");
+    // Asking again keeps each handle's slot.
+    assert_eq!(h1.attach_worker(2).unwrap(), w1);
+    assert_eq!(h2.attach_worker(1).unwrap(), w2);
+
+    let held: Vec<u32> = (0..3).map(|_| h1.pick(pool, b"", &[]).unwrap()).collect();
+    for _ in 0..2 {
+        h2.pick(pool, b"", &[]).unwrap();
+    }
+    assert_eq!((row(&b, w1, &slots), row(&b, w2, &slots)), (3, 2));
+    assert_eq!(total_inflight(&b, &slots), 5);
+
+    drop(h2);
+    assert_eq!(
+        total_inflight(&b, &slots),
+        3,
+        "dropping h2 folds back its own 2 tries only"
+    );
+    assert_eq!(r.worker(w2).unwrap().pid.load(Ordering::Relaxed), 0);
+    assert_eq!(r.worker(w1).unwrap().pid.load(Ordering::Relaxed), me);
+    assert_eq!((row(&b, w1, &slots), row(&b, w2, &slots)), (3, 0));
+    for node in held {
+        h1.report(node, 200, 1000, 0).unwrap();
+    }
+    assert_eq!(total_inflight(&b, &slots), 0);
+    assert_eq!(row(&b, w1, &slots), 0);
+}
+
+/// Regression: `reap_dead_workers` took a reaper's marker (the negated pid of the
+/// process folding a dead slot back) for a dead owner, so a slot being reaped by a
+/// live process could be reaped twice. Only a dead reaper's marker is replaced.
+#[test]
+fn reaper_markers_of_live_processes_are_left_alone() {
+    let b = Balancer::create(&config(json!({ "nodes": nodes(&["a", "b"]) }))).unwrap();
+    let r = b.region();
+    let a = slot(&b, "a");
+    let me = std::process::id() as i32;
+    let cell = &r.worker(2).unwrap().pid;
+
+    // This process's own marker.
+    cell.store(-me, Ordering::SeqCst);
+    assert_eq!(r.reap_dead_workers(), 0);
+    assert_eq!(cell.load(Ordering::SeqCst), -me, "own marker left in place");
+
+    // Another live process's marker, which also keeps the slot from being claimed.
+    let ready = Signal::new().unwrap();
+    let mut live = fork_child(|| {
+        ready.send(1).unwrap();
+        park()
+    })
+    .unwrap();
+    expect_signal(&ready, &mut live, "live reaper");
+    cell.store(-live.pid(), Ordering::SeqCst);
+    assert_eq!(r.reap_dead_workers(), 0);
+    assert_eq!(cell.load(Ordering::SeqCst), -live.pid());
+    let h = Balancer::attach(r.clone());
+    assert_ne!(h.attach_worker(2).unwrap(), 2, "a slot being reaped is not free");
+    live.kill(libc::SIGKILL).unwrap();
+    live.wait().unwrap();
+
+    // The marker of a reaper that died half-way: the slot is reaped, its shares
+    // folded back.
+    let dead = fork_child(|| 0).unwrap();
+    let dead_pid = dead.pid();
+    assert_eq!(dead.wait().unwrap(), 0);
+    cell.store(-dead_pid, Ordering::SeqCst);
+    r.share(2, a).unwrap().store(4, Ordering::SeqCst);
+    r.node(a).unwrap().inflight.fetch_add(4, Ordering::SeqCst);
+    assert_eq!(r.reap_dead_workers(), 1);
+    assert_eq!(cell.load(Ordering::SeqCst), 0);
+    assert_eq!(r.share(2, a).unwrap().load(Ordering::SeqCst), 0);
+    assert_eq!(b.node_stats(a).unwrap().inflight, 0);
 }

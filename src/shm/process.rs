@@ -76,6 +76,20 @@ fn run_child(f: impl FnOnce() -> i32) -> ! {
 
 /// Best-effort write to file descriptor 2 without taking Rust's stderr lock (another
 /// thread of the parent may have held it at the time of the fork).
+/// Run a libc call again while a signal interrupts it; -1 becomes the OS error.
+fn retry_eintr<T: Copy + PartialEq + From<i8>>(mut call: impl FnMut() -> T) -> io::Result<T> {
+    loop {
+        let rc = call();
+        if rc != T::from(-1) {
+            return Ok(rc);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 fn write_stderr(mut bytes: &[u8]) {
     while !bytes.is_empty() {
         // SAFETY: `bytes` is a valid readable buffer of `bytes.len()` bytes; write does
@@ -160,14 +174,7 @@ impl Child {
         loop {
             let mut raw = 0;
             // SAFETY: `raw` is a valid, writable c_int; `pid` is our own child.
-            let rc = unsafe { libc::waitpid(self.pid, &mut raw, flags) };
-            if rc == -1 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
+            let rc = retry_eintr(|| unsafe { libc::waitpid(self.pid, &mut raw, flags) })?;
             if rc == 0 {
                 return Ok(None);
             }
@@ -245,14 +252,7 @@ impl Signal {
                 revents: 0,
             };
             // SAFETY: `pfd` is one valid, writable pollfd, matching the count 1.
-            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if rc == -1 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
+            let rc = retry_eintr(|| unsafe { libc::poll(&mut pfd, 1, ms) })?;
             if rc == 0 {
                 return Ok(None);
             }

@@ -30,8 +30,9 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -163,18 +164,19 @@ impl TestDir {
         p
     }
 
-    /// A directory holding the Lua module as `rsbalancer.so` (what `package.cpath`
-    /// finds): the module's own directory when it has that name, else a symlink here.
+    /// A directory holding a private copy of the Lua module as `rsbalancer.so` (the name
+    /// `package.cpath` looks for). A copy, because `make build` rewrites
+    /// build/lib/rsbalancer.so in place: nginx processes that have the file mapped then
+    /// die of SIGBUS.
     pub fn lib_dir(&self) -> PathBuf {
-        let so = lua_so();
-        if so.file_name().is_some_and(|n| n == "rsbalancer.so") {
-            return so.parent().expect("parent of the Lua module").to_path_buf();
-        }
         let dir = self.path.join("lib");
-        fs::create_dir_all(&dir).expect("create lib dir");
-        let link = dir.join("rsbalancer.so");
-        let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(&so, &link).expect("symlink rsbalancer.so");
+        let so = dir.join("rsbalancer.so");
+        if !so.exists() {
+            fs::create_dir_all(&dir).expect("create lib dir");
+            let tmp = dir.join("rsbalancer.so.tmp");
+            fs::copy(lua_so(), &tmp).expect("copy the Lua module");
+            fs::rename(&tmp, &so).expect("rename the Lua module");
+        }
         dir
     }
 }
@@ -259,12 +261,60 @@ pub fn nginx_test_config(prefix: &Path, conf: &Path) -> Output {
         .expect("run nginx -t")
 }
 
+/// Starts nginx with `conf` expecting it to refuse: returns its exit status and stderr.
+/// Panics if it is still running after 15 s (it accepted the config).
+pub fn nginx_start_expecting_failure(dir: &TestDir, conf: &Path) -> (std::process::ExitStatus, String) {
+    let stderr_path = dir.path().join("refused.stderr");
+    let mut child = nginx_command(dir.path(), conf)
+        .arg("-g")
+        .arg("daemon off; master_process on;")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&stderr_path).expect("create stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", nginx_bin().display()));
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return (status, fs::read_to_string(&stderr_path).unwrap_or_default());
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            let master = child.id() as i32;
+            signal(master, libc::SIGTERM);
+            let _ = child.wait();
+            panic!(
+                "nginx accepted {} and kept running; stderr:\n{}",
+                conf.display(),
+                fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Nginx {
     /// Starts `conf` (a file in `dir`) and waits until every port in `ports` accepts
     /// connections. `error_log` is the file the config logs to (for diagnostics).
     pub fn start(dir: &TestDir, name: &str, conf: &Path, error_log: &Path, ports: &[u16]) -> Nginx {
         let stderr = dir.path().join(format!("{name}.stderr"));
-        let child = nginx_command(dir.path(), conf)
+        let mut cmd = nginx_command(dir.path(), conf);
+        // Should the test process die without running destructors (killed, aborted), the
+        // master gets SIGTERM and stops its workers. (The signal comes when the spawning
+        // thread ends: every test drops its nginx before that.)
+        // SAFETY: prctl and getppid are async-signal-safe; nothing else runs in the child.
+        let parent = std::process::id() as libc::pid_t;
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    return Err(io::Error::other("parent already exited"));
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg("-g")
             .arg("daemon off; master_process on;")
             .stdin(Stdio::null())
@@ -734,8 +784,9 @@ pub fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> io::Resu
     if let Some(b) = body {
         req.push_str(b);
     }
+    // No shutdown(Write) after the request: nginx takes a half-closed client
+    // connection for an aborted request (499).
     s.write_all(req.as_bytes())?;
-    let _ = s.shutdown(Shutdown::Write);
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     parse_response(&raw)

@@ -1,0 +1,1719 @@
+//! End-to-end gateway benchmark: rsbalancer inside nginx against nginx's own upstream
+//! and the seed article's pure-Lua balancer, on 127.0.0.1.
+//!
+//! ```text
+//! scripts/bench-gateway.sh                 (what `make bench` runs after the micro benches)
+//! cargo bench --no-default-features --bench gateway [-- --quick] [overhead] [storm] [quota]
+//! ```
+//!
+//! It starts and stops its own nginx instances (`worker_processes 2` each): one for the
+//! upstream nodes, one per gateway contender, on free ports, in a temp directory that
+//! holds a snapshot of the library and the Lua files (so a `make build` running at the
+//! same time changes nothing here). Every nginx is stopped at the end, on a panic, and
+//! on SIGINT / SIGTERM / SIGHUP (the load loops stop, destructors run); should this
+//! process die outright, each nginx master gets SIGTERM from the kernel
+//! (PR_SET_PDEATHSIG). Configs are templates in `benches/nginx/`.
+//!
+//! Scenarios (contenders of a scenario run back to back, in rotating order per round):
+//!
+//! 1. `overhead`: three static nginx servers answering a small 200, weights 30/50/20,
+//!    upstream keepalive. Requests/s and latency through nginx's native `upstream`,
+//!    rsbalancer (`p2c_ewma`, `weighted_random`; balance + log) and the seed's Lua
+//!    weighted random in balancer_by_lua. Load: `wrk` (one thread, keep-alive; C and
+//!    epoll, so the load generator takes as little of the 2 CPUs as possible away from
+//!    nginx), or this file's own client when wrk is missing.
+//! 2. `storm`: mock LLM nodes (nginx-conf/demo/lua/mock_llm.lua) with concurrency caps
+//!    8 / 16 / 8, node c 5x slower, 429 without Retry-After when over the cap. Closed
+//!    loop of round(0.8 x sum of caps) clients POSTing /v1/chat/completions. Contenders:
+//!    native (weights = caps, nginx's default max_fails=1 fail_timeout=10s), the seed
+//!    with set_more_tries(3), rsbalancer p2c_ewma with admit + balance + log.
+//! 3. `quota`: the same but node a has no concurrency cap and is quota-style instead: a
+//!    token bucket, 429 with Retry-After when empty. Clients = 0.8 x (a's rate x its
+//!    latency + the other caps).
+//!
+//! Load generator for 2 and 3: std threads, one keep-alive HTTP/1.1 `TcpStream` each,
+//! closed loop, every request's status and latency recorded. Each request carries an
+//! `X-Bench-Id` (run, phase, client, sequence) that the gateway forwards on every try;
+//! the mock nodes log it for each request they receive, so upstream attempts per
+//! client request are counted exactly at the nodes (429s included), and cross-checked
+//! against the gateway's `$upstream_status` list. A warm-up phase is reported apart.
+//!
+//! Nothing is asserted about speed: the bench prints tables. It panics (fails loudly)
+//! when nginx, its Lua module, wrk's output or the library is missing, or when a
+//! contender does not start or does not answer its first request.
+//!
+//! Environment: `RSB_BENCH_QUICK=1` (or `--quick`) for a short smoke run;
+//! `RSB_BENCH_ROUNDS`, `RSB_BENCH_OVERHEAD_S`, `RSB_BENCH_STORM_S`, `RSB_BENCH_WARM_S`;
+//! `RSB_BENCH_NATIVE_NOFAIL=0` drops the extra "native, max_fails=0" contender;
+//! `RSB_BENCH_KEEP=1` keeps the run directory (configs, logs); `NGINX`, `NGINX_MODULES`,
+//! `RSB_LUA_SO`, `WRK` locate the tools.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+// ------------------------------------------------------------------------------------
+// Stop flag: signals, watchdog
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn stopping() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+/// Panics (which stops every nginx through the destructors) once a stop was asked.
+fn check_stop() {
+    if stopping() {
+        panic!("gateway bench: interrupted (signal or watchdog); stopping every nginx");
+    }
+}
+
+fn install_signal_handlers() {
+    // SAFETY: the handler only stores to an atomic (async-signal-safe); prctl has no
+    // memory arguments.
+    unsafe {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        }
+        // cargo (our parent) killed: we get SIGTERM and clean up.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// Options and environment
+
+struct Opts {
+    quick: bool,
+    overhead: bool,
+    storm: bool,
+    quota: bool,
+    rounds_overhead: usize,
+    rounds_storm: usize,
+    overhead_s: u64,
+    warm_s: f64,
+    storm_s: f64,
+    native_nofail: bool,
+    keep: bool,
+}
+
+fn env_num(name: &str, default: f64) -> f64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+fn env_flag(name: &str, default: bool) -> bool {
+    match std::env::var(name) {
+        Ok(v) => !(v.is_empty() || v == "0" || v == "false" || v == "no"),
+        Err(_) => default,
+    }
+}
+
+impl Opts {
+    fn parse() -> Opts {
+        let mut quick = env_flag("RSB_BENCH_QUICK", false);
+        let mut picked = Vec::new();
+        for a in std::env::args().skip(1) {
+            match a.as_str() {
+                "--bench" => {} // cargo bench passes it to harness = false targets
+                "--quick" => quick = true,
+                "overhead" | "storm" | "quota" => picked.push(a),
+                other if other.starts_with('-') => {} // other libtest-style flags
+                other => panic!("unknown argument {other:?} (scenarios: overhead storm quota)"),
+            }
+        }
+        let all = picked.is_empty();
+        let has = |s: &str| all || picked.iter().any(|p| p == s);
+        Opts {
+            quick,
+            overhead: has("overhead"),
+            storm: has("storm"),
+            quota: has("quota"),
+            rounds_overhead: env_num("RSB_BENCH_ROUNDS", if quick { 1.0 } else { 3.0 }) as usize,
+            rounds_storm: env_num("RSB_BENCH_ROUNDS", if quick { 1.0 } else { 3.0 }) as usize,
+            overhead_s: env_num("RSB_BENCH_OVERHEAD_S", if quick { 2.0 } else { 5.0 }) as u64,
+            warm_s: env_num("RSB_BENCH_WARM_S", if quick { 1.0 } else { 2.0 }),
+            storm_s: env_num("RSB_BENCH_STORM_S", if quick { 3.0 } else { 8.0 }),
+            native_nofail: env_flag("RSB_BENCH_NATIVE_NOFAIL", true),
+            keep: env_flag("RSB_BENCH_KEEP", false),
+        }
+    }
+}
+
+struct Env {
+    repo: PathBuf,
+    nginx: PathBuf,
+    modules: PathBuf,
+    lua_so: PathBuf,
+    wrk: Option<PathBuf>,
+    user_line: &'static str,
+}
+
+fn find_in_path(name: &str, extra: &[&str]) -> Option<PathBuf> {
+    let mut c: Vec<PathBuf> = extra.iter().map(PathBuf::from).collect();
+    if let Some(path) = std::env::var_os("PATH") {
+        c.extend(std::env::split_paths(&path).map(|d| d.join(name)));
+    }
+    c.into_iter().find(|p| p.is_file())
+}
+
+impl Env {
+    fn locate() -> Env {
+        // RSB_REPO: the checkout to take templates, Lua files and the library from
+        // (default: the one this bench was built from).
+        let repo = std::env::var_os("RSB_REPO")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+        let nginx = match std::env::var_os("NGINX") {
+            Some(p) => PathBuf::from(p),
+            None => find_in_path("nginx", &["/usr/sbin/nginx"]).unwrap_or_else(|| {
+                panic!(
+                    "gateway bench: nginx not found ($NGINX, /usr/sbin/nginx, PATH). Install it \
+                     with `make deps` (Debian 12: nginx-core libnginx-mod-http-lua \
+                     lua-resty-core luajit2)."
+                )
+            }),
+        };
+        assert!(nginx.is_file(), "gateway bench: nginx {} is not a file", nginx.display());
+        let modules = std::env::var_os("NGINX_MODULES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/usr/lib/nginx/modules"));
+        for m in ["ndk_http_module.so", "ngx_http_lua_module.so"] {
+            assert!(
+                modules.join(m).is_file(),
+                "gateway bench: {} missing (Debian: libnginx-mod-http-lua; or set NGINX_MODULES)",
+                modules.join(m).display()
+            );
+        }
+        let lua_so = std::env::var_os("RSB_LUA_SO")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo.join("build/lib/rsbalancer.so"));
+        assert!(
+            lua_so.is_file(),
+            "gateway bench: the Lua module {} is missing: run `make build` first",
+            lua_so.display()
+        );
+        let wrk = match std::env::var_os("WRK") {
+            Some(p) => Some(PathBuf::from(p)),
+            None => find_in_path("wrk", &[]),
+        };
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        Env {
+            repo,
+            nginx,
+            modules,
+            lua_so,
+            wrk,
+            // Started as root, nginx would run its workers as nobody.
+            user_line: if root { "user root;" } else { "" },
+        }
+    }
+
+    fn template(&self, name: &str) -> String {
+        let p = self.repo.join("benches/nginx").join(name);
+        fs::read_to_string(&p).unwrap_or_else(|e| panic!("read template {}: {e}", p.display()))
+    }
+
+    fn nginx_version(&self) -> String {
+        Command::new(&self.nginx)
+            .arg("-v")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+            .unwrap_or_else(|e| format!("? ({e})"))
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// Run directory
+
+struct RunDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = fs::set_permissions(p, fs::Permissions::from_mode(mode));
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap_or_else(|e| panic!("mkdir {}: {e}", to.display()));
+    set_mode(to, 0o755);
+    for e in fs::read_dir(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display())) {
+        let e = e.expect("dir entry");
+        let p = e.path();
+        let dst = to.join(e.file_name());
+        if p.is_dir() {
+            copy_tree(&p, &dst);
+        } else {
+            fs::copy(&p, &dst).unwrap_or_else(|e| panic!("copy {}: {e}", p.display()));
+            set_mode(&dst, 0o644);
+        }
+    }
+}
+
+impl RunDir {
+    fn new(env: &Env, keep: bool) -> RunDir {
+        let path = std::env::temp_dir().join(format!("rsb-gwbench-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(path.join("tmp")).expect("create run dir");
+        set_mode(&path, 0o755);
+        set_mode(&path.join("tmp"), 0o755);
+        // Snapshot of everything nginx loads, so a concurrent `make build` or edit does
+        // not change (or crash) a running contender.
+        let lua = path.join("lua");
+        copy_tree(&env.repo.join("lua"), &lua);
+        for (src, name) in [
+            (env.repo.join("nginx-conf/demo/lua/mock_llm.lua"), "mock_llm.lua"),
+            (env.repo.join("benches/nginx/seed_balancer.lua"), "seed_balancer.lua"),
+        ] {
+            fs::copy(&src, lua.join(name)).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
+            set_mode(&lua.join(name), 0o644);
+        }
+        let lib = path.join("lib");
+        fs::create_dir_all(&lib).expect("mkdir lib");
+        set_mode(&lib, 0o755);
+        fs::copy(&env.lua_so, lib.join("rsbalancer.so")).expect("copy rsbalancer.so");
+        set_mode(&lib.join("rsbalancer.so"), 0o755);
+        RunDir { path, keep }
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path.join(name);
+        fs::write(&p, text).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        set_mode(&p, 0o644);
+        p
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if thread::panicking() || self.keep {
+            eprintln!("gateway bench: configs and logs kept in {}", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Fills `@NAME@` placeholders outside comment lines (comments document them and stay
+/// as written); panics if one is left in a directive.
+fn render(template: &str, vars: &[(&str, String)]) -> String {
+    let mut out = String::with_capacity(template.len() * 2);
+    for line in template.lines() {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let mut l = line.to_string();
+        for (k, v) in vars {
+            l = l.replace(&format!("@{k}@"), v);
+        }
+        if let Some(i) = l.find('@') {
+            let rest = &l[i + 1..];
+            let n = rest.bytes().take_while(|c| c.is_ascii_uppercase() || *c == b'_').count();
+            assert!(
+                n == 0 || rest.as_bytes().get(n) != Some(&b'@'),
+                "placeholder left unfilled in: {l}"
+            );
+        }
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out
+}
+
+// ------------------------------------------------------------------------------------
+// nginx processes
+
+fn free_port() -> u16 {
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        if GIVEN.lock().unwrap().get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+}
+
+fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
+}
+
+/// (pid, cmdline) of live children of `parent`.
+fn children(parent: i32) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else { return out };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(") ") else { continue };
+        let mut f = rest.split(' ');
+        let state = f.next().unwrap_or("Z");
+        let ppid: i32 = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        if ppid == parent && state != "Z" {
+            let cmd = fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| String::from_utf8_lossy(&b).replace('\0', " ").trim().to_string())
+                .unwrap_or_default();
+            out.push((pid, cmd));
+        }
+    }
+    out
+}
+
+fn is_nginx(pid: i32) -> bool {
+    let stat_ok = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+        .unwrap_or(false);
+    stat_ok
+        && fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| b.starts_with(b"nginx:"))
+            .unwrap_or(false)
+}
+
+fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on a pid this process started (or a worker of it).
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// One nginx (master + 2 workers) started by the bench; stopped on drop.
+struct Nginx {
+    name: String,
+    child: Option<Child>,
+    error_log: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Nginx {
+    /// Writes `conf` as `<name>.conf`, starts it in the foreground, waits for every
+    /// port and for 2 workers. Panics (with the error log) if it does not start.
+    fn start(env: &Env, run: &RunDir, name: &str, conf: &str, ports: &[u16]) -> Nginx {
+        check_stop();
+        let conf_path = run.write(&format!("{name}.conf"), conf);
+        let stderr = run.path.join(format!("{name}.stderr"));
+        let mut cmd = Command::new(&env.nginx);
+        cmd.arg("-p")
+            .arg(&run.path)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(run.path.join(format!("{name}-error.log")))
+            .arg("-g")
+            .arg("daemon off; master_process on;")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&stderr).expect("create stderr file"));
+        // SAFETY: prctl/getppid are async-signal-safe; nothing else runs in the child.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::getppid() == 1 {
+                    return Err(io::Error::other("parent already exited"));
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("gateway bench: cannot spawn {}: {e}", env.nginx.display()));
+        let mut n = Nginx {
+            name: name.to_string(),
+            child: Some(child),
+            error_log: run.path.join(format!("{name}-error.log")),
+            stderr,
+        };
+        let start = Instant::now();
+        let mut pending: Vec<u16> = ports.to_vec();
+        loop {
+            pending.retain(|&p| !port_open(p));
+            let workers = children(n.pid())
+                .iter()
+                .filter(|(_, c)| c.starts_with("nginx: worker process"))
+                .count();
+            if pending.is_empty() && workers >= 2 {
+                break;
+            }
+            if let Some(status) = n.child.as_mut().unwrap().try_wait().expect("try_wait") {
+                n.child = None;
+                panic!(
+                    "gateway bench: {name} nginx exited ({status}) before listening on {pending:?}\n{}",
+                    n.diagnostics()
+                );
+            }
+            if start.elapsed() > Duration::from_secs(15) || stopping() {
+                let d = n.diagnostics();
+                n.stop();
+                panic!("gateway bench: {name} nginx not ready after 15 s (ports {pending:?})\n{d}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        n
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    fn diagnostics(&self) -> String {
+        let stderr = fs::read_to_string(&self.stderr).unwrap_or_default();
+        let log = fs::read_to_string(&self.error_log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect();
+        format!(
+            "--- {} stderr:\n{stderr}--- {} error log tail ({}):\n{}",
+            self.name,
+            self.name,
+            self.error_log.display(),
+            tail.join("\n")
+        )
+    }
+
+    /// Error-log lines at level [error] or worse (for the notes under a table).
+    fn error_lines(&self) -> Vec<String> {
+        fs::read_to_string(&self.error_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("[error]") || l.contains("[crit]") || l.contains("[alert]") || l.contains("[emerg]"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// SIGTERM (fast shutdown), SIGKILL after 5 s, then SIGKILL any worker left.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let master = child.id() as i32;
+        let mut workers: Vec<i32> = children(master).into_iter().map(|(p, _)| p).collect();
+        kill(master, libc::SIGTERM);
+        let start = Instant::now();
+        let mut exited = false;
+        while start.elapsed() < Duration::from_secs(5) {
+            workers.extend(children(master).into_iter().map(|(p, _)| p));
+            if child.try_wait().ok().flatten().is_some() {
+                exited = true;
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        if !exited {
+            eprintln!("gateway bench: {} (pid {master}) ignored SIGTERM: SIGKILL", self.name);
+            workers.extend(children(master).into_iter().map(|(p, _)| p));
+            kill(master, libc::SIGKILL);
+            let _ = child.wait();
+        }
+        workers.sort_unstable();
+        workers.dedup();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for pid in workers {
+            while is_nginx(pid) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+            if is_nginx(pid) {
+                eprintln!("gateway bench: {} worker {pid} outlived its master: SIGKILL", self.name);
+                kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if thread::panicking() && self.child.is_some() {
+            eprintln!("{}", self.diagnostics());
+        }
+        self.stop();
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// HTTP/1.1 keep-alive client
+
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    close: bool,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+struct Conn {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+    line: String,
+}
+
+impl Conn {
+    fn open(port: u16, timeout: Duration) -> io::Result<Conn> {
+        let s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        Ok(Conn {
+            w: s.try_clone()?,
+            r: BufReader::with_capacity(16 * 1024, s),
+            line: String::new(),
+        })
+    }
+
+    fn read_line(&mut self) -> io::Result<&str> {
+        self.line.clear();
+        let n = self.r.read_line(&mut self.line)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
+        }
+        Ok(self.line.trim_end_matches(['\r', '\n']))
+    }
+
+    /// Sends `req` (a complete request) and reads one response.
+    fn round_trip(&mut self, req: &[u8], keep_headers: bool) -> io::Result<Response> {
+        self.w.write_all(req)?;
+        let status_line = self.read_line()?.to_string();
+        let status: u16 = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}")))?;
+        let mut headers = Vec::new();
+        let (mut len, mut chunked, mut close) = (None, false, false);
+        loop {
+            let l = self.read_line()?;
+            if l.is_empty() {
+                break;
+            }
+            let Some((k, v)) = l.split_once(':') else { continue };
+            let (k, v) = (k.trim(), v.trim());
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.parse::<usize>().ok();
+            } else if k.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = v.eq_ignore_ascii_case("chunked");
+            } else if k.eq_ignore_ascii_case("connection") {
+                close = v.eq_ignore_ascii_case("close");
+            }
+            if keep_headers {
+                headers.push((k.to_string(), v.to_string()));
+            }
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                let size_line = self.read_line()?.to_string();
+                let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+                if size == 0 {
+                    while !self.read_line()?.is_empty() {}
+                    break;
+                }
+                let start = body.len();
+                body.resize(start + size, 0);
+                self.r.read_exact(&mut body[start..])?;
+                self.read_line()?;
+            }
+        } else if let Some(n) = len {
+            body.resize(n, 0);
+            self.r.read_exact(&mut body)?;
+        } else if status >= 200 && status != 204 && status != 304 {
+            self.r.read_to_end(&mut body)?;
+            close = true;
+        }
+        Ok(Response { status, headers, body, close })
+    }
+}
+
+fn request_bytes(method: &str, path: &str, port: u16, id: &str, body: &str) -> Vec<u8> {
+    let mut s = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: rsb-gwbench\r\n");
+    if !id.is_empty() {
+        let _ = write!(s, "X-Bench-Id: {id}\r\n");
+    }
+    if !body.is_empty() || method == "POST" {
+        let _ = write!(
+            s,
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+    }
+    s.push_str("\r\n");
+    s.push_str(body);
+    s.into_bytes()
+}
+
+/// One request on a fresh connection (smoke tests, status reads).
+fn one_request(port: u16, method: &str, path: &str, body: &str, id: &str) -> io::Result<Response> {
+    let mut c = Conn::open(port, Duration::from_secs(10))?;
+    c.round_trip(&request_bytes(method, path, port, id, body), true)
+}
+
+const CHAT_BODY: &str = r#"{"model":"mock-llm","messages":[{"role":"user","content":"Say hello in one line."}],"max_tokens":16}"#;
+
+// ------------------------------------------------------------------------------------
+// Closed-loop load
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Warm,
+    Measure,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    phase: Phase,
+    client: u16,
+    seq: u32,
+    /// 0: no response (connect error, reset, timeout).
+    status: u16,
+    latency_us: u64,
+}
+
+struct LoadSpec {
+    port: u16,
+    method: &'static str,
+    path: &'static str,
+    body: &'static str,
+    clients: usize,
+    warm: Duration,
+    measure: Duration,
+    /// Run tag in X-Bench-Id: "<tag>.<w|m>.<client>.<seq>".
+    tag: String,
+    /// Hard bound per client, whatever the duration.
+    max_per_client: u32,
+}
+
+/// N clients, each with one keep-alive connection, each sending its next request as
+/// soon as the previous one is answered, until warm + measure has passed.
+fn closed_loop(spec: &LoadSpec) -> Vec<Sample> {
+    let barrier = Arc::new(Barrier::new(spec.clients + 1));
+    let start = Arc::new(Mutex::new(Instant::now()));
+    let mut handles = Vec::new();
+    for client in 0..spec.clients {
+        let barrier = barrier.clone();
+        let start = start.clone();
+        let (port, method, path, body, tag) = (spec.port, spec.method, spec.path, spec.body, spec.tag.clone());
+        let (warm, total, max) = (spec.warm, spec.warm + spec.measure, spec.max_per_client);
+        handles.push(
+            thread::Builder::new()
+                .name(format!("client-{client}"))
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let mut out = Vec::with_capacity(4096);
+                    let mut conn: Option<Conn> = None;
+                    barrier.wait();
+                    let t0 = *start.lock().unwrap();
+                    let mut seq = 0u32;
+                    while seq < max && !stopping() {
+                        let t = Instant::now();
+                        let since = t - t0;
+                        if since >= total {
+                            break;
+                        }
+                        let phase = if since < warm { Phase::Warm } else { Phase::Measure };
+                        let id = if tag.is_empty() {
+                            String::new()
+                        } else {
+                            format!("{tag}.{}.{client}.{seq}", if phase == Phase::Warm { 'w' } else { 'm' })
+                        };
+                        let req = request_bytes(method, path, port, &id, body);
+                        if conn.is_none() {
+                            match Conn::open(port, Duration::from_secs(30)) {
+                                Ok(c) => conn = Some(c),
+                                Err(_) => {
+                                    out.push(Sample { phase, client: client as u16, seq, status: 0, latency_us: t.elapsed().as_micros() as u64 });
+                                    seq += 1;
+                                    thread::sleep(Duration::from_millis(5));
+                                    continue;
+                                }
+                            }
+                        }
+                        let c = conn.as_mut().unwrap();
+                        let (status, close) = match c.round_trip(&req, false) {
+                            Ok(r) => (r.status, r.close),
+                            Err(_) => (0, true),
+                        };
+                        out.push(Sample {
+                            phase,
+                            client: client as u16,
+                            seq,
+                            status,
+                            latency_us: t.elapsed().as_micros() as u64,
+                        });
+                        seq += 1;
+                        if close {
+                            conn = None;
+                        }
+                    }
+                    out
+                })
+                .expect("spawn client thread"),
+        );
+    }
+    *start.lock().unwrap() = Instant::now() + Duration::from_millis(20);
+    barrier.wait();
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.join().expect("client thread panicked"));
+    }
+    all
+}
+
+fn percentile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    let mut w: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if w.is_empty() {
+        return f64::NAN;
+    }
+    w.sort_by(|a, b| a.total_cmp(b));
+    let m = w.len() / 2;
+    if w.len() % 2 == 1 {
+        w[m]
+    } else {
+        (w[m - 1] + w[m]) / 2.0
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .filter(|x| !x.is_nan())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+}
+
+// ------------------------------------------------------------------------------------
+// Scenario 1: overhead
+
+#[derive(Clone)]
+enum Kind {
+    /// nginx upstream; extra text after each `server ... weight=w`.
+    Native { server_extra: &'static str },
+    /// The seed's Lua weighted random; more tries granted on the first try.
+    Seed { more_tries: u32 },
+    /// rsbalancer with this algorithm; admit in the access phase or not.
+    Rsb { algorithm: &'static str, admit: bool },
+}
+
+#[derive(Clone)]
+struct Contender {
+    label: &'static str,
+    kind: Kind,
+}
+
+struct Node {
+    name: &'static str,
+    port: u16,
+    weight: u32,
+}
+
+/// Renders and starts one gateway contender in front of `nodes`; returns it and its port.
+fn start_gateway(env: &Env, run: &RunDir, inst: &str, c: &Contender, nodes: &[Node], access_log: bool) -> (Nginx, u16) {
+    let port = free_port();
+    let log = if access_log {
+        format!("{}/{inst}-access.log bench", run.path.display())
+    } else {
+        "off".to_string()
+    };
+    let luadir = run.path.join("lua").display().to_string();
+    let mut vars: Vec<(&str, String)> = vec![
+        ("USER", env.user_line.to_string()),
+        ("MODULES", env.modules.display().to_string()),
+        ("RUNTIME", run.path.display().to_string()),
+        ("NAME", inst.to_string()),
+        ("PORT", port.to_string()),
+        ("ACCESS_LOG", log),
+        ("LUADIR", luadir),
+    ];
+    let template = match &c.kind {
+        Kind::Native { server_extra } => {
+            let mut s = String::new();
+            for n in nodes {
+                let _ = writeln!(s, "        server 127.0.0.1:{} weight={}{server_extra};", n.port, n.weight);
+            }
+            vars.push(("SERVERS", s));
+            "gateway-native.conf"
+        }
+        Kind::Seed { more_tries } => {
+            let items: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("{{ name = \"{}\", host = \"127.0.0.1\", port = {}, weight = {} }}", n.name, n.port, n.weight))
+                .collect();
+            vars.push(("SEED_NODES", format!("{{ {} }}", items.join(", "))));
+            vars.push(("MORE_TRIES", more_tries.to_string()));
+            "gateway-seed.conf"
+        }
+        Kind::Rsb { algorithm, admit } => {
+            let cfg = json!({ "pools": { "llm": {
+                "algorithm": algorithm,
+                "nodes": nodes.iter().map(|n| json!({
+                    "id": n.name, "addr": format!("127.0.0.1:{}", n.port), "weight": n.weight
+                })).collect::<Vec<_>>(),
+            } } });
+            let cfg_path = run.write(&format!("{inst}.json"), &serde_json::to_string_pretty(&cfg).unwrap());
+            vars.push(("CONFIG", cfg_path.display().to_string()));
+            vars.push(("LIBDIR", run.path.join("lib").display().to_string()));
+            vars.push((
+                "ADMIT",
+                if *admit {
+                    "            access_by_lua_block { require(\"resty.rsbalancer\").admit(\"llm\") }".to_string()
+                } else {
+                    String::new()
+                },
+            ));
+            "gateway-rsb.conf"
+        }
+    };
+    let conf = render(&env.template(template), &vars);
+    let n = Nginx::start(env, run, inst, &conf, &[port]);
+    (n, port)
+}
+
+fn start_static_nodes(env: &Env, run: &RunDir, inst: &str, names: &[(&'static str, u32)]) -> (Nginx, Vec<Node>) {
+    let nodes: Vec<Node> = names
+        .iter()
+        .map(|&(name, weight)| Node { name, port: free_port(), weight })
+        .collect();
+    let mut servers = String::new();
+    for n in &nodes {
+        let _ = write!(
+            servers,
+            "    server {{\n        listen 127.0.0.1:{} backlog=4096;\n        location / {{ return 200 \"ok {}\\n\"; }}\n    }}\n",
+            n.port, n.name
+        );
+    }
+    let conf = render(
+        &env.template("static-nodes.conf"),
+        &[
+            ("USER", env.user_line.to_string()),
+            ("RUNTIME", run.path.display().to_string()),
+            ("NAME", inst.to_string()),
+            ("SERVERS", servers),
+        ],
+    );
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    (Nginx::start(env, run, inst, &conf, &ports), nodes)
+}
+
+struct Throughput {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: u64,
+    errors: u64,
+}
+
+/// Parses "1.23ms" / "456.00us" / "1.02s" into milliseconds.
+fn wrk_ms(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, mult) = if let Some(v) = s.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1000.0)
+    } else if let Some(v) = s.strip_suffix('m') {
+        (v, 60_000.0)
+    } else {
+        return None;
+    };
+    num.trim().parse::<f64>().ok().map(|v| v * mult)
+}
+
+fn run_wrk(wrk: &Path, port: u16, conns: usize, secs: u64) -> Throughput {
+    check_stop();
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut child = Command::new(wrk)
+        .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency", "--timeout", "5s", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("gateway bench: cannot run {}: {e}", wrk.display()));
+    let deadline = Instant::now() + Duration::from_secs(secs + 15);
+    loop {
+        if child.try_wait().expect("wait wrk").is_some() {
+            break;
+        }
+        if Instant::now() > deadline || stopping() {
+            let _ = child.kill();
+            let _ = child.wait();
+            check_stop();
+            panic!("gateway bench: wrk did not finish within {} s", secs + 15);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("wrk output");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut t = Throughput { rps: f64::NAN, p50_ms: f64::NAN, p99_ms: f64::NAN, requests: 0, errors: 0 };
+    for line in text.lines() {
+        let l = line.trim();
+        if let Some(v) = l.strip_prefix("Requests/sec:") {
+            t.rps = v.trim().parse().unwrap_or(f64::NAN);
+        } else if let Some(v) = l.strip_prefix("50%") {
+            t.p50_ms = wrk_ms(v).unwrap_or(f64::NAN);
+        } else if let Some(v) = l.strip_prefix("99%") {
+            t.p99_ms = wrk_ms(v).unwrap_or(f64::NAN);
+        } else if l.contains("requests in") {
+            t.requests = l.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        } else if let Some(v) = l.strip_prefix("Non-2xx or 3xx responses:") {
+            t.errors += v.trim().parse::<u64>().unwrap_or(0);
+        } else if let Some(v) = l.strip_prefix("Socket errors:") {
+            t.errors += v
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last().and_then(|n| n.parse::<u64>().ok()))
+                .sum::<u64>();
+        }
+    }
+    assert!(
+        t.rps.is_finite() && t.p99_ms.is_finite(),
+        "gateway bench: cannot parse wrk output (exit {}):\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t
+}
+
+fn run_own_client(port: u16, conns: usize, secs: u64) -> Throughput {
+    let samples = closed_loop(&LoadSpec {
+        port,
+        method: "GET",
+        path: "/",
+        body: "",
+        clients: conns,
+        warm: Duration::ZERO,
+        measure: Duration::from_secs(secs),
+        tag: String::new(),
+        max_per_client: 5_000_000,
+    });
+    let mut lat: Vec<u64> = samples.iter().map(|s| s.latency_us).collect();
+    lat.sort_unstable();
+    Throughput {
+        rps: samples.len() as f64 / secs as f64,
+        p50_ms: percentile(&lat, 0.50) / 1000.0,
+        p99_ms: percentile(&lat, 0.99) / 1000.0,
+        requests: samples.len() as u64,
+        errors: samples.iter().filter(|s| !(200..300).contains(&s.status)).count() as u64,
+    }
+}
+
+fn overhead(env: &Env, run: &RunDir, o: &Opts) {
+    const CONNS: usize = 32;
+    let weights = [("a", 30), ("b", 50), ("c", 20)];
+    let contenders = [
+        Contender { label: "native upstream (weighted rr)", kind: Kind::Native { server_extra: "" } },
+        Contender { label: "rsbalancer p2c_ewma", kind: Kind::Rsb { algorithm: "p2c_ewma", admit: false } },
+        Contender { label: "rsbalancer weighted_random", kind: Kind::Rsb { algorithm: "weighted_random", admit: false } },
+        Contender { label: "seed Lua weighted random", kind: Kind::Seed { more_tries: 0 } },
+    ];
+    let tool = match &env.wrk {
+        Some(w) => format!("wrk -t1 -c{CONNS} (keep-alive), {}", w.display()),
+        None => format!("own client, {CONNS} keep-alive connections (wrk not found)"),
+    };
+    println!();
+    println!("== 1. overhead: 3 static nodes (return 200), weights 30/50/20, upstream keepalive 64");
+    println!(
+        "   {tool}; GET /; {} s per run, {} round(s), contenders in rotating order; 2 CPUs shared by load generator, gateway and nodes",
+        o.overhead_s, o.rounds_overhead
+    );
+    let (_nodes_ngx, nodes) = start_static_nodes(env, run, "ovh-nodes", &weights);
+    let mut gws = Vec::new();
+    for (i, c) in contenders.iter().enumerate() {
+        let (n, port) = start_gateway(env, run, &format!("ovh-gw{i}"), c, &nodes, false);
+        let r = one_request(port, "GET", "/", "", "").unwrap_or_else(|e| panic!("{}: smoke request: {e}\n{}", c.label, n.diagnostics()));
+        assert!(r.status == 200 && r.body.starts_with(b"ok "), "{}: smoke request got {} {:?}\n{}", c.label, r.status, String::from_utf8_lossy(&r.body), n.diagnostics());
+        gws.push((n, port));
+    }
+    let measure = |port: u16, secs: u64| match &env.wrk {
+        Some(w) => run_wrk(w, port, CONNS, secs),
+        None => run_own_client(port, CONNS, secs),
+    };
+    // Warm-up: JIT traces, keepalive pools.
+    for (_, port) in &gws {
+        let _ = measure(*port, 1);
+    }
+    let mut results: Vec<Vec<Throughput>> = contenders.iter().map(|_| Vec::new()).collect();
+    for round in 0..o.rounds_overhead {
+        for k in 0..contenders.len() {
+            let i = (k + round) % contenders.len();
+            results[i].push(measure(gws[i].1, o.overhead_s));
+        }
+    }
+    let mut native_rps = f64::NAN;
+    println!();
+    println!(
+        "   {:<30} {:>10} {:>19} {:>9} {:>9} {:>9} {:>8}",
+        "contender", "req/s", "range (min..max)", "p50 ms", "p99 ms", "vs native", "errors"
+    );
+    for (i, c) in contenders.iter().enumerate() {
+        let mut rps: Vec<f64> = results[i].iter().map(|t| t.rps).collect();
+        let mut p50: Vec<f64> = results[i].iter().map(|t| t.p50_ms).collect();
+        let mut p99: Vec<f64> = results[i].iter().map(|t| t.p99_ms).collect();
+        let errors: u64 = results[i].iter().map(|t| t.errors).sum();
+        let m = median(&mut rps);
+        if i == 0 {
+            native_rps = m;
+        }
+        let (lo, hi) = min_max(&rps);
+        println!(
+            "   {:<30} {:>10.0} {:>19} {:>9.3} {:>9.3} {:>8.1}% {:>8}",
+            c.label,
+            m,
+            format!("{lo:.0}..{hi:.0}"),
+            median(&mut p50),
+            median(&mut p99),
+            100.0 * m / native_rps,
+            errors
+        );
+    }
+    println!("   (medians over rounds; target: rsbalancer >= 95% of native's req/s)");
+    for (i, (n, _)) in gws.iter().enumerate() {
+        let errs = n.error_lines();
+        if !errs.is_empty() {
+            println!("   ! {}: {} error-log lines, first: {}", contenders[i].label, errs.len(), errs[0]);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// Scenarios 2 and 3: busy storm, quota node
+
+#[derive(Clone)]
+struct MockSpec {
+    name: &'static str,
+    latency_ms: u32,
+    max_conc: u32,
+    quota_rps: u32,
+    quota_burst: u32,
+    weight: u32,
+}
+
+struct StormScenario {
+    key: &'static str,
+    title: String,
+    nodes: Vec<MockSpec>,
+    clients: usize,
+}
+
+fn storm_scenarios(which: &str) -> StormScenario {
+    const FAST: u32 = 50;
+    const SLOW: u32 = 250; // 5x
+    let node = |name, latency_ms, max_conc, quota_rps, quota_burst, weight| MockSpec {
+        name,
+        latency_ms,
+        max_conc,
+        quota_rps,
+        quota_burst,
+        weight,
+    };
+    match which {
+        "storm" => {
+            let nodes = vec![
+                node("a", FAST, 8, 0, 0, 8),
+                node("b", FAST, 16, 0, 0, 16),
+                node("c", SLOW, 8, 0, 0, 8),
+            ];
+            let cap: u32 = nodes.iter().map(|n| n.max_conc).sum();
+            let clients = (0.8 * cap as f64).round() as usize;
+            StormScenario {
+                key: "storm",
+                title: format!(
+                    "== 2. busy storm: caps a=8 b=16 c=8 (c {SLOW} ms, a/b {FAST} ms), 429 without Retry-After over the cap; {clients} clients = 0.8 x {cap}"
+                ),
+                nodes,
+                clients,
+            }
+        }
+        _ => {
+            // a: no concurrency cap, a token bucket of 40 req/s (burst 20) instead; its
+            // concurrency-equivalent capacity is 40/s x 50 ms = 2.
+            let nodes = vec![
+                node("a", FAST, 0, 40, 20, 2),
+                node("b", FAST, 16, 0, 0, 16),
+                node("c", SLOW, 8, 0, 0, 8),
+            ];
+            let cap = 40.0 * FAST as f64 / 1000.0 + 16.0 + 8.0;
+            let clients = (0.8 * cap).round() as usize;
+            StormScenario {
+                key: "quota",
+                title: format!(
+                    "== 3. quota node: a = token bucket 40 req/s burst 20 (429 + Retry-After when empty, no cap), b cap 16, c cap 8 and {SLOW} ms; {clients} clients = 0.8 x {cap}"
+                ),
+                nodes,
+                clients,
+            }
+        }
+    }
+}
+
+fn start_mocks(env: &Env, run: &RunDir, inst: &str, specs: &[MockSpec]) -> (Nginx, Vec<Node>, PathBuf) {
+    let nodes: Vec<Node> = specs
+        .iter()
+        .map(|s| Node { name: s.name, port: free_port(), weight: s.weight })
+        .collect();
+    let attempts = run.path.join(format!("{inst}-attempts.log"));
+    let mut servers = String::new();
+    for (s, n) in specs.iter().zip(&nodes) {
+        let _ = write!(
+            servers,
+            r#"    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        set $mock_node {name};
+        set $mock_latency_ms {lat};
+        set $mock_chunk_ms 0;
+        set $mock_max_conc {conc};
+        set $mock_retry_after 0;
+        set $mock_quota_rps {rps};
+        set $mock_quota_burst {burst};
+        set $mock_fail "";
+        location /v1/ {{
+            access_log {log} attempts;
+            content_by_lua_block {{ require("mock_llm").handle() }}
+            log_by_lua_block {{ require("mock_llm").log() }}
+        }}
+        location / {{
+            content_by_lua_block {{ require("mock_llm").handle() }}
+            log_by_lua_block {{ require("mock_llm").log() }}
+        }}
+    }}
+"#,
+            port = n.port,
+            name = s.name,
+            lat = s.latency_ms,
+            conc = s.max_conc,
+            rps = s.quota_rps,
+            burst = s.quota_burst,
+            log = attempts.display(),
+        );
+    }
+    let conf = render(
+        &env.template("mock-nodes.conf"),
+        &[
+            ("USER", env.user_line.to_string()),
+            ("MODULES", env.modules.display().to_string()),
+            ("RUNTIME", run.path.display().to_string()),
+            ("NAME", inst.to_string()),
+            ("LUADIR", run.path.join("lua").display().to_string()),
+            ("SERVERS", servers),
+        ],
+    );
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    let ngx = Nginx::start(env, run, inst, &conf, &ports);
+    for n in &nodes {
+        let r = one_request(n.port, "GET", "/health", "", "")
+            .unwrap_or_else(|e| panic!("mock {} /health: {e}\n{}", n.name, ngx.diagnostics()));
+        assert_eq!(r.status, 200, "mock {} /health\n{}", n.name, ngx.diagnostics());
+    }
+    (ngx, nodes, attempts)
+}
+
+/// Per-request attempts at the nodes: id -> [(node index, status)].
+fn read_attempts(path: &Path, nodes: &[Node]) -> HashMap<String, Vec<(usize, u16)>> {
+    let by_port: HashMap<u16, usize> = nodes.iter().enumerate().map(|(i, n)| (n.port, i)).collect();
+    let mut out: HashMap<String, Vec<(usize, u16)>> = HashMap::new();
+    for line in fs::read_to_string(path).unwrap_or_default().lines() {
+        let mut f = line.split(' ');
+        let (Some(port), Some(status), Some(id)) = (f.next(), f.next(), f.next()) else { continue };
+        let (Ok(port), Ok(status)) = (port.parse::<u16>(), status.parse::<u16>()) else { continue };
+        let Some(&i) = by_port.get(&port) else { continue };
+        out.entry(id.to_string()).or_default().push((i, status));
+    }
+    out
+}
+
+/// Tries per request as the gateway logged them ($upstream_status entries): id -> n.
+fn read_gateway_tries(path: &Path) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for line in fs::read_to_string(path).unwrap_or_default().lines() {
+        let Some(id) = line.split(' ').next() else { continue };
+        // '<id> <status> [<addrs>] [<statuses>] <time>'
+        let Some(st) = line.rsplit_once(" [").map(|(_, r)| r) else { continue };
+        let st = st.split(']').next().unwrap_or("");
+        let n = st
+            .split([',', ':'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && *s != "-")
+            .count();
+        out.insert(id.to_string(), n);
+    }
+    out
+}
+
+#[derive(Default, Clone)]
+struct NodeTally {
+    tries: u64,
+    ok: u64,
+    busy: u64,
+}
+
+#[derive(Default)]
+struct PhaseStats {
+    requests: u64,
+    ok: u64,
+    attempts: u64,
+    /// Requests for which the mock log has no line at all (answered by the gateway).
+    zero_try: u64,
+    gw_tries: u64,
+    statuses: BTreeMap<u16, u64>,
+    lat: Vec<u64>,
+    lat_ok: Vec<u64>,
+    nodes: Vec<NodeTally>,
+}
+
+struct StormRun {
+    warm: PhaseStats,
+    meas: PhaseStats,
+    measure_s: f64,
+    status_end: Option<Value>,
+    timeline: Vec<(f64, Value)>,
+    gw_errors: Vec<String>,
+}
+
+fn analyse(samples: &[Sample], tag: &str, attempts: &HashMap<String, Vec<(usize, u16)>>, gw: &HashMap<String, usize>, n_nodes: usize) -> (PhaseStats, PhaseStats) {
+    let mut w = PhaseStats { nodes: vec![NodeTally::default(); n_nodes], ..Default::default() };
+    let mut m = PhaseStats { nodes: vec![NodeTally::default(); n_nodes], ..Default::default() };
+    for s in samples {
+        let (p, c) = match s.phase {
+            Phase::Warm => (&mut w, 'w'),
+            Phase::Measure => (&mut m, 'm'),
+        };
+        let id = format!("{tag}.{c}.{}.{}", s.client, s.seq);
+        p.requests += 1;
+        *p.statuses.entry(s.status).or_default() += 1;
+        p.lat.push(s.latency_us);
+        if (200..300).contains(&s.status) {
+            p.ok += 1;
+            p.lat_ok.push(s.latency_us);
+        }
+        match attempts.get(&id) {
+            Some(tries) => {
+                p.attempts += tries.len() as u64;
+                for &(i, st) in tries {
+                    let t = &mut p.nodes[i];
+                    t.tries += 1;
+                    if (200..300).contains(&st) {
+                        t.ok += 1;
+                    } else if st == 429 {
+                        t.busy += 1;
+                    }
+                }
+            }
+            None => p.zero_try += 1,
+        }
+        p.gw_tries += *gw.get(&id).unwrap_or(&0) as u64;
+    }
+    for p in [&mut w, &mut m] {
+        p.lat.sort_unstable();
+        p.lat_ok.sort_unstable();
+    }
+    (w, m)
+}
+
+fn get_status(port: u16) -> Option<Value> {
+    let r = one_request(port, "GET", "/rsbalancer/status", "", "").ok()?;
+    if r.status != 200 {
+        return None;
+    }
+    serde_json::from_slice(&r.body).ok()
+}
+
+fn storm_run(env: &Env, run: &RunDir, sc: &StormScenario, c: &Contender, ci: usize, round: usize, o: &Opts) -> StormRun {
+    check_stop();
+    let inst = format!("{}-r{round}-c{ci}", sc.key);
+    let (mut mocks, nodes, attempts_log) = start_mocks(env, run, &format!("{inst}-nodes"), &sc.nodes);
+    let (mut gw, port) = start_gateway(env, run, &format!("{inst}-gw"), c, &nodes, true);
+    let r = one_request(port, "POST", "/v1/chat/completions", CHAT_BODY, "smoke")
+        .unwrap_or_else(|e| panic!("{}: smoke request: {e}\n{}", c.label, gw.diagnostics()));
+    assert!(
+        r.status == 200 && r.header("X-Node").is_some(),
+        "{}: smoke request answered {} {}\n{}",
+        c.label,
+        r.status,
+        String::from_utf8_lossy(&r.body),
+        gw.diagnostics()
+    );
+    let is_rsb = matches!(c.kind, Kind::Rsb { .. });
+    if is_rsb {
+        assert!(get_status(port).is_some(), "{}: /rsbalancer/status does not answer JSON\n{}", c.label, gw.diagnostics());
+    }
+    // rsbalancer's shared state, sampled once a second while the load runs.
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = is_rsb.then(|| {
+        let done = done.clone();
+        thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut out = Vec::new();
+            let mut next = 1.0;
+            while !done.load(Ordering::Relaxed) && !stopping() && t0.elapsed() < Duration::from_secs(600) {
+                if t0.elapsed().as_secs_f64() >= next {
+                    if let Some(v) = get_status(port) {
+                        out.push((t0.elapsed().as_secs_f64(), v));
+                    }
+                    next += 1.0;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            out
+        })
+    });
+    let tag = format!("{}r{round}c{ci}", sc.key);
+    let warm = Duration::from_secs_f64(o.warm_s);
+    let measure = Duration::from_secs_f64(o.storm_s);
+    let samples = closed_loop(&LoadSpec {
+        port,
+        method: "POST",
+        path: "/v1/chat/completions",
+        body: CHAT_BODY,
+        clients: sc.clients,
+        warm,
+        measure,
+        tag: tag.clone(),
+        max_per_client: 200_000,
+    });
+    done.store(true, Ordering::Relaxed);
+    let timeline = sampler.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+    let status_end = if is_rsb { get_status(port) } else { None };
+    check_stop();
+    // Every try has been answered (closed loop: each client waited for its response);
+    // stopping nginx flushes nothing more but makes sure the last log lines are written.
+    thread::sleep(Duration::from_millis(200));
+    let gw_errors = gw.error_lines();
+    gw.stop();
+    mocks.stop();
+    let attempts = read_attempts(&attempts_log, &nodes);
+    let gw_tries = read_gateway_tries(&run.path.join(format!("{inst}-gw-access.log")));
+    let (w, m) = analyse(&samples, &tag, &attempts, &gw_tries, nodes.len());
+    StormRun { warm: w, meas: m, measure_s: measure.as_secs_f64(), status_end, timeline, gw_errors }
+}
+
+fn fmt_statuses(s: &BTreeMap<u16, u64>) -> String {
+    let v: Vec<String> = s
+        .iter()
+        .filter(|(k, _)| !(200..300).contains(*k))
+        .map(|(k, v)| if *k == 0 { format!("io-err:{v}") } else { format!("{k}:{v}") })
+        .collect();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(" ")
+    }
+}
+
+fn pct(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        f64::NAN
+    } else {
+        100.0 * a as f64 / b as f64
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        f64::NAN
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+fn print_status(v: &Value, indent: &str) {
+    let Some(pool) = v.pointer("/pools/llm") else {
+        println!("{indent}(no pool llm in status: {v})");
+        return;
+    };
+    println!(
+        "{indent}pool llm: requests {} retries {} retries_denied {} no_node {}",
+        f(pool, "requests"),
+        f(pool, "retries"),
+        f(pool, "retries_denied"),
+        f(pool, "no_node")
+    );
+    println!(
+        "{indent}{:<4} {:>6} {:<10} {:>7} {:>5} {:>7} {:>7} {:>6} {:>6} {:>9} {:>9} {:>9} {:>10} {:>5}",
+        "node", "weight", "state", "limit", "infl", "picks", "tries", "429s", "fails", "ewma ms", "mean ms", "cooldowns", "unavail ms", "ejct"
+    );
+    for n in pool.get("nodes").and_then(Value::as_array).into_iter().flatten() {
+        let ok = f(n, "requests") - f(n, "busy") - f(n, "failures");
+        let limit = f(n, "limit");
+        println!(
+            "{indent}{:<4} {:>6} {:<10} {:>7} {:>5} {:>7} {:>7} {:>6} {:>6} {:>9.1} {:>9.1} {:>9} {:>10} {:>5}",
+            n.get("id").and_then(Value::as_str).unwrap_or("?"),
+            f(n, "weight"),
+            n.get("state").and_then(Value::as_str).unwrap_or("?"),
+            if limit > 0.0 { format!("{limit:.2}") } else { "none".into() },
+            f(n, "inflight"),
+            f(n, "picks"),
+            f(n, "requests"),
+            f(n, "busy"),
+            f(n, "failures"),
+            f(n, "ewma_us") / 1000.0,
+            if ok > 0.0 { f(n, "latency_sum_us") / ok / 1000.0 } else { f64::NAN },
+            f(n, "cooldowns"),
+            f(n, "unavailable_ms"),
+            f(n, "ejections"),
+        );
+    }
+}
+
+fn print_timeline(tl: &[(f64, Value)], warm_s: f64, indent: &str) {
+    for (t, v) in tl {
+        let Some(pool) = v.pointer("/pools/llm") else { continue };
+        let mut line = format!("{indent}t={:>4.1}s{} ", t, if *t < warm_s { "w" } else { " " });
+        for n in pool.get("nodes").and_then(Value::as_array).into_iter().flatten() {
+            let limit = f(n, "limit");
+            let state = n.get("state").and_then(Value::as_str).unwrap_or("?");
+            let _ = write!(
+                line,
+                "| {} lim {:>5} in {:>2} ewma {:>6.0}ms {:<8} ",
+                n.get("id").and_then(Value::as_str).unwrap_or("?"),
+                if limit > 0.0 { format!("{limit:.1}") } else { "-".into() },
+                f(n, "inflight"),
+                f(n, "ewma_us") / 1000.0,
+                if state == "healthy" { "" } else { state },
+            );
+        }
+        let _ = write!(
+            line,
+            "| retries {} denied {} no_node {}",
+            f(pool, "retries"),
+            f(pool, "retries_denied"),
+            f(pool, "no_node")
+        );
+        println!("{line}");
+    }
+}
+
+fn storm(env: &Env, run: &RunDir, o: &Opts, which: &str) {
+    let sc = storm_scenarios(which);
+    let weights: Vec<String> = sc.nodes.iter().map(|n| n.weight.to_string()).collect();
+    let weights = weights.join(":");
+    let mut contenders = vec![
+        Contender { label: "native upstream", kind: Kind::Native { server_extra: "" } },
+        Contender { label: "seed Lua + set_more_tries(3)", kind: Kind::Seed { more_tries: 3 } },
+        Contender { label: "rsbalancer p2c_ewma+admit", kind: Kind::Rsb { algorithm: "p2c_ewma", admit: true } },
+    ];
+    if o.native_nofail {
+        contenders.insert(1, Contender { label: "native, max_fails=0", kind: Kind::Native { server_extra: " max_fails=0" } });
+    }
+    println!();
+    println!("{}", sc.title);
+    println!(
+        "   POST /v1/chat/completions, closed loop, keep-alive; weights {weights} for every contender; warm-up {:.0} s (reported apart) + {:.0} s measured; {} round(s), fresh nodes and gateway per run",
+        o.warm_s, o.storm_s, o.rounds_storm
+    );
+    println!("   native/seed: proxy_next_upstream error timeout http_429 http_502 http_503 http_504 non_idempotent; proxy_next_upstream_tries 4;");
+    println!("   native keeps nginx's default max_fails=1 fail_timeout=10s (a 429 is a failed attempt); rsbalancer: pool defaults (retry.max_tries 3, budget 20% + 3/s)");
+    let mut runs: Vec<Vec<StormRun>> = contenders.iter().map(|_| Vec::new()).collect();
+    for round in 0..o.rounds_storm {
+        for k in 0..contenders.len() {
+            let i = (k + round) % contenders.len();
+            runs[i].push(storm_run(env, run, &sc, &contenders[i], i, round, o));
+        }
+    }
+
+    println!();
+    println!("   measured phase, median over rounds (min..max):");
+    println!(
+        "   {:<29} {:>7} {:>6} {:>17} {:>16} {:>8} {:>9} {:>9}  {}",
+        "contender", "reqs", "req/s", "2xx %", "tries/req", "p50 ms", "p99 ms", "p99 2xx", "client non-2xx (all rounds)"
+    );
+    let mut native_p99 = f64::NAN;
+    for (i, c) in contenders.iter().enumerate() {
+        let rs = &runs[i];
+        let col = |g: &dyn Fn(&StormRun) -> f64| -> (f64, f64, f64) {
+            let mut v: Vec<f64> = rs.iter().map(g).collect();
+            let (lo, hi) = min_max(&v);
+            (median(&mut v), lo, hi)
+        };
+        let reqs = col(&|r| r.meas.requests as f64);
+        let rps = col(&|r| r.meas.requests as f64 / r.measure_s);
+        let ok = col(&|r| pct(r.meas.ok, r.meas.requests));
+        let att = col(&|r| ratio(r.meas.attempts, r.meas.requests));
+        let p50 = col(&|r| percentile(&r.meas.lat, 0.5) / 1000.0);
+        let p99 = col(&|r| percentile(&r.meas.lat, 0.99) / 1000.0);
+        let p99ok = col(&|r| percentile(&r.meas.lat_ok, 0.99) / 1000.0);
+        if i == 0 {
+            native_p99 = p99.0;
+        }
+        let mut statuses = BTreeMap::new();
+        for r in rs {
+            for (k, v) in &r.meas.statuses {
+                *statuses.entry(*k).or_insert(0) += v;
+            }
+        }
+        println!(
+            "   {:<29} {:>7.0} {:>6.0} {:>17} {:>16} {:>8.0} {:>9.0} {:>9.0}  {}",
+            c.label,
+            reqs.0,
+            rps.0,
+            format!("{:.2} ({:.1}..{:.1})", ok.0, ok.1, ok.2),
+            format!("{:.3} ({:.2}..{:.2})", att.0, att.1, att.2),
+            p50.0,
+            p99.0,
+            p99ok.0,
+            fmt_statuses(&statuses)
+        );
+    }
+    println!("   tries/req: tries that reached a node (its own log, 429s included) per client request; p99: all client requests, p99 2xx: successes only");
+    println!(
+        "   targets for rsbalancer: 2xx >= 99.9%, tries/req <= 1.02, p99 <= half of native's ({:.0} ms -> {:.0} ms)",
+        native_p99,
+        native_p99 / 2.0
+    );
+
+    println!();
+    println!("   per node, all measured rounds: tries (share) / 2xx / 429 at the node; requests answered without any try; gateway-log tries vs node-log tries");
+    for (i, c) in contenders.iter().enumerate() {
+        let mut tally = vec![NodeTally::default(); sc.nodes.len()];
+        let (mut total, mut zero, mut reqs, mut gw) = (0u64, 0u64, 0u64, 0u64);
+        for r in &runs[i] {
+            for (t, x) in tally.iter_mut().zip(&r.meas.nodes) {
+                t.tries += x.tries;
+                t.ok += x.ok;
+                t.busy += x.busy;
+            }
+            total += r.meas.attempts;
+            zero += r.meas.zero_try;
+            reqs += r.meas.requests;
+            gw += r.meas.gw_tries;
+        }
+        let mut line = format!("   {:<29}", c.label);
+        for (s, t) in sc.nodes.iter().zip(&tally) {
+            let _ = write!(
+                line,
+                " {}: {:>6} ({:>4.1}%) {:>6} / {:>5} |",
+                s.name,
+                t.tries,
+                pct(t.tries, total),
+                t.ok,
+                t.busy
+            );
+        }
+        let _ = write!(line, " no try {zero}/{reqs} | gw-log {gw} vs {total}");
+        println!("{line}");
+    }
+
+    println!();
+    println!("   warm-up phase (first {:.0} s of each run, cold balancer state), median over rounds:", o.warm_s);
+    for (i, c) in contenders.iter().enumerate() {
+        let mut ok: Vec<f64> = runs[i].iter().map(|r| pct(r.warm.ok, r.warm.requests)).collect();
+        let mut att: Vec<f64> = runs[i].iter().map(|r| ratio(r.warm.attempts, r.warm.requests)).collect();
+        let mut p99: Vec<f64> = runs[i].iter().map(|r| percentile(&r.warm.lat, 0.99) / 1000.0).collect();
+        let mut statuses = BTreeMap::new();
+        for r in &runs[i] {
+            for (k, v) in &r.warm.statuses {
+                *statuses.entry(*k).or_insert(0) += v;
+            }
+        }
+        println!(
+            "   {:<29} 2xx {:>6.2}%  tries/req {:.3}  p99 {:>5.0} ms  non-2xx {}",
+            c.label,
+            median(&mut ok),
+            median(&mut att),
+            median(&mut p99),
+            fmt_statuses(&statuses)
+        );
+    }
+
+    for (i, c) in contenders.iter().enumerate() {
+        let errs: usize = runs[i].iter().map(|r| r.gw_errors.len()).sum();
+        if errs > 0 {
+            let first = runs[i].iter().flat_map(|r| r.gw_errors.iter()).next().unwrap();
+            println!("   ! {} gateway error log: {errs} [error] lines, e.g. {}", c.label, first);
+        }
+    }
+
+    for (i, c) in contenders.iter().enumerate() {
+        if !matches!(c.kind, Kind::Rsb { .. }) {
+            continue;
+        }
+        let Some(last) = runs[i].last() else { continue };
+        println!();
+        println!("   {} shared state, last round, sampled every second (w = warm-up):", c.label);
+        print_timeline(&last.timeline, o.warm_s, "   ");
+        if let Some(v) = &last.status_end {
+            println!("   at the end (status_json):");
+            print_status(v, "     ");
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------
+
+fn main() {
+    install_signal_handlers();
+    let o = Opts::parse();
+    let budget = Duration::from_secs(env_num("RSB_BENCH_MAX_S", 1200.0) as u64);
+    thread::spawn(move || {
+        thread::sleep(budget);
+        eprintln!("gateway bench: watchdog: {budget:?} passed, stopping");
+        STOP.store(true, Ordering::SeqCst);
+    });
+    let env = Env::locate();
+    let run = RunDir::new(&env, o.keep);
+    let t0 = Instant::now();
+    println!("gateway bench (benches/gateway.rs)");
+    println!(
+        "   {}; {} CPUs; load average {}; library snapshot of {}",
+        env.nginx_version(),
+        thread::available_parallelism().map_or(0, |n| n.get()),
+        fs::read_to_string("/proc/loadavg")
+            .map(|s| s.split(' ').take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default(),
+        env.lua_so.display()
+    );
+    println!("   every nginx: worker_processes 2, 127.0.0.1, run dir {}", run.path.display());
+    if o.quick {
+        println!("   QUICK run: short durations, one round; numbers are indicative only");
+    }
+    if o.overhead {
+        overhead(&env, &run, &o);
+    }
+    if o.storm {
+        storm(&env, &run, &o, "storm");
+    }
+    if o.quota {
+        storm(&env, &run, &o, "quota");
+    }
+    println!();
+    println!("gateway bench: done in {:.0} s", t0.elapsed().as_secs_f64());
+}
