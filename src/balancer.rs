@@ -792,7 +792,7 @@ impl Balancer {
 
     /// The status to answer when no node can take a request (429 or 503).
     pub fn no_node_status(&self, pool: u32) -> u32 {
-        let topo = self.local.lock().topo.clone();
+        let Ok(topo) = self.topology() else { return 429 };
         topo.pools
             .iter()
             .find(|p| p.slot == pool)
@@ -938,6 +938,11 @@ impl Balancer {
             return;
         }
         let mut l = self.local.lock();
+        // Any handle may report (not only the one that picked): bring its tables up to
+        // date so the tier it counts is the current one.
+        if self.sync(&mut l).is_err() {
+            return;
+        }
         let Local { pools, rng, .. } = &mut *l;
         let Some(p) = pools
             .get(n.pool.load(Ordering::Relaxed) as usize)
@@ -1004,7 +1009,7 @@ impl Balancer {
     /// Record one active probe of a node; returns whether it flipped up or down.
     pub fn health_report(&self, node: u32, passed: bool) -> Result<Flip, Error> {
         let n = self.live_node(node)?;
-        let topo = self.local.lock().topo.clone();
+        let topo = self.topology()?;
         let h = topo
             .pools
             .iter()

@@ -18,7 +18,7 @@
 //!
 //! **Effective weight** = base weight x slow-start ramp x success factor, and for the
 //! algorithms that do not look at latency themselves (all but `p2c_ewma`, whose cost
-//! already divides latency by weight) x a latency factor `clamp(ref / cost, 0.1, 1)`.
+//! already weighs latency against load) x a latency factor `clamp(1.5 ref / cost, 0.1, 1)`.
 //! This is the seed's "weights adjusted by response time", made to decay sanely.
 
 /// Pack a cost (µs) and a time (ms) into one word.
@@ -87,13 +87,18 @@ pub fn slow_start(now_ms: u64, started_ms: u64, window_ms: u32) -> f64 {
     (age / window_ms as f64).clamp(0.1, 1.0)
 }
 
-/// Latency factor for weight-driven algorithms: nodes slower than the reference lose
-/// weight in proportion, never below 10%.
+/// A node up to this many times slower than the reference keeps its full weight:
+/// latency estimates are noisy (a peak EWMA takes every spike at once), and letting
+/// that noise move weights would blur the configured shares.
+pub const LATENCY_TOLERANCE: f64 = 1.5;
+
+/// Latency factor for weight-driven algorithms: nodes slower than the reference (by
+/// more than [`LATENCY_TOLERANCE`]) lose weight in proportion, never below 10%.
 pub fn latency_factor(cost_us: f64, reference_us: f64) -> f64 {
     if cost_us <= 0.0 || reference_us <= 0.0 {
         return 1.0;
     }
-    (reference_us / cost_us).clamp(0.1, 1.0)
+    (LATENCY_TOLERANCE * reference_us / cost_us).clamp(0.1, 1.0)
 }
 
 /// Success factor: the smoothed share of good tries in the recent refresh windows,
@@ -183,7 +188,8 @@ mod tests {
         assert_eq!(slow_start(0, 0, 1000), 0.1);
         assert_eq!(slow_start(500, 0, 1000), 0.5);
         assert_eq!(slow_start(5000, 0, 1000), 1.0);
-        assert_eq!(latency_factor(400.0, 100.0), 0.25);
+        assert_eq!(latency_factor(600.0, 100.0), 0.25);
+        assert_eq!(latency_factor(140.0, 100.0), 1.0);
         assert_eq!(latency_factor(50.0, 100.0), 1.0);
         assert_eq!(latency_factor(1e9, 100.0), 0.1);
         assert_eq!(success_factor(1.0, 0, 0), 1.0);

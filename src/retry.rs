@@ -8,8 +8,9 @@
 //! by whoever first writes into it. A broad `proxy_next_upstream` list stays safe:
 //! nginx offers the retry, the budget decides.
 //!
-//! **Backoff** (AWS "Exponential Backoff and Jitter"): the n-th consecutive quota
-//! 429 without Retry-After rests a node for a random time in
+//! **Backoff** (AWS "Exponential Backoff and Jitter"): a quota 429 without
+//! Retry-After that is the n-th consecutive 429 of the node (busy ones included: they
+//! led up to it) rests it for a random time in
 //! `[base, min(cap, base * 2^(n-1))]` — full jitter above the base, so that nodes
 //! cooled together do not all return at once. A server's Retry-After is honoured as a
 //! floor: jitter only ever lengthens it.

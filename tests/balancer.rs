@@ -651,7 +651,11 @@ fn reused_slot_starts_clean() {
     }
     let st = b.node_stats(x).unwrap();
     assert!(st.limit >= 2.0, "{st:?}");
-    assert_eq!((st.state, st.cooldowns, st.ejections), ("ejected", 1, 1), "{st:?}");
+    assert_eq!(
+        (st.state, st.cooldowns, st.ejections),
+        ("ejected", 1, 1),
+        "{st:?}"
+    );
     let slot = b.region().node(x).unwrap();
     assert_eq!(slot.ejections.load(Ordering::Relaxed), 1);
     assert_eq!(slot.health_fail.load(Ordering::Relaxed), 2);
@@ -713,7 +717,10 @@ fn reused_slot_starts_clean() {
 /// node's DOWN flag, putting a node that health checks found dead back into rotation.
 #[test]
 fn reload_keeps_a_node_that_is_down_down() {
-    let cfg = config(json!({ "algorithm": "round_robin", "slow_start_ms": 0 }), &["a", "b"]);
+    let cfg = config(
+        json!({ "algorithm": "round_robin", "slow_start_ms": 0 }),
+        &["a", "b"],
+    );
     let b = Balancer::create(&cfg).unwrap();
     let pool = b.pool_index("p").unwrap();
     let [a, dead] = slots(&b, &["a", "b"])[..] else {
@@ -728,14 +735,15 @@ fn reload_keeps_a_node_that_is_down_down() {
     let generation = b.generation();
     b.configure(&cfg).unwrap();
     assert_ne!(b.generation(), generation, "the reload happened");
-    assert_eq!(b.node_stats(dead).unwrap().state, "down", "still down after a reload");
+    assert_eq!(
+        b.node_stats(dead).unwrap().state,
+        "down",
+        "still down after a reload"
+    );
     for _ in 0..100 {
         assert_eq!(try_once(&b, pool, b"", &[]).unwrap(), a, "a down node picked");
     }
-    assert_eq!(
-        b.pick(pool, b"", &[a]),
-        Err(Error::NoNode { pool: "p".into() })
-    );
+    assert_eq!(b.pick(pool, b"", &[a]), Err(Error::NoNode { pool: "p".into() }));
 
     // A reload that changes the node keeps it down too; passing probes bring it back.
     let mut heavier = cfg.clone();

@@ -350,9 +350,10 @@ function _M.balance(pool, key)
     local st = request_state(ctx, pool)
     local tried, n = st.tried, st.n
     if n > 0 then
-        local state, code = ngx_balancer.get_last_failure()
+        -- nginx reports ("failed", 429) for a 429 under proxy_next_upstream http_429,
+        -- 502 for a connect error or bad response, 504 for a timeout: keep the code.
+        local _, code = ngx_balancer.get_last_failure()
         local status = code or 0
-        if state == "failed" then status = 0 end
         C_report(handle, tried[n], status, 0,
                  (retry_after_s(ngx.var.upstream_http_retry_after) or 0) * 1000)
         st.reported = n

@@ -10,7 +10,8 @@
 //! - [`Nginx`]: one nginx started in the foreground (`daemon off; master_process on;`)
 //!   as a child of the test. Dropping it (also while a test panics) stops the master,
 //!   escalating SIGTERM -> SIGKILL, and SIGKILLs any worker left behind, so no nginx
-//!   outlives a test.
+//!   outlives a test; should the test process itself be killed, the master gets SIGTERM
+//!   (PR_SET_PDEATHSIG).
 //! - Configs: the mock LLM nodes are `nginx-conf/demo/lua/mock_llm.lua` in servers
 //!   written by [`start_mocks`]; the gateway is the demo template
 //!   `nginx-conf/demo/gateway.conf`, rendered by [`start_gateway`], so the tests run the
@@ -31,8 +32,8 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -165,9 +166,9 @@ impl TestDir {
     }
 
     /// A directory holding a private copy of the Lua module as `rsbalancer.so` (the name
-    /// `package.cpath` looks for). A copy, because `make build` rewrites
-    /// build/lib/rsbalancer.so in place: nginx processes that have the file mapped then
-    /// die of SIGBUS.
+    /// `package.cpath` looks for). A copy, so that a rebuild during a test run cannot
+    /// change the code under a running nginx: overwriting a mapped .so in place (`cp`)
+    /// kills the processes that map it with SIGBUS, as seen here once.
     pub fn lib_dir(&self) -> PathBuf {
         let dir = self.path.join("lib");
         let so = dir.join("rsbalancer.so");
@@ -361,9 +362,7 @@ impl Nginx {
     pub fn workers(&self) -> Vec<i32> {
         children(self.pid())
             .into_iter()
-            .filter(|&(_, ref cmd)| {
-                cmd.starts_with("nginx: worker process") && !cmd.contains("shutting down")
-            })
+            .filter(|(_, cmd)| cmd.starts_with("nginx: worker process") && !cmd.contains("shutting down"))
             .map(|(pid, _)| pid)
             .collect()
     }
@@ -539,7 +538,8 @@ pub struct MockNode {
     pub chunk_ms: u32,
     pub max_conc: u32,
     pub retry_after: u32,
-    pub quota_rps: u32,
+    /// Tokens per second (fractions allowed).
+    pub quota_rps: f64,
     pub quota_burst: u32,
     /// "", "503" or "close".
     pub fail: String,
@@ -555,7 +555,7 @@ impl MockNode {
             chunk_ms: 5,
             max_conc: 0,
             retry_after: 0,
-            quota_rps: 0,
+            quota_rps: 0.0,
             quota_burst: 0,
             fail: String::new(),
         }
@@ -640,6 +640,21 @@ http {{
         }
     }
     ngx
+}
+
+/// `GET /mock/state` of a mock node once its in-flight count is back to 0 (it may lag
+/// the client by a moment: see `quiesce` in tests/nginx.rs). Panics after 10 s.
+pub fn mock_state_idle(port: u16) -> Value {
+    let mut st = Value::Null;
+    for _ in 0..500 {
+        st = get(port, "/mock/state").json();
+        // This request counts itself only in paths other than /mock/state.
+        if st["inflight"] == serde_json::json!(0) {
+            return st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("mock on port {port} still has requests in flight after 10 s: {st}");
 }
 
 // ----------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ function _M.handle()
     local inflight = dict:incr("conc:" .. node, 1, 0)
     ngx.ctx.mock_counted = node
 
-    failing(node)
+    failing(node) -- answers 503 or closes the connection (ngx.exit does not return)
     if uri == "/health" then
         return send_json(200, '{"status":"ok","node":' .. q(node) .. "}", { ["X-Node"] = node })
     end
