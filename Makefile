@@ -4,6 +4,7 @@
 #   make test     install what is missing, build, run every test
 #   make bench    micro and end-to-end benchmarks (figures go in README.md)
 #   make install  copy the library and Lua files under $(PREFIX)
+#   make check-config CONFIG=path.json   validate a pool config (nginx -t cannot: it skips init_by_lua)
 #   make header   regenerate include/rsbalancer.h with cbindgen
 #   make lint     rustfmt and clippy
 
@@ -18,7 +19,7 @@ LUA_SO     := target/release/librsbalancer.so
 C_SO       := target/c/release/librsbalancer.so
 SOURCES    := $(shell find src -name '*.rs') Cargo.toml build.rs
 
-.PHONY: all deps build run test test-rust test-c test-lua test-nginx bench install header lint clean
+.PHONY: check-config all deps build run test test-rust test-c test-lua test-nginx bench install header lint clean
 
 all: build
 
@@ -77,6 +78,10 @@ install: build
 	install -m 0755 $(BUILD)/lib/librsbalancer.so $(DESTDIR)$(PREFIX)/lib/librsbalancer.so
 	install -m 0644 include/rsbalancer.h $(DESTDIR)$(PREFIX)/include/rsbalancer.h
 	install -m 0644 lua/resty/rsbalancer.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer.lua
+
+check-config: $(BUILD)/lib/rsbalancer.so
+	@test -n "$(CONFIG)" || { echo "usage: make check-config CONFIG=path/to/rsbalancer.json" >&2; exit 2; }
+	@scripts/check-config.sh "$(CONFIG)"
 
 header:
 	UPDATE_HEADER=1 $(CARGO) test --no-default-features --test header

@@ -106,7 +106,7 @@ SBODY='{"model":"mock-llm","stream":true,"messages":[{"role":"user","content":"H
 cat <<EOF
 
 rsbalancer demo running (Ctrl-C stops everything)
-  gateway   $G  (2 workers, pool "llm": a=30 b=50 c=20, weighted_random)
+  gateway   $G  (2 workers, pool "llm": a=30 b=50 c=20, p2c_ewma)
   nodes     a 127.0.0.1:$NODE_A_PORT (40 ms, max 8 in flight -> 429)
             b 127.0.0.1:$NODE_B_PORT (60 ms, 20 req/s quota -> 429 + Retry-After)
             c 127.0.0.1:$NODE_C_PORT (slow: 1.5 s)
@@ -121,6 +121,9 @@ Try:
 
   # per-node counters, shared by all workers
   curl -s $G/rsbalancer/stats
+
+  # everything the balancer learned: EWMA, learned limits, cooldowns, state
+  curl -s $G/rsbalancer/status
 
   # change a node's weight (every worker follows)
   curl -s -X POST '$G/rsbalancer/weight?node=c&weight=80'
