@@ -52,7 +52,8 @@ test: deps build
 	@echo "make test: all suites passed"
 
 # Every Rust test target but the nginx one (run by test-nginx, serially).
-RUST_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out tests/nginx.rs,$(wildcard tests/*.rs)))
+NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs
+RUST_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out $(NGINX_TESTS),$(wildcard tests/*.rs)))
 
 test-rust:
 	$(CARGO) test --no-default-features --lib $(RUST_TESTS)
@@ -65,7 +66,7 @@ test-lua: $(BUILD)/lib/rsbalancer.so
 	@scripts/test-lua.sh
 
 test-nginx: $(BUILD)/lib/rsbalancer.so
-	RSB_LUA_SO=$(CURDIR)/$(BUILD)/lib/rsbalancer.so $(CARGO) test --no-default-features --test nginx -- --test-threads=1
+	RSB_LUA_SO=$(CURDIR)/$(BUILD)/lib/rsbalancer.so $(CARGO) test --no-default-features $(patsubst tests/%.rs,--test %,$(NGINX_TESTS)) -- --test-threads=1
 
 bench: deps build
 	$(CARGO) bench --no-default-features --bench select
@@ -77,7 +78,9 @@ install: build
 	install -m 0755 $(BUILD)/lib/rsbalancer.so $(DESTDIR)$(LUA_CDIR)/rsbalancer.so
 	install -m 0755 $(BUILD)/lib/librsbalancer.so $(DESTDIR)$(PREFIX)/lib/librsbalancer.so
 	install -m 0644 include/rsbalancer.h $(DESTDIR)$(PREFIX)/include/rsbalancer.h
+	install -d $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer
 	install -m 0644 lua/resty/rsbalancer.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer.lua
+	install -m 0644 lua/resty/rsbalancer/health.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/health.lua
 
 check-config: $(BUILD)/lib/rsbalancer.so
 	@test -n "$(CONFIG)" || { echo "usage: make check-config CONFIG=path/to/rsbalancer.json" >&2; exit 2; }

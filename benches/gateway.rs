@@ -21,9 +21,10 @@
 //!    rsbalancer (`p2c_ewma`, `weighted_random`; balance + log) and the seed's Lua
 //!    weighted random in balancer_by_lua. Load: `wrk` (one thread, keep-alive; C and
 //!    epoll, so the load generator takes as little of the 2 CPUs as possible away from
-//!    nginx), or this file's own client when wrk is missing. Besides req/s (which on a
-//!    shared 2-CPU machine depends on what else runs), the CPU time the gateway's
-//!    workers spent per request (/proc utime + stime), which does not.
+//!    nginx), or this file's own client when wrk is missing. The gateway's workers are
+//!    pinned to CPU 0, nodes and wrk to CPU 1 (`RSB_BENCH_PIN=0`: no pinning), so the
+//!    gateway is what limits req/s. Besides req/s, the CPU time the gateway's workers
+//!    spent per request (/proc utime + stime), which depends less on what else runs.
 //! 2. `storm`: mock LLM nodes (nginx-conf/demo/lua/mock_llm.lua) with concurrency caps
 //!    8 / 16 / 8, node c 5x slower (250 ms vs 50 ms), 429 without Retry-After when over
 //!    the cap. Closed loop of round(0.8 x sum of caps) = 26 clients POSTing
@@ -48,8 +49,11 @@
 //! contender does not start or does not answer its first request.
 //!
 //! Environment: `RSB_BENCH_QUICK=1` (or `--quick`) for a short smoke run;
-//! `RSB_BENCH_ROUNDS`, `RSB_BENCH_OVERHEAD_S`, `RSB_BENCH_STORM_S`, `RSB_BENCH_WARM_S`;
+//! `RSB_BENCH_ROUNDS` (storm, quota), `RSB_BENCH_OVERHEAD_ROUNDS`, `RSB_BENCH_OVERHEAD_S`,
+//! `RSB_BENCH_STORM_S`, `RSB_BENCH_WARM_S`;
 //! `RSB_BENCH_NATIVE_NOFAIL=0` drops the extra "native, max_fails=0" contender;
+//! `RSB_BENCH_FAIL_PAUSE_MS=n` makes storm/quota clients pause n ms after a non-2xx;
+//! `RSB_BENCH_PIN=0` does not pin the overhead scenario's processes to CPUs;
 //! `RSB_BENCH_KEEP=1` keeps the run directory (configs, logs); `NGINX`, `NGINX_MODULES`,
 //! `RSB_LUA_SO`, `WRK` locate the tools.
 
@@ -117,6 +121,8 @@ struct Opts {
     warm_s: f64,
     storm_s: f64,
     native_nofail: bool,
+    fail_pause_ms: u64,
+    pin: bool,
     keep: bool,
 }
 
@@ -156,12 +162,14 @@ impl Opts {
             overhead: has("overhead"),
             storm: has("storm"),
             quota: has("quota"),
-            rounds_overhead: env_num("RSB_BENCH_ROUNDS", if quick { 1.0 } else { 3.0 }) as usize,
+            rounds_overhead: env_num("RSB_BENCH_OVERHEAD_ROUNDS", if quick { 1.0 } else { 5.0 }) as usize,
             rounds_storm: env_num("RSB_BENCH_ROUNDS", if quick { 1.0 } else { 3.0 }) as usize,
-            overhead_s: env_num("RSB_BENCH_OVERHEAD_S", if quick { 2.0 } else { 4.0 }) as u64,
+            overhead_s: env_num("RSB_BENCH_OVERHEAD_S", if quick { 2.0 } else { 3.0 }) as u64,
             warm_s: env_num("RSB_BENCH_WARM_S", if quick { 1.0 } else { 2.0 }),
             storm_s: env_num("RSB_BENCH_STORM_S", if quick { 3.0 } else { 7.0 }),
             native_nofail: env_flag("RSB_BENCH_NATIVE_NOFAIL", true),
+            fail_pause_ms: env_num("RSB_BENCH_FAIL_PAUSE_MS", 0.0) as u64,
+            pin: env_flag("RSB_BENCH_PIN", true),
             keep: env_flag("RSB_BENCH_KEEP", false),
         }
     }
@@ -472,6 +480,9 @@ impl Nginx {
             .arg(run.path.join(format!("{name}-error.log")))
             .arg("-g")
             .arg("daemon off; master_process on;")
+            // nginx reads $NGINX as a list of inherited listening sockets (binary
+            // upgrade); scripts/bench-gateway.sh exports NGINX as the binary's path.
+            .env_remove("NGINX")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&stderr).expect("create stderr file"));
@@ -790,8 +801,12 @@ struct LoadSpec {
     measure: Duration,
     /// Run tag in X-Bench-Id: "<tag>.<w|m>.<client>.<seq>".
     tag: String,
+    /// Pin the client threads to this CPU.
+    cpu: Option<usize>,
     /// Hard bound per client, whatever the duration.
     max_per_client: u32,
+    /// Pause of a client after a non-2xx answer (0: none, a pure closed loop).
+    fail_pause: Duration,
 }
 
 /// N clients, each with one keep-alive connection, each sending its next request as
@@ -806,11 +821,16 @@ fn closed_loop(spec: &LoadSpec) -> Vec<Sample> {
         let (port, method, path, body, tag) =
             (spec.port, spec.method, spec.path, spec.body, spec.tag.clone());
         let (warm, total, max) = (spec.warm, spec.warm + spec.measure, spec.max_per_client);
+        let fail_pause = spec.fail_pause;
+        let cpu = spec.cpu;
         handles.push(
             thread::Builder::new()
                 .name(format!("client-{client}"))
                 .stack_size(256 * 1024)
                 .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        let _ = bind_to_cpu(cpu);
+                    }
                     let mut out = Vec::with_capacity(4096);
                     let mut conn: Option<Conn> = None;
                     barrier.wait();
@@ -864,6 +884,9 @@ fn closed_loop(spec: &LoadSpec) -> Vec<Sample> {
                         seq += 1;
                         if close {
                             conn = None;
+                        }
+                        if !(200..300).contains(&status) && !fail_pause.is_zero() {
+                            thread::sleep(fail_pause);
                         }
                     }
                     out
@@ -943,6 +966,7 @@ fn start_gateway(
     c: &Contender,
     nodes: &[Node],
     access_log: bool,
+    affinity: &str,
 ) -> (Nginx, u16) {
     let port = free_port();
     let log = if access_log {
@@ -959,6 +983,7 @@ fn start_gateway(
         ("MODULES", env.modules.display().to_string()),
         ("RUNTIME", run.path.display().to_string()),
         ("NAME", inst.to_string()),
+        ("AFFINITY", affinity.to_string()),
         ("PORT", port.to_string()),
         ("ACCESS_LOG", log),
         ("LUADIR", luadir),
@@ -1025,6 +1050,7 @@ fn start_static_nodes(
     run: &RunDir,
     inst: &str,
     names: &[(&'static str, u32)],
+    affinity: &str,
 ) -> (Nginx, Vec<Node>) {
     let nodes: Vec<Node> = names
         .iter()
@@ -1048,11 +1074,54 @@ fn start_static_nodes(
             ("USER", env.user_line.to_string()),
             ("RUNTIME", run.path.display().to_string()),
             ("NAME", inst.to_string()),
+            ("AFFINITY", affinity.to_string()),
             ("SERVERS", servers),
         ],
     );
     let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
     (Nginx::start(env, run, inst, &conf, &ports), nodes)
+}
+
+/// CPU placement of the overhead scenario: the gateway's 2 workers on CPU 0, the static
+/// nodes and the load generator on CPU 1, so that the gateway is the bottleneck and
+/// req/s compares gateways rather than how the kernel shared 2 CPUs among 5 processes.
+struct Pin {
+    gateway: &'static str,
+    nodes: &'static str,
+    load_cpu: Option<usize>,
+}
+
+impl Pin {
+    fn choose(o: &Opts) -> Pin {
+        let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+        if o.pin && cpus >= 2 {
+            Pin {
+                gateway: "worker_cpu_affinity 01 01;",
+                nodes: "worker_cpu_affinity 10 10;",
+                load_cpu: Some(1),
+            }
+        } else {
+            Pin {
+                gateway: "",
+                nodes: "",
+                load_cpu: None,
+            }
+        }
+    }
+}
+
+/// Binds the calling thread (or, in a pre_exec hook, the child) to one CPU.
+fn bind_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity
+    // only touch that local set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 struct Throughput {
@@ -1080,10 +1149,18 @@ fn wrk_ms(s: &str) -> Option<f64> {
     num.trim().parse::<f64>().ok().map(|v| v * mult)
 }
 
-fn run_wrk(wrk: &Path, port: u16, conns: usize, secs: u64) -> Throughput {
+fn run_wrk(wrk: &Path, port: u16, conns: usize, secs: u64, cpu: Option<usize>) -> Throughput {
     check_stop();
     let url = format!("http://127.0.0.1:{port}/");
-    let mut child = Command::new(wrk)
+    let mut cmd = Command::new(wrk);
+    if let Some(cpu) = cpu {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: sched_setaffinity is async-signal-safe; nothing else runs in the child.
+        unsafe {
+            cmd.pre_exec(move || bind_to_cpu(cpu));
+        }
+    }
+    let mut child = cmd
         .args([
             "-t1",
             &format!("-c{conns}"),
@@ -1152,7 +1229,7 @@ fn run_wrk(wrk: &Path, port: u16, conns: usize, secs: u64) -> Throughput {
     t
 }
 
-fn run_own_client(port: u16, conns: usize, secs: u64) -> Throughput {
+fn run_own_client(port: u16, conns: usize, secs: u64, cpu: Option<usize>) -> Throughput {
     let samples = closed_loop(&LoadSpec {
         port,
         method: "GET",
@@ -1162,7 +1239,9 @@ fn run_own_client(port: u16, conns: usize, secs: u64) -> Throughput {
         warm: Duration::ZERO,
         measure: Duration::from_secs(secs),
         tag: String::new(),
+        cpu,
         max_per_client: 5_000_000,
+        fail_pause: Duration::ZERO,
     });
     let mut lat: Vec<u64> = samples.iter().map(|s| s.latency_us).collect();
     lat.sort_unstable();
@@ -1209,14 +1288,22 @@ fn overhead(env: &Env, run: &RunDir, o: &Opts) {
     println!();
     println!("== 1. overhead: 3 static nodes (return 200), weights 30/50/20, upstream keepalive 64, gateway access_log off");
     println!(
-        "   {tool}; GET /; {} s per run, {} round(s), contenders in rotating order; 2 CPUs shared by load generator, gateway and nodes",
+        "   {tool}; GET /; {} s per run, {} round(s), contenders in rotating order",
         o.overhead_s, o.rounds_overhead
     );
     println!("   rsbalancer: balance + log (no admit); seed: pick + set_current_peer only");
-    let (_nodes_ngx, nodes) = start_static_nodes(env, run, "ovh-nodes", &weights);
+    let pin = Pin::choose(o);
+    match pin.load_cpu {
+        Some(cpu) => println!(
+            "   pinned: gateway workers on CPU 0 (`{}`), static nodes and load generator on CPU {cpu} (RSB_BENCH_PIN=0: no pinning)",
+            pin.gateway
+        ),
+        None => println!("   not pinned: gateway, nodes and load generator share the CPUs"),
+    }
+    let (_nodes_ngx, nodes) = start_static_nodes(env, run, "ovh-nodes", &weights, pin.nodes);
     let mut gws = Vec::new();
     for (i, c) in contenders.iter().enumerate() {
-        let (n, port) = start_gateway(env, run, &format!("ovh-gw{i}"), c, &nodes, false);
+        let (n, port) = start_gateway(env, run, &format!("ovh-gw{i}"), c, &nodes, false, pin.gateway);
         let r = one_request(port, "GET", "/", "", "")
             .unwrap_or_else(|e| panic!("{}: smoke request: {e}\n{}", c.label, n.diagnostics()));
         assert!(
@@ -1235,8 +1322,8 @@ fn overhead(env: &Env, run: &RunDir, o: &Opts) {
     let measure = |gw: &Nginx, port: u16, secs: u64| -> (Throughput, f64) {
         let cpu0 = gw.workers_cpu();
         let t = match &env.wrk {
-            Some(w) => run_wrk(w, port, CONNS, secs),
-            None => run_own_client(port, CONNS, secs),
+            Some(w) => run_wrk(w, port, CONNS, secs, pin.load_cpu),
+            None => run_own_client(port, CONNS, secs, pin.load_cpu),
         };
         let cpu = gw.workers_cpu() - cpu0;
         let us = if t.requests > 0 {
@@ -1290,8 +1377,8 @@ fn overhead(env: &Env, run: &RunDir, o: &Opts) {
         );
     }
     println!("   medians over rounds. gw CPU us: CPU time of the gateway's 2 workers per request (/proc utime+stime);");
-    println!("   CPU ratio: native's CPU per request / the contender's, i.e. its relative throughput were the gateway the only");
-    println!("   thing on the CPUs. Target: rsbalancer >= 95% of native's req/s.");
+    println!("   CPU ratio: native's CPU per request / the contender's: its relative req/s when the gateway alone limits throughput.");
+    println!("   Target: rsbalancer >= 95% of native's req/s.");
     for (i, (n, _)) in gws.iter().enumerate() {
         let errs = n.error_lines();
         if !errs.is_empty() {
@@ -1430,6 +1517,7 @@ fn start_mocks(env: &Env, run: &RunDir, inst: &str, specs: &[MockSpec]) -> (Ngin
             ("MODULES", env.modules.display().to_string()),
             ("RUNTIME", run.path.display().to_string()),
             ("NAME", inst.to_string()),
+            ("AFFINITY", String::new()),
             ("LUADIR", run.path.join("lua").display().to_string()),
             ("SERVERS", servers),
         ],
@@ -1586,7 +1674,7 @@ fn storm_run(
     check_stop();
     let inst = format!("{}-r{round}-c{ci}", sc.key);
     let (mut mocks, nodes, attempts_log) = start_mocks(env, run, &format!("{inst}-nodes"), &sc.nodes);
-    let (mut gw, port) = start_gateway(env, run, &format!("{inst}-gw"), c, &nodes, true);
+    let (mut gw, port) = start_gateway(env, run, &format!("{inst}-gw"), c, &nodes, true, "");
     let r = one_request(port, "POST", "/v1/chat/completions", CHAT_BODY, "smoke")
         .unwrap_or_else(|e| panic!("{}: smoke request: {e}\n{}", c.label, gw.diagnostics()));
     assert!(
@@ -1638,7 +1726,9 @@ fn storm_run(
         warm,
         measure,
         tag: tag.clone(),
+        cpu: None,
         max_per_client: 200_000,
+        fail_pause: Duration::from_millis(o.fail_pause_ms),
     });
     done.store(true, Ordering::Relaxed);
     let timeline = sampler.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
@@ -1684,6 +1774,15 @@ fn fmt_statuses(s: &BTreeMap<u16, u64>) -> String {
         "-".into()
     } else {
         v.join(" ")
+    }
+}
+
+/// `v` with `prec` decimals, or "-" when it is not a number (nothing to measure).
+fn num(v: f64, prec: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.prec$}")
+    } else {
+        "-".into()
     }
 }
 
@@ -1868,6 +1967,12 @@ fn storm(env: &Env, run: &RunDir, o: &Opts, which: &str) {
         "   POST /v1/chat/completions, closed loop, keep-alive; weights {weights} for every contender; warm-up {:.0} s (reported apart) + {:.0} s measured; {} round(s), fresh nodes and gateway per run",
         o.warm_s, o.storm_s, o.rounds_storm
     );
+    if o.fail_pause_ms > 0 {
+        println!(
+            "   clients pause {} ms after each non-2xx answer (RSB_BENCH_FAIL_PAUSE_MS)",
+            o.fail_pause_ms
+        );
+    }
     println!("   native/seed: proxy_next_upstream error timeout http_429 http_502 http_503 http_504 non_idempotent; proxy_next_upstream_tries 4;");
     println!("   native keeps nginx's default max_fails=1 fail_timeout=10s (a 429 is a failed attempt); rsbalancer: pool defaults (retry.max_tries 3, budget 20% + 3/s)");
     let mut runs: Vec<Vec<StormRun>> = contenders.iter().map(|_| Vec::new()).collect();
@@ -1881,8 +1986,8 @@ fn storm(env: &Env, run: &RunDir, o: &Opts, which: &str) {
     println!();
     println!("   measured phase, median over rounds (min..max):");
     println!(
-        "   {:<29} {:>7} {:>6} {:>17} {:>16} {:>8} {:>9} {:>9}  client non-2xx (all rounds)",
-        "contender", "reqs", "req/s", "2xx %", "tries/req", "p50 ms", "p99 ms", "p99 2xx",
+        "   {:<29} {:>7} {:>6} {:>6} {:>17} {:>16} {:>7} {:>7} {:>7}  client non-2xx (all rounds)",
+        "contender", "reqs", "req/s", "2xx/s", "2xx %", "tries/req", "p50 ms", "p99 ms", "p99 2xx",
     );
     let mut native_p99: Vec<(&str, f64)> = Vec::new();
     for (i, c) in contenders.iter().enumerate() {
@@ -1895,6 +2000,7 @@ fn storm(env: &Env, run: &RunDir, o: &Opts, which: &str) {
         let reqs = col(&|r| r.meas.requests as f64);
         let rps = col(&|r| r.meas.requests as f64 / r.measure_s);
         let ok = col(&|r| pct(r.meas.ok, r.meas.requests));
+        let goodput = col(&|r| r.meas.ok as f64 / r.measure_s);
         let att = col(&|r| ratio(r.meas.attempts, r.meas.requests));
         let p50 = col(&|r| percentile(&r.meas.lat, 0.5) / 1000.0);
         let p99 = col(&|r| percentile(&r.meas.lat, 0.99) / 1000.0);
@@ -1909,19 +2015,21 @@ fn storm(env: &Env, run: &RunDir, o: &Opts, which: &str) {
             }
         }
         println!(
-            "   {:<29} {:>7.0} {:>6.0} {:>17} {:>16} {:>8.0} {:>9.0} {:>9.0}  {}",
+            "   {:<29} {:>7.0} {:>6.0} {:>6.0} {:>17} {:>16} {:>7} {:>7} {:>7}  {}",
             c.label,
             reqs.0,
             rps.0,
+            goodput.0,
             format!("{:.2} ({:.1}..{:.1})", ok.0, ok.1, ok.2),
             format!("{:.3} ({:.2}..{:.2})", att.0, att.1, att.2),
-            p50.0,
-            p99.0,
-            p99ok.0,
+            num(p50.0, 0),
+            num(p99.0, 0),
+            num(p99ok.0, 0),
             fmt_statuses(&statuses)
         );
     }
     println!("   tries/req: tries that reached a node (its own log, 429s included) per client request; p99: all client requests, p99 2xx: successes only");
+    println!("   closed loop without think time: a gateway that fails fast is asked again at once, so fast failures multiply (see 2xx/s, the goodput)");
     let halves: Vec<String> = native_p99
         .iter()
         .map(|(l, p)| format!("{l} {p:.0} ms -> {:.0} ms", p / 2.0))
@@ -1954,10 +2062,10 @@ fn storm(env: &Env, run: &RunDir, o: &Opts, which: &str) {
         for (s, t) in sc.nodes.iter().zip(&tally) {
             let _ = write!(
                 line,
-                " {}: {:>6} ({:>4.1}%) {:>6} / {:>5} |",
+                " {}: {:>6} ({:>4}%) {:>6} / {:>5} |",
                 s.name,
                 t.tries,
-                pct(t.tries, total),
+                num(pct(t.tries, total), 1),
                 t.ok,
                 t.busy
             );
@@ -1988,11 +2096,11 @@ fn storm(env: &Env, run: &RunDir, o: &Opts, which: &str) {
             }
         }
         println!(
-            "   {:<29} 2xx {:>6.2}%  tries/req {:.3}  p99 {:>5.0} ms  non-2xx {}",
+            "   {:<29} 2xx {:>6}%  tries/req {:>5}  p99 {:>5} ms  non-2xx {}",
             c.label,
-            median(&mut ok),
-            median(&mut att),
-            median(&mut p99),
+            num(median(&mut ok), 2),
+            num(median(&mut att), 3),
+            num(median(&mut p99), 0),
             fmt_statuses(&statuses)
         );
     }

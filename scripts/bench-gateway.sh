@@ -11,8 +11,8 @@
 #   scripts/bench-gateway.sh storm quota       some scenarios (overhead storm quota)
 #   scripts/bench-gateway.sh --quick           a ~1 minute smoke run
 #
-# Environment (all optional): RSB_BENCH_ROUNDS RSB_BENCH_OVERHEAD_S RSB_BENCH_STORM_S
-# RSB_BENCH_WARM_S RSB_BENCH_NATIVE_NOFAIL=0 RSB_BENCH_KEEP=1 (keep configs and logs)
+# Environment (all optional): RSB_BENCH_ROUNDS RSB_BENCH_OVERHEAD_ROUNDS RSB_BENCH_OVERHEAD_S RSB_BENCH_STORM_S
+# RSB_BENCH_WARM_S RSB_BENCH_NATIVE_NOFAIL=0 RSB_BENCH_FAIL_PAUSE_MS RSB_BENCH_KEEP=1 (keep configs and logs)
 # NGINX NGINX_MODULES RSB_LUA_SO WRK; see benches/gateway.rs.
 #
 # The bench needs this entry in Cargo.toml (without it cargo builds benches/gateway.rs

@@ -195,6 +195,15 @@ pub fn node_stats(region: &Region, n: &NodeSlot) -> NodeStats {
     }
 }
 
+/// What a reported try does to a node's latency estimate.
+enum Feed {
+    Sample(f64),
+    /// Leave it as it is.
+    Skip,
+    /// Forget it: the node was just taken out and returns as unknown.
+    Forget,
+}
+
 /// Why a request may not try once more.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -830,18 +839,24 @@ impl Balancer {
         let penalty_ms = ps.penalty_ms.load(Ordering::Relaxed);
         let cap_ms = ps.penalty_cap_ms.load(Ordering::Relaxed);
         let penalty = load::sample_us(status, latency_us, retry_after_ms, penalty_ms, cap_ms);
-        let sample = if load::is_failure(status) {
+        let sample: Feed = if load::is_failure(status) {
             n.failures.fetch_add(1, Ordering::Relaxed);
             let strikes = n.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut rested = false;
             if status == 503 && retry_after_ms > 0 {
                 // An overloaded node that says when to come back: rest it that long.
                 self.cool_down(n, ps, now, 1, retry_after_ms);
+                rested = true;
             }
             let after = ps.eject_after.load(Ordering::Relaxed);
             if after > 0 && strikes >= after {
-                self.eject(node, n, ps, now);
+                rested |= self.eject(node, n, ps, now);
             }
-            penalty
+            if rested {
+                Feed::Forget
+            } else {
+                Feed::Sample(penalty)
+            }
         } else if status == 429 {
             n.busy.fetch_add(1, Ordering::Relaxed);
             let strikes = n.consecutive_busy.fetch_add(1, Ordering::Relaxed) + 1;
@@ -858,7 +873,7 @@ impl Balancer {
             match kind {
                 Busy::Quota => {
                     self.cool_down(n, ps, now, strikes, retry_after_ms);
-                    penalty
+                    Feed::Forget
                 }
                 Busy::Capacity => {
                     let (min, max) = (
@@ -868,12 +883,22 @@ impl Balancer {
                     let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
                         Some(health::limit_after_busy(l, inflight, min, max))
                     });
-                    // Counts against the cost as "twice as slow" (at most the penalty), not
-                    // as a failure: the node is fine, just full.
-                    let tau = ps.decay_ms.load(Ordering::Relaxed);
-                    let guess = ps.default_rtt_ms.load(Ordering::Relaxed) as f64 * 1000.0;
-                    let cost = load::current(n.ewma.load(Ordering::Relaxed), now, tau, guess);
-                    (2.0 * cost).min(penalty_ms as f64 * 1000.0)
+                    // Counts against the cost as twice the node's mean served latency (at
+                    // most the penalty), not as a failure: the node is fine, just full. The
+                    // mean, not the estimate, so that repeated 429s do not compound.
+                    let served = n.requests.load(Ordering::Relaxed)
+                        - n.failures
+                            .load(Ordering::Relaxed)
+                            .min(n.requests.load(Ordering::Relaxed))
+                        - n.busy
+                            .load(Ordering::Relaxed)
+                            .min(n.requests.load(Ordering::Relaxed));
+                    match n.latency_sum_us.load(Ordering::Relaxed).checked_div(served) {
+                        Some(mean) if mean > 0 => {
+                            Feed::Sample((2.0 * mean as f64).min(penalty_ms as f64 * 1000.0))
+                        }
+                        _ => Feed::Skip,
+                    }
                 }
             }
         } else {
@@ -896,15 +921,24 @@ impl Balancer {
             {
                 n.ejections.store(0, Ordering::Relaxed);
             }
-            load::sample_us(status, latency_us, 0, penalty_ms, cap_ms)
+            Feed::Sample(load::sample_us(status, latency_us, 0, penalty_ms, cap_ms))
         };
-        let tau = ps.decay_ms.load(Ordering::Relaxed);
-        // One CAS on the packed (cost, stamp) word; a lost race retries with the winner's
-        // value, so no sample is dropped.
-        let _ = n.ewma.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
-            let (cost, stamp) = load::unpack(word);
-            Some(load::pack(load::observe(cost, stamp, sample, now, tau), now))
-        });
+        match sample {
+            Feed::Sample(sample) => {
+                let tau = ps.decay_ms.load(Ordering::Relaxed);
+                // One CAS on the packed (cost, stamp) word; a lost race retries with the
+                // winner's value, so no sample is dropped.
+                let _ = n.ewma.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+                    let (cost, stamp) = load::unpack(word);
+                    Some(load::pack(load::observe(cost, stamp, sample, now, tau), now))
+                });
+            }
+            // A node taken out for a while (cooldown, ejection) comes back as unknown:
+            // costed at the pool median and ramped up by slow start, rather than carrying
+            // a penalty that would keep p2c from ever trying it again.
+            Feed::Forget => n.ewma.store(0, Ordering::Relaxed),
+            Feed::Skip => {}
+        }
         Ok(())
     }
 
@@ -931,24 +965,25 @@ impl Balancer {
     }
 
     /// Eject a node after consecutive failures, unless that would eject more than the
-    /// pool's `max_ejected_percent` of its tier. Only one reporter ejects it.
-    fn eject(&self, slot: u32, n: &NodeSlot, ps: &PoolSlot, now: u64) {
+    /// pool's `max_ejected_percent` of its tier. Only one reporter ejects it. True when
+    /// the node is ejected now.
+    fn eject(&self, slot: u32, n: &NodeSlot, ps: &PoolSlot, now: u64) -> bool {
         let current = n.ejected_until_ms.load(Ordering::Relaxed);
         if current > now {
-            return;
+            return true;
         }
         let mut l = self.local.lock();
         // Any handle may report (not only the one that picked): bring its tables up to
         // date so the tier it counts is the current one.
         if self.sync(&mut l).is_err() {
-            return;
+            return false;
         }
         let Local { pools, rng, .. } = &mut *l;
         let Some(p) = pools
             .get(n.pool.load(Ordering::Relaxed) as usize)
             .and_then(Option::as_ref)
         else {
-            return;
+            return false;
         };
         let tier = if p.backup.slots.contains(&slot) {
             &p.backup
@@ -966,7 +1001,7 @@ impl Balancer {
             .count();
         let max_pct = ps.eject_max_percent.load(Ordering::Relaxed) as usize;
         if (ejected + 1) * 100 > max_pct * tier.slots.len() {
-            return;
+            return false;
         }
         let k = n.ejections.load(Ordering::Relaxed);
         let ms = retry::ejection_ms(
@@ -976,15 +1011,17 @@ impl Balancer {
             ps.eject_max_ms.load(Ordering::Relaxed),
         );
         let until = now + ms as u64;
-        if n.ejected_until_ms
-            .compare_exchange(current, until, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
+        let won = n
+            .ejected_until_ms
+            .compare_exchange(current, until, Ordering::Relaxed, Ordering::Relaxed);
+        if won.is_ok() {
             n.ejections.fetch_add(1, Ordering::Relaxed);
             n.ejections_total.fetch_add(1, Ordering::Relaxed);
             n.consecutive_failures.store(0, Ordering::Relaxed);
             n.started_ms.fetch_max(until, Ordering::Relaxed);
         }
+        // Ejected, by us or by a concurrent reporter.
+        n.ejected_until_ms.load(Ordering::Relaxed) > now
     }
 
     /// Take or renew the region-wide health-check lease for `ttl_ms`. True when this

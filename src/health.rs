@@ -11,9 +11,10 @@
 //! - *quota exhausted*: a Retry-After long enough to matter, or 429s that keep coming
 //!   at the lowest limit. The node cools down (see [`crate::retry::cooldown_ms`]).
 //!
-//! Either way the 429 counts against the node's cost: a quota 429 as the failure
-//! penalty, a busy 429 as twice the node's current latency. Neither is a fast sample
-//! and neither ejects the node (ejection is for connect errors, timeouts and 5xx).
+//! Either way the 429 counts against the node: a busy 429 as twice the node's mean
+//! served latency, a quota 429 by resting it (it returns in slow start, its estimate
+//! forgotten). Neither is a fast sample and neither ejects the node (ejection is for
+//! connect errors, timeouts and 5xx).
 
 /// Fixed-point scale of `NodeSlot::limit`.
 pub const LIMIT_ONE: u64 = 1 << 16;

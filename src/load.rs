@@ -12,9 +12,10 @@
 //! - a node with no sample yet is assumed to cost the reference latency.
 //!
 //! The estimate and its timestamp share one 64-bit word (`f32` microseconds, `u32`
-//! milliseconds) so an update is a single compare-and-swap. The timestamp wraps every
-//! 49.7 days; `wrapping_sub` keeps `dt` right for any gap shorter than that, and a
-//! longer idle gap only decays less than it should.
+//! milliseconds) so an update is a single compare-and-swap. The timestamp wraps; the
+//! signed difference keeps `dt` right for gaps up to 24.8 days (a longer idle gap only
+//! decays less than it should), and a stamp a few ms ahead of this worker's clock read
+//! (another worker just updated it) counts as no time.
 //!
 //! **Effective weight** = base weight x slow-start ramp x success factor, and for the
 //! algorithms that do not look at latency themselves (all but `p2c_ewma`, whose cost
@@ -31,9 +32,12 @@ pub fn unpack(word: u64) -> (f32, u32) {
     (f32::from_bits((word >> 32) as u32), word as u32)
 }
 
-/// Decay weight for `dt_ms` elapsed with time constant `tau_ms`.
-fn decay(dt_ms: u32, tau_ms: u32) -> f64 {
-    (-(dt_ms as f64) / tau_ms.max(1) as f64).exp()
+/// Decay weight for the time from `stamp` to `now_ms` with time constant `tau_ms`. A
+/// stamp slightly in the future (another worker updated the word after this one read
+/// the clock) counts as no time at all, not as a 49-day gap.
+fn decay(now_ms: u64, stamp: u32, tau_ms: u32) -> f64 {
+    let dt = ((now_ms as u32).wrapping_sub(stamp) as i32).max(0);
+    (-(dt as f64) / tau_ms.max(1) as f64).exp()
 }
 
 /// The new estimate after a sample (peak EWMA update). `cost == 0` means no history.
@@ -42,7 +46,7 @@ pub fn observe(cost: f32, stamp: u32, sample_us: f64, now_ms: u64, tau_ms: u32) 
     if cost <= 0.0 || sample_us > cost {
         return sample_us as f32;
     }
-    let w = decay((now_ms as u32).wrapping_sub(stamp), tau_ms);
+    let w = decay(now_ms, stamp, tau_ms);
     (cost * w + sample_us * (1.0 - w)) as f32
 }
 
@@ -52,7 +56,7 @@ pub fn current(word: u64, now_ms: u64, tau_ms: u32, reference_us: f64) -> f64 {
     if cost <= 0.0 {
         return reference_us;
     }
-    let w = decay((now_ms as u32).wrapping_sub(stamp), tau_ms);
+    let w = decay(now_ms, stamp, tau_ms);
     cost as f64 * w + reference_us * (1.0 - w)
 }
 
@@ -145,6 +149,14 @@ mod tests {
         assert!((c - want).abs() < 1.0, "{c} vs {want}");
         // dt = 0: no change.
         assert_eq!(observe(5000.0, 7, 1.0, 7, 10_000), 5000.0);
+    }
+
+    #[test]
+    fn stamp_slightly_ahead_is_no_time() {
+        // Another worker stamped the word 4 ms after this one read the clock.
+        let c = observe(5e6, 1004, 5000.0, 1000, 10_000);
+        assert_eq!(c, 5e6);
+        assert!((current(pack(5e6, 1004), 1000, 10_000, 6000.0) - 5e6).abs() < 1.0);
     }
 
     #[test]

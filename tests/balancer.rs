@@ -198,25 +198,29 @@ fn failures_and_429_raise_ewma_to_the_penalty() {
             .unwrap();
     };
 
-    // A fast refusal is a penalty, never a fast sample.
-    for (node, status) in [(busy, 429), (error, 503), (noresp, 0)] {
+    // A fast refusal is a penalty, never a fast sample...
+    for (node, status) in [(error, 503), (noresp, 0)] {
         assert_eq!(ewma(node), 0.0, "no sample yet");
         try_on(node, status, 0);
         assert_eq!(ewma(node), PENALTY_US, "status {status}");
     }
+    // ...unless the node is taken out for a while (here a quota 429: limits are off):
+    // it then returns as unknown (costed at the pool median, in slow start) instead of
+    // carrying a penalty that would keep p2c from ever trying it again.
+    try_on(fast, 200, 0);
+    try_on(busy, 200, 0);
+    try_on(busy, 429, 0);
+    assert_eq!(ewma(busy), 0.0, "a rested node's estimate is forgotten");
     assert_eq!((st(busy).busy, st(busy).failures), (1, 0));
     assert_eq!((st(error).busy, st(error).failures), (0, 1));
     assert_eq!((st(noresp).busy, st(noresp).failures), (0, 1));
     assert!(st(busy).cooldown_until_ms > 0, "a quota 429 cools the node down");
-    assert_eq!(
-        st(busy).latency_sum_us + st(error).latency_sum_us + st(noresp).latency_sum_us,
-        0
-    );
+    assert_eq!(st(error).latency_sum_us + st(noresp).latency_sum_us, 0);
 
     // A peak over a fast history is taken at once, and decays only smoothly.
     b.report(pick_exactly(&b, pool, fast, &all), 200, 1000, 0)
         .unwrap();
-    assert_eq!(ewma(fast), 1000.0);
+    assert!((ewma(fast) - 1000.0).abs() < 10.0, "{}", ewma(fast));
     try_on(fast, 503, 0);
     assert_eq!(ewma(fast), PENALTY_US);
     b.report(pick_exactly(&b, pool, fast, &all), 200, 1000, 0)
@@ -224,22 +228,13 @@ fn failures_and_429_raise_ewma_to_the_penalty() {
     // tau = 10 s: even 500 ms between the two reports would keep > 95%.
     assert!(ewma(fast) > 0.95 * PENALTY_US, "{}", ewma(fast));
 
-    // Retry-After above the penalty counts, up to the cap.
-    try_on(x, 429, 5000);
-    assert_eq!(ewma(x), 5_000_000.0);
+    // A Retry-After rests the node (cooldown) and so forgets its estimate...
     try_on(x, 503, 7000);
-    assert_eq!(ewma(x), 7_000_000.0);
-    try_on(x, 429, 1_000_000);
-    assert_eq!(ewma(x), CAP_US);
+    assert_eq!(ewma(x), 0.0);
+    assert!(st(x).cooldown_until_ms > 0);
+    // ...while a failure that does not rest it is a penalty up to the cap.
     try_on(x, 0, u32::MAX);
     assert_eq!(ewma(x), CAP_US);
-    // Retry-After below the penalty does not lower it.
-    try_on(busy, 429, 1);
-    assert!(
-        ewma(busy) >= 0.95 * PENALTY_US && ewma(busy) <= PENALTY_US,
-        "{}",
-        ewma(busy)
-    );
     for &s in &all {
         assert_eq!(st(s).inflight, 0);
     }
@@ -248,8 +243,8 @@ fn failures_and_429_raise_ewma_to_the_penalty() {
 #[test]
 fn capacity_429_counts_as_twice_the_cost() {
     // Default policy: a 429 without a long Retry-After means "busy at capacity"; it
-    // counts as twice the node's current cost (at most the penalty), never as the
-    // fast sample it is.
+    // counts as twice the node's mean served latency (at most the penalty), never as
+    // the fast sample it is.
     let ids = ["fresh", "fast"];
     let b = Balancer::create(&config(
         json!({ "algorithm": "least_conn", "ewma": { "penalty_ms": 2000, "default_rtt_ms": 300 } }),
@@ -261,10 +256,10 @@ fn capacity_429_counts_as_twice_the_cost() {
     let [fresh, fast] = all[..] else { unreachable!() };
     let ewma = |s: u32| b.node_stats(s).unwrap().ewma_us;
 
-    // No sample yet: twice the assumed 300 ms.
+    // Nothing served yet: nothing to double, the estimate stays unknown.
     b.report(pick_exactly(&b, pool, fresh, &all), 429, 3, 0).unwrap();
-    assert_eq!(ewma(fresh), 600_000.0);
-    // Twice 1 ms (and up to the penalty, however often).
+    assert_eq!(ewma(fresh), 0.0);
+    // Twice the mean served latency (1 ms), however often: 429s do not compound.
     b.report(pick_exactly(&b, pool, fast, &all), 200, 1000, 0)
         .unwrap();
     b.report(pick_exactly(&b, pool, fast, &all), 429, 3, 0).unwrap();
@@ -275,7 +270,7 @@ fn capacity_429_counts_as_twice_the_cost() {
         b.region().node(fast).unwrap().limit.store(0, Ordering::Relaxed);
         b.report(pick_exactly(&b, pool, fast, &all), 429, 3, 0).unwrap();
     }
-    assert_eq!(ewma(fast), 2_000_000.0, "doubled up to the penalty");
+    assert!((ewma(fast) - 2000.0).abs() < 1.0, "{}", ewma(fast));
     assert_eq!(b.node_stats(fast).unwrap().busy, 31);
 }
 

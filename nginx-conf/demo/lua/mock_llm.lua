@@ -10,10 +10,20 @@
 --   set $mock_quota_rps   0;      # > 0: token bucket refilled at this rate (tokens/s) ...
 --   set $mock_quota_burst 0;      #      ... holding this many (default: rps); empty: 429
 --   set $mock_fail        "";     # "" | "503" (answer 503) | "close" (drop the connection)
+--                                 # | "429" (chat requests answer 429, Retry-After as below)
+--
+-- Knobs without a `set` default (runtime only, through /mock/set):
+--   health_fail     "" | "503" | "close": only GET /health fails (chat requests still served)
+--   retry_after_at  > 0: the 429s carry `Retry-After: <HTTP-date of this Unix time>` instead
+--                   of delay-seconds
 --
 -- Runtime overrides (all workers, until changed back; "" or "default" clears one):
 --   POST /mock/set?fail=503&latency_ms=500&max_conc=2   (keys: the names above minus mock_)
---   GET  /mock/state   -> {"node":..,"inflight":..,"served":..,"rejected":..}
+--   GET  /mock/state   -> {"node":..,"inflight":..,"served":..,"rejected":..,"received":..,
+--                          "health_checks":..,"last_retry_after":..,"knobs":{..}}
+--     received: requests other than /health, /mock/set and /mock/state (every try a gateway
+--     sent, whatever the answer); health_checks: GET /health requests; last_retry_after: the
+--     Retry-After of the latest 429 ("" if none yet).
 --
 -- Requests in flight are counted across the node's workers in lua_shared_dict
 -- `mock_llm` (incr in content, decr in log_by_lua, which runs on every exit path:
@@ -34,9 +44,11 @@ local KNOBS = {
     latency_ms = "mock_latency_ms", chunk_ms = "mock_chunk_ms", max_conc = "mock_max_conc",
     retry_after = "mock_retry_after", quota_rps = "mock_quota_rps",
     quota_burst = "mock_quota_burst", fail = "mock_fail",
+    health_fail = "mock_health_fail", retry_after_at = "mock_retry_after_at",
 }
 
--- A knob: the runtime override if any, else the server's `set` value.
+-- A knob: the runtime override if any, else the server's `set` value (nil when the
+-- server has no `set` for it: reading an undefined nginx variable gives nil).
 local function knob(node, name)
     local v = dict:get("cfg:" .. node .. ":" .. name)
     if v == nil then v = ngx.var[KNOBS[name]] end
@@ -64,6 +76,20 @@ local function send_json(status, body, headers)
     end
     ngx.print(body)
     return ngx.exit(status)
+end
+
+-- The Retry-After of a 429: `seconds` (nil or <= 0: none), or the HTTP-date of the
+-- retry_after_at knob when set. Remembered for /mock/state.
+local function retry_after(node, seconds)
+    local at = tonumber(knob(node, "retry_after_at")) or 0
+    local v
+    if at > 0 then
+        v = ngx.http_time(floor(at))
+    elseif seconds and seconds > 0 then
+        v = tostring(seconds)
+    end
+    dict:set("last_ra:" .. node, v or "")
+    return v
 end
 
 local function error_body(message, typ, code)
@@ -152,8 +178,17 @@ local function chat(node)
     return ngx.exit(200)
 end
 
-local function failing(node)
+local function failing(node, uri)
     local fail = knob(node, "fail")
+    if uri == "/health" then
+        local hf = knob(node, "health_fail")
+        if hf == "503" or hf == "close" then fail = hf end
+    elseif fail == "429" then
+        dict:incr("rejected:" .. node, 1, 0)
+        return send_json(429, error_body("Rate limit reached for node " .. node .. ".", "tokens",
+                                         "rate_limit_exceeded"),
+                         { ["X-Node"] = node, ["Retry-After"] = retry_after(node, num(node, "retry_after")) })
+    end
     if fail == "503" then
         return send_json(503, error_body("The server is overloaded or not ready yet.", "server_error",
                                          "service_unavailable"), { ["X-Node"] = node })
@@ -187,6 +222,9 @@ local function state(node)
     return send_json(200, '{"node":' .. q(node) .. ',"inflight":' .. (dict:get("conc:" .. node) or 0)
         .. ',"served":' .. (dict:get("served:" .. node) or 0)
         .. ',"rejected":' .. (dict:get("rejected:" .. node) or 0)
+        .. ',"received":' .. (dict:get("received:" .. node) or 0)
+        .. ',"health_checks":' .. (dict:get("health:" .. node) or 0)
+        .. ',"last_retry_after":' .. q(dict:get("last_ra:" .. node) or "")
         .. ',"knobs":{' .. concat(fields, ",") .. "}}")
 end
 
@@ -200,8 +238,13 @@ function _M.handle()
     -- Counted before anything else, so that log() can always decrement.
     local inflight = dict:incr("conc:" .. node, 1, 0)
     ngx.ctx.mock_counted = node
+    if uri == "/health" then
+        dict:incr("health:" .. node, 1, 0)
+    else
+        dict:incr("received:" .. node, 1, 0)
+    end
 
-    failing(node) -- answers 503 or closes the connection (ngx.exit does not return)
+    failing(node, uri) -- answers 503/429 or closes the connection (ngx.exit does not return)
     if uri == "/health" then
         return send_json(200, '{"status":"ok","node":' .. q(node) .. "}", { ["X-Node"] = node })
     end
@@ -213,10 +256,9 @@ function _M.handle()
     local cap = num(node, "max_conc")
     if cap > 0 and inflight > cap then
         dict:incr("rejected:" .. node, 1, 0)
-        local ra = num(node, "retry_after")
         return send_json(429, error_body("Too many concurrent requests on node " .. node
             .. " (" .. cap .. " max).", "requests", "rate_limit_exceeded"),
-            { ["X-Node"] = node, ["Retry-After"] = ra > 0 and tostring(ra) or nil })
+            { ["X-Node"] = node, ["Retry-After"] = retry_after(node, num(node, "retry_after")) })
     end
     local rps = num(node, "quota_rps")
     if rps > 0 then
@@ -225,7 +267,7 @@ function _M.handle()
             dict:incr("rejected:" .. node, 1, 0)
             return send_json(429, error_body("Rate limit reached for node " .. node .. ": quota of "
                 .. rps .. " requests/s exhausted.", "tokens", "rate_limit_exceeded"),
-                { ["X-Node"] = node, ["Retry-After"] = tostring(wait) })
+                { ["X-Node"] = node, ["Retry-After"] = retry_after(node, wait) })
         end
     end
     return chat(node)
