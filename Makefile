@@ -71,7 +71,7 @@ test-nginx: $(BUILD)/lib/rsbalancer.so
 bench: deps build
 	$(CARGO) bench --no-default-features --bench select
 	@scripts/bench-lua.sh
-	@if [ -x scripts/bench-gateway.sh ]; then scripts/bench-gateway.sh; fi
+	@scripts/bench-gateway.sh
 
 install: build
 	install -d $(DESTDIR)$(LUA_CDIR) $(DESTDIR)$(LUA_LDIR)/resty $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include
