@@ -522,8 +522,8 @@ fn p2c_ewma_node_back_from_a_quota_cooldown_gets_traffic_again() {
     }
     panic!(
         "q, back from a 2 s quota cooldown in slow start, served none of {sent} \
-         requests over the next 10 s (its latency estimate still carries the 5 s 429 \
-         penalty): {}",
+         requests over the next 10 s (a rested node must return with its latency \
+         estimate forgotten): {}",
         g.stats()["q"]
     );
 }
