@@ -75,6 +75,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+#[path = "../tests/support/proc.rs"]
+mod proc;
+use proc::*;
+
 // ------------------------------------------------------------------------------------
 // Stop flag: signals, watchdog
 
@@ -339,99 +343,8 @@ impl Drop for RunDir {
     }
 }
 
-/// Fills `@NAME@` placeholders outside comment lines (comments document them and stay
-/// as written); panics if one is left in a directive.
-fn render(template: &str, vars: &[(&str, String)]) -> String {
-    let mut out = String::with_capacity(template.len() * 2);
-    for line in template.lines() {
-        if line.trim_start().starts_with('#') {
-            out.push_str(line);
-            out.push('\n');
-            continue;
-        }
-        let mut l = line.to_string();
-        for (k, v) in vars {
-            l = l.replace(&format!("@{k}@"), v);
-        }
-        if let Some(i) = l.find('@') {
-            let rest = &l[i + 1..];
-            let n = rest
-                .bytes()
-                .take_while(|c| c.is_ascii_uppercase() || *c == b'_')
-                .count();
-            assert!(
-                n == 0 || rest.as_bytes().get(n) != Some(&b'@'),
-                "placeholder left unfilled in: {l}"
-            );
-        }
-        out.push_str(&l);
-        out.push('\n');
-    }
-    out
-}
-
 // ------------------------------------------------------------------------------------
 // nginx processes
-
-fn free_port() -> u16 {
-    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("bind 127.0.0.1:0")
-            .port();
-        if GIVEN
-            .lock()
-            .unwrap()
-            .get_or_insert_with(HashSet::new)
-            .insert(port)
-        {
-            return port;
-        }
-    }
-}
-
-fn port_open(port: u16) -> bool {
-    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
-}
-
-/// (pid, cmdline) of live children of `parent`.
-fn children(parent: i32) -> Vec<(i32, String)> {
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else { return out };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        let mut f = rest.split(' ');
-        let state = f.next().unwrap_or("Z");
-        let ppid: i32 = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        if ppid == parent && state != "Z" {
-            let cmd = fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|b| String::from_utf8_lossy(&b).replace('\0', " ").trim().to_string())
-                .unwrap_or_default();
-            out.push((pid, cmd));
-        }
-    }
-    out
-}
-
-fn is_nginx(pid: i32) -> bool {
-    let stat_ok = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
-        .unwrap_or(false);
-    stat_ok
-        && fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| b.starts_with(b"nginx:"))
-            .unwrap_or(false)
-}
 
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: i32) -> f64 {
@@ -447,13 +360,6 @@ fn cpu_seconds(pid: i32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     ticks as f64 / hz
-}
-
-fn kill(pid: i32, sig: i32) {
-    // SAFETY: kill(2) on a pid this process started (or a worker of it).
-    unsafe {
-        libc::kill(pid, sig);
-    }
 }
 
 /// One nginx (master + 2 workers) started by the bench; stopped on drop.
@@ -582,45 +488,8 @@ impl Nginx {
 
     /// SIGTERM (fast shutdown), SIGKILL after 5 s, then SIGKILL any worker left.
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let master = child.id() as i32;
-        let mut workers: Vec<i32> = children(master).into_iter().map(|(p, _)| p).collect();
-        kill(master, libc::SIGTERM);
-        let start = Instant::now();
-        let mut exited = false;
-        while start.elapsed() < Duration::from_secs(5) {
-            workers.extend(children(master).into_iter().map(|(p, _)| p));
-            if child.try_wait().ok().flatten().is_some() {
-                exited = true;
-                break;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        if !exited {
-            eprintln!(
-                "gateway bench: {} (pid {master}) ignored SIGTERM: SIGKILL",
-                self.name
-            );
-            workers.extend(children(master).into_iter().map(|(p, _)| p));
-            kill(master, libc::SIGKILL);
-            let _ = child.wait();
-        }
-        workers.sort_unstable();
-        workers.dedup();
-        let deadline = Instant::now() + Duration::from_secs(2);
-        for pid in workers {
-            while is_nginx(pid) && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(10));
-            }
-            if is_nginx(pid) {
-                eprintln!(
-                    "gateway bench: {} worker {pid} outlived its master: SIGKILL",
-                    self.name
-                );
-                kill(pid, libc::SIGKILL);
-            }
+        if let Some(child) = self.child.take() {
+            stop_nginx(child, &self.name);
         }
     }
 }

@@ -325,7 +325,8 @@ local ngx_balancer
 local function request_state(ctx, pool)
     local st = ctx.rsb
     if not st then
-        ngx.update_time()
+        -- nginx's cached time (updated once per event-loop turn) is precise enough
+        -- for a retry deadline; no clock call per request.
         st = { pool = pool, tried = {}, n = 0, reported = 0, start = ngx.now() }
         ctx.rsb = st
     end
