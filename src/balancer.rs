@@ -27,8 +27,9 @@ use crate::health::{self, Busy, Flip};
 use crate::load;
 use crate::retry;
 use crate::select::{hash_key, Algorithm, Candidate, NodeView, Selector};
-use crate::shm::layout::{flags, Capacity, NodeSlot, PoolSlot};
+use crate::shm::layout::{flags, Capacity, NodeSlot, PoolSlot, LATENCY_BOUNDS_MS};
 use crate::shm::{clock, fork, saturating_sub, LockGuard, Region, ShmError};
+use crate::window::{self, Event};
 
 /// How long a configuration change waits for the shared lock.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -99,6 +100,7 @@ pub struct PoolTopo {
     pub outlier: OutlierConfig,
     pub health: Option<HealthConfig>,
     pub no_node_status: u32,
+    pub window_ms: u32,
     pub nodes: Vec<NodeTopo>,
 }
 
@@ -503,6 +505,7 @@ impl Balancer {
                 outlier: pc.outlier.clone(),
                 health: pc.health.clone(),
                 no_node_status: pc.no_node_status,
+                window_ms: pc.window_ms,
                 nodes,
             });
         }
@@ -836,6 +839,7 @@ impl Balancer {
             return Ok(());
         }
         let now = clock::now_ms();
+        record_outcome(n, ps, status, latency_us, now);
         let penalty_ms = ps.penalty_ms.load(Ordering::Relaxed);
         let cap_ms = ps.penalty_cap_ms.load(Ordering::Relaxed);
         let penalty = load::sample_us(status, latency_us, retry_after_ms, penalty_ms, cap_ms);
@@ -1226,6 +1230,32 @@ fn bad_counts(n: &NodeSlot) -> (u64, u64) {
     )
 }
 
+/// The counters `/metrics` and the sliding window read: status class, latency
+/// histogram, window event. Relaxed: statistics.
+fn record_outcome(n: &NodeSlot, ps: &PoolSlot, status: u32, latency_us: u32, now: u64) {
+    let class = if status == 0 {
+        0
+    } else {
+        (status / 100).clamp(1, 5) as usize
+    };
+    n.status_class[class].fetch_add(1, Ordering::Relaxed);
+    if status != 0 {
+        // Prometheus buckets are `le`: the first bound the latency does not exceed.
+        let b = LATENCY_BOUNDS_MS.partition_point(|&bound| (bound as u64) * 1000 < latency_us as u64);
+        n.latency_hist[b].fetch_add(1, Ordering::Relaxed);
+        n.latency_hist_sum_us
+            .fetch_add(latency_us as u64, Ordering::Relaxed);
+    }
+    let event = if load::is_failure(status) {
+        Event::Failure
+    } else if status == 429 {
+        Event::Busy
+    } else {
+        Event::Ok
+    };
+    window::record(&ps.window, now, ps.window_ms.load(Ordering::Relaxed), event);
+}
+
 fn reset_if_set(cell: &AtomicU32) {
     // Skip the store on the common path so a healthy node's line is not dirtied twice.
     if cell.load(Ordering::Relaxed) != 0 {
@@ -1239,7 +1269,18 @@ fn reset_node(s: &NodeSlot, now: u64) {
     s.consecutive_failures.store(0, Ordering::Relaxed);
     s.consecutive_busy.store(0, Ordering::Relaxed);
     s.ewma.store(0, Ordering::Relaxed);
-    for c in [&s.picks, &s.requests, &s.failures, &s.busy, &s.latency_sum_us] {
+    for c in [
+        &s.picks,
+        &s.requests,
+        &s.failures,
+        &s.busy,
+        &s.latency_sum_us,
+        &s.latency_hist_sum_us,
+    ]
+    .into_iter()
+    .chain(&s.status_class)
+    .chain(&s.latency_hist)
+    {
         c.store(0, Ordering::Relaxed);
     }
     s.started_ms.store(now, Ordering::Relaxed);
@@ -1255,12 +1296,12 @@ fn reset_node(s: &NodeSlot, now: u64) {
     s.flags.store(0, Ordering::Relaxed);
 }
 
-/// May a new try start on this node now? (Not cooling, not ejected, not down, under
-/// its learned concurrency limit.)
+/// May a new try start on this node now? (Not cooling, not ejected, not down, not
+/// draining, under its learned concurrency limit.)
 fn available_now(n: &NodeSlot, now: u64) -> bool {
     now >= n.cooldown_until_ms.load(Ordering::Relaxed)
         && now >= n.ejected_until_ms.load(Ordering::Relaxed)
-        && n.flags.load(Ordering::Relaxed) & flags::DOWN == 0
+        && n.flags.load(Ordering::Relaxed) & (flags::DOWN | flags::DRAINING) == 0
         && health::under_limit(
             n.limit.load(Ordering::Relaxed),
             n.inflight.load(Ordering::Relaxed),
@@ -1291,4 +1332,5 @@ fn store_params(ps: &PoolSlot, p: &PoolTopo) {
     set(&ps.budget_window_ms, p.retry.window_ms);
     set(&ps.slow_start_ms, p.slow_start_ms);
     set(&ps.default_rtt_ms, p.ewma.default_rtt_ms);
+    set(&ps.window_ms, p.window_ms);
 }

@@ -137,6 +137,14 @@ pub struct PoolConfig {
     /// Status answered when no node can take a request (429 or 503).
     #[serde(default = "default_no_node_status")]
     pub no_node_status: u32,
+    /// Width of the sliding window of outcomes (overload detection, canary
+    /// rollback), 1000..=3600000; the seed's 5 minutes by default.
+    #[serde(default = "default_window_ms")]
+    pub window_ms: u32,
+}
+
+fn default_window_ms() -> u32 {
+    300_000
 }
 
 fn default_no_node_status() -> u32 {
@@ -316,6 +324,7 @@ impl Default for PoolConfig {
             outlier: OutlierConfig::default(),
             health: None,
             no_node_status: default_no_node_status(),
+            window_ms: default_window_ms(),
         }
     }
 }
@@ -478,6 +487,7 @@ impl PoolConfig {
         check_range(path, "slow_start_ms", self.slow_start_ms, 0..=3_600_000)?;
         check_range(path, "refresh_ms", self.refresh_ms, 10..=60_000)?;
         check_range(path, "chash_points", self.chash_points, 1..=10_000)?;
+        check_range(path, "window_ms", self.window_ms, 1_000..=3_600_000)?;
         self.ewma.validate(&format!("{path}.ewma"))?;
         self.validate_policies(path)?;
 

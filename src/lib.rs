@@ -31,3 +31,4 @@ mod lua;
 pub mod retry;
 pub mod select;
 pub mod shm;
+pub mod window;

@@ -751,3 +751,38 @@ fn reload_keeps_a_node_that_is_down_down() {
     assert_ne!(b.node_stats(dead).unwrap().state, "down");
     assert_eq!(try_once(&b, pool, b"", &[a]).unwrap(), dead);
 }
+
+#[test]
+fn outcomes_feed_status_classes_histogram_and_window() {
+    let b = Balancer::create(&config(json!({"algorithm": "round_robin"}), &["a"])).unwrap();
+    let pool = b.pool_index("p").unwrap();
+    let n = b.pick(pool, b"", &[]).unwrap();
+    for (status, us) in [
+        (200, 7_000),
+        (200, 10_000),
+        (503, 250_000),
+        (429, 1),
+        (0, 900_000),
+        (499, 5),
+    ] {
+        b.report(n, status, us, 0).unwrap();
+    }
+    b.report(n, 200, 4_000_000_000, 0).unwrap();
+    let s = b.region().node(n).unwrap();
+    let class: Vec<u64> = s.status_class.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    assert_eq!(
+        class,
+        [1, 0, 3, 0, 1, 1],
+        "none, 1xx..5xx (the 499 is not counted)"
+    );
+    let hist: Vec<u64> = s.latency_hist.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    // 429 at 1 µs -> le 5 ms; 7 ms -> le 10; 10 ms -> le 10 (inclusive); 250 ms -> le 250; 4000 s -> +Inf.
+    assert_eq!(hist, [1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    assert_eq!(
+        s.latency_hist_sum_us.load(Ordering::Relaxed),
+        7_000 + 10_000 + 250_000 + 1 + 4_000_000_000
+    );
+    let ps = b.region().pool(pool).unwrap();
+    let t = rsbalancer::window::totals(&ps.window, clock::now_ms(), ps.window_ms.load(Ordering::Relaxed));
+    assert_eq!((t.requests, t.failures, t.busy), (6, 2, 1));
+}

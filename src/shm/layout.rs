@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -29,6 +29,43 @@ pub mod flags {
     pub const REMOVED: u32 = 1 << 2;
     /// Active health checks found the node down.
     pub const DOWN: u32 = 1 << 3;
+    /// An operator is draining the node: no new tries, in-flight ones finish.
+    pub const DRAINING: u32 = 1 << 4;
+}
+
+/// `PoolSlot::emergency` bits.
+pub mod emergency {
+    /// The pool is in emergency mode (shedding, backup pool in).
+    pub const ACTIVE: u32 = 1;
+    /// An operator forced emergency mode on.
+    pub const FORCED_ON: u32 = 1 << 1;
+    /// An operator forced emergency mode off.
+    pub const FORCED_OFF: u32 = 1 << 2;
+}
+
+/// Buckets of a pool's sliding statistics window (`PoolSlot::window`).
+pub const WINDOW_BUCKETS: usize = 10;
+
+/// Upper bounds (ms) of the per-node upstream latency histogram; the last bucket
+/// (index `LATENCY_BOUNDS_MS.len()`) is `+Inf`.
+pub const LATENCY_BOUNDS_MS: [u32; 15] = [
+    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000,
+];
+
+/// One bucket of a pool's sliding window: what the overload detector and the canary
+/// rollback compare. `tag` is the bucket's period number; a writer that finds an old
+/// tag resets the counters (a few events racing the reset may be lost: a statistic).
+#[repr(C)]
+pub struct WindowBucket {
+    pub tag: AtomicU64,
+    /// Tries reported (cancelled ones excluded).
+    pub requests: AtomicU64,
+    /// Tries that failed: no response or 5xx.
+    pub failures: AtomicU64,
+    /// Tries answered 429.
+    pub busy: AtomicU64,
+    /// Requests shed or refused by admission.
+    pub shed: AtomicU64,
 }
 
 /// Buckets of a pool's retry-budget window.
@@ -112,6 +149,38 @@ pub struct PoolSlot {
     /// Each word: bucket tag (16 bits) | requests (24 bits) | retries (24 bits).
     pub budget: [AtomicU64; BUDGET_BUCKETS],
     pub _reserved2: [AtomicU64; 6],
+    // --- line 5: canary and emergency control ----------------------------------
+    /// Canary pool slot + 1 (0: no canary).
+    pub canary_pool: AtomicU32,
+    /// Share of requests sent to the canary, in parts per 10,000.
+    pub canary_share: AtomicU32,
+    /// 1 after an automatic rollback set the share to zero.
+    pub canary_rolled_back: AtomicU32,
+    /// `emergency::*` bits.
+    pub emergency: AtomicU32,
+    /// In emergency, requests of a priority below this are shed.
+    pub shed_below: AtomicU32,
+    /// Backup pool slot + 1 brought in during emergency (0: none).
+    pub backup_pool: AtomicU32,
+    /// Requests waiting in the admission queue now.
+    pub queue_len: AtomicU32,
+    /// Width (ms) of the sliding window (`WINDOW_BUCKETS` buckets of `window_ms / 10`).
+    pub window_ms: AtomicU32,
+    pub emergency_since_ms: AtomicU64,
+    pub emergency_entries_total: AtomicU64,
+    /// Requests refused by admission: shed in emergency, queue full, wait too long.
+    pub shed_total: AtomicU64,
+    pub canary_rollbacks_total: AtomicU64,
+    // --- line 6: admission queue counters ----------------------------------------
+    pub queue_admitted_total: AtomicU64,
+    pub queue_timeouts_total: AtomicU64,
+    pub queue_evicted_total: AtomicU64,
+    pub queue_aborted_total: AtomicU64,
+    pub queue_wait_ms_sum: AtomicU64,
+    pub _reserved3: [AtomicU64; 3],
+    // --- lines 7-13: sliding window ----------------------------------------------
+    pub window: [WindowBucket; WINDOW_BUCKETS],
+    pub _reserved4: [AtomicU64; 6],
 }
 
 /// One upstream node. The first cache line holds what every request writes; the
@@ -168,6 +237,16 @@ pub struct NodeSlot {
     pub cooldowns_total: AtomicU64,
     pub ejections_total: AtomicU64,
     pub _reserved3: [AtomicU64; 3],
+    // --- line 4: responses by status class ---------------------------------------
+    /// Reported tries by status class: index 0 no response, 1..=5 the 1xx..5xx class.
+    pub status_class: [AtomicU64; 6],
+    /// Sum of the latencies observed by `latency_hist`, microseconds.
+    pub latency_hist_sum_us: AtomicU64,
+    pub _reserved4: AtomicU64,
+    // --- lines 5-6: upstream latency histogram -------------------------------------
+    /// Tries with a response by latency bucket (`LATENCY_BOUNDS_MS`, then +Inf); not
+    /// cumulative.
+    pub latency_hist: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
 }
 
 /// One nginx worker (or any attached process) owning a row of in-flight shares.
@@ -182,8 +261,8 @@ pub struct WorkerSlot {
 
 const _: () = {
     assert!(std::mem::size_of::<Header>() == 192);
-    assert!(std::mem::size_of::<PoolSlot>() == 256);
-    assert!(std::mem::size_of::<NodeSlot>() == 192);
+    assert!(std::mem::size_of::<PoolSlot>() == 832);
+    assert!(std::mem::size_of::<NodeSlot>() == 384);
     assert!(std::mem::offset_of!(NodeSlot, pool) == 64);
     assert!(std::mem::size_of::<WorkerSlot>() == 64);
     assert!(std::mem::align_of::<NodeSlot>() == 64);

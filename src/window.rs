@@ -1,0 +1,184 @@
+//! A pool's sliding window of outcomes, shared by every worker: what the overload
+//! detector (emergency mode) and the canary rollback judge a pool by.
+//!
+//! `WINDOW_BUCKETS` buckets, each covering `window_ms / WINDOW_BUCKETS` of time and
+//! tagged with its period number. A writer whose period differs from the bucket's tag
+//! claims the bucket with a CAS on the tag and zeroes it; readers sum the buckets whose
+//! tag lies in the last `WINDOW_BUCKETS` periods. Counters are plain `fetch_add`s, so a
+//! few events racing a bucket reset can be lost or land in the fresh period: fine for
+//! a ratio judged over minutes, and it keeps recording to one or two uncontended
+//! atomics per try (the retry budget, which must be exact, packs its counters into one
+//! word instead).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::shm::layout::{WindowBucket, WINDOW_BUCKETS};
+
+/// What one event adds to the window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A try answered with a success (or a non-5xx, non-429 status).
+    Ok,
+    /// A try that failed: no response or 5xx.
+    Failure,
+    /// A try answered 429.
+    Busy,
+    /// A request shed or refused by admission (no try made).
+    Shed,
+}
+
+/// Sums over the window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub requests: u64,
+    pub failures: u64,
+    pub busy: u64,
+    pub shed: u64,
+}
+
+impl Totals {
+    /// Share of tries that succeeded (1.0 with no tries).
+    pub fn success_rate(&self) -> f64 {
+        if self.requests == 0 {
+            1.0
+        } else {
+            1.0 - (self.failures + self.busy).min(self.requests) as f64 / self.requests as f64
+        }
+    }
+
+    /// The seed's busy ratio: (429s + shed) / (tries + shed); 0 with no traffic.
+    pub fn busy_ratio(&self) -> f64 {
+        let offered = self.requests + self.shed;
+        if offered == 0 {
+            0.0
+        } else {
+            (self.busy + self.shed) as f64 / offered as f64
+        }
+    }
+}
+
+fn period(now_ms: u64, window_ms: u32) -> u64 {
+    // +1 so that a zeroed bucket (tag 0) never matches a real period.
+    now_ms / (window_ms as u64 / WINDOW_BUCKETS as u64).max(1) + 1
+}
+
+/// Count one event at `now_ms`.
+pub fn record(buckets: &[WindowBucket; WINDOW_BUCKETS], now_ms: u64, window_ms: u32, event: Event) {
+    let p = period(now_ms, window_ms);
+    let b = &buckets[(p % WINDOW_BUCKETS as u64) as usize];
+    let tag = b.tag.load(Ordering::Acquire);
+    if tag != p {
+        if tag > p {
+            // A writer with a later clock already moved on; this event is too old.
+            return;
+        }
+        if b.tag
+            .compare_exchange(tag, p, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            for c in [&b.requests, &b.failures, &b.busy, &b.shed] {
+                c.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+    // Relaxed: statistics, nothing is published through them.
+    let add = |c: &AtomicU64| {
+        c.fetch_add(1, Ordering::Relaxed);
+    };
+    match event {
+        Event::Ok => add(&b.requests),
+        Event::Failure => {
+            add(&b.requests);
+            add(&b.failures);
+        }
+        Event::Busy => {
+            add(&b.requests);
+            add(&b.busy);
+        }
+        Event::Shed => add(&b.shed),
+    }
+}
+
+/// Sums over the window ending at `now_ms`.
+pub fn totals(buckets: &[WindowBucket; WINDOW_BUCKETS], now_ms: u64, window_ms: u32) -> Totals {
+    let cur = period(now_ms, window_ms);
+    let mut t = Totals::default();
+    for b in buckets {
+        let tag = b.tag.load(Ordering::Acquire);
+        if tag == 0 || tag > cur || cur - tag >= WINDOW_BUCKETS as u64 {
+            continue;
+        }
+        t.requests += b.requests.load(Ordering::Relaxed);
+        t.failures += b.failures.load(Ordering::Relaxed);
+        t.busy += b.busy.load(Ordering::Relaxed);
+        t.shed += b.shed.load(Ordering::Relaxed);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buckets() -> [WindowBucket; WINDOW_BUCKETS] {
+        std::array::from_fn(|_| WindowBucket {
+            tag: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
+            shed: AtomicU64::new(0),
+        })
+    }
+
+    #[test]
+    fn counts_events_within_the_window() {
+        let b = buckets();
+        for e in [Event::Ok, Event::Ok, Event::Failure, Event::Busy, Event::Shed] {
+            record(&b, 5_000, 10_000, e);
+        }
+        let t = totals(&b, 5_500, 10_000);
+        assert_eq!(
+            t,
+            Totals {
+                requests: 4,
+                failures: 1,
+                busy: 1,
+                shed: 1
+            }
+        );
+        assert!((t.success_rate() - 0.5).abs() < 1e-9);
+        assert!((t.busy_ratio() - 2.0 / 5.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn old_buckets_fall_out_and_are_reused() {
+        let b = buckets();
+        record(&b, 1_000, 10_000, Event::Busy);
+        assert_eq!(
+            totals(&b, 10_500, 10_000).busy,
+            1,
+            "9.5 s later: still in the 10 s window"
+        );
+        assert_eq!(totals(&b, 11_000, 10_000).busy, 0, "10 s later: out");
+        // The same bucket index, one full turn later: reset, not added to.
+        record(&b, 11_000, 10_000, Event::Ok);
+        let t = totals(&b, 11_000, 10_000);
+        assert_eq!((t.requests, t.busy), (1, 0));
+    }
+
+    #[test]
+    fn empty_window_is_healthy() {
+        let t = totals(&buckets(), 1_000_000, 300_000);
+        assert_eq!(t.success_rate(), 1.0);
+        assert_eq!(t.busy_ratio(), 0.0);
+    }
+
+    #[test]
+    fn late_event_does_not_reset_a_newer_bucket() {
+        let b = buckets();
+        record(&b, 20_000, 10_000, Event::Ok);
+        record(&b, 10_000, 10_000, Event::Busy); // same index, one turn earlier
+        let t = totals(&b, 20_000, 10_000);
+        assert_eq!((t.requests, t.busy), (1, 0));
+    }
+}
