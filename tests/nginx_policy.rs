@@ -17,8 +17,8 @@
 //! ejection has to run out, the test polls until it has. The mocks count every request
 //! they receive (`received` in `/mock/state`), which is how "no traffic" and "attempts
 //! per request" are checked: at the node, not from the gateway's own accounting.
-//! (One test observes for a fixed 10 s: `p2c_ewma_node_back_from_a_quota_cooldown_gets_
-//! traffic_again`, which FAILS on purpose: it shows a known bug, see its documentation.)
+//! (One test observes for a fixed 10 s of load: `p2c_ewma_node_back_from_a_quota_
+//! cooldown_gets_traffic_again`, a regression test, see its documentation.)
 //!
 //! The tests take a lock of their own, so they run one at a time even when the test
 //! harness runs tests in parallel (`make test-rust` runs every target but tests/nginx.rs
