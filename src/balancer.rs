@@ -206,6 +206,18 @@ enum Feed {
     Forget,
 }
 
+/// Who decides whether a pool is in emergency mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EmergencyMode {
+    /// The overload detector.
+    Auto,
+    /// An operator, forcing it on.
+    On,
+    /// An operator, forcing it off.
+    Off,
+}
+
 /// Why a request may not try once more.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -1092,6 +1104,60 @@ impl Balancer {
         self.live_node(node)?.weight.store(weight, Ordering::Relaxed);
         self.bump(&guard);
         Ok(())
+    }
+
+    /// Set the share of `pool`'s requests sent to its canary pool, in parts per
+    /// 10,000 (0..=10000). Clears a previous automatic rollback. Takes effect in every
+    /// worker at its next request (the share is read from the shared slot).
+    pub fn set_canary_share(&self, pool: u32, parts: u32) -> Result<(), Error> {
+        if parts > 10_000 {
+            return Err(Error::Invalid(format!(
+                "canary share {parts} is out of range 0..=10000 (parts per 10,000)"
+            )));
+        }
+        let ps = self.live_pool(pool)?;
+        ps.canary_share.store(parts, Ordering::Relaxed);
+        ps.canary_rolled_back.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Force emergency mode on or off for `pool`, or hand it back to the detector.
+    /// Forcing on enters emergency at once; forcing off leaves it at once.
+    pub fn set_emergency_mode(&self, pool: u32, mode: EmergencyMode) -> Result<(), Error> {
+        use crate::shm::layout::emergency::{ACTIVE, FORCED_OFF, FORCED_ON};
+        let ps = self.live_pool(pool)?;
+        let now = clock::now_ms();
+        let _ = ps
+            .emergency
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
+                Some(match mode {
+                    EmergencyMode::Auto => e & ACTIVE,
+                    EmergencyMode::On => ACTIVE | FORCED_ON,
+                    EmergencyMode::Off => FORCED_OFF,
+                })
+            });
+        if mode == EmergencyMode::On {
+            ps.emergency_since_ms.store(now, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Drain a node (`true`: no new tries, those in flight finish) or put it back.
+    pub fn set_draining(&self, node: u32, draining: bool) -> Result<(), Error> {
+        let n = self.live_node(node)?;
+        if draining {
+            n.flags.fetch_or(flags::DRAINING, Ordering::Release);
+        } else {
+            n.flags.fetch_and(!flags::DRAINING, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn live_pool(&self, pool: u32) -> Result<&PoolSlot, Error> {
+        self.region
+            .pool(pool)
+            .filter(|p| p.in_use.load(Ordering::Acquire) != 0)
+            .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
     }
 
     /// Bring local tables up to the region's generation.

@@ -786,3 +786,52 @@ fn outcomes_feed_status_classes_histogram_and_window() {
     let t = rsbalancer::window::totals(&ps.window, clock::now_ms(), ps.window_ms.load(Ordering::Relaxed));
     assert_eq!((t.requests, t.failures, t.busy), (6, 2, 1));
 }
+
+#[test]
+fn drained_node_gets_no_tries_until_put_back() {
+    let b = Balancer::create(&config(json!({"algorithm": "round_robin"}), &["a", "b"])).unwrap();
+    let pool = b.pool_index("p").unwrap();
+    let s = slots(&b, &["a", "b"]);
+    let held = b.pick(pool, b"", &[]).unwrap();
+    b.set_draining(s[0], true).unwrap();
+    for _ in 0..50 {
+        assert_eq!(try_once(&b, pool, b"", &[]).unwrap(), s[1]);
+    }
+    // The try that was in flight when the drain began still reports normally.
+    b.report(held, 200, RTT_US, 0).unwrap();
+    assert_eq!(b.node_stats(s[0]).unwrap().inflight, 0);
+    b.set_draining(s[0], false).unwrap();
+    let got: HashSet<u32> = (0..20).map(|_| try_once(&b, pool, b"", &[]).unwrap()).collect();
+    assert!(got.contains(&s[0]));
+    assert!(matches!(b.set_draining(999_999, true), Err(Error::Invalid(_))));
+}
+
+#[test]
+fn canary_share_and_emergency_mode_are_checked_and_stored() {
+    use rsbalancer::balancer::EmergencyMode;
+    use rsbalancer::shm::layout::emergency::{ACTIVE, FORCED_OFF, FORCED_ON};
+    let b = Balancer::create(&config(json!({}), &["a"])).unwrap();
+    let pool = b.pool_index("p").unwrap();
+    let ps = b.region().pool(pool).unwrap();
+    ps.canary_rolled_back.store(1, Ordering::Relaxed);
+    b.set_canary_share(pool, 2_500).unwrap();
+    assert_eq!(ps.canary_share.load(Ordering::Relaxed), 2_500);
+    assert_eq!(ps.canary_rolled_back.load(Ordering::Relaxed), 0);
+    assert!(matches!(b.set_canary_share(pool, 10_001), Err(Error::Invalid(_))));
+    assert_eq!(
+        ps.canary_share.load(Ordering::Relaxed),
+        2_500,
+        "a refused change changes nothing"
+    );
+    assert!(matches!(b.set_canary_share(63, 1), Err(Error::Invalid(_))));
+    b.set_emergency_mode(pool, EmergencyMode::On).unwrap();
+    assert_eq!(ps.emergency.load(Ordering::Relaxed), ACTIVE | FORCED_ON);
+    b.set_emergency_mode(pool, EmergencyMode::Auto).unwrap();
+    assert_eq!(
+        ps.emergency.load(Ordering::Relaxed),
+        ACTIVE,
+        "auto keeps the current state"
+    );
+    b.set_emergency_mode(pool, EmergencyMode::Off).unwrap();
+    assert_eq!(ps.emergency.load(Ordering::Relaxed), FORCED_OFF);
+}

@@ -449,6 +449,48 @@ function _M.set_weight(pool, id, weight)
     return bal:set_weight(pool, id, weight)
 end
 
+local function check_string(v, n, fn)
+    if type(v) ~= "string" then
+        error("bad argument #" .. n .. " to '" .. fn .. "' (string expected, got " .. type(v) .. ")", 3)
+    end
+end
+
+--- set_canary_share(pool, share): send `share` (0..1) of `pool`'s requests to its
+-- canary pool, in every worker from the next request; clears an automatic rollback.
+function _M.set_canary_share(pool, share)
+    if not bal then not_initialized("set_canary_share") end
+    check_string(pool, 1, "set_canary_share")
+    if type(share) ~= "number" or share ~= share or share < 0 or share > 1 then
+        error("bad argument #2 to 'set_canary_share' (share 0..1 expected, got "
+              .. tostring(share) .. ")", 2)
+    end
+    return bal:set_canary_share(pool, share)
+end
+
+--- set_emergency(pool, mode): "on" or "off" forces emergency mode; "auto" hands it
+-- back to the overload detector.
+function _M.set_emergency(pool, mode)
+    if not bal then not_initialized("set_emergency") end
+    check_string(pool, 1, "set_emergency")
+    if mode ~= "on" and mode ~= "off" and mode ~= "auto" then
+        error("bad argument #2 to 'set_emergency' (\"on\", \"off\" or \"auto\" expected, got "
+              .. tostring(mode) .. ")", 2)
+    end
+    return bal:set_emergency(pool, mode)
+end
+
+--- drain(pool, id [, on]): stop new tries to a node (in-flight ones finish);
+-- drain(pool, id, false) puts it back.
+function _M.drain(pool, id, on)
+    if not bal then not_initialized("drain") end
+    check_string(pool, 1, "drain")
+    check_string(id, 2, "drain")
+    if on ~= nil and type(on) ~= "boolean" then
+        error("bad argument #3 to 'drain' (boolean expected, got " .. type(on) .. ")", 2)
+    end
+    return bal:set_draining(pool, id, on ~= false)
+end
+
 --- stats(pool): { [id] = { weight=, inflight=, requests=, ... } }, or nil, err.
 function _M.stats(pool)
     if not bal then not_initialized("stats") end

@@ -20,7 +20,7 @@ use mlua::prelude::*;
 use mlua::{LightUserData, UserData, UserDataMethods, Value};
 use parking_lot::Mutex;
 
-use crate::balancer::{node_stats, Balancer, Error, WEIGHT_RANGE};
+use crate::balancer::{node_stats, Balancer, EmergencyMode, Error, WEIGHT_RANGE};
 use crate::config::Config;
 
 static REGISTRY: Mutex<Option<HashMap<String, Arc<Balancer>>>> = Mutex::new(None);
@@ -218,6 +218,59 @@ impl UserData for LuaBalancer {
                     this.0
                         .node_index(&pool, &id)
                         .and_then(|n| this.0.set_weight(n, weight))
+                        .map(|_| true),
+                )
+            },
+        );
+        // set_canary_share(pool, share 0..1)
+        m.add_method("set_canary_share", |lua, this, (pool, share): (String, f64)| {
+            if !(0.0..=1.0).contains(&share) {
+                return Err(bad_argument(
+                    2,
+                    "set_canary_share",
+                    format!("share 0..1 expected, got {share}"),
+                ));
+            }
+            let parts = (share * 10_000.0).round() as u32;
+            nil_err(
+                lua,
+                this.0
+                    .pool_index(&pool)
+                    .and_then(|p| this.0.set_canary_share(p, parts))
+                    .map(|_| true),
+            )
+        });
+        // set_emergency(pool, "on" | "off" | "auto")
+        m.add_method("set_emergency", |lua, this, (pool, mode): (String, String)| {
+            let mode = match mode.as_str() {
+                "on" => EmergencyMode::On,
+                "off" => EmergencyMode::Off,
+                "auto" => EmergencyMode::Auto,
+                other => {
+                    return Err(bad_argument(
+                        2,
+                        "set_emergency",
+                        format!("\"on\", \"off\" or \"auto\" expected, got \"{other}\""),
+                    ))
+                }
+            };
+            nil_err(
+                lua,
+                this.0
+                    .pool_index(&pool)
+                    .and_then(|p| this.0.set_emergency_mode(p, mode))
+                    .map(|_| true),
+            )
+        });
+        // set_draining(pool, id, bool)
+        m.add_method(
+            "set_draining",
+            |lua, this, (pool, id, on): (String, String, bool)| {
+                nil_err(
+                    lua,
+                    this.0
+                        .node_index(&pool, &id)
+                        .and_then(|n| this.0.set_draining(n, on))
                         .map(|_| true),
                 )
             },
