@@ -833,3 +833,36 @@ fn example_openai_conf_passes_nginx_t() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The latency a try is reported with is the node's response time, measured in the
+/// log phase both on the fast path (one try answered 2xx: time since the pick) and
+/// through $upstream_response_time (a retried request). A mock answering after
+/// 150 ms can never be measured below 150 ms minus nginx's 1 ms clock granularity;
+/// the upper bound is loose (a busy machine slows the gateway, not the mock's sleep
+/// below) but catches a latency in the wrong unit or taken from the wrong try.
+#[test]
+fn reported_latency_is_the_nodes_response_time() {
+    let dir = TestDir::new("latency");
+    let slow = MockNode::new("slow", 150);
+    let mut quota = MockNode::new("quota", 1);
+    quota.quota_rps = 0.1;
+    quota.quota_burst = 1;
+    let nodes = [slow, quota];
+    let _mocks = start_mocks(&dir, &nodes);
+    let mut cfg = pool_json(
+        "weighted_random",
+        &[("slow", nodes[0].addr(), 50), ("quota", nodes[1].addr(), 50)],
+    );
+    cfg["pools"]["llm"]["retry"] = generous_retries(3, false);
+    let g = start_gateway(&dir, &cfg);
+    let results = load(&g, 40, 4);
+    assert!(results.iter().all(|r| r.0 == 200), "{results:?}");
+    let s = quiesce(&g);
+    let served = stat(&s, "slow", "requests") - stat(&s, "slow", "failures") - stat(&s, "slow", "busy");
+    assert!(served >= 20, "the slow node served {served} of 40: {s}");
+    let mean_ms = stat(&s, "slow", "latency_sum_us") as f64 / served as f64 / 1000.0;
+    assert!(
+        (149.0..3000.0).contains(&mean_ms),
+        "mean reported latency of a 150 ms node: {mean_ms:.1} ms ({s})"
+    );
+}
