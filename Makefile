@@ -72,6 +72,7 @@ bench: deps build
 	$(CARGO) bench --no-default-features --bench select
 	@scripts/bench-lua.sh
 	@scripts/bench-gateway.sh
+	@scripts/bench-instructions.sh
 
 install: build
 	install -d $(DESTDIR)$(LUA_CDIR) $(DESTDIR)$(LUA_LDIR)/resty $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Instructions per request of each overhead-benchmark gateway, counted by valgrind's
+# callgrind: repeatable on a busy machine, where req/s and CPU time are not.
+#
+# Renders the configs of scripts/bench-gateway.sh's overhead scenario (a --quick run
+# with RSB_BENCH_KEEP=1), starts the static nodes, then runs each gateway as one nginx
+# process (master_process off, 1 worker) under callgrind: warm-up load (JIT traces),
+# counters zeroed, N seconds of wrk load, counters dumped. Prints user-space
+# instructions per request and the ratio to native nginx. Timings are never asserted.
+#
+#   scripts/bench-instructions.sh          (make bench runs it after bench-gateway.sh)
+#   RSB_BENCH_IR_ONLY="ovh-gw0 ovh-gw2"    some gateways only (0 native, 1 rsbalancer
+#                                          p2c_ewma, 2 weighted_random, 3 seed)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+die() { echo "bench-instructions: $*" >&2; exit 1; }
+for c in valgrind callgrind_control wrk nginx; do
+    command -v "$c" >/dev/null || die "$c not found ('make deps' installs it)"
+done
+SECS="${RSB_BENCH_IR_S:-4}"
+
+log=$(mktemp)
+RSB_BENCH_KEEP=1 RSB_BENCH_OVERHEAD_S=1 scripts/bench-gateway.sh --quick overhead >"$log" 2>&1 ||
+    { cat "$log"; die "bench-gateway.sh failed"; }
+RUN=$(sed -n 's/.*configs and logs kept in //p' "$log")
+rm -f "$log"
+[ -d "$RUN" ] || die "no run directory from bench-gateway.sh"
+trap 'pkill -f -- "-p $RUN " 2>/dev/null || true; rm -rf "$RUN"' EXIT
+cd "$RUN"
+
+nginx -p "$RUN" -c "$RUN/ovh-nodes.conf" -g 'daemon on;' 2>/dev/null ||
+    die "static nodes did not start"
+
+label() {
+    case "$(sed -n 's/^# benches\/gateway.rs contender "\([^"]*\)".*/\1/p' "$1")" in
+        native) echo "native upstream" ;;
+        seed) echo "seed Lua weighted random" ;;
+        rsbalancer) echo "rsbalancer $(grep -o '"algorithm": *"[a-z_0-9]*"' "${1%.conf}.json" | cut -d'"' -f4)" ;;
+        *) echo "$1" ;;
+    esac
+}
+
+port=47400
+native=""
+printf '\n== instructions per request (callgrind, 1 nginx process, wrk -c4 %ss, GET /)\n' "$SECS"
+printf '   %-34s %10s %12s %9s\n' contender requests "instr/req" "vs native"
+for conf in ovh-gw*.conf; do
+    name="${conf%.conf}"
+    case " ${RSB_BENCH_IR_ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
+    port=$((port + 1))
+    sed -e 's/worker_processes 2;/worker_processes 1;/' -e 's/worker_cpu_affinity.*//' \
+        -e "s|^pid .*|pid $RUN/cg-$name.pid;|" \
+        -e "s/listen 127.0.0.1:[0-9]*/listen 127.0.0.1:$port/" "$conf" >"cg-$name.conf"
+    out="$RUN/cg-$name.out"
+    valgrind --tool=callgrind --smc-check=all-non-file --callgrind-out-file="$out" \
+        nginx -p "$RUN" -c "$RUN/cg-$name.conf" -g 'daemon off; master_process off;' \
+        >"cg-$name.log" 2>&1 &
+    vp=$!
+    for _ in $(seq 1 200); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.2; done
+    wrk -t1 -c4 -d3s "http://127.0.0.1:$port/" >/dev/null
+    callgrind_control -z "$vp" >/dev/null 2>&1
+    reqs=$(wrk -t1 -c4 -d"${SECS}s" "http://127.0.0.1:$port/" | awk '/requests in/ {print $1}')
+    callgrind_control -d "$vp" >/dev/null 2>&1
+    kill "$vp"; wait "$vp" 2>/dev/null || true
+    f=$(grep -l "Trigger: dump" "$out"* | head -1)
+    ir=$(awk '/^summary:/ {print $2; exit}' "$f")
+    per=$((ir / reqs))
+    [ -z "$native" ] && native=$per
+    printf '   %-34s %10s %12s %8.1f%%\n' "$(label "$conf")" "$reqs" "$per" \
+        "$(echo "100 * $per / $native" | bc -l)"
+done
+echo "   instructions of the gateway process (nginx, Lua, rsbalancer, libc; not the kernel) between"
+echo "   the counter reset and the dump, divided by the requests wrk completed in that time."
