@@ -32,6 +32,7 @@ typedef struct rsb_balancer rsb_balancer;
 typedef struct rsb_node_stats {
   uint32_t weight;
   uint32_t inflight;
+  // Tries reported plus tries in flight.
   uint64_t picks;
   uint64_t requests;
   uint64_t failures;

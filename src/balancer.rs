@@ -185,9 +185,9 @@ pub fn node_stats(region: &Region, n: &NodeSlot) -> NodeStats {
         ejections: n.ejections_total.load(Ordering::Relaxed),
         weight: n.weight.load(Ordering::Relaxed),
         inflight: n.inflight.load(Ordering::Relaxed),
-        picks: n.picks.load(Ordering::Relaxed),
-        requests: n.requests.load(Ordering::Relaxed),
-        failures: n.failures.load(Ordering::Relaxed),
+        picks: n.picks(),
+        requests: n.requests(),
+        failures: n.failures(),
         busy: n.busy.load(Ordering::Relaxed),
         latency_sum_us: n.latency_sum_us.load(Ordering::Relaxed),
         ewma_us: load::unpack(n.ewma.load(Ordering::Relaxed)).0 as f64,
@@ -670,7 +670,11 @@ impl Balancer {
                 (p.name.clone(), pool)
             })
             .collect();
-        Ok(serde_json::json!({ "generation": self.generation(), "pools": pools }))
+        Ok(serde_json::json!({
+            "generation": self.generation(),
+            "reclaimed_tries": self.region.header().reclaimed_tries.load(Ordering::Relaxed),
+            "pools": pools,
+        }))
     }
 
     /// Live numbers of a node slot.
@@ -739,7 +743,6 @@ impl Balancer {
         let n = self.region.node(slot).expect("picked slot in range");
         // Relaxed: counters; no other memory is published through them.
         n.inflight.fetch_add(1, Ordering::Relaxed);
-        n.picks.fetch_add(1, Ordering::Relaxed);
         if let Some(share) = self.worker_slot().and_then(|w| self.region.share(w, slot)) {
             share.fetch_add(1, Ordering::Relaxed);
         }
@@ -843,7 +846,7 @@ impl Balancer {
         if let Some(share) = self.worker_slot().and_then(|w| self.region.share(w, node)) {
             saturating_sub(share, 1);
         }
-        n.requests.fetch_add(1, Ordering::Relaxed);
+        n.status_class[status_class(status)].fetch_add(1, Ordering::Relaxed);
         let Some(ps) = self.region.pool(n.pool.load(Ordering::Relaxed)) else {
             return Ok(());
         };
@@ -851,12 +854,18 @@ impl Balancer {
             return Ok(());
         }
         let now = clock::now_ms();
-        record_outcome(n, ps, status, latency_us, now);
+        let event = if load::is_failure(status) {
+            Event::Failure
+        } else if status == 429 {
+            Event::Busy
+        } else {
+            Event::Ok
+        };
+        window::record(&ps.window, now, ps.window_ms.load(Ordering::Relaxed), event);
         let penalty_ms = ps.penalty_ms.load(Ordering::Relaxed);
         let cap_ms = ps.penalty_cap_ms.load(Ordering::Relaxed);
         let penalty = load::sample_us(status, latency_us, retry_after_ms, penalty_ms, cap_ms);
         let sample: Feed = if load::is_failure(status) {
-            n.failures.fetch_add(1, Ordering::Relaxed);
             let strikes = n.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
             let mut rested = false;
             if status == 503 && retry_after_ms > 0 {
@@ -902,13 +911,7 @@ impl Balancer {
                     // Counts against the cost as twice the node's mean served latency (at
                     // most the penalty), not as a failure: the node is fine, just full. The
                     // mean, not the estimate, so that repeated 429s do not compound.
-                    let served = n.requests.load(Ordering::Relaxed)
-                        - n.failures
-                            .load(Ordering::Relaxed)
-                            .min(n.requests.load(Ordering::Relaxed))
-                        - n.busy
-                            .load(Ordering::Relaxed)
-                            .min(n.requests.load(Ordering::Relaxed));
+                    let served: u64 = n.latency_hist.iter().map(|c| c.load(Ordering::Relaxed)).sum();
                     match n.latency_sum_us.load(Ordering::Relaxed).checked_div(served) {
                         Some(mean) if mean > 0 => {
                             Feed::Sample((2.0 * mean as f64).min(penalty_ms as f64 * 1000.0))
@@ -918,6 +921,9 @@ impl Balancer {
                 }
             }
         } else {
+            // Prometheus buckets are `le`: the first bound the latency does not exceed.
+            let b = LATENCY_BOUNDS_MS.partition_point(|&bound| (bound as u64) * 1000 < latency_us as u64);
+            n.latency_hist[b].fetch_add(1, Ordering::Relaxed);
             n.latency_sum_us.fetch_add(latency_us as u64, Ordering::Relaxed);
             reset_if_set(&n.consecutive_failures);
             reset_if_set(&n.consecutive_busy);
@@ -1290,36 +1296,16 @@ impl LocalPool {
 
 /// (tries reported, tries that failed or were refused with 429).
 fn bad_counts(n: &NodeSlot) -> (u64, u64) {
-    (
-        n.requests.load(Ordering::Relaxed),
-        n.failures.load(Ordering::Relaxed) + n.busy.load(Ordering::Relaxed),
-    )
+    (n.requests(), n.failures() + n.busy.load(Ordering::Relaxed))
 }
 
-/// The counters `/metrics` and the sliding window read: status class, latency
-/// histogram, window event. Relaxed: statistics.
-fn record_outcome(n: &NodeSlot, ps: &PoolSlot, status: u32, latency_us: u32, now: u64) {
-    let class = if status == 0 {
+/// Index into `NodeSlot::status_class`: 0 no response, 1..=5 the status class.
+fn status_class(status: u32) -> usize {
+    if status == 0 {
         0
     } else {
         (status / 100).clamp(1, 5) as usize
-    };
-    n.status_class[class].fetch_add(1, Ordering::Relaxed);
-    if status != 0 {
-        // Prometheus buckets are `le`: the first bound the latency does not exceed.
-        let b = LATENCY_BOUNDS_MS.partition_point(|&bound| (bound as u64) * 1000 < latency_us as u64);
-        n.latency_hist[b].fetch_add(1, Ordering::Relaxed);
-        n.latency_hist_sum_us
-            .fetch_add(latency_us as u64, Ordering::Relaxed);
     }
-    let event = if load::is_failure(status) {
-        Event::Failure
-    } else if status == 429 {
-        Event::Busy
-    } else {
-        Event::Ok
-    };
-    window::record(&ps.window, now, ps.window_ms.load(Ordering::Relaxed), event);
 }
 
 fn reset_if_set(cell: &AtomicU32) {
@@ -1335,17 +1321,10 @@ fn reset_node(s: &NodeSlot, now: u64) {
     s.consecutive_failures.store(0, Ordering::Relaxed);
     s.consecutive_busy.store(0, Ordering::Relaxed);
     s.ewma.store(0, Ordering::Relaxed);
-    for c in [
-        &s.picks,
-        &s.requests,
-        &s.failures,
-        &s.busy,
-        &s.latency_sum_us,
-        &s.latency_hist_sum_us,
-    ]
-    .into_iter()
-    .chain(&s.status_class)
-    .chain(&s.latency_hist)
+    for c in [&s.busy, &s.latency_sum_us]
+        .into_iter()
+        .chain(&s.status_class)
+        .chain(&s.latency_hist)
     {
         c.store(0, Ordering::Relaxed);
     }

@@ -772,16 +772,15 @@ fn outcomes_feed_status_classes_histogram_and_window() {
     let class: Vec<u64> = s.status_class.iter().map(|c| c.load(Ordering::Relaxed)).collect();
     assert_eq!(
         class,
-        [1, 0, 3, 0, 1, 1],
-        "none, 1xx..5xx (the 499 is not counted)"
+        [1, 0, 3, 0, 2, 1],
+        "none, 1xx..5xx (the 429 and the client abort are 4xx)"
     );
+    let st = b.node_stats(n).unwrap();
+    assert_eq!((st.requests, st.failures, st.busy, st.picks), (7, 2, 1, 7));
     let hist: Vec<u64> = s.latency_hist.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    // 429 at 1 µs -> le 5 ms; 7 ms -> le 10; 10 ms -> le 10 (inclusive); 250 ms -> le 250; 4000 s -> +Inf.
-    assert_eq!(hist, [1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
-    assert_eq!(
-        s.latency_hist_sum_us.load(Ordering::Relaxed),
-        7_000 + 10_000 + 250_000 + 1 + 4_000_000_000
-    );
+    // Served tries only: 7 ms -> le 10; 10 ms -> le 10 (inclusive); 4000 s -> +Inf.
+    assert_eq!(hist, [0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    assert_eq!(st.latency_sum_us, 7_000 + 10_000 + 4_000_000_000);
     let ps = b.region().pool(pool).unwrap();
     let t = rsbalancer::window::totals(&ps.window, clock::now_ms(), ps.window_ms.load(Ordering::Relaxed));
     assert_eq!((t.requests, t.failures, t.busy), (6, 2, 1));

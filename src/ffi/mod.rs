@@ -44,6 +44,7 @@ pub enum rsb_result {
 pub struct rsb_node_stats {
     pub weight: u32,
     pub inflight: u32,
+    /// Tries reported plus tries in flight.
     pub picks: u64,
     pub requests: u64,
     pub failures: u64,

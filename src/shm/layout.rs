@@ -12,7 +12,7 @@
 //! stores leaves nothing that a reader could misinterpret. Slots are handed out as `&`
 //! references only; all mutation goes through atomics.
 
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
@@ -97,7 +97,9 @@ pub struct Header {
     pub _pad0: u32,
     /// The health-check lease ends at this time (ms) unless renewed.
     pub health_until_ms: AtomicU64,
-    pub _reserved: [AtomicU64; 6],
+    /// In-flight tries of dead workers given back by `reap_dead_workers`.
+    pub reclaimed_tries: AtomicU64,
+    pub _reserved: [AtomicU64; 5],
 }
 
 /// Per-pool shared parameters and counters. The report path reads its policy
@@ -196,12 +198,9 @@ pub struct NodeSlot {
     /// bits the coarse monotonic time of the last update in milliseconds (wrapping).
     /// One word so that an update is a single CAS.
     pub ewma: AtomicU64,
-    /// Tries handed out by `pick`.
-    pub picks: AtomicU64,
-    /// Tries reported, whatever the outcome.
-    pub requests: AtomicU64,
-    /// Reported failures: no response (status 0) or 5xx.
-    pub failures: AtomicU64,
+    /// Unused (was: picks, requests, failures; now derived from `status_class`, see
+    /// the accessors below: one atomic add fewer per pick and two per report).
+    pub _reserved_counts: [AtomicU64; 3],
     /// Reported 429s.
     pub busy: AtomicU64,
     /// Sum of reported latencies of non-failed tries, microseconds.
@@ -238,15 +237,36 @@ pub struct NodeSlot {
     pub ejections_total: AtomicU64,
     pub _reserved3: [AtomicU64; 3],
     // --- line 4: responses by status class ---------------------------------------
-    /// Reported tries by status class: index 0 no response, 1..=5 the 1xx..5xx class.
+    /// Reported tries by status class: index 0 no response, 1..=5 the 1xx..5xx class
+    /// (statuses of 600 and above count as 5xx; a client abort, 499, as 4xx). Every
+    /// reported try lands in exactly one class: the source of `requests()`.
     pub status_class: [AtomicU64; 6],
-    /// Sum of the latencies observed by `latency_hist`, microseconds.
-    pub latency_hist_sum_us: AtomicU64,
-    pub _reserved4: AtomicU64,
+    pub _reserved4: [AtomicU64; 2],
     // --- lines 5-6: upstream latency histogram -------------------------------------
-    /// Tries with a response by latency bucket (`LATENCY_BOUNDS_MS`, then +Inf); not
-    /// cumulative.
+    /// Served tries (not failed, not 429, not cancelled) by latency bucket
+    /// (`LATENCY_BOUNDS_MS`, then +Inf); not cumulative. Their sum is `latency_sum_us`.
     pub latency_hist: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
+}
+
+impl NodeSlot {
+    fn class(&self, i: usize) -> u64 {
+        self.status_class[i].load(Ordering::Relaxed)
+    }
+
+    /// Tries reported, whatever the outcome.
+    pub fn requests(&self) -> u64 {
+        (0..self.status_class.len()).map(|i| self.class(i)).sum()
+    }
+
+    /// Reported failures: no response (status 0) or 5xx.
+    pub fn failures(&self) -> u64 {
+        self.class(0) + self.class(5)
+    }
+
+    /// Tries handed out by `pick`: those reported plus those still in flight.
+    pub fn picks(&self) -> u64 {
+        self.requests() + self.inflight.load(Ordering::Relaxed) as u64
+    }
 }
 
 /// One nginx worker (or any attached process) owning a row of in-flight shares.

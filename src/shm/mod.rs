@@ -299,6 +299,9 @@ impl Region {
             if held > 0 {
                 let node = self.node(n).expect("in range");
                 saturating_sub(&node.inflight, held);
+                self.header()
+                    .reclaimed_tries
+                    .fetch_add(held as u64, Ordering::Relaxed);
             }
         }
     }
