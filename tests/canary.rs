@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rsbalancer::balancer::Balancer;
+use rsbalancer::canary::CanaryEvent;
 use rsbalancer::config::{CanaryKey, Config};
 use serde_json::{json, Value};
 
@@ -165,10 +166,14 @@ fn configure_stores_the_split_and_a_reload_keeps_the_live_share() {
     assert!(b.canary(999).is_err());
 }
 
-/// Rollback judges canary outcomes from the window bucket after the one in which the
-/// canary block was loaded (200 ms buckets here): let the coarse clock pass it.
-fn past_the_configure_bucket() {
+/// A balancer with p's canary block `block`, and p's pool index, once the coarse clock
+/// has left the window bucket in which the block was loaded (200 ms buckets here):
+/// rollback judges canary outcomes from the next bucket on.
+fn judged_from_now(block: Value) -> (Balancer, u32) {
+    let b = Balancer::create(&cfg(block)).unwrap();
+    let p = b.pool_index("p").unwrap();
     std::thread::sleep(Duration::from_millis(250));
+    (b, p)
 }
 
 /// `n` tries on pool `pool`, each reported with `status`.
@@ -183,9 +188,7 @@ fn traffic(b: &Balancer, pool: &str, n: usize, status: u32) {
 #[test]
 fn tick_rolls_back_a_failing_canary_once_and_says_why() {
     let block = json!({ "pool": "c", "share": 0.2, "rollback": { "margin": 0.1, "min_requests": 20 } });
-    let b = Balancer::create(&cfg(block)).unwrap();
-    let p = b.pool_index("p").unwrap();
-    past_the_configure_bucket();
+    let (b, p) = judged_from_now(block);
     traffic(&b, "p", 80, 200);
     traffic(&b, "c", 19, 500);
     assert_eq!(b.canary_tick().unwrap(), vec![], "19 tries < min_requests 20");
@@ -218,9 +221,7 @@ fn tick_rolls_back_a_failing_canary_once_and_says_why() {
 #[test]
 fn tick_leaves_a_healthy_canary_alone() {
     let block = json!({ "pool": "c", "share": 0.2, "rollback": { "margin": 0.05, "min_requests": 20 } });
-    let b = Balancer::create(&cfg(block)).unwrap();
-    let p = b.pool_index("p").unwrap();
-    past_the_configure_bucket();
+    let (b, p) = judged_from_now(block);
     // Both arms see the same 10% of failures: the canary is not worse.
     for _ in 0..10 {
         traffic(&b, "p", 9, 200);
@@ -240,18 +241,24 @@ fn tick_leaves_a_healthy_canary_alone() {
     assert!(events.len() == 1 && events[0].rollback, "{events:?}");
 }
 
+/// Ticks (as the workers' timers do) until p's share is `parts`; returns the events.
+fn tick_until_share(b: &Balancer, parts: u32) -> Vec<CanaryEvent> {
+    let mut log = Vec::new();
+    let start = Instant::now();
+    while canary_of(b, "p").1 != parts {
+        assert!(start.elapsed() < Duration::from_secs(20), "no ramp step: {log:?}");
+        log.extend(b.canary_tick().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    log
+}
+
 #[test]
 fn tick_ramps_the_share_and_a_hand_set_share_stops_it() {
     let block = json!({ "pool": "c", "share": 0.1, "ramp": { "step": 0.25, "every_s": 1, "max": 0.5 } });
     let b = Balancer::create(&cfg(block)).unwrap();
     let p = b.pool_index("p").unwrap();
-    let mut log = Vec::new();
-    let start = Instant::now();
-    while canary_of(&b, "p").1 != 3500 {
-        assert!(start.elapsed() < Duration::from_secs(20), "no ramp step: {log:?}");
-        log.extend(b.canary_tick().unwrap());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let log = tick_until_share(&b, 3500);
     assert_eq!(log.len(), 1, "{log:?}");
     assert!(!log[0].rollback);
     assert_eq!(
@@ -279,13 +286,7 @@ fn tick_ramps_the_share_and_a_hand_set_share_stops_it() {
 fn ramp_reaches_its_max_and_ends() {
     let block = json!({ "pool": "c", "share": 0.3, "ramp": { "step": 0.5, "every_s": 1, "max": 0.6 } });
     let b = Balancer::create(&cfg(block)).unwrap();
-    let mut log = Vec::new();
-    let start = Instant::now();
-    while canary_of(&b, "p").1 != 6000 {
-        assert!(start.elapsed() < Duration::from_secs(20), "no ramp step: {log:?}");
-        log.extend(b.canary_tick().unwrap());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let log = tick_until_share(&b, 6000);
     assert_eq!(
         log.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
         vec!["pool p canary c share 30.00% -> 60.00% (ramp; ramp complete)"]
