@@ -21,6 +21,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -97,7 +98,20 @@ struct Setup {
     _mock_nginx: Nginx,
     gateway: Nginx,
     port: u16,
+    json: PathBuf,
+    window_ms: u32,
     _dir: TestDir,
+}
+
+/// The pool config: "llm" (p1, p2) with the canary block `canary`, "llm_canary" (c1, c2).
+fn pools(mocks: &[MockNode], canary: &Value, window_ms: u32) -> Value {
+    let node = |m: &MockNode| json!({ "id": m.name, "addr": m.addr() });
+    json!({ "pools": {
+        "llm": { "algorithm": "round_robin", "nodes": [node(&mocks[0]), node(&mocks[1])],
+                 "window_ms": window_ms, "canary": canary },
+        "llm_canary": { "algorithm": "round_robin", "nodes": [node(&mocks[2]), node(&mocks[3])],
+                        "window_ms": window_ms }
+    } })
 }
 
 const PRIMARY: [&str; 2] = ["p1", "p2"];
@@ -113,13 +127,7 @@ fn setup(name: &str, canary: Value, window_ms: u32) -> Setup {
         .map(|n| MockNode::new(n, 2))
         .collect();
     let mock_nginx = start_mocks(&dir, &mocks);
-    let node = |m: &MockNode| json!({ "id": m.name, "addr": m.addr() });
-    let cfg = json!({ "pools": {
-        "llm": { "algorithm": "round_robin", "nodes": [node(&mocks[0]), node(&mocks[1])],
-                 "window_ms": window_ms, "canary": canary },
-        "llm_canary": { "algorithm": "round_robin", "nodes": [node(&mocks[2]), node(&mocks[3])],
-                        "window_ms": window_ms }
-    } });
+    let cfg = pools(&mocks, &canary, window_ms);
     let port = free_port();
     let json_path = dir.write("rsbalancer.json", &serde_json::to_string_pretty(&cfg).unwrap());
     let conf = dir.write(
@@ -139,6 +147,8 @@ fn setup(name: &str, canary: Value, window_ms: u32) -> Setup {
         _mock_nginx: mock_nginx,
         gateway,
         port,
+        json: json_path,
+        window_ms,
         _dir: dir,
     }
 }
@@ -229,6 +239,15 @@ impl Setup {
         let r = post(self.port, &format!("/canary/share?share={share}"), "");
         assert_eq!(r.status, 200, "/canary/share: {}", r.text());
         assert_eq!(r.json()["ok"], json!(true), "set_canary_share: {}", r.text());
+    }
+
+    /// `nginx -s reload` with the canary block `canary`; waits for the new workers.
+    fn reload(&self, canary: Value) {
+        let old = self.gateway.workers();
+        let cfg = pools(&self.mocks, &canary, self.window_ms);
+        std::fs::write(&self.json, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+        self.gateway.signal(libc::SIGHUP);
+        self.gateway.wait_workers(2, &old);
     }
 
     fn mock(&self, name: &str) -> &MockNode {
@@ -507,4 +526,34 @@ fn healthy_canary_ramps_up_and_is_not_rolled_back() {
     for (l, w) in steps.iter().zip(want) {
         assert!(l.contains("[notice]") && l.contains(w), "{l} (want {w})");
     }
+}
+
+#[test]
+fn reload_keeps_the_live_share_unless_the_canary_block_changed() {
+    let _g = serial();
+    let block = json!({ "pool": "llm_canary", "share": 0.2 });
+    let s = setup("canary-reload", block.clone(), 5000);
+    s.set_share(0.6);
+    // The same block: the live share stays, in the new workers too.
+    s.reload(block);
+    assert_eq!(s.state()["share"], json!(0.6));
+    const N: usize = 600;
+    let before = s.received(&CANARY);
+    let r = run_parallel(N, 8, |_| chat(s.port));
+    assert!(r.iter().all(|r| r.status == 200), "{r:?}");
+    assert_binomial(
+        s.received(&CANARY) - before,
+        N as u64,
+        0.6,
+        "canary requests after a reload with the same block",
+    );
+    // A changed block starts over from its share.
+    s.reload(json!({ "pool": "llm_canary", "share": 0.05 }));
+    assert_eq!(s.state()["share"], json!(0.05));
+    // No block: no split.
+    s.reload(Value::Null);
+    assert_eq!(s.state(), json!(false));
+    let before = s.received(&CANARY);
+    run_parallel(100, 8, |_| chat(s.port));
+    assert_eq!(s.received(&CANARY), before);
 }
