@@ -176,6 +176,19 @@ size_t rsb_last_error(char *buf, size_t cap);
 // The library version, a static NUL-terminated string.
 const char *rsb_version(void);
 
+// Pool `pool`'s canary split: `*out_pool` the canary pool's slot (`UINT32_MAX` when
+// the pool has no canary), `*out_share` the share of requests to send it, in parts
+// per 10,000 (0..=10000). Read from shared memory on every call (no lock): a change
+// by any process applies at once. The arm of a request is the canary when its bucket
+// (`crc32(key) % 10000` for a sticky key, else a random draw) is below the share.
+//
+// # Safety
+// `b` a live handle; `out_pool` and `out_share` writable.
+enum rsb_result rsb_canary(const struct rsb_balancer *b,
+                           uint32_t pool,
+                           uint32_t *out_pool,
+                           uint32_t *out_share);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -102,6 +102,8 @@ pub struct PoolTopo {
     pub no_node_status: u32,
     pub window_ms: u32,
     pub nodes: Vec<NodeTopo>,
+    #[serde(default)]
+    pub canary: Option<crate::config::CanaryConfig>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -519,6 +521,7 @@ impl Balancer {
                 no_node_status: pc.no_node_status,
                 window_ms: pc.window_ms,
                 nodes,
+                canary: pc.canary.clone(),
             });
         }
         Ok(Topology { pools })
@@ -554,6 +557,8 @@ impl Balancer {
             let pc = &cfg.pools[&p.name];
             let ps = r.pool(p.slot).expect("in range");
             store_params(ps, p);
+            let canary_slot = p.canary.as_ref().and_then(|c| new.pool(&c.pool)).map(|c| c.slot);
+            crate::canary::configure_slot(ps, old.pool(&p.name), p, canary_slot, now);
             ps.in_use.store(1, Ordering::Release);
             for (n, nc) in p.nodes.iter().zip(&pc.nodes) {
                 let s = r.node(n.slot).expect("in range");

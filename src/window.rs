@@ -101,11 +101,28 @@ pub fn record(buckets: &[WindowBucket; WINDOW_BUCKETS], now_ms: u64, window_ms: 
 
 /// Sums over the window ending at `now_ms`.
 pub fn totals(buckets: &[WindowBucket; WINDOW_BUCKETS], now_ms: u64, window_ms: u32) -> Totals {
+    totals_since(buckets, now_ms, window_ms, 0)
+}
+
+/// Sums over the window ending at `now_ms`, counting only buckets that began after
+/// `since_ms` (0: all of them): what the canary rollback judges after a change.
+pub fn totals_since(
+    buckets: &[WindowBucket; WINDOW_BUCKETS],
+    now_ms: u64,
+    window_ms: u32,
+    since_ms: u64,
+) -> Totals {
     let cur = period(now_ms, window_ms);
+    // The bucket holding `since_ms` mixes events from before it: skip it too.
+    let after = if since_ms == 0 {
+        0
+    } else {
+        period(since_ms, window_ms)
+    };
     let mut t = Totals::default();
     for b in buckets {
         let tag = b.tag.load(Ordering::Acquire);
-        if tag == 0 || tag > cur || cur - tag >= WINDOW_BUCKETS as u64 {
+        if tag <= after || tag > cur || cur - tag >= WINDOW_BUCKETS as u64 {
             continue;
         }
         t.requests += b.requests.load(Ordering::Relaxed);
@@ -171,6 +188,27 @@ mod tests {
         let t = totals(&buckets(), 1_000_000, 300_000);
         assert_eq!(t.success_rate(), 1.0);
         assert_eq!(t.busy_ratio(), 0.0);
+    }
+
+    #[test]
+    fn totals_since_skips_buckets_begun_before() {
+        let b = buckets();
+        record(&b, 1_000, 10_000, Event::Failure); // bucket [1000, 2000)
+        record(&b, 2_500, 10_000, Event::Ok); // bucket [2000, 3000)
+        record(&b, 3_000, 10_000, Event::Ok); // bucket [3000, 4000)
+        assert_eq!(totals_since(&b, 3_500, 10_000, 0).requests, 3);
+        assert_eq!(
+            totals_since(&b, 3_500, 10_000, 1_999).requests,
+            2,
+            "[2000..) only"
+        );
+        let t = totals_since(&b, 3_500, 10_000, 2_000);
+        assert_eq!(
+            (t.requests, t.failures),
+            (1, 0),
+            "the bucket holding `since` is skipped"
+        );
+        assert_eq!(totals_since(&b, 3_500, 10_000, 3_200).requests, 0);
     }
 
     #[test]

@@ -55,6 +55,7 @@ enum rsb_result rsb_available(const struct rsb_balancer *b, uint32_t pool, uint6
 enum rsb_result rsb_set_weight(const struct rsb_balancer *b, uint32_t node, uint32_t weight);
 uint64_t rsb_generation(const struct rsb_balancer *b);
 size_t rsb_last_error(char *buf, size_t cap);
+enum rsb_result rsb_canary(const struct rsb_balancer *b, uint32_t pool, uint32_t *out_pool, uint32_t *out_share);
 ]]
 end
 
@@ -69,6 +70,7 @@ end
 
 local C, so_path = find_library()
 _M.library_path = so_path
+local canary = require "resty.rsbalancer.canary"
 
 local C_pick, C_report, C_generation = C.rsb_pick, C.rsb_report, C.rsb_generation
 local C_may_retry, C_available = C.rsb_may_retry, C.rsb_available
@@ -104,11 +106,13 @@ local function sync()
     local topo = {}
     local new_peers = {}
     local new_policy = {}
+    local configs = {}
     local names = bal:pool_names()
     for i = 1, #names do
         local name = names[i]
         topo[name] = bal:pool_index(name)
         local cfg = bal:pool_config(name)
+        configs[name] = cfg
         new_policy[name] = {
             no_node_status = cfg.no_node_status,
             non_idempotent = cfg.retry.non_idempotent,
@@ -120,6 +124,7 @@ local function sync()
             new_peers[n.slot] = { n.ip, n.port, n.id, name, n.host }
         end
     end
+    canary.sync(configs, topo)
     pools, peers, policy, generation = topo, new_peers, new_policy, g
 end
 
@@ -145,6 +150,7 @@ function _M.init(config, name)
         error("rsbalancer: " .. err, 2)
     end
     bal, handle, generation = b, ffi.cast("const struct rsb_balancer *", b:handle()), -1
+    canary.bind(C, handle)
     sync()
     return true
 end
@@ -164,6 +170,10 @@ function _M.init_worker()
         local ok, herr = require("resty.rsbalancer.health").start(bal)
         if not ok then
             ngx.log(ngx.ERR, "rsbalancer: cannot start health checks: ", herr)
+        end
+        ok, herr = canary.start(bal)
+        if not ok then
+            ngx.log(ngx.ERR, "rsbalancer: cannot start the canary timer: ", herr)
         end
     end
     return slot
@@ -328,10 +338,24 @@ local function request_state(ctx, pool)
     if not st then
         -- nginx's cached time (updated once per event-loop turn) is precise enough
         -- for a retry deadline; no clock call per request.
-        st = { pool = pool, tried = {}, n = 0, reported = 0, start = ngx.now() }
+        st = { pool = pool, tried = {}, n = 0, reported = 0, start = ngx.now(),
+               arm = false, arm_pool = false }
         ctx.rsb = st
     end
     return st
+end
+
+-- The arm of this request (pool index and name to pick from: `pool` or its canary),
+-- chosen once per request so that admit(), balance() and every retry agree.
+local function arm_of(st, pool, idx)
+    local aidx = st.arm
+    if aidx then
+        return aidx, st.arm_pool
+    end
+    local apool
+    aidx, apool = canary.choose(pool, idx)
+    st.arm, st.arm_pool = aidx, apool
+    return aidx, apool
 end
 
 --- balance(pool [, key]): in balancer_by_lua. Picks a node not yet tried by this
@@ -350,6 +374,7 @@ function _M.balance(pool, key)
     end
     local ctx = ngx.ctx
     local st = request_state(ctx, pool)
+    local aidx, apool = arm_of(st, pool, idx)
     local tried, n = st.tried, st.n
     if n > 0 then
         -- nginx reports ("failed", 429) for a 429 under proxy_next_upstream http_429,
@@ -361,7 +386,7 @@ function _M.balance(pool, key)
         st.reported = n
         -- A request that may have reached the node is not repeated unless allowed.
         if status ~= 429 and status ~= 503 and not IDEMPOTENT[ngx.var.request_method]
-           and not policy[pool].non_idempotent then
+           and not policy[apool].non_idempotent then
             local sent = item(ngx.var.upstream_bytes_sent, n)
             if sent and sent > 0 then
                 return ngx.exit(502)
@@ -373,12 +398,12 @@ function _M.balance(pool, key)
     end
     local klen = 0
     if key then klen = #key end
-    local rc = C_pick(handle, idx, key, klen, tried_buf, n, out_buf)
+    local rc = C_pick(handle, aidx, key, klen, tried_buf, n, out_buf)
     if rc ~= RSB_OK then
         if rc ~= RSB_NO_NODE then
             ngx.log(ngx.ERR, "rsbalancer: ", last_error())
         end
-        return ngx.exit(n == 0 and policy[pool].no_node_status or 502)
+        return ngx.exit(n == 0 and policy[apool].no_node_status or 502)
     end
     local slot = out_buf[0]
     n = n + 1
@@ -394,7 +419,7 @@ function _M.balance(pool, key)
         return ngx.exit(500)
     end
     local elapsed = (now - st.start) * 1000
-    if n < MAX_TRIES and C_may_retry(handle, idx, tried_buf, n, elapsed, out_buf) == RSB_OK
+    if n < MAX_TRIES and C_may_retry(handle, aidx, tried_buf, n, elapsed, out_buf) == RSB_OK
        and out_buf[0] == 0 then
         ngx_balancer.set_more_tries(1)
     end
@@ -410,9 +435,17 @@ function _M.admit(pool)
     if not idx then
         error("bad argument #1 to 'admit' (unknown pool " .. tostring(pool) .. ")", 2)
     end
-    request_state(ngx.ctx, pool)
-    if C_available(handle, idx, wait_buf) == RSB_OK then
+    local st = request_state(ngx.ctx, pool)
+    local aidx = arm_of(st, pool, idx)
+    if C_available(handle, aidx, wait_buf) == RSB_OK then
         return true
+    end
+    if aidx ~= idx then
+        -- No canary node can take it now: this request goes to the primary.
+        st.arm, st.arm_pool = idx, pool
+        if C_available(handle, idx, wait_buf) == RSB_OK then
+            return true
+        end
     end
     local status = policy[pool].no_node_status
     local secs = math.ceil(tonumber(wait_buf[0]) / 1000)
@@ -452,6 +485,14 @@ function _M.log()
     st.n = 0
 end
 
+--- arm(): "canary" or "primary" for the current request once admit() or balance()
+-- chose its arm, else nil (e.g. for a response header or an access log variable).
+function _M.arm()
+    local st = ngx.ctx.rsb
+    if not st or not st.arm then return nil end
+    return st.arm_pool == st.pool and "primary" or "canary"
+end
+
 --- set_weight(pool, id, weight): change a node's base weight in every worker.
 function _M.set_weight(pool, id, weight)
     if not bal then not_initialized("set_weight") end
@@ -484,6 +525,14 @@ function _M.set_canary_share(pool, share)
               .. tostring(share) .. ")", 2)
     end
     return bal:set_canary_share(pool, share)
+end
+
+--- canary_state(pool): { canary=, share=, key=, rolled_back=, rollbacks=,
+-- ramp_next_in_ms= }, false when the pool has no canary, or nil, err.
+function _M.canary_state(pool)
+    if not bal then not_initialized("canary_state") end
+    check_string(pool, 1, "canary_state")
+    return bal:canary_state(pool)
 end
 
 --- set_emergency(pool, mode): "on" or "off" forces emergency mode; "auto" hands it

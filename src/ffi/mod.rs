@@ -533,3 +533,43 @@ pub unsafe extern "C" fn rsb_last_error(buf: *mut c_char, cap: usize) -> usize {
 pub extern "C" fn rsb_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
+
+/// Pool `pool`'s canary split: `*out_pool` the canary pool's slot (`UINT32_MAX` when
+/// the pool has no canary), `*out_share` the share of requests to send it, in parts
+/// per 10,000 (0..=10000). Read from shared memory on every call (no lock): a change
+/// by any process applies at once. The arm of a request is the canary when its bucket
+/// (`crc32(key) % 10000` for a sticky key, else a random draw) is below the share.
+///
+/// # Safety
+/// `b` a live handle; `out_pool` and `out_share` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_canary(
+    b: *const Balancer,
+    pool: u32,
+    out_pool: *mut u32,
+    out_share: *mut u32,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        if out_pool.is_null() {
+            return null("out_pool");
+        }
+        if out_share.is_null() {
+            return null("out_share");
+        }
+        match b.canary(pool) {
+            Ok((slot, share)) => {
+                // SAFETY: non-null and writable by contract.
+                unsafe {
+                    *out_pool = slot.unwrap_or(u32::MAX);
+                    *out_share = share;
+                }
+                rsb_result::RSB_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
+}

@@ -182,7 +182,13 @@ pub struct PoolSlot {
     pub _reserved3: [AtomicU64; 3],
     // --- lines 7-13: sliding window ----------------------------------------------
     pub window: [WindowBucket; WINDOW_BUCKETS],
-    pub _reserved4: [AtomicU64; 6],
+    /// Canary ramp (`crate::canary`): the next step's time (ms, coarse monotonic) in
+    /// the high 48 bits, the share the ramp set last in the low 16; 0: no ramp running.
+    pub canary_ramp: AtomicU64,
+    /// Rollback judges only canary outcomes after this time (ms): when the canary
+    /// block last changed, or the last rollback.
+    pub canary_since_ms: AtomicU64,
+    pub _reserved4: [AtomicU64; 4],
 }
 
 /// One upstream node. The first cache line holds what every request writes; the

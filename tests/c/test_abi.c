@@ -738,6 +738,39 @@ static void test_configure(void) {
     rsb_balancer_free(b);
 }
 
+/* ---------------------------------------------------------------- canary */
+
+/* "p" sends a quarter of its requests to its canary "c". */
+static const char CFG_CANARY[] =
+    "{" SHM ",\"pools\":{"
+    "\"p\":{\"nodes\":[{\"id\":\"a\",\"addr\":\"127.0.0.1:8001\"}],"
+    "\"canary\":{\"pool\":\"c\",\"share\":0.25}},"
+    "\"c\":{\"nodes\":[{\"id\":\"x\",\"addr\":\"127.0.0.1:8002\"}]}"
+    "}}";
+
+static void test_canary(void) {
+    section("8. rsb_canary: canary pool and share; no canary; errors write nothing");
+    struct rsb_balancer *b = new_balancer(CFG_CANARY);
+    uint32_t p = pool_of(b, "p"), c = pool_of(b, "c");
+    uint32_t out_pool = 7, out_share = 7;
+    CHECK_RC(rsb_canary(b, p, &out_pool, &out_share), RSB_OK);
+    CHECK(out_pool == c);
+    CHECK(out_share == 2500);
+    CHECK_RC(rsb_canary(b, c, &out_pool, &out_share), RSB_OK);
+    CHECK(out_pool == UINT32_MAX);
+    CHECK(out_share == 0);
+    out_pool = 7;
+    out_share = 7;
+    CHECK_RC(rsb_canary(b, 999, &out_pool, &out_share), RSB_INVALID_ARGUMENT);
+    CHECK(strstr(last_error(), "unknown pool index 999") != NULL);
+    CHECK(out_pool == 7 && out_share == 7);
+    CHECK_RC(rsb_canary(NULL, p, &out_pool, &out_share), RSB_NULL_ARGUMENT);
+    CHECK_RC(rsb_canary(b, p, NULL, &out_share), RSB_NULL_ARGUMENT);
+    CHECK_RC(rsb_canary(b, p, &out_pool, NULL), RSB_NULL_ARGUMENT);
+    CHECK(out_pool == 7 && out_share == 7);
+    rsb_balancer_free(b);
+}
+
 /* ------------------------------------------------------------------ main */
 
 int main(void) {
@@ -749,6 +782,7 @@ int main(void) {
     test_cross_process();
     test_kill9();
     test_configure();
+    test_canary();
     printf("%u passed, %u failed\n", g_passed, g_failed);
     return g_failed > 0 ? 1 : 0;
 }

@@ -54,6 +54,15 @@ local function loop_report_tries(n, cases)
     end
 end
 
+-- balance()'s arm choice on a pool with a canary (random key), then the pick.
+local function loop_canary_pick(n, choose, idx)
+    for _ = 1, n do
+        local _, apool = choose("llm", idx)
+        local slot = pick(apool)
+        report(slot, 200, 0.012)
+    end
+end
+
 -- Loops the checker must reject (it is not vacuous): a Lua C function (an mlua
 -- method) on the hot path stitches; string.gmatch is not compiled.
 local function loop_mlua_call(n, bal)
@@ -326,6 +335,20 @@ test("report_tries with typical $upstream_status / $upstream_response_time compi
         { { a, b, c }, "504, 502 : 200", "60.001, 0.003 : 0.250" },
     }
     assert_compiles("report_tries", false, loop_report_tries, cases)
+end)
+
+test("canary arm choice + pick + report compiles to a loop trace", function()
+    rsb.init({ pools = {
+        llm = { algorithm = "weighted_random", slow_start_ms = 0, nodes = F.nodes({ 1, 1 }),
+                canary = { pool = "llm_canary", share = 0.3 } },
+        llm_canary = { algorithm = "weighted_random", slow_start_ms = 0,
+                       nodes = { { id = "c", addr = "127.0.0.1:8101" } } },
+    } }, F.name("jit"))
+    local canary = require "resty.rsbalancer.canary"
+    assert_compiles("canary choose+pick+report", true, loop_canary_pick, canary.choose,
+        assert(rsb.balancer():pool_index("llm")))
+    local st = assert(rsb.stats("llm_canary"))
+    ok(st.c.requests > 0, "the canary was picked")
 end)
 
 test("the checker rejects a stitching loop and a loop with string.gmatch", function()

@@ -1,0 +1,534 @@
+//! Canary split: a pool sends a share of its requests to a second pool (the canary),
+//! raises that share on a schedule, and drops it to zero when the canary does worse.
+//!
+//! **The split** is decided per request in Lua (`lua/resty/rsbalancer/canary.lua`):
+//! the request's bucket, `crc32(key) mod 10,000` for a sticky key or a random draw,
+//! goes to the canary when it is below the share (parts per 10,000). Comparing a
+//! fixed bucket with the share makes stickiness monotone: raising the share only
+//! moves users from the primary to the canary, never back and forth. The share lives
+//! in the pool's shared slot ([`PoolSlot::canary_share`]) and is read on every request
+//! through [`Balancer::canary`] (`rsb_canary`: two atomic loads, no lock), so a
+//! change made by any process (admin API, ramp, rollback) applies to the next request
+//! of every worker.
+//!
+//! **Ramp and rollback** are judged by [`decide`], a pure function of the time, the
+//! canary block, the slot's state and the sliding windows (`crate::window`) of both
+//! pools, so it is tested with injected time and made-up totals. Every worker runs a
+//! timer that calls [`Balancer::canary_tick`] about once a second; there is no lease:
+//! each action is claimed with a compare-and-swap on a slot word (the ramp word for a
+//! step, `canary_rolled_back` for a rollback), so exactly one worker applies it and
+//! logs it, however many tick at once.
+//!
+//! - Ramp: `canary_ramp` packs the time of the next step with the share the ramp set
+//!   last. A step adds `step` (capped at `max`; reaching it ends the ramp). A share
+//!   that differs from the one the ramp set (changed by hand, or rolled back) ends the
+//!   ramp: the operator, or the rollback, has the last word.
+//! - Rollback (Envoy's outlier detection by success rate, between two pools): when the
+//!   canary made at least `min_requests` tries in its window and its success rate
+//!   (neither 5xx, no response nor 429) is below the primary's minus `margin`, the
+//!   share drops to 0, `canary_rolled_back` is set and the reason is logged. Only
+//!   canary outcomes after `canary_since_ms` count (the last rollback, or the last
+//!   change of the canary block), so re-enabling a fixed canary is not judged by the
+//!   failures that rolled it back.
+//!
+//! **Reload** (`configure`): a pool whose canary block is unchanged keeps its live
+//! share, rollback state and ramp progress; a changed block starts over from its
+//! `share`; a removed block turns the split off.
+
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+
+use crate::balancer::{Balancer, Error, PoolTopo};
+use crate::config::CanaryConfig;
+use crate::shm::clock;
+use crate::shm::layout::PoolSlot;
+use crate::window::{self, Totals};
+
+/// Shares are kept in parts per 10,000.
+pub const PARTS: u32 = 10_000;
+
+/// A share (0.0..=1.0) in parts per 10,000.
+pub fn parts(share: f64) -> u32 {
+    (share.clamp(0.0, 1.0) * PARTS as f64).round() as u32
+}
+
+/// The ramp word: the next step's time (ms) and the share the ramp set last.
+pub fn pack_ramp(next_ms: u64, share: u32) -> u64 {
+    (next_ms << 16) | share as u64 & 0xffff
+}
+
+/// Inverse of [`pack_ramp`].
+pub fn unpack_ramp(word: u64) -> (u64, u32) {
+    (word >> 16, (word & 0xffff) as u32)
+}
+
+/// The ramp word a canary block starts with (0: no ramp, or nothing left to ramp).
+pub fn initial_ramp(c: &CanaryConfig, now_ms: u64) -> u64 {
+    match &c.ramp {
+        Some(r) if parts(c.share) < parts(r.max) => {
+            pack_ramp(now_ms + r.every_s as u64 * 1000, parts(c.share))
+        }
+        _ => 0,
+    }
+}
+
+/// What [`decide`] reads from a pool's slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    /// Parts per 10,000.
+    pub share: u32,
+    pub rolled_back: bool,
+    /// The ramp word (0: no ramp running).
+    pub ramp: u64,
+}
+
+impl State {
+    pub fn load(ps: &PoolSlot) -> State {
+        State {
+            share: ps.canary_share.load(Ordering::Acquire),
+            rolled_back: ps.canary_rolled_back.load(Ordering::Acquire) != 0,
+            ramp: ps.canary_ramp.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// What to do with a canary now.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Decision {
+    Hold,
+    /// Drop the share to 0: the canary's success rate is too far below the primary's.
+    Rollback {
+        canary_rate: f64,
+        primary_rate: f64,
+    },
+    /// A ramp step: the share becomes `to`; `ramp` is the new ramp word (0: done).
+    Step {
+        to: u32,
+        ramp: u64,
+    },
+    /// The ramp ends without a step: the share is no longer the one it set.
+    EndRamp,
+}
+
+/// Decide on one canary at `now_ms` (see the module documentation). `primary` is the
+/// primary pool's window, `canary` the canary pool's since `canary_since_ms`.
+pub fn decide(now_ms: u64, c: &CanaryConfig, st: &State, primary: &Totals, canary: &Totals) -> Decision {
+    if let Some(rb) = &c.rollback {
+        if st.share > 0 && !st.rolled_back && canary.requests >= rb.min_requests as u64 {
+            let (canary_rate, primary_rate) = (canary.success_rate(), primary.success_rate());
+            if canary_rate < primary_rate - rb.margin {
+                return Decision::Rollback {
+                    canary_rate,
+                    primary_rate,
+                };
+            }
+        }
+    }
+    if st.ramp == 0 {
+        return Decision::Hold;
+    }
+    let (next_ms, set) = unpack_ramp(st.ramp);
+    let Some(r) = c.ramp.as_ref().filter(|_| !st.rolled_back && st.share == set) else {
+        return Decision::EndRamp;
+    };
+    if now_ms < next_ms {
+        return Decision::Hold;
+    }
+    let max = parts(r.max);
+    let to = (set + parts(r.step)).min(max);
+    let ramp = if to >= max {
+        0
+    } else {
+        pack_ramp(now_ms + r.every_s as u64 * 1000, to)
+    };
+    Decision::Step { to, ramp }
+}
+
+/// Write a pool's canary fields for a new configuration (`configure`, lock held):
+/// `old` is the pool as it was (None: a new pool), `canary_slot` the canary pool's
+/// slot in the new topology.
+pub(crate) fn configure_slot(
+    ps: &PoolSlot,
+    old: Option<&PoolTopo>,
+    new: &PoolTopo,
+    canary_slot: Option<u32>,
+    now: u64,
+) {
+    let relaxed = Ordering::Relaxed;
+    if old.is_none() {
+        // A new pool, maybe in a slot another pool left.
+        ps.canary_rollbacks_total.store(0, relaxed);
+    }
+    let Some((c, slot)) = new.canary.as_ref().zip(canary_slot) else {
+        ps.canary_pool.store(0, relaxed);
+        ps.canary_share.store(0, relaxed);
+        ps.canary_rolled_back.store(0, relaxed);
+        ps.canary_ramp.store(0, relaxed);
+        ps.canary_since_ms.store(0, relaxed);
+        return;
+    };
+    ps.canary_pool.store(slot + 1, relaxed);
+    if old.and_then(|o| o.canary.as_ref()) == Some(c) {
+        return; // unchanged: keep the live share, rollback state and ramp progress
+    }
+    ps.canary_share.store(parts(c.share), relaxed);
+    ps.canary_rolled_back.store(0, relaxed);
+    ps.canary_ramp.store(initial_ramp(c, now), relaxed);
+    ps.canary_since_ms.store(now, relaxed);
+}
+
+/// Something a tick did, for the error log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CanaryEvent {
+    pub pool: String,
+    /// A rollback (log at error level); else a ramp step or end (notice).
+    pub rollback: bool,
+    pub message: String,
+}
+
+/// A pool's canary as it stands, for admin reads.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CanaryState {
+    /// The canary pool's name.
+    pub canary: String,
+    /// 0.0..=1.0.
+    pub share: f64,
+    pub key: String,
+    pub rolled_back: bool,
+    pub rollbacks: u64,
+    /// Milliseconds until the next ramp step (absent: no ramp running).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ramp_next_in_ms: Option<u64>,
+}
+
+fn percent(parts: u32) -> String {
+    format!("{:.2}%", parts as f64 / 100.0)
+}
+
+fn rate(totals: &Totals) -> String {
+    format!(
+        "{:.1}% of {} tries",
+        totals.success_rate() * 100.0,
+        totals.requests
+    )
+}
+
+impl Balancer {
+    /// Pool `pool`'s canary pool slot (None: no canary) and share in parts per 10,000.
+    /// Per request: atomic loads only, no lock, no allocation.
+    pub fn canary(&self, pool: u32) -> Result<(Option<u32>, u32), Error> {
+        let live = |p: &&PoolSlot| p.in_use.load(Ordering::Acquire) != 0;
+        let ps = self
+            .region()
+            .pool(pool)
+            .filter(live)
+            .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))?;
+        let c = ps.canary_pool.load(Ordering::Relaxed);
+        match c.checked_sub(1) {
+            Some(slot) if self.region().pool(slot).filter(live).is_some() => {
+                Ok((Some(slot), ps.canary_share.load(Ordering::Relaxed).min(PARTS)))
+            }
+            _ => Ok((None, 0)),
+        }
+    }
+
+    /// Run the ramp and rollback of every canary once (each worker's timer calls this
+    /// about once a second); returns what was done, for the error log.
+    pub fn canary_tick(&self) -> Result<Vec<CanaryEvent>, Error> {
+        let now = clock::now_ms();
+        let topo = self.topology()?;
+        let mut events = Vec::new();
+        for p in &topo.pools {
+            let Some(c) = &p.canary else { continue };
+            let Some(cp) = topo.pool(&c.pool) else { continue };
+            let region = self.region();
+            let (Some(ps), Some(cs)) = (region.pool(p.slot), region.pool(cp.slot)) else {
+                continue;
+            };
+            let st = State::load(ps);
+            let primary = window::totals(&ps.window, now, ps.window_ms.load(Ordering::Relaxed));
+            let canary = window::totals_since(
+                &cs.window,
+                now,
+                cs.window_ms.load(Ordering::Relaxed),
+                ps.canary_since_ms.load(Ordering::Relaxed),
+            );
+            let event = |rollback: bool, message: String| CanaryEvent {
+                pool: p.name.clone(),
+                rollback,
+                message,
+            };
+            match decide(now, c, &st, &primary, &canary) {
+                Decision::Hold => {}
+                Decision::Rollback {
+                    canary_rate,
+                    primary_rate,
+                } => {
+                    // One process wins the flag and does the rest.
+                    if ps
+                        .canary_rolled_back
+                        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        ps.canary_share.store(0, Ordering::Release);
+                        ps.canary_ramp.store(0, Ordering::Relaxed);
+                        ps.canary_since_ms.store(now, Ordering::Relaxed);
+                        ps.canary_rollbacks_total.fetch_add(1, Ordering::Relaxed);
+                        let margin = c.rollback.as_ref().map_or(0.0, |r| r.margin);
+                        events.push(event(
+                            true,
+                            format!(
+                                "pool {} canary {} ROLLED BACK (share {} -> 0): canary success rate {} is below the primary's {} minus the margin {:.1}% ({:.1}% < {:.1}%) over the last {} ms",
+                                p.name,
+                                c.pool,
+                                percent(st.share),
+                                rate(&canary),
+                                rate(&primary),
+                                margin * 100.0,
+                                canary_rate * 100.0,
+                                (primary_rate - margin) * 100.0,
+                                cs.window_ms.load(Ordering::Relaxed)
+                            ),
+                        ));
+                    }
+                }
+                Decision::Step { to, ramp } => {
+                    if ps
+                        .canary_ramp
+                        .compare_exchange(st.ramp, ramp, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                        && ps
+                            .canary_share
+                            .compare_exchange(st.share, to, Ordering::AcqRel, Ordering::Relaxed)
+                            .is_ok()
+                    {
+                        let next = if ramp == 0 {
+                            "ramp complete".to_string()
+                        } else {
+                            format!("next step in {} s", c.ramp.as_ref().map_or(0, |r| r.every_s))
+                        };
+                        events.push(event(
+                            false,
+                            format!(
+                                "pool {} canary {} share {} -> {} (ramp; {next})",
+                                p.name,
+                                c.pool,
+                                percent(st.share),
+                                percent(to)
+                            ),
+                        ));
+                    }
+                }
+                Decision::EndRamp => {
+                    if ps
+                        .canary_ramp
+                        .compare_exchange(st.ramp, 0, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                        && !st.rolled_back
+                    {
+                        events.push(event(
+                            false,
+                            format!(
+                                "pool {} canary {} ramp stopped: the share was set to {} by hand",
+                                p.name,
+                                c.pool,
+                                percent(st.share)
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// Pool `name`'s canary as it stands (None: the pool has none).
+    pub fn canary_state(&self, name: &str) -> Result<Option<CanaryState>, Error> {
+        let topo = self.topology()?;
+        let p = topo
+            .pool(name)
+            .ok_or_else(|| Error::Invalid(format!("unknown pool \"{name}\"")))?;
+        let Some(c) = &p.canary else { return Ok(None) };
+        let ps = self.region().pool(p.slot).expect("topology slot in range");
+        let st = State::load(ps);
+        let now = clock::now_ms();
+        Ok(Some(CanaryState {
+            canary: c.pool.clone(),
+            share: st.share as f64 / PARTS as f64,
+            key: c.key.clone().into(),
+            rolled_back: st.rolled_back,
+            rollbacks: ps.canary_rollbacks_total.load(Ordering::Relaxed),
+            ramp_next_in_ms: (st.ramp != 0).then(|| unpack_ramp(st.ramp).0.saturating_sub(now)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CanaryKey, RampConfig, RollbackConfig};
+
+    fn canary(share: f64, ramp: Option<(f64, u32, f64)>, rollback: Option<(f64, u32)>) -> CanaryConfig {
+        CanaryConfig {
+            pool: "c".into(),
+            share,
+            key: CanaryKey::Random,
+            ramp: ramp.map(|(step, every_s, max)| RampConfig { step, every_s, max }),
+            rollback: rollback.map(|(margin, min_requests)| RollbackConfig { margin, min_requests }),
+        }
+    }
+
+    fn totals(requests: u64, failures: u64, busy: u64) -> Totals {
+        Totals {
+            requests,
+            failures,
+            busy,
+            shed: 0,
+        }
+    }
+
+    fn state(share: u32, ramp: u64) -> State {
+        State {
+            share,
+            rolled_back: false,
+            ramp,
+        }
+    }
+
+    const OK: Totals = Totals {
+        requests: 1000,
+        failures: 0,
+        busy: 0,
+        shed: 0,
+    };
+
+    #[test]
+    fn parts_and_ramp_word_round_trip() {
+        assert_eq!(parts(0.2), 2000);
+        assert_eq!(parts(0.00005), 1);
+        assert_eq!(parts(1.0), PARTS);
+        assert_eq!(parts(7.0), PARTS, "clamped");
+        let w = pack_ramp(123_456_789_012, 9_999);
+        assert_eq!(unpack_ramp(w), (123_456_789_012, 9_999));
+        assert_eq!(unpack_ramp(0), (0, 0));
+    }
+
+    #[test]
+    fn rollback_when_canary_below_primary_minus_margin() {
+        let c = canary(0.2, None, Some((0.05, 50)));
+        let st = state(2000, 0);
+        // 20% failures (5xx) against a clean primary.
+        let d = decide(0, &c, &st, &OK, &totals(100, 20, 0));
+        assert_eq!(
+            d,
+            Decision::Rollback {
+                canary_rate: 0.8,
+                primary_rate: 1.0
+            }
+        );
+        // 429s count as failures too.
+        assert!(matches!(
+            decide(0, &c, &st, &OK, &totals(100, 0, 10)),
+            Decision::Rollback { .. }
+        ));
+    }
+
+    #[test]
+    fn no_rollback_for_a_healthy_canary_or_within_margin() {
+        let c = canary(0.2, None, Some((0.05, 50)));
+        let st = state(2000, 0);
+        assert_eq!(decide(0, &c, &st, &OK, &totals(500, 0, 0)), Decision::Hold);
+        // 4% worse: within the 5% margin.
+        assert_eq!(decide(0, &c, &st, &OK, &totals(100, 4, 0)), Decision::Hold);
+        // Both equally bad: the canary is not to blame.
+        assert_eq!(
+            decide(0, &c, &st, &totals(1000, 300, 0), &totals(100, 30, 0)),
+            Decision::Hold
+        );
+    }
+
+    #[test]
+    fn no_rollback_below_min_requests_or_when_inactive() {
+        let c = canary(0.2, None, Some((0.05, 50)));
+        let dead = totals(49, 49, 0);
+        assert_eq!(decide(0, &c, &state(2000, 0), &OK, &dead), Decision::Hold);
+        let dead = totals(50, 50, 0);
+        assert!(matches!(
+            decide(0, &c, &state(2000, 0), &OK, &dead),
+            Decision::Rollback { .. }
+        ));
+        // Share 0 (off by hand) or already rolled back: nothing to roll back.
+        assert_eq!(decide(0, &c, &state(0, 0), &OK, &dead), Decision::Hold);
+        let rolled = State {
+            rolled_back: true,
+            ..state(2000, 0)
+        };
+        assert_eq!(decide(0, &c, &rolled, &OK, &dead), Decision::Hold);
+        // No rollback block: never.
+        assert_eq!(
+            decide(0, &canary(0.2, None, None), &state(2000, 0), &OK, &dead),
+            Decision::Hold
+        );
+    }
+
+    #[test]
+    fn ramp_steps_on_schedule_up_to_max() {
+        // 5%, +20% every day, up to 50%.
+        let c = canary(0.05, Some((0.2, 86_400, 0.5)), None);
+        let t0 = 1_000_000;
+        let day = 86_400_000;
+        let mut ramp = initial_ramp(&c, t0);
+        assert_eq!(unpack_ramp(ramp), (t0 + day, 500));
+        let mut share = 500;
+        let mut steps = vec![];
+        let mut now = t0;
+        while ramp != 0 {
+            assert_eq!(
+                decide(now + day - 1, &c, &state(share, ramp), &OK, &OK),
+                Decision::Hold,
+                "not before the step is due"
+            );
+            now += day;
+            match decide(now, &c, &state(share, ramp), &OK, &OK) {
+                Decision::Step { to, ramp: r } => {
+                    steps.push(to);
+                    share = to;
+                    ramp = r;
+                    if r != 0 {
+                        assert_eq!(unpack_ramp(r), (now + day, to));
+                    }
+                }
+                d => panic!("{d:?}"),
+            }
+        }
+        assert_eq!(steps, vec![2500, 4500, 5000]);
+        assert_eq!(
+            decide(now + 10 * day, &c, &state(share, 0), &OK, &OK),
+            Decision::Hold
+        );
+    }
+
+    #[test]
+    fn ramp_ends_when_the_share_changed_or_rolled_back() {
+        let c = canary(0.05, Some((0.2, 60, 1.0)), Some((0.05, 10)));
+        let ramp = initial_ramp(&c, 0);
+        assert_eq!(decide(60_000, &c, &state(900, ramp), &OK, &OK), Decision::EndRamp);
+        let rolled = State {
+            rolled_back: true,
+            ..state(500, ramp)
+        };
+        assert_eq!(decide(0, &c, &rolled, &OK, &OK), Decision::EndRamp);
+        // A failing canary is rolled back rather than ramped up.
+        assert!(matches!(
+            decide(60_000, &c, &state(500, ramp), &OK, &totals(10, 10, 0)),
+            Decision::Rollback { .. }
+        ));
+    }
+
+    #[test]
+    fn no_ramp_when_share_already_at_max() {
+        assert_eq!(initial_ramp(&canary(0.5, Some((0.1, 1, 0.5)), None), 7), 0);
+        assert_eq!(initial_ramp(&canary(0.5, None, None), 7), 0);
+    }
+}
