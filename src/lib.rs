@@ -23,6 +23,7 @@
 
 pub mod balancer;
 pub mod config;
+pub mod emergency;
 pub mod ffi;
 pub mod health;
 pub mod load;
