@@ -82,6 +82,7 @@ install: build
 	install -m 0644 lua/resty/rsbalancer.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer.lua
 	install -m 0644 lua/resty/rsbalancer/health.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/health.lua
 	install -m 0644 lua/resty/rsbalancer/emergency.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/emergency.lua
+	install -m 0644 lua/resty/rsbalancer/http.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/http.lua
 
 check-config: $(BUILD)/lib/rsbalancer.so
 	@test -n "$(CONFIG)" || { echo "usage: make check-config CONFIG=path/to/rsbalancer.json" >&2; exit 2; }

@@ -232,37 +232,47 @@ const TEST_LOCATION: &str = r#"
         }
 "#;
 
-/// The demo gateway with the test location, started like `start_gateway`.
+/// The demo gateway with the test location.
 fn start(dir: &TestDir, json: &Value) -> Gateway {
-    let port = free_port();
-    let (conf, json_path) = write_gateway(dir, port, json);
-    let text = std::fs::read_to_string(&conf).unwrap();
-    let anchor = "        location = /rsbalancer/stats {";
-    assert!(text.contains(anchor), "gateway.conf has no {anchor:?}");
-    let conf = dir.write(
-        "gateway.conf",
-        &text.replacen(anchor, &format!("{TEST_LOCATION}\n{anchor}"), 1),
+    start_gateway_with(dir, json, |text| {
+        let anchor = "        location = /rsbalancer/stats {";
+        assert!(text.contains(anchor), "gateway.conf has no {anchor:?}");
+        text.replacen(anchor, &format!("{TEST_LOCATION}\n{anchor}"), 1)
+    })
+}
+
+/// A test's set-up: mocks a, b (pool "llm") and s (pool "spare"), a webhook receiver
+/// failing its first `fail_first` requests, and the gateway with `pools(..)` (with
+/// `emergency` merged), passed through `edit`. Fields drop in order: gateway first.
+struct Rig {
+    g: Gateway,
+    hook: Receiver,
+    _mocks: Nginx,
+    a: MockNode,
+    b: MockNode,
+    s: MockNode,
+    _dir: TestDir,
+}
+
+fn rig(name: &str, fail_first: usize, emergency: Value, edit: impl FnOnce(&mut Value)) -> Rig {
+    let dir = TestDir::new(name);
+    let (a, b, s) = (
+        MockNode::new("a", 5),
+        MockNode::new("b", 5),
+        MockNode::new("s", 5),
     );
-    let nginx = Nginx::start(
-        dir,
-        "gateway",
-        &conf,
-        &dir.path().join("gateway-error.log"),
-        &[port],
-    );
-    nginx.wait_workers(2, &[]);
-    let r = get(port, "/rsbalancer/stats");
-    assert_eq!(
-        r.status,
-        200,
-        "gateway stats: {}\n{}",
-        r.text(),
-        nginx.diagnostics()
-    );
-    Gateway {
-        nginx,
-        port,
-        json: json_path,
+    let mocks = start_mocks(&dir, &[a.clone(), b.clone(), s.clone()]);
+    let hook = Receiver::start(fail_first);
+    let mut json = pools(&a, &b, &s, &hook, emergency);
+    edit(&mut json);
+    Rig {
+        g: start(&dir, &json),
+        hook,
+        _mocks: mocks,
+        a,
+        b,
+        s,
+        _dir: dir,
     }
 }
 
@@ -339,22 +349,15 @@ fn count(log: &str, needle: &str) -> usize {
 #[test]
 fn overload_enters_emergency_and_recovery_leaves_it_with_one_alert_each() {
     let _serial = serial();
-    let dir = TestDir::new("emergency-overload");
-    let (a, b, s) = (
-        MockNode::new("a", 5),
-        MockNode::new("b", 5),
-        MockNode::new("s", 5),
-    );
-    let _mocks = start_mocks(&dir, &[a.clone(), b.clone(), s.clone()]);
-    let hook = Receiver::start(0);
-    let g = start(&dir, &pools(&a, &b, &s, &hook, json!({})));
+    let r = rig("emergency-overload", 0, json!({}), |_| {});
+    let (g, hook, a, b, s) = (&r.g, &r.hook, &r.a, &r.b, &r.s);
 
     // Calm: the primaries serve everything, the backup pool nothing, no alert.
     for i in 0..40 {
         let r = g.chat();
         assert_eq!(r.status, 200, "calm request {i}: {}", r.text());
     }
-    assert_eq!(received(&s), 0, "the backup pool got traffic outside emergency");
+    assert_eq!(received(s), 0, "the backup pool got traffic outside emergency");
     let_ticks_pass();
     assert!(
         hook.hits().is_empty(),
@@ -363,10 +366,10 @@ fn overload_enters_emergency_and_recovery_leaves_it_with_one_alert_each() {
     );
 
     // Overload: every chat request to a primary is answered 429.
-    for m in [&a, &b] {
+    for m in [a, b] {
         mock_set(m, "fail=429");
     }
-    drive(&g, 60, "an \"enter\" alert", || !hook.events("enter").is_empty());
+    drive(g, 60, "an \"enter\" alert", || !hook.events("enter").is_empty());
     let enter = hook.events("enter")[0].clone();
     assert_eq!(enter["pool"], "llm");
     assert_eq!(enter["forced"], false);
@@ -408,18 +411,18 @@ fn overload_enters_emergency_and_recovery_leaves_it_with_one_alert_each() {
     );
 
     // In emergency the backup pool serves what the primaries refuse.
-    let before = received(&s);
-    let statuses = drive(&g, 30, "the backup pool to serve", || received(&s) >= before + 5);
+    let before = received(s);
+    let statuses = drive(g, 30, "the backup pool to serve", || received(s) >= before + 5);
     assert!(
         statuses.contains(&200),
         "no request served in emergency: {statuses:?}"
     );
 
     // The overload ends: after the healthy window, one "exit" alert.
-    for m in [&a, &b] {
+    for m in [a, b] {
         mock_set(m, "fail=");
     }
-    drive(&g, 90, "an \"exit\" alert", || !hook.events("exit").is_empty());
+    drive(g, 90, "an \"exit\" alert", || !hook.events("exit").is_empty());
     let exit = hook.events("exit")[0].clone();
     assert_eq!(
         (exit["pool"].as_str(), exit["forced"].as_bool()),
@@ -433,14 +436,14 @@ fn overload_enters_emergency_and_recovery_leaves_it_with_one_alert_each() {
     );
 
     // Out of emergency with the primaries up: no more backup traffic.
-    drive(&g, 30, "the primaries to serve again", || g.chat().status == 200);
-    let spare_after = received(&s);
+    drive(g, 30, "the primaries to serve again", || g.chat().status == 200);
+    let spare_after = received(s);
     for i in 0..40 {
         let r = g.chat();
         assert_eq!(r.status, 200, "request {i} after the exit: {}", r.text());
     }
     assert_eq!(
-        received(&s),
+        received(s),
         spare_after,
         "the backup pool got traffic after the exit"
     );
@@ -458,21 +461,11 @@ fn overload_enters_emergency_and_recovery_leaves_it_with_one_alert_each() {
 #[test]
 fn forced_on_and_off_alert_once_each_and_a_failed_delivery_is_retried() {
     let _serial = serial();
-    let dir = TestDir::new("emergency-forced");
-    let (a, b, s) = (
-        MockNode::new("a", 5),
-        MockNode::new("b", 5),
-        MockNode::new("s", 5),
-    );
-    let _mocks = start_mocks(&dir, &[a.clone(), b.clone(), s.clone()]);
-    let hook = Receiver::start(1);
-    let g = start(
-        &dir,
-        &pools(&a, &b, &s, &hook, json!({ "min_requests": 1000000 })),
-    );
+    let r = rig("emergency-forced", 1, json!({ "min_requests": 1000000 }), |_| {});
+    let (g, hook, s) = (&r.g, &r.hook, &r.s);
 
-    set_emergency(&g, "on");
-    wait_delivered(&g, &hook, 1, "the forced \"enter\" alert");
+    set_emergency(g, "on");
+    wait_delivered(g, hook, 1, "the forced \"enter\" alert");
     let hits = hook.hits();
     assert_eq!(hits[0].answered, 500, "{hits:?}");
     assert_eq!(hits[1].answered, 200, "{hits:?}");
@@ -486,17 +479,17 @@ fn forced_on_and_off_alert_once_each_and_a_failed_delivery_is_retried() {
         ),
         (Some("enter"), Some("forced"), Some(true))
     );
-    set_emergency(&g, "on"); // already on: no transition
+    set_emergency(g, "on"); // already on: no transition
 
     // Forced on with the primaries up: they still serve everything.
     for i in 0..20 {
         assert_eq!(g.chat().status, 200, "request {i} in forced emergency");
     }
-    assert_eq!(received(&s), 0, "primaries up: the backup pool is not used");
+    assert_eq!(received(s), 0, "primaries up: the backup pool is not used");
 
-    set_emergency(&g, "off");
-    wait_delivered(&g, &hook, 2, "the forced \"exit\" alert");
-    set_emergency(&g, "auto"); // hands it back as it is: off, no transition
+    set_emergency(g, "off");
+    wait_delivered(g, hook, 2, "the forced \"exit\" alert");
+    set_emergency(g, "auto"); // hands it back as it is: off, no transition
     let_ticks_pass();
     let delivered = hook.delivered();
     assert_eq!(delivered.len(), 2, "{:?}", hook.hits());
@@ -524,23 +517,15 @@ fn forced_on_and_off_alert_once_each_and_a_failed_delivery_is_retried() {
 #[test]
 fn backup_pool_serves_when_every_primary_is_down_outside_emergency() {
     let _serial = serial();
-    let dir = TestDir::new("emergency-down");
-    let (a, b, s) = (
-        MockNode::new("a", 5),
-        MockNode::new("b", 5),
-        MockNode::new("s", 5),
-    );
-    let _mocks = start_mocks(&dir, &[a.clone(), b.clone(), s.clone()]);
-    let hook = Receiver::start(0);
-    let mut json = pools(&a, &b, &s, &hook, json!({}));
-    json["pools"]["llm"]["health"] =
-        json!({ "path": "/health", "interval_ms": 200, "timeout_ms": 100, "healthy": 2, "unhealthy": 2 });
-    let g = start(&dir, &json);
+    let r = rig("emergency-down", 0, json!({}), |json| {
+        json["pools"]["llm"]["health"] =
+            json!({ "path": "/health", "interval_ms": 200, "timeout_ms": 100, "healthy": 2, "unhealthy": 2 });
+    });
+    let (g, hook, a, b, s) = (&r.g, &r.hook, &r.a, &r.b, &r.s);
 
-    mock_set(&a, "health_fail=503");
-    let stats = |g: &Gateway| g.stats();
+    mock_set(a, "health_fail=503");
     let start_wait = Instant::now();
-    while stats(&g)["a"]["state"] != "down" {
+    while g.stats()["a"]["state"] != "down" {
         assert!(
             start_wait.elapsed() < Duration::from_secs(30),
             "a never went down"
@@ -550,23 +535,23 @@ fn backup_pool_serves_when_every_primary_is_down_outside_emergency() {
     for i in 0..20 {
         assert_eq!(g.chat().status, 200, "request {i} with one primary down");
     }
-    assert_eq!(received(&s), 0, "one primary up: the backup pool is not used");
+    assert_eq!(received(s), 0, "one primary up: the backup pool is not used");
 
-    mock_set(&b, "health_fail=503");
-    let before = received(&s);
-    drive(&g, 30, "the backup pool to serve", || received(&s) >= before + 10);
-    for m in [&a, &b] {
+    mock_set(b, "health_fail=503");
+    let before = received(s);
+    drive(g, 30, "the backup pool to serve", || received(s) >= before + 10);
+    for m in [a, b] {
         mock_set(m, "health_fail=");
     }
-    drive(&g, 30, "a primary to serve again", || {
+    drive(g, 30, "a primary to serve again", || {
         let st = g.stats();
         st["a"]["state"] != "down" || st["b"]["state"] != "down"
     });
-    let spare = received(&s);
+    let spare = received(s);
     for i in 0..20 {
         assert_eq!(g.chat().status, 200, "request {i} with the primaries back");
     }
-    assert_eq!(received(&s), spare, "a primary is up: no more backup traffic");
+    assert_eq!(received(s), spare, "a primary is up: no more backup traffic");
     assert!(
         hook.hits().is_empty(),
         "no emergency alert expected: {:?}",

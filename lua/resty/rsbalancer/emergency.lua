@@ -9,15 +9,15 @@
 --
 -- Announcing a transition: one line in the error log (warn on entry, notice on exit)
 -- and one JSON POST to each of the pool's webhooks. POSTs are never sent from the
--- request path: each delivery is its own ngx.timer.at, which connects with a cosocket,
--- sends an HTTP/1.1 POST (Content-Type: application/json, Connection: close) and reads
--- the status line; a 2xx is success. Failures are retried `retries` times with
+-- request path: each delivery is its own ngx.timer.at, which sends an HTTP/1.1 POST
+-- (Content-Type: application/json, Connection: close) over a cosocket and reads the
+-- status line (resty.rsbalancer.http); a 2xx is success. Failures are retried `retries` times with
 -- exponential backoff (0.5 s, 1 s, 2 s, ... at most 30 s). Rate limit: deliveries to
 -- one webhook from one worker start at least `min_interval_ms` apart; an alert over
 -- the limit waits its turn, it is never dropped.
 
 local ngx = ngx
-local tcp = ngx.socket.tcp
+local http = require "resty.rsbalancer.http"
 local find, sub, tonumber, tostring = string.find, string.sub, tonumber, tostring
 local min = math.min
 
@@ -53,30 +53,12 @@ local function post(hook, body)
     if not host then
         return false, "bad url " .. tostring(hook.url)
     end
-    local sock = tcp()
-    sock:settimeout(hook.timeout_ms)
-    local ok, err = sock:connect(host, port)
-    if not ok then
-        return false, "connect: " .. tostring(err)
-    end
-    local req = "POST " .. path .. " HTTP/1.1\r\nHost: " .. authority
+    local code, err = http.status(host, port, hook.timeout_ms, "POST " .. path
+        .. " HTTP/1.1\r\nHost: " .. authority
         .. "\r\nUser-Agent: rsbalancer-alert\r\nContent-Type: application/json\r\nContent-Length: "
-        .. #body .. "\r\nConnection: close\r\n\r\n" .. body
-    ok, err = sock:send(req)
-    if not ok then
-        sock:close()
-        return false, "send: " .. tostring(err)
-    end
-    local line
-    line, err = sock:receive("*l")
-    sock:close()
-    if not line then
-        return false, "receive: " .. tostring(err)
-    end
-    local _, _, code = find(line, "^HTTP/%d%.%d (%d%d%d)")
-    code = tonumber(code)
+        .. #body .. "\r\nConnection: close\r\n\r\n" .. body)
     if not code then
-        return false, "bad status line: " .. sub(line, 1, 64)
+        return false, err
     end
     if code < 200 or code > 299 then
         return false, "status " .. code
