@@ -410,12 +410,24 @@ impl Balancer {
         let mut out = Vec::new();
         let mut calm = self.emergency_state().calm_since.lock();
         for p in &topo.pools {
-            let Some(cfg) = &p.emergency else {
-                calm.remove(&p.slot);
-                continue;
-            };
             let ps = region.pool(p.slot).expect("topology slot in range");
             let bits = ps.emergency.load(Ordering::Acquire);
+            let Some(cfg) = &p.emergency else {
+                calm.remove(&p.slot);
+                // A reload took the section away while the detector had the pool in
+                // emergency: nothing would ever end it.
+                if bits == ACTIVE
+                    && ps
+                        .emergency
+                        .compare_exchange(ACTIVE, 0, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    let t = window::totals(&ps.window, now_ms, ps.window_ms.load(Ordering::Relaxed));
+                    let reason = "the pool has no emergency section any more".to_string();
+                    out.push(self.transition(p, &topo.pools, "exit", reason, false, exit_ratio(&t), t));
+                }
+                continue;
+            };
             if bits & (FORCED_ON | FORCED_OFF) != 0 {
                 calm.remove(&p.slot);
                 continue;

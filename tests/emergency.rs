@@ -62,12 +62,19 @@ fn configure_stores_shed_below_and_backup_pool() {
         "no emergency section: shed nothing"
     );
     assert_eq!(sp.backup_pool.load(Ordering::Relaxed), 0);
-    // A reload without the section takes the backup pool away.
+    // A reload without the section takes the backup pool away, and ends an emergency
+    // the detector started (nothing else would).
+    ps.emergency.store(ACTIVE, Ordering::Relaxed);
     let mut c = config(json!({}));
     c.pools.get_mut("llm").unwrap().emergency = None;
     b.configure(&c).unwrap();
     assert_eq!(ps.backup_pool.load(Ordering::Relaxed), 0);
     assert_eq!(ps.shed_below.load(Ordering::Relaxed), 1);
+    let won = b.emergency_tick(clock::now_ms()).unwrap();
+    assert_eq!(won.len(), 1);
+    assert_eq!((won[0].event, won[0].forced), ("exit", false));
+    assert_eq!(ps.emergency.load(Ordering::Relaxed), 0);
+    assert!(b.emergency_tick(clock::now_ms()).unwrap().is_empty());
 }
 
 #[test]
