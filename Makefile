@@ -52,7 +52,7 @@ test: deps build
 	@echo "make test: all suites passed"
 
 # Every Rust test target but the nginx one (run by test-nginx, serially).
-NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs tests/nginx_canary.rs
+NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs tests/nginx_canary.rs tests/nginx_emergency.rs
 RUST_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out $(NGINX_TESTS),$(wildcard tests/*.rs)))
 
 test-rust:
@@ -83,6 +83,8 @@ install: build
 	install -m 0644 lua/resty/rsbalancer.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer.lua
 	install -m 0644 lua/resty/rsbalancer/health.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/health.lua
 	install -m 0644 lua/resty/rsbalancer/canary.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/canary.lua
+	install -m 0644 lua/resty/rsbalancer/emergency.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/emergency.lua
+	install -m 0644 lua/resty/rsbalancer/http.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/http.lua
 
 check-config: $(BUILD)/lib/rsbalancer.so
 	@test -n "$(CONFIG)" || { echo "usage: make check-config CONFIG=path/to/rsbalancer.json" >&2; exit 2; }

@@ -104,6 +104,7 @@ pub struct PoolTopo {
     pub nodes: Vec<NodeTopo>,
     #[serde(default)]
     pub canary: Option<crate::config::CanaryConfig>,
+    pub emergency: Option<crate::emergency::EmergencyConfig>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -248,6 +249,8 @@ pub struct Balancer {
     /// This handle's worker slot, tagged with the fork epoch it was claimed in (high 32
     /// bits), so a forked child never uses its parent's slot.
     worker: AtomicU64,
+    /// This process's overload-detector state (`crate::emergency`).
+    emergency: crate::emergency::DetectorState,
 }
 
 struct Local {
@@ -357,6 +360,7 @@ impl Balancer {
                 fork_epoch: fork::epoch(),
             }),
             worker: AtomicU64::new(NO_WORKER as u64),
+            emergency: Default::default(),
         }
     }
 
@@ -522,6 +526,7 @@ impl Balancer {
                 window_ms: pc.window_ms,
                 nodes,
                 canary: pc.canary.clone(),
+                emergency: pc.emergency.clone(),
             });
         }
         Ok(Topology { pools })
@@ -572,6 +577,10 @@ impl Balancer {
                 let f = flags::IN_USE | down | if n.backup { flags::BACKUP } else { 0 };
                 s.flags.store(f, Ordering::Release);
             }
+        }
+        let slot_of = |name: &str| new.pool(name).map(|q| q.slot);
+        for p in &new.pools {
+            crate::emergency::store_params(r.pool(p.slot).expect("in range"), p, &slot_of);
         }
     }
 
@@ -701,6 +710,32 @@ impl Balancer {
     /// retry budget.
     pub fn pick(&self, pool: u32, key: &[u8], tried: &[u32]) -> Result<u32, Error> {
         let now = clock::now_ms();
+        let mut spill = None;
+        let err = match self.pick_in(pool, key, tried, now, &mut spill) {
+            Err(e @ Error::NoNode { .. }) => e,
+            other => return other,
+        };
+        // No node of the pool can take it: its backup pool may (emergency, dead pool).
+        if let Some(bp) = spill {
+            if let Ok(slot) = self.pick_in(bp, key, tried, now, &mut None) {
+                return Ok(slot);
+            }
+        }
+        if let Some(ps) = self.region.pool(pool) {
+            ps.no_node_total.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(err)
+    }
+
+    /// `pick` within one pool; on `NoNode`, `spill` is the pool to try next.
+    fn pick_in(
+        &self,
+        pool: u32,
+        key: &[u8],
+        tried: &[u32],
+        now: u64,
+        spill: &mut Option<u32>,
+    ) -> Result<u32, Error> {
         let mut l = self.local.lock();
         self.sync(&mut l)?;
         let Local { pools, rng, .. } = &mut *l;
@@ -740,7 +775,7 @@ impl Balancer {
                 return Ok(slot);
             }
         }
-        ps.no_node_total.fetch_add(1, Ordering::Relaxed);
+        *spill = crate::emergency::spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now);
         Err(Error::NoNode { pool: p.name.clone() })
     }
 
@@ -768,15 +803,25 @@ impl Balancer {
         if elapsed_ms >= p.retry.deadline_ms {
             return Err(RetryDenied::Deadline);
         }
-        let any = [&p.primary, &p.backup].iter().any(|t| {
+        let ps = self.region.pool(pool).expect("local pool slot in range");
+        let free = |t: &Tier| {
             t.slots
                 .iter()
                 .any(|s| !tried.contains(s) && self.region.node(*s).is_some_and(|n| available_now(n, now)))
-        });
+        };
+        let mut any = free(&p.primary) || free(&p.backup);
+        if !any {
+            // The backup pool, when it is in play (`crate::emergency`).
+            let spill =
+                crate::emergency::spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now);
+            any = spill
+                .and_then(|bp| l.pools.get(bp as usize).and_then(Option::as_ref))
+                .is_some_and(|b| free(&b.primary) || free(&b.backup));
+        }
         if !any {
             return Err(RetryDenied::NoNode);
         }
-        let ps = self.region.pool(pool).expect("local pool slot in range");
+        let p = local_pool(&mut l.pools, pool).map_err(|_| RetryDenied::NoNode)?;
         let (requests, retries) = retry::totals(&ps.budget, now, p.retry.window_ms);
         if !retry::allows(
             requests,
@@ -800,24 +845,39 @@ impl Balancer {
         if self.sync(&mut l).is_err() {
             return Err(1000);
         }
-        let Ok(p) = local_pool(&mut l.pools, pool) else {
+        let Some(p) = l.pools.get(pool as usize).and_then(Option::as_ref) else {
             return Err(1000);
         };
         let mut soonest = u64::MAX;
-        for &s in p.primary.slots.iter().chain(&p.backup.slots) {
-            let Some(n) = self.region.node(s) else { continue };
-            if available_now(n, now) {
+        let mut any = |slots: &[u32]| {
+            slots.iter().any(|&s| {
+                let Some(n) = self.region.node(s) else {
+                    return false;
+                };
+                if available_now(n, now) {
+                    return true;
+                }
+                if n.flags.load(Ordering::Relaxed) & flags::DOWN == 0 {
+                    let until = n
+                        .cooldown_until_ms
+                        .load(Ordering::Relaxed)
+                        .max(n.ejected_until_ms.load(Ordering::Relaxed));
+                    soonest = soonest.min(if until > now { until - now } else { 1000 });
+                }
+                false
+            })
+        };
+        if any(&p.primary.slots) || any(&p.backup.slots) {
+            return Ok(());
+        }
+        // The backup pool's nodes count when it is in play (`crate::emergency`).
+        let ps = self.region.pool(pool).expect("local pool slot in range");
+        let spill =
+            crate::emergency::spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now);
+        if let Some(b) = spill.and_then(|bp| l.pools.get(bp as usize).and_then(Option::as_ref)) {
+            if any(&b.primary.slots) || any(&b.backup.slots) {
                 return Ok(());
             }
-            if n.flags.load(Ordering::Relaxed) & flags::DOWN != 0 {
-                continue;
-            }
-            let until = n
-                .cooldown_until_ms
-                .load(Ordering::Relaxed)
-                .max(n.ejected_until_ms.load(Ordering::Relaxed));
-            let wait = if until > now { until - now } else { 1000 };
-            soonest = soonest.min(wait);
         }
         Err(if soonest == u64::MAX { 1000 } else { soonest })
     }
@@ -1135,22 +1195,7 @@ impl Balancer {
     /// Force emergency mode on or off for `pool`, or hand it back to the detector.
     /// Forcing on enters emergency at once; forcing off leaves it at once.
     pub fn set_emergency_mode(&self, pool: u32, mode: EmergencyMode) -> Result<(), Error> {
-        use crate::shm::layout::emergency::{ACTIVE, FORCED_OFF, FORCED_ON};
-        let ps = self.live_pool(pool)?;
-        let now = clock::now_ms();
-        let _ = ps
-            .emergency
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
-                Some(match mode {
-                    EmergencyMode::Auto => e & ACTIVE,
-                    EmergencyMode::On => ACTIVE | FORCED_ON,
-                    EmergencyMode::Off => FORCED_OFF,
-                })
-            });
-        if mode == EmergencyMode::On {
-            ps.emergency_since_ms.store(now, Ordering::Relaxed);
-        }
-        Ok(())
+        self.force_emergency(pool, mode).map(|_| ())
     }
 
     /// Drain a node (`true`: no new tries, those in flight finish) or put it back.
@@ -1162,6 +1207,10 @@ impl Balancer {
             n.flags.fetch_and(!flags::DRAINING, Ordering::Release);
         }
         Ok(())
+    }
+
+    pub(crate) fn emergency_state(&self) -> &crate::emergency::DetectorState {
+        &self.emergency
     }
 
     fn live_pool(&self, pool: u32) -> Result<&PoolSlot, Error> {

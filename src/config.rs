@@ -42,6 +42,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::emergency::EmergencyConfig;
 use crate::select::Algorithm;
 
 /// Why a config was refused: where (`pools.deepseek.nodes[1].weight`, or `config` for
@@ -53,7 +54,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             path: path.into(),
             message: message.into(),
@@ -144,6 +145,10 @@ pub struct PoolConfig {
     /// Canary split: a share of this pool's requests goes to another pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanaryConfig>,
+    /// Emergency mode (overload detector, shedding, backup pool, alerts); off when
+    /// absent. See [`crate::emergency`].
+    #[serde(default)]
+    pub emergency: Option<EmergencyConfig>,
 }
 
 fn default_window_ms() -> u32 {
@@ -329,6 +334,7 @@ impl Default for PoolConfig {
             no_node_status: default_no_node_status(),
             window_ms: default_window_ms(),
             canary: None,
+            emergency: None,
         }
     }
 }
@@ -444,6 +450,14 @@ impl Config {
                 ));
             }
             pool.validate(&format!("pools.{name}"))?;
+            if let Some(e) = &pool.emergency {
+                e.validate(
+                    &format!("pools.{name}.emergency"),
+                    name,
+                    pool.window_ms,
+                    &self.pools,
+                )?;
+            }
         }
         validate_canaries(&self.pools)?;
         let pools = self.pools.len();
@@ -589,7 +603,7 @@ impl PoolConfig {
     }
 }
 
-fn check_ratio(path: &str, field: &str, value: f64, max: f64) -> Result<(), ConfigError> {
+pub(crate) fn check_ratio(path: &str, field: &str, value: f64, max: f64) -> Result<(), ConfigError> {
     if value.is_finite() && (0.0..=max).contains(&value) {
         return Ok(());
     }
@@ -618,7 +632,12 @@ impl EwmaConfig {
     }
 }
 
-fn check_range(path: &str, field: &str, value: u32, range: RangeInclusive<u32>) -> Result<(), ConfigError> {
+pub(crate) fn check_range(
+    path: &str,
+    field: &str,
+    value: u32,
+    range: RangeInclusive<u32>,
+) -> Result<(), ConfigError> {
     if range.contains(&value) {
         return Ok(());
     }

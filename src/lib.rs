@@ -24,6 +24,7 @@
 pub mod balancer;
 pub mod canary;
 pub mod config;
+pub mod emergency;
 pub mod ffi;
 pub mod health;
 pub mod load;

@@ -175,6 +175,10 @@ function _M.init_worker()
         if not ok then
             ngx.log(ngx.ERR, "rsbalancer: cannot start the canary timer: ", herr)
         end
+        local eok, eerr = require("resty.rsbalancer.emergency").start(bal)
+        if not eok then
+            ngx.log(ngx.ERR, "rsbalancer: cannot start the emergency detector: ", eerr)
+        end
     end
     return slot
 end
@@ -536,7 +540,7 @@ function _M.canary_state(pool)
 end
 
 --- set_emergency(pool, mode): "on" or "off" forces emergency mode; "auto" hands it
--- back to the overload detector.
+-- back to the overload detector. A change of state is logged and alerted (webhooks).
 function _M.set_emergency(pool, mode)
     if not bal then not_initialized("set_emergency") end
     check_string(pool, 1, "set_emergency")
@@ -544,7 +548,13 @@ function _M.set_emergency(pool, mode)
         error("bad argument #2 to 'set_emergency' (\"on\", \"off\" or \"auto\" expected, got "
               .. tostring(mode) .. ")", 2)
     end
-    return bal:set_emergency(pool, mode)
+    local ok, tr = bal:set_emergency(pool, mode)
+    if not ok then return nil, tr end
+    -- A change of state is announced (error log, webhooks sent from a timer).
+    if tr and ngx and ngx.timer and ngx.get_phase() ~= "init" then
+        require("resty.rsbalancer.emergency").announce(bal, tr)
+    end
+    return true
 end
 
 --- drain(pool, id [, on]): stop new tries to a node (in-flight ones finish);

@@ -256,13 +256,16 @@ impl UserData for LuaBalancer {
                     ))
                 }
             };
-            nil_err(
-                lua,
-                this.0
-                    .pool_index(&pool)
-                    .and_then(|p| this.0.set_emergency_mode(p, mode))
-                    .map(|_| true),
-            )
+            // true, plus the transition (for the alert) when the pool's state changed.
+            let r = this
+                .0
+                .pool_index(&pool)
+                .and_then(|p| this.0.force_emergency(p, mode));
+            match r {
+                Ok(Some(t)) => (true, transition_table(lua, &t)?).into_lua_multi(lua),
+                Ok(None) => (true,).into_lua_multi(lua),
+                Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+            }
         });
         // set_draining(pool, id, bool)
         m.add_method(
@@ -277,6 +280,21 @@ impl UserData for LuaBalancer {
                 )
             },
         );
+        // Run the overload detector once: { transition, ... } this process won (each
+        // transition is won by exactly one process), or nil, err.
+        m.add_method("emergency_tick", |lua, this, ()| {
+            let r = this.0.emergency_tick(crate::shm::clock::now_ms());
+            match r {
+                Ok(list) => {
+                    let t = lua.create_table()?;
+                    for tr in &list {
+                        t.push(transition_table(lua, tr)?)?;
+                    }
+                    (t,).into_lua_multi(lua)
+                }
+                Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+            }
+        });
         // Every pool and node with live state, as JSON text (admin API, status page).
         m.add_method("status_json", |lua, this, ()| {
             nil_err(lua, this.0.status().map(|v| v.to_string()))
@@ -311,6 +329,19 @@ impl UserData for LuaBalancer {
         });
         canary::add_methods(m);
     }
+}
+
+/// An emergency transition for Lua: { pool=, event=, reason=, forced=, log=, body= }
+/// (`body`: the alert JSON, `log`: the error-log line).
+fn transition_table(lua: &Lua, t: &crate::emergency::Transition) -> LuaResult<LuaTable> {
+    let e = lua.create_table()?;
+    e.set("pool", t.pool.as_str())?;
+    e.set("event", t.event)?;
+    e.set("reason", t.reason.as_str())?;
+    e.set("forced", t.forced)?;
+    e.set("log", t.log_line())?;
+    e.set("body", t.to_json())?;
+    Ok(e)
 }
 
 #[mlua::lua_module(skip_memory_check)]

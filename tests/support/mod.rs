@@ -562,8 +562,16 @@ pub struct Gateway {
 /// Starts the demo gateway (2 workers) with pool config `json`, and waits until both
 /// workers run and it answers.
 pub fn start_gateway(dir: &TestDir, json: &Value) -> Gateway {
+    start_gateway_with(dir, json, |conf| conf)
+}
+
+/// [`start_gateway`] with the rendered gateway.conf passed through `edit` first (to add
+/// a test location, say).
+pub fn start_gateway_with(dir: &TestDir, json: &Value, edit: impl FnOnce(String) -> String) -> Gateway {
     let port = free_port();
     let (conf, json_path) = write_gateway(dir, port, json);
+    let text = fs::read_to_string(&conf).unwrap_or_else(|e| panic!("read {}: {e}", conf.display()));
+    let conf = dir.write("gateway.conf", &edit(text));
     let nginx = Nginx::start(
         dir,
         "gateway",

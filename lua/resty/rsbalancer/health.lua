@@ -8,43 +8,24 @@
 -- sees a node go down or come back on its next pick. A passing probe does not cut a
 -- 429 cooldown or an ejection short: health is a separate state.
 --
--- Probes are plain HTTP/1.0 GETs over cosockets, run concurrently (one light thread
--- per node), each bounded by timeout_ms.
+-- Probes are plain HTTP/1.0 GETs over cosockets (resty.rsbalancer.http), run
+-- concurrently (one light thread per node), each bounded by timeout_ms.
 
 local ngx = ngx
-local tcp = ngx.socket.tcp
+local http = require "resty.rsbalancer.http"
 local spawn, wait = ngx.thread.spawn, ngx.thread.wait
-local find, sub, tonumber = string.find, string.sub, tonumber
 local random = math.random
 
 local _M = {}
 
 -- One probe: true when the node answered with an expected status.
 local function probe(node, cfg)
-    local sock = tcp()
-    sock:settimeout(cfg.timeout_ms)
-    local ok, err = sock:connect(node.ip, node.port)
-    if not ok then
-        return false, "connect: " .. tostring(err)
-    end
     local host = cfg.host or node.host
-    local req = "GET " .. cfg.path .. " HTTP/1.0\r\nHost: " .. host
-        .. "\r\nUser-Agent: rsbalancer-health\r\nConnection: close\r\n\r\n"
-    ok, err = sock:send(req)
-    if not ok then
-        sock:close()
-        return false, "send: " .. tostring(err)
-    end
-    local line
-    line, err = sock:receive("*l")
-    sock:close()
-    if not line then
-        return false, "receive: " .. tostring(err)
-    end
-    local _, _, code = find(line, "^HTTP/%d%.%d (%d%d%d)")
-    code = tonumber(code)
+    local code, err = http.status(node.ip, node.port, cfg.timeout_ms, "GET " .. cfg.path
+        .. " HTTP/1.0\r\nHost: " .. host
+        .. "\r\nUser-Agent: rsbalancer-health\r\nConnection: close\r\n\r\n")
     if not code then
-        return false, "bad status line: " .. sub(line, 1, 64)
+        return false, err
     end
     for i = 1, #cfg.statuses do
         if cfg.statuses[i] == code then

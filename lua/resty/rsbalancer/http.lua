@@ -1,0 +1,39 @@
+-- resty.rsbalancer.http: the one HTTP exchange the timers need (health probes, alert
+-- webhooks): connect with a cosocket, send a complete request, read the status line,
+-- close. Bodies of responses are not read; there is no lua-resty-http here.
+
+local ngx = ngx
+local tcp = ngx.socket.tcp
+local find, sub, tonumber, tostring = string.find, string.sub, tonumber, tostring
+
+local _M = {}
+
+--- status(host, port, timeout_ms, request): the response's status code, or nil, err.
+-- `request` is the whole request text (it should say "Connection: close").
+function _M.status(host, port, timeout_ms, request)
+    local sock = tcp()
+    sock:settimeout(timeout_ms)
+    local ok, err = sock:connect(host, port)
+    if not ok then
+        return nil, "connect: " .. tostring(err)
+    end
+    ok, err = sock:send(request)
+    if not ok then
+        sock:close()
+        return nil, "send: " .. tostring(err)
+    end
+    local line
+    line, err = sock:receive("*l")
+    sock:close()
+    if not line then
+        return nil, "receive: " .. tostring(err)
+    end
+    local _, _, code = find(line, "^HTTP/%d%.%d (%d%d%d)")
+    code = tonumber(code)
+    if not code then
+        return nil, "bad status line: " .. sub(line, 1, 64)
+    end
+    return code
+end
+
+return _M

@@ -1,0 +1,866 @@
+//! Emergency mode: the seed's contingency plan ("when the service stays busy for five
+//! minutes: shed non-critical requests, bring in the backup cluster, alert the
+//! operators"), per pool.
+//!
+//! **Signal.** The pool's sliding window ([`crate::window`], `window_ms` wide, the
+//! seed's 5 minutes by default) counts tries, 429s and requests shed by admission.
+//! The overload detector is a pure function, [`decide`], of those totals, the pool's
+//! state and the time:
+//! - *enter* when at least `min_requests` were offered in the window (an idle window
+//!   says nothing) and the seed's busy ratio `(429s + shed) / (tries + shed)` reaches
+//!   `enter_busy_ratio`;
+//! - *exit* once the ratio has stayed below `exit_busy_ratio` (< enter: hysteresis, so
+//!   a ratio hovering at the threshold does not flap) for `healthy_window_ms`. While in
+//!   emergency the exit ratio leaves out shed requests (`429s / tries`): shedding is the
+//!   mode's own doing, and counting it would hold the pool in emergency for as long as
+//!   it sheds. A window with fewer than `min_requests` is not judged either way: the
+//!   pool's nodes may be resting (cooldown) while the backup pool serves, and that is
+//!   no evidence of recovery.
+//!
+//! **Effects** (read by the request path from the pool's shared slot): admission sheds
+//! priorities below `shed_below` (the admission queue reads `PoolSlot::shed_below`
+//! while `emergency` has `ACTIVE`), and the pool's `backup_pool` takes the requests no
+//! node of the pool can take ([`spill_target`], used by `pick`, `may_retry` and
+//! `available`). The backup pool also serves, outside emergency, when every node of the
+//! pool is down (health checks) or ejected: that is a dead pool, not an overloaded one.
+//!
+//! **One alert per transition, without a lease.** Every nginx worker runs the detector
+//! once a second ([`Balancer::emergency_tick`]) over the shared window. Transitions are
+//! compare-and-swaps on `PoolSlot::emergency` (`0 -> ACTIVE` to enter, `ACTIVE -> 0` to
+//! exit), so exactly one worker wins each and only the winner reports it for alerting.
+//! An operator's forced change is reported by the call that made it
+//! ([`Balancer::force_emergency`]: the previous bits come from the same atomic update).
+//! Forced states win: the detector never touches a pool with `FORCED_ON` or
+//! `FORCED_OFF`; `auto` hands the pool back in the state it is in. The time the ratio
+//! has been calm is kept per process (each worker sees the same shared window, so each
+//! reaches the same verdict within a tick; a restarted worker only starts counting
+//! afresh while the others still decide).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::balancer::{node_stats, Balancer, EmergencyMode, Error, PoolTopo};
+use crate::config::{check_range, check_ratio, ConfigError, PoolConfig};
+use crate::shm::layout::emergency::{ACTIVE, FORCED_OFF, FORCED_ON};
+use crate::shm::layout::{flags, PoolSlot};
+use crate::shm::Region;
+use crate::window::{self, Totals};
+
+/// A pool's `emergency` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmergencyConfig {
+    /// Busy ratio at which the pool enters emergency, 0..=1 (exclusive of 0).
+    pub enter_busy_ratio: f64,
+    /// Busy ratio below which it may leave, 0..=1 and below `enter_busy_ratio`.
+    pub exit_busy_ratio: f64,
+    /// Requests the window must hold before it is judged, 1..=1000000.
+    pub min_requests: u32,
+    /// In emergency, requests of a priority below this are shed, 1..=11 (1: none).
+    pub shed_below: u32,
+    /// The pool brought in during emergency (must exist, not this pool).
+    pub backup_pool: Option<String>,
+    /// How long the ratio must stay below `exit_busy_ratio` before the pool leaves,
+    /// 1000..=86400000 ms; default the pool's `window_ms`.
+    pub healthy_window_ms: Option<u32>,
+    /// Where alerts are POSTed (JSON).
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+impl Default for EmergencyConfig {
+    fn default() -> Self {
+        EmergencyConfig {
+            enter_busy_ratio: 0.3,
+            exit_busy_ratio: 0.1,
+            min_requests: 20,
+            shed_below: 1,
+            backup_pool: None,
+            healthy_window_ms: None,
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+/// One alert receiver.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://host[:port][/path]` (plain HTTP: alerts go to a local relay or an
+    /// internal receiver).
+    pub url: String,
+    /// Per attempt: connect, send and read the status line, 10..=600000 ms.
+    pub timeout_ms: u32,
+    /// Attempts after the first, with exponential backoff, 0..=20.
+    pub retries: u32,
+    /// Rate limit: at least this long between two deliveries to this receiver from one
+    /// worker, 0..=3600000 ms. Alerts are delayed, never dropped.
+    pub min_interval_ms: u32,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            url: String::new(),
+            timeout_ms: 2_000,
+            retries: 3,
+            min_interval_ms: 1_000,
+        }
+    }
+}
+
+impl EmergencyConfig {
+    /// `path` is `pools.NAME.emergency`; `pool` the pool's name; `pools` all pools.
+    pub(crate) fn validate(
+        &self,
+        path: &str,
+        pool: &str,
+        window_ms: u32,
+        pools: &BTreeMap<String, PoolConfig>,
+    ) -> Result<(), ConfigError> {
+        check_ratio(path, "enter_busy_ratio", self.enter_busy_ratio, 1.0)?;
+        if self.enter_busy_ratio == 0.0 {
+            return Err(ConfigError::new(
+                format!("{path}.enter_busy_ratio"),
+                "0 must be above 0 (the pool would always be in emergency)",
+            ));
+        }
+        check_ratio(path, "exit_busy_ratio", self.exit_busy_ratio, 1.0)?;
+        if self.exit_busy_ratio >= self.enter_busy_ratio {
+            return Err(ConfigError::new(
+                format!("{path}.exit_busy_ratio"),
+                format!(
+                    "{} must be below enter_busy_ratio ({})",
+                    self.exit_busy_ratio, self.enter_busy_ratio
+                ),
+            ));
+        }
+        check_range(path, "min_requests", self.min_requests, 1..=1_000_000)?;
+        check_range(path, "shed_below", self.shed_below, 1..=11)?;
+        check_range(
+            path,
+            "healthy_window_ms",
+            self.healthy_window_ms.unwrap_or(window_ms),
+            1_000..=86_400_000,
+        )?;
+        if let Some(b) = &self.backup_pool {
+            let field = format!("{path}.backup_pool");
+            if b == pool {
+                return Err(ConfigError::new(field, format!("{b:?} is this pool itself")));
+            }
+            if !pools.contains_key(b) {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{b:?} is not a pool of this config"),
+                ));
+            }
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            let wp = format!("{path}.webhooks[{i}]");
+            parse_url(&w.url).map_err(|m| ConfigError::new(format!("{wp}.url"), m))?;
+            check_range(&wp, "timeout_ms", w.timeout_ms, 10..=600_000)?;
+            check_range(&wp, "retries", w.retries, 0..=20)?;
+            check_range(&wp, "min_interval_ms", w.min_interval_ms, 0..=3_600_000)?;
+        }
+        Ok(())
+    }
+}
+
+/// Host, port and path of an `http://host[:port][/path]` URL; the message names it.
+pub fn parse_url(url: &str) -> Result<(String, u16, String), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url:?} must start with http:// (https is not supported)"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if path
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(format!("{url:?}: the path contains spaces or control characters"));
+    }
+    let (host, port) = if authority.starts_with('[') {
+        // [v6] or [v6]:port
+        let end = authority.find(']').map_or(authority.len(), |i| i + 1);
+        (&authority[..end], authority[end..].strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        None => 80,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("{url:?}: invalid port {p:?}"))?,
+    };
+    let ok = |b: u8| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b);
+    if host.is_empty() || !host.bytes().all(ok) {
+        return Err(format!("{url:?}: invalid host {host:?}"));
+    }
+    Ok((host.to_string(), port, path.to_string()))
+}
+
+/// The detector's thresholds for one pool.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Params {
+    pub enter: f64,
+    pub exit: f64,
+    pub min_requests: u64,
+    pub healthy_window_ms: u64,
+}
+
+impl Params {
+    pub fn new(c: &EmergencyConfig, window_ms: u32) -> Params {
+        Params {
+            enter: c.enter_busy_ratio,
+            exit: c.exit_busy_ratio,
+            min_requests: c.min_requests as u64,
+            healthy_window_ms: c.healthy_window_ms.unwrap_or(window_ms) as u64,
+        }
+    }
+}
+
+/// What the detector concluded.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Stay as is.
+    Hold,
+    /// Enter emergency: the busy ratio reached the threshold.
+    Enter { ratio: f64 },
+    /// Leave emergency: the ratio stayed below the exit threshold long enough.
+    Exit { ratio: f64 },
+}
+
+/// The overload detector: a pure function of the window's totals `t` at `now_ms`,
+/// whether the pool is `active`, and `calm_since` (when the ratio last fell below the
+/// exit threshold during this emergency; updated here, `None` outside emergency).
+pub fn decide(active: bool, t: &Totals, calm_since: &mut Option<u64>, now_ms: u64, p: &Params) -> Decision {
+    let offered = t.requests + t.shed;
+    if !active {
+        *calm_since = None;
+        let ratio = t.busy_ratio();
+        if offered >= p.min_requests && ratio >= p.enter {
+            return Decision::Enter { ratio };
+        }
+        return Decision::Hold;
+    }
+    if offered < p.min_requests {
+        // Too little traffic to say the nodes recovered (they may be resting while the
+        // backup pool serves): hold, and keep the calm clock as it is.
+        return Decision::Hold;
+    }
+    let ratio = exit_ratio(t);
+    if ratio >= p.exit {
+        *calm_since = None;
+        return Decision::Hold;
+    }
+    let since = *calm_since.get_or_insert(now_ms);
+    if now_ms.saturating_sub(since) >= p.healthy_window_ms {
+        *calm_since = None;
+        return Decision::Exit { ratio };
+    }
+    Decision::Hold
+}
+
+/// The ratio judged in emergency: 429s per try (shed requests left out).
+fn exit_ratio(t: &Totals) -> f64 {
+    if t.requests == 0 {
+        0.0
+    } else {
+        t.busy.min(t.requests) as f64 / t.requests as f64
+    }
+}
+
+/// Per-process detector state: when each pool's ratio turned calm.
+#[derive(Default)]
+pub struct DetectorState {
+    calm_since: Mutex<HashMap<u32, u64>>,
+}
+
+/// Window counts in an alert.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Counts {
+    pub window_ms: u32,
+    pub requests: u64,
+    pub busy: u64,
+    pub failures: u64,
+    pub shed: u64,
+    pub entries_total: u64,
+    pub shed_total: u64,
+}
+
+/// One node in an alert.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AlertNode {
+    pub id: String,
+    pub state: &'static str,
+    pub inflight: u32,
+    /// Learned concurrency limit (0: none learned).
+    pub limit: f64,
+    pub backup: bool,
+}
+
+/// A transition of a pool into or out of emergency: what the alert says.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Transition {
+    pub pool: String,
+    /// "enter" or "exit".
+    pub event: &'static str,
+    /// "forced" for an operator's change, else the detector's reading.
+    pub reason: String,
+    /// Whether an operator forced it.
+    pub forced: bool,
+    /// The busy ratio judged (the seed's on entry; 429s per try in emergency).
+    pub busy_ratio: f64,
+    pub counts: Counts,
+    pub shed_below: u32,
+    pub backup_pool: Option<String>,
+    pub nodes: Vec<AlertNode>,
+    /// Unix time, seconds.
+    pub time: f64,
+}
+
+impl Transition {
+    /// The alert body (JSON).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("transition serializes")
+    }
+
+    /// One line for the error log.
+    pub fn log_line(&self) -> String {
+        let what = if self.event == "enter" { "entered" } else { "left" };
+        let backup = match (&self.backup_pool, self.event) {
+            (Some(b), "enter") if self.shed_below > 1 => {
+                format!(
+                    "; backup pool {b} in, shedding priorities below {}",
+                    self.shed_below
+                )
+            }
+            (Some(b), "enter") => format!("; backup pool {b} in"),
+            (Some(b), _) => format!("; backup pool {b} out"),
+            _ => String::new(),
+        };
+        format!(
+            "pool {} {what} emergency mode: {} (window {} ms: {} tries, {} busy, {} shed){backup}",
+            self.pool,
+            self.reason,
+            self.counts.window_ms,
+            self.counts.requests,
+            self.counts.busy,
+            self.counts.shed
+        )
+    }
+}
+
+/// Store a pool's shedding threshold and backup pool in its slot (configure, lock
+/// held). `slot_of` maps pool names to slots of the new topology.
+pub(crate) fn store_params(ps: &PoolSlot, p: &PoolTopo, slot_of: &dyn Fn(&str) -> Option<u32>) {
+    let e = p.emergency.as_ref();
+    ps.shed_below
+        .store(e.map_or(1, |e| e.shed_below), Ordering::Relaxed);
+    let backup = e
+        .and_then(|e| e.backup_pool.as_deref())
+        .and_then(slot_of)
+        .map_or(0, |s| s + 1);
+    ps.backup_pool.store(backup, Ordering::Relaxed);
+}
+
+/// The pool whose nodes may take a try no node of this pool can: its backup pool
+/// while in emergency, or while every node of `nodes` (the pool's slots) is down or
+/// ejected. No allocation, no lock: called on the request path when a pick fails.
+pub(crate) fn spill_target(region: &Region, ps: &PoolSlot, nodes: &[&[u32]], now_ms: u64) -> Option<u32> {
+    let backup = ps.backup_pool.load(Ordering::Relaxed);
+    if backup == 0 {
+        return None;
+    }
+    if ps.emergency.load(Ordering::Acquire) & ACTIVE != 0 {
+        return Some(backup - 1);
+    }
+    let dead = nodes.iter().flat_map(|t| t.iter()).all(|&s| {
+        region.node(s).is_none_or(|n| {
+            n.flags.load(Ordering::Relaxed) & flags::DOWN != 0
+                || n.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+        })
+    });
+    dead.then_some(backup - 1)
+}
+
+fn unix_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Balancer {
+    /// Run the overload detector over every pool with an `emergency` section at
+    /// `now_ms` (coarse monotonic, [`crate::shm::clock::now_ms`]) and perform the
+    /// transitions it decides. Returns the transitions this call won (each exactly once
+    /// across all processes), for alerting. Any process may call it at any time.
+    pub fn emergency_tick(&self, now_ms: u64) -> Result<Vec<Transition>, Error> {
+        let topo = self.topology()?;
+        let region = self.region();
+        let mut out = Vec::new();
+        let mut calm = self.emergency_state().calm_since.lock();
+        for p in &topo.pools {
+            let ps = region.pool(p.slot).expect("topology slot in range");
+            let bits = ps.emergency.load(Ordering::Acquire);
+            let Some(cfg) = &p.emergency else {
+                calm.remove(&p.slot);
+                // A reload took the section away while the detector had the pool in
+                // emergency: nothing would ever end it.
+                if bits == ACTIVE
+                    && ps
+                        .emergency
+                        .compare_exchange(ACTIVE, 0, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    let t = window::totals(&ps.window, now_ms, ps.window_ms.load(Ordering::Relaxed));
+                    let reason = "the pool has no emergency section any more".to_string();
+                    out.push(self.transition(p, &topo.pools, "exit", reason, false, exit_ratio(&t), t));
+                }
+                continue;
+            };
+            if bits & (FORCED_ON | FORCED_OFF) != 0 {
+                calm.remove(&p.slot);
+                continue;
+            }
+            let window_ms = ps.window_ms.load(Ordering::Relaxed);
+            let t = window::totals(&ps.window, now_ms, window_ms);
+            let params = Params::new(cfg, p.window_ms);
+            let mut since = calm.get(&p.slot).copied();
+            let decision = decide(bits & ACTIVE != 0, &t, &mut since, now_ms, &params);
+            match since {
+                Some(s) => calm.insert(p.slot, s),
+                None => calm.remove(&p.slot),
+            };
+            let (from, to, event, reason, ratio) = match decision {
+                Decision::Hold => continue,
+                Decision::Enter { ratio } => (
+                    0,
+                    ACTIVE,
+                    "enter",
+                    format!(
+                        "busy ratio {ratio:.3} >= {} ({} busy + {} shed of {} offered)",
+                        params.enter,
+                        t.busy,
+                        t.shed,
+                        t.requests + t.shed
+                    ),
+                    ratio,
+                ),
+                Decision::Exit { ratio } => (
+                    ACTIVE,
+                    0,
+                    "exit",
+                    format!(
+                        "busy ratio {ratio:.3} < {} for {} ms",
+                        params.exit, params.healthy_window_ms
+                    ),
+                    ratio,
+                ),
+            };
+            // Exactly one process wins each transition; a forced change in between
+            // makes the exchange fail.
+            if ps
+                .emergency
+                .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
+            }
+            if to == ACTIVE {
+                ps.emergency_since_ms.store(now_ms, Ordering::Relaxed);
+                ps.emergency_entries_total.fetch_add(1, Ordering::Relaxed);
+            }
+            out.push(self.transition(p, &topo.pools, event, reason, false, ratio, t));
+        }
+        Ok(out)
+    }
+
+    /// Force emergency mode on or off for `pool`, or hand it back to the detector
+    /// (`Auto`, which keeps the current state). Returns the transition when the pool's
+    /// state changed (for alerting), `None` when it did not.
+    pub fn force_emergency(&self, pool: u32, mode: EmergencyMode) -> Result<Option<Transition>, Error> {
+        let ps = self
+            .region()
+            .pool(pool)
+            .filter(|p| p.in_use.load(Ordering::Acquire) != 0)
+            .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))?;
+        let now = crate::shm::clock::now_ms();
+        let before = ps
+            .emergency
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
+                Some(match mode {
+                    EmergencyMode::Auto => e & ACTIVE,
+                    EmergencyMode::On => ACTIVE | FORCED_ON,
+                    EmergencyMode::Off => FORCED_OFF,
+                })
+            })
+            .unwrap_or_else(|e| e);
+        let was = before & ACTIVE != 0;
+        let now_active = match mode {
+            EmergencyMode::Auto => was,
+            EmergencyMode::On => true,
+            EmergencyMode::Off => false,
+        };
+        if was == now_active {
+            return Ok(None);
+        }
+        if now_active {
+            ps.emergency_since_ms.store(now, Ordering::Relaxed);
+            ps.emergency_entries_total.fetch_add(1, Ordering::Relaxed);
+        }
+        let topo = self.topology()?;
+        let Some(p) = topo.pools.iter().find(|p| p.slot == pool) else {
+            return Ok(None);
+        };
+        let t = window::totals(&ps.window, now, ps.window_ms.load(Ordering::Relaxed));
+        let event = if now_active { "enter" } else { "exit" };
+        let ratio = if now_active {
+            t.busy_ratio()
+        } else {
+            exit_ratio(&t)
+        };
+        Ok(Some(self.transition(
+            p,
+            &topo.pools,
+            event,
+            "forced".into(),
+            true,
+            ratio,
+            t,
+        )))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn transition(
+        &self,
+        p: &PoolTopo,
+        pools: &[PoolTopo],
+        event: &'static str,
+        reason: String,
+        forced: bool,
+        busy_ratio: f64,
+        t: Totals,
+    ) -> Transition {
+        let region = self.region();
+        let ps = region.pool(p.slot).expect("topology slot in range");
+        let backup = ps.backup_pool.load(Ordering::Relaxed);
+        let nodes = p
+            .nodes
+            .iter()
+            .map(|n| {
+                let s = node_stats(region, region.node(n.slot).expect("topology slot in range"));
+                AlertNode {
+                    id: n.id.clone(),
+                    state: s.state,
+                    inflight: s.inflight,
+                    limit: s.limit,
+                    backup: n.backup,
+                }
+            })
+            .collect();
+        Transition {
+            pool: p.name.clone(),
+            event,
+            reason,
+            forced,
+            busy_ratio,
+            counts: Counts {
+                window_ms: ps.window_ms.load(Ordering::Relaxed),
+                requests: t.requests,
+                busy: t.busy,
+                failures: t.failures,
+                shed: t.shed,
+                entries_total: ps.emergency_entries_total.load(Ordering::Relaxed),
+                shed_total: ps.shed_total.load(Ordering::Relaxed),
+            },
+            shed_below: ps.shed_below.load(Ordering::Relaxed),
+            backup_pool: (backup != 0)
+                .then(|| {
+                    pools
+                        .iter()
+                        .find(|q| q.slot == backup - 1)
+                        .map(|q| q.name.clone())
+                })
+                .flatten(),
+            nodes,
+            time: unix_time(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> Params {
+        Params {
+            enter: 0.3,
+            exit: 0.1,
+            min_requests: 10,
+            healthy_window_ms: 5_000,
+        }
+    }
+
+    fn totals(requests: u64, busy: u64, shed: u64) -> Totals {
+        Totals {
+            requests,
+            failures: 0,
+            busy,
+            shed,
+        }
+    }
+
+    #[test]
+    fn enters_at_the_threshold_only_with_enough_requests() {
+        let p = params();
+        let mut calm = None;
+        assert_eq!(
+            decide(false, &totals(9, 9, 0), &mut calm, 0, &p),
+            Decision::Hold,
+            "idle window"
+        );
+        assert_eq!(
+            decide(false, &totals(100, 29, 0), &mut calm, 0, &p),
+            Decision::Hold
+        );
+        assert_eq!(
+            decide(false, &totals(100, 30, 0), &mut calm, 0, &p),
+            Decision::Enter { ratio: 0.3 }
+        );
+        // Shed requests count as busy and as offered: (10 + 20) / (80 + 20).
+        assert_eq!(
+            decide(false, &totals(80, 10, 20), &mut calm, 0, &p),
+            Decision::Enter { ratio: 0.3 }
+        );
+        // Few tries but many shed: offered is what counts.
+        assert!(matches!(
+            decide(false, &totals(2, 0, 20), &mut calm, 0, &p),
+            Decision::Enter { .. }
+        ));
+    }
+
+    #[test]
+    fn exits_only_after_a_healthy_window_below_the_exit_ratio() {
+        let p = params();
+        let mut calm = None;
+        // Between exit and enter: hysteresis, stay.
+        assert_eq!(
+            decide(true, &totals(100, 20, 0), &mut calm, 1_000, &p),
+            Decision::Hold
+        );
+        assert_eq!(calm, None);
+        // Calm from t = 2000.
+        assert_eq!(
+            decide(true, &totals(100, 5, 0), &mut calm, 2_000, &p),
+            Decision::Hold
+        );
+        assert_eq!(calm, Some(2_000));
+        assert_eq!(
+            decide(true, &totals(100, 5, 0), &mut calm, 6_999, &p),
+            Decision::Hold
+        );
+        assert_eq!(
+            decide(true, &totals(100, 5, 0), &mut calm, 7_000, &p),
+            Decision::Exit { ratio: 0.05 }
+        );
+        assert_eq!(calm, None);
+    }
+
+    #[test]
+    fn a_relapse_restarts_the_healthy_window() {
+        let p = params();
+        let mut calm = None;
+        decide(true, &totals(100, 0, 0), &mut calm, 0, &p);
+        assert_eq!(
+            decide(true, &totals(100, 50, 0), &mut calm, 4_000, &p),
+            Decision::Hold
+        );
+        assert_eq!(calm, None);
+        assert_eq!(
+            decide(true, &totals(100, 0, 0), &mut calm, 5_000, &p),
+            Decision::Hold
+        );
+        assert_eq!(
+            decide(true, &totals(100, 0, 0), &mut calm, 9_999, &p),
+            Decision::Hold
+        );
+        assert!(matches!(
+            decide(true, &totals(100, 0, 0), &mut calm, 10_000, &p),
+            Decision::Exit { .. }
+        ));
+    }
+
+    #[test]
+    fn in_emergency_shed_requests_do_not_hold_the_pool() {
+        let p = params();
+        let mut calm = None;
+        // Half the offered load shed, no 429s from the nodes: calm.
+        assert_eq!(decide(true, &totals(50, 0, 50), &mut calm, 0, &p), Decision::Hold);
+        assert!(matches!(
+            decide(true, &totals(50, 0, 50), &mut calm, 5_000, &p),
+            Decision::Exit { ratio } if ratio == 0.0
+        ));
+    }
+
+    #[test]
+    fn an_idle_window_holds_emergency() {
+        let p = params();
+        let mut calm = None;
+        assert_eq!(decide(true, &totals(3, 0, 0), &mut calm, 0, &p), Decision::Hold);
+        assert_eq!(
+            decide(true, &totals(0, 0, 0), &mut calm, 60_000, &p),
+            Decision::Hold
+        );
+        assert_eq!(calm, None, "an idle window starts no calm period");
+        // Calm with traffic, then idle: the calm period started is kept.
+        decide(true, &totals(100, 0, 0), &mut calm, 70_000, &p);
+        assert_eq!(
+            decide(true, &totals(0, 0, 0), &mut calm, 80_000, &p),
+            Decision::Hold
+        );
+        assert_eq!(calm, Some(70_000));
+    }
+
+    #[test]
+    fn outside_emergency_the_calm_clock_is_cleared() {
+        let p = params();
+        let mut calm = Some(123);
+        assert_eq!(
+            decide(false, &totals(100, 0, 0), &mut calm, 0, &p),
+            Decision::Hold
+        );
+        assert_eq!(calm, None);
+    }
+
+    #[test]
+    fn urls_parse() {
+        assert_eq!(
+            parse_url("http://127.0.0.1:9000/hook").unwrap(),
+            ("127.0.0.1".into(), 9000, "/hook".into())
+        );
+        assert_eq!(
+            parse_url("http://alerts.internal").unwrap(),
+            ("alerts.internal".into(), 80, "/".into())
+        );
+        assert_eq!(
+            parse_url("http://[::1]:81/a?b=c").unwrap(),
+            ("[::1]".into(), 81, "/a?b=c".into())
+        );
+        for bad in [
+            "https://x/",
+            "ftp://x",
+            "http://",
+            "http://h:0/",
+            "http://h:99999/",
+            "http://h/a b",
+            "http://a b/",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn config(emergency: serde_json::Value) -> Result<crate::config::Config, String> {
+        crate::config::Config::from_value(serde_json::json!({
+            "pools": {
+                "llm": {
+                    "nodes": [{ "id": "a", "addr": "127.0.0.1:8000" }],
+                    "window_ms": 4000,
+                    "emergency": emergency
+                },
+                "spare": { "nodes": [{ "id": "s", "addr": "127.0.0.1:8001" }] }
+            }
+        }))
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn config_defaults_and_fields() {
+        let c = config(serde_json::json!({})).unwrap();
+        let e = c.pools["llm"].emergency.clone().unwrap();
+        assert_eq!(e, EmergencyConfig::default());
+        assert_eq!(
+            Params::new(&e, 4000).healthy_window_ms,
+            4000,
+            "defaults to window_ms"
+        );
+        let c = config(serde_json::json!({
+            "enter_busy_ratio": 0.5, "exit_busy_ratio": 0.2, "min_requests": 5, "shed_below": 4,
+            "backup_pool": "spare", "healthy_window_ms": 2000,
+            "webhooks": [{ "url": "http://127.0.0.1:9/x", "timeout_ms": 100, "retries": 1, "min_interval_ms": 0 }]
+        }))
+        .unwrap();
+        let e = c.pools["llm"].emergency.clone().unwrap();
+        assert_eq!(e.backup_pool.as_deref(), Some("spare"));
+        assert_eq!(e.webhooks[0].retries, 1);
+        assert_eq!(Params::new(&e, 4000).healthy_window_ms, 2000);
+        assert!(c.pools["spare"].emergency.is_none());
+    }
+
+    #[test]
+    fn config_errors_name_pool_field_and_value() {
+        let cases = [
+            (
+                serde_json::json!({ "backup_pool": "nope" }),
+                "pools.llm.emergency.backup_pool: \"nope\" is not a pool",
+            ),
+            (
+                serde_json::json!({ "backup_pool": "llm" }),
+                "pools.llm.emergency.backup_pool: \"llm\" is this pool itself",
+            ),
+            (
+                serde_json::json!({ "enter_busy_ratio": 1.5 }),
+                "pools.llm.emergency.enter_busy_ratio: 1.5 is out of range",
+            ),
+            (
+                serde_json::json!({ "enter_busy_ratio": 0.0 }),
+                "pools.llm.emergency.enter_busy_ratio: 0 must be above 0",
+            ),
+            (
+                serde_json::json!({ "enter_busy_ratio": 0.3, "exit_busy_ratio": 0.3 }),
+                "pools.llm.emergency.exit_busy_ratio: 0.3 must be below enter_busy_ratio (0.3)",
+            ),
+            (
+                serde_json::json!({ "shed_below": 12 }),
+                "pools.llm.emergency.shed_below: 12 is out of range 1..=11",
+            ),
+            (
+                serde_json::json!({ "shed_below": 0 }),
+                "pools.llm.emergency.shed_below: 0 is out of range 1..=11",
+            ),
+            (
+                serde_json::json!({ "min_requests": 0 }),
+                "pools.llm.emergency.min_requests: 0 is out of range",
+            ),
+            (
+                serde_json::json!({ "healthy_window_ms": 10 }),
+                "pools.llm.emergency.healthy_window_ms: 10 is out of range",
+            ),
+            (
+                serde_json::json!({ "webhooks": [{ "url": "https://x/" }] }),
+                "pools.llm.emergency.webhooks[0].url: \"https://x/\" must start with http://",
+            ),
+            (
+                serde_json::json!({ "webhooks": [{ "url": "http://x/", "retries": 50 }] }),
+                "pools.llm.emergency.webhooks[0].retries: 50 is out of range 0..=20",
+            ),
+            (
+                serde_json::json!({ "enter": 0.3 }),
+                "pools.llm.emergency: unknown field `enter`",
+            ),
+        ];
+        for (v, want) in cases {
+            let got = config(v.clone()).unwrap_err();
+            assert!(got.starts_with(want), "{v}: got {got:?}, want {want:?}...");
+        }
+    }
+}
