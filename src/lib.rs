@@ -26,6 +26,7 @@ pub mod config;
 pub mod ffi;
 pub mod health;
 pub mod load;
+pub mod metrics;
 #[cfg(feature = "lua-module")]
 mod lua;
 pub mod retry;

@@ -307,6 +307,12 @@ impl UserData for LuaBalancer {
                 Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
             }
         });
+        // Prometheus text exposition of every pool and node (`/metrics`), or nil, err.
+        m.add_method("metrics", |lua, this, ()| {
+            let mut text = String::with_capacity(64 * 1024);
+            let r = crate::metrics::render(&this.0, &mut text).map(|_| text);
+            nil_err(lua, r)
+        });
     }
 }
 
