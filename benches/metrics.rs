@@ -1,16 +1,17 @@
-//! Benchmark of `/metrics` rendering (`rsbalancer::metrics::render`) at 1,000 nodes.
+//! Benchmark of `/metrics` rendering (`rsbalancer::metrics::render`) at 3 and 1,000
+//! nodes.
 //!
 //! ```text
 //! cargo bench --no-default-features --bench metrics [-- --dump FILE]
 //! ```
 //!
-//! A plain `fn main` (`harness = false` in Cargo.toml). One balancer with 1,000 nodes
-//! (one pool of 1,000, `p2c_ewma`), every node given traffic first (picks and reports
+//! A plain `fn main` (`harness = false` in Cargo.toml). For each size, one balancer
+//! with one `p2c_ewma` pool of that many nodes, every node given traffic first (picks and reports
 //! with 2xx, 429, 5xx and no-response outcomes spread over the latency buckets), then
 //! `RUNS` renders into a reused buffer; prints the median, min and max time per
 //! render and the size of the exposition. Rendering is what a scrape costs the worker
 //! that serves it (plus copying the text into Lua and sending it); nothing is added
-//! to the request path. `--dump FILE` writes one exposition, e.g. for
+//! to the request path. `--dump FILE` writes the 1,000-node exposition, e.g. for
 //! `promtool check metrics < FILE`.
 
 use std::hint::black_box;
@@ -19,11 +20,17 @@ use std::time::Instant;
 use rsbalancer::balancer::Balancer;
 use rsbalancer::config::Config;
 
-const NODES: usize = 1_000;
+const SIZES: [usize; 2] = [3, 1_000];
 const RUNS: usize = 31;
 
 fn main() {
-    let nodes: Vec<String> = (0..NODES)
+    for nodes in SIZES {
+        bench(nodes);
+    }
+}
+
+fn bench(nodes_n: usize) {
+    let nodes: Vec<String> = (0..nodes_n)
         .map(|i| {
             format!(
                 r#"{{"id": "node-{i}", "addr": "127.0.0.1:{}", "weight": {}}}"#,
@@ -38,7 +45,7 @@ fn main() {
     );
     let b = Balancer::create(&Config::from_json(&json).expect("config")).expect("balancer");
     let pool = b.pool_index("llm").unwrap();
-    for i in 0..NODES * 20 {
+    for i in 0..nodes_n * 20 {
         let node = b.pick(pool, b"", &[]).expect("pick");
         let status = match i % 20 {
             0 => 429,
@@ -46,16 +53,21 @@ fn main() {
             2 => 0,
             _ => 200,
         };
-        b.report(node, status, ((i * 7919) % 2_000_000) as u32, 0).unwrap();
+        b.report(node, status, ((i * 7919) % 2_000_000) as u32, 0)
+            .unwrap();
     }
     // Some tries left in flight.
-    for _ in 0..100 {
+    for _ in 0..nodes_n.div_ceil(10) {
         b.pick(pool, b"", &[]).unwrap();
     }
     let mut out = String::new();
     rsbalancer::metrics::render(&b, &mut out).unwrap();
     let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--dump") {
+    if let Some(i) = args
+        .iter()
+        .position(|a| a == "--dump")
+        .filter(|_| nodes_n == 1_000)
+    {
         let path = args.get(i + 1).expect("--dump FILE");
         std::fs::write(path, &out).expect("write dump");
         println!("wrote {path}");
@@ -71,10 +83,9 @@ fn main() {
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
-        "metrics render, {NODES} nodes in one pool: median {:.2} ms (min {:.2}, max {:.2}) over {RUNS} renders; {:.2} MB, {lines} lines per exposition",
+        "metrics render, {nodes_n} nodes in one pool: median {:.3} ms (min {:.3}, max {:.3}) over {RUNS} renders; {bytes} bytes, {lines} lines per exposition",
         times[RUNS / 2],
         times[0],
         times[RUNS - 1],
-        bytes as f64 / 1e6
     );
 }

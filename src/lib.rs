@@ -26,9 +26,9 @@ pub mod config;
 pub mod ffi;
 pub mod health;
 pub mod load;
-pub mod metrics;
 #[cfg(feature = "lua-module")]
 mod lua;
+pub mod metrics;
 pub mod retry;
 pub mod select;
 pub mod shm;

@@ -274,13 +274,8 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
                 "healthy" | "slow_start" if draining => "draining",
                 s => s,
             };
-            let load_all = |a: &[std::sync::atomic::AtomicU64]| -> Vec<u64> {
-                a.iter().map(|c| c.load(Ordering::Relaxed)).collect()
-            };
-            let mut class = [0u64; 6];
-            class.copy_from_slice(&load_all(&slot.status_class));
-            let mut hist = [0u64; LATENCY_BOUNDS_MS.len() + 1];
-            hist.copy_from_slice(&load_all(&slot.latency_hist));
+            let class = slot.status_class.each_ref().map(|c| c.load(Ordering::Relaxed));
+            let hist = slot.latency_hist.each_ref().map(|c| c.load(Ordering::Relaxed));
             let ewma_us = load::current(slot.ewma.load(Ordering::Relaxed), now, decay_ms, reference_us);
             let rem = |until: u64| until.saturating_sub(now) as f64 / 1000.0;
             nodes.push(NodeSnap {
@@ -375,7 +370,12 @@ fn shares(nodes: &mut [NodeSnap]) -> f64 {
 
 fn write_globals(out: &mut String, b: &Balancer) {
     let h = b.region().header();
-    family(out, "rsbalancer_info", Kind::Gauge, "rsbalancer library version (always 1).");
+    family(
+        out,
+        "rsbalancer_info",
+        Kind::Gauge,
+        "rsbalancer library version (always 1).",
+    );
     sample(
         out,
         "rsbalancer_info",
@@ -405,12 +405,128 @@ fn write_globals(out: &mut String, b: &Balancer) {
     );
 }
 
-/// A node family: one sample per node from `f`.
-fn node_family(out: &mut String, nodes: &[NodeSnap], name: &str, kind: Kind, help: &str, f: impl Fn(&NodeSnap) -> Num) {
-    family(out, name, kind, help);
-    for n in nodes {
-        sample(out, name, &n.labels, "", f(n));
+/// A family with one sample per node or per pool: name, type, help, value.
+type Field<T> = (&'static str, Kind, &'static str, fn(&T) -> Num);
+
+/// Writes each family of `fields` with one sample per item of `items`.
+fn simple_families<T>(out: &mut String, items: &[T], labels_of: fn(&T) -> &str, fields: &[Field<T>]) {
+    for (name, kind, help, f) in fields {
+        family(out, name, *kind, help);
+        for it in items {
+            sample(out, name, labels_of(it), "", f(it));
+        }
     }
+}
+
+/// A family with one sample per item and value of a label (`label=v` for each of
+/// `values`), from `f(item, value index)`.
+fn labelled_family<T>(
+    out: &mut String,
+    items: &[T],
+    labels_of: fn(&T) -> &str,
+    (name, kind, help): (&str, Kind, &str),
+    label: &str,
+    values: &[&str],
+    f: impl Fn(&T, usize) -> Num,
+) {
+    family(out, name, kind, help);
+    for it in items {
+        for (i, v) in values.iter().enumerate() {
+            sample(out, name, labels_of(it), &labels(&[(label, v)]), f(it, i));
+        }
+    }
+}
+
+const NODE_COUNTERS: [Field<NodeSnap>; 5] = [
+    (
+        "rsbalancer_node_429_total",
+        Kind::Counter,
+        "Tries the node answered with 429 (busy or quota spent).",
+        |n| n.busy.into(),
+    ),
+    (
+        "rsbalancer_node_errors_total",
+        Kind::Counter,
+        "Failed tries: no response or a 5xx status.",
+        |n| n.failures.into(),
+    ),
+    (
+        "rsbalancer_node_picks_total",
+        Kind::Counter,
+        "Tries handed to the node by the balancer.",
+        |n| n.picks.into(),
+    ),
+    (
+        "rsbalancer_node_cooldowns_total",
+        Kind::Counter,
+        "Cooldowns the node entered (quota 429s, 503 with Retry-After).",
+        |n| n.cooldowns.into(),
+    ),
+    (
+        "rsbalancer_node_ejections_total",
+        Kind::Counter,
+        "Outlier ejections of the node.",
+        |n| n.ejections.into(),
+    ),
+];
+
+const NODE_GAUGES: [Field<NodeSnap>; 8] = [
+    (
+        "rsbalancer_node_latency_ewma_seconds",
+        Kind::Gauge,
+        "Peak-EWMA latency estimate the balancer costs the node at now (failures and 429s count as penalties; an idle node decays toward the pool median).",
+        |n| n.ewma_s.into(),
+    ),
+    (
+        "rsbalancer_node_inflight",
+        Kind::Gauge,
+        "Tries in flight to the node, across all workers.",
+        |n| n.inflight.into(),
+    ),
+    (
+        "rsbalancer_node_concurrency_limit",
+        Kind::Gauge,
+        "Concurrency limit learned from 429s (0: none learned, unlimited).",
+        |n| n.limit.into(),
+    ),
+    (
+        "rsbalancer_node_weight",
+        Kind::Gauge,
+        "Base weight (configured or set at run time).",
+        |n| n.weight.into(),
+    ),
+    (
+        "rsbalancer_node_effective_weight",
+        Kind::Gauge,
+        "Weight the balancer selects with: base weight x slow start x recent success (x latency factor for the weight-driven algorithms).",
+        |n| n.effective.into(),
+    ),
+    (
+        "rsbalancer_node_weight_share",
+        Kind::Gauge,
+        "The node's share of its pool's effective weight among primaries that can take tries now (0 for backups and unavailable nodes).",
+        |n| n.weight_share.into(),
+    ),
+    (
+        "rsbalancer_node_cooldown_remaining_seconds",
+        Kind::Gauge,
+        "Time left in the node's 429 cooldown (0 when none).",
+        |n| n.cooldown_s.into(),
+    ),
+    (
+        "rsbalancer_node_ejection_remaining_seconds",
+        Kind::Gauge,
+        "Time left in the node's outlier ejection (0 when none).",
+        |n| n.ejection_s.into(),
+    ),
+];
+
+fn node_labels(n: &NodeSnap) -> &str {
+    &n.labels
+}
+
+fn pool_labels(p: &PoolSnap) -> &str {
+    &p.labels
 }
 
 fn write_nodes(out: &mut String, nodes: &[NodeSnap], pools: &[PoolSnap]) {
@@ -428,47 +544,20 @@ fn write_nodes(out: &mut String, nodes: &[NodeSnap], pools: &[PoolSnap]) {
         ]);
         sample(out, "rsbalancer_node_info", &n.labels, &extra, 1u64);
     }
-    family(
-        out,
-        "rsbalancer_node_requests_total",
-        Kind::Counter,
-        "Tries reported for the node, by outcome: status class, or no_response (connect error, timeout, reset). Tries the client abandoned are not counted.",
-    );
-    for n in nodes {
-        for (c, v) in CLASSES.iter().zip(n.class) {
-            sample(
-                out,
-                "rsbalancer_node_requests_total",
-                &n.labels,
-                &labels(&[("class", c)]),
-                v,
-            );
-        }
-    }
-    node_family(
+    labelled_family(
         out,
         nodes,
-        "rsbalancer_node_429_total",
-        Kind::Counter,
-        "Tries the node answered with 429 (busy or quota spent).",
-        |n| n.busy.into(),
+        node_labels,
+        (
+            "rsbalancer_node_requests_total",
+            Kind::Counter,
+            "Tries reported for the node, by outcome: status class, or no_response (connect error, timeout, reset). Tries the client abandoned are not counted.",
+        ),
+        "class",
+        &CLASSES,
+        |n, i| n.class[i].into(),
     );
-    node_family(
-        out,
-        nodes,
-        "rsbalancer_node_errors_total",
-        Kind::Counter,
-        "Failed tries: no response or a 5xx status.",
-        |n| n.failures.into(),
-    );
-    node_family(
-        out,
-        nodes,
-        "rsbalancer_node_picks_total",
-        Kind::Counter,
-        "Tries handed to the node by the balancer.",
-        |n| n.picks.into(),
-    );
+    simple_families(out, nodes, node_labels, &NODE_COUNTERS);
     let h = "rsbalancer_node_upstream_latency_seconds";
     family(
         out,
@@ -490,7 +579,13 @@ fn write_nodes(out: &mut String, nodes: &[NodeSnap], pools: &[PoolSnap]) {
         let mut cumulative = 0u64;
         for (le, v) in bounds.iter().zip(n.hist) {
             cumulative += v;
-            sample(out, "rsbalancer_node_upstream_latency_seconds_bucket", &n.labels, le, cumulative);
+            sample(
+                out,
+                "rsbalancer_node_upstream_latency_seconds_bucket",
+                &n.labels,
+                le,
+                cumulative,
+            );
         }
         sample(
             out,
@@ -499,288 +594,198 @@ fn write_nodes(out: &mut String, nodes: &[NodeSnap], pools: &[PoolSnap]) {
             "",
             n.hist_sum_us as f64 / 1e6,
         );
-        sample(out, "rsbalancer_node_upstream_latency_seconds_count", &n.labels, "", cumulative);
+        sample(
+            out,
+            "rsbalancer_node_upstream_latency_seconds_count",
+            &n.labels,
+            "",
+            cumulative,
+        );
     }
-    node_family(
+    simple_families(out, nodes, node_labels, &NODE_GAUGES);
+    labelled_family(
         out,
         nodes,
-        "rsbalancer_node_latency_ewma_seconds",
-        Kind::Gauge,
-        "Peak-EWMA latency estimate the balancer costs the node at now (failures and 429s count as penalties; an idle node decays toward the pool median).",
-        |n| n.ewma_s.into(),
-    );
-    node_family(
-        out,
-        nodes,
-        "rsbalancer_node_inflight",
-        Kind::Gauge,
-        "Tries in flight to the node, across all workers.",
-        |n| n.inflight.into(),
-    );
-    node_family(
-        out,
-        nodes,
-        "rsbalancer_node_concurrency_limit",
-        Kind::Gauge,
-        "Concurrency limit learned from 429s (0: none learned, unlimited).",
-        |n| n.limit.into(),
-    );
-    node_family(
-        out,
-        nodes,
-        "rsbalancer_node_weight",
-        Kind::Gauge,
-        "Base weight (configured or set at run time).",
-        |n| n.weight.into(),
-    );
-    node_family(
-        out,
-        nodes,
-        "rsbalancer_node_effective_weight",
-        Kind::Gauge,
-        "Weight the balancer selects with: base weight x slow start x recent success (x latency factor for the weight-driven algorithms).",
-        |n| n.effective.into(),
-    );
-    node_family(
-        out,
-        nodes,
-        "rsbalancer_node_weight_share",
-        Kind::Gauge,
-        "The node's share of its pool's effective weight among primaries that can take tries now (0 for backups and unavailable nodes).",
-        |n| n.weight_share.into(),
-    );
-    family(
-        out,
-        "rsbalancer_node_state",
-        Kind::Gauge,
-        "Node state: 1 for the current one (healthy, slow_start, cooling after 429s, ejected after failures, down by health checks, draining).",
-    );
-    for n in nodes {
-        for s in NODE_STATES {
-            sample(
-                out,
-                "rsbalancer_node_state",
-                &n.labels,
-                &labels(&[("state", s)]),
-                (n.state == s) as u64,
-            );
-        }
-    }
-    node_family(
-        out,
-        nodes,
-        "rsbalancer_node_cooldown_remaining_seconds",
-        Kind::Gauge,
-        "Time left in the node's 429 cooldown (0 when none).",
-        |n| n.cooldown_s.into(),
-    );
-    node_family(
-        out,
-        nodes,
-        "rsbalancer_node_ejection_remaining_seconds",
-        Kind::Gauge,
-        "Time left in the node's outlier ejection (0 when none).",
-        |n| n.ejection_s.into(),
-    );
-    node_family(
-        out,
-        nodes,
-        "rsbalancer_node_cooldowns_total",
-        Kind::Counter,
-        "Cooldowns the node entered (quota 429s, 503 with Retry-After).",
-        |n| n.cooldowns.into(),
-    );
-    node_family(
-        out,
-        nodes,
-        "rsbalancer_node_ejections_total",
-        Kind::Counter,
-        "Outlier ejections of the node.",
-        |n| n.ejections.into(),
+        node_labels,
+        (
+            "rsbalancer_node_state",
+            Kind::Gauge,
+            "Node state: 1 for the current one (healthy, slow_start, cooling after 429s, ejected after failures, down by health checks, draining).",
+        ),
+        "state",
+        &NODE_STATES,
+        |n, i| ((n.state == NODE_STATES[i]) as u64).into(),
     );
 }
 
-/// A pool family: one sample per pool from `f`.
-fn pool_family(out: &mut String, pools: &[PoolSnap], name: &str, kind: Kind, help: &str, f: impl Fn(&PoolSnap) -> Num) {
-    family(out, name, kind, help);
-    for p in pools {
-        sample(out, name, &p.labels, "", f(p));
-    }
-}
-
-fn write_pools(out: &mut String, pools: &[PoolSnap]) {
-    use Kind::{Counter, Gauge};
-    let counters: [(&str, &str, fn(&PoolSnap) -> Num); 10] = [
-        (
-            "rsbalancer_pool_requests_total",
-            "Requests that got a first try (a node picked).",
-            |p| p.requests.into(),
-        ),
-        (
-            "rsbalancer_pool_retries_total",
-            "Retries granted and picked (each follows a failed or 429 try).",
-            |p| p.retries.into(),
-        ),
-        (
-            "rsbalancer_pool_retries_denied_total",
-            "Retries refused because the pool's retry budget was spent.",
-            |p| p.retries_denied.into(),
-        ),
-        (
-            "rsbalancer_pool_no_node_total",
-            "Picks (first tries or retries) that found no node able to serve.",
-            |p| p.no_node.into(),
-        ),
-        (
-            "rsbalancer_pool_shed_total",
-            "Requests refused by admission: shed in emergency, queue full, waited too long.",
-            |p| p.shed.into(),
-        ),
-        (
-            "rsbalancer_pool_queue_admitted_total",
-            "Requests admitted from the admission queue.",
-            |p| p.queue_admitted.into(),
-        ),
-        (
-            "rsbalancer_pool_queue_timeouts_total",
-            "Requests that waited in the admission queue too long.",
-            |p| p.queue_timeouts.into(),
-        ),
-        (
-            "rsbalancer_pool_queue_evicted_total",
-            "Low-priority requests evicted from the admission queue.",
-            |p| p.queue_evicted.into(),
-        ),
-        (
-            "rsbalancer_pool_queue_aborted_total",
-            "Queued requests whose client went away.",
-            |p| p.queue_aborted.into(),
-        ),
-        (
-            "rsbalancer_pool_emergency_entries_total",
-            "Times the pool entered emergency mode.",
-            |p| p.emergency_entries.into(),
-        ),
-    ];
-    for (name, help, f) in counters {
-        pool_family(out, pools, name, Counter, help, f);
-    }
-    pool_family(
-        out,
-        pools,
+const POOL_FIELDS: [Field<PoolSnap>; 22] = [
+    (
+        "rsbalancer_pool_requests_total",
+        Kind::Counter,
+        "Requests that got a first try (a node picked).",
+        |p| p.requests.into(),
+    ),
+    (
+        "rsbalancer_pool_retries_total",
+        Kind::Counter,
+        "Retries granted and picked (each follows a failed or 429 try).",
+        |p| p.retries.into(),
+    ),
+    (
+        "rsbalancer_pool_retries_denied_total",
+        Kind::Counter,
+        "Retries refused because the pool's retry budget was spent.",
+        |p| p.retries_denied.into(),
+    ),
+    (
+        "rsbalancer_pool_no_node_total",
+        Kind::Counter,
+        "Picks (first tries or retries) that found no node able to serve.",
+        |p| p.no_node.into(),
+    ),
+    (
+        "rsbalancer_pool_shed_total",
+        Kind::Counter,
+        "Requests refused by admission: shed in emergency, queue full, waited too long.",
+        |p| p.shed.into(),
+    ),
+    (
+        "rsbalancer_pool_queue_admitted_total",
+        Kind::Counter,
+        "Requests admitted from the admission queue.",
+        |p| p.queue_admitted.into(),
+    ),
+    (
+        "rsbalancer_pool_queue_timeouts_total",
+        Kind::Counter,
+        "Requests that waited in the admission queue too long.",
+        |p| p.queue_timeouts.into(),
+    ),
+    (
+        "rsbalancer_pool_queue_evicted_total",
+        Kind::Counter,
+        "Low-priority requests evicted from the admission queue.",
+        |p| p.queue_evicted.into(),
+    ),
+    (
+        "rsbalancer_pool_queue_aborted_total",
+        Kind::Counter,
+        "Queued requests whose client went away.",
+        |p| p.queue_aborted.into(),
+    ),
+    (
         "rsbalancer_pool_queue_wait_seconds_total",
-        Counter,
+        Kind::Counter,
         "Total time requests waited in the admission queue.",
         |p| p.queue_wait_s.into(),
-    );
-    pool_family(
-        out,
-        pools,
-        "rsbalancer_pool_canary_rollbacks_total",
-        Counter,
-        "Automatic rollbacks of the pool's canary.",
-        |p| p.canary_rollbacks.into(),
-    );
-    pool_family(
-        out,
-        pools,
+    ),
+    (
         "rsbalancer_pool_queue_length",
-        Gauge,
+        Kind::Gauge,
         "Requests waiting in the admission queue now.",
         |p| p.queue_len.into(),
-    );
-    pool_family(
-        out,
-        pools,
+    ),
+    (
         "rsbalancer_pool_emergency",
-        Gauge,
+        Kind::Gauge,
         "1 while the pool is in emergency mode.",
         |p| (p.emergency_active as u64).into(),
-    );
-    family(
+    ),
+    (
+        "rsbalancer_pool_emergency_entries_total",
+        Kind::Counter,
+        "Times the pool entered emergency mode.",
+        |p| p.emergency_entries.into(),
+    ),
+    (
+        "rsbalancer_pool_canary_rolled_back",
+        Kind::Gauge,
+        "1 after an automatic rollback set the canary share to 0 (until an operator sets it again).",
+        |p| p.canary_rolled_back.into(),
+    ),
+    (
+        "rsbalancer_pool_canary_rollbacks_total",
+        Kind::Counter,
+        "Automatic rollbacks of the pool's canary.",
+        |p| p.canary_rollbacks.into(),
+    ),
+    (
+        "rsbalancer_pool_window_seconds",
+        Kind::Gauge,
+        "Width of the pool's sliding window (the window_* gauges).",
+        |p| p.window_s.into(),
+    ),
+    (
+        "rsbalancer_pool_window_tries",
+        Kind::Gauge,
+        "Tries reported in the sliding window.",
+        |p| p.window.requests.into(),
+    ),
+    (
+        "rsbalancer_pool_window_failed_tries",
+        Kind::Gauge,
+        "Failed tries (no response or 5xx) in the sliding window.",
+        |p| p.window.failures.into(),
+    ),
+    (
+        "rsbalancer_pool_window_429_tries",
+        Kind::Gauge,
+        "Tries answered 429 in the sliding window.",
+        |p| p.window.busy.into(),
+    ),
+    (
+        "rsbalancer_pool_window_shed_requests",
+        Kind::Gauge,
+        "Requests shed or refused by admission in the sliding window.",
+        |p| p.window.shed.into(),
+    ),
+    (
+        "rsbalancer_pool_window_success_ratio",
+        Kind::Gauge,
+        "Share of the sliding window's tries that succeeded (neither failed nor 429; 1 with no tries).",
+        |p| p.window.success_rate().into(),
+    ),
+    (
+        "rsbalancer_pool_inflight_imbalance",
+        Kind::Gauge,
+        "Largest relative deviation of a primary's share of the tries in flight from its effective-weight share, among primaries that can take tries (0 with nothing in flight).",
+        |p| p.inflight_imbalance.into(),
+    ),
+];
+
+const EMERGENCY_MODES: [&str; 3] = ["auto", "on", "off"];
+
+fn write_pools(out: &mut String, pools: &[PoolSnap]) {
+    simple_families(out, pools, pool_labels, &POOL_FIELDS);
+    labelled_family(
         out,
-        "rsbalancer_pool_emergency_mode",
-        Gauge,
-        "Who decides emergency mode: auto (the overload detector) or an operator forcing it on or off; 1 for the current one.",
+        pools,
+        pool_labels,
+        (
+            "rsbalancer_pool_emergency_mode",
+            Kind::Gauge,
+            "Who decides emergency mode: auto (the overload detector) or an operator forcing it on or off; 1 for the current one.",
+        ),
+        "mode",
+        &EMERGENCY_MODES,
+        |p, i| ((p.emergency_mode == EMERGENCY_MODES[i]) as u64).into(),
     );
-    for p in pools {
-        for m in ["auto", "on", "off"] {
-            sample(
-                out,
-                "rsbalancer_pool_emergency_mode",
-                &p.labels,
-                &labels(&[("mode", m)]),
-                (p.emergency_mode == m) as u64,
-            );
-        }
-    }
     family(
         out,
         "rsbalancer_pool_canary_share_ratio",
-        Gauge,
+        Kind::Gauge,
         "Share of the pool's requests sent to its canary pool (label canary), 0..1.",
     );
     for p in pools {
         let c = labels(&[("canary", p.canary.as_deref().unwrap_or(""))]);
-        sample(out, "rsbalancer_pool_canary_share_ratio", &p.labels, &c, p.canary_share);
+        sample(
+            out,
+            "rsbalancer_pool_canary_share_ratio",
+            &p.labels,
+            &c,
+            p.canary_share,
+        );
     }
-    pool_family(
-        out,
-        pools,
-        "rsbalancer_pool_canary_rolled_back",
-        Gauge,
-        "1 after an automatic rollback set the canary share to 0 (until an operator sets it again).",
-        |p| p.canary_rolled_back.into(),
-    );
-    pool_family(
-        out,
-        pools,
-        "rsbalancer_pool_window_seconds",
-        Gauge,
-        "Width of the pool's sliding window (the window_* gauges).",
-        |p| p.window_s.into(),
-    );
-    let window: [(&str, &str, fn(&PoolSnap) -> Num); 4] = [
-        (
-            "rsbalancer_pool_window_tries",
-            "Tries reported in the sliding window.",
-            |p| p.window.requests.into(),
-        ),
-        (
-            "rsbalancer_pool_window_failed_tries",
-            "Failed tries (no response or 5xx) in the sliding window.",
-            |p| p.window.failures.into(),
-        ),
-        (
-            "rsbalancer_pool_window_429_tries",
-            "Tries answered 429 in the sliding window.",
-            |p| p.window.busy.into(),
-        ),
-        (
-            "rsbalancer_pool_window_shed_requests",
-            "Requests shed or refused by admission in the sliding window.",
-            |p| p.window.shed.into(),
-        ),
-    ];
-    for (name, help, f) in window {
-        pool_family(out, pools, name, Gauge, help, f);
-    }
-    pool_family(
-        out,
-        pools,
-        "rsbalancer_pool_window_success_ratio",
-        Gauge,
-        "Share of the sliding window's tries that succeeded (neither failed nor 429; 1 with no tries).",
-        |p| p.window.success_rate().into(),
-    );
-    pool_family(
-        out,
-        pools,
-        "rsbalancer_pool_inflight_imbalance",
-        Gauge,
-        "Largest relative deviation of a primary's share of the tries in flight from its effective-weight share, among primaries that can take tries (0 with nothing in flight).",
-        |p| p.inflight_imbalance.into(),
-    );
 }
 
 #[cfg(test)]
@@ -820,8 +825,12 @@ mod tests {
             let (fam, kind) = families.last().expect("sample before any TYPE");
             let ok = name == fam
                 || (kind == "histogram"
-                    && [format!("{fam}_bucket"), format!("{fam}_sum"), format!("{fam}_count")]
-                        .contains(&name.to_string()));
+                    && [
+                        format!("{fam}_bucket"),
+                        format!("{fam}_sum"),
+                        format!("{fam}_count"),
+                    ]
+                    .contains(&name.to_string()));
             assert!(ok, "sample {name} outside its family ({fam})");
             let mut labels = Vec::new();
             let value;
@@ -908,11 +917,11 @@ mod tests {
         let bb = b.node_index("llm", "b").unwrap();
         // Reports on chosen slots (pick raises in-flight; report releases it).
         for (node, status, ms) in [
-            (a, 200, 3),     // le 0.005
-            (a, 200, 40),    // le 0.05
-            (a, 429, 7),     // le 0.01
-            (bb, 503, 120),  // le 0.25
-            (bb, 0, 0),      // no response: no histogram sample
+            (a, 200, 3),       // le 0.005
+            (a, 200, 40),      // le 0.05
+            (a, 429, 7),       // le 0.01
+            (bb, 503, 120),    // le 0.25
+            (bb, 0, 0),        // no response: no histogram sample
             (a, 200, 400_000), // +Inf
         ] {
             b.report(node, status, ms * 1000, 0).unwrap();
@@ -927,18 +936,38 @@ mod tests {
             l.push((k, v));
             l
         };
-        assert_eq!(value(&s, "rsbalancer_node_requests_total", &with(&na, "class", "2xx")), 3.0);
-        assert_eq!(value(&s, "rsbalancer_node_requests_total", &with(&na, "class", "4xx")), 1.0);
-        assert_eq!(value(&s, "rsbalancer_node_requests_total", &with(&na, "class", "5xx")), 0.0);
-        assert_eq!(value(&s, "rsbalancer_node_requests_total", &with(&nb, "class", "5xx")), 1.0);
         assert_eq!(
-            value(&s, "rsbalancer_node_requests_total", &with(&nb, "class", "no_response")),
+            value(&s, "rsbalancer_node_requests_total", &with(&na, "class", "2xx")),
+            3.0
+        );
+        assert_eq!(
+            value(&s, "rsbalancer_node_requests_total", &with(&na, "class", "4xx")),
+            1.0
+        );
+        assert_eq!(
+            value(&s, "rsbalancer_node_requests_total", &with(&na, "class", "5xx")),
+            0.0
+        );
+        assert_eq!(
+            value(&s, "rsbalancer_node_requests_total", &with(&nb, "class", "5xx")),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "rsbalancer_node_requests_total",
+                &with(&nb, "class", "no_response")
+            ),
             1.0
         );
         assert_eq!(value(&s, "rsbalancer_node_429_total", &na), 1.0);
         assert_eq!(value(&s, "rsbalancer_node_errors_total", &nb), 2.0);
         let bucket = |base: &[(&'static str, &'static str)], le: &'static str| {
-            value(&s, "rsbalancer_node_upstream_latency_seconds_bucket", &with(base, "le", le))
+            value(
+                &s,
+                "rsbalancer_node_upstream_latency_seconds_bucket",
+                &with(base, "le", le),
+            )
         };
         assert_eq!(bucket(&na, "0.005"), 1.0);
         assert_eq!(bucket(&na, "0.01"), 2.0, "cumulative");
@@ -947,8 +976,14 @@ mod tests {
         assert_eq!(bucket(&na, "+Inf"), 4.0);
         assert_eq!(bucket(&nb, "0.1"), 0.0);
         assert_eq!(bucket(&nb, "0.25"), 1.0);
-        assert_eq!(value(&s, "rsbalancer_node_upstream_latency_seconds_count", &na), 4.0);
-        assert_eq!(value(&s, "rsbalancer_node_upstream_latency_seconds_count", &nb), 1.0);
+        assert_eq!(
+            value(&s, "rsbalancer_node_upstream_latency_seconds_count", &na),
+            4.0
+        );
+        assert_eq!(
+            value(&s, "rsbalancer_node_upstream_latency_seconds_count", &nb),
+            1.0
+        );
         let sum = value(&s, "rsbalancer_node_upstream_latency_seconds_sum", &na);
         assert!((sum - 400.050).abs() < 1e-9, "sum {sum}");
         let p = [("pool", "llm"), ("arm", "primary")];
@@ -959,13 +994,7 @@ mod tests {
         assert_eq!(value(&s, "rsbalancer_pool_window_429_tries", &p), 1.0);
         let inflight: f64 = ["a", "b", "z"]
             .iter()
-            .map(|id| {
-                value(
-                    &s,
-                    "rsbalancer_node_inflight",
-                    &[("pool", "llm"), ("node", id)],
-                )
-            })
+            .map(|id| value(&s, "rsbalancer_node_inflight", &[("pool", "llm"), ("node", id)]))
             .sum();
         assert_eq!(inflight, 2.0, "the two picks are in flight");
         // Every family is declared once with its type; counters end in _total.
@@ -1096,7 +1125,11 @@ mod tests {
             }
         }
         let mut checked = 0;
-        for file in ["rsbalancer.rules.yml", "rsbalancer.alerts.yml", "grafana-dashboard.json"] {
+        for file in [
+            "rsbalancer.rules.yml",
+            "rsbalancer.alerts.yml",
+            "grafana-dashboard.json",
+        ] {
             let text = std::fs::read_to_string(dir.join(file)).unwrap();
             for (i, _) in text.match_indices("rsbalancer") {
                 let name: String = text[i..]
@@ -1107,7 +1140,10 @@ mod tests {
                     continue; // prose, file names, the job name
                 }
                 let name = name.trim_end_matches(':');
-                assert!(known.contains(name), "{file} uses {name}, which /metrics does not have");
+                assert!(
+                    known.contains(name),
+                    "{file} uses {name}, which /metrics does not have"
+                );
                 checked += 1;
             }
         }

@@ -40,7 +40,9 @@ type Sample = (String, BTreeMap<String, String>, f64);
 fn parse(text: &str) -> Vec<Sample> {
     let mut out = Vec::new();
     for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        let (head, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
+        let (head, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
         let value: f64 = match value {
             "+Inf" => f64::INFINITY,
             "-Inf" => f64::NEG_INFINITY,
@@ -49,11 +51,15 @@ fn parse(text: &str) -> Vec<Sample> {
         let (name, labels) = match head.split_once('{') {
             None => (head.to_string(), BTreeMap::new()),
             Some((name, rest)) => {
-                let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("bad labels in {line:?}"));
+                let body = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("bad labels in {line:?}"));
                 let mut labels = BTreeMap::new();
                 // Label values written by rsbalancer hold no ',' '"' or '\\' here.
                 for pair in body.split("\",").filter(|p| !p.is_empty()) {
-                    let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label in {line:?}"));
+                    let (k, v) = pair
+                        .split_once("=\"")
+                        .unwrap_or_else(|| panic!("bad label in {line:?}"));
                     labels.insert(k.to_string(), v.trim_end_matches('"').to_string());
                 }
                 (name.to_string(), labels)
@@ -68,7 +74,12 @@ fn parse(text: &str) -> Vec<Sample> {
 fn metric(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
     let hits: Vec<&Sample> = samples
         .iter()
-        .filter(|(n, l, _)| n == name && want.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .filter(|(n, l, _)| {
+            n == name
+                && want
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
         .collect();
     assert_eq!(
         hits.len(),
@@ -101,7 +112,10 @@ fn scrape_both_workers(g: &Gateway) -> BTreeMap<String, String> {
             return by_worker;
         }
     }
-    panic!("200 scrapes of /metrics were all answered by one worker: {:?}", by_worker.keys());
+    panic!(
+        "200 scrapes of /metrics were all answered by one worker: {:?}",
+        by_worker.keys()
+    );
 }
 
 fn received(m: &MockNode) -> u64 {
@@ -156,7 +170,10 @@ fn metrics_count_exactly_what_the_nodes_saw_in_both_workers() {
     let ok = statuses.iter().filter(|&&s| s == 200).count() as u64;
     let not_ok = N as u64 - ok;
     let (ra, rb, rc) = (received(&a), received(&b), received(&c));
-    assert!(rb > 0 && rc > 0, "b and c got no tries (a {ra}, b {rb}, c {rc}): nothing to count");
+    assert!(
+        rb > 0 && rc > 0,
+        "b and c got no tries (a {ra}, b {rb}, c {rc}): nothing to count"
+    );
 
     let bodies = scrape_both_workers(&g);
     for (worker, text) in &bodies {
@@ -172,14 +189,25 @@ fn metrics_count_exactly_what_the_nodes_saw_in_both_workers() {
         assert_eq!(class("a", "2xx"), ra as f64, "{ctx}");
         assert_eq!(class("b", "4xx"), rb as f64, "{ctx}");
         assert_eq!(class("c", "5xx"), rc as f64, "{ctx}");
-        for (id, other) in [("a", ["no_response", "4xx", "5xx"]), ("b", ["no_response", "2xx", "5xx"])] {
+        for (id, other) in [
+            ("a", ["no_response", "4xx", "5xx"]),
+            ("b", ["no_response", "2xx", "5xx"]),
+        ] {
             for cl in other {
                 assert_eq!(class(id, cl), 0.0, "{ctx}: {id} {cl}");
             }
         }
-        assert_eq!(metric(&s, "rsbalancer_node_429_total", &n("b")), rb as f64, "{ctx}");
+        assert_eq!(
+            metric(&s, "rsbalancer_node_429_total", &n("b")),
+            rb as f64,
+            "{ctx}"
+        );
         assert_eq!(metric(&s, "rsbalancer_node_429_total", &n("a")), 0.0, "{ctx}");
-        assert_eq!(metric(&s, "rsbalancer_node_errors_total", &n("c")), rc as f64, "{ctx}");
+        assert_eq!(
+            metric(&s, "rsbalancer_node_errors_total", &n("c")),
+            rc as f64,
+            "{ctx}"
+        );
         assert_eq!(metric(&s, "rsbalancer_node_errors_total", &n("a")), 0.0, "{ctx}");
         // Picks: every try handed out was one a node received.
         let picks: f64 = ["a", "b", "c"]
@@ -190,10 +218,18 @@ fn metrics_count_exactly_what_the_nodes_saw_in_both_workers() {
         // Histogram: one observation per response; a waits 30 ms before answering.
         for (id, count) in [("a", ra), ("b", rb), ("c", rc)] {
             let h = "rsbalancer_node_upstream_latency_seconds";
-            assert_eq!(metric(&s, &format!("{h}_count"), &n(id)), count as f64, "{ctx}: {id}");
+            assert_eq!(
+                metric(&s, &format!("{h}_count"), &n(id)),
+                count as f64,
+                "{ctx}: {id}"
+            );
             let mut inf = n(id).to_vec();
             inf.push(("le", "+Inf"));
-            assert_eq!(metric(&s, &format!("{h}_bucket"), &inf), count as f64, "{ctx}: {id}");
+            assert_eq!(
+                metric(&s, &format!("{h}_bucket"), &inf),
+                count as f64,
+                "{ctx}: {id}"
+            );
         }
         let mut fast = n("a").to_vec();
         fast.push(("le", "0.025"));
@@ -203,11 +239,18 @@ fn metrics_count_exactly_what_the_nodes_saw_in_both_workers() {
             "{ctx}: a answers after 30 ms"
         );
         let sum_a = metric(&s, "rsbalancer_node_upstream_latency_seconds_sum", &n("a"));
-        assert!(sum_a >= 0.030 * ra as f64 - 1e-9, "{ctx}: latency sum of a {sum_a}");
+        assert!(
+            sum_a >= 0.030 * ra as f64 - 1e-9,
+            "{ctx}: latency sum of a {sum_a}"
+        );
         // Pool: every request got a first try (a was always free); every other try was
         // a retry; each request whose last try failed reached the client as a failure.
         let p = [("pool", "llm"), ("arm", "primary")];
-        assert_eq!(metric(&s, "rsbalancer_pool_requests_total", &p), N as f64, "{ctx}");
+        assert_eq!(
+            metric(&s, "rsbalancer_pool_requests_total", &p),
+            N as f64,
+            "{ctx}"
+        );
         let retries = metric(&s, "rsbalancer_pool_retries_total", &p);
         assert_eq!(retries, (ra + rb + rc - N as u64) as f64, "{ctx}");
         assert_eq!(ok, ra, "{ctx}: every success is one of a's answers");
@@ -216,9 +259,21 @@ fn metrics_count_exactly_what_the_nodes_saw_in_both_workers() {
             (rb + rc) as f64 - retries,
             "{ctx}: failed requests = failed tries - retries (the success-rate recording rule)"
         );
-        assert_eq!(metric(&s, "rsbalancer_pool_window_tries", &p), (ra + rb + rc) as f64, "{ctx}");
-        assert_eq!(metric(&s, "rsbalancer_pool_window_429_tries", &p), rb as f64, "{ctx}");
-        assert_eq!(metric(&s, "rsbalancer_pool_window_failed_tries", &p), rc as f64, "{ctx}");
+        assert_eq!(
+            metric(&s, "rsbalancer_pool_window_tries", &p),
+            (ra + rb + rc) as f64,
+            "{ctx}"
+        );
+        assert_eq!(
+            metric(&s, "rsbalancer_pool_window_429_tries", &p),
+            rb as f64,
+            "{ctx}"
+        );
+        assert_eq!(
+            metric(&s, "rsbalancer_pool_window_failed_tries", &p),
+            rc as f64,
+            "{ctx}"
+        );
         // Nothing in flight; exactly one state per node.
         for id in ["a", "b", "c"] {
             assert_eq!(metric(&s, "rsbalancer_node_inflight", &n(id)), 0.0, "{ctx}");
@@ -260,7 +315,9 @@ fn tool(name: &str, env: &str) -> PathBuf {
         c.extend(std::env::split_paths(&path).map(|d| d.join(name)));
     }
     c.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
-        panic!("{name} not found (${env}, /usr/bin, PATH): install the Debian package `prometheus` (make deps)")
+        panic!(
+            "{name} not found (${env}, /usr/bin, PATH): install the Debian package `prometheus` (make deps)"
+        )
     })
 }
 
@@ -284,7 +341,9 @@ fn promtool_check_metrics_accepts_the_real_output() {
     let (_, text) = scrape(&g);
     // Both pools, every family, with HELP and TYPE.
     let s = parse(&text);
-    assert!(s.iter().any(|(n, l, _)| n == "rsbalancer_node_info" && l["pool"] == "spare"));
+    assert!(s
+        .iter()
+        .any(|(n, l, _)| n == "rsbalancer_node_info" && l["pool"] == "spare"));
     let families: BTreeSet<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -292,6 +351,16 @@ fn promtool_check_metrics_accepts_the_real_output() {
         .collect();
     assert!(families.len() >= 40, "{} families: {families:?}", families.len());
 
+    let (ok, report) = promtool_check_metrics(&text);
+    assert!(ok && report.trim().is_empty(), "promtool check metrics: {report}");
+    // And it does complain about a broken exposition (the check is live).
+    let broken = text.replacen("rsbalancer_pool_requests_total", "rsbalancer_pool_requests", 3);
+    let (ok, _) = promtool_check_metrics(&broken);
+    assert!(!ok, "promtool accepted a counter without _total");
+}
+
+/// `promtool check metrics` on `text`: (exit status success, stdout + stderr).
+fn promtool_check_metrics(text: &str) -> (bool, String) {
     let mut child = Command::new(tool("promtool", "PROMTOOL"))
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -311,23 +380,7 @@ fn promtool_check_metrics_accepts_the_real_output() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool check metrics ({}): {report}",
-        out.status
-    );
-    // And it does complain about a broken exposition (the check is live).
-    let mut child = Command::new(tool("promtool", "PROMTOOL"))
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    let broken = text.replacen("rsbalancer_pool_requests_total", "rsbalancer_pool_requests", 3);
-    child.stdin.take().unwrap().write_all(broken.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success(), "promtool accepted a counter without _total");
+    (out.status.success(), report)
 }
 
 /// A Prometheus server started by a test: stopped (SIGTERM, then SIGKILL) on drop.
@@ -353,7 +406,10 @@ impl Prometheus {
         let log = dir.path().join("prometheus.log");
         let mut cmd = Command::new(tool("prometheus", "PROMETHEUS"));
         cmd.arg(format!("--config.file={}", conf.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -498,11 +554,9 @@ fn a_real_prometheus_scrapes_the_gateway_and_evaluates_the_rules() {
         |v| v == N as f64,
     );
     assert_eq!(got, N as f64);
-    let got_429 = prom.wait_value(
-        r#"sum(rsbalancer_node_429_total{pool="llm"})"#,
-        30,
-        |v| v == rb as f64,
-    );
+    let got_429 = prom.wait_value(r#"sum(rsbalancer_node_429_total{pool="llm"})"#, 30, |v| {
+        v == rb as f64
+    });
     assert_eq!(got_429, rb as f64);
     // A recording rule over the scraped data: the request success rate. Every request
     // that failed was a 429 from b not retried; once the window holds the whole run,
