@@ -50,7 +50,9 @@
 //! **Request success.** A request fails when its last try failed; every retry follows
 //! a failed try, so failed requests = failed or 429 tries - retries. The recording
 //! rule `rsbalancer:pool_request_success:ratio_rate5m` builds on that (plus shed
-//! requests), from counters the balancer keeps anyway.
+//! requests, `rsbalancer_pool_shed_total`), from counters the balancer keeps anyway.
+//! A request that `admit()` answers at once because no node can serve is counted
+//! only where admission counts it in `shed_total`.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;

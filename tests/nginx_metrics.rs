@@ -351,6 +351,9 @@ fn promtool_check_metrics_accepts_the_real_output() {
         .collect();
     assert!(families.len() >= 40, "{} families: {families:?}", families.len());
 
+    // Methods other than GET and HEAD: 405.
+    assert_eq!(post(g.port, "/metrics", "").status, 405, "POST /metrics");
+
     let (ok, report) = promtool_check_metrics(&text);
     assert!(ok && report.trim().is_empty(), "promtool check metrics: {report}");
     // And it does complain about a broken exposition (the check is live).
