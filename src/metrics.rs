@@ -35,7 +35,7 @@
 //! aims for (slow start, recent success and, for the weight-driven algorithms,
 //! latency scale them). Two load measures, because neither serves both purposes:
 //!
-//! - `rsbalancer_pool_inflight_imbalance` (this module): `l_i` = share of the tries in
+//! - `rsbalancer_pool_load_imbalance` (this module): `l_i` = share of the tries in
 //!   flight now. Instant, and exact at high concurrency, but noisy when few tries are
 //!   in flight (one try on a 20%-weight node reads as 400%); it is 0 when none is.
 //! - `rsbalancer:pool_load_imbalance:rate5m` (recording rule in
@@ -748,7 +748,7 @@ const POOL_FIELDS: [Field<PoolSnap>; 22] = [
         |p| p.window.success_rate().into(),
     ),
     (
-        "rsbalancer_pool_inflight_imbalance",
+        "rsbalancer_pool_load_imbalance",
         Kind::Gauge,
         "Largest relative deviation of a primary's share of the tries in flight from its effective-weight share, among primaries that can take tries (0 with nothing in flight).",
         |p| p.inflight_imbalance.into(),
@@ -1029,14 +1029,14 @@ mod tests {
         assert_eq!(st(&s, &na, "healthy"), 1.0);
         assert_eq!(st(&s, &na, "cooling"), 0.0);
         let p = [("pool", "llm")];
-        assert_eq!(value(&s, "rsbalancer_pool_inflight_imbalance", &p), 0.0, "idle");
+        assert_eq!(value(&s, "rsbalancer_pool_load_imbalance", &p), 0.0, "idle");
 
         // In flight: 2 tries on b (share 0.25) and none on a: b carries 100% of the
         // load, (1 - 0.25) / 0.25 = 3; a carries 0, |0 - 0.75| / 0.75 = 1.
         b.pick(pool, b"", &[a]).unwrap();
         b.pick(pool, b"", &[a]).unwrap();
         let s = parse(&render_text(&b)).0;
-        assert_eq!(value(&s, "rsbalancer_pool_inflight_imbalance", &p), 3.0);
+        assert_eq!(value(&s, "rsbalancer_pool_load_imbalance", &p), 3.0);
 
         // A quota 429 (long Retry-After) cools b down: it leaves the shares.
         b.report(bn, 429, 1000, 30_000).unwrap();
