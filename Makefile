@@ -19,7 +19,7 @@ LUA_SO     := target/release/librsbalancer.so
 C_SO       := target/c/release/librsbalancer.so
 SOURCES    := $(shell find src -name '*.rs') Cargo.toml build.rs
 
-.PHONY: check-config all deps build run test test-rust test-c test-lua test-nginx bench install header lint clean
+.PHONY: check-config all deps build run test test-rust test-c test-lua test-nginx test-prometheus bench install header lint clean
 
 all: build
 
@@ -48,11 +48,12 @@ run: deps build
 	@scripts/demo.sh
 
 test: deps build
-	$(MAKE) --no-print-directory test-rust test-c test-lua test-nginx
+	$(MAKE) --no-print-directory test-rust test-c test-lua test-nginx test-prometheus
 	@echo "make test: all suites passed"
 
 # Every Rust test target but the nginx one (run by test-nginx, serially).
-NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs tests/nginx_canary.rs tests/nginx_emergency.rs
+NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs tests/nginx_canary.rs tests/nginx_emergency.rs \
+               tests/nginx_metrics.rs
 RUST_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out $(NGINX_TESTS),$(wildcard tests/*.rs)))
 
 test-rust:
@@ -70,6 +71,7 @@ test-nginx: $(BUILD)/lib/rsbalancer.so
 
 bench: deps build
 	$(CARGO) bench --no-default-features --bench select
+	$(CARGO) bench --no-default-features --bench metrics
 	@scripts/bench-lua.sh
 	@scripts/bench-gateway.sh
 	@scripts/bench-instructions.sh
@@ -85,6 +87,16 @@ install: build
 	install -m 0644 lua/resty/rsbalancer/canary.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/canary.lua
 	install -m 0644 lua/resty/rsbalancer/emergency.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/emergency.lua
 	install -m 0644 lua/resty/rsbalancer/http.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/http.lua
+	install -m 0644 lua/resty/rsbalancer/metrics.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/metrics.lua
+
+# Alert and recording rules (nginx-conf/prometheus/): syntax, the sample scrape config,
+# and the rule unit tests (alerts that must fire and must not).
+PROM_DIR := nginx-conf/prometheus
+test-prometheus:
+	@command -v promtool >/dev/null || { echo "test-prometheus: promtool not found (Debian: apt-get install prometheus; make deps)" >&2; exit 1; }
+	promtool check rules $(PROM_DIR)/rsbalancer.rules.yml $(PROM_DIR)/rsbalancer.alerts.yml
+	promtool check config $(PROM_DIR)/prometheus.yml
+	cd $(PROM_DIR) && promtool test rules rsbalancer.rules.test.yml
 
 check-config: $(BUILD)/lib/rsbalancer.so
 	@test -n "$(CONFIG)" || { echo "usage: make check-config CONFIG=path/to/rsbalancer.json" >&2; exit 2; }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! scripts/bench-gateway.sh                 (what `make bench` runs after the micro benches)
-//! cargo bench --no-default-features --bench gateway [-- --quick] [overhead] [storm] [quota]
+//! cargo bench --no-default-features --bench gateway [-- --quick] [overhead] [storm] [quota] [metrics]
 //! ```
 //!
 //! It starts and stops its own nginx instances (`worker_processes 2` each): one for the
@@ -36,6 +36,12 @@
 //!    token bucket of 60 req/s (burst 20), 429 with Retry-After when empty. Its weight
 //!    stays 8 (its nominal size); clients = 0.8 x effective capacity (60/s x 50 ms + 16
 //!    + 8) = 22.
+//!
+//! 4. `metrics`: the overhead scenario's rsbalancer `p2c_ewma` gateway measured with
+//!    and without a `GET /metrics` every second (a thread on the load generator's CPU,
+//!    one request per second on a fresh connection, like `curl`), in alternating order
+//!    over the same rounds. Prints both req/s, their ratio (target: scraping costs at
+//!    most 1%) and the scrapes' size and time.
 //!
 //! Load generator for 2 and 3: std threads, one keep-alive HTTP/1.1 `TcpStream` each,
 //! closed loop, every request's status and latency recorded. Each request carries an
@@ -119,6 +125,7 @@ struct Opts {
     overhead: bool,
     storm: bool,
     quota: bool,
+    metrics: bool,
     rounds_overhead: usize,
     rounds_storm: usize,
     overhead_s: u64,
@@ -154,9 +161,9 @@ impl Opts {
             match a.as_str() {
                 "--bench" => {} // cargo bench passes it to harness = false targets
                 "--quick" => quick = true,
-                "overhead" | "storm" | "quota" => picked.push(a),
+                "overhead" | "storm" | "quota" | "metrics" => picked.push(a),
                 other if other.starts_with('-') => {} // other libtest-style flags
-                other => panic!("unknown argument {other:?} (scenarios: overhead storm quota)"),
+                other => panic!("unknown argument {other:?} (scenarios: overhead storm quota metrics)"),
             }
         }
         let all = picked.is_empty();
@@ -166,6 +173,7 @@ impl Opts {
             overhead: has("overhead"),
             storm: has("storm"),
             quota: has("quota"),
+            metrics: has("metrics"),
             rounds_overhead: env_num("RSB_BENCH_OVERHEAD_ROUNDS", if quick { 1.0 } else { 5.0 }) as usize,
             rounds_storm: env_num("RSB_BENCH_ROUNDS", if quick { 1.0 } else { 3.0 }) as usize,
             overhead_s: env_num("RSB_BENCH_OVERHEAD_S", if quick { 2.0 } else { 3.0 }) as u64,
@@ -1123,6 +1131,31 @@ fn run_own_client(port: u16, conns: usize, secs: u64, cpu: Option<usize>) -> Thr
     }
 }
 
+/// One measurement: throughput and latency from the load generator, plus the CPU time
+/// the gateway's workers used per request (the machine may be shared: CPU per request
+/// does not depend on how much CPU the gateway got, throughput does).
+fn measure_load(
+    env: &Env,
+    gw: &Nginx,
+    port: u16,
+    conns: usize,
+    secs: u64,
+    cpu: Option<usize>,
+) -> (Throughput, f64) {
+    let cpu0 = gw.workers_cpu();
+    let t = match &env.wrk {
+        Some(w) => run_wrk(w, port, conns, secs, cpu),
+        None => run_own_client(port, conns, secs, cpu),
+    };
+    let used = gw.workers_cpu() - cpu0;
+    let us = if t.requests > 0 {
+        used * 1e6 / t.requests as f64
+    } else {
+        f64::NAN
+    };
+    (t, us)
+}
+
 fn overhead(env: &Env, run: &RunDir, o: &Opts) {
     const CONNS: usize = 32;
     let weights = [("a", 30), ("b", 50), ("c", 20)];
@@ -1185,23 +1218,7 @@ fn overhead(env: &Env, run: &RunDir, o: &Opts) {
         );
         gws.push((n, port));
     }
-    // One measurement: throughput and latency from the load generator, plus the CPU
-    // time the gateway's workers used per request (the machine may be shared: CPU per
-    // request does not depend on how much CPU the gateway got, throughput does).
-    let measure = |gw: &Nginx, port: u16, secs: u64| -> (Throughput, f64) {
-        let cpu0 = gw.workers_cpu();
-        let t = match &env.wrk {
-            Some(w) => run_wrk(w, port, CONNS, secs, pin.load_cpu),
-            None => run_own_client(port, CONNS, secs, pin.load_cpu),
-        };
-        let cpu = gw.workers_cpu() - cpu0;
-        let us = if t.requests > 0 {
-            cpu * 1e6 / t.requests as f64
-        } else {
-            f64::NAN
-        };
-        (t, us)
-    };
+    let measure = |gw: &Nginx, port: u16, secs: u64| measure_load(env, gw, port, CONNS, secs, pin.load_cpu);
     // Warm-up: JIT traces, keepalive pools.
     for (n, port) in &gws {
         let _ = measure(n, *port, 1);
@@ -2004,6 +2021,132 @@ fn storm(env: &Env, run: &RunDir, o: &Opts, which: &str) {
 }
 
 // ------------------------------------------------------------------------------------
+// Scenario 4: overhead with /metrics scraped every second
+
+/// What a scraper thread saw: (seconds per scrape, bytes) of each scrape.
+fn scrape_every_second(port: u16, stop: &AtomicBool, cpu: Option<usize>) -> Vec<(f64, usize)> {
+    if let Some(cpu) = cpu {
+        let _ = bind_to_cpu(cpu);
+    }
+    let mut seen = Vec::new();
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) && !stopping() {
+        if Instant::now() >= next {
+            let t = Instant::now();
+            let r =
+                one_request(port, "GET", "/metrics", "", "").unwrap_or_else(|e| panic!("GET /metrics: {e}"));
+            assert_eq!(
+                r.status,
+                200,
+                "GET /metrics: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+            seen.push((t.elapsed().as_secs_f64(), r.body.len()));
+            next += Duration::from_secs(1);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    seen
+}
+
+fn metrics_overhead(env: &Env, run: &RunDir, o: &Opts) {
+    const CONNS: usize = 32;
+    let pin = Pin::choose(o);
+    println!();
+    println!("== 4. metrics: the overhead scenario's rsbalancer p2c_ewma gateway, with and without GET /metrics every second");
+    println!(
+        "   {} s per run, {} round(s) of each, alternating order; the scraper is a thread on the load generator's CPU",
+        o.overhead_s, o.rounds_overhead
+    );
+    let (_nodes_ngx, nodes) = start_static_nodes(
+        env,
+        run,
+        "mtr-nodes",
+        &[("a", 30), ("b", 50), ("c", 20)],
+        pin.nodes,
+    );
+    let c = Contender {
+        label: "rsbalancer p2c_ewma",
+        kind: Kind::Rsb {
+            algorithm: "p2c_ewma",
+            admit: false,
+        },
+    };
+    let (gw, port) = start_gateway(env, run, "mtr-gw", &c, &nodes, false, pin.gateway);
+    let r = one_request(port, "GET", "/metrics", "", "")
+        .unwrap_or_else(|e| panic!("GET /metrics: {e}\n{}", gw.diagnostics()));
+    assert!(
+        r.status == 200 && String::from_utf8_lossy(&r.body).contains("rsbalancer_pool_requests_total"),
+        "GET /metrics: {} {}\n{}",
+        r.status,
+        String::from_utf8_lossy(&r.body),
+        gw.diagnostics()
+    );
+    let measure = |scrape: bool| -> ((Throughput, f64), Vec<(f64, usize)>) {
+        let stop = AtomicBool::new(false);
+        thread::scope(|s| {
+            let scraper = scrape.then(|| s.spawn(|| scrape_every_second(port, &stop, pin.load_cpu)));
+            let t = measure_load(env, &gw, port, CONNS, o.overhead_s, pin.load_cpu);
+            stop.store(true, Ordering::Relaxed);
+            let seen = scraper.map(|h| h.join().expect("scraper")).unwrap_or_default();
+            (t, seen)
+        })
+    };
+    let _ = measure(false); // warm-up: JIT traces, keepalive pools
+    let (mut off, mut on, mut scrapes) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..o.rounds_overhead {
+        for scrape in [round % 2 == 1, round % 2 == 0] {
+            let (t, seen) = measure(scrape);
+            if scrape {
+                on.push(t);
+                scrapes.extend(seen);
+            } else {
+                off.push(t);
+            }
+        }
+    }
+    println!();
+    println!(
+        "   {:<26} {:>9} {:>15} {:>8} {:>8} {:>10} {:>6}",
+        "run", "req/s", "min..max", "p50 ms", "p99 ms", "gw CPU us", "errors"
+    );
+    let row = |label: &str, runs: &[(Throughput, f64)]| -> (f64, f64) {
+        let mut rps: Vec<f64> = runs.iter().map(|t| t.0.rps).collect();
+        let mut p50: Vec<f64> = runs.iter().map(|t| t.0.p50_ms).collect();
+        let mut p99: Vec<f64> = runs.iter().map(|t| t.0.p99_ms).collect();
+        let mut cpu: Vec<f64> = runs.iter().map(|t| t.1).collect();
+        let (lo, hi) = min_max(&rps);
+        let (m, c) = (median(&mut rps), median(&mut cpu));
+        println!(
+            "   {:<26} {:>9.0} {:>15} {:>8.3} {:>8.3} {:>10.2} {:>6}",
+            label,
+            m,
+            format!("{lo:.0}..{hi:.0}"),
+            median(&mut p50),
+            median(&mut p99),
+            c,
+            runs.iter().map(|t| t.0.errors).sum::<u64>()
+        );
+        (m, c)
+    };
+    let (rps_off, cpu_off) = row("no scraping", &off);
+    let (rps_on, cpu_on) = row("GET /metrics every second", &on);
+    let mut secs: Vec<f64> = scrapes.iter().map(|s| s.0 * 1e3).collect();
+    let bytes = scrapes.last().map_or(0, |s| s.1);
+    println!(
+        "   with scraping / without: req/s {:.1}%, gw CPU per request {:.1}%   (target: req/s >= 99%)",
+        100.0 * rps_on / rps_off,
+        100.0 * cpu_on / cpu_off
+    );
+    println!(
+        "   {} scrapes, {} bytes each, median {:.2} ms per scrape (client side, under load)",
+        scrapes.len(),
+        bytes,
+        median(&mut secs)
+    );
+}
+
+// ------------------------------------------------------------------------------------
 
 fn main() {
     install_signal_handlers();
@@ -2042,6 +2185,9 @@ fn main() {
     }
     if o.quota {
         storm(&env, &run, &o, "quota");
+    }
+    if o.metrics {
+        metrics_overhead(&env, &run, &o);
     }
     println!();
     println!("gateway bench: done in {:.0} s", t0.elapsed().as_secs_f64());

@@ -2,13 +2,15 @@
 # End-to-end gateway benchmark (`make bench` runs it after the micro benchmarks):
 # nginx's native upstream, the seed article's pure-Lua balancer and rsbalancer, each in
 # its own nginx (2 workers) in front of upstream nodes run by another nginx, all on
-# 127.0.0.1. Three scenarios: overhead (static nodes, wrk), busy storm (mock LLM nodes
-# with concurrency caps and one slow node), quota node (token bucket + Retry-After).
+# 127.0.0.1. Four scenarios: overhead (static nodes, wrk), busy storm (mock LLM nodes
+# with concurrency caps and one slow node), quota node (token bucket + Retry-After),
+# metrics (the overhead run of rsbalancer twice, without and with GET /metrics every
+# second: both req/s and their ratio).
 # Prints tables; exits non-zero only when something is missing or a contender does
 # not start (timings are never asserted). About 5 minutes on 2 CPUs.
 #
 #   scripts/bench-gateway.sh                   everything
-#   scripts/bench-gateway.sh storm quota       some scenarios (overhead storm quota)
+#   scripts/bench-gateway.sh storm quota       some scenarios (overhead storm quota metrics)
 #   scripts/bench-gateway.sh --quick           a ~1 minute smoke run
 #
 # Environment (all optional): RSB_BENCH_ROUNDS RSB_BENCH_OVERHEAD_ROUNDS RSB_BENCH_OVERHEAD_S RSB_BENCH_STORM_S
@@ -41,7 +43,7 @@ command -v "${WRK:-wrk}" >/dev/null 2>&1 ||
 
 # The [[bench]] entry, with harness = false, must be in Cargo.toml.
 awk '
-    /^\[\[bench\]\]/ { inb = 1; name = ""; harness = ""; next }
+    /^\[\[bench\]\]/ { if (inb && name == "gateway" && harness == "false") ok = 1; inb = 1; name = ""; harness = ""; next }
     /^\[/            { if (inb && name == "gateway" && harness == "false") ok = 1; inb = 0 }
     inb && /^[ \t]*name[ \t]*=/    { gsub(/[" \t]/, ""); sub(/^name=/, ""); name = $0 }
     inb && /^[ \t]*harness[ \t]*=/ { gsub(/[" \t]/, ""); sub(/^harness=/, ""); harness = $0 }

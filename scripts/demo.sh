@@ -125,6 +125,9 @@ Try:
   # everything the balancer learned: EWMA, learned limits, cooldowns, state
   curl -s $G/rsbalancer/status
 
+  # Prometheus metrics (nginx-conf/prometheus/: scrape config, alerts, dashboard)
+  curl -s $G/metrics | grep -v '^#' | grep 'pool="llm"' | head -40
+
   # change a node's weight (every worker follows)
   curl -s -X POST '$G/rsbalancer/weight?node=c&weight=80'
 

@@ -2,12 +2,16 @@
 # Install what `make run`, `make test` and `make bench` need, skipping what is present.
 # Debian 12: nginx with lua-nginx-module, OpenResty's LuaJIT fork (which the module
 # links against; plain `luajit` conflicts with it), valgrind for the C test, wrk for
-# benchmarks. Rust comes from rustup and is expected on PATH.
+# benchmarks, prometheus for promtool (rule tests, `promtool check metrics`) and the
+# end-to-end scrape test. Rust comes from rustup and is expected on PATH.
 set -euo pipefail
 
 want=(nginx-core libnginx-mod-http-lua lua-resty-core luajit2 libluajit2-5.1-dev
-      gcc make valgrind wrk curl)
+      gcc make valgrind wrk curl prometheus)
 [ "$#" -gt 0 ] && want+=("$@")
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
 
 missing=()
 for p in "${want[@]}"; do
@@ -16,19 +20,33 @@ done
 
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "install-deps: installing ${missing[*]}"
-    SUDO=""
-    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Packages with a service (nginx, prometheus) start it from their postinst when
+    # invoke-rc.d allows. A temporary policy-rc.d that refuses (101) keeps them from
+    # starting at all, with or without systemd; one already present is left alone.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+        $SUDO chmod 0755 "$policy"
+    fi
+    status=0
+    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || status=$?
+    if [ -n "$policy" ]; then $SUDO rm -f "$policy"; fi
+    [ "$status" -eq 0 ] || { echo "install-deps: apt-get install failed ($status)" >&2; exit "$status"; }
 fi
 
-# The packaged nginx starts a service on install; we run our own instances.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
-    systemctl stop nginx || true
-fi
+# The packaged nginx and prometheus may run as services (installed before, or started
+# by systemd despite the policy); we run our own instances on free ports.
+for svc in nginx prometheus; do
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+        $SUDO systemctl stop "$svc" || true
+    fi
+done
 
 command -v cargo >/dev/null || { echo "install-deps: cargo not found (install Rust with rustup)" >&2; exit 1; }
 command -v nginx >/dev/null || { echo "install-deps: nginx missing after install" >&2; exit 1; }
 command -v luajit >/dev/null || { echo "install-deps: luajit missing after install" >&2; exit 1; }
+command -v promtool >/dev/null || { echo "install-deps: promtool missing after install (package prometheus)" >&2; exit 1; }
 echo "install-deps: ok"

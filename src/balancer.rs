@@ -1433,3 +1433,47 @@ fn store_params(ps: &PoolSlot, p: &PoolTopo) {
     set(&ps.default_rtt_ms, p.ewma.default_rtt_ms);
     set(&ps.window_ms, p.window_ms);
 }
+
+/// One pool as this process's tables see it, for `/metrics` (`crate::metrics`).
+#[derive(Clone, Debug)]
+pub struct LocalPoolView {
+    /// Pool slot.
+    pub slot: u32,
+    /// Reference latency (µs) idle nodes decay toward: the median of the primaries.
+    pub reference_us: f64,
+    /// Peak-EWMA time constant (ms).
+    pub decay_ms: u32,
+    /// (node slot, effective weight) of every node, primaries then backups.
+    pub weights: Vec<(u32, f64)>,
+}
+
+impl Balancer {
+    /// The active topology and, per pool, the effective weights and reference latency
+    /// this process selects with. Pools due a refresh (`refresh_ms`) are refreshed
+    /// first, as `pick` would, so a worker that serves no traffic reports current
+    /// weights. Takes this process's local mutex (never contended in an nginx worker)
+    /// and the shared lock only when the topology changed since the last call.
+    pub fn local_view(&self) -> Result<(Arc<Topology>, Vec<LocalPoolView>), Error> {
+        let now = clock::now_ms();
+        let mut l = self.local.lock();
+        self.sync(&mut l)?;
+        let mut out = Vec::new();
+        for (slot, p) in l.pools.iter_mut().enumerate() {
+            let Some(p) = p else { continue };
+            if now >= p.next_refresh_ms {
+                p.refresh(&self.region, now);
+            }
+            let weights = [&p.primary, &p.backup]
+                .iter()
+                .flat_map(|t| t.slots.iter().copied().zip(t.cands.iter().map(|c| c.weight)))
+                .collect();
+            out.push(LocalPoolView {
+                slot: slot as u32,
+                reference_us: p.reference_us,
+                decay_ms: p.ewma.decay_ms,
+                weights,
+            });
+        }
+        Ok((l.topo.clone(), out))
+    }
+}

@@ -30,6 +30,7 @@ pub mod health;
 pub mod load;
 #[cfg(feature = "lua-module")]
 mod lua;
+pub mod metrics;
 pub mod retry;
 pub mod select;
 pub mod shm;

@@ -592,4 +592,11 @@ function _M.balancer()
     return bal
 end
 
+--- metrics(): every pool and node as Prometheus text exposition (format 0.0.4),
+-- or nil, err. Reads the shared counters only; see resty.rsbalancer.metrics.
+function _M.metrics()
+    if not bal then not_initialized("metrics") end
+    return bal:metrics()
+end
+
 return _M

@@ -328,6 +328,12 @@ impl UserData for LuaBalancer {
             }
         });
         canary::add_methods(m);
+        // Prometheus text exposition of every pool and node (`/metrics`), or nil, err.
+        m.add_method("metrics", |lua, this, ()| {
+            let mut text = String::with_capacity(64 * 1024);
+            let r = crate::metrics::render(&this.0, &mut text).map(|_| text);
+            nil_err(lua, r)
+        });
     }
 }
 
