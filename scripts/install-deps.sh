@@ -2,11 +2,12 @@
 # Install what `make run`, `make test` and `make bench` need, skipping what is present.
 # Debian 12: nginx with lua-nginx-module, OpenResty's LuaJIT fork (which the module
 # links against; plain `luajit` conflicts with it), valgrind for the C test, wrk for
-# benchmarks. Rust comes from rustup and is expected on PATH.
+# benchmarks, chromium for the status page test (headless). Rust comes from rustup
+# and is expected on PATH.
 set -euo pipefail
 
 want=(nginx-core libnginx-mod-http-lua lua-resty-core luajit2 libluajit2-5.1-dev
-      gcc make valgrind wrk curl)
+      gcc make valgrind wrk curl chromium)
 [ "$#" -gt 0 ] && want+=("$@")
 
 missing=()

@@ -23,6 +23,8 @@ use parking_lot::Mutex;
 use crate::balancer::{node_stats, Balancer, EmergencyMode, Error, WEIGHT_RANGE};
 use crate::config::Config;
 
+mod admin;
+
 static REGISTRY: Mutex<Option<HashMap<String, Arc<Balancer>>>> = Mutex::new(None);
 
 struct LuaBalancer(Arc<Balancer>);
@@ -307,6 +309,7 @@ impl UserData for LuaBalancer {
                 Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
             }
         });
+        admin::add_methods(m);
     }
 }
 
@@ -357,5 +360,6 @@ fn rsbalancer(lua: &Lua) -> LuaResult<LuaTable> {
             nil_err(lua, r)
         })?,
     )?;
+    admin::register(lua, &m)?;
     Ok(m)
 }

@@ -652,10 +652,24 @@ impl Response {
 
 /// One HTTP/1.1 request on a new connection to 127.0.0.1:`port` (`Connection: close`).
 pub fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> io::Result<Response> {
+    http_with(port, method, path, &[], body)
+}
+
+/// [`http`] with extra request headers (`Authorization`, `Accept`, ...).
+pub fn http_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> io::Result<Response> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        write!(req, "{k}: {v}\r\n").unwrap();
+    }
     if let Some(b) = body {
         write!(
             req,
