@@ -47,9 +47,14 @@ fn llm(nodes: Vec<Value>) -> Value {
 }
 
 /// An admin request with extra headers; panics on a transport error.
-fn admin_with(g: &Gateway, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Response {
-    http_with(g.port, method, path, headers, body)
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+fn admin_with(
+    g: &Gateway,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Response {
+    http_with(g.port, method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 fn admin(g: &Gateway, method: &str, path: &str, body: Option<&str>) -> Response {
@@ -77,7 +82,9 @@ fn state(g: &Gateway) -> Value {
 
 fn received(m: &MockNode) -> u64 {
     let st = get(m.port, "/mock/state").json();
-    st["received"].as_u64().unwrap_or_else(|| panic!("no `received` in {st}"))
+    st["received"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no `received` in {st}"))
 }
 
 /// `n` chat completions from 8 threads, all of which must succeed: (X-Node, X-Worker).
@@ -88,7 +95,12 @@ fn burst(g: &Gateway, n: usize) -> Vec<(String, String)> {
         (r.status, h("X-Node"), h("X-Worker"))
     });
     let bad: Vec<_> = out.iter().filter(|r| r.0 != 200).collect();
-    assert!(bad.is_empty(), "{} of {n} failed, e.g. {:?}", bad.len(), bad.first());
+    assert!(
+        bad.is_empty(),
+        "{} of {n} failed, e.g. {:?}",
+        bad.len(),
+        bad.first()
+    );
     out.into_iter().map(|(_, node, w)| (node, w)).collect()
 }
 
@@ -101,7 +113,10 @@ fn by_worker(results: &[(String, String)], g: &Gateway) -> BTreeMap<String, BTre
     let workers: Vec<String> = g.nginx.workers().iter().map(|p| p.to_string()).collect();
     assert!(m.len() >= 2, "one worker served everything: {m:?}");
     for w in m.keys() {
-        assert!(workers.contains(w), "X-Worker {w} is not a gateway worker ({workers:?})");
+        assert!(
+            workers.contains(w),
+            "X-Worker {w} is not a gateway worker ({workers:?})"
+        );
     }
     m
 }
@@ -161,7 +176,10 @@ fn wait_state(g: &Gateway, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
         if cond(&s) {
             return s;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting for {what}: {s}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}: {s}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -212,17 +230,29 @@ fn admin_changes_reach_every_worker() {
     for st in states_from_both_workers(&g) {
         assert_eq!(node_state(&st, "a")["weight"], json!(10000));
     }
-    assert_notice(&g, "weight of node a in pool llm set to 10000 (was 1) by 127.0.0.1");
+    assert_notice(
+        &g,
+        "weight of node a in pool llm set to 10000 (was 1) by 127.0.0.1",
+    );
 
     // Drain b and c: every worker sends everything to a.
     change(&g, "PUT", "/rsbalancer/pools/llm/nodes/b", r#"{"drain": true}"#);
-    change(&g, "PUT", "/rsbalancer/pools/llm/nodes/c", r#"{"drain": true, "weight": 3}"#);
+    change(
+        &g,
+        "PUT",
+        "/rsbalancer/pools/llm/nodes/c",
+        r#"{"drain": true, "weight": 3}"#,
+    );
     let (rb, rc) = (received(&mocks[1]), received(&mocks[2]));
     let res = burst(&g, 200);
     by_worker(&res, &g);
     assert_none_to(&res, "b");
     assert_none_to(&res, "c");
-    assert_eq!((received(&mocks[1]), received(&mocks[2])), (rb, rc), "drained nodes got requests");
+    assert_eq!(
+        (received(&mocks[1]), received(&mocks[2])),
+        (rb, rc),
+        "drained nodes got requests"
+    );
     assert_notice(&g, "draining node c in pool llm by 127.0.0.1");
     let st = state(&g);
     assert_eq!(node_state(&st, "c")["state"], json!("draining"));
@@ -234,16 +264,27 @@ fn admin_changes_reach_every_worker() {
         let port = g.port;
         move || post(port, "/v1/chat/completions", CHAT_BODY)
     });
-    wait_state(&g, "a try in flight on a", |s| node_state(s, "a")["inflight"] == json!(1));
+    wait_state(&g, "a try in flight on a", |s| {
+        node_state(s, "a")["inflight"] == json!(1)
+    });
     change(&g, "PUT", "/rsbalancer/pools/llm/nodes/b", r#"{"drain": false}"#);
     change(&g, "PUT", "/rsbalancer/pools/llm/nodes/a", r#"{"drain": true}"#);
     let ra = received(&mocks[0]);
     let res = burst(&g, 200);
     by_worker(&res, &g);
-    assert!(res.iter().all(|(n, _)| n == "b"), "only b may serve now: {:?}", count(res.iter().map(|r| r.0.as_str())));
+    assert!(
+        res.iter().all(|(n, _)| n == "b"),
+        "only b may serve now: {:?}",
+        count(res.iter().map(|r| r.0.as_str()))
+    );
     assert_eq!(received(&mocks[0]), ra, "drained node a got new requests");
     let done = slow.join().expect("slow request thread");
-    assert_eq!((done.status, done.header("X-Node")), (200, Some("a")), "{}", done.text());
+    assert_eq!(
+        (done.status, done.header("X-Node")),
+        (200, Some("a")),
+        "{}",
+        done.text()
+    );
     mock_set(&mocks[0], "latency_ms=default");
     wait_state(&g, "a idle", |s| node_state(s, "a")["inflight"] == json!(0));
 
@@ -251,11 +292,17 @@ fn admin_changes_reach_every_worker() {
     let body = json!({ "id": "d", "addr": mocks[3].addr(), "weight": 10000 }).to_string();
     let r = admin(&g, "POST", "/rsbalancer/pools/llm/nodes", Some(&body));
     assert_eq!(r.status, 201, "{}", r.text());
-    assert_eq!((r.json()["id"].clone(), r.json()["weight"].clone()), (json!("d"), json!(10000)));
+    assert_eq!(
+        (r.json()["id"].clone(), r.json()["weight"].clone()),
+        (json!("d"), json!(10000))
+    );
     let m = by_worker(&burst(&g, 400), &g);
     eprintln!("after adding d: {m:?}");
     assert_worker_share(&m, "d", 0.9);
-    assert_notice(&g, &format!("added node d ({}, weight 10000) to pool llm", mocks[3].addr()));
+    assert_notice(
+        &g,
+        &format!("added node d ({}, weight 10000) to pool llm", mocks[3].addr()),
+    );
     // The other nodes kept their run-time weights and drains across the change.
     let st = state(&g);
     assert_eq!(node_state(&st, "a")["weight"], json!(10000));
@@ -303,37 +350,193 @@ fn bad_admin_input_is_refused_and_changes_nothing() {
     let before = state(&g);
     let big = format!(r#"{{"weight": 5, "pad": "{}"}}"#, "x".repeat(20_000));
     let cases: Vec<(&str, &str, Option<&str>, u16, &str)> = vec![
-        ("PUT", "pools/llm/nodes/a", Some(r#"{"weight": 0}"#), 400, "weight: 0 is out of range 1..=10000"),
-        ("PUT", "pools/llm/nodes/a", Some(r#"{"weight": 2.5}"#), 400, "weight: integer expected, got 2.5"),
-        ("PUT", "pools/llm/nodes/a", Some(r#"{"weight": "5"}"#), 400, "weight: integer expected, got string"),
-        ("PUT", "pools/llm/nodes/a", Some(r#"{"weight": null}"#), 400, "weight: integer expected, got null"),
+        (
+            "PUT",
+            "pools/llm/nodes/a",
+            Some(r#"{"weight": 0}"#),
+            400,
+            "weight: 0 is out of range 1..=10000",
+        ),
+        (
+            "PUT",
+            "pools/llm/nodes/a",
+            Some(r#"{"weight": 2.5}"#),
+            400,
+            "weight: integer expected, got 2.5",
+        ),
+        (
+            "PUT",
+            "pools/llm/nodes/a",
+            Some(r#"{"weight": "5"}"#),
+            400,
+            "weight: integer expected, got string",
+        ),
+        (
+            "PUT",
+            "pools/llm/nodes/a",
+            Some(r#"{"weight": null}"#),
+            400,
+            "weight: integer expected, got null",
+        ),
         // The valid weight is not applied when another key is bad.
-        ("PUT", "pools/llm/nodes/a", Some(r#"{"weight": 5, "drain": "yes"}"#), 400, "drain: boolean expected, got string"),
-        ("PUT", "pools/llm/nodes/a", Some(r#"{"weight": 5, "colour": 1}"#), 400, "unknown key \"colour\" (allowed: drain, weight)"),
+        (
+            "PUT",
+            "pools/llm/nodes/a",
+            Some(r#"{"weight": 5, "drain": "yes"}"#),
+            400,
+            "drain: boolean expected, got string",
+        ),
+        (
+            "PUT",
+            "pools/llm/nodes/a",
+            Some(r#"{"weight": 5, "colour": 1}"#),
+            400,
+            "unknown key \"colour\" (allowed: drain, weight)",
+        ),
         ("PUT", "pools/llm/nodes/a", Some("{}"), 400, "empty body"),
-        ("PUT", "pools/llm/nodes/a", Some("[5]"), 400, "body must be a JSON object"),
-        ("PUT", "pools/llm/nodes/a", Some(r#"{"weight": 5"#), 400, "invalid JSON"),
-        ("PUT", "pools/llm/nodes/a", None, 400, "a JSON object body is required"),
+        (
+            "PUT",
+            "pools/llm/nodes/a",
+            Some("[5]"),
+            400,
+            "body must be a JSON object",
+        ),
+        (
+            "PUT",
+            "pools/llm/nodes/a",
+            Some(r#"{"weight": 5"#),
+            400,
+            "invalid JSON",
+        ),
+        (
+            "PUT",
+            "pools/llm/nodes/a",
+            None,
+            400,
+            "a JSON object body is required",
+        ),
         ("PUT", "pools/llm/nodes/a", Some(&big), 413, "over the limit"),
-        ("PUT", "pools/llm/nodes/zz", Some(r#"{"weight": 5}"#), 404, "unknown node \"zz\" in pool \"llm\""),
-        ("PUT", "pools/nope/nodes/a", Some(r#"{"weight": 5}"#), 404, "unknown pool \"nope\""),
-        ("POST", "pools/llm/nodes", Some(r#"{"id": "a", "addr": "127.0.0.1:1"}"#), 409, "node \"a\" already exists in pool \"llm\""),
-        ("POST", "pools/llm/nodes", Some(r#"{"id": "x"}"#), 400, "missing key \"addr\""),
-        ("POST", "pools/llm/nodes", Some(r#"{"id": "x", "addr": "127.0.0.1"}"#), 400, "addr: "),
-        ("POST", "pools/llm/nodes", Some(r#"{"id": "bad id", "addr": "127.0.0.1:1"}"#), 400, "id: invalid id \"bad id\""),
-        ("POST", "pools/llm/nodes", Some(r#"{"id": "x", "addr": "no-such-host.invalid:80"}"#), 400, "no-such-host.invalid"),
-        ("POST", "pools/llm/nodes", Some(r#"{"id": "x", "addr": "127.0.0.1:1", "weight": 0}"#), 400, "weight: 0 is out of range"),
-        ("POST", "pools/llm/nodes", Some(r#"{"id": "x", "addr": "127.0.0.1:1", "backup": 1}"#), 400, "backup: boolean expected, got number"),
-        ("POST", "pools/llm/nodes", Some(r#"{"id": "x", "addr": "127.0.0.1:1"}"#), 409, "shm.max_nodes"),
-        ("POST", "pools/nope/nodes", Some(r#"{"id": "x", "addr": "127.0.0.1:1"}"#), 404, "unknown pool \"nope\""),
+        (
+            "PUT",
+            "pools/llm/nodes/zz",
+            Some(r#"{"weight": 5}"#),
+            404,
+            "unknown node \"zz\" in pool \"llm\"",
+        ),
+        (
+            "PUT",
+            "pools/nope/nodes/a",
+            Some(r#"{"weight": 5}"#),
+            404,
+            "unknown pool \"nope\"",
+        ),
+        (
+            "POST",
+            "pools/llm/nodes",
+            Some(r#"{"id": "a", "addr": "127.0.0.1:1"}"#),
+            409,
+            "node \"a\" already exists in pool \"llm\"",
+        ),
+        (
+            "POST",
+            "pools/llm/nodes",
+            Some(r#"{"id": "x"}"#),
+            400,
+            "missing key \"addr\"",
+        ),
+        (
+            "POST",
+            "pools/llm/nodes",
+            Some(r#"{"id": "x", "addr": "127.0.0.1"}"#),
+            400,
+            "addr: ",
+        ),
+        (
+            "POST",
+            "pools/llm/nodes",
+            Some(r#"{"id": "bad id", "addr": "127.0.0.1:1"}"#),
+            400,
+            "id: invalid id \"bad id\"",
+        ),
+        (
+            "POST",
+            "pools/llm/nodes",
+            Some(r#"{"id": "x", "addr": "no-such-host.invalid:80"}"#),
+            400,
+            "no-such-host.invalid",
+        ),
+        (
+            "POST",
+            "pools/llm/nodes",
+            Some(r#"{"id": "x", "addr": "127.0.0.1:1", "weight": 0}"#),
+            400,
+            "weight: 0 is out of range",
+        ),
+        (
+            "POST",
+            "pools/llm/nodes",
+            Some(r#"{"id": "x", "addr": "127.0.0.1:1", "backup": 1}"#),
+            400,
+            "backup: boolean expected, got number",
+        ),
+        (
+            "POST",
+            "pools/llm/nodes",
+            Some(r#"{"id": "x", "addr": "127.0.0.1:1"}"#),
+            409,
+            "shm.max_nodes",
+        ),
+        (
+            "POST",
+            "pools/nope/nodes",
+            Some(r#"{"id": "x", "addr": "127.0.0.1:1"}"#),
+            404,
+            "unknown pool \"nope\"",
+        ),
         ("DELETE", "pools/llm/nodes/zz", None, 404, "unknown node \"zz\""),
         ("DELETE", "pools/solo/nodes/s", None, 409, "without a primary"),
-        ("PUT", "pools/llm/canary", Some(r#"{"share": 1.5}"#), 400, "share: 1.5 is out of range 0..1"),
-        ("PUT", "pools/llm/canary", Some(r#"{"share": "half"}"#), 400, "share: number expected, got string"),
-        ("PUT", "pools/llm/emergency", Some(r#"{"mode": "maybe"}"#), 400, "mode: \"on\", \"off\" or \"auto\" expected, got \"maybe\""),
-        ("PUT", "pools/llm/emergency", Some(r#"{"mode": "on", "why": "x"}"#), 400, "unknown key \"why\""),
-        ("GET", "pools/llm/canary", None, 405, "GET not allowed here (allowed: PUT)"),
-        ("POST", "pools/llm/nodes/a", Some("{}"), 405, "allowed: GET, PUT, DELETE"),
+        (
+            "PUT",
+            "pools/llm/canary",
+            Some(r#"{"share": 1.5}"#),
+            400,
+            "share: 1.5 is out of range 0..1",
+        ),
+        (
+            "PUT",
+            "pools/llm/canary",
+            Some(r#"{"share": "half"}"#),
+            400,
+            "share: number expected, got string",
+        ),
+        (
+            "PUT",
+            "pools/llm/emergency",
+            Some(r#"{"mode": "maybe"}"#),
+            400,
+            "mode: \"on\", \"off\" or \"auto\" expected, got \"maybe\"",
+        ),
+        (
+            "PUT",
+            "pools/llm/emergency",
+            Some(r#"{"mode": "on", "why": "x"}"#),
+            400,
+            "unknown key \"why\"",
+        ),
+        (
+            "GET",
+            "pools/llm/canary",
+            None,
+            405,
+            "GET not allowed here (allowed: PUT)",
+        ),
+        (
+            "POST",
+            "pools/llm/nodes/a",
+            Some("{}"),
+            405,
+            "allowed: GET, PUT, DELETE",
+        ),
         ("DELETE", "", None, 405, "allowed: GET"),
         ("GET", "pools/nope", None, 404, "unknown pool \"nope\""),
         ("GET", "nope", None, 404, "no admin route /rsbalancer/nope"),
@@ -344,8 +547,14 @@ fn bad_admin_input_is_refused_and_changes_nothing() {
         let what = format!("{method} {url} {}", body.map_or("", |b| &b[..b.len().min(80)]));
         assert_eq!(r.status, *status, "{what}: {}", r.text());
         assert_eq!(r.header("Content-Type"), Some("application/json"), "{what}");
-        let err = r.json()["error"].as_str().unwrap_or_else(|| panic!("{what}: no error in {}", r.text())).to_string();
-        assert!(err.contains(msg), "{what}: error {err:?} does not contain {msg:?}");
+        let err = r.json()["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no error in {}", r.text()))
+            .to_string();
+        assert!(
+            err.contains(msg),
+            "{what}: error {err:?} does not contain {msg:?}"
+        );
         if *status == 405 {
             assert!(r.header("Allow").is_some(), "{what}: no Allow header");
         }
@@ -354,7 +563,11 @@ fn bad_admin_input_is_refused_and_changes_nothing() {
     for st in states_from_both_workers(&g) {
         assert_eq!(st, before, "a refused request changed the state");
     }
-    assert_eq!(notices(&g), Vec::<String>::new(), "refused requests logged changes");
+    assert_eq!(
+        notices(&g),
+        Vec::<String>::new(),
+        "refused requests logged changes"
+    );
 
     // The valid versions go through and show in the state of every worker.
     let r = change(&g, "PUT", "/rsbalancer/pools/llm/canary", r#"{"share": 0.2}"#);
@@ -362,7 +575,11 @@ fn bad_admin_input_is_refused_and_changes_nothing() {
     change(&g, "PUT", "/rsbalancer/pools/llm/emergency", r#"{"mode": "on"}"#);
     for st in states_from_both_workers(&g) {
         let p = &st["pools"]["llm"];
-        assert_eq!((p["canary_share"].clone(), p["emergency"]["mode"].clone()), (json!(0.2), json!("on")), "{st}");
+        assert_eq!(
+            (p["canary_share"].clone(), p["emergency"]["mode"].clone()),
+            (json!(0.2), json!("on")),
+            "{st}"
+        );
     }
     assert_notice(&g, "canary share of pool llm set to 0.2 (was 0) by 127.0.0.1");
     assert_notice(&g, "emergency mode of pool llm set to on (was auto) by 127.0.0.1");
@@ -374,12 +591,28 @@ fn start_gateway_with_token(dir: &TestDir, cfg: &Value, token: &str) -> Gateway 
     let (conf, json_path) = write_gateway(dir, port, cfg);
     let text = std::fs::read_to_string(&conf).unwrap();
     let plain = r#"serve({ prefix = "/rsbalancer/" })"#;
-    assert!(text.contains(plain), "gateway.conf no longer mounts the admin API as {plain}");
-    let text = text.replace(plain, &format!(r#"serve({{ prefix = "/rsbalancer/", token = "{token}" }})"#));
+    assert!(
+        text.contains(plain),
+        "gateway.conf no longer mounts the admin API as {plain}"
+    );
+    let text = text.replace(
+        plain,
+        &format!(r#"serve({{ prefix = "/rsbalancer/", token = "{token}" }})"#),
+    );
     let conf = dir.write("gateway.conf", &text);
-    let nginx = Nginx::start(dir, "gateway", &conf, &dir.path().join("gateway-error.log"), &[port]);
+    let nginx = Nginx::start(
+        dir,
+        "gateway",
+        &conf,
+        &dir.path().join("gateway-error.log"),
+        &[port],
+    );
     nginx.wait_workers(2, &[]);
-    Gateway { nginx, port, json: json_path }
+    Gateway {
+        nginx,
+        port,
+        json: json_path,
+    }
 }
 
 #[test]
@@ -404,13 +637,29 @@ fn admin_token_is_enforced() {
         let r = admin(&g, method, path, body);
         assert_eq!(r.status, 401, "{method} {path} without a token: {}", r.text());
         assert_eq!(r.header("WWW-Authenticate"), Some(r#"Bearer realm="rsbalancer""#));
-        assert!(r.json()["error"].as_str().unwrap().contains("bearer token"), "{}", r.text());
-        for bad in [&wrong_same_len, &prefix_only, &longer, &format!("Basic {TOKEN}"), &TOKEN.to_string()] {
+        assert!(
+            r.json()["error"].as_str().unwrap().contains("bearer token"),
+            "{}",
+            r.text()
+        );
+        for bad in [
+            &wrong_same_len,
+            &prefix_only,
+            &longer,
+            &format!("Basic {TOKEN}"),
+            &TOKEN.to_string(),
+        ] {
             let r = admin_with(&g, method, path, &[("Authorization", bad)], body);
             assert_eq!(r.status, 401, "{method} {path} with {bad:?}: {}", r.text());
         }
     }
-    let r = admin_with(&g, "GET", "/rsbalancer/", &[("Authorization", &wrong_same_len)], None);
+    let r = admin_with(
+        &g,
+        "GET",
+        "/rsbalancer/",
+        &[("Authorization", &wrong_same_len)],
+        None,
+    );
     assert_eq!(
         r.header("WWW-Authenticate"),
         Some(r#"Bearer realm="rsbalancer", error="invalid_token""#)
@@ -424,7 +673,13 @@ fn admin_token_is_enforced() {
     assert!(notices(&g).is_empty(), "{:?}", notices(&g));
 
     // With the token (any case of the scheme), the change goes through.
-    let r = admin_with(&g, "PUT", "/rsbalancer/pools/llm/nodes/a", &[("Authorization", &format!("bearer {TOKEN}"))], Some(r#"{"weight": 7}"#));
+    let r = admin_with(
+        &g,
+        "PUT",
+        "/rsbalancer/pools/llm/nodes/a",
+        &[("Authorization", &format!("bearer {TOKEN}"))],
+        Some(r#"{"weight": 7}"#),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["weight"], json!(7));
     assert_notice(&g, "weight of node a in pool llm set to 7 (was 30)");
@@ -437,7 +692,10 @@ fn admin_token_is_enforced() {
     assert!(!r.text().contains(&mocks[0].addr()), "the page carries state");
     let url = format!("http://127.0.0.1:{}/rsbalancer/status", g.port);
     let without = chromium_dom(&url);
-    assert!(without.contains("a token is needed"), "no token prompt:\n{without}");
+    assert!(
+        without.contains("a token is needed"),
+        "no token prompt:\n{without}"
+    );
     assert!(rows(&without).is_empty());
     let with = chromium_dom(&format!("{url}#token={TOKEN}"));
     let ids: Vec<String> = rows(&with).iter().map(|r| r["id"].clone()).collect();
@@ -516,7 +774,10 @@ fn text_of(html: &str) -> String {
             _ => {}
         }
     }
-    out.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">").replace("&nbsp;", " ")
+    out.replace("&amp;", "&")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&nbsp;", " ")
 }
 
 /// The node rows of a dumped status page: per row, cell class (`c-<name>`) -> text,
@@ -556,14 +817,21 @@ fn rows(dom: &str) -> Vec<BTreeMap<String, String>> {
 /// What the page must show for a node of the admin JSON.
 fn expected_row(pool: &str, n: &Value) -> BTreeMap<String, String> {
     let limit = n["limit"].as_f64().unwrap();
-    let limit = if limit > 0.0 { format!("{limit}") } else { "\u{2014}".to_string() };
+    let limit = if limit > 0.0 {
+        format!("{limit}")
+    } else {
+        "\u{2014}".to_string()
+    };
     let mut m = BTreeMap::new();
     m.insert("pool".into(), pool.to_string());
     m.insert("id".into(), n["id"].as_str().unwrap().to_string());
     m.insert("addr".into(), n["addr"].as_str().unwrap().to_string());
     m.insert("state".into(), n["state"].as_str().unwrap().to_string());
     m.insert("weight".into(), group(n["weight"].as_u64().unwrap()));
-    m.insert("inflight".into(), format!("{} / {limit}", n["inflight"].as_u64().unwrap()));
+    m.insert(
+        "inflight".into(),
+        format!("{} / {limit}", n["inflight"].as_u64().unwrap()),
+    );
     m.insert("backup".into(), n["backup"].as_bool().unwrap().to_string());
     m
 }
@@ -606,7 +874,11 @@ fn screenshot_path() -> PathBuf {
 
 fn assert_png(path: &Path) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", path.display()));
-    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{} is not a PNG", path.display());
+    assert!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "{} is not a PNG",
+        path.display()
+    );
     // IHDR: width and height, big-endian, at bytes 16..24.
     let w = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
     let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
@@ -617,7 +889,11 @@ fn assert_png(path: &Path) {
 fn status_page_in_chromium_shows_the_admin_state() {
     let _serial = serial();
     let dir = TestDir::new("admin-page");
-    let mocks = [MockNode::new("a", 5), MockNode::new("b", 30_000), MockNode::new("c", 5)];
+    let mocks = [
+        MockNode::new("a", 5),
+        MockNode::new("b", 30_000),
+        MockNode::new("c", 5),
+    ];
     let _m = start_mocks(&dir, &mocks);
     let cfg = json!({ "pools": {
         "llm": { "algorithm": "p2c_ewma", "slow_start_ms": 0, "nodes": [
@@ -635,8 +911,15 @@ fn status_page_in_chromium_shows_the_admin_state() {
             std::thread::spawn(move || http(port, "POST", "/v1/chat/completions", Some(CHAT_BODY)))
         })
         .collect();
-    wait_state(&g, "2 tries in flight on b", |s| node_state(s, "b")["inflight"] == json!(2));
-    change(&g, "PUT", "/rsbalancer/pools/batch/nodes/y", r#"{"weight": 1234}"#);
+    wait_state(&g, "2 tries in flight on b", |s| {
+        node_state(s, "b")["inflight"] == json!(2)
+    });
+    change(
+        &g,
+        "PUT",
+        "/rsbalancer/pools/batch/nodes/y",
+        r#"{"weight": 1234}"#,
+    );
     change(&g, "PUT", "/rsbalancer/pools/llm/canary", r#"{"share": 0.25}"#);
 
     let url = format!("http://127.0.0.1:{}/rsbalancer/status", g.port);
@@ -666,13 +949,19 @@ fn status_page_in_chromium_shows_the_admin_state() {
             for col in ["effective", "ewma", "cooldown", "requests", "failures", "busy"] {
                 assert!(r.contains_key(col), "no {col} column in {r:?}");
             }
-            assert!(r["effective"].replace(',', "").parse::<f64>().is_ok(), "effective weight {r:?}");
+            assert!(
+                r["effective"].replace(',', "").parse::<f64>().is_ok(),
+                "effective weight {r:?}"
+            );
         }
         let b = got.iter().find(|r| r["id"] == "b").unwrap();
         assert_eq!(b["inflight"], "2 / \u{2014}");
         assert_eq!(got.iter().find(|r| r["id"] == "a").unwrap()["state"], "draining");
         assert!(dom.contains("canary 25%"), "pool facts missing");
-        assert!(dom.contains(&format!("generation {}", before["generation"])), "generation not shown");
+        assert!(
+            dom.contains(&format!("generation {}", before["generation"])),
+            "generation not shown"
+        );
         compared = true;
         break;
     }
@@ -680,14 +969,25 @@ fn status_page_in_chromium_shows_the_admin_state() {
 
     let shot = screenshot_path();
     let _ = std::fs::remove_file(&shot);
-    run_chromium(&url, &[&format!("--screenshot={}", shot.display()), "--window-size=1280,900", "--hide-scrollbars"]);
+    run_chromium(
+        &url,
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1280,900",
+            "--hide-scrollbars",
+        ],
+    );
     assert_png(&shot);
     println!("status page screenshot: {}", shot.display());
     eprintln!("status page screenshot: {}", shot.display());
 
     // The page fetched the state: the admin location served JSON to Chromium.
     let log = std::fs::read_to_string(dir.path().join("gateway-access.log")).unwrap_or_default();
-    assert!(log.lines().any(|l| l.contains("\"GET /rsbalancer/ HTTP/1.1\" 200")), "no JSON fetch in the access log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"GET /rsbalancer/ HTTP/1.1\" 200")),
+        "no JSON fetch in the access log"
+    );
 
     drop(g);
     for h in held {

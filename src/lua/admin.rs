@@ -57,13 +57,17 @@ pub(super) fn add_methods<M: UserDataMethods<LuaBalancer>>(m: &mut M) {
     // state([pool]) -> { generation=, pools={ [name]={...} } } or one pool's table |
     // nil, err, kind
     m.add_method("state", |lua, this, pool: Option<String>| {
-        let r = this.0.status().map_err(AdminError::from).and_then(|mut v| match &pool {
-            None => Ok(v),
-            Some(p) => match v["pools"].get_mut(p.as_str()) {
-                Some(pv) => Ok(pv.take()),
-                None => Err(AdminError::NotFound(format!("unknown pool \"{p}\""))),
-            },
-        });
+        let r = this
+            .0
+            .status()
+            .map_err(AdminError::from)
+            .and_then(|mut v| match &pool {
+                None => Ok(v),
+                Some(p) => match v["pools"].get_mut(p.as_str()) {
+                    Some(pv) => Ok(pv.take()),
+                    None => Err(AdminError::NotFound(format!("unknown pool \"{p}\""))),
+                },
+            });
         match r {
             Ok(v) => (lua.to_value_with(&v, plain())?,).into_lua_multi(lua),
             Err(e) => nil_err_kind::<Value>(lua, Err(e)),
