@@ -600,19 +600,7 @@ fn start_gateway_with_token(dir: &TestDir, cfg: &Value, token: &str) -> Gateway 
         &format!(r#"serve({{ prefix = "/rsbalancer/", token = "{token}" }})"#),
     );
     let conf = dir.write("gateway.conf", &text);
-    let nginx = Nginx::start(
-        dir,
-        "gateway",
-        &conf,
-        &dir.path().join("gateway-error.log"),
-        &[port],
-    );
-    nginx.wait_workers(2, &[]);
-    Gateway {
-        nginx,
-        port,
-        json: json_path,
-    }
+    start_gateway_conf(dir, port, &conf, json_path)
 }
 
 #[test]

@@ -564,10 +564,16 @@ pub struct Gateway {
 pub fn start_gateway(dir: &TestDir, json: &Value) -> Gateway {
     let port = free_port();
     let (conf, json_path) = write_gateway(dir, port, json);
+    start_gateway_conf(dir, port, &conf, json_path)
+}
+
+/// Starts a gateway config already written (by [`write_gateway`], maybe edited after)
+/// listening on `port`, and waits until both workers run and it answers.
+pub fn start_gateway_conf(dir: &TestDir, port: u16, conf: &Path, json_path: PathBuf) -> Gateway {
     let nginx = Nginx::start(
         dir,
         "gateway",
-        &conf,
+        conf,
         &dir.path().join("gateway-error.log"),
         &[port],
     );

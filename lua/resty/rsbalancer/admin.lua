@@ -265,37 +265,38 @@ local function remove_node(pool, id)
     return reply(200, { removed = id, pool = pool })
 end
 
-local function set_canary(pool)
-    local body, status, err = body_object()
-    if not body then return refuse(status, err) end
-    err = check_body(body, { share = "number" }, { "share" })
-    if not err and (body.share < 0 or body.share > 1) then
-        err = "share: " .. tostring(body.share) .. " is out of range 0..1"
-    end
-    if err then return refuse(400, err) end
-    local before = pool_or_404(pool)
-    if not before then return end
-    local ok, cerr = rsb.set_canary_share(pool, body.share)
-    if not ok then return refuse(404, cerr) end
-    notice("canary share of pool ", pool, " set to ", body.share, " (was ",
-           before.canary_share, ") by ", ngx.var.remote_addr)
-    return reply(200, rsb.state(pool))
-end
+-- PUT pools/<pool>/<setting>: a body of one key, checked, then one setter.
+local POOL_SETTINGS = {
+    canary = {
+        key = "share", type = "number", what = "canary share", set = rsb.set_canary_share,
+        check = function(v)
+            if v < 0 or v > 1 then return "share: " .. tostring(v) .. " is out of range 0..1" end
+        end,
+        was = function(st) return st.canary_share end,
+    },
+    emergency = {
+        key = "mode", type = "string", what = "emergency mode", set = rsb.set_emergency,
+        check = function(v)
+            if v ~= "on" and v ~= "off" and v ~= "auto" then
+                return "mode: \"on\", \"off\" or \"auto\" expected, got \"" .. v .. "\""
+            end
+        end,
+        was = function(st) return st.emergency and st.emergency.mode or "?" end,
+    },
+}
 
-local function set_emergency(pool)
+local function set_pool(pool, setting)
     local body, status, err = body_object()
     if not body then return refuse(status, err) end
-    err = check_body(body, { mode = "string" }, { "mode" })
-    if not err and body.mode ~= "on" and body.mode ~= "off" and body.mode ~= "auto" then
-        err = "mode: \"on\", \"off\" or \"auto\" expected, got \"" .. body.mode .. "\""
-    end
+    local key = setting.key
+    err = check_body(body, { [key] = setting.type }, { key }) or setting.check(body[key])
     if err then return refuse(400, err) end
     local before = pool_or_404(pool)
     if not before then return end
-    local ok, eerr = rsb.set_emergency(pool, body.mode)
-    if not ok then return refuse(404, eerr) end
-    notice("emergency mode of pool ", pool, " set to ", body.mode, " (was ",
-           before.emergency and before.emergency.mode or "?", ") by ", ngx.var.remote_addr)
+    local ok, serr = setting.set(pool, body[key])
+    if not ok then return refuse(404, serr) end
+    notice(setting.what, " of pool ", pool, " set to ", body[key], " (was ", setting.was(before),
+           ") by ", ngx.var.remote_addr)
     return reply(200, rsb.state(pool))
 end
 
@@ -328,13 +329,10 @@ local function route(method, rest)
         end
         return method_not_allowed(method, "GET, PUT, DELETE")
     end
-    if tail == "/canary" then
+    local setting = POOL_SETTINGS[match(tail, "^/(%a+)$") or ""]
+    if setting then
         if method ~= "PUT" then return method_not_allowed(method, "PUT") end
-        return set_canary(pool)
-    end
-    if tail == "/emergency" then
-        if method ~= "PUT" then return method_not_allowed(method, "PUT") end
-        return set_emergency(pool)
+        return set_pool(pool, setting)
     end
     return refuse(404, "no admin route " .. ngx.var.uri)
 end
