@@ -674,10 +674,44 @@ fn admin_token_is_enforced() {
 
     // The status page's HTML holds no state and is served without the token; its
     // script sends the token, from the URL fragment.
-    let r = admin_with(&g, "GET", "/rsbalancer/status", &[("Accept", "text/html")], None);
-    assert_eq!(r.status, 200);
-    assert!(r.header("Content-Type").unwrap().starts_with("text/html"));
-    assert!(!r.text().contains(&mocks[0].addr()), "the page carries state");
+    // Which of page and JSON each Accept gets (JSON always wants the token).
+    let browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
+    for (path, accept, page) in [
+        ("/rsbalancer/status", Some("text/html"), true),
+        ("/rsbalancer/status", Some(browser), true),
+        ("/rsbalancer/status", Some("*/*"), true),
+        ("/rsbalancer/status", Some("application/json"), false),
+        ("/rsbalancer/status", None, false),
+        ("/rsbalancer/", Some(browser), true),
+        ("/rsbalancer/", Some("*/*"), false),
+        ("/rsbalancer/", None, false),
+    ] {
+        let headers: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
+        let r = admin_with(&g, "GET", path, &headers, None);
+        let what = format!("GET {path} Accept {accept:?}");
+        if page {
+            assert_eq!(r.status, 200, "{what}: {}", r.text());
+            assert!(
+                r.header("Content-Type").unwrap().starts_with("text/html"),
+                "{what}"
+            );
+            assert!(r
+                .header("Content-Security-Policy")
+                .unwrap()
+                .contains("default-src 'none'"));
+            assert!(
+                !r.text().contains(&mocks[0].addr()),
+                "{what}: the page carries state"
+            );
+        } else {
+            assert_eq!(r.status, 401, "{what}: {}", r.text());
+            let mut h = headers.clone();
+            h.push(("Authorization", &good));
+            let r = admin_with(&g, "GET", path, &h, None);
+            assert_eq!(r.status, 200, "{what}: {}", r.text());
+            assert_eq!(r.json()["pools"]["llm"]["nodes"][0]["id"], json!("a"), "{what}");
+        }
+    }
     let url = format!("http://127.0.0.1:{}/rsbalancer/status", g.port);
     let without = chromium_dom(&url);
     assert!(
@@ -821,6 +855,8 @@ fn expected_row(pool: &str, n: &Value) -> BTreeMap<String, String> {
         format!("{} / {limit}", n["inflight"].as_u64().unwrap()),
     );
     m.insert("backup".into(), n["backup"].as_bool().unwrap().to_string());
+    m.insert("requests".into(), group(n["requests"].as_u64().unwrap()));
+    m.insert("failures".into(), group(n["failures"].as_u64().unwrap()));
     m
 }
 
@@ -879,7 +915,7 @@ fn status_page_in_chromium_shows_the_admin_state() {
     let dir = TestDir::new("admin-page");
     let mocks = [
         MockNode::new("a", 5),
-        MockNode::new("b", 30_000),
+        MockNode::new("b", 8),
         MockNode::new("c", 5),
     ];
     let _m = start_mocks(&dir, &mocks);
@@ -890,6 +926,19 @@ fn status_page_in_chromium_shows_the_admin_state() {
         "batch": llm(vec![node("x", &mocks[0], 1), node("y", &mocks[2], 2)]),
     } });
     let g = start_gateway(&dir, &cfg);
+    // Some traffic first, so that the page has latencies and counts to show.
+    for (node, _) in burst(&g, 40) {
+        assert!(
+            node == "a" || node == "b",
+            "backup c served with a and b up: {node}"
+        );
+    }
+    wait_state(&g, "no try in flight", |s| {
+        ["a", "b", "c"]
+            .iter()
+            .all(|id| node_state(s, id)["inflight"] == json!(0))
+    });
+    mock_set(&mocks[1], "latency_ms=30000");
     // Hold two tries in flight on the slow node b (a drained, c a backup), so the page
     // has something in flight to show and the state stays still while it renders.
     change(&g, "PUT", "/rsbalancer/pools/llm/nodes/a", r#"{"drain": true}"#);
@@ -934,7 +983,7 @@ fn status_page_in_chromium_shows_the_admin_state() {
         assert_eq!(shown, want, "the page's rows differ from the admin JSON\n{dom}");
         // The other columns are there, with numbers where numbers belong.
         for r in &got {
-            for col in ["effective", "ewma", "cooldown", "requests", "failures", "busy"] {
+            for col in ["effective", "ewma", "cooldown", "busy"] {
                 assert!(r.contains_key(col), "no {col} column in {r:?}");
             }
             assert!(
@@ -944,6 +993,7 @@ fn status_page_in_chromium_shows_the_admin_state() {
         }
         let b = got.iter().find(|r| r["id"] == "b").unwrap();
         assert_eq!(b["inflight"], "2 / \u{2014}");
+        assert!(b["ewma"].ends_with(" ms"), "no EWMA shown for b: {b:?}");
         assert_eq!(got.iter().find(|r| r["id"] == "a").unwrap()["state"], "draining");
         assert!(dom.contains("canary 25%"), "pool facts missing");
         assert!(

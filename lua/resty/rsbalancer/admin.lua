@@ -322,7 +322,7 @@ local function route(method, rest)
             local n = node_or_404(pool, id)
             if n then return reply(200, n) end
             return
-        elseif method == "PUT" or method == "PATCH" then
+        elseif method == "PUT" then
             return change_node(pool, id)
         elseif method == "DELETE" then
             return remove_node(pool, id)
