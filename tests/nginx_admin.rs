@@ -12,6 +12,8 @@
 //! that served each one (X-Node) and the mocks' own received counts show the change in
 //! effect in both. No assertion is on elapsed time.
 //!
+//! A reload (`nginx -s reload`) puts the config file's nodes, weights and drains back.
+//!
 //! The status page test renders the page in headless Chromium (`--dump-dom`) while
 //! the state is held still (tries held in flight on a slow node), compares every node
 //! row with the admin JSON fetched just before and after, and saves a screenshot
@@ -1031,4 +1033,58 @@ fn status_page_in_chromium_shows_the_admin_state() {
     for h in held {
         let _ = h.join();
     }
+}
+
+#[test]
+fn reload_replaces_run_time_changes_with_the_file() {
+    let _serial = serial();
+    let dir = TestDir::new("admin-reload");
+    let mocks = [
+        MockNode::new("a", 5),
+        MockNode::new("b", 5),
+        MockNode::new("c", 5),
+    ];
+    let _m = start_mocks(&dir, &mocks);
+    let cfg = json!({ "pools": { "llm": llm(vec![node("a", &mocks[0], 30), node("b", &mocks[1], 50)]) } });
+    let g = start_gateway(&dir, &cfg);
+    change(
+        &g,
+        "PUT",
+        "/rsbalancer/pools/llm/nodes/a",
+        r#"{"weight": 9, "drain": true}"#,
+    );
+    let body = json!({ "id": "c", "addr": mocks[2].addr() }).to_string();
+    change(&g, "POST", "/rsbalancer/pools/llm/nodes", &body);
+    change(&g, "DELETE", "/rsbalancer/pools/llm/nodes/b", "");
+    let st = state(&g);
+    let ids: Vec<&str> = st["pools"]["llm"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a", "c"]);
+
+    // nginx -s reload: the file's nodes, weights and (no) drains again.
+    let old = g.nginx.workers();
+    g.nginx.signal(libc::SIGHUP);
+    g.nginx.wait_workers(2, &old);
+    let st = wait_state(&g, "the file's nodes after the reload", |s| {
+        s["pools"]["llm"]["nodes"]
+            .as_array()
+            .is_some_and(|a| a.len() == 2 && a[1]["id"] == "b")
+    });
+    let a = node_state(&st, "a");
+    assert_eq!(
+        (a["weight"].clone(), a["draining"].clone(), a["state"].clone()),
+        (json!(30), json!(false), json!("healthy")),
+        "{st}"
+    );
+    assert_eq!(node_state(&st, "b")["weight"], json!(50));
+    let res = burst(&g, 100);
+    assert_none_to(&res, "c");
+    assert!(
+        res.iter().any(|(n, _)| n == "a"),
+        "a (no longer drained) got nothing"
+    );
 }
