@@ -53,7 +53,7 @@ test: deps build
 
 # Every Rust test target but the nginx one (run by test-nginx, serially).
 NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs tests/nginx_canary.rs tests/nginx_emergency.rs \
-               tests/nginx_metrics.rs
+               tests/nginx_metrics.rs tests/nginx_admin.rs
 RUST_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out $(NGINX_TESTS),$(wildcard tests/*.rs)))
 
 test-rust:
@@ -83,11 +83,7 @@ install: build
 	install -m 0644 include/rsbalancer.h $(DESTDIR)$(PREFIX)/include/rsbalancer.h
 	install -d $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer
 	install -m 0644 lua/resty/rsbalancer.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer.lua
-	install -m 0644 lua/resty/rsbalancer/health.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/health.lua
-	install -m 0644 lua/resty/rsbalancer/canary.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/canary.lua
-	install -m 0644 lua/resty/rsbalancer/emergency.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/emergency.lua
-	install -m 0644 lua/resty/rsbalancer/http.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/http.lua
-	install -m 0644 lua/resty/rsbalancer/metrics.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/metrics.lua
+	install -m 0644 lua/resty/rsbalancer/*.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/
 
 # Alert and recording rules (nginx-conf/prometheus/): syntax, the sample scrape config,
 # and the rule unit tests (alerts that must fire and must not).

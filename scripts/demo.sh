@@ -122,14 +122,18 @@ Try:
   # per-node counters, shared by all workers
   curl -s $G/rsbalancer/stats
 
-  # everything the balancer learned: EWMA, learned limits, cooldowns, state
-  curl -s $G/rsbalancer/status
+  # everything the balancer learned: EWMA, learned limits, cooldowns, state (admin API)
+  curl -s $G/rsbalancer/
 
   # Prometheus metrics (nginx-conf/prometheus/: scrape config, alerts, dashboard)
   curl -s $G/metrics | grep -v '^#' | grep 'pool="llm"' | head -40
 
-  # change a node's weight (every worker follows)
-  curl -s -X POST '$G/rsbalancer/weight?node=c&weight=80'
+  # the live status page: open $G/rsbalancer/status in a browser on this machine
+
+  # change a node's weight, drain it, put it back (every worker follows at once)
+  curl -s -X PUT $G/rsbalancer/pools/llm/nodes/c -d '{"weight": 80}'
+  curl -s -X PUT $G/rsbalancer/pools/llm/nodes/c -d '{"drain": true}'
+  curl -s -X PUT $G/rsbalancer/pools/llm/nodes/c -d '{"drain": false}'
 
   # make node b answer 503 (fail=close drops connections; fail= restores it)
   curl -s -X POST '127.0.0.1:$NODE_B_PORT/mock/set?fail=503'

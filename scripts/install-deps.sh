@@ -3,11 +3,12 @@
 # Debian 12: nginx with lua-nginx-module, OpenResty's LuaJIT fork (which the module
 # links against; plain `luajit` conflicts with it), valgrind for the C test, wrk for
 # benchmarks, prometheus for promtool (rule tests, `promtool check metrics`) and the
-# end-to-end scrape test. Rust comes from rustup and is expected on PATH.
+# end-to-end scrape test, chromium for the status page test (headless). Rust comes
+# from rustup and is expected on PATH.
 set -euo pipefail
 
 want=(nginx-core libnginx-mod-http-lua lua-resty-core luajit2 libluajit2-5.1-dev
-      gcc make valgrind wrk curl prometheus)
+      gcc make valgrind wrk curl prometheus chromium)
 [ "$#" -gt 0 ] && want+=("$@")
 
 SUDO=""

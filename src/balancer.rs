@@ -150,12 +150,14 @@ pub struct NodeStats {
     pub ejected_until_ms: u64,
     /// Learned concurrency limit (0 = none learned).
     pub limit: f64,
-    /// healthy | cooling | ejected | down | slow_start
+    /// healthy | cooling | ejected | down | draining | slow_start
     pub state: &'static str,
     /// Milliseconds until the node may take tries again (0 when it may).
     pub unavailable_ms: u64,
     pub cooldowns: u64,
     pub ejections: u64,
+    /// Drained by an operator: no new tries, those in flight finish.
+    pub draining: bool,
 }
 
 /// Copy the live numbers out of a slot.
@@ -170,6 +172,8 @@ pub fn node_stats(region: &Region, n: &NodeSlot) -> NodeStats {
         "ejected"
     } else if now < cooldown_until_ms {
         "cooling"
+    } else if f & flags::DRAINING != 0 {
+        "draining"
     } else if now
         < n.started_ms.load(Ordering::Relaxed)
             + region
@@ -197,6 +201,7 @@ pub fn node_stats(region: &Region, n: &NodeSlot) -> NodeStats {
         backup: f & flags::BACKUP != 0,
         cooldown_until_ms,
         ejected_until_ms,
+        draining: f & flags::DRAINING != 0,
     }
 }
 
@@ -390,8 +395,29 @@ impl Balancer {
         }
         let guard = self.region.lock(LOCK_TIMEOUT)?;
         let old = Topology::parse(&self.region.read_text(&guard));
+        self.commit(&guard, &old, cfg, 0)
+    }
+
+    /// Like [`Balancer::configure`], with the config built from the active topology
+    /// under the same hold of the shared lock, so that concurrent run-time changes
+    /// (`crate::admin`) never lose one another. Node flags in `keep` (besides `DOWN`)
+    /// survive the change.
+    pub(crate) fn reconfigure(
+        &self,
+        keep: u32,
+        build: impl FnOnce(&Topology) -> Result<Config, Error>,
+    ) -> Result<(), Error> {
+        let guard = self.region.lock(LOCK_TIMEOUT)?;
+        let old = Topology::parse(&self.region.read_text(&guard));
+        let cfg = build(&old)?;
+        self.commit(&guard, &old, &cfg, keep)
+    }
+
+    /// Assign slots, check the size, write slot state and the topology text, bump.
+    fn commit(&self, guard: &LockGuard<'_>, old: &Topology, cfg: &Config, keep: u32) -> Result<(), Error> {
+        let cap = self.region.capacity();
         let now = clock::now_ms();
-        let new = self.assign_slots(&old, cfg, now)?;
+        let new = self.assign_slots(old, cfg, now)?;
         let text = serde_json::to_vec(&new).expect("topology serializes");
         if text.len() > cap.config_bytes as usize {
             return Err(Error::Config(ConfigError {
@@ -403,9 +429,9 @@ impl Balancer {
                 ),
             }));
         }
-        self.apply(&guard, &old, &new, cfg, now);
-        self.region.write_text(&guard, &text)?;
-        self.bump(&guard);
+        self.apply(guard, old, &new, cfg, now, keep);
+        self.region.write_text(guard, &text)?;
+        self.bump(guard);
         Ok(())
     }
 
@@ -533,7 +559,7 @@ impl Balancer {
     }
 
     /// Write slot state for the new topology (lock held).
-    fn apply(&self, _g: &LockGuard<'_>, old: &Topology, new: &Topology, cfg: &Config, now: u64) {
+    fn apply(&self, _g: &LockGuard<'_>, old: &Topology, new: &Topology, cfg: &Config, now: u64, keep: u32) {
         let r = &self.region;
         for p in &old.pools {
             if new.pool(&p.name).is_none() {
@@ -572,8 +598,9 @@ impl Balancer {
                 }
                 s.pool.store(p.slot, Ordering::Relaxed);
                 s.weight.store(nc.weight, Ordering::Relaxed);
-                // Health (DOWN) is learned state and survives a reload.
-                let down = s.flags.load(Ordering::Relaxed) & flags::DOWN;
+                // Health (DOWN) is learned state and survives a reload; flags in `keep`
+                // (DRAINING, for a run-time change) survive too.
+                let down = s.flags.load(Ordering::Relaxed) & (flags::DOWN | keep);
                 let f = flags::IN_USE | down | if n.backup { flags::BACKUP } else { 0 };
                 s.flags.store(f, Ordering::Release);
             }
@@ -684,11 +711,13 @@ impl Balancer {
                 (p.name.clone(), pool)
             })
             .collect();
-        Ok(serde_json::json!({
+        let mut v = serde_json::json!({
             "generation": self.generation(),
             "reclaimed_tries": self.region.header().reclaimed_tries.load(Ordering::Relaxed),
             "pools": pools,
-        }))
+        });
+        crate::admin::extend_status(self, &topo, &mut v)?;
+        Ok(v)
     }
 
     /// Live numbers of a node slot.
@@ -1178,7 +1207,8 @@ impl Balancer {
     }
 
     /// Set the share of `pool`'s requests sent to its canary pool, in parts per
-    /// 10,000 (0..=10000). Clears a previous automatic rollback. Takes effect in every
+    /// 10,000 (0..=10000); refused for a pool without a canary. Clears a previous
+    /// automatic rollback. Takes effect in every
     /// worker at its next request (the share is read from the shared slot).
     pub fn set_canary_share(&self, pool: u32, parts: u32) -> Result<(), Error> {
         if parts > 10_000 {
@@ -1187,6 +1217,11 @@ impl Balancer {
             )));
         }
         let ps = self.live_pool(pool)?;
+        if ps.canary_pool.load(Ordering::Relaxed) == 0 {
+            return Err(Error::Invalid(format!(
+                "pool index {pool} has no canary (configure one with \"canary\": {{\"pool\": ...}})"
+            )));
+        }
         ps.canary_share.store(parts, Ordering::Relaxed);
         ps.canary_rolled_back.store(0, Ordering::Relaxed);
         Ok(())
@@ -1295,6 +1330,25 @@ impl Balancer {
             });
         }
         l.topo = Arc::new(topo);
+    }
+
+    /// This process's effective weight of every node slot of the active topology (base
+    /// weight × slow start × success share × latency factor, as its selectors use
+    /// them; refreshed first when due). Worker-local: other workers' may differ a little.
+    pub fn effective_weights(&self) -> Result<HashMap<u32, f64>, Error> {
+        let now = clock::now_ms();
+        let mut l = self.local.lock();
+        self.sync(&mut l)?;
+        let mut out = HashMap::new();
+        for p in l.pools.iter_mut().flatten() {
+            if now >= p.next_refresh_ms {
+                p.refresh(&self.region, now);
+            }
+            for tier in [&p.primary, &p.backup] {
+                out.extend(tier.slots.iter().zip(&tier.cands).map(|(&s, c)| (s, c.weight)));
+            }
+        }
+        Ok(out)
     }
 }
 

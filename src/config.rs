@@ -435,7 +435,7 @@ impl Config {
     }
 
     /// Checks ranges, names, duplicates and capacity, then resolves every node's
-    /// address into `resolved`. Name resolution comes last, so that a config with a
+    /// address not resolved yet into `resolved`. Name resolution comes last, so that a config with a
     /// plain mistake is refused without waiting on DNS.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         self.shm.validate()?;
@@ -481,7 +481,14 @@ impl Config {
             ));
         }
         for (name, pool) in &mut self.pools {
-            for (i, node) in pool.nodes.iter_mut().enumerate() {
+            // A node resolved already (a run-time change rebuilding the running config)
+            // keeps its address: no DNS lookup for nodes that are not new.
+            for (i, node) in pool
+                .nodes
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, n)| n.resolved.is_none())
+            {
                 let addr = resolve(&node.addr)
                     .map_err(|m| ConfigError::new(format!("pools.{name}.nodes[{i}].addr"), m))?;
                 node.resolved = Some(addr);

@@ -21,6 +21,7 @@
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod admin;
 pub mod balancer;
 pub mod canary;
 pub mod config;

@@ -809,7 +809,17 @@ fn drained_node_gets_no_tries_until_put_back() {
 fn canary_share_and_emergency_mode_are_checked_and_stored() {
     use rsbalancer::balancer::EmergencyMode;
     use rsbalancer::shm::layout::emergency::{ACTIVE, FORCED_OFF, FORCED_ON};
-    let b = Balancer::create(&config(json!({}), &["a"])).unwrap();
+    let plain = Balancer::create(&config(json!({}), &["a"])).unwrap();
+    let p0 = plain.pool_index("p").unwrap();
+    assert!(
+        matches!(plain.set_canary_share(p0, 100), Err(Error::Invalid(e)) if e.contains("no canary")),
+        "a pool without a canary has no share to set"
+    );
+    let cfg = rsbalancer::config::Config::from_value(json!({ "shm": shm(), "pools": {
+        "p": { "nodes": [{"id": "a", "addr": "127.0.0.1:9001"}], "canary": {"pool": "c"} },
+        "c": { "nodes": [{"id": "x", "addr": "127.0.0.1:9002"}] } } }))
+    .unwrap();
+    let b = Balancer::create(&cfg).unwrap();
     let pool = b.pool_index("p").unwrap();
     let ps = b.region().pool(pool).unwrap();
     ps.canary_rolled_back.store(1, Ordering::Relaxed);

@@ -587,6 +587,52 @@ function _M.nodes(pool)
     return bal:nodes(pool)
 end
 
+--- state([pool]): every pool and node with live state as a table ({ generation=,
+-- pools = { [name] = { algorithm=, canary_share=, emergency=, nodes = {...} } } }),
+-- or one pool's table; nil, err for an unknown pool. The admin API's GET.
+function _M.state(pool)
+    if not bal then not_initialized("state") end
+    if pool ~= nil then check_string(pool, 1, "state") end
+    return bal:state(pool)
+end
+
+local NODE_KEYS = { id = "string", addr = "string", weight = "number", backup = "boolean" }
+
+--- add_node(pool, { id=, addr= [, weight=] [, backup=] }): add a node at run time,
+-- in every worker from its next pick (slow start, nothing learned). Returns its slot,
+-- or nil, err, kind ("not_found", "conflict": id exists or no room, "invalid": a bad
+-- value or an address that does not resolve). Lasts until the next reload.
+function _M.add_node(pool, node)
+    if not bal then not_initialized("add_node") end
+    check_string(pool, 1, "add_node")
+    if type(node) ~= "table" then
+        error("bad argument #2 to 'add_node' (table expected, got " .. type(node) .. ")", 2)
+    end
+    for k, v in pairs(node) do
+        local want = NODE_KEYS[k]
+        if not want then
+            error("bad argument #2 to 'add_node' (unknown key " .. tostring(k) .. ")", 2)
+        end
+        if type(v) ~= want then
+            error("bad argument #2 to 'add_node' (" .. k .. ": " .. want .. " expected, got "
+                  .. type(v) .. ")", 2)
+        end
+    end
+    if node.id == nil or node.addr == nil then
+        error("bad argument #2 to 'add_node' (id and addr are required)", 2)
+    end
+    return bal:add_node(pool, node)
+end
+
+--- remove_node(pool, id): stop picking a node; its tries in flight finish. true, or
+-- nil, err, kind ("not_found"; "conflict" when the pool would keep no primary node).
+function _M.remove_node(pool, id)
+    if not bal then not_initialized("remove_node") end
+    check_string(pool, 1, "remove_node")
+    check_string(id, 2, "remove_node")
+    return bal:remove_node(pool, id)
+end
+
 --- balancer(): the mlua object, for control-plane calls not wrapped here.
 function _M.balancer()
     return bal

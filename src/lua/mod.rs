@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use crate::balancer::{node_stats, Balancer, EmergencyMode, Error, WEIGHT_RANGE};
 use crate::config::Config;
 
+mod admin;
 mod canary;
 
 static REGISTRY: Mutex<Option<HashMap<String, Arc<Balancer>>>> = Mutex::new(None);
@@ -334,6 +335,7 @@ impl UserData for LuaBalancer {
             let r = crate::metrics::render(&this.0, &mut text).map(|_| text);
             nil_err(lua, r)
         });
+        admin::add_methods(m);
     }
 }
 
@@ -397,5 +399,6 @@ fn rsbalancer(lua: &Lua) -> LuaResult<LuaTable> {
             nil_err(lua, r)
         })?,
     )?;
+    admin::register(lua, &m)?;
     Ok(m)
 }

@@ -572,10 +572,16 @@ pub fn start_gateway_with(dir: &TestDir, json: &Value, edit: impl FnOnce(String)
     let (conf, json_path) = write_gateway(dir, port, json);
     let text = fs::read_to_string(&conf).unwrap_or_else(|e| panic!("read {}: {e}", conf.display()));
     let conf = dir.write("gateway.conf", &edit(text));
+    start_gateway_conf(dir, port, &conf, json_path)
+}
+
+/// Starts a gateway config already written (by [`write_gateway`], maybe edited after)
+/// listening on `port`, and waits until both workers run and it answers.
+pub fn start_gateway_conf(dir: &TestDir, port: u16, conf: &Path, json_path: PathBuf) -> Gateway {
     let nginx = Nginx::start(
         dir,
         "gateway",
-        &conf,
+        conf,
         &dir.path().join("gateway-error.log"),
         &[port],
     );
@@ -660,10 +666,24 @@ impl Response {
 
 /// One HTTP/1.1 request on a new connection to 127.0.0.1:`port` (`Connection: close`).
 pub fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> io::Result<Response> {
+    http_with(port, method, path, &[], body)
+}
+
+/// [`http`] with extra request headers (`Authorization`, `Accept`, ...).
+pub fn http_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> io::Result<Response> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        write!(req, "{k}: {v}\r\n").unwrap();
+    }
     if let Some(b) = body {
         write!(
             req,

@@ -1,0 +1,284 @@
+//! Run-time changes to the topology (the admin API's add and remove) and the extra
+//! state the admin API and status page show.
+//!
+//! Adding or removing a node is a reconfiguration, not a patch of the shared slots:
+//! under one hold of the shared lock the running configuration is rebuilt from the
+//! active [`Topology`] (with every node's live base weight, and the addresses resolved
+//! when each node was added, so no DNS lookup happens for nodes that stay), changed,
+//! validated exactly as a config file is, and loaded with [`Balancer::configure`]'s
+//! machinery. So a change is all-or-nothing: a refused change leaves the region as it
+//! was, and an accepted one keeps every other node's slot, counters and learned state,
+//! as a reload does. Drained nodes stay drained across it. A new node's address is
+//! resolved (and checked) before the lock is taken.
+//!
+//! Run-time changes last until the next `nginx -s reload`, which loads the config file
+//! again: weights, drains and added or removed nodes are then those of the file.
+//!
+//! ```
+//! use rsbalancer::{balancer::Balancer, config::{Config, NodeConfig}};
+//! let cfg = Config::from_json(r#"{"pools": {"llm": {"nodes": [
+//!     {"id": "a", "addr": "127.0.0.1:8001"}]}}}"#).unwrap();
+//! let b = Balancer::create(&cfg).unwrap();
+//! let node = NodeConfig { id: "b".into(), addr: "127.0.0.1:8002".into(), weight: 5, ..Default::default() };
+//! b.add_node("llm", node).unwrap();
+//! b.remove_node("llm", "a").unwrap();
+//! assert_eq!(b.topology().unwrap().pool("llm").unwrap().nodes[0].id, "b");
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use serde_json::Value;
+
+use crate::balancer::{Balancer, Error, PoolTopo, Topology};
+use crate::config::{Config, ConfigError, NodeConfig, PoolConfig, ShmConfig};
+use crate::shm::layout::{emergency, flags};
+use crate::shm::Region;
+
+/// Why a run-time change was refused, classed for an HTTP answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdminError {
+    /// Unknown pool or node (404).
+    NotFound(String),
+    /// Valid, but impossible now: the id exists, capacity is exhausted, the pool would
+    /// be left without a primary node (409).
+    Conflict(String),
+    /// A bad value; the message names the field and the value (400).
+    Invalid(String),
+    /// The shared region could not be locked or written (500).
+    Failed(Error),
+}
+
+impl AdminError {
+    /// `not_found`, `conflict`, `invalid` or `failed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AdminError::NotFound(_) => "not_found",
+            AdminError::Conflict(_) => "conflict",
+            AdminError::Invalid(_) => "invalid",
+            AdminError::Failed(_) => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for AdminError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminError::NotFound(m) | AdminError::Conflict(m) | AdminError::Invalid(m) => f.write_str(m),
+            AdminError::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for AdminError {}
+
+/// An error of the reconfiguration itself. The rebuilt config was valid, so a config
+/// error there is one of capacity (node slots, config bytes): a conflict.
+impl From<Error> for AdminError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Config(c) => AdminError::Conflict(c.to_string()),
+            Error::Invalid(m) => AdminError::Invalid(m),
+            other => AdminError::Failed(other),
+        }
+    }
+}
+
+/// A config error of the rebuilt config: capacities (`shm.*`) are conflicts, anything
+/// else names a field of the new node (`pools.P.nodes[k].weight` becomes `weight`).
+fn validation_error(e: ConfigError, node_path: &str) -> AdminError {
+    if e.path.starts_with("shm.") {
+        return AdminError::Conflict(e.to_string());
+    }
+    match e.path.strip_prefix(node_path) {
+        Some(field) => AdminError::Invalid(format!("{}: {}", field.trim_start_matches('.'), e.message)),
+        None => AdminError::Invalid(e.to_string()),
+    }
+}
+
+/// The running configuration, rebuilt from the active topology and the live weights.
+fn running_config(region: &Region, topo: &Topology) -> Config {
+    let cap = region.capacity();
+    let pools: BTreeMap<String, PoolConfig> = topo
+        .pools
+        .iter()
+        .map(|p| (p.name.clone(), pool_config(region, p)))
+        .collect();
+    Config {
+        shm: ShmConfig {
+            max_nodes: cap.max_nodes,
+            max_pools: cap.max_pools,
+            max_workers: cap.max_workers,
+            config_bytes: cap.config_bytes,
+        },
+        pools,
+    }
+}
+
+/// A pool's config as running. Every field is listed (no `..Default`): a field added to
+/// `PoolConfig` must be carried here too, or run-time changes would reset it.
+fn pool_config(region: &Region, p: &PoolTopo) -> PoolConfig {
+    PoolConfig {
+        algorithm: p.algorithm,
+        nodes: p
+            .nodes
+            .iter()
+            .map(|n| NodeConfig {
+                id: n.id.clone(),
+                addr: format!("{}:{}", n.host, n.addr.port()),
+                weight: region
+                    .node(n.slot)
+                    .map_or(1, |s| s.weight.load(Ordering::Relaxed)),
+                backup: n.backup,
+                resolved: Some(n.addr),
+            })
+            .collect(),
+        ewma: p.ewma.clone(),
+        slow_start_ms: p.slow_start_ms,
+        refresh_ms: p.refresh_ms,
+        chash_points: p.chash_points,
+        retry: p.retry.clone(),
+        cooldown: p.cooldown.clone(),
+        limit: p.limit.clone(),
+        outlier: p.outlier.clone(),
+        health: p.health.clone(),
+        no_node_status: p.no_node_status,
+        window_ms: p.window_ms,
+        canary: p.canary.clone(),
+        emergency: p.emergency.clone(),
+    }
+}
+
+fn unknown_pool(pool: &str) -> AdminError {
+    AdminError::NotFound(format!("unknown pool \"{pool}\""))
+}
+
+impl Balancer {
+    /// Add a node to `pool` (it starts in slow start with nothing learned). Refused
+    /// with nothing changed when the pool is unknown, the id exists, a field is
+    /// invalid or the address does not resolve, or the region has no room. Returns the
+    /// new node's slot.
+    pub fn add_node(&self, pool: &str, node: NodeConfig) -> Result<u32, AdminError> {
+        let topo = self.topology()?;
+        let p = topo.pool(pool).ok_or_else(|| unknown_pool(pool))?;
+        // The node alone first (as a primary of a throwaway pool): its fields and its
+        // address, resolved here, outside the shared lock.
+        let mut alone = Config::default();
+        alone.pools.insert(
+            pool.to_string(),
+            PoolConfig {
+                nodes: vec![NodeConfig {
+                    backup: false,
+                    ..node.clone()
+                }],
+                ..pool_config(self.region(), p)
+            },
+        );
+        alone
+            .validate()
+            .map_err(|e| validation_error(e, &format!("pools.{pool}.nodes[0]")))?;
+        let resolved = alone.pools[pool].nodes[0].resolved;
+        let id = node.id.clone();
+        let check = |t: &Topology| -> Result<(), AdminError> {
+            let p = t.pool(pool).ok_or_else(|| unknown_pool(pool))?;
+            if p.nodes.iter().any(|n| n.id == id) {
+                return Err(AdminError::Conflict(format!(
+                    "node \"{id}\" already exists in pool \"{pool}\""
+                )));
+            }
+            Ok(())
+        };
+        self.change(check, |cfg| {
+            let pc = cfg.pools.get_mut(pool).ok_or_else(|| unknown_pool(pool))?;
+            let k = pc.nodes.len();
+            pc.nodes.push(NodeConfig { resolved, ..node });
+            cfg.validate()
+                .map_err(|e| validation_error(e, &format!("pools.{pool}.nodes[{k}]")))
+        })?;
+        Ok(self.node_index(pool, &id)?)
+    }
+
+    /// Remove a node from `pool`: it is picked no more, tries in flight on it finish
+    /// and are reported. Refused with nothing changed when the pool or node is unknown
+    /// or the pool would be left without a primary node.
+    pub fn remove_node(&self, pool: &str, id: &str) -> Result<(), AdminError> {
+        let check = |t: &Topology| -> Result<(), AdminError> {
+            let p = t.pool(pool).ok_or_else(|| unknown_pool(pool))?;
+            if !p.nodes.iter().any(|n| n.id == id) {
+                return Err(AdminError::NotFound(format!(
+                    "unknown node \"{id}\" in pool \"{pool}\""
+                )));
+            }
+            if !p.nodes.iter().any(|n| n.id != id && !n.backup) {
+                return Err(AdminError::Conflict(format!(
+                    "removing \"{id}\" would leave pool \"{pool}\" without a primary (non-backup) node"
+                )));
+            }
+            Ok(())
+        };
+        self.change(check, |cfg| {
+            if let Some(pc) = cfg.pools.get_mut(pool) {
+                pc.nodes.retain(|n| n.id != id);
+            }
+            cfg.validate().map_err(|e| validation_error(e, "-"))
+        })
+    }
+
+    /// `check` the active topology (before the lock, for a quick refusal, and again
+    /// under it), `edit` the running config rebuilt from it, and load the result; drained
+    /// nodes stay drained.
+    fn change(
+        &self,
+        check: impl Fn(&Topology) -> Result<(), AdminError>,
+        edit: impl FnOnce(&mut Config) -> Result<(), AdminError>,
+    ) -> Result<(), AdminError> {
+        check(&*self.topology()?)?;
+        let mut refused = None;
+        let r = self.reconfigure(flags::DRAINING, |old| {
+            let built = check(old).and_then(|()| {
+                let mut cfg = running_config(self.region(), old);
+                edit(&mut cfg)?;
+                Ok(cfg)
+            });
+            built.map_err(|e| {
+                let msg = e.to_string();
+                refused = Some(e);
+                Error::Invalid(msg)
+            })
+        });
+        match refused {
+            Some(e) => Err(e),
+            None => r.map_err(AdminError::from),
+        }
+    }
+}
+
+/// Adds to [`Balancer::status`]: per pool the canary share and emergency state, per
+/// node this worker's effective weight.
+pub(crate) fn extend_status(b: &Balancer, topo: &Topology, v: &mut Value) -> Result<(), Error> {
+    let effective = b.effective_weights()?;
+    for p in &topo.pools {
+        let Some(ps) = b.region().pool(p.slot) else {
+            continue;
+        };
+        let pv = &mut v["pools"][p.name.as_str()];
+        let e = ps.emergency.load(Ordering::Relaxed);
+        let mode = if e & emergency::FORCED_ON != 0 {
+            "on"
+        } else if e & emergency::FORCED_OFF != 0 {
+            "off"
+        } else {
+            "auto"
+        };
+        pv["canary_share"] = (ps.canary_share.load(Ordering::Relaxed) as f64 / 10_000.0).into();
+        pv["canary_rolled_back"] = (ps.canary_rolled_back.load(Ordering::Relaxed) != 0).into();
+        pv["emergency"] = serde_json::json!({ "mode": mode, "active": e & emergency::ACTIVE != 0 });
+        if let Some(nodes) = pv["nodes"].as_array_mut() {
+            for (nv, n) in nodes.iter_mut().zip(&p.nodes) {
+                let w = effective.get(&n.slot).copied().unwrap_or(0.0);
+                nv["effective_weight"] = ((w * 100.0).round() / 100.0).into();
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,159 @@
+-- The admin Lua API of resty.rsbalancer (state, add_node, remove_node, drain and the
+-- other setters), the module's JSON helpers, and the pure parts of the HTTP admin
+-- module (token comparison, Accept negotiation, the status page's text).
+
+local T = require "harness"
+local F = require "fixtures"
+local rsb = require "resty.rsbalancer"
+local native = require "rsbalancer"
+
+local test, eq, ok, contains, raises = T.test, T.eq, T.ok, T.contains, T.raises
+
+local function fresh(cfg)
+    eq(rsb.init(cfg, F.name("admin")), true, "init")
+end
+
+local function ids(pool)
+    local out = {}
+    for _, n in ipairs(assert(rsb.state(pool)).nodes) do out[#out + 1] = n.id end
+    return table.concat(out, ",")
+end
+
+test("state: every pool, or one, with the admin fields", function()
+    fresh(F.config("weighted_random", { 30, 50 }, { 5 }))
+    local st = assert(rsb.state())
+    eq(type(st.generation), "number")
+    local p = st.pools.llm
+    eq(p.algorithm, "weighted_random")
+    eq(p.canary_share, 0)
+    eq(p.emergency.mode, "auto")
+    eq(p.emergency.active, false)
+    eq(#p.nodes, 3)
+    local a = p.nodes[1]
+    eq(a.id, "a")
+    eq(a.weight, 30)
+    eq(a.effective_weight, 30)
+    eq(a.draining, false)
+    eq(a.state, "healthy")
+    eq(p.nodes[3].backup, true)
+    eq(assert(rsb.state("llm")).nodes[2].id, "b")
+    local none, err, kind = rsb.state("nope")
+    eq(none, nil)
+    eq(err, 'unknown pool "nope"')
+    eq(kind, "not_found")
+end)
+
+test("drain, set_canary_share, set_emergency show in state", function()
+    fresh(F.config("weighted_random", { 1, 1 }))
+    eq(rsb.drain("llm", "a"), true)
+    eq(rsb.set_canary_share("llm", 0.3), true)
+    eq(rsb.set_emergency("llm", "on"), true)
+    local p = assert(rsb.state("llm"))
+    eq(p.nodes[1].draining, true)
+    eq(p.nodes[1].state, "draining")
+    eq(p.canary_share, 0.3)
+    eq(p.emergency.mode, "on")
+    eq(rsb.drain("llm", "a", false), true)
+    eq(assert(rsb.state("llm")).nodes[1].draining, false)
+end)
+
+test("add_node and remove_node", function()
+    fresh(F.config("weighted_random", { 1, 1 }))
+    local slot = assert(rsb.add_node("llm", { id = "c", addr = "127.0.0.1:8003", weight = 7 }))
+    eq(type(slot), "number")
+    eq(ids("llm"), "a,b,c")
+    eq(assert(rsb.state("llm")).nodes[3].weight, 7)
+    assert(rsb.pick("llm")) -- syncs the wrapper's address table
+    local ip, port, id = rsb.peer(slot)
+    eq(ip, "127.0.0.1")
+    eq(port, 8003)
+    eq(id, "c")
+    assert(rsb.add_node("llm", { id = "z", addr = "127.0.0.1:9009", backup = true }))
+    eq(assert(rsb.state("llm")).nodes[4].backup, true)
+    eq(assert(rsb.state("llm")).nodes[4].weight, 1)
+    eq(rsb.remove_node("llm", "a"), true)
+    eq(ids("llm"), "b,c,z")
+end)
+
+test("add_node and remove_node: runtime failures return nil, err, kind", function()
+    fresh(F.config("weighted_random", { 1 }, { 1 }))
+    local before = ids("llm")
+    local function refused(want_kind, want_msg, r, err, kind)
+        eq(r, nil, want_msg)
+        contains(err, want_msg)
+        eq(kind, want_kind, want_msg)
+    end
+    refused("conflict", 'node "a" already exists', rsb.add_node("llm", { id = "a", addr = "127.0.0.1:1" }))
+    refused("not_found", 'unknown pool "nope"', rsb.add_node("nope", { id = "x", addr = "127.0.0.1:1" }))
+    refused("invalid", "weight: 0 is out of range", rsb.add_node("llm", { id = "x", addr = "127.0.0.1:1", weight = 0 }))
+    refused("invalid", "addr: ", rsb.add_node("llm", { id = "x", addr = "nowhere" }))
+    refused("conflict", "without a primary", rsb.remove_node("llm", "a"))
+    refused("not_found", 'unknown node "q"', rsb.remove_node("llm", "q"))
+    eq(ids("llm"), before, "nothing changed")
+end)
+
+test("admin misuse raises bad argument", function()
+    fresh(F.config("weighted_random", { 1 }))
+    contains(raises(rsb.add_node, 1, {}), "bad argument #1 to 'add_node'")
+    contains(raises(rsb.add_node, "llm", "x"), "bad argument #2 to 'add_node' (table expected")
+    contains(raises(rsb.add_node, "llm", { id = "x" }), "bad argument #2 to 'add_node' (id and addr are required)")
+    contains(raises(rsb.add_node, "llm", { id = "x", addr = "127.0.0.1:1", colour = 1 }),
+             "bad argument #2 to 'add_node' (unknown key colour)")
+    contains(raises(rsb.add_node, "llm", { id = "x", addr = "127.0.0.1:1", weight = "5" }),
+             "bad argument #2 to 'add_node' (weight: number expected, got string)")
+    contains(raises(rsb.remove_node, "llm", 5), "bad argument #2 to 'remove_node'")
+    contains(raises(rsb.state, 5), "bad argument #1 to 'state'")
+    -- The mlua method itself checks the table too.
+    local bal = rsb.balancer()
+    contains(raises(bal.add_node, bal, "llm", { id = "x", addr = "127.0.0.1:1", weight = 1.5 }),
+             "bad argument #2 to 'add_node' (weight:")
+    contains(raises(bal.add_node, bal, "llm", { id = "x", addr = "127.0.0.1:1", resolved = "x" }),
+             "bad argument #2 to 'add_node'")
+end)
+
+test("json_decode / json_encode", function()
+    local v = assert(native.json_decode('{"a": 1, "b": [true, null], "c": {"d": "e"}, "f": 2.5}'))
+    eq(v.a, 1)
+    eq(v.b[1], true)
+    eq(v.b[2], native.null)
+    ok(getmetatable(v.b) ~= nil, "arrays are marked")
+    eq(getmetatable(v), nil, "objects are not")
+    eq(v.c.d, "e")
+    eq(v.f, 2.5)
+    local none, err = native.json_decode('{"a": ')
+    eq(none, nil)
+    contains(err, "invalid JSON")
+    eq(native.json_encode({ a = 1, b = "x" }), '{"a":1,"b":"x"}')
+    eq(native.json_encode({ w = 3.0 }), '{"w":3}')
+    eq(native.json_encode(native.json_decode("[1,2]")), "[1,2]")
+end)
+
+test("admin module: constant-time token comparison", function()
+    local admin = require "resty.rsbalancer.admin"
+    local same = admin._same_token
+    eq(same("secret", "secret"), true)
+    eq(same("secreT", "secret"), false)
+    eq(same("secre", "secret"), false)
+    eq(same("secrets", "secret"), false)
+    eq(same("", "secret"), false)
+end)
+
+test("admin module: Accept negotiation", function()
+    local q = require("resty.rsbalancer.admin")._accept_q
+    local browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+    eq(q(browser, "text/html"), 1)
+    eq(q(browser, "application/json"), 0)
+    eq(q("application/json", "application/json"), 1)
+    eq(q("text/html;q=0.5, application/json", "text/html"), 0.5)
+    eq(q("*/*", "text/html"), 0)
+end)
+
+test("status page: self-contained, prefix embedded", function()
+    local html = require("resty.rsbalancer.status_page").render("/ops/rsb/")
+    contains(html, '"/ops/rsb/"')
+    ok(not html:find("@PREFIX@", 1, true), "placeholder left")
+    ok(not html:find("https?://"), "no external URL")
+    ok(not html:find("<link", 1, true) and not html:find("src=", 1, true), "no external asset")
+end)
+
+T.done()
