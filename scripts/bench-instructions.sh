@@ -46,29 +46,42 @@ port=47400
 native=""
 printf '\n== instructions per request (callgrind, 1 nginx process, wrk -c4 %ss, GET /)\n' "$SECS"
 printf '   %-34s %10s %12s %9s\n' contender requests "instr/req" "vs native"
-for conf in ovh-gw*.conf; do
-    name="${conf%.conf}"
+# Each gateway once; rsbalancer p2c_ewma (ovh-gw1) a second time with GET /metrics
+# every second during the measured load (issue: scraping costs at most 1%).
+for run in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-gw1+metrics; do
+    name="${run%+metrics}"
+    conf="$name.conf"
+    [ -f "$conf" ] || continue
     case " ${RSB_BENCH_IR_ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
     port=$((port + 1))
     sed -e 's/worker_processes 2;/worker_processes 1;/' -e 's/worker_cpu_affinity.*//' \
         -e "s|^pid .*|pid $RUN/cg-$name.pid;|" \
         -e "s/listen 127.0.0.1:[0-9]*/listen 127.0.0.1:$port/" "$conf" >"cg-$name.conf"
-    out="$RUN/cg-$name.out"
+    out="$RUN/cg-$run.out"
     valgrind --tool=callgrind --smc-check=all-non-file --callgrind-out-file="$out" \
         nginx -p "$RUN" -c "$RUN/cg-$name.conf" -g 'daemon off; master_process off;' \
         >"cg-$name.log" 2>&1 &
     vp=$!
     for _ in $(seq 1 200); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.2; done
     wrk -t1 -c4 -d3s "http://127.0.0.1:$port/" >/dev/null
+    scraper=""
+    if [ "$run" != "$name" ]; then
+        (while :; do curl -s -o /dev/null "http://127.0.0.1:$port/metrics"; sleep 1; done) &
+        scraper=$!
+    fi
     callgrind_control -z "$vp" >/dev/null 2>&1
     reqs=$(wrk -t1 -c4 -d"${SECS}s" "http://127.0.0.1:$port/" | awk '/requests in/ {print $1}')
     callgrind_control -d "$vp" >/dev/null 2>&1
+    [ -n "$scraper" ] && kill "$scraper" 2>/dev/null
     kill "$vp"; wait "$vp" 2>/dev/null || true
     f=$(grep -l "Trigger: dump" "$out"* | head -1)
     ir=$(awk '/^summary:/ {print $2; exit}' "$f")
+    rm -f "$out"*
     per=$((ir / reqs))
     [ -z "$native" ] && native=$per
-    printf '   %-34s %10s %12s %8.1f%%\n' "$(label "$conf")" "$reqs" "$per" \
+    what="$(label "$conf")"
+    [ "$run" != "$name" ] && what="$what, /metrics every 1 s"
+    printf '   %-34s %10s %12s %8.1f%%\n' "$what" "$reqs" "$per" \
         "$(echo "100 * $per / $native" | bc -l)"
 done
 echo "   instructions of the gateway process (nginx, Lua, rsbalancer, libc; not the kernel) between"

@@ -255,7 +255,11 @@ fn concurrent_adds_from_two_handles_both_land() {
 
 #[test]
 fn status_shows_admin_fields() {
-    let b = Balancer::create(&three()).unwrap();
+    // `three()` plus a canary pool "q" for "p" (a share needs a canary to go to).
+    let mut v = serde_json::to_value(three()).unwrap();
+    v["pools"]["p"]["canary"] = json!({ "pool": "q" });
+    v["pools"]["q"] = json!({ "nodes": [{ "id": "x", "addr": "127.0.0.1:9009" }] });
+    let b = Balancer::create(&Config::from_value(v).expect("valid config")).unwrap();
     let pool = b.pool_index("p").unwrap();
     b.set_canary_share(pool, 2500).unwrap();
     b.set_emergency_mode(pool, rsbalancer::balancer::EmergencyMode::On)

@@ -329,8 +329,29 @@ fn admin_changes_reach_every_worker() {
     }
     assert_notice(&g, "removed node d from pool llm by 127.0.0.1");
 
-    // The changes show in the old stats endpoint too (one shared region).
+    // The changes show in the old stats endpoint too (one shared region), and in
+    // /metrics, whichever worker renders it.
     assert_eq!(stat(&g.stats(), "a", "weight"), 10000);
+    for _ in 0..8 {
+        let m = get(g.port, "/metrics");
+        assert_eq!(m.status, 200, "{}", m.text());
+        let text = m.text();
+        for want in [
+            r#"rsbalancer_node_weight{pool="llm",node="a",arm="primary"} 10000"#,
+            r#"rsbalancer_node_state{pool="llm",node="a",arm="primary",state="draining"} 1"#,
+            r#"rsbalancer_node_state{pool="llm",node="b",arm="primary",state="draining"} 0"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "/metrics lacks `{want}`:\n{}",
+                text.lines()
+                    .filter(|l| l.contains("node=\"a\"") || l.contains("node=\"b\""))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        assert!(!text.contains(r#"node="d""#), "removed node d still in /metrics");
+    }
 }
 
 #[test]
