@@ -161,8 +161,9 @@ impl Balancer {
     pub fn add_node(&self, pool: &str, node: NodeConfig) -> Result<u32, AdminError> {
         let topo = self.topology()?;
         let p = topo.pool(pool).ok_or_else(|| unknown_pool(pool))?;
-        // The node alone first (as a primary of a throwaway pool): its fields and its
-        // address, resolved here, outside the shared lock.
+        // The node alone first (as a primary of a throwaway pool, without the blocks
+        // that name other pools): its fields and its address, resolved here, outside
+        // the shared lock.
         let mut alone = Config::default();
         alone.pools.insert(
             pool.to_string(),
@@ -171,6 +172,8 @@ impl Balancer {
                     backup: false,
                     ..node.clone()
                 }],
+                canary: None,
+                emergency: None,
                 ..pool_config(self.region(), p)
             },
         );

@@ -298,3 +298,28 @@ fn status_shows_admin_fields() {
         json!("off")
     );
 }
+
+/// A pool whose config names other pools (its canary, its emergency backup pool)
+/// takes added and removed nodes like any other, and keeps those blocks.
+#[test]
+fn add_and_remove_on_a_pool_naming_other_pools() {
+    let mut v = serde_json::to_value(three()).unwrap();
+    v["pools"]["p"]["canary"] = json!({ "pool": "q" });
+    v["pools"]["p"]["emergency"] = json!({ "backup_pool": "r" });
+    v["pools"]["q"] = json!({ "nodes": [{ "id": "x", "addr": "127.0.0.1:9009" }] });
+    v["pools"]["r"] = json!({ "nodes": [{ "id": "y", "addr": "127.0.0.1:9010" }] });
+    let b = Balancer::create(&Config::from_value(v).expect("valid config")).unwrap();
+    b.add_node("p", node("d", "127.0.0.1:9004", 3)).unwrap();
+    assert!(matches!(
+        b.add_node("p", node("d", "127.0.0.1:9005", 3)),
+        Err(AdminError::Conflict(_))
+    ));
+    b.remove_node("p", "a").unwrap();
+    let topo = b.topology().unwrap();
+    let p = topo.pool("p").unwrap();
+    assert_eq!(p.canary.as_ref().map(|c| c.pool.as_str()), Some("q"));
+    assert_eq!(
+        p.emergency.as_ref().and_then(|e| e.backup_pool.as_deref()),
+        Some("r")
+    );
+}

@@ -364,7 +364,9 @@ fn bad_admin_input_is_refused_and_changes_nothing() {
     let cfg = json!({
         "shm": { "max_nodes": 4, "max_pools": 4, "max_workers": 8, "config_bytes": 65536 },
         "pools": {
-            "llm": llm(vec![node("a", &mocks[0], 30), node("b", &mocks[1], 50)]),
+            // "solo" is llm's canary (share 0 until the end of the test).
+            "llm": { "algorithm": "weighted_random", "slow_start_ms": 0, "canary": { "pool": "solo" },
+                     "nodes": [node("a", &mocks[0], 30), node("b", &mocks[1], 50)] },
             "solo": llm(vec![node("s", &mocks[0], 1),
                              json!({ "id": "t", "addr": mocks[1].addr(), "backup": true })]),
         }
@@ -531,6 +533,13 @@ fn bad_admin_input_is_refused_and_changes_nothing() {
             Some(r#"{"share": "half"}"#),
             400,
             "share: number expected, got string",
+        ),
+        (
+            "PUT",
+            "pools/solo/canary",
+            Some(r#"{"share": 0.1}"#),
+            409,
+            "has no canary",
         ),
         (
             "PUT",
@@ -948,6 +957,9 @@ fn status_page_in_chromium_shows_the_admin_state() {
             json!({ "id": "c", "addr": mocks[2].addr(), "weight": 20, "backup": true }) ] },
         "batch": llm(vec![node("x", &mocks[0], 1), node("y", &mocks[2], 2)]),
     } });
+    // A canary to give llm a share to show (batch; share 0 until set below).
+    let mut cfg = cfg;
+    cfg["pools"]["llm"]["canary"] = json!({ "pool": "batch" });
     let g = start_gateway(&dir, &cfg);
     // Some traffic first, so that the page has latencies and counts to show.
     for (node, _) in burst(&g, 40) {

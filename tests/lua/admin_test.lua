@@ -44,7 +44,14 @@ test("state: every pool, or one, with the admin fields", function()
 end)
 
 test("drain, set_canary_share, set_emergency show in state", function()
-    fresh(F.config("weighted_random", { 1, 1 }))
+    local cfg = F.config("weighted_random", { 1, 1 })
+    fresh(cfg)
+    local none, err = rsb.set_canary_share("llm", 0.3)
+    eq(none, nil)
+    contains(err, "no canary")
+    cfg.pools.llm.canary = { pool = "next" }
+    cfg.pools.next = { nodes = F.nodes({ 1 }) }
+    fresh(cfg)
     eq(rsb.drain("llm", "a"), true)
     eq(rsb.set_canary_share("llm", 0.3), true)
     eq(rsb.set_emergency("llm", "on"), true)

@@ -294,7 +294,9 @@ local function set_pool(pool, setting)
     local before = pool_or_404(pool)
     if not before then return end
     local ok, serr = setting.set(pool, body[key])
-    if not ok then return refuse(404, serr) end
+    -- The pool exists (checked above): a refusal is about its state, e.g. a canary
+    -- share for a pool that has no canary.
+    if not ok then return refuse(409, serr) end
     notice(setting.what, " of pool ", pool, " set to ", body[key], " (was ", setting.was(before),
            ") by ", ngx.var.remote_addr)
     return reply(200, rsb.state(pool))
