@@ -333,6 +333,14 @@ local function retry_after_s(v)
 end
 _M._retry_after_s = retry_after_s
 
+-- Ending a try in balancer_by_lua: lua-nginx-module turns ngx.exit(<HTTP status>) into
+-- NGX_ERROR, which nginx answers with 500 whatever the status. NGX_BUSY instead makes
+-- nginx's upstream see "no live upstreams" and answer 502 Bad Gateway, the truthful
+-- status for a request that has no node left to go to (admit() answers the pool's
+-- no_node_status with Retry-After before the request ever gets here; this is the rare
+-- case of a node taken between admit and the pick, or a retry refused by the policy).
+local NGX_BUSY = -3
+
 local IDEMPOTENT = { GET = true, HEAD = true, OPTIONS = true, PUT = true, DELETE = true, TRACE = true }
 local ngx_balancer
 
@@ -393,7 +401,7 @@ function _M.balance(pool, key)
            and not policy[apool].non_idempotent then
             local sent = item(ngx.var.upstream_bytes_sent, n)
             if sent and sent > 0 then
-                return ngx.exit(502)
+                return ngx.exit(NGX_BUSY)
             end
         end
     end
@@ -407,7 +415,7 @@ function _M.balance(pool, key)
         if rc ~= RSB_NO_NODE then
             ngx.log(ngx.ERR, "rsbalancer: ", last_error())
         end
-        return ngx.exit(n == 0 and policy[apool].no_node_status or 502)
+        return ngx.exit(NGX_BUSY)
     end
     local slot = out_buf[0]
     n = n + 1
@@ -420,7 +428,7 @@ function _M.balance(pool, key)
     local ok, perr = ngx_balancer.set_current_peer(p[1], p[2])
     if not ok then
         ngx.log(ngx.ERR, "rsbalancer: set_current_peer ", p[1], ":", p[2], ": ", perr)
-        return ngx.exit(500)
+        return ngx.exit(ngx.ERROR)
     end
     local elapsed = (now - st.start) * 1000
     if n < MAX_TRIES and C_may_retry(handle, aidx, tried_buf, n, elapsed, out_buf) == RSB_OK
