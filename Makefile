@@ -52,7 +52,7 @@ test: deps build
 	@echo "make test: all suites passed"
 
 # Every Rust test target but the nginx one (run by test-nginx, serially).
-NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs
+NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs tests/nginx_admission.rs
 RUST_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out $(NGINX_TESTS),$(wildcard tests/*.rs)))
 
 test-rust:
@@ -81,6 +81,7 @@ install: build
 	install -d $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer
 	install -m 0644 lua/resty/rsbalancer.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer.lua
 	install -m 0644 lua/resty/rsbalancer/health.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/health.lua
+	install -m 0644 lua/resty/rsbalancer/admission.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/admission.lua
 
 check-config: $(BUILD)/lib/rsbalancer.so
 	@test -n "$(CONFIG)" || { echo "usage: make check-config CONFIG=path/to/rsbalancer.json" >&2; exit 2; }

@@ -102,6 +102,8 @@ pub struct PoolTopo {
     pub no_node_status: u32,
     pub window_ms: u32,
     pub nodes: Vec<NodeTopo>,
+    #[serde(default)]
+    pub admission: crate::admit::AdmissionConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -335,6 +337,7 @@ impl Balancer {
             max_nodes: cfg.shm.max_nodes,
             max_workers: cfg.shm.max_workers,
             config_bytes: cfg.shm.config_bytes,
+            max_waiters: cfg.shm.queue_slots,
         };
         let b = Balancer::attach(Arc::new(Region::create(cap)?));
         b.configure(cfg)?;
@@ -372,6 +375,7 @@ impl Balancer {
             ("shm.max_pools", cfg.shm.max_pools, cap.max_pools),
             ("shm.max_workers", cfg.shm.max_workers, cap.max_workers),
             ("shm.config_bytes", cfg.shm.config_bytes, cap.config_bytes),
+            ("shm.queue_slots", cfg.shm.queue_slots, cap.max_waiters),
         ] {
             if want != have {
                 return Err(Error::Config(ConfigError {
@@ -519,6 +523,7 @@ impl Balancer {
                 no_node_status: pc.no_node_status,
                 window_ms: pc.window_ms,
                 nodes,
+                admission: pc.admission.clone(),
             });
         }
         Ok(Topology { pools })
@@ -554,6 +559,9 @@ impl Balancer {
             let pc = &cfg.pools[&p.name];
             let ps = r.pool(p.slot).expect("in range");
             store_params(ps, p);
+            if let Some(qp) = r.queue_pool(p.slot) {
+                crate::admit::store_params(qp, &p.admission);
+            }
             ps.in_use.store(1, Ordering::Release);
             for (n, nc) in p.nodes.iter().zip(&pc.nodes) {
                 let s = r.node(n.slot).expect("in range");
@@ -1153,7 +1161,26 @@ impl Balancer {
         Ok(())
     }
 
-    fn live_pool(&self, pool: u32) -> Result<&PoolSlot, Error> {
+    /// Run `f` on the node slots of `pool` (primaries, backups) as this process's
+    /// tables have them: for code outside this module that looks at every node of a
+    /// pool (admission capacity). No allocation.
+    pub(crate) fn with_pool_slots<R>(
+        &self,
+        pool: u32,
+        f: impl FnOnce(&[u32], &[u32]) -> R,
+    ) -> Result<R, Error> {
+        let mut l = self.local.lock();
+        self.sync(&mut l)?;
+        let p = local_pool(&mut l.pools, pool)?;
+        Ok(f(&p.primary.slots, &p.backup.slots))
+    }
+
+    /// This handle's worker slot in this process, if it claimed one.
+    pub(crate) fn worker_index(&self) -> Option<u32> {
+        self.worker_slot()
+    }
+
+    pub(crate) fn live_pool(&self, pool: u32) -> Result<&PoolSlot, Error> {
         self.region
             .pool(pool)
             .filter(|p| p.in_use.load(Ordering::Acquire) != 0)

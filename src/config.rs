@@ -53,7 +53,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             path: path.into(),
             message: message.into(),
@@ -91,6 +91,8 @@ pub struct ShmConfig {
     pub max_workers: u32,
     /// Bytes kept for the config text (4096..=67108864).
     pub config_bytes: u32,
+    /// Admission queue entries per pool (1..=65536): waiters of a pool at once.
+    pub queue_slots: u32,
 }
 
 impl Default for ShmConfig {
@@ -100,6 +102,7 @@ impl Default for ShmConfig {
             max_pools: 64,
             max_workers: 64,
             config_bytes: 1 << 20,
+            queue_slots: 256,
         }
     }
 }
@@ -141,6 +144,9 @@ pub struct PoolConfig {
     /// rollback), 1000..=3600000; the seed's 5 minutes by default.
     #[serde(default = "default_window_ms")]
     pub window_ms: u32,
+    /// Priorities and the admission queue (`admit()`); off by default.
+    #[serde(default)]
+    pub admission: crate::admit::AdmissionConfig,
 }
 
 fn default_window_ms() -> u32 {
@@ -325,6 +331,7 @@ impl Default for PoolConfig {
             health: None,
             no_node_status: default_no_node_status(),
             window_ms: default_window_ms(),
+            admission: crate::admit::AdmissionConfig::default(),
         }
     }
 }
@@ -440,6 +447,8 @@ impl Config {
                 ));
             }
             pool.validate(&format!("pools.{name}"))?;
+            pool.admission
+                .validate(&format!("pools.{name}.admission"), self.shm.queue_slots)?;
         }
         let pools = self.pools.len();
         if pools > self.shm.max_pools as usize {
@@ -477,7 +486,8 @@ impl ShmConfig {
         check_range("shm", "max_nodes", self.max_nodes, 1..=65_536)?;
         check_range("shm", "max_pools", self.max_pools, 1..=4_096)?;
         check_range("shm", "max_workers", self.max_workers, 1..=1_024)?;
-        check_range("shm", "config_bytes", self.config_bytes, 4_096..=67_108_864)
+        check_range("shm", "config_bytes", self.config_bytes, 4_096..=67_108_864)?;
+        check_range("shm", "queue_slots", self.queue_slots, 1..=65_536)
     }
 }
 
@@ -613,7 +623,12 @@ impl EwmaConfig {
     }
 }
 
-fn check_range(path: &str, field: &str, value: u32, range: RangeInclusive<u32>) -> Result<(), ConfigError> {
+pub(crate) fn check_range(
+    path: &str,
+    field: &str,
+    value: u32,
+    range: RangeInclusive<u32>,
+) -> Result<(), ConfigError> {
     if range.contains(&value) {
         return Ok(());
     }

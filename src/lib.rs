@@ -21,6 +21,7 @@
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod admit;
 pub mod balancer;
 pub mod config;
 pub mod ffi;

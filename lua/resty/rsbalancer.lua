@@ -54,6 +54,10 @@ enum rsb_result rsb_available(const struct rsb_balancer *b, uint32_t pool, uint6
 enum rsb_result rsb_set_weight(const struct rsb_balancer *b, uint32_t node, uint32_t weight);
 uint64_t rsb_generation(const struct rsb_balancer *b);
 size_t rsb_last_error(char *buf, size_t cap);
+enum rsb_result rsb_admit(const struct rsb_balancer *b, uint32_t pool, uint32_t priority, uint32_t *out_verdict, uint32_t *out_entry, uint64_t *out_value);
+enum rsb_result rsb_admit_poll(const struct rsb_balancer *b, uint32_t pool, uint32_t entry, uint64_t ticket, uint32_t *out_verdict, uint64_t *out_value);
+enum rsb_result rsb_admit_leave(const struct rsb_balancer *b, uint32_t pool, uint32_t entry, uint64_t ticket, uint32_t *out_left);
+enum rsb_result rsb_admit_release(const struct rsb_balancer *b, uint32_t pool);
 ]]
 end
 
@@ -67,14 +71,14 @@ local function find_library()
 end
 
 local C, so_path = find_library()
+local admission = require "resty.rsbalancer.admission"
 _M.library_path = so_path
 
 local C_pick, C_report, C_generation = C.rsb_pick, C.rsb_report, C.rsb_generation
-local C_may_retry, C_available = C.rsb_may_retry, C.rsb_available
+local C_may_retry = C.rsb_may_retry
 local MAX_TRIES = 32
 local tried_buf = ffi.new("uint32_t[?]", MAX_TRIES)
 local out_buf = ffi.new("uint32_t[1]")
-local wait_buf = ffi.new("uint64_t[1]")
 local err_buf = ffi.new("char[?]", 512)
 local RSB_OK, RSB_NO_NODE = 0, 4
 
@@ -112,6 +116,7 @@ local function sync()
             no_node_status = cfg.no_node_status,
             non_idempotent = cfg.retry.non_idempotent,
             health = cfg.health,
+            admission = cfg.admission,
         }
         local nodes = bal:nodes(name)
         for j = 1, #nodes do
@@ -397,35 +402,51 @@ function _M.balance(pool, key)
     end
 end
 
---- admit(pool): in access_by_lua. Answers at once with the pool's no_node_status
--- (429 or 503) and a Retry-After of the soonest moment a node frees up when no node
--- can take the request; never lets a request hammer a cooling pool.
-function _M.admit(pool)
+--- admit(pool [, priority]): in access_by_lua. `priority` is a trusted number 1..10,
+-- or a table { priority = n } (trusted) or { untrusted = value } (parsed and capped at
+-- the pool's admission.untrusted_max, e.g. a client's X-Priority header); absent:
+-- the pool's admission.default_priority. Sheds low priorities in emergency mode;
+-- with admission enabled, waits in the pool's shared priority queue while the nodes
+-- are at their learned limits, and answers 429 + Retry-After when it cannot be
+-- admitted. With no node able to serve at all (cooling, ejected, down) answers at
+-- once with the pool's no_node_status and the soonest moment a node frees up.
+function _M.admit(pool, priority)
     if not handle then not_initialized("admit") end
     sync()
     local idx = pools[pool]
     if not idx then
         error("bad argument #1 to 'admit' (unknown pool " .. tostring(pool) .. ")", 2)
     end
-    request_state(ngx.ctx, pool)
-    if C_available(handle, idx, wait_buf) == RSB_OK then
-        return true
+    local adm = policy[pool].admission
+    local t = type(priority)
+    if t == "table" then
+        if priority.priority ~= nil then
+            priority = priority.priority
+        else
+            priority = admission.priority(priority.untrusted,
+                                          { default = adm.default_priority, max = adm.untrusted_max })
+        end
+        t = type(priority)
     end
-    local status = policy[pool].no_node_status
-    local secs = math.ceil(tonumber(wait_buf[0]) / 1000)
-    if secs < 1 then secs = 1 end
-    ngx.status = status
-    ngx.header["Retry-After"] = secs
-    ngx.header["Content-Type"] = "application/json"
-    ngx.say('{"error":{"message":"all upstream nodes of pool ', pool,
-            ' are busy; retry after ', secs, ' s","type":"',
-            status == 429 and "rate_limit_exceeded" or "service_unavailable", '"}}')
-    return ngx.exit(status)
+    if priority == nil then
+        priority = adm.default_priority
+    elseif t ~= "number" or priority % 1 ~= 0 or priority < 1 or priority > 10 then
+        error("bad argument #2 to 'admit' (priority 1..10 expected, got " .. tostring(priority) .. ")", 2)
+    end
+    return admission.admit(C, handle, idx, pool, priority, request_state(ngx.ctx, pool),
+                           policy[pool].no_node_status, last_error)
+end
+
+--- priority(value [, opts]): a priority 1..10 from an untrusted value (a header): a
+-- whole number clamped into 1..(opts.max or 10), else opts.default (or nil).
+function _M.priority(value, opts)
+    return admission.priority(value, opts)
 end
 
 --- log(): in log_by_lua. Reports the tries not reported yet (normally the last).
 function _M.log()
     local st = ngx.ctx.rsb
+    if st and (st.adm or st.q_entry) then admission.release(C, handle, st) end
     if not st or st.n == 0 then return end
     local var = ngx.var
     _M.report_tries(st.tried, var.upstream_status, var.upstream_response_time,
