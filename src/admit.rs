@@ -76,6 +76,23 @@ use crate::window::{self, Event};
 pub const GRACE_MS: u64 = 5_000;
 /// Capacity when some available node has no learned limit.
 pub const UNLIMITED: u32 = u32::MAX;
+
+/// What a pool can take at once. `probe` is the sum of the learned limits; `safe`
+/// counts each node only up to the highest concurrency it has answered a success at.
+/// The difference is the AIMD probe: a limit that just grew by one is a guess that
+/// costs a 429 when wrong, so a slot above `safe` goes to the *lowest*-ranked waiter,
+/// and the best waiters are only given confirmed slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap {
+    pub safe: u32,
+    pub probe: u32,
+}
+
+impl From<u32> for Cap {
+    fn from(n: u32) -> Cap {
+        Cap { safe: n, probe: n }
+    }
+}
 /// Most admissions one dispatch makes (bounds the work of one call).
 const DISPATCH_MAX: u32 = 64;
 /// Stale entries are looked for at most this often when no slot is free (when one is,
@@ -307,13 +324,14 @@ impl<'a> Queue<'a> {
     pub fn enter(
         &self,
         priority: u32,
-        cap: u32,
+        cap: impl Into<Cap>,
         now: u64,
         pid: i32,
         worker: u32,
         share: Option<&AtomicU32>,
     ) -> Step {
-        if self.ps.queue_len.load(Ordering::Acquire) == 0 && self.reserve(cap) {
+        let cap = cap.into();
+        if self.ps.queue_len.load(Ordering::Acquire) == 0 && self.reserve(cap.safe) {
             if let Some(s) = share {
                 s.fetch_add(1, Ordering::Relaxed);
             }
@@ -419,8 +437,9 @@ impl<'a> Queue<'a> {
         false
     }
 
-    /// The best waiting entry at `now`, freeing the stale entries it passes.
-    fn best(&self, now: u64) -> Option<Candidate> {
+    /// The best (or, `worst`, the lowest-ranked) waiting entry at `now`, freeing the
+    /// stale entries it passes.
+    fn best(&self, now: u64, worst: bool) -> Option<Candidate> {
         let mut best: Option<(u32, Candidate)> = None;
         for (k, e) in self.in_use().iter().enumerate() {
             let w = e.word.load(Ordering::Acquire);
@@ -438,9 +457,10 @@ impl<'a> Queue<'a> {
                 continue;
             }
             let eff = self.effective(priority, enqueued_ms, now);
-            let better = best
-                .as_ref()
-                .is_none_or(|(be, bc)| eff > *be || (eff == *be && ticket_of(w) < ticket_of(bc.word)));
+            let better = best.as_ref().is_none_or(|(be, bc)| {
+                let ahead = eff > *be || (eff == *be && ticket_of(w) < ticket_of(bc.word));
+                ahead != worst
+            });
             if better {
                 best = Some((
                     eff,
@@ -505,18 +525,24 @@ impl<'a> Queue<'a> {
         }
     }
 
-    /// Admit the best waiters while slots are free. Returns how many were admitted.
-    pub fn dispatch(&self, cap: u32, now: u64) -> u32 {
+    /// Admit the best waiters while confirmed slots are free, then the lowest-ranked
+    /// into a probe slot (see [`Cap`]). Returns how many were admitted.
+    pub fn dispatch(&self, cap: impl Into<Cap>, now: u64) -> u32 {
+        let cap = cap.into();
         self.sweep(now);
         let mut admitted = 0;
         for _ in 0..2 * DISPATCH_MAX {
-            if admitted >= DISPATCH_MAX
-                || self.ps.queue_len.load(Ordering::Acquire) == 0
-                || !self.reserve(cap)
-            {
+            if admitted >= DISPATCH_MAX || self.ps.queue_len.load(Ordering::Acquire) == 0 {
                 break;
             }
-            let Some(c) = self.best(now) else {
+            let worst = if self.reserve(cap.safe) {
+                false
+            } else if self.reserve(cap.probe) {
+                true
+            } else {
+                break;
+            };
+            let Some(c) = self.best(now, worst) else {
                 self.unreserve();
                 break;
             };
@@ -547,7 +573,15 @@ impl<'a> Queue<'a> {
     /// A waiter's poll of its own entry: admitted (its admission now counts in
     /// `share`), evicted, timed out, or still waiting — in which case it dispatches if
     /// a slot is free (capacity can come back without a release: a cooldown ends).
-    pub fn poll(&self, index: u32, ticket: u64, cap: u32, now: u64, share: Option<&AtomicU32>) -> Step {
+    pub fn poll(
+        &self,
+        index: u32,
+        ticket: u64,
+        cap: impl Into<Cap>,
+        now: u64,
+        share: Option<&AtomicU32>,
+    ) -> Step {
+        let cap = cap.into();
         let Some(e) = self.entries.get(index as usize) else {
             return Step::TimedOut;
         };
@@ -614,7 +648,8 @@ impl<'a> Queue<'a> {
 
     /// The client of entry `index` left: take it out of the queue (an admission it was
     /// given and had not taken over goes to the next waiter). True if it was queued.
-    pub fn leave(&self, index: u32, ticket: u64, cap: u32, now: u64) -> bool {
+    pub fn leave(&self, index: u32, ticket: u64, cap: impl Into<Cap>, now: u64) -> bool {
+        let cap = cap.into();
         let Some(e) = self.entries.get(index as usize) else {
             return false;
         };
@@ -647,7 +682,8 @@ impl<'a> Queue<'a> {
 
     /// A request admitted by this pool finished (log phase): give its slot to the best
     /// waiter, if any.
-    pub fn release(&self, share: Option<&AtomicU32>, cap: u32, now: u64) {
+    pub fn release(&self, share: Option<&AtomicU32>, cap: impl Into<Cap>, now: u64) {
+        let cap = cap.into();
         if let Some(s) = share {
             saturating_sub(s, 1);
         }
@@ -725,6 +761,27 @@ pub fn reap_owner(region: &Region, w: u32, pid: i32) {
     }
 }
 
+/// A pool's admission state for status pages: admitted and waiting now, totals.
+pub fn status_json(region: &Region, pool: u32) -> serde_json::Value {
+    let Some(q) = Queue::of(region, pool) else {
+        return serde_json::Value::Null;
+    };
+    let ld = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let waiting: Vec<u32> = q.qp.waiting.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    serde_json::json!({
+        "enabled": q.qp.enabled.load(Ordering::Relaxed) != 0,
+        "admitted": q.qp.admitted.load(Ordering::Relaxed),
+        "queue_len": q.ps.queue_len.load(Ordering::Relaxed),
+        "waiting_by_priority": waiting,
+        "queue_admitted": ld(&q.ps.queue_admitted_total),
+        "queue_timeouts": ld(&q.ps.queue_timeouts_total),
+        "queue_evicted": ld(&q.ps.queue_evicted_total),
+        "queue_aborted": ld(&q.ps.queue_aborted_total),
+        "queue_wait_ms_sum": ld(&q.ps.queue_wait_ms_sum),
+        "shed": ld(&q.ps.shed_total),
+    })
+}
+
 // ------------------------------------------------------------------------------------
 // The balancer's view: capacity from the nodes, verdicts for the C ABI
 
@@ -760,11 +817,11 @@ fn taken_out(n: &crate::shm::layout::NodeSlot, now: u64) -> bool {
         || n.flags.load(Ordering::Relaxed) & (flags::DOWN | flags::DRAINING) != 0
 }
 
-/// Concurrent requests the nodes `slots` can take: the sum of the available nodes'
-/// learned limits ([`UNLIMITED`] if one has none); `Err(ms)` when no node is
+/// Concurrent requests the nodes `slots` can take (see [`Cap`]): the available
+/// nodes' learned limits ([`UNLIMITED`] if one has none); `Err(ms)` when no node is
 /// available, with the soonest moment one may be (1 s when unknown).
-pub fn capacity(region: &Region, slots: &[&[u32]], now: u64) -> Result<u32, u64> {
-    let (mut sum, mut any, mut soonest) = (0u64, false, u64::MAX);
+pub fn capacity(region: &Region, slots: &[&[u32]], now: u64) -> Result<Cap, u64> {
+    let (mut safe, mut probe, mut any, mut soonest) = (0u64, 0u64, false, u64::MAX);
     for &s in slots.iter().flat_map(|t| t.iter()) {
         let Some(n) = region.node(s) else { continue };
         if taken_out(n, now) {
@@ -780,14 +837,41 @@ pub fn capacity(region: &Region, slots: &[&[u32]], now: u64) -> Result<u32, u64>
         any = true;
         let limit = n.limit.load(Ordering::Relaxed);
         if limit == 0 {
-            return Ok(UNLIMITED);
+            return Ok(UNLIMITED.into());
         }
-        sum += limit / LIMIT_ONE;
+        let whole = limit / LIMIT_ONE;
+        probe += whole;
+        safe += whole.min(region.served(s).map_or(0, |c| c.load(Ordering::Relaxed) as u64));
     }
     if !any {
         return Err(if soonest == u64::MAX { 1000 } else { soonest });
     }
-    Ok(sum.min(UNLIMITED as u64 - 1) as u32)
+    let clamp = |v: u64| v.min(UNLIMITED as u64 - 1) as u32;
+    Ok(Cap {
+        safe: clamp(safe),
+        probe: clamp(probe),
+    })
+}
+
+/// `node` refused (capacity 429) its `inflight`-th concurrent try: it has served at
+/// most one less since (report path).
+pub fn note_refused(region: &Region, node: u32, inflight: u32) {
+    if let Some(c) = region.served(node) {
+        let below = inflight.saturating_sub(1);
+        if c.load(Ordering::Relaxed) > below {
+            c.fetch_min(below, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A try on `node` succeeded with `inflight` tries outstanding (itself included):
+/// the node has served that concurrency (report path: one load, rarely a store).
+pub fn note_served(region: &Region, node: u32, inflight: u32) {
+    if let Some(c) = region.served(node) {
+        if inflight > c.load(Ordering::Relaxed) {
+            c.fetch_max(inflight, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Balancer {
@@ -796,7 +880,7 @@ impl Balancer {
         Queue::of(self.region(), pool).ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
     }
 
-    fn pool_capacity(&self, pool: u32, now: u64) -> Result<Result<u32, u64>, Error> {
+    fn pool_capacity(&self, pool: u32, now: u64) -> Result<Result<Cap, u64>, Error> {
         let region = self.region();
         self.with_pool_slots(pool, |primary, backup| capacity(region, &[primary, backup], now))
     }
@@ -861,7 +945,7 @@ impl Balancer {
         let now = clock::now_ms();
         let q = self.queue(pool)?;
         // No node at all (everyone cooling): capacity 0, the waiter keeps its place.
-        let cap = self.pool_capacity(pool, now)?.unwrap_or(0);
+        let cap = self.pool_capacity(pool, now)?.unwrap_or(Cap::from(0));
         let step = q.poll(entry, ticket, cap, now, self.share(pool));
         let (v, _, ms) = self.verdict(&q, step, now);
         Ok((v, ms))
@@ -871,7 +955,7 @@ impl Balancer {
     pub fn admit_leave(&self, pool: u32, entry: u32, ticket: u64) -> Result<bool, Error> {
         let now = clock::now_ms();
         let q = self.queue(pool)?;
-        let cap = self.pool_capacity(pool, now)?.unwrap_or(0);
+        let cap = self.pool_capacity(pool, now)?.unwrap_or(Cap::from(0));
         Ok(q.leave(entry, ticket, cap, now))
     }
 
@@ -880,7 +964,7 @@ impl Balancer {
     pub fn admit_release(&self, pool: u32) -> Result<(), Error> {
         let now = clock::now_ms();
         let q = self.queue(pool)?;
-        let cap = self.pool_capacity(pool, now)?.unwrap_or(0);
+        let cap = self.pool_capacity(pool, now)?.unwrap_or(Cap::from(0));
         q.release(self.share(pool), cap, now);
         Ok(())
     }
@@ -1121,6 +1205,33 @@ mod tests {
         q.release(None, 2, 2);
         assert_eq!(q.dispatch(2, 2), 0);
         assert_eq!(q.qp.admitted.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn probe_slots_go_to_the_lowest_ranked_waiter() {
+        let r = region();
+        let q = queue(&r, &cfg(0, 8, &[(1, 10_000, 8)]));
+        assert_eq!(q.enter(5, 2, 0, 1, 0, None), Step::Go);
+        assert_eq!(q.enter(5, 2, 0, 1, 0, None), Step::Go);
+        // Nodes confirmed for 1 concurrent request, limits say 2: the second slot is a
+        // probe of whether the node takes one more.
+        let cap = Cap { safe: 1, probe: 2 };
+        let low = queued(q.enter(2, cap, 1, 1, 0, None));
+        let mid = queued(q.enter(5, cap, 2, 1, 0, None));
+        let high = queued(q.enter(9, cap, 3, 1, 0, None));
+        q.release(None, cap, 4);
+        assert_eq!(q.poll(high.0, high.1, cap, 4, None), Step::Wait);
+        assert_eq!(q.poll(mid.0, mid.1, cap, 4, None), Step::Wait);
+        assert_eq!(
+            q.poll(low.0, low.1, cap, 4, None),
+            Step::Go,
+            "the probe goes to the lowest"
+        );
+        // A confirmed slot goes to the best.
+        let cap = Cap { safe: 2, probe: 2 };
+        q.release(None, cap, 5);
+        assert_eq!(q.poll(mid.0, mid.1, cap, 5, None), Step::Wait);
+        assert_eq!(q.poll(high.0, high.1, cap, 5, None), Step::Go);
     }
 
     #[test]

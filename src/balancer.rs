@@ -673,6 +673,7 @@ impl Balancer {
                     "retries": ps.retries_total.load(Ordering::Relaxed),
                     "retries_denied": ps.retries_denied.load(Ordering::Relaxed),
                     "no_node": ps.no_node_total.load(Ordering::Relaxed),
+                    "admission": crate::admit::status_json(&self.region, p.slot),
                     "nodes": nodes,
                 });
                 (p.name.clone(), pool)
@@ -900,6 +901,7 @@ impl Balancer {
                     Feed::Forget
                 }
                 Busy::Capacity => {
+                    crate::admit::note_refused(&self.region, node, inflight);
                     let (min, max) = (
                         ps.limit_min.load(Ordering::Relaxed),
                         ps.limit_max.load(Ordering::Relaxed),
@@ -926,6 +928,7 @@ impl Balancer {
                 }
             }
         } else {
+            crate::admit::note_served(&self.region, node, inflight);
             n.latency_sum_us.fetch_add(latency_us as u64, Ordering::Relaxed);
             reset_if_set(&n.consecutive_failures);
             reset_if_set(&n.consecutive_busy);

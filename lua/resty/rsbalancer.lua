@@ -446,12 +446,15 @@ end
 --- log(): in log_by_lua. Reports the tries not reported yet (normally the last).
 function _M.log()
     local st = ngx.ctx.rsb
-    if st and (st.adm or st.q_entry) then admission.release(C, handle, st) end
-    if not st or st.n == 0 then return end
-    local var = ngx.var
-    _M.report_tries(st.tried, var.upstream_status, var.upstream_response_time,
-                    st.reported + 1, retry_after_s(var.upstream_http_retry_after))
-    st.n = 0
+    if not st then return end
+    if st.n > 0 then
+        local var = ngx.var
+        _M.report_tries(st.tried, var.upstream_status, var.upstream_response_time,
+                        st.reported + 1, retry_after_s(var.upstream_http_retry_after))
+        st.n = 0
+    end
+    -- After the report: the slot given to the next waiter is free at the node too.
+    if st.adm or st.q_entry then admission.release(C, handle, st) end
 end
 
 --- set_weight(pool, id, weight): change a node's base weight in every worker.

@@ -8,6 +8,7 @@
 //!        | QueueEntry x max_pools x max_waiters (admission queue, pool-major)
 //!        | QueuePool x max_pools (admission parameters and counters)
 //!        | admission share: AtomicU32 x max_workers x max_pools (row per worker)
+//!        | served concurrency: AtomicU32 x max_nodes (highest concurrency answered OK)
 //! ```
 //!
 //! Every field is an atomic or a plain value written once before the region is shared,
@@ -372,6 +373,7 @@ pub struct Offsets {
     pub queue: usize,
     pub queue_pools: usize,
     pub admit_shares: usize,
+    pub served: usize,
     pub total: usize,
 }
 
@@ -393,10 +395,11 @@ impl Capacity {
         let queue_pools =
             queue + self.max_pools as usize * self.max_waiters as usize * std::mem::size_of::<QueueEntry>();
         let admit_shares = queue_pools + self.max_pools as usize * std::mem::size_of::<QueuePool>();
-        let total = align_up(
+        let served = align_up(
             admit_shares + self.max_workers as usize * self.max_pools as usize * 4,
-            4096,
+            64,
         );
+        let total = align_up(served + self.max_nodes as usize * 4, 4096);
         Offsets {
             pools,
             nodes,
@@ -406,6 +409,7 @@ impl Capacity {
             queue,
             queue_pools,
             admit_shares,
+            served,
             total,
         }
     }

@@ -202,6 +202,23 @@ impl Region {
         })
     }
 
+    /// The highest concurrency node `n` answered a success at.
+    pub fn served(&self, n: u32) -> Option<&AtomicU32> {
+        if n >= self.cap.max_nodes {
+            return None;
+        }
+        // SAFETY: n < max_nodes, the number of AtomicU32 reserved at `served` (64-byte
+        // aligned); zero is a valid AtomicU32.
+        Some(unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .add(self.off.served)
+                .cast::<AtomicU32>()
+                .add(n as usize)
+        })
+    }
+
     /// Take the process-shared writer lock, waiting at most `timeout`. A holder whose
     /// process is gone is replaced (and counted in `lock_steals`).
     pub fn lock(&self, timeout: Duration) -> Result<LockGuard<'_>, ShmError> {
