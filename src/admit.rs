@@ -27,17 +27,27 @@
 //! mistaken for its previous waiter. Tickets come from one counter per pool, so ticket
 //! order is arrival order.
 //!
-//! **Who goes first.** The best waiter has the highest *effective* priority, `priority
-//! + waited / aging_ms` capped at 10 (aging: a low class is promoted while it waits,
-//! so it is not starved forever — SGLang's gateway does the same), ties broken by
-//! ticket (FIFO). Waiters do not each scan the queue: a waiter polls its own entry
-//! (O(1): one atomic load) every 1-2 ms. The *dispatcher* — whoever sees a free slot:
-//! the request releasing its admission in the log phase, an arrival, or a polling
-//! waiter — reserves a slot, scans the pool's entries once (O(entries in use), up to
-//! the high-water mark) for the best waiter, and flips it to ADMITTED; the waiter
-//! takes the admission over on its next poll. So the scan runs once per freed slot,
-//! not once per waiter per poll, and a waiter is released as soon as a slot frees
-//! anywhere in the pool (any worker).
+//! **Who goes first.** The best waiter has the highest *effective* priority: its
+//! priority plus one level per `aging_ms` waited, capped at 10 (aging: a low class is
+//! promoted while it waits, so it is not starved forever; SGLang's gateway does the
+//! same); ties are broken by ticket (FIFO). Waiters do not each scan the queue: a
+//! waiter polls its own entry (O(1): one atomic load) every 1-2 ms. The *dispatcher*,
+//! whoever sees a free slot (the request releasing its admission in the log phase, an
+//! arrival, or a polling waiter), reserves a slot, scans the pool's entries once
+//! (O(entries in use), up to the high-water mark) for the best waiter, and flips it to
+//! ADMITTED; the waiter takes the admission over on its next poll. So the scan runs
+//! once per freed slot, not once per waiter per poll, and a waiter is released as soon
+//! as a slot frees anywhere in the pool (any worker).
+//!
+//! **Probe slots.** AIMD raises a node's limit by one after `increase_every × limit`
+//! successes at it: a guess that the node takes one more, which costs the request
+//! that tests it a 429 when wrong (and, every node being full, no retry). Capacity is
+//! therefore counted twice ([`Cap`]): `probe` sums the limits, `safe` counts each node
+//! only up to the highest concurrency it has answered a success at since its last
+//! refusal ([`note_served`], [`note_refused`]). Slots up to `safe` go to the best
+//! waiter; a slot between `safe` and `probe` goes to the *lowest*-ranked one. (Which
+//! request p2c then places on the probed node is p2c's choice, so this lowers the top
+//! class's share of probe 429s; it does not remove it.)
 //!
 //! **Bounds.** Each priority belongs to a class (`classes[i].min_priority`), with its
 //! own `max_wait_ms` and `max_queue`; the pool has a `max_queue` for all classes. A
@@ -1357,14 +1367,18 @@ mod tests {
     #[test]
     fn config_errors_name_the_field() {
         let bad = |c: AdmissionConfig| c.validate("pools.p.admission", 256).unwrap_err().to_string();
-        let mut c = AdmissionConfig::default();
-        c.default_priority = 11;
+        let c = AdmissionConfig {
+            default_priority: 11,
+            ..AdmissionConfig::default()
+        };
         assert_eq!(
             bad(c),
             "pools.p.admission.default_priority: 11 is out of range 1..=10"
         );
-        let mut c = AdmissionConfig::default();
-        c.max_queue = 300;
+        let c = AdmissionConfig {
+            max_queue: 300,
+            ..AdmissionConfig::default()
+        };
         assert!(bad(c).starts_with("pools.p.admission.max_queue: 300 is out of range 1..=256"));
         let c = cfg(0, 8, &[(2, 100, 8)]);
         assert!(bad(c).starts_with("pools.p.admission.classes[0].min_priority: 2"));

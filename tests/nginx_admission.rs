@@ -124,7 +124,7 @@ fn chat(port: u16, prio: u32) -> (u16, Option<u64>, String) {
 fn learn_limits(g: &Gateway, n: usize) {
     let port = g.port;
     let mut tries = 0;
-    while limits(g).iter().any(|&l| l == 0.0) {
+    while limits(g).contains(&0.0) {
         tries += 1;
         assert!(
             tries < 20,
