@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! scripts/bench-gateway.sh                 (what `make bench` runs after the micro benches)
-//! cargo bench --no-default-features --bench gateway [-- --quick] [overhead] [storm] [quota]
+//! cargo bench --no-default-features --bench gateway [-- --quick] [overhead] [storm] [quota] [overload]
 //! ```
 //!
 //! It starts and stops its own nginx instances (`worker_processes 2` each): one for the
@@ -37,7 +37,17 @@
 //!    stays 8 (its nominal size); clients = 0.8 x effective capacity (60/s x 50 ms + 16
 //!    + 8) = 22.
 //!
-//! Load generator for 2 and 3: std threads, one keep-alive HTTP/1.1 `TcpStream` each,
+//! 4. `overload`: offered load over capacity with priority classes. Mock nodes with caps
+//!    8 / 16 / 8, all 100 ms (32 slots = 320 req/s); 48 closed-loop clients (1.5x),
+//!    a third each sending `X-Priority` 9, 5 and 2, no pause after a refusal (the retry
+//!    storm). Contenders: native (default and max_fails=0), the seed, rsbalancer with
+//!    the admission queue (classes 1-3 / 4-7 / 8-10 waiting up to 1 / 5 / 30 s) at the
+//!    default `limit.increase_every` 4 and at 100. Goodput (2xx/s as a share of 320),
+//!    429 share per class, end-to-end p50/p99 per class, and the time each request
+//!    spent in the gateway outside any node (`$request_time` minus the
+//!    `$upstream_response_time`s: the queue wait), p50/p99 per class.
+//!
+//! Load generator for 2, 3 and 4: std threads, one keep-alive HTTP/1.1 `TcpStream` each,
 //! closed loop, every request's status and latency recorded. Each request carries an
 //! `X-Bench-Id` (run, phase, client, sequence) that the gateway forwards on every try;
 //! the mock nodes log it for each request they receive, so upstream attempts per

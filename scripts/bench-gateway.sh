@@ -2,13 +2,14 @@
 # End-to-end gateway benchmark (`make bench` runs it after the micro benchmarks):
 # nginx's native upstream, the seed article's pure-Lua balancer and rsbalancer, each in
 # its own nginx (2 workers) in front of upstream nodes run by another nginx, all on
-# 127.0.0.1. Three scenarios: overhead (static nodes, wrk), busy storm (mock LLM nodes
-# with concurrency caps and one slow node), quota node (token bucket + Retry-After).
+# 127.0.0.1. Four scenarios: overhead (static nodes, wrk), busy storm (mock LLM nodes
+# with concurrency caps and one slow node), quota node (token bucket + Retry-After),
+# overload (1.5x capacity in three priority classes; rsbalancer with its admission queue).
 # Prints tables; exits non-zero only when something is missing or a contender does
 # not start (timings are never asserted). About 5 minutes on 2 CPUs.
 #
 #   scripts/bench-gateway.sh                   everything
-#   scripts/bench-gateway.sh storm quota       some scenarios (overhead storm quota)
+#   scripts/bench-gateway.sh storm quota       some scenarios (overhead storm quota overload)
 #   scripts/bench-gateway.sh --quick           a ~1 minute smoke run
 #
 # Environment (all optional): RSB_BENCH_ROUNDS RSB_BENCH_OVERHEAD_ROUNDS RSB_BENCH_OVERHEAD_S RSB_BENCH_STORM_S
