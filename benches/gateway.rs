@@ -914,55 +914,54 @@ fn start_gateway(
             "gateway-seed.conf"
         }
         Kind::Rsb { algorithm, admit } => {
-            let cfg = json!({ "pools": { "llm": {
-                "algorithm": algorithm,
-                "nodes": nodes.iter().map(|n| json!({
-                    "id": n.name, "addr": format!("127.0.0.1:{}", n.port), "weight": n.weight
-                })).collect::<Vec<_>>(),
-            } } });
-            let cfg_path = run.write(
-                &format!("{inst}.json"),
-                &serde_json::to_string_pretty(&cfg).unwrap(),
-            );
-            vars.push(("CONFIG", cfg_path.display().to_string()));
-            vars.push(("LIBDIR", run.path.join("lib").display().to_string()));
-            vars.push((
-                "ADMIT",
-                if *admit {
-                    "            access_by_lua_block { require(\"resty.rsbalancer\").admit(\"llm\") }"
-                        .to_string()
-                } else {
-                    String::new()
-                },
-            ));
-            "gateway-rsb.conf"
+            let admit = if *admit {
+                "            access_by_lua_block { require(\"resty.rsbalancer\").admit(\"llm\") }"
+            } else {
+                ""
+            };
+            rsb_config(run, inst, nodes, json!({ "algorithm": algorithm }), admit, &mut vars)
         }
-        Kind::RsbQueue { increase_every } => {
-            let cfg = json!({ "pools": { "llm": {
+        Kind::RsbQueue { increase_every } => rsb_config(
+            run,
+            inst,
+            nodes,
+            json!({
                 "algorithm": "p2c_ewma",
                 "limit": { "increase_every": increase_every },
                 "admission": overload_admission(),
-                "nodes": nodes.iter().map(|n| json!({
-                    "id": n.name, "addr": format!("127.0.0.1:{}", n.port), "weight": n.weight
-                })).collect::<Vec<_>>(),
-            } } });
-            let cfg_path = run.write(
-                &format!("{inst}.json"),
-                &serde_json::to_string_pretty(&cfg).unwrap(),
-            );
-            vars.push(("CONFIG", cfg_path.display().to_string()));
-            vars.push(("LIBDIR", run.path.join("lib").display().to_string()));
-            vars.push((
-                "ADMIT",
-                "            lua_check_client_abort on;\n            access_by_lua_block { require(\"resty.rsbalancer\").admit(\"llm\", { untrusted = ngx.var.http_x_priority }) }"
-                    .to_string(),
-            ));
-            "gateway-rsb.conf"
-        }
+            }),
+            "            lua_check_client_abort on;\n            access_by_lua_block { require(\"resty.rsbalancer\").admit(\"llm\", { untrusted = ngx.var.http_x_priority }) }",
+            &mut vars,
+        ),
     };
     let conf = render(&env.template(template), &vars);
     let n = Nginx::start(env, run, inst, &conf, &[port]);
     (n, port)
+}
+
+/// Writes the pool config of an rsbalancer contender (`pool` plus `nodes`) and sets
+/// the template's CONFIG, LIBDIR and ADMIT; returns the template's name.
+fn rsb_config(
+    run: &RunDir,
+    inst: &str,
+    nodes: &[Node],
+    mut pool: Value,
+    admit: &str,
+    vars: &mut Vec<(&str, String)>,
+) -> &'static str {
+    pool["nodes"] = nodes
+        .iter()
+        .map(|n| json!({ "id": n.name, "addr": format!("127.0.0.1:{}", n.port), "weight": n.weight }))
+        .collect();
+    let cfg = json!({ "pools": { "llm": pool } });
+    let cfg_path = run.write(
+        &format!("{inst}.json"),
+        &serde_json::to_string_pretty(&cfg).unwrap(),
+    );
+    vars.push(("CONFIG", cfg_path.display().to_string()));
+    vars.push(("LIBDIR", run.path.join("lib").display().to_string()));
+    vars.push(("ADMIT", admit.to_string()));
+    "gateway-rsb.conf"
 }
 
 fn start_static_nodes(
@@ -1851,38 +1850,41 @@ fn slow_share_floor(sc: &StormScenario) -> Option<String> {
     })
 }
 
+/// The contenders rsbalancer is compared with: native nginx (nginx's default
+/// max_fails=1, and max_fails=0 unless RSB_BENCH_NATIVE_NOFAIL=0), the seed with
+/// set_more_tries(3).
+fn baselines(o: &Opts) -> Vec<Contender> {
+    let mut v = vec![Contender {
+        label: "native upstream",
+        kind: Kind::Native { server_extra: "" },
+    }];
+    if o.native_nofail {
+        v.push(Contender {
+            label: "native, max_fails=0",
+            kind: Kind::Native {
+                server_extra: " max_fails=0",
+            },
+        });
+    }
+    v.push(Contender {
+        label: "seed Lua + set_more_tries(3)",
+        kind: Kind::Seed { more_tries: 3 },
+    });
+    v
+}
+
 fn storm(env: &Env, run: &RunDir, o: &Opts, which: &str) {
     let sc = storm_scenarios(which);
     let weights: Vec<String> = sc.nodes.iter().map(|n| n.weight.to_string()).collect();
     let weights = weights.join(":");
-    let mut contenders = vec![
-        Contender {
-            label: "native upstream",
-            kind: Kind::Native { server_extra: "" },
+    let mut contenders = baselines(o);
+    contenders.push(Contender {
+        label: "rsbalancer p2c_ewma+admit",
+        kind: Kind::Rsb {
+            algorithm: "p2c_ewma",
+            admit: true,
         },
-        Contender {
-            label: "seed Lua + set_more_tries(3)",
-            kind: Kind::Seed { more_tries: 3 },
-        },
-        Contender {
-            label: "rsbalancer p2c_ewma+admit",
-            kind: Kind::Rsb {
-                algorithm: "p2c_ewma",
-                admit: true,
-            },
-        },
-    ];
-    if o.native_nofail {
-        contenders.insert(
-            1,
-            Contender {
-                label: "native, max_fails=0",
-                kind: Kind::Native {
-                    server_extra: " max_fails=0",
-                },
-            },
-        );
-    }
+    });
     println!();
     println!("{}", sc.title);
     println!(
@@ -2208,34 +2210,15 @@ fn overload(env: &Env, run: &RunDir, o: &Opts) {
     let specs = vec![node("a", 8), node("b", 16), node("c", 8)];
     let slots: u32 = specs.iter().map(|s| s.max_conc).sum();
     let capacity_rps = slots as f64 * 1000.0 / OVERLOAD_LATENCY_MS as f64;
-    let mut contenders = vec![
-        Contender {
-            label: "native upstream",
-            kind: Kind::Native { server_extra: "" },
-        },
-        Contender {
-            label: "seed Lua + set_more_tries(3)",
-            kind: Kind::Seed { more_tries: 3 },
-        },
-        Contender {
-            label: "rsbalancer + admission",
-            kind: Kind::RsbQueue { increase_every: 4 },
-        },
-        Contender {
-            label: "rsbalancer + adm., incr_every 100",
-            kind: Kind::RsbQueue { increase_every: 100 },
-        },
-    ];
-    if o.native_nofail {
-        contenders.insert(
-            1,
-            Contender {
-                label: "native, max_fails=0",
-                kind: Kind::Native {
-                    server_extra: " max_fails=0",
-                },
-            },
-        );
+    let mut contenders = baselines(o);
+    for (label, increase_every) in [
+        ("rsbalancer + admission", 4),
+        ("rsbalancer + adm., incr_every 100", 100),
+    ] {
+        contenders.push(Contender {
+            label,
+            kind: Kind::RsbQueue { increase_every },
+        });
     }
     let clients = (1.5 * slots as f64).round() as usize;
     println!();

@@ -143,6 +143,41 @@ fn wait_admission(g: &Gateway, what: &str, cond: impl Fn(&Value) -> bool) {
     });
 }
 
+/// One mock node "a" capped at `cap` concurrent requests, and a gateway queueing with
+/// `admission` that has learned the node's limit. Fields drop in order: gateway,
+/// mocks, then the directory.
+struct OneNode {
+    g: Gateway,
+    _mocks: Nginx,
+    a: MockNode,
+    _dir: TestDir,
+}
+
+fn one_node(name: &str, cap: u32, admission: Value) -> OneNode {
+    let dir = TestDir::new(name);
+    let mut a = MockNode::new("a", 50);
+    a.max_conc = cap;
+    let mocks = start_mocks(&dir, std::slice::from_ref(&a));
+    let g = start_gateway(&dir, &config(&[&a], admission));
+    learn_limits(&g, 3 * cap as usize + 1);
+    assert_eq!(
+        limits(&g),
+        vec![cap as f64],
+        "the limit learned is the node's cap"
+    );
+    OneNode {
+        g,
+        _mocks: mocks,
+        a,
+        _dir: dir,
+    }
+}
+
+/// One class, waits up to 60 s.
+fn one_class() -> Value {
+    json!({ "enabled": true, "classes": [ { "min_priority": 1, "max_wait_ms": 60000, "max_queue": 16 } ] })
+}
+
 // ----------------------------------------------------------------------------------
 
 /// Offered concurrency 1.5× the nodes' capacity in three classes (X-Priority 9, 5,
@@ -246,15 +281,11 @@ fn over_capacity_top_class_served_low_class_shed_goodput_kept() {
         );
     }
 
-    // Goodput: node time spent on successes (the gateway's $upstream_response_time of
-    // every 200, completed inside the loaded window) against capacity × window.
-    // Success latencies are taken from the access log; a request's try time is spread
-    // over its completion second-by-second only approximately, so the window is the
-    // whole loaded period and requests are counted by completion within it.
-    let ok_in_window = results
-        .iter()
-        .filter(|r| r.1 == 200 && r.4 >= warm && r.4 <= run)
-        .count();
+    // Goodput: node time spent on successes against capacity × the loaded window
+    // [warm, run] (every client sends until `run`, so the nodes are offered 1.5× their
+    // capacity throughout). A success occupied a slot for its try's
+    // $upstream_response_time (mean from the gateway's access log) just before it
+    // completed; only the part of that inside the window counts.
     let log = std::fs::read_to_string(dir.path().join("gateway-access.log")).unwrap();
     let times: Vec<f64> = log
         .lines()
@@ -264,7 +295,19 @@ fn over_capacity_top_class_served_low_class_shed_goodput_kept() {
         .collect();
     assert!(!times.is_empty(), "no successes in the access log");
     let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let busy = ok_in_window as f64 * mean;
+    let (w0, w1) = (warm.as_secs_f64(), run.as_secs_f64());
+    let busy: f64 = results
+        .iter()
+        .filter(|r| r.1 == 200)
+        .map(|r| {
+            let end = r.4.as_secs_f64();
+            (end.min(w1) - (end - mean).max(w0)).max(0.0)
+        })
+        .sum();
+    let ok_in_window = results
+        .iter()
+        .filter(|r| r.1 == 200 && r.4 >= warm && r.4 <= run)
+        .count();
     let share = busy / (capacity * loaded.as_secs_f64());
     assert!(
         share >= 0.95,
@@ -286,25 +329,18 @@ fn over_capacity_top_class_served_low_class_shed_goodput_kept() {
 fn queue_order_and_aging() {
     let _s = serial();
     for aging in [false, true] {
-        let dir = TestDir::new("adm-order");
-        let mut a = MockNode::new("a", 50);
-        a.max_conc = 1;
-        let _mocks = start_mocks(&dir, std::slice::from_ref(&a));
-        let g = start_gateway(
-            &dir,
-            &config(
-                &[&a],
-                json!({
-                    "enabled": true, "untrusted_max": 10,
-                    "aging_ms": if aging { 150 } else { 0 },
-                    "classes": [ { "min_priority": 1, "max_wait_ms": 60000, "max_queue": 16 } ]
-                }),
-            ),
+        let t = one_node(
+            "adm-order",
+            1,
+            json!({
+                "enabled": true, "untrusted_max": 10,
+                "aging_ms": if aging { 150 } else { 0 },
+                "classes": [ { "min_priority": 1, "max_wait_ms": 60000, "max_queue": 16 } ]
+            }),
         );
-        learn_limits(&g, 4);
-        assert_eq!(limits(&g), vec![1.0]);
+        let (g, a) = (&t.g, &t.a);
         mock_set(
-            &a,
+            a,
             if aging {
                 "latency_ms=4000"
             } else {
@@ -315,13 +351,13 @@ fn queue_order_and_aging() {
         let order = Mutex::new(Vec::new());
         thread::scope(|s| {
             let hold = s.spawn(|| chat(port, 5));
-            wait_admission(&g, "the slot held", |a| a["admitted"] == json!(1));
+            wait_admission(g, "the slot held", |a| a["admitted"] == json!(1));
             let order = &order;
             s.spawn(move || {
                 let r = chat(port, 1);
                 order.lock().unwrap().push(("low", r.0));
             });
-            wait_admission(&g, "low queued", |a| a["queue_len"] == json!(1));
+            wait_admission(g, "low queued", |a| a["queue_len"] == json!(1));
             if aging {
                 // One level per 150 ms: after 1.4 s the priority-1 waiter ranks 10,
                 // above the priority-8 arrival (the held slot frees at 4 s).
@@ -331,7 +367,7 @@ fn queue_order_and_aging() {
                 let r = chat(port, 8);
                 order.lock().unwrap().push(("high", r.0));
             });
-            wait_admission(&g, "high queued", |a| a["queue_len"] == json!(2));
+            wait_admission(g, "high queued", |a| a["queue_len"] == json!(2));
             assert_eq!(hold.join().unwrap().0, 200);
         });
         let order = order.into_inner().unwrap();
@@ -340,8 +376,8 @@ fn queue_order_and_aging() {
         } else {
             [("high", 200), ("low", 200)]
         };
-        assert_eq!(order, want, "aging {aging}: {}", admission(&g));
-        let st = admission(&g);
+        assert_eq!(order, want, "aging {aging}: {}", admission(g));
+        let st = admission(g);
         assert_eq!(st["queue_admitted"], json!(2), "{st}");
         assert_eq!(st["admitted"], json!(0), "{st}");
     }
@@ -352,40 +388,30 @@ fn queue_order_and_aging() {
 #[test]
 fn client_disconnect_leaves_the_queue() {
     let _s = serial();
-    let dir = TestDir::new("adm-abort");
-    let mut a = MockNode::new("a", 50);
-    a.max_conc = 1;
-    let _mocks = start_mocks(&dir, std::slice::from_ref(&a));
-    let g = start_gateway(
-        &dir,
-        &config(
-            &[&a],
-            json!({ "enabled": true, "classes": [ { "min_priority": 1, "max_wait_ms": 60000, "max_queue": 16 } ] }),
-        ),
-    );
-    learn_limits(&g, 4);
-    mock_set(&a, "latency_ms=1500");
+    let t = one_node("adm-abort", 1, one_class());
+    let (g, a) = (&t.g, &t.a);
+    mock_set(a, "latency_ms=1500");
     let received = |m: &MockNode| get(m.port, "/mock/state").json()["received"].as_u64().unwrap();
     let port = g.port;
     thread::scope(|s| {
         let hold = s.spawn(|| chat(port, 5));
-        wait_admission(&g, "the slot held", |a| a["admitted"] == json!(1));
-        let before = received(&a);
+        wait_admission(g, "the slot held", |a| a["admitted"] == json!(1));
+        let before = received(a);
         let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let req = format!(
             "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{CHAT_BODY}",
             CHAT_BODY.len()
         );
         c.write_all(req.as_bytes()).unwrap();
-        wait_admission(&g, "the request queued", |a| a["queue_len"] == json!(1));
+        wait_admission(g, "the request queued", |a| a["queue_len"] == json!(1));
         drop(c);
-        wait_admission(&g, "it left the queue", |a| {
+        wait_admission(g, "it left the queue", |a| {
             a["queue_len"] == json!(0) && a["queue_aborted"] == json!(1)
         });
         assert_eq!(hold.join().unwrap().0, 200);
-        assert_eq!(received(&a), before, "the node never saw the request that left");
+        assert_eq!(received(a), before, "the node never saw the request that left");
     });
-    wait_admission(&g, "nothing admitted", |a| a["admitted"] == json!(0));
+    wait_admission(g, "nothing admitted", |a| a["admitted"] == json!(0));
     assert_eq!(chat(port, 5).0, 200, "the pool still serves");
 }
 
@@ -395,25 +421,14 @@ fn client_disconnect_leaves_the_queue() {
 #[test]
 fn killed_workers_leak_no_admission_or_queue_entry() {
     let _s = serial();
-    let dir = TestDir::new("adm-kill");
-    let mut a = MockNode::new("a", 50);
-    a.max_conc = 2;
-    let _mocks = start_mocks(&dir, std::slice::from_ref(&a));
-    let g = start_gateway(
-        &dir,
-        &config(
-            &[&a],
-            json!({ "enabled": true, "classes": [ { "min_priority": 1, "max_wait_ms": 60000, "max_queue": 16 } ] }),
-        ),
-    );
-    learn_limits(&g, 6);
-    assert_eq!(limits(&g), vec![2.0]);
-    mock_set(&a, "latency_ms=5000");
+    let t = one_node("adm-kill", 2, one_class());
+    let (g, a) = (&t.g, &t.a);
+    mock_set(a, "latency_ms=5000");
     let port = g.port;
     let workers = g.nginx.wait_workers(2, &[]);
     thread::scope(|s| {
         let clients: Vec<_> = (0..6).map(|_| s.spawn(move || chat(port, 5))).collect();
-        wait_admission(&g, "requests admitted and queued", |a| {
+        wait_admission(g, "requests admitted and queued", |a| {
             a["admitted"].as_u64() >= Some(1) && a["queue_len"].as_u64() >= Some(3)
         });
         for &w in &workers {
@@ -426,16 +441,16 @@ fn killed_workers_leak_no_admission_or_queue_entry() {
     });
     // A new worker reaps the dead ones when it attaches; requests still running at the
     // node end on their own (their gateway side is gone).
-    wait_admission(&g, "nothing left admitted or queued", |a| {
+    wait_admission(g, "nothing left admitted or queued", |a| {
         a["admitted"] == json!(0) && a["queue_len"] == json!(0)
     });
-    mock_set(&a, "latency_ms=200");
+    mock_set(a, "latency_ms=200");
     let _ = mock_state_idle(a.port);
     let r = run_parallel(2, 2, |_| chat(port, 5));
     assert!(
         r.iter().all(|x| x.0 == 200),
         "both slots serve again: {r:?} {}",
-        admission(&g)
+        admission(g)
     );
-    assert_eq!(adm(&g, "admitted"), 0);
+    assert_eq!(adm(g, "admitted"), 0);
 }
