@@ -890,6 +890,21 @@ impl Balancer {
         Queue::of(self.region(), pool).ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
     }
 
+    /// The queue of a pool slot whether or not the pool is still configured: requests
+    /// admitted before a reload removed their pool must still give their slot back
+    /// (or a new pool given this slot would start with phantom admissions).
+    fn any_queue(&self, pool: u32) -> Result<Queue<'_>, Error> {
+        Queue::of(self.region(), pool).ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
+    }
+
+    /// Capacity for dispatching; 0 (nobody dispatched) for a pool without nodes now.
+    fn dispatch_capacity(&self, pool: u32, now: u64) -> Cap {
+        match self.pool_capacity(pool, now) {
+            Ok(Ok(cap)) => cap,
+            _ => Cap::from(0),
+        }
+    }
+
     fn pool_capacity(&self, pool: u32, now: u64) -> Result<Result<Cap, u64>, Error> {
         let region = self.region();
         self.with_pool_slots(pool, |primary, backup| capacity(region, &[primary, backup], now))
@@ -918,10 +933,6 @@ impl Balancer {
             q.refused(now);
             return Ok((Verdict::Shed, 0, q.retry_after_ms(now)));
         }
-        let cap = match self.pool_capacity(pool, now)? {
-            Ok(cap) => cap,
-            Err(ms) => return Ok((Verdict::NoNode, 0, ms)),
-        };
         if q.qp.enabled.load(Ordering::Acquire) == 0 {
             // Queueing off: go on when some node can take a try now, as before.
             return Ok(match self.available(pool) {
@@ -929,6 +940,10 @@ impl Balancer {
                 Err(ms) => (Verdict::NoNode, 0, ms),
             });
         }
+        let cap = match self.pool_capacity(pool, now)? {
+            Ok(cap) => cap,
+            Err(ms) => return Ok((Verdict::NoNode, 0, ms)),
+        };
         let me = std::process::id() as i32;
         let worker = self.worker_index().unwrap_or(u32::MAX);
         let step = q.enter(priority, cap, now, me, worker, self.share(pool));
@@ -953,9 +968,10 @@ impl Balancer {
     /// Poll a queued request: `Go`, `Wait`, or a refusal with its Retry-After (ms).
     pub fn admit_poll(&self, pool: u32, entry: u32, ticket: u64) -> Result<(Verdict, u64), Error> {
         let now = clock::now_ms();
-        let q = self.queue(pool)?;
+        let q = self.any_queue(pool)?;
         // No node at all (everyone cooling): capacity 0, the waiter keeps its place.
-        let cap = self.pool_capacity(pool, now)?.unwrap_or(Cap::from(0));
+        // A pool removed by a reload: nobody is dispatched, waiters time out.
+        let cap = self.dispatch_capacity(pool, now);
         let step = q.poll(entry, ticket, cap, now, self.share(pool));
         let (v, _, ms) = self.verdict(&q, step, now);
         Ok((v, ms))
@@ -964,8 +980,8 @@ impl Balancer {
     /// The client of a queued request left. True if it was still in the queue.
     pub fn admit_leave(&self, pool: u32, entry: u32, ticket: u64) -> Result<bool, Error> {
         let now = clock::now_ms();
-        let q = self.queue(pool)?;
-        let cap = self.pool_capacity(pool, now)?.unwrap_or(Cap::from(0));
+        let q = self.any_queue(pool)?;
+        let cap = self.dispatch_capacity(pool, now);
         Ok(q.leave(entry, ticket, cap, now))
     }
 
@@ -973,8 +989,8 @@ impl Balancer {
     /// takes its slot.
     pub fn admit_release(&self, pool: u32) -> Result<(), Error> {
         let now = clock::now_ms();
-        let q = self.queue(pool)?;
-        let cap = self.pool_capacity(pool, now)?.unwrap_or(Cap::from(0));
+        let q = self.any_queue(pool)?;
+        let cap = self.dispatch_capacity(pool, now);
         q.release(self.share(pool), cap, now);
         Ok(())
     }

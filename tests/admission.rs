@@ -175,3 +175,22 @@ fn killed_process_admissions_and_entries_are_reclaimed() {
     go_b.send(1).unwrap();
     assert_eq!(survivor.wait().unwrap(), 0);
 }
+
+/// A request admitted before a reload removed its pool still gives its slot back, so
+/// a pool given that slot later does not start with phantom admissions.
+#[test]
+fn admission_of_a_removed_pool_is_released() {
+    let (b, pool) = balancer(2, queueing());
+    assert_eq!(b.admit(pool, 5).unwrap().0, Verdict::Go);
+    let other = rsbalancer::config::Config::from_value(json!({
+        "shm": common::shm(),
+        "pools": { "q": { "nodes": common::node_list(&[("x", false)]) } }
+    }))
+    .unwrap();
+    b.configure(&other).unwrap();
+    assert!(b.pool_index("p").is_err(), "the pool is gone");
+    assert_eq!(b.pool_index("q").unwrap(), pool, "its slot went to the new pool");
+    b.admit_release(pool).unwrap();
+    let q = rsbalancer::admit::Queue::of(b.region(), pool).unwrap();
+    assert_eq!(q.qp.admitted.load(Ordering::Relaxed), 0);
+}
