@@ -575,8 +575,8 @@ pub unsafe extern "C" fn rsb_admit(
 }
 
 /// Poll a queued request (`entry`, `ticket` from `rsb_admit`). `*out_verdict`: 0 go
-/// (an admission is held), 3 still waiting, 6 full, 7 waited too long, 8 evicted by a
-/// higher priority; refusals carry a Retry-After in ms in `*out_value`.
+/// (an admission is held), 3 still waiting, 7 waited too long, 8 evicted by a higher
+/// priority; refusals carry a Retry-After in ms in `*out_value`.
 ///
 /// # Safety
 /// `b` a live handle; `out_verdict` and `out_value` writable.
