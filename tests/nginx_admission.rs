@@ -451,3 +451,48 @@ fn killed_workers_leak_no_admission_or_queue_entry() {
     );
     wait_admission(g, "both released", |a| a["admitted"] == json!(0));
 }
+
+/// A full queue evicts its lowest-priority, youngest waiter for a higher-priority
+/// arrival (429, `X-RSB-Admission: evicted`, Retry-After), and refuses an arrival
+/// with nobody lower to evict (`queue_full`).
+#[test]
+fn full_queue_evicts_the_lowest_for_a_higher_arrival() {
+    let _s = serial();
+    let t = one_node(
+        "adm-evict",
+        1,
+        json!({ "enabled": true, "untrusted_max": 10, "aging_ms": 0, "max_queue": 2,
+                "classes": [ { "min_priority": 1, "max_wait_ms": 60000, "max_queue": 2 } ] }),
+    );
+    let (g, a) = (&t.g, &t.a);
+    mock_set(a, "latency_ms=2000");
+    let port = g.port;
+    thread::scope(|s| {
+        let hold = s.spawn(|| chat(port, 5));
+        wait_admission(g, "the slot held", |a| a["admitted"] == json!(1));
+        let older = s.spawn(|| chat(port, 2));
+        wait_admission(g, "first low queued", |a| a["queue_len"] == json!(1));
+        let younger = s.spawn(|| chat(port, 2));
+        wait_admission(g, "second low queued", |a| a["queue_len"] == json!(2));
+        let refused = chat(port, 2);
+        assert_eq!(
+            (refused.0, refused.2.as_str()),
+            (429, "queue_full"),
+            "nobody lower to evict"
+        );
+        assert!(refused.1.is_some_and(|s| s >= 1), "Retry-After: {refused:?}");
+        let high = s.spawn(|| chat(port, 9));
+        let evicted = younger.join().unwrap();
+        assert_eq!(
+            (evicted.0, evicted.2.as_str()),
+            (429, "evicted"),
+            "the youngest low waiter"
+        );
+        assert!(evicted.1.is_some_and(|s| s >= 1), "Retry-After: {evicted:?}");
+        assert_eq!(hold.join().unwrap().0, 200);
+        assert_eq!(high.join().unwrap().0, 200);
+        assert_eq!(older.join().unwrap().0, 200);
+    });
+    let st = admission(g);
+    assert_eq!(st["queue_evicted"], json!(1), "{st}");
+}
