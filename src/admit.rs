@@ -863,6 +863,13 @@ pub fn capacity(region: &Region, slots: &[&[u32]], now: u64) -> Result<Cap, u64>
     })
 }
 
+/// A new node took slot `node`: it has served nothing yet.
+pub fn forget_node(region: &Region, node: u32) {
+    if let Some(c) = region.served(node) {
+        c.store(0, Ordering::Relaxed);
+    }
+}
+
 /// `node` refused (capacity 429) its `inflight`-th concurrent try: it has served at
 /// most one less since (report path).
 pub fn note_refused(region: &Region, node: u32, inflight: u32) {

@@ -567,6 +567,7 @@ impl Balancer {
                 let s = r.node(n.slot).expect("in range");
                 if !old_slots.contains(&n.slot) {
                     reset_node(s, now);
+                    crate::admit::forget_node(r, n.slot);
                 }
                 s.pool.store(p.slot, Ordering::Relaxed);
                 s.weight.store(nc.weight, Ordering::Relaxed);

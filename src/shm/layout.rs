@@ -299,7 +299,7 @@ pub struct QueueEntry {
     pub priority: AtomicU32,
     /// Owner process.
     pub pid: AtomicI32,
-    /// Owner's worker slot (admission share row).
+    /// Owner's worker slot (for diagnostics; reaping goes by `pid`).
     pub worker: AtomicU32,
     pub _pad: u32,
     pub _reserved: [AtomicU64; 4],
