@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! scripts/bench-gateway.sh                 (what `make bench` runs after the micro benches)
-//! cargo bench --no-default-features --bench gateway [-- --quick] [overhead] [storm] [quota] [metrics]
+//! cargo bench --no-default-features --bench gateway [-- --quick] [overhead] [storm] [quota] [metrics] [overload]
 //! ```
 //!
 //! It starts and stops its own nginx instances (`worker_processes 2` each): one for the
@@ -43,7 +43,17 @@
 //!    over the same rounds. Prints both req/s, their ratio (target: scraping costs at
 //!    most 1%) and the scrapes' size and time.
 //!
-//! Load generator for 2 and 3: std threads, one keep-alive HTTP/1.1 `TcpStream` each,
+//! 5. `overload`: offered load over capacity with priority classes. Mock nodes with caps
+//!    8 / 16 / 8, all 100 ms (32 slots = 320 req/s); 48 closed-loop clients (1.5x),
+//!    a third each sending `X-Priority` 9, 5 and 2, no pause after a refusal (the retry
+//!    storm). Contenders: native (default and max_fails=0), the seed, rsbalancer with
+//!    the admission queue (classes 1-3 / 4-7 / 8-10 waiting up to 1 / 5 / 30 s) at the
+//!    default `limit.increase_every` 4 and at 100. Goodput (2xx/s as a share of 320),
+//!    429 share per class, end-to-end p50/p99 per class, and the time each request
+//!    spent in the gateway outside any node (`$request_time` minus the
+//!    `$upstream_response_time`s: the queue wait), p50/p99 per class.
+//!
+//! Load generator for 2, 3 and 5: std threads, one keep-alive HTTP/1.1 `TcpStream` each,
 //! closed loop, every request's status and latency recorded. Each request carries an
 //! `X-Bench-Id` (run, phase, client, sequence) that the gateway forwards on every try;
 //! the mock nodes log it for each request they receive, so upstream attempts per
@@ -126,6 +136,7 @@ struct Opts {
     storm: bool,
     quota: bool,
     metrics: bool,
+    overload: bool,
     rounds_overhead: usize,
     rounds_storm: usize,
     overhead_s: u64,
@@ -161,9 +172,11 @@ impl Opts {
             match a.as_str() {
                 "--bench" => {} // cargo bench passes it to harness = false targets
                 "--quick" => quick = true,
-                "overhead" | "storm" | "quota" | "metrics" => picked.push(a),
+                "overhead" | "storm" | "quota" | "metrics" | "overload" => picked.push(a),
                 other if other.starts_with('-') => {} // other libtest-style flags
-                other => panic!("unknown argument {other:?} (scenarios: overhead storm quota metrics)"),
+                other => {
+                    panic!("unknown argument {other:?} (scenarios: overhead storm quota metrics overload)")
+                }
             }
         }
         let all = picked.is_empty();
@@ -174,6 +187,7 @@ impl Opts {
             storm: has("storm"),
             quota: has("quota"),
             metrics: has("metrics"),
+            overload: has("overload"),
             rounds_overhead: env_num("RSB_BENCH_OVERHEAD_ROUNDS", if quick { 1.0 } else { 5.0 }) as usize,
             rounds_storm: env_num("RSB_BENCH_ROUNDS", if quick { 1.0 } else { 3.0 }) as usize,
             overhead_s: env_num("RSB_BENCH_OVERHEAD_S", if quick { 2.0 } else { 3.0 }) as u64,
@@ -684,6 +698,8 @@ struct LoadSpec {
     max_per_client: u32,
     /// Pause of a client after a non-2xx answer (0: none, a pure closed loop).
     fail_pause: Duration,
+    /// `X-Priority` header of each client's requests (none if `None`).
+    priority: Option<fn(usize) -> u32>,
 }
 
 /// N clients, each with one keep-alive connection, each sending its next request as
@@ -700,6 +716,7 @@ fn closed_loop(spec: &LoadSpec) -> Vec<Sample> {
         let (warm, total, max) = (spec.warm, spec.warm + spec.measure, spec.max_per_client);
         let fail_pause = spec.fail_pause;
         let cpu = spec.cpu;
+        let prio_header = spec.priority.map(|p| format!("X-Priority: {}\r\n", p(client)));
         handles.push(
             thread::Builder::new()
                 .name(format!("client-{client}"))
@@ -728,7 +745,12 @@ fn closed_loop(spec: &LoadSpec) -> Vec<Sample> {
                                 if phase == Phase::Warm { 'w' } else { 'm' }
                             )
                         };
-                        let req = request_bytes(method, path, port, &id, body);
+                        let mut req = request_bytes(method, path, port, &id, body);
+                        if let Some(h) = &prio_header {
+                            // After the request line.
+                            let at = req.windows(2).position(|w| w == b"\r\n").map_or(0, |i| i + 2);
+                            req.splice(at..at, h.bytes());
+                        }
                         if conn.is_none() {
                             match Conn::open(port, Duration::from_secs(30)) {
                                 Ok(c) => conn = Some(c),
@@ -821,6 +843,9 @@ enum Kind {
     Seed { more_tries: u32 },
     /// rsbalancer with this algorithm; admit in the access phase or not.
     Rsb { algorithm: &'static str, admit: bool },
+    /// rsbalancer p2c_ewma with the admission queue on (priority from X-Priority),
+    /// `limit.increase_every` as given.
+    RsbQueue { increase_every: u32 },
 }
 
 #[derive(Clone)]
@@ -848,8 +873,14 @@ fn start_gateway(
     let port = free_port();
     let log = if access_log {
         format!(
-            "{}/{inst}-access.log bench buffer=256k flush=200ms",
-            run.path.display()
+            "{}/{inst}-access.log {} buffer=256k flush=200ms",
+            run.path.display(),
+            // The over-capacity scenario logs the time spent outside nodes (queueing).
+            if inst.starts_with("overload") {
+                "benchq"
+            } else {
+                "bench"
+            }
         )
     } else {
         "off".to_string()
@@ -893,33 +924,54 @@ fn start_gateway(
             "gateway-seed.conf"
         }
         Kind::Rsb { algorithm, admit } => {
-            let cfg = json!({ "pools": { "llm": {
-                "algorithm": algorithm,
-                "nodes": nodes.iter().map(|n| json!({
-                    "id": n.name, "addr": format!("127.0.0.1:{}", n.port), "weight": n.weight
-                })).collect::<Vec<_>>(),
-            } } });
-            let cfg_path = run.write(
-                &format!("{inst}.json"),
-                &serde_json::to_string_pretty(&cfg).unwrap(),
-            );
-            vars.push(("CONFIG", cfg_path.display().to_string()));
-            vars.push(("LIBDIR", run.path.join("lib").display().to_string()));
-            vars.push((
-                "ADMIT",
-                if *admit {
-                    "            access_by_lua_block { require(\"resty.rsbalancer\").admit(\"llm\") }"
-                        .to_string()
-                } else {
-                    String::new()
-                },
-            ));
-            "gateway-rsb.conf"
+            let admit = if *admit {
+                "            access_by_lua_block { require(\"resty.rsbalancer\").admit(\"llm\") }"
+            } else {
+                ""
+            };
+            rsb_config(run, inst, nodes, json!({ "algorithm": algorithm }), admit, &mut vars)
         }
+        Kind::RsbQueue { increase_every } => rsb_config(
+            run,
+            inst,
+            nodes,
+            json!({
+                "algorithm": "p2c_ewma",
+                "limit": { "increase_every": increase_every },
+                "admission": overload_admission(),
+            }),
+            "            lua_check_client_abort on;\n            access_by_lua_block { require(\"resty.rsbalancer\").admit(\"llm\", { untrusted = ngx.var.http_x_priority }) }",
+            &mut vars,
+        ),
     };
     let conf = render(&env.template(template), &vars);
     let n = Nginx::start(env, run, inst, &conf, &[port]);
     (n, port)
+}
+
+/// Writes the pool config of an rsbalancer contender (`pool` plus `nodes`) and sets
+/// the template's CONFIG, LIBDIR and ADMIT; returns the template's name.
+fn rsb_config(
+    run: &RunDir,
+    inst: &str,
+    nodes: &[Node],
+    mut pool: Value,
+    admit: &str,
+    vars: &mut Vec<(&str, String)>,
+) -> &'static str {
+    pool["nodes"] = nodes
+        .iter()
+        .map(|n| json!({ "id": n.name, "addr": format!("127.0.0.1:{}", n.port), "weight": n.weight }))
+        .collect();
+    let cfg = json!({ "pools": { "llm": pool } });
+    let cfg_path = run.write(
+        &format!("{inst}.json"),
+        &serde_json::to_string_pretty(&cfg).unwrap(),
+    );
+    vars.push(("CONFIG", cfg_path.display().to_string()));
+    vars.push(("LIBDIR", run.path.join("lib").display().to_string()));
+    vars.push(("ADMIT", admit.to_string()));
+    "gateway-rsb.conf"
 }
 
 fn start_static_nodes(
@@ -1119,6 +1171,7 @@ fn run_own_client(port: u16, conns: usize, secs: u64, cpu: Option<usize>) -> Thr
         cpu,
         max_per_client: 5_000_000,
         fail_pause: Duration::ZERO,
+        priority: None,
     });
     let mut lat: Vec<u64> = samples.iter().map(|s| s.latency_us).collect();
     lat.sort_unstable();
@@ -1615,6 +1668,7 @@ fn storm_run(
         cpu: None,
         max_per_client: 200_000,
         fail_pause: Duration::from_millis(o.fail_pause_ms),
+        priority: None,
     });
     done.store(true, Ordering::Relaxed);
     let timeline = sampler.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
@@ -1815,38 +1869,41 @@ fn slow_share_floor(sc: &StormScenario) -> Option<String> {
     })
 }
 
+/// The contenders rsbalancer is compared with: native nginx (nginx's default
+/// max_fails=1, and max_fails=0 unless RSB_BENCH_NATIVE_NOFAIL=0), the seed with
+/// set_more_tries(3).
+fn baselines(o: &Opts) -> Vec<Contender> {
+    let mut v = vec![Contender {
+        label: "native upstream",
+        kind: Kind::Native { server_extra: "" },
+    }];
+    if o.native_nofail {
+        v.push(Contender {
+            label: "native, max_fails=0",
+            kind: Kind::Native {
+                server_extra: " max_fails=0",
+            },
+        });
+    }
+    v.push(Contender {
+        label: "seed Lua + set_more_tries(3)",
+        kind: Kind::Seed { more_tries: 3 },
+    });
+    v
+}
+
 fn storm(env: &Env, run: &RunDir, o: &Opts, which: &str) {
     let sc = storm_scenarios(which);
     let weights: Vec<String> = sc.nodes.iter().map(|n| n.weight.to_string()).collect();
     let weights = weights.join(":");
-    let mut contenders = vec![
-        Contender {
-            label: "native upstream",
-            kind: Kind::Native { server_extra: "" },
+    let mut contenders = baselines(o);
+    contenders.push(Contender {
+        label: "rsbalancer p2c_ewma+admit",
+        kind: Kind::Rsb {
+            algorithm: "p2c_ewma",
+            admit: true,
         },
-        Contender {
-            label: "seed Lua + set_more_tries(3)",
-            kind: Kind::Seed { more_tries: 3 },
-        },
-        Contender {
-            label: "rsbalancer p2c_ewma+admit",
-            kind: Kind::Rsb {
-                algorithm: "p2c_ewma",
-                admit: true,
-            },
-        },
-    ];
-    if o.native_nofail {
-        contenders.insert(
-            1,
-            Contender {
-                label: "native, max_fails=0",
-                kind: Kind::Native {
-                    server_extra: " max_fails=0",
-                },
-            },
-        );
-    }
+    });
     println!();
     println!("{}", sc.title);
     println!(
@@ -2147,6 +2204,256 @@ fn metrics_overhead(env: &Env, run: &RunDir, o: &Opts) {
 }
 
 // ------------------------------------------------------------------------------------
+// Scenario 5: over capacity, priority classes
+
+/// X-Priority of the clients, round robin: top, middle, low class.
+const OVERLOAD_CLASSES: [u32; 3] = [9, 5, 2];
+const OVERLOAD_LATENCY_MS: u32 = 100;
+
+fn overload_priority(client: usize) -> u32 {
+    OVERLOAD_CLASSES[client % OVERLOAD_CLASSES.len()]
+}
+
+/// The admission config of the rsbalancer contenders: low class (1-3) waits up to
+/// 1 s, middle (4-7) 5 s, top (8-10) 30 s; clients may claim any priority.
+fn overload_admission() -> Value {
+    json!({
+        "enabled": true, "untrusted_max": 10, "max_queue": 128,
+        "classes": [
+            { "min_priority": 1, "max_wait_ms": 1000, "max_queue": 64 },
+            { "min_priority": 4, "max_wait_ms": 5000, "max_queue": 64 },
+            { "min_priority": 8, "max_wait_ms": 30000, "max_queue": 128 }
+        ]
+    })
+}
+
+#[derive(Default, Clone)]
+struct ClassStats {
+    requests: u64,
+    ok: u64,
+    busy: u64,
+    other: u64,
+    /// End-to-end latency of successes, µs.
+    lat_ok: Vec<u64>,
+    /// Time a request spent in the gateway outside any node (queue wait), µs.
+    wait: Vec<u64>,
+}
+
+struct OverloadRun {
+    classes: Vec<ClassStats>,
+    measure_s: f64,
+    admission: Option<Value>,
+}
+
+/// `$request_time` minus the sum of `$upstream_response_time`, per request id (µs).
+fn read_waits(path: &Path) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for line in fs::read_to_string(path).unwrap_or_default().lines() {
+        let mut f = line.splitn(4, ' ');
+        let (Some(id), Some(_status), Some(total), Some(ups)) = (f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        let Ok(total) = total.parse::<f64>() else { continue };
+        let upstream: f64 = ups
+            .trim_matches(['[', ']'])
+            .split([',', ':'])
+            .filter_map(|t| t.trim().parse::<f64>().ok())
+            .sum();
+        out.insert(id.to_string(), ((total - upstream).max(0.0) * 1e6) as u64);
+    }
+    out
+}
+
+fn overload_run(
+    env: &Env,
+    run: &RunDir,
+    specs: &[MockSpec],
+    c: &Contender,
+    ci: usize,
+    round: usize,
+    o: &Opts,
+) -> OverloadRun {
+    check_stop();
+    let inst = format!("overload-r{round}-c{ci}");
+    let (mut mocks, nodes, attempts_log) = start_mocks(env, run, &format!("{inst}-nodes"), specs);
+    let (mut gw, port) = start_gateway(env, run, &format!("{inst}-gw"), c, &nodes, true, "");
+    let r = one_request(port, "POST", "/v1/chat/completions", CHAT_BODY, "smoke")
+        .unwrap_or_else(|e| panic!("{}: smoke request: {e}\n{}", c.label, gw.diagnostics()));
+    assert!(
+        r.status == 200,
+        "{}: smoke request answered {}\n{}",
+        c.label,
+        r.status,
+        gw.diagnostics()
+    );
+    let clients = (1.5 * specs.iter().map(|s| s.max_conc).sum::<u32>() as f64).round() as usize;
+    let tag = format!("ovr{round}c{ci}");
+    let samples = closed_loop(&LoadSpec {
+        port,
+        method: "POST",
+        path: "/v1/chat/completions",
+        body: CHAT_BODY,
+        clients,
+        warm: Duration::from_secs_f64(o.warm_s),
+        measure: Duration::from_secs_f64(o.storm_s),
+        tag: tag.clone(),
+        cpu: None,
+        max_per_client: 200_000,
+        fail_pause: Duration::from_millis(o.fail_pause_ms),
+        priority: Some(overload_priority),
+    });
+    let admission = matches!(c.kind, Kind::RsbQueue { .. })
+        .then(|| get_status(port).and_then(|v| v.pointer("/pools/llm/admission").cloned()))
+        .flatten();
+    thread::sleep(Duration::from_millis(300));
+    gw.stop();
+    mocks.stop();
+    let log = run.path.join(format!("{inst}-gw-access.log"));
+    let waits = read_waits(&log);
+    let mut classes = vec![ClassStats::default(); OVERLOAD_CLASSES.len()];
+    for smp in samples.iter().filter(|x| x.phase == Phase::Measure) {
+        let k = smp.client as usize % OVERLOAD_CLASSES.len();
+        let cs = &mut classes[k];
+        cs.requests += 1;
+        match smp.status {
+            200..=299 => {
+                cs.ok += 1;
+                cs.lat_ok.push(smp.latency_us);
+            }
+            429 => cs.busy += 1,
+            _ => cs.other += 1,
+        }
+        if let Some(&w) = waits.get(&format!("{tag}.m.{}.{}", smp.client, smp.seq)) {
+            cs.wait.push(w);
+        }
+    }
+    for cs in &mut classes {
+        cs.lat_ok.sort_unstable();
+        cs.wait.sort_unstable();
+    }
+    if !o.keep {
+        let _ = fs::remove_file(&attempts_log);
+        let _ = fs::remove_file(&log);
+    }
+    OverloadRun {
+        classes,
+        measure_s: o.storm_s,
+        admission,
+    }
+}
+
+fn overload(env: &Env, run: &RunDir, o: &Opts) {
+    let node = |name, max_conc| MockSpec {
+        name,
+        latency_ms: OVERLOAD_LATENCY_MS,
+        max_conc,
+        quota_rps: 0,
+        quota_burst: 0,
+        weight: max_conc,
+    };
+    let specs = vec![node("a", 8), node("b", 16), node("c", 8)];
+    let slots: u32 = specs.iter().map(|s| s.max_conc).sum();
+    let capacity_rps = slots as f64 * 1000.0 / OVERLOAD_LATENCY_MS as f64;
+    let mut contenders = baselines(o);
+    for (label, increase_every) in [
+        ("rsbalancer + admission", 4),
+        ("rsbalancer + adm., incr_every 100", 100),
+    ] {
+        contenders.push(Contender {
+            label,
+            kind: Kind::RsbQueue { increase_every },
+        });
+    }
+    let clients = (1.5 * slots as f64).round() as usize;
+    println!();
+    println!(
+        "== 5. over capacity: caps a=8 b=16 c=8 ({OVERLOAD_LATENCY_MS} ms each, 429 without Retry-After over the cap) = {slots} slots = {capacity_rps:.0} req/s; {clients} clients = 1.5 x {slots}, X-Priority 9 / 5 / 2 ({} each)",
+        clients / 3
+    );
+    println!(
+        "   closed loop, keep-alive, no pause after a refusal; warm-up {:.0} s + {:.0} s measured; {} round(s); rsbalancer: admission classes 1-3 max wait 1 s, 4-7 5 s, 8-10 30 s",
+        o.warm_s, o.storm_s, o.rounds_storm
+    );
+    let mut runs: Vec<Vec<OverloadRun>> = contenders.iter().map(|_| Vec::new()).collect();
+    for round in 0..o.rounds_storm {
+        for k in 0..contenders.len() {
+            let i = (k + round) % contenders.len();
+            runs[i].push(overload_run(env, run, &specs, &contenders[i], i, round, o));
+        }
+    }
+    println!();
+    println!("   measured phase, all rounds together; goodput = 2xx/s / capacity; 429 and latency per class (top / middle / low)");
+    println!(
+        "   {:<34} {:>6} {:>6} {:>8} {:>20} {:>9} {:>24} {:>24} {:>20}",
+        "contender",
+        "req/s",
+        "2xx/s",
+        "goodput",
+        "429 % top/mid/low",
+        "other",
+        "e2e p50/p99 ms top",
+        "e2e p50/p99 ms low",
+        "wait p50/p99 ms top"
+    );
+    for (i, c) in contenders.iter().enumerate() {
+        let rs = &runs[i];
+        let secs: f64 = rs.iter().map(|r| r.measure_s).sum();
+        let mut cls = vec![ClassStats::default(); OVERLOAD_CLASSES.len()];
+        for r in rs {
+            for (t, x) in cls.iter_mut().zip(&r.classes) {
+                t.requests += x.requests;
+                t.ok += x.ok;
+                t.busy += x.busy;
+                t.other += x.other;
+                t.lat_ok.extend(&x.lat_ok);
+                t.wait.extend(&x.wait);
+            }
+        }
+        for t in &mut cls {
+            t.lat_ok.sort_unstable();
+            t.wait.sort_unstable();
+        }
+        let reqs: u64 = cls.iter().map(|t| t.requests).sum();
+        let ok: u64 = cls.iter().map(|t| t.ok).sum();
+        let other: u64 = cls.iter().map(|t| t.other).sum();
+        let busy: Vec<String> = cls.iter().map(|t| num(pct(t.busy, t.requests), 1)).collect();
+        let p = |v: &[u64], q: f64| num(percentile(v, q) / 1000.0, 0);
+        println!(
+            "   {:<34} {:>6.0} {:>6.0} {:>7}% {:>20} {:>9} {:>24} {:>24} {:>20}",
+            c.label,
+            reqs as f64 / secs,
+            ok as f64 / secs,
+            num(100.0 * ok as f64 / secs / capacity_rps, 1),
+            busy.join(" / "),
+            other,
+            format!("{} / {}", p(&cls[0].lat_ok, 0.5), p(&cls[0].lat_ok, 0.99)),
+            format!("{} / {}", p(&cls[2].lat_ok, 0.5), p(&cls[2].lat_ok, 0.99)),
+            format!("{} / {}", p(&cls[0].wait, 0.5), p(&cls[0].wait, 0.99)),
+        );
+        let detail: Vec<String> = OVERLOAD_CLASSES
+            .iter()
+            .zip(&cls)
+            .map(|(prio, t)| {
+                format!(
+                    "prio {prio}: {} reqs, 2xx {}%, wait p50/p99 {}/{} ms",
+                    t.requests,
+                    num(pct(t.ok, t.requests), 2),
+                    p(&t.wait, 0.5),
+                    p(&t.wait, 0.99)
+                )
+            })
+            .collect();
+        println!("   {:<34} {}", "", detail.join(" | "));
+        if let Some(a) = rs.last().and_then(|r| r.admission.as_ref()) {
+            println!("   {:<34} admission counters (last round): {a}", "");
+        }
+    }
+    println!("   wait: $request_time minus the time at nodes ($upstream_response_time), i.e. the time queued in the gateway");
+    println!("   targets for rsbalancer: goodput >= 95% of capacity, < 1% 429 for the top class");
+}
+
+// ------------------------------------------------------------------------------------
 
 fn main() {
     install_signal_handlers();
@@ -2188,6 +2495,9 @@ fn main() {
     }
     if o.metrics {
         metrics_overhead(&env, &run, &o);
+    }
+    if o.overload {
+        overload(&env, &run, &o);
     }
     println!();
     println!("gateway bench: done in {:.0} s", t0.elapsed().as_secs_f64());

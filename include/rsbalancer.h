@@ -189,6 +189,53 @@ enum rsb_result rsb_canary(const struct rsb_balancer *b,
                            uint32_t *out_pool,
                            uint32_t *out_share);
 
+// Admission of one request of `priority` (1..=10) to pool `pool` (access phase).
+// `*out_verdict`: 0 go (an admission is held: call `rsb_admit_release` when the
+// request ends), 1 go (queueing off, nothing to release), 2 queued (`*out_entry` and
+// `*out_value` = ticket: call `rsb_admit_poll` until it decides), 4 no node can take
+// it (`*out_value` = ms until one may), 5 shed (emergency), 6 queue full;
+// refusals carry a Retry-After in ms in `*out_value`.
+//
+// # Safety
+// `b` a live handle; `out_verdict`, `out_entry`, `out_value` writable.
+enum rsb_result rsb_admit(const struct rsb_balancer *b,
+                          uint32_t pool,
+                          uint32_t priority,
+                          uint32_t *out_verdict,
+                          uint32_t *out_entry,
+                          uint64_t *out_value);
+
+// Poll a queued request (`entry`, `ticket` from `rsb_admit`). `*out_verdict`: 0 go
+// (an admission is held), 3 still waiting, 7 waited too long, 8 evicted by a higher
+// priority; refusals carry a Retry-After in ms in `*out_value`.
+//
+// # Safety
+// `b` a live handle; `out_verdict` and `out_value` writable.
+enum rsb_result rsb_admit_poll(const struct rsb_balancer *b,
+                               uint32_t pool,
+                               uint32_t entry,
+                               uint64_t ticket,
+                               uint32_t *out_verdict,
+                               uint64_t *out_value);
+
+// The client of a queued request left: take it out of the queue (a slot it was
+// given goes to the next waiter). `*out_left` is 1 if it was still queued.
+//
+// # Safety
+// `b` a live handle; `out_left` NULL or writable.
+enum rsb_result rsb_admit_leave(const struct rsb_balancer *b,
+                                uint32_t pool,
+                                uint32_t entry,
+                                uint64_t ticket,
+                                uint32_t *out_left);
+
+// Release the admission of a request that ended (log phase); the best waiter of the
+// pool takes the slot.
+//
+// # Safety
+// `b` a live handle.
+enum rsb_result rsb_admit_release(const struct rsb_balancer *b, uint32_t pool);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -6,11 +6,12 @@
 # with concurrency caps and one slow node), quota node (token bucket + Retry-After),
 # metrics (the overhead run of rsbalancer twice, without and with GET /metrics every
 # second: both req/s and their ratio).
+# overload (1.5x capacity in three priority classes; rsbalancer with its admission queue).
 # Prints tables; exits non-zero only when something is missing or a contender does
 # not start (timings are never asserted). About 5 minutes on 2 CPUs.
 #
 #   scripts/bench-gateway.sh                   everything
-#   scripts/bench-gateway.sh storm quota       some scenarios (overhead storm quota metrics)
+#   scripts/bench-gateway.sh storm quota       some scenarios (overhead storm quota metrics overload)
 #   scripts/bench-gateway.sh --quick           a ~1 minute smoke run
 #
 # Environment (all optional): RSB_BENCH_ROUNDS RSB_BENCH_OVERHEAD_ROUNDS RSB_BENCH_OVERHEAD_S RSB_BENCH_STORM_S

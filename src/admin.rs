@@ -110,6 +110,7 @@ fn running_config(region: &Region, topo: &Topology) -> Config {
             max_pools: cap.max_pools,
             max_workers: cap.max_workers,
             config_bytes: cap.config_bytes,
+            queue_slots: cap.max_waiters,
         },
         pools,
     }
@@ -146,6 +147,7 @@ fn pool_config(region: &Region, p: &PoolTopo) -> PoolConfig {
         window_ms: p.window_ms,
         canary: p.canary.clone(),
         emergency: p.emergency.clone(),
+        admission: p.admission.clone(),
     }
 }
 

@@ -105,6 +105,7 @@ pub struct PoolTopo {
     #[serde(default)]
     pub canary: Option<crate::config::CanaryConfig>,
     pub emergency: Option<crate::emergency::EmergencyConfig>,
+    pub admission: crate::admit::AdmissionConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -345,6 +346,7 @@ impl Balancer {
             max_nodes: cfg.shm.max_nodes,
             max_workers: cfg.shm.max_workers,
             config_bytes: cfg.shm.config_bytes,
+            max_waiters: cfg.shm.queue_slots,
         };
         let b = Balancer::attach(Arc::new(Region::create(cap)?));
         b.configure(cfg)?;
@@ -383,6 +385,7 @@ impl Balancer {
             ("shm.max_pools", cfg.shm.max_pools, cap.max_pools),
             ("shm.max_workers", cfg.shm.max_workers, cap.max_workers),
             ("shm.config_bytes", cfg.shm.config_bytes, cap.config_bytes),
+            ("shm.queue_slots", cfg.shm.queue_slots, cap.max_waiters),
         ] {
             if want != have {
                 return Err(Error::Config(ConfigError {
@@ -553,6 +556,7 @@ impl Balancer {
                 nodes,
                 canary: pc.canary.clone(),
                 emergency: pc.emergency.clone(),
+                admission: pc.admission.clone(),
             });
         }
         Ok(Topology { pools })
@@ -590,11 +594,15 @@ impl Balancer {
             store_params(ps, p);
             let canary_slot = p.canary.as_ref().and_then(|c| new.pool(&c.pool)).map(|c| c.slot);
             crate::canary::configure_slot(ps, old.pool(&p.name), p, canary_slot, now);
+            if let Some(qp) = r.queue_pool(p.slot) {
+                crate::admit::store_params(qp, &p.admission);
+            }
             ps.in_use.store(1, Ordering::Release);
             for (n, nc) in p.nodes.iter().zip(&pc.nodes) {
                 let s = r.node(n.slot).expect("in range");
                 if !old_slots.contains(&n.slot) {
                     reset_node(s, now);
+                    crate::admit::forget_node(r, n.slot);
                 }
                 s.pool.store(p.slot, Ordering::Relaxed);
                 s.weight.store(nc.weight, Ordering::Relaxed);
@@ -706,6 +714,7 @@ impl Balancer {
                     "retries": ps.retries_total.load(Ordering::Relaxed),
                     "retries_denied": ps.retries_denied.load(Ordering::Relaxed),
                     "no_node": ps.no_node_total.load(Ordering::Relaxed),
+                    "admission": crate::admit::status_json(&self.region, p.slot),
                     "nodes": nodes,
                 });
                 (p.name.clone(), pool)
@@ -995,6 +1004,7 @@ impl Balancer {
                     Feed::Forget
                 }
                 Busy::Capacity => {
+                    crate::admit::note_refused(&self.region, node, inflight);
                     let (min, max) = (
                         ps.limit_min.load(Ordering::Relaxed),
                         ps.limit_max.load(Ordering::Relaxed),
@@ -1018,6 +1028,7 @@ impl Balancer {
             // Prometheus buckets are `le`: the first bound the latency does not exceed.
             let b = LATENCY_BOUNDS_MS.partition_point(|&bound| (bound as u64) * 1000 < latency_us as u64);
             n.latency_hist[b].fetch_add(1, Ordering::Relaxed);
+            crate::admit::note_served(&self.region, node, inflight);
             n.latency_sum_us.fetch_add(latency_us as u64, Ordering::Relaxed);
             reset_if_set(&n.consecutive_failures);
             reset_if_set(&n.consecutive_busy);
@@ -1248,7 +1259,26 @@ impl Balancer {
         &self.emergency
     }
 
-    fn live_pool(&self, pool: u32) -> Result<&PoolSlot, Error> {
+    /// Run `f` on the node slots of `pool` (primaries, backups) as this process's
+    /// tables have them: for code outside this module that looks at every node of a
+    /// pool (admission capacity). No allocation.
+    pub(crate) fn with_pool_slots<R>(
+        &self,
+        pool: u32,
+        f: impl FnOnce(&[u32], &[u32]) -> R,
+    ) -> Result<R, Error> {
+        let mut l = self.local.lock();
+        self.sync(&mut l)?;
+        let p = local_pool(&mut l.pools, pool)?;
+        Ok(f(&p.primary.slots, &p.backup.slots))
+    }
+
+    /// This handle's worker slot in this process, if it claimed one.
+    pub(crate) fn worker_index(&self) -> Option<u32> {
+        self.worker_slot()
+    }
+
+    pub(crate) fn live_pool(&self, pool: u32) -> Result<&PoolSlot, Error> {
         self.region
             .pool(pool)
             .filter(|p| p.in_use.load(Ordering::Acquire) != 0)

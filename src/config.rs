@@ -92,6 +92,8 @@ pub struct ShmConfig {
     pub max_workers: u32,
     /// Bytes kept for the config text (4096..=67108864).
     pub config_bytes: u32,
+    /// Admission queue entries per pool (1..=65536): waiters of a pool at once.
+    pub queue_slots: u32,
 }
 
 impl Default for ShmConfig {
@@ -101,6 +103,7 @@ impl Default for ShmConfig {
             max_pools: 64,
             max_workers: 64,
             config_bytes: 1 << 20,
+            queue_slots: 256,
         }
     }
 }
@@ -149,6 +152,9 @@ pub struct PoolConfig {
     /// absent. See [`crate::emergency`].
     #[serde(default)]
     pub emergency: Option<EmergencyConfig>,
+    /// Priorities and the admission queue (`admit()`); off by default.
+    #[serde(default)]
+    pub admission: crate::admit::AdmissionConfig,
 }
 
 fn default_window_ms() -> u32 {
@@ -335,6 +341,7 @@ impl Default for PoolConfig {
             window_ms: default_window_ms(),
             canary: None,
             emergency: None,
+            admission: crate::admit::AdmissionConfig::default(),
         }
     }
 }
@@ -458,6 +465,8 @@ impl Config {
                     &self.pools,
                 )?;
             }
+            pool.admission
+                .validate(&format!("pools.{name}.admission"), self.shm.queue_slots)?;
         }
         validate_canaries(&self.pools)?;
         let pools = self.pools.len();
@@ -503,7 +512,8 @@ impl ShmConfig {
         check_range("shm", "max_nodes", self.max_nodes, 1..=65_536)?;
         check_range("shm", "max_pools", self.max_pools, 1..=4_096)?;
         check_range("shm", "max_workers", self.max_workers, 1..=1_024)?;
-        check_range("shm", "config_bytes", self.config_bytes, 4_096..=67_108_864)
+        check_range("shm", "config_bytes", self.config_bytes, 4_096..=67_108_864)?;
+        check_range("shm", "queue_slots", self.queue_slots, 1..=65_536)
     }
 }
 

@@ -22,6 +22,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod admin;
+pub mod admit;
 pub mod balancer;
 pub mod canary;
 pub mod config;

@@ -56,6 +56,10 @@ enum rsb_result rsb_set_weight(const struct rsb_balancer *b, uint32_t node, uint
 uint64_t rsb_generation(const struct rsb_balancer *b);
 size_t rsb_last_error(char *buf, size_t cap);
 enum rsb_result rsb_canary(const struct rsb_balancer *b, uint32_t pool, uint32_t *out_pool, uint32_t *out_share);
+enum rsb_result rsb_admit(const struct rsb_balancer *b, uint32_t pool, uint32_t priority, uint32_t *out_verdict, uint32_t *out_entry, uint64_t *out_value);
+enum rsb_result rsb_admit_poll(const struct rsb_balancer *b, uint32_t pool, uint32_t entry, uint64_t ticket, uint32_t *out_verdict, uint64_t *out_value);
+enum rsb_result rsb_admit_leave(const struct rsb_balancer *b, uint32_t pool, uint32_t entry, uint64_t ticket, uint32_t *out_left);
+enum rsb_result rsb_admit_release(const struct rsb_balancer *b, uint32_t pool);
 ]]
 end
 
@@ -69,15 +73,15 @@ local function find_library()
 end
 
 local C, so_path = find_library()
+local admission = require "resty.rsbalancer.admission"
 _M.library_path = so_path
 local canary = require "resty.rsbalancer.canary"
 
 local C_pick, C_report, C_generation = C.rsb_pick, C.rsb_report, C.rsb_generation
-local C_may_retry, C_available = C.rsb_may_retry, C.rsb_available
+local C_may_retry = C.rsb_may_retry
 local MAX_TRIES = 32
 local tried_buf = ffi.new("uint32_t[?]", MAX_TRIES)
 local out_buf = ffi.new("uint32_t[1]")
-local wait_buf = ffi.new("uint64_t[1]")
 local err_buf = ffi.new("char[?]", 512)
 local RSB_OK, RSB_NO_NODE = 0, 4
 
@@ -117,6 +121,7 @@ local function sync()
             no_node_status = cfg.no_node_status,
             non_idempotent = cfg.retry.non_idempotent,
             health = cfg.health,
+            admission = cfg.admission,
         }
         local nodes = bal:nodes(name)
         for j = 1, #nodes do
@@ -437,10 +442,15 @@ function _M.balance(pool, key)
     end
 end
 
---- admit(pool): in access_by_lua. Answers at once with the pool's no_node_status
--- (429 or 503) and a Retry-After of the soonest moment a node frees up when no node
--- can take the request; never lets a request hammer a cooling pool.
-function _M.admit(pool)
+--- admit(pool [, priority]): in access_by_lua. `priority` is a trusted number 1..10,
+-- or a table { priority = n } (trusted) or { untrusted = value } (parsed and capped at
+-- the pool's admission.untrusted_max, e.g. a client's X-Priority header); absent:
+-- the pool's admission.default_priority. Sheds low priorities in emergency mode;
+-- with admission enabled, waits in the pool's shared priority queue while the nodes
+-- are at their learned limits, and answers 429 + Retry-After when it cannot be
+-- admitted. With no node able to serve at all (cooling, ejected, down) answers at
+-- once with the pool's no_node_status and the soonest moment a node frees up.
+function _M.admit(pool, priority)
     if not handle then not_initialized("admit") end
     sync()
     local idx = pools[pool]
@@ -448,27 +458,36 @@ function _M.admit(pool)
         error("bad argument #1 to 'admit' (unknown pool " .. tostring(pool) .. ")", 2)
     end
     local st = request_state(ngx.ctx, pool)
-    local aidx = arm_of(st, pool, idx)
-    if C_available(handle, aidx, wait_buf) == RSB_OK then
-        return true
-    end
-    if aidx ~= idx then
+    local aidx, apool = arm_of(st, pool, idx)
+    if aidx ~= idx and C_available(handle, aidx, wait_buf) ~= RSB_OK then
         -- No canary node can take it now: this request goes to the primary.
         st.arm, st.arm_pool = idx, pool
-        if C_available(handle, idx, wait_buf) == RSB_OK then
-            return true
-        end
+        aidx, apool = idx, pool
     end
-    local status = policy[pool].no_node_status
-    local secs = math.ceil(tonumber(wait_buf[0]) / 1000)
-    if secs < 1 then secs = 1 end
-    ngx.status = status
-    ngx.header["Retry-After"] = secs
-    ngx.header["Content-Type"] = "application/json"
-    ngx.say('{"error":{"message":"all upstream nodes of pool ', pool,
-            ' are busy; retry after ', secs, ' s","type":"',
-            status == 429 and "rate_limit_exceeded" or "service_unavailable", '"}}')
-    return ngx.exit(status)
+    local adm = policy[apool].admission
+    local t = type(priority)
+    if t == "table" then
+        if priority.priority ~= nil then
+            priority = priority.priority
+        else
+            priority = admission.priority(priority.untrusted,
+                                          { default = adm.default_priority, max = adm.untrusted_max })
+        end
+        t = type(priority)
+    end
+    if priority == nil then
+        priority = adm.default_priority
+    elseif t ~= "number" or priority % 1 ~= 0 or priority < 1 or priority > 10 then
+        error("bad argument #2 to 'admit' (priority 1..10 expected, got " .. tostring(priority) .. ")", 2)
+    end
+    return admission.admit(C, handle, aidx, apool, priority, st,
+                           policy[apool].no_node_status, last_error)
+end
+
+--- priority(value [, opts]): a priority 1..10 from an untrusted value (a header): a
+-- whole number clamped into 1..(opts.max or 10), else opts.default (or nil).
+function _M.priority(value, opts)
+    return admission.priority(value, opts)
 end
 
 --- log(): in log_by_lua. Reports the tries not reported yet (normally the last).
@@ -481,20 +500,23 @@ end
 -- in the gateway overhead benchmark). Anything else reads nginx's upstream variables.
 function _M.log()
     local st = ngx.ctx.rsb
-    if not st or st.n == 0 then return end
+    if not st then return end
     local n = st.n
-    local status = ngx.status
-    if st.reported == n - 1 and status >= 200 and status < 300 then
-        local us = (ngx_now() - st.picked) * 1e6
-        if us < 0 then us = 0 end
-        C_report(handle, st.tried[n], status, us, 0)
+    if n > 0 then
+        local status = ngx.status
+        if st.reported == n - 1 and status >= 200 and status < 300 then
+            local us = (ngx_now() - st.picked) * 1e6
+            if us < 0 then us = 0 end
+            C_report(handle, st.tried[n], status, us, 0)
+        else
+            local var = ngx.var
+            _M.report_tries(st.tried, var.upstream_status, var.upstream_response_time,
+                            st.reported + 1, retry_after_s(var.upstream_http_retry_after))
+        end
         st.n = 0
-        return
     end
-    local var = ngx.var
-    _M.report_tries(st.tried, var.upstream_status, var.upstream_response_time,
-                    st.reported + 1, retry_after_s(var.upstream_http_retry_after))
-    st.n = 0
+    -- After the report: the slot given to the next waiter is free at the node too.
+    if st.adm or st.q_entry then admission.release(C, handle, st) end
 end
 
 --- arm(): "canary" or "primary" for the current request once admit() or balance()

@@ -5,6 +5,10 @@
 //! Header | PoolSlot x max_pools | NodeSlot x max_nodes | WorkerSlot x max_workers
 //!        | in-flight share: AtomicU32 x max_workers x max_nodes (row per worker)
 //!        | config text: 2 x config_bytes (double buffer, flipped by `active_text`)
+//!        | QueueEntry x max_pools x max_waiters (admission queue, pool-major)
+//!        | QueuePool x max_pools (admission parameters and counters)
+//!        | admission share: AtomicU32 x max_workers x max_pools (row per worker)
+//!        | served concurrency: AtomicU32 x max_nodes (highest concurrency answered OK)
 //! ```
 //!
 //! Every field is an atomic or a plain value written once before the region is shared,
@@ -294,6 +298,85 @@ const _: () = {
     assert!(std::mem::align_of::<NodeSlot>() == 64);
 };
 
+/// Admission queue entry states (`QueueEntry::word`, low 8 bits; the ticket is above).
+pub mod entry {
+    /// Unused.
+    pub const FREE: u64 = 0;
+    /// Claimed by an arrival that is filling in its fields.
+    pub const INIT: u64 = 1;
+    /// Waiting for a slot.
+    pub const WAITING: u64 = 2;
+    /// Given a slot by a dispatcher; the owner takes it over on its next poll.
+    pub const ADMITTED: u64 = 3;
+    /// Pushed out by a higher-priority arrival; the owner answers 429 and frees it.
+    pub const EVICTED: u64 = 4;
+}
+
+/// One waiter of a pool's admission queue. `word` = ticket << 8 | state, so every
+/// transition is one CAS that also proves the entry still belongs to that ticket
+/// (no ABA across reuse). The other fields are written by the owner between claiming
+/// the entry (FREE -> INIT) and publishing it (INIT -> WAITING, Release).
+#[repr(C, align(64))]
+pub struct QueueEntry {
+    pub word: AtomicU64,
+    /// When it joined the queue (coarse monotonic ms).
+    pub enqueued_ms: AtomicU64,
+    /// 1..=10.
+    pub priority: AtomicU32,
+    /// Owner process.
+    pub pid: AtomicI32,
+    /// Owner's worker slot (for diagnostics; reaping goes by `pid`).
+    pub worker: AtomicU32,
+    pub _pad: u32,
+    pub _reserved: [AtomicU64; 4],
+}
+
+/// Number of priorities (1..=10).
+pub const PRIORITIES: usize = 10;
+
+/// Per-pool admission state: parameters copied from the config by `configure`, and
+/// the counters the queue works with. Four cache lines.
+#[repr(C, align(64))]
+pub struct QueuePool {
+    // --- line 1: hot counters ----------------------------------------------------
+    /// Requests admitted and not yet released (log phase), across all workers.
+    pub admitted: AtomicU32,
+    /// One past the highest entry index ever claimed: scans stop there.
+    pub high_water: AtomicU32,
+    /// Last ticket handed out.
+    pub seq: AtomicU64,
+    /// Releases per second, two buckets: second (32 bits) << 32 | count (32 bits).
+    pub releases: [AtomicU64; 2],
+    /// Last time (ms) a scan looked for stale entries.
+    pub swept_ms: AtomicU64,
+    pub _reserved0: [AtomicU64; 3],
+    // --- line 2: parameters --------------------------------------------------------
+    /// Queueing on (1) or off (0).
+    pub enabled: AtomicU32,
+    /// A waiter gains one priority level per `aging_ms` waited (0: no aging).
+    pub aging_ms: AtomicU32,
+    /// Waiters allowed in the pool's queue, all classes together.
+    pub max_queue: AtomicU32,
+    pub _pad1: u32,
+    /// Longest wait of each priority (index priority - 1), ms.
+    pub max_wait_ms: [AtomicU32; PRIORITIES],
+    pub _pad2: [u32; 2],
+    // --- lines 3-4: classes and waiting counts ------------------------------------
+    /// Class (index) of each priority.
+    pub class_of: [AtomicU32; PRIORITIES],
+    /// Waiters allowed per class.
+    pub class_max_queue: [AtomicU32; PRIORITIES],
+    /// Waiting entries per priority (index priority - 1).
+    pub waiting: [AtomicU32; PRIORITIES],
+    pub _pad3: [u32; 2],
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<QueueEntry>() == 64);
+    assert!(std::mem::size_of::<QueuePool>() == 256);
+    assert!(std::mem::offset_of!(QueuePool, enabled) == 64);
+};
+
 /// Capacities of a region, fixed when it is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
@@ -301,6 +384,8 @@ pub struct Capacity {
     pub max_nodes: u32,
     pub max_workers: u32,
     pub config_bytes: u32,
+    /// Admission queue entries per pool (`shm.queue_slots`).
+    pub max_waiters: u32,
 }
 
 /// Byte offsets of each array inside the mapping.
@@ -311,6 +396,10 @@ pub struct Offsets {
     pub workers: usize,
     pub shares: usize,
     pub text: usize,
+    pub queue: usize,
+    pub queue_pools: usize,
+    pub admit_shares: usize,
+    pub served: usize,
     pub total: usize,
 }
 
@@ -328,13 +417,25 @@ impl Capacity {
             shares + self.max_workers as usize * self.max_nodes as usize * 4,
             64,
         );
-        let total = align_up(text + 2 * self.config_bytes as usize, 4096);
+        let queue = align_up(text + 2 * self.config_bytes as usize, 64);
+        let queue_pools =
+            queue + self.max_pools as usize * self.max_waiters as usize * std::mem::size_of::<QueueEntry>();
+        let admit_shares = queue_pools + self.max_pools as usize * std::mem::size_of::<QueuePool>();
+        let served = align_up(
+            admit_shares + self.max_workers as usize * self.max_pools as usize * 4,
+            64,
+        );
+        let total = align_up(served + self.max_nodes as usize * 4, 4096);
         Offsets {
             pools,
             nodes,
             workers,
             shares,
             text,
+            queue,
+            queue_pools,
+            admit_shares,
+            served,
             total,
         }
     }

@@ -21,7 +21,9 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use layout::{Capacity, Header, NodeSlot, Offsets, PoolSlot, WorkerSlot, LAYOUT_VERSION, MAGIC};
+use layout::{
+    Capacity, Header, NodeSlot, Offsets, PoolSlot, QueueEntry, QueuePool, WorkerSlot, LAYOUT_VERSION, MAGIC,
+};
 
 /// Why a region operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +158,67 @@ impl Region {
         })
     }
 
+    /// The admission queue entries of pool `p` (`max_waiters` of them).
+    pub fn queue_entries(&self, p: u32) -> Option<&[QueueEntry]> {
+        if p >= self.cap.max_pools {
+            return None;
+        }
+        let n = self.cap.max_waiters as usize;
+        // SAFETY: `p < max_pools`; `Capacity::offsets` reserved `max_pools * max_waiters`
+        // 64-byte entries at `queue` (64-byte aligned), pool-major; entries are atomics
+        // for which all-zero bytes are valid, and are only handed out as `&`.
+        Some(unsafe {
+            std::slice::from_raw_parts(
+                self.base
+                    .as_ptr()
+                    .add(self.off.queue)
+                    .cast::<QueueEntry>()
+                    .add(p as usize * n),
+                n,
+            )
+        })
+    }
+
+    /// The admission state of pool `p`.
+    pub fn queue_pool(&self, p: u32) -> Option<&QueuePool> {
+        self.slot(self.off.queue_pools, p, self.cap.max_pools)
+    }
+
+    /// The admissions worker `w` holds in pool `p`.
+    pub fn admit_share(&self, w: u32, p: u32) -> Option<&AtomicU32> {
+        if w >= self.cap.max_workers || p >= self.cap.max_pools {
+            return None;
+        }
+        let idx = w as usize * self.cap.max_pools as usize + p as usize;
+        // SAFETY: idx < max_workers * max_pools, the number of AtomicU32 reserved at
+        // `admit_shares` (64-byte aligned); zero is a valid AtomicU32.
+        Some(unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .add(self.off.admit_shares)
+                .cast::<AtomicU32>()
+                .add(idx)
+        })
+    }
+
+    /// The highest concurrency node `n` answered a success at.
+    pub fn served(&self, n: u32) -> Option<&AtomicU32> {
+        if n >= self.cap.max_nodes {
+            return None;
+        }
+        // SAFETY: n < max_nodes, the number of AtomicU32 reserved at `served` (64-byte
+        // aligned); zero is a valid AtomicU32.
+        Some(unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .add(self.off.served)
+                .cast::<AtomicU32>()
+                .add(n as usize)
+        })
+    }
+
     /// Take the process-shared writer lock, waiting at most `timeout`. A holder whose
     /// process is gone is replaced (and counted in `lock_steals`).
     pub fn lock(&self, timeout: Duration) -> Result<LockGuard<'_>, ShmError> {
@@ -258,6 +321,7 @@ impl Region {
         if let Some(slot) = self.worker(w) {
             if slot.pid.load(Ordering::Acquire) == me {
                 self.release_shares(w);
+                crate::admit::reap_owner(self, w, me);
                 slot.pid.store(0, Ordering::Release);
             }
         }
@@ -284,6 +348,7 @@ impl Region {
                     .is_ok()
                 {
                     self.release_shares(w);
+                    crate::admit::reap_owner(self, w, owner);
                     slot.pid.store(0, Ordering::Release);
                     reaped += 1;
                 }

@@ -1,0 +1,131 @@
+-- resty.rsbalancer.admission: priorities, the shared admission queue and shedding,
+-- behind resty.rsbalancer's admit() and log(). The queue itself lives in Rust
+-- (src/admit.rs) in the shared region; this module waits in the access phase:
+--
+--   rsb_admit      go on at once, be queued, or be refused (shed, full, no node)
+--   rsb_admit_poll every 1-2 ms (ngx.sleep, jittered) until admitted or refused
+--   rsb_admit_leave when the client goes away while waiting (ngx.on_abort, which
+--                  needs `lua_check_client_abort on`; else the log phase does it)
+--   rsb_admit_release in the log phase, for every admission held
+--
+-- Refusals answer 429 with a Retry-After estimated from the queue, never a hang;
+-- "no node" (every node cooling, ejected or down) answers the pool's no_node_status.
+
+local ffi = require "ffi"
+
+local tonumber, tostring, type, random = tonumber, tostring, type, math.random
+local ngx = ngx
+
+local _M = {}
+
+-- Verdicts (src/admit.rs Verdict).
+local GO, PASS, QUEUED, WAIT, NO_NODE = 0, 1, 2, 3, 4
+local REASON = { [5] = "shed", [6] = "queue_full", [7] = "timeout", [8] = "evicted" }
+
+local verdict_buf = ffi.new("uint32_t[1]")
+local entry_buf = ffi.new("uint32_t[1]")
+local value_buf = ffi.new("uint64_t[1]")
+
+--- priority(value [, opts]): a priority 1..10 from an untrusted value (a header, a
+-- query argument): a whole number is clamped into 1..(opts.max or 10); anything else
+-- (absent, garbage) gives opts.default (nil when not given: admit() then uses the
+-- pool's default_priority).
+function _M.priority(value, opts)
+    if opts ~= nil and type(opts) ~= "table" then
+        error("bad argument #2 to 'priority' (table expected, got " .. type(opts) .. ")", 2)
+    end
+    local default = opts and opts.default
+    local max = opts and opts.max or 10
+    if default ~= nil and (type(default) ~= "number" or default % 1 ~= 0 or default < 1 or default > 10) then
+        error("bad argument #2 to 'priority' (default: integer 1..10 expected, got "
+              .. tostring(default) .. ")", 2)
+    end
+    if type(max) ~= "number" or max % 1 ~= 0 or max < 1 or max > 10 then
+        error("bad argument #2 to 'priority' (max: integer 1..10 expected, got " .. tostring(max) .. ")", 2)
+    end
+    local n = tonumber(value)
+    if not n or n ~= n or n % 1 ~= 0 then
+        return default
+    end
+    if n < 1 then return 1 end
+    if n > max then return max end
+    return n
+end
+
+-- Answer a refusal: status, Retry-After (whole seconds >= 1), an OpenAI-style error.
+local function refuse(pool, status, ms, reason)
+    local secs = math.ceil(tonumber(ms) / 1000)
+    if secs < 1 then secs = 1 end
+    ngx.status = status
+    ngx.header["Retry-After"] = secs
+    ngx.header["Content-Type"] = "application/json"
+    ngx.header["X-RSB-Admission"] = reason
+    ngx.say('{"error":{"message":"pool ', pool, ' cannot take this request now (', reason,
+            '); retry after ', secs, ' s","type":"',
+            status == 429 and "rate_limit_exceeded" or "service_unavailable", '"}}')
+    return ngx.exit(status)
+end
+
+--- admit(C, handle, idx, pool, priority, st, no_node_status): the access-phase
+-- decision. Returns true when the request goes on; else answers and exits.
+function _M.admit(C, handle, idx, pool, priority, st, no_node_status, last_error)
+    if C.rsb_admit(handle, idx, priority, verdict_buf, entry_buf, value_buf) ~= 0 then
+        -- A bug or a dead region: do not turn it into an outage; let the request on.
+        ngx.log(ngx.ERR, "rsbalancer: admit: ", last_error())
+        return true
+    end
+    local v = verdict_buf[0]
+    if v == GO then
+        st.adm = idx
+        return true
+    elseif v == PASS then
+        return true
+    elseif v == NO_NODE then
+        return refuse(pool, no_node_status, value_buf[0], "no_node")
+    elseif v ~= QUEUED then
+        return refuse(pool, 429, value_buf[0], REASON[v] or "refused")
+    end
+    -- Queued: keep the ticket where the log phase finds it, should this thread die.
+    local entry, ticket = entry_buf[0], value_buf[0]
+    st.q_entry, st.q_ticket, st.q_pool = entry, ticket, idx
+    ngx.on_abort(function() st.aborted = true end) -- nil, err without lua_check_client_abort
+    while true do
+        ngx.sleep(0.001 + random() * 0.001)
+        if st.aborted then
+            C.rsb_admit_leave(handle, idx, entry, ticket, nil)
+            st.q_entry = nil
+            return ngx.exit(499)
+        end
+        if C.rsb_admit_poll(handle, idx, entry, ticket, verdict_buf, value_buf) ~= 0 then
+            ngx.log(ngx.ERR, "rsbalancer: admit_poll: ", last_error())
+            C.rsb_admit_leave(handle, idx, entry, ticket, nil)
+            st.q_entry = nil
+            return true
+        end
+        v = verdict_buf[0]
+        if v ~= WAIT then
+            st.q_entry = nil
+            if v == GO then
+                st.adm = idx
+                return true
+            end
+            return refuse(pool, 429, value_buf[0], REASON[v] or "refused")
+        end
+    end
+end
+
+--- release(C, handle, st): in the log phase: give back the admission the request
+-- holds, and take it out of the queue if it never left it (the access phase was cut
+-- short: client gone with no on_abort handler, worker exiting).
+function _M.release(C, handle, st)
+    if st.q_entry then
+        C.rsb_admit_leave(handle, st.q_pool, st.q_entry, st.q_ticket, nil)
+        st.q_entry = nil
+    end
+    if st.adm then
+        C.rsb_admit_release(handle, st.adm)
+        st.adm = nil
+    end
+end
+
+return _M

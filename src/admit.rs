@@ -1,0 +1,1454 @@
+//! Admission: priority classes, a shared priority queue, and shedding.
+//!
+//! When offered load exceeds what a pool's nodes can take, `admit()` (access phase)
+//! decides who goes on, who waits and who is turned away, instead of letting every
+//! request bounce off busy nodes (429 → retry → 429 ...).
+//!
+//! **Capacity.** What a pool can take at once is the sum of its available nodes'
+//! learned concurrency limits (AIMD on capacity 429s, `NodeSlot::limit`): nodes cooling
+//! down, ejected, down or draining do not count. While some available node has no
+//! learned limit, capacity is unlimited and nobody queues: queueing starts once the
+//! nodes have said (with 429s) how much they take. When no node is available at all
+//! (every one cooling / ejected / down), the request is answered at once with the
+//! pool's `no_node_status` and the soonest moment a node returns, as before.
+//!
+//! **Admitted count.** `QueuePool::admitted` counts requests admitted and not yet
+//! released (the log phase releases). A slot is *reserved* with a CAS that only
+//! succeeds while `admitted < capacity`, before anyone is let through, so several
+//! dispatchers racing for one freed slot cannot overshoot it. Each worker also keeps
+//! its share of the count (`Region::admit_share`), so that the admissions of a worker
+//! killed with SIGKILL are subtracted when nginx starts its replacement
+//! (`Region::reap_dead_workers`), exactly like node in-flight counts.
+//!
+//! **Queue.** A fixed array of `shm.queue_slots` entries per pool in the shared region,
+//! visible to every worker. An entry's state and ticket live in one word (ticket << 8 |
+//! state), so each transition (claim, publish, admit, evict, time out, leave) is one
+//! CAS that also proves the entry still holds that ticket: a reused entry can never be
+//! mistaken for its previous waiter. Tickets come from one counter per pool, so ticket
+//! order is arrival order.
+//!
+//! **Who goes first.** The best waiter has the highest *effective* priority: its
+//! priority plus one level per `aging_ms` waited, capped at 10 (aging: a low class is
+//! promoted while it waits, so it is not starved forever; SGLang's gateway does the
+//! same); ties are broken by ticket (FIFO). Waiters do not each scan the queue: a
+//! waiter polls its own entry (O(1): one atomic load) every 1-2 ms. The *dispatcher*,
+//! whoever sees a free slot (the request releasing its admission in the log phase, an
+//! arrival, or a polling waiter), reserves a slot, scans the pool's entries once
+//! (O(entries in use), up to the high-water mark) for the best waiter, and flips it to
+//! ADMITTED; the waiter takes the admission over on its next poll. So the scan runs
+//! once per freed slot, not once per waiter per poll, and a waiter is released as soon
+//! as a slot frees anywhere in the pool (any worker).
+//!
+//! **Probe slots.** AIMD raises a node's limit by one after `increase_every × limit`
+//! successes at it: a guess that the node takes one more, which costs the request
+//! that tests it a 429 when wrong (and, every node being full, no retry). Capacity is
+//! therefore counted twice ([`Cap`]): `probe` sums the limits, `safe` counts each node
+//! only up to the highest concurrency it has answered a success at since its last
+//! refusal ([`note_served`], [`note_refused`]). Slots up to `safe` go to the best
+//! waiter; a slot between `safe` and `probe` goes to the *lowest*-ranked one. (Which
+//! request p2c then places on the probed node is p2c's choice, so this lowers the top
+//! class's share of probe 429s; it does not remove it.)
+//!
+//! **Bounds.** Each priority belongs to a class (`classes[i].min_priority`), with its
+//! own `max_wait_ms` and `max_queue`; the pool has a `max_queue` for all classes. A
+//! waiter whose wait runs out leaves with 429 (timeout). When the pool's queue is
+//! full, an arrival evicts the lowest-priority (then youngest) waiter of a lower
+//! priority, which answers 429 on its next poll; with none lower, the arrival is
+//! refused. Every refusal carries a `Retry-After` estimated from the queue: waiters
+//! ahead / slots released per second over the last second, 1 to 60 s.
+//!
+//! **Emergency.** When the pool's `emergency` has the ACTIVE bit, a request whose
+//! priority is below `shed_below` is refused at once (counted in `shed_total` and in the
+//! sliding window as `Shed`), as is every other refusal of admission.
+//!
+//! **Dead waiters.** An entry carries its owner's pid and worker slot. When a worker is
+//! reaped, its entries are freed (a waiting one leaves the queue, an admitted one not
+//! yet taken over gives its slot back). An entry left older than its class's
+//! `max_wait_ms` + [`GRACE_MS`] (its owner would have timed out long ago) is freed by
+//! whichever scan sees it, so it can never block the head of the queue. A client that
+//! disconnects while waiting leaves the queue (`leave`), counted in
+//! `queue_aborted_total`.
+//!
+//! Every function takes `now` (coarse monotonic ms): the unit tests drive time by hand.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::balancer::{Balancer, Error};
+use crate::config::{check_range, ConfigError};
+use crate::health::LIMIT_ONE;
+use crate::shm::layout::{emergency, entry, flags, PoolSlot, QueueEntry, QueuePool, PRIORITIES};
+use crate::shm::{clock, saturating_sub, Region};
+use crate::window::{self, Event};
+
+/// An entry older than its max wait by this much has lost its owner: anyone frees it.
+pub const GRACE_MS: u64 = 5_000;
+/// Capacity when some available node has no learned limit.
+pub const UNLIMITED: u32 = u32::MAX;
+
+/// What a pool can take at once. `probe` is the sum of the learned limits; `safe`
+/// counts each node only up to the highest concurrency it has answered a success at.
+/// The difference is the AIMD probe: a limit that just grew by one is a guess that
+/// costs a 429 when wrong, so a slot above `safe` goes to the *lowest*-ranked waiter,
+/// and the best waiters are only given confirmed slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap {
+    pub safe: u32,
+    pub probe: u32,
+}
+
+impl Cap {
+    /// Both capacities together ([`UNLIMITED`] stays unlimited).
+    pub fn plus(self, o: Cap) -> Cap {
+        let add = |a: u32, b: u32| {
+            if a == UNLIMITED || b == UNLIMITED {
+                UNLIMITED
+            } else {
+                a.saturating_add(b).min(UNLIMITED - 1)
+            }
+        };
+        Cap {
+            safe: add(self.safe, o.safe),
+            probe: add(self.probe, o.probe),
+        }
+    }
+}
+
+impl From<u32> for Cap {
+    fn from(n: u32) -> Cap {
+        Cap { safe: n, probe: n }
+    }
+}
+/// Most admissions one dispatch makes (bounds the work of one call).
+const DISPATCH_MAX: u32 = 64;
+/// Stale entries are looked for at most this often when no slot is free (when one is,
+/// every dispatch scan frees those it passes).
+const SWEEP_EVERY_MS: u64 = 100;
+
+// ------------------------------------------------------------------------------------
+// Configuration
+
+/// `pools.P.admission`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// Queue requests when the pool is at capacity (else: answer at once, as without).
+    pub enabled: bool,
+    /// Priority of a request that names none, 1..=10.
+    pub default_priority: u32,
+    /// Highest priority an untrusted value (a client header) may claim, 1..=10.
+    pub untrusted_max: u32,
+    /// A waiter gains one priority level per `aging_ms` waited, 0..=3600000 (0: off).
+    pub aging_ms: u32,
+    /// Waiters of the pool at once, all classes, 1..=`shm.queue_slots`.
+    pub max_queue: u32,
+    /// Classes by ascending `min_priority`; the first starts at 1.
+    pub classes: Vec<ClassConfig>,
+}
+
+/// One priority class: priorities `min_priority` up to the next class's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassConfig {
+    pub min_priority: u32,
+    /// Longest wait in the queue, 1..=600000 ms; then 429.
+    pub max_wait_ms: u32,
+    /// Waiters of this class at once, 1..=`max_queue`.
+    pub max_queue: u32,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            enabled: false,
+            default_priority: 5,
+            untrusted_max: 5,
+            aging_ms: 5_000,
+            max_queue: 128,
+            classes: vec![ClassConfig {
+                min_priority: 1,
+                max_wait_ms: 10_000,
+                max_queue: 128,
+            }],
+        }
+    }
+}
+
+impl AdmissionConfig {
+    /// `path` is `pools.NAME.admission`.
+    pub fn validate(&self, path: &str, queue_slots: u32) -> Result<(), ConfigError> {
+        check_range(path, "default_priority", self.default_priority, 1..=10)?;
+        check_range(path, "untrusted_max", self.untrusted_max, 1..=10)?;
+        check_range(path, "aging_ms", self.aging_ms, 0..=3_600_000)?;
+        check_range(path, "max_queue", self.max_queue, 1..=queue_slots)
+            .map_err(|e| ConfigError::new(e.path, format!("{} (shm.queue_slots)", e.message)))?;
+        if self.classes.is_empty() || self.classes.len() > PRIORITIES {
+            return Err(ConfigError::new(
+                format!("{path}.classes"),
+                format!("{} classes: 1..=10 expected", self.classes.len()),
+            ));
+        }
+        let mut prev = 0;
+        for (i, c) in self.classes.iter().enumerate() {
+            let cp = format!("{path}.classes[{i}]");
+            check_range(&cp, "min_priority", c.min_priority, 1..=10)?;
+            if (i == 0 && c.min_priority != 1) || (i > 0 && c.min_priority <= prev) {
+                return Err(ConfigError::new(
+                    format!("{cp}.min_priority"),
+                    format!(
+                        "{}: the first class must start at 1 and each next one above the previous ({prev})",
+                        c.min_priority
+                    ),
+                ));
+            }
+            prev = c.min_priority;
+            check_range(&cp, "max_wait_ms", c.max_wait_ms, 1..=600_000)?;
+            check_range(&cp, "max_queue", c.max_queue, 1..=self.max_queue)?;
+        }
+        Ok(())
+    }
+
+    /// Index of the class of priority `p` (1..=10).
+    fn class_of(&self, p: u32) -> usize {
+        self.classes
+            .iter()
+            .rposition(|c| c.min_priority <= p)
+            .unwrap_or(0)
+    }
+}
+
+/// Copy a pool's admission parameters into its shared slot (configure, lock held).
+pub fn store_params(qp: &QueuePool, cfg: &AdmissionConfig) {
+    let set = |cell: &AtomicU32, v: u32| cell.store(v, Ordering::Relaxed);
+    set(&qp.aging_ms, cfg.aging_ms);
+    set(&qp.max_queue, cfg.max_queue);
+    for p in 1..=PRIORITIES as u32 {
+        let c = cfg.class_of(p);
+        let i = p as usize - 1;
+        set(&qp.class_of[i], c as u32);
+        set(&qp.max_wait_ms[i], cfg.classes[c].max_wait_ms);
+    }
+    for (i, cell) in qp.class_max_queue.iter().enumerate() {
+        set(cell, cfg.classes.get(i).map_or(0, |c| c.max_queue));
+    }
+    // Release: the parameters above are visible to whoever sees queueing on.
+    qp.enabled.store(cfg.enabled as u32, Ordering::Release);
+}
+
+// ------------------------------------------------------------------------------------
+// The queue
+
+/// What an arrival or a poll comes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Go on: an admission is held (release it in the log phase).
+    Go,
+    /// Waiting in entry `entry` with `ticket`: poll again.
+    Queued { entry: u32, ticket: u64 },
+    /// Still waiting.
+    Wait,
+    /// Refused: queue (or class) full.
+    Full,
+    /// Refused: waited `max_wait_ms` (or the entry was reclaimed).
+    TimedOut,
+    /// Refused: pushed out by a higher-priority arrival.
+    Evicted,
+}
+
+fn pack(ticket: u64, state: u64) -> u64 {
+    (ticket << 8) | state
+}
+
+fn state_of(word: u64) -> u64 {
+    word & 0xff
+}
+
+fn ticket_of(word: u64) -> u64 {
+    word >> 8
+}
+
+fn pidx(priority: u32) -> usize {
+    (priority.clamp(1, PRIORITIES as u32) - 1) as usize
+}
+
+/// One pool's queue: its parameters and counters, its pool slot, its entries.
+pub struct Queue<'a> {
+    pub qp: &'a QueuePool,
+    pub ps: &'a PoolSlot,
+    pub entries: &'a [QueueEntry],
+}
+
+/// A waiting entry as a dispatcher sees it.
+struct Candidate {
+    index: usize,
+    word: u64,
+    priority: u32,
+    enqueued_ms: u64,
+}
+
+impl<'a> Queue<'a> {
+    /// The queue of pool `p` in `region`.
+    pub fn of(region: &'a Region, p: u32) -> Option<Queue<'a>> {
+        Some(Queue {
+            qp: region.queue_pool(p)?,
+            ps: region.pool(p)?,
+            entries: region.queue_entries(p)?,
+        })
+    }
+
+    fn in_use(&self) -> &'a [QueueEntry] {
+        let hw = (self.qp.high_water.load(Ordering::Acquire) as usize).min(self.entries.len());
+        &self.entries[..hw]
+    }
+
+    /// Reserve one slot if `admitted < cap`. AcqRel: reservations are totally ordered,
+    /// so two reservers can never both take the last slot.
+    pub fn reserve(&self, cap: u32) -> bool {
+        self.qp
+            .admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                (a < cap).then_some(a + 1)
+            })
+            .is_ok()
+    }
+
+    fn unreserve(&self) {
+        saturating_sub(&self.qp.admitted, 1);
+    }
+
+    fn max_wait_ms(&self, priority: u32) -> u64 {
+        self.qp.max_wait_ms[pidx(priority)].load(Ordering::Relaxed) as u64
+    }
+
+    /// Priority after aging, capped at 10.
+    fn effective(&self, priority: u32, enqueued_ms: u64, now: u64) -> u32 {
+        let aging = self.qp.aging_ms.load(Ordering::Relaxed) as u64;
+        if aging == 0 {
+            return priority;
+        }
+        let gained = now.saturating_sub(enqueued_ms) / aging;
+        (priority as u64 + gained).min(PRIORITIES as u64) as u32
+    }
+
+    /// Bookkeeping of an entry that stops waiting.
+    fn left_waiting(&self, priority: u32) {
+        saturating_sub(&self.qp.waiting[pidx(priority)], 1);
+        saturating_sub(&self.ps.queue_len, 1);
+    }
+
+    fn waiting_in_class(&self, class: u32) -> u32 {
+        (0..PRIORITIES)
+            .filter(|&i| self.qp.class_of[i].load(Ordering::Relaxed) == class)
+            .map(|i| self.qp.waiting[i].load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// A request of `priority` arrives at `now`, the pool able to take `cap` at once.
+    /// Goes on at once when nobody waits and a slot is free; else joins the queue
+    /// (evicting a lower priority when the queue is full). `share` is the caller's
+    /// admission share, raised with every admission it takes.
+    pub fn enter(
+        &self,
+        priority: u32,
+        cap: impl Into<Cap>,
+        now: u64,
+        pid: i32,
+        worker: u32,
+        share: Option<&AtomicU32>,
+    ) -> Step {
+        let cap = cap.into();
+        if self.ps.queue_len.load(Ordering::Acquire) == 0 && self.reserve(cap.safe) {
+            if let Some(s) = share {
+                s.fetch_add(1, Ordering::Relaxed);
+            }
+            return Step::Go;
+        }
+        let i = pidx(priority);
+        let class = self.qp.class_of[i].load(Ordering::Relaxed);
+        let class_max = self.qp.class_max_queue[class as usize % PRIORITIES].load(Ordering::Relaxed);
+        if self.waiting_in_class(class) >= class_max && !self.evict_below(priority, Some(class)) {
+            return Step::Full;
+        }
+        if self.ps.queue_len.load(Ordering::Acquire) >= self.qp.max_queue.load(Ordering::Relaxed)
+            && !self.evict_below(priority, None)
+        {
+            return Step::Full;
+        }
+        let mut ticket = self.qp.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        for (k, e) in self.entries.iter().enumerate() {
+            let w = e.word.load(Ordering::Acquire);
+            if state_of(w) != entry::FREE {
+                continue;
+            }
+            if e.word
+                .compare_exchange(w, pack(ticket, entry::INIT), Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            e.enqueued_ms.store(now, Ordering::Relaxed);
+            e.priority.store(priority, Ordering::Relaxed);
+            e.pid.store(pid, Ordering::Relaxed);
+            e.worker.store(worker, Ordering::Relaxed);
+            self.qp.high_water.fetch_max(k as u32 + 1, Ordering::AcqRel);
+            // Counted before it is published, so a dispatcher that admits it at once
+            // never decrements a count that does not include it yet.
+            self.qp.waiting[i].fetch_add(1, Ordering::Relaxed);
+            self.ps.queue_len.fetch_add(1, Ordering::AcqRel);
+            // Release: the fields above are visible to whoever sees it WAITING.
+            if e.word
+                .compare_exchange(
+                    pack(ticket, entry::INIT),
+                    pack(ticket, entry::WAITING),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+            {
+                // Reclaimed under us (a reaper took the previous owner's pid for ours).
+                self.left_waiting(priority);
+                ticket = self.qp.seq.fetch_add(1, Ordering::Relaxed) + 1;
+                continue;
+            }
+            self.dispatch(cap, now);
+            return match self.poll(k as u32, ticket, cap, now, share) {
+                Step::Wait => Step::Queued {
+                    entry: k as u32,
+                    ticket,
+                },
+                other => other,
+            };
+        }
+        Step::Full
+    }
+
+    /// Evict the lowest-priority, youngest waiter below `priority` (of `class` only, if
+    /// given: to make room in a full class). True if one was.
+    fn evict_below(&self, priority: u32, class: Option<u32>) -> bool {
+        for _ in 0..4 {
+            let mut victim: Option<(usize, u64, u32)> = None;
+            for (k, e) in self.in_use().iter().enumerate() {
+                let w = e.word.load(Ordering::Acquire);
+                if state_of(w) != entry::WAITING {
+                    continue;
+                }
+                let p = e.priority.load(Ordering::Relaxed);
+                if p >= priority
+                    || class.is_some_and(|c| self.qp.class_of[pidx(p)].load(Ordering::Relaxed) != c)
+                {
+                    continue;
+                }
+                let better =
+                    victim.is_none_or(|(_, vw, vp)| p < vp || (p == vp && ticket_of(w) > ticket_of(vw)));
+                if better {
+                    victim = Some((k, w, p));
+                }
+            }
+            let Some((k, w, p)) = victim else { return false };
+            if self.entries[k]
+                .word
+                .compare_exchange(
+                    w,
+                    pack(ticket_of(w), entry::EVICTED),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                self.left_waiting(p);
+                self.ps.queue_evicted_total.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The best (or, `worst`, the lowest-ranked) waiting entry at `now`, freeing the
+    /// stale entries it passes.
+    fn best(&self, now: u64, worst: bool) -> Option<Candidate> {
+        let mut best: Option<(u32, Candidate)> = None;
+        for (k, e) in self.in_use().iter().enumerate() {
+            let w = e.word.load(Ordering::Acquire);
+            let st = state_of(w);
+            if st == entry::FREE || st == entry::INIT {
+                continue;
+            }
+            let priority = e.priority.load(Ordering::Relaxed);
+            let enqueued_ms = e.enqueued_ms.load(Ordering::Relaxed);
+            if now > enqueued_ms + self.max_wait_ms(priority) + GRACE_MS {
+                self.reclaim(e, w, priority);
+                continue;
+            }
+            if st != entry::WAITING {
+                continue;
+            }
+            let eff = self.effective(priority, enqueued_ms, now);
+            let better = best.as_ref().is_none_or(|(be, bc)| {
+                let ahead = eff > *be || (eff == *be && ticket_of(w) < ticket_of(bc.word));
+                ahead != worst
+            });
+            if better {
+                best = Some((
+                    eff,
+                    Candidate {
+                        index: k,
+                        word: w,
+                        priority,
+                        enqueued_ms,
+                    },
+                ));
+            }
+        }
+        best.map(|(_, c)| c)
+    }
+
+    /// Free an entry whose owner is gone (dead, or silent far past its deadline).
+    fn reclaim(&self, e: &QueueEntry, w: u64, priority: u32) {
+        if e.word
+            .compare_exchange(
+                w,
+                pack(ticket_of(w), entry::FREE),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            return;
+        }
+        match state_of(w) {
+            entry::WAITING => {
+                self.left_waiting(priority);
+                self.ps.queue_aborted_total.fetch_add(1, Ordering::Relaxed);
+            }
+            // Given a slot the owner never took over: give it back.
+            entry::ADMITTED => self.unreserve(),
+            _ => {}
+        }
+    }
+
+    /// Free stale entries (at most every `SWEEP_EVERY_MS`, by one caller at a time):
+    /// an admission given to a vanished owner must come back even when no slot frees.
+    fn sweep(&self, now: u64) {
+        let last = self.qp.swept_ms.load(Ordering::Relaxed);
+        if now < last + SWEEP_EVERY_MS
+            || self
+                .qp
+                .swept_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        for e in self.in_use() {
+            let w = e.word.load(Ordering::Acquire);
+            if state_of(w) == entry::FREE || state_of(w) == entry::INIT {
+                continue;
+            }
+            let priority = e.priority.load(Ordering::Relaxed);
+            if now > e.enqueued_ms.load(Ordering::Relaxed) + self.max_wait_ms(priority) + GRACE_MS {
+                self.reclaim(e, w, priority);
+            }
+        }
+    }
+
+    /// Admit the best waiters while confirmed slots are free, then the lowest-ranked
+    /// into a probe slot (see [`Cap`]). Returns how many were admitted.
+    pub fn dispatch(&self, cap: impl Into<Cap>, now: u64) -> u32 {
+        let cap = cap.into();
+        self.sweep(now);
+        let mut admitted = 0;
+        for _ in 0..2 * DISPATCH_MAX {
+            if admitted >= DISPATCH_MAX || self.ps.queue_len.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            let worst = if self.reserve(cap.safe) {
+                false
+            } else if self.reserve(cap.probe) {
+                true
+            } else {
+                break;
+            };
+            let Some(c) = self.best(now, worst) else {
+                self.unreserve();
+                break;
+            };
+            let e = &self.entries[c.index];
+            if e.word
+                .compare_exchange(
+                    c.word,
+                    pack(ticket_of(c.word), entry::ADMITTED),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                self.left_waiting(c.priority);
+                self.ps.queue_admitted_total.fetch_add(1, Ordering::Relaxed);
+                self.ps
+                    .queue_wait_ms_sum
+                    .fetch_add(now.saturating_sub(c.enqueued_ms), Ordering::Relaxed);
+                admitted += 1;
+            } else {
+                // It left, timed out or was taken by another dispatcher: try again.
+                self.unreserve();
+            }
+        }
+        admitted
+    }
+
+    /// A waiter's poll of its own entry: admitted (its admission now counts in
+    /// `share`), evicted, timed out, or still waiting — in which case it dispatches if
+    /// a slot is free (capacity can come back without a release: a cooldown ends).
+    pub fn poll(
+        &self,
+        index: u32,
+        ticket: u64,
+        cap: impl Into<Cap>,
+        now: u64,
+        share: Option<&AtomicU32>,
+    ) -> Step {
+        let cap = cap.into();
+        let Some(e) = self.entries.get(index as usize) else {
+            return Step::TimedOut;
+        };
+        let mut dispatched = false;
+        for _ in 0..8 {
+            let w = e.word.load(Ordering::Acquire);
+            if ticket_of(w) != ticket {
+                return Step::TimedOut;
+            }
+            match state_of(w) {
+                entry::ADMITTED => {
+                    if let Some(s) = share {
+                        s.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if e.word
+                        .compare_exchange(w, pack(ticket, entry::FREE), Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        return Step::Go;
+                    }
+                    // Reclaimed as stale meanwhile (its slot given back): not ours.
+                    if let Some(s) = share {
+                        saturating_sub(s, 1);
+                    }
+                }
+                entry::EVICTED => {
+                    let _ = e.word.compare_exchange(
+                        w,
+                        pack(ticket, entry::FREE),
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
+                    return Step::Evicted;
+                }
+                entry::WAITING => {
+                    let priority = e.priority.load(Ordering::Relaxed);
+                    let deadline = e.enqueued_ms.load(Ordering::Relaxed) + self.max_wait_ms(priority);
+                    if now >= deadline {
+                        if e.word
+                            .compare_exchange(
+                                w,
+                                pack(ticket, entry::FREE),
+                                Ordering::AcqRel,
+                                Ordering::Relaxed,
+                            )
+                            .is_ok()
+                        {
+                            self.left_waiting(priority);
+                            self.ps.queue_timeouts_total.fetch_add(1, Ordering::Relaxed);
+                            return Step::TimedOut;
+                        }
+                        continue;
+                    }
+                    if dispatched || self.dispatch(cap, now) == 0 {
+                        return Step::Wait;
+                    }
+                    dispatched = true;
+                }
+                _ => return Step::TimedOut,
+            }
+        }
+        Step::Wait
+    }
+
+    /// The client of entry `index` left: take it out of the queue (an admission it was
+    /// given and had not taken over goes to the next waiter). True if it was queued.
+    pub fn leave(&self, index: u32, ticket: u64, cap: impl Into<Cap>, now: u64) -> bool {
+        let cap = cap.into();
+        let Some(e) = self.entries.get(index as usize) else {
+            return false;
+        };
+        loop {
+            let w = e.word.load(Ordering::Acquire);
+            let st = state_of(w);
+            if ticket_of(w) != ticket
+                || !(st == entry::WAITING || st == entry::ADMITTED || st == entry::EVICTED)
+            {
+                return false;
+            }
+            if e.word
+                .compare_exchange(w, pack(ticket, entry::FREE), Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            match st {
+                entry::WAITING => self.left_waiting(e.priority.load(Ordering::Relaxed)),
+                entry::ADMITTED => {
+                    self.unreserve();
+                    self.dispatch(cap, now);
+                }
+                _ => return false,
+            }
+            self.ps.queue_aborted_total.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+    }
+
+    /// A request admitted by this pool finished (log phase): give its slot to the best
+    /// waiter, if any.
+    pub fn release(&self, share: Option<&AtomicU32>, cap: impl Into<Cap>, now: u64) {
+        let cap = cap.into();
+        if let Some(s) = share {
+            saturating_sub(s, 1);
+        }
+        self.unreserve();
+        self.note_release(now);
+        if self.ps.queue_len.load(Ordering::Acquire) > 0 {
+            self.dispatch(cap, now);
+        }
+    }
+
+    fn note_release(&self, now: u64) {
+        let sec = now / 1000;
+        let b = &self.qp.releases[(sec & 1) as usize];
+        let _ = b.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+            Some(if w >> 32 == sec & 0xffff_ffff {
+                w + 1
+            } else {
+                ((sec & 0xffff_ffff) << 32) | 1
+            })
+        });
+    }
+
+    /// Slots released per second: the last full second, or the current one if higher.
+    pub fn release_rate(&self, now: u64) -> u64 {
+        let sec = now / 1000;
+        let count = |s: u64| {
+            let w = self.qp.releases[(s & 1) as usize].load(Ordering::Relaxed);
+            if w >> 32 == s & 0xffff_ffff {
+                w & 0xffff_ffff
+            } else {
+                0
+            }
+        };
+        count(sec.wrapping_sub(1)).max(count(sec))
+    }
+
+    /// Retry-After for a refused request (ms, whole seconds, 1..=60 s): the time for
+    /// the waiters ahead plus this one to go at the recent release rate.
+    pub fn retry_after_ms(&self, now: u64) -> u64 {
+        let ahead = self.ps.queue_len.load(Ordering::Relaxed) as u64 + 1;
+        let rate = self.release_rate(now).max(1);
+        ahead.div_ceil(rate).clamp(1, 60) * 1000
+    }
+
+    /// Count a refusal: `shed_total` and the sliding window.
+    pub fn refused(&self, now: u64) {
+        self.ps.shed_total.fetch_add(1, Ordering::Relaxed);
+        window::record(
+            &self.ps.window,
+            now,
+            self.ps.window_ms.load(Ordering::Relaxed),
+            Event::Shed,
+        );
+    }
+}
+
+/// Give back what worker slot `w` (owner `pid`, dead or detaching) held in every pool:
+/// its admission shares and its queue entries. Called by `Region::reap_dead_workers`
+/// and `Region::detach_worker`.
+pub fn reap_owner(region: &Region, w: u32, pid: i32) {
+    for p in 0..region.capacity().max_pools {
+        let Some(q) = Queue::of(region, p) else { continue };
+        if let Some(share) = region.admit_share(w, p) {
+            let held = share.swap(0, Ordering::AcqRel);
+            if held > 0 {
+                saturating_sub(&q.qp.admitted, held);
+            }
+        }
+        for e in q.in_use() {
+            let word = e.word.load(Ordering::Acquire);
+            if state_of(word) != entry::FREE && e.pid.load(Ordering::Relaxed) == pid {
+                q.reclaim(e, word, e.priority.load(Ordering::Relaxed));
+            }
+        }
+    }
+}
+
+/// A pool's admission state for status pages: admitted and waiting now, totals.
+pub fn status_json(region: &Region, pool: u32) -> serde_json::Value {
+    let Some(q) = Queue::of(region, pool) else {
+        return serde_json::Value::Null;
+    };
+    let ld = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let waiting: Vec<u32> = q.qp.waiting.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    serde_json::json!({
+        "enabled": q.qp.enabled.load(Ordering::Relaxed) != 0,
+        "admitted": q.qp.admitted.load(Ordering::Relaxed),
+        "queue_len": q.ps.queue_len.load(Ordering::Relaxed),
+        "waiting_by_priority": waiting,
+        "queue_admitted": ld(&q.ps.queue_admitted_total),
+        "queue_timeouts": ld(&q.ps.queue_timeouts_total),
+        "queue_evicted": ld(&q.ps.queue_evicted_total),
+        "queue_aborted": ld(&q.ps.queue_aborted_total),
+        "queue_wait_ms_sum": ld(&q.ps.queue_wait_ms_sum),
+        "shed": ld(&q.ps.shed_total),
+    })
+}
+
+// ------------------------------------------------------------------------------------
+// The balancer's view: capacity from the nodes, verdicts for the C ABI
+
+/// What `admit` / `admit_poll` tell the caller (stable numbers: the C ABI's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Verdict {
+    /// Go on; an admission is held: release it (`admit_release`) in the log phase.
+    Go = 0,
+    /// Go on; queueing is off for the pool, nothing to release.
+    Pass = 1,
+    /// Queued: poll with the entry and ticket.
+    Queued = 2,
+    /// Still waiting: poll again.
+    Wait = 3,
+    /// No node can take a request now (cooling, ejected, down): answer `no_node_status`.
+    NoNode = 4,
+    /// Shed: emergency mode and a priority below `shed_below`.
+    Shed = 5,
+    /// Queue or class full.
+    Full = 6,
+    /// Waited too long.
+    TimedOut = 7,
+    /// Pushed out by a higher-priority arrival.
+    Evicted = 8,
+}
+
+/// Is the node out for now (cooling, ejected, down, draining)? Its limit is not
+/// looked at: a node at its limit still counts towards capacity.
+fn taken_out(n: &crate::shm::layout::NodeSlot, now: u64) -> bool {
+    now < n.cooldown_until_ms.load(Ordering::Relaxed)
+        || now < n.ejected_until_ms.load(Ordering::Relaxed)
+        || n.flags.load(Ordering::Relaxed) & (flags::DOWN | flags::DRAINING) != 0
+}
+
+/// Concurrent requests the nodes `slots` can take (see [`Cap`]): the available
+/// nodes' learned limits ([`UNLIMITED`] if one has none); `Err(ms)` when no node is
+/// available, with the soonest moment one may be (1 s when unknown).
+pub fn capacity(region: &Region, slots: &[&[u32]], now: u64) -> Result<Cap, u64> {
+    let (mut safe, mut probe, mut any, mut soonest) = (0u64, 0u64, false, u64::MAX);
+    for &s in slots.iter().flat_map(|t| t.iter()) {
+        let Some(n) = region.node(s) else { continue };
+        if taken_out(n, now) {
+            if n.flags.load(Ordering::Relaxed) & (flags::DOWN | flags::DRAINING) == 0 {
+                let until = n
+                    .cooldown_until_ms
+                    .load(Ordering::Relaxed)
+                    .max(n.ejected_until_ms.load(Ordering::Relaxed));
+                soonest = soonest.min(until.saturating_sub(now).max(1));
+            }
+            continue;
+        }
+        any = true;
+        let limit = n.limit.load(Ordering::Relaxed);
+        if limit == 0 {
+            return Ok(UNLIMITED.into());
+        }
+        let whole = limit / LIMIT_ONE;
+        probe += whole;
+        safe += whole.min(region.served(s).map_or(0, |c| c.load(Ordering::Relaxed) as u64));
+    }
+    if !any {
+        return Err(if soonest == u64::MAX { 1000 } else { soonest });
+    }
+    let clamp = |v: u64| v.min(UNLIMITED as u64 - 1) as u32;
+    Ok(Cap {
+        safe: clamp(safe),
+        probe: clamp(probe),
+    })
+}
+
+/// A new node took slot `node`: it has served nothing yet.
+pub fn forget_node(region: &Region, node: u32) {
+    if let Some(c) = region.served(node) {
+        c.store(0, Ordering::Relaxed);
+    }
+}
+
+/// `node` refused (capacity 429) its `inflight`-th concurrent try: it has served at
+/// most one less since (report path).
+pub fn note_refused(region: &Region, node: u32, inflight: u32) {
+    if let Some(c) = region.served(node) {
+        let below = inflight.saturating_sub(1);
+        if c.load(Ordering::Relaxed) > below {
+            c.fetch_min(below, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A try on `node` succeeded with `inflight` tries outstanding (itself included):
+/// the node has served that concurrency (report path: one load, rarely a store).
+pub fn note_served(region: &Region, node: u32, inflight: u32) {
+    if let Some(c) = region.served(node) {
+        if inflight > c.load(Ordering::Relaxed) {
+            c.fetch_max(inflight, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Balancer {
+    fn queue(&self, pool: u32) -> Result<Queue<'_>, Error> {
+        self.live_pool(pool)?;
+        Queue::of(self.region(), pool).ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
+    }
+
+    /// The queue of a pool slot whether or not the pool is still configured: requests
+    /// admitted before a reload removed their pool must still give their slot back
+    /// (or a new pool given this slot would start with phantom admissions).
+    fn any_queue(&self, pool: u32) -> Result<Queue<'_>, Error> {
+        Queue::of(self.region(), pool).ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
+    }
+
+    /// Capacity for dispatching; 0 (nobody dispatched) for a pool without nodes now.
+    fn dispatch_capacity(&self, pool: u32, now: u64) -> Cap {
+        match self.pool_capacity(pool, now) {
+            Ok(Ok(cap)) => cap,
+            _ => Cap::from(0),
+        }
+    }
+
+    /// The pool's capacity, plus its backup pool's while that is in play (emergency, or
+    /// every node of the pool down or ejected: `emergency::spill_target`), since the
+    /// balancer then sends it the tries this pool's nodes cannot take.
+    fn pool_capacity(&self, pool: u32, now: u64) -> Result<Result<Cap, u64>, Error> {
+        let region = self.region();
+        let (own, spill) = self.with_pool_slots(pool, |primary, backup| {
+            let spill = region
+                .pool(pool)
+                .and_then(|ps| crate::emergency::spill_target(region, ps, &[primary, backup], now));
+            (capacity(region, &[primary, backup], now), spill)
+        })?;
+        let Some(spill) = spill.filter(|&b| b != pool) else {
+            return Ok(own);
+        };
+        let extra = self
+            .with_pool_slots(spill, |primary, backup| capacity(region, &[primary, backup], now))
+            .unwrap_or(Err(1000));
+        Ok(match (own, extra) {
+            (Ok(a), Ok(b)) => Ok(a.plus(b)),
+            (Ok(c), Err(_)) | (Err(_), Ok(c)) => Ok(c),
+            (Err(x), Err(y)) => Err(x.min(y)),
+        })
+    }
+
+    fn share(&self, pool: u32) -> Option<&AtomicU32> {
+        self.worker_index()
+            .and_then(|w| self.region().admit_share(w, pool))
+    }
+
+    /// Admission of one request of `priority` (1..=10) to `pool`, in the access phase.
+    /// Returns the verdict and, for `Queued`, (entry, ticket); for refusals (0, the
+    /// Retry-After in ms). Never allocates, never takes the shared lock.
+    pub fn admit(&self, pool: u32, priority: u32) -> Result<(Verdict, u32, u64), Error> {
+        if !(1..=PRIORITIES as u32).contains(&priority) {
+            return Err(Error::Invalid(format!(
+                "priority {priority} is out of range 1..=10"
+            )));
+        }
+        let now = clock::now_ms();
+        let q = self.queue(pool)?;
+        let ps = q.ps;
+        if ps.emergency.load(Ordering::Acquire) & emergency::ACTIVE != 0
+            && priority < ps.shed_below.load(Ordering::Relaxed)
+        {
+            q.refused(now);
+            return Ok((Verdict::Shed, 0, q.retry_after_ms(now)));
+        }
+        if q.qp.enabled.load(Ordering::Acquire) == 0 {
+            // Queueing off: go on when some node can take a try now, as before.
+            return Ok(match self.available(pool) {
+                Ok(()) => (Verdict::Pass, 0, 0),
+                Err(ms) => (Verdict::NoNode, 0, ms),
+            });
+        }
+        let cap = match self.pool_capacity(pool, now)? {
+            Ok(cap) => cap,
+            Err(ms) => return Ok((Verdict::NoNode, 0, ms)),
+        };
+        let me = std::process::id() as i32;
+        let worker = self.worker_index().unwrap_or(u32::MAX);
+        let step = q.enter(priority, cap, now, me, worker, self.share(pool));
+        Ok(self.verdict(&q, step, now))
+    }
+
+    fn verdict(&self, q: &Queue<'_>, step: Step, now: u64) -> (Verdict, u32, u64) {
+        let refuse = |v: Verdict| {
+            q.refused(now);
+            (v, 0, q.retry_after_ms(now))
+        };
+        match step {
+            Step::Go => (Verdict::Go, 0, 0),
+            Step::Queued { entry, ticket } => (Verdict::Queued, entry, ticket),
+            Step::Wait => (Verdict::Wait, 0, 0),
+            Step::Full => refuse(Verdict::Full),
+            Step::TimedOut => refuse(Verdict::TimedOut),
+            Step::Evicted => refuse(Verdict::Evicted),
+        }
+    }
+
+    /// Poll a queued request: `Go`, `Wait`, or a refusal with its Retry-After (ms).
+    pub fn admit_poll(&self, pool: u32, entry: u32, ticket: u64) -> Result<(Verdict, u64), Error> {
+        let now = clock::now_ms();
+        let q = self.any_queue(pool)?;
+        // No node at all (everyone cooling): capacity 0, the waiter keeps its place.
+        // A pool removed by a reload: nobody is dispatched, waiters time out.
+        let cap = self.dispatch_capacity(pool, now);
+        let step = q.poll(entry, ticket, cap, now, self.share(pool));
+        let (v, _, ms) = self.verdict(&q, step, now);
+        Ok((v, ms))
+    }
+
+    /// The client of a queued request left. True if it was still in the queue.
+    pub fn admit_leave(&self, pool: u32, entry: u32, ticket: u64) -> Result<bool, Error> {
+        let now = clock::now_ms();
+        let q = self.any_queue(pool)?;
+        let cap = self.dispatch_capacity(pool, now);
+        Ok(q.leave(entry, ticket, cap, now))
+    }
+
+    /// Release the admission of a request that finished (log phase); the best waiter
+    /// takes its slot.
+    pub fn admit_release(&self, pool: u32) -> Result<(), Error> {
+        let now = clock::now_ms();
+        let q = self.any_queue(pool)?;
+        let cap = self.dispatch_capacity(pool, now);
+        q.release(self.share(pool), cap, now);
+        Ok(())
+    }
+
+    /// Admission counters of a pool: (admitted now, waiting now).
+    pub fn admission_state(&self, pool: u32) -> Result<(u32, u32), Error> {
+        let q = self.queue(pool)?;
+        Ok((
+            q.qp.admitted.load(Ordering::Relaxed),
+            q.ps.queue_len.load(Ordering::Relaxed),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::layout::Capacity;
+
+    fn region() -> Region {
+        Region::create(Capacity {
+            max_pools: 2,
+            max_nodes: 4,
+            max_workers: 4,
+            config_bytes: 4096,
+            max_waiters: 8,
+        })
+        .unwrap()
+    }
+
+    fn cfg(aging_ms: u32, max_queue: u32, classes: &[(u32, u32, u32)]) -> AdmissionConfig {
+        AdmissionConfig {
+            enabled: true,
+            aging_ms,
+            max_queue,
+            classes: classes
+                .iter()
+                .map(|&(min_priority, max_wait_ms, max_queue)| ClassConfig {
+                    min_priority,
+                    max_wait_ms,
+                    max_queue,
+                })
+                .collect(),
+            ..AdmissionConfig::default()
+        }
+    }
+
+    fn queue<'a>(r: &'a Region, c: &AdmissionConfig) -> Queue<'a> {
+        let q = Queue::of(r, 0).unwrap();
+        store_params(q.qp, c);
+        q
+    }
+
+    fn queued(s: Step) -> (u32, u64) {
+        match s {
+            Step::Queued { entry, ticket } => (entry, ticket),
+            other => panic!("expected Queued, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn goes_at_once_while_slots_are_free_then_queues() {
+        let r = region();
+        let q = queue(&r, &cfg(0, 8, &[(1, 1000, 8)]));
+        let share = AtomicU32::new(0);
+        assert_eq!(q.enter(5, 2, 0, 1, 0, Some(&share)), Step::Go);
+        assert_eq!(q.enter(5, 2, 0, 1, 0, Some(&share)), Step::Go);
+        let (e, t) = queued(q.enter(5, 2, 0, 1, 0, Some(&share)));
+        assert_eq!(
+            (
+                q.qp.admitted.load(Ordering::Relaxed),
+                share.load(Ordering::Relaxed)
+            ),
+            (2, 2)
+        );
+        assert_eq!(q.ps.queue_len.load(Ordering::Relaxed), 1);
+        assert_eq!(q.poll(e, t, 2, 10, Some(&share)), Step::Wait);
+        q.release(Some(&share), 2, 20);
+        assert_eq!(q.poll(e, t, 2, 21, Some(&share)), Step::Go);
+        assert_eq!(
+            (
+                q.qp.admitted.load(Ordering::Relaxed),
+                share.load(Ordering::Relaxed)
+            ),
+            (2, 2)
+        );
+        assert_eq!(q.ps.queue_len.load(Ordering::Relaxed), 0);
+        assert_eq!(q.ps.queue_admitted_total.load(Ordering::Relaxed), 1);
+        assert_eq!(q.ps.queue_wait_ms_sum.load(Ordering::Relaxed), 20);
+    }
+
+    #[test]
+    fn unlimited_capacity_never_queues() {
+        let r = region();
+        let q = queue(&r, &cfg(0, 8, &[(1, 1000, 8)]));
+        for _ in 0..100 {
+            assert_eq!(q.enter(1, UNLIMITED, 0, 1, 0, None), Step::Go);
+        }
+    }
+
+    #[test]
+    fn higher_class_first_fifo_within_a_class() {
+        let r = region();
+        let q = queue(&r, &cfg(0, 8, &[(1, 10_000, 8)]));
+        assert_eq!(q.enter(5, 1, 0, 1, 0, None), Step::Go);
+        let low1 = queued(q.enter(2, 1, 1, 1, 0, None));
+        let low2 = queued(q.enter(2, 1, 2, 1, 0, None));
+        let high1 = queued(q.enter(8, 1, 3, 1, 0, None));
+        let high2 = queued(q.enter(8, 1, 4, 1, 0, None));
+        let mut order = Vec::new();
+        for k in 0..4u64 {
+            q.release(None, 1, 10 + k);
+            for (name, (e, t)) in [("low1", low1), ("low2", low2), ("high1", high1), ("high2", high2)] {
+                if !order.contains(&name) && q.poll(e, t, 1, 10 + k, None) == Step::Go {
+                    order.push(name);
+                }
+            }
+        }
+        assert_eq!(order, ["high1", "high2", "low1", "low2"]);
+    }
+
+    #[test]
+    fn aging_promotes_a_long_waiter() {
+        let r = region();
+        // One level per 100 ms: a priority-2 waiter of 700 ms counts as 9.
+        let q = queue(&r, &cfg(100, 8, &[(1, 10_000, 8)]));
+        assert_eq!(q.enter(5, 1, 0, 1, 0, None), Step::Go);
+        let low = queued(q.enter(2, 1, 0, 1, 0, None));
+        let high = queued(q.enter(8, 1, 650, 1, 0, None));
+        q.release(None, 1, 700);
+        assert_eq!(q.poll(low.0, low.1, 1, 700, None), Step::Go, "aged 2+7 = 9 > 8");
+        assert_eq!(q.poll(high.0, high.1, 1, 700, None), Step::Wait);
+        // Equal effective priorities: the older ticket goes first.
+        let r2 = region();
+        let q2 = queue(&r2, &cfg(100, 8, &[(1, 10_000, 8)]));
+        assert_eq!(q2.enter(5, 1, 0, 1, 0, None), Step::Go);
+        let old = queued(q2.enter(2, 1, 0, 1, 0, None));
+        let young = queued(q2.enter(8, 1, 600, 1, 0, None));
+        q2.release(None, 1, 600);
+        assert_eq!(q2.poll(young.0, young.1, 1, 600, None), Step::Wait);
+        assert_eq!(
+            q2.poll(old.0, old.1, 1, 600, None),
+            Step::Go,
+            "2+6 = 8 ties, older ticket wins"
+        );
+    }
+
+    #[test]
+    fn waits_are_bounded_per_class() {
+        let r = region();
+        let q = queue(&r, &cfg(0, 8, &[(1, 100, 8), (6, 1000, 8)]));
+        assert_eq!(q.enter(5, 1, 0, 1, 0, None), Step::Go);
+        let low = queued(q.enter(3, 1, 0, 1, 0, None));
+        let high = queued(q.enter(7, 1, 0, 1, 0, None));
+        assert_eq!(q.poll(low.0, low.1, 1, 99, None), Step::Wait);
+        assert_eq!(q.poll(low.0, low.1, 1, 100, None), Step::TimedOut);
+        assert_eq!(q.poll(high.0, high.1, 1, 100, None), Step::Wait);
+        assert_eq!(q.poll(high.0, high.1, 1, 1000, None), Step::TimedOut);
+        assert_eq!(q.ps.queue_timeouts_total.load(Ordering::Relaxed), 2);
+        assert_eq!(q.ps.queue_len.load(Ordering::Relaxed), 0);
+        // A timed-out ticket stays refused even once its entry is reused.
+        let again = queued(q.enter(7, 1, 1000, 1, 0, None));
+        assert_eq!(again.0, low.0, "the first free entry is reused");
+        assert_eq!(q.poll(low.0, low.1, 1, 1001, None), Step::TimedOut);
+    }
+
+    #[test]
+    fn full_queue_evicts_the_lowest_youngest_for_a_higher_arrival() {
+        let r = region();
+        let q = queue(&r, &cfg(0, 3, &[(1, 10_000, 3)]));
+        assert_eq!(q.enter(5, 1, 0, 1, 0, None), Step::Go);
+        let a = queued(q.enter(2, 1, 1, 1, 0, None));
+        let b = queued(q.enter(2, 1, 2, 1, 0, None));
+        let c = queued(q.enter(4, 1, 3, 1, 0, None));
+        assert_eq!(
+            q.enter(2, 1, 4, 1, 0, None),
+            Step::Full,
+            "no lower priority to evict"
+        );
+        let d = queued(q.enter(6, 1, 5, 1, 0, None));
+        assert_eq!(
+            q.poll(b.0, b.1, 1, 6, None),
+            Step::Evicted,
+            "lowest priority, youngest"
+        );
+        assert_eq!(q.poll(a.0, a.1, 1, 6, None), Step::Wait);
+        assert_eq!(q.poll(c.0, c.1, 1, 6, None), Step::Wait);
+        assert_eq!(q.poll(d.0, d.1, 1, 6, None), Step::Wait);
+        assert_eq!(q.ps.queue_evicted_total.load(Ordering::Relaxed), 1);
+        assert_eq!(q.ps.queue_len.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_full_class_refuses_its_own_arrivals_only() {
+        let r = region();
+        let q = queue(&r, &cfg(0, 8, &[(1, 10_000, 1), (5, 10_000, 8)]));
+        assert_eq!(q.enter(5, 1, 0, 1, 0, None), Step::Go);
+        let two = queued(q.enter(2, 1, 0, 1, 0, None));
+        assert_eq!(
+            q.enter(2, 1, 0, 1, 0, None),
+            Step::Full,
+            "class full, nobody lower in it"
+        );
+        let three = queued(q.enter(3, 1, 0, 1, 0, None));
+        assert_eq!(
+            q.poll(two.0, two.1, 1, 1, None),
+            Step::Evicted,
+            "made room in its class"
+        );
+        let four = queued(q.enter(4, 1, 0, 1, 0, None));
+        assert_eq!(q.poll(three.0, three.1, 1, 1, None), Step::Evicted);
+        // The other class has room of its own: nobody is evicted for it.
+        let nine = queued(q.enter(9, 1, 0, 1, 0, None));
+        assert_eq!(q.poll(four.0, four.1, 1, 1, None), Step::Wait);
+        assert_eq!(q.poll(nine.0, nine.1, 1, 1, None), Step::Wait);
+    }
+
+    #[test]
+    fn released_slots_are_never_overshot() {
+        let r = region();
+        let q = queue(&r, &cfg(0, 8, &[(1, 10_000, 8)]));
+        for _ in 0..3 {
+            assert_eq!(q.enter(5, 3, 0, 1, 0, None), Step::Go);
+        }
+        let waiters: Vec<_> = (0..6).map(|_| queued(q.enter(5, 3, 0, 1, 0, None))).collect();
+        // Everyone dispatches at once: only the one freed slot is given out.
+        q.release(None, 3, 1);
+        for _ in 0..3 {
+            q.dispatch(3, 1);
+        }
+        let gone = waiters
+            .iter()
+            .filter(|&&(e, t)| q.poll(e, t, 3, 1, None) == Step::Go)
+            .count();
+        assert_eq!(gone, 1);
+        assert_eq!(q.qp.admitted.load(Ordering::Relaxed), 3);
+        // A lower capacity (a node's limit fell) admits nobody until below it.
+        q.release(None, 2, 2);
+        assert_eq!(q.dispatch(2, 2), 0);
+        assert_eq!(q.qp.admitted.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn probe_slots_go_to_the_lowest_ranked_waiter() {
+        let r = region();
+        let q = queue(&r, &cfg(0, 8, &[(1, 10_000, 8)]));
+        assert_eq!(q.enter(5, 2, 0, 1, 0, None), Step::Go);
+        assert_eq!(q.enter(5, 2, 0, 1, 0, None), Step::Go);
+        // Nodes confirmed for 1 concurrent request, limits say 2: the second slot is a
+        // probe of whether the node takes one more.
+        let cap = Cap { safe: 1, probe: 2 };
+        let low = queued(q.enter(2, cap, 1, 1, 0, None));
+        let mid = queued(q.enter(5, cap, 2, 1, 0, None));
+        let high = queued(q.enter(9, cap, 3, 1, 0, None));
+        q.release(None, cap, 4);
+        assert_eq!(q.poll(high.0, high.1, cap, 4, None), Step::Wait);
+        assert_eq!(q.poll(mid.0, mid.1, cap, 4, None), Step::Wait);
+        assert_eq!(
+            q.poll(low.0, low.1, cap, 4, None),
+            Step::Go,
+            "the probe goes to the lowest"
+        );
+        // A confirmed slot goes to the best.
+        let cap = Cap { safe: 2, probe: 2 };
+        q.release(None, cap, 5);
+        assert_eq!(q.poll(mid.0, mid.1, cap, 5, None), Step::Wait);
+        assert_eq!(q.poll(high.0, high.1, cap, 5, None), Step::Go);
+    }
+
+    #[test]
+    fn racing_dispatchers_respect_capacity() {
+        let r = region();
+        let q = queue(&r, &cfg(0, 8, &[(1, 60_000, 8)]));
+        let cap = 4;
+        let waiters: Vec<_> = std::iter::repeat_with(|| q.enter(5, 0, 0, 1, 0, None))
+            .take(8)
+            .map(queued)
+            .collect();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        q.dispatch(cap, 1);
+                    }
+                });
+            }
+        });
+        assert_eq!(q.qp.admitted.load(Ordering::Relaxed), cap);
+        let went = waiters
+            .iter()
+            .filter(|&&(e, t)| q.poll(e, t, cap, 1, None) == Step::Go)
+            .count();
+        assert_eq!(went, cap as usize);
+        assert_eq!(q.ps.queue_len.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn stale_entries_do_not_block_the_head() {
+        let r = region();
+        let q = queue(&r, &cfg(0, 8, &[(1, 100, 8)]));
+        assert_eq!(q.enter(5, 1, 0, 1, 0, None), Step::Go);
+        // A waiter whose owner vanished (never polls again), then a live one.
+        let _dead = queued(q.enter(9, 1, 0, 77, 1, None));
+        let live = queued(q.enter(5, 1, 5_000, 1, 0, None));
+        q.release(None, 1, 5_101);
+        assert_eq!(
+            q.poll(live.0, live.1, 1, 5_101, None),
+            Step::Go,
+            "the stale head was freed"
+        );
+        assert_eq!(q.ps.queue_len.load(Ordering::Relaxed), 0);
+        assert_eq!(q.ps.queue_aborted_total.load(Ordering::Relaxed), 1);
+        // An admission given to an owner that never takes it over comes back too.
+        let ghost = queued(q.enter(5, 1, 6_000, 77, 1, None));
+        q.release(None, 1, 6_001);
+        assert_eq!(q.qp.admitted.load(Ordering::Relaxed), 1, "given to the ghost");
+        let _ = ghost;
+        assert_eq!(
+            q.enter(5, 1, 11_200, 1, 0, None),
+            Step::Go,
+            "the ghost's slot was reclaimed for the next arrival"
+        );
+        assert_eq!(q.qp.admitted.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn reaping_an_owner_frees_its_entries_and_admissions() {
+        let r = region();
+        let q = queue(&r, &cfg(0, 8, &[(1, 10_000, 8)]));
+        let share = r.admit_share(1, 0).unwrap();
+        assert_eq!(q.enter(5, 2, 0, 77, 1, Some(share)), Step::Go);
+        assert_eq!(q.enter(5, 2, 0, 1, 0, None), Step::Go);
+        let _given = queued(q.enter(5, 2, 0, 77, 1, Some(share)));
+        let _waiting = queued(q.enter(5, 2, 0, 77, 1, Some(share)));
+        // The live request finishes: its slot goes to 77's first waiter, which never
+        // takes it over.
+        q.release(None, 2, 1);
+        assert_eq!(q.qp.admitted.load(Ordering::Relaxed), 2);
+        assert_eq!(q.ps.queue_len.load(Ordering::Relaxed), 1);
+        reap_owner(&r, 1, 77);
+        assert_eq!(share.load(Ordering::Relaxed), 0);
+        assert_eq!(q.ps.queue_len.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            q.qp.admitted.load(Ordering::Relaxed),
+            0,
+            "share and given slot back"
+        );
+        assert!(q
+            .in_use()
+            .iter()
+            .all(|e| state_of(e.word.load(Ordering::Relaxed)) == entry::FREE));
+    }
+
+    #[test]
+    fn leave_takes_a_waiter_out_and_passes_a_given_slot_on() {
+        let r = region();
+        let q = queue(&r, &cfg(0, 8, &[(1, 10_000, 8)]));
+        assert_eq!(q.enter(5, 1, 0, 1, 0, None), Step::Go);
+        let a = queued(q.enter(5, 1, 0, 1, 0, None));
+        let b = queued(q.enter(5, 1, 0, 1, 0, None));
+        assert!(q.leave(a.0, a.1, 1, 1));
+        assert!(!q.leave(a.0, a.1, 1, 1), "only once");
+        assert_eq!(q.ps.queue_len.load(Ordering::Relaxed), 1);
+        let c = queued(q.enter(5, 1, 2, 1, 0, None));
+        q.release(None, 1, 3); // b is given the slot ...
+        assert!(q.leave(b.0, b.1, 1, 4)); // ... but its client is gone: c gets it
+        assert_eq!(q.poll(c.0, c.1, 1, 4, None), Step::Go);
+        assert_eq!(q.qp.admitted.load(Ordering::Relaxed), 1);
+        assert_eq!(q.ps.queue_aborted_total.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn retry_after_follows_the_release_rate() {
+        let r = region();
+        let q = queue(&r, &cfg(0, 8, &[(1, 10_000, 8)]));
+        assert_eq!(q.retry_after_ms(0), 1000);
+        for _ in 0..4 {
+            q.enter(5, 1, 0, 1, 0, None);
+        }
+        for k in 0..2 {
+            q.qp.admitted.fetch_add(1, Ordering::Relaxed);
+            q.release(None, 1, 1_000 + k);
+        }
+        // 2 releases in the last second; queue_len waiting + this one.
+        let waiting = q.ps.queue_len.load(Ordering::Relaxed) as u64;
+        assert_eq!(q.retry_after_ms(2_500), (waiting + 1).div_ceil(2).max(1) * 1000);
+        assert_eq!(q.release_rate(5_000), 0, "old buckets do not count");
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let bad = |c: AdmissionConfig| c.validate("pools.p.admission", 256).unwrap_err().to_string();
+        let c = AdmissionConfig {
+            default_priority: 11,
+            ..AdmissionConfig::default()
+        };
+        assert_eq!(
+            bad(c),
+            "pools.p.admission.default_priority: 11 is out of range 1..=10"
+        );
+        let c = AdmissionConfig {
+            max_queue: 300,
+            ..AdmissionConfig::default()
+        };
+        assert!(bad(c).starts_with("pools.p.admission.max_queue: 300 is out of range 1..=256"));
+        let c = cfg(0, 8, &[(2, 100, 8)]);
+        assert!(bad(c).starts_with("pools.p.admission.classes[0].min_priority: 2"));
+        let c = cfg(0, 8, &[(1, 100, 8), (1, 100, 8)]);
+        assert!(bad(c).starts_with("pools.p.admission.classes[1].min_priority: 1"));
+        let c = cfg(0, 8, &[(1, 100, 9)]);
+        assert_eq!(
+            bad(c),
+            "pools.p.admission.classes[0].max_queue: 9 is out of range 1..=8"
+        );
+        let c = cfg(0, 8, &[]);
+        assert_eq!(bad(c), "pools.p.admission.classes: 0 classes: 1..=10 expected");
+    }
+}
