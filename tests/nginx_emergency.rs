@@ -281,6 +281,18 @@ fn set_emergency(g: &Gateway, mode: &str) {
     assert_eq!((r.status, r.text().trim()), (200, "ok"), "set_emergency {mode}");
 }
 
+/// A chat completion with `X-Priority: p`.
+fn chat_with_priority(g: &Gateway, p: &str) -> Response {
+    http_with(
+        g.port,
+        "POST",
+        "/v1/chat/completions",
+        &[("X-Priority", p)],
+        Some(CHAT_BODY),
+    )
+    .expect("chat request")
+}
+
 fn mock_set(m: &MockNode, query: &str) {
     let r = post(m.port, &format!("/mock/set?{query}"), "");
     assert_eq!(r.status, 200, "mock {} /mock/set?{query}: {}", m.name, r.text());
@@ -461,7 +473,12 @@ fn overload_enters_emergency_and_recovery_leaves_it_with_one_alert_each() {
 #[test]
 fn forced_on_and_off_alert_once_each_and_a_failed_delivery_is_retried() {
     let _serial = serial();
-    let r = rig("emergency-forced", 1, json!({ "min_requests": 1000000 }), |_| {});
+    let r = rig(
+        "emergency-forced",
+        1,
+        json!({ "min_requests": 1000000, "shed_below": 5 }),
+        |_| {},
+    );
     let (g, hook, s) = (&r.g, &r.hook, &r.s);
 
     set_emergency(g, "on");
@@ -481,13 +498,37 @@ fn forced_on_and_off_alert_once_each_and_a_failed_delivery_is_retried() {
     );
     set_emergency(g, "on"); // already on: no transition
 
-    // Forced on with the primaries up: they still serve everything.
+    // Forced on with the primaries up: they still serve everything of priority 5 and
+    // up (the demo's default for a request without X-Priority is 5); priorities below
+    // shed_below 5 are shed at once by admit(), counted, never sent to a node.
+    let (ra, rb) = (received(&r.a), received(&r.b));
     for i in 0..20 {
         assert_eq!(g.chat().status, 200, "request {i} in forced emergency");
     }
+    for i in 0..10 {
+        let low = chat_with_priority(g, "2");
+        assert_eq!(
+            (low.status, low.header("X-RSB-Admission")),
+            (429, Some("shed")),
+            "priority 2, request {i}: {}",
+            low.text()
+        );
+        assert!(low.header("Retry-After").is_some(), "a shed request says when to retry");
+        assert_eq!(chat_with_priority(g, "5").status, 200, "priority 5, request {i}");
+    }
+    assert_eq!(
+        received(&r.a) + received(&r.b) - ra - rb,
+        30,
+        "every request but the shed ones reached a node, once"
+    );
     assert_eq!(received(s), 0, "primaries up: the backup pool is not used");
 
     set_emergency(g, "off");
+    assert_eq!(
+        chat_with_priority(g, "2").status,
+        200,
+        "out of emergency nothing is shed"
+    );
     wait_delivered(g, hook, 2, "the forced \"exit\" alert");
     set_emergency(g, "auto"); // hands it back as it is: off, no transition
     let_ticks_pass();

@@ -457,14 +457,8 @@ function _M.admit(pool, priority)
     if not idx then
         error("bad argument #1 to 'admit' (unknown pool " .. tostring(pool) .. ")", 2)
     end
-    local st = request_state(ngx.ctx, pool)
-    local aidx, apool = arm_of(st, pool, idx)
-    if aidx ~= idx and C_available(handle, aidx, wait_buf) ~= RSB_OK then
-        -- No canary node can take it now: this request goes to the primary.
-        st.arm, st.arm_pool = idx, pool
-        aidx, apool = idx, pool
-    end
-    local adm = policy[apool].admission
+    -- The priority is the request's, whichever arm serves it: the pool's own mapping.
+    local adm = policy[pool].admission
     local t = type(priority)
     if t == "table" then
         if priority.priority ~= nil then
@@ -479,6 +473,13 @@ function _M.admit(pool, priority)
         priority = adm.default_priority
     elseif t ~= "number" or priority % 1 ~= 0 or priority < 1 or priority > 10 then
         error("bad argument #2 to 'admit' (priority 1..10 expected, got " .. tostring(priority) .. ")", 2)
+    end
+    local st = request_state(ngx.ctx, pool)
+    local aidx, apool = arm_of(st, pool, idx)
+    if aidx ~= idx and C_available(handle, aidx, wait_buf) ~= RSB_OK then
+        -- No canary node can take it now: this request goes to the primary.
+        st.arm, st.arm_pool = idx, pool
+        aidx, apool = idx, pool
     end
     return admission.admit(C, handle, aidx, apool, priority, st,
                            policy[apool].no_node_status, last_error)
