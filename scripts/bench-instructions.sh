@@ -44,6 +44,8 @@ label() {
 
 port=47400
 native=""
+scrape_note=""
+declare -A per_of
 printf '\n== instructions per request (callgrind, 1 nginx process, wrk -c4 %ss, GET /)\n' "$SECS"
 printf '   %-34s %10s %12s %9s\n' contender requests "instr/req" "vs native"
 # Each gateway once; rsbalancer p2c_ewma (ovh-gw1) a second time with GET /metrics
@@ -62,11 +64,18 @@ for run in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-gw1+metrics; do
         nginx -p "$RUN" -c "$RUN/cg-$name.conf" -g 'daemon off; master_process off;' \
         >"cg-$name.log" 2>&1 &
     vp=$!
-    for _ in $(seq 1 200); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.2; done
+    up=""
+    for _ in $(seq 1 300); do
+        curl -s -o /dev/null "http://127.0.0.1:$port/" && { up=1; break; }
+        kill -0 "$vp" 2>/dev/null || break
+        sleep 0.2
+    done
+    [ -n "$up" ] || { cat "cg-$name.log" "$RUN/$name-error.log" 2>/dev/null | tail -20; die "$name did not start under valgrind"; }
     wrk -t1 -c4 -d3s "http://127.0.0.1:$port/" >/dev/null
     scraper=""
     if [ "$run" != "$name" ]; then
-        (while :; do curl -s -o /dev/null "http://127.0.0.1:$port/metrics"; sleep 1; done) &
+        : >"$RUN/scrapes"
+        (while :; do curl -s -o /dev/null "http://127.0.0.1:$port/metrics" && echo >>"$RUN/scrapes"; sleep 1; done) &
         scraper=$!
     fi
     callgrind_control -z "$vp" >/dev/null 2>&1
@@ -79,6 +88,17 @@ for run in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-gw1+metrics; do
     rm -f "$out"*
     per=$((ir / reqs))
     [ -z "$native" ] && native=$per
+    if [ -n "$scraper" ]; then
+        # What the scrapes cost: the instructions beyond what the requests cost in the
+        # unscraped run, per scrape, and in requests' worth.
+        scrapes=$(wc -l <"$RUN/scrapes")
+        unscraped=${per_of[$name]}
+        if [ "$scrapes" -gt 0 ] && [ -n "$unscraped" ]; then
+            per_scrape=$(( (ir - reqs * unscraped) / scrapes ))
+            scrape_note="$scrapes scrapes: $per_scrape instructions each, the cost of $((per_scrape / unscraped)) requests"
+        fi
+    fi
+    per_of[$name]=$per
     what="$(label "$conf")"
     [ "$run" != "$name" ] && what="$what, /metrics every 1 s"
     printf '   %-34s %10s %12s %8.1f%%\n' "$what" "$reqs" "$per" \
@@ -86,3 +106,7 @@ for run in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-gw1+metrics; do
 done
 echo "   instructions of the gateway process (nginx, Lua, rsbalancer, libc; not the kernel) between"
 echo "   the counter reset and the dump, divided by the requests wrk completed in that time."
+if [ -n "$scrape_note" ]; then
+    echo "   /metrics (3 nodes): $scrape_note;"
+    echo "   scraped once a second, that is (requests' worth / the gateway's req/s) of its work."
+fi

@@ -513,7 +513,10 @@ fn forced_on_and_off_alert_once_each_and_a_failed_delivery_is_retried() {
             "priority 2, request {i}: {}",
             low.text()
         );
-        assert!(low.header("Retry-After").is_some(), "a shed request says when to retry");
+        assert!(
+            low.header("Retry-After").is_some(),
+            "a shed request says when to retry"
+        );
         assert_eq!(chat_with_priority(g, "5").status, 200, "priority 5, request {i}");
     }
     assert_eq!(
