@@ -78,10 +78,11 @@ _M.library_path = so_path
 local canary = require "resty.rsbalancer.canary"
 
 local C_pick, C_report, C_generation = C.rsb_pick, C.rsb_report, C.rsb_generation
-local C_may_retry = C.rsb_may_retry
+local C_may_retry, C_available = C.rsb_may_retry, C.rsb_available
 local MAX_TRIES = 32
 local tried_buf = ffi.new("uint32_t[?]", MAX_TRIES)
 local out_buf = ffi.new("uint32_t[1]")
+local wait_buf = ffi.new("uint64_t[1]")
 local err_buf = ffi.new("char[?]", 512)
 local RSB_OK, RSB_NO_NODE = 0, 4
 
