@@ -33,6 +33,13 @@ cd "$RUN"
 nginx -p "$RUN" -c "$RUN/ovh-nodes.conf" -g 'daemon on;' 2>/dev/null ||
     die "static nodes did not start"
 
+# The first port from $1 on that nothing listens on.
+free_port() {
+    local p=$1
+    while (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do p=$((p + 1)); done
+    echo "$p"
+}
+
 label() {
     case "$(sed -n 's/^# benches\/gateway.rs contender "\([^"]*\)".*/\1/p' "$1")" in
         native) echo "native upstream" ;;
@@ -42,7 +49,7 @@ label() {
     esac
 }
 
-port=47400
+port=21400  # below the ephemeral range (32768-60999), where clients' local ports live
 native=""
 scrape_note=""
 declare -A per_of
@@ -55,7 +62,7 @@ for run in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-gw1+metrics; do
     conf="$name.conf"
     [ -f "$conf" ] || continue
     case " ${RSB_BENCH_IR_ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
-    port=$((port + 1))
+    port=$(free_port $((port + 1)))
     sed -e 's/worker_processes 2;/worker_processes 1;/' -e 's/worker_cpu_affinity.*//' \
         -e "s|^pid .*|pid $RUN/cg-$name.pid;|" \
         -e "s/listen 127.0.0.1:[0-9]*/listen 127.0.0.1:$port/" "$conf" >"cg-$name.conf"
@@ -88,25 +95,18 @@ for run in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-gw1+metrics; do
     rm -f "$out"*
     per=$((ir / reqs))
     [ -z "$native" ] && native=$per
-    if [ -n "$scraper" ]; then
-        # What the scrapes cost: the instructions beyond what the requests cost in the
-        # unscraped run, per scrape, and in requests' worth.
-        scrapes=$(wc -l <"$RUN/scrapes")
-        unscraped=${per_of[$name]}
-        if [ "$scrapes" -gt 0 ] && [ -n "$unscraped" ]; then
-            per_scrape=$(( (ir - reqs * unscraped) / scrapes ))
-            scrape_note="$scrapes scrapes: $per_scrape instructions each, the cost of $((per_scrape / unscraped)) requests"
-        fi
+    if [ -n "$scraper" ] && [ -n "${per_of[$name]:-}" ]; then
+        scrape_note="$(wc -l <"$RUN/scrapes") scrapes in the measured load; instructions per request \
+${per_of[$name]} without, $per with ($(awk -v a="${per_of[$name]}" -v b="$per" 'BEGIN { printf "%+.2f", 100 * (b - a) / a }')%)"
     fi
     per_of[$name]=$per
     what="$(label "$conf")"
     [ "$run" != "$name" ] && what="$what, /metrics every 1 s"
     printf '   %-34s %10s %12s %8.1f%%\n' "$what" "$reqs" "$per" \
-        "$(echo "100 * $per / $native" | bc -l)"
+        "$(awk -v a="$per" -v n="$native" 'BEGIN { print 100 * a / n }')"
 done
 echo "   instructions of the gateway process (nginx, Lua, rsbalancer, libc; not the kernel) between"
 echo "   the counter reset and the dump, divided by the requests wrk completed in that time."
 if [ -n "$scrape_note" ]; then
-    echo "   /metrics (3 nodes): $scrape_note;"
-    echo "   scraped once a second, that is (requests' worth / the gateway's req/s) of its work."
+    echo "   /metrics every second (3 nodes): $scrape_note."
 fi
