@@ -51,14 +51,9 @@ label() {
 
 port=21400  # below the ephemeral range (32768-60999), where clients' local ports live
 native=""
-scrape_note=""
-declare -A per_of
 printf '\n== instructions per request (callgrind, 1 nginx process, wrk -c4 %ss, GET /)\n' "$SECS"
 printf '   %-34s %10s %12s %9s\n' contender requests "instr/req" "vs native"
-# Each gateway once; rsbalancer p2c_ewma (ovh-gw1) a second time with GET /metrics
-# every second during the measured load (issue: scraping costs at most 1%).
-for run in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-gw1+metrics; do
-    name="${run%+metrics}"
+for name in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3; do
     conf="$name.conf"
     [ -f "$conf" ] || continue
     case " ${RSB_BENCH_IR_ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
@@ -66,7 +61,7 @@ for run in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-gw1+metrics; do
     sed -e 's/worker_processes 2;/worker_processes 1;/' -e 's/worker_cpu_affinity.*//' \
         -e "s|^pid .*|pid $RUN/cg-$name.pid;|" \
         -e "s/listen 127.0.0.1:[0-9]*/listen 127.0.0.1:$port/" "$conf" >"cg-$name.conf"
-    out="$RUN/cg-$run.out"
+    out="$RUN/cg-$name.out"
     valgrind --tool=callgrind --smc-check=all-non-file --callgrind-out-file="$out" \
         nginx -p "$RUN" -c "$RUN/cg-$name.conf" -g 'daemon off; master_process off;' \
         >"cg-$name.log" 2>&1 &
@@ -79,34 +74,18 @@ for run in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-gw1+metrics; do
     done
     [ -n "$up" ] || { cat "cg-$name.log" "$RUN/$name-error.log" 2>/dev/null | tail -20; die "$name did not start under valgrind"; }
     wrk -t1 -c4 -d3s "http://127.0.0.1:$port/" >/dev/null
-    scraper=""
-    if [ "$run" != "$name" ]; then
-        : >"$RUN/scrapes"
-        (while :; do curl -s -o /dev/null "http://127.0.0.1:$port/metrics" && echo >>"$RUN/scrapes"; sleep 1; done) &
-        scraper=$!
-    fi
     callgrind_control -z "$vp" >/dev/null 2>&1
     reqs=$(wrk -t1 -c4 -d"${SECS}s" "http://127.0.0.1:$port/" | awk '/requests in/ {print $1}')
     callgrind_control -d "$vp" >/dev/null 2>&1
-    [ -n "$scraper" ] && kill "$scraper" 2>/dev/null
     kill "$vp"; wait "$vp" 2>/dev/null || true
     f=$(grep -l "Trigger: dump" "$out"* | head -1)
     ir=$(awk '/^summary:/ {print $2; exit}' "$f")
     rm -f "$out"*
     per=$((ir / reqs))
     [ -z "$native" ] && native=$per
-    if [ -n "$scraper" ] && [ -n "${per_of[$name]:-}" ]; then
-        scrape_note="$(wc -l <"$RUN/scrapes") scrapes in the measured load; instructions per request \
-${per_of[$name]} without, $per with ($(awk -v a="${per_of[$name]}" -v b="$per" 'BEGIN { printf "%+.2f", 100 * (b - a) / a }')%)"
-    fi
-    per_of[$name]=$per
     what="$(label "$conf")"
-    [ "$run" != "$name" ] && what="$what, /metrics every 1 s"
     printf '   %-34s %10s %12s %8.1f%%\n' "$what" "$reqs" "$per" \
         "$(awk -v a="$per" -v n="$native" 'BEGIN { print 100 * a / n }')"
 done
 echo "   instructions of the gateway process (nginx, Lua, rsbalancer, libc; not the kernel) between"
 echo "   the counter reset and the dump, divided by the requests wrk completed in that time."
-if [ -n "$scrape_note" ]; then
-    echo "   /metrics every second (3 nodes): $scrape_note."
-fi
