@@ -113,6 +113,22 @@ enum rsb_result rsb_pick(const struct rsb_balancer *b,
                          size_t ntried,
                          uint32_t *out_node);
 
+// `rsb_pick`, choosing first among nodes with a confirmed free slot (`prefer` 0, what
+// `rsb_pick` does) or among nodes at their probe (`prefer` 1: a request that
+// `rsb_admit` / `rsb_admit_poll` let in with verdict 9, into a probe slot), then among
+// the others. Other values of `prefer`: `RSB_INVALID_ARGUMENT`.
+//
+// # Safety
+// As `rsb_pick`.
+enum rsb_result rsb_pick_prefer(const struct rsb_balancer *b,
+                                uint32_t pool,
+                                const char *key,
+                                size_t key_len,
+                                const uint32_t *tried,
+                                size_t ntried,
+                                uint32_t prefer,
+                                uint32_t *out_node);
+
 // Report the outcome of one try from `rsb_pick`: `status` the HTTP status or 0 when
 // no response came (connect error, timeout), `latency_us` the response time,
 // `retry_after_ms` the server's Retry-After (0 if none).

@@ -244,6 +244,9 @@ pub fn store_params(qp: &QueuePool, cfg: &AdmissionConfig) {
 pub enum Step {
     /// Go on: an admission is held (release it in the log phase).
     Go,
+    /// Go on into a probe slot (see [`Cap`]): as `Go`, and the try should go to a node
+    /// at its probe, so that it, not a better-ranked request, meets a refusal.
+    GoProbe,
     /// Waiting in entry `entry` with `ticket`: poll again.
     Queued { entry: u32, ticket: u64 },
     /// Still waiting.
@@ -522,7 +525,7 @@ impl<'a> Queue<'a> {
                 self.ps.queue_aborted_total.fetch_add(1, Ordering::Relaxed);
             }
             // Given a slot the owner never took over: give it back.
-            entry::ADMITTED => self.unreserve(),
+            entry::ADMITTED | entry::ADMITTED_PROBE => self.unreserve(),
             _ => {}
         }
     }
@@ -577,7 +580,14 @@ impl<'a> Queue<'a> {
             if e.word
                 .compare_exchange(
                     c.word,
-                    pack(ticket_of(c.word), entry::ADMITTED),
+                    pack(
+                        ticket_of(c.word),
+                        if worst {
+                            entry::ADMITTED_PROBE
+                        } else {
+                            entry::ADMITTED
+                        },
+                    ),
                     Ordering::AcqRel,
                     Ordering::Relaxed,
                 )
@@ -619,7 +629,7 @@ impl<'a> Queue<'a> {
                 return Step::TimedOut;
             }
             match state_of(w) {
-                entry::ADMITTED => {
+                st @ (entry::ADMITTED | entry::ADMITTED_PROBE) => {
                     if let Some(s) = share {
                         s.fetch_add(1, Ordering::Relaxed);
                     }
@@ -627,7 +637,11 @@ impl<'a> Queue<'a> {
                         .compare_exchange(w, pack(ticket, entry::FREE), Ordering::AcqRel, Ordering::Relaxed)
                         .is_ok()
                     {
-                        return Step::Go;
+                        return if st == entry::ADMITTED_PROBE {
+                            Step::GoProbe
+                        } else {
+                            Step::Go
+                        };
                     }
                     // Reclaimed as stale meanwhile (its slot given back): not ours.
                     if let Some(s) = share {
@@ -684,7 +698,10 @@ impl<'a> Queue<'a> {
             let w = e.word.load(Ordering::Acquire);
             let st = state_of(w);
             if ticket_of(w) != ticket
-                || !(st == entry::WAITING || st == entry::ADMITTED || st == entry::EVICTED)
+                || !matches!(
+                    st,
+                    entry::WAITING | entry::ADMITTED | entry::ADMITTED_PROBE | entry::EVICTED
+                )
             {
                 return false;
             }
@@ -696,7 +713,7 @@ impl<'a> Queue<'a> {
             }
             match st {
                 entry::WAITING => self.left_waiting(e.priority.load(Ordering::Relaxed)),
-                entry::ADMITTED => {
+                entry::ADMITTED | entry::ADMITTED_PROBE => {
                     self.unreserve();
                     self.dispatch(cap, now);
                 }
@@ -834,6 +851,8 @@ pub enum Verdict {
     TimedOut = 7,
     /// Pushed out by a higher-priority arrival.
     Evicted = 8,
+    /// As `Go`, into a probe slot: pick with `Prefer::Probe` (`rsb_pick_probe`).
+    GoProbe = 9,
 }
 
 /// Is the node out for now (cooling, ejected, down, draining)? Its limit is not
@@ -1000,6 +1019,7 @@ impl Balancer {
         };
         match step {
             Step::Go => (Verdict::Go, 0, 0),
+            Step::GoProbe => (Verdict::GoProbe, 0, 0),
             Step::Queued { entry, ticket } => (Verdict::Queued, entry, ticket),
             Step::Wait => (Verdict::Wait, 0, 0),
             Step::Full => refuse(Verdict::Full),
@@ -1293,8 +1313,8 @@ mod tests {
         assert_eq!(q.poll(mid.0, mid.1, cap, 4, None), Step::Wait);
         assert_eq!(
             q.poll(low.0, low.1, cap, 4, None),
-            Step::Go,
-            "the probe goes to the lowest"
+            Step::GoProbe,
+            "the probe goes to the lowest, which is told so (its try prefers a probe slot)"
         );
         // A confirmed slot goes to the best.
         let cap = Cap { safe: 2, probe: 2 };

@@ -227,6 +227,19 @@ pub enum EmergencyMode {
     Off,
 }
 
+/// Which free slots a pick tries first (then the others).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefer {
+    /// Confirmed slots: the node has served that concurrency before. The default: a
+    /// node at its probe (a learned limit just raised) takes a try only when no node
+    /// has a confirmed slot, so probes happen when the pool is saturated anyway.
+    Confirmed,
+    /// Probe slots first: for a request the admission queue let in above the
+    /// confirmed capacity (its lowest-ranked waiter), so that it, not a better-ranked
+    /// request, is the one to find out whether the node takes one more.
+    Probe,
+}
+
 /// Why a request may not try once more.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -303,6 +316,9 @@ struct View<'a> {
     now_ms: u64,
     tau_ms: u32,
     reference_us: f64,
+    /// Only nodes with (`true`) or without (`false`) a confirmed free slot, see
+    /// [`confirmed_slot`].
+    confirmed: bool,
 }
 
 impl View<'_> {
@@ -319,7 +335,7 @@ impl NodeView for View<'_> {
             return false;
         }
         let n = self.node(i);
-        available_now(n, self.now_ms)
+        available_now(n, self.now_ms) && confirmed_slot(self.region, n, slot) == self.confirmed
     }
 
     fn inflight(&self, i: usize) -> u32 {
@@ -747,15 +763,22 @@ impl Balancer {
     /// with an empty `tried` counts as a request, any other as a retry, in the pool's
     /// retry budget.
     pub fn pick(&self, pool: u32, key: &[u8], tried: &[u32]) -> Result<u32, Error> {
+        self.pick_with(pool, key, tried, Prefer::Confirmed)
+    }
+
+    /// [`pick`](Self::pick), choosing first among nodes with a confirmed free slot
+    /// (`Prefer::Confirmed`) or at their probe (`Prefer::Probe`: a request the
+    /// admission queue let in above the confirmed capacity), then among the others.
+    pub fn pick_with(&self, pool: u32, key: &[u8], tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
         let now = clock::now_ms();
         let mut spill = None;
-        let err = match self.pick_in(pool, key, tried, now, &mut spill) {
+        let err = match self.pick_in(pool, key, tried, now, prefer, &mut spill) {
             Err(e @ Error::NoNode { .. }) => e,
             other => return other,
         };
         // No node of the pool can take it: its backup pool may (emergency, dead pool).
         if let Some(bp) = spill {
-            if let Ok(slot) = self.pick_in(bp, key, tried, now, &mut None) {
+            if let Ok(slot) = self.pick_in(bp, key, tried, now, prefer, &mut None) {
                 return Ok(slot);
             }
         }
@@ -772,6 +795,7 @@ impl Balancer {
         key: &[u8],
         tried: &[u32],
         now: u64,
+        prefer: Prefer,
         spill: &mut Option<u32>,
     ) -> Result<u32, Error> {
         let mut l = self.local.lock();
@@ -790,7 +814,9 @@ impl Balancer {
         } else {
             0
         };
-        for tier in [&mut p.primary, &mut p.backup] {
+        let first = prefer == Prefer::Confirmed;
+        for (backup, confirmed) in [(false, first), (false, !first), (true, first), (true, !first)] {
+            let tier = if backup { &mut p.backup } else { &mut p.primary };
             let view = View {
                 region: &self.region,
                 slots: &tier.slots,
@@ -798,6 +824,7 @@ impl Balancer {
                 now_ms: now,
                 tau_ms: p.ewma.decay_ms,
                 reference_us: p.reference_us,
+                confirmed,
             };
             if let Some(i) = tier.selector.pick(rng, &view, key_hash) {
                 let slot = tier.slots[i];
@@ -1477,6 +1504,17 @@ fn reset_node(s: &NodeSlot, now: u64) {
     s.cooldowns_total.store(0, Ordering::Relaxed);
     s.ejections_total.store(0, Ordering::Relaxed);
     s.flags.store(0, Ordering::Relaxed);
+}
+
+/// Has this node a *confirmed* free slot: no learned limit, or fewer tries in flight
+/// than the highest concurrency it has answered a success at (`Region::served`)? A
+/// learned limit above that is a probe (AIMD's additive increase): on a node that is
+/// really full, the try that takes it gets a 429 and, every node being busy, no retry.
+fn confirmed_slot(region: &Region, n: &NodeSlot, slot: u32) -> bool {
+    n.limit.load(Ordering::Relaxed) == 0
+        || region
+            .served(slot)
+            .is_none_or(|c| n.inflight.load(Ordering::Relaxed) < c.load(Ordering::Relaxed))
 }
 
 /// May a new try start on this node now? (Not cooling, not ejected, not down, not

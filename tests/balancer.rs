@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rsbalancer::balancer::{Balancer, Error, NodeStats};
-use rsbalancer::health::Flip;
+use rsbalancer::health::{Flip, LIMIT_ONE};
 use rsbalancer::select::Algorithm;
 use rsbalancer::shm::clock;
 use serde_json::{json, Value};
@@ -843,4 +843,58 @@ fn canary_share_and_emergency_mode_are_checked_and_stored() {
     );
     b.set_emergency_mode(pool, EmergencyMode::Off).unwrap();
     assert_eq!(ps.emergency.load(Ordering::Relaxed), FORCED_OFF);
+}
+
+/// A node whose learned limit grew past the concurrency it has served (an AIMD probe)
+/// gets a plain try only when no node has a confirmed slot; a try let in above the
+/// confirmed capacity (`Prefer::Probe`) goes to such a node first. a and b both have
+/// limit 4; a has served 4 at once, b only 1.
+#[test]
+fn confirmed_slots_first_and_probes_for_probe_admissions() {
+    use rsbalancer::balancer::Prefer;
+    for alg in ALL {
+        let b = Balancer::create(&config(
+            json!({ "algorithm": algorithm(alg), "slow_start_ms": 0 }),
+            &["a", "b"],
+        ))
+        .unwrap();
+        let pool = b.pool_index("p").unwrap();
+        let s = slots(&b, &["a", "b"]);
+        for (&slot, served) in s.iter().zip([4, 1]) {
+            b.region()
+                .node(slot)
+                .unwrap()
+                .limit
+                .store(4 * LIMIT_ONE, Ordering::Relaxed);
+            b.region().served(slot).unwrap().store(served, Ordering::Relaxed);
+        }
+        let inflight = |i: usize| b.node_stats(s[i]).unwrap().inflight;
+        // b's one confirmed slot taken (a excluded for that try), a probe admission goes
+        // to b's probe range although a has confirmed slots free.
+        assert_eq!(
+            b.pick(pool, b"k", &[s[0]]).unwrap(),
+            s[1],
+            "{alg:?}: b's confirmed slot"
+        );
+        assert_eq!(
+            b.pick_with(pool, b"k", &[], Prefer::Probe).unwrap(),
+            s[1],
+            "{alg:?}: a probe admission takes b's probe, not a's confirmed slots"
+        );
+        for _ in 0..4 {
+            b.pick(pool, b"k", &[]).unwrap();
+        }
+        assert_eq!(
+            (inflight(0), inflight(1)),
+            (4, 2),
+            "{alg:?}: plain tries took a's confirmed slots"
+        );
+        for _ in 0..2 {
+            assert_eq!(b.pick(pool, b"k", &[]).unwrap(), s[1], "{alg:?}: then b's probes");
+        }
+        assert!(
+            matches!(b.pick(pool, b"k", &[]), Err(Error::NoNode { .. })),
+            "{alg:?}"
+        );
+    }
 }

@@ -49,6 +49,7 @@ typedef struct rsb_node_stats {
 } rsb_node_stats;
 enum rsb_result rsb_attach_worker(const struct rsb_balancer *b, uint32_t worker, uint32_t *out_slot);
 enum rsb_result rsb_pick(const struct rsb_balancer *b, uint32_t pool, const char *key, size_t key_len, const uint32_t *tried, size_t ntried, uint32_t *out_node);
+enum rsb_result rsb_pick_prefer(const struct rsb_balancer *b, uint32_t pool, const char *key, size_t key_len, const uint32_t *tried, size_t ntried, uint32_t prefer, uint32_t *out_node);
 enum rsb_result rsb_report(const struct rsb_balancer *b, uint32_t node, uint32_t status, uint32_t latency_us, uint32_t retry_after_ms);
 enum rsb_result rsb_may_retry(const struct rsb_balancer *b, uint32_t pool, const uint32_t *tried, size_t ntried, uint32_t elapsed_ms, uint32_t *out_denied);
 enum rsb_result rsb_available(const struct rsb_balancer *b, uint32_t pool, uint64_t *out_wait_ms);
@@ -78,6 +79,7 @@ _M.library_path = so_path
 local canary = require "resty.rsbalancer.canary"
 
 local C_pick, C_report, C_generation = C.rsb_pick, C.rsb_report, C.rsb_generation
+local C_pick_prefer = C.rsb_pick_prefer
 local C_may_retry, C_available = C.rsb_may_retry, C.rsb_available
 local MAX_TRIES = 32
 local tried_buf = ffi.new("uint32_t[?]", MAX_TRIES)
@@ -416,7 +418,13 @@ function _M.balance(pool, key)
     end
     local klen = 0
     if key then klen = #key end
-    local rc = C_pick(handle, aidx, key, klen, tried_buf, n, out_buf)
+    local rc
+    if st.probe then
+        -- Let in above the confirmed capacity: take a node at its probe if there is one.
+        rc = C_pick_prefer(handle, aidx, key, klen, tried_buf, n, 1, out_buf)
+    else
+        rc = C_pick(handle, aidx, key, klen, tried_buf, n, out_buf)
+    end
     if rc ~= RSB_OK then
         if rc ~= RSB_NO_NODE then
             ngx.log(ngx.ERR, "rsbalancer: ", last_error())

@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::balancer::{Balancer, Error};
+use crate::balancer::{Balancer, Error, Prefer};
 use crate::config::Config;
 
 /// Result codes. Stable numbers: new codes are only ever appended.
@@ -334,6 +334,25 @@ pub unsafe extern "C" fn rsb_pick(
     ntried: usize,
     out_node: *mut u32,
 ) -> rsb_result {
+    // SAFETY: forwarded caller contract.
+    unsafe { pick(b, pool, key, key_len, tried, ntried, Prefer::Confirmed, out_node) }
+}
+
+/// The body of `rsb_pick` and `rsb_pick_prefer`.
+///
+/// # Safety
+/// As `rsb_pick`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pick(
+    b: *const Balancer,
+    pool: u32,
+    key: *const c_char,
+    key_len: usize,
+    tried: *const u32,
+    ntried: usize,
+    prefer: Prefer,
+    out_node: *mut u32,
+) -> rsb_result {
     guard(|| {
         // SAFETY: forwarded caller contract.
         let (Some(b), Some(key)) = (unsafe { handle(b) }, unsafe { bytes(key, key_len) }) else {
@@ -346,7 +365,7 @@ pub unsafe extern "C" fn rsb_pick(
         if out_node.is_null() {
             return null("out_node");
         }
-        match b.pick(pool, key, tried) {
+        match b.pick_with(pool, key, tried, prefer) {
             Ok(n) => {
                 // SAFETY: non-null and writable by contract.
                 unsafe { *out_node = n };
@@ -355,6 +374,33 @@ pub unsafe extern "C" fn rsb_pick(
             Err(e) => fail(e),
         }
     })
+}
+
+/// `rsb_pick`, choosing first among nodes with a confirmed free slot (`prefer` 0, what
+/// `rsb_pick` does) or among nodes at their probe (`prefer` 1: a request that
+/// `rsb_admit` / `rsb_admit_poll` let in with verdict 9, into a probe slot), then among
+/// the others. Other values of `prefer`: `RSB_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// As `rsb_pick`.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_pick_prefer(
+    b: *const Balancer,
+    pool: u32,
+    key: *const c_char,
+    key_len: usize,
+    tried: *const u32,
+    ntried: usize,
+    prefer: u32,
+    out_node: *mut u32,
+) -> rsb_result {
+    let prefer = match prefer {
+        0 => Prefer::Confirmed,
+        1 => Prefer::Probe,
+        other => return guard(|| fail(Error::Invalid(format!("prefer {other} is not 0 or 1")))),
+    };
+    // SAFETY: forwarded caller contract.
+    unsafe { pick(b, pool, key, key_len, tried, ntried, prefer, out_node) }
 }
 
 /// Report the outcome of one try from `rsb_pick`: `status` the HTTP status or 0 when

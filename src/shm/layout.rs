@@ -310,6 +310,9 @@ pub mod entry {
     pub const ADMITTED: u64 = 3;
     /// Pushed out by a higher-priority arrival; the owner answers 429 and frees it.
     pub const EVICTED: u64 = 4;
+    /// Like `ADMITTED`, into a probe slot (above the nodes' confirmed concurrency):
+    /// its try goes to a node at its probe (`Prefer::Probe`).
+    pub const ADMITTED_PROBE: u64 = 5;
 }
 
 /// One waiter of a pool's admission queue. `word` = ticket << 8 | state, so every

@@ -206,6 +206,17 @@ static void test_basics(void) {
     CHECK(s.failures == 1 && s.requests == 1 && s.inflight == 0);
     CHECK(s.latency_sum_us == 0); /* failures are not latency samples */
 
+    /* rsb_pick_prefer: probe slots first (1) finds none here (no learned limits), so
+     * it takes a confirmed one like rsb_pick; any other preference is refused. */
+    CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, 1, &n), RSB_OK);
+    CHECK(n == na || n == nb);
+    CHECK(stats_of(b, n).inflight == 1);
+    CHECK_RC(rsb_report(b, n, 200, 1500, 0), RSB_OK);
+    uint32_t before = n;
+    CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, 2, &n), RSB_INVALID_ARGUMENT);
+    CHECK(n == before); /* nothing written */
+    CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, 0, NULL), RSB_NULL_ARGUMENT);
+
     uint32_t m = UINT32_MAX;
     CHECK_RC(rsb_pick(b, embed, NULL, 0, NULL, 0, &m), RSB_OK);
     CHECK(m == e1 || m == e2);

@@ -20,6 +20,7 @@ local _M = {}
 
 -- Verdicts (src/admit.rs Verdict).
 local GO, PASS, QUEUED, WAIT, NO_NODE = 0, 1, 2, 3, 4
+local GO_PROBE = 9 -- as GO, into a probe slot: balance() prefers nodes at their probe
 local REASON = { [5] = "shed", [6] = "queue_full", [7] = "timeout", [8] = "evicted" }
 
 local verdict_buf = ffi.new("uint32_t[1]")
@@ -105,8 +106,8 @@ function _M.admit(C, handle, idx, pool, priority, st, no_node_status, last_error
         v = verdict_buf[0]
         if v ~= WAIT then
             st.q_entry = nil
-            if v == GO then
-                st.adm = idx
+            if v == GO or v == GO_PROBE then
+                st.adm, st.probe = idx, v == GO_PROBE
                 return true
             end
             return refuse(pool, 429, value_buf[0], REASON[v] or "refused")
