@@ -295,6 +295,9 @@ struct LocalPool {
     reference_us: f64,
     /// Whether `reference_us` comes from samples (else it is `default_rtt_ms`).
     sampled: bool,
+    /// Whether some node had a learned concurrency limit at the last refresh: only
+    /// then do picks tell confirmed slots from probes (see [`Prefer`]).
+    limited: bool,
     primary: Tier,
     backup: Tier,
 }
@@ -316,9 +319,9 @@ struct View<'a> {
     now_ms: u64,
     tau_ms: u32,
     reference_us: f64,
-    /// Only nodes with (`true`) or without (`false`) a confirmed free slot, see
-    /// [`confirmed_slot`].
-    confirmed: bool,
+    /// Only nodes with (`Some(true)`) or without (`Some(false)`) a confirmed free
+    /// slot, see [`confirmed_slot`]; `None`: any.
+    confirmed: Option<bool>,
 }
 
 impl View<'_> {
@@ -335,7 +338,15 @@ impl NodeView for View<'_> {
             return false;
         }
         let n = self.node(i);
-        available_now(n, self.now_ms) && confirmed_slot(self.region, n, slot) == self.confirmed
+        // The limit and in-flight count loaded once for both questions.
+        let (limit, inflight) = (
+            n.limit.load(Ordering::Relaxed),
+            n.inflight.load(Ordering::Relaxed),
+        );
+        available_with(n, self.now_ms, limit, inflight)
+            && self
+                .confirmed
+                .is_none_or(|want| confirmed_slot(self.region, slot, limit, inflight) == want)
     }
 
     fn inflight(&self, i: usize) -> u32 {
@@ -814,8 +825,17 @@ impl Balancer {
         } else {
             0
         };
-        let first = prefer == Prefer::Confirmed;
-        for (backup, confirmed) in [(false, first), (false, !first), (true, first), (true, !first)] {
+        // Without learned limits every free slot is confirmed: one pass per tier.
+        let first = (prefer == Prefer::Confirmed, p.limited);
+        let passes = [
+            (false, Some(first.0)),
+            (false, Some(!first.0)),
+            (true, Some(first.0)),
+            (true, Some(!first.0)),
+        ];
+        let plain = [(false, None), (true, None)];
+        let passes: &[(bool, Option<bool>)] = if first.1 { &passes } else { &plain };
+        for &(backup, confirmed) in passes {
             let tier = if backup { &mut p.backup } else { &mut p.primary };
             let view = View {
                 region: &self.region,
@@ -1382,6 +1402,7 @@ impl Balancer {
                 next_refresh_ms: 0,
                 reference_us: p.ewma.default_rtt_ms as f64 * 1000.0,
                 sampled: false,
+                limited: false,
                 primary,
                 backup,
             });
@@ -1455,6 +1476,13 @@ impl LocalPool {
             }
             tier.selector.set_weights(&tier.cands);
         }
+        self.limited = [&self.primary, &self.backup].iter().any(|t| {
+            t.slots.iter().any(|&s| {
+                region
+                    .node(s)
+                    .is_some_and(|n| n.limit.load(Ordering::Relaxed) != 0)
+            })
+        });
         self.next_refresh_ms = now + self.refresh_ms as u64;
     }
 }
@@ -1510,23 +1538,30 @@ fn reset_node(s: &NodeSlot, now: u64) {
 /// than the highest concurrency it has answered a success at (`Region::served`)? A
 /// learned limit above that is a probe (AIMD's additive increase): on a node that is
 /// really full, the try that takes it gets a 429 and, every node being busy, no retry.
-fn confirmed_slot(region: &Region, n: &NodeSlot, slot: u32) -> bool {
-    n.limit.load(Ordering::Relaxed) == 0
+fn confirmed_slot(region: &Region, slot: u32, limit: u64, inflight: u32) -> bool {
+    limit == 0
         || region
             .served(slot)
-            .is_none_or(|c| n.inflight.load(Ordering::Relaxed) < c.load(Ordering::Relaxed))
+            .is_none_or(|c| inflight < c.load(Ordering::Relaxed))
 }
 
 /// May a new try start on this node now? (Not cooling, not ejected, not down, not
 /// draining, under its learned concurrency limit.)
 fn available_now(n: &NodeSlot, now: u64) -> bool {
+    available_with(
+        n,
+        now,
+        n.limit.load(Ordering::Relaxed),
+        n.inflight.load(Ordering::Relaxed),
+    )
+}
+
+/// [`available_now`] with the node's learned limit and in-flight count already loaded.
+fn available_with(n: &NodeSlot, now: u64, limit: u64, inflight: u32) -> bool {
     now >= n.cooldown_until_ms.load(Ordering::Relaxed)
         && now >= n.ejected_until_ms.load(Ordering::Relaxed)
         && n.flags.load(Ordering::Relaxed) & (flags::DOWN | flags::DRAINING) == 0
-        && health::under_limit(
-            n.limit.load(Ordering::Relaxed),
-            n.inflight.load(Ordering::Relaxed),
-        )
+        && health::under_limit(limit, inflight)
 }
 
 /// Copy a pool's policy into its shared slot, where the report path reads it.
