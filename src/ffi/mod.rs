@@ -662,8 +662,9 @@ pub unsafe extern "C" fn rsb_admit(
 }
 
 /// Poll a queued request (`entry`, `ticket` from `rsb_admit`). `*out_verdict`: 0 go
-/// (an admission is held), 3 still waiting, 7 waited too long, 8 evicted by a higher
-/// priority; refusals carry a Retry-After in ms in `*out_value`.
+/// (an admission is held), 9 go into a probe slot (as 0; pick with
+/// `rsb_pick_prefer(..., 1, ...)`), 3 still waiting, 7 waited too long, 8 evicted by a
+/// higher priority; refusals carry a Retry-After in ms in `*out_value`.
 ///
 /// # Safety
 /// `b` a live handle; `out_verdict` and `out_value` writable.
