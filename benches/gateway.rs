@@ -1417,37 +1417,27 @@ fn start_mocks(env: &Env, run: &RunDir, inst: &str, specs: &[MockSpec]) -> (Ngin
     let attempts = run.path.join(format!("{inst}-attempts.log"));
     let mut servers = String::new();
     for (s, n) in specs.iter().zip(&nodes) {
-        let _ = write!(
-            servers,
-            r#"    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        set $mock_node {name};
-        set $mock_latency_ms {lat};
-        set $mock_chunk_ms 0;
-        set $mock_max_conc {conc};
-        set $mock_retry_after 0;
-        set $mock_quota_rps {rps};
-        set $mock_quota_burst {burst};
-        set $mock_fail "";
-        location /v1/ {{
-            access_log {log} attempts;
+        // Tries on /v1/ (the client requests) are logged for the attempt counts.
+        let v1 = format!(
+            r#"        location /v1/ {{
+            access_log {} attempts;
             content_by_lua_block {{ require("mock_llm").handle() }}
             log_by_lua_block {{ require("mock_llm").log() }}
         }}
-        location / {{
-            content_by_lua_block {{ require("mock_llm").handle() }}
-            log_by_lua_block {{ require("mock_llm").log() }}
-        }}
-    }}
 "#,
-            port = n.port,
-            name = s.name,
-            lat = s.latency_ms,
-            conc = s.max_conc,
-            rps = s.quota_rps,
-            burst = s.quota_burst,
-            log = attempts.display(),
+            attempts.display()
         );
+        let vars = MockVars {
+            name: s.name,
+            latency_ms: s.latency_ms,
+            chunk_ms: 0,
+            max_conc: s.max_conc,
+            retry_after: 0,
+            quota_rps: s.quota_rps as f64,
+            quota_burst: s.quota_burst,
+            fail: "",
+        };
+        servers.push_str(&mock_server(n.port, &vars, " backlog=4096", &v1));
     }
     let conf = render(
         &env.template("mock-nodes.conf"),

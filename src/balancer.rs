@@ -1014,88 +1014,98 @@ impl Balancer {
         window::record(&ps.window, now, ps.window_ms.load(Ordering::Relaxed), event);
         let penalty_ms = ps.penalty_ms.load(Ordering::Relaxed);
         let cap_ms = ps.penalty_cap_ms.load(Ordering::Relaxed);
-        let penalty = load::sample_us(status, latency_us, retry_after_ms, penalty_ms, cap_ms);
-        let sample: Feed = if load::is_failure(status) {
-            let strikes = n.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-            let mut rested = false;
-            if status == 503 && retry_after_ms > 0 {
-                // An overloaded node that says when to come back: rest it that long.
-                self.cool_down(n, ps, now, 1, retry_after_ms);
-                rested = true;
-            }
-            let after = ps.eject_after.load(Ordering::Relaxed);
-            if after > 0 && strikes >= after {
-                rested |= self.eject(node, n, ps, now);
-            }
-            if rested {
-                Feed::Forget
-            } else {
-                Feed::Sample(penalty)
-            }
-        } else if status == 429 {
-            n.busy.fetch_add(1, Ordering::Relaxed);
-            let strikes = n.consecutive_busy.fetch_add(1, Ordering::Relaxed) + 1;
-            let limit = n.limit.load(Ordering::Relaxed);
-            let kind = health::classify_429(
-                retry_after_ms,
-                strikes,
-                limit,
-                ps.limit_enabled.load(Ordering::Relaxed) != 0,
-                ps.limit_min.load(Ordering::Relaxed),
-                ps.quota_retry_after_ms.load(Ordering::Relaxed),
-                ps.quota_after.load(Ordering::Relaxed),
-            );
-            match kind {
-                Busy::Quota => {
-                    self.cool_down(n, ps, now, strikes, retry_after_ms);
-                    Feed::Forget
+        let sample: Feed = match event {
+            Event::Failure => {
+                let strikes = n.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                let mut rested = false;
+                if status == 503 && retry_after_ms > 0 {
+                    // An overloaded node that says when to come back: rest it that long.
+                    self.cool_down(n, ps, now, 1, retry_after_ms);
+                    rested = true;
                 }
-                Busy::Capacity => {
-                    crate::admit::note_refused(&self.region, node, inflight);
-                    let (min, max) = (
-                        ps.limit_min.load(Ordering::Relaxed),
-                        ps.limit_max.load(Ordering::Relaxed),
-                    );
-                    let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                        Some(health::limit_after_busy(l, inflight, min, max))
-                    });
-                    // Counts against the cost as twice the node's mean served latency (at
-                    // most the penalty), not as a failure: the node is fine, just full. The
-                    // mean, not the estimate, so that repeated 429s do not compound.
-                    let served: u64 = n.latency_hist.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-                    match n.latency_sum_us.load(Ordering::Relaxed).checked_div(served) {
-                        Some(mean) if mean > 0 => {
-                            Feed::Sample((2.0 * mean as f64).min(penalty_ms as f64 * 1000.0))
+                let after = ps.eject_after.load(Ordering::Relaxed);
+                if after > 0 && strikes >= after {
+                    rested |= self.eject(node, n, ps, now);
+                }
+                if rested {
+                    Feed::Forget
+                } else {
+                    Feed::Sample(load::sample_us(
+                        status,
+                        latency_us,
+                        retry_after_ms,
+                        penalty_ms,
+                        cap_ms,
+                    ))
+                }
+            }
+            Event::Busy => {
+                n.busy.fetch_add(1, Ordering::Relaxed);
+                let strikes = n.consecutive_busy.fetch_add(1, Ordering::Relaxed) + 1;
+                let limit = n.limit.load(Ordering::Relaxed);
+                let kind = health::classify_429(
+                    retry_after_ms,
+                    strikes,
+                    limit,
+                    ps.limit_enabled.load(Ordering::Relaxed) != 0,
+                    ps.limit_min.load(Ordering::Relaxed),
+                    ps.quota_retry_after_ms.load(Ordering::Relaxed),
+                    ps.quota_after.load(Ordering::Relaxed),
+                );
+                match kind {
+                    Busy::Quota => {
+                        self.cool_down(n, ps, now, strikes, retry_after_ms);
+                        Feed::Forget
+                    }
+                    Busy::Capacity => {
+                        crate::admit::note_refused(&self.region, node, inflight);
+                        let (min, max) = (
+                            ps.limit_min.load(Ordering::Relaxed),
+                            ps.limit_max.load(Ordering::Relaxed),
+                        );
+                        let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                            Some(health::limit_after_busy(l, inflight, min, max))
+                        });
+                        // Counts against the cost as twice the node's mean served latency (at
+                        // most the penalty), not as a failure: the node is fine, just full. The
+                        // mean, not the estimate, so that repeated 429s do not compound.
+                        let served: u64 = n.latency_hist.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+                        match n.latency_sum_us.load(Ordering::Relaxed).checked_div(served) {
+                            Some(mean) if mean > 0 => {
+                                Feed::Sample((2.0 * mean as f64).min(penalty_ms as f64 * 1000.0))
+                            }
+                            _ => Feed::Skip,
                         }
-                        _ => Feed::Skip,
                     }
                 }
             }
-        } else {
-            // Prometheus buckets are `le`: the first bound the latency does not exceed.
-            let b = LATENCY_BOUNDS_MS.partition_point(|&bound| (bound as u64) * 1000 < latency_us as u64);
-            n.latency_hist[b].fetch_add(1, Ordering::Relaxed);
-            crate::admit::note_served(&self.region, node, inflight);
-            n.latency_sum_us.fetch_add(latency_us as u64, Ordering::Relaxed);
-            reset_if_set(&n.consecutive_failures);
-            reset_if_set(&n.consecutive_busy);
-            if n.limit.load(Ordering::Relaxed) != 0 {
-                let (every, max) = (
-                    ps.limit_increase_every.load(Ordering::Relaxed),
-                    ps.limit_max.load(Ordering::Relaxed),
-                );
-                let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                    Some(health::limit_after_success(l, inflight, every, max))
-                });
+            // A served try (`Shed` is never the outcome of a try).
+            Event::Ok | Event::Shed => {
+                // Prometheus buckets are `le`: the first bound the latency does not exceed.
+                let b = LATENCY_BOUNDS_MS.partition_point(|&bound| (bound as u64) * 1000 < latency_us as u64);
+                n.latency_hist[b].fetch_add(1, Ordering::Relaxed);
+                crate::admit::note_served(&self.region, node, inflight);
+                n.latency_sum_us.fetch_add(latency_us as u64, Ordering::Relaxed);
+                reset_if_set(&n.consecutive_failures);
+                reset_if_set(&n.consecutive_busy);
+                if n.limit.load(Ordering::Relaxed) != 0 {
+                    let (every, max) = (
+                        ps.limit_increase_every.load(Ordering::Relaxed),
+                        ps.limit_max.load(Ordering::Relaxed),
+                    );
+                    let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                        Some(health::limit_after_success(l, inflight, every, max))
+                    });
+                }
+                if n.ejections.load(Ordering::Relaxed) != 0
+                    && now
+                        > n.ejected_until_ms.load(Ordering::Relaxed)
+                            + ps.eject_max_ms.load(Ordering::Relaxed) as u64
+                {
+                    n.ejections.store(0, Ordering::Relaxed);
+                }
+                Feed::Sample(load::sample_us(status, latency_us, 0, penalty_ms, cap_ms))
             }
-            if n.ejections.load(Ordering::Relaxed) != 0
-                && now
-                    > n.ejected_until_ms.load(Ordering::Relaxed)
-                        + ps.eject_max_ms.load(Ordering::Relaxed) as u64
-            {
-                n.ejections.store(0, Ordering::Relaxed);
-            }
-            Feed::Sample(load::sample_us(status, latency_us, 0, penalty_ms, cap_ms))
         };
         match sample {
             Feed::Sample(sample) => {

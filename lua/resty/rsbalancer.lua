@@ -418,13 +418,9 @@ function _M.balance(pool, key)
     end
     local klen = 0
     if key then klen = #key end
-    local rc
-    if st.probe then
-        -- Let in above the confirmed capacity: take a node at its probe if there is one.
-        rc = C_pick_prefer(handle, aidx, key, klen, tried_buf, n, 1, out_buf)
-    else
-        rc = C_pick(handle, aidx, key, klen, tried_buf, n, out_buf)
-    end
+    -- A request let in above the confirmed capacity (st.probe) takes a node at its
+    -- probe if there is one; any other, a confirmed slot first.
+    local rc = C_pick_prefer(handle, aidx, key, klen, tried_buf, n, st.probe and 1 or 0, out_buf)
     if rc ~= RSB_OK then
         if rc ~= RSB_NO_NODE then
             ngx.log(ngx.ERR, "rsbalancer: ", last_error())

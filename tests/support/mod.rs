@@ -440,36 +440,21 @@ pub fn start_mocks(dir: &TestDir, nodes: &[MockNode]) -> Nginx {
     let d = dir.path().display();
     let mut servers = String::new();
     for n in nodes {
-        write!(
-            servers,
-            r#"
-    server {{
-        listen 127.0.0.1:{port};
-        set $mock_node {name};
-        set $mock_latency_ms {latency};
-        set $mock_chunk_ms {chunk};
-        set $mock_max_conc {conc};
-        set $mock_retry_after {ra};
-        set $mock_quota_rps {rps};
-        set $mock_quota_burst {burst};
-        set $mock_fail "{fail}";
-        location / {{
-            content_by_lua_block {{ require("mock_llm").handle() }}
-            log_by_lua_block {{ require("mock_llm").log() }}
-        }}
-    }}
-"#,
-            port = n.port,
-            name = n.name,
-            latency = n.latency_ms,
-            chunk = n.chunk_ms,
-            conc = n.max_conc,
-            ra = n.retry_after,
-            rps = n.quota_rps,
-            burst = n.quota_burst,
-            fail = n.fail,
-        )
-        .unwrap();
+        servers.push_str(&mock_server(
+            n.port,
+            &MockVars {
+                name: &n.name,
+                latency_ms: n.latency_ms,
+                chunk_ms: n.chunk_ms,
+                max_conc: n.max_conc,
+                retry_after: n.retry_after,
+                quota_rps: n.quota_rps,
+                quota_burst: n.quota_burst,
+                fail: &n.fail,
+            },
+            "",
+            "",
+        ));
     }
     let modules = nginx_modules();
     let conf = format!(

@@ -27,6 +27,50 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// What one mock LLM node (`nginx-conf/demo/lua/mock_llm.lua`) is told to be.
+pub struct MockVars<'a> {
+    pub name: &'a str,
+    pub latency_ms: u32,
+    pub chunk_ms: u32,
+    pub max_conc: u32,
+    pub retry_after: u32,
+    pub quota_rps: f64,
+    pub quota_burst: u32,
+    pub fail: &'a str,
+}
+
+/// The `server` block of one mock node on 127.0.0.1:`port` (`listen_extra` appended to
+/// its `listen`, `locations` placed before its catch-all location).
+pub fn mock_server(port: u16, v: &MockVars, listen_extra: &str, locations: &str) -> String {
+    format!(
+        r#"
+    server {{
+        listen 127.0.0.1:{port}{listen_extra};
+        set $mock_node {name};
+        set $mock_latency_ms {latency};
+        set $mock_chunk_ms {chunk};
+        set $mock_max_conc {conc};
+        set $mock_retry_after {ra};
+        set $mock_quota_rps {rps};
+        set $mock_quota_burst {burst};
+        set $mock_fail "{fail}";
+{locations}        location / {{
+            content_by_lua_block {{ require("mock_llm").handle() }}
+            log_by_lua_block {{ require("mock_llm").log() }}
+        }}
+    }}
+"#,
+        name = v.name,
+        latency = v.latency_ms,
+        chunk = v.chunk_ms,
+        conc = v.max_conc,
+        ra = v.retry_after,
+        rps = v.quota_rps,
+        burst = v.quota_burst,
+        fail = v.fail,
+    )
+}
+
 /// True if something accepts connections on 127.0.0.1:`port`.
 pub fn port_open(port: u16) -> bool {
     TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
