@@ -78,8 +78,9 @@ use serde::{Deserialize, Serialize};
 use crate::balancer::{Balancer, Error};
 use crate::config::{check_range, ConfigError};
 use crate::health::LIMIT_ONE;
-use crate::shm::layout::{emergency, entry, flags, PoolSlot, QueueEntry, QueuePool, PRIORITIES};
+use crate::shm::layout::{emergency, entry, flags, PoolSlot, PoolTally, QueueEntry, QueuePool, PRIORITIES};
 use crate::shm::{clock, saturating_sub, Region};
+use crate::tally::Writer;
 use crate::window::{self, Event};
 
 /// An entry older than its max wait by this much has lost its owner: anyone frees it.
@@ -280,6 +281,8 @@ pub struct Queue<'a> {
     pub qp: &'a QueuePool,
     pub ps: &'a PoolSlot,
     pub entries: &'a [QueueEntry],
+    /// The pool's statistics in the shared tally row (refusals are counted there).
+    pub tally: &'a PoolTally,
 }
 
 /// A waiting entry as a dispatcher sees it.
@@ -297,6 +300,7 @@ impl<'a> Queue<'a> {
             qp: region.queue_pool(p)?,
             ps: region.pool(p)?,
             entries: region.queue_entries(p)?,
+            tally: region.pool_tally(region.capacity().max_workers, p)?,
         })
     }
 
@@ -776,10 +780,11 @@ impl<'a> Queue<'a> {
     pub fn refused(&self, now: u64) {
         self.ps.shed_total.fetch_add(1, Ordering::Relaxed);
         window::record(
-            &self.ps.window,
+            &self.tally.window,
             now,
             self.ps.window_ms.load(Ordering::Relaxed),
             Event::Shed,
+            Writer::Shared,
         );
     }
 }

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -28,7 +27,9 @@ use crate::load;
 use crate::retry;
 use crate::select::{hash_key, Algorithm, Candidate, NodeView, Selector};
 use crate::shm::layout::{flags, Capacity, NodeSlot, PoolSlot, LATENCY_BOUNDS_MS};
+use crate::shm::owned::Owned;
 use crate::shm::{clock, fork, saturating_sub, LockGuard, Region, ShmError};
+use crate::tally::{self, Writer};
 use crate::window::{self, Event};
 
 /// How long a configuration change waits for the shared lock.
@@ -161,8 +162,15 @@ pub struct NodeStats {
     pub draining: bool,
 }
 
-/// Copy the live numbers out of a slot.
-pub fn node_stats(region: &Region, n: &NodeSlot) -> NodeStats {
+/// Copy the live numbers out of node slot `slot` (which must be in range).
+pub fn node_stats(region: &Region, slot: u32) -> NodeStats {
+    node_stats_and_counts(region, slot).0
+}
+
+/// [`node_stats`], with the statistics summed over the tally rows.
+pub fn node_stats_and_counts(region: &Region, slot: u32) -> (NodeStats, tally::NodeCounts) {
+    let n = region.node(slot).expect("node slot in range");
+    let counts = tally::node_counts(region, slot);
     let now = clock::now_ms();
     let cooldown_until_ms = n.cooldown_until_ms.load(Ordering::Relaxed);
     let ejected_until_ms = n.ejected_until_ms.load(Ordering::Relaxed);
@@ -185,25 +193,27 @@ pub fn node_stats(region: &Region, n: &NodeSlot) -> NodeStats {
     } else {
         "healthy"
     };
-    NodeStats {
+    let inflight = n.inflight.load(Ordering::Relaxed);
+    let stats = NodeStats {
         limit: n.limit.load(Ordering::Relaxed) as f64 / health::LIMIT_ONE as f64,
         state,
         unavailable_ms: cooldown_until_ms.max(ejected_until_ms).saturating_sub(now),
         cooldowns: n.cooldowns_total.load(Ordering::Relaxed),
         ejections: n.ejections_total.load(Ordering::Relaxed),
         weight: n.weight.load(Ordering::Relaxed),
-        inflight: n.inflight.load(Ordering::Relaxed),
-        picks: n.picks(),
-        requests: n.requests(),
-        failures: n.failures(),
+        inflight,
+        picks: counts.requests() + inflight as u64,
+        requests: counts.requests(),
+        failures: counts.failures(),
         busy: n.busy.load(Ordering::Relaxed),
-        latency_sum_us: n.latency_sum_us.load(Ordering::Relaxed),
+        latency_sum_us: counts.latency_sum_us,
         ewma_us: load::unpack(n.ewma.load(Ordering::Relaxed)).0 as f64,
         backup: f & flags::BACKUP != 0,
         cooldown_until_ms,
         ejected_until_ms,
         draining: f & flags::DRAINING != 0,
-    }
+    };
+    (stats, counts)
 }
 
 /// What a reported try does to a node's latency estimate.
@@ -264,7 +274,9 @@ fn local_pool(pools: &mut [Option<LocalPool>], pool: u32) -> Result<&mut LocalPo
 /// A handle on a shared region plus this process's tables.
 pub struct Balancer {
     region: Arc<Region>,
-    local: Mutex<Local>,
+    /// This process's tables: lock-free for the thread that uses the handle first
+    /// (an nginx worker's only thread), locked for any other.
+    local: Owned<Local>,
     /// This handle's worker slot, tagged with the fork epoch it was claimed in (high 32
     /// bits), so a forked child never uses its parent's slot.
     worker: AtomicU64,
@@ -281,6 +293,21 @@ struct Local {
     by_name: HashMap<String, u32>,
     rng: SmallRng,
     fork_epoch: u64,
+}
+
+impl Local {
+    /// Tables that the first `sync` fills.
+    fn empty() -> Local {
+        Local {
+            generation: u64::MAX,
+            config_version: u64::MAX,
+            topo: Arc::new(Topology::default()),
+            pools: Vec::new(),
+            by_name: HashMap::new(),
+            rng: os_rng(),
+            fork_epoch: fork::epoch(),
+        }
+    }
 }
 
 struct LocalPool {
@@ -384,15 +411,7 @@ impl Balancer {
     pub fn attach(region: Arc<Region>) -> Balancer {
         Balancer {
             region,
-            local: Mutex::new(Local {
-                generation: u64::MAX,
-                config_version: u64::MAX,
-                topo: Arc::new(Topology::default()),
-                pools: Vec::new(),
-                by_name: HashMap::new(),
-                rng: os_rng(),
-                fork_epoch: fork::epoch(),
-            }),
+            local: Owned::new(Local::empty(), Local::empty()),
             worker: AtomicU64::new(NO_WORKER as u64),
             emergency: Default::default(),
         }
@@ -629,6 +648,7 @@ impl Balancer {
                 let s = r.node(n.slot).expect("in range");
                 if !old_slots.contains(&n.slot) {
                     reset_node(s, now);
+                    tally::reset_node(r, n.slot);
                     crate::admit::forget_node(r, n.slot);
                 }
                 s.pool.store(p.slot, Ordering::Relaxed);
@@ -671,6 +691,16 @@ impl Balancer {
         let v = self.worker.load(Ordering::Relaxed);
         let w = v as u32;
         (w != NO_WORKER && v >> 32 == fork::epoch() & 0xffff_ffff).then_some(w)
+    }
+
+    /// The tally row this call adds statistics to, and how (`crate::tally`): the
+    /// worker's own row from the thread that owns this handle's tables, else the shared
+    /// row.
+    fn tally(&self) -> (u32, Writer) {
+        match self.worker_slot() {
+            Some(w) if self.local.is_owner() => (w, Writer::Owned),
+            _ => (self.region.capacity().max_workers, Writer::Shared),
+        }
     }
 
     /// Release this process's worker slot, folding its shares back.
@@ -728,17 +758,18 @@ impl Balancer {
                     .nodes
                     .iter()
                     .map(|n| {
-                        let st = node_stats(&self.region, self.region.node(n.slot).expect("slot in range"));
+                        let st = node_stats(&self.region, n.slot);
                         let mut v = serde_json::to_value(st).expect("stats serialize");
                         v["id"] = n.id.clone().into();
                         v["addr"] = n.addr.to_string().into();
                         v
                     })
                     .collect();
+                let (requests, retries) = tally::pool_counts(&self.region, p.slot);
                 let pool = serde_json::json!({
                     "algorithm": p.algorithm,
-                    "requests": ps.requests_total.load(Ordering::Relaxed),
-                    "retries": ps.retries_total.load(Ordering::Relaxed),
+                    "requests": requests,
+                    "retries": retries,
                     "retries_denied": ps.retries_denied.load(Ordering::Relaxed),
                     "no_node": ps.no_node_total.load(Ordering::Relaxed),
                     "admission": crate::admit::status_json(&self.region, p.slot),
@@ -758,8 +789,8 @@ impl Balancer {
 
     /// Live numbers of a node slot.
     pub fn node_stats(&self, node: u32) -> Result<NodeStats, Error> {
-        let n = self.live_node(node)?;
-        Ok(node_stats(&self.region, n))
+        self.live_node(node)?;
+        Ok(node_stats(&self.region, node))
     }
 
     fn live_node(&self, node: u32) -> Result<&NodeSlot, Error> {
@@ -849,14 +880,21 @@ impl Balancer {
             if let Some(i) = tier.selector.pick(rng, &view, key_hash) {
                 let slot = tier.slots[i];
                 self.acquire(slot);
+                let (row, writer) = self.tally();
                 let retry = !tried.is_empty();
-                retry::record(&ps.budget, now, p.retry.window_ms, retry);
-                let counter = if retry {
-                    &ps.retries_total
-                } else {
-                    &ps.requests_total
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
+                let t = self
+                    .region
+                    .pool_tally(row, pool)
+                    .expect("local pool slot in range");
+                retry::record(&t.budget, now, p.retry.window_ms, retry, writer);
+                writer.add(
+                    if retry {
+                        &t.retries_total
+                    } else {
+                        &t.requests_total
+                    },
+                    1,
+                );
                 return Ok(slot);
             }
         }
@@ -868,6 +906,9 @@ impl Balancer {
         let n = self.region.node(slot).expect("picked slot in range");
         // Relaxed: counters; no other memory is published through them.
         n.inflight.fetch_add(1, Ordering::Relaxed);
+        // The worker's share stays an atomic add even on the owner thread: any thread
+        // of the process may report a try another picked, and every one must be given
+        // back exactly once if the process dies.
         if let Some(share) = self.worker_slot().and_then(|w| self.region.share(w, slot)) {
             share.fetch_add(1, Ordering::Relaxed);
         }
@@ -907,7 +948,7 @@ impl Balancer {
             return Err(RetryDenied::NoNode);
         }
         let p = local_pool(&mut l.pools, pool).map_err(|_| RetryDenied::NoNode)?;
-        let (requests, retries) = retry::totals(&ps.budget, now, p.retry.window_ms);
+        let (requests, retries) = tally::budget_totals(&self.region, pool, now, p.retry.window_ms);
         if !retry::allows(
             requests,
             retries,
@@ -996,8 +1037,11 @@ impl Balancer {
         if let Some(share) = self.worker_slot().and_then(|w| self.region.share(w, node)) {
             saturating_sub(share, 1);
         }
-        n.status_class[status_class(status)].fetch_add(1, Ordering::Relaxed);
-        let Some(ps) = self.region.pool(n.pool.load(Ordering::Relaxed)) else {
+        let (row, writer) = self.tally();
+        let nt = self.region.node_tally(row, node).expect("node slot in range");
+        writer.add(&nt.status_class[status_class(status)], 1);
+        let pool = n.pool.load(Ordering::Relaxed);
+        let (Some(ps), Some(pt)) = (self.region.pool(pool), self.region.pool_tally(row, pool)) else {
             return Ok(());
         };
         if load::is_cancelled(status) {
@@ -1011,7 +1055,13 @@ impl Balancer {
         } else {
             Event::Ok
         };
-        window::record(&ps.window, now, ps.window_ms.load(Ordering::Relaxed), event);
+        window::record(
+            &pt.window,
+            now,
+            ps.window_ms.load(Ordering::Relaxed),
+            event,
+            writer,
+        );
         let penalty_ms = ps.penalty_ms.load(Ordering::Relaxed);
         let cap_ms = ps.penalty_cap_ms.load(Ordering::Relaxed);
         let sample: Feed = match event {
@@ -1069,8 +1119,8 @@ impl Balancer {
                         // Counts against the cost as twice the node's mean served latency (at
                         // most the penalty), not as a failure: the node is fine, just full. The
                         // mean, not the estimate, so that repeated 429s do not compound.
-                        let served: u64 = n.latency_hist.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-                        match n.latency_sum_us.load(Ordering::Relaxed).checked_div(served) {
+                        let c = tally::node_counts(&self.region, node);
+                        match c.latency_sum_us.checked_div(c.served()) {
                             Some(mean) if mean > 0 => {
                                 Feed::Sample((2.0 * mean as f64).min(penalty_ms as f64 * 1000.0))
                             }
@@ -1083,9 +1133,9 @@ impl Balancer {
             Event::Ok | Event::Shed => {
                 // Prometheus buckets are `le`: the first bound the latency does not exceed.
                 let b = LATENCY_BOUNDS_MS.partition_point(|&bound| (bound as u64) * 1000 < latency_us as u64);
-                n.latency_hist[b].fetch_add(1, Ordering::Relaxed);
+                writer.add(&nt.latency_hist[b], 1);
                 crate::admit::note_served(&self.region, node, inflight);
-                n.latency_sum_us.fetch_add(latency_us as u64, Ordering::Relaxed);
+                writer.add(&nt.latency_sum_us, latency_us as u64);
                 reset_if_set(&n.consecutive_failures);
                 reset_if_set(&n.consecutive_busy);
                 if n.limit.load(Ordering::Relaxed) != 0 {
@@ -1391,10 +1441,7 @@ impl Balancer {
                 Tier {
                     slots: nodes.iter().map(|n| n.slot).collect(),
                     success: vec![1.0; nodes.len()],
-                    seen: nodes
-                        .iter()
-                        .map(|n| self.region.node(n.slot).map_or((0, 0), bad_counts))
-                        .collect(),
+                    seen: nodes.iter().map(|n| bad_counts(&self.region, n.slot)).collect(),
                     selector: Selector::build(p.algorithm, &cands, p.chash_points, rng),
                     cands,
                 }
@@ -1466,8 +1513,7 @@ impl LocalPool {
         let latency_weighted = !matches!(self.algorithm, Algorithm::P2cEwma | Algorithm::Chash);
         for tier in [&mut self.primary, &mut self.backup] {
             for (i, &slot) in tier.slots.iter().enumerate() {
-                let Some(n) = region.node(slot) else { continue };
-                let (tries, bad) = bad_counts(n);
+                let (tries, bad) = bad_counts(region, slot);
                 let (seen_tries, seen_bad) = tier.seen[i];
                 tier.success[i] = load::success_factor(
                     tier.success[i],
@@ -1475,6 +1521,7 @@ impl LocalPool {
                     bad.saturating_sub(seen_bad),
                 );
                 tier.seen[i] = (tries, bad);
+                let Some(n) = region.node(slot) else { continue };
                 let mut w = n.weight.load(Ordering::Relaxed).max(1) as f64
                     * load::slow_start(now, n.started_ms.load(Ordering::Relaxed), self.slow_start_ms)
                     * tier.success[i];
@@ -1497,12 +1544,14 @@ impl LocalPool {
     }
 }
 
-/// (tries reported, tries that failed or were refused with 429).
-fn bad_counts(n: &NodeSlot) -> (u64, u64) {
-    (n.requests(), n.failures() + n.busy.load(Ordering::Relaxed))
+/// (tries reported, tries that failed or were refused with 429) of a node slot.
+fn bad_counts(region: &Region, slot: u32) -> (u64, u64) {
+    let Some(n) = region.node(slot) else { return (0, 0) };
+    let c = tally::node_counts(region, slot);
+    (c.requests(), c.failures() + n.busy.load(Ordering::Relaxed))
 }
 
-/// Index into `NodeSlot::status_class`: 0 no response, 1..=5 the status class.
+/// Index into `NodeTally::status_class`: 0 no response, 1..=5 the status class.
 fn status_class(status: u32) -> usize {
     if status == 0 {
         0
@@ -1524,13 +1573,7 @@ fn reset_node(s: &NodeSlot, now: u64) {
     s.consecutive_failures.store(0, Ordering::Relaxed);
     s.consecutive_busy.store(0, Ordering::Relaxed);
     s.ewma.store(0, Ordering::Relaxed);
-    for c in [&s.busy, &s.latency_sum_us]
-        .into_iter()
-        .chain(&s.status_class)
-        .chain(&s.latency_hist)
-    {
-        c.store(0, Ordering::Relaxed);
-    }
+    s.busy.store(0, Ordering::Relaxed);
     s.started_ms.store(now, Ordering::Relaxed);
     s.cooldown_until_ms.store(0, Ordering::Relaxed);
     s.ejected_until_ms.store(0, Ordering::Relaxed);

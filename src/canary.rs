@@ -43,7 +43,8 @@ use crate::balancer::{Balancer, Error, PoolTopo};
 use crate::config::CanaryConfig;
 use crate::shm::clock;
 use crate::shm::layout::PoolSlot;
-use crate::window::{self, Totals};
+use crate::tally;
+use crate::window::Totals;
 
 /// Shares are kept in parts per 10,000.
 pub const PARTS: u32 = 10_000;
@@ -247,9 +248,10 @@ impl Balancer {
                 continue;
             };
             let st = State::load(ps);
-            let primary = window::totals(&ps.window, now, ps.window_ms.load(Ordering::Relaxed));
-            let canary = window::totals_since(
-                &cs.window,
+            let primary = tally::pool_window(region, p.slot, now);
+            let canary = tally::window_totals(
+                region,
+                cp.slot,
                 now,
                 cs.window_ms.load(Ordering::Relaxed),
                 ps.canary_since_ms.load(Ordering::Relaxed),

@@ -47,7 +47,8 @@ use crate::config::{check_range, check_ratio, ConfigError, PoolConfig};
 use crate::shm::layout::emergency::{ACTIVE, FORCED_OFF, FORCED_ON};
 use crate::shm::layout::{flags, PoolSlot};
 use crate::shm::Region;
-use crate::window::{self, Totals};
+use crate::tally;
+use crate::window::Totals;
 
 /// A pool's `emergency` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -422,7 +423,7 @@ impl Balancer {
                         .compare_exchange(ACTIVE, 0, Ordering::AcqRel, Ordering::Acquire)
                         .is_ok()
                 {
-                    let t = window::totals(&ps.window, now_ms, ps.window_ms.load(Ordering::Relaxed));
+                    let t = tally::pool_window(self.region(), p.slot, now_ms);
                     let reason = "the pool has no emergency section any more".to_string();
                     out.push(self.transition(p, &topo.pools, "exit", reason, false, exit_ratio(&t), t));
                 }
@@ -432,8 +433,7 @@ impl Balancer {
                 calm.remove(&p.slot);
                 continue;
             }
-            let window_ms = ps.window_ms.load(Ordering::Relaxed);
-            let t = window::totals(&ps.window, now_ms, window_ms);
+            let t = tally::pool_window(self.region(), p.slot, now_ms);
             let params = Params::new(cfg, p.window_ms);
             let mut since = calm.get(&p.slot).copied();
             let decision = decide(bits & ACTIVE != 0, &t, &mut since, now_ms, &params);
@@ -522,7 +522,7 @@ impl Balancer {
         let Some(p) = topo.pools.iter().find(|p| p.slot == pool) else {
             return Ok(None);
         };
-        let t = window::totals(&ps.window, now, ps.window_ms.load(Ordering::Relaxed));
+        let t = tally::pool_window(self.region(), pool, now);
         let event = if now_active { "enter" } else { "exit" };
         let ratio = if now_active {
             t.busy_ratio()
@@ -558,7 +558,7 @@ impl Balancer {
             .nodes
             .iter()
             .map(|n| {
-                let s = node_stats(region, region.node(n.slot).expect("topology slot in range"));
+                let s = node_stats(region, n.slot);
                 AlertNode {
                     id: n.id.clone(),
                     state: s.state,

@@ -36,4 +36,5 @@ pub mod metrics;
 pub mod retry;
 pub mod select;
 pub mod shm;
+pub mod tally;
 pub mod window;

@@ -58,11 +58,11 @@ use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
-use crate::balancer::{node_stats, Balancer, Error};
+use crate::balancer::{node_stats_and_counts, Balancer, Error};
 use crate::load;
 use crate::shm::clock;
 use crate::shm::layout::{emergency, flags, LATENCY_BOUNDS_MS};
-use crate::window;
+use crate::{tally, window};
 
 /// The `Content-Type` of the exposition.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -270,14 +270,12 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
         let first = nodes.len();
         for n in &p.nodes {
             let Some(slot) = region.node(n.slot) else { continue };
-            let st = node_stats(region, slot);
+            let (st, counts) = node_stats_and_counts(region, n.slot);
             let draining = slot.flags.load(Ordering::Relaxed) & flags::DRAINING != 0;
             let state = match st.state {
                 "healthy" | "slow_start" if draining => "draining",
                 s => s,
             };
-            let class = slot.status_class.each_ref().map(|c| c.load(Ordering::Relaxed));
-            let hist = slot.latency_hist.each_ref().map(|c| c.load(Ordering::Relaxed));
             let ewma_us = load::current(slot.ewma.load(Ordering::Relaxed), now, decay_ms, reference_us);
             let rem = |until: u64| until.saturating_sub(now) as f64 / 1000.0;
             nodes.push(NodeSnap {
@@ -290,9 +288,9 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
                 picks: st.picks,
                 failures: st.failures,
                 busy: st.busy,
-                class,
-                hist,
-                hist_sum_us: slot.latency_sum_us.load(Ordering::Relaxed),
+                class: counts.status_class,
+                hist: counts.latency_hist,
+                hist_sum_us: counts.latency_sum_us,
                 ewma_s: ewma_us / 1e6,
                 limit: st.limit,
                 weight: st.weight,
@@ -307,14 +305,15 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
         let inflight_imbalance = shares(&mut nodes[first..]);
         let e = ps.emergency.load(Ordering::Relaxed);
         let canary = ps.canary_pool.load(Ordering::Relaxed);
+        let (requests, retries) = tally::pool_counts(region, p.slot);
         pools.push(PoolSnap {
             labels: pool_labels,
             algorithm: serde_json::to_value(p.algorithm)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
-            requests: ps.requests_total.load(Ordering::Relaxed),
-            retries: ps.retries_total.load(Ordering::Relaxed),
+            requests,
+            retries,
             retries_denied: ps.retries_denied.load(Ordering::Relaxed),
             no_node: ps.no_node_total.load(Ordering::Relaxed),
             shed: ps.shed_total.load(Ordering::Relaxed),
@@ -339,7 +338,7 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
             canary_share: ps.canary_share.load(Ordering::Relaxed) as f64 / 10_000.0,
             canary_rolled_back: ps.canary_rolled_back.load(Ordering::Relaxed),
             canary_rollbacks: ps.canary_rollbacks_total.load(Ordering::Relaxed),
-            window: window::totals(&ps.window, now, ps.window_ms.load(Ordering::Relaxed)),
+            window: tally::pool_window(region, p.slot, now),
             window_s: ps.window_ms.load(Ordering::Relaxed) as f64 / 1000.0,
             inflight_imbalance,
         });

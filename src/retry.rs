@@ -2,10 +2,11 @@
 //!
 //! **Budget** (Finagle's `RetryBudget`, Envoy's retry budget): retries may be at most
 //! `ratio` of the requests seen over a sliding window, plus a floor of `min_per_s`
-//! per second so that a quiet pool can still retry. All workers share one window per
-//! pool: `BUDGET_BUCKETS` buckets, each one 64-bit word holding a 16-bit bucket tag
-//! and two 24-bit counters, so recording is a single CAS and a stale bucket is reset
-//! by whoever first writes into it. A broad `proxy_next_upstream` list stays safe:
+//! per second so that a quiet pool can still retry. The window is pool-wide, summed
+//! over the tally rows (`crate::tally`): in each row `BUDGET_BUCKETS` buckets, each
+//! one 64-bit word holding a 16-bit bucket tag and two 24-bit counters, so recording
+//! is a single store (a worker's own row) or a single CAS (the shared row), and a
+//! stale bucket is reset by whoever first writes into it. A broad `proxy_next_upstream` list stays safe:
 //! nginx offers the retry, the budget decides.
 //!
 //! **Backoff** (AWS "Exponential Backoff and Jitter"): a quota 429 without
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rand::Rng;
 
 use crate::shm::layout::BUDGET_BUCKETS;
+use crate::tally::Writer;
 
 const COUNT_MAX: u64 = (1 << 24) - 1;
 
@@ -35,21 +37,34 @@ fn pack(tag: u64, requests: u64, retries: u64) -> u64 {
     ((tag & 0xffff) << 48) | (requests.min(COUNT_MAX) << 24) | retries.min(COUNT_MAX)
 }
 
-/// Count one request (`retry == false`) or one retry in the current bucket.
-pub fn record(buckets: &[AtomicU64; BUDGET_BUCKETS], now_ms: u64, window_ms: u32, retry: bool) {
+/// Count one request (`retry == false`) or one retry in the current bucket of one
+/// row, written as `writer`.
+pub fn record(
+    buckets: &[AtomicU64; BUDGET_BUCKETS],
+    now_ms: u64,
+    window_ms: u32,
+    retry: bool,
+    writer: Writer,
+) {
     let b = bucket_of(now_ms, window_ms);
     let cell = &buckets[(b % BUDGET_BUCKETS as u64) as usize];
     let tag = b & 0xffff;
-    // Relaxed: a statistic; the CAS keeps each increment exactly once.
-    let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+    let next = |w: u64| {
         let (t, req, ret) = unpack(w);
         let (req, ret) = if t == tag { (req, ret) } else { (0, 0) };
-        Some(if retry {
+        if retry {
             pack(tag, req, ret + 1)
         } else {
             pack(tag, req + 1, ret)
-        })
-    });
+        }
+    };
+    // Relaxed: a statistic; in the shared row the CAS keeps each increment exactly once.
+    match writer {
+        Writer::Owned => cell.store(next(cell.load(Ordering::Relaxed)), Ordering::Relaxed),
+        Writer::Shared => {
+            let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| Some(next(w)));
+        }
+    }
 }
 
 /// (requests, retries) over the window ending now.
@@ -113,27 +128,29 @@ mod tests {
 
     #[test]
     fn window_counts_and_forgets() {
-        let b = buckets();
-        for i in 0..100 {
-            record(&b, 1_000 + i, 10_000, false);
+        for w in [Writer::Shared, Writer::Owned] {
+            let b = buckets();
+            for i in 0..100 {
+                record(&b, 1_000 + i, 10_000, false, w);
+            }
+            for _ in 0..7 {
+                record(&b, 1_500, 10_000, true, w);
+            }
+            assert_eq!(totals(&b, 2_000, 10_000), (100, 7), "{w:?}");
+            // 9.9 s later the first bucket is still inside the window...
+            assert_eq!(totals(&b, 10_900, 10_000), (100, 7), "{w:?}");
+            // ...and one bucket later it has left it.
+            assert_eq!(totals(&b, 11_000, 10_000), (0, 0), "{w:?}");
+            // A stale bucket is reset by the next write into it.
+            record(&b, 11_000, 10_000, true, w);
+            assert_eq!(totals(&b, 11_000, 10_000), (0, 1), "{w:?}");
         }
-        for _ in 0..7 {
-            record(&b, 1_500, 10_000, true);
-        }
-        assert_eq!(totals(&b, 2_000, 10_000), (100, 7));
-        // 9.9 s later the first bucket is still inside the window...
-        assert_eq!(totals(&b, 10_900, 10_000), (100, 7));
-        // ...and one bucket later it has left it.
-        assert_eq!(totals(&b, 11_000, 10_000), (0, 0));
-        // A stale bucket is reset by the next write into it.
-        record(&b, 11_000, 10_000, true);
-        assert_eq!(totals(&b, 11_000, 10_000), (0, 1));
     }
 
     #[test]
     fn tag_wrap_does_not_resurrect_old_buckets() {
         let b = buckets();
-        record(&b, 0, 10_000, false);
+        record(&b, 0, 10_000, false, Writer::Shared);
         // 65536 bucket periods later the tag wraps to the same value, but the bucket's
         // index is the same too and it is reset on write; reading alone sees tag equal:
         // that is the one accepted imprecision (an idle pool for 18 hours).

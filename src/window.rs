@@ -2,17 +2,18 @@
 //! detector (emergency mode) and the canary rollback judge a pool by.
 //!
 //! `WINDOW_BUCKETS` buckets, each covering `window_ms / WINDOW_BUCKETS` of time and
-//! tagged with its period number. A writer whose period differs from the bucket's tag
-//! claims the bucket with a CAS on the tag and zeroes it; readers sum the buckets whose
-//! tag lies in the last `WINDOW_BUCKETS` periods. Counters are plain `fetch_add`s, so a
-//! few events racing a bucket reset can be lost or land in the fresh period: fine for
-//! a ratio judged over minutes, and it keeps recording to one or two uncontended
-//! atomics per try (the retry budget, which must be exact, packs its counters into one
-//! word instead).
+//! tagged with its period number, in every tally row (`crate::tally`: one row per
+//! worker, one shared). A writer whose period differs from the bucket's tag resets the
+//! bucket (the only writer of its row with plain stores; writers of the shared row
+//! claim it with a CAS on the tag); readers sum, over the rows, the buckets whose tag
+//! lies in the last `WINDOW_BUCKETS` periods. In the shared row a few events racing a
+//! bucket reset can be lost or land in the fresh period: fine for a ratio judged over
+//! minutes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::shm::layout::{WindowBucket, WINDOW_BUCKETS};
+use crate::tally::Writer;
 
 /// What one event adds to the window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,8 +63,14 @@ fn period(now_ms: u64, window_ms: u32) -> u64 {
     now_ms / (window_ms as u64 / WINDOW_BUCKETS as u64).max(1) + 1
 }
 
-/// Count one event at `now_ms`.
-pub fn record(buckets: &[WindowBucket; WINDOW_BUCKETS], now_ms: u64, window_ms: u32, event: Event) {
+/// Count one event at `now_ms` in one row's buckets, written as `writer`.
+pub fn record(
+    buckets: &[WindowBucket; WINDOW_BUCKETS],
+    now_ms: u64,
+    window_ms: u32,
+    event: Event,
+    writer: Writer,
+) {
     let p = period(now_ms, window_ms);
     let b = &buckets[(p % WINDOW_BUCKETS as u64) as usize];
     let tag = b.tag.load(Ordering::Acquire);
@@ -72,19 +79,28 @@ pub fn record(buckets: &[WindowBucket; WINDOW_BUCKETS], now_ms: u64, window_ms: 
             // A writer with a later clock already moved on; this event is too old.
             return;
         }
-        if b.tag
-            .compare_exchange(tag, p, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        let zero = || {
             for c in [&b.requests, &b.failures, &b.busy, &b.shed] {
                 c.store(0, Ordering::Relaxed);
             }
+        };
+        match writer {
+            Writer::Owned => {
+                zero();
+                // Release: a reader that sees the new tag sees the zeroed counters.
+                b.tag.store(p, Ordering::Release);
+            }
+            Writer::Shared => {
+                if b.tag
+                    .compare_exchange(tag, p, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    zero();
+                }
+            }
         }
     }
-    // Relaxed: statistics, nothing is published through them.
-    let add = |c: &AtomicU64| {
-        c.fetch_add(1, Ordering::Relaxed);
-    };
+    let add = |c: &AtomicU64| writer.add(c, 1);
     match event {
         Event::Ok => add(&b.requests),
         Event::Failure => {
@@ -151,7 +167,7 @@ mod tests {
     fn counts_events_within_the_window() {
         let b = buckets();
         for e in [Event::Ok, Event::Ok, Event::Failure, Event::Busy, Event::Shed] {
-            record(&b, 5_000, 10_000, e);
+            record(&b, 5_000, 10_000, e, Writer::Shared);
         }
         let t = totals(&b, 5_500, 10_000);
         assert_eq!(
@@ -170,7 +186,7 @@ mod tests {
     #[test]
     fn old_buckets_fall_out_and_are_reused() {
         let b = buckets();
-        record(&b, 1_000, 10_000, Event::Busy);
+        record(&b, 1_000, 10_000, Event::Busy, Writer::Shared);
         assert_eq!(
             totals(&b, 10_500, 10_000).busy,
             1,
@@ -178,7 +194,7 @@ mod tests {
         );
         assert_eq!(totals(&b, 11_000, 10_000).busy, 0, "10 s later: out");
         // The same bucket index, one full turn later: reset, not added to.
-        record(&b, 11_000, 10_000, Event::Ok);
+        record(&b, 11_000, 10_000, Event::Ok, Writer::Shared);
         let t = totals(&b, 11_000, 10_000);
         assert_eq!((t.requests, t.busy), (1, 0));
     }
@@ -193,9 +209,9 @@ mod tests {
     #[test]
     fn totals_since_skips_buckets_begun_before() {
         let b = buckets();
-        record(&b, 1_000, 10_000, Event::Failure); // bucket [1000, 2000)
-        record(&b, 2_500, 10_000, Event::Ok); // bucket [2000, 3000)
-        record(&b, 3_000, 10_000, Event::Ok); // bucket [3000, 4000)
+        record(&b, 1_000, 10_000, Event::Failure, Writer::Shared); // bucket [1000, 2000)
+        record(&b, 2_500, 10_000, Event::Ok, Writer::Shared); // bucket [2000, 3000)
+        record(&b, 3_000, 10_000, Event::Ok, Writer::Shared); // bucket [3000, 4000)
         assert_eq!(totals_since(&b, 3_500, 10_000, 0).requests, 3);
         assert_eq!(
             totals_since(&b, 3_500, 10_000, 1_999).requests,
@@ -212,10 +228,32 @@ mod tests {
     }
 
     #[test]
+    fn an_owned_row_counts_and_resets_like_the_shared_one() {
+        let b = buckets();
+        for e in [Event::Ok, Event::Failure, Event::Busy, Event::Shed] {
+            record(&b, 5_000, 10_000, e, Writer::Owned);
+        }
+        assert_eq!(
+            totals(&b, 5_500, 10_000),
+            Totals {
+                requests: 3,
+                failures: 1,
+                busy: 1,
+                shed: 1
+            }
+        );
+        record(&b, 15_000, 10_000, Event::Ok, Writer::Owned); // same index, next turn
+        let t = totals(&b, 15_000, 10_000);
+        assert_eq!((t.requests, t.failures, t.busy, t.shed), (1, 0, 0, 0));
+        record(&b, 5_000, 10_000, Event::Busy, Writer::Owned); // late: dropped
+        assert_eq!(totals(&b, 15_000, 10_000).busy, 0);
+    }
+
+    #[test]
     fn late_event_does_not_reset_a_newer_bucket() {
         let b = buckets();
-        record(&b, 20_000, 10_000, Event::Ok);
-        record(&b, 10_000, 10_000, Event::Busy); // same index, one turn earlier
+        record(&b, 20_000, 10_000, Event::Ok, Writer::Shared);
+        record(&b, 10_000, 10_000, Event::Busy, Writer::Shared); // same index, one turn earlier
         let t = totals(&b, 20_000, 10_000);
         assert_eq!((t.requests, t.busy), (1, 0));
     }

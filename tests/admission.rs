@@ -9,7 +9,6 @@ use rsbalancer::balancer::Balancer;
 use rsbalancer::health::LIMIT_ONE;
 use rsbalancer::shm::layout::emergency;
 use rsbalancer::shm::process::{fork_child, Signal};
-use rsbalancer::window;
 use serde_json::json;
 
 mod common;
@@ -65,11 +64,7 @@ fn emergency_sheds_below_the_configured_priority() {
         "5 is not below shed_below 5"
     );
     assert_eq!(ps.shed_total.load(Ordering::Relaxed), 1);
-    let t = window::totals(
-        &ps.window,
-        rsbalancer::shm::clock::now_ms(),
-        ps.window_ms.load(Ordering::Relaxed),
-    );
+    let t = rsbalancer::tally::pool_window(b.region(), pool, rsbalancer::shm::clock::now_ms());
     assert_eq!(t.shed, 1);
     // Shedding applies with queueing off too.
     let (b2, pool2) = balancer(4, json!({}));

@@ -16,6 +16,7 @@ use rsbalancer::balancer::{Balancer, Error, NodeStats};
 use rsbalancer::health::{Flip, LIMIT_ONE};
 use rsbalancer::select::Algorithm;
 use rsbalancer::shm::clock;
+use rsbalancer::tally;
 use serde_json::{json, Value};
 
 mod common;
@@ -754,36 +755,98 @@ fn reload_keeps_a_node_that_is_down_down() {
 
 #[test]
 fn outcomes_feed_status_classes_histogram_and_window() {
-    let b = Balancer::create(&config(json!({"algorithm": "round_robin"}), &["a"])).unwrap();
-    let pool = b.pool_index("p").unwrap();
-    let n = b.pick(pool, b"", &[]).unwrap();
-    for (status, us) in [
-        (200, 7_000),
-        (200, 10_000),
-        (503, 250_000),
-        (429, 1),
-        (0, 900_000),
-        (499, 5),
-    ] {
-        b.report(n, status, us, 0).unwrap();
+    // Unattached (the shared tally row, atomic adds) and attached (the worker's own
+    // row, plain stores): the same counts either way.
+    for attach in [false, true] {
+        let b = Balancer::create(&config(json!({"algorithm": "round_robin"}), &["a"])).unwrap();
+        if attach {
+            b.attach_worker(0).unwrap();
+        }
+        let pool = b.pool_index("p").unwrap();
+        let n = b.pick(pool, b"", &[]).unwrap();
+        for (status, us) in [
+            (200, 7_000),
+            (200, 10_000),
+            (503, 250_000),
+            (429, 1),
+            (0, 900_000),
+            (499, 5),
+        ] {
+            b.report(n, status, us, 0).unwrap();
+        }
+        b.report(n, 200, 4_000_000_000, 0).unwrap();
+        let c = tally::node_counts(b.region(), n);
+        assert_eq!(
+            c.status_class,
+            [1, 0, 3, 0, 2, 1],
+            "attach {attach}: none, 1xx..5xx (the 429 and the client abort are 4xx)"
+        );
+        let st = b.node_stats(n).unwrap();
+        assert_eq!((st.requests, st.failures, st.busy, st.picks), (7, 2, 1, 7));
+        // Served tries only: 7 ms -> le 10; 10 ms -> le 10 (inclusive); 4000 s -> +Inf.
+        assert_eq!(c.latency_hist, [0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(st.latency_sum_us, 7_000 + 10_000 + 4_000_000_000);
+        let t = tally::pool_window(b.region(), pool, clock::now_ms());
+        assert_eq!((t.requests, t.failures, t.busy), (6, 2, 1));
+        let own_row = b.region().node_tally(0, n).unwrap();
+        let in_own_row: u64 = own_row
+            .status_class
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum();
+        assert_eq!(in_own_row, if attach { 7 } else { 0 }, "attach {attach}");
     }
-    b.report(n, 200, 4_000_000_000, 0).unwrap();
-    let s = b.region().node(n).unwrap();
-    let class: Vec<u64> = s.status_class.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+}
+
+#[test]
+fn counts_from_owner_other_threads_and_other_handles_add_up() {
+    const PER_THREAD: u64 = 20_000;
+    let b = Balancer::create(&config(json!({"algorithm": "least_conn"}), &["a", "b"])).unwrap();
+    b.attach_worker(0).unwrap();
+    let pool = b.pool_index("p").unwrap();
+    // A second handle on the region with a worker slot of its own, and a third without.
+    let second = Balancer::attach(b.region().clone());
+    second.attach_worker(1).unwrap();
+    let third = Balancer::attach(b.region().clone());
+    let work = |h: &Balancer| {
+        for i in 0..PER_THREAD {
+            let n = h.pick(pool, b"", &[]).unwrap();
+            let status = if i % 10 == 0 { 503 } else { 200 };
+            h.report(n, status, 1_000, 0).unwrap();
+        }
+    };
+    // The first pick made `b`'s owner this thread; the spawned threads write the shared
+    // row while it writes its own, all at once.
+    b.pick(pool, b"", &[])
+        .map(|n| b.report(n, 200, 1_000, 0))
+        .unwrap()
+        .unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| work(&b));
+        }
+        s.spawn(|| work(&second));
+        s.spawn(|| work(&third));
+        work(&b);
+    });
+    let total = 6 * PER_THREAD + 1;
+    let nodes = slots(&b, &["a", "b"]);
+    let counts: Vec<_> = nodes.iter().map(|&n| tally::node_counts(b.region(), n)).collect();
+    assert_eq!(counts.iter().map(|c| c.requests()).sum::<u64>(), total);
     assert_eq!(
-        class,
-        [1, 0, 3, 0, 2, 1],
-        "none, 1xx..5xx (the 429 and the client abort are 4xx)"
+        counts.iter().map(|c| c.failures()).sum::<u64>(),
+        6 * PER_THREAD / 10
     );
-    let st = b.node_stats(n).unwrap();
-    assert_eq!((st.requests, st.failures, st.busy, st.picks), (7, 2, 1, 7));
-    let hist: Vec<u64> = s.latency_hist.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    // Served tries only: 7 ms -> le 10; 10 ms -> le 10 (inclusive); 4000 s -> +Inf.
-    assert_eq!(hist, [0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
-    assert_eq!(st.latency_sum_us, 7_000 + 10_000 + 4_000_000_000);
-    let ps = b.region().pool(pool).unwrap();
-    let t = rsbalancer::window::totals(&ps.window, clock::now_ms(), ps.window_ms.load(Ordering::Relaxed));
-    assert_eq!((t.requests, t.failures, t.busy), (6, 2, 1));
+    assert_eq!(
+        counts.iter().map(|c| c.served()).sum::<u64>(),
+        total - 6 * PER_THREAD / 10
+    );
+    assert_eq!(tally::pool_counts(b.region(), pool), (total, 0));
+    let t = tally::pool_window(b.region(), pool, clock::now_ms());
+    assert_eq!((t.requests, t.failures), (total, 6 * PER_THREAD / 10));
+    for &n in &nodes {
+        assert_eq!(b.node_stats(n).unwrap().inflight, 0);
+    }
 }
 
 #[test]

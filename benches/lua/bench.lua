@@ -246,6 +246,9 @@ local function main()
     local t = now_ns()
     rsb.init(cfg, "bench")
     io.write(string.format("init: %.1f ms\n", (now_ns() - t) / 1e6))
+    -- As an nginx worker does in init_worker_by_lua: claim a worker slot, so this
+    -- process's statistics go to its own tally row (plain stores, see src/tally.rs).
+    assert(rsb.init_worker())
     local bal = rsb.balancer()
 
     -- The seed does not depend on the algorithm: measure it once per size.

@@ -309,12 +309,7 @@ impl UserData for LuaBalancer {
                 let region = this.0.region();
                 Ok(p.nodes
                     .iter()
-                    .map(|n| {
-                        (
-                            n.id.clone(),
-                            node_stats(region, region.node(n.slot).expect("slot in range")),
-                        )
-                    })
+                    .map(|n| (n.id.clone(), node_stats(region, n.slot)))
                     .collect::<Vec<_>>())
             });
             match r {

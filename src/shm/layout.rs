@@ -9,19 +9,30 @@
 //!        | QueuePool x max_pools (admission parameters and counters)
 //!        | admission share: AtomicU32 x max_workers x max_pools (row per worker)
 //!        | served concurrency: AtomicU32 x max_nodes (highest concurrency answered OK)
+//!        | NodeTally x (max_workers + 1) x max_nodes (row per worker, then the shared row)
+//!        | PoolTally x (max_workers + 1) x max_pools (same rows)
 //! ```
+//!
+//! Tallies are the statistics every try adds to (status classes, latency histogram,
+//! requests, the retry budget and the sliding window). Each attached worker has its own
+//! row, which only that worker's owning thread writes, with a plain load and store
+//! instead of a locked read-modify-write: a try costs a few nanoseconds less for
+//! each counter, and no two workers write the same cache line. Processes or threads
+//! without a row of their own add to the shared row atomically. Readers sum the rows
+//! (`crate::tally`). A killed worker's row keeps its counts; its successor (same
+//! `ngx.worker.id()`, same row) goes on from them.
 //!
 //! Every field is an atomic or a plain value written once before the region is shared,
 //! so an all-zero mapping is a valid (empty) region and a process that dies between two
 //! stores leaves nothing that a reader could misinterpret. Slots are handed out as `&`
 //! references only; all mutation goes through atomics.
 
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -103,7 +114,11 @@ pub struct Header {
     pub health_until_ms: AtomicU64,
     /// In-flight tries of dead workers given back by `reap_dead_workers`.
     pub reclaimed_tries: AtomicU64,
-    pub _reserved: [AtomicU64; 5],
+    /// One past the highest worker row ever attached: readers sum tally rows
+    /// `0..tally_rows` and the shared row.
+    pub tally_rows: AtomicU32,
+    pub _pad1: u32,
+    pub _reserved: [AtomicU64; 4],
 }
 
 /// Per-pool shared parameters and counters. The report path reads its policy
@@ -139,10 +154,8 @@ pub struct PoolSlot {
     pub budget_ratio: AtomicU32,
     pub budget_min_per_s: AtomicU32,
     pub budget_window_ms: AtomicU32,
-    /// Requests (first tries) picked.
-    pub requests_total: AtomicU64,
-    /// Retries picked.
-    pub retries_total: AtomicU64,
+    /// Unused (was: requests and retries picked; now in `PoolTally`).
+    pub _reserved_counts: [AtomicU64; 2],
     /// Retries refused by the budget.
     pub retries_denied: AtomicU64,
     /// Requests or retries that found no node able to serve.
@@ -151,10 +164,8 @@ pub struct PoolSlot {
     /// Latency (ms) assumed for a node without samples.
     pub default_rtt_ms: AtomicU32,
     pub _reserved1: AtomicU64,
-    // --- lines 3-4: retry-budget window ----------------------------------------
-    /// Each word: bucket tag (16 bits) | requests (24 bits) | retries (24 bits).
-    pub budget: [AtomicU64; BUDGET_BUCKETS],
-    pub _reserved2: [AtomicU64; 6],
+    // --- lines 3-4: unused (was: the retry-budget window; now in `PoolTally`) -----
+    pub _reserved2: [AtomicU64; 16],
     // --- line 5: canary and emergency control ----------------------------------
     /// Canary pool slot + 1 (0: no canary).
     pub canary_pool: AtomicU32,
@@ -184,8 +195,8 @@ pub struct PoolSlot {
     pub queue_aborted_total: AtomicU64,
     pub queue_wait_ms_sum: AtomicU64,
     pub _reserved3: [AtomicU64; 3],
-    // --- lines 7-13: sliding window ----------------------------------------------
-    pub window: [WindowBucket; WINDOW_BUCKETS],
+    // --- lines 7-13: unused (was: the sliding window; now in `PoolTally`) ----------
+    pub _reserved_window: [AtomicU64; 5 * WINDOW_BUCKETS],
     /// Canary ramp (`crate::canary`): the next step's time (ms, coarse monotonic) in
     /// the high 48 bits, the share the ramp set last in the low 16; 0: no ramp running.
     pub canary_ramp: AtomicU64,
@@ -213,8 +224,8 @@ pub struct NodeSlot {
     pub _reserved_counts: [AtomicU64; 3],
     /// Reported 429s.
     pub busy: AtomicU64,
-    /// Sum of reported latencies of non-failed tries, microseconds.
-    pub latency_sum_us: AtomicU64,
+    /// Unused (was: latency sum; now in `NodeTally`).
+    pub _reserved_latency: AtomicU64,
     pub consecutive_busy: AtomicU32,
     pub _pad1: u32,
     // --- line 2: configuration and state ----------------------------------------
@@ -246,37 +257,41 @@ pub struct NodeSlot {
     pub cooldowns_total: AtomicU64,
     pub ejections_total: AtomicU64,
     pub _reserved3: [AtomicU64; 3],
-    // --- line 4: responses by status class ---------------------------------------
+    // --- lines 4-6: unused (was: status classes and latency histogram; now in
+    // `NodeTally`) -------------------------------------------------------------------
+    pub _reserved4: [AtomicU64; 24],
+}
+
+/// Per-row statistics of one node (see the module documentation for rows).
+#[repr(C, align(64))]
+pub struct NodeTally {
     /// Reported tries by status class: index 0 no response, 1..=5 the 1xx..5xx class
     /// (statuses of 600 and above count as 5xx; a client abort, 499, as 4xx). Every
-    /// reported try lands in exactly one class: the source of `requests()`.
+    /// reported try lands in exactly one class: the source of `requests`.
     pub status_class: [AtomicU64; 6],
-    pub _reserved4: [AtomicU64; 2],
-    // --- lines 5-6: upstream latency histogram -------------------------------------
+    /// Sum of the latencies of served tries, microseconds.
+    pub latency_sum_us: AtomicU64,
+    pub _pad: AtomicU64,
     /// Served tries (not failed, not 429, not cancelled) by latency bucket
     /// (`LATENCY_BOUNDS_MS`, then +Inf); not cumulative. Their sum is `latency_sum_us`.
     pub latency_hist: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
 }
 
-impl NodeSlot {
-    fn class(&self, i: usize) -> u64 {
-        self.status_class[i].load(Ordering::Relaxed)
-    }
-
-    /// Tries reported, whatever the outcome.
-    pub fn requests(&self) -> u64 {
-        (0..self.status_class.len()).map(|i| self.class(i)).sum()
-    }
-
-    /// Reported failures: no response (status 0) or 5xx.
-    pub fn failures(&self) -> u64 {
-        self.class(0) + self.class(5)
-    }
-
-    /// Tries handed out by `pick`: those reported plus those still in flight.
-    pub fn picks(&self) -> u64 {
-        self.requests() + self.inflight.load(Ordering::Relaxed) as u64
-    }
+/// Per-row statistics of one pool.
+#[repr(C, align(64))]
+pub struct PoolTally {
+    /// Requests (first tries) picked.
+    pub requests_total: AtomicU64,
+    /// Retries picked.
+    pub retries_total: AtomicU64,
+    pub _pad: [AtomicU64; 6],
+    /// Retry-budget window; each word: bucket tag (16 bits) | requests (24 bits) |
+    /// retries (24 bits).
+    pub budget: [AtomicU64; BUDGET_BUCKETS],
+    pub _pad2: [AtomicU64; 6],
+    /// Sliding window of outcomes (`crate::window`).
+    pub window: [WindowBucket; WINDOW_BUCKETS],
+    pub _pad3: [AtomicU64; 6],
 }
 
 /// One nginx worker (or any attached process) owning a row of in-flight shares.
@@ -295,6 +310,8 @@ const _: () = {
     assert!(std::mem::size_of::<NodeSlot>() == 384);
     assert!(std::mem::offset_of!(NodeSlot, pool) == 64);
     assert!(std::mem::size_of::<WorkerSlot>() == 64);
+    assert!(std::mem::size_of::<NodeTally>() == 192);
+    assert!(std::mem::size_of::<PoolTally>() == 640);
     assert!(std::mem::align_of::<NodeSlot>() == 64);
 };
 
@@ -403,6 +420,8 @@ pub struct Offsets {
     pub queue_pools: usize,
     pub admit_shares: usize,
     pub served: usize,
+    pub node_tallies: usize,
+    pub pool_tallies: usize,
     pub total: usize,
 }
 
@@ -428,7 +447,14 @@ impl Capacity {
             admit_shares + self.max_workers as usize * self.max_pools as usize * 4,
             64,
         );
-        let total = align_up(served + self.max_nodes as usize * 4, 4096);
+        let node_tallies = align_up(served + self.max_nodes as usize * 4, 64);
+        let pool_tallies = node_tallies
+            + self.tally_rows() as usize * self.max_nodes as usize * std::mem::size_of::<NodeTally>();
+        let total = align_up(
+            pool_tallies
+                + self.tally_rows() as usize * self.max_pools as usize * std::mem::size_of::<PoolTally>(),
+            4096,
+        );
         Offsets {
             pools,
             nodes,
@@ -439,7 +465,14 @@ impl Capacity {
             queue_pools,
             admit_shares,
             served,
+            node_tallies,
+            pool_tallies,
             total,
         }
+    }
+
+    /// Tally rows: one per worker slot, then the shared row (index `max_workers`).
+    pub fn tally_rows(&self) -> u32 {
+        self.max_workers + 1
     }
 }

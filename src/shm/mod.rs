@@ -15,6 +15,7 @@
 
 pub mod clock;
 pub mod layout;
+pub mod owned;
 pub mod process;
 
 use std::ptr::NonNull;
@@ -22,7 +23,8 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use layout::{
-    Capacity, Header, NodeSlot, Offsets, PoolSlot, QueueEntry, QueuePool, WorkerSlot, LAYOUT_VERSION, MAGIC,
+    Capacity, Header, NodeSlot, NodeTally, Offsets, PoolSlot, PoolTally, QueueEntry, QueuePool, WorkerSlot,
+    LAYOUT_VERSION, MAGIC,
 };
 
 /// Why a region operation failed.
@@ -219,6 +221,42 @@ impl Region {
         })
     }
 
+    /// Node `n`'s statistics in tally row `row` (a worker slot, or `max_workers` for
+    /// the shared row).
+    pub fn node_tally(&self, row: u32, n: u32) -> Option<&NodeTally> {
+        if row >= self.cap.tally_rows() || n >= self.cap.max_nodes {
+            return None;
+        }
+        self.slot(
+            self.off.node_tallies,
+            row * self.cap.max_nodes + n,
+            self.cap.tally_rows() * self.cap.max_nodes,
+        )
+    }
+
+    /// Pool `p`'s statistics in tally row `row`.
+    pub fn pool_tally(&self, row: u32, p: u32) -> Option<&PoolTally> {
+        if row >= self.cap.tally_rows() || p >= self.cap.max_pools {
+            return None;
+        }
+        self.slot(
+            self.off.pool_tallies,
+            row * self.cap.max_pools + p,
+            self.cap.tally_rows() * self.cap.max_pools,
+        )
+    }
+
+    /// The tally rows that may hold counts: every worker row ever attached, then the
+    /// shared row.
+    pub fn tally_rows(&self) -> impl Iterator<Item = u32> {
+        let used = self
+            .header()
+            .tally_rows
+            .load(Ordering::Acquire)
+            .min(self.cap.max_workers);
+        (0..used).chain(std::iter::once(self.cap.max_workers))
+    }
+
     /// Take the process-shared writer lock, waiting at most `timeout`. A holder whose
     /// process is gone is replaced (and counted in `lock_steals`).
     pub fn lock(&self, timeout: Duration) -> Result<LockGuard<'_>, ShmError> {
@@ -309,6 +347,7 @@ impl Region {
                     .is_ok()
             {
                 slot.attached_ms.store(clock::now_ms(), Ordering::Relaxed);
+                self.header().tally_rows.fetch_max(w + 1, Ordering::AcqRel);
                 return Ok(w);
             }
         }

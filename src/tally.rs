@@ -1,0 +1,142 @@
+//! Statistics in tally rows: writing one row, reading the sum of them.
+//!
+//! Every try adds to counters that the pick and report paths never read back: status
+//! classes, the latency histogram, request and retry totals, the retry budget and the
+//! sliding window. With one shared set of atomics, each of those adds is a locked
+//! read-modify-write (about 4 ns here), and all workers write the same cache lines.
+//! So each attached worker gets a row of its own (`crate::shm::layout`), which only its
+//! owner thread writes: an add there is a plain load and store ([`Writer::Owned`]).
+//! Everybody else (a process that never attached a worker slot, another thread of
+//! the process) adds to the shared row atomically ([`Writer::Shared`]). Readers
+//! (metrics, stats, the overload detector, the retry budget) sum the rows in use.
+//!
+//! A worker killed between the load and the store of an add loses that one count; its
+//! row keeps everything before it, and its successor continues the same row.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::shm::layout::LATENCY_BOUNDS_MS;
+use crate::shm::Region;
+use crate::window::{self, Totals};
+
+/// How the caller adds to a tally row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writer {
+    /// The only writer of its row: plain load and store.
+    Owned,
+    /// One of several writers of the shared row: atomic add.
+    Shared,
+}
+
+impl Writer {
+    /// Add `v` to `c`.
+    #[inline]
+    pub fn add(self, c: &AtomicU64, v: u64) {
+        // Relaxed: statistics; nothing is published through them.
+        match self {
+            Writer::Owned => c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed),
+            Writer::Shared => {
+                c.fetch_add(v, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A node's statistics summed over the rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounts {
+    /// Reported tries by status class (see `NodeTally::status_class`).
+    pub status_class: [u64; 6],
+    /// Served tries by latency bucket.
+    pub latency_hist: [u64; LATENCY_BOUNDS_MS.len() + 1],
+    /// Sum of served tries' latencies, microseconds.
+    pub latency_sum_us: u64,
+}
+
+impl NodeCounts {
+    /// Tries reported, whatever the outcome.
+    pub fn requests(&self) -> u64 {
+        self.status_class.iter().sum()
+    }
+
+    /// Reported failures: no response (status 0) or 5xx.
+    pub fn failures(&self) -> u64 {
+        self.status_class[0] + self.status_class[5]
+    }
+
+    /// Served tries (the histogram's count).
+    pub fn served(&self) -> u64 {
+        self.latency_hist.iter().sum()
+    }
+}
+
+fn load(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// Node slot `n`'s statistics.
+pub fn node_counts(region: &Region, n: u32) -> NodeCounts {
+    let mut sum = NodeCounts::default();
+    for t in region.tally_rows().filter_map(|row| region.node_tally(row, n)) {
+        for (s, c) in sum.status_class.iter_mut().zip(&t.status_class) {
+            *s += load(c);
+        }
+        for (s, c) in sum.latency_hist.iter_mut().zip(&t.latency_hist) {
+            *s += load(c);
+        }
+        sum.latency_sum_us += load(&t.latency_sum_us);
+    }
+    sum
+}
+
+/// Pool slot `p`'s (requests, retries) picked.
+pub fn pool_counts(region: &Region, p: u32) -> (u64, u64) {
+    region
+        .tally_rows()
+        .filter_map(|row| region.pool_tally(row, p))
+        .fold((0, 0), |(q, r), t| {
+            (q + load(&t.requests_total), r + load(&t.retries_total))
+        })
+}
+
+/// Pool slot `p`'s sliding window ending at `now_ms`, counting only buckets begun
+/// after `since_ms` (0: all).
+pub fn window_totals(region: &Region, p: u32, now_ms: u64, window_ms: u32, since_ms: u64) -> Totals {
+    region
+        .tally_rows()
+        .filter_map(|row| region.pool_tally(row, p))
+        .map(|t| window::totals_since(&t.window, now_ms, window_ms, since_ms))
+        .fold(Totals::default(), |a, b| Totals {
+            requests: a.requests + b.requests,
+            failures: a.failures + b.failures,
+            busy: a.busy + b.busy,
+            shed: a.shed + b.shed,
+        })
+}
+
+/// Pool slot `p`'s sliding window over its configured width, ending at `now_ms`.
+pub fn pool_window(region: &Region, p: u32, now_ms: u64) -> Totals {
+    let width = region
+        .pool(p)
+        .map_or(0, |ps| ps.window_ms.load(Ordering::Relaxed));
+    window_totals(region, p, now_ms, width, 0)
+}
+
+/// Pool slot `p`'s retry-budget window: (requests, retries).
+pub fn budget_totals(region: &Region, p: u32, now_ms: u64, window_ms: u32) -> (u64, u64) {
+    region
+        .tally_rows()
+        .filter_map(|row| region.pool_tally(row, p))
+        .map(|t| crate::retry::totals(&t.budget, now_ms, window_ms))
+        .fold((0, 0), |(q, r), (a, b)| (q + a, r + b))
+}
+
+/// Zero node slot `n`'s statistics in every row (a new node takes the slot).
+pub fn reset_node(region: &Region, n: u32) {
+    for t in region.tally_rows().filter_map(|row| region.node_tally(row, n)) {
+        for c in t.status_class.iter().chain(&t.latency_hist) {
+            c.store(0, Ordering::Relaxed);
+        }
+        t.latency_sum_us.store(0, Ordering::Relaxed);
+    }
+}
