@@ -841,8 +841,13 @@ enum Kind {
     Native { server_extra: &'static str },
     /// The seed's Lua weighted random; more tries granted on the first try.
     Seed { more_tries: u32 },
-    /// rsbalancer with this algorithm; admit in the access phase or not.
-    Rsb { algorithm: &'static str, admit: bool },
+    /// rsbalancer with this algorithm; admit in the access phase or not; slow nodes
+    /// as overflow (`limit.slow_factor`, 0: off).
+    Rsb {
+        algorithm: &'static str,
+        admit: bool,
+        slow_factor: f64,
+    },
     /// rsbalancer p2c_ewma with the admission queue on (priority from X-Priority),
     /// `limit.increase_every` as given.
     RsbQueue { increase_every: u32 },
@@ -923,13 +928,18 @@ fn start_gateway(
             vars.push(("MORE_TRIES", more_tries.to_string()));
             "gateway-seed.conf"
         }
-        Kind::Rsb { algorithm, admit } => {
+        Kind::Rsb {
+            algorithm,
+            admit,
+            slow_factor,
+        } => {
             let admit = if *admit {
                 "            access_by_lua_block { require(\"resty.rsbalancer\").admit(\"llm\") }"
             } else {
                 ""
             };
-            rsb_config(run, inst, nodes, json!({ "algorithm": algorithm }), admit, &mut vars)
+            let pool = json!({ "algorithm": algorithm, "limit": { "slow_factor": slow_factor } });
+            rsb_config(run, inst, nodes, pool, admit, &mut vars)
         }
         Kind::RsbQueue { increase_every } => rsb_config(
             run,
@@ -1222,6 +1232,7 @@ fn overhead(env: &Env, run: &RunDir, o: &Opts) {
             kind: Kind::Rsb {
                 algorithm: "p2c_ewma",
                 admit: false,
+                slow_factor: 0.0,
             },
         },
         Contender {
@@ -1229,6 +1240,7 @@ fn overhead(env: &Env, run: &RunDir, o: &Opts) {
             kind: Kind::Rsb {
                 algorithm: "weighted_random",
                 admit: false,
+                slow_factor: 0.0,
             },
         },
         Contender {
@@ -1892,6 +1904,7 @@ fn storm(env: &Env, run: &RunDir, o: &Opts, which: &str) {
         kind: Kind::Rsb {
             algorithm: "p2c_ewma",
             admit: true,
+            slow_factor: 2.0,
         },
     });
     println!();
@@ -2117,6 +2130,7 @@ fn metrics_overhead(env: &Env, run: &RunDir, o: &Opts) {
         kind: Kind::Rsb {
             algorithm: "p2c_ewma",
             admit: false,
+            slow_factor: 0.0,
         },
     };
     let (gw, port) = start_gateway(env, run, "mtr-gw", &c, &nodes, false, pin.gateway);

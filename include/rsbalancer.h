@@ -113,10 +113,13 @@ enum rsb_result rsb_pick(const struct rsb_balancer *b,
                          size_t ntried,
                          uint32_t *out_node);
 
-// `rsb_pick`, choosing first among nodes with a confirmed free slot (`prefer` 0, what
-// `rsb_pick` does) or among nodes at their probe (`prefer` 1: a request that
+// `rsb_pick`, choosing first among nodes with a confirmed free slot (`prefer` bit 0
+// clear, what `rsb_pick` does) or among nodes at their probe (bit 0 set: a request that
 // `rsb_admit` / `rsb_admit_poll` let in with verdict 9, into a probe slot), then among
-// the others. Other values of `prefer`: `RSB_INVALID_ARGUMENT`.
+// the others. With bit 1 set (`prefer` 2 or 3), only primaries that are not slow
+// (`limit.slow_factor`) are looked at, and `RSB_NO_NODE` means none of them can take a
+// try now (not counted as a request without a node). Other bits:
+// `RSB_INVALID_ARGUMENT`.
 //
 // # Safety
 // As `rsb_pick`.
@@ -161,6 +164,14 @@ enum rsb_result rsb_may_retry(const struct rsb_balancer *b,
 // # Safety
 // `b` a live handle; `out_wait_ms` writable.
 enum rsb_result rsb_available(const struct rsb_balancer *b, uint32_t pool, uint64_t *out_wait_ms);
+
+// How long (ms) `admit()` should go on waiting for a faster node before sending the
+// request to a slow one (`limit.slow_factor`); 0: go on now. See
+// `Balancer::slow_wait_ms`.
+//
+// # Safety
+// `b` a live handle; `out_ms` writable.
+enum rsb_result rsb_slow_wait(const struct rsb_balancer *b, uint32_t pool, uint32_t *out_ms);
 
 // Set a node's base weight (1..=10000); every process uses it on its next pick.
 //

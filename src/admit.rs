@@ -862,7 +862,7 @@ pub enum Verdict {
 
 /// Is the node out for now (cooling, ejected, down, draining)? Its limit is not
 /// looked at: a node at its limit still counts towards capacity.
-fn taken_out(n: &crate::shm::layout::NodeSlot, now: u64) -> bool {
+pub(crate) fn taken_out(n: &crate::shm::layout::NodeSlot, now: u64) -> bool {
     now < n.cooldown_until_ms.load(Ordering::Relaxed)
         || now < n.ejected_until_ms.load(Ordering::Relaxed)
         || n.flags.load(Ordering::Relaxed) & (flags::DOWN | flags::DRAINING) != 0

@@ -325,6 +325,8 @@ struct LocalPool {
     /// Whether some node had a learned concurrency limit at the last refresh: only
     /// then do picks tell confirmed slots from probes (see [`Prefer`]).
     limited: bool,
+    /// `limit.slow_factor` (0: off): see [`Tier::slow_extra_us`].
+    slow_factor: f64,
     primary: Tier,
     backup: Tier,
 }
@@ -334,7 +336,14 @@ struct Tier {
     cands: Vec<Candidate>,
     /// Smoothed success share per node, and the counters seen at the last refresh.
     success: Vec<f64>,
-    seen: Vec<(u64, u64)>,
+    seen: Vec<Seen>,
+    /// Smoothed mean latency (µs) of each node's served tries between refreshes; 0
+    /// until it has served one.
+    mean_us: Vec<f64>,
+    /// Per node, at the last refresh: how much slower (µs) its mean latency is than
+    /// the fastest primary's in service, if at least `slow_factor` times as slow;
+    /// else 0. A slow node takes a try only when no other node of its tier can.
+    slow_extra_us: Vec<f64>,
     selector: Selector,
 }
 
@@ -349,6 +358,8 @@ struct View<'a> {
     /// Only nodes with (`Some(true)`) or without (`Some(false)`) a confirmed free
     /// slot, see [`confirmed_slot`]; `None`: any.
     confirmed: Option<bool>,
+    /// Leave out the slow nodes (`Tier::slow_extra_us` not 0).
+    slow_extra_us: Option<&'a [f64]>,
 }
 
 impl View<'_> {
@@ -361,7 +372,7 @@ impl View<'_> {
 impl NodeView for View<'_> {
     fn eligible(&self, i: usize) -> bool {
         let slot = self.slots[i];
-        if self.tried.contains(&slot) {
+        if self.tried.contains(&slot) || self.slow_extra_us.is_some_and(|x| x[i] > 0.0) {
             return false;
         }
         let n = self.node(i);
@@ -814,13 +825,13 @@ impl Balancer {
     pub fn pick_with(&self, pool: u32, key: &[u8], tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
         let now = clock::now_ms();
         let mut spill = None;
-        let err = match self.pick_in(pool, key, tried, now, prefer, &mut spill) {
+        let err = match self.pick_in(pool, key, tried, now, prefer, &mut spill, true) {
             Err(e @ Error::NoNode { .. }) => e,
             other => return other,
         };
         // No node of the pool can take it: its backup pool may (emergency, dead pool).
         if let Some(bp) = spill {
-            if let Ok(slot) = self.pick_in(bp, key, tried, now, prefer, &mut None) {
+            if let Ok(slot) = self.pick_in(bp, key, tried, now, prefer, &mut None, true) {
                 return Ok(slot);
             }
         }
@@ -830,7 +841,17 @@ impl Balancer {
         Err(err)
     }
 
-    /// `pick` within one pool; on `NoNode`, `spill` is the pool to try next.
+    /// [`pick_with`](Self::pick_with) among the primaries that are not slow
+    /// (`limit.slow_factor`) only: `NoNode` when none of them can take a try now,
+    /// without counting it. What `admit()` uses to hold a faster node's slot before
+    /// the balancer phase rather than race other requests to it.
+    pub fn pick_fast(&self, pool: u32, key: &[u8], tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
+        self.pick_in(pool, key, tried, clock::now_ms(), prefer, &mut None, false)
+    }
+
+    /// `pick` within one pool; on `NoNode`, `spill` is the pool to try next. Without
+    /// `overflow`, only the primaries that are not slow are looked at.
+    #[allow(clippy::too_many_arguments)]
     fn pick_in(
         &self,
         pool: u32,
@@ -839,6 +860,7 @@ impl Balancer {
         now: u64,
         prefer: Prefer,
         spill: &mut Option<u32>,
+        overflow: bool,
     ) -> Result<u32, Error> {
         let mut l = self.local.lock();
         self.sync(&mut l)?;
@@ -856,17 +878,27 @@ impl Balancer {
         } else {
             0
         };
-        // Without learned limits every free slot is confirmed: one pass per tier.
-        let first = (prefer == Prefer::Confirmed, p.limited);
-        let passes = [
-            (false, Some(first.0)),
-            (false, Some(!first.0)),
-            (true, Some(first.0)),
-            (true, Some(!first.0)),
-        ];
-        let plain = [(false, None), (true, None)];
-        let passes: &[(bool, Option<bool>)] = if first.1 { &passes } else { &plain };
-        for &(backup, confirmed) in passes {
+        // Passes, each tier in turn: with slow nodes as overflow, the others first;
+        // with learned limits, confirmed free slots (or, for `Prefer::Probe`, probes)
+        // first. Without either, one pass per tier.
+        let first = prefer == Prefer::Confirmed;
+        let confirmed_passes: &[Option<bool>] = if p.limited {
+            &[Some(first), Some(!first)]
+        } else {
+            &[None]
+        };
+        let speed_passes: &[bool] = match (overflow, p.slow_factor > 0.0) {
+            (false, _) => &[true],
+            (true, true) => &[true, false],
+            (true, false) => &[false],
+        };
+        let tiers: &[bool] = if overflow { &[false, true] } else { &[false] };
+        let passes = tiers.iter().flat_map(|&backup| {
+            speed_passes
+                .iter()
+                .flat_map(move |&fast_only| confirmed_passes.iter().map(move |&c| (backup, fast_only, c)))
+        });
+        for (backup, fast_only, confirmed) in passes {
             let tier = if backup { &mut p.backup } else { &mut p.primary };
             let view = View {
                 region: &self.region,
@@ -876,6 +908,7 @@ impl Balancer {
                 tau_ms: p.ewma.decay_ms,
                 reference_us: p.reference_us,
                 confirmed,
+                slow_extra_us: fast_only.then_some(&tier.slow_extra_us[..]),
             };
             if let Some(i) = tier.selector.pick(rng, &view, key_hash) {
                 let slot = tier.slots[i];
@@ -898,7 +931,10 @@ impl Balancer {
                 return Ok(slot);
             }
         }
-        *spill = crate::emergency::spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now);
+        if overflow {
+            *spill =
+                crate::emergency::spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now);
+        }
         Err(Error::NoNode { pool: p.name.clone() })
     }
 
@@ -1006,6 +1042,40 @@ impl Balancer {
             }
         }
         Err(if soonest == u64::MAX { 1000 } else { soonest })
+    }
+
+    /// How long (ms) to go on waiting for a faster node rather than send the request
+    /// to a slow one (`limit.slow_factor`): 0 when some primary that is not slow can
+    /// take a try now, when no primary can at all (the backups, admission and the pick
+    /// deal with that), or when slow nodes are not set apart; otherwise the smallest
+    /// latency difference (ms, rounded up) among the slow primaries that could take it.
+    /// `admit()` waits while it has waited less than this.
+    pub fn slow_wait_ms(&self, pool: u32) -> Result<u32, Error> {
+        let now = clock::now_ms();
+        let mut l = self.local.lock();
+        self.sync(&mut l)?;
+        let p = local_pool(&mut l.pools, pool)?;
+        if p.slow_factor <= 0.0 {
+            return Ok(0);
+        }
+        if now >= p.next_refresh_ms {
+            p.refresh(&self.region, now);
+        }
+        let mut wait_us = f64::INFINITY;
+        for (&s, &extra) in p.primary.slots.iter().zip(&p.primary.slow_extra_us) {
+            if !self.region.node(s).is_some_and(|n| available_now(n, now)) {
+                continue;
+            }
+            if extra <= 0.0 {
+                return Ok(0);
+            }
+            wait_us = wait_us.min(extra);
+        }
+        Ok(if wait_us.is_finite() {
+            (wait_us / 1000.0).ceil().min(u32::MAX as f64) as u32
+        } else {
+            0
+        })
     }
 
     /// The status to answer when no node can take a request (429 or 503).
@@ -1441,7 +1511,9 @@ impl Balancer {
                 Tier {
                     slots: nodes.iter().map(|n| n.slot).collect(),
                     success: vec![1.0; nodes.len()],
-                    seen: nodes.iter().map(|n| bad_counts(&self.region, n.slot)).collect(),
+                    seen: nodes.iter().map(|n| Seen::of(&self.region, n.slot)).collect(),
+                    mean_us: vec![0.0; nodes.len()],
+                    slow_extra_us: vec![0.0; nodes.len()],
                     selector: Selector::build(p.algorithm, &cands, p.chash_points, rng),
                     cands,
                 }
@@ -1460,6 +1532,7 @@ impl Balancer {
                 reference_us: p.ewma.default_rtt_ms as f64 * 1000.0,
                 sampled: false,
                 limited: false,
+                slow_factor: p.limit.slow_factor,
                 primary,
                 backup,
             });
@@ -1495,6 +1568,35 @@ impl Drop for Balancer {
 
 impl LocalPool {
     /// Recompute the reference latency and every node's effective weight.
+    /// Mark the nodes whose mean latency is at least `slow_factor` times the fastest
+    /// primary's in service; with `slow_factor` 0, none. Mean latencies of served
+    /// tries, not the peak EWMA: a peak estimate keeps a fast node's rare slow answer
+    /// for seconds, which would hide a node that is slow on every answer.
+    fn classify_slow(&mut self, region: &Region, now: u64) {
+        let factor = self.slow_factor;
+        if factor <= 0.0 {
+            return;
+        }
+        // The fastest primary in service (one cooling, ejected or down does not count).
+        let p = &self.primary;
+        let fastest = p
+            .slots
+            .iter()
+            .zip(&p.mean_us)
+            .filter(|&(&s, &m)| m > 0.0 && region.node(s).is_some_and(|n| !crate::admit::taken_out(n, now)))
+            .map(|(_, &m)| m)
+            .fold(f64::INFINITY, f64::min);
+        for tier in [&mut self.primary, &mut self.backup] {
+            for (extra, &m) in tier.slow_extra_us.iter_mut().zip(&tier.mean_us) {
+                *extra = if m > 0.0 && m >= factor * fastest {
+                    m - fastest
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+
     fn refresh(&mut self, region: &Region, now: u64) {
         let tau = self.ewma.decay_ms;
         let default_us = self.ewma.default_rtt_ms as f64 * 1000.0;
@@ -1513,14 +1615,20 @@ impl LocalPool {
         let latency_weighted = !matches!(self.algorithm, Algorithm::P2cEwma | Algorithm::Chash);
         for tier in [&mut self.primary, &mut self.backup] {
             for (i, &slot) in tier.slots.iter().enumerate() {
-                let (tries, bad) = bad_counts(region, slot);
-                let (seen_tries, seen_bad) = tier.seen[i];
+                let (now_seen, was) = (Seen::of(region, slot), tier.seen[i]);
                 tier.success[i] = load::success_factor(
                     tier.success[i],
-                    tries.saturating_sub(seen_tries),
-                    bad.saturating_sub(seen_bad),
+                    now_seen.tries.saturating_sub(was.tries),
+                    now_seen.bad.saturating_sub(was.bad),
                 );
-                tier.seen[i] = (tries, bad);
+                let served = now_seen.served.saturating_sub(was.served);
+                if served > 0 {
+                    let mean =
+                        now_seen.latency_sum_us.saturating_sub(was.latency_sum_us) as f64 / served as f64;
+                    let old = tier.mean_us[i];
+                    tier.mean_us[i] = if old > 0.0 { 0.7 * old + 0.3 * mean } else { mean };
+                }
+                tier.seen[i] = now_seen;
                 let Some(n) = region.node(slot) else { continue };
                 let mut w = n.weight.load(Ordering::Relaxed).max(1) as f64
                     * load::slow_start(now, n.started_ms.load(Ordering::Relaxed), self.slow_start_ms)
@@ -1533,6 +1641,7 @@ impl LocalPool {
             }
             tier.selector.set_weights(&tier.cands);
         }
+        self.classify_slow(region, now);
         self.limited = [&self.primary, &self.backup].iter().any(|t| {
             t.slots.iter().any(|&s| {
                 region
@@ -1544,11 +1653,31 @@ impl LocalPool {
     }
 }
 
-/// (tries reported, tries that failed or were refused with 429) of a node slot.
-fn bad_counts(region: &Region, slot: u32) -> (u64, u64) {
-    let Some(n) = region.node(slot) else { return (0, 0) };
-    let c = tally::node_counts(region, slot);
-    (c.requests(), c.failures() + n.busy.load(Ordering::Relaxed))
+/// A node's counters as a refresh saw them.
+#[derive(Clone, Copy, Debug, Default)]
+struct Seen {
+    /// Tries reported.
+    tries: u64,
+    /// Tries that failed or were refused with 429.
+    bad: u64,
+    /// Served tries, and the sum of their latencies.
+    served: u64,
+    latency_sum_us: u64,
+}
+
+impl Seen {
+    fn of(region: &Region, slot: u32) -> Seen {
+        let Some(n) = region.node(slot) else {
+            return Seen::default();
+        };
+        let c = tally::node_counts(region, slot);
+        Seen {
+            tries: c.requests(),
+            bad: c.failures() + n.busy.load(Ordering::Relaxed),
+            served: c.served(),
+            latency_sum_us: c.latency_sum_us,
+        }
+    }
 }
 
 /// Index into `NodeTally::status_class`: 0 no response, 1..=5 the status class.

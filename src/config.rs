@@ -238,6 +238,12 @@ pub struct LimitConfig {
     pub max: u32,
     /// Successes at the limit needed to raise it by one, per unit of limit, 1..=1000.
     pub increase_every: u32,
+    /// Slow nodes as overflow, 0 (off) or 1.5..=100: a node whose mean latency (of its
+    /// recent served tries) is at least `slow_factor` times the fastest primary's takes
+    /// a try only when no faster node can (all at their learned limits or
+    /// unavailable), and `admit()` waits for a faster node's slot up to the difference
+    /// in latency first.
+    pub slow_factor: f64,
 }
 
 impl Default for LimitConfig {
@@ -247,6 +253,7 @@ impl Default for LimitConfig {
             min: 1,
             max: 10_000,
             increase_every: 4,
+            slow_factor: 0.0,
         }
     }
 }
@@ -587,6 +594,12 @@ impl PoolConfig {
         check_range(&lp, "min", l.min, 1..=100_000)?;
         check_range(&lp, "max", l.max, l.min..=100_000)?;
         check_range(&lp, "increase_every", l.increase_every, 1..=1_000)?;
+        if l.slow_factor != 0.0 && !(1.5..=100.0).contains(&l.slow_factor) {
+            return Err(ConfigError::new(
+                format!("{lp}.slow_factor"),
+                format!("{} is out of range: 0 (off) or 1.5..=100", l.slow_factor),
+            ));
+        }
         let o = &self.outlier;
         let op = format!("{path}.outlier");
         check_range(&op, "consecutive_failures", o.consecutive_failures, 0..=1_000)?;
@@ -1069,6 +1082,16 @@ mod tests {
                 "pools.deepseek.slow_start_ms: 3600001 is out of range 0..=3600000",
             ),
             (
+                "/pools/deepseek/limit/slow_factor",
+                1,
+                "pools.deepseek.limit.slow_factor: 1 is out of range: 0 (off) or 1.5..=100",
+            ),
+            (
+                "/pools/deepseek/limit/slow_factor",
+                101,
+                "pools.deepseek.limit.slow_factor: 101 is out of range: 0 (off) or 1.5..=100",
+            ),
+            (
                 "/pools/deepseek/refresh_ms",
                 9,
                 "pools.deepseek.refresh_ms: 9 is out of range 10..=60000",
@@ -1152,6 +1175,10 @@ mod tests {
                 .as_object_mut()
                 .unwrap()
                 .insert("ewma".into(), json!({}));
+            obj["pools"]["deepseek"]
+                .as_object_mut()
+                .unwrap()
+                .insert("limit".into(), json!({}));
             let (parent, key) = ptr.rsplit_once('/').unwrap();
             match doc.pointer_mut(parent).unwrap() {
                 Value::Object(m) => {

@@ -649,6 +649,67 @@ fn p2c_ewma_gives_a_slow_node_less_than_its_weight() {
     eprintln!("p2c_ewma shares: {by_node:?}");
 }
 
+/// Under 6 concurrent clients, the share of requests a node 5x slower than a node
+/// capped at 4 concurrent requests serves, with `limit.slow_factor` as given.
+fn slow_share(factor: f64, fast: &MockNode, slow: &MockNode) -> (f64, BTreeMap<String, usize>) {
+    let dir = TestDir::new(&format!("policy-slow-factor-{factor}"));
+    let g = start_gateway(
+        &dir,
+        &pool(
+            "p2c_ewma",
+            vec![node("fast", fast, 1), node("slow", slow, 1)],
+            // Rare AIMD probes: each refused probe is retried on the slow node (the fast
+            // one being full), which is not what this test is about.
+            json!({ "limit": { "slow_factor": factor, "increase_every": 50 } }),
+        ),
+    );
+    // Warm-up: latency samples for both, and the fast node's learned limit.
+    assert_all_ok(&load(&g, 60, 6), &format!("slow_factor {factor}: warm-up"));
+    let results = load(&g, 240, 6);
+    assert_all_ok(&results, &format!("slow_factor {factor}"));
+    let by_node = count(results.iter().map(|c| c.node.as_str()));
+    let share = *by_node.get("slow").unwrap_or(&0) as f64 / results.len() as f64;
+    let s = quiesce(&g);
+    eprintln!(
+        "slow_factor {factor}: fast busy {} limit {}, retries {}",
+        stat(&s, "fast", "busy"),
+        limit(&s, "fast"),
+        pool_status(&g)["retries"]
+    );
+    (share, by_node)
+}
+
+/// `limit.slow_factor`: a node at least that many times slower than the fastest is
+/// overflow only. With 6 clients and a fast node that takes 4 at once, plain p2c sends
+/// the 2 extra requests to the slow node; with the factor, admit() holds a slot on the
+/// fast node for them as soon as one frees (a wait far shorter than the slow node's
+/// extra 160 ms), and the slow node serves only what cannot wait (a retry after a
+/// probe 429, say: probes are made rare here).
+#[test]
+fn slow_node_is_only_overflow_with_slow_factor() {
+    let _serial = serial();
+    let dir = TestDir::new("policy-slow-factor");
+    let mut fast = MockNode::new("fast", 40);
+    fast.max_conc = 4;
+    let slow = MockNode::new("slow", 200);
+    let _mocks = start_mocks(&dir, &[fast.clone(), slow.clone()]);
+    let (plain, plain_nodes) = slow_share(0.0, &fast, &slow);
+    let (overflow, overflow_nodes) = slow_share(2.0, &fast, &slow);
+    eprintln!("slow node share: plain p2c {plain_nodes:?}, slow_factor 2 {overflow_nodes:?}");
+    assert!(
+        plain > 0.10,
+        "plain p2c: the slow node served {:.1}% (expected the overflow of 2 of 6 clients): \
+         {plain_nodes:?}",
+        plain * 100.0
+    );
+    assert!(
+        overflow < 0.05 && overflow * 3.0 < plain,
+        "slow_factor 2: the slow node served {:.1}% (plain p2c: {:.1}%): {overflow_nodes:?}",
+        overflow * 100.0,
+        plain * 100.0
+    );
+}
+
 // ----------------------------------------------------------------------------------
 // 6. Passive outlier ejection
 

@@ -971,3 +971,64 @@ fn report_ejects_through_any_handle() {
     reporter.report(node, 0, 1000, 0).unwrap();
     assert_eq!(stats(&b, node).state, "ejected", "one failure ejects");
 }
+
+#[test]
+fn slow_nodes_are_overflow_and_admit_waits_for_a_faster_one() {
+    for factor in [0.0, 3.0] {
+        let b = Balancer::create(&config(
+            json!({ "algorithm": "p2c_ewma", "slow_start_ms": 0, "refresh_ms": 10,
+                    "limit": { "slow_factor": factor } }),
+            &["fast", "slow"],
+        ))
+        .unwrap();
+        let pool = b.pool_index("p").unwrap();
+        let all = slots(&b, &["fast", "slow"]);
+        let [f, s] = all[..] else { unreachable!() };
+        for _ in 0..20 {
+            let n = pick_exactly(&b, pool, f, &all);
+            b.report(n, 200, 50_000, 0).unwrap();
+            let n = pick_exactly(&b, pool, s, &all);
+            b.report(n, 200, 250_000, 0).unwrap();
+        }
+        // Five tries held by the 5x faster node: p2c's cost, 50 ms x 6, is past the
+        // idle slow node's 250 ms.
+        for _ in 0..5 {
+            pick_exactly(&b, pool, f, &all);
+        }
+        std::thread::sleep(Duration::from_millis(15)); // past refresh_ms
+        let n = b.pick(pool, b"", &[]).unwrap();
+        b.report(n, 200, if n == f { 50_000 } else { 250_000 }, 0)
+            .unwrap();
+        if factor == 0.0 {
+            assert_eq!(n, s, "plain p2c: the loaded fast node costs more");
+            assert_eq!(b.slow_wait_ms(pool).unwrap(), 0);
+            continue;
+        }
+        assert_eq!(n, f, "slow_factor 3: the slow node only as overflow");
+        for _ in 0..5 {
+            b.report(f, 200, 50_000, 0).unwrap();
+        }
+        // The fast node full (learned limit 2): the slow one takes the overflow, and
+        // admit() is told to wait up to the latency difference (~200 ms) first.
+        b.region()
+            .node(f)
+            .unwrap()
+            .limit
+            .store(2 * health::LIMIT_ONE, Ordering::Relaxed);
+        assert_eq!(b.slow_wait_ms(pool).unwrap(), 0, "the fast node has a free slot");
+        let held = [b.pick(pool, b"", &[]).unwrap(), b.pick(pool, b"", &[]).unwrap()];
+        assert_eq!(held, [f, f]);
+        let wait = b.slow_wait_ms(pool).unwrap();
+        assert!((100..=260).contains(&wait), "wait {wait} ms for the fast node");
+        assert_eq!(b.pick(pool, b"", &[]).unwrap(), s, "overflow to the slow node");
+        b.report(s, 200, 250_000, 0).unwrap();
+        b.report(f, 200, 50_000, 0).unwrap();
+        assert_eq!(b.slow_wait_ms(pool).unwrap(), 0, "a fast slot is free again");
+        b.report(f, 200, 50_000, 0).unwrap();
+        // A fast node out of service does not make the others slow.
+        b.set_draining(f, true).unwrap();
+        std::thread::sleep(Duration::from_millis(15));
+        assert_eq!(b.pick(pool, b"", &[]).unwrap(), s);
+        assert_eq!(b.slow_wait_ms(pool).unwrap(), 0, "nothing faster to wait for");
+    }
+}

@@ -53,6 +53,7 @@ enum rsb_result rsb_pick_prefer(const struct rsb_balancer *b, uint32_t pool, con
 enum rsb_result rsb_report(const struct rsb_balancer *b, uint32_t node, uint32_t status, uint32_t latency_us, uint32_t retry_after_ms);
 enum rsb_result rsb_may_retry(const struct rsb_balancer *b, uint32_t pool, const uint32_t *tried, size_t ntried, uint32_t elapsed_ms, uint32_t *out_denied);
 enum rsb_result rsb_available(const struct rsb_balancer *b, uint32_t pool, uint64_t *out_wait_ms);
+enum rsb_result rsb_slow_wait(const struct rsb_balancer *b, uint32_t pool, uint32_t *out_ms);
 enum rsb_result rsb_set_weight(const struct rsb_balancer *b, uint32_t node, uint32_t weight);
 uint64_t rsb_generation(const struct rsb_balancer *b);
 size_t rsb_last_error(char *buf, size_t cap);
@@ -125,6 +126,8 @@ local function sync()
             non_idempotent = cfg.retry.non_idempotent,
             health = cfg.health,
             admission = cfg.admission,
+            -- Slow nodes as overflow: admit() holds a faster node's slot first.
+            hold_faster = cfg.limit.slow_factor > 0 and cfg.algorithm ~= "chash",
         }
         local nodes = bal:nodes(name)
         for j = 1, #nodes do
@@ -378,6 +381,49 @@ local function arm_of(st, pool, idx)
     return aidx, apool
 end
 
+-- balance()'s pick of the next try: reports the previous try's failure (a retry),
+-- picks a node not tried yet and records it. Returns the slot and the try count, or
+-- nil when the request must end (no node, or a retry not allowed).
+local function pick_next(st, aidx, apool, key, tried, n)
+    if n > 0 then
+        -- nginx reports ("failed", 429) for a 429 under proxy_next_upstream http_429,
+        -- 502 for a connect error or bad response, 504 for a timeout: keep the code.
+        local _, code = ngx_balancer.get_last_failure()
+        local status = code or 0
+        C_report(handle, tried[n], status, 0,
+                 (retry_after_s(ngx.var.upstream_http_retry_after) or 0) * 1000)
+        st.reported = n
+        -- A request that may have reached the node is not repeated unless allowed.
+        if status ~= 429 and status ~= 503 and not IDEMPOTENT[ngx.var.request_method]
+           and not policy[apool].non_idempotent then
+            local sent = item(ngx.var.upstream_bytes_sent, n)
+            if sent and sent > 0 then
+                return nil
+            end
+        end
+    end
+    for i = 1, n do
+        tried_buf[i - 1] = tried[i]
+    end
+    local klen = 0
+    if key then klen = #key end
+    -- A request let in above the confirmed capacity (st.probe) takes a node at its
+    -- probe if there is one; any other, a confirmed slot first.
+    local rc = C_pick_prefer(handle, aidx, key, klen, tried_buf, n, st.probe and 1 or 0, out_buf)
+    if rc ~= RSB_OK then
+        if rc ~= RSB_NO_NODE then
+            ngx.log(ngx.ERR, "rsbalancer: ", last_error())
+        end
+        return nil
+    end
+    local slot = out_buf[0]
+    n = n + 1
+    tried[n] = slot
+    st.n = n
+    tried_buf[n - 1] = slot
+    return slot, n
+end
+
 --- balance(pool [, key]): in balancer_by_lua. Picks a node not yet tried by this
 -- request and sets it as the peer; grants nginx one more try only when the retry
 -- policy allows (max tries, deadline, pool-wide budget, an untried node free), so a
@@ -396,44 +442,18 @@ function _M.balance(pool, key)
     local st = request_state(ctx, pool)
     local aidx, apool = arm_of(st, pool, idx)
     local tried, n = st.tried, st.n
-    if n > 0 then
-        -- nginx reports ("failed", 429) for a 429 under proxy_next_upstream http_429,
-        -- 502 for a connect error or bad response, 504 for a timeout: keep the code.
-        local _, code = ngx_balancer.get_last_failure()
-        local status = code or 0
-        C_report(handle, tried[n], status, 0,
-                 (retry_after_s(ngx.var.upstream_http_retry_after) or 0) * 1000)
-        st.reported = n
-        -- A request that may have reached the node is not repeated unless allowed.
-        if status ~= 429 and status ~= 503 and not IDEMPOTENT[ngx.var.request_method]
-           and not policy[apool].non_idempotent then
-            local sent = item(ngx.var.upstream_bytes_sent, n)
-            if sent and sent > 0 then
-                return ngx.exit(NGX_BUSY)
-            end
-        end
+    local slot
+    if st.held then
+        -- admit() already holds this first try's node (limit.slow_factor).
+        st.held = nil
+        slot = tried[n]
+        tried_buf[n - 1] = slot
+    else
+        slot, n = pick_next(st, aidx, apool, key, tried, n)
+        if not slot then return ngx.exit(NGX_BUSY) end
     end
-    for i = 1, n do
-        tried_buf[i - 1] = tried[i]
-    end
-    local klen = 0
-    if key then klen = #key end
-    -- A request let in above the confirmed capacity (st.probe) takes a node at its
-    -- probe if there is one; any other, a confirmed slot first.
-    local rc = C_pick_prefer(handle, aidx, key, klen, tried_buf, n, st.probe and 1 or 0, out_buf)
-    if rc ~= RSB_OK then
-        if rc ~= RSB_NO_NODE then
-            ngx.log(ngx.ERR, "rsbalancer: ", last_error())
-        end
-        return ngx.exit(NGX_BUSY)
-    end
-    local slot = out_buf[0]
-    n = n + 1
-    tried[n] = slot
-    st.n = n
     local now = ngx_now()
     st.picked = now
-    tried_buf[n - 1] = slot
     local p = peers[slot]
     local ok, perr = ngx_balancer.set_current_peer(p[1], p[2])
     if not ok then
@@ -446,6 +466,7 @@ function _M.balance(pool, key)
         ngx_balancer.set_more_tries(1)
     end
 end
+
 
 --- admit(pool [, priority]): in access_by_lua. `priority` is a trusted number 1..10,
 -- or a table { priority = n } (trusted) or { untrusted = value } (parsed and capped at
@@ -486,8 +507,12 @@ function _M.admit(pool, priority)
         st.arm, st.arm_pool = idx, pool
         aidx, apool = idx, pool
     end
-    return admission.admit(C, handle, aidx, apool, priority, st,
-                           policy[apool].no_node_status, last_error)
+    local ok = admission.admit(C, handle, aidx, apool, priority, st,
+                               policy[apool].no_node_status, last_error)
+    if ok == true and policy[apool].hold_faster and st.n == 0 then
+        admission.hold_faster(C, handle, aidx, st)
+    end
+    return ok
 end
 
 --- priority(value [, opts]): a priority 1..10 from an untrusted value (a header): a
@@ -510,7 +535,8 @@ function _M.log()
     local n = st.n
     if n > 0 then
         local status = ngx.status
-        if st.reported == n - 1 and status >= 200 and status < 300 then
+        -- (st.picked is unset for a try admit() held that balance() never sent.)
+        if st.reported == n - 1 and status >= 200 and status < 300 and st.picked then
             local us = (ngx_now() - st.picked) * 1e6
             if us < 0 then us = 0 end
             C_report(handle, st.tried[n], status, us, 0)

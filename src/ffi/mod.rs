@@ -335,7 +335,18 @@ pub unsafe extern "C" fn rsb_pick(
     out_node: *mut u32,
 ) -> rsb_result {
     // SAFETY: forwarded caller contract.
-    unsafe { pick(b, pool, key, key_len, tried, ntried, Prefer::Confirmed, out_node) }
+    unsafe {
+        pick(
+            b,
+            pool,
+            key,
+            key_len,
+            tried,
+            ntried,
+            (Prefer::Confirmed, false),
+            out_node,
+        )
+    }
 }
 
 /// The body of `rsb_pick` and `rsb_pick_prefer`.
@@ -350,7 +361,7 @@ unsafe fn pick(
     key_len: usize,
     tried: *const u32,
     ntried: usize,
-    prefer: Prefer,
+    (prefer, fast_only): (Prefer, bool),
     out_node: *mut u32,
 ) -> rsb_result {
     guard(|| {
@@ -365,7 +376,12 @@ unsafe fn pick(
         if out_node.is_null() {
             return null("out_node");
         }
-        match b.pick_with(pool, key, tried, prefer) {
+        let picked = if fast_only {
+            b.pick_fast(pool, key, tried, prefer)
+        } else {
+            b.pick_with(pool, key, tried, prefer)
+        };
+        match picked {
             Ok(n) => {
                 // SAFETY: non-null and writable by contract.
                 unsafe { *out_node = n };
@@ -376,10 +392,13 @@ unsafe fn pick(
     })
 }
 
-/// `rsb_pick`, choosing first among nodes with a confirmed free slot (`prefer` 0, what
-/// `rsb_pick` does) or among nodes at their probe (`prefer` 1: a request that
+/// `rsb_pick`, choosing first among nodes with a confirmed free slot (`prefer` bit 0
+/// clear, what `rsb_pick` does) or among nodes at their probe (bit 0 set: a request that
 /// `rsb_admit` / `rsb_admit_poll` let in with verdict 9, into a probe slot), then among
-/// the others. Other values of `prefer`: `RSB_INVALID_ARGUMENT`.
+/// the others. With bit 1 set (`prefer` 2 or 3), only primaries that are not slow
+/// (`limit.slow_factor`) are looked at, and `RSB_NO_NODE` means none of them can take a
+/// try now (not counted as a request without a node). Other bits:
+/// `RSB_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// As `rsb_pick`.
@@ -394,13 +413,19 @@ pub unsafe extern "C" fn rsb_pick_prefer(
     prefer: u32,
     out_node: *mut u32,
 ) -> rsb_result {
-    let prefer = match prefer {
-        0 => Prefer::Confirmed,
-        1 => Prefer::Probe,
-        other => return guard(|| fail(Error::Invalid(format!("prefer {other} is not 0 or 1")))),
+    let choice = match prefer {
+        0..=3 => (
+            if prefer & 1 == 0 {
+                Prefer::Confirmed
+            } else {
+                Prefer::Probe
+            },
+            prefer & 2 != 0,
+        ),
+        other => return guard(|| fail(Error::Invalid(format!("prefer {other} is not 0..=3")))),
     };
     // SAFETY: forwarded caller contract.
-    unsafe { pick(b, pool, key, key_len, tried, ntried, prefer, out_node) }
+    unsafe { pick(b, pool, key, key_len, tried, ntried, choice, out_node) }
 }
 
 /// Report the outcome of one try from `rsb_pick`: `status` the HTTP status or 0 when
@@ -484,6 +509,33 @@ pub unsafe extern "C" fn rsb_available(b: *const Balancer, pool: u32, out_wait_m
         // SAFETY: non-null and writable by contract.
         unsafe { *out_wait_ms = wait };
         code
+    })
+}
+
+/// How long (ms) `admit()` should go on waiting for a faster node before sending the
+/// request to a slow one (`limit.slow_factor`); 0: go on now. See
+/// `Balancer::slow_wait_ms`.
+///
+/// # Safety
+/// `b` a live handle; `out_ms` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_slow_wait(b: *const Balancer, pool: u32, out_ms: *mut u32) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        if out_ms.is_null() {
+            return null("out_ms");
+        }
+        match b.slow_wait_ms(pool) {
+            Ok(ms) => {
+                // SAFETY: non-null and writable by contract.
+                unsafe { *out_ms = ms };
+                rsb_result::RSB_OK
+            }
+            Err(e) => fail(e),
+        }
     })
 }
 

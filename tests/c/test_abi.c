@@ -207,14 +207,25 @@ static void test_basics(void) {
     CHECK(s.latency_sum_us == 0); /* failures are not latency samples */
 
     /* rsb_pick_prefer: probe slots first (1) finds none here (no learned limits), so
-     * it takes a confirmed one like rsb_pick; any other preference is refused. */
+     * it takes a confirmed one like rsb_pick; "not slow only" (2) finds any node (no
+     * slow_factor: none is slow); other values are refused. rsb_slow_wait: 0, nothing
+     * to wait for. */
     CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, 1, &n), RSB_OK);
     CHECK(n == na || n == nb);
     CHECK(stats_of(b, n).inflight == 1);
     CHECK_RC(rsb_report(b, n, 200, 1500, 0), RSB_OK);
     uint32_t before = n;
-    CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, 2, &n), RSB_INVALID_ARGUMENT);
+    CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, 2, &n), RSB_OK);
+    CHECK(n == na || n == nb);
+    CHECK_RC(rsb_report(b, n, 200, 1500, 0), RSB_OK);
+    before = n;
+    CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, 4, &n), RSB_INVALID_ARGUMENT);
     CHECK(n == before); /* nothing written */
+    uint32_t wait_ms = UINT32_MAX;
+    CHECK_RC(rsb_slow_wait(b, chat, &wait_ms), RSB_OK);
+    CHECK(wait_ms == 0);
+    CHECK_RC(rsb_slow_wait(b, chat, NULL), RSB_NULL_ARGUMENT);
+    CHECK_RC(rsb_slow_wait(b, 999, &wait_ms), RSB_INVALID_ARGUMENT);
     CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, 0, NULL), RSB_NULL_ARGUMENT);
 
     uint32_t m = UINT32_MAX;

@@ -7,6 +7,10 @@
 --   rsb_admit_leave when the client goes away while waiting (ngx.on_abort, which
 --                  needs `lua_check_client_abort on`; else the log phase does it)
 --   rsb_admit_release in the log phase, for every admission held
+--   hold_faster    once let on, with limit.slow_factor: take a slot on a node that is
+--                  not slow (rsb_pick_prefer, "not slow only"), waiting for one while
+--                  only slow nodes have a free slot, at most as long as a slow node
+--                  would add to the latency (rsb_slow_wait)
 --
 -- Refusals answer 429 with a Retry-After estimated from the queue, never a hang;
 -- "no node" (every node cooling, ejected or down) answers the pool's no_node_status.
@@ -26,6 +30,9 @@ local REASON = { [5] = "shed", [6] = "queue_full", [7] = "timeout", [8] = "evict
 local verdict_buf = ffi.new("uint32_t[1]")
 local entry_buf = ffi.new("uint32_t[1]")
 local value_buf = ffi.new("uint64_t[1]")
+local ms_buf = ffi.new("uint32_t[1]")
+local slot_buf = ffi.new("uint32_t[1]")
+local NOT_SLOW_ONLY = 2 -- rsb_pick_prefer: only primaries that are not slow (bit 0: probe)
 
 --- priority(value [, opts]): a priority 1..10 from an untrusted value (a header, a
 -- query argument): a whole number is clamped into 1..(opts.max or 10); anything else
@@ -111,6 +118,41 @@ function _M.admit(C, handle, idx, pool, priority, st, no_node_status, last_error
                 return true
             end
             return refuse(pool, 429, value_buf[0], REASON[v] or "refused")
+        end
+    end
+end
+
+--- hold_faster(C, handle, idx, st): with limit.slow_factor, after the request was let
+-- on: take a slot on a node of pool `idx` that is not slow, waiting for one (polling
+-- every 1-2 ms) while only slow nodes have a free slot, and for no longer than what
+-- a slow node would add to the latency. The slot is taken here, in the access phase,
+-- so that requests arriving meanwhile cannot race this one to the slot it waited for:
+-- it becomes the request's first try (st.tried[1], st.held), which balance() sends
+-- and the log phase reports like any other. If no such slot comes, the request goes
+-- on without one and balance() picks as usual (the slow node, as overflow).
+function _M.hold_faster(C, handle, idx, st)
+    local prefer = NOT_SLOW_ONLY + (st.probe and 1 or 0)
+    local start, again
+    while true do
+        if C.rsb_pick_prefer(handle, idx, nil, 0, nil, 0, prefer, slot_buf) == 0 then
+            st.n, st.tried[1], st.held = 1, slot_buf[0], true
+            return
+        end
+        if C.rsb_slow_wait(handle, idx, ms_buf) ~= 0 then
+            return
+        end
+        if ms_buf[0] == 0 then
+            -- Nothing slow to avoid, or a faster node's slot freed since the pick
+            -- above: one more pick, then on without a held slot.
+            if again then return end
+            again = true
+        else
+            local now = ngx.now()
+            start = start or now
+            if (now - start) * 1000 >= ms_buf[0] then
+                return
+            end
+            ngx.sleep(0.001 + random() * 0.001)
         end
     end
 end
