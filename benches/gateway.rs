@@ -842,11 +842,13 @@ enum Kind {
     /// The seed's Lua weighted random; more tries granted on the first try.
     Seed { more_tries: u32 },
     /// rsbalancer with this algorithm; admit in the access phase or not; slow nodes
-    /// as overflow (`limit.slow_factor`, 0: off).
+    /// as overflow (`limit.slow_factor`, 0: off); `limit.increase_every` (4 is the
+    /// default).
     Rsb {
         algorithm: &'static str,
         admit: bool,
         slow_factor: f64,
+        increase_every: u32,
     },
     /// rsbalancer p2c_ewma with the admission queue on (priority from X-Priority),
     /// `limit.increase_every` as given.
@@ -932,13 +934,15 @@ fn start_gateway(
             algorithm,
             admit,
             slow_factor,
+            increase_every,
         } => {
             let admit = if *admit {
                 "            access_by_lua_block { require(\"resty.rsbalancer\").admit(\"llm\") }"
             } else {
                 ""
             };
-            let pool = json!({ "algorithm": algorithm, "limit": { "slow_factor": slow_factor } });
+            let limit = json!({ "slow_factor": slow_factor, "increase_every": increase_every });
+            let pool = json!({ "algorithm": algorithm, "limit": limit });
             rsb_config(run, inst, nodes, pool, admit, &mut vars)
         }
         Kind::RsbQueue { increase_every } => rsb_config(
@@ -1233,6 +1237,7 @@ fn overhead(env: &Env, run: &RunDir, o: &Opts) {
                 algorithm: "p2c_ewma",
                 admit: false,
                 slow_factor: 0.0,
+                increase_every: 4,
             },
         },
         Contender {
@@ -1241,6 +1246,7 @@ fn overhead(env: &Env, run: &RunDir, o: &Opts) {
                 algorithm: "weighted_random",
                 admit: false,
                 slow_factor: 0.0,
+                increase_every: 4,
             },
         },
         Contender {
@@ -1899,14 +1905,24 @@ fn storm(env: &Env, run: &RunDir, o: &Opts, which: &str) {
     let weights: Vec<String> = sc.nodes.iter().map(|n| n.weight.to_string()).collect();
     let weights = weights.join(":");
     let mut contenders = baselines(o);
-    contenders.push(Contender {
-        label: "rsbalancer p2c_ewma+admit",
-        kind: Kind::Rsb {
-            algorithm: "p2c_ewma",
-            admit: true,
-            slow_factor: 2.0,
-        },
-    });
+    // Slow nodes as overflow (`limit.slow_factor` 2), with the default AIMD probing and
+    // with rare probes (`increase_every` 100, the README's advice for nodes of fixed
+    // capacity: each refused probe is retried, on the slow node when the fast ones are
+    // full).
+    for (label, increase_every) in [
+        ("rsbalancer slow_factor 2", 4),
+        ("rsb. slow_factor 2, incr. 100", 100),
+    ] {
+        contenders.push(Contender {
+            label,
+            kind: Kind::Rsb {
+                algorithm: "p2c_ewma",
+                admit: true,
+                slow_factor: 2.0,
+                increase_every,
+            },
+        });
+    }
     println!();
     println!("{}", sc.title);
     println!(
@@ -2131,6 +2147,7 @@ fn metrics_overhead(env: &Env, run: &RunDir, o: &Opts) {
             algorithm: "p2c_ewma",
             admit: false,
             slow_factor: 0.0,
+            increase_every: 4,
         },
     };
     let (gw, port) = start_gateway(env, run, "mtr-gw", &c, &nodes, false, pin.gateway);

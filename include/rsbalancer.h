@@ -166,12 +166,16 @@ enum rsb_result rsb_may_retry(const struct rsb_balancer *b,
 enum rsb_result rsb_available(const struct rsb_balancer *b, uint32_t pool, uint64_t *out_wait_ms);
 
 // How long (ms) `admit()` should go on waiting for a faster node before sending the
-// request to a slow one (`limit.slow_factor`); 0: go on now. See
-// `Balancer::slow_wait_ms`.
+// request to a slow one (`limit.slow_factor`); 0: go on now. `*out_others` is 1 when
+// other requests were already waiting for one (a newcomer lets them poll first), else
+// 0. See `Balancer::slow_wait_ms`.
 //
 // # Safety
-// `b` a live handle; `out_ms` writable.
-enum rsb_result rsb_slow_wait(const struct rsb_balancer *b, uint32_t pool, uint32_t *out_ms);
+// `b` a live handle; `out_ms` and `out_others` writable.
+enum rsb_result rsb_slow_wait(const struct rsb_balancer *b,
+                              uint32_t pool,
+                              uint32_t *out_ms,
+                              uint32_t *out_others);
 
 // Set a node's base weight (1..=10000); every process uses it on its next pick.
 //

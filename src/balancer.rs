@@ -271,6 +271,10 @@ fn local_pool(pools: &mut [Option<LocalPool>], pool: u32) -> Result<&mut LocalPo
         .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
 }
 
+/// How long (ms) a poll of `slow_wait_ms` marks a pool as having requests waiting for
+/// a faster node: a little over the 1-2 ms between polls and the coarse clock's tick.
+pub const SLOW_WAITING_MS: u64 = 10;
+
 /// A handle on a shared region plus this process's tables.
 pub struct Balancer {
     region: Arc<Region>,
@@ -842,8 +846,9 @@ impl Balancer {
     }
 
     /// [`pick_with`](Self::pick_with) among the primaries that are not slow
-    /// (`limit.slow_factor`) only: `NoNode` when none of them can take a try now,
-    /// without counting it. What `admit()` uses to hold a faster node's slot before
+    /// (`limit.slow_factor`) only, and with `Prefer::Confirmed` only into confirmed
+    /// slots (no AIMD probe): `NoNode` when none of them can take a try now, without
+    /// counting it. What `admit()` uses to hold a faster node's slot before
     /// the balancer phase rather than race other requests to it.
     pub fn pick_fast(&self, pool: u32, key: &[u8], tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
         self.pick_in(pool, key, tried, clock::now_ms(), prefer, &mut None, false)
@@ -880,12 +885,15 @@ impl Balancer {
         };
         // Passes, each tier in turn: with slow nodes as overflow, the others first;
         // with learned limits, confirmed free slots (or, for `Prefer::Probe`, probes)
-        // first. Without either, one pass per tier.
+        // first. Without either, one pass per tier. Without `overflow` (`pick_fast`)
+        // a `Confirmed` pick takes no probe: a refused probe would leave its request
+        // nothing but the slow node, so probes are left to requests that overflow
+        // anyway (and to the ones the queue admits as probes).
         let first = prefer == Prefer::Confirmed;
-        let confirmed_passes: &[Option<bool>] = if p.limited {
-            &[Some(first), Some(!first)]
-        } else {
-            &[None]
+        let confirmed_passes: &[Option<bool>] = match (p.limited, overflow || !first) {
+            (false, _) => &[None],
+            (true, true) => &[Some(first), Some(!first)],
+            (true, false) => &[Some(true)],
         };
         let speed_passes: &[bool] = match (overflow, p.slow_factor > 0.0) {
             (false, _) => &[true],
@@ -1050,14 +1058,21 @@ impl Balancer {
     /// deal with that), or when slow nodes are not set apart; otherwise the smallest
     /// latency difference (ms, rounded up) among the slow primaries that could take it.
     /// `admit()` waits while it has waited less than this.
-    pub fn slow_wait_ms(&self, pool: u32) -> Result<u32, Error> {
+    ///
+    /// Also says whether other requests were waiting for a faster node of the pool
+    /// (polled within the last [`SLOW_WAITING_MS`]): a newcomer lets them poll first,
+    /// so that it does not take the slot they wait for. A result above 0 counts the
+    /// caller as waiting.
+    pub fn slow_wait_ms(&self, pool: u32) -> Result<(u32, bool), Error> {
         let now = clock::now_ms();
         let mut l = self.local.lock();
         self.sync(&mut l)?;
         let p = local_pool(&mut l.pools, pool)?;
         if p.slow_factor <= 0.0 {
-            return Ok(0);
+            return Ok((0, false));
         }
+        let ps = self.region.pool(pool).expect("local pool slot in range");
+        let others = now < ps.slow_waiting_until_ms.load(Ordering::Relaxed);
         if now >= p.next_refresh_ms {
             p.refresh(&self.region, now);
         }
@@ -1067,15 +1082,16 @@ impl Balancer {
                 continue;
             }
             if extra <= 0.0 {
-                return Ok(0);
+                return Ok((0, others));
             }
             wait_us = wait_us.min(extra);
         }
-        Ok(if wait_us.is_finite() {
-            (wait_us / 1000.0).ceil().min(u32::MAX as f64) as u32
-        } else {
-            0
-        })
+        if !wait_us.is_finite() {
+            return Ok((0, others));
+        }
+        ps.slow_waiting_until_ms
+            .fetch_max(now + SLOW_WAITING_MS, Ordering::Relaxed);
+        Ok(((wait_us / 1000.0).ceil().min(u32::MAX as f64) as u32, others))
     }
 
     /// The status to answer when no node can take a request (429 or 503).

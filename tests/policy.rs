@@ -1001,7 +1001,7 @@ fn slow_nodes_are_overflow_and_admit_waits_for_a_faster_one() {
             .unwrap();
         if factor == 0.0 {
             assert_eq!(n, s, "plain p2c: the loaded fast node costs more");
-            assert_eq!(b.slow_wait_ms(pool).unwrap(), 0);
+            assert_eq!(b.slow_wait_ms(pool).unwrap(), (0, false));
             continue;
         }
         assert_eq!(n, f, "slow_factor 3: the slow node only as overflow");
@@ -1015,20 +1015,31 @@ fn slow_nodes_are_overflow_and_admit_waits_for_a_faster_one() {
             .unwrap()
             .limit
             .store(2 * health::LIMIT_ONE, Ordering::Relaxed);
-        assert_eq!(b.slow_wait_ms(pool).unwrap(), 0, "the fast node has a free slot");
+        assert_eq!(
+            b.slow_wait_ms(pool).unwrap(),
+            (0, false),
+            "the fast node has a free slot"
+        );
         let held = [b.pick(pool, b"", &[]).unwrap(), b.pick(pool, b"", &[]).unwrap()];
         assert_eq!(held, [f, f]);
-        let wait = b.slow_wait_ms(pool).unwrap();
+        let (wait, others) = b.slow_wait_ms(pool).unwrap();
         assert!((100..=260).contains(&wait), "wait {wait} ms for the fast node");
+        assert!(!others, "nobody was waiting before");
+        // This caller now counts as waiting: the next one is told so.
+        assert!(b.slow_wait_ms(pool).unwrap().1);
         assert_eq!(b.pick(pool, b"", &[]).unwrap(), s, "overflow to the slow node");
         b.report(s, 200, 250_000, 0).unwrap();
         b.report(f, 200, 50_000, 0).unwrap();
-        assert_eq!(b.slow_wait_ms(pool).unwrap(), 0, "a fast slot is free again");
+        assert_eq!(b.slow_wait_ms(pool).unwrap().0, 0, "a fast slot is free again");
         b.report(f, 200, 50_000, 0).unwrap();
         // A fast node out of service does not make the others slow.
         b.set_draining(f, true).unwrap();
         std::thread::sleep(Duration::from_millis(15));
         assert_eq!(b.pick(pool, b"", &[]).unwrap(), s);
-        assert_eq!(b.slow_wait_ms(pool).unwrap(), 0, "nothing faster to wait for");
+        assert_eq!(
+            b.slow_wait_ms(pool).unwrap(),
+            (0, false),
+            "nothing faster to wait for; the waiting mark expired"
+        );
     }
 }

@@ -53,7 +53,7 @@ enum rsb_result rsb_pick_prefer(const struct rsb_balancer *b, uint32_t pool, con
 enum rsb_result rsb_report(const struct rsb_balancer *b, uint32_t node, uint32_t status, uint32_t latency_us, uint32_t retry_after_ms);
 enum rsb_result rsb_may_retry(const struct rsb_balancer *b, uint32_t pool, const uint32_t *tried, size_t ntried, uint32_t elapsed_ms, uint32_t *out_denied);
 enum rsb_result rsb_available(const struct rsb_balancer *b, uint32_t pool, uint64_t *out_wait_ms);
-enum rsb_result rsb_slow_wait(const struct rsb_balancer *b, uint32_t pool, uint32_t *out_ms);
+enum rsb_result rsb_slow_wait(const struct rsb_balancer *b, uint32_t pool, uint32_t *out_ms, uint32_t *out_others);
 enum rsb_result rsb_set_weight(const struct rsb_balancer *b, uint32_t node, uint32_t weight);
 uint64_t rsb_generation(const struct rsb_balancer *b);
 size_t rsb_last_error(char *buf, size_t cap);

@@ -73,6 +73,22 @@ fn fail(e: Error) -> rsb_result {
     code
 }
 
+/// Store the value of `result` in `*out` and answer `RSB_OK`, or answer its error
+/// (writing nothing): the end of every function with one output.
+///
+/// # Safety
+/// `out` non-null and writable.
+unsafe fn put<T>(out: *mut T, result: Result<T, Error>) -> rsb_result {
+    match result {
+        Ok(v) => {
+            // SAFETY: forwarded caller contract.
+            unsafe { *out = v };
+            rsb_result::RSB_OK
+        }
+        Err(e) => fail(e),
+    }
+}
+
 /// Run an ABI body, turning a panic into `RSB_PANIC` with its message kept.
 fn guard(body: impl FnOnce() -> rsb_result) -> rsb_result {
     match catch_unwind(AssertUnwindSafe(body)) {
@@ -174,14 +190,9 @@ pub unsafe extern "C" fn rsb_balancer_new(
             return null("out");
         }
         let cfg = try_rsb!(parse_config(text));
-        match Balancer::create(&cfg) {
-            Ok(b) => {
-                // SAFETY: `out` is non-null and writable by contract.
-                unsafe { *out = Box::into_raw(Box::new(b)) };
-                rsb_result::RSB_OK
-            }
-            Err(e) => fail(e),
-        }
+        let created = Balancer::create(&cfg).map(|b| Box::into_raw(Box::new(b)));
+        // SAFETY: `out` is non-null (checked above) and writable by contract.
+        unsafe { put(out, created) }
     })
 }
 
@@ -268,14 +279,8 @@ pub unsafe extern "C" fn rsb_pool_index(
             return null("out");
         }
         let name = try_rsb!(utf8(name, "pool name"));
-        match b.pool_index(name) {
-            Ok(i) => {
-                // SAFETY: non-null and writable by contract.
-                unsafe { *out = i };
-                rsb_result::RSB_OK
-            }
-            Err(e) => fail(e),
-        }
+        // SAFETY: `out` is non-null (checked above) and writable by contract.
+        unsafe { put(out, b.pool_index(name)) }
     })
 }
 
@@ -305,14 +310,8 @@ pub unsafe extern "C" fn rsb_node_index(
             return null("out");
         }
         let (pool, id) = (try_rsb!(utf8(pool, "pool name")), try_rsb!(utf8(id, "node id")));
-        match b.node_index(pool, id) {
-            Ok(i) => {
-                // SAFETY: non-null and writable by contract.
-                unsafe { *out = i };
-                rsb_result::RSB_OK
-            }
-            Err(e) => fail(e),
-        }
+        // SAFETY: `out` is non-null (checked above) and writable by contract.
+        unsafe { put(out, b.node_index(pool, id)) }
     })
 }
 
@@ -381,14 +380,8 @@ unsafe fn pick(
         } else {
             b.pick_with(pool, key, tried, prefer)
         };
-        match picked {
-            Ok(n) => {
-                // SAFETY: non-null and writable by contract.
-                unsafe { *out_node = n };
-                rsb_result::RSB_OK
-            }
-            Err(e) => fail(e),
-        }
+        // SAFETY: `out_node` is non-null (checked above) and writable by contract.
+        unsafe { put(out_node, picked) }
     })
 }
 
@@ -513,29 +506,35 @@ pub unsafe extern "C" fn rsb_available(b: *const Balancer, pool: u32, out_wait_m
 }
 
 /// How long (ms) `admit()` should go on waiting for a faster node before sending the
-/// request to a slow one (`limit.slow_factor`); 0: go on now. See
-/// `Balancer::slow_wait_ms`.
+/// request to a slow one (`limit.slow_factor`); 0: go on now. `*out_others` is 1 when
+/// other requests were already waiting for one (a newcomer lets them poll first), else
+/// 0. See `Balancer::slow_wait_ms`.
 ///
 /// # Safety
-/// `b` a live handle; `out_ms` writable.
+/// `b` a live handle; `out_ms` and `out_others` writable.
 #[no_mangle]
-pub unsafe extern "C" fn rsb_slow_wait(b: *const Balancer, pool: u32, out_ms: *mut u32) -> rsb_result {
+pub unsafe extern "C" fn rsb_slow_wait(
+    b: *const Balancer,
+    pool: u32,
+    out_ms: *mut u32,
+    out_others: *mut u32,
+) -> rsb_result {
     guard(|| {
         // SAFETY: forwarded caller contract.
         let Some(b) = (unsafe { handle(b) }) else {
             return null("balancer");
         };
-        if out_ms.is_null() {
-            return null("out_ms");
+        if out_ms.is_null() || out_others.is_null() {
+            return null("out_ms or out_others");
         }
-        match b.slow_wait_ms(pool) {
-            Ok(ms) => {
-                // SAFETY: non-null and writable by contract.
-                unsafe { *out_ms = ms };
-                rsb_result::RSB_OK
-            }
-            Err(e) => fail(e),
-        }
+        let (ms, others) = match b.slow_wait_ms(pool) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        // SAFETY: both are non-null (checked above) and writable by contract.
+        unsafe { *out_others = others as u32 };
+        // SAFETY: as above.
+        unsafe { put(out_ms, Ok(ms)) }
     })
 }
 
@@ -573,25 +572,19 @@ pub unsafe extern "C" fn rsb_node_get_stats(
         if out.is_null() {
             return null("out");
         }
-        match b.node_stats(node) {
-            Ok(s) => {
-                let c = rsb_node_stats {
-                    weight: s.weight,
-                    inflight: s.inflight,
-                    picks: s.picks,
-                    requests: s.requests,
-                    failures: s.failures,
-                    busy: s.busy,
-                    latency_sum_us: s.latency_sum_us,
-                    ewma_us: s.ewma_us,
-                    backup: s.backup as c_int,
-                };
-                // SAFETY: non-null and writable by contract.
-                unsafe { *out = c };
-                rsb_result::RSB_OK
-            }
-            Err(e) => fail(e),
-        }
+        let stats = b.node_stats(node).map(|s| rsb_node_stats {
+            weight: s.weight,
+            inflight: s.inflight,
+            picks: s.picks,
+            requests: s.requests,
+            failures: s.failures,
+            busy: s.busy,
+            latency_sum_us: s.latency_sum_us,
+            ewma_us: s.ewma_us,
+            backup: s.backup as c_int,
+        });
+        // SAFETY: `out` is non-null (checked above) and writable by contract.
+        unsafe { put(out, stats) }
     })
 }
 

@@ -163,7 +163,9 @@ pub struct PoolSlot {
     pub slow_start_ms: AtomicU32,
     /// Latency (ms) assumed for a node without samples.
     pub default_rtt_ms: AtomicU32,
-    pub _reserved1: AtomicU64,
+    /// Requests are waiting for a faster node of this pool (`limit.slow_factor`) until
+    /// this time (ms): each of their polls pushes it on.
+    pub slow_waiting_until_ms: AtomicU64,
     // --- lines 3-4: unused (was: the retry-budget window; now in `PoolTally`) -----
     pub _reserved2: [AtomicU64; 16],
     // --- line 5: canary and emergency control ----------------------------------

@@ -224,26 +224,20 @@ impl Region {
     /// Node `n`'s statistics in tally row `row` (a worker slot, or `max_workers` for
     /// the shared row).
     pub fn node_tally(&self, row: u32, n: u32) -> Option<&NodeTally> {
-        if row >= self.cap.tally_rows() || n >= self.cap.max_nodes {
-            return None;
-        }
-        self.slot(
-            self.off.node_tallies,
-            row * self.cap.max_nodes + n,
-            self.cap.tally_rows() * self.cap.max_nodes,
-        )
+        self.row_slot(self.off.node_tallies, row, n, self.cap.max_nodes)
     }
 
     /// Pool `p`'s statistics in tally row `row`.
     pub fn pool_tally(&self, row: u32, p: u32) -> Option<&PoolTally> {
-        if row >= self.cap.tally_rows() || p >= self.cap.max_pools {
+        self.row_slot(self.off.pool_tallies, row, p, self.cap.max_pools)
+    }
+
+    /// Slot `i` of tally row `row` in an array of `T` at `at`, rows of `per_row`.
+    fn row_slot<T>(&self, at: usize, row: u32, i: u32, per_row: u32) -> Option<&T> {
+        if row >= self.cap.tally_rows() || i >= per_row {
             return None;
         }
-        self.slot(
-            self.off.pool_tallies,
-            row * self.cap.max_pools + p,
-            self.cap.tally_rows() * self.cap.max_pools,
-        )
+        self.slot(at, row * per_row + i, self.cap.tally_rows() * per_row)
     }
 
     /// The tally rows that may hold counts: every worker row ever attached, then the

@@ -221,11 +221,12 @@ static void test_basics(void) {
     before = n;
     CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, 4, &n), RSB_INVALID_ARGUMENT);
     CHECK(n == before); /* nothing written */
-    uint32_t wait_ms = UINT32_MAX;
-    CHECK_RC(rsb_slow_wait(b, chat, &wait_ms), RSB_OK);
-    CHECK(wait_ms == 0);
-    CHECK_RC(rsb_slow_wait(b, chat, NULL), RSB_NULL_ARGUMENT);
-    CHECK_RC(rsb_slow_wait(b, 999, &wait_ms), RSB_INVALID_ARGUMENT);
+    uint32_t wait_ms = UINT32_MAX, others = UINT32_MAX;
+    CHECK_RC(rsb_slow_wait(b, chat, &wait_ms, &others), RSB_OK);
+    CHECK(wait_ms == 0 && others == 0);
+    CHECK_RC(rsb_slow_wait(b, chat, NULL, &others), RSB_NULL_ARGUMENT);
+    CHECK_RC(rsb_slow_wait(b, chat, &wait_ms, NULL), RSB_NULL_ARGUMENT);
+    CHECK_RC(rsb_slow_wait(b, 999, &wait_ms, &others), RSB_INVALID_ARGUMENT);
     CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, 0, NULL), RSB_NULL_ARGUMENT);
 
     uint32_t m = UINT32_MAX;

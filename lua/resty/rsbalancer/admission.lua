@@ -32,6 +32,7 @@ local entry_buf = ffi.new("uint32_t[1]")
 local value_buf = ffi.new("uint64_t[1]")
 local ms_buf = ffi.new("uint32_t[1]")
 local slot_buf = ffi.new("uint32_t[1]")
+local others_buf = ffi.new("uint32_t[1]")
 local NOT_SLOW_ONLY = 2 -- rsb_pick_prefer: only primaries that are not slow (bit 0: probe)
 
 --- priority(value [, opts]): a priority 1..10 from an untrusted value (a header, a
@@ -129,16 +130,27 @@ end
 -- so that requests arriving meanwhile cannot race this one to the slot it waited for:
 -- it becomes the request's first try (st.tried[1], st.held), which balance() sends
 -- and the log phase reports like any other. If no such slot comes, the request goes
--- on without one and balance() picks as usual (the slow node, as overflow).
+-- on without one and balance() picks as usual (the slow node, as overflow). A
+-- newcomer that finds others waiting lets them poll first (one 1-2 ms sleep), so it
+-- does not take the slot they have been waiting for.
 function _M.hold_faster(C, handle, idx, st)
     local prefer = NOT_SLOW_ONLY + (st.probe and 1 or 0)
-    local start, again
+    if C.rsb_slow_wait(handle, idx, ms_buf, others_buf) ~= 0 then
+        return
+    end
+    local start = ngx.now()
+    if others_buf[0] ~= 0 then
+        -- Others wait for a faster node: let them poll first, rather than take the
+        -- slot they wait for.
+        ngx.sleep(0.001 + random() * 0.001)
+    end
+    local again
     while true do
         if C.rsb_pick_prefer(handle, idx, nil, 0, nil, 0, prefer, slot_buf) == 0 then
             st.n, st.tried[1], st.held = 1, slot_buf[0], true
             return
         end
-        if C.rsb_slow_wait(handle, idx, ms_buf) ~= 0 then
+        if C.rsb_slow_wait(handle, idx, ms_buf, others_buf) ~= 0 then
             return
         end
         if ms_buf[0] == 0 then
@@ -147,9 +159,7 @@ function _M.hold_faster(C, handle, idx, st)
             if again then return end
             again = true
         else
-            local now = ngx.now()
-            start = start or now
-            if (now - start) * 1000 >= ms_buf[0] then
+            if (ngx.now() - start) * 1000 >= ms_buf[0] then
                 return
             end
             ngx.sleep(0.001 + random() * 0.001)
