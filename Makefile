@@ -4,7 +4,7 @@
 #   make test     install what is missing, build, run every test
 #   make bench    micro and end-to-end benchmarks (figures go in README.md)
 #   make install  copy the library and Lua files under $(PREFIX)
-#   make check-config CONFIG=path.json   validate a pool config (nginx -t cannot: it skips init_by_lua)
+#   make check-config CONFIG=path.json   validate a pool config (what nginx -t does with nginx-conf/perl)
 #   make header   regenerate include/rsbalancer.h with cbindgen
 #   make lint     rustfmt and clippy
 
@@ -84,6 +84,8 @@ install: build
 	install -d $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer
 	install -m 0644 lua/resty/rsbalancer.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer.lua
 	install -m 0644 lua/resty/rsbalancer/*.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/
+	install -d $(DESTDIR)$(PREFIX)/share/rsbalancer/perl
+	install -m 0644 nginx-conf/perl/RsbalancerCheck.pm $(DESTDIR)$(PREFIX)/share/rsbalancer/perl/
 
 # Alert and recording rules (nginx-conf/prometheus/): syntax, the sample scrape config,
 # and the rule unit tests (alerts that must fire and must not).

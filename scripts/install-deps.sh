@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install what `make run`, `make test` and `make bench` need, skipping what is present.
 # Debian 12: nginx with lua-nginx-module, OpenResty's LuaJIT fork (which the module
-# links against; plain `luajit` conflicts with it), valgrind for the C test, wrk for
+# links against; plain `luajit` conflicts with it), nginx's Perl module (so that
+# `nginx -t` can validate pool configs: nginx-conf/perl), valgrind for the C test, wrk for
 # benchmarks, prometheus for promtool (rule tests, `promtool check metrics`) and the
 # end-to-end scrape test, chromium for the status page test (headless). Rust comes
 # from rustup and is expected on PATH.
 set -euo pipefail
 
-want=(nginx-core libnginx-mod-http-lua lua-resty-core luajit2 libluajit2-5.1-dev
+want=(nginx-core libnginx-mod-http-lua libnginx-mod-http-perl lua-resty-core luajit2 libluajit2-5.1-dev
       gcc make valgrind wrk curl prometheus chromium)
 [ "$#" -gt 0 ] && want+=("$@")
 

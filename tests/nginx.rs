@@ -796,31 +796,52 @@ fn mock_nodes_behave_like_busy_llm_endpoints() {
 fn example_openai_conf_passes_nginx_t() {
     let dir = TestDir::new("example");
     std::fs::create_dir_all(dir.path().join("logs")).unwrap();
-    let json = dir.write(
-        "openai.json",
-        &pool_json(
+    let pool = |weight: u32| {
+        pool_json(
             "p2c_ewma",
             &[
-                ("east", "127.0.0.1:8443".into(), 1),
+                ("east", "127.0.0.1:8443".into(), weight),
                 ("west", "127.0.0.1:9443".into(), 1),
             ],
         )
         .to_string()
-        .replace("\"llm\"", "\"openai\""),
-    );
+        .replace("\"llm\"", "\"openai\"")
+    };
+    let json = dir.write("openai.json", &pool(1));
     let text = std::fs::read_to_string(repo().join("nginx-conf/example-openai.conf")).unwrap();
     for needle in [
         "proxy_ssl_server_name on;",
         "proxy_ssl_name ",
         "proxy_set_header Host ",
+        "perl_require rsbalancer-openai.pm;",
     ] {
         assert!(text.contains(needle), "example-openai.conf lacks {needle}");
     }
+    // The one-line module the example asks for, pointing at this test's files.
+    let perl_dir = dir.path().join("perl");
+    std::fs::create_dir_all(&perl_dir).unwrap();
+    std::fs::write(
+        perl_dir.join("rsbalancer-openai.pm"),
+        format!(
+            "use RsbalancerCheck; RsbalancerCheck::config('{}', '{}'); 1;\n",
+            json.display(),
+            dir.lib_dir().display()
+        ),
+    )
+    .unwrap();
     let modules = nginx_modules().display().to_string();
     let conf = text
         .replace("/etc/nginx/rsbalancer-openai.json", &json.display().to_string())
         .replace("/usr/local/share/lua/5.1/", &format!("{}/lua/", repo().display()))
         .replace("/usr/local/lib/lua/5.1", &dir.lib_dir().display().to_string())
+        .replace(
+            "perl_modules /usr/local/share/rsbalancer/perl;",
+            &format!(
+                "perl_modules {}; perl_modules {};",
+                perl_dir.display(),
+                repo().join("nginx-conf/perl").display()
+            ),
+        )
         .replace("/usr/lib/nginx/modules", &modules)
         .replace("user www-data;", user_line());
     let conf = dir.write("example-openai.conf", &conf);
@@ -829,6 +850,15 @@ fn example_openai_conf_passes_nginx_t() {
         out.status.success(),
         "nginx -t:\n{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // A bad pool config fails `nginx -t` itself, naming the field and the value.
+    dir.write("openai.json", &pool(0));
+    let out = nginx_test_config(dir.path(), &conf);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nginx -t passed a weight of 0:\n{err}");
+    assert!(
+        err.contains("pools.openai.nodes[0].weight: 0 is out of range 1..=10000"),
+        "nginx -t does not name the field:\n{err}"
     );
 }
 
