@@ -708,11 +708,11 @@ impl Balancer {
         (w != NO_WORKER && v >> 32 == fork::epoch() & 0xffff_ffff).then_some(w)
     }
 
-    /// The tally row this call adds statistics to, and how (`crate::tally`): the
-    /// worker's own row from the thread that owns this handle's tables, else the shared
-    /// row.
-    fn tally(&self) -> (u32, Writer) {
-        match self.worker_slot() {
+    /// The tally row this call adds statistics to, given this handle's worker slot,
+    /// and how (`crate::tally`): the worker's own row from the thread that owns this
+    /// handle's tables, else the shared row.
+    fn tally(&self, worker: Option<u32>) -> (u32, Writer) {
+        match worker {
             Some(w) if self.local.is_owner() => (w, Writer::Owned),
             _ => (self.region.capacity().max_workers, Writer::Shared),
         }
@@ -920,8 +920,9 @@ impl Balancer {
             };
             if let Some(i) = tier.selector.pick(rng, &view, key_hash) {
                 let slot = tier.slots[i];
-                self.acquire(slot);
-                let (row, writer) = self.tally();
+                let worker = self.worker_slot();
+                self.acquire(slot, worker);
+                let (row, writer) = self.tally(worker);
                 let retry = !tried.is_empty();
                 let t = self
                     .region
@@ -946,14 +947,14 @@ impl Balancer {
         Err(Error::NoNode { pool: p.name.clone() })
     }
 
-    fn acquire(&self, slot: u32) {
+    fn acquire(&self, slot: u32, worker: Option<u32>) {
         let n = self.region.node(slot).expect("picked slot in range");
         // Relaxed: counters; no other memory is published through them.
         n.inflight.fetch_add(1, Ordering::Relaxed);
         // The worker's share stays an atomic add even on the owner thread: any thread
         // of the process may report a try another picked, and every one must be given
         // back exactly once if the process dies.
-        if let Some(share) = self.worker_slot().and_then(|w| self.region.share(w, slot)) {
+        if let Some(share) = worker.and_then(|w| self.region.share(w, slot)) {
             share.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -1120,10 +1121,11 @@ impl Balancer {
         // A node removed since its pick still gets its in-flight count back. The value
         // before is the concurrency this answer came at (this try included).
         let inflight = saturating_sub(&n.inflight, 1);
-        if let Some(share) = self.worker_slot().and_then(|w| self.region.share(w, node)) {
+        let worker = self.worker_slot();
+        if let Some(share) = worker.and_then(|w| self.region.share(w, node)) {
             saturating_sub(share, 1);
         }
-        let (row, writer) = self.tally();
+        let (row, writer) = self.tally(worker);
         let nt = self.region.node_tally(row, node).expect("node slot in range");
         writer.add(&nt.status_class[status_class(status)], 1);
         let pool = n.pool.load(Ordering::Relaxed);

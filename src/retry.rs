@@ -58,13 +58,7 @@ pub fn record(
             pack(tag, req + 1, ret)
         }
     };
-    // Relaxed: a statistic; in the shared row the CAS keeps each increment exactly once.
-    match writer {
-        Writer::Owned => cell.store(next(cell.load(Ordering::Relaxed)), Ordering::Relaxed),
-        Writer::Shared => {
-            let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| Some(next(w)));
-        }
-    }
+    writer.update(cell, next);
 }
 
 /// (requests, retries) over the window ending now.

@@ -40,6 +40,19 @@ impl Writer {
             }
         }
     }
+
+    /// Replace `c`'s value `v` with `f(v)`: a load and a store, or a CAS loop that
+    /// applies `f` exactly once to the value it replaces.
+    #[inline]
+    pub fn update(self, c: &AtomicU64, f: impl Fn(u64) -> u64) {
+        // Relaxed: statistics; nothing is published through them.
+        match self {
+            Writer::Owned => c.store(f(c.load(Ordering::Relaxed)), Ordering::Relaxed),
+            Writer::Shared => {
+                let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(f(v)));
+            }
+        }
+    }
 }
 
 /// A node's statistics summed over the rows.

@@ -115,11 +115,6 @@ pub fn record(
     }
 }
 
-/// Sums over the window ending at `now_ms`.
-pub fn totals(buckets: &[WindowBucket; WINDOW_BUCKETS], now_ms: u64, window_ms: u32) -> Totals {
-    totals_since(buckets, now_ms, window_ms, 0)
-}
-
 /// Sums over the window ending at `now_ms`, counting only buckets that began after
 /// `since_ms` (0: all of them): what the canary rollback judges after a change.
 pub fn totals_since(
@@ -152,6 +147,10 @@ pub fn totals_since(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn totals(buckets: &[WindowBucket; WINDOW_BUCKETS], now_ms: u64, window_ms: u32) -> Totals {
+        totals_since(buckets, now_ms, window_ms, 0)
+    }
 
     fn buckets() -> [WindowBucket; WINDOW_BUCKETS] {
         std::array::from_fn(|_| WindowBucket {

@@ -73,20 +73,23 @@ fn fail(e: Error) -> rsb_result {
     code
 }
 
-/// Store the value of `result` in `*out` and answer `RSB_OK`, or answer its error
-/// (writing nothing): the end of every function with one output.
+/// Hand the value of `result` to `write` (which stores the outputs) and answer
+/// `RSB_OK`, or answer its error with nothing written: the end of every function
+/// with outputs.
+fn answer<T>(result: Result<T, Error>, write: impl FnOnce(T)) -> rsb_result {
+    result.map_or_else(fail, |v| {
+        write(v);
+        rsb_result::RSB_OK
+    })
+}
+
+/// [`answer`] for a function with one output, stored in `*out`.
 ///
 /// # Safety
 /// `out` non-null and writable.
 unsafe fn put<T>(out: *mut T, result: Result<T, Error>) -> rsb_result {
-    match result {
-        Ok(v) => {
-            // SAFETY: forwarded caller contract.
-            unsafe { *out = v };
-            rsb_result::RSB_OK
-        }
-        Err(e) => fail(e),
-    }
+    // SAFETY: forwarded caller contract.
+    answer(result, |v| unsafe { *out = v })
 }
 
 /// Run an ABI body, turning a panic into `RSB_PANIC` with its message kept.
@@ -246,16 +249,12 @@ pub unsafe extern "C" fn rsb_attach_worker(
         let Some(b) = (unsafe { handle(b) }) else {
             return null("balancer");
         };
-        match b.attach_worker(worker) {
-            Ok(w) => {
-                if !out_slot.is_null() {
-                    // SAFETY: non-null and writable by contract.
-                    unsafe { *out_slot = w };
-                }
-                rsb_result::RSB_OK
+        answer(b.attach_worker(worker), |w| {
+            if !out_slot.is_null() {
+                // SAFETY: non-null and writable by contract.
+                unsafe { *out_slot = w };
             }
-            Err(e) => fail(e),
-        }
+        })
     })
 }
 
@@ -527,14 +526,13 @@ pub unsafe extern "C" fn rsb_slow_wait(
         if out_ms.is_null() || out_others.is_null() {
             return null("out_ms or out_others");
         }
-        let (ms, others) = match b.slow_wait_ms(pool) {
-            Ok(v) => v,
-            Err(e) => return fail(e),
-        };
-        // SAFETY: both are non-null (checked above) and writable by contract.
-        unsafe { *out_others = others as u32 };
-        // SAFETY: as above.
-        unsafe { put(out_ms, Ok(ms)) }
+        answer(b.slow_wait_ms(pool), |(ms, others)| {
+            // SAFETY: both are non-null (checked above) and writable by contract.
+            unsafe {
+                *out_ms = ms;
+                *out_others = others as u32;
+            }
+        })
     })
 }
 
@@ -651,17 +649,13 @@ pub unsafe extern "C" fn rsb_canary(
         if out_share.is_null() {
             return null("out_share");
         }
-        match b.canary(pool) {
-            Ok((slot, share)) => {
-                // SAFETY: non-null and writable by contract.
-                unsafe {
-                    *out_pool = slot.unwrap_or(u32::MAX);
-                    *out_share = share;
-                }
-                rsb_result::RSB_OK
+        answer(b.canary(pool), |(slot, share)| {
+            // SAFETY: non-null and writable by contract.
+            unsafe {
+                *out_pool = slot.unwrap_or(u32::MAX);
+                *out_share = share;
             }
-            Err(e) => fail(e),
-        }
+        })
     })
 }
 
@@ -691,18 +685,14 @@ pub unsafe extern "C" fn rsb_admit(
         if out_verdict.is_null() || out_entry.is_null() || out_value.is_null() {
             return null("out_verdict, out_entry or out_value");
         }
-        match b.admit(pool, priority) {
-            Ok((verdict, entry, value)) => {
-                // SAFETY: non-null and writable by contract.
-                unsafe {
-                    *out_verdict = verdict as u32;
-                    *out_entry = entry;
-                    *out_value = value;
-                }
-                rsb_result::RSB_OK
+        answer(b.admit(pool, priority), |(verdict, entry, value)| {
+            // SAFETY: non-null and writable by contract.
+            unsafe {
+                *out_verdict = verdict as u32;
+                *out_entry = entry;
+                *out_value = value;
             }
-            Err(e) => fail(e),
-        }
+        })
     })
 }
 
@@ -730,17 +720,13 @@ pub unsafe extern "C" fn rsb_admit_poll(
         if out_verdict.is_null() || out_value.is_null() {
             return null("out_verdict or out_value");
         }
-        match b.admit_poll(pool, entry, ticket) {
-            Ok((verdict, value)) => {
-                // SAFETY: non-null and writable by contract.
-                unsafe {
-                    *out_verdict = verdict as u32;
-                    *out_value = value;
-                }
-                rsb_result::RSB_OK
+        answer(b.admit_poll(pool, entry, ticket), |(verdict, value)| {
+            // SAFETY: non-null and writable by contract.
+            unsafe {
+                *out_verdict = verdict as u32;
+                *out_value = value;
             }
-            Err(e) => fail(e),
-        }
+        })
     })
 }
 
@@ -762,16 +748,12 @@ pub unsafe extern "C" fn rsb_admit_leave(
         let Some(b) = (unsafe { handle(b) }) else {
             return null("balancer");
         };
-        match b.admit_leave(pool, entry, ticket) {
-            Ok(left) => {
-                if !out_left.is_null() {
-                    // SAFETY: non-null and writable by contract.
-                    unsafe { *out_left = left as u32 };
-                }
-                rsb_result::RSB_OK
+        answer(b.admit_leave(pool, entry, ticket), |left| {
+            if !out_left.is_null() {
+                // SAFETY: non-null and writable by contract.
+                unsafe { *out_left = left as u32 };
             }
-            Err(e) => fail(e),
-        }
+        })
     })
 }
 
