@@ -84,8 +84,9 @@ function _M.admit(C, handle, idx, pool, priority, st, no_node_status, last_error
         return true
     end
     local v = verdict_buf[0]
-    if v == GO then
-        st.adm = idx
+    if v == GO or v == GO_PROBE then
+        -- An admission is held either way: the log phase gives it back.
+        st.adm, st.probe = idx, v == GO_PROBE
         return true
     elseif v == PASS then
         return true
