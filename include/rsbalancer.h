@@ -204,6 +204,17 @@ uint64_t rsb_generation(const struct rsb_balancer *b);
 // `buf` NULL or writable for `cap` bytes.
 size_t rsb_last_error(char *buf, size_t cap);
 
+// Parse a response's `Retry-After` value (`len` bytes at `value`): delay-seconds
+// (a fraction allowed) or an HTTP-date, as milliseconds from now, saturating at
+// one day (86,400,000 ms). A date in the past gives 0. Anything else
+// (empty, `inf`, `-1`, `1e9`, a bad date) answers `RSB_INVALID_ARGUMENT` with nothing
+// written. The pool's `cooldown.max_retry_after_ms` is applied by `rsb_report`.
+//
+// # Safety
+// `value` points to `len` readable bytes (NULL allowed when `len` is 0);
+// `out_ms` writable.
+enum rsb_result rsb_retry_after_ms(const char *value, size_t len, uint32_t *out_ms);
+
 // The library version, a static NUL-terminated string.
 const char *rsb_version(void);
 

@@ -668,6 +668,9 @@ impl Balancer {
                 }
                 s.pool.store(p.slot, Ordering::Relaxed);
                 s.weight.store(nc.weight, Ordering::Relaxed);
+                // A cooldown learned under an older (or no) cap ends by this config's.
+                let longest = p.cooldown.max_ms.max(p.cooldown.max_retry_after_ms) as u64;
+                s.cooldown_until_ms.fetch_min(now + longest, Ordering::Relaxed);
                 // Health (DOWN) is learned state and survives a reload; flags in `keep`
                 // (DRAINING, for a run-time change) survive too.
                 let down = s.flags.load(Ordering::Relaxed) & (flags::DOWN | keep);
@@ -1135,6 +1138,9 @@ impl Balancer {
         if load::is_cancelled(status) {
             return Ok(());
         }
+        // The one place a node's Retry-After is bounded by the pool's policy: every use
+        // below (quota or capacity, the cooldown, the penalty) sees the capped value.
+        let retry_after_ms = retry_after_ms.min(ps.max_retry_after_ms.load(Ordering::Relaxed));
         let now = clock::now_ms();
         let event = if load::is_failure(status) {
             Event::Failure
@@ -1779,6 +1785,7 @@ fn store_params(ps: &PoolSlot, p: &PoolTopo) {
     set(&ps.cooldown_base_ms, p.cooldown.base_ms);
     set(&ps.cooldown_max_ms, p.cooldown.max_ms);
     set(&ps.honor_retry_after, p.cooldown.honor_retry_after as u32);
+    set(&ps.max_retry_after_ms, p.cooldown.max_retry_after_ms);
     set(&ps.eject_after, p.outlier.consecutive_failures);
     set(&ps.eject_base_ms, p.outlier.base_ms);
     set(&ps.eject_max_ms, p.outlier.max_ms);

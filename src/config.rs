@@ -204,10 +204,14 @@ impl Default for RetryConfig {
 pub struct CooldownConfig {
     /// First backoff without Retry-After, 1..=3600000 ms.
     pub base_ms: u32,
-    /// Longest cooldown, Retry-After included, 1..=86400000 ms.
+    /// Longest cooldown the backoff (no Retry-After) reaches, 1..=86400000 ms.
     pub max_ms: u32,
     /// Use the node's Retry-After (never shortened by jitter).
     pub honor_retry_after: bool,
+    /// The longest Retry-After a node is believed, 1000..=86400000 ms (default one
+    /// hour): a larger value (or a date further ahead) counts as this long. A cooldown
+    /// never lasts longer than `max(max_ms, max_retry_after_ms)`.
+    pub max_retry_after_ms: u32,
     /// A 429 whose Retry-After is at least this long means "quota", 0..=3600000 ms
     /// (0: any Retry-After does).
     pub quota_retry_after_ms: u32,
@@ -221,6 +225,7 @@ impl Default for CooldownConfig {
             base_ms: 1_000,
             max_ms: 60_000,
             honor_retry_after: true,
+            max_retry_after_ms: 3_600_000,
             quota_retry_after_ms: 2_000,
             quota_after: 3,
         }
@@ -588,6 +593,12 @@ impl PoolConfig {
         check_range(&cp, "base_ms", c.base_ms, 1..=3_600_000)?;
         check_range(&cp, "max_ms", c.max_ms, c.base_ms..=86_400_000)?;
         check_range(&cp, "quota_retry_after_ms", c.quota_retry_after_ms, 0..=3_600_000)?;
+        check_range(
+            &cp,
+            "max_retry_after_ms",
+            c.max_retry_after_ms,
+            1_000..=crate::headers::RETRY_AFTER_MAX_MS,
+        )?;
         check_range(&cp, "quota_after", c.quota_after, 1..=1_000)?;
         let l = &self.limit;
         let lp = format!("{path}.limit");

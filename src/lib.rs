@@ -28,6 +28,7 @@ pub mod canary;
 pub mod config;
 pub mod emergency;
 pub mod ffi;
+pub mod headers;
 pub mod health;
 pub mod load;
 #[cfg(feature = "lua-module")]

@@ -464,6 +464,74 @@ fn http_date_retry_after_is_honoured() {
     until_served_by(&g, "limited", 20);
 }
 
+/// Issue 17: a misbehaving node's Retry-After is bounded. `4000000` (46 days), a date in
+/// 2099 and `99999999999` (which once wrapped to 3.2 days) rest a node at most
+/// `cooldown.max_retry_after_ms` (1 h by default); `inf` (which once gave 49.7 days) is
+/// not a Retry-After at all. When every node cools, clients are told a Retry-After of
+/// at most an hour, not `4294968`.
+#[test]
+fn absurd_retry_after_values_are_capped() {
+    let _serial = serial();
+    let dir = TestDir::new("policy-ra-cap");
+    let raw = [
+        ("big", "4000000"),
+        ("wrap", "99999999999"),
+        ("far", "Thu,%2001%20Jan%202099%2000:00:00%20GMT"),
+        ("inf", "inf"),
+    ];
+    let mocks: Vec<MockNode> = raw.iter().map(|(id, _)| MockNode::new(id, 5)).collect();
+    let ok = MockNode::new("ok", 5);
+    let mut all = mocks.clone();
+    all.push(ok.clone());
+    let _mocks = start_mocks(&dir, &all);
+    let mut nodes: Vec<Value> = mocks.iter().map(|m| node(&m.name, m, 50)).collect();
+    nodes.push(node("ok", &ok, 1));
+    let g = start_gateway(&dir, &pool("weighted_random", nodes, json!({})));
+    for (m, (_, v)) in mocks.iter().zip(raw) {
+        mock_set(m, &format!("fail=429&retry_after_raw={v}"));
+    }
+    let capped = ["big", "wrap", "far"];
+    let s = wait_stats(&g, 20, "the three nodes cooling", |s| {
+        if capped.iter().all(|id| state(s, id) == "cooling") {
+            return true;
+        }
+        // (Four of five nodes answer 429: a request may run out of tries.)
+        let c = chat(&g);
+        assert!(c.status == 200 || c.status == 429, "{c:?}");
+        false
+    });
+    for id in capped {
+        let left = s[id]["unavailable_ms"].as_u64().unwrap();
+        assert!(
+            (3_500_000..=3_600_000).contains(&left),
+            "{id}: cooling {left} ms, not the 1 h cap: {s}"
+        );
+    }
+    let sent = mock_state(&mocks[0])["last_retry_after"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(sent, "4000000", "the mock sent what the test set");
+    // `inf` is no Retry-After: a 429 without one (busy, a learned limit), never a
+    // cooldown of weeks.
+    let s = g.stats();
+    assert!(s["inf"]["unavailable_ms"].as_u64().unwrap() <= 60_000, "inf: {s}");
+    // Now the last node too: every node out; admit() answers with Retry-After <= 1 h.
+    mock_set(&mocks[3], "fail=429&retry_after_raw=4000000");
+    mock_set(&ok, "fail=429&retry_after_raw=4000000");
+    wait_stats(&g, 20, "every node cooling", |s| {
+        if ["inf", "ok"].iter().all(|id| state(s, id) == "cooling") {
+            return true;
+        }
+        let _ = chat(&g);
+        false
+    });
+    let r = g.chat();
+    assert_eq!(r.status, 429, "{}", r.text());
+    let ra: u64 = r.header("Retry-After").expect("Retry-After").parse().unwrap();
+    assert!((1..=3600).contains(&ra), "Retry-After {ra} s told to the client");
+}
+
 /// Regression: under `p2c_ewma`, the default algorithm, a node back from a quota
 /// cooldown gets traffic again in slow start. It once got none for ~30 s: the quota
 /// 429 was also fed to the peak EWMA as a 5 s penalty, so p2c's comparisons never

@@ -138,6 +138,72 @@ fn quota_429_cools_the_node_until_retry_after() {
 }
 
 #[test]
+fn retry_after_is_capped_by_max_retry_after_ms() {
+    // Issue 17: one 429 with `Retry-After: 4000000` (46 days) used to rest the node for
+    // 46 days. The pool believes at most `cooldown.max_retry_after_ms` (1 h by default).
+    let b = Balancer::create(&config(
+        json!({ "algorithm": "round_robin", "cooldown": { "max_ms": 60_000 } }),
+        &["a", "b"],
+    ))
+    .unwrap();
+    let pool = b.pool_index("p").unwrap();
+    let all = slots(&b, &["a", "b"]);
+    for ms in [4_000_000_000u32, u32::MAX] {
+        end_early(&b, all[0]);
+        let (_, t0, t1) = timed(|| {
+            b.report(pick_exactly(&b, pool, all[0], &all), 429, 1000, ms)
+                .unwrap()
+        });
+        let st = stats(&b, all[0]);
+        assert_eq!(st.state, "cooling", "{st:?}");
+        assert!(
+            drawn_in(st.cooldown_until_ms, t0, t1, 3_600_000, 3_600_000),
+            "Retry-After {ms} ms: cooling {} ms, not the 1 h cap: {st:?}",
+            st.cooldown_until_ms - t0
+        );
+    }
+    // A smaller cap in a new config also shortens the cooldown already running (it
+    // survives reloads): at most max(max_ms, max_retry_after_ms) from the reload.
+    let t0 = clock::now_ms();
+    b.configure(&config(
+        json!({ "algorithm": "round_robin",
+                "cooldown": { "max_ms": 60_000, "max_retry_after_ms": 5_000 } }),
+        &["a", "b"],
+    ))
+    .unwrap();
+    let st = stats(&b, all[0]);
+    assert_eq!(st.state, "cooling", "{st:?}");
+    assert!(
+        drawn_in(st.cooldown_until_ms, t0, clock::now_ms(), 0, 60_000),
+        "after the reload: {} ms left: {st:?}",
+        st.cooldown_until_ms.saturating_sub(t0)
+    );
+    // And a new 429 with a huge Retry-After now rests it 5 s (+ jitter up to max_ms).
+    end_early(&b, all[0]);
+    let (_, t0, t1) = timed(|| {
+        b.report(pick_exactly(&b, pool, all[0], &all), 429, 1000, 99_999_999)
+            .unwrap()
+    });
+    let st = stats(&b, all[0]);
+    assert!(drawn_in(st.cooldown_until_ms, t0, t1, 5_000, 5_500), "{st:?}");
+}
+
+#[test]
+fn max_retry_after_ms_out_of_range_is_refused_naming_the_field() {
+    for bad in [0, 999, 86_400_001] {
+        let e = Config::from_value(json!({ "pools": { "p": {
+            "cooldown": { "max_retry_after_ms": bad },
+            "nodes": [{ "id": "a", "addr": "127.0.0.1:9001" }] } } }))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("pools.p.cooldown.max_retry_after_ms") && e.contains(&bad.to_string()),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn busy_429_learns_the_concurrency_limit() {
     for k in [2u32, 4, 8] {
         let b = Balancer::create(&config(

@@ -57,6 +57,7 @@ enum rsb_result rsb_slow_wait(const struct rsb_balancer *b, uint32_t pool, uint3
 enum rsb_result rsb_set_weight(const struct rsb_balancer *b, uint32_t node, uint32_t weight);
 uint64_t rsb_generation(const struct rsb_balancer *b);
 size_t rsb_last_error(char *buf, size_t cap);
+enum rsb_result rsb_retry_after_ms(const char *value, size_t len, uint32_t *out_ms);
 enum rsb_result rsb_canary(const struct rsb_balancer *b, uint32_t pool, uint32_t *out_pool, uint32_t *out_share);
 enum rsb_result rsb_admit(const struct rsb_balancer *b, uint32_t pool, uint32_t priority, uint32_t *out_verdict, uint32_t *out_entry, uint64_t *out_value);
 enum rsb_result rsb_admit_poll(const struct rsb_balancer *b, uint32_t pool, uint32_t entry, uint64_t ticket, uint32_t *out_verdict, uint64_t *out_value);
@@ -256,7 +257,7 @@ function _M.report(slot, status, latency_s, retry_after_s)
     local ra = 0
     if retry_after_s then
         ra = retry_after_s * 1000
-        if ra > 4294967295 then ra = 4294967295 elseif ra < 0 then ra = 0 end
+        if ra > 4294967295 then ra = 4294967295 elseif not (ra >= 0) then ra = 0 end -- NaN too
     end
     if C_report(handle, slot, status, us, ra) ~= RSB_OK then
         return nil, last_error()
@@ -320,7 +321,7 @@ function _M.report_tries(tried, statuses, times, first, retry_after_s)
         local ra = 0
         if k == n and retry_after_s then
             ra = retry_after_s * 1000
-            if ra > 4294967295 then ra = 4294967295 end
+            if ra > 4294967295 then ra = 4294967295 elseif not (ra >= 0) then ra = 0 end
         end
         if C_report(handle, tried[k], status, us, ra) ~= RSB_OK and ngx then
             ngx.log(ngx.ERR, "rsbalancer: report: ", last_error())
@@ -328,21 +329,16 @@ function _M.report_tries(tried, statuses, times, first, retry_after_s)
     end
 end
 
--- Retry-After: delay-seconds or an HTTP-date; seconds from now, or nil.
-local function retry_after_s(v)
-    if not v or v == "" then return nil end
-    local secs = tonumber(v)
-    if secs then
-        if secs < 0 then return nil end
-        return secs
+-- Retry-After: delay-seconds or an HTTP-date, parsed and bounded in Rust
+-- (src/headers.rs: one day at most; `inf`, `-1`, `1e9` are not Retry-Afters):
+-- milliseconds from now, or nil when absent or not a Retry-After.
+local ra_buf = ffi.new("uint32_t[1]")
+local function retry_after_ms(v)
+    if v and v ~= "" and C.rsb_retry_after_ms(v, #v, ra_buf) == RSB_OK then
+        return ra_buf[0]
     end
-    local t = ngx.parse_http_time(v)
-    if not t then return nil end
-    local d = t - ngx.time()
-    if d < 0 then d = 0 end
-    return d
+    return nil
 end
-_M._retry_after_s = retry_after_s
 
 -- Ending a try in balancer_by_lua: lua-nginx-module turns ngx.exit(<HTTP status>) into
 -- NGX_ERROR, which nginx answers with 500 whatever the status. NGX_BUSY instead makes
@@ -390,8 +386,7 @@ local function pick_next(st, aidx, apool, key, tried, n)
         -- 502 for a connect error or bad response, 504 for a timeout: keep the code.
         local _, code = ngx_balancer.get_last_failure()
         local status = code or 0
-        C_report(handle, tried[n], status, 0,
-                 (retry_after_s(ngx.var.upstream_http_retry_after) or 0) * 1000)
+        C_report(handle, tried[n], status, 0, retry_after_ms(ngx.var.upstream_http_retry_after) or 0)
         st.reported = n
         -- A request that may have reached the node is not repeated unless allowed.
         if status ~= 429 and status ~= 503 and not IDEMPOTENT[ngx.var.request_method]
@@ -542,8 +537,9 @@ function _M.log()
             C_report(handle, st.tried[n], status, us, 0)
         else
             local var = ngx.var
+            local ra = retry_after_ms(var.upstream_http_retry_after)
             _M.report_tries(st.tried, var.upstream_status, var.upstream_response_time,
-                            st.reported + 1, retry_after_s(var.upstream_http_retry_after))
+                            st.reported + 1, ra and ra / 1000)
         end
         st.n = 0
     end

@@ -617,6 +617,39 @@ pub unsafe extern "C" fn rsb_last_error(buf: *mut c_char, cap: usize) -> usize {
     })
 }
 
+/// Parse a response's `Retry-After` value (`len` bytes at `value`): delay-seconds
+/// (a fraction allowed) or an HTTP-date, as milliseconds from now, saturating at
+/// one day (86,400,000 ms). A date in the past gives 0. Anything else
+/// (empty, `inf`, `-1`, `1e9`, a bad date) answers `RSB_INVALID_ARGUMENT` with nothing
+/// written. The pool's `cooldown.max_retry_after_ms` is applied by `rsb_report`.
+///
+/// # Safety
+/// `value` points to `len` readable bytes (NULL allowed when `len` is 0);
+/// `out_ms` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_retry_after_ms(
+    value: *const c_char,
+    len: usize,
+    out_ms: *mut u32,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(v) = (unsafe { bytes(value, len) }) else {
+            return null("value");
+        };
+        if out_ms.is_null() {
+            return null("out_ms");
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let parsed = crate::headers::retry_after_ms(v, now_ms, crate::headers::RETRY_AFTER_MAX_MS)
+            .ok_or_else(|| Error::Invalid("not a Retry-After value".into()));
+        // SAFETY: `out_ms` is non-null (checked above) and writable by contract.
+        unsafe { put(out_ms, parsed) }
+    })
+}
+
 /// The library version, a static NUL-terminated string.
 #[no_mangle]
 pub extern "C" fn rsb_version() -> *const c_char {

@@ -154,8 +154,11 @@ pub struct PoolSlot {
     pub budget_ratio: AtomicU32,
     pub budget_min_per_s: AtomicU32,
     pub budget_window_ms: AtomicU32,
+    /// `cooldown.max_retry_after_ms`: the longest Retry-After a node is believed.
+    pub max_retry_after_ms: AtomicU32,
+    pub _pad_ra: u32,
     /// Unused (was: requests and retries picked; now in `PoolTally`).
-    pub _reserved_counts: [AtomicU64; 2],
+    pub _reserved_counts: [AtomicU64; 1],
     /// Retries refused by the budget.
     pub retries_denied: AtomicU64,
     /// Requests or retries that found no node able to serve.

@@ -16,6 +16,8 @@
 --   health_fail     "" | "503" | "close": only GET /health fails (chat requests still served)
 --   retry_after_at  > 0: the 429s carry `Retry-After: <HTTP-date of this Unix time>` instead
 --                   of delay-seconds
+--   retry_after_raw this exact text as the 429s' Retry-After (a misbehaving upstream:
+--                   `inf`, `99999999999`, a date in 2099), before the two above
 --
 -- Runtime overrides (all workers, until changed back; "" or "default" clears one):
 --   POST /mock/set?fail=503&latency_ms=500&max_conc=2   (keys: the names above minus mock_)
@@ -45,6 +47,7 @@ local KNOBS = {
     retry_after = "mock_retry_after", quota_rps = "mock_quota_rps",
     quota_burst = "mock_quota_burst", fail = "mock_fail",
     health_fail = "mock_health_fail", retry_after_at = "mock_retry_after_at",
+    retry_after_raw = "mock_retry_after_raw",
 }
 
 -- A knob: the runtime override if any, else the server's `set` value (nil when the
@@ -82,8 +85,11 @@ end
 -- retry_after_at knob when set. Remembered for /mock/state.
 local function retry_after(node, seconds)
     local at = tonumber(knob(node, "retry_after_at")) or 0
+    local raw = knob(node, "retry_after_raw")
     local v
-    if at > 0 then
+    if raw and raw ~= "" then
+        v = raw
+    elseif at > 0 then
         v = ngx.http_time(floor(at))
     elseif seconds and seconds > 0 then
         v = tostring(seconds)
