@@ -286,6 +286,9 @@ pub struct Balancer {
     worker: AtomicU64,
     /// This process's overload-detector state (`crate::emergency`).
     emergency: crate::emergency::DetectorState,
+    /// The config stage this process serves (`apply_stage`); 0 when the handle was
+    /// only ever configured directly. Inherited across fork, like everything here.
+    stage: AtomicU64,
 }
 
 struct Local {
@@ -429,6 +432,7 @@ impl Balancer {
             local: Owned::new(Local::empty(), Local::empty()),
             worker: AtomicU64::new(NO_WORKER as u64),
             emergency: Default::default(),
+            stage: AtomicU64::new(0),
         }
     }
 
@@ -440,6 +444,73 @@ impl Balancer {
     /// everything learned; new nodes start in slow start; removed nodes stop being
     /// picked at once. All checks run before anything is changed.
     pub fn configure(&self, cfg: &Config) -> Result<(), Error> {
+        self.check_capacity(cfg)?;
+        let guard = self.region.lock(LOCK_TIMEOUT)?;
+        let old = Topology::parse(&self.region.read_text(&guard));
+        self.commit(&guard, &old, cfg, 0)
+    }
+
+    /// [`Balancer::create`] for nginx's master at its first start: the config is live
+    /// at once (no worker runs yet) as stage 1 (see [`Balancer::stage`]).
+    pub fn create_staged(cfg: &Config) -> Result<(Balancer, u64), Error> {
+        let b = Balancer::create(cfg)?;
+        let h = b.region.header();
+        let seq = h.stage_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        h.applied_stage.store(seq, Ordering::Release);
+        b.stage.store(seq, Ordering::Relaxed);
+        Ok((b, seq))
+    }
+
+    /// Check `cfg` against the running region as [`Balancer::configure`] would (every
+    /// field, capacities, free slots, the text size) without changing anything, and
+    /// number it: the stage that [`Balancer::apply_stage`] makes live later.
+    ///
+    /// Why: nginx runs `init_by_lua` in the master during a reload before it knows
+    /// whether the reload succeeds (a `listen` on a busy port, a bad log path). A
+    /// config applied there would be live in the old workers even when the reload is
+    /// then refused. Staged, it goes live when the first new worker starts, and the
+    /// old workers finish on the tables they began with.
+    pub fn stage(&self, cfg: &Config) -> Result<u64, Error> {
+        self.check_capacity(cfg)?;
+        let guard = self.region.lock(LOCK_TIMEOUT)?;
+        let old = Topology::parse(&self.region.read_text(&guard));
+        self.plan(&old, cfg, clock::now_ms())?;
+        drop(guard);
+        Ok(self.region.header().stage_seq.fetch_add(1, Ordering::AcqRel) + 1)
+    }
+
+    /// Make stage `seq` (numbered by [`Balancer::stage`] for `cfg`) live, unless it or
+    /// a later stage already is; from now on this process serves stage `seq`. True
+    /// when this call applied it (the first new worker), false when another had.
+    pub fn apply_stage(&self, seq: u64, cfg: &Config) -> Result<bool, Error> {
+        self.stage.store(seq, Ordering::Relaxed);
+        let guard = self.region.lock(LOCK_TIMEOUT)?;
+        let applied = &self.region.header().applied_stage;
+        if applied.load(Ordering::Acquire) >= seq {
+            return Ok(false);
+        }
+        let old = Topology::parse(&self.region.read_text(&guard));
+        self.commit(&guard, &old, cfg, 0)?;
+        // Release pairs with the Acquire in `superseded`: a process that sees the new
+        // stage also sees the topology written above.
+        applied.store(seq, Ordering::Release);
+        Ok(true)
+    }
+
+    /// Is stage `seq` (or a later one) live?
+    pub fn stage_is_live(&self, seq: u64) -> bool {
+        self.region.header().applied_stage.load(Ordering::Acquire) >= seq
+    }
+
+    /// Has a later stage than this process's gone live? Then this process belongs to
+    /// an nginx generation that is shutting down: it keeps the tables it has.
+    fn superseded(&self) -> bool {
+        let mine = self.stage.load(Ordering::Relaxed);
+        mine != 0 && self.region.header().applied_stage.load(Ordering::Acquire) > mine
+    }
+
+    /// The region's capacities are fixed: a config must ask for the same.
+    fn check_capacity(&self, cfg: &Config) -> Result<(), Error> {
         let cap = self.region.capacity();
         for (field, want, have) in [
             ("shm.max_nodes", cfg.shm.max_nodes, cap.max_nodes),
@@ -457,9 +528,7 @@ impl Balancer {
                 }));
             }
         }
-        let guard = self.region.lock(LOCK_TIMEOUT)?;
-        let old = Topology::parse(&self.region.read_text(&guard));
-        self.commit(&guard, &old, cfg, 0)
+        Ok(())
     }
 
     /// Like [`Balancer::configure`], with the config built from the active topology
@@ -479,8 +548,17 @@ impl Balancer {
 
     /// Assign slots, check the size, write slot state and the topology text, bump.
     fn commit(&self, guard: &LockGuard<'_>, old: &Topology, cfg: &Config, keep: u32) -> Result<(), Error> {
-        let cap = self.region.capacity();
         let now = clock::now_ms();
+        let (new, text) = self.plan(old, cfg, now)?;
+        self.apply(guard, old, &new, cfg, now, keep);
+        self.region.write_text(guard, &text)?;
+        self.bump(guard);
+        Ok(())
+    }
+
+    /// The new topology and its text, checked to fit, without touching the region.
+    fn plan(&self, old: &Topology, cfg: &Config, now: u64) -> Result<(Topology, Vec<u8>), Error> {
+        let cap = self.region.capacity();
         let new = self.assign_slots(old, cfg, now)?;
         let text = serde_json::to_vec(&new).expect("topology serializes");
         if text.len() > cap.config_bytes as usize {
@@ -493,10 +571,7 @@ impl Balancer {
                 ),
             }));
         }
-        self.apply(guard, old, &new, cfg, now, keep);
-        self.region.write_text(guard, &text)?;
-        self.bump(guard);
-        Ok(())
+        Ok((new, text))
     }
 
     /// Choose stable slots for the new topology, without touching the region.
@@ -1498,7 +1573,10 @@ impl Balancer {
         if generation == l.generation {
             return Ok(());
         }
-        if h.config_version.load(Ordering::Acquire) != l.config_version {
+        // A process of an older stage (an nginx worker shutting down after a reload)
+        // keeps the tables it has, so its requests finish on the config they began with.
+        let frozen = l.config_version != u64::MAX && self.superseded();
+        if !frozen && h.config_version.load(Ordering::Acquire) != l.config_version {
             let guard = self.region.lock(LOCK_TIMEOUT)?;
             let version = h.config_version.load(Ordering::Acquire);
             let topo = Topology::parse(&self.region.read_text(&guard));

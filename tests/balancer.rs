@@ -961,3 +961,71 @@ fn confirmed_slots_first_and_probes_for_probe_admissions() {
         );
     }
 }
+
+/// Issue 17: nginx runs `init_by_lua` in the master during a reload before it knows
+/// whether the reload succeeds. A staged config is checked but changes nothing; it
+/// goes live when the first new worker applies it; the old workers (handles of an
+/// earlier stage) keep the tables they began with; a stage that is never applied (the
+/// reload was refused) never goes live, even for a worker respawned afterwards.
+#[test]
+fn staged_configs_go_live_only_when_applied() {
+    let ids = |b: &Balancer| -> Vec<String> {
+        let t = b.topology().unwrap();
+        t.pool("p").unwrap().nodes.iter().map(|n| n.id.clone()).collect()
+    };
+    let a = config(json!({}), &["a", "b"]);
+    let (old, first) = Balancer::create_staged(&a).unwrap();
+    assert!(old.stage_is_live(first));
+    assert_eq!(ids(&old), ["a", "b"]);
+
+    // A reload refused by nginx: staged, never applied.
+    let refused = config(json!({}), &["x", "y"]);
+    let never = old.stage(&refused).unwrap();
+    assert!(never > first && !old.stage_is_live(never));
+    assert_eq!(ids(&old), ["a", "b"], "a staged config changed the live one");
+    // A worker respawned by the master still serves the stage of its nginx generation.
+    let respawned = Balancer::attach(old.region().clone());
+    assert!(!respawned.apply_stage(first, &a).unwrap());
+    assert_eq!(ids(&respawned), ["a", "b"]);
+
+    // A reload that succeeds: its first worker applies the stage, the others find it live.
+    let next = config(json!({}), &["b", "c"]);
+    let seq = old.stage(&next).unwrap();
+    assert_eq!(ids(&old), ["a", "b"]);
+    let new1 = Balancer::attach(old.region().clone());
+    let new2 = Balancer::attach(old.region().clone());
+    assert!(new1.apply_stage(seq, &next).unwrap());
+    assert!(!new2.apply_stage(seq, &next).unwrap());
+    assert!(old.stage_is_live(seq));
+    assert_eq!(ids(&new1), ["b", "c"]);
+    assert_eq!(ids(&new2), ["b", "c"]);
+    // Node b kept its slot: its learned state carries over.
+    let b_slot = new1.node_index("p", "b").unwrap();
+    assert_eq!(old.node_index("p", "b").unwrap(), b_slot);
+    // The old workers finish on what they began with: a, b.
+    assert_eq!(ids(&old), ["a", "b"], "an old worker's tables changed under it");
+    // An older stage applied late (a worker of the refused generation) changes nothing.
+    let late = Balancer::attach(old.region().clone());
+    assert!(!late.apply_stage(never, &refused).unwrap());
+    assert_eq!(ids(&new1), ["b", "c"]);
+}
+
+#[test]
+fn a_staged_config_is_checked_against_the_region() {
+    let (b, _) = Balancer::create_staged(&config(json!({}), &["a"])).unwrap();
+    let mut bigger = shm();
+    bigger["max_nodes"] = json!(32);
+    let e = b
+        .stage(&config_with(bigger, json!({}), &[("a", false)]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("shm.max_nodes") && e.contains("32"), "{e}");
+    // 16 new nodes while the 16 slots are held (15 fresh ones, then the removed node
+    // a in its grace period): refused at stage time, not when a worker applies it.
+    let many: Vec<String> = (0..16).map(|i| format!("n{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let e = b.stage(&config(json!({}), &many)).unwrap_err().to_string();
+    assert!(e.contains("no free node slot"), "{e}");
+    let t = b.topology().unwrap();
+    assert_eq!(t.pool("p").unwrap().nodes.len(), 1);
+}

@@ -557,6 +557,72 @@ fn reload_with_bad_config_keeps_serving_and_good_reload_keeps_counters() {
     );
 }
 
+/// Issue 17: nginx runs `init_by_lua` before it knows whether a reload succeeds. A
+/// reload refused after it (here: a `listen` on a port already in use) must leave the
+/// running gateway exactly as it was: the old workers keep routing to the old pool
+/// config's nodes, with their counters. (It once applied the new config anyway: the
+/// old workers switched to the new nodes, the old nodes' counters gone.)
+#[test]
+fn reload_refused_by_nginx_leaves_the_old_pool_config_live() {
+    let dir = TestDir::new("reload-refused");
+    let nodes = [
+        MockNode::new("a", 2),
+        MockNode::new("b", 2),
+        MockNode::new("c", 2),
+    ];
+    let _mocks = start_mocks(&dir, &nodes);
+    let ab = [("a", nodes[0].addr(), 50), ("b", nodes[1].addr(), 50)];
+    let g = start_gateway(&dir, &pool_json("weighted_random", &ab));
+    assert!(load(&g, 100, 4).iter().all(|r| r.0 == 200));
+    let s1 = quiesce(&g);
+    assert_eq!(sum(&s1, &["a", "b"], "requests"), 100, "{s1}");
+
+    // The new pool config is valid (only c); the new nginx.conf cannot bind.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    let conf = std::fs::read_to_string(g.nginx.conf()).unwrap();
+    let own = format!("listen 127.0.0.1:{};", g.port);
+    assert!(conf.contains(&own), "no `{own}` in the gateway config");
+    let refused_conf = conf.replacen(&own, &format!("{own} listen 127.0.0.1:{busy_port};"), 1);
+    std::fs::write(g.nginx.conf(), &refused_conf).unwrap();
+    let only_c = [("c", nodes[2].addr(), 10)];
+    std::fs::write(&g.json, pool_json("weighted_random", &only_c).to_string()).unwrap();
+    let workers = g.nginx.workers();
+    let log_len = g.nginx.error_log().len();
+    g.nginx.signal(libc::SIGHUP);
+    wait_until(
+        Duration::from_secs(10),
+        "the refused reload in the error log",
+        || g.nginx.error_log()[log_len..].contains("Address already in use"),
+    );
+    let after = load(&g, 100, 4);
+    assert!(
+        after.iter().all(|r| r.0 == 200 && (r.1 == "a" || r.1 == "b")),
+        "the refused reload's pool config is live: {after:?}"
+    );
+    assert_eq!(
+        g.nginx.workers(),
+        workers,
+        "the workers changed on a refused reload"
+    );
+    let s2 = quiesce(&g);
+    assert!(s2.get("c").is_none(), "c is listed after a refused reload: {s2}");
+    assert_eq!(sum(&s2, &["a", "b"], "requests"), 200, "counters lost: {s2}");
+    assert_eq!(
+        get(nodes[2].port, "/mock/state").json()["received"],
+        0,
+        "c got traffic"
+    );
+
+    // The same pool config with a good nginx.conf: live in the new workers.
+    std::fs::write(g.nginx.conf(), &conf).unwrap();
+    g.nginx.signal(libc::SIGHUP);
+    g.nginx.wait_workers(2, &workers);
+    let results = load(&g, 50, 4);
+    assert!(results.iter().all(|r| r.0 == 200 && r.1 == "c"), "{results:?}");
+    drop(busy);
+}
+
 /// Sets the flag when dropped.
 struct SetOnDrop<'a>(&'a AtomicBool);
 

@@ -92,6 +92,7 @@ local RSB_OK, RSB_NO_NODE = 0, 4
 
 local bal          -- mlua balancer object
 local handle       -- its `rsb_balancer *`
+local stage        -- the config init() staged, made live by init_worker()
 local generation = -1
 local pools = {}   -- name -> pool index
 local policy = {}  -- name -> { no_node_status=, non_idempotent=, max_tries= }
@@ -143,7 +144,11 @@ end
 --- init(config [, name]): in init_by_lua. `config` is a path to a JSON file, a JSON
 -- string (starting with "{") or a Lua table. Raises on a bad config, so nginx
 -- refuses to start (or to reload, keeping the running gateway). On reload the
--- existing shared region is kept and reconfigured.
+-- existing shared region is kept and the new config is checked against it and
+-- staged: nginx runs init_by_lua before it knows whether the reload succeeds, so the
+-- config goes live only when the first new worker runs init_worker(). A reload that
+-- nginx then refuses leaves the running gateway exactly as it was; after one that
+-- succeeds, the old workers finish their requests on the tables they began with.
 function _M.init(config, name)
     name = name or "default"
     if type(name) ~= "string" then
@@ -152,25 +157,43 @@ function _M.init(config, name)
     local b, err
     local t = type(config)
     if t == "string" and not find(config, "^%s*{") then -- not JSON text: a file path
-        b, err = native.load_file(name, config)
+        b, err = native.stage_file(name, config)
     elseif t == "string" or t == "table" then
-        b, err = native.shared(name, config)
+        b, err = native.stage(name, config)
     else
         error("bad argument #1 to 'init' (path, JSON string or table expected, got " .. t .. ")", 2)
     end
     if not b then
         error("rsbalancer: " .. err, 2)
     end
-    bal, handle, generation = b, ffi.cast("const struct rsb_balancer *", b:handle()), -1
+    bal, handle, generation, stage = b, ffi.cast("const struct rsb_balancer *", b:handle()), -1, err
     canary.bind(C, handle)
-    sync()
+    if b:stage_is_live(stage) then
+        sync() -- the first start: live at once; a reload's config waits for init_worker()
+    end
     return true
+end
+
+-- Make the config init() staged live (the first new worker after a reload does; the
+-- others find it live), then build the Lua tables from it.
+local function apply_stage()
+    local applied, err = bal:apply_stage(stage)
+    if ngx and applied == nil then
+        -- Checked in init() against the same region: only a race with a run-time change
+        -- (slots taken meanwhile) gets here. The gateway goes on with the config it has.
+        ngx.log(ngx.ERR, "rsbalancer: the reloaded config cannot be applied, still serving the previous one: ", err)
+    elseif ngx and applied then
+        ngx.log(ngx.NOTICE, "rsbalancer: the reloaded config is live")
+    end
+    generation = -1
+    sync()
 end
 
 --- init_worker(): in init_worker_by_lua. Claims this worker's in-flight slot,
 -- reclaims counts left by a killed worker, and starts the health-check timers.
 function _M.init_worker()
     if not bal then not_initialized("init_worker") end
+    apply_stage()
     local id = ngx and ngx.worker and ngx.worker.id() or 0
     local slot, err = bal:attach_worker(id or 0)
     if not slot then

@@ -99,6 +99,39 @@ fn weight_arg(w: i64, pos: usize, func: &str) -> LuaResult<u32> {
         })
 }
 
+/// A config checked against the running region and numbered, not yet live
+/// (`Balancer::stage`): what `init()` keeps for `init_worker()` to apply.
+struct LuaStage {
+    cfg: Config,
+    seq: u64,
+}
+
+impl UserData for LuaStage {}
+
+/// Create the named balancer with `cfg` live at once (nginx's first start), or, when
+/// this process already has it (a reload: the master keeps the region), stage `cfg`
+/// without applying it.
+fn stage(name: &str, cfg: Config) -> Result<(Arc<Balancer>, LuaStage), Error> {
+    let mut reg = REGISTRY.lock();
+    let map = reg.get_or_insert_with(HashMap::new);
+    if let Some(b) = map.get(name) {
+        let seq = b.stage(&cfg)?;
+        return Ok((b.clone(), LuaStage { cfg, seq }));
+    }
+    let (b, seq) = Balancer::create_staged(&cfg)?;
+    let b = Arc::new(b);
+    map.insert(name.to_string(), b.clone());
+    Ok((b, LuaStage { cfg, seq }))
+}
+
+/// `balancer, stage` or `nil, err`.
+fn staged(lua: &Lua, r: Result<(Arc<Balancer>, LuaStage), Error>) -> LuaResult<LuaMultiValue> {
+    match r {
+        Ok((b, st)) => (LuaBalancer(b), st).into_lua_multi(lua),
+        Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+    }
+}
+
 /// Create the named balancer, or reconfigure it if this process already has it.
 fn shared(name: &str, cfg: Config) -> Result<Arc<Balancer>, Error> {
     let mut reg = REGISTRY.lock();
@@ -124,6 +157,13 @@ impl UserData for LuaBalancer {
         });
         m.add_method("attach_worker", |lua, this, id: u32| {
             nil_err(lua, this.0.attach_worker(id))
+        });
+        // apply_stage(stage) -> true (applied now) | false (already live) | nil, err.
+        m.add_method("apply_stage", |lua, this, st: mlua::UserDataRef<LuaStage>| {
+            nil_err(lua, this.0.apply_stage(st.seq, &st.cfg))
+        });
+        m.add_method("stage_is_live", |_, this, st: mlua::UserDataRef<LuaStage>| {
+            Ok(this.0.stage_is_live(st.seq))
         });
         m.add_method("generation", |_, this, ()| Ok(this.0.generation()));
         m.add_method("pool_names", |lua, this, ()| {
@@ -370,6 +410,26 @@ fn rsbalancer(lua: &Lua) -> LuaResult<LuaTable> {
         lua.create_function(|lua, (name, cfg): (String, Value)| {
             let cfg = config_arg(lua, cfg, 2, "shared")?;
             nil_err(lua, cfg.and_then(|c| shared(&name, c)).map(LuaBalancer))
+        })?,
+    )?;
+    // rsbalancer.stage(name, config) -> balancer, stage | nil, err : what init() uses.
+    // The first call in a process creates the region with the config live; later ones
+    // (reloads) check the config against the region and stage it for
+    // balancer:apply_stage(stage), which init_worker() calls.
+    m.set(
+        "stage",
+        lua.create_function(|lua, (name, cfg): (String, Value)| {
+            let cfg = config_arg(lua, cfg, 2, "stage")?;
+            staged(lua, cfg.and_then(|c| stage(&name, c)))
+        })?,
+    )?;
+    m.set(
+        "stage_file",
+        lua.create_function(|lua, (name, path): (String, String)| {
+            let r = Config::from_file(std::path::Path::new(&path))
+                .map_err(Error::Config)
+                .and_then(|c| stage(&name, c));
+            staged(lua, r)
         })?,
     )?;
     // rsbalancer.read_config(path) -> JSON text | nil, err (validated).

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -118,7 +118,13 @@ pub struct Header {
     /// `0..tally_rows` and the shared row.
     pub tally_rows: AtomicU32,
     pub _pad1: u32,
-    pub _reserved: [AtomicU64; 4],
+    /// The last config stage numbered (`Balancer::stage`): nginx's master stages a
+    /// reload's config in `init_by_lua`, before it knows the reload succeeds.
+    pub stage_seq: AtomicU64,
+    /// The stage that is live (`Balancer::apply_stage`, run by the first worker of the
+    /// new generation); workers of an older stage keep the tables they began with.
+    pub applied_stage: AtomicU64,
+    pub _reserved: [AtomicU64; 2],
 }
 
 /// Per-pool shared parameters and counters. The report path reads its policy
