@@ -16,6 +16,7 @@
 pub mod clock;
 pub mod layout;
 pub mod owned;
+#[cfg(any(test, feature = "test-support"))]
 pub mod process;
 
 use std::ptr::NonNull;
