@@ -27,7 +27,7 @@
 //! worker's tries, the worker that replaces it frees their slots at once while the
 //! nodes are still busy with them: for up to one response time the gateway sends the
 //! nodes more than their caps, and a request whose retry of a node's 429 then finds
-//! no node gets a 502 (or the node's 429 without Retry-After); seen in 3 of 3 runs.
+//! no node gets a 502 (or the node's 429 without Retry-After): seen in each of 4 runs.
 //!
 //! No assertion depends on how long something took; waits are polls with generous
 //! limits. Run with `make build` then `RSB_LUA_SO=$PWD/build/lib/rsbalancer.so cargo
