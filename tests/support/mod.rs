@@ -437,6 +437,14 @@ impl MockNode {
 
 /// Writes `mocks.conf` for `nodes` (2 workers, shared in-flight counters) and starts it.
 pub fn start_mocks(dir: &TestDir, nodes: &[MockNode]) -> Nginx {
+    start_mocks_with(dir, nodes, "")
+}
+
+/// [`start_mocks`] with `http_extra` (directives) in the mocks' `http` block: e.g.
+/// `lua_check_client_abort on;`, with which a node ends a request (499, its in-flight
+/// count released) as soon as the gateway's connection closes, as LLM servers that
+/// cancel a generation on disconnect do.
+pub fn start_mocks_with(dir: &TestDir, nodes: &[MockNode], http_extra: &str) -> Nginx {
     let d = dir.path().display();
     let mut servers = String::new();
     for n in nodes {
@@ -478,6 +486,7 @@ http {{
     lua_package_path "{demo}/lua/?.lua;;";
     lua_shared_dict mock_llm 1m;
     init_by_lua_block {{ require("mock_llm") }}
+    {http_extra}
 {servers}}}
 "#,
         user = user_line(),
