@@ -36,5 +36,6 @@ pub mod metrics;
 pub mod retry;
 pub mod select;
 pub mod shm;
+mod strict;
 pub mod tally;
 pub mod window;
