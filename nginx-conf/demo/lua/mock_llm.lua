@@ -16,6 +16,8 @@
 --   health_fail     "" | "503" | "close": only GET /health fails (chat requests still served)
 --   retry_after_at  > 0: the 429s carry `Retry-After: <HTTP-date of this Unix time>` instead
 --                   of delay-seconds
+--   cut_after       > 0: a streamed reply ("stream": true) drops the connection after this
+--                   many content chunks, with no final chunk (a node dying mid-stream)
 --
 -- Runtime overrides (all workers, until changed back; "" or "default" clears one):
 --   POST /mock/set?fail=503&latency_ms=500&max_conc=2   (keys: the names above minus mock_)
@@ -45,6 +47,7 @@ local KNOBS = {
     retry_after = "mock_retry_after", quota_rps = "mock_quota_rps",
     quota_burst = "mock_quota_burst", fail = "mock_fail",
     health_fail = "mock_health_fail", retry_after_at = "mock_retry_after_at",
+    cut_after = "mock_cut_after",
 }
 
 -- A knob: the runtime override if any, else the server's `set` value (nil when the
@@ -167,7 +170,11 @@ local function chat(node)
     local pause = num(node, "chunk_ms") / 1000
     ngx.print(chunk(id, created, model, '{"role":"assistant","content":""}'))
     ngx.flush(true)
+    local cut = num(node, "cut_after")
     for i = 1, #parts do
+        if i > cut and cut > 0 then
+            return ngx.exit(444) -- drop the connection mid-stream
+        end
         if pause > 0 then ngx.sleep(pause) end
         ngx.print(chunk(id, created, model, '{"content":' .. q(parts[i]) .. "}"))
         ngx.flush(true)
