@@ -45,25 +45,6 @@ fn mock_set(node: &MockNode, query: &str) {
     );
 }
 
-/// Waits until no node has a request in flight (the log phase may come a moment after
-/// the client read the response); returns the stats then.
-fn quiesce(g: &Gateway) -> Value {
-    for _ in 0..500 {
-        let s = g.stats();
-        let inflight: u64 = s
-            .as_object()
-            .expect("stats object")
-            .keys()
-            .map(|id| stat(&s, id, "inflight"))
-            .sum();
-        if inflight == 0 {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("requests still in flight after 10 s: {}", g.stats());
-}
-
 fn retry_after(r: &Response) -> u64 {
     let v = r
         .header("Retry-After")
