@@ -294,7 +294,8 @@ impl Default for OutlierConfig {
 pub struct HealthConfig {
     /// Request path, starting with "/".
     pub path: String,
-    /// Host header (default: the node's host).
+    /// Host header (default: the node's host): `host[:port]`, checked (no control
+    /// characters: they would inject headers into every probe).
     pub host: Option<String>,
     /// Statuses that count as healthy.
     pub statuses: Vec<u32>,
