@@ -304,6 +304,18 @@ impl<'a> Queue<'a> {
         })
     }
 
+    /// `Err` naming `index` when it is not an entry of this queue (a caller's bug:
+    /// an entry from `rsb_admit` is always in range).
+    fn check_entry(&self, index: u32) -> Result<(), Error> {
+        if (index as usize) < self.entries.len() {
+            return Ok(());
+        }
+        Err(Error::Invalid(format!(
+            "queue entry {index} is out of range 0..{}",
+            self.entries.len()
+        )))
+    }
+
     fn in_use(&self) -> &'a [QueueEntry] {
         let hw = (self.qp.high_water.load(Ordering::Acquire) as usize).min(self.entries.len());
         &self.entries[..hw]
@@ -1037,6 +1049,7 @@ impl Balancer {
     pub fn admit_poll(&self, pool: u32, entry: u32, ticket: u64) -> Result<(Verdict, u64), Error> {
         let now = clock::now_ms();
         let q = self.any_queue(pool)?;
+        q.check_entry(entry)?;
         // No node at all (everyone cooling): capacity 0, the waiter keeps its place.
         // A pool removed by a reload: nobody is dispatched, waiters time out.
         let cap = self.dispatch_capacity(pool, now);
@@ -1049,6 +1062,7 @@ impl Balancer {
     pub fn admit_leave(&self, pool: u32, entry: u32, ticket: u64) -> Result<bool, Error> {
         let now = clock::now_ms();
         let q = self.any_queue(pool)?;
+        q.check_entry(entry)?;
         let cap = self.dispatch_capacity(pool, now);
         Ok(q.leave(entry, ticket, cap, now))
     }

@@ -43,5 +43,6 @@ pub mod retry;
 pub mod select;
 #[allow(unsafe_code)]
 pub mod shm;
+mod strict;
 pub mod tally;
 pub mod window;

@@ -89,30 +89,6 @@ fn assert_share(counts: &BTreeMap<String, usize>, total: usize, node: &str, want
     );
 }
 
-fn inflight(stats: &Value) -> u64 {
-    let ids = stats.as_object().expect("stats object").keys();
-    ids.map(|id| stat(stats, id, "inflight")).sum()
-}
-
-/// Waits until no node has a request in flight and returns the stats then. nginx runs
-/// a request's log phase (where its tries are reported) when it frees the request,
-/// which may come a moment after the client has read the whole response (lingering
-/// close: nginx shuts down its side, then frees the request once the client closes).
-/// A leak never clears, and fails here.
-fn quiesce(g: &Gateway) -> Value {
-    for _ in 0..500 {
-        let s = g.stats();
-        if inflight(&s) == 0 {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!(
-        "requests still in flight 10 s after the load ended: {}",
-        g.stats()
-    );
-}
-
 fn sum(stats: &Value, ids: &[&str], field: &str) -> u64 {
     ids.iter().map(|id| stat(stats, id, field)).sum()
 }

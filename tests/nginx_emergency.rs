@@ -293,11 +293,6 @@ fn chat_with_priority(g: &Gateway, p: &str) -> Response {
     .expect("chat request")
 }
 
-fn mock_set(m: &MockNode, query: &str) {
-    let r = post(m.port, &format!("/mock/set?{query}"), "");
-    assert_eq!(r.status, 200, "mock {} /mock/set?{query}: {}", m.name, r.text());
-}
-
 /// Tries the mock received (health checks and /mock/* aside).
 fn received(m: &MockNode) -> u64 {
     let st = get(m.port, "/mock/state").json();

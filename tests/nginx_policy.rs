@@ -71,12 +71,6 @@ fn fast_health() -> Value {
 // ----------------------------------------------------------------------------------
 // Mocks
 
-/// `POST /mock/set?<query>` on a mock node.
-fn mock_set(m: &MockNode, query: &str) {
-    let r = post(m.port, &format!("/mock/set?{query}"), "");
-    assert_eq!(r.status, 200, "mock {} /mock/set?{query}: {}", m.name, r.text());
-}
-
 fn mock_state(m: &MockNode) -> Value {
     get(m.port, "/mock/state").json()
 }
