@@ -525,7 +525,7 @@ fn rsbalancer(lua: &Lua) -> LuaResult<LuaTable> {
     m.set(
         "stage",
         lua.create_function(|lua, (name, cfg): (String, Value)| {
-            let cfg = config_arg(lua, cfg, 2, "stage")?;
+            let cfg = config_arg(cfg, 2, "stage")?;
             staged(lua, cfg.and_then(|c| stage(&name, c)))
         })?,
     )?;
