@@ -438,6 +438,61 @@ fn chash_affinity_and_failover() {
     assert_eq!(map(), home, "keys come back");
 }
 
+/// The ring is keyed by node id, so a node leaving the configuration moves only its own
+/// keys, whatever its position in the list. (Keyed by position, removing the 2nd of 4
+/// nodes shifted the 3rd and 4th: about 40% of the other nodes' keys moved.)
+#[test]
+fn chash_node_leaving_the_config_moves_only_its_keys() {
+    let cfg = |ids: &[&str]| config(json!({ "algorithm": "chash", "slow_start_ms": 0 }), ids);
+    let ids = ["a", "b", "c", "d"];
+    let b = Balancer::create(&cfg(&ids)).unwrap();
+    let pool = b.pool_index("p").unwrap();
+    let all = slots(&b, &ids);
+    let gone = all[1];
+    let keys: Vec<String> = (0..2000).map(|i| format!("user-{i}")).collect();
+    let map = || -> Vec<u32> {
+        keys.iter()
+            .map(|k| try_once(&b, pool, k.as_bytes(), &[]).unwrap())
+            .collect()
+    };
+    let before = map();
+    let of_gone = before.iter().filter(|&&n| n == gone).count();
+    // 160 points per node: b's share is 25% give or take ~8% relative.
+    assert!(of_gone > 250, "b holds {of_gone} of 2000 keys");
+
+    // b (2nd of 4) leaves; a, c, d keep their slots.
+    b.configure(&cfg(&["a", "c", "d"])).unwrap();
+    assert_eq!(slots(&b, &["a", "c", "d"]), [all[0], all[2], all[3]]);
+    let after = map();
+    let moved: Vec<&str> = keys
+        .iter()
+        .zip(before.iter().zip(&after))
+        .filter(|(_, (&was, &now))| was != gone && was != now)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert!(
+        moved.is_empty(),
+        "{} keys of staying nodes moved, e.g. {:?}",
+        moved.len(),
+        &moved[..moved.len().min(5)]
+    );
+    let heirs: HashMap<u32, usize> =
+        before
+            .iter()
+            .zip(&after)
+            .filter(|(&was, _)| was == gone)
+            .fold(HashMap::new(), |mut m, (_, &now)| {
+                *m.entry(now).or_default() += 1;
+                m
+            });
+    assert!(!heirs.contains_key(&gone), "a removed node was picked");
+    assert_eq!(
+        heirs.len(),
+        3,
+        "b's keys spread over every staying node: {heirs:?}"
+    );
+}
+
 #[test]
 fn least_conn_sees_inflight_of_other_handles() {
     let ids = ["a", "b", "c"];
