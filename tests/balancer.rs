@@ -385,18 +385,26 @@ fn slow_start_reduces_a_new_nodes_share() {
     assert!(steady > 0.28, "steady share of the new node: {steady:.3}");
 }
 
+/// 2000 keys `<prefix>-<i>`.
+fn chash_keys(prefix: &str) -> Vec<String> {
+    (0..2000).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// The node each key is picked for (each pick reported at once).
+fn homes(b: &Balancer, pool: u32, keys: &[String]) -> Vec<u32> {
+    keys.iter()
+        .map(|k| try_once(b, pool, k.as_bytes(), &[]).unwrap())
+        .collect()
+}
+
 #[test]
 fn chash_affinity_and_failover() {
     let ids = ["a", "b", "c", "d"];
     let b = Balancer::create(&config(json!({ "algorithm": "chash", "slow_start_ms": 0 }), &ids)).unwrap();
     let pool = b.pool_index("p").unwrap();
     let all = slots(&b, &ids);
-    let keys: Vec<String> = (0..2000).map(|i| format!("session-{i}")).collect();
-    let map = || -> Vec<u32> {
-        keys.iter()
-            .map(|k| try_once(&b, pool, k.as_bytes(), &[]).unwrap())
-            .collect()
-    };
+    let keys = chash_keys("session");
+    let map = || homes(&b, pool, &keys);
     let home = map();
     assert_eq!(map(), home, "same key, same node");
     assert_eq!(map(), home, "same key, same node");
@@ -449,12 +457,8 @@ fn chash_node_leaving_the_config_moves_only_its_keys() {
     let pool = b.pool_index("p").unwrap();
     let all = slots(&b, &ids);
     let gone = all[1];
-    let keys: Vec<String> = (0..2000).map(|i| format!("user-{i}")).collect();
-    let map = || -> Vec<u32> {
-        keys.iter()
-            .map(|k| try_once(&b, pool, k.as_bytes(), &[]).unwrap())
-            .collect()
-    };
+    let keys = chash_keys("user");
+    let map = || homes(&b, pool, &keys);
     let before = map();
     let of_gone = before.iter().filter(|&&n| n == gone).count();
     // 160 points per node: b's share is 25% give or take ~8% relative.
