@@ -129,6 +129,10 @@ local function raw_body()
     end
     data = f:read(MAX_BODY + 1)
     f:close()
+    if data and #data > MAX_BODY then
+        -- Only the first MAX_BODY + 1 bytes were read: the size is not known here.
+        return nil, 413, "request body is over the limit of " .. MAX_BODY .. " bytes"
+    end
     return data or ""
 end
 
