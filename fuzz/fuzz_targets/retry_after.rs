@@ -1,9 +1,6 @@
 //! The Retry-After header parser (`rsbalancer::headers::retry_after_ms`:
 //! delay-seconds with an optional fraction, or an HTTP-date, clamped to `cap_ms`):
 //! never panics, and the result is never above `cap_ms`.
-//!
-//! Not in `fuzz/Cargo.toml`'s [[bin]] list until `rsbalancer::headers` lands on main
-//! (see the comment there).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
