@@ -78,7 +78,8 @@ use serde::{Deserialize, Serialize};
 use crate::balancer::{Balancer, Error};
 use crate::config::{check_range, ConfigError};
 use crate::health::LIMIT_ONE;
-use crate::shm::layout::{emergency, entry, flags, PoolSlot, PoolTally, QueueEntry, QueuePool, PRIORITIES};
+use crate::node;
+use crate::shm::layout::{emergency, entry, PoolSlot, PoolTally, QueueEntry, QueuePool, PRIORITIES};
 use crate::shm::{clock, saturating_sub, Region};
 use crate::tally::Writer;
 use crate::window::{self, Event};
@@ -860,14 +861,6 @@ pub enum Verdict {
     GoProbe = 9,
 }
 
-/// Is the node out for now (cooling, ejected, down, draining)? Its limit is not
-/// looked at: a node at its limit still counts towards capacity.
-pub(crate) fn taken_out(n: &crate::shm::layout::NodeSlot, now: u64) -> bool {
-    now < n.cooldown_until_ms.load(Ordering::Relaxed)
-        || now < n.ejected_until_ms.load(Ordering::Relaxed)
-        || n.flags.load(Ordering::Relaxed) & (flags::DOWN | flags::DRAINING) != 0
-}
-
 /// Concurrent requests the nodes `slots` can take (see [`Cap`]): the available
 /// nodes' learned limits ([`UNLIMITED`] if one has none); `Err(ms)` when no node is
 /// available, with the soonest moment one may be (1 s when unknown).
@@ -875,13 +868,9 @@ pub fn capacity(region: &Region, slots: &[&[u32]], now: u64) -> Result<Cap, u64>
     let (mut safe, mut probe, mut any, mut soonest) = (0u64, 0u64, false, u64::MAX);
     for &s in slots.iter().flat_map(|t| t.iter()) {
         let Some(n) = region.node(s) else { continue };
-        if taken_out(n, now) {
-            if n.flags.load(Ordering::Relaxed) & (flags::DOWN | flags::DRAINING) == 0 {
-                let until = n
-                    .cooldown_until_ms
-                    .load(Ordering::Relaxed)
-                    .max(n.ejected_until_ms.load(Ordering::Relaxed));
-                soonest = soonest.min(until.saturating_sub(now).max(1));
+        if node::taken_out(n, now) {
+            if let Some(ms) = node::back_in_ms(n, now) {
+                soonest = soonest.min(ms);
             }
             continue;
         }
@@ -902,34 +891,6 @@ pub fn capacity(region: &Region, slots: &[&[u32]], now: u64) -> Result<Cap, u64>
         safe: clamp(safe),
         probe: clamp(probe),
     })
-}
-
-/// A new node took slot `node`: it has served nothing yet.
-pub fn forget_node(region: &Region, node: u32) {
-    if let Some(c) = region.served(node) {
-        c.store(0, Ordering::Relaxed);
-    }
-}
-
-/// `node` refused (capacity 429) its `inflight`-th concurrent try: it has served at
-/// most one less since (report path).
-pub fn note_refused(region: &Region, node: u32, inflight: u32) {
-    if let Some(c) = region.served(node) {
-        let below = inflight.saturating_sub(1);
-        if c.load(Ordering::Relaxed) > below {
-            c.fetch_min(below, Ordering::Relaxed);
-        }
-    }
-}
-
-/// A try on `node` succeeded with `inflight` tries outstanding (itself included):
-/// the node has served that concurrency (report path: one load, rarely a store).
-pub fn note_served(region: &Region, node: u32, inflight: u32) {
-    if let Some(c) = region.served(node) {
-        if inflight > c.load(Ordering::Relaxed) {
-            c.fetch_max(inflight, Ordering::Relaxed);
-        }
-    }
 }
 
 impl Balancer {

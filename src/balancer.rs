@@ -24,6 +24,7 @@ use crate::config::{
 };
 use crate::health::{self, Busy, Flip};
 use crate::load;
+use crate::node;
 use crate::retry;
 use crate::select::{hash_key, Algorithm, Candidate, NodeView, Selector};
 use crate::shm::layout::{flags, Capacity, NodeSlot, PoolSlot, LATENCY_BOUNDS_MS};
@@ -135,86 +136,7 @@ impl Topology {
     }
 }
 
-/// Live numbers of one node, read from its slot.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct NodeStats {
-    pub weight: u32,
-    pub inflight: u32,
-    pub picks: u64,
-    pub requests: u64,
-    pub failures: u64,
-    pub busy: u64,
-    pub latency_sum_us: u64,
-    /// Peak-EWMA estimate in microseconds (0 before the first sample).
-    pub ewma_us: f64,
-    pub backup: bool,
-    pub cooldown_until_ms: u64,
-    pub ejected_until_ms: u64,
-    /// Learned concurrency limit (0 = none learned).
-    pub limit: f64,
-    /// healthy | cooling | ejected | down | draining | slow_start
-    pub state: &'static str,
-    /// Milliseconds until the node may take tries again (0 when it may).
-    pub unavailable_ms: u64,
-    pub cooldowns: u64,
-    pub ejections: u64,
-    /// Drained by an operator: no new tries, those in flight finish.
-    pub draining: bool,
-}
-
-/// Copy the live numbers out of node slot `slot` (which must be in range).
-pub fn node_stats(region: &Region, slot: u32) -> NodeStats {
-    node_stats_and_counts(region, slot).0
-}
-
-/// [`node_stats`], with the statistics summed over the tally rows.
-pub fn node_stats_and_counts(region: &Region, slot: u32) -> (NodeStats, tally::NodeCounts) {
-    let n = region.node(slot).expect("node slot in range");
-    let counts = tally::node_counts(region, slot);
-    let now = clock::now_ms();
-    let cooldown_until_ms = n.cooldown_until_ms.load(Ordering::Relaxed);
-    let ejected_until_ms = n.ejected_until_ms.load(Ordering::Relaxed);
-    let f = n.flags.load(Ordering::Relaxed);
-    let state = if f & flags::DOWN != 0 {
-        "down"
-    } else if now < ejected_until_ms {
-        "ejected"
-    } else if now < cooldown_until_ms {
-        "cooling"
-    } else if f & flags::DRAINING != 0 {
-        "draining"
-    } else if now
-        < n.started_ms.load(Ordering::Relaxed)
-            + region
-                .pool(n.pool.load(Ordering::Relaxed))
-                .map_or(0, |p| p.slow_start_ms.load(Ordering::Relaxed) as u64)
-    {
-        "slow_start"
-    } else {
-        "healthy"
-    };
-    let inflight = n.inflight.load(Ordering::Relaxed);
-    let stats = NodeStats {
-        limit: n.limit.load(Ordering::Relaxed) as f64 / health::LIMIT_ONE as f64,
-        state,
-        unavailable_ms: cooldown_until_ms.max(ejected_until_ms).saturating_sub(now),
-        cooldowns: n.cooldowns_total.load(Ordering::Relaxed),
-        ejections: n.ejections_total.load(Ordering::Relaxed),
-        weight: n.weight.load(Ordering::Relaxed),
-        inflight,
-        picks: counts.requests() + inflight as u64,
-        requests: counts.requests(),
-        failures: counts.failures(),
-        busy: n.busy.load(Ordering::Relaxed),
-        latency_sum_us: counts.latency_sum_us,
-        ewma_us: load::unpack(n.ewma.load(Ordering::Relaxed)).0 as f64,
-        backup: f & flags::BACKUP != 0,
-        cooldown_until_ms,
-        ejected_until_ms,
-        draining: f & flags::DRAINING != 0,
-    };
-    (stats, counts)
-}
+pub use crate::node::NodeStats;
 
 /// What a reported try does to a node's latency estimate.
 enum Feed {
@@ -388,10 +310,10 @@ impl NodeView for View<'_> {
             n.limit.load(Ordering::Relaxed),
             n.inflight.load(Ordering::Relaxed),
         );
-        available_with(n, self.now_ms, limit, inflight)
+        node::available_with(n, self.now_ms, limit, inflight)
             && self
                 .confirmed
-                .is_none_or(|want| confirmed_slot(self.region, slot, limit, inflight) == want)
+                .is_none_or(|want| node::confirmed_slot(self.region, slot, limit, inflight) == want)
     }
 
     fn inflight(&self, i: usize) -> u32 {
@@ -737,9 +659,7 @@ impl Balancer {
             for (n, nc) in p.nodes.iter().zip(&pc.nodes) {
                 let s = r.node(n.slot).expect("in range");
                 if !old_slots.contains(&n.slot) {
-                    reset_node(s, now);
-                    tally::reset_node(r, n.slot);
-                    crate::admit::forget_node(r, n.slot);
+                    node::reset(r, n.slot, now);
                 }
                 s.pool.store(p.slot, Ordering::Relaxed);
                 s.weight.store(nc.weight, Ordering::Relaxed);
@@ -851,7 +771,7 @@ impl Balancer {
                     .nodes
                     .iter()
                     .map(|n| {
-                        let st = node_stats(&self.region, n.slot);
+                        let st = node::stats(&self.region, n.slot);
                         let mut v = serde_json::to_value(st).expect("stats serialize");
                         v["id"] = n.id.clone().into();
                         v["addr"] = n.addr.to_string().into();
@@ -883,7 +803,7 @@ impl Balancer {
     /// Live numbers of a node slot.
     pub fn node_stats(&self, node: u32) -> Result<NodeStats, Error> {
         self.live_node(node)?;
-        Ok(node_stats(&self.region, node))
+        Ok(node::stats(&self.region, node))
     }
 
     fn live_node(&self, node: u32) -> Result<&NodeSlot, Error> {
@@ -1056,7 +976,7 @@ impl Balancer {
         let free = |t: &Tier| {
             t.slots
                 .iter()
-                .any(|s| !tried.contains(s) && self.region.node(*s).is_some_and(|n| available_now(n, now)))
+                .any(|s| !tried.contains(s) && self.region.node(*s).is_some_and(|n| node::available(n, now)))
         };
         let mut any = free(&p.primary) || free(&p.backup);
         if !any {
@@ -1097,28 +1017,20 @@ impl Balancer {
         let Some(p) = l.pools.get(pool as usize).and_then(Option::as_ref) else {
             return Err(1000);
         };
-        let mut soonest = u64::MAX;
-        let mut any = |slots: &[u32]| {
-            slots.iter().any(|&s| {
-                let Some(n) = self.region.node(s) else {
-                    return false;
-                };
-                if available_now(n, now) {
-                    return true;
-                }
-                if n.flags.load(Ordering::Relaxed) & flags::DOWN == 0 {
-                    let until = n
-                        .cooldown_until_ms
-                        .load(Ordering::Relaxed)
-                        .max(n.ejected_until_ms.load(Ordering::Relaxed));
-                    soonest = soonest.min(if until > now { until - now } else { 1000 });
-                }
-                false
-            })
+        let any = |slots: &[u32]| {
+            slots
+                .iter()
+                .any(|&s| self.region.node(s).is_some_and(|n| node::available(n, now)))
         };
         if any(&p.primary.slots) || any(&p.backup.slots) {
             return Ok(());
         }
+        let mut soonest = node::soonest_back_ms(
+            &self.region,
+            p.primary.slots.iter().chain(&p.backup.slots).copied(),
+            now,
+            u64::MAX,
+        );
         // The backup pool's nodes count when it is in play (`crate::emergency`).
         let ps = self.region.pool(pool).expect("local pool slot in range");
         let spill =
@@ -1127,8 +1039,14 @@ impl Balancer {
             if any(&b.primary.slots) || any(&b.backup.slots) {
                 return Ok(());
             }
+            let slots = b.primary.slots.iter().chain(&b.backup.slots).copied();
+            soonest = soonest.min(node::soonest_back_ms(&self.region, slots, now, u64::MAX));
         }
-        Err(if soonest == u64::MAX { 1000 } else { soonest })
+        Err(if soonest == u64::MAX {
+            node::AT_LIMIT_MS
+        } else {
+            soonest
+        })
     }
 
     /// How long (ms) to go on waiting for a faster node rather than send the request
@@ -1157,7 +1075,7 @@ impl Balancer {
         }
         let mut wait_us = f64::INFINITY;
         for (&s, &extra) in p.primary.slots.iter().zip(&p.primary.slow_extra_us) {
-            if !self.region.node(s).is_some_and(|n| available_now(n, now)) {
+            if !self.region.node(s).is_some_and(|n| node::available(n, now)) {
                 continue;
             }
             if extra <= 0.0 {
@@ -1277,7 +1195,7 @@ impl Balancer {
                         Feed::Forget
                     }
                     Busy::Capacity => {
-                        crate::admit::note_refused(&self.region, node, inflight);
+                        node::note_refused(&self.region, node, inflight);
                         let (min, max) = (
                             ps.limit_min.load(Ordering::Relaxed),
                             ps.limit_max.load(Ordering::Relaxed),
@@ -1303,7 +1221,7 @@ impl Balancer {
                 // Prometheus buckets are `le`: the first bound the latency does not exceed.
                 let b = LATENCY_BOUNDS_MS.partition_point(|&bound| (bound as u64) * 1000 < latency_us as u64);
                 writer.add(&nt.latency_hist[b], 1);
-                crate::admit::note_served(&self.region, node, inflight);
+                node::note_served(&self.region, node, inflight);
                 writer.add(&nt.latency_sum_us, latency_us as u64);
                 reset_if_set(&n.consecutive_failures);
                 reset_if_set(&n.consecutive_busy);
@@ -1685,7 +1603,7 @@ impl LocalPool {
             .slots
             .iter()
             .zip(&p.mean_us)
-            .filter(|&(&s, &m)| m > 0.0 && region.node(s).is_some_and(|n| !crate::admit::taken_out(n, now)))
+            .filter(|&(&s, &m)| m > 0.0 && region.node(s).is_some_and(|n| !node::taken_out(n, now)))
             .map(|(_, &m)| m)
             .fold(f64::INFINITY, f64::min);
         for tier in [&mut self.primary, &mut self.backup] {
@@ -1796,56 +1714,6 @@ fn reset_if_set(cell: &AtomicU32) {
     if cell.load(Ordering::Relaxed) != 0 {
         cell.store(0, Ordering::Relaxed);
     }
-}
-
-/// Fresh state for a slot taken by a new node.
-fn reset_node(s: &NodeSlot, now: u64) {
-    s.inflight.store(0, Ordering::Relaxed);
-    s.consecutive_failures.store(0, Ordering::Relaxed);
-    s.consecutive_busy.store(0, Ordering::Relaxed);
-    s.ewma.store(0, Ordering::Relaxed);
-    s.busy.store(0, Ordering::Relaxed);
-    s.started_ms.store(now, Ordering::Relaxed);
-    s.cooldown_until_ms.store(0, Ordering::Relaxed);
-    s.ejected_until_ms.store(0, Ordering::Relaxed);
-    s.removed_ms.store(0, Ordering::Relaxed);
-    s.limit.store(0, Ordering::Relaxed);
-    for c in [&s.ejections, &s.health_ok, &s.health_fail] {
-        c.store(0, Ordering::Relaxed);
-    }
-    s.cooldowns_total.store(0, Ordering::Relaxed);
-    s.ejections_total.store(0, Ordering::Relaxed);
-    s.flags.store(0, Ordering::Relaxed);
-}
-
-/// Has this node a *confirmed* free slot: no learned limit, or fewer tries in flight
-/// than the highest concurrency it has answered a success at (`Region::served`)? A
-/// learned limit above that is a probe (AIMD's additive increase): on a node that is
-/// really full, the try that takes it gets a 429 and, every node being busy, no retry.
-fn confirmed_slot(region: &Region, slot: u32, limit: u64, inflight: u32) -> bool {
-    limit == 0
-        || region
-            .served(slot)
-            .is_none_or(|c| inflight < c.load(Ordering::Relaxed))
-}
-
-/// May a new try start on this node now? (Not cooling, not ejected, not down, not
-/// draining, under its learned concurrency limit.)
-fn available_now(n: &NodeSlot, now: u64) -> bool {
-    available_with(
-        n,
-        now,
-        n.limit.load(Ordering::Relaxed),
-        n.inflight.load(Ordering::Relaxed),
-    )
-}
-
-/// [`available_now`] with the node's learned limit and in-flight count already loaded.
-fn available_with(n: &NodeSlot, now: u64, limit: u64, inflight: u32) -> bool {
-    now >= n.cooldown_until_ms.load(Ordering::Relaxed)
-        && now >= n.ejected_until_ms.load(Ordering::Relaxed)
-        && n.flags.load(Ordering::Relaxed) & (flags::DOWN | flags::DRAINING) == 0
-        && health::under_limit(limit, inflight)
 }
 
 /// Copy a pool's policy into its shared slot, where the report path reads it.

@@ -42,10 +42,11 @@ use std::sync::atomic::Ordering;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::balancer::{node_stats, Balancer, EmergencyMode, Error, PoolTopo};
+use crate::balancer::{Balancer, EmergencyMode, Error, PoolTopo};
 use crate::config::{check_range, check_ratio, ConfigError, PoolConfig};
+use crate::node;
 use crate::shm::layout::emergency::{ACTIVE, FORCED_OFF, FORCED_ON};
-use crate::shm::layout::{flags, PoolSlot};
+use crate::shm::layout::PoolSlot;
 use crate::shm::Region;
 use crate::tally;
 use crate::window::Totals;
@@ -385,12 +386,10 @@ pub(crate) fn spill_target(region: &Region, ps: &PoolSlot, nodes: &[&[u32]], now
     if ps.emergency.load(Ordering::Acquire) & ACTIVE != 0 {
         return Some(backup - 1);
     }
-    let dead = nodes.iter().flat_map(|t| t.iter()).all(|&s| {
-        region.node(s).is_none_or(|n| {
-            n.flags.load(Ordering::Relaxed) & flags::DOWN != 0
-                || n.ejected_until_ms.load(Ordering::Relaxed) > now_ms
-        })
-    });
+    let dead = nodes
+        .iter()
+        .flat_map(|t| t.iter())
+        .all(|&s| region.node(s).is_none_or(|n| node::failing(n, now_ms)));
     dead.then_some(backup - 1)
 }
 
@@ -558,7 +557,7 @@ impl Balancer {
             .nodes
             .iter()
             .map(|n| {
-                let s = node_stats(region, n.slot);
+                let s = node::stats(region, n.slot);
                 AlertNode {
                     id: n.id.clone(),
                     state: s.state,

@@ -39,6 +39,7 @@ pub mod load;
 #[cfg(feature = "lua-module")]
 mod lua;
 pub mod metrics;
+pub mod node;
 pub mod retry;
 pub mod select;
 #[allow(unsafe_code)]

@@ -20,7 +20,7 @@ use mlua::prelude::*;
 use mlua::{LightUserData, UserData, UserDataMethods, Value};
 use parking_lot::Mutex;
 
-use crate::balancer::{node_stats, Balancer, EmergencyMode, Error, WEIGHT_RANGE};
+use crate::balancer::{Balancer, EmergencyMode, Error, WEIGHT_RANGE};
 use crate::config::Config;
 
 mod admin;
@@ -349,7 +349,7 @@ impl UserData for LuaBalancer {
                 let region = this.0.region();
                 Ok(p.nodes
                     .iter()
-                    .map(|n| (n.id.clone(), node_stats(region, n.slot)))
+                    .map(|n| (n.id.clone(), crate::node::stats(region, n.slot)))
                     .collect::<Vec<_>>())
             });
             match r {
