@@ -159,7 +159,8 @@ enum rsb_result rsb_may_retry(const struct rsb_balancer *b,
                               uint32_t *out_denied);
 
 // Can some node of pool `pool` take a request now? `RSB_OK` if so; `RSB_NO_NODE`
-// if not, with `*out_wait_ms` the soonest a node may (for a Retry-After).
+// if not, with `*out_wait_ms` the soonest a node may (for a Retry-After);
+// `RSB_INVALID_ARGUMENT` for a pool index that is not a configured pool.
 //
 // # Safety
 // `b` a live handle; `out_wait_ms` writable.
@@ -250,7 +251,8 @@ enum rsb_result rsb_admit(const struct rsb_balancer *b,
 // Poll a queued request (`entry`, `ticket` from `rsb_admit`). `*out_verdict`: 0 go
 // (an admission is held), 9 go into a probe slot (as 0; pick with
 // `rsb_pick_prefer(..., 1, ...)`), 3 still waiting, 7 waited too long, 8 evicted by a
-// higher priority; refusals carry a Retry-After in ms in `*out_value`.
+// higher priority; refusals carry a Retry-After in ms in `*out_value`. An `entry`
+// that is not one of the pool's queue entries: `RSB_INVALID_ARGUMENT`.
 //
 // # Safety
 // `b` a live handle; `out_verdict` and `out_value` writable.
@@ -262,7 +264,8 @@ enum rsb_result rsb_admit_poll(const struct rsb_balancer *b,
                                uint64_t *out_value);
 
 // The client of a queued request left: take it out of the queue (a slot it was
-// given goes to the next waiter). `*out_left` is 1 if it was still queued.
+// given goes to the next waiter). `*out_left` is 1 if it was still queued. An
+// `entry` that is not one of the pool's queue entries: `RSB_INVALID_ARGUMENT`.
 //
 // # Safety
 // `b` a live handle; `out_left` NULL or writable.

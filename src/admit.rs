@@ -44,7 +44,7 @@
 //! that tests it a 429 when wrong (and, every node being full, no retry). Capacity is
 //! therefore counted twice ([`Cap`]): `probe` sums the limits, `safe` counts each node
 //! only up to the highest concurrency it has answered a success at since its last
-//! refusal ([`note_served`], [`note_refused`]). Slots up to `safe` go to the best
+//! refusal ([`node::note_served`], [`node::note_refused`]). Slots up to `safe` go to the best
 //! waiter; a slot between `safe` and `probe` goes to the *lowest*-ranked one. (Which
 //! request p2c then places on the probed node is p2c's choice, so this lowers the top
 //! class's share of probe 429s; it does not remove it.)
@@ -303,6 +303,18 @@ impl<'a> Queue<'a> {
             entries: region.queue_entries(p)?,
             tally: region.pool_tally(region.capacity().max_workers, p)?,
         })
+    }
+
+    /// `Err` naming `index` when it is not an entry of this queue (a caller's bug:
+    /// an entry from `rsb_admit` is always in range).
+    fn check_entry(&self, index: u32) -> Result<(), Error> {
+        if (index as usize) < self.entries.len() {
+            return Ok(());
+        }
+        Err(Error::Invalid(format!(
+            "queue entry {index} is out of range 0..{}",
+            self.entries.len()
+        )))
     }
 
     fn in_use(&self) -> &'a [QueueEntry] {
@@ -998,6 +1010,7 @@ impl Balancer {
     pub fn admit_poll(&self, pool: u32, entry: u32, ticket: u64) -> Result<(Verdict, u64), Error> {
         let now = clock::now_ms();
         let q = self.any_queue(pool)?;
+        q.check_entry(entry)?;
         // No node at all (everyone cooling): capacity 0, the waiter keeps its place.
         // A pool removed by a reload: nobody is dispatched, waiters time out.
         let cap = self.dispatch_capacity(pool, now);
@@ -1010,6 +1023,7 @@ impl Balancer {
     pub fn admit_leave(&self, pool: u32, entry: u32, ticket: u64) -> Result<bool, Error> {
         let now = clock::now_ms();
         let q = self.any_queue(pool)?;
+        q.check_entry(entry)?;
         let cap = self.dispatch_capacity(pool, now);
         Ok(q.leave(entry, ticket, cap, now))
     }

@@ -20,9 +20,12 @@
 //! logs it, however many tick at once.
 //!
 //! - Ramp: `canary_ramp` packs the time of the next step with the share the ramp set
-//!   last. A step adds `step` (capped at `max`; reaching it ends the ramp). A share
-//!   that differs from the one the ramp set (changed by hand, or rolled back) ends the
-//!   ramp: the operator, or the rollback, has the last word.
+//!   last. A step adds `step` (capped at `max`; reaching it ends the ramp). It writes
+//!   the share first, then the ramp word (the claim), and ticks read the ramp word
+//!   first, so no tick sees a step's ramp word with the share from before it; a share
+//!   already at a due step's value is that step under way (taken again, reported
+//!   once). Any other share that differs from the one the ramp set (changed by hand, or
+//!   rolled back) ends the ramp: the operator, or the rollback, has the last word.
 //! - Rollback (Envoy's outlier detection by success rate, between two pools): when the
 //!   canary made at least `min_requests` tries in its window and its success rate
 //!   (neither 5xx, no response nor 429) is below the primary's minus `margin`, the
@@ -85,11 +88,15 @@ pub struct State {
 }
 
 impl State {
+    /// The ramp word first: a step writes the share before the ramp word, so a ramp
+    /// word of a step always comes with that step's share (or a later one), never with
+    /// the share from before it.
     pub fn load(ps: &PoolSlot) -> State {
+        let ramp = ps.canary_ramp.load(Ordering::Acquire);
         State {
             share: ps.canary_share.load(Ordering::Acquire),
             rolled_back: ps.canary_rolled_back.load(Ordering::Acquire) != 0,
-            ramp: ps.canary_ramp.load(Ordering::Acquire),
+            ramp,
         }
     }
 }
@@ -130,14 +137,22 @@ pub fn decide(now_ms: u64, c: &CanaryConfig, st: &State, primary: &Totals, canar
         return Decision::Hold;
     }
     let (next_ms, set) = unpack_ramp(st.ramp);
-    let Some(r) = c.ramp.as_ref().filter(|_| !st.rolled_back && st.share == set) else {
+    let Some(r) = c.ramp.as_ref().filter(|_| !st.rolled_back) else {
         return Decision::EndRamp;
     };
-    if now_ms < next_ms {
-        return Decision::Hold;
-    }
     let max = parts(r.max);
     let to = (set + parts(r.step)).min(max);
+    let due = now_ms >= next_ms;
+    // A share already at the due step's `to` is that step under way in another process
+    // (it writes the share, then the ramp word), or left half done by a process that
+    // died in between: take it (again); the ramp word's compare-and-swap decides who
+    // reports it. Any other share than the ramp's was set by hand.
+    if st.share != set && !(due && st.share == to) {
+        return Decision::EndRamp;
+    }
+    if !due {
+        return Decision::Hold;
+    }
     let ramp = if to >= max {
         0
     } else {
@@ -296,13 +311,15 @@ impl Balancer {
                     }
                 }
                 Decision::Step { to, ramp } => {
+                    // The share, then the ramp word (see `State::load`); the ramp word's
+                    // exchange is the claim: one process reports each step.
                     if ps
-                        .canary_ramp
-                        .compare_exchange(st.ramp, ramp, Ordering::AcqRel, Ordering::Relaxed)
+                        .canary_share
+                        .compare_exchange(st.share, to, Ordering::AcqRel, Ordering::Relaxed)
                         .is_ok()
                         && ps
-                            .canary_share
-                            .compare_exchange(st.share, to, Ordering::AcqRel, Ordering::Relaxed)
+                            .canary_ramp
+                            .compare_exchange(st.ramp, ramp, Ordering::AcqRel, Ordering::Relaxed)
                             .is_ok()
                     {
                         let next = if ramp == 0 {
@@ -316,7 +333,7 @@ impl Balancer {
                                 "pool {} canary {} share {} -> {} (ramp; {next})",
                                 p.name,
                                 c.pool,
-                                percent(st.share),
+                                percent(unpack_ramp(st.ramp).1),
                                 percent(to)
                             ),
                         ));
@@ -526,6 +543,34 @@ mod tests {
             decide(60_000, &c, &state(500, ramp), &OK, &totals(10, 10, 0)),
             Decision::Rollback { .. }
         ));
+    }
+
+    /// Regression: a tick that read the ramp word of a step another process was taking
+    /// (the share not yet written) took the old share for a hand-set one and ended the
+    /// ramp. Now the share is written first and a share at the due step's value is that
+    /// step, taken again (the ramp word's exchange lets one report it).
+    #[test]
+    fn a_share_at_the_due_steps_value_is_that_step_not_a_hand_change() {
+        let c = canary(0.05, Some((0.2, 60, 1.0)), None);
+        let ramp = initial_ramp(&c, 0);
+        let step = decide(60_000, &c, &state(500, ramp), &OK, &OK);
+        assert_eq!(
+            step,
+            Decision::Step {
+                to: 2500,
+                ramp: pack_ramp(120_000, 2500)
+            }
+        );
+        assert_eq!(decide(60_000, &c, &state(2500, ramp), &OK, &OK), step);
+        // Before the step is due, or at another share, it was set by hand.
+        assert_eq!(
+            decide(59_999, &c, &state(2500, ramp), &OK, &OK),
+            Decision::EndRamp
+        );
+        assert_eq!(
+            decide(60_000, &c, &state(2400, ramp), &OK, &OK),
+            Decision::EndRamp
+        );
     }
 
     #[test]

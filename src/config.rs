@@ -31,7 +31,11 @@
 //! the path of the offending key. Likewise every number has a range, every name a
 //! character set, and every address must resolve, so that a bad config fails at load
 //! time rather than as odd balancing later. Errors ([`ConfigError`]) name the path
-//! (`pools.deepseek.nodes[1].weight`) and the value.
+//! (`pools.deepseek.nodes[1].weight`) and the value. Every section is an object (an
+//! array in its place is refused, not read as the fields by position), and an integer
+//! field takes a number with a zero fraction (`5.0`) but not `5.5`: both at one place,
+//! [`crate::strict`], for JSON text and Lua tables alike. Bytes that are not UTF-8
+//! are refused naming the field they are in.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -44,6 +48,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::emergency::EmergencyConfig;
 use crate::select::Algorithm;
+use crate::strict::Strict;
 
 /// Why a config was refused: where (`pools.deepseek.nodes[1].weight`, or `config` for
 /// the document as a whole) and what is wrong, naming the value.
@@ -294,7 +299,8 @@ impl Default for OutlierConfig {
 pub struct HealthConfig {
     /// Request path, starting with "/".
     pub path: String,
-    /// Host header (default: the node's host).
+    /// Host header (default: the node's host): `host[:port]`, checked (no control
+    /// characters: they would inject headers into every probe).
     pub host: Option<String>,
     /// Statuses that count as healthy.
     pub statuses: Vec<u32>,
@@ -432,8 +438,14 @@ impl NodeConfig {
 impl Config {
     /// Parses, validates and resolves JSON text.
     pub fn from_json(text: &str) -> Result<Config, ConfigError> {
-        let mut de = serde_json::Deserializer::from_str(text);
-        let mut config: Config = serde_path_to_error::deserialize(&mut de).map_err(serde_error)?;
+        Config::from_json_bytes(text.as_bytes())
+    }
+
+    /// Same as [`Config::from_json`], from bytes that may not be UTF-8: invalid UTF-8
+    /// in a string is refused naming the field it is in.
+    pub fn from_json_bytes(text: &[u8]) -> Result<Config, ConfigError> {
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let mut config: Config = serde_path_to_error::deserialize(Strict(&mut de)).map_err(serde_error)?;
         de.end().map_err(|e| ConfigError::new("config", e.to_string()))?;
         config.validate()?;
         Ok(config)
@@ -441,16 +453,16 @@ impl Config {
 
     /// Same as [`Config::from_json`], from a JSON value (a Lua table, converted).
     pub fn from_value(v: serde_json::Value) -> Result<Config, ConfigError> {
-        let mut config: Config = serde_path_to_error::deserialize(v).map_err(serde_error)?;
+        let mut config: Config = serde_path_to_error::deserialize(Strict(v)).map_err(serde_error)?;
         config.validate()?;
         Ok(config)
     }
 
     /// Reads a JSON file, then as [`Config::from_json`].
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
+        let text = std::fs::read(path)
             .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
-        Config::from_json(&text)
+        Config::from_json_bytes(&text)
     }
 
     /// Checks ranges, names, duplicates and capacity, then resolves every node's
@@ -629,6 +641,9 @@ impl PoolConfig {
                     format!("{:?} must start with \"/\" and contain no spaces", h.path),
                 ));
             }
+            if let Some(host) = &h.host {
+                check_host_header(&format!("{hp}.host"), host)?;
+            }
             if h.statuses.is_empty() || h.statuses.iter().any(|s| !(100..=599).contains(s)) {
                 return Err(ConfigError::new(
                     format!("{hp}.statuses"),
@@ -685,6 +700,38 @@ pub(crate) fn check_range(
     Err(ConfigError::new(
         format!("{path}.{field}"),
         format!("{value} is out of range {}..={}", range.start(), range.end()),
+    ))
+}
+
+/// A Host header value as the probes send it: `host` or `host:port`, the host a DNS
+/// name or IPv4 address (1..=253 bytes of `[A-Za-z0-9._-]`) or an IPv6 address in
+/// brackets, the port 1..=65535. Anything else (a CR or LF above all, which would
+/// inject headers into every probe) is refused, naming the value.
+fn check_host_header(path: &str, host: &str) -> Result<(), ConfigError> {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) if !name.starts_with('[') || name.ends_with(']') => (name, Some(port)),
+        _ => (host, None),
+    };
+    let name_ok = match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            (1..=253).contains(&name.len())
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        }
+    };
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && matches!(p.parse::<u16>(), Ok(1..))
+    });
+    if name_ok && port_ok {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        path,
+        format!(
+            "{host:?} is not a valid host[:port] (a DNS name, an IPv4 address or [IPv6], port 1..=65535)"
+        ),
     ))
 }
 
@@ -1436,6 +1483,143 @@ mod tests {
             e.to_string(),
             "pools.deepseek.nodes[0].weight: invalid type: string \"3\", expected u32"
         );
+    }
+
+    #[test]
+    fn invalid_utf8_in_json_text_names_the_field() {
+        let text = b"{\"pools\":{\"deepseek\":{\"nodes\":[{\"id\":\"a\xff\",\"addr\":\"127.0.0.1:1\"}]}}}";
+        let e = Config::from_json_bytes(text).unwrap_err();
+        assert_eq!(e.path, "pools.deepseek.nodes[0].id");
+        assert!(e.message.starts_with("invalid unicode code point"), "{e}");
+        let dir = std::env::temp_dir().join(format!("rsbalancer-utf8-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.json");
+        std::fs::write(&file, text).unwrap();
+        let e = Config::from_file(&file).unwrap_err();
+        assert_eq!(e.path, "pools.deepseek.nodes[0].id", "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn health_host_must_be_a_host_and_port() {
+        let bad = [
+            "a\r\nX-Evil: 1",
+            "a\nb",
+            "a\tb",
+            "a b",
+            "",
+            "a/b",
+            "h\u{fc}",
+            "host:",
+            "host:0",
+            "host:70000",
+            "host:http",
+            "[nope]:80",
+            "[::1",
+            "::1",
+            "a:b:c",
+        ];
+        for host in bad {
+            let e = Config::from_value(with("/pools/deepseek/health", json!({ "host": host }))).unwrap_err();
+            assert_eq!(e.path, "pools.deepseek.health.host", "{host:?}");
+            assert!(
+                e.message
+                    .starts_with(&format!("{host:?} is not a valid host[:port]")),
+                "{e}"
+            );
+        }
+        for host in [
+            "api.example.com",
+            "gpu_1.internal:8000",
+            "10.0.0.1",
+            "10.0.0.1:80",
+            "[::1]",
+            "[fd00::7]:443",
+        ] {
+            let c = Config::from_value(with("/pools/deepseek/health", json!({ "host": host }))).unwrap();
+            assert_eq!(
+                c.pools["deepseek"].health.as_ref().unwrap().host.as_deref(),
+                Some(host)
+            );
+        }
+    }
+
+    #[test]
+    fn arrays_in_place_of_objects_refused() {
+        // serde's derived structs take a sequence as their fields by position.
+        let cases = [
+            ("/shm", json!([8, 4])),
+            ("/pools/deepseek/ewma", json!([1000])),
+            ("/pools/deepseek/retry", json!([0.5])),
+            ("/pools/deepseek/health", json!(["/h"])),
+            ("/pools/deepseek/admission", json!([true])),
+            ("/pools/deepseek/nodes/0", json!(["a", "127.0.0.1:1"])),
+        ];
+        for (ptr, v) in cases {
+            let e = Config::from_value(with(ptr, v)).unwrap_err();
+            let want = ptr[1..].replace('/', ".").replace(".0", "[0]");
+            assert_eq!(e.path, want, "{ptr}");
+            assert!(
+                e.message.starts_with("invalid type: sequence, expected struct"),
+                "{e}"
+            );
+        }
+        let e = Config::from_value(with(
+            "/pools/deepseek",
+            json!([[{ "id": "a", "addr": "127.0.0.1:1" }]]),
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "pools.deepseek: invalid type: sequence, expected struct PoolConfig"
+        );
+        let e =
+            Config::from_json(r#"[{}, {"p": {"nodes": [{"id": "a", "addr": "127.0.0.1:1"}]}}]"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config: invalid type: sequence, expected struct Config"
+        );
+        let e = Config::from_json(r#"{"pools": [{"nodes": []}]}"#).unwrap_err();
+        assert_eq!(e.path, "pools");
+    }
+
+    #[test]
+    fn whole_floats_are_integers_fractions_refused() {
+        let c = Config::from_value(with("/pools/deepseek/nodes/1/weight", json!(5.0))).unwrap();
+        assert_eq!(c.pools["deepseek"].nodes[1].weight, 5);
+        let text = r#"{"shm":{"max_nodes":8.0},"pools":{"deepseek":{"slow_start_ms":0.0,
+            "health":{"statuses":[200.0,204]},"nodes":[{"id":"a","addr":"127.0.0.1:1","weight":1e1}]}}}"#;
+        let c = Config::from_json(text).unwrap();
+        assert_eq!(c.shm.max_nodes, 8);
+        assert_eq!(c.pools["deepseek"].slow_start_ms, 0);
+        assert_eq!(c.pools["deepseek"].nodes[0].weight, 10);
+        assert_eq!(
+            c.pools["deepseek"].health.as_ref().unwrap().statuses,
+            vec![200, 204]
+        );
+        assert_eq!(
+            err(with("/pools/deepseek/nodes/1/weight", json!(5.5))),
+            "pools.deepseek.nodes[1].weight: invalid type: floating point `5.5`, expected u32"
+        );
+        let e = Config::from_json(&text.replace("8.0", "8.25")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "shm.max_nodes: invalid type: floating point `8.25`, expected u32"
+        );
+        // Range checks still apply to the integer: 1e10 does not fit a u32, -1.0 is negative.
+        let e = err(with("/pools/deepseek/refresh_ms", json!(1e10)));
+        assert!(
+            e.starts_with("pools.deepseek.refresh_ms: invalid value: integer `10000000000`"),
+            "{e}"
+        );
+        let e = err(with("/pools/deepseek/nodes/0/weight", json!(-1.0)));
+        assert!(
+            e.starts_with("pools.deepseek.nodes[0].weight: invalid value: integer `-1`"),
+            "{e}"
+        );
+        // Float fields still take fractions.
+        let c = Config::from_value(with("/pools/deepseek/retry", json!({ "budget_ratio": 0.5 }))).unwrap();
+        assert_eq!(c.pools["deepseek"].retry.budget_ratio, 0.5);
     }
 
     #[test]

@@ -44,5 +44,6 @@ pub mod retry;
 pub mod select;
 #[allow(unsafe_code)]
 pub mod shm;
+mod strict;
 pub mod tally;
 pub mod window;

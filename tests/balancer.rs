@@ -385,18 +385,26 @@ fn slow_start_reduces_a_new_nodes_share() {
     assert!(steady > 0.28, "steady share of the new node: {steady:.3}");
 }
 
+/// 2000 keys `<prefix>-<i>`.
+fn chash_keys(prefix: &str) -> Vec<String> {
+    (0..2000).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// The node each key is picked for (each pick reported at once).
+fn homes(b: &Balancer, pool: u32, keys: &[String]) -> Vec<u32> {
+    keys.iter()
+        .map(|k| try_once(b, pool, k.as_bytes(), &[]).unwrap())
+        .collect()
+}
+
 #[test]
 fn chash_affinity_and_failover() {
     let ids = ["a", "b", "c", "d"];
     let b = Balancer::create(&config(json!({ "algorithm": "chash", "slow_start_ms": 0 }), &ids)).unwrap();
     let pool = b.pool_index("p").unwrap();
     let all = slots(&b, &ids);
-    let keys: Vec<String> = (0..2000).map(|i| format!("session-{i}")).collect();
-    let map = || -> Vec<u32> {
-        keys.iter()
-            .map(|k| try_once(&b, pool, k.as_bytes(), &[]).unwrap())
-            .collect()
-    };
+    let keys = chash_keys("session");
+    let map = || homes(&b, pool, &keys);
     let home = map();
     assert_eq!(map(), home, "same key, same node");
     assert_eq!(map(), home, "same key, same node");
@@ -436,6 +444,57 @@ fn chash_affinity_and_failover() {
         .cooldown_until_ms
         .store(0, Ordering::Relaxed);
     assert_eq!(map(), home, "keys come back");
+}
+
+/// The ring is keyed by node id, so a node leaving the configuration moves only its own
+/// keys, whatever its position in the list. (Keyed by position, removing the 2nd of 4
+/// nodes shifted the 3rd and 4th: about 40% of the other nodes' keys moved.)
+#[test]
+fn chash_node_leaving_the_config_moves_only_its_keys() {
+    let cfg = |ids: &[&str]| config(json!({ "algorithm": "chash", "slow_start_ms": 0 }), ids);
+    let ids = ["a", "b", "c", "d"];
+    let b = Balancer::create(&cfg(&ids)).unwrap();
+    let pool = b.pool_index("p").unwrap();
+    let all = slots(&b, &ids);
+    let gone = all[1];
+    let keys = chash_keys("user");
+    let map = || homes(&b, pool, &keys);
+    let before = map();
+    let of_gone = before.iter().filter(|&&n| n == gone).count();
+    // 160 points per node: b's share is 25% give or take ~8% relative.
+    assert!(of_gone > 250, "b holds {of_gone} of 2000 keys");
+
+    // b (2nd of 4) leaves; a, c, d keep their slots.
+    b.configure(&cfg(&["a", "c", "d"])).unwrap();
+    assert_eq!(slots(&b, &["a", "c", "d"]), [all[0], all[2], all[3]]);
+    let after = map();
+    let moved: Vec<&str> = keys
+        .iter()
+        .zip(before.iter().zip(&after))
+        .filter(|(_, (&was, &now))| was != gone && was != now)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert!(
+        moved.is_empty(),
+        "{} keys of staying nodes moved, e.g. {:?}",
+        moved.len(),
+        &moved[..moved.len().min(5)]
+    );
+    let heirs: HashMap<u32, usize> =
+        before
+            .iter()
+            .zip(&after)
+            .filter(|(&was, _)| was == gone)
+            .fold(HashMap::new(), |mut m, (_, &now)| {
+                *m.entry(now).or_default() += 1;
+                m
+            });
+    assert!(!heirs.contains_key(&gone), "a removed node was picked");
+    assert_eq!(
+        heirs.len(),
+        3,
+        "b's keys spread over every staying node: {heirs:?}"
+    );
 }
 
 #[test]

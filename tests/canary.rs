@@ -12,9 +12,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rsbalancer::balancer::Balancer;
-use rsbalancer::canary::CanaryEvent;
+use rsbalancer::canary::{self, CanaryEvent};
 use rsbalancer::config::{CanaryKey, Config};
 use serde_json::{json, Value};
+
+mod common;
+use common::{race, racers};
 
 /// Pools "p" (primary: a, b) and "c" (canary: x, y); `canary` is p's canary block.
 fn doc(canary: Value) -> Value {
@@ -292,4 +295,86 @@ fn ramp_reaches_its_max_and_ends() {
         vec!["pool p canary c share 30.00% -> 60.00% (ramp; ramp complete)"]
     );
     assert_eq!(b.canary_state("p").unwrap().unwrap().ramp_next_in_ms, None);
+}
+
+/// Threads with a handle each, released together at the moment a canary tick decides:
+/// `rounds` rounds, `reset` putting the pool back before each. The events of each round.
+fn racing_ticks(b: &Balancer, rounds: usize, reset: impl FnMut(usize)) -> Vec<Vec<CanaryEvent>> {
+    let handles: Vec<Balancer> = (0..racers())
+        .map(|_| Balancer::attach(b.region().clone()))
+        .collect();
+    race(&handles, rounds, reset, |h| h.canary_tick().unwrap())
+        .into_iter()
+        .map(|r| r.into_iter().flatten().collect())
+        .collect()
+}
+
+/// Rounds where other than exactly one event was reported: (round, their messages).
+fn not_once(rounds: &[Vec<CanaryEvent>]) -> Vec<(usize, Vec<&str>)> {
+    rounds
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.len() != 1)
+        .map(|(i, e)| (i, e.iter().map(|e| e.message.as_str()).collect()))
+        .collect()
+}
+
+/// Exactly one of the racing workers rolls a failing canary back, each round (the
+/// test re-arms it). (A load-then-store of the rollback flag in place of the
+/// compare-and-swap let two roll back in some rounds.)
+#[test]
+fn racing_ticks_roll_back_exactly_once() {
+    const ROUNDS: usize = 20_000;
+    let mut d = doc(json!({ "pool": "c", "share": 0.2, "rollback": { "margin": 0.1, "min_requests": 20 } }));
+    // A long window: the tries below stay in it for the whole test.
+    d["pools"]["p"]["window_ms"] = json!(600_000);
+    d["pools"]["c"]["window_ms"] = json!(600_000);
+    let b = Balancer::create(&Config::from_value(d).unwrap()).unwrap();
+    let p = b.pool_index("p").unwrap();
+    traffic(&b, "p", 80, 200);
+    traffic(&b, "c", 20, 500);
+    let ps = b.region().pool(p).unwrap();
+    let rounds = racing_ticks(&b, ROUNDS, |_| {
+        ps.canary_rolled_back.store(0, Ordering::Release);
+        // Judge the canary's tries since the clock's start (a rollback restarts it).
+        ps.canary_since_ms.store(0, Ordering::Relaxed);
+        ps.canary_share.store(2000, Ordering::Release);
+    });
+    assert_eq!(
+        not_once(&rounds),
+        vec![],
+        "(round, events) of rounds without exactly one rollback"
+    );
+    assert!(rounds.iter().flatten().all(|e| e.rollback));
+    assert_eq!(ps.canary_rollbacks_total.load(Ordering::Relaxed), ROUNDS as u64);
+    assert_eq!(canary_of(&b, "p").1, 0);
+}
+
+/// Exactly one of the racing workers takes each ramp step (the test sets the step due
+/// again before each round). (A load-then-store of the ramp word let two step.)
+#[test]
+fn racing_ticks_take_a_ramp_step_exactly_once() {
+    const ROUNDS: usize = 20_000;
+    let block = json!({ "pool": "c", "share": 0.1, "ramp": { "step": 0.1, "every_s": 3600, "max": 0.9 } });
+    let b = Balancer::create(&cfg(block)).unwrap();
+    let p = b.pool_index("p").unwrap();
+    let ps = b.region().pool(p).unwrap();
+    let rounds = racing_ticks(&b, ROUNDS, |_| {
+        ps.canary_share.store(1000, Ordering::Release);
+        // Due since the clock's first millisecond, from the share 10%.
+        ps.canary_ramp
+            .store(canary::pack_ramp(1, 1000), Ordering::Release);
+    });
+    assert_eq!(
+        not_once(&rounds),
+        vec![],
+        "(round, events) of rounds without exactly one step"
+    );
+    for e in rounds.iter().flatten() {
+        assert_eq!(
+            e.message,
+            "pool p canary c share 10.00% -> 20.00% (ramp; next step in 3600 s)"
+        );
+    }
+    assert_eq!(canary_of(&b, "p").1, 2000);
 }

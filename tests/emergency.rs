@@ -11,6 +11,9 @@ use rsbalancer::shm::clock;
 use rsbalancer::shm::layout::emergency::{ACTIVE, FORCED_OFF, FORCED_ON};
 use serde_json::{json, Value};
 
+mod common;
+use common::{race, racers};
+
 /// Pool "llm" (a, b) with an emergency section (merged with `emergency`) whose backup
 /// pool is "spare" (s); a 60 s window so that injected times stay inside it.
 fn config(emergency: Value) -> Config {
@@ -132,6 +135,37 @@ fn detector_enters_once_across_handles_and_exits_after_the_healthy_window() {
     // Hysteresis: a ratio between exit and enter does not enter again.
     tries(&b1, pool, 40, 429); // 50 of 250: 0.2
     assert!(b1.emergency_tick(now + 2_000).unwrap().is_empty());
+}
+
+/// Handles in threads released together at the moment the detector decides to enter,
+/// round after round (the test puts the pool back out of emergency in between): each
+/// round exactly one wins. (A load-then-store in place of the compare-and-swap let
+/// two win in some rounds.)
+#[test]
+fn racing_detectors_enter_exactly_once() {
+    const ROUNDS: usize = 20_000;
+    let b = Balancer::create(&config(json!({}))).unwrap();
+    let pool = b.pool_index("llm").unwrap();
+    let ps = b.region().pool(pool).unwrap();
+    tries(&b, pool, 10, 429);
+    let now = clock::now_ms();
+    let handles: Vec<Balancer> = (0..racers())
+        .map(|_| Balancer::attach(Arc::clone(b.region())))
+        .collect();
+    let rounds = race(
+        &handles,
+        ROUNDS,
+        |_| ps.emergency.store(0, Ordering::Release),
+        |h| h.emergency_tick(now).unwrap().len(),
+    );
+    let won: Vec<usize> = rounds.iter().map(|r| r.iter().sum()).collect();
+    let bad: Vec<(usize, usize)> = won.iter().copied().enumerate().filter(|&(_, w)| w != 1).collect();
+    assert!(
+        bad.is_empty(),
+        "(round, winners) of rounds without exactly one winner: {bad:?}"
+    );
+    assert_eq!(ps.emergency_entries_total.load(Ordering::Relaxed), ROUNDS as u64);
+    assert_eq!(ps.emergency.load(Ordering::Relaxed), ACTIVE);
 }
 
 #[test]

@@ -89,32 +89,122 @@ fn assert_share(counts: &BTreeMap<String, usize>, total: usize, node: &str, want
     );
 }
 
-fn inflight(stats: &Value) -> u64 {
-    let ids = stats.as_object().expect("stats object").keys();
-    ids.map(|id| stat(stats, id, "inflight")).sum()
-}
-
-/// Waits until no node has a request in flight and returns the stats then. nginx runs
-/// a request's log phase (where its tries are reported) when it frees the request,
-/// which may come a moment after the client has read the whole response (lingering
-/// close: nginx shuts down its side, then frees the request once the client closes).
-/// A leak never clears, and fails here.
-fn quiesce(g: &Gateway) -> Value {
-    for _ in 0..500 {
-        let s = g.stats();
-        if inflight(&s) == 0 {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!(
-        "requests still in flight 10 s after the load ended: {}",
-        g.stats()
-    );
-}
-
 fn sum(stats: &Value, ids: &[&str], field: &str) -> u64 {
     ids.iter().map(|id| stat(stats, id, field)).sum()
+}
+
+/// `chash` routes of `n` chat completions from 8 threads, request `i` keyed by
+/// `X-Session: user-<i % keys>`: per key, the nodes that answered and the workers that
+/// routed it. Every request must succeed at its first try.
+fn chash_routes(g: &Gateway, keys: usize, n: usize) -> BTreeMap<usize, (HashSet<String>, HashSet<String>)> {
+    let results = run_parallel(n, 8, |i| {
+        let key = i % keys;
+        let session = format!("user-{key}");
+        let r = http_with(
+            g.port,
+            "POST",
+            "/v1/chat/completions",
+            &[("X-Session", &session)],
+            Some(CHAT_BODY),
+        )
+        .expect("chat request");
+        let h = |name: &str| r.header(name).unwrap_or("").to_string();
+        (key, r.status, h("X-Node"), h("X-Worker"), h("X-Upstream-Addr"))
+    });
+    let mut routes: BTreeMap<usize, (HashSet<String>, HashSet<String>)> = BTreeMap::new();
+    for (key, status, node, worker, tried) in results {
+        assert!(
+            status == 200 && !tried.contains(','),
+            "user-{key}: {status} via {tried}"
+        );
+        let e = routes.entry(key).or_default();
+        e.0.insert(node);
+        e.1.insert(worker);
+    }
+    routes
+}
+
+/// Each key's one node; panics if a key reached several, or too few keys were routed by
+/// both workers for the claim to mean "across workers".
+fn chash_homes(routes: &BTreeMap<usize, (HashSet<String>, HashSet<String>)>) -> BTreeMap<usize, String> {
+    let split: Vec<_> = routes.iter().filter(|(_, (nodes, _))| nodes.len() != 1).collect();
+    assert!(
+        split.is_empty(),
+        "keys that reached more than one node: {split:?}"
+    );
+    let both = routes.values().filter(|(_, workers)| workers.len() == 2).count();
+    assert!(
+        both >= routes.len() / 10,
+        "only {both} of {} keys were routed by both workers",
+        routes.len()
+    );
+    routes
+        .iter()
+        .map(|(&k, (nodes, _))| (k, nodes.iter().next().unwrap().clone()))
+        .collect()
+}
+
+/// Consistent hashing by a request header in real nginx: a key reaches the same node
+/// whichever worker routes it, every node holds a share of the keys, and when the 2nd of
+/// 4 nodes is removed through the admin API only its keys move (spread over the others);
+/// every other key stays on its node, in both workers.
+#[test]
+fn chash_by_header_is_sticky_across_workers_and_a_removal_moves_only_its_keys() {
+    const KEYS: usize = 200;
+    let dir = TestDir::new("chash");
+    let nodes: Vec<MockNode> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|id| MockNode::new(id, 2))
+        .collect();
+    let _mocks = start_mocks(&dir, &nodes);
+    let list: Vec<(&str, String, u32)> = nodes.iter().map(|m| (m.name.as_str(), m.addr(), 1)).collect();
+    let mut cfg = pool_json("chash", &list);
+    cfg["pools"]["llm"]["slow_start_ms"] = json!(0);
+    let g = start_gateway_with(&dir, &cfg, |text| {
+        let call = r#"require("resty.rsbalancer").balance("llm")"#;
+        assert!(text.contains(call), "gateway.conf has no {call}");
+        text.replacen(
+            call,
+            r#"require("resty.rsbalancer").balance("llm", ngx.var.http_x_session)"#,
+            1,
+        )
+    });
+
+    let before = chash_homes(&chash_routes(&g, KEYS, KEYS * 8));
+    let held = count(before.values().map(String::as_str));
+    for m in &nodes {
+        let n = held.get(&m.name).copied().unwrap_or(0);
+        assert!(
+            n >= KEYS / 10,
+            "node {} holds {n} of {KEYS} keys: {held:?}",
+            m.name
+        );
+    }
+
+    let r = http(g.port, "DELETE", "/rsbalancer/pools/llm/nodes/b", None).expect("admin DELETE");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let after = chash_homes(&chash_routes(&g, KEYS, KEYS * 8));
+    let moved: Vec<_> = before
+        .iter()
+        .filter(|&(k, home)| home != "b" && after[k] != *home)
+        .map(|(k, home)| format!("user-{k}: {home} -> {}", after[k]))
+        .collect();
+    assert!(
+        moved.is_empty(),
+        "{} keys of staying nodes moved: {moved:?}",
+        moved.len()
+    );
+    let heirs = count(
+        before
+            .iter()
+            .filter(|&(_, home)| home == "b")
+            .map(|(k, _)| after[k].as_str()),
+    );
+    assert!(
+        !heirs.contains_key("b"),
+        "the removed node still served: {heirs:?}"
+    );
+    assert!(heirs.len() >= 2, "b's keys went to one node only: {heirs:?}");
 }
 
 #[test]

@@ -203,11 +203,6 @@ fn assert_notice(g: &Gateway, text: &str) {
     );
 }
 
-fn mock_set(m: &MockNode, query: &str) {
-    let r = post(m.port, &format!("/mock/set?{query}"), "");
-    assert_eq!(r.status, 200, "mock {} /mock/set?{query}: {}", m.name, r.text());
-}
-
 #[test]
 fn admin_changes_reach_every_worker() {
     let _serial = serial();

@@ -55,11 +55,6 @@ fn config(mocks: &[&MockNode], admission: Value) -> Value {
     } } })
 }
 
-fn mock_set(m: &MockNode, query: &str) {
-    let r = post(m.port, &format!("/mock/set?{query}"), "");
-    assert_eq!(r.status, 200, "mock {} /mock/set?{query}: {}", m.name, r.text());
-}
-
 fn admission(g: &Gateway) -> Value {
     let r = get(g.port, "/rsbalancer/status");
     assert_eq!(r.status, 200, "status: {}", r.text());

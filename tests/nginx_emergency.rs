@@ -11,11 +11,14 @@
 //!
 //! The gateway is the demo template `nginx-conf/demo/gateway.conf` plus one test
 //! location, `/test/emergency?pool=&mode=`, calling `set_emergency` of
-//! `resty.rsbalancer` (what the admin API calls). Both workers run the detector every
+//! `resty.rsbalancer` (what the admin API calls) once per mode of a comma-separated
+//! list. Both workers run the detector every
 //! second: "exactly one alert per transition" is checked at the receiver, after waiting
 //! several more ticks for a duplicate to show up. Backup-pool traffic is counted at the
 //! spare mock (`received`), not from the gateway's accounting. No assertion depends on
-//! how long something took; waits are polls with generous limits.
+//! how long something took, but for the webhook's spacing and retry backoff: lower
+//! bounds, with upper bounds generous enough for a loaded machine; waits are polls with
+//! generous limits.
 
 mod support;
 
@@ -46,6 +49,8 @@ struct Hit {
     body: Value,
     /// The status the receiver answered.
     answered: u16,
+    /// When the receiver accepted its connection.
+    at: Instant,
 }
 
 /// A webhook receiver on 127.0.0.1: records every request, answers 500 to the first
@@ -65,6 +70,7 @@ impl Receiver {
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut s) = conn else { continue };
+                let at = Instant::now();
                 let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                 let Some(Request {
                     method,
@@ -93,6 +99,7 @@ impl Receiver {
                     content_type,
                     body,
                     answered,
+                    at,
                 });
                 let reason = if answered == 200 {
                     "OK"
@@ -226,8 +233,14 @@ fn pools(a: &MockNode, b: &MockNode, s: &MockNode, hook: &Receiver, emergency: V
 const TEST_LOCATION: &str = r#"
         location = /test/emergency {
             content_by_lua_block {
-                local ok, err = require("resty.rsbalancer").set_emergency(ngx.var.arg_pool, ngx.var.arg_mode)
-                ngx.say(ok and "ok" or ("error: " .. tostring(err)))
+                -- One mode, or several separated by commas: set in order, by this worker.
+                for mode in string.gmatch(ngx.var.arg_mode, "[^,]+") do
+                    local ok, err = require("resty.rsbalancer").set_emergency(ngx.var.arg_pool, mode)
+                    if not ok then
+                        return ngx.say("error: " .. tostring(err))
+                    end
+                end
+                ngx.say("ok")
             }
         }
 "#;
@@ -291,11 +304,6 @@ fn chat_with_priority(g: &Gateway, p: &str) -> Response {
         Some(CHAT_BODY),
     )
     .expect("chat request")
-}
-
-fn mock_set(m: &MockNode, query: &str) {
-    let r = post(m.port, &format!("/mock/set?{query}"), "");
-    assert_eq!(r.status, 200, "mock {} /mock/set?{query}: {}", m.name, r.text());
 }
 
 /// Tries the mock received (health checks and /mock/* aside).
@@ -601,4 +609,84 @@ fn backup_pool_serves_when_every_primary_is_down_outside_emergency() {
         "no emergency alert expected: {:?}",
         hook.hits()
     );
+}
+
+/// Receiver arrivals: the time of `hits[k]` since `from`, in ms.
+fn arrivals_ms(hits: &[Hit], from: Instant) -> Vec<u128> {
+    hits.iter()
+        .map(|h| h.at.duration_since(from).as_millis())
+        .collect()
+}
+
+/// Alerts from one worker to one webhook start `min_interval_ms` apart: four forced
+/// transitions made by one request (so by one worker, at one moment `t`) are delivered
+/// in order, the k-th no earlier than `t` + k intervals (nginx's timers never fire
+/// early; 5 ms of rounding allowed), and each at least the interval after the one before
+/// but for a timer's lateness (200 ms allowed). Without the spacing they would arrive
+/// within milliseconds.
+#[test]
+fn webhook_alerts_of_one_worker_are_spaced_by_min_interval() {
+    const INTERVAL_MS: u128 = 1000;
+    let _serial = serial();
+    let r = rig("emergency-spacing", 0, json!({ "min_requests": 1000000 }), |j| {
+        j["pools"]["llm"]["emergency"]["webhooks"][0]["min_interval_ms"] = json!(INTERVAL_MS as u64);
+    });
+    let (g, hook) = (&r.g, &r.hook);
+    let t = Instant::now();
+    set_emergency(g, "on,off,on,off");
+    wait_delivered(g, hook, 4, "four forced alerts");
+    let hits = hook.hits();
+    let events: Vec<&str> = hits
+        .iter()
+        .map(|h| h.body["event"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(events, ["enter", "exit", "enter", "exit"], "{hits:?}");
+    let at = arrivals_ms(&hits, t);
+    eprintln!("alerts arrived at {at:?} ms after the request");
+    for k in 1..at.len() {
+        assert!(
+            at[k] + 5 >= k as u128 * INTERVAL_MS,
+            "alert {k} arrived {} ms after the request, before {k} intervals of {INTERVAL_MS} ms: {at:?}",
+            at[k]
+        );
+        assert!(
+            at[k] - at[k - 1] + 200 >= INTERVAL_MS,
+            "alerts {} and {k} arrived {} ms apart, min_interval_ms {INTERVAL_MS}: {at:?}",
+            k - 1,
+            at[k] - at[k - 1]
+        );
+    }
+    let_ticks_pass();
+    assert_eq!(hook.hits().len(), 4, "{:?}", hook.hits());
+}
+
+/// A failed delivery is retried after 0.5 s, then 1 s, then 2 s: with the receiver
+/// failing the first 3 attempts, the 4th (`retries` 3) delivers, and the gaps between
+/// arrivals are at least those (a retry's timer starts after the failed attempt's
+/// answer, so no allowance beyond 20 ms of clock rounding) and below the next doubling
+/// (an allowance of up to 0.9 times the backoff for a timer's lateness).
+#[test]
+fn failed_webhook_deliveries_back_off_half_a_second_then_doubling() {
+    let _serial = serial();
+    let r = rig("emergency-backoff", 3, json!({ "min_requests": 1000000 }), |_| {});
+    let (g, hook) = (&r.g, &r.hook);
+    set_emergency(g, "on");
+    wait_delivered(g, hook, 1, "the forced \"enter\" alert, at its 4th attempt");
+    let hits = hook.hits();
+    let answered: Vec<u16> = hits.iter().map(|h| h.answered).collect();
+    assert_eq!(answered, [500, 500, 500, 200], "{hits:?}");
+    assert!(hits.iter().all(|h| h.body == hits[0].body), "one alert: {hits:?}");
+    let at = arrivals_ms(&hits, hits[0].at);
+    eprintln!("attempts arrived at {at:?} ms after the first");
+    for (k, backoff) in [500u128, 1000, 2000].into_iter().enumerate() {
+        let gap = at[k + 1] - at[k];
+        assert!(
+            gap + 20 >= backoff && gap < backoff * 19 / 10,
+            "retry {} came {gap} ms after attempt {k}, want a backoff of {backoff} ms: {at:?}",
+            k + 1
+        );
+    }
+    let log = g.nginx.error_log();
+    assert_eq!(count(&log, "retrying"), 3, "{log}");
+    assert_eq!(count(&log, "delivered to"), 1, "{log}");
 }

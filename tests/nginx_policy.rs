@@ -71,12 +71,6 @@ fn fast_health() -> Value {
 // ----------------------------------------------------------------------------------
 // Mocks
 
-/// `POST /mock/set?<query>` on a mock node.
-fn mock_set(m: &MockNode, query: &str) {
-    let r = post(m.port, &format!("/mock/set?{query}"), "");
-    assert_eq!(r.status, 200, "mock {} /mock/set?{query}: {}", m.name, r.text());
-}
-
 fn mock_state(m: &MockNode) -> Value {
     get(m.port, "/mock/state").json()
 }
@@ -333,10 +327,18 @@ fn until_retried(g: &Gateway, first: &MockNode, then: &MockNode) -> Chat {
 }
 
 /// While `id` stays unavailable (cooling, ejected) for more than 300 ms, sends
-/// requests one at a time: all must be served by other nodes and the mock of `id`
-/// must receive none. Returns how many were sent.
-fn no_traffic_while_unavailable(g: &Gateway, id: &str, mock: &MockNode, want_state: &str) -> usize {
+/// requests one at a time: at least one must be sent (else nothing was shown), all
+/// must be served by other nodes, whose mocks (`others`) must have received each
+/// once, and the mock of `id` must receive none.
+fn no_traffic_while_unavailable(
+    g: &Gateway,
+    id: &str,
+    mock: &MockNode,
+    others: &[&MockNode],
+    want_state: &str,
+) {
     let before = received(mock);
+    let others_before: u64 = others.iter().map(|m| received(m)).sum();
     let mut sent = 0;
     loop {
         let s = g.stats();
@@ -350,12 +352,21 @@ fn no_traffic_while_unavailable(g: &Gateway, id: &str, mock: &MockNode, want_sta
         sent += 1;
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert!(
+        sent > 0,
+        "{id} was {want_state} for less than 300 ms more: no request sent to show it gets none"
+    );
     assert_eq!(
         received(mock),
         before,
         "{id} received requests while {want_state}"
     );
-    sent
+    let others_after: u64 = others.iter().map(|m| received(m)).sum();
+    assert_eq!(
+        others_after - others_before,
+        sent as u64,
+        "the {sent} requests sent while {id} was {want_state} did not each reach another node once"
+    );
 }
 
 /// A quota 429 (Retry-After 4 s from a token bucket) is retried on the other node
@@ -404,8 +415,7 @@ fn quota_429_is_retried_elsewhere_and_cools_the_node_for_retry_after() {
     );
     assert!(stat(&s, "quota", "busy") >= 1, "{s}");
 
-    let sent = no_traffic_while_unavailable(&g, "quota", &quota, "cooling");
-    assert!(sent > 0, "no request sent during the cooldown");
+    no_traffic_while_unavailable(&g, "quota", &quota, &[&ok], "cooling");
 
     let s = wait_stats(&g, 30, "the end of the cooldown", |s| {
         state(s, "quota") != "cooling"
@@ -456,8 +466,7 @@ fn http_date_retry_after_is_honoured() {
 
     // Fixed at once: the gateway still waits for the date.
     mock_set(&limited, "fail=&retry_after_at=");
-    let sent = no_traffic_while_unavailable(&g, "limited", &limited, "cooling");
-    assert!(sent > 0);
+    no_traffic_while_unavailable(&g, "limited", &limited, &[&ok], "cooling");
     wait_stats(&g, 30, "the end of the cooldown", |s| {
         state(s, "limited") != "cooling"
     });
@@ -796,7 +805,8 @@ fn failing_node_is_ejected_then_recovers_in_slow_start() {
         &pool(
             "weighted_random",
             vec![node("bad", &bad, 10), node("b", &b, 10), node("c", &c, 10)],
-            json!({ "outlier": { "consecutive_failures": 3, "base_ms": 1000 } }),
+            // 3 s: long enough to send requests while it lasts (checked below).
+            json!({ "outlier": { "consecutive_failures": 3, "base_ms": 3000 } }),
         ),
     );
 
@@ -817,11 +827,10 @@ fn failing_node_is_ejected_then_recovers_in_slow_start() {
     assert!(stat(&s, "bad", "failures") >= 3, "{s}");
     assert_eq!(stat(&s, "bad", "ejections"), 1, "{s}");
     let left = s["bad"]["unavailable_ms"].as_u64().unwrap();
-    assert!(left <= 1100, "ejected for {left} ms, base_ms 1000 (+10%): {s}");
+    assert!(left <= 3300, "ejected for {left} ms, base_ms 3000 (+10%): {s}");
 
-    // Ejected: no traffic. (An ejection of ~1 s may end before this starts: then the
-    // loop sends nothing, which proves nothing but is no failure.)
-    no_traffic_while_unavailable(&g, "bad", &bad, "ejected");
+    // Ejected: no traffic; what is sent meanwhile reaches b and c.
+    no_traffic_while_unavailable(&g, "bad", &bad, &[&b, &c], "ejected");
 
     // Fixed; once the ejection ends it is back, in slow start, and serves.
     mock_set(&bad, "fail=");

@@ -137,6 +137,44 @@ fn quota_429_cools_the_node_until_retry_after() {
     assert_eq!(stats(&b, bb).cooldowns, 1);
 }
 
+/// Two tries in flight on one node both answer 429: the second, with a shorter
+/// Retry-After, leaves the first one's cooldown as it was (it only ever lengthens);
+/// a longer one extends it. Still one cooldown.
+#[test]
+fn a_second_429_only_lengthens_a_cooldown() {
+    let b = Balancer::create(&config(
+        json!({ "algorithm": "round_robin", "cooldown": { "quota_retry_after_ms": 100 } }),
+        &["a", "b"],
+    ))
+    .unwrap();
+    let pool = b.pool_index("p").unwrap();
+    let all = slots(&b, &["a", "b"]);
+    let a = all[0];
+    ramped(&b, a);
+    let [first, second, third] = [(); 3].map(|_| pick_exactly(&b, pool, a, &all));
+
+    let (_, t0, t1) = timed(|| b.report(first, 429, 1000, 5000).unwrap());
+    let until = stats(&b, a).cooldown_until_ms;
+    assert!(
+        drawn_in(until, t0, t1, 5000, 5500),
+        "{until} not in {t0}+5000..={t1}+5500"
+    );
+
+    // 300 ms (up to 330 with jitter) would end it almost 5 s early.
+    b.report(second, 429, 1000, 300).unwrap();
+    let st = stats(&b, a);
+    assert_eq!(
+        (st.state, st.cooldown_until_ms, st.cooldowns),
+        ("cooling", until, 1),
+        "a shorter Retry-After shortened the cooldown: {st:?}"
+    );
+
+    let (_, t0, t1) = timed(|| b.report(third, 429, 1000, 20_000).unwrap());
+    let st = stats(&b, a);
+    assert!(drawn_in(st.cooldown_until_ms, t0, t1, 20_000, 22_000), "{st:?}");
+    assert_eq!((st.state, st.cooldowns, st.inflight), ("cooling", 1, 0), "{st:?}");
+}
+
 #[test]
 fn retry_after_is_capped_by_max_retry_after_ms() {
     // Issue 17: one 429 with `Retry-After: 4000000` (46 days) used to rest the node for

@@ -3,6 +3,8 @@
 --   init_by_lua_block        { require("resty.rsbalancer").init("/etc/nginx/rsbalancer.json") }
 --   init_worker_by_lua_block { require("resty.rsbalancer").init_worker() }
 --   balancer_by_lua_block    { require("resty.rsbalancer").balance("deepseek") }
+--   header_filter_by_lua_block { require("resty.rsbalancer").header_filter() }
+--   body_filter_by_lua_block { require("resty.rsbalancer").body_filter() }
 --   log_by_lua_block         { require("resty.rsbalancer").log() }
 --
 -- Per-request calls (pick, report) go through LuaJIT's FFI into librsbalancer.so and
@@ -89,6 +91,7 @@ local out_buf = ffi.new("uint32_t[1]")
 local wait_buf = ffi.new("uint64_t[1]")
 local err_buf = ffi.new("char[?]", 512)
 local RSB_OK, RSB_NO_NODE = 0, 4
+local ceil = math.ceil
 
 local bal          -- mlua balancer object
 local handle       -- its `rsb_balancer *`
@@ -539,6 +542,48 @@ function _M.priority(value, opts)
     return admission.priority(value, opts)
 end
 
+--- header_filter(): in header_filter_by_lua. A node's own 429 or 503 that reaches the
+-- client (the pool could not retry it) without a Retry-After gets one, so that the
+-- client does not come back at once: the seconds (whole, at least 1) until the pool's
+-- soonest node is back, with this answer counted first. To count it, the try is
+-- reported here rather than in the log phase (its latency since the pick, as log()'s
+-- fast path does). Anything else, a 2xx above all, costs one comparison.
+function _M.header_filter()
+    local status = ngx.status
+    if status < 429 then return end
+    if status ~= 429 and status ~= 503 then return end
+    local st = ngx.ctx.rsb
+    if not st or st.n == 0 or not st.arm then return end
+    local h = ngx.header
+    if h["Retry-After"] then return end
+    local n = st.n
+    if st.reported == n - 1 and st.picked then
+        local us = (ngx_now() - st.picked) * 1e6
+        if us < 0 then us = 0 end
+        C_report(handle, st.tried[n], status, us, 0)
+        st.reported = n
+    end
+    local secs = 1
+    if C_available(handle, st.arm, wait_buf) == RSB_NO_NODE then
+        secs = ceil(tonumber(wait_buf[0]) / 1000)
+        if secs < 1 then secs = 1 end
+    end
+    h["Retry-After"] = secs
+end
+
+--- body_filter(): in body_filter_by_lua. Notes whether the response body reached its
+-- end (nginx's last buffer); log() then tells a try whose node closed the connection
+-- mid-response (the client got a truncated 200, an SSE stream cut short) from a
+-- complete one. One table write per chunk.
+function _M.body_filter()
+    local st = ngx.ctx.rsb
+    if st then st.eof = ngx.arg[2] end
+end
+
+-- Status reported for a try whose node cut its response short: a bad response, as
+-- nginx's 502 for an upstream that sent an invalid one (a failure of the node).
+local TRUNCATED = 502
+
 --- log(): in log_by_lua. Reports the tries not reported yet (normally the last).
 --
 -- Fast path, the common case: every earlier try was reported by balance() and the
@@ -557,6 +602,12 @@ function _M.log()
         if st.reported == n - 1 and status >= 200 and status < 300 and st.picked then
             local us = (ngx_now() - st.picked) * 1e6
             if us < 0 then us = 0 end
+            -- body_filter() saw the body but not its end: cut short, by the node when
+            -- nginx still calls the request complete (a client that left makes
+            -- $request_completion empty: that try says nothing bad of the node).
+            if st.eof == false and ngx.var.request_completion == "OK" then
+                status = TRUNCATED
+            end
             C_report(handle, st.tried[n], status, us, 0)
         else
             local var = ngx.var

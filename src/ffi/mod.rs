@@ -480,7 +480,8 @@ pub unsafe extern "C" fn rsb_may_retry(
 }
 
 /// Can some node of pool `pool` take a request now? `RSB_OK` if so; `RSB_NO_NODE`
-/// if not, with `*out_wait_ms` the soonest a node may (for a Retry-After).
+/// if not, with `*out_wait_ms` the soonest a node may (for a Retry-After);
+/// `RSB_INVALID_ARGUMENT` for a pool index that is not a configured pool.
 ///
 /// # Safety
 /// `b` a live handle; `out_wait_ms` writable.
@@ -493,6 +494,9 @@ pub unsafe extern "C" fn rsb_available(b: *const Balancer, pool: u32, out_wait_m
         };
         if out_wait_ms.is_null() {
             return null("out_wait_ms");
+        }
+        if let Err(e) = b.live_pool(pool) {
+            return fail(e);
         }
         let (code, wait) = match b.available(pool) {
             Ok(()) => (rsb_result::RSB_OK, 0),
@@ -732,7 +736,8 @@ pub unsafe extern "C" fn rsb_admit(
 /// Poll a queued request (`entry`, `ticket` from `rsb_admit`). `*out_verdict`: 0 go
 /// (an admission is held), 9 go into a probe slot (as 0; pick with
 /// `rsb_pick_prefer(..., 1, ...)`), 3 still waiting, 7 waited too long, 8 evicted by a
-/// higher priority; refusals carry a Retry-After in ms in `*out_value`.
+/// higher priority; refusals carry a Retry-After in ms in `*out_value`. An `entry`
+/// that is not one of the pool's queue entries: `RSB_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// `b` a live handle; `out_verdict` and `out_value` writable.
@@ -764,7 +769,8 @@ pub unsafe extern "C" fn rsb_admit_poll(
 }
 
 /// The client of a queued request left: take it out of the queue (a slot it was
-/// given goes to the next waiter). `*out_left` is 1 if it was still queued.
+/// given goes to the next waiter). `*out_left` is 1 if it was still queued. An
+/// `entry` that is not one of the pool's queue entries: `RSB_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// `b` a live handle; `out_left` NULL or writable.

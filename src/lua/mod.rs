@@ -21,7 +21,7 @@ use mlua::{LightUserData, UserData, UserDataMethods, Value};
 use parking_lot::Mutex;
 
 use crate::balancer::{Balancer, EmergencyMode, Error, WEIGHT_RANGE};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 
 mod admin;
 mod canary;
@@ -65,15 +65,121 @@ fn integral(v: &mut serde_json::Value) {
     }
 }
 
-/// A config from JSON text or a Lua table; argument errors raise.
-fn config_arg(lua: &Lua, v: Value, pos: usize, func: &str) -> LuaResult<Result<Config, Error>> {
-    match v {
-        Value::String(s) => Ok(Config::from_json(&s.to_str()?).map_err(Error::Config)),
-        Value::Table(_) => {
-            let mut json: serde_json::Value = lua.from_value(v).map_err(|e| bad_argument(pos, func, e))?;
-            integral(&mut json);
-            Ok(Config::from_value(json).map_err(Error::Config))
+/// Tables nested deeper than this are refused (a table that contains itself).
+const MAX_DEPTH: usize = 32;
+
+/// A Lua config value as JSON, or an error naming its path (`pools.p.nodes[0].weight`,
+/// array items counted from 0 as in every config error) and what is wrong with it:
+/// a value of a type JSON has no place for (a function, userdata), a string that is
+/// not UTF-8, a number that is not finite, a table that mixes array items and keys or
+/// has keys that are neither strings nor 1..n. An empty table is an empty object.
+/// Whole numbers are left as they come: the config's integer fields take 5.0 as 5
+/// (`crate::strict`).
+fn lua_json(v: &Value, path: &mut String, depth: usize) -> Result<serde_json::Value, ConfigError> {
+    let here = |path: &String| {
+        if path.is_empty() {
+            "config".to_string()
+        } else {
+            path.clone()
         }
+    };
+    let bad = |path: &String, msg: String| Err(ConfigError::new(here(path), msg));
+    Ok(match v {
+        Value::Nil => serde_json::Value::Null,
+        Value::LightUserData(u) if u.0.is_null() => serde_json::Value::Null, // cjson.null
+        Value::Boolean(b) => serde_json::Value::Bool(*b),
+        Value::Integer(i) => serde_json::Value::from(*i),
+        Value::Number(n) => match serde_json::Number::from_f64(*n) {
+            Some(n) => serde_json::Value::Number(n),
+            None => return bad(path, format!("{n} is not a finite number")),
+        },
+        Value::String(s) => match s.to_str() {
+            Ok(s) => serde_json::Value::String(s.to_string()),
+            Err(_) => return bad(path, format!("{:?} is not valid UTF-8", s.to_string_lossy())),
+        },
+        Value::Table(t) => {
+            if depth >= MAX_DEPTH {
+                return bad(
+                    path,
+                    format!("tables nested deeper than {MAX_DEPTH} levels (a table that contains itself?)"),
+                );
+            }
+            let len = t.raw_len();
+            let mut pairs = Vec::new();
+            for pair in t.pairs::<Value, Value>() {
+                pairs.push(pair.map_err(|e| ConfigError::new(here(path), e.to_string()))?);
+            }
+            let base = path.len();
+            if len > 0 && pairs.len() == len {
+                // Keys exactly 1..len: an array.
+                let mut items = vec![serde_json::Value::Null; len];
+                for (k, item) in &pairs {
+                    let i = match k {
+                        Value::Integer(i) => *i as usize,
+                        Value::Number(n) => *n as usize,
+                        _ => unreachable!("a table of raw length n with n pairs has keys 1..n"),
+                    };
+                    path.push_str(&format!("[{}]", i - 1));
+                    items[i - 1] = lua_json(item, path, depth + 1)?;
+                    path.truncate(base);
+                }
+                serde_json::Value::Array(items)
+            } else {
+                let mut map = serde_json::Map::new();
+                for (k, item) in &pairs {
+                    let Value::String(key) = k else {
+                        let what = if len > 0 {
+                            "array items and keys mixed"
+                        } else {
+                            "a key"
+                        };
+                        return bad(
+                            path,
+                            format!(
+                                "{what}: {} key {:?} (keys are strings, or 1..n for an array)",
+                                k.type_name(),
+                                k.to_string().unwrap_or_default()
+                            ),
+                        );
+                    };
+                    let Ok(key) = key.to_str() else {
+                        return bad(
+                            path,
+                            format!("key {:?} is not valid UTF-8", key.to_string_lossy()),
+                        );
+                    };
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(&key);
+                    let value = lua_json(item, path, depth + 1)?;
+                    path.truncate(base);
+                    map.insert(key.to_string(), value);
+                }
+                serde_json::Value::Object(map)
+            }
+        }
+        other => {
+            return bad(
+                path,
+                format!(
+                    "a {} is not a config value (expected a string, number, boolean or table)",
+                    other.type_name()
+                ),
+            )
+        }
+    })
+}
+
+/// A config from JSON text or a Lua table. A value of the wrong type is an argument
+/// error; a bad config (a bad field anywhere in a table, bytes that are not UTF-8 in
+/// JSON text) is `Err`, naming the field.
+fn config_arg(v: Value, pos: usize, func: &str) -> LuaResult<Result<Config, Error>> {
+    match v {
+        Value::String(s) => Ok(Config::from_json_bytes(&s.as_bytes()).map_err(Error::Config)),
+        Value::Table(_) => Ok(lua_json(&v, &mut String::new(), 0)
+            .and_then(Config::from_value)
+            .map_err(Error::Config)),
         other => Err(bad_argument(
             pos,
             func,
@@ -152,7 +258,7 @@ impl UserData for LuaBalancer {
             Ok(LightUserData(Arc::as_ptr(&this.0) as *mut std::ffi::c_void))
         });
         m.add_method("configure", |lua, this, cfg: Value| {
-            let cfg = config_arg(lua, cfg, 1, "configure")?;
+            let cfg = config_arg(cfg, 1, "configure")?;
             nil_err(lua, cfg.and_then(|c| this.0.configure(&c)).map(|_| true))
         });
         m.add_method("attach_worker", |lua, this, id: u32| {
@@ -395,7 +501,7 @@ fn rsbalancer(lua: &Lua) -> LuaResult<LuaTable> {
     m.set(
         "new",
         lua.create_function(|lua, cfg: Value| {
-            let cfg = config_arg(lua, cfg, 1, "new")?;
+            let cfg = config_arg(cfg, 1, "new")?;
             nil_err(
                 lua,
                 cfg.and_then(|c| Balancer::create(&c))
@@ -408,7 +514,7 @@ fn rsbalancer(lua: &Lua) -> LuaResult<LuaTable> {
     m.set(
         "shared",
         lua.create_function(|lua, (name, cfg): (String, Value)| {
-            let cfg = config_arg(lua, cfg, 2, "shared")?;
+            let cfg = config_arg(cfg, 2, "shared")?;
             nil_err(lua, cfg.and_then(|c| shared(&name, c)).map(LuaBalancer))
         })?,
     )?;
@@ -419,7 +525,7 @@ fn rsbalancer(lua: &Lua) -> LuaResult<LuaTable> {
     m.set(
         "stage",
         lua.create_function(|lua, (name, cfg): (String, Value)| {
-            let cfg = config_arg(lua, cfg, 2, "stage")?;
+            let cfg = config_arg(cfg, 2, "stage")?;
             staged(lua, cfg.and_then(|c| stage(&name, c)))
         })?,
     )?;

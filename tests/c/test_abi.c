@@ -794,6 +794,43 @@ static void test_canary(void) {
     rsb_balancer_free(b);
 }
 
+/* rsb_available, rsb_admit_poll and rsb_admit_leave refuse what is not theirs: a pool
+ * index that is no configured pool, a queue entry out of range. */
+static void test_bad_indexes(void) {
+    section("9. rsb_available and the admission queue: unknown pool, entry out of range");
+    struct rsb_balancer *b = new_balancer(CFG_MAIN);
+    uint32_t chat = pool_of(b, "chat"), embed = pool_of(b, "embed");
+    uint64_t wait = 7;
+    CHECK_RC(rsb_available(b, chat, &wait), RSB_OK);
+    CHECK(wait == 0);
+    wait = 7;
+    /* max_pools 4, two configured: one free slot index and one past the end. */
+    uint32_t unused = 0;
+    while (unused == chat || unused == embed) unused++;
+    CHECK_RC(rsb_available(b, unused, &wait), RSB_INVALID_ARGUMENT);
+    CHECK(strstr(last_error(), "unknown pool index") != NULL);
+    CHECK_RC(rsb_available(b, 999, &wait), RSB_INVALID_ARGUMENT);
+    CHECK(strstr(last_error(), "unknown pool index 999") != NULL);
+    CHECK(wait == 7); /* nothing written on an error */
+
+    uint32_t verdict = 7, left = 7;
+    uint64_t value = 7;
+    /* 256 queue entries per pool (the default queue_slots): 256 is out of range. */
+    CHECK_RC(rsb_admit_poll(b, chat, 256, 1, &verdict, &value), RSB_INVALID_ARGUMENT);
+    CHECK(strstr(last_error(), "queue entry 256 is out of range 0..256") != NULL);
+    CHECK_RC(rsb_admit_poll(b, chat, UINT32_MAX, 1, &verdict, &value), RSB_INVALID_ARGUMENT);
+    CHECK(verdict == 7 && value == 7);
+    CHECK_RC(rsb_admit_leave(b, chat, 256, 1, &left), RSB_INVALID_ARGUMENT);
+    CHECK(strstr(last_error(), "queue entry 256 is out of range") != NULL);
+    CHECK_RC(rsb_admit_leave(b, chat, 256, 1, NULL), RSB_INVALID_ARGUMENT);
+    CHECK(left == 7);
+    /* In range with a stale ticket: answered, not an error. */
+    CHECK_RC(rsb_admit_poll(b, chat, 255, 1, &verdict, &value), RSB_OK);
+    CHECK_RC(rsb_admit_leave(b, chat, 255, 1, &left), RSB_OK);
+    CHECK(left == 0);
+    rsb_balancer_free(b);
+}
+
 /* ------------------------------------------------------------------ main */
 
 int main(void) {
@@ -806,6 +843,7 @@ int main(void) {
     test_kill9();
     test_configure();
     test_canary();
+    test_bad_indexes();
     printf("%u passed, %u failed\n", g_passed, g_failed);
     return g_failed > 0 ? 1 : 0;
 }

@@ -1,10 +1,12 @@
 //! Helpers shared by the integration tests that run without nginx (`balancer`,
-//! `processes`, `policy`): config builders, a pick of one chosen node, and the
-//! handshakes with forked children.
+//! `processes`, `policy`, `emergency`, `canary`): config builders, a pick of one
+//! chosen node, the handshakes with forked children, and a start line for racing
+//! threads.
 //!
 //! Each test crate uses only some of them.
 #![allow(dead_code)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rsbalancer::balancer::Balancer;
@@ -76,4 +78,81 @@ pub fn park() -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// How many threads to race: one per core (2 at least). More would not run at once;
+/// they would only take turns.
+pub fn racers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+}
+
+/// Spin until `until` holds, yielding the core every `yield_every` spins; false when it
+/// still does not after [`HANDSHAKE`].
+fn spin_until(until: impl Fn() -> bool, yield_every: u32) -> bool {
+    let (start, mut spins) = (Instant::now(), 0u32);
+    while !until() {
+        spins = spins.wrapping_add(1);
+        if spins % yield_every == 0 {
+            std::thread::yield_now();
+            if start.elapsed() > HANDSHAKE {
+                return false;
+            }
+        }
+        std::hint::spin_loop();
+    }
+    true
+}
+
+/// Race `call` on every handle of `handles` (see [`racers`]), `rounds` times: this
+/// thread takes the first handle, one spawned thread each other one. Before each round
+/// `reset` runs here while the others wait at the start line; then all start at once:
+/// they spin on one atomic (a `Barrier`'s wake-ups are tens of µs apart), and with no
+/// more threads than cores none waits for a core, so they reach the code under test
+/// together. Returns, per round, what each call returned (this thread's first).
+pub fn race<H: Sync, T: Send>(
+    handles: &[H],
+    rounds: usize,
+    mut reset: impl FnMut(usize),
+    call: impl Fn(&H) -> T + Sync,
+) -> Vec<Vec<T>> {
+    let (first, others) = handles.split_first().expect("a handle to race");
+    let (go, ready) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let (mine, theirs) = std::thread::scope(|s| {
+        let threads: Vec<_> = others
+            .iter()
+            .map(|h| {
+                let (go, ready, call) = (&go, &ready, &call);
+                s.spawn(move || {
+                    (1..=rounds)
+                        .map(|r| {
+                            ready.fetch_add(1, Ordering::AcqRel);
+                            while !spin_until(|| go.load(Ordering::Acquire) >= r, 1 << 12) {}
+                            call(h)
+                        })
+                        .collect::<Vec<T>>()
+                })
+            })
+            .collect();
+        let mut mine = Vec::with_capacity(rounds);
+        for r in 1..=rounds {
+            // Every racer is at the start line (and done with the previous round).
+            if !spin_until(|| ready.load(Ordering::Acquire) == r * others.len(), 1 << 12) {
+                // A racer panicked: release the others so that the scope can end.
+                go.store(usize::MAX, Ordering::Release);
+                panic!("round {r}: a racing thread never reached the start line");
+            }
+            reset(r - 1);
+            go.store(r, Ordering::Release);
+            mine.push(call(first));
+        }
+        let theirs: Vec<Vec<T>> = threads.into_iter().map(|t| t.join().expect("racer")).collect();
+        (mine, theirs)
+    });
+    let mut by_round: Vec<Vec<T>> = mine.into_iter().map(|t| vec![t]).collect();
+    for results in theirs {
+        for (round, t) in by_round.iter_mut().zip(results) {
+            round.push(t);
+        }
+    }
+    by_round
 }

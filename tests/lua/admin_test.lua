@@ -145,6 +145,53 @@ test("admin module: constant-time token comparison", function()
     eq(same("", "secret"), false)
 end)
 
+-- Constant time means: every byte of the expected token is read, and the given one at
+-- the same positions, wherever the first mismatch is (an early-exit loop reads less on
+-- an early mismatch; `==` reads nothing). The module caches string.byte when it loads,
+-- so a fresh copy is loaded with a recording string.byte.
+test("admin module: the token comparison reads every byte wherever they differ", function()
+    local name = "resty.rsbalancer.admin"
+    local real, loaded = string.byte, package.loaded[name]
+    local reads = {}
+    string.byte = function(s, i, ...)
+        reads[#reads + 1] = { s = s, i = i }
+        return real(s, i, ...)
+    end
+    package.loaded[name] = nil
+    local fine, fresh = pcall(require, name)
+    string.byte, package.loaded[name] = real, loaded
+    assert(fine, fresh)
+    local same = fresh._same_token
+    local expected = "s3cr3t-token-0123"
+    -- Per position 1..#expected, how often `expected` and `given` were read there.
+    local function trace(given)
+        reads = {}
+        local r = same(given, expected)
+        local of_e, of_g = {}, {}
+        for _, rd in ipairs(reads) do
+            local t = rd.s == expected and of_e or of_g
+            t[rd.i] = (t[rd.i] or 0) + 1
+        end
+        return r, of_e, of_g, #reads
+    end
+    local r, of_e, _, n = trace(expected)
+    eq(r, true)
+    for i = 1, #expected do
+        -- given == expected is the same Lua string: both reads count as `expected`.
+        eq(of_e[i], 2, "equal tokens: reads at " .. i)
+    end
+    for _, given in ipairs({ "X3cr3t-token-0123", "s3cr3t-tokeX-0123", "s3cr3t-token-012X",
+                             "s3cr3t", "X", "", "s3cr3t-token-01234", "s3cr3t-token-0123-and-more" }) do
+        local r2, e2, g2, n2 = trace(given)
+        eq(r2, false, given)
+        for i = 1, #expected do
+            eq(e2[i], 1, given .. ": expected read at " .. i)
+            eq(g2[i], 1, given .. ": given read at " .. i)
+        end
+        eq(n2, n, given .. ": as many reads as for a match")
+    end
+end)
+
 test("admin module: Accept negotiation", function()
     local q = require("resty.rsbalancer.admin")._accept_q
     local browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"

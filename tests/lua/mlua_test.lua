@@ -225,6 +225,45 @@ test("runtime failures return nil, err", function()
     contains(err2, "pools.llm.nodes[0].weight")
 end)
 
+test("a bad value anywhere in a config table or JSON text: nil, err naming the field", function()
+    local function nil_err(want, r, err)
+        eq(r, nil, want)
+        eq(type(err), "string", want)
+        contains(err, want)
+    end
+    local function with(path_set)
+        local cfg = F.config("round_robin", { 1, 1 })
+        path_set(cfg)
+        return cfg
+    end
+    local name = F.name("badtable")
+    nil_err("pools.llm.nodes[1].weight: a function is not a config value",
+            native.shared(name, with(function(c) c.pools.llm.nodes[2].weight = print end)))
+    nil_err("pools.llm.nodes[0].id: a userdata is not a config value",
+            native.shared(name, with(function(c) c.pools.llm.nodes[1].id = io.stdout end)))
+    nil_err("pools.llm.slow_start_ms: inf is not a finite number",
+            native.shared(name, with(function(c) c.pools.llm.slow_start_ms = math.huge end)))
+    local r, err = native.shared(name, with(function(c) c.pools.llm.nodes[1].id = "a\255" end))
+    nil_err("pools.llm.nodes[0].id: ", r, err)
+    contains(err, "is not valid UTF-8")
+    nil_err("pools.llm: a key: boolean key",
+            native.shared(name, with(function(c) c.pools.llm[true] = 1 end)))
+    nil_err("pools.llm.nodes: array items and keys mixed",
+            native.shared(name, with(function(c) c.pools.llm.nodes.extra = 1 end)))
+    local cyc = with(function() end)
+    cyc.pools.llm.ewma = cyc
+    nil_err("nested deeper than 32 levels", native.shared(name, cyc))
+    -- Whole numbers are integers; 5.5 is not.
+    nil_err("pools.llm.nodes[0].weight: invalid type: floating point `5.5`, expected u32",
+            native.shared(name, with(function(c) c.pools.llm.nodes[1].weight = 5.5 end)))
+    -- JSON text with a byte that is not UTF-8 in a string (was: raised).
+    nil_err("pools.llm.nodes[0].id: invalid unicode code point",
+            native.shared(name, '{"pools":{"llm":{"nodes":[{"id":"a\255","addr":"127.0.0.1:1"}]}}}'))
+    -- The same through init(): raises with the message (nginx refuses the config).
+    contains(raises(rsb.init, with(function(c) c.pools.llm.refresh_ms = print end), name),
+             "pools.llm.refresh_ms: a function is not a config value")
+end)
+
 test("misuse raises bad argument", function()
     local bal = fresh(F.config("round_robin", { 1 }))
     contains(raises(bal.set_weight, bal, "llm", "a", 0), "bad argument #3 to 'set_weight'")

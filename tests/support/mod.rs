@@ -435,6 +435,12 @@ impl MockNode {
     }
 }
 
+/// `POST /mock/set?<query>` on a mock node (a runtime knob change in all its workers).
+pub fn mock_set(m: &MockNode, query: &str) {
+    let r = post(m.port, &format!("/mock/set?{query}"), "");
+    assert_eq!(r.status, 200, "mock {} /mock/set?{query}: {}", m.name, r.text());
+}
+
 /// Writes `mocks.conf` for `nodes` (2 workers, shared in-flight counters) and starts it.
 pub fn start_mocks(dir: &TestDir, nodes: &[MockNode]) -> Nginx {
     start_mocks_with(dir, nodes, "")
@@ -593,6 +599,31 @@ pub fn start_gateway_conf(dir: &TestDir, port: u16, conf: &Path, json_path: Path
         port,
         json: json_path,
     }
+}
+
+/// Requests in flight over every node of a stats document.
+pub fn inflight(stats: &Value) -> u64 {
+    let ids = stats.as_object().expect("stats object").keys();
+    ids.map(|id| stat(stats, id, "inflight")).sum()
+}
+
+/// Waits until no node has a request in flight and returns the stats then. nginx runs
+/// a request's log phase (where its tries are reported) when it frees the request,
+/// which may come a moment after the client has read the whole response (lingering
+/// close: nginx shuts down its side, then frees the request once the client closes).
+/// A leak never clears, and fails here.
+pub fn quiesce(g: &Gateway) -> Value {
+    for _ in 0..500 {
+        let s = g.stats();
+        if inflight(&s) == 0 {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "requests still in flight 10 s after the load ended: {}",
+        g.stats()
+    );
 }
 
 impl Gateway {

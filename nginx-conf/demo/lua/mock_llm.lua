@@ -18,6 +18,8 @@
 --                   of delay-seconds
 --   retry_after_raw this exact text as the 429s' Retry-After (a misbehaving upstream:
 --                   `inf`, `99999999999`, a date in 2099), before the two above
+--   cut_after       > 0: a streamed reply ("stream": true) drops the connection after this
+--                   many content chunks, with no final chunk (a node dying mid-stream)
 --
 -- Runtime overrides (all workers, until changed back; "" or "default" clears one):
 --   POST /mock/set?fail=503&latency_ms=500&max_conc=2   (keys: the names above minus mock_)
@@ -48,6 +50,7 @@ local KNOBS = {
     quota_burst = "mock_quota_burst", fail = "mock_fail",
     health_fail = "mock_health_fail", retry_after_at = "mock_retry_after_at",
     retry_after_raw = "mock_retry_after_raw",
+    cut_after = "mock_cut_after",
 }
 
 -- A knob: the runtime override if any, else the server's `set` value (nil when the
@@ -173,7 +176,11 @@ local function chat(node)
     local pause = num(node, "chunk_ms") / 1000
     ngx.print(chunk(id, created, model, '{"role":"assistant","content":""}'))
     ngx.flush(true)
+    local cut = num(node, "cut_after")
     for i = 1, #parts do
+        if i > cut and cut > 0 then
+            return ngx.exit(444) -- drop the connection mid-stream
+        end
         if pause > 0 then ngx.sleep(pause) end
         ngx.print(chunk(id, created, model, '{"content":' .. q(parts[i]) .. "}"))
         ngx.flush(true)
