@@ -927,22 +927,19 @@ impl Balancer {
     }
 
     /// The pool's capacity, plus its backup pool's while that is in play (emergency, or
-    /// every node of the pool down or ejected: `emergency::spill_target`), since the
-    /// balancer then sends it the tries this pool's nodes cannot take.
+    /// every node of the pool down or ejected: `Balancer::with_serving_slots`), since
+    /// the balancer then sends it the tries this pool's nodes cannot take.
     fn pool_capacity(&self, pool: u32, now: u64) -> Result<Result<Cap, u64>, Error> {
         let region = self.region();
-        let (own, spill) = self.with_pool_slots(pool, |primary, backup| {
-            let spill = region
-                .pool(pool)
-                .and_then(|ps| crate::emergency::spill_target(region, ps, &[primary, backup], now));
-            (capacity(region, &[primary, backup], now), spill)
+        let (own, extra) = self.with_serving_slots(pool, now, |own, spill| {
+            (
+                capacity(region, &own, now),
+                spill.map(|b| capacity(region, &b, now)),
+            )
         })?;
-        let Some(spill) = spill.filter(|&b| b != pool) else {
+        let Some(extra) = extra else {
             return Ok(own);
         };
-        let extra = self
-            .with_pool_slots(spill, |primary, backup| capacity(region, &[primary, backup], now))
-            .unwrap_or(Err(1000));
         Ok(match (own, extra) {
             (Ok(a), Ok(b)) => Ok(a.plus(b)),
             (Ok(c), Err(_)) | (Err(_), Ok(c)) => Ok(c),

@@ -27,7 +27,7 @@ use crate::load;
 use crate::node;
 use crate::retry;
 use crate::select::{hash_key, Algorithm, Candidate, NodeView, Selector};
-use crate::shm::layout::{flags, Capacity, NodeSlot, PoolSlot, LATENCY_BOUNDS_MS};
+use crate::shm::layout::{emergency, flags, Capacity, NodeSlot, PoolSlot, LATENCY_BOUNDS_MS};
 use crate::shm::owned::Owned;
 use crate::shm::{clock, fork, saturating_sub, LockGuard, Region, ShmError};
 use crate::tally::{self, Writer};
@@ -939,8 +939,7 @@ impl Balancer {
             }
         }
         if overflow {
-            *spill =
-                crate::emergency::spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now);
+            *spill = spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now);
         }
         Err(Error::NoNode { pool: p.name.clone() })
     }
@@ -978,15 +977,11 @@ impl Balancer {
                 .iter()
                 .any(|s| !tried.contains(s) && self.region.node(*s).is_some_and(|n| node::available(n, now)))
         };
-        let mut any = free(&p.primary) || free(&p.backup);
-        if !any {
-            // The backup pool, when it is in play (`crate::emergency`).
-            let spill =
-                crate::emergency::spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now);
-            any = spill
-                .and_then(|bp| l.pools.get(bp as usize).and_then(Option::as_ref))
-                .is_some_and(|b| free(&b.primary) || free(&b.backup));
-        }
+        let (p, spill) = self
+            .serving(&l.pools, pool, now)
+            .map_err(|_| RetryDenied::NoNode)?;
+        let any =
+            free(&p.primary) || free(&p.backup) || spill.is_some_and(|b| free(&b.primary) || free(&b.backup));
         if !any {
             return Err(RetryDenied::NoNode);
         }
@@ -1014,8 +1009,8 @@ impl Balancer {
         if self.sync(&mut l).is_err() {
             return Err(1000);
         }
-        let Some(p) = l.pools.get(pool as usize).and_then(Option::as_ref) else {
-            return Err(1000);
+        let Ok((p, spill)) = self.serving(&l.pools, pool, now) else {
+            return Err(node::AT_LIMIT_MS);
         };
         let any = |slots: &[u32]| {
             slots
@@ -1032,10 +1027,7 @@ impl Balancer {
             u64::MAX,
         );
         // The backup pool's nodes count when it is in play (`crate::emergency`).
-        let ps = self.region.pool(pool).expect("local pool slot in range");
-        let spill =
-            crate::emergency::spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now);
-        if let Some(b) = spill.and_then(|bp| l.pools.get(bp as usize).and_then(Option::as_ref)) {
+        if let Some(b) = spill {
             if any(&b.primary.slots) || any(&b.backup.slots) {
                 return Ok(());
             }
@@ -1456,15 +1448,41 @@ impl Balancer {
     /// Run `f` on the node slots of `pool` (primaries, backups) as this process's
     /// tables have them: for code outside this module that looks at every node of a
     /// pool (admission capacity). No allocation.
-    pub(crate) fn with_pool_slots<R>(
+    /// `pool`'s tables and, while its backup pool is in play (`spill_target`), that
+    /// pool's: the nodes that may serve a request for `pool` now. The one place the
+    /// spill is decided for the retry check, `available` and admission's capacity
+    /// (the pick asks `spill_target` itself, only after its own pool failed).
+    fn serving<'l>(
+        &self,
+        pools: &'l [Option<LocalPool>],
+        pool: u32,
+        now: u64,
+    ) -> Result<(&'l LocalPool, Option<&'l LocalPool>), Error> {
+        let p = pools
+            .get(pool as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))?;
+        let ps = self.region.pool(pool).expect("local pool slot in range");
+        let spill = spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now)
+            .filter(|&b| b != pool)
+            .and_then(|b| pools.get(b as usize).and_then(Option::as_ref));
+        Ok((p, spill))
+    }
+
+    /// [`Balancer::serving`] as slot lists: `f(own tiers, backup pool's tiers)`.
+    pub(crate) fn with_serving_slots<R>(
         &self,
         pool: u32,
-        f: impl FnOnce(&[u32], &[u32]) -> R,
+        now: u64,
+        f: impl FnOnce([&[u32]; 2], Option<[&[u32]; 2]>) -> R,
     ) -> Result<R, Error> {
         let mut l = self.local.lock();
         self.sync(&mut l)?;
-        let p = local_pool(&mut l.pools, pool)?;
-        Ok(f(&p.primary.slots, &p.backup.slots))
+        let (p, spill) = self.serving(&l.pools, pool, now)?;
+        Ok(f(
+            [&p.primary.slots, &p.backup.slots],
+            spill.map(|b| [&b.primary.slots[..], &b.backup.slots[..]]),
+        ))
     }
 
     /// This handle's worker slot in this process, if it claimed one.
@@ -1714,6 +1732,24 @@ fn reset_if_set(cell: &AtomicU32) {
     if cell.load(Ordering::Relaxed) != 0 {
         cell.store(0, Ordering::Relaxed);
     }
+}
+
+/// The pool whose nodes may take a try no node of this pool can: its backup pool
+/// while in emergency, or while every node of `nodes` (the pool's slots) is down or
+/// ejected. No allocation, no lock: called on the request path when a pick fails.
+fn spill_target(region: &Region, ps: &PoolSlot, nodes: &[&[u32]], now_ms: u64) -> Option<u32> {
+    let backup = ps.backup_pool.load(Ordering::Relaxed);
+    if backup == 0 {
+        return None;
+    }
+    if ps.emergency.load(Ordering::Acquire) & emergency::ACTIVE != 0 {
+        return Some(backup - 1);
+    }
+    let dead = nodes
+        .iter()
+        .flat_map(|t| t.iter())
+        .all(|&s| region.node(s).is_none_or(|n| node::failing(n, now_ms)));
+    dead.then_some(backup - 1)
 }
 
 /// Copy a pool's policy into its shared slot, where the report path reads it.

@@ -20,7 +20,7 @@
 //! **Effects** (read by the request path from the pool's shared slot): admission sheds
 //! priorities below `shed_below` (the admission queue reads `PoolSlot::shed_below`
 //! while `emergency` has `ACTIVE`), and the pool's `backup_pool` takes the requests no
-//! node of the pool can take ([`spill_target`], used by `pick`, `may_retry` and
+//! node of the pool can take (the balancer's spill, used by `pick`, `may_retry` and
 //! `available`). The backup pool also serves, outside emergency, when every node of the
 //! pool is down (health checks) or ejected: that is a dead pool, not an overloaded one.
 //!
@@ -47,7 +47,6 @@ use crate::config::{check_range, check_ratio, ConfigError, PoolConfig};
 use crate::node;
 use crate::shm::layout::emergency::{ACTIVE, FORCED_OFF, FORCED_ON};
 use crate::shm::layout::PoolSlot;
-use crate::shm::Region;
 use crate::tally;
 use crate::window::Totals;
 
@@ -373,24 +372,6 @@ pub(crate) fn store_params(ps: &PoolSlot, p: &PoolTopo, slot_of: &dyn Fn(&str) -
         .and_then(slot_of)
         .map_or(0, |s| s + 1);
     ps.backup_pool.store(backup, Ordering::Relaxed);
-}
-
-/// The pool whose nodes may take a try no node of this pool can: its backup pool
-/// while in emergency, or while every node of `nodes` (the pool's slots) is down or
-/// ejected. No allocation, no lock: called on the request path when a pick fails.
-pub(crate) fn spill_target(region: &Region, ps: &PoolSlot, nodes: &[&[u32]], now_ms: u64) -> Option<u32> {
-    let backup = ps.backup_pool.load(Ordering::Relaxed);
-    if backup == 0 {
-        return None;
-    }
-    if ps.emergency.load(Ordering::Acquire) & ACTIVE != 0 {
-        return Some(backup - 1);
-    }
-    let dead = nodes
-        .iter()
-        .flat_map(|t| t.iter())
-        .all(|&s| region.node(s).is_none_or(|n| node::failing(n, now_ms)));
-    dead.then_some(backup - 1)
 }
 
 fn unix_time() -> f64 {
