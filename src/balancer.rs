@@ -759,47 +759,6 @@ impl Balancer {
             .ok_or_else(|| Error::Invalid(format!("unknown node \"{id}\" in pool \"{pool}\"")))
     }
 
-    /// Every pool and node with its live state, for admin reads and status pages.
-    pub fn status(&self) -> Result<serde_json::Value, Error> {
-        let topo = self.topology()?;
-        let pools: serde_json::Map<String, serde_json::Value> = topo
-            .pools
-            .iter()
-            .map(|p| {
-                let ps = self.region.pool(p.slot).expect("topology slot in range");
-                let nodes: Vec<serde_json::Value> = p
-                    .nodes
-                    .iter()
-                    .map(|n| {
-                        let st = node::stats(&self.region, n.slot);
-                        let mut v = serde_json::to_value(st).expect("stats serialize");
-                        v["id"] = n.id.clone().into();
-                        v["addr"] = n.addr.to_string().into();
-                        v
-                    })
-                    .collect();
-                let (requests, retries) = tally::pool_counts(&self.region, p.slot);
-                let pool = serde_json::json!({
-                    "algorithm": p.algorithm,
-                    "requests": requests,
-                    "retries": retries,
-                    "retries_denied": ps.retries_denied.load(Ordering::Relaxed),
-                    "no_node": ps.no_node_total.load(Ordering::Relaxed),
-                    "admission": crate::admit::status_json(&self.region, p.slot),
-                    "nodes": nodes,
-                });
-                (p.name.clone(), pool)
-            })
-            .collect();
-        let mut v = serde_json::json!({
-            "generation": self.generation(),
-            "reclaimed_tries": self.region.header().reclaimed_tries.load(Ordering::Relaxed),
-            "pools": pools,
-        });
-        crate::admin::extend_status(self, &topo, &mut v)?;
-        Ok(v)
-    }
-
     /// Live numbers of a node slot.
     pub fn node_stats(&self, node: u32) -> Result<NodeStats, Error> {
         self.live_node(node)?;

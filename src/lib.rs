@@ -44,6 +44,7 @@ pub mod retry;
 pub mod select;
 #[allow(unsafe_code)]
 pub mod shm;
+pub mod status;
 mod strict;
 pub mod tally;
 pub mod window;

@@ -444,7 +444,7 @@ impl UserData for LuaBalancer {
         });
         // Every pool and node with live state, as JSON text (admin API, status page).
         m.add_method("status_json", |lua, this, ()| {
-            nil_err(lua, this.0.status().map(|v| v.to_string()))
+            nil_err(lua, crate::status::of(&this.0).map(|v| v.to_string()))
         });
         // State of a pool's nodes: { [id] = {weight=, inflight=, requests=, ...} }
         m.add_method("stats", |lua, this, pool: String| {
