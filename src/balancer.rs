@@ -19,6 +19,7 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::budget;
 use crate::config::{
     Config, ConfigError, CooldownConfig, EwmaConfig, HealthConfig, LimitConfig, OutlierConfig, RetryConfig,
 };
@@ -885,7 +886,7 @@ impl Balancer {
                     .region
                     .pool_tally(row, pool)
                     .expect("local pool slot in range");
-                retry::record(&t.budget, now, p.retry.window_ms, retry, writer);
+                budget::record(&t.budget, now, p.retry.window_ms, retry, writer);
                 writer.add(
                     if retry {
                         &t.retries_total

@@ -28,6 +28,7 @@
 pub mod admin;
 pub mod admit;
 pub mod balancer;
+pub mod budget;
 pub mod canary;
 pub mod config;
 pub mod emergency;
@@ -48,3 +49,4 @@ pub mod status;
 mod strict;
 pub mod tally;
 pub mod window;
+pub mod writer;
