@@ -10,7 +10,6 @@
 //! `pick` and `report` never take the shared lock and never allocate.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,12 +19,11 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::budget;
-use crate::config::{
-    Config, ConfigError, CooldownConfig, EwmaConfig, HealthConfig, LimitConfig, OutlierConfig, RetryConfig,
-};
+use crate::config::{Config, ConfigError, EwmaConfig, RetryConfig};
 use crate::health::{self, Busy, Flip};
 use crate::load;
 use crate::node;
+use crate::params;
 use crate::retry;
 use crate::select::{hash_key, Algorithm, Candidate, NodeView, Selector};
 use crate::shm::layout::{emergency, flags, Capacity, NodeSlot, PoolSlot, LATENCY_BOUNDS_MS};
@@ -81,63 +79,8 @@ impl From<ShmError> for Error {
     }
 }
 
-/// The active topology, stored as JSON in the region so every worker rebuilds the
-/// same tables. Slot numbers are stable for a (pool, node id) across reconfigurations.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Topology {
-    pub pools: Vec<PoolTopo>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PoolTopo {
-    pub name: String,
-    pub slot: u32,
-    pub algorithm: Algorithm,
-    pub ewma: EwmaConfig,
-    pub slow_start_ms: u32,
-    pub refresh_ms: u32,
-    pub chash_points: u32,
-    pub retry: RetryConfig,
-    pub cooldown: CooldownConfig,
-    pub limit: LimitConfig,
-    pub outlier: OutlierConfig,
-    pub health: Option<HealthConfig>,
-    pub no_node_status: u32,
-    pub window_ms: u32,
-    pub nodes: Vec<NodeTopo>,
-    #[serde(default)]
-    pub canary: Option<crate::config::CanaryConfig>,
-    pub emergency: Option<crate::emergency::EmergencyConfig>,
-    pub admission: crate::admit::AdmissionConfig,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct NodeTopo {
-    pub id: String,
-    /// Host as written in the config (for SNI and the Host header).
-    pub host: String,
-    /// Address resolved when the config was loaded.
-    pub addr: SocketAddr,
-    pub slot: u32,
-    pub backup: bool,
-}
-
-impl Topology {
-    fn parse(text: &[u8]) -> Topology {
-        if text.is_empty() {
-            return Topology::default();
-        }
-        // The text was written by `configure` from this same type; a parse failure
-        // would mean a corrupted region, which we treat as empty rather than crash.
-        serde_json::from_slice(text).unwrap_or_default()
-    }
-
-    pub fn pool(&self, name: &str) -> Option<&PoolTopo> {
-        self.pools.iter().find(|p| p.name == name)
-    }
-}
-
 pub use crate::node::NodeStats;
+pub use crate::topology::{NodeTopo, PoolTopo, Topology};
 
 /// What a reported try does to a node's latency estimate.
 enum Feed {
@@ -207,8 +150,10 @@ pub struct Balancer {
     /// This handle's worker slot, tagged with the fork epoch it was claimed in (high 32
     /// bits), so a forked child never uses its parent's slot.
     worker: AtomicU64,
-    /// This process's overload-detector state (`crate::emergency`).
-    emergency: crate::emergency::DetectorState,
+    /// Per pool slot, a moment policies remember between their ticks on this handle
+    /// (the overload detector's "calm since", `crate::emergency`): kept with the
+    /// handle so that it lives and dies with it; its meaning is the policy's.
+    calm_since: parking_lot::Mutex<HashMap<u32, u64>>,
     /// The config stage this process serves (`apply_stage`); 0 when the handle was
     /// only ever configured directly. Inherited across fork, like everything here.
     stage: AtomicU64,
@@ -350,11 +295,13 @@ impl Balancer {
 
     /// Another handle on an existing region (same process or inherited across fork).
     pub fn attach(region: Arc<Region>) -> Balancer {
+        // A dead worker's admissions and queue entries go back with its in-flight shares.
+        region.set_reaper(crate::admit::queue::reap_owner);
         Balancer {
             region,
             local: Owned::new(Local::empty(), Local::empty()),
             worker: AtomicU64::new(NO_WORKER as u64),
-            emergency: Default::default(),
+            calm_since: Default::default(),
             stage: AtomicU64::new(0),
         }
     }
@@ -650,12 +597,7 @@ impl Balancer {
         for p in &new.pools {
             let pc = &cfg.pools[&p.name];
             let ps = r.pool(p.slot).expect("in range");
-            store_params(ps, p);
-            let canary_slot = p.canary.as_ref().and_then(|c| new.pool(&c.pool)).map(|c| c.slot);
-            crate::canary::configure_slot(ps, old.pool(&p.name), p, canary_slot, now);
-            if let Some(qp) = r.queue_pool(p.slot) {
-                crate::admit::store_params(qp, &p.admission);
-            }
+            params::store_pool(r, old, new, p, now);
             ps.in_use.store(1, Ordering::Release);
             for (n, nc) in p.nodes.iter().zip(&pc.nodes) {
                 let s = r.node(n.slot).expect("in range");
@@ -673,10 +615,6 @@ impl Balancer {
                 let f = flags::IN_USE | down | if n.backup { flags::BACKUP } else { 0 };
                 s.flags.store(f, Ordering::Release);
             }
-        }
-        let slot_of = |name: &str| new.pool(name).map(|q| q.slot);
-        for p in &new.pools {
-            crate::emergency::store_params(r.pool(p.slot).expect("in range"), p, &slot_of);
         }
     }
 
@@ -1401,8 +1339,8 @@ impl Balancer {
         Ok(())
     }
 
-    pub(crate) fn emergency_state(&self) -> &crate::emergency::DetectorState {
-        &self.emergency
+    pub(crate) fn calm_since(&self) -> &parking_lot::Mutex<HashMap<u32, u64>> {
+        &self.calm_since
     }
 
     /// Run `f` on the node slots of `pool` (primaries, backups) as this process's
@@ -1710,34 +1648,6 @@ fn spill_target(region: &Region, ps: &PoolSlot, nodes: &[&[u32]], now_ms: u64) -
         .flat_map(|t| t.iter())
         .all(|&s| region.node(s).is_none_or(|n| node::failing(n, now_ms)));
     dead.then_some(backup - 1)
-}
-
-/// Copy a pool's policy into its shared slot, where the report path reads it.
-fn store_params(ps: &PoolSlot, p: &PoolTopo) {
-    let set = |cell: &AtomicU32, v: u32| cell.store(v, Ordering::Relaxed);
-    set(&ps.decay_ms, p.ewma.decay_ms);
-    set(&ps.penalty_ms, p.ewma.penalty_ms);
-    set(&ps.penalty_cap_ms, p.ewma.penalty_cap_ms);
-    set(&ps.limit_enabled, p.limit.enabled as u32);
-    set(&ps.limit_min, p.limit.min);
-    set(&ps.limit_max, p.limit.max);
-    set(&ps.limit_increase_every, p.limit.increase_every);
-    set(&ps.quota_retry_after_ms, p.cooldown.quota_retry_after_ms);
-    set(&ps.quota_after, p.cooldown.quota_after);
-    set(&ps.cooldown_base_ms, p.cooldown.base_ms);
-    set(&ps.cooldown_max_ms, p.cooldown.max_ms);
-    set(&ps.honor_retry_after, p.cooldown.honor_retry_after as u32);
-    set(&ps.max_retry_after_ms, p.cooldown.max_retry_after_ms);
-    set(&ps.eject_after, p.outlier.consecutive_failures);
-    set(&ps.eject_base_ms, p.outlier.base_ms);
-    set(&ps.eject_max_ms, p.outlier.max_ms);
-    set(&ps.eject_max_percent, p.outlier.max_ejected_percent);
-    set(&ps.budget_ratio, (p.retry.budget_ratio as f32).to_bits());
-    set(&ps.budget_min_per_s, p.retry.min_per_s);
-    set(&ps.budget_window_ms, p.retry.window_ms);
-    set(&ps.slow_start_ms, p.slow_start_ms);
-    set(&ps.default_rtt_ms, p.ewma.default_rtt_ms);
-    set(&ps.window_ms, p.window_ms);
 }
 
 /// One pool as this process's tables see it, for `/metrics` (`crate::metrics`).

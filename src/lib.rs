@@ -41,6 +41,7 @@ pub mod load;
 mod lua;
 pub mod metrics;
 pub mod node;
+pub mod params;
 pub mod retry;
 pub mod select;
 #[allow(unsafe_code)]
@@ -48,5 +49,6 @@ pub mod shm;
 pub mod status;
 mod strict;
 pub mod tally;
+pub mod topology;
 pub mod window;
 pub mod writer;

@@ -46,9 +46,13 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::emergency::EmergencyConfig;
 use crate::select::Algorithm;
 use crate::strict::Strict;
+
+mod admission;
+pub mod emergency;
+pub use admission::{AdmissionConfig, ClassConfig};
+pub use emergency::EmergencyConfig;
 
 /// Why a config was refused: where (`pools.deepseek.nodes[1].weight`, or `config` for
 /// the document as a whole) and what is wrong, naming the value.
@@ -159,7 +163,7 @@ pub struct PoolConfig {
     pub emergency: Option<EmergencyConfig>,
     /// Priorities and the admission queue (`admit()`); off by default.
     #[serde(default)]
-    pub admission: crate::admit::AdmissionConfig,
+    pub admission: AdmissionConfig,
 }
 
 fn default_window_ms() -> u32 {
@@ -359,7 +363,7 @@ impl Default for PoolConfig {
             window_ms: default_window_ms(),
             canary: None,
             emergency: None,
-            admission: crate::admit::AdmissionConfig::default(),
+            admission: AdmissionConfig::default(),
         }
     }
 }
