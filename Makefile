@@ -7,6 +7,7 @@
 #   make check-config CONFIG=path.json   validate a pool config (what nginx -t does with nginx-conf/perl)
 #   make header   regenerate include/rsbalancer.h with cbindgen
 #   make lint     rustfmt and clippy
+#   make fuzz     every fuzz target (fuzz/) for FUZZ_SECONDS each; fuzz-smoke: ~1 minute in all
 
 PREFIX     ?= /usr/local
 LUA_CDIR   ?= $(PREFIX)/lib/lua/5.1
@@ -19,7 +20,7 @@ LUA_SO     := target/release/librsbalancer.so
 C_SO       := target/c/release/librsbalancer.so
 SOURCES    := $(shell find src -name '*.rs') Cargo.toml build.rs
 
-.PHONY: check-config all deps build run test test-rust test-c test-lua test-nginx test-prometheus bench install header lint clean
+.PHONY: check-config all deps build run test test-rust test-c test-lua test-nginx test-prometheus bench install header lint clean fuzz fuzz-build fuzz-smoke
 
 all: build
 
@@ -48,7 +49,7 @@ run: deps build
 	@scripts/demo.sh
 
 test: deps build
-	$(MAKE) --no-print-directory test-rust test-c test-lua test-nginx test-prometheus
+	$(MAKE) --no-print-directory test-rust test-c test-lua test-nginx test-prometheus fuzz-smoke
 	@echo "make test: all suites passed"
 
 # Every Rust test target but the nginx one (run by test-nginx, serially).
@@ -101,13 +102,42 @@ check-config: $(BUILD)/lib/rsbalancer.so
 	@test -n "$(CONFIG)" || { echo "usage: make check-config CONFIG=path/to/rsbalancer.json" >&2; exit 2; }
 	@scripts/check-config.sh "$(CONFIG)"
 
+# Fuzzing (fuzz/, its own Cargo package): libFuzzer from the libfuzzer-sys crate, built
+# on stable Rust with LLVM's SanitizerCoverage passes switched on by these flags (what
+# cargo-fuzz passes, less the nightly-only sanitizer). --target keeps the flags off
+# build scripts. Seeds: fuzz/seeds/<target> (committed); the growing corpus and crash
+# artifacts: fuzz/corpus, fuzz/artifacts (git-ignored). A crash fails the run.
+FUZZ_TARGETS ?= config admin abi
+FUZZ_SECONDS ?= 60
+FUZZ_SMOKE_SECONDS ?= 20
+FUZZ_HOST    := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+FUZZ_BIN     := fuzz/target/$(FUZZ_HOST)/release
+FUZZ_FLAGS   := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+                -Cllvm-args=-sanitizer-coverage-inline-8bit-counters \
+                -Cllvm-args=-sanitizer-coverage-pc-table \
+                -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing
+# libFuzzer's own C++ sources are built by libfuzzer-sys with the system C++ compiler.
+FUZZ_CXX     ?= c++
+
+fuzz-build:
+	@command -v $(FUZZ_CXX) >/dev/null || { echo "fuzz: $(FUZZ_CXX) not found (Debian: apt-get install g++; make deps)" >&2; exit 1; }
+	cd fuzz && RUSTFLAGS="$(FUZZ_FLAGS)" $(CARGO) build --release --target $(FUZZ_HOST) $(patsubst %,--bin %,$(FUZZ_TARGETS))
+
+fuzz: fuzz-build
+	@for t in $(FUZZ_TARGETS); do scripts/fuzz-run.sh "$(FUZZ_BIN)" "$$t" "$(FUZZ_SECONDS)" || exit 1; done
+
+fuzz-smoke: fuzz-build
+	@for t in $(FUZZ_TARGETS); do scripts/fuzz-run.sh "$(FUZZ_BIN)" "$$t" "$(FUZZ_SMOKE_SECONDS)" || exit 1; done
+
 header:
 	UPDATE_HEADER=1 $(CARGO) test --no-default-features --test header
 
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-features --all-targets -- -D warnings
+	cd fuzz && $(CARGO) fmt --check && $(CARGO) clippy --all-targets -- -D warnings
 
 clean:
 	$(CARGO) clean
+	rm -rf fuzz/target
 	rm -rf $(BUILD)

@@ -4,12 +4,13 @@
 # links against; plain `luajit` conflicts with it), nginx's Perl module (so that
 # `nginx -t` can validate pool configs: nginx-conf/perl), valgrind for the C test, wrk for
 # benchmarks, prometheus for promtool (rule tests, `promtool check metrics`) and the
-# end-to-end scrape test, chromium for the status page test (headless). Rust comes
-# from rustup and is expected on PATH.
+# end-to-end scrape test, chromium for the status page test (headless), g++ for the
+# fuzz targets (libfuzzer-sys builds libFuzzer's C++ sources). Rust comes from rustup
+# and is expected on PATH.
 set -euo pipefail
 
 want=(nginx-core libnginx-mod-http-lua libnginx-mod-http-perl lua-resty-core luajit2 libluajit2-5.1-dev
-      gcc make valgrind wrk curl prometheus chromium)
+      gcc g++ make valgrind wrk curl prometheus chromium)
 [ "$#" -gt 0 ] && want+=("$@")
 
 SUDO=""
@@ -51,4 +52,5 @@ command -v cargo >/dev/null || { echo "install-deps: cargo not found (install Ru
 command -v nginx >/dev/null || { echo "install-deps: nginx missing after install" >&2; exit 1; }
 command -v luajit >/dev/null || { echo "install-deps: luajit missing after install" >&2; exit 1; }
 command -v promtool >/dev/null || { echo "install-deps: promtool missing after install (package prometheus)" >&2; exit 1; }
+command -v c++ >/dev/null || { echo "install-deps: c++ missing after install (package g++)" >&2; exit 1; }
 echo "install-deps: ok"

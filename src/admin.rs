@@ -33,6 +33,8 @@ use crate::config::{Config, ConfigError, NodeConfig, PoolConfig, ShmConfig};
 use crate::shm::layout::flags;
 use crate::shm::Region;
 
+pub mod body;
+
 /// Why a run-time change was refused, classed for an HTTP answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AdminError {

@@ -128,6 +128,17 @@ fn canary_of(b: &Balancer, pool: &str) -> (Option<u32>, u32) {
     b.canary(b.pool_index(pool).unwrap()).unwrap()
 }
 
+/// The refusal names the pool, as the admin API's 409 shows it (it said "pool index 1").
+#[test]
+fn a_share_for_a_pool_without_canary_is_refused_naming_the_pool() {
+    let b = Balancer::create(&cfg(json!({ "pool": "c" }))).unwrap();
+    let c = b.pool_index("c").unwrap();
+    let e = b.set_canary_share(c, 1000).unwrap_err().to_string();
+    assert!(e.contains("pool \"c\" has no canary"), "{e}");
+    assert!(!e.contains("index"), "{e}");
+    assert_eq!(canary_of(&b, "c"), (None, 0), "nothing stored");
+}
+
 #[test]
 fn configure_stores_the_split_and_a_reload_keeps_the_live_share() {
     let b = Balancer::create(&cfg(json!({ "pool": "c", "share": 0.2 }))).unwrap();

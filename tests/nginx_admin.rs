@@ -369,6 +369,9 @@ fn bad_admin_input_is_refused_and_changes_nothing() {
     let g = start_gateway(&dir, &cfg);
     let before = state(&g);
     let big = format!(r#"{{"weight": 5, "pad": "{}"}}"#, "x".repeat(20_000));
+    // One byte over the documented bound (16 KiB), in whitespace, without a bad key:
+    // refused for its size alone.
+    let over = padded(r#"{"weight": 5}"#, 16_385);
     let cases: Vec<(&str, &str, Option<&str>, u16, &str)> = vec![
         (
             "PUT",
@@ -436,6 +439,34 @@ fn bad_admin_input_is_refused_and_changes_nothing() {
             "a JSON object body is required",
         ),
         ("PUT", "pools/llm/nodes/a", Some(&big), 413, "over the limit"),
+        (
+            "PUT",
+            "pools/llm/nodes/a",
+            Some(&over),
+            413,
+            "over the limit of 16384",
+        ),
+        (
+            "PUT",
+            "pools/llm/nodes/a",
+            Some(r#"{"weight": 5, "weight": 7}"#),
+            400,
+            "duplicate key \"weight\"",
+        ),
+        (
+            "POST",
+            "pools/llm/nodes",
+            Some(r#"{"id": "x", "addr": "127.0.0.1:1", "id": "y"}"#),
+            400,
+            "duplicate key \"id\"",
+        ),
+        (
+            "PUT",
+            "pools/llm/emergency",
+            Some(r#"{"mode": "on", "mode": "off"}"#),
+            400,
+            "duplicate key \"mode\"",
+        ),
         (
             "PUT",
             "pools/llm/nodes/zz",
@@ -534,7 +565,7 @@ fn bad_admin_input_is_refused_and_changes_nothing() {
             "pools/solo/canary",
             Some(r#"{"share": 0.1}"#),
             409,
-            "has no canary",
+            "pool \"solo\" has no canary",
         ),
         (
             "PUT",
@@ -610,6 +641,22 @@ fn bad_admin_input_is_refused_and_changes_nothing() {
     }
     assert_notice(&g, "canary share of pool llm set to 0.2 (was 0) by 127.0.0.1");
     assert_notice(&g, "emergency mode of pool llm set to on (was auto) by 127.0.0.1");
+
+    // Bodies up to the bound are read, also those nginx spooled to a temp file (over
+    // client_body_buffer_size, 8 KiB by default): 12 KiB, 16 KiB - 1 and exactly 16 KiB.
+    for (len, weight) in [(12_288, 12), (16_383, 13), (16_384, 14)] {
+        let body = padded(&format!(r#"{{"weight": {weight}}}"#), len);
+        let r = change(&g, "PUT", "/rsbalancer/pools/llm/nodes/a", &body);
+        assert_eq!(r["weight"], json!(weight), "a body of {len} bytes: {r}");
+    }
+    for st in states_from_both_workers(&g) {
+        assert_eq!(node_state(&st, "a")["weight"], json!(14), "{st}");
+    }
+}
+
+/// `json` followed by spaces up to `len` bytes.
+fn padded(json: &str, len: usize) -> String {
+    format!("{json:<len$}")
 }
 
 /// Starts the demo gateway with `token` added to the admin location.

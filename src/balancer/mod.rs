@@ -301,8 +301,13 @@ impl Balancer {
         }
         let ps = self.live_pool(pool)?;
         if ps.canary_pool.load(Ordering::Relaxed) == 0 {
+            let name = self.topology().ok().and_then(|t| {
+                let p = t.pools.iter().find(|p| p.slot == pool)?;
+                Some(format!("pool \"{}\"", p.name))
+            });
             return Err(Error::Invalid(format!(
-                "pool index {pool} has no canary (configure one with \"canary\": {{\"pool\": ...}})"
+                "{} has no canary (configure one with \"canary\": {{\"pool\": ...}})",
+                name.unwrap_or_else(|| format!("pool index {pool}"))
             )));
         }
         ps.canary_share.store(parts, Ordering::Relaxed);

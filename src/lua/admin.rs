@@ -10,8 +10,9 @@ use mlua::prelude::*;
 use mlua::{UserDataMethods, Value};
 
 use super::{bad_argument, integral, plain, LuaBalancer};
+use crate::admin::body::{parse, Request, Route, MAX_BODY};
 use crate::admin::AdminError;
-use crate::balancer::Error;
+use crate::balancer::{EmergencyMode, Error};
 use crate::config::NodeConfig;
 
 /// `Ok(v)` as `v`, an error as `nil, err, kind`.
@@ -73,8 +74,61 @@ pub(super) fn add_methods<M: UserDataMethods<LuaBalancer>>(m: &mut M) {
     });
 }
 
-/// Adds `json_decode`, `json_encode` and `null` to the module table.
+/// A valid admin body as a Lua table of its keys (absent keys are nil).
+fn request_table(lua: &Lua, r: Request) -> LuaResult<LuaTable> {
+    let t = lua.create_table()?;
+    match r {
+        Request::Node { weight, drain } => {
+            t.set("weight", weight)?;
+            t.set("drain", drain)?;
+        }
+        Request::AddNode {
+            id,
+            addr,
+            weight,
+            backup,
+        } => {
+            t.set("id", id)?;
+            t.set("addr", addr)?;
+            t.set("weight", weight)?;
+            t.set("backup", backup)?;
+        }
+        Request::Canary { share } => t.set("share", share)?,
+        Request::Emergency { mode } => t.set(
+            "mode",
+            match mode {
+                EmergencyMode::On => "on",
+                EmergencyMode::Off => "off",
+                EmergencyMode::Auto => "auto",
+            },
+        )?,
+    }
+    Ok(t)
+}
+
+/// Adds `admin_body`, `admin_body_max`, `json_decode`, `json_encode` and `null` to the module table.
 pub(super) fn register(lua: &Lua, m: &LuaTable) -> LuaResult<()> {
+    // admin_body(route, text) -> table | nil, err, status (400 or 413): the body of an
+    // admin route ("node", "add_node", "canary", "emergency"), parsed and validated
+    // whole by `crate::admin::body::parse`. An unknown route raises.
+    m.set(
+        "admin_body",
+        lua.create_function(|lua, (route, text): (LuaString, LuaString)| {
+            let name = route.to_string_lossy();
+            let route = Route::from_name(&name).ok_or_else(|| {
+                let names: Vec<&str> = Route::ALL.iter().map(|r| r.name()).collect();
+                bad_argument(
+                    1,
+                    "admin_body",
+                    format!("route {} expected, got {name:?}", names.join(", ")),
+                )
+            })?;
+            match parse(route, &text.as_bytes()) {
+                Ok(r) => (request_table(lua, r)?,).into_lua_multi(lua),
+                Err(e) => (Value::Nil, e.message, e.status).into_lua_multi(lua),
+            }
+        })?,
+    )?;
     // json_decode(text) -> value | nil, err. JSON null is `rsbalancer.null`, so a key
     // set to null is present (and refused by type checks) rather than absent.
     m.set(
@@ -105,6 +159,7 @@ pub(super) fn register(lua: &Lua, m: &LuaTable) -> LuaResult<()> {
             }
         })?,
     )?;
+    m.set("admin_body_max", MAX_BODY)?;
     m.set("null", lua.null())?;
     Ok(())
 }

@@ -135,6 +135,39 @@ test("json_decode / json_encode", function()
     eq(native.json_encode(native.json_decode("[1,2]")), "[1,2]")
 end)
 
+test("admin_body: the admin routes' bodies, parsed and validated whole", function()
+    local body = native.admin_body
+    local b = assert(body("node", '{"weight": 5.0, "drain": true}'))
+    eq(b.weight, 5)
+    eq(b.drain, true)
+    b = assert(body("add_node", '{"id": "x", "addr": "127.0.0.1:1"}'))
+    eq(b.id, "x")
+    eq(b.addr, "127.0.0.1:1")
+    eq(b.weight, nil)
+    eq(b.backup, nil)
+    eq(assert(body("canary", '{"share": 0.25}')).share, 0.25)
+    eq(assert(body("emergency", '{"mode": "off"}')).mode, "off")
+    -- Refusals: nil, a message naming the key (and value), the HTTP status.
+    local cases = {
+        { "node", '{"weight": 5, "weight": 7}', 'duplicate key "weight"', 400 },
+        { "add_node", '{"id": "x", "addr": "a:1", "id": "y"}', 'duplicate key "id"', 400 },
+        { "node", '{"weight": 0}', "weight: 0 is out of range 1..=10000", 400 },
+        { "node", '{"colour": 1}', 'unknown key "colour" (allowed: drain, weight)', 400 },
+        { "canary", '{"share": 1.5}', "share: 1.5 is out of range 0..1", 400 },
+        { "emergency", "[1]", "body must be a JSON object", 400 },
+        { "node", "", "a JSON object body is required", 400 },
+        { "node", '{"weight": 5' .. string.rep(" ", native.admin_body_max) .. "}", "over the limit", 413 },
+    }
+    for _, c in ipairs(cases) do
+        local none, err, status = body(c[1], c[2])
+        eq(none, nil, c[2])
+        contains(err, c[3])
+        eq(status, c[4], c[2])
+    end
+    eq(native.admin_body_max, 16384)
+    contains(raises(body, "nodes", "{}"), "bad argument #1 to 'admin_body' (route node, add_node,")
+end)
+
 test("admin module: constant-time token comparison", function()
     local admin = require "resty.rsbalancer.admin"
     local same = admin._same_token

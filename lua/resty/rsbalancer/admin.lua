@@ -22,9 +22,10 @@
 --
 -- A change is applied in the shared region, so every worker uses it at its next pick;
 -- it lasts until the next reload (which loads the config file again). A request body
--- is validated whole (object, known keys, types, ranges) before anything is applied:
--- a refused request changes nothing and gets 400, 404, 405, 409 or 413 with
--- {"error": "..."} naming the problem. Every change is logged at notice level as
+-- (up to 16 KiB, in memory or spooled to a file by nginx) is parsed and validated whole
+-- by the library (`admin_body`: one object, no repeated key, known keys, types,
+-- ranges) before anything is applied: a refused request changes nothing and gets 400,
+-- 404, 405, 409 or 413 with {"error": "..."} naming the problem. Every change is logged at notice level as
 -- "rsbalancer admin: ...".
 --
 -- With `token`, every route but the status page's HTML wants `Authorization: Bearer
@@ -38,16 +39,16 @@ local page = require "resty.rsbalancer.status_page"
 local bit = require "bit"
 
 local ngx = ngx
-local type, pairs, next, tostring, tonumber, error = type, pairs, next, tostring, tonumber, error
-local getmetatable = getmetatable
+local type, tostring, tonumber, error = type, tostring, tonumber, error
+local io_open = io.open
 local byte, sub, find, match, gmatch, lower = string.byte, string.sub, string.find, string.match, string.gmatch, string.lower
 local bor, bxor = bit.bor, bit.bxor
-local concat, sort = table.concat, table.sort
-local json_encode, json_decode, NULL = native.json_encode, native.json_decode, native.null
+local json_encode, admin_body = native.json_encode, native.admin_body
 
 local _M = {}
 
-local MAX_BODY = 16384
+-- The largest request body accepted (admin::body::MAX_BODY); over it, 413.
+local MAX_BODY = native.admin_body_max
 
 local function send(status, text, ctype)
     ngx.status = status
@@ -109,76 +110,41 @@ local function authorized(token)
     return false
 end
 
--- The request body as a JSON object (a table), or nil, status, message.
-local function body_object()
+-- The raw request body: from memory, or from the temp file nginx spooled it to (a body
+-- over client_body_buffer_size), reading at most MAX_BODY + 1 bytes; or nil, status,
+-- message.
+local function raw_body()
     local len = tonumber(ngx.var.http_content_length)
     if len and len > MAX_BODY then
         return nil, 413, "request body of " .. len .. " bytes is over the limit of " .. MAX_BODY
     end
     ngx.req.read_body()
     local data = ngx.req.get_body_data()
-    if not data then
-        if ngx.req.get_body_file() then
-            return nil, 413, "request body is over the limit of " .. MAX_BODY .. " bytes"
-        end
-        return nil, 400, "a JSON object body is required"
+    if data then return data end
+    local path = ngx.req.get_body_file()
+    if not path then return "" end
+    local f, err = io_open(path, "rb")
+    if not f then
+        return nil, 500, "cannot read the spooled request body: " .. tostring(err)
     end
-    if #data > MAX_BODY then
+    data = f:read(MAX_BODY + 1)
+    f:close()
+    if data and #data > MAX_BODY then
+        -- Only the first MAX_BODY + 1 bytes were read: the size is not known here.
         return nil, 413, "request body is over the limit of " .. MAX_BODY .. " bytes"
     end
-    local v, err = json_decode(data)
-    if v == nil then
-        return nil, 400, err
-    end
-    -- JSON arrays decode to tables with a metatable (mlua's array marker), objects without.
-    if type(v) ~= "table" or getmetatable(v) ~= nil then
-        return nil, 400, "body must be a JSON object"
-    end
-    return v
+    return data or ""
 end
 
-local function json_type(v)
-    if v == NULL then return "null" end
-    local t = type(v)
-    if t == "table" then return getmetatable(v) and "array" or "object" end
-    return t
-end
-
--- Checks a decoded body against `spec` = { key = "integer" | "number" | "string" |
--- "boolean", ... } and `required` keys; returns nil or an error message.
-local function check_body(body, spec, required)
-    local keys = {}
-    for k in pairs(spec) do keys[#keys + 1] = k end
-    sort(keys)
-    for k, v in pairs(body) do
-        local want = spec[k]
-        if not want then
-            return "unknown key \"" .. tostring(k) .. "\" (allowed: " .. concat(keys, ", ") .. ")"
-        end
-        local got = json_type(v)
-        if want == "integer" then
-            if got ~= "number" or v % 1 ~= 0 then
-                return k .. ": integer expected, got " .. (got == "number" and tostring(v) or got)
-            end
-        elseif got ~= want then
-            return k .. ": " .. want .. " expected, got " .. got
-        end
-    end
-    for i = 1, #required do
-        if body[required[i]] == nil then
-            return "missing key \"" .. required[i] .. "\""
-        end
-    end
-    if next(body) == nil then
-        return "empty body: expected one of " .. concat(keys, ", ")
-    end
-    return nil
-end
-
-local function check_weight(w)
-    if w ~= nil and (w < 1 or w > 10000) then
-        return "weight: " .. tostring(w) .. " is out of range 1..=10000"
-    end
+-- The body of `route` ("node", "add_node", "canary", "emergency") parsed and validated
+-- whole by the library (admin::body::parse): a table of its keys, or nil, status
+-- (400, 413), message naming the key and value.
+local function body_of(route)
+    local data, status, err = raw_body()
+    if not data then return nil, status, err end
+    local body, perr, pstatus = admin_body(route, data)
+    if not body then return nil, pstatus, perr end
+    return body
 end
 
 local function notice(...)
@@ -219,11 +185,8 @@ local function method_not_allowed(method, allow)
 end
 
 local function change_node(pool, id)
-    local body, status, err = body_object()
+    local body, status, err = body_of("node")
     if not body then return refuse(status, err) end
-    err = check_body(body, { weight = "integer", drain = "boolean" }, {})
-        or check_weight(body.weight)
-    if err then return refuse(400, err) end
     local before = node_or_404(pool, id)
     if not before then return end
     local who = ngx.var.remote_addr
@@ -243,12 +206,8 @@ local function change_node(pool, id)
 end
 
 local function add_node(pool)
-    local body, status, err = body_object()
+    local body, status, err = body_of("add_node")
     if not body then return refuse(status, err) end
-    err = check_body(body, { id = "string", addr = "string", weight = "integer", backup = "boolean" },
-                     { "id", "addr" })
-        or check_weight(body.weight)
-    if err then return refuse(400, err) end
     if not pool_or_404(pool) then return end
     local slot, aerr, kind = rsb.add_node(pool, body)
     if not slot then return refuse(STATUS_OF[kind] or 500, aerr) end
@@ -265,32 +224,22 @@ local function remove_node(pool, id)
     return reply(200, { removed = id, pool = pool })
 end
 
--- PUT pools/<pool>/<setting>: a body of one key, checked, then one setter.
+-- PUT pools/<pool>/<setting>: a body of one key (checked by admin_body), then one setter.
 local POOL_SETTINGS = {
     canary = {
-        key = "share", type = "number", what = "canary share", set = rsb.set_canary_share,
-        check = function(v)
-            if v < 0 or v > 1 then return "share: " .. tostring(v) .. " is out of range 0..1" end
-        end,
+        route = "canary", key = "share", what = "canary share", set = rsb.set_canary_share,
         was = function(st) return st.canary_share end,
     },
     emergency = {
-        key = "mode", type = "string", what = "emergency mode", set = rsb.set_emergency,
-        check = function(v)
-            if v ~= "on" and v ~= "off" and v ~= "auto" then
-                return "mode: \"on\", \"off\" or \"auto\" expected, got \"" .. v .. "\""
-            end
-        end,
+        route = "emergency", key = "mode", what = "emergency mode", set = rsb.set_emergency,
         was = function(st) return st.emergency and st.emergency.mode or "?" end,
     },
 }
 
 local function set_pool(pool, setting)
-    local body, status, err = body_object()
+    local body, status, err = body_of(setting.route)
     if not body then return refuse(status, err) end
     local key = setting.key
-    err = check_body(body, { [key] = setting.type }, { key }) or setting.check(body[key])
-    if err then return refuse(400, err) end
     local before = pool_or_404(pool)
     if not before then return end
     local ok, serr = setting.set(pool, body[key])
