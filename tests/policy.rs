@@ -217,6 +217,16 @@ fn retry_after_is_capped_by_max_retry_after_ms() {
         "after the reload: {} ms left: {st:?}",
         st.cooldown_until_ms.saturating_sub(t0)
     );
+    let started = b
+        .region()
+        .node(all[0])
+        .unwrap()
+        .started_ms
+        .load(Ordering::Relaxed);
+    assert!(
+        started <= clock::now_ms() + 60_000,
+        "slow start still set an hour ahead"
+    );
     // And a new 429 with a huge Retry-After now rests it 5 s (+ jitter up to max_ms).
     end_early(&b, all[0]);
     let (_, t0, t1) = timed(|| {

@@ -318,6 +318,8 @@ impl Balancer {
                 // A cooldown learned under an older (or no) cap ends by this config's.
                 let longest = p.cooldown.max_ms.max(p.cooldown.max_retry_after_ms) as u64;
                 s.cooldown_until_ms.fetch_min(now + longest, Ordering::Relaxed);
+                // ... and so does the slow start that would have followed it.
+                s.started_ms.fetch_min(now + longest, Ordering::Relaxed);
                 // Health (DOWN) is learned state and survives a reload; flags in `keep`
                 // (DRAINING, for a run-time change) survive too.
                 let down = s.flags.load(Ordering::Relaxed) & (flags::DOWN | keep);
