@@ -97,6 +97,83 @@ enum rsb_result rsb_node_index(const struct rsb_balancer *b,
                                size_t id_len,
                                uint32_t *out);
 
+// The region's generation: changes with every topology or weight change. 0 for NULL.
+//
+// # Safety
+// `b` NULL or a live handle.
+uint64_t rsb_generation(const struct rsb_balancer *b);
+
+// Copy the last error message of this thread into `buf` (NUL-terminated, truncated
+// to `cap - 1` bytes). Returns the message's full length; `buf` may be NULL to ask.
+//
+// # Safety
+// `buf` NULL or writable for `cap` bytes.
+size_t rsb_last_error(char *buf, size_t cap);
+
+// Parse a response's `Retry-After` value (`len` bytes at `value`): delay-seconds
+// (a fraction allowed) or an HTTP-date, as milliseconds from now, saturating at
+// one day (86,400,000 ms). A date in the past gives 0. Anything else
+// (empty, `inf`, `-1`, `1e9`, a bad date) answers `RSB_INVALID_ARGUMENT` with nothing
+// written. The pool's `cooldown.max_retry_after_ms` is applied by `rsb_report`.
+//
+// # Safety
+// `value` points to `len` readable bytes (NULL allowed when `len` is 0);
+// `out_ms` writable.
+enum rsb_result rsb_retry_after_ms(const char *value, size_t len, uint32_t *out_ms);
+
+// The library version, a static NUL-terminated string.
+const char *rsb_version(void);
+
+// Admission of one request of `priority` (1..=10) to pool `pool` (access phase).
+// `*out_verdict`: 0 go (an admission is held: call `rsb_admit_release` when the
+// request ends), 1 go (queueing off, nothing to release), 2 queued (`*out_entry` and
+// `*out_value` = ticket: call `rsb_admit_poll` until it decides), 4 no node can take
+// it (`*out_value` = ms until one may), 5 shed (emergency), 6 queue full;
+// refusals carry a Retry-After in ms in `*out_value`.
+//
+// # Safety
+// `b` a live handle; `out_verdict`, `out_entry`, `out_value` writable.
+enum rsb_result rsb_admit(const struct rsb_balancer *b,
+                          uint32_t pool,
+                          uint32_t priority,
+                          uint32_t *out_verdict,
+                          uint32_t *out_entry,
+                          uint64_t *out_value);
+
+// Poll a queued request (`entry`, `ticket` from `rsb_admit`). `*out_verdict`: 0 go
+// (an admission is held), 9 go into a probe slot (as 0; pick with
+// `rsb_pick_prefer(..., 1, ...)`), 3 still waiting, 7 waited too long, 8 evicted by a
+// higher priority; refusals carry a Retry-After in ms in `*out_value`. An `entry`
+// that is not one of the pool's queue entries: `RSB_INVALID_ARGUMENT`.
+//
+// # Safety
+// `b` a live handle; `out_verdict` and `out_value` writable.
+enum rsb_result rsb_admit_poll(const struct rsb_balancer *b,
+                               uint32_t pool,
+                               uint32_t entry,
+                               uint64_t ticket,
+                               uint32_t *out_verdict,
+                               uint64_t *out_value);
+
+// The client of a queued request left: take it out of the queue (a slot it was
+// given goes to the next waiter). `*out_left` is 1 if it was still queued. An
+// `entry` that is not one of the pool's queue entries: `RSB_INVALID_ARGUMENT`.
+//
+// # Safety
+// `b` a live handle; `out_left` NULL or writable.
+enum rsb_result rsb_admit_leave(const struct rsb_balancer *b,
+                                uint32_t pool,
+                                uint32_t entry,
+                                uint64_t ticket,
+                                uint32_t *out_left);
+
+// Release the admission of a request that ended (log phase); the best waiter of the
+// pool takes the slot.
+//
+// # Safety
+// `b` a live handle.
+enum rsb_result rsb_admit_release(const struct rsb_balancer *b, uint32_t pool);
+
 // Pick a node of pool `pool` for one try, skipping the `ntried` slots in `tried`.
 // `key` is the consistent-hashing key (ignored by other algorithms; may be NULL
 // with `key_len` 0). On success `*out_node` is the node's slot and its in-flight
@@ -192,33 +269,6 @@ enum rsb_result rsb_node_get_stats(const struct rsb_balancer *b,
                                    uint32_t node,
                                    struct rsb_node_stats *out);
 
-// The region's generation: changes with every topology or weight change. 0 for NULL.
-//
-// # Safety
-// `b` NULL or a live handle.
-uint64_t rsb_generation(const struct rsb_balancer *b);
-
-// Copy the last error message of this thread into `buf` (NUL-terminated, truncated
-// to `cap - 1` bytes). Returns the message's full length; `buf` may be NULL to ask.
-//
-// # Safety
-// `buf` NULL or writable for `cap` bytes.
-size_t rsb_last_error(char *buf, size_t cap);
-
-// Parse a response's `Retry-After` value (`len` bytes at `value`): delay-seconds
-// (a fraction allowed) or an HTTP-date, as milliseconds from now, saturating at
-// one day (86,400,000 ms). A date in the past gives 0. Anything else
-// (empty, `inf`, `-1`, `1e9`, a bad date) answers `RSB_INVALID_ARGUMENT` with nothing
-// written. The pool's `cooldown.max_retry_after_ms` is applied by `rsb_report`.
-//
-// # Safety
-// `value` points to `len` readable bytes (NULL allowed when `len` is 0);
-// `out_ms` writable.
-enum rsb_result rsb_retry_after_ms(const char *value, size_t len, uint32_t *out_ms);
-
-// The library version, a static NUL-terminated string.
-const char *rsb_version(void);
-
 // Pool `pool`'s canary split: `*out_pool` the canary pool's slot (`UINT32_MAX` when
 // the pool has no canary), `*out_share` the share of requests to send it, in parts
 // per 10,000 (0..=10000). Read from shared memory on every call (no lock): a change
@@ -231,56 +281,6 @@ enum rsb_result rsb_canary(const struct rsb_balancer *b,
                            uint32_t pool,
                            uint32_t *out_pool,
                            uint32_t *out_share);
-
-// Admission of one request of `priority` (1..=10) to pool `pool` (access phase).
-// `*out_verdict`: 0 go (an admission is held: call `rsb_admit_release` when the
-// request ends), 1 go (queueing off, nothing to release), 2 queued (`*out_entry` and
-// `*out_value` = ticket: call `rsb_admit_poll` until it decides), 4 no node can take
-// it (`*out_value` = ms until one may), 5 shed (emergency), 6 queue full;
-// refusals carry a Retry-After in ms in `*out_value`.
-//
-// # Safety
-// `b` a live handle; `out_verdict`, `out_entry`, `out_value` writable.
-enum rsb_result rsb_admit(const struct rsb_balancer *b,
-                          uint32_t pool,
-                          uint32_t priority,
-                          uint32_t *out_verdict,
-                          uint32_t *out_entry,
-                          uint64_t *out_value);
-
-// Poll a queued request (`entry`, `ticket` from `rsb_admit`). `*out_verdict`: 0 go
-// (an admission is held), 9 go into a probe slot (as 0; pick with
-// `rsb_pick_prefer(..., 1, ...)`), 3 still waiting, 7 waited too long, 8 evicted by a
-// higher priority; refusals carry a Retry-After in ms in `*out_value`. An `entry`
-// that is not one of the pool's queue entries: `RSB_INVALID_ARGUMENT`.
-//
-// # Safety
-// `b` a live handle; `out_verdict` and `out_value` writable.
-enum rsb_result rsb_admit_poll(const struct rsb_balancer *b,
-                               uint32_t pool,
-                               uint32_t entry,
-                               uint64_t ticket,
-                               uint32_t *out_verdict,
-                               uint64_t *out_value);
-
-// The client of a queued request left: take it out of the queue (a slot it was
-// given goes to the next waiter). `*out_left` is 1 if it was still queued. An
-// `entry` that is not one of the pool's queue entries: `RSB_INVALID_ARGUMENT`.
-//
-// # Safety
-// `b` a live handle; `out_left` NULL or writable.
-enum rsb_result rsb_admit_leave(const struct rsb_balancer *b,
-                                uint32_t pool,
-                                uint32_t entry,
-                                uint64_t ticket,
-                                uint32_t *out_left);
-
-// Release the admission of a request that ended (log phase); the best waiter of the
-// pool takes the slot.
-//
-// # Safety
-// `b` a live handle.
-enum rsb_result rsb_admit_release(const struct rsb_balancer *b, uint32_t pool);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -28,11 +28,9 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use serde_json::Value;
-
 use crate::balancer::{Balancer, Error, PoolTopo, Topology};
 use crate::config::{Config, ConfigError, NodeConfig, PoolConfig, ShmConfig};
-use crate::shm::layout::{emergency, flags};
+use crate::shm::layout::flags;
 use crate::shm::Region;
 
 pub mod body;
@@ -258,34 +256,4 @@ impl Balancer {
             None => r.map_err(AdminError::from),
         }
     }
-}
-
-/// Adds to [`Balancer::status`]: per pool the canary share and emergency state, per
-/// node this worker's effective weight.
-pub(crate) fn extend_status(b: &Balancer, topo: &Topology, v: &mut Value) -> Result<(), Error> {
-    let effective = b.effective_weights()?;
-    for p in &topo.pools {
-        let Some(ps) = b.region().pool(p.slot) else {
-            continue;
-        };
-        let pv = &mut v["pools"][p.name.as_str()];
-        let e = ps.emergency.load(Ordering::Relaxed);
-        let mode = if e & emergency::FORCED_ON != 0 {
-            "on"
-        } else if e & emergency::FORCED_OFF != 0 {
-            "off"
-        } else {
-            "auto"
-        };
-        pv["canary_share"] = (ps.canary_share.load(Ordering::Relaxed) as f64 / 10_000.0).into();
-        pv["canary_rolled_back"] = (ps.canary_rolled_back.load(Ordering::Relaxed) != 0).into();
-        pv["emergency"] = serde_json::json!({ "mode": mode, "active": e & emergency::ACTIVE != 0 });
-        if let Some(nodes) = pv["nodes"].as_array_mut() {
-            for (nv, n) in nodes.iter_mut().zip(&p.nodes) {
-                let w = effective.get(&n.slot).copied().unwrap_or(0.0);
-                nv["effective_weight"] = ((w * 100.0).round() / 100.0).into();
-            }
-        }
-    }
-    Ok(())
 }

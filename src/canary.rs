@@ -42,40 +42,13 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
-use crate::balancer::{Balancer, Error, PoolTopo};
+use crate::balancer::{Balancer, Error};
 use crate::config::CanaryConfig;
+pub use crate::params::{initial_ramp, pack_ramp, parts, unpack_ramp, PARTS};
 use crate::shm::clock;
 use crate::shm::layout::PoolSlot;
 use crate::tally;
 use crate::window::Totals;
-
-/// Shares are kept in parts per 10,000.
-pub const PARTS: u32 = 10_000;
-
-/// A share (0.0..=1.0) in parts per 10,000.
-pub fn parts(share: f64) -> u32 {
-    (share.clamp(0.0, 1.0) * PARTS as f64).round() as u32
-}
-
-/// The ramp word: the next step's time (ms) and the share the ramp set last.
-pub fn pack_ramp(next_ms: u64, share: u32) -> u64 {
-    (next_ms << 16) | share as u64 & 0xffff
-}
-
-/// Inverse of [`pack_ramp`].
-pub fn unpack_ramp(word: u64) -> (u64, u32) {
-    (word >> 16, (word & 0xffff) as u32)
-}
-
-/// The ramp word a canary block starts with (0: no ramp, or nothing left to ramp).
-pub fn initial_ramp(c: &CanaryConfig, now_ms: u64) -> u64 {
-    match &c.ramp {
-        Some(r) if parts(c.share) < parts(r.max) => {
-            pack_ramp(now_ms + r.every_s as u64 * 1000, parts(c.share))
-        }
-        _ => 0,
-    }
-}
 
 /// What [`decide`] reads from a pool's slot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -159,39 +132,6 @@ pub fn decide(now_ms: u64, c: &CanaryConfig, st: &State, primary: &Totals, canar
         pack_ramp(now_ms + r.every_s as u64 * 1000, to)
     };
     Decision::Step { to, ramp }
-}
-
-/// Write a pool's canary fields for a new configuration (`configure`, lock held):
-/// `old` is the pool as it was (None: a new pool), `canary_slot` the canary pool's
-/// slot in the new topology.
-pub(crate) fn configure_slot(
-    ps: &PoolSlot,
-    old: Option<&PoolTopo>,
-    new: &PoolTopo,
-    canary_slot: Option<u32>,
-    now: u64,
-) {
-    let relaxed = Ordering::Relaxed;
-    if old.is_none() {
-        // A new pool, maybe in a slot another pool left.
-        ps.canary_rollbacks_total.store(0, relaxed);
-    }
-    let Some((c, slot)) = new.canary.as_ref().zip(canary_slot) else {
-        ps.canary_pool.store(0, relaxed);
-        ps.canary_share.store(0, relaxed);
-        ps.canary_rolled_back.store(0, relaxed);
-        ps.canary_ramp.store(0, relaxed);
-        ps.canary_since_ms.store(0, relaxed);
-        return;
-    };
-    ps.canary_pool.store(slot + 1, relaxed);
-    if old.and_then(|o| o.canary.as_ref()) == Some(c) {
-        return; // unchanged: keep the live share, rollback state and ramp progress
-    }
-    ps.canary_share.store(parts(c.share), relaxed);
-    ps.canary_rolled_back.store(0, relaxed);
-    ps.canary_ramp.store(initial_ramp(c, now), relaxed);
-    ps.canary_since_ms.store(now, relaxed);
 }
 
 /// Something a tick did, for the error log.

@@ -20,7 +20,7 @@
 //! **Effects** (read by the request path from the pool's shared slot): admission sheds
 //! priorities below `shed_below` (the admission queue reads `PoolSlot::shed_below`
 //! while `emergency` has `ACTIVE`), and the pool's `backup_pool` takes the requests no
-//! node of the pool can take ([`spill_target`], used by `pick`, `may_retry` and
+//! node of the pool can take (the balancer's spill, used by `pick`, `may_retry` and
 //! `available`). The backup pool also serves, outside emergency, when every node of the
 //! pool is down (health checks) or ejected: that is a dead pool, not an overloaded one.
 //!
@@ -36,178 +36,17 @@
 //! reaches the same verdict within a tick; a restarted worker only starts counting
 //! afresh while the others still decide).
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 
-use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::balancer::{node_stats, Balancer, EmergencyMode, Error, PoolTopo};
-use crate::config::{check_range, check_ratio, ConfigError, PoolConfig};
+use crate::balancer::{Balancer, EmergencyMode, Error, PoolTopo};
+pub use crate::config::emergency::{parse_url, WebhookConfig};
+pub use crate::config::EmergencyConfig;
+use crate::node;
 use crate::shm::layout::emergency::{ACTIVE, FORCED_OFF, FORCED_ON};
-use crate::shm::layout::{flags, PoolSlot};
-use crate::shm::Region;
 use crate::tally;
 use crate::window::Totals;
-
-/// A pool's `emergency` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EmergencyConfig {
-    /// Busy ratio at which the pool enters emergency, 0..=1 (exclusive of 0).
-    pub enter_busy_ratio: f64,
-    /// Busy ratio below which it may leave, 0..=1 and below `enter_busy_ratio`.
-    pub exit_busy_ratio: f64,
-    /// Requests the window must hold before it is judged, 1..=1000000.
-    pub min_requests: u32,
-    /// In emergency, requests of a priority below this are shed, 1..=11 (1: none).
-    pub shed_below: u32,
-    /// The pool brought in during emergency (must exist, not this pool).
-    pub backup_pool: Option<String>,
-    /// How long the ratio must stay below `exit_busy_ratio` before the pool leaves,
-    /// 1000..=86400000 ms; default the pool's `window_ms`.
-    pub healthy_window_ms: Option<u32>,
-    /// Where alerts are POSTed (JSON).
-    pub webhooks: Vec<WebhookConfig>,
-}
-
-impl Default for EmergencyConfig {
-    fn default() -> Self {
-        EmergencyConfig {
-            enter_busy_ratio: 0.3,
-            exit_busy_ratio: 0.1,
-            min_requests: 20,
-            shed_below: 1,
-            backup_pool: None,
-            healthy_window_ms: None,
-            webhooks: Vec::new(),
-        }
-    }
-}
-
-/// One alert receiver.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct WebhookConfig {
-    /// `http://host[:port][/path]` (plain HTTP: alerts go to a local relay or an
-    /// internal receiver).
-    pub url: String,
-    /// Per attempt: connect, send and read the status line, 10..=600000 ms.
-    pub timeout_ms: u32,
-    /// Attempts after the first, with exponential backoff, 0..=20.
-    pub retries: u32,
-    /// Rate limit: at least this long between two deliveries to this receiver from one
-    /// worker, 0..=3600000 ms. Alerts are delayed, never dropped.
-    pub min_interval_ms: u32,
-}
-
-impl Default for WebhookConfig {
-    fn default() -> Self {
-        WebhookConfig {
-            url: String::new(),
-            timeout_ms: 2_000,
-            retries: 3,
-            min_interval_ms: 1_000,
-        }
-    }
-}
-
-impl EmergencyConfig {
-    /// `path` is `pools.NAME.emergency`; `pool` the pool's name; `pools` all pools.
-    pub(crate) fn validate(
-        &self,
-        path: &str,
-        pool: &str,
-        window_ms: u32,
-        pools: &BTreeMap<String, PoolConfig>,
-    ) -> Result<(), ConfigError> {
-        check_ratio(path, "enter_busy_ratio", self.enter_busy_ratio, 1.0)?;
-        if self.enter_busy_ratio == 0.0 {
-            return Err(ConfigError::new(
-                format!("{path}.enter_busy_ratio"),
-                "0 must be above 0 (the pool would always be in emergency)",
-            ));
-        }
-        check_ratio(path, "exit_busy_ratio", self.exit_busy_ratio, 1.0)?;
-        if self.exit_busy_ratio >= self.enter_busy_ratio {
-            return Err(ConfigError::new(
-                format!("{path}.exit_busy_ratio"),
-                format!(
-                    "{} must be below enter_busy_ratio ({})",
-                    self.exit_busy_ratio, self.enter_busy_ratio
-                ),
-            ));
-        }
-        check_range(path, "min_requests", self.min_requests, 1..=1_000_000)?;
-        check_range(path, "shed_below", self.shed_below, 1..=11)?;
-        check_range(
-            path,
-            "healthy_window_ms",
-            self.healthy_window_ms.unwrap_or(window_ms),
-            1_000..=86_400_000,
-        )?;
-        if let Some(b) = &self.backup_pool {
-            let field = format!("{path}.backup_pool");
-            if b == pool {
-                return Err(ConfigError::new(field, format!("{b:?} is this pool itself")));
-            }
-            if !pools.contains_key(b) {
-                return Err(ConfigError::new(
-                    field,
-                    format!("{b:?} is not a pool of this config"),
-                ));
-            }
-        }
-        for (i, w) in self.webhooks.iter().enumerate() {
-            let wp = format!("{path}.webhooks[{i}]");
-            parse_url(&w.url).map_err(|m| ConfigError::new(format!("{wp}.url"), m))?;
-            check_range(&wp, "timeout_ms", w.timeout_ms, 10..=600_000)?;
-            check_range(&wp, "retries", w.retries, 0..=20)?;
-            check_range(&wp, "min_interval_ms", w.min_interval_ms, 0..=3_600_000)?;
-        }
-        Ok(())
-    }
-}
-
-/// Host, port and path of an `http://host[:port][/path]` URL; the message names it.
-pub fn parse_url(url: &str) -> Result<(String, u16, String), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url:?} must start with http:// (https is not supported)"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if path
-        .bytes()
-        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-    {
-        return Err(format!("{url:?}: the path contains spaces or control characters"));
-    }
-    let (host, port) = if authority.starts_with('[') {
-        // [v6] or [v6]:port
-        let end = authority.find(']').map_or(authority.len(), |i| i + 1);
-        (&authority[..end], authority[end..].strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        }
-    };
-    let port = match port {
-        None => 80,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|&p| p != 0)
-            .ok_or_else(|| format!("{url:?}: invalid port {p:?}"))?,
-    };
-    let ok = |b: u8| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b);
-    if host.is_empty() || !host.bytes().all(ok) {
-        return Err(format!("{url:?}: invalid host {host:?}"));
-    }
-    Ok((host.to_string(), port, path.to_string()))
-}
 
 /// The detector's thresholds for one pool.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -278,12 +117,6 @@ fn exit_ratio(t: &Totals) -> f64 {
     } else {
         t.busy.min(t.requests) as f64 / t.requests as f64
     }
-}
-
-/// Per-process detector state: when each pool's ratio turned calm.
-#[derive(Default)]
-pub struct DetectorState {
-    calm_since: Mutex<HashMap<u32, u64>>,
 }
 
 /// Window counts in an alert.
@@ -361,39 +194,6 @@ impl Transition {
     }
 }
 
-/// Store a pool's shedding threshold and backup pool in its slot (configure, lock
-/// held). `slot_of` maps pool names to slots of the new topology.
-pub(crate) fn store_params(ps: &PoolSlot, p: &PoolTopo, slot_of: &dyn Fn(&str) -> Option<u32>) {
-    let e = p.emergency.as_ref();
-    ps.shed_below
-        .store(e.map_or(1, |e| e.shed_below), Ordering::Relaxed);
-    let backup = e
-        .and_then(|e| e.backup_pool.as_deref())
-        .and_then(slot_of)
-        .map_or(0, |s| s + 1);
-    ps.backup_pool.store(backup, Ordering::Relaxed);
-}
-
-/// The pool whose nodes may take a try no node of this pool can: its backup pool
-/// while in emergency, or while every node of `nodes` (the pool's slots) is down or
-/// ejected. No allocation, no lock: called on the request path when a pick fails.
-pub(crate) fn spill_target(region: &Region, ps: &PoolSlot, nodes: &[&[u32]], now_ms: u64) -> Option<u32> {
-    let backup = ps.backup_pool.load(Ordering::Relaxed);
-    if backup == 0 {
-        return None;
-    }
-    if ps.emergency.load(Ordering::Acquire) & ACTIVE != 0 {
-        return Some(backup - 1);
-    }
-    let dead = nodes.iter().flat_map(|t| t.iter()).all(|&s| {
-        region.node(s).is_none_or(|n| {
-            n.flags.load(Ordering::Relaxed) & flags::DOWN != 0
-                || n.ejected_until_ms.load(Ordering::Relaxed) > now_ms
-        })
-    });
-    dead.then_some(backup - 1)
-}
-
 fn unix_time() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -409,7 +209,7 @@ impl Balancer {
         let topo = self.topology()?;
         let region = self.region();
         let mut out = Vec::new();
-        let mut calm = self.emergency_state().calm_since.lock();
+        let mut calm = self.calm_since().lock();
         for p in &topo.pools {
             let ps = region.pool(p.slot).expect("topology slot in range");
             let bits = ps.emergency.load(Ordering::Acquire);
@@ -558,7 +358,7 @@ impl Balancer {
             .nodes
             .iter()
             .map(|n| {
-                let s = node_stats(region, n.slot);
+                let s = node::stats(region, n.slot);
                 AlertNode {
                     id: n.id.clone(),
                     state: s.state,

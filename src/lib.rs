@@ -28,6 +28,7 @@
 pub mod admin;
 pub mod admit;
 pub mod balancer;
+pub mod budget;
 pub mod canary;
 pub mod config;
 pub mod emergency;
@@ -39,10 +40,15 @@ pub mod load;
 #[cfg(feature = "lua-module")]
 mod lua;
 pub mod metrics;
+pub mod node;
+pub mod params;
 pub mod retry;
 pub mod select;
 #[allow(unsafe_code)]
 pub mod shm;
+pub mod status;
 mod strict;
 pub mod tally;
+pub mod topology;
 pub mod window;
+pub mod writer;

@@ -58,8 +58,9 @@ use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
-use crate::balancer::{node_stats_and_counts, Balancer, Error};
+use crate::balancer::{Balancer, Error};
 use crate::load;
+use crate::node;
 use crate::shm::clock;
 use crate::shm::layout::{emergency, flags, LATENCY_BOUNDS_MS};
 use crate::{tally, window};
@@ -270,7 +271,7 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
         let first = nodes.len();
         for n in &p.nodes {
             let Some(slot) = region.node(n.slot) else { continue };
-            let (st, counts) = node_stats_and_counts(region, n.slot);
+            let (st, counts) = node::stats_and_counts(region, n.slot);
             let draining = slot.flags.load(Ordering::Relaxed) & flags::DRAINING != 0;
             let state = match st.state {
                 "healthy" | "slow_start" if draining => "draining",

@@ -1,13 +1,10 @@
-//! Retries that do not storm: a pool-wide retry budget and jittered backoff.
+//! Retries that do not storm: the retry budget's decision and jittered backoff.
 //!
 //! **Budget** (Finagle's `RetryBudget`, Envoy's retry budget): retries may be at most
 //! `ratio` of the requests seen over a sliding window, plus a floor of `min_per_s`
 //! per second so that a quiet pool can still retry. The window is pool-wide, summed
-//! over the tally rows (`crate::tally`): in each row `BUDGET_BUCKETS` buckets, each
-//! one 64-bit word holding a 16-bit bucket tag and two 24-bit counters, so recording
-//! is a single store (a worker's own row) or a single CAS (the shared row), and a
-//! stale bucket is reset by whoever first writes into it. A broad `proxy_next_upstream` list stays safe:
-//! nginx offers the retry, the budget decides.
+//! over the tally rows (`crate::budget` keeps it). A broad `proxy_next_upstream`
+//! list stays safe: nginx offers the retry, the budget decides.
 //!
 //! **Backoff** (AWS "Exponential Backoff and Jitter"): a quota 429 without
 //! Retry-After that is the n-th consecutive 429 of the node (busy ones included: they
@@ -16,65 +13,7 @@
 //! cooled together do not all return at once. A server's Retry-After is honoured as a
 //! floor: jitter only ever lengthens it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use rand::Rng;
-
-use crate::shm::layout::BUDGET_BUCKETS;
-use crate::tally::Writer;
-
-const COUNT_MAX: u64 = (1 << 24) - 1;
-
-fn bucket_of(now_ms: u64, window_ms: u32) -> u64 {
-    now_ms / (window_ms as u64 / BUDGET_BUCKETS as u64).max(1)
-}
-
-fn unpack(word: u64) -> (u64, u64, u64) {
-    (word >> 48, (word >> 24) & COUNT_MAX, word & COUNT_MAX)
-}
-
-fn pack(tag: u64, requests: u64, retries: u64) -> u64 {
-    ((tag & 0xffff) << 48) | (requests.min(COUNT_MAX) << 24) | retries.min(COUNT_MAX)
-}
-
-/// Count one request (`retry == false`) or one retry in the current bucket of one
-/// row, written as `writer`.
-pub fn record(
-    buckets: &[AtomicU64; BUDGET_BUCKETS],
-    now_ms: u64,
-    window_ms: u32,
-    retry: bool,
-    writer: Writer,
-) {
-    let b = bucket_of(now_ms, window_ms);
-    let cell = &buckets[(b % BUDGET_BUCKETS as u64) as usize];
-    let tag = b & 0xffff;
-    let next = |w: u64| {
-        let (t, req, ret) = unpack(w);
-        let (req, ret) = if t == tag { (req, ret) } else { (0, 0) };
-        if retry {
-            pack(tag, req, ret + 1)
-        } else {
-            pack(tag, req + 1, ret)
-        }
-    };
-    writer.update(cell, next);
-}
-
-/// (requests, retries) over the window ending now.
-pub fn totals(buckets: &[AtomicU64; BUDGET_BUCKETS], now_ms: u64, window_ms: u32) -> (u64, u64) {
-    let cur = bucket_of(now_ms, window_ms) & 0xffff;
-    let mut sum = (0, 0);
-    for cell in buckets {
-        let (t, req, ret) = unpack(cell.load(Ordering::Relaxed));
-        // A bucket counts if its tag is one of the last BUDGET_BUCKETS periods.
-        if (cur.wrapping_sub(t) & 0xffff) < BUDGET_BUCKETS as u64 && (req | ret) != 0 {
-            sum.0 += req;
-            sum.1 += ret;
-        }
-    }
-    sum
-}
 
 /// Would one more retry stay within the budget?
 pub fn allows(requests: u64, retries: u64, ratio: f64, min_per_s: u32, window_ms: u32) -> bool {
@@ -115,42 +54,6 @@ mod tests {
     use super::*;
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
-
-    fn buckets() -> [AtomicU64; BUDGET_BUCKETS] {
-        std::array::from_fn(|_| AtomicU64::new(0))
-    }
-
-    #[test]
-    fn window_counts_and_forgets() {
-        for w in [Writer::Shared, Writer::Owned] {
-            let b = buckets();
-            for i in 0..100 {
-                record(&b, 1_000 + i, 10_000, false, w);
-            }
-            for _ in 0..7 {
-                record(&b, 1_500, 10_000, true, w);
-            }
-            assert_eq!(totals(&b, 2_000, 10_000), (100, 7), "{w:?}");
-            // 9.9 s later the first bucket is still inside the window...
-            assert_eq!(totals(&b, 10_900, 10_000), (100, 7), "{w:?}");
-            // ...and one bucket later it has left it.
-            assert_eq!(totals(&b, 11_000, 10_000), (0, 0), "{w:?}");
-            // A stale bucket is reset by the next write into it.
-            record(&b, 11_000, 10_000, true, w);
-            assert_eq!(totals(&b, 11_000, 10_000), (0, 1), "{w:?}");
-        }
-    }
-
-    #[test]
-    fn tag_wrap_does_not_resurrect_old_buckets() {
-        let b = buckets();
-        record(&b, 0, 10_000, false, Writer::Shared);
-        // 65536 bucket periods later the tag wraps to the same value, but the bucket's
-        // index is the same too and it is reset on write; reading alone sees tag equal:
-        // that is the one accepted imprecision (an idle pool for 18 hours).
-        let later = 65_536 * 1_000 + 10 * 1_000;
-        assert_eq!(totals(&b, later, 10_000), (0, 0));
-    }
 
     #[test]
     fn budget_ratio_and_floor() {

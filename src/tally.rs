@@ -18,42 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::shm::layout::LATENCY_BOUNDS_MS;
 use crate::shm::Region;
 use crate::window::{self, Totals};
-
-/// How the caller adds to a tally row.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Writer {
-    /// The only writer of its row: plain load and store.
-    Owned,
-    /// One of several writers of the shared row: atomic add.
-    Shared,
-}
-
-impl Writer {
-    /// Add `v` to `c`.
-    #[inline]
-    pub fn add(self, c: &AtomicU64, v: u64) {
-        // Relaxed: statistics; nothing is published through them.
-        match self {
-            Writer::Owned => c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed),
-            Writer::Shared => {
-                c.fetch_add(v, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Replace `c`'s value `v` with `f(v)`: a load and a store, or a CAS loop that
-    /// applies `f` exactly once to the value it replaces.
-    #[inline]
-    pub fn update(self, c: &AtomicU64, f: impl Fn(u64) -> u64) {
-        // Relaxed: statistics; nothing is published through them.
-        match self {
-            Writer::Owned => c.store(f(c.load(Ordering::Relaxed)), Ordering::Relaxed),
-            Writer::Shared => {
-                let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(f(v)));
-            }
-        }
-    }
-}
+pub use crate::writer::Writer;
 
 /// A node's statistics summed over the rows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -140,7 +105,7 @@ pub fn budget_totals(region: &Region, p: u32, now_ms: u64, window_ms: u32) -> (u
     region
         .tally_rows()
         .filter_map(|row| region.pool_tally(row, p))
-        .map(|t| crate::retry::totals(&t.budget, now_ms, window_ms))
+        .map(|t| crate::budget::totals(&t.budget, now_ms, window_ms))
         .fold((0, 0), |(q, r), (a, b)| (q + a, r + b))
 }
 

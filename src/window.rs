@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::shm::layout::{WindowBucket, WINDOW_BUCKETS};
-use crate::tally::Writer;
+use crate::writer::Writer;
 
 /// What one event adds to the window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

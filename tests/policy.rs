@@ -19,6 +19,7 @@ use rsbalancer::config::Config;
 use rsbalancer::health::{self, Flip};
 use rsbalancer::shm::clock;
 use rsbalancer::shm::process::{fork_child, Signal};
+use rsbalancer::status;
 use serde_json::{json, Value};
 
 mod common;
@@ -215,6 +216,16 @@ fn retry_after_is_capped_by_max_retry_after_ms() {
         drawn_in(st.cooldown_until_ms, t0, clock::now_ms(), 0, 60_000),
         "after the reload: {} ms left: {st:?}",
         st.cooldown_until_ms.saturating_sub(t0)
+    );
+    let started = b
+        .region()
+        .node(all[0])
+        .unwrap()
+        .started_ms
+        .load(Ordering::Relaxed);
+    assert!(
+        started <= clock::now_ms() + 60_000,
+        "slow start still set an hour ahead"
     );
     // And a new 429 with a huge Retry-After now rests it 5 s (+ jitter up to max_ms).
     end_early(&b, all[0]);
@@ -583,7 +594,7 @@ fn retry_budget_denies_past_the_ratio() {
     let pool = b.pool_index("p").unwrap();
     let a = slots(&b, &["a"])[0];
     let counters = |b: &Balancer| {
-        let s = b.status().unwrap();
+        let s = status::of(b).unwrap();
         let p = &s["pools"]["p"];
         (
             p["requests"].as_u64().unwrap(),
@@ -649,7 +660,7 @@ fn retry_limits_tries_deadline_and_nodes() {
     }
     assert_eq!(b.may_retry(pool, &[a], 0), Ok(()), "the backup is left");
     assert_eq!(b.may_retry(pool, &[a, k], 0), Err(RetryDenied::NoNode));
-    let s = b.status().unwrap();
+    let s = status::of(&b).unwrap();
     assert_eq!(s["pools"]["p"]["retries_denied"], 0, "only the budget counts");
 }
 
@@ -678,7 +689,7 @@ fn available_says_when_a_node_can_serve_again() {
     // The soonest end: a's 2 s (+ up to 10%), less the time since its report.
     assert!((2000 - (t2 - t0).min(2000)..=2200).contains(&wait), "{wait} ms");
     assert_eq!(b.pick(pool, b"", &[]), no_node());
-    let s = b.status().unwrap();
+    let s = status::of(&b).unwrap();
     assert_eq!(s["pools"]["p"]["no_node"], 1);
     assert_eq!(b.available(u32::MAX), Err(1000), "unknown pool");
 }
@@ -918,7 +929,7 @@ fn status_counts_what_was_sent() {
     assert_eq!(b.may_retry(q, &[y], 0), Err(RetryDenied::Budget));
     assert!(b.pick(q, b"", &[x, y, z]).is_err());
 
-    let s = b.status().unwrap();
+    let s = status::of(&b).unwrap();
     assert_eq!(s["generation"], b.generation());
     let pools = s["pools"].as_object().unwrap();
     assert_eq!(pools.len(), 2, "{s}");
@@ -1027,7 +1038,7 @@ fn status_matches_node_stats() {
     let b = Balancer::create(&config(json!({ "slow_start_ms": 0 }), &["a", "b"])).unwrap();
     let pool = b.pool_index("p").unwrap();
     serve(&b, pool, 20);
-    let s = b.status().unwrap();
+    let s = status::of(&b).unwrap();
     for (i, id) in ["a", "b"].iter().enumerate() {
         let st = stats(&b, b.node_index("p", id).unwrap());
         let mut v: Value = serde_json::to_value(&st).unwrap();

@@ -58,9 +58,7 @@ pub(super) fn add_methods<M: UserDataMethods<LuaBalancer>>(m: &mut M) {
     // state([pool]) -> { generation=, pools={ [name]={...} } } or one pool's table |
     // nil, err, kind
     m.add_method("state", |lua, this, pool: Option<String>| {
-        let r = this
-            .0
-            .status()
+        let r = crate::status::of(&this.0)
             .map_err(AdminError::from)
             .and_then(|mut v| match &pool {
                 None => Ok(v),

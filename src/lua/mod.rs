@@ -20,7 +20,7 @@ use mlua::prelude::*;
 use mlua::{LightUserData, UserData, UserDataMethods, Value};
 use parking_lot::Mutex;
 
-use crate::balancer::{node_stats, Balancer, EmergencyMode, Error, WEIGHT_RANGE};
+use crate::balancer::{Balancer, EmergencyMode, Error, WEIGHT_RANGE};
 use crate::config::{Config, ConfigError};
 
 mod admin;
@@ -444,7 +444,7 @@ impl UserData for LuaBalancer {
         });
         // Every pool and node with live state, as JSON text (admin API, status page).
         m.add_method("status_json", |lua, this, ()| {
-            nil_err(lua, this.0.status().map(|v| v.to_string()))
+            nil_err(lua, crate::status::of(&this.0).map(|v| v.to_string()))
         });
         // State of a pool's nodes: { [id] = {weight=, inflight=, requests=, ...} }
         m.add_method("stats", |lua, this, pool: String| {
@@ -455,7 +455,7 @@ impl UserData for LuaBalancer {
                 let region = this.0.region();
                 Ok(p.nodes
                     .iter()
-                    .map(|n| (n.id.clone(), node_stats(region, n.slot)))
+                    .map(|n| (n.id.clone(), crate::node::stats(region, n.slot)))
                     .collect::<Vec<_>>())
             });
             match r {

@@ -58,11 +58,18 @@ impl std::fmt::Display for ShmError {
 
 impl std::error::Error for ShmError {}
 
+/// What the layers above keep per worker slot besides in-flight shares (admission
+/// shares, queue entries): `reap(region, worker slot, owner pid)` gives it back when
+/// the owner is gone. The shared region knows none of it: the pool registers one
+/// ([`Region::set_reaper`]) for this process's mapping.
+pub type Reaper = fn(&Region, u32, i32);
+
 /// A mapped region. Dropping it unmaps it in this process only.
 pub struct Region {
     base: NonNull<u8>,
     cap: Capacity,
     off: Offsets,
+    reaper: std::sync::OnceLock<Reaper>,
 }
 
 // SAFETY: the mapping is only accessed through atomics (and plain fields written once
@@ -107,7 +114,24 @@ impl Region {
             std::ptr::addr_of_mut!((*h).config_bytes).write(cap.config_bytes);
         }
         fork::install();
-        Ok(Region { base, cap, off })
+        Ok(Region {
+            base,
+            cap,
+            off,
+            reaper: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Register what a dead worker's slot also gives back (the first registration
+    /// stays).
+    pub fn set_reaper(&self, reap: Reaper) {
+        let _ = self.reaper.set(reap);
+    }
+
+    fn reap(&self, w: u32, pid: i32) {
+        if let Some(reap) = self.reaper.get() {
+            reap(self, w, pid);
+        }
     }
 
     pub fn capacity(&self) -> Capacity {
@@ -325,7 +349,8 @@ impl Region {
     }
 
     /// Claim a worker slot for this process, preferring `want`, after reclaiming the
-    /// in-flight shares of every dead owner. Returns the slot index.
+    /// in-flight shares of every dead owner (and, through the [`Reaper`], whatever
+    /// else the layers above keep per worker). Returns the slot index.
     pub fn attach_worker(&self, want: u32) -> Result<u32, ShmError> {
         let me = std::process::id() as i32;
         self.reap_dead_workers();
@@ -355,7 +380,7 @@ impl Region {
         if let Some(slot) = self.worker(w) {
             if slot.pid.load(Ordering::Acquire) == me {
                 self.release_shares(w);
-                crate::admit::reap_owner(self, w, me);
+                self.reap(w, me);
                 slot.pid.store(0, Ordering::Release);
             }
         }
@@ -382,7 +407,7 @@ impl Region {
                     .is_ok()
                 {
                     self.release_shares(w);
-                    crate::admit::reap_owner(self, w, owner);
+                    self.reap(w, owner);
                     slot.pid.store(0, Ordering::Release);
                     reaped += 1;
                 }

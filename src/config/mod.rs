@@ -46,9 +46,19 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::emergency::EmergencyConfig;
 use crate::select::Algorithm;
 use crate::strict::Strict;
+
+mod admission;
+mod canary;
+mod check;
+pub mod emergency;
+pub use admission::{AdmissionConfig, ClassConfig};
+use canary::validate_canaries;
+pub use canary::{CanaryConfig, CanaryKey, RampConfig, RollbackConfig};
+use check::{check_host_header, resolve, serde_error, valid_name};
+pub(crate) use check::{check_range, check_ratio};
+pub use emergency::EmergencyConfig;
 
 /// Why a config was refused: where (`pools.deepseek.nodes[1].weight`, or `config` for
 /// the document as a whole) and what is wrong, naming the value.
@@ -159,7 +169,7 @@ pub struct PoolConfig {
     pub emergency: Option<EmergencyConfig>,
     /// Priorities and the admission queue (`admit()`); off by default.
     #[serde(default)]
-    pub admission: crate::admit::AdmissionConfig,
+    pub admission: AdmissionConfig,
 }
 
 fn default_window_ms() -> u32 {
@@ -359,7 +369,7 @@ impl Default for PoolConfig {
             window_ms: default_window_ms(),
             canary: None,
             emergency: None,
-            admission: crate::admit::AdmissionConfig::default(),
+            admission: AdmissionConfig::default(),
         }
     }
 }
@@ -659,16 +669,6 @@ impl PoolConfig {
     }
 }
 
-pub(crate) fn check_ratio(path: &str, field: &str, value: f64, max: f64) -> Result<(), ConfigError> {
-    if value.is_finite() && (0.0..=max).contains(&value) {
-        return Ok(());
-    }
-    Err(ConfigError::new(
-        format!("{path}.{field}"),
-        format!("{value} is out of range 0..={max}"),
-    ))
-}
-
 impl EwmaConfig {
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
         check_range(path, "decay_ms", self.decay_ms, 100..=600_000)?;
@@ -686,313 +686,6 @@ impl EwmaConfig {
         }
         Ok(())
     }
-}
-
-pub(crate) fn check_range(
-    path: &str,
-    field: &str,
-    value: u32,
-    range: RangeInclusive<u32>,
-) -> Result<(), ConfigError> {
-    if range.contains(&value) {
-        return Ok(());
-    }
-    Err(ConfigError::new(
-        format!("{path}.{field}"),
-        format!("{value} is out of range {}..={}", range.start(), range.end()),
-    ))
-}
-
-/// A Host header value as the probes send it: `host` or `host:port`, the host a DNS
-/// name or IPv4 address (1..=253 bytes of `[A-Za-z0-9._-]`) or an IPv6 address in
-/// brackets, the port 1..=65535. Anything else (a CR or LF above all, which would
-/// inject headers into every probe) is refused, naming the value.
-fn check_host_header(path: &str, host: &str) -> Result<(), ConfigError> {
-    let (name, port) = match host.rsplit_once(':') {
-        Some((name, port)) if !name.starts_with('[') || name.ends_with(']') => (name, Some(port)),
-        _ => (host, None),
-    };
-    let name_ok = match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
-        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
-        None => {
-            (1..=253).contains(&name.len())
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        }
-    };
-    let port_ok = port.is_none_or(|p| {
-        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && matches!(p.parse::<u16>(), Ok(1..))
-    });
-    if name_ok && port_ok {
-        return Ok(());
-    }
-    Err(ConfigError::new(
-        path,
-        format!(
-            "{host:?} is not a valid host[:port] (a DNS name, an IPv4 address or [IPv6], port 1..=65535)"
-        ),
-    ))
-}
-
-/// 1..=64 bytes, each ASCII alphanumeric or one of `extra`.
-fn valid_name(name: &str, extra: &[u8]) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
-}
-
-/// Resolves `ip:port`, `[v6]:port` or `host:port`; the error message names `addr`.
-fn resolve(addr: &str) -> Result<SocketAddr, String> {
-    let port_range = |port: &str| format!("{addr:?}: port {port} is out of range 1..=65535");
-    if let Ok(sa) = SocketAddr::from_str(addr) {
-        return match sa.port() {
-            0 => Err(port_range("0")),
-            _ => Ok(sa),
-        };
-    }
-    let (host, port) = addr
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{addr:?} has no port (expected ip:port, [v6]:port or host:port)"))?;
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("{addr:?}: invalid port {port:?}"));
-    }
-    let port = match port.parse::<u16>() {
-        Ok(p) if p != 0 => p,
-        _ => return Err(port_range(port)),
-    };
-    if host.is_empty() {
-        return Err(format!("{addr:?} has no host"));
-    }
-    if host.starts_with('[') {
-        return Err(format!("{addr:?}: {host} is not an IPv6 address"));
-    }
-    if host.contains(':') {
-        return Err(format!(
-            "{addr:?}: an IPv6 address must be in brackets, as in [::1]:80"
-        ));
-    }
-    let found: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("{addr:?} does not resolve: {e}"))?
-        .collect();
-    found
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(found.first())
-        .copied()
-        .ok_or_else(|| format!("{addr:?} resolves to no address"))
-}
-
-/// A serde error with its path. The path names the object that holds the offending
-/// key, not the key itself, for an unknown key (the message names it) and for a syntax
-/// error in a key not yet read. serde_json's " at line X column Y" is dropped for data
-/// errors (the path says where) and kept for syntax errors.
-fn serde_error(err: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
-    use serde_path_to_error::Segment;
-
-    let inner_message = err.inner().to_string();
-    let mut segments: Vec<&Segment> = err.path().iter().collect();
-    if matches!(segments.last(), Some(Segment::Unknown))
-        || (err.inner().is_data() && inner_message.starts_with("unknown field `"))
-    {
-        segments.pop();
-    }
-    let mut path = String::new();
-    for segment in segments {
-        if !path.is_empty() && !matches!(segment, Segment::Seq { .. }) {
-            path.push('.');
-        }
-        path.push_str(&segment.to_string());
-    }
-    if path.is_empty() {
-        path.push_str("config");
-    }
-
-    let inner = err.into_inner();
-    let mut message = inner_message;
-    if inner.is_data() && inner.line() != 0 {
-        let suffix = format!(" at line {} column {}", inner.line(), inner.column());
-        if let Some(stripped) = message.strip_suffix(&suffix) {
-            message = stripped.to_string();
-        }
-    }
-    ConfigError::new(path, message)
-}
-
-// ----------------------------------------------------------------------------------
-// Canary split (`pools.P.canary`; the mechanics are in `crate::canary`)
-
-/// `pools.P.canary`: send a share of P's requests to another pool, the canary.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CanaryConfig {
-    /// The canary pool: another pool of this config that has no canary itself and is
-    /// the canary of no other pool.
-    pub pool: String,
-    /// Share of requests sent to the canary, 0.0..=1.0 (resolution 1/10,000); 0 by
-    /// default (set it live, or let `ramp` raise it).
-    #[serde(default)]
-    pub share: f64,
-    /// How a request's arm is chosen: "random" (default), "header:<Name>",
-    /// "cookie:<name>" or "addr" (the client address).
-    #[serde(default)]
-    pub key: CanaryKey,
-    /// Raise the share on a schedule.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ramp: Option<RampConfig>,
-    /// Drop the share to zero when the canary does worse than the primary.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rollback: Option<RollbackConfig>,
-}
-
-/// What keeps a user on one arm: nothing (`Random`), or a request key whose hash
-/// decides (a request without the key falls back to a random draw).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum CanaryKey {
-    #[default]
-    Random,
-    /// A request header, by name (`X-User-Id`).
-    Header(String),
-    /// A cookie, by name.
-    Cookie(String),
-    /// The client address (`$binary_remote_addr`).
-    Addr,
-}
-
-impl TryFrom<String> for CanaryKey {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, String> {
-        let named = |name: &str, extra: &[u8], what: &str| {
-            if valid_name(name, extra) {
-                Ok(name.to_string())
-            } else {
-                Err(format!(
-                    "{s:?}: invalid {what} name {name:?}: must be 1..=64 bytes of [A-Za-z0-9{}]",
-                    String::from_utf8_lossy(extra)
-                ))
-            }
-        };
-        match s.split_once(':') {
-            None if s == "random" => Ok(CanaryKey::Random),
-            None if s == "addr" => Ok(CanaryKey::Addr),
-            Some(("header", name)) => named(name, b"_-", "header").map(CanaryKey::Header),
-            Some(("cookie", name)) => named(name, b"._-", "cookie").map(CanaryKey::Cookie),
-            _ => Err(format!(
-                "{s:?} is not a canary key: expected \"random\", \"header:<Name>\", \"cookie:<name>\" or \"addr\""
-            )),
-        }
-    }
-}
-
-impl From<CanaryKey> for String {
-    fn from(k: CanaryKey) -> String {
-        match k {
-            CanaryKey::Random => "random".into(),
-            CanaryKey::Header(n) => format!("header:{n}"),
-            CanaryKey::Cookie(n) => format!("cookie:{n}"),
-            CanaryKey::Addr => "addr".into(),
-        }
-    }
-}
-
-/// `pools.P.canary.ramp`: add `step` to the share every `every_s` seconds up to `max`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RampConfig {
-    /// Share added at each step, 0.0001..=1.0.
-    pub step: f64,
-    /// Seconds between steps, 1..=31536000.
-    pub every_s: u32,
-    /// Where the ramp stops, share..=1.0 (default 1.0).
-    #[serde(default = "default_ramp_max")]
-    pub max: f64,
-}
-
-fn default_ramp_max() -> f64 {
-    1.0
-}
-
-/// `pools.P.canary.rollback`: automatic rollback of a canary that does worse.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RollbackConfig {
-    /// Roll back when the canary's success rate over the window is below the
-    /// primary's minus this, 0.0..=1.0.
-    pub margin: f64,
-    /// ... and the canary arm made at least this many tries in it, 1..=100000000.
-    pub min_requests: u32,
-}
-
-impl Default for RollbackConfig {
-    fn default() -> Self {
-        RollbackConfig {
-            margin: 0.05,
-            min_requests: 100,
-        }
-    }
-}
-
-impl CanaryConfig {
-    /// Ranges; `path` is `pools.NAME.canary`.
-    fn validate(&self, path: &str) -> Result<(), ConfigError> {
-        check_ratio(path, "share", self.share, 1.0)?;
-        if let Some(r) = &self.ramp {
-            let rp = format!("{path}.ramp");
-            if !(r.step.is_finite() && (0.0001..=1.0).contains(&r.step)) {
-                return Err(ConfigError::new(
-                    format!("{rp}.step"),
-                    format!("{} is out of range 0.0001..=1", r.step),
-                ));
-            }
-            check_range(&rp, "every_s", r.every_s, 1..=31_536_000)?;
-            check_ratio(&rp, "max", r.max, 1.0)?;
-            if r.max < self.share {
-                return Err(ConfigError::new(
-                    format!("{rp}.max"),
-                    format!("{} is below the canary's share ({})", r.max, self.share),
-                ));
-            }
-        }
-        if let Some(rb) = &self.rollback {
-            let rbp = format!("{path}.rollback");
-            check_ratio(&rbp, "margin", rb.margin, 1.0)?;
-            check_range(&rbp, "min_requests", rb.min_requests, 1..=100_000_000)?;
-        }
-        Ok(())
-    }
-}
-
-/// Every canary block: its ranges, and that its pool exists, is not the pool itself,
-/// has no canary of its own (no chains) and is the canary of one pool only (so its
-/// outcomes, which rollback judges, come from one primary).
-fn validate_canaries(pools: &BTreeMap<String, PoolConfig>) -> Result<(), ConfigError> {
-    let mut canary_of: BTreeMap<&str, &str> = BTreeMap::new();
-    for (name, pool) in pools {
-        let Some(c) = &pool.canary else { continue };
-        let path = format!("pools.{name}.canary");
-        c.validate(&path)?;
-        let refuse = |message: String| Err(ConfigError::new(format!("{path}.pool"), message));
-        if c.pool == *name {
-            return refuse(format!("{:?} is this pool itself", c.pool));
-        }
-        let Some(target) = pools.get(&c.pool) else {
-            return refuse(format!("{:?}: no pool of that name", c.pool));
-        };
-        if let Some(tc) = &target.canary {
-            return refuse(format!(
-                "{:?} has a canary itself ({:?}): canaries do not chain",
-                c.pool, tc.pool
-            ));
-        }
-        if let Some(other) = canary_of.insert(c.pool.as_str(), name.as_str()) {
-            return refuse(format!("{:?} is already the canary of pool {other:?}", c.pool));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,385 @@
+//! This process's tables: the selectors built from the shared topology, refreshed
+//! from the shared counters, and rebuilt when the generation changes.
+
+use super::*;
+
+pub(super) struct Local {
+    pub(super) generation: u64,
+    pub(super) config_version: u64,
+    pub(super) topo: Arc<Topology>,
+    /// Indexed by pool slot.
+    pub(super) pools: Vec<Option<LocalPool>>,
+    pub(super) by_name: HashMap<String, u32>,
+    pub(super) rng: SmallRng,
+    pub(super) fork_epoch: u64,
+}
+
+impl Local {
+    /// Tables that the first `sync` fills.
+    pub(super) fn empty() -> Local {
+        Local {
+            generation: u64::MAX,
+            config_version: u64::MAX,
+            topo: Arc::new(Topology::default()),
+            pools: Vec::new(),
+            by_name: HashMap::new(),
+            rng: os_rng(),
+            fork_epoch: fork::epoch(),
+        }
+    }
+}
+
+pub(super) struct LocalPool {
+    pub(super) name: String,
+    pub(super) algorithm: Algorithm,
+    pub(super) retry: RetryConfig,
+    pub(super) ewma: EwmaConfig,
+    pub(super) slow_start_ms: u32,
+    pub(super) refresh_ms: u32,
+    pub(super) next_refresh_ms: u64,
+    /// Median latency of the primaries (µs): idle nodes decay toward it.
+    pub(super) reference_us: f64,
+    /// Whether `reference_us` comes from samples (else it is `default_rtt_ms`).
+    pub(super) sampled: bool,
+    /// Whether some node had a learned concurrency limit at the last refresh: only
+    /// then do picks tell confirmed slots from probes (see [`Prefer`]).
+    pub(super) limited: bool,
+    /// `limit.slow_factor` (0: off): see [`Tier::slow_extra_us`].
+    pub(super) slow_factor: f64,
+    pub(super) primary: Tier,
+    pub(super) backup: Tier,
+}
+
+pub(super) struct Tier {
+    pub(super) slots: Vec<u32>,
+    pub(super) cands: Vec<Candidate>,
+    /// Smoothed success share per node, and the counters seen at the last refresh.
+    pub(super) success: Vec<f64>,
+    pub(super) seen: Vec<Seen>,
+    /// Smoothed mean latency (µs) of each node's served tries between refreshes; 0
+    /// until it has served one.
+    pub(super) mean_us: Vec<f64>,
+    /// Per node, at the last refresh: how much slower (µs) its mean latency is than
+    /// the fastest primary's in service, if at least `slow_factor` times as slow;
+    /// else 0. A slow node takes a try only when no other node of its tier can.
+    pub(super) slow_extra_us: Vec<f64>,
+    pub(super) selector: Selector,
+}
+
+/// How selection sees the shared slots of one tier for one request.
+pub(super) struct View<'a> {
+    pub(super) region: &'a Region,
+    pub(super) slots: &'a [u32],
+    pub(super) tried: &'a [u32],
+    pub(super) now_ms: u64,
+    pub(super) tau_ms: u32,
+    pub(super) reference_us: f64,
+    /// Only nodes with (`Some(true)`) or without (`Some(false)`) a confirmed free
+    /// slot, see [`confirmed_slot`]; `None`: any.
+    pub(super) confirmed: Option<bool>,
+    /// Leave out the slow nodes (`Tier::slow_extra_us` not 0).
+    pub(super) slow_extra_us: Option<&'a [f64]>,
+}
+
+impl View<'_> {
+    pub(super) fn node(&self, i: usize) -> &NodeSlot {
+        // Tier slots come from the topology, whose slots are all < max_nodes.
+        self.region.node(self.slots[i]).expect("topology slot in range")
+    }
+}
+
+impl NodeView for View<'_> {
+    fn eligible(&self, i: usize) -> bool {
+        let slot = self.slots[i];
+        if self.tried.contains(&slot) || self.slow_extra_us.is_some_and(|x| x[i] > 0.0) {
+            return false;
+        }
+        let n = self.node(i);
+        // The limit and in-flight count loaded once for both questions.
+        let (limit, inflight) = (
+            n.limit.load(Ordering::Relaxed),
+            n.inflight.load(Ordering::Relaxed),
+        );
+        node::available_with(n, self.now_ms, limit, inflight)
+            && self
+                .confirmed
+                .is_none_or(|want| node::confirmed_slot(self.region, slot, limit, inflight) == want)
+    }
+
+    fn inflight(&self, i: usize) -> u32 {
+        self.node(i).inflight.load(Ordering::Relaxed)
+    }
+
+    fn latency(&self, i: usize) -> f64 {
+        let word = self.node(i).ewma.load(Ordering::Relaxed);
+        load::current(word, self.now_ms, self.tau_ms, self.reference_us)
+    }
+}
+
+pub(super) fn os_rng() -> SmallRng {
+    let mut seed = rand::rngs::OsRng;
+    SmallRng::try_from_rng(&mut seed)
+        .unwrap_or_else(|_| SmallRng::seed_from_u64(std::process::id() as u64 ^ clock::now_ms()))
+}
+
+pub(super) fn local_pool(pools: &mut [Option<LocalPool>], pool: u32) -> Result<&mut LocalPool, Error> {
+    pools
+        .get_mut(pool as usize)
+        .and_then(Option::as_mut)
+        .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
+}
+
+impl LocalPool {
+    /// Recompute the reference latency and every node's effective weight.
+    /// Mark the nodes whose mean latency is at least `slow_factor` times the fastest
+    /// primary's in service; with `slow_factor` 0, none. Mean latencies of served
+    /// tries, not the peak EWMA: a peak estimate keeps a fast node's rare slow answer
+    /// for seconds, which would hide a node that is slow on every answer.
+    pub(super) fn classify_slow(&mut self, region: &Region, now: u64) {
+        let factor = self.slow_factor;
+        if factor <= 0.0 {
+            return;
+        }
+        // The fastest primary in service (one cooling, ejected or down does not count).
+        let p = &self.primary;
+        let fastest = p
+            .slots
+            .iter()
+            .zip(&p.mean_us)
+            .filter(|&(&s, &m)| m > 0.0 && region.node(s).is_some_and(|n| !node::taken_out(n, now)))
+            .map(|(_, &m)| m)
+            .fold(f64::INFINITY, f64::min);
+        for tier in [&mut self.primary, &mut self.backup] {
+            for (extra, &m) in tier.slow_extra_us.iter_mut().zip(&tier.mean_us) {
+                *extra = if m > 0.0 && m >= factor * fastest {
+                    m - fastest
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+
+    pub(super) fn refresh(&mut self, region: &Region, now: u64) {
+        let tau = self.ewma.decay_ms;
+        let default_us = self.ewma.default_rtt_ms as f64 * 1000.0;
+        // The reference is the median of the nodes' last estimates as they stand (not
+        // decayed: decaying them toward anything here would feed back into itself).
+        let mut sampled: Vec<f64> = self
+            .primary
+            .slots
+            .iter()
+            .filter_map(|&s| region.node(s))
+            .map(|n| load::unpack(n.ewma.load(Ordering::Relaxed)).0 as f64)
+            .filter(|&c| c > 0.0)
+            .collect();
+        self.sampled = !sampled.is_empty();
+        self.reference_us = load::median(&mut sampled).unwrap_or(default_us);
+        let latency_weighted = !matches!(self.algorithm, Algorithm::P2cEwma | Algorithm::Chash);
+        for tier in [&mut self.primary, &mut self.backup] {
+            for (i, &slot) in tier.slots.iter().enumerate() {
+                let (now_seen, was) = (Seen::of(region, slot), tier.seen[i]);
+                tier.success[i] = load::success_factor(
+                    tier.success[i],
+                    now_seen.tries.saturating_sub(was.tries),
+                    now_seen.bad.saturating_sub(was.bad),
+                );
+                let served = now_seen.served.saturating_sub(was.served);
+                if served > 0 {
+                    let mean =
+                        now_seen.latency_sum_us.saturating_sub(was.latency_sum_us) as f64 / served as f64;
+                    let old = tier.mean_us[i];
+                    tier.mean_us[i] = if old > 0.0 { 0.7 * old + 0.3 * mean } else { mean };
+                }
+                tier.seen[i] = now_seen;
+                let Some(n) = region.node(slot) else { continue };
+                let mut w = n.weight.load(Ordering::Relaxed).max(1) as f64
+                    * load::slow_start(now, n.started_ms.load(Ordering::Relaxed), self.slow_start_ms)
+                    * tier.success[i];
+                if latency_weighted {
+                    let cost = load::current(n.ewma.load(Ordering::Relaxed), now, tau, self.reference_us);
+                    w *= load::latency_factor(cost, self.reference_us);
+                }
+                tier.cands[i].weight = w;
+            }
+            tier.selector.set_weights(&tier.cands);
+        }
+        self.classify_slow(region, now);
+        self.limited = [&self.primary, &self.backup].iter().any(|t| {
+            t.slots.iter().any(|&s| {
+                region
+                    .node(s)
+                    .is_some_and(|n| n.limit.load(Ordering::Relaxed) != 0)
+            })
+        });
+        self.next_refresh_ms = now + self.refresh_ms as u64;
+    }
+}
+
+/// A node's counters as a refresh saw them.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Seen {
+    /// Tries reported.
+    pub(super) tries: u64,
+    /// Tries that failed or were refused with 429.
+    pub(super) bad: u64,
+    /// Served tries, and the sum of their latencies.
+    pub(super) served: u64,
+    pub(super) latency_sum_us: u64,
+}
+
+impl Seen {
+    pub(super) fn of(region: &Region, slot: u32) -> Seen {
+        let Some(n) = region.node(slot) else {
+            return Seen::default();
+        };
+        let c = tally::node_counts(region, slot);
+        Seen {
+            tries: c.requests(),
+            bad: c.failures() + n.busy.load(Ordering::Relaxed),
+            served: c.served(),
+            latency_sum_us: c.latency_sum_us,
+        }
+    }
+}
+
+/// The pool whose nodes may take a try no node of this pool can: its backup pool
+/// while in emergency, or while every node of `nodes` (the pool's slots) is down or
+/// ejected. No allocation, no lock: called on the request path when a pick fails.
+pub(super) fn spill_target(region: &Region, ps: &PoolSlot, nodes: &[&[u32]], now_ms: u64) -> Option<u32> {
+    let backup = ps.backup_pool.load(Ordering::Relaxed);
+    if backup == 0 {
+        return None;
+    }
+    if ps.emergency.load(Ordering::Acquire) & emergency::ACTIVE != 0 {
+        return Some(backup - 1);
+    }
+    let dead = nodes
+        .iter()
+        .flat_map(|t| t.iter())
+        .all(|&s| region.node(s).is_none_or(|n| node::failing(n, now_ms)));
+    dead.then_some(backup - 1)
+}
+
+impl Balancer {
+    /// Run `f` on the node slots of `pool` (primaries, backups) as this process's
+    /// tables have them: for code outside this module that looks at every node of a
+    /// pool (admission capacity). No allocation.
+    /// `pool`'s tables and, while its backup pool is in play (`spill_target`), that
+    /// pool's: the nodes that may serve a request for `pool` now. The one place the
+    /// spill is decided for the retry check, `available` and admission's capacity
+    /// (the pick asks `spill_target` itself, only after its own pool failed).
+    pub(super) fn serving<'l>(
+        &self,
+        pools: &'l [Option<LocalPool>],
+        pool: u32,
+        now: u64,
+    ) -> Result<(&'l LocalPool, Option<&'l LocalPool>), Error> {
+        let p = pools
+            .get(pool as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))?;
+        let ps = self.region.pool(pool).expect("local pool slot in range");
+        let spill = spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now)
+            .filter(|&b| b != pool)
+            .and_then(|b| pools.get(b as usize).and_then(Option::as_ref));
+        Ok((p, spill))
+    }
+
+    /// [`Balancer::serving`] as slot lists: `f(own tiers, backup pool's tiers)`.
+    pub(crate) fn with_serving_slots<R>(
+        &self,
+        pool: u32,
+        now: u64,
+        f: impl FnOnce([&[u32]; 2], Option<[&[u32]; 2]>) -> R,
+    ) -> Result<R, Error> {
+        let mut l = self.local.lock();
+        self.sync(&mut l)?;
+        let (p, spill) = self.serving(&l.pools, pool, now)?;
+        Ok(f(
+            [&p.primary.slots, &p.backup.slots],
+            spill.map(|b| [&b.primary.slots[..], &b.backup.slots[..]]),
+        ))
+    }
+
+    /// Bring local tables up to the region's generation.
+    pub(super) fn sync(&self, l: &mut Local) -> Result<(), Error> {
+        let epoch = fork::epoch();
+        if l.fork_epoch != epoch {
+            l.rng = os_rng();
+            l.fork_epoch = epoch;
+        }
+        let h = self.region.header();
+        let generation = h.generation.load(Ordering::Acquire);
+        if generation == l.generation {
+            return Ok(());
+        }
+        // A process of an older stage (an nginx worker shutting down after a reload)
+        // keeps the tables it has, so its requests finish on the config they began with.
+        let frozen = l.config_version != u64::MAX && self.superseded();
+        if !frozen && h.config_version.load(Ordering::Acquire) != l.config_version {
+            let guard = self.region.lock(LOCK_TIMEOUT)?;
+            let version = h.config_version.load(Ordering::Acquire);
+            let topo = Topology::parse(&self.region.read_text(&guard));
+            drop(guard);
+            self.rebuild(l, topo);
+            l.config_version = version;
+        }
+        let now = clock::now_ms();
+        for p in l.pools.iter_mut().flatten() {
+            p.refresh(&self.region, now);
+        }
+        l.generation = generation;
+        Ok(())
+    }
+
+    pub(super) fn rebuild(&self, l: &mut Local, topo: Topology) {
+        let cap = self.region.capacity();
+        l.pools = (0..cap.max_pools).map(|_| None).collect();
+        l.by_name.clear();
+        for p in &topo.pools {
+            let tier = |backup: bool, rng: &mut SmallRng| {
+                let nodes: Vec<&NodeTopo> = p.nodes.iter().filter(|n| n.backup == backup).collect();
+                let cands: Vec<Candidate> = nodes
+                    .iter()
+                    .map(|n| Candidate {
+                        key: hash_key(n.id.as_bytes()),
+                        weight: self
+                            .region
+                            .node(n.slot)
+                            .map_or(1, |s| s.weight.load(Ordering::Relaxed))
+                            .max(1) as f64,
+                    })
+                    .collect();
+                Tier {
+                    slots: nodes.iter().map(|n| n.slot).collect(),
+                    success: vec![1.0; nodes.len()],
+                    seen: nodes.iter().map(|n| Seen::of(&self.region, n.slot)).collect(),
+                    mean_us: vec![0.0; nodes.len()],
+                    slow_extra_us: vec![0.0; nodes.len()],
+                    selector: Selector::build(p.algorithm, &cands, p.chash_points, rng),
+                    cands,
+                }
+            };
+            let primary = tier(false, &mut l.rng);
+            let backup = tier(true, &mut l.rng);
+            l.by_name.insert(p.name.clone(), p.slot);
+            l.pools[p.slot as usize] = Some(LocalPool {
+                name: p.name.clone(),
+                algorithm: p.algorithm,
+                retry: p.retry.clone(),
+                ewma: p.ewma.clone(),
+                slow_start_ms: p.slow_start_ms,
+                refresh_ms: p.refresh_ms,
+                next_refresh_ms: 0,
+                reference_us: p.ewma.default_rtt_ms as f64 * 1000.0,
+                sampled: false,
+                limited: false,
+                slow_factor: p.limit.slow_factor,
+                primary,
+                backup,
+            });
+        }
+        l.topo = Arc::new(topo);
+    }
+}

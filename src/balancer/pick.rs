@@ -1,0 +1,289 @@
+//! Choosing a node for one try, the retry check, and "can this pool take a request
+//! now": over this process's tables and the shared node slots.
+
+use super::*;
+
+/// How long (ms) a poll of `slow_wait_ms` marks a pool as having requests waiting for
+/// a faster node: a little over the 1-2 ms between polls and the coarse clock's tick.
+pub const SLOW_WAITING_MS: u64 = 10;
+
+impl Balancer {
+    /// Choose a node of `pool` for one try, skipping the slots in `tried`. The node's
+    /// in-flight count is raised; `report` must be called exactly once for it. A pick
+    /// with an empty `tried` counts as a request, any other as a retry, in the pool's
+    /// retry budget.
+    pub fn pick(&self, pool: u32, key: &[u8], tried: &[u32]) -> Result<u32, Error> {
+        self.pick_with(pool, key, tried, Prefer::Confirmed)
+    }
+
+    /// [`pick`](Self::pick), choosing first among nodes with a confirmed free slot
+    /// (`Prefer::Confirmed`) or at their probe (`Prefer::Probe`: a request the
+    /// admission queue let in above the confirmed capacity), then among the others.
+    pub fn pick_with(&self, pool: u32, key: &[u8], tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
+        let now = clock::now_ms();
+        let mut spill = None;
+        let err = match self.pick_in(pool, key, tried, now, prefer, &mut spill, true) {
+            Err(e @ Error::NoNode { .. }) => e,
+            other => return other,
+        };
+        // No node of the pool can take it: its backup pool may (emergency, dead pool).
+        if let Some(bp) = spill {
+            if let Ok(slot) = self.pick_in(bp, key, tried, now, prefer, &mut None, true) {
+                return Ok(slot);
+            }
+        }
+        if let Some(ps) = self.region.pool(pool) {
+            ps.no_node_total.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(err)
+    }
+
+    /// [`pick_with`](Self::pick_with) among the primaries that are not slow
+    /// (`limit.slow_factor`) only, and with `Prefer::Confirmed` only into confirmed
+    /// slots (no AIMD probe): `NoNode` when none of them can take a try now, without
+    /// counting it. What `admit()` uses to hold a faster node's slot before
+    /// the balancer phase rather than race other requests to it.
+    pub fn pick_fast(&self, pool: u32, key: &[u8], tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
+        self.pick_in(pool, key, tried, clock::now_ms(), prefer, &mut None, false)
+    }
+
+    /// `pick` within one pool; on `NoNode`, `spill` is the pool to try next. Without
+    /// `overflow`, only the primaries that are not slow are looked at.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn pick_in(
+        &self,
+        pool: u32,
+        key: &[u8],
+        tried: &[u32],
+        now: u64,
+        prefer: Prefer,
+        spill: &mut Option<u32>,
+        overflow: bool,
+    ) -> Result<u32, Error> {
+        let mut l = self.local.lock();
+        self.sync(&mut l)?;
+        let Local { pools, rng, .. } = &mut *l;
+        let p = local_pool(pools, pool)?;
+        // Until some primary has a latency sample, refresh on every pick: otherwise the
+        // first node to report would look far cheaper than the unsampled ones (costed at
+        // `default_rtt_ms`) and take all traffic until the next refresh.
+        if now >= p.next_refresh_ms || !p.sampled {
+            p.refresh(&self.region, now);
+        }
+        let ps = self.region.pool(pool).expect("local pool slot in range");
+        let key_hash = if p.algorithm == Algorithm::Chash {
+            hash_key(key)
+        } else {
+            0
+        };
+        // Passes, each tier in turn: with slow nodes as overflow, the others first;
+        // with learned limits, confirmed free slots (or, for `Prefer::Probe`, probes)
+        // first. Without either, one pass per tier. Without `overflow` (`pick_fast`)
+        // a `Confirmed` pick takes no probe: a refused probe would leave its request
+        // nothing but the slow node, so probes are left to requests that overflow
+        // anyway (and to the ones the queue admits as probes).
+        let first = prefer == Prefer::Confirmed;
+        let confirmed_passes: &[Option<bool>] = match (p.limited, overflow || !first) {
+            (false, _) => &[None],
+            (true, true) => &[Some(first), Some(!first)],
+            (true, false) => &[Some(true)],
+        };
+        let speed_passes: &[bool] = match (overflow, p.slow_factor > 0.0) {
+            (false, _) => &[true],
+            (true, true) => &[true, false],
+            (true, false) => &[false],
+        };
+        let tiers: &[bool] = if overflow { &[false, true] } else { &[false] };
+        let passes = tiers.iter().flat_map(|&backup| {
+            speed_passes
+                .iter()
+                .flat_map(move |&fast_only| confirmed_passes.iter().map(move |&c| (backup, fast_only, c)))
+        });
+        for (backup, fast_only, confirmed) in passes {
+            let tier = if backup { &mut p.backup } else { &mut p.primary };
+            let view = View {
+                region: &self.region,
+                slots: &tier.slots,
+                tried,
+                now_ms: now,
+                tau_ms: p.ewma.decay_ms,
+                reference_us: p.reference_us,
+                confirmed,
+                slow_extra_us: fast_only.then_some(&tier.slow_extra_us[..]),
+            };
+            if let Some(i) = tier.selector.pick(rng, &view, key_hash) {
+                let slot = tier.slots[i];
+                let worker = self.worker_slot();
+                self.acquire(slot, worker);
+                let (row, writer) = self.tally(worker);
+                let retry = !tried.is_empty();
+                let t = self
+                    .region
+                    .pool_tally(row, pool)
+                    .expect("local pool slot in range");
+                budget::record(&t.budget, now, p.retry.window_ms, retry, writer);
+                writer.add(
+                    if retry {
+                        &t.retries_total
+                    } else {
+                        &t.requests_total
+                    },
+                    1,
+                );
+                return Ok(slot);
+            }
+        }
+        if overflow {
+            *spill = spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now);
+        }
+        Err(Error::NoNode { pool: p.name.clone() })
+    }
+
+    pub(super) fn acquire(&self, slot: u32, worker: Option<u32>) {
+        let n = self.region.node(slot).expect("picked slot in range");
+        // Relaxed: counters; no other memory is published through them.
+        n.inflight.fetch_add(1, Ordering::Relaxed);
+        // The worker's share stays an atomic add even on the owner thread: any thread
+        // of the process may report a try another picked, and every one must be given
+        // back exactly once if the process dies.
+        if let Some(share) = worker.and_then(|w| self.region.share(w, slot)) {
+            share.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// May the request that has tried `tried` (in order) try once more, `elapsed_ms`
+    /// after it began? Checks the pool's `max_tries`, deadline, retry budget, and that
+    /// some node not yet tried could take it now. Nothing is recorded except budget
+    /// refusals; the retry itself is counted by the `pick` that makes it.
+    pub fn may_retry(&self, pool: u32, tried: &[u32], elapsed_ms: u32) -> Result<(), RetryDenied> {
+        let now = clock::now_ms();
+        let mut l = self.local.lock();
+        self.sync(&mut l).map_err(|_| RetryDenied::NoNode)?;
+        let p = local_pool(&mut l.pools, pool).map_err(|_| RetryDenied::NoNode)?;
+        if tried.len() >= p.retry.max_tries as usize {
+            return Err(RetryDenied::MaxTries);
+        }
+        if elapsed_ms >= p.retry.deadline_ms {
+            return Err(RetryDenied::Deadline);
+        }
+        let ps = self.region.pool(pool).expect("local pool slot in range");
+        let free = |t: &Tier| {
+            t.slots
+                .iter()
+                .any(|s| !tried.contains(s) && self.region.node(*s).is_some_and(|n| node::available(n, now)))
+        };
+        let (p, spill) = self
+            .serving(&l.pools, pool, now)
+            .map_err(|_| RetryDenied::NoNode)?;
+        let any =
+            free(&p.primary) || free(&p.backup) || spill.is_some_and(|b| free(&b.primary) || free(&b.backup));
+        if !any {
+            return Err(RetryDenied::NoNode);
+        }
+        let p = local_pool(&mut l.pools, pool).map_err(|_| RetryDenied::NoNode)?;
+        let (requests, retries) = tally::budget_totals(&self.region, pool, now, p.retry.window_ms);
+        if !retry::allows(
+            requests,
+            retries,
+            p.retry.budget_ratio,
+            p.retry.min_per_s,
+            p.retry.window_ms,
+        ) {
+            ps.retries_denied.fetch_add(1, Ordering::Relaxed);
+            return Err(RetryDenied::Budget);
+        }
+        Ok(())
+    }
+
+    /// Can some node of the pool (primary or backup) take a request now? If not,
+    /// `Err(ms)`: the soonest moment one may (a cooldown or ejection ending; one second
+    /// when the nodes are only at their concurrency limits).
+    pub fn available(&self, pool: u32) -> Result<(), u64> {
+        let now = clock::now_ms();
+        let mut l = self.local.lock();
+        if self.sync(&mut l).is_err() {
+            return Err(1000);
+        }
+        let Ok((p, spill)) = self.serving(&l.pools, pool, now) else {
+            return Err(node::AT_LIMIT_MS);
+        };
+        let any = |slots: &[u32]| {
+            slots
+                .iter()
+                .any(|&s| self.region.node(s).is_some_and(|n| node::available(n, now)))
+        };
+        if any(&p.primary.slots) || any(&p.backup.slots) {
+            return Ok(());
+        }
+        let mut soonest = node::soonest_back_ms(
+            &self.region,
+            p.primary.slots.iter().chain(&p.backup.slots).copied(),
+            now,
+            u64::MAX,
+        );
+        // The backup pool's nodes count when it is in play (`crate::emergency`).
+        if let Some(b) = spill {
+            if any(&b.primary.slots) || any(&b.backup.slots) {
+                return Ok(());
+            }
+            let slots = b.primary.slots.iter().chain(&b.backup.slots).copied();
+            soonest = soonest.min(node::soonest_back_ms(&self.region, slots, now, u64::MAX));
+        }
+        Err(if soonest == u64::MAX {
+            node::AT_LIMIT_MS
+        } else {
+            soonest
+        })
+    }
+
+    /// How long (ms) to go on waiting for a faster node rather than send the request
+    /// to a slow one (`limit.slow_factor`): 0 when some primary that is not slow can
+    /// take a try now, when no primary can at all (the backups, admission and the pick
+    /// deal with that), or when slow nodes are not set apart; otherwise the smallest
+    /// latency difference (ms, rounded up) among the slow primaries that could take it.
+    /// `admit()` waits while it has waited less than this.
+    ///
+    /// Also says whether other requests were waiting for a faster node of the pool
+    /// (polled within the last [`SLOW_WAITING_MS`]): a newcomer lets them poll first,
+    /// so that it does not take the slot they wait for. A result above 0 counts the
+    /// caller as waiting.
+    pub fn slow_wait_ms(&self, pool: u32) -> Result<(u32, bool), Error> {
+        let now = clock::now_ms();
+        let mut l = self.local.lock();
+        self.sync(&mut l)?;
+        let p = local_pool(&mut l.pools, pool)?;
+        if p.slow_factor <= 0.0 {
+            return Ok((0, false));
+        }
+        let ps = self.region.pool(pool).expect("local pool slot in range");
+        let others = now < ps.slow_waiting_until_ms.load(Ordering::Relaxed);
+        if now >= p.next_refresh_ms {
+            p.refresh(&self.region, now);
+        }
+        let mut wait_us = f64::INFINITY;
+        for (&s, &extra) in p.primary.slots.iter().zip(&p.primary.slow_extra_us) {
+            if !self.region.node(s).is_some_and(|n| node::available(n, now)) {
+                continue;
+            }
+            if extra <= 0.0 {
+                return Ok((0, others));
+            }
+            wait_us = wait_us.min(extra);
+        }
+        if !wait_us.is_finite() {
+            return Ok((0, others));
+        }
+        ps.slow_waiting_until_ms
+            .fetch_max(now + SLOW_WAITING_MS, Ordering::Relaxed);
+        Ok(((wait_us / 1000.0).ceil().min(u32::MAX as f64) as u32, others))
+    }
+
+    /// The status to answer when no node can take a request (429 or 503).
+    pub fn no_node_status(&self, pool: u32) -> u32 {
+        let Ok(topo) = self.topology() else { return 429 };
+        topo.pools
+            .iter()
+            .find(|p| p.slot == pool)
+            .map_or(429, |p| p.no_node_status)
+    }
+}

@@ -1,0 +1,327 @@
+//! The outcome of one try fed back: in-flight, statistics, peak EWMA, learned
+//! limits, cooldowns and ejection; active health-check results.
+
+use super::*;
+
+/// What a reported try does to a node's latency estimate.
+pub(super) enum Feed {
+    Sample(f64),
+    /// Leave it as it is.
+    Skip,
+    /// Forget it: the node was just taken out and returns as unknown.
+    Forget,
+}
+
+/// Index into `NodeTally::status_class`: 0 no response, 1..=5 the status class.
+pub(super) fn status_class(status: u32) -> usize {
+    if status == 0 {
+        0
+    } else {
+        (status / 100).clamp(1, 5) as usize
+    }
+}
+
+pub(super) fn reset_if_set(cell: &AtomicU32) {
+    // Skip the store on the common path so a healthy node's line is not dirtied twice.
+    if cell.load(Ordering::Relaxed) != 0 {
+        cell.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Balancer {
+    /// Report the outcome of one try handed out by `pick`: `status` is the HTTP status
+    /// (0 when no response came: connect error, timeout, reset; 499 when the client
+    /// left first, which only releases the try), `latency_us` the time to the
+    /// response, `retry_after_ms` the server's Retry-After (0 if none).
+    ///
+    /// Updates, exactly once per try: in-flight, counters, the peak EWMA (failures and
+    /// 429s as penalties), the learned concurrency limit, 429 cooldowns (quota) and
+    /// outlier ejection (consecutive failures).
+    pub fn report(&self, node: u32, status: u32, latency_us: u32, retry_after_ms: u32) -> Result<(), Error> {
+        let n = self
+            .region
+            .node(node)
+            .filter(|n| n.flags.load(Ordering::Relaxed) & (flags::IN_USE | flags::REMOVED) != 0)
+            .ok_or_else(|| Error::Invalid(format!("unknown node slot {node}")))?;
+        // A node removed since its pick still gets its in-flight count back. The value
+        // before is the concurrency this answer came at (this try included).
+        let inflight = saturating_sub(&n.inflight, 1);
+        let worker = self.worker_slot();
+        if let Some(share) = worker.and_then(|w| self.region.share(w, node)) {
+            saturating_sub(share, 1);
+        }
+        let (row, writer) = self.tally(worker);
+        let nt = self.region.node_tally(row, node).expect("node slot in range");
+        writer.add(&nt.status_class[status_class(status)], 1);
+        let pool = n.pool.load(Ordering::Relaxed);
+        let (Some(ps), Some(pt)) = (self.region.pool(pool), self.region.pool_tally(row, pool)) else {
+            return Ok(());
+        };
+        if load::is_cancelled(status) {
+            return Ok(());
+        }
+        // The one place a node's Retry-After is bounded by the pool's policy: every use
+        // below (quota or capacity, the cooldown, the penalty) sees the capped value.
+        let retry_after_ms = retry_after_ms.min(ps.max_retry_after_ms.load(Ordering::Relaxed));
+        let now = clock::now_ms();
+        let event = if load::is_failure(status) {
+            Event::Failure
+        } else if status == 429 {
+            Event::Busy
+        } else {
+            Event::Ok
+        };
+        window::record(
+            &pt.window,
+            now,
+            ps.window_ms.load(Ordering::Relaxed),
+            event,
+            writer,
+        );
+        let penalty_ms = ps.penalty_ms.load(Ordering::Relaxed);
+        let cap_ms = ps.penalty_cap_ms.load(Ordering::Relaxed);
+        let sample: Feed = match event {
+            Event::Failure => {
+                let strikes = n.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                let mut rested = false;
+                if status == 503 && retry_after_ms > 0 {
+                    // An overloaded node that says when to come back: rest it that long.
+                    self.cool_down(n, ps, now, 1, retry_after_ms);
+                    rested = true;
+                }
+                let after = ps.eject_after.load(Ordering::Relaxed);
+                if after > 0 && strikes >= after {
+                    rested |= self.eject(node, n, ps, now);
+                }
+                if rested {
+                    Feed::Forget
+                } else {
+                    Feed::Sample(load::sample_us(
+                        status,
+                        latency_us,
+                        retry_after_ms,
+                        penalty_ms,
+                        cap_ms,
+                    ))
+                }
+            }
+            Event::Busy => {
+                n.busy.fetch_add(1, Ordering::Relaxed);
+                let strikes = n.consecutive_busy.fetch_add(1, Ordering::Relaxed) + 1;
+                let limit = n.limit.load(Ordering::Relaxed);
+                let kind = health::classify_429(
+                    retry_after_ms,
+                    strikes,
+                    limit,
+                    ps.limit_enabled.load(Ordering::Relaxed) != 0,
+                    ps.limit_min.load(Ordering::Relaxed),
+                    ps.quota_retry_after_ms.load(Ordering::Relaxed),
+                    ps.quota_after.load(Ordering::Relaxed),
+                );
+                match kind {
+                    Busy::Quota => {
+                        self.cool_down(n, ps, now, strikes, retry_after_ms);
+                        Feed::Forget
+                    }
+                    Busy::Capacity => {
+                        node::note_refused(&self.region, node, inflight);
+                        let (min, max) = (
+                            ps.limit_min.load(Ordering::Relaxed),
+                            ps.limit_max.load(Ordering::Relaxed),
+                        );
+                        let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                            Some(health::limit_after_busy(l, inflight, min, max))
+                        });
+                        // Counts against the cost as twice the node's mean served latency (at
+                        // most the penalty), not as a failure: the node is fine, just full. The
+                        // mean, not the estimate, so that repeated 429s do not compound.
+                        let c = tally::node_counts(&self.region, node);
+                        match c.latency_sum_us.checked_div(c.served()) {
+                            Some(mean) if mean > 0 => {
+                                Feed::Sample((2.0 * mean as f64).min(penalty_ms as f64 * 1000.0))
+                            }
+                            _ => Feed::Skip,
+                        }
+                    }
+                }
+            }
+            // A served try (`Shed` is never the outcome of a try).
+            Event::Ok | Event::Shed => {
+                // Prometheus buckets are `le`: the first bound the latency does not exceed.
+                let b = LATENCY_BOUNDS_MS.partition_point(|&bound| (bound as u64) * 1000 < latency_us as u64);
+                writer.add(&nt.latency_hist[b], 1);
+                node::note_served(&self.region, node, inflight);
+                writer.add(&nt.latency_sum_us, latency_us as u64);
+                reset_if_set(&n.consecutive_failures);
+                reset_if_set(&n.consecutive_busy);
+                if n.limit.load(Ordering::Relaxed) != 0 {
+                    let (every, max) = (
+                        ps.limit_increase_every.load(Ordering::Relaxed),
+                        ps.limit_max.load(Ordering::Relaxed),
+                    );
+                    let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                        Some(health::limit_after_success(l, inflight, every, max))
+                    });
+                }
+                if n.ejections.load(Ordering::Relaxed) != 0
+                    && now
+                        > n.ejected_until_ms.load(Ordering::Relaxed)
+                            + ps.eject_max_ms.load(Ordering::Relaxed) as u64
+                {
+                    n.ejections.store(0, Ordering::Relaxed);
+                }
+                Feed::Sample(load::sample_us(status, latency_us, 0, penalty_ms, cap_ms))
+            }
+        };
+        match sample {
+            Feed::Sample(sample) => {
+                let tau = ps.decay_ms.load(Ordering::Relaxed);
+                // One CAS on the packed (cost, stamp) word; a lost race retries with the
+                // winner's value, so no sample is dropped.
+                let _ = n.ewma.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+                    let (cost, stamp) = load::unpack(word);
+                    Some(load::pack(load::observe(cost, stamp, sample, now, tau), now))
+                });
+            }
+            // A node taken out for a while (cooldown, ejection) comes back as unknown:
+            // costed at the pool median and ramped up by slow start, rather than carrying
+            // a penalty that would keep p2c from ever trying it again.
+            Feed::Forget => n.ewma.store(0, Ordering::Relaxed),
+            Feed::Skip => {}
+        }
+        Ok(())
+    }
+
+    /// Rest a node whose quota is spent; it comes back in slow start.
+    pub(super) fn cool_down(&self, n: &NodeSlot, ps: &PoolSlot, now: u64, strikes: u32, retry_after_ms: u32) {
+        let ms = {
+            let mut l = self.local.lock();
+            retry::cooldown_ms(
+                &mut l.rng,
+                strikes,
+                retry_after_ms,
+                ps.honor_retry_after.load(Ordering::Relaxed) != 0,
+                ps.cooldown_base_ms.load(Ordering::Relaxed),
+                ps.cooldown_max_ms.load(Ordering::Relaxed),
+            )
+        };
+        let until = now + ms as u64;
+        // fetch_max: concurrent reports from other workers only ever lengthen it.
+        let before = n.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
+        if before < now {
+            n.cooldowns_total.fetch_add(1, Ordering::Relaxed);
+        }
+        n.started_ms.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Eject a node after consecutive failures, unless that would eject more than the
+    /// pool's `max_ejected_percent` of its tier. Only one reporter ejects it. True when
+    /// the node is ejected now.
+    pub(super) fn eject(&self, slot: u32, n: &NodeSlot, ps: &PoolSlot, now: u64) -> bool {
+        let current = n.ejected_until_ms.load(Ordering::Relaxed);
+        if current > now {
+            return true;
+        }
+        let mut l = self.local.lock();
+        // Any handle may report (not only the one that picked): bring its tables up to
+        // date so the tier it counts is the current one.
+        if self.sync(&mut l).is_err() {
+            return false;
+        }
+        let Local { pools, rng, .. } = &mut *l;
+        let Some(p) = pools
+            .get(n.pool.load(Ordering::Relaxed) as usize)
+            .and_then(Option::as_ref)
+        else {
+            return false;
+        };
+        let tier = if p.backup.slots.contains(&slot) {
+            &p.backup
+        } else {
+            &p.primary
+        };
+        let ejected = tier
+            .slots
+            .iter()
+            .filter(|&&s| {
+                self.region
+                    .node(s)
+                    .is_some_and(|x| x.ejected_until_ms.load(Ordering::Relaxed) > now)
+            })
+            .count();
+        let max_pct = ps.eject_max_percent.load(Ordering::Relaxed) as usize;
+        if (ejected + 1) * 100 > max_pct * tier.slots.len() {
+            return false;
+        }
+        let k = n.ejections.load(Ordering::Relaxed);
+        let ms = retry::ejection_ms(
+            rng,
+            k,
+            ps.eject_base_ms.load(Ordering::Relaxed),
+            ps.eject_max_ms.load(Ordering::Relaxed),
+        );
+        let until = now + ms as u64;
+        let won = n
+            .ejected_until_ms
+            .compare_exchange(current, until, Ordering::Relaxed, Ordering::Relaxed);
+        if won.is_ok() {
+            n.ejections.fetch_add(1, Ordering::Relaxed);
+            n.ejections_total.fetch_add(1, Ordering::Relaxed);
+            n.consecutive_failures.store(0, Ordering::Relaxed);
+            n.started_ms.fetch_max(until, Ordering::Relaxed);
+        }
+        // Ejected, by us or by a concurrent reporter.
+        n.ejected_until_ms.load(Ordering::Relaxed) > now
+    }
+
+    /// Take or renew the region-wide health-check lease for `ttl_ms`. True when this
+    /// process holds it; a holder that died or let it expire is replaced.
+    pub fn health_lease(&self, ttl_ms: u64) -> bool {
+        let h = self.region.header();
+        let me = std::process::id() as i32;
+        let now = clock::now_ms();
+        let owner = h.health_pid.load(Ordering::Acquire);
+        let expired = now >= h.health_until_ms.load(Ordering::Acquire);
+        let take = owner == me
+            || ((owner == 0 || expired || !crate::shm::pid_alive(owner))
+                && h.health_pid
+                    .compare_exchange(owner, me, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok());
+        if take {
+            h.health_until_ms.store(now + ttl_ms, Ordering::Release);
+        }
+        take
+    }
+
+    /// Record one active probe of a node; returns whether it flipped up or down.
+    pub fn health_report(&self, node: u32, passed: bool) -> Result<Flip, Error> {
+        let n = self.live_node(node)?;
+        let topo = self.topology()?;
+        let h = topo
+            .pools
+            .iter()
+            .find(|p| p.nodes.iter().any(|x| x.slot == node))
+            .and_then(|p| p.health.clone())
+            .unwrap_or_default();
+        let (ok, fail) = if passed {
+            n.health_fail.store(0, Ordering::Relaxed);
+            (n.health_ok.fetch_add(1, Ordering::Relaxed) + 1, 0)
+        } else {
+            n.health_ok.store(0, Ordering::Relaxed);
+            (0, n.health_fail.fetch_add(1, Ordering::Relaxed) + 1)
+        };
+        let down = n.flags.load(Ordering::Relaxed) & flags::DOWN != 0;
+        let flip = health::health_flip(down, passed, ok, fail, h.healthy, h.unhealthy);
+        match flip {
+            Flip::Up => {
+                n.flags.fetch_and(!flags::DOWN, Ordering::Release);
+                n.started_ms.store(clock::now_ms(), Ordering::Relaxed);
+            }
+            Flip::Down => {
+                n.flags.fetch_or(flags::DOWN, Ordering::Release);
+            }
+            Flip::None => {}
+        }
+        Ok(flip)
+    }
+}

@@ -1,0 +1,316 @@
+//! The per-request calls (what LuaJIT's FFI calls on every request: pick, report,
+//! the retry check) and the reads and writes of one node or pool.
+
+use super::*;
+
+/// Pick a node of pool `pool` for one try, skipping the `ntried` slots in `tried`.
+/// `key` is the consistent-hashing key (ignored by other algorithms; may be NULL
+/// with `key_len` 0). On success `*out_node` is the node's slot and its in-flight
+/// count is raised: call `rsb_report` exactly once for it.
+///
+/// # Safety
+/// `b` a live handle; `key` points to `key_len` bytes; `tried` to `ntried` u32s;
+/// `out_node` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_pick(
+    b: *const Balancer,
+    pool: u32,
+    key: *const c_char,
+    key_len: usize,
+    tried: *const u32,
+    ntried: usize,
+    out_node: *mut u32,
+) -> rsb_result {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        pick(
+            b,
+            pool,
+            key,
+            key_len,
+            tried,
+            ntried,
+            (Prefer::Confirmed, false),
+            out_node,
+        )
+    }
+}
+
+/// The body of `rsb_pick` and `rsb_pick_prefer`.
+///
+/// # Safety
+/// As `rsb_pick`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pick(
+    b: *const Balancer,
+    pool: u32,
+    key: *const c_char,
+    key_len: usize,
+    tried: *const u32,
+    ntried: usize,
+    (prefer, fast_only): (Prefer, bool),
+    out_node: *mut u32,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let (Some(b), Some(key)) = (unsafe { handle(b) }, unsafe { bytes(key, key_len) }) else {
+            return null("balancer or key");
+        };
+        // SAFETY: forwarded caller contract.
+        let Some(tried) = (unsafe { u32s(tried, ntried) }) else {
+            return null("tried");
+        };
+        if out_node.is_null() {
+            return null("out_node");
+        }
+        let picked = if fast_only {
+            b.pick_fast(pool, key, tried, prefer)
+        } else {
+            b.pick_with(pool, key, tried, prefer)
+        };
+        // SAFETY: `out_node` is non-null (checked above) and writable by contract.
+        unsafe { put(out_node, picked) }
+    })
+}
+
+/// `rsb_pick`, choosing first among nodes with a confirmed free slot (`prefer` bit 0
+/// clear, what `rsb_pick` does) or among nodes at their probe (bit 0 set: a request that
+/// `rsb_admit` / `rsb_admit_poll` let in with verdict 9, into a probe slot), then among
+/// the others. With bit 1 set (`prefer` 2 or 3), only primaries that are not slow
+/// (`limit.slow_factor`) are looked at, and `RSB_NO_NODE` means none of them can take a
+/// try now (not counted as a request without a node). Other bits:
+/// `RSB_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// As `rsb_pick`.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_pick_prefer(
+    b: *const Balancer,
+    pool: u32,
+    key: *const c_char,
+    key_len: usize,
+    tried: *const u32,
+    ntried: usize,
+    prefer: u32,
+    out_node: *mut u32,
+) -> rsb_result {
+    let choice = match prefer {
+        0..=3 => (
+            if prefer & 1 == 0 {
+                Prefer::Confirmed
+            } else {
+                Prefer::Probe
+            },
+            prefer & 2 != 0,
+        ),
+        other => return guard(|| fail(Error::Invalid(format!("prefer {other} is not 0..=3")))),
+    };
+    // SAFETY: forwarded caller contract.
+    unsafe { pick(b, pool, key, key_len, tried, ntried, choice, out_node) }
+}
+
+/// Report the outcome of one try from `rsb_pick`: `status` the HTTP status or 0 when
+/// no response came (connect error, timeout), `latency_us` the response time,
+/// `retry_after_ms` the server's Retry-After (0 if none).
+///
+/// # Safety
+/// `b` a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_report(
+    b: *const Balancer,
+    node: u32,
+    status: u32,
+    latency_us: u32,
+    retry_after_ms: u32,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        b.report(node, status, latency_us, retry_after_ms)
+            .map_or_else(fail, |_| rsb_result::RSB_OK)
+    })
+}
+
+/// May a request that has tried the `ntried` slots in `tried` try once more,
+/// `elapsed_ms` after it began? `*out_denied` is 0 when it may, else why not:
+/// 1 max tries, 2 deadline, 3 retry budget spent, 4 no untried node available.
+/// Budget refusals are counted; the retry itself is counted by its `rsb_pick`.
+///
+/// # Safety
+/// `b` a live handle; `tried` points to `ntried` u32s; `out_denied` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_may_retry(
+    b: *const Balancer,
+    pool: u32,
+    tried: *const u32,
+    ntried: usize,
+    elapsed_ms: u32,
+    out_denied: *mut u32,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        // SAFETY: forwarded caller contract.
+        let Some(tried) = (unsafe { u32s(tried, ntried) }) else {
+            return null("tried");
+        };
+        if out_denied.is_null() {
+            return null("out_denied");
+        }
+        let denied = b.may_retry(pool, tried, elapsed_ms).err().map_or(0, |d| d as u32);
+        // SAFETY: non-null and writable by contract.
+        unsafe { *out_denied = denied };
+        rsb_result::RSB_OK
+    })
+}
+
+/// Can some node of pool `pool` take a request now? `RSB_OK` if so; `RSB_NO_NODE`
+/// if not, with `*out_wait_ms` the soonest a node may (for a Retry-After);
+/// `RSB_INVALID_ARGUMENT` for a pool index that is not a configured pool.
+///
+/// # Safety
+/// `b` a live handle; `out_wait_ms` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_available(b: *const Balancer, pool: u32, out_wait_ms: *mut u64) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        if out_wait_ms.is_null() {
+            return null("out_wait_ms");
+        }
+        if let Err(e) = b.live_pool(pool) {
+            return fail(e);
+        }
+        let (code, wait) = match b.available(pool) {
+            Ok(()) => (rsb_result::RSB_OK, 0),
+            Err(ms) => (rsb_result::RSB_NO_NODE, ms),
+        };
+        // SAFETY: non-null and writable by contract.
+        unsafe { *out_wait_ms = wait };
+        code
+    })
+}
+
+/// How long (ms) `admit()` should go on waiting for a faster node before sending the
+/// request to a slow one (`limit.slow_factor`); 0: go on now. `*out_others` is 1 when
+/// other requests were already waiting for one (a newcomer lets them poll first), else
+/// 0. See `Balancer::slow_wait_ms`.
+///
+/// # Safety
+/// `b` a live handle; `out_ms` and `out_others` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_slow_wait(
+    b: *const Balancer,
+    pool: u32,
+    out_ms: *mut u32,
+    out_others: *mut u32,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        if out_ms.is_null() || out_others.is_null() {
+            return null("out_ms or out_others");
+        }
+        answer(b.slow_wait_ms(pool), |(ms, others)| {
+            // SAFETY: both are non-null (checked above) and writable by contract.
+            unsafe {
+                *out_ms = ms;
+                *out_others = others as u32;
+            }
+        })
+    })
+}
+
+/// Set a node's base weight (1..=10000); every process uses it on its next pick.
+///
+/// # Safety
+/// `b` a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_set_weight(b: *const Balancer, node: u32, weight: u32) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        b.set_weight(node, weight)
+            .map_or_else(fail, |_| rsb_result::RSB_OK)
+    })
+}
+
+/// Copy a node's live numbers into `*out`.
+///
+/// # Safety
+/// `b` a live handle; `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_node_get_stats(
+    b: *const Balancer,
+    node: u32,
+    out: *mut rsb_node_stats,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        if out.is_null() {
+            return null("out");
+        }
+        let stats = b.node_stats(node).map(|s| rsb_node_stats {
+            weight: s.weight,
+            inflight: s.inflight,
+            picks: s.picks,
+            requests: s.requests,
+            failures: s.failures,
+            busy: s.busy,
+            latency_sum_us: s.latency_sum_us,
+            ewma_us: s.ewma_us,
+            backup: s.backup as c_int,
+        });
+        // SAFETY: `out` is non-null (checked above) and writable by contract.
+        unsafe { put(out, stats) }
+    })
+}
+
+/// Pool `pool`'s canary split: `*out_pool` the canary pool's slot (`UINT32_MAX` when
+/// the pool has no canary), `*out_share` the share of requests to send it, in parts
+/// per 10,000 (0..=10000). Read from shared memory on every call (no lock): a change
+/// by any process applies at once. The arm of a request is the canary when its bucket
+/// (`crc32(key) % 10000` for a sticky key, else a random draw) is below the share.
+///
+/// # Safety
+/// `b` a live handle; `out_pool` and `out_share` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_canary(
+    b: *const Balancer,
+    pool: u32,
+    out_pool: *mut u32,
+    out_share: *mut u32,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let Some(b) = (unsafe { handle(b) }) else {
+            return null("balancer");
+        };
+        if out_pool.is_null() {
+            return null("out_pool");
+        }
+        if out_share.is_null() {
+            return null("out_share");
+        }
+        answer(b.canary(pool), |(slot, share)| {
+            // SAFETY: non-null and writable by contract.
+            unsafe {
+                *out_pool = slot.unwrap_or(u32::MAX);
+                *out_share = share;
+            }
+        })
+    })
+}

@@ -1,0 +1,69 @@
+//! The status read model: every pool and node with its live state, as one JSON
+//! document, for admin reads (`GET /rsbalancer/`), `status_json()` and the status page.
+//!
+//! It only reads: the topology through the pool's API, node state through
+//! [`crate::node`], the admission queue through [`crate::admit::status_json`], and
+//! the canary and emergency words of each pool's shared slot. Adding a field for
+//! operators means adding it here (and to the page that shows it).
+
+use std::sync::atomic::Ordering;
+
+use serde_json::{json, Value};
+
+use crate::balancer::{Balancer, Error};
+use crate::node;
+use crate::shm::layout::emergency;
+use crate::tally;
+
+/// Every pool and node with its live state. Effective weights are this process's.
+pub fn of(b: &Balancer) -> Result<Value, Error> {
+    let topo = b.topology()?;
+    let region = b.region();
+    let effective = b.effective_weights()?;
+    let pools: serde_json::Map<String, Value> = topo
+        .pools
+        .iter()
+        .map(|p| {
+            let ps = region.pool(p.slot).expect("topology slot in range");
+            let nodes: Vec<Value> = p
+                .nodes
+                .iter()
+                .map(|n| {
+                    let mut v = serde_json::to_value(node::stats(region, n.slot)).expect("stats serialize");
+                    v["id"] = n.id.clone().into();
+                    v["addr"] = n.addr.to_string().into();
+                    let w = effective.get(&n.slot).copied().unwrap_or(0.0);
+                    v["effective_weight"] = ((w * 100.0).round() / 100.0).into();
+                    v
+                })
+                .collect();
+            let (requests, retries) = tally::pool_counts(region, p.slot);
+            let e = ps.emergency.load(Ordering::Relaxed);
+            let mode = if e & emergency::FORCED_ON != 0 {
+                "on"
+            } else if e & emergency::FORCED_OFF != 0 {
+                "off"
+            } else {
+                "auto"
+            };
+            let pool = json!({
+                "algorithm": p.algorithm,
+                "requests": requests,
+                "retries": retries,
+                "retries_denied": ps.retries_denied.load(Ordering::Relaxed),
+                "no_node": ps.no_node_total.load(Ordering::Relaxed),
+                "admission": crate::admit::status_json(region, p.slot),
+                "nodes": nodes,
+                "canary_share": ps.canary_share.load(Ordering::Relaxed) as f64 / 10_000.0,
+                "canary_rolled_back": ps.canary_rolled_back.load(Ordering::Relaxed) != 0,
+                "emergency": { "mode": mode, "active": e & emergency::ACTIVE != 0 },
+            });
+            (p.name.clone(), pool)
+        })
+        .collect();
+    Ok(json!({
+        "generation": b.generation(),
+        "reclaimed_tries": region.header().reclaimed_tries.load(Ordering::Relaxed),
+        "pools": pools,
+    }))
+}
