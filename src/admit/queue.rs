@@ -660,7 +660,8 @@ pub fn status_json(region: &Region, pool: u32) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{AdmissionConfig, ClassConfig};
+    use crate::config::admission::cfg;
+    use crate::config::AdmissionConfig;
     use crate::params::store_admission;
     use crate::shm::layout::Capacity;
 
@@ -673,23 +674,6 @@ mod tests {
             max_waiters: 8,
         })
         .unwrap()
-    }
-
-    fn cfg(aging_ms: u32, max_queue: u32, classes: &[(u32, u32, u32)]) -> AdmissionConfig {
-        AdmissionConfig {
-            enabled: true,
-            aging_ms,
-            max_queue,
-            classes: classes
-                .iter()
-                .map(|&(min_priority, max_wait_ms, max_queue)| ClassConfig {
-                    min_priority,
-                    max_wait_ms,
-                    max_queue,
-                })
-                .collect(),
-            ..AdmissionConfig::default()
-        }
     }
 
     fn queue<'a>(r: &'a Region, c: &AdmissionConfig) -> Queue<'a> {

@@ -95,26 +95,29 @@ impl AdmissionConfig {
     }
 }
 
+/// An enabled admission config with `classes` as (min_priority, max_wait_ms,
+/// max_queue): for the unit tests of the config and of the queue.
+#[cfg(test)]
+pub(crate) fn cfg(aging_ms: u32, max_queue: u32, classes: &[(u32, u32, u32)]) -> AdmissionConfig {
+    AdmissionConfig {
+        enabled: true,
+        aging_ms,
+        max_queue,
+        classes: classes
+            .iter()
+            .map(|&(min_priority, max_wait_ms, max_queue)| ClassConfig {
+                min_priority,
+                max_wait_ms,
+                max_queue,
+            })
+            .collect(),
+        ..AdmissionConfig::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cfg(aging_ms: u32, max_queue: u32, classes: &[(u32, u32, u32)]) -> AdmissionConfig {
-        AdmissionConfig {
-            enabled: true,
-            aging_ms,
-            max_queue,
-            classes: classes
-                .iter()
-                .map(|&(min_priority, max_wait_ms, max_queue)| ClassConfig {
-                    min_priority,
-                    max_wait_ms,
-                    max_queue,
-                })
-                .collect(),
-            ..AdmissionConfig::default()
-        }
-    }
 
     #[test]
     fn config_errors_name_the_field() {

@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 use crate::select::Algorithm;
 use crate::strict::Strict;
 
-mod admission;
+pub(crate) mod admission;
 mod canary;
 mod check;
 pub mod emergency;
