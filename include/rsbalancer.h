@@ -8,6 +8,110 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// Bits of `rsb_pick_prefer`'s `prefer` argument.
+enum rsb_prefer
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  // Nodes at their probe first (a request let in with `RSB_VERDICT_GO_PROBE`).
+  RSB_PREFER_PROBE = 1,
+  // Only primaries that are not slow (`limit.slow_factor`).
+  RSB_PREFER_NOT_SLOW = 2,
+};
+#ifndef __cplusplus
+typedef uint32_t rsb_prefer;
+#endif // __cplusplus
+
+// Bounds of a request's admission priority (`rsb_admit`, `admit()`).
+enum rsb_priority
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  RSB_PRIORITY_MIN = 1,
+  RSB_PRIORITY_MAX = 10,
+};
+#ifndef __cplusplus
+typedef uint32_t rsb_priority;
+#endif // __cplusplus
+
+// Why a request may not try once more (`rsb_retry_denied` in C).
+enum rsb_retry_denied
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  // `retry.max_tries` reached.
+  RSB_RETRY_DENIED_MAX_TRIES = 1,
+  // `retry.deadline_ms` passed.
+  RSB_RETRY_DENIED_DEADLINE = 2,
+  // The pool's retry budget is spent.
+  RSB_RETRY_DENIED_BUDGET = 3,
+  // No node that this request has not tried can take it now.
+  RSB_RETRY_DENIED_NO_NODE = 4,
+};
+#ifndef __cplusplus
+typedef uint32_t rsb_retry_denied;
+#endif // __cplusplus
+
+// The scale of a canary share (`rsb_canary`, `set_canary_share`): parts per 10,000.
+enum rsb_share
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  RSB_SHARE_PARTS = 10000,
+};
+#ifndef __cplusplus
+typedef uint32_t rsb_share;
+#endif // __cplusplus
+
+// What `admit` / `admit_poll` tell the caller (stable numbers: the C ABI's
+// `rsb_verdict`, e.g. `RSB_VERDICT_GO_PROBE`).
+enum rsb_verdict
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  // Go on; an admission is held: release it (`admit_release`) in the log phase.
+  RSB_VERDICT_GO = 0,
+  // Go on; queueing is off for the pool, nothing to release.
+  RSB_VERDICT_PASS = 1,
+  // Queued: poll with the entry and ticket.
+  RSB_VERDICT_QUEUED = 2,
+  // Still waiting: poll again.
+  RSB_VERDICT_WAIT = 3,
+  // No node can take a request now (cooling, ejected, down): answer `no_node_status`.
+  RSB_VERDICT_NO_NODE = 4,
+  // Shed: emergency mode and a priority below `shed_below`.
+  RSB_VERDICT_SHED = 5,
+  // Queue or class full.
+  RSB_VERDICT_FULL = 6,
+  // Waited too long.
+  RSB_VERDICT_TIMED_OUT = 7,
+  // Pushed out by a higher-priority arrival.
+  RSB_VERDICT_EVICTED = 8,
+  // As go, into a probe slot: pick with `RSB_PREFER_PROBE` (`Prefer::Probe`).
+  RSB_VERDICT_GO_PROBE = 9,
+};
+#ifndef __cplusplus
+typedef uint32_t rsb_verdict;
+#endif // __cplusplus
+
+// Bounds of a node's base weight (config, admin API, `set_weight`, `rsb_set_weight`).
+enum rsb_weight
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  RSB_WEIGHT_MIN = 1,
+  RSB_WEIGHT_MAX = 10000,
+};
+#ifndef __cplusplus
+typedef uint32_t rsb_weight;
+#endif // __cplusplus
+
 // Result codes. Stable numbers: new codes are only ever appended.
 typedef enum rsb_result {
   RSB_OK = 0,
@@ -124,12 +228,14 @@ enum rsb_result rsb_retry_after_ms(const char *value, size_t len, uint32_t *out_
 // The library version, a static NUL-terminated string.
 const char *rsb_version(void);
 
-// Admission of one request of `priority` (1..=10) to pool `pool` (access phase).
-// `*out_verdict`: 0 go (an admission is held: call `rsb_admit_release` when the
-// request ends), 1 go (queueing off, nothing to release), 2 queued (`*out_entry` and
-// `*out_value` = ticket: call `rsb_admit_poll` until it decides), 4 no node can take
-// it (`*out_value` = ms until one may), 5 shed (emergency), 6 queue full;
-// refusals carry a Retry-After in ms in `*out_value`.
+// Admission of one request of `priority` (`RSB_PRIORITY_MIN..=RSB_PRIORITY_MAX`) to
+// pool `pool` (access phase). `*out_verdict` (`enum rsb_verdict`): `RSB_VERDICT_GO`
+// (an admission is held: call `rsb_admit_release` when the request ends),
+// `RSB_VERDICT_PASS` (queueing off, nothing to release), `RSB_VERDICT_QUEUED`
+// (`*out_entry` and `*out_value` = ticket: call `rsb_admit_poll` until it decides),
+// `RSB_VERDICT_NO_NODE` (`*out_value` = ms until a node may take it),
+// `RSB_VERDICT_SHED` (emergency), `RSB_VERDICT_FULL` (queue full); refusals carry a
+// Retry-After in ms in `*out_value`.
 //
 // # Safety
 // `b` a live handle; `out_verdict`, `out_entry`, `out_value` writable.
@@ -140,10 +246,11 @@ enum rsb_result rsb_admit(const struct rsb_balancer *b,
                           uint32_t *out_entry,
                           uint64_t *out_value);
 
-// Poll a queued request (`entry`, `ticket` from `rsb_admit`). `*out_verdict`: 0 go
-// (an admission is held), 9 go into a probe slot (as 0; pick with
-// `rsb_pick_prefer(..., 1, ...)`), 3 still waiting, 7 waited too long, 8 evicted by a
-// higher priority; refusals carry a Retry-After in ms in `*out_value`. An `entry`
+// Poll a queued request (`entry`, `ticket` from `rsb_admit`). `*out_verdict`:
+// `RSB_VERDICT_GO` (an admission is held), `RSB_VERDICT_GO_PROBE` (as go, into a probe
+// slot: pick with `RSB_PREFER_PROBE`), `RSB_VERDICT_WAIT` (still waiting),
+// `RSB_VERDICT_TIMED_OUT` (waited too long), `RSB_VERDICT_EVICTED` (pushed out by a
+// higher priority); refusals carry a Retry-After in ms in `*out_value`. An `entry`
 // that is not one of the pool's queue entries: `RSB_INVALID_ARGUMENT`.
 //
 // # Safety
@@ -190,13 +297,13 @@ enum rsb_result rsb_pick(const struct rsb_balancer *b,
                          size_t ntried,
                          uint32_t *out_node);
 
-// `rsb_pick`, choosing first among nodes with a confirmed free slot (`prefer` bit 0
-// clear, what `rsb_pick` does) or among nodes at their probe (bit 0 set: a request that
-// `rsb_admit` / `rsb_admit_poll` let in with verdict 9, into a probe slot), then among
-// the others. With bit 1 set (`prefer` 2 or 3), only primaries that are not slow
-// (`limit.slow_factor`) are looked at, and `RSB_NO_NODE` means none of them can take a
-// try now (not counted as a request without a node). Other bits:
-// `RSB_INVALID_ARGUMENT`.
+// `rsb_pick`, choosing first among nodes with a confirmed free slot (`prefer` without
+// `RSB_PREFER_PROBE`, what `rsb_pick` does) or among nodes at their probe (with it: a
+// request that `rsb_admit` / `rsb_admit_poll` let in with `RSB_VERDICT_GO_PROBE`, into
+// a probe slot), then among the others. With `RSB_PREFER_NOT_SLOW`, only primaries
+// that are not slow (`limit.slow_factor`) are looked at, and `RSB_NO_NODE` means none
+// of them can take a try now (not counted as a request without a node). Other bits
+// (`enum rsb_prefer`): `RSB_INVALID_ARGUMENT`.
 //
 // # Safety
 // As `rsb_pick`.
@@ -222,8 +329,9 @@ enum rsb_result rsb_report(const struct rsb_balancer *b,
                            uint32_t retry_after_ms);
 
 // May a request that has tried the `ntried` slots in `tried` try once more,
-// `elapsed_ms` after it began? `*out_denied` is 0 when it may, else why not:
-// 1 max tries, 2 deadline, 3 retry budget spent, 4 no untried node available.
+// `elapsed_ms` after it began? `*out_denied` is 0 when it may, else why not (`enum
+// rsb_retry_denied`): `RSB_RETRY_DENIED_MAX_TRIES`, `_DEADLINE`, `_BUDGET` (retry
+// budget spent), `_NO_NODE` (no untried node available).
 // Budget refusals are counted; the retry itself is counted by its `rsb_pick`.
 //
 // # Safety
@@ -255,11 +363,13 @@ enum rsb_result rsb_slow_wait(const struct rsb_balancer *b,
                               uint32_t *out_ms,
                               uint32_t *out_others);
 
-// Set a node's base weight (1..=10000); every process uses it on its next pick.
+// Set a node's base weight (`RSB_WEIGHT_MIN..=RSB_WEIGHT_MAX`); every process uses it on its next pick.
 //
 // # Safety
 // `b` a live handle.
-enum rsb_result rsb_set_weight(const struct rsb_balancer *b, uint32_t node, uint32_t weight);
+enum rsb_result rsb_set_weight(const struct rsb_balancer *b,
+                               uint32_t node,
+                               uint32_t weight);
 
 // Copy a node's live numbers into `*out`.
 //
@@ -271,9 +381,9 @@ enum rsb_result rsb_node_get_stats(const struct rsb_balancer *b,
 
 // Pool `pool`'s canary split: `*out_pool` the canary pool's slot (`UINT32_MAX` when
 // the pool has no canary), `*out_share` the share of requests to send it, in parts
-// per 10,000 (0..=10000). Read from shared memory on every call (no lock): a change
+// per `RSB_SHARE_PARTS` (10,000). Read from shared memory on every call (no lock): a change
 // by any process applies at once. The arm of a request is the canary when its bucket
-// (`crc32(key) % 10000` for a sticky key, else a random draw) is below the share.
+// (`crc32(key) % RSB_SHARE_PARTS` for a sticky key, else a random draw) is below the share.
 //
 // # Safety
 // `b` a live handle; `out_pool` and `out_share` writable.

@@ -25,6 +25,7 @@
 // else is safe Rust, and the compiler holds it to that.
 #![deny(unsafe_code)]
 
+pub mod abi;
 pub mod admin;
 pub mod admit;
 pub mod balancer;

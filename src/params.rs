@@ -78,7 +78,7 @@ pub fn store_admission(qp: &QueuePool, cfg: &AdmissionConfig) {
 // The queue
 
 /// Shares are kept in parts per 10,000.
-pub const PARTS: u32 = 10_000;
+pub const PARTS: u32 = crate::abi::Share::Parts as u32;
 
 /// A share (0.0..=1.0) in parts per 10,000.
 pub fn parts(share: f64) -> u32 {

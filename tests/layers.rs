@@ -9,7 +9,7 @@ use std::path::Path;
 /// path or a prefix of it (`shm` holds `shm/layout`).
 const LAYERS: &[&[&str]] = &[
     &[
-        "shm", "select", "load", "health", "retry", "headers", "strict", "writer",
+        "abi", "shm", "select", "load", "health", "retry", "headers", "strict", "writer",
     ],
     &["config"],
     &["budget", "window", "tally"],

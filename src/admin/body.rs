@@ -35,7 +35,7 @@ use crate::balancer::EmergencyMode;
 pub const MAX_BODY: usize = 16384;
 
 /// Bounds of a node weight, as in a config file.
-pub const WEIGHT: std::ops::RangeInclusive<u32> = 1..=10_000;
+pub use crate::abi::WEIGHT_RANGE as WEIGHT;
 
 /// The admin routes that take a body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -79,7 +79,7 @@ use crate::balancer::{Balancer, Error};
 use crate::health::LIMIT_ONE;
 use crate::node;
 use crate::shm::clock;
-use crate::shm::layout::{emergency, PRIORITIES};
+use crate::shm::layout::emergency;
 use crate::shm::Region;
 
 pub use crate::config::{AdmissionConfig, ClassConfig};
@@ -88,7 +88,9 @@ pub use queue::{reap_owner, status_json, Cap, Queue, Step, GRACE_MS, UNLIMITED};
 // ------------------------------------------------------------------------------------
 // The balancer's view: capacity from the nodes, verdicts for the C ABI
 
-/// What `admit` / `admit_poll` tell the caller (stable numbers: the C ABI's).
+/// What `admit` / `admit_poll` tell the caller (stable numbers: the C ABI's
+/// `rsb_verdict`, e.g. `RSB_VERDICT_GO_PROBE`).
+/// cbindgen:rename-all=QualifiedScreamingSnakeCase
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Verdict {
@@ -110,7 +112,7 @@ pub enum Verdict {
     TimedOut = 7,
     /// Pushed out by a higher-priority arrival.
     Evicted = 8,
-    /// As `Go`, into a probe slot: pick with `Prefer::Probe` (`rsb_pick_probe`).
+    /// As go, into a probe slot: pick with `RSB_PREFER_PROBE` (`Prefer::Probe`).
     GoProbe = 9,
 }
 
@@ -197,7 +199,7 @@ impl Balancer {
     /// Returns the verdict and, for `Queued`, (entry, ticket); for refusals (0, the
     /// Retry-After in ms). Never allocates, never takes the shared lock.
     pub fn admit(&self, pool: u32, priority: u32) -> Result<(Verdict, u32, u64), Error> {
-        if !(1..=PRIORITIES as u32).contains(&priority) {
+        if !crate::abi::PRIORITY_RANGE.contains(&priority) {
             return Err(Error::Invalid(format!(
                 "priority {priority} is out of range 1..=10"
             )));

@@ -54,7 +54,7 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// late report cannot land on a stranger.
 const SLOT_REUSE_GRACE_MS: u64 = 60_000;
 /// Base weights accepted at run time, as in the config.
-pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=10_000;
+pub use crate::abi::WEIGHT_RANGE;
 const NO_WORKER: u32 = u32::MAX;
 
 /// What went wrong, for Lua (`nil, err` or `error`) and C (a result code).
@@ -123,7 +123,8 @@ pub enum Prefer {
     Probe,
 }
 
-/// Why a request may not try once more.
+/// Why a request may not try once more (`rsb_retry_denied` in C).
+/// cbindgen:rename-all=QualifiedScreamingSnakeCase
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum RetryDenied {

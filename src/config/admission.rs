@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{check_range, ConfigError};
+use crate::abi::PRIORITY_RANGE;
 use crate::shm::layout::PRIORITIES;
 
 /// `pools.P.admission`.
@@ -55,8 +56,8 @@ impl Default for AdmissionConfig {
 impl AdmissionConfig {
     /// `path` is `pools.NAME.admission`.
     pub fn validate(&self, path: &str, queue_slots: u32) -> Result<(), ConfigError> {
-        check_range(path, "default_priority", self.default_priority, 1..=10)?;
-        check_range(path, "untrusted_max", self.untrusted_max, 1..=10)?;
+        check_range(path, "default_priority", self.default_priority, PRIORITY_RANGE)?;
+        check_range(path, "untrusted_max", self.untrusted_max, PRIORITY_RANGE)?;
         check_range(path, "aging_ms", self.aging_ms, 0..=3_600_000)?;
         check_range(path, "max_queue", self.max_queue, 1..=queue_slots)
             .map_err(|e| ConfigError::new(e.path, format!("{} (shm.queue_slots)", e.message)))?;
@@ -69,7 +70,7 @@ impl AdmissionConfig {
         let mut prev = 0;
         for (i, c) in self.classes.iter().enumerate() {
             let cp = format!("{path}.classes[{i}]");
-            check_range(&cp, "min_priority", c.min_priority, 1..=10)?;
+            check_range(&cp, "min_priority", c.min_priority, PRIORITY_RANGE)?;
             if (i == 0 && c.min_priority != 1) || (i > 0 && c.min_priority <= prev) {
                 return Err(ConfigError::new(
                     format!("{cp}.min_priority"),

@@ -589,7 +589,7 @@ impl PoolConfig {
                     format!("duplicate id {:?}", node.id),
                 ));
             }
-            check_range(&node_path, "weight", node.weight, 1..=10_000)?;
+            check_range(&node_path, "weight", node.weight, crate::abi::WEIGHT_RANGE)?;
         }
         Ok(())
     }

@@ -2,12 +2,14 @@
 
 use super::*;
 
-/// Admission of one request of `priority` (1..=10) to pool `pool` (access phase).
-/// `*out_verdict`: 0 go (an admission is held: call `rsb_admit_release` when the
-/// request ends), 1 go (queueing off, nothing to release), 2 queued (`*out_entry` and
-/// `*out_value` = ticket: call `rsb_admit_poll` until it decides), 4 no node can take
-/// it (`*out_value` = ms until one may), 5 shed (emergency), 6 queue full;
-/// refusals carry a Retry-After in ms in `*out_value`.
+/// Admission of one request of `priority` (`RSB_PRIORITY_MIN..=RSB_PRIORITY_MAX`) to
+/// pool `pool` (access phase). `*out_verdict` (`enum rsb_verdict`): `RSB_VERDICT_GO`
+/// (an admission is held: call `rsb_admit_release` when the request ends),
+/// `RSB_VERDICT_PASS` (queueing off, nothing to release), `RSB_VERDICT_QUEUED`
+/// (`*out_entry` and `*out_value` = ticket: call `rsb_admit_poll` until it decides),
+/// `RSB_VERDICT_NO_NODE` (`*out_value` = ms until a node may take it),
+/// `RSB_VERDICT_SHED` (emergency), `RSB_VERDICT_FULL` (queue full); refusals carry a
+/// Retry-After in ms in `*out_value`.
 ///
 /// # Safety
 /// `b` a live handle; `out_verdict`, `out_entry`, `out_value` writable.
@@ -39,10 +41,11 @@ pub unsafe extern "C" fn rsb_admit(
     })
 }
 
-/// Poll a queued request (`entry`, `ticket` from `rsb_admit`). `*out_verdict`: 0 go
-/// (an admission is held), 9 go into a probe slot (as 0; pick with
-/// `rsb_pick_prefer(..., 1, ...)`), 3 still waiting, 7 waited too long, 8 evicted by a
-/// higher priority; refusals carry a Retry-After in ms in `*out_value`. An `entry`
+/// Poll a queued request (`entry`, `ticket` from `rsb_admit`). `*out_verdict`:
+/// `RSB_VERDICT_GO` (an admission is held), `RSB_VERDICT_GO_PROBE` (as go, into a probe
+/// slot: pick with `RSB_PREFER_PROBE`), `RSB_VERDICT_WAIT` (still waiting),
+/// `RSB_VERDICT_TIMED_OUT` (waited too long), `RSB_VERDICT_EVICTED` (pushed out by a
+/// higher priority); refusals carry a Retry-After in ms in `*out_value`. An `entry`
 /// that is not one of the pool's queue entries: `RSB_INVALID_ARGUMENT`.
 ///
 /// # Safety

@@ -16,6 +16,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use crate::abi::PreferFlag;
 use crate::balancer::{Balancer, Error, Prefer};
 
 mod admit;

@@ -73,13 +73,13 @@ unsafe fn pick(
     })
 }
 
-/// `rsb_pick`, choosing first among nodes with a confirmed free slot (`prefer` bit 0
-/// clear, what `rsb_pick` does) or among nodes at their probe (bit 0 set: a request that
-/// `rsb_admit` / `rsb_admit_poll` let in with verdict 9, into a probe slot), then among
-/// the others. With bit 1 set (`prefer` 2 or 3), only primaries that are not slow
-/// (`limit.slow_factor`) are looked at, and `RSB_NO_NODE` means none of them can take a
-/// try now (not counted as a request without a node). Other bits:
-/// `RSB_INVALID_ARGUMENT`.
+/// `rsb_pick`, choosing first among nodes with a confirmed free slot (`prefer` without
+/// `RSB_PREFER_PROBE`, what `rsb_pick` does) or among nodes at their probe (with it: a
+/// request that `rsb_admit` / `rsb_admit_poll` let in with `RSB_VERDICT_GO_PROBE`, into
+/// a probe slot), then among the others. With `RSB_PREFER_NOT_SLOW`, only primaries
+/// that are not slow (`limit.slow_factor`) are looked at, and `RSB_NO_NODE` means none
+/// of them can take a try now (not counted as a request without a node). Other bits
+/// (`enum rsb_prefer`): `RSB_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// As `rsb_pick`.
@@ -94,17 +94,14 @@ pub unsafe extern "C" fn rsb_pick_prefer(
     prefer: u32,
     out_node: *mut u32,
 ) -> rsb_result {
-    let choice = match prefer {
-        0..=3 => (
-            if prefer & 1 == 0 {
-                Prefer::Confirmed
-            } else {
-                Prefer::Probe
-            },
-            prefer & 2 != 0,
-        ),
-        other => return guard(|| fail(Error::Invalid(format!("prefer {other} is not 0..=3")))),
-    };
+    if prefer & !PreferFlag::ALL != 0 {
+        return guard(|| fail(Error::Invalid(format!("prefer {prefer} is not 0..=3"))));
+    }
+    let probe = prefer & PreferFlag::Probe as u32 != 0;
+    let choice = (
+        if probe { Prefer::Probe } else { Prefer::Confirmed },
+        prefer & PreferFlag::NotSlow as u32 != 0,
+    );
     // SAFETY: forwarded caller contract.
     unsafe { pick(b, pool, key, key_len, tried, ntried, choice, out_node) }
 }
@@ -134,8 +131,9 @@ pub unsafe extern "C" fn rsb_report(
 }
 
 /// May a request that has tried the `ntried` slots in `tried` try once more,
-/// `elapsed_ms` after it began? `*out_denied` is 0 when it may, else why not:
-/// 1 max tries, 2 deadline, 3 retry budget spent, 4 no untried node available.
+/// `elapsed_ms` after it began? `*out_denied` is 0 when it may, else why not (`enum
+/// rsb_retry_denied`): `RSB_RETRY_DENIED_MAX_TRIES`, `_DEADLINE`, `_BUDGET` (retry
+/// budget spent), `_NO_NODE` (no untried node available).
 /// Budget refusals are counted; the retry itself is counted by its `rsb_pick`.
 ///
 /// # Safety
@@ -229,7 +227,7 @@ pub unsafe extern "C" fn rsb_slow_wait(
     })
 }
 
-/// Set a node's base weight (1..=10000); every process uses it on its next pick.
+/// Set a node's base weight (`RSB_WEIGHT_MIN..=RSB_WEIGHT_MAX`); every process uses it on its next pick.
 ///
 /// # Safety
 /// `b` a live handle.
@@ -281,9 +279,9 @@ pub unsafe extern "C" fn rsb_node_get_stats(
 
 /// Pool `pool`'s canary split: `*out_pool` the canary pool's slot (`UINT32_MAX` when
 /// the pool has no canary), `*out_share` the share of requests to send it, in parts
-/// per 10,000 (0..=10000). Read from shared memory on every call (no lock): a change
+/// per `RSB_SHARE_PARTS` (10,000). Read from shared memory on every call (no lock): a change
 /// by any process applies at once. The arm of a request is the canary when its bucket
-/// (`crc32(key) % 10000` for a sticky key, else a random draw) is below the share.
+/// (`crc32(key) % RSB_SHARE_PARTS` for a sticky key, else a random draw) is below the share.
 ///
 /// # Safety
 /// `b` a live handle; `out_pool` and `out_share` writable.

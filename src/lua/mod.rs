@@ -380,7 +380,7 @@ impl UserData for LuaBalancer {
                     format!("share 0..1 expected, got {share}"),
                 ));
             }
-            let parts = (share * 10_000.0).round() as u32;
+            let parts = crate::params::parts(share);
             nil_err(
                 lua,
                 this.0

@@ -363,7 +363,7 @@ pub struct QueueEntry {
 }
 
 /// Number of priorities (1..=10).
-pub const PRIORITIES: usize = 10;
+pub const PRIORITIES: usize = crate::abi::Priority::Max as usize;
 
 /// Per-pool admission state: parameters copied from the config by `configure`, and
 /// the counters the queue works with. Four cache lines.
