@@ -25,48 +25,8 @@ local ngx_now = ngx and ngx.now
 
 local _M = { version = native.version }
 
-if not pcall(ffi.typeof, "struct rsb_balancer") then
-    -- Kept identical to include/rsbalancer.h (tests/lua/cdef_test.lua checks it).
-    ffi.cdef [[
-typedef enum rsb_result {
-  RSB_OK = 0,
-  RSB_NULL_ARGUMENT = 1,
-  RSB_INVALID_ARGUMENT = 2,
-  RSB_CONFIG = 3,
-  RSB_NO_NODE = 4,
-  RSB_SHM = 5,
-  RSB_PANIC = 6,
-} rsb_result;
-typedef struct rsb_balancer rsb_balancer;
-typedef struct rsb_node_stats {
-  uint32_t weight;
-  uint32_t inflight;
-  uint64_t picks;
-  uint64_t requests;
-  uint64_t failures;
-  uint64_t busy;
-  uint64_t latency_sum_us;
-  double ewma_us;
-  int backup;
-} rsb_node_stats;
-enum rsb_result rsb_attach_worker(const struct rsb_balancer *b, uint32_t worker, uint32_t *out_slot);
-enum rsb_result rsb_pick(const struct rsb_balancer *b, uint32_t pool, const char *key, size_t key_len, const uint32_t *tried, size_t ntried, uint32_t *out_node);
-enum rsb_result rsb_pick_prefer(const struct rsb_balancer *b, uint32_t pool, const char *key, size_t key_len, const uint32_t *tried, size_t ntried, uint32_t prefer, uint32_t *out_node);
-enum rsb_result rsb_report(const struct rsb_balancer *b, uint32_t node, uint32_t status, uint32_t latency_us, uint32_t retry_after_ms);
-enum rsb_result rsb_may_retry(const struct rsb_balancer *b, uint32_t pool, const uint32_t *tried, size_t ntried, uint32_t elapsed_ms, uint32_t *out_denied);
-enum rsb_result rsb_available(const struct rsb_balancer *b, uint32_t pool, uint64_t *out_wait_ms);
-enum rsb_result rsb_slow_wait(const struct rsb_balancer *b, uint32_t pool, uint32_t *out_ms, uint32_t *out_others);
-enum rsb_result rsb_set_weight(const struct rsb_balancer *b, uint32_t node, uint32_t weight);
-uint64_t rsb_generation(const struct rsb_balancer *b);
-size_t rsb_last_error(char *buf, size_t cap);
-enum rsb_result rsb_retry_after_ms(const char *value, size_t len, uint32_t *out_ms);
-enum rsb_result rsb_canary(const struct rsb_balancer *b, uint32_t pool, uint32_t *out_pool, uint32_t *out_share);
-enum rsb_result rsb_admit(const struct rsb_balancer *b, uint32_t pool, uint32_t priority, uint32_t *out_verdict, uint32_t *out_entry, uint64_t *out_value);
-enum rsb_result rsb_admit_poll(const struct rsb_balancer *b, uint32_t pool, uint32_t entry, uint64_t ticket, uint32_t *out_verdict, uint64_t *out_value);
-enum rsb_result rsb_admit_leave(const struct rsb_balancer *b, uint32_t pool, uint32_t entry, uint64_t ticket, uint32_t *out_left);
-enum rsb_result rsb_admit_release(const struct rsb_balancer *b, uint32_t pool);
-]]
-end
+-- The C ABI, generated from include/rsbalancer.h by `make header` (declared once).
+require "resty.rsbalancer.cdef"
 
 -- Load the .so that `require "rsbalancer"` loaded: same path, same dlopen handle.
 local function find_library()
@@ -90,7 +50,11 @@ local tried_buf = ffi.new("uint32_t[?]", MAX_TRIES)
 local out_buf = ffi.new("uint32_t[1]")
 local wait_buf = ffi.new("uint64_t[1]")
 local err_buf = ffi.new("char[?]", 512)
-local RSB_OK, RSB_NO_NODE = 0, 4
+-- Numbers shared with the library (src/abi.rs, include/rsbalancer.h), read once.
+local RSB_OK, RSB_NO_NODE = C.RSB_OK, C.RSB_NO_NODE
+local PREFER_PROBE = C.RSB_PREFER_PROBE
+local WEIGHT_MIN, WEIGHT_MAX = C.RSB_WEIGHT_MIN, C.RSB_WEIGHT_MAX
+local PRIORITY_MIN, PRIORITY_MAX = C.RSB_PRIORITY_MIN, C.RSB_PRIORITY_MAX
 local ceil = math.ceil
 
 local bal          -- mlua balancer object
@@ -430,7 +394,7 @@ local function pick_next(st, aidx, apool, key, tried, n)
     if key then klen = #key end
     -- A request let in above the confirmed capacity (st.probe) takes a node at its
     -- probe if there is one; any other, a confirmed slot first.
-    local rc = C_pick_prefer(handle, aidx, key, klen, tried_buf, n, st.probe and 1 or 0, out_buf)
+    local rc = C_pick_prefer(handle, aidx, key, klen, tried_buf, n, st.probe and PREFER_PROBE or 0, out_buf)
     if rc ~= RSB_OK then
         if rc ~= RSB_NO_NODE then
             ngx.log(ngx.ERR, "rsbalancer: ", last_error())
@@ -518,8 +482,9 @@ function _M.admit(pool, priority)
     end
     if priority == nil then
         priority = adm.default_priority
-    elseif t ~= "number" or priority % 1 ~= 0 or priority < 1 or priority > 10 then
-        error("bad argument #2 to 'admit' (priority 1..10 expected, got " .. tostring(priority) .. ")", 2)
+    elseif t ~= "number" or priority % 1 ~= 0 or priority < PRIORITY_MIN or priority > PRIORITY_MAX then
+        error("bad argument #2 to 'admit' (priority " .. PRIORITY_MIN .. ".." .. PRIORITY_MAX
+              .. " expected, got " .. tostring(priority) .. ")", 2)
     end
     local st = request_state(ngx.ctx, pool)
     local aidx, apool = arm_of(st, pool, idx)
@@ -638,8 +603,9 @@ function _M.set_weight(pool, id, weight)
     if type(id) ~= "string" then
         error("bad argument #2 to 'set_weight' (string expected, got " .. type(id) .. ")", 2)
     end
-    if type(weight) ~= "number" or weight % 1 ~= 0 or weight < 1 or weight > 10000 then
-        error("bad argument #3 to 'set_weight' (integer weight 1..10000 expected, got "
+    if type(weight) ~= "number" or weight % 1 ~= 0 or weight < WEIGHT_MIN or weight > WEIGHT_MAX then
+        error("bad argument #3 to 'set_weight' (integer weight " .. WEIGHT_MIN .. ".." .. WEIGHT_MAX
+              .. " expected, got "
               .. tostring(weight) .. ")", 2)
     end
     return bal:set_weight(pool, id, weight)

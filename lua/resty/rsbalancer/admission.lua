@@ -16,16 +16,28 @@
 -- "no node" (every node cooling, ejected or down) answers the pool's no_node_status.
 
 local ffi = require "ffi"
+require "resty.rsbalancer.cdef"
+local C = ffi.C
 
 local tonumber, tostring, type, random = tonumber, tostring, type, math.random
 local ngx = ngx
 
 local _M = {}
 
--- Verdicts (src/admit.rs Verdict).
-local GO, PASS, QUEUED, WAIT, NO_NODE = 0, 1, 2, 3, 4
-local GO_PROBE = 9 -- as GO, into a probe slot: balance() prefers nodes at their probe
-local REASON = { [5] = "shed", [6] = "queue_full", [7] = "timeout", [8] = "evicted" }
+-- Verdicts (enum rsb_verdict: src/admit/mod.rs Verdict), read once.
+local GO, PASS, QUEUED = C.RSB_VERDICT_GO, C.RSB_VERDICT_PASS, C.RSB_VERDICT_QUEUED
+local WAIT, NO_NODE = C.RSB_VERDICT_WAIT, C.RSB_VERDICT_NO_NODE
+local GO_PROBE = C.RSB_VERDICT_GO_PROBE -- as GO, into a probe slot: balance() prefers nodes at their probe
+local REASON = {
+    [C.RSB_VERDICT_SHED] = "shed",
+    [C.RSB_VERDICT_FULL] = "queue_full",
+    [C.RSB_VERDICT_TIMED_OUT] = "timeout",
+    [C.RSB_VERDICT_EVICTED] = "evicted",
+}
+local PRIORITY_MIN, PRIORITY_MAX = C.RSB_PRIORITY_MIN, C.RSB_PRIORITY_MAX
+-- rsb_pick_prefer's bits (enum rsb_prefer).
+local PREFER_PROBE, NOT_SLOW_ONLY = C.RSB_PREFER_PROBE, C.RSB_PREFER_NOT_SLOW
+local RSB_OK = C.RSB_OK
 
 local verdict_buf = ffi.new("uint32_t[1]")
 local entry_buf = ffi.new("uint32_t[1]")
@@ -33,7 +45,6 @@ local value_buf = ffi.new("uint64_t[1]")
 local ms_buf = ffi.new("uint32_t[1]")
 local slot_buf = ffi.new("uint32_t[1]")
 local others_buf = ffi.new("uint32_t[1]")
-local NOT_SLOW_ONLY = 2 -- rsb_pick_prefer: only primaries that are not slow (bit 0: probe)
 
 --- priority(value [, opts]): a priority 1..10 from an untrusted value (a header, a
 -- query argument): a whole number is clamped into 1..(opts.max or 10); anything else
@@ -44,19 +55,22 @@ function _M.priority(value, opts)
         error("bad argument #2 to 'priority' (table expected, got " .. type(opts) .. ")", 2)
     end
     local default = opts and opts.default
-    local max = opts and opts.max or 10
-    if default ~= nil and (type(default) ~= "number" or default % 1 ~= 0 or default < 1 or default > 10) then
-        error("bad argument #2 to 'priority' (default: integer 1..10 expected, got "
+    local max = opts and opts.max or PRIORITY_MAX
+    local range = PRIORITY_MIN .. ".." .. PRIORITY_MAX
+    if default ~= nil and (type(default) ~= "number" or default % 1 ~= 0 or default < PRIORITY_MIN
+                           or default > PRIORITY_MAX) then
+        error("bad argument #2 to 'priority' (default: integer " .. range .. " expected, got "
               .. tostring(default) .. ")", 2)
     end
-    if type(max) ~= "number" or max % 1 ~= 0 or max < 1 or max > 10 then
-        error("bad argument #2 to 'priority' (max: integer 1..10 expected, got " .. tostring(max) .. ")", 2)
+    if type(max) ~= "number" or max % 1 ~= 0 or max < PRIORITY_MIN or max > PRIORITY_MAX then
+        error("bad argument #2 to 'priority' (max: integer " .. range .. " expected, got "
+              .. tostring(max) .. ")", 2)
     end
     local n = tonumber(value)
     if not n or n ~= n or n % 1 ~= 0 then
         return default
     end
-    if n < 1 then return 1 end
+    if n < PRIORITY_MIN then return PRIORITY_MIN end
     if n > max then return max end
     return n
 end
@@ -78,7 +92,7 @@ end
 --- admit(C, handle, idx, pool, priority, st, no_node_status): the access-phase
 -- decision. Returns true when the request goes on; else answers and exits.
 function _M.admit(C, handle, idx, pool, priority, st, no_node_status, last_error)
-    if C.rsb_admit(handle, idx, priority, verdict_buf, entry_buf, value_buf) ~= 0 then
+    if C.rsb_admit(handle, idx, priority, verdict_buf, entry_buf, value_buf) ~= RSB_OK then
         -- A bug or a dead region: do not turn it into an outage; let the request on.
         ngx.log(ngx.ERR, "rsbalancer: admit: ", last_error())
         return true
@@ -106,7 +120,7 @@ function _M.admit(C, handle, idx, pool, priority, st, no_node_status, last_error
             st.q_entry = nil
             return ngx.exit(499)
         end
-        if C.rsb_admit_poll(handle, idx, entry, ticket, verdict_buf, value_buf) ~= 0 then
+        if C.rsb_admit_poll(handle, idx, entry, ticket, verdict_buf, value_buf) ~= RSB_OK then
             ngx.log(ngx.ERR, "rsbalancer: admit_poll: ", last_error())
             C.rsb_admit_leave(handle, idx, entry, ticket, nil)
             st.q_entry = nil
@@ -135,8 +149,8 @@ end
 -- newcomer that finds others waiting lets them poll first (one 1-2 ms sleep), so it
 -- does not take the slot they have been waiting for.
 function _M.hold_faster(C, handle, idx, st)
-    local prefer = NOT_SLOW_ONLY + (st.probe and 1 or 0)
-    if C.rsb_slow_wait(handle, idx, ms_buf, others_buf) ~= 0 then
+    local prefer = NOT_SLOW_ONLY + (st.probe and PREFER_PROBE or 0)
+    if C.rsb_slow_wait(handle, idx, ms_buf, others_buf) ~= RSB_OK then
         return
     end
     local start = ngx.now()
@@ -147,11 +161,11 @@ function _M.hold_faster(C, handle, idx, st)
     end
     local again
     while true do
-        if C.rsb_pick_prefer(handle, idx, nil, 0, nil, 0, prefer, slot_buf) == 0 then
+        if C.rsb_pick_prefer(handle, idx, nil, 0, nil, 0, prefer, slot_buf) == RSB_OK then
             st.n, st.tried[1], st.held = 1, slot_buf[0], true
             return
         end
-        if C.rsb_slow_wait(handle, idx, ms_buf, others_buf) ~= 0 then
+        if C.rsb_slow_wait(handle, idx, ms_buf, others_buf) ~= RSB_OK then
             return
         end
         if ms_buf[0] == 0 then

@@ -19,12 +19,14 @@
 -- ramp steps at notice).
 
 local ffi = require "ffi"
+require "resty.rsbalancer.cdef"
 
 local random, match, lower, gsub, pairs = math.random, string.match, string.lower, string.gsub, pairs
 
 local _M = {}
 
-local NO_POOL = 4294967295 -- UINT32_MAX: the pool has no canary
+local NO_POOL = 0xFFFFFFFF -- UINT32_MAX (rsb_canary): the pool has no canary
+local PARTS = ffi.C.RSB_SHARE_PARTS -- shares are in parts per 10,000 (enum rsb_share)
 local pool_buf = ffi.new("uint32_t[1]")
 local share_buf = ffi.new("uint32_t[1]")
 
@@ -81,11 +83,11 @@ function _M.choose(pool, idx)
     if var then
         local key = ngx.var[var]
         if key and key ~= "" then
-            bucket = ngx.crc32_short(key) % 10000
+            bucket = ngx.crc32_short(key) % PARTS
         end
     end
     if not bucket then
-        bucket = random(0, 9999)
+        bucket = random(0, PARTS - 1)
     end
     if bucket < share then
         local cname = names[cidx]
