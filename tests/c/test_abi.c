@@ -206,20 +206,22 @@ static void test_basics(void) {
     CHECK(s.failures == 1 && s.requests == 1 && s.inflight == 0);
     CHECK(s.latency_sum_us == 0); /* failures are not latency samples */
 
-    /* rsb_pick_prefer: probe slots first (1) finds none here (no learned limits), so
-     * it takes a confirmed one like rsb_pick; "not slow only" (2) finds any node (no
-     * slow_factor: none is slow); other values are refused. rsb_slow_wait: 0, nothing
+    /* rsb_pick_prefer: probe slots first (RSB_PREFER_PROBE) finds none here (no
+     * learned limits), so it takes a confirmed one like rsb_pick; "not slow only"
+     * (RSB_PREFER_NOT_SLOW) finds any node (no slow_factor: none is slow); other bits
+     * are refused. rsb_slow_wait: 0, nothing
      * to wait for. */
-    CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, 1, &n), RSB_OK);
+    CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, RSB_PREFER_PROBE, &n), RSB_OK);
     CHECK(n == na || n == nb);
     CHECK(stats_of(b, n).inflight == 1);
     CHECK_RC(rsb_report(b, n, 200, 1500, 0), RSB_OK);
     uint32_t before = n;
-    CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, 2, &n), RSB_OK);
+    CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, RSB_PREFER_NOT_SLOW, &n), RSB_OK);
     CHECK(n == na || n == nb);
     CHECK_RC(rsb_report(b, n, 200, 1500, 0), RSB_OK);
     before = n;
-    CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, 4, &n), RSB_INVALID_ARGUMENT);
+    CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, RSB_PREFER_NOT_SLOW << 1, &n),
+             RSB_INVALID_ARGUMENT);
     CHECK(n == before); /* nothing written */
     uint32_t wait_ms = UINT32_MAX, others = UINT32_MAX;
     CHECK_RC(rsb_slow_wait(b, chat, &wait_ms, &others), RSB_OK);
@@ -240,9 +242,10 @@ static void test_basics(void) {
     CHECK_RC(rsb_set_weight(b, na, 7), RSB_OK);
     CHECK(stats_of(b, na).weight == 7);
     CHECK(rsb_generation(b) > gen0);
-    CHECK_RC(rsb_set_weight(b, na, 10000), RSB_OK); /* upper bound accepted */
-    CHECK(stats_of(b, na).weight == 10000);
-    CHECK_RC(rsb_set_weight(b, na, 1), RSB_OK); /* lower bound accepted */
+    CHECK(RSB_WEIGHT_MIN == 1 && RSB_WEIGHT_MAX == 10000); /* the README's range */
+    CHECK_RC(rsb_set_weight(b, na, RSB_WEIGHT_MAX), RSB_OK); /* upper bound accepted */
+    CHECK(stats_of(b, na).weight == RSB_WEIGHT_MAX);
+    CHECK_RC(rsb_set_weight(b, na, RSB_WEIGHT_MIN), RSB_OK); /* lower bound accepted */
     CHECK(stats_of(b, na).weight == 1);
 
     /* attach_worker: out_slot may be NULL; with a pointer it gets the slot. */
@@ -337,10 +340,10 @@ static void test_errors(void) {
 
     /* set_weight out of range leaves the weight alone. */
     uint64_t gen = rsb_generation(b);
-    CHECK_RC(rsb_set_weight(b, na, 0), RSB_INVALID_ARGUMENT);
+    CHECK_RC(rsb_set_weight(b, na, RSB_WEIGHT_MIN - 1), RSB_INVALID_ARGUMENT);
     CHECK(strstr(last_error(), "0") != NULL);
     CHECK(stats_of(b, na).weight == 1);
-    CHECK_RC(rsb_set_weight(b, na, 10001), RSB_INVALID_ARGUMENT);
+    CHECK_RC(rsb_set_weight(b, na, RSB_WEIGHT_MAX + 1), RSB_INVALID_ARGUMENT);
     CHECK(strstr(last_error(), "10001") != NULL);
     CHECK(stats_of(b, na).weight == 1);
     CHECK(rsb_generation(b) == gen);
