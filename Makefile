@@ -5,7 +5,7 @@
 #   make bench    micro and end-to-end benchmarks (figures go in README.md)
 #   make install  copy the library and Lua files under $(PREFIX)
 #   make check-config CONFIG=path.json   validate a pool config (what nginx -t does with nginx-conf/perl)
-#   make header   regenerate include/rsbalancer.h with cbindgen
+#   make header   regenerate include/rsbalancer.h (cbindgen) and lua/resty/rsbalancer/cdef.lua from it
 #   make lint     rustfmt and clippy
 #   make fuzz     every fuzz target (fuzz/) for FUZZ_SECONDS each; fuzz-smoke: ~1 minute in all
 
