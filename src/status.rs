@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use crate::balancer::{Balancer, Error};
 use crate::node;
+use crate::params::PARTS;
 use crate::shm::layout::emergency;
 use crate::tally;
 
@@ -54,7 +55,7 @@ pub fn of(b: &Balancer) -> Result<Value, Error> {
                 "no_node": ps.no_node_total.load(Ordering::Relaxed),
                 "admission": crate::admit::status_json(region, p.slot),
                 "nodes": nodes,
-                "canary_share": ps.canary_share.load(Ordering::Relaxed) as f64 / 10_000.0,
+                "canary_share": ps.canary_share.load(Ordering::Relaxed) as f64 / PARTS as f64,
                 "canary_rolled_back": ps.canary_rolled_back.load(Ordering::Relaxed) != 0,
                 "emergency": { "mode": mode, "active": e & emergency::ACTIVE != 0 },
             });

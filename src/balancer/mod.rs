@@ -295,7 +295,7 @@ impl Balancer {
     /// automatic rollback. Takes effect in every
     /// worker at its next request (the share is read from the shared slot).
     pub fn set_canary_share(&self, pool: u32, parts: u32) -> Result<(), Error> {
-        if parts > 10_000 {
+        if parts > crate::params::PARTS {
             return Err(Error::Invalid(format!(
                 "canary share {parts} is out of range 0..=10000 (parts per 10,000)"
             )));
