@@ -116,11 +116,10 @@ fn running_config(region: &Region, topo: &Topology) -> Config {
     }
 }
 
-/// A pool's config as running. Every field is listed (no `..Default`): a field added to
-/// `PoolConfig` must be carried here too, or run-time changes would reset it.
+/// A pool's config as running: its policy as loaded, with its nodes as they are now
+/// (live base weights, the addresses resolved when each was added).
 fn pool_config(region: &Region, p: &PoolTopo) -> PoolConfig {
     PoolConfig {
-        algorithm: p.algorithm,
         nodes: p
             .nodes
             .iter()
@@ -134,20 +133,7 @@ fn pool_config(region: &Region, p: &PoolTopo) -> PoolConfig {
                 resolved: Some(n.addr),
             })
             .collect(),
-        ewma: p.ewma.clone(),
-        slow_start_ms: p.slow_start_ms,
-        refresh_ms: p.refresh_ms,
-        chash_points: p.chash_points,
-        retry: p.retry.clone(),
-        cooldown: p.cooldown.clone(),
-        limit: p.limit.clone(),
-        outlier: p.outlier.clone(),
-        health: p.health.clone(),
-        no_node_status: p.no_node_status,
-        window_ms: p.window_ms,
-        canary: p.canary.clone(),
-        emergency: p.emergency.clone(),
-        admission: p.admission.clone(),
+        ..p.policy.clone()
     }
 }
 

@@ -196,7 +196,7 @@ impl Balancer {
         let topo = self.topology()?;
         let mut events = Vec::new();
         for p in &topo.pools {
-            let Some(c) = &p.canary else { continue };
+            let Some(c) = &p.policy.canary else { continue };
             let Some(cp) = topo.pool(&c.pool) else { continue };
             let region = self.region();
             let (Some(ps), Some(cs)) = (region.pool(p.slot), region.pool(cp.slot)) else {
@@ -308,7 +308,9 @@ impl Balancer {
         let p = topo
             .pool(name)
             .ok_or_else(|| Error::Invalid(format!("unknown pool \"{name}\"")))?;
-        let Some(c) = &p.canary else { return Ok(None) };
+        let Some(c) = &p.policy.canary else {
+            return Ok(None);
+        };
         let ps = self.region().pool(p.slot).expect("topology slot in range");
         let st = State::load(ps);
         let now = clock::now_ms();

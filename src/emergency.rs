@@ -213,7 +213,7 @@ impl Balancer {
         for p in &topo.pools {
             let ps = region.pool(p.slot).expect("topology slot in range");
             let bits = ps.emergency.load(Ordering::Acquire);
-            let Some(cfg) = &p.emergency else {
+            let Some(cfg) = &p.policy.emergency else {
                 calm.remove(&p.slot);
                 // A reload took the section away while the detector had the pool in
                 // emergency: nothing would ever end it.
@@ -234,7 +234,7 @@ impl Balancer {
                 continue;
             }
             let t = tally::pool_window(self.region(), p.slot, now_ms);
-            let params = Params::new(cfg, p.window_ms);
+            let params = Params::new(cfg, p.policy.window_ms);
             let mut since = calm.get(&p.slot).copied();
             let decision = decide(bits & ACTIVE != 0, &t, &mut since, now_ms, &params);
             match since {

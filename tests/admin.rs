@@ -318,9 +318,9 @@ fn add_and_remove_on_a_pool_naming_other_pools() {
     b.remove_node("p", "a").unwrap();
     let topo = b.topology().unwrap();
     let p = topo.pool("p").unwrap();
-    assert_eq!(p.canary.as_ref().map(|c| c.pool.as_str()), Some("q"));
+    assert_eq!(p.policy.canary.as_ref().map(|c| c.pool.as_str()), Some("q"));
     assert_eq!(
-        p.emergency.as_ref().and_then(|e| e.backup_pool.as_deref()),
+        p.policy.emergency.as_ref().and_then(|e| e.backup_pool.as_deref()),
         Some("r")
     );
 }

@@ -248,22 +248,11 @@ impl Balancer {
             pools.push(PoolTopo {
                 name: name.clone(),
                 slot,
-                algorithm: pc.algorithm,
-                ewma: pc.ewma.clone(),
-                slow_start_ms: pc.slow_start_ms,
-                refresh_ms: pc.refresh_ms,
-                chash_points: pc.chash_points,
-                retry: pc.retry.clone(),
-                cooldown: pc.cooldown.clone(),
-                limit: pc.limit.clone(),
-                outlier: pc.outlier.clone(),
-                health: pc.health.clone(),
-                no_node_status: pc.no_node_status,
-                window_ms: pc.window_ms,
+                policy: PoolConfig {
+                    nodes: Vec::new(),
+                    ..pc.clone()
+                },
                 nodes,
-                canary: pc.canary.clone(),
-                emergency: pc.emergency.clone(),
-                admission: pc.admission.clone(),
             });
         }
         Ok(Topology { pools })
@@ -316,7 +305,7 @@ impl Balancer {
                 s.pool.store(p.slot, Ordering::Relaxed);
                 s.weight.store(nc.weight, Ordering::Relaxed);
                 // A cooldown learned under an older (or no) cap ends by this config's.
-                let longest = p.cooldown.max_ms.max(p.cooldown.max_retry_after_ms) as u64;
+                let longest = p.policy.cooldown.max_ms.max(p.policy.cooldown.max_retry_after_ms) as u64;
                 s.cooldown_until_ms.fetch_min(now + longest, Ordering::Relaxed);
                 // ... and so does the slow start that would have followed it.
                 s.started_ms.fetch_min(now + longest, Ordering::Relaxed);

@@ -27,7 +27,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::budget;
-use crate::config::{Config, ConfigError, EwmaConfig, RetryConfig};
+use crate::config::{Config, ConfigError, PoolConfig};
 use crate::health::{self, Busy, Flip};
 use crate::load;
 use crate::node;
@@ -410,7 +410,7 @@ impl Balancer {
             out.push(LocalPoolView {
                 slot: slot as u32,
                 reference_us: p.reference_us,
-                decay_ms: p.ewma.decay_ms,
+                decay_ms: p.policy.ewma.decay_ms,
                 weights,
             });
         }

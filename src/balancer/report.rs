@@ -301,7 +301,7 @@ impl Balancer {
             .pools
             .iter()
             .find(|p| p.nodes.iter().any(|x| x.slot == node))
-            .and_then(|p| p.health.clone())
+            .and_then(|p| p.policy.health.clone())
             .unwrap_or_default();
         let (ok, fail) = if passed {
             n.health_fail.store(0, Ordering::Relaxed);

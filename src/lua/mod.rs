@@ -287,7 +287,7 @@ impl UserData for LuaBalancer {
                     .ok_or_else(|| Error::Invalid(format!("unknown pool \"{name}\"")))
             });
             match r {
-                Ok(p) => (lua.to_value_with(&p, plain())?,).into_lua_multi(lua),
+                Ok(p) => (lua.to_value_with(&p.flat(), plain())?,).into_lua_multi(lua),
                 Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
             }
         });
