@@ -179,7 +179,7 @@ impl Harness {
             }
             5 => {
                 let priority = u.int_in_range(0..=11)?;
-                let r = self.b.admit(p, priority);
+                let r = rsbalancer::admit::admit(&self.b, p, priority);
                 if trace() {
                     eprintln!("  admit({priority}) = {r:?}");
                 }
@@ -201,7 +201,7 @@ impl Harness {
             6 if !self.queued.is_empty() => {
                 let k = u.choose_index(self.queued.len())?;
                 let (entry, ticket) = self.queued[k];
-                let (v, _) = self.b.admit_poll(self.pools[0], entry, ticket).expect("poll");
+                let (v, _) = rsbalancer::admit::admit_poll(&self.b, self.pools[0], entry, ticket).expect("poll");
                 if trace() {
                     eprintln!("  poll({entry}, {ticket}) = {v:?}");
                 }
@@ -213,10 +213,10 @@ impl Harness {
             7 if !self.queued.is_empty() => {
                 let k = u.choose_index(self.queued.len())?;
                 let (entry, ticket) = self.queued.swap_remove(k);
-                self.b.admit_leave(self.pools[0], entry, ticket).expect("leave");
+                rsbalancer::admit::admit_leave(&self.b, self.pools[0], entry, ticket).expect("leave");
             }
             8 if self.held > 0 => {
-                self.b.admit_release(self.pools[0]).expect("release");
+                rsbalancer::admit::admit_release(&self.b, self.pools[0]).expect("release");
                 self.held -= 1;
             }
             9 => {
@@ -236,7 +236,7 @@ impl Harness {
             }
             // Bogus entries and pools answer errors or refusals, never change a count.
             _ => {
-                let _ = self.b.admit_poll(u.arbitrary()?, u.arbitrary()?, u.arbitrary()?);
+                let _ = rsbalancer::admit::admit_poll(&self.b, u.arbitrary()?, u.arbitrary()?, u.arbitrary()?);
                 let _ = self
                     .b
                     .admit_leave(p, u.int_in_range(128..=u32::MAX)?, u.arbitrary()?);
@@ -246,7 +246,7 @@ impl Harness {
     }
 
     fn check_capacity(&self) {
-        let (admitted, _) = self.b.admission_state(self.pools[0]).unwrap();
+        let (admitted, _) = rsbalancer::admit::admission_state(&self.b, self.pools[0]).unwrap();
         let slots: &[u32] = &self.nodes[0];
         if let Ok(cap) = capacity(self.b.region(), &[slots], clock::now_ms()) {
             let total = cap.safe.saturating_add(cap.probe);
@@ -268,7 +268,7 @@ impl Harness {
             let want = self.outstanding.get(&node).copied().unwrap_or(0);
             assert_eq!(inflight, want, "in-flight of node {node}");
         }
-        let (admitted, waiting) = self.b.admission_state(self.pools[0]).unwrap();
+        let (admitted, waiting) = rsbalancer::admit::admission_state(&self.b, self.pools[0]).unwrap();
         let open = self.queued.len() as u32;
         assert!(
             admitted >= self.held && admitted <= self.held + open,
@@ -284,16 +284,16 @@ impl Harness {
             self.report(0, 200, 1000, 0);
         }
         for (entry, ticket) in std::mem::take(&mut self.queued) {
-            self.b.admit_leave(self.pools[0], entry, ticket).unwrap();
+            rsbalancer::admit::admit_leave(&self.b, self.pools[0], entry, ticket).unwrap();
         }
         for _ in 0..std::mem::take(&mut self.held) {
-            self.b.admit_release(self.pools[0]).unwrap();
+            rsbalancer::admit::admit_release(&self.b, self.pools[0]).unwrap();
         }
         for node in self.all_nodes() {
             assert_eq!(self.b.node_stats(node).unwrap().inflight, 0, "node {node} idle");
         }
         assert_eq!(
-            self.b.admission_state(self.pools[0]).unwrap(),
+            rsbalancer::admit::admission_state(&self.b, self.pools[0]).unwrap(),
             (0, 0),
             "admission idle"
         );

@@ -315,12 +315,6 @@ impl Balancer {
         Ok(())
     }
 
-    /// Force emergency mode on or off for `pool`, or hand it back to the detector.
-    /// Forcing on enters emergency at once; forcing off leaves it at once.
-    pub fn set_emergency_mode(&self, pool: u32, mode: EmergencyMode) -> Result<(), Error> {
-        self.force_emergency(pool, mode).map(|_| ())
-    }
-
     /// Drain a node (`true`: no new tries, those in flight finish) or put it back.
     pub fn set_draining(&self, node: u32, draining: bool) -> Result<(), Error> {
         let n = self.live_node(node)?;
