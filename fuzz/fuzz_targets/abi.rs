@@ -250,7 +250,7 @@ impl Harness {
                 let (key, tried) = (buf(u, &key_v)?, buf(u, &tried_v)?);
                 let (known, p) = self.pool(u, pool)?;
                 let out = nulls(u, 1)?;
-                let misused = key.is_misuse() || tried.is_misuse() || out != 0;
+                let misused = key.null_nonempty() || tried.null_nonempty() || out != 0;
                 let prefer = match op {
                     0 => None,
                     _ => Some(u.int_in_range(0..=4)?),
@@ -372,7 +372,7 @@ impl Harness {
                 let (_, p) = self.pool(u, pool)?;
                 let out = nulls(u, 1)?;
                 let (rc, denied) = self.h.may_retry(p, tried, u.arbitrary()?, out);
-                if tried.is_misuse() || out != 0 {
+                if tried.null_nonempty() || out != 0 {
                     expect(rc, &[RSB_NULL_ARGUMENT], "rsb_may_retry with a NULL argument");
                     assert_eq!(denied, UNSET, "rsb_may_retry {rc:?} wrote");
                 } else {
@@ -488,7 +488,7 @@ impl Harness {
             Buf::Null(_) => false,
         };
         let (rc, p) = self.h.pool_index(name, out);
-        if name.is_misuse() || out != 0 {
+        if name.null_nonempty() || out != 0 {
             expect(rc, &[RSB_NULL_ARGUMENT], "rsb_pool_index, NULL argument");
         } else if !known(name, &["q", "p"]) {
             expect(rc, &[RSB_INVALID_ARGUMENT], "rsb_pool_index, unknown name");
@@ -500,7 +500,7 @@ impl Harness {
             assert_eq!(p, UNSET, "rsb_pool_index {rc:?} wrote");
         }
         let (rc, n) = self.h.node_index(name, id, out);
-        if name.is_misuse() || id.is_misuse() || out != 0 {
+        if name.null_nonempty() || id.null_nonempty() || out != 0 {
             expect(rc, &[RSB_NULL_ARGUMENT], "rsb_node_index, NULL argument");
         } else if !known(id, &["a", "b", "c", "d", "e"]) {
             expect(rc, &[RSB_INVALID_ARGUMENT], "rsb_node_index, unknown node");
@@ -512,7 +512,7 @@ impl Harness {
             _ => assert_eq!(n, UNSET, "rsb_node_index {rc:?} wrote"),
         }
         let (rc, ms) = c::retry_after_ms(id, out);
-        if id.is_misuse() || out != 0 {
+        if id.null_nonempty() || out != 0 {
             expect(rc, &[RSB_NULL_ARGUMENT], "rsb_retry_after_ms, NULL argument");
         } else {
             expect(rc, &[RSB_OK, RSB_INVALID_ARGUMENT], "rsb_retry_after_ms");

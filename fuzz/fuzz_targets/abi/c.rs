@@ -32,7 +32,7 @@ impl<T> Buf<'_, T> {
     }
 
     /// NULL with a non-zero length: the call must answer `RSB_NULL_ARGUMENT`.
-    pub fn is_misuse(self) -> bool {
+    pub fn null_nonempty(self) -> bool {
         matches!(self, Buf::Null(n) if n > 0)
     }
 }
