@@ -65,10 +65,16 @@ impl State {
     /// word of a step always comes with that step's share (or a later one), never with
     /// the share from before it.
     pub fn load(ps: &PoolSlot) -> State {
+        // Acquire pairs with the Release of the ramp word in `canary_tick` (a step's
+        // exchange, a rollback's store): that step's share, or the rollback's share and
+        // flag, are visible below. The configure's stores ride on the generation.
         let ramp = ps.canary_ramp.load(Ordering::Acquire);
         State {
+            // Acquire pairs with the rollback's Release store of the share in
+            // `canary_tick`: a share of 0 from a rollback comes with its flag.
             share: ps.canary_share.load(Ordering::Acquire),
-            rolled_back: ps.canary_rolled_back.load(Ordering::Acquire) != 0,
+            // Relaxed: the last load; it publishes nothing, the two above order it.
+            rolled_back: ps.canary_rolled_back.load(Ordering::Relaxed) != 0,
             ramp,
         }
     }
@@ -174,6 +180,8 @@ fn rate(totals: &Totals) -> String {
 /// Per request: atomic loads only, no lock, no allocation.
 pub fn canary(b: &Balancer, pool: u32) -> Result<(Option<u32>, u32), Error> {
     let live = |p: &&PoolSlot| p.in_use.load(Ordering::Acquire) != 0;
+    // Acquire pairs with the Release store of `in_use` in `Balancer::configure`
+    // (`apply`): the canary fields read below were stored before it.
     let ps = b
         .region()
         .pool(pool)
@@ -221,14 +229,20 @@ pub fn canary_tick(b: &Balancer) -> Result<Vec<CanaryEvent>, Error> {
                 canary_rate,
                 primary_rate,
             } => {
-                // One process wins the flag and does the rest.
+                // One process wins the flag and does the rest. AcqRel, kept in
+                // doubt: the flag decides the winner; the two Release stores below
+                // are what publish it.
                 if ps
                     .canary_rolled_back
                     .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
                 {
+                    // Release pairs with the share's Acquire in `State::load`.
                     ps.canary_share.store(0, Ordering::Release);
-                    ps.canary_ramp.store(0, Ordering::Relaxed);
+                    // Release pairs with the ramp word's Acquire in `State::load`: a
+                    // reader that sees the ramp cleared by the rollback also sees the
+                    // share of 0 and the flag (Relaxed let it see them stale).
+                    ps.canary_ramp.store(0, Ordering::Release);
                     ps.canary_since_ms.store(now, Ordering::Relaxed);
                     ps.canary_rollbacks_total.fetch_add(1, Ordering::Relaxed);
                     let margin = c.rollback.as_ref().map_or(0.0, |r| r.margin);
@@ -251,7 +265,11 @@ pub fn canary_tick(b: &Balancer) -> Result<Vec<CanaryEvent>, Error> {
             }
             Decision::Step { to, ramp } => {
                 // The share, then the ramp word (see `State::load`); the ramp word's
-                // exchange is the claim: one process reports each step.
+                // exchange is the claim: one process reports each step. The share's
+                // AcqRel is kept in doubt (its Release pairs with the share's Acquire
+                // in `State::load`, publishing nothing before it); the ramp word's
+                // Release pairs with the ramp's Acquire in `State::load` and
+                // publishes the share.
                 if ps
                     .canary_share
                     .compare_exchange(st.share, to, Ordering::AcqRel, Ordering::Relaxed)
@@ -279,6 +297,9 @@ pub fn canary_tick(b: &Balancer) -> Result<Vec<CanaryEvent>, Error> {
                 }
             }
             Decision::EndRamp => {
+                // AcqRel: the Release pairs with the ramp's Acquire in `State::load`,
+                // as a step's does (it publishes nothing new: the share was set by
+                // hand or by the rollback, each with its own Release).
                 if ps
                     .canary_ramp
                     .compare_exchange(st.ramp, 0, Ordering::AcqRel, Ordering::Relaxed)

@@ -211,6 +211,8 @@ pub fn emergency_tick(b: &Balancer, now_ms: u64) -> Result<Vec<Transition>, Erro
     let mut calm = b.calm_since().lock();
     for p in &topo.pools {
         let ps = region.pool(p.slot).expect("topology slot in range");
+        // Acquire pairs with the Release of the transitions below and in
+        // `force_emergency` (kept in doubt: the decision reads counters only).
         let bits = ps.emergency.load(Ordering::Acquire);
         let Some(cfg) = &p.policy.emergency else {
             calm.remove(&p.slot);
@@ -219,7 +221,9 @@ pub fn emergency_tick(b: &Balancer, now_ms: u64) -> Result<Vec<Transition>, Erro
             if bits == ACTIVE
                 && ps
                     .emergency
-                    .compare_exchange(ACTIVE, 0, Ordering::AcqRel, Ordering::Acquire)
+                    // AcqRel pairs with the Acquire loads of the word (here, `admit::admit`,
+                    // `spill_target`); the failure value is unused: Relaxed.
+                    .compare_exchange(ACTIVE, 0, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
             {
                 let t = tally::pool_window(b.region(), p.slot, now_ms);
@@ -276,10 +280,13 @@ pub fn emergency_tick(b: &Balancer, now_ms: u64) -> Result<Vec<Transition>, Erro
             ),
         };
         // Exactly one process wins each transition; a forced change in between
-        // makes the exchange fail.
+        // makes the exchange fail. Release pairs with the Acquire loads of the word
+        // in `admit::admit` and `spill_target`: this process synced to the
+        // topology it judged (`topology()`), so a reader that sees ACTIVE also sees
+        // that config's `shed_below`. The failure value is unused.
         if ps
             .emergency
-            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Relaxed)
             .is_err()
         {
             continue;
@@ -306,12 +313,16 @@ pub fn force_emergency(b: &Balancer, pool: u32, mode: EmergencyMode) -> Result<O
     let ps = b
         .region()
         .pool(pool)
+        // Acquire pairs with the Release store of `in_use` in `Balancer::configure`.
         .filter(|p| p.in_use.load(Ordering::Acquire) != 0)
         .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))?;
     let now = crate::shm::clock::now_ms();
     let before = ps
         .emergency
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
+        // AcqRel as in `emergency_tick`'s transitions (Release pairs with the loads
+        // in `admit::admit` and `spill_target`). A failed try's value only
+        // feeds the next try: Relaxed.
+        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |e| {
             Some(match mode {
                 EmergencyMode::Auto => e & ACTIVE,
                 EmergencyMode::On => ACTIVE | FORCED_ON,

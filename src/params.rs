@@ -75,7 +75,8 @@ pub fn store_admission(qp: &QueuePool, cfg: &AdmissionConfig) {
     for (i, cell) in qp.class_max_queue.iter().enumerate() {
         set(cell, cfg.classes.get(i).map_or(0, |c| c.max_queue));
     }
-    // Release: the parameters above are visible to whoever sees queueing on.
+    // Release pairs with the Acquire in `admit::admit`: the parameters above are
+    // visible to whoever sees queueing on.
     qp.enabled.store(cfg.enabled as u32, Ordering::Release);
 }
 

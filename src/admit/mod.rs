@@ -203,12 +203,17 @@ pub fn admit(b: &Balancer, pool: u32, priority: u32) -> Result<(Verdict, u32, u6
     let now = clock::now_ms();
     let q = queue(b, pool)?;
     let ps = q.ps;
+    // Acquire pairs with the Release of the transitions in `emergency_tick` and
+    // `force_emergency`: the `shed_below` of the config the detector judged by is
+    // visible with ACTIVE.
     if ps.emergency.load(Ordering::Acquire) & emergency::ACTIVE != 0
         && priority < ps.shed_below.load(Ordering::Relaxed)
     {
         q.refused(now);
         return Ok((Verdict::Shed, 0, q.retry_after_ms(now)));
     }
+    // Acquire pairs with the Release in `params::store_admission`: the queue's
+    // parameters are visible once it is on.
     if q.qp.enabled.load(Ordering::Acquire) == 0 {
         // Queueing off: go on when some node can take a try now, as before.
         return Ok(match b.available(pool) {

@@ -250,6 +250,8 @@ pub(super) fn spill_target(region: &Region, ps: &PoolSlot, nodes: &[&[u32]], now
     if backup == 0 {
         return None;
     }
+    // Acquire pairs with the Release of the transitions in `emergency_tick` and
+    // `force_emergency`; nothing is read after it but node flags (read on their own).
     if ps.emergency.load(Ordering::Acquire) & emergency::ACTIVE != 0 {
         return Some(backup - 1);
     }
@@ -309,6 +311,8 @@ impl Balancer {
             l.fork_epoch = epoch;
         }
         let h = self.region.header();
+        // Acquire pairs with the Release in `bump`: the slot and text writes of the
+        // configure that moved the generation are visible below.
         let generation = h.generation.load(Ordering::Acquire);
         if generation == l.generation {
             return Ok(());
@@ -316,6 +320,8 @@ impl Balancer {
         // A process of an older stage (an nginx worker shutting down after a reload)
         // keeps the tables it has, so its requests finish on the config they began with.
         let frozen = l.config_version != u64::MAX && self.superseded();
+        // Both pair with the Release in `Region::write_text`; the text itself is read
+        // under the lock, and the generation's Acquire above already covers it.
         if !frozen && h.config_version.load(Ordering::Acquire) != l.config_version {
             let guard = self.region.lock(LOCK_TIMEOUT)?;
             let version = h.config_version.load(Ordering::Acquire);

@@ -228,6 +228,7 @@ impl Balancer {
 
     /// The generation this region is at (changes with any topology or weight change).
     pub fn generation(&self) -> u64 {
+        // Acquire pairs with the Release in `bump` (the caller only shows the number).
         self.region.header().generation.load(Ordering::Acquire)
     }
 
@@ -270,6 +271,7 @@ impl Balancer {
     fn live_node(&self, node: u32) -> Result<&NodeSlot, Error> {
         self.region
             .node(node)
+            // Acquire pairs with the Release of IN_USE in `apply`: the node's fields.
             .filter(|n| n.flags.load(Ordering::Acquire) & flags::IN_USE != 0)
             .ok_or_else(|| Error::Invalid(format!("unknown node slot {node}")))
     }
@@ -318,6 +320,8 @@ impl Balancer {
     /// Drain a node (`true`: no new tries, those in flight finish) or put it back.
     pub fn set_draining(&self, node: u32, draining: bool) -> Result<(), Error> {
         let n = self.live_node(node)?;
+        // Release pairs with the Acquire flag loads (`live_node`, `reusable`); nothing
+        // rides on DRAINING itself, which the pick path reads on its own (Relaxed).
         if draining {
             n.flags.fetch_or(flags::DRAINING, Ordering::Release);
         } else {
@@ -338,6 +342,7 @@ impl Balancer {
     pub(crate) fn live_pool(&self, pool: u32) -> Result<&PoolSlot, Error> {
         self.region
             .pool(pool)
+            // Acquire pairs with the Release of `in_use` in `apply`: the slot's parameters.
             .filter(|p| p.in_use.load(Ordering::Acquire) != 0)
             .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
     }
