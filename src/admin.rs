@@ -20,8 +20,8 @@
 //!     {"id": "a", "addr": "127.0.0.1:8001"}]}}}"#).unwrap();
 //! let b = Balancer::create(&cfg).unwrap();
 //! let node = NodeConfig { id: "b".into(), addr: "127.0.0.1:8002".into(), weight: 5, ..Default::default() };
-//! b.add_node("llm", node).unwrap();
-//! b.remove_node("llm", "a").unwrap();
+//! rsbalancer::admin::add_node(&b, "llm", node).unwrap();
+//! rsbalancer::admin::remove_node(&b, "llm", "a").unwrap();
 //! assert_eq!(b.topology().unwrap().pool("llm").unwrap().nodes[0].id, "b");
 //! ```
 
@@ -116,11 +116,10 @@ fn running_config(region: &Region, topo: &Topology) -> Config {
     }
 }
 
-/// A pool's config as running. Every field is listed (no `..Default`): a field added to
-/// `PoolConfig` must be carried here too, or run-time changes would reset it.
+/// A pool's config as running: its policy as loaded, with its nodes as they are now
+/// (live base weights, the addresses resolved when each was added).
 fn pool_config(region: &Region, p: &PoolTopo) -> PoolConfig {
     PoolConfig {
-        algorithm: p.algorithm,
         nodes: p
             .nodes
             .iter()
@@ -134,20 +133,7 @@ fn pool_config(region: &Region, p: &PoolTopo) -> PoolConfig {
                 resolved: Some(n.addr),
             })
             .collect(),
-        ewma: p.ewma.clone(),
-        slow_start_ms: p.slow_start_ms,
-        refresh_ms: p.refresh_ms,
-        chash_points: p.chash_points,
-        retry: p.retry.clone(),
-        cooldown: p.cooldown.clone(),
-        limit: p.limit.clone(),
-        outlier: p.outlier.clone(),
-        health: p.health.clone(),
-        no_node_status: p.no_node_status,
-        window_ms: p.window_ms,
-        canary: p.canary.clone(),
-        emergency: p.emergency.clone(),
-        admission: p.admission.clone(),
+        ..p.policy.clone()
     }
 }
 
@@ -155,105 +141,103 @@ fn unknown_pool(pool: &str) -> AdminError {
     AdminError::NotFound(format!("unknown pool \"{pool}\""))
 }
 
-impl Balancer {
-    /// Add a node to `pool` (it starts in slow start with nothing learned). Refused
-    /// with nothing changed when the pool is unknown, the id exists, a field is
-    /// invalid or the address does not resolve, or the region has no room. Returns the
-    /// new node's slot.
-    pub fn add_node(&self, pool: &str, node: NodeConfig) -> Result<u32, AdminError> {
-        let topo = self.topology()?;
-        let p = topo.pool(pool).ok_or_else(|| unknown_pool(pool))?;
-        // The node alone first (as a primary of a throwaway pool, without the blocks
-        // that name other pools): its fields and its address, resolved here, outside
-        // the shared lock.
-        let mut alone = Config::default();
-        alone.pools.insert(
-            pool.to_string(),
-            PoolConfig {
-                nodes: vec![NodeConfig {
-                    backup: false,
-                    ..node.clone()
-                }],
-                canary: None,
-                emergency: None,
-                ..pool_config(self.region(), p)
-            },
-        );
-        alone
-            .validate()
-            .map_err(|e| validation_error(e, &format!("pools.{pool}.nodes[0]")))?;
-        let resolved = alone.pools[pool].nodes[0].resolved;
-        let id = node.id.clone();
-        let check = |t: &Topology| -> Result<(), AdminError> {
-            let p = t.pool(pool).ok_or_else(|| unknown_pool(pool))?;
-            if p.nodes.iter().any(|n| n.id == id) {
-                return Err(AdminError::Conflict(format!(
-                    "node \"{id}\" already exists in pool \"{pool}\""
-                )));
-            }
-            Ok(())
-        };
-        self.change(check, |cfg| {
-            let pc = cfg.pools.get_mut(pool).ok_or_else(|| unknown_pool(pool))?;
-            let k = pc.nodes.len();
-            pc.nodes.push(NodeConfig { resolved, ..node });
-            cfg.validate()
-                .map_err(|e| validation_error(e, &format!("pools.{pool}.nodes[{k}]")))
-        })?;
-        Ok(self.node_index(pool, &id)?)
-    }
-
-    /// Remove a node from `pool`: it is picked no more, tries in flight on it finish
-    /// and are reported. Refused with nothing changed when the pool or node is unknown
-    /// or the pool would be left without a primary node.
-    pub fn remove_node(&self, pool: &str, id: &str) -> Result<(), AdminError> {
-        let check = |t: &Topology| -> Result<(), AdminError> {
-            let p = t.pool(pool).ok_or_else(|| unknown_pool(pool))?;
-            if !p.nodes.iter().any(|n| n.id == id) {
-                return Err(AdminError::NotFound(format!(
-                    "unknown node \"{id}\" in pool \"{pool}\""
-                )));
-            }
-            if !p.nodes.iter().any(|n| n.id != id && !n.backup) {
-                return Err(AdminError::Conflict(format!(
-                    "removing \"{id}\" would leave pool \"{pool}\" without a primary (non-backup) node"
-                )));
-            }
-            Ok(())
-        };
-        self.change(check, |cfg| {
-            if let Some(pc) = cfg.pools.get_mut(pool) {
-                pc.nodes.retain(|n| n.id != id);
-            }
-            cfg.validate().map_err(|e| validation_error(e, "-"))
-        })
-    }
-
-    /// `check` the active topology (before the lock, for a quick refusal, and again
-    /// under it), `edit` the running config rebuilt from it, and load the result; drained
-    /// nodes stay drained.
-    fn change(
-        &self,
-        check: impl Fn(&Topology) -> Result<(), AdminError>,
-        edit: impl FnOnce(&mut Config) -> Result<(), AdminError>,
-    ) -> Result<(), AdminError> {
-        check(&*self.topology()?)?;
-        let mut refused = None;
-        let r = self.reconfigure(flags::DRAINING, |old| {
-            let built = check(old).and_then(|()| {
-                let mut cfg = running_config(self.region(), old);
-                edit(&mut cfg)?;
-                Ok(cfg)
-            });
-            built.map_err(|e| {
-                let msg = e.to_string();
-                refused = Some(e);
-                Error::Invalid(msg)
-            })
-        });
-        match refused {
-            Some(e) => Err(e),
-            None => r.map_err(AdminError::from),
+/// Add a node to `pool` (it starts in slow start with nothing learned). Refused
+/// with nothing changed when the pool is unknown, the id exists, a field is
+/// invalid or the address does not resolve, or the region has no room. Returns the
+/// new node's slot.
+pub fn add_node(b: &Balancer, pool: &str, node: NodeConfig) -> Result<u32, AdminError> {
+    let topo = b.topology()?;
+    let p = topo.pool(pool).ok_or_else(|| unknown_pool(pool))?;
+    // The node alone first (as a primary of a throwaway pool, without the blocks
+    // that name other pools): its fields and its address, resolved here, outside
+    // the shared lock.
+    let mut alone = Config::default();
+    alone.pools.insert(
+        pool.to_string(),
+        PoolConfig {
+            nodes: vec![NodeConfig {
+                backup: false,
+                ..node.clone()
+            }],
+            canary: None,
+            emergency: None,
+            ..pool_config(b.region(), p)
+        },
+    );
+    alone
+        .validate()
+        .map_err(|e| validation_error(e, &format!("pools.{pool}.nodes[0]")))?;
+    let resolved = alone.pools[pool].nodes[0].resolved;
+    let id = node.id.clone();
+    let check = |t: &Topology| -> Result<(), AdminError> {
+        let p = t.pool(pool).ok_or_else(|| unknown_pool(pool))?;
+        if p.nodes.iter().any(|n| n.id == id) {
+            return Err(AdminError::Conflict(format!(
+                "node \"{id}\" already exists in pool \"{pool}\""
+            )));
         }
+        Ok(())
+    };
+    change(b, check, |cfg| {
+        let pc = cfg.pools.get_mut(pool).ok_or_else(|| unknown_pool(pool))?;
+        let k = pc.nodes.len();
+        pc.nodes.push(NodeConfig { resolved, ..node });
+        cfg.validate()
+            .map_err(|e| validation_error(e, &format!("pools.{pool}.nodes[{k}]")))
+    })?;
+    Ok(b.node_index(pool, &id)?)
+}
+
+/// Remove a node from `pool`: it is picked no more, tries in flight on it finish
+/// and are reported. Refused with nothing changed when the pool or node is unknown
+/// or the pool would be left without a primary node.
+pub fn remove_node(b: &Balancer, pool: &str, id: &str) -> Result<(), AdminError> {
+    let check = |t: &Topology| -> Result<(), AdminError> {
+        let p = t.pool(pool).ok_or_else(|| unknown_pool(pool))?;
+        if !p.nodes.iter().any(|n| n.id == id) {
+            return Err(AdminError::NotFound(format!(
+                "unknown node \"{id}\" in pool \"{pool}\""
+            )));
+        }
+        if !p.nodes.iter().any(|n| n.id != id && !n.backup) {
+            return Err(AdminError::Conflict(format!(
+                "removing \"{id}\" would leave pool \"{pool}\" without a primary (non-backup) node"
+            )));
+        }
+        Ok(())
+    };
+    change(b, check, |cfg| {
+        if let Some(pc) = cfg.pools.get_mut(pool) {
+            pc.nodes.retain(|n| n.id != id);
+        }
+        cfg.validate().map_err(|e| validation_error(e, "-"))
+    })
+}
+
+/// `check` the active topology (before the lock, for a quick refusal, and again
+/// under it), `edit` the running config rebuilt from it, and load the result; drained
+/// nodes stay drained.
+fn change(
+    b: &Balancer,
+    check: impl Fn(&Topology) -> Result<(), AdminError>,
+    edit: impl FnOnce(&mut Config) -> Result<(), AdminError>,
+) -> Result<(), AdminError> {
+    check(&*b.topology()?)?;
+    let mut refused = None;
+    let r = b.reconfigure(flags::DRAINING, |old| {
+        let built = check(old).and_then(|()| {
+            let mut cfg = running_config(b.region(), old);
+            edit(&mut cfg)?;
+            Ok(cfg)
+        });
+        built.map_err(|e| {
+            let msg = e.to_string();
+            refused = Some(e);
+            Error::Invalid(msg)
+        })
+    });
+    match refused {
+        Some(e) => Err(e),
+        None => r.map_err(AdminError::from),
     }
 }

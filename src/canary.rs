@@ -65,10 +65,16 @@ impl State {
     /// word of a step always comes with that step's share (or a later one), never with
     /// the share from before it.
     pub fn load(ps: &PoolSlot) -> State {
+        // Acquire pairs with the Release of the ramp word in `canary_tick` (a step's
+        // exchange, a rollback's store): that step's share, or the rollback's share and
+        // flag, are visible below. The configure's stores ride on the generation.
         let ramp = ps.canary_ramp.load(Ordering::Acquire);
         State {
+            // Acquire pairs with the rollback's Release store of the share in
+            // `canary_tick`: a share of 0 from a rollback comes with its flag.
             share: ps.canary_share.load(Ordering::Acquire),
-            rolled_back: ps.canary_rolled_back.load(Ordering::Acquire) != 0,
+            // Relaxed: the last load; it publishes nothing, the two above order it.
+            rolled_back: ps.canary_rolled_back.load(Ordering::Relaxed) != 0,
             ramp,
         }
     }
@@ -170,157 +176,172 @@ fn rate(totals: &Totals) -> String {
     )
 }
 
-impl Balancer {
-    /// Pool `pool`'s canary pool slot (None: no canary) and share in parts per 10,000.
-    /// Per request: atomic loads only, no lock, no allocation.
-    pub fn canary(&self, pool: u32) -> Result<(Option<u32>, u32), Error> {
-        let live = |p: &&PoolSlot| p.in_use.load(Ordering::Acquire) != 0;
-        let ps = self
-            .region()
-            .pool(pool)
-            .filter(live)
-            .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))?;
-        let c = ps.canary_pool.load(Ordering::Relaxed);
-        match c.checked_sub(1) {
-            Some(slot) if self.region().pool(slot).filter(live).is_some() => {
-                Ok((Some(slot), ps.canary_share.load(Ordering::Relaxed).min(PARTS)))
-            }
-            _ => Ok((None, 0)),
+/// Pool `pool`'s canary pool slot (None: no canary) and share in parts per 10,000.
+/// Per request: atomic loads only, no lock, no allocation.
+pub fn canary(b: &Balancer, pool: u32) -> Result<(Option<u32>, u32), Error> {
+    let live = |p: &&PoolSlot| p.in_use.load(Ordering::Acquire) != 0;
+    // Acquire pairs with the Release store of `in_use` in `Balancer::configure`
+    // (`apply`): the canary fields read below were stored before it.
+    let ps = b
+        .region()
+        .pool(pool)
+        .filter(live)
+        .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))?;
+    let c = ps.canary_pool.load(Ordering::Relaxed);
+    match c.checked_sub(1) {
+        Some(slot) if b.region().pool(slot).filter(live).is_some() => {
+            Ok((Some(slot), ps.canary_share.load(Ordering::Relaxed).min(PARTS)))
         }
+        _ => Ok((None, 0)),
     }
+}
 
-    /// Run the ramp and rollback of every canary once (each worker's timer calls this
-    /// about once a second); returns what was done, for the error log.
-    pub fn canary_tick(&self) -> Result<Vec<CanaryEvent>, Error> {
-        let now = clock::now_ms();
-        let topo = self.topology()?;
-        let mut events = Vec::new();
-        for p in &topo.pools {
-            let Some(c) = &p.canary else { continue };
-            let Some(cp) = topo.pool(&c.pool) else { continue };
-            let region = self.region();
-            let (Some(ps), Some(cs)) = (region.pool(p.slot), region.pool(cp.slot)) else {
-                continue;
-            };
-            let st = State::load(ps);
-            let primary = tally::pool_window(region, p.slot, now);
-            let canary = tally::window_totals(
-                region,
-                cp.slot,
-                now,
-                cs.window_ms.load(Ordering::Relaxed),
-                ps.canary_since_ms.load(Ordering::Relaxed),
-            );
-            let event = |rollback: bool, message: String| CanaryEvent {
-                pool: p.name.clone(),
-                rollback,
-                message,
-            };
-            match decide(now, c, &st, &primary, &canary) {
-                Decision::Hold => {}
-                Decision::Rollback {
-                    canary_rate,
-                    primary_rate,
-                } => {
-                    // One process wins the flag and does the rest.
-                    if ps
-                        .canary_rolled_back
-                        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
-                    {
-                        ps.canary_share.store(0, Ordering::Release);
-                        ps.canary_ramp.store(0, Ordering::Relaxed);
-                        ps.canary_since_ms.store(now, Ordering::Relaxed);
-                        ps.canary_rollbacks_total.fetch_add(1, Ordering::Relaxed);
-                        let margin = c.rollback.as_ref().map_or(0.0, |r| r.margin);
-                        events.push(event(
-                            true,
-                            format!(
-                                "pool {} canary {} ROLLED BACK (share {} -> 0): canary success rate {} is below the primary's {} minus the margin {:.1}% ({:.1}% < {:.1}%) over the last {} ms",
-                                p.name,
-                                c.pool,
-                                percent(st.share),
-                                rate(&canary),
-                                rate(&primary),
-                                margin * 100.0,
-                                canary_rate * 100.0,
-                                (primary_rate - margin) * 100.0,
-                                cs.window_ms.load(Ordering::Relaxed)
-                            ),
-                        ));
-                    }
-                }
-                Decision::Step { to, ramp } => {
-                    // The share, then the ramp word (see `State::load`); the ramp word's
-                    // exchange is the claim: one process reports each step.
-                    if ps
-                        .canary_share
-                        .compare_exchange(st.share, to, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
-                        && ps
-                            .canary_ramp
-                            .compare_exchange(st.ramp, ramp, Ordering::AcqRel, Ordering::Relaxed)
-                            .is_ok()
-                    {
-                        let next = if ramp == 0 {
-                            "ramp complete".to_string()
-                        } else {
-                            format!("next step in {} s", c.ramp.as_ref().map_or(0, |r| r.every_s))
-                        };
-                        events.push(event(
-                            false,
-                            format!(
-                                "pool {} canary {} share {} -> {} (ramp; {next})",
-                                p.name,
-                                c.pool,
-                                percent(unpack_ramp(st.ramp).1),
-                                percent(to)
-                            ),
-                        ));
-                    }
-                }
-                Decision::EndRamp => {
-                    if ps
-                        .canary_ramp
-                        .compare_exchange(st.ramp, 0, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
-                        && !st.rolled_back
-                    {
-                        events.push(event(
-                            false,
-                            format!(
-                                "pool {} canary {} ramp stopped: the share was set to {} by hand",
-                                p.name,
-                                c.pool,
-                                percent(st.share)
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(events)
-    }
-
-    /// Pool `name`'s canary as it stands (None: the pool has none).
-    pub fn canary_state(&self, name: &str) -> Result<Option<CanaryState>, Error> {
-        let topo = self.topology()?;
-        let p = topo
-            .pool(name)
-            .ok_or_else(|| Error::Invalid(format!("unknown pool \"{name}\"")))?;
-        let Some(c) = &p.canary else { return Ok(None) };
-        let ps = self.region().pool(p.slot).expect("topology slot in range");
+/// Run the ramp and rollback of every canary once (each worker's timer calls this
+/// about once a second); returns what was done, for the error log.
+pub fn canary_tick(b: &Balancer) -> Result<Vec<CanaryEvent>, Error> {
+    let now = clock::now_ms();
+    let topo = b.topology()?;
+    let mut events = Vec::new();
+    for p in &topo.pools {
+        let Some(c) = &p.policy.canary else { continue };
+        let Some(cp) = topo.pool(&c.pool) else { continue };
+        let region = b.region();
+        let (Some(ps), Some(cs)) = (region.pool(p.slot), region.pool(cp.slot)) else {
+            continue;
+        };
         let st = State::load(ps);
-        let now = clock::now_ms();
-        Ok(Some(CanaryState {
-            canary: c.pool.clone(),
-            share: st.share as f64 / PARTS as f64,
-            key: c.key.clone().into(),
-            rolled_back: st.rolled_back,
-            rollbacks: ps.canary_rollbacks_total.load(Ordering::Relaxed),
-            ramp_next_in_ms: (st.ramp != 0).then(|| unpack_ramp(st.ramp).0.saturating_sub(now)),
-        }))
+        let primary = tally::pool_window(region, p.slot, now);
+        let canary = tally::window_totals(
+            region,
+            cp.slot,
+            now,
+            cs.window_ms.load(Ordering::Relaxed),
+            ps.canary_since_ms.load(Ordering::Relaxed),
+        );
+        let event = |rollback: bool, message: String| CanaryEvent {
+            pool: p.name.clone(),
+            rollback,
+            message,
+        };
+        match decide(now, c, &st, &primary, &canary) {
+            Decision::Hold => {}
+            Decision::Rollback {
+                canary_rate,
+                primary_rate,
+            } => {
+                // One process wins the flag and does the rest. AcqRel, kept in
+                // doubt: the flag decides the winner; the two Release stores below
+                // are what publish it.
+                if ps
+                    .canary_rolled_back
+                    .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    // Release pairs with the share's Acquire in `State::load`.
+                    ps.canary_share.store(0, Ordering::Release);
+                    // Release pairs with the ramp word's Acquire in `State::load`: a
+                    // reader that sees the ramp cleared by the rollback also sees the
+                    // share of 0 and the flag (Relaxed let it see them stale).
+                    ps.canary_ramp.store(0, Ordering::Release);
+                    ps.canary_since_ms.store(now, Ordering::Relaxed);
+                    ps.canary_rollbacks_total.fetch_add(1, Ordering::Relaxed);
+                    let margin = c.rollback.as_ref().map_or(0.0, |r| r.margin);
+                    events.push(event(
+                        true,
+                        format!(
+                            "pool {} canary {} ROLLED BACK (share {} -> 0): canary success rate {} is below the primary's {} minus the margin {:.1}% ({:.1}% < {:.1}%) over the last {} ms",
+                            p.name,
+                            c.pool,
+                            percent(st.share),
+                            rate(&canary),
+                            rate(&primary),
+                            margin * 100.0,
+                            canary_rate * 100.0,
+                            (primary_rate - margin) * 100.0,
+                            cs.window_ms.load(Ordering::Relaxed)
+                        ),
+                    ));
+                }
+            }
+            Decision::Step { to, ramp } => {
+                // The share, then the ramp word (see `State::load`); the ramp word's
+                // exchange is the claim: one process reports each step. The share's
+                // AcqRel is kept in doubt (its Release pairs with the share's Acquire
+                // in `State::load`, publishing nothing before it); the ramp word's
+                // Release pairs with the ramp's Acquire in `State::load` and
+                // publishes the share.
+                if ps
+                    .canary_share
+                    .compare_exchange(st.share, to, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                    && ps
+                        .canary_ramp
+                        .compare_exchange(st.ramp, ramp, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    let next = if ramp == 0 {
+                        "ramp complete".to_string()
+                    } else {
+                        format!("next step in {} s", c.ramp.as_ref().map_or(0, |r| r.every_s))
+                    };
+                    events.push(event(
+                        false,
+                        format!(
+                            "pool {} canary {} share {} -> {} (ramp; {next})",
+                            p.name,
+                            c.pool,
+                            percent(unpack_ramp(st.ramp).1),
+                            percent(to)
+                        ),
+                    ));
+                }
+            }
+            Decision::EndRamp => {
+                // AcqRel: the Release pairs with the ramp's Acquire in `State::load`,
+                // as a step's does (it publishes nothing new: the share was set by
+                // hand or by the rollback, each with its own Release).
+                if ps
+                    .canary_ramp
+                    .compare_exchange(st.ramp, 0, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                    && !st.rolled_back
+                {
+                    events.push(event(
+                        false,
+                        format!(
+                            "pool {} canary {} ramp stopped: the share was set to {} by hand",
+                            p.name,
+                            c.pool,
+                            percent(st.share)
+                        ),
+                    ));
+                }
+            }
+        }
     }
+    Ok(events)
+}
+
+/// Pool `name`'s canary as it stands (None: the pool has none).
+pub fn canary_state(b: &Balancer, name: &str) -> Result<Option<CanaryState>, Error> {
+    let topo = b.topology()?;
+    let p = topo
+        .pool(name)
+        .ok_or_else(|| Error::Invalid(format!("unknown pool \"{name}\"")))?;
+    let Some(c) = &p.policy.canary else {
+        return Ok(None);
+    };
+    let ps = b.region().pool(p.slot).expect("topology slot in range");
+    let st = State::load(ps);
+    let now = clock::now_ms();
+    Ok(Some(CanaryState {
+        canary: c.pool.clone(),
+        share: st.share as f64 / PARTS as f64,
+        key: c.key.clone().into(),
+        rolled_back: st.rolled_back,
+        rollbacks: ps.canary_rollbacks_total.load(Ordering::Relaxed),
+        ramp_next_in_ms: (st.ramp != 0).then(|| unpack_ramp(st.ramp).0.saturating_sub(now)),
+    }))
 }
 
 #[cfg(test)]

@@ -200,201 +200,226 @@ fn unix_time() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-impl Balancer {
-    /// Run the overload detector over every pool with an `emergency` section at
-    /// `now_ms` (coarse monotonic, [`crate::shm::clock::now_ms`]) and perform the
-    /// transitions it decides. Returns the transitions this call won (each exactly once
-    /// across all processes), for alerting. Any process may call it at any time.
-    pub fn emergency_tick(&self, now_ms: u64) -> Result<Vec<Transition>, Error> {
-        let topo = self.topology()?;
-        let region = self.region();
-        let mut out = Vec::new();
-        let mut calm = self.calm_since().lock();
-        for p in &topo.pools {
-            let ps = region.pool(p.slot).expect("topology slot in range");
-            let bits = ps.emergency.load(Ordering::Acquire);
-            let Some(cfg) = &p.emergency else {
-                calm.remove(&p.slot);
-                // A reload took the section away while the detector had the pool in
-                // emergency: nothing would ever end it.
-                if bits == ACTIVE
-                    && ps
-                        .emergency
-                        .compare_exchange(ACTIVE, 0, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                {
-                    let t = tally::pool_window(self.region(), p.slot, now_ms);
-                    let reason = "the pool has no emergency section any more".to_string();
-                    out.push(self.transition(p, &topo.pools, "exit", reason, false, exit_ratio(&t), t));
-                }
-                continue;
-            };
-            if bits & (FORCED_ON | FORCED_OFF) != 0 {
-                calm.remove(&p.slot);
-                continue;
-            }
-            let t = tally::pool_window(self.region(), p.slot, now_ms);
-            let params = Params::new(cfg, p.window_ms);
-            let mut since = calm.get(&p.slot).copied();
-            let decision = decide(bits & ACTIVE != 0, &t, &mut since, now_ms, &params);
-            match since {
-                Some(s) => calm.insert(p.slot, s),
-                None => calm.remove(&p.slot),
-            };
-            let (from, to, event, reason, ratio) = match decision {
-                Decision::Hold => continue,
-                Decision::Enter { ratio } => (
-                    0,
-                    ACTIVE,
-                    "enter",
-                    format!(
-                        "busy ratio {ratio:.3} >= {} ({} busy + {} shed of {} offered)",
-                        params.enter,
-                        t.busy,
-                        t.shed,
-                        t.requests + t.shed
-                    ),
-                    ratio,
-                ),
-                Decision::Exit { ratio } => (
-                    ACTIVE,
-                    0,
-                    "exit",
-                    format!(
-                        "busy ratio {ratio:.3} < {} for {} ms",
-                        params.exit, params.healthy_window_ms
-                    ),
-                    ratio,
-                ),
-            };
-            // Exactly one process wins each transition; a forced change in between
-            // makes the exchange fail.
-            if ps
-                .emergency
-                .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
+/// Run the overload detector over every pool with an `emergency` section at
+/// `now_ms` (coarse monotonic, [`crate::shm::clock::now_ms`]) and perform the
+/// transitions it decides. Returns the transitions this call won (each exactly once
+/// across all processes), for alerting. Any process may call it at any time.
+pub fn emergency_tick(b: &Balancer, now_ms: u64) -> Result<Vec<Transition>, Error> {
+    let topo = b.topology()?;
+    let region = b.region();
+    let mut out = Vec::new();
+    let mut calm = b.calm_since().lock();
+    for p in &topo.pools {
+        let ps = region.pool(p.slot).expect("topology slot in range");
+        // Acquire pairs with the Release of the transitions below and in
+        // `force_emergency` (kept in doubt: the decision reads counters only).
+        let bits = ps.emergency.load(Ordering::Acquire);
+        let Some(cfg) = &p.policy.emergency else {
+            calm.remove(&p.slot);
+            // A reload took the section away while the detector had the pool in
+            // emergency: nothing would ever end it.
+            if bits == ACTIVE
+                && ps
+                    .emergency
+                    // AcqRel pairs with the Acquire loads of the word (here, `admit::admit`,
+                    // `spill_target`); the failure value is unused: Relaxed.
+                    .compare_exchange(ACTIVE, 0, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
             {
-                continue;
+                let t = tally::pool_window(b.region(), p.slot, now_ms);
+                let reason = "the pool has no emergency section any more".to_string();
+                out.push(transition(
+                    b,
+                    p,
+                    &topo.pools,
+                    "exit",
+                    reason,
+                    false,
+                    exit_ratio(&t),
+                    t,
+                ));
             }
-            if to == ACTIVE {
-                ps.emergency_since_ms.store(now_ms, Ordering::Relaxed);
-                ps.emergency_entries_total.fetch_add(1, Ordering::Relaxed);
-            }
-            out.push(self.transition(p, &topo.pools, event, reason, false, ratio, t));
-        }
-        Ok(out)
-    }
-
-    /// Force emergency mode on or off for `pool`, or hand it back to the detector
-    /// (`Auto`, which keeps the current state). Returns the transition when the pool's
-    /// state changed (for alerting), `None` when it did not.
-    pub fn force_emergency(&self, pool: u32, mode: EmergencyMode) -> Result<Option<Transition>, Error> {
-        let ps = self
-            .region()
-            .pool(pool)
-            .filter(|p| p.in_use.load(Ordering::Acquire) != 0)
-            .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))?;
-        let now = crate::shm::clock::now_ms();
-        let before = ps
-            .emergency
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
-                Some(match mode {
-                    EmergencyMode::Auto => e & ACTIVE,
-                    EmergencyMode::On => ACTIVE | FORCED_ON,
-                    EmergencyMode::Off => FORCED_OFF,
-                })
-            })
-            .unwrap_or_else(|e| e);
-        let was = before & ACTIVE != 0;
-        let now_active = match mode {
-            EmergencyMode::Auto => was,
-            EmergencyMode::On => true,
-            EmergencyMode::Off => false,
+            continue;
         };
-        if was == now_active {
-            return Ok(None);
+        if bits & (FORCED_ON | FORCED_OFF) != 0 {
+            calm.remove(&p.slot);
+            continue;
         }
-        if now_active {
-            ps.emergency_since_ms.store(now, Ordering::Relaxed);
+        let t = tally::pool_window(b.region(), p.slot, now_ms);
+        let params = Params::new(cfg, p.policy.window_ms);
+        let mut since = calm.get(&p.slot).copied();
+        let decision = decide(bits & ACTIVE != 0, &t, &mut since, now_ms, &params);
+        match since {
+            Some(s) => calm.insert(p.slot, s),
+            None => calm.remove(&p.slot),
+        };
+        let (from, to, event, reason, ratio) = match decision {
+            Decision::Hold => continue,
+            Decision::Enter { ratio } => (
+                0,
+                ACTIVE,
+                "enter",
+                format!(
+                    "busy ratio {ratio:.3} >= {} ({} busy + {} shed of {} offered)",
+                    params.enter,
+                    t.busy,
+                    t.shed,
+                    t.requests + t.shed
+                ),
+                ratio,
+            ),
+            Decision::Exit { ratio } => (
+                ACTIVE,
+                0,
+                "exit",
+                format!(
+                    "busy ratio {ratio:.3} < {} for {} ms",
+                    params.exit, params.healthy_window_ms
+                ),
+                ratio,
+            ),
+        };
+        // Exactly one process wins each transition; a forced change in between
+        // makes the exchange fail. Release pairs with the Acquire loads of the word
+        // in `admit::admit` and `spill_target`: this process synced to the
+        // topology it judged (`topology()`), so a reader that sees ACTIVE also sees
+        // that config's `shed_below`. The failure value is unused.
+        if ps
+            .emergency
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            continue;
+        }
+        if to == ACTIVE {
+            ps.emergency_since_ms.store(now_ms, Ordering::Relaxed);
             ps.emergency_entries_total.fetch_add(1, Ordering::Relaxed);
         }
-        let topo = self.topology()?;
-        let Some(p) = topo.pools.iter().find(|p| p.slot == pool) else {
-            return Ok(None);
-        };
-        let t = tally::pool_window(self.region(), pool, now);
-        let event = if now_active { "enter" } else { "exit" };
-        let ratio = if now_active {
-            t.busy_ratio()
-        } else {
-            exit_ratio(&t)
-        };
-        Ok(Some(self.transition(
-            p,
-            &topo.pools,
-            event,
-            "forced".into(),
-            true,
-            ratio,
-            t,
-        )))
+        out.push(transition(b, p, &topo.pools, event, reason, false, ratio, t));
     }
+    Ok(out)
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn transition(
-        &self,
-        p: &PoolTopo,
-        pools: &[PoolTopo],
-        event: &'static str,
-        reason: String,
-        forced: bool,
-        busy_ratio: f64,
-        t: Totals,
-    ) -> Transition {
-        let region = self.region();
-        let ps = region.pool(p.slot).expect("topology slot in range");
-        let backup = ps.backup_pool.load(Ordering::Relaxed);
-        let nodes = p
-            .nodes
-            .iter()
-            .map(|n| {
-                let s = node::stats(region, n.slot);
-                AlertNode {
-                    id: n.id.clone(),
-                    state: s.state,
-                    inflight: s.inflight,
-                    limit: s.limit,
-                    backup: n.backup,
-                }
+/// Force emergency mode on or off for `pool`, or hand it back to the detector.
+/// Forcing on enters emergency at once; forcing off leaves it at once.
+pub fn set_emergency_mode(b: &Balancer, pool: u32, mode: EmergencyMode) -> Result<(), Error> {
+    force_emergency(b, pool, mode).map(|_| ())
+}
+
+/// Force emergency mode on or off for `pool`, or hand it back to the detector
+/// (`Auto`, which keeps the current state). Returns the transition when the pool's
+/// state changed (for alerting), `None` when it did not.
+pub fn force_emergency(b: &Balancer, pool: u32, mode: EmergencyMode) -> Result<Option<Transition>, Error> {
+    let ps = b
+        .region()
+        .pool(pool)
+        // Acquire pairs with the Release store of `in_use` in `Balancer::configure`.
+        .filter(|p| p.in_use.load(Ordering::Acquire) != 0)
+        .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))?;
+    let now = crate::shm::clock::now_ms();
+    let before = ps
+        .emergency
+        // AcqRel as in `emergency_tick`'s transitions (Release pairs with the loads
+        // in `admit::admit` and `spill_target`). A failed try's value only
+        // feeds the next try: Relaxed.
+        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |e| {
+            Some(match mode {
+                EmergencyMode::Auto => e & ACTIVE,
+                EmergencyMode::On => ACTIVE | FORCED_ON,
+                EmergencyMode::Off => FORCED_OFF,
             })
-            .collect();
-        Transition {
-            pool: p.name.clone(),
-            event,
-            reason,
-            forced,
-            busy_ratio,
-            counts: Counts {
-                window_ms: ps.window_ms.load(Ordering::Relaxed),
-                requests: t.requests,
-                busy: t.busy,
-                failures: t.failures,
-                shed: t.shed,
-                entries_total: ps.emergency_entries_total.load(Ordering::Relaxed),
-                shed_total: ps.shed_total.load(Ordering::Relaxed),
-            },
-            shed_below: ps.shed_below.load(Ordering::Relaxed),
-            backup_pool: (backup != 0)
-                .then(|| {
-                    pools
-                        .iter()
-                        .find(|q| q.slot == backup - 1)
-                        .map(|q| q.name.clone())
-                })
-                .flatten(),
-            nodes,
-            time: unix_time(),
-        }
+        })
+        .unwrap_or_else(|e| e);
+    let was = before & ACTIVE != 0;
+    let now_active = match mode {
+        EmergencyMode::Auto => was,
+        EmergencyMode::On => true,
+        EmergencyMode::Off => false,
+    };
+    if was == now_active {
+        return Ok(None);
+    }
+    if now_active {
+        ps.emergency_since_ms.store(now, Ordering::Relaxed);
+        ps.emergency_entries_total.fetch_add(1, Ordering::Relaxed);
+    }
+    let topo = b.topology()?;
+    let Some(p) = topo.pools.iter().find(|p| p.slot == pool) else {
+        return Ok(None);
+    };
+    let t = tally::pool_window(b.region(), pool, now);
+    let event = if now_active { "enter" } else { "exit" };
+    let ratio = if now_active {
+        t.busy_ratio()
+    } else {
+        exit_ratio(&t)
+    };
+    Ok(Some(transition(
+        b,
+        p,
+        &topo.pools,
+        event,
+        "forced".into(),
+        true,
+        ratio,
+        t,
+    )))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn transition(
+    b: &Balancer,
+    p: &PoolTopo,
+    pools: &[PoolTopo],
+    event: &'static str,
+    reason: String,
+    forced: bool,
+    busy_ratio: f64,
+    t: Totals,
+) -> Transition {
+    let region = b.region();
+    let ps = region.pool(p.slot).expect("topology slot in range");
+    let backup = ps.backup_pool.load(Ordering::Relaxed);
+    let nodes = p
+        .nodes
+        .iter()
+        .map(|n| {
+            let s = node::stats(region, n.slot);
+            AlertNode {
+                id: n.id.clone(),
+                state: s.state,
+                inflight: s.inflight,
+                limit: s.limit,
+                backup: n.backup,
+            }
+        })
+        .collect();
+    Transition {
+        pool: p.name.clone(),
+        event,
+        reason,
+        forced,
+        busy_ratio,
+        counts: Counts {
+            window_ms: ps.window_ms.load(Ordering::Relaxed),
+            requests: t.requests,
+            busy: t.busy,
+            failures: t.failures,
+            shed: t.shed,
+            entries_total: ps.emergency_entries_total.load(Ordering::Relaxed),
+            shed_total: ps.shed_total.load(Ordering::Relaxed),
+        },
+        shed_below: ps.shed_below.load(Ordering::Relaxed),
+        backup_pool: (backup != 0)
+            .then(|| {
+                pools
+                    .iter()
+                    .find(|q| q.slot == backup - 1)
+                    .map(|q| q.name.clone())
+            })
+            .flatten(),
+        nodes,
+        time: unix_time(),
     }
 }
 

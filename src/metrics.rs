@@ -263,11 +263,13 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
             "primary"
         };
         let pool_labels = labels(&[("pool", &p.name), ("arm", arm)]);
-        let (reference_us, decay_ms) = local
-            .get(&p.slot)
-            .map_or((p.ewma.default_rtt_ms as f64 * 1000.0, p.ewma.decay_ms), |l| {
-                (l.reference_us, l.decay_ms)
-            });
+        let (reference_us, decay_ms) = local.get(&p.slot).map_or(
+            (
+                p.policy.ewma.default_rtt_ms as f64 * 1000.0,
+                p.policy.ewma.decay_ms,
+            ),
+            |l| (l.reference_us, l.decay_ms),
+        );
         let first = nodes.len();
         for n in &p.nodes {
             let Some(slot) = region.node(n.slot) else { continue };
@@ -309,7 +311,7 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
         let (requests, retries) = tally::pool_counts(region, p.slot);
         pools.push(PoolSnap {
             labels: pool_labels,
-            algorithm: serde_json::to_value(p.algorithm)
+            algorithm: serde_json::to_value(p.policy.algorithm)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),

@@ -20,10 +20,15 @@ use crate::topology::{PoolTopo, Topology};
 pub fn store_pool(region: &Region, old: &Topology, new: &Topology, p: &PoolTopo, now: u64) {
     let ps = region.pool(p.slot).expect("topology slot in range");
     store_policy(ps, p);
-    let canary_slot = p.canary.as_ref().and_then(|c| new.pool(&c.pool)).map(|c| c.slot);
+    let canary_slot = p
+        .policy
+        .canary
+        .as_ref()
+        .and_then(|c| new.pool(&c.pool))
+        .map(|c| c.slot);
     store_canary(ps, old.pool(&p.name), p, canary_slot, now);
     if let Some(qp) = region.queue_pool(p.slot) {
-        store_admission(qp, &p.admission);
+        store_admission(qp, &p.policy.admission);
     }
     store_emergency(ps, p, &|name| new.pool(name).map(|q| q.slot));
 }
@@ -31,29 +36,29 @@ pub fn store_pool(region: &Region, old: &Topology, new: &Topology, p: &PoolTopo,
 /// Copy a pool's policy into its shared slot, where the report path reads it.
 fn store_policy(ps: &PoolSlot, p: &PoolTopo) {
     let set = |cell: &AtomicU32, v: u32| cell.store(v, Ordering::Relaxed);
-    set(&ps.decay_ms, p.ewma.decay_ms);
-    set(&ps.penalty_ms, p.ewma.penalty_ms);
-    set(&ps.penalty_cap_ms, p.ewma.penalty_cap_ms);
-    set(&ps.limit_enabled, p.limit.enabled as u32);
-    set(&ps.limit_min, p.limit.min);
-    set(&ps.limit_max, p.limit.max);
-    set(&ps.limit_increase_every, p.limit.increase_every);
-    set(&ps.quota_retry_after_ms, p.cooldown.quota_retry_after_ms);
-    set(&ps.quota_after, p.cooldown.quota_after);
-    set(&ps.cooldown_base_ms, p.cooldown.base_ms);
-    set(&ps.cooldown_max_ms, p.cooldown.max_ms);
-    set(&ps.honor_retry_after, p.cooldown.honor_retry_after as u32);
-    set(&ps.max_retry_after_ms, p.cooldown.max_retry_after_ms);
-    set(&ps.eject_after, p.outlier.consecutive_failures);
-    set(&ps.eject_base_ms, p.outlier.base_ms);
-    set(&ps.eject_max_ms, p.outlier.max_ms);
-    set(&ps.eject_max_percent, p.outlier.max_ejected_percent);
-    set(&ps.budget_ratio, (p.retry.budget_ratio as f32).to_bits());
-    set(&ps.budget_min_per_s, p.retry.min_per_s);
-    set(&ps.budget_window_ms, p.retry.window_ms);
-    set(&ps.slow_start_ms, p.slow_start_ms);
-    set(&ps.default_rtt_ms, p.ewma.default_rtt_ms);
-    set(&ps.window_ms, p.window_ms);
+    set(&ps.decay_ms, p.policy.ewma.decay_ms);
+    set(&ps.penalty_ms, p.policy.ewma.penalty_ms);
+    set(&ps.penalty_cap_ms, p.policy.ewma.penalty_cap_ms);
+    set(&ps.limit_enabled, p.policy.limit.enabled as u32);
+    set(&ps.limit_min, p.policy.limit.min);
+    set(&ps.limit_max, p.policy.limit.max);
+    set(&ps.limit_increase_every, p.policy.limit.increase_every);
+    set(&ps.quota_retry_after_ms, p.policy.cooldown.quota_retry_after_ms);
+    set(&ps.quota_after, p.policy.cooldown.quota_after);
+    set(&ps.cooldown_base_ms, p.policy.cooldown.base_ms);
+    set(&ps.cooldown_max_ms, p.policy.cooldown.max_ms);
+    set(&ps.honor_retry_after, p.policy.cooldown.honor_retry_after as u32);
+    set(&ps.max_retry_after_ms, p.policy.cooldown.max_retry_after_ms);
+    set(&ps.eject_after, p.policy.outlier.consecutive_failures);
+    set(&ps.eject_base_ms, p.policy.outlier.base_ms);
+    set(&ps.eject_max_ms, p.policy.outlier.max_ms);
+    set(&ps.eject_max_percent, p.policy.outlier.max_ejected_percent);
+    set(&ps.budget_ratio, (p.policy.retry.budget_ratio as f32).to_bits());
+    set(&ps.budget_min_per_s, p.policy.retry.min_per_s);
+    set(&ps.budget_window_ms, p.policy.retry.window_ms);
+    set(&ps.slow_start_ms, p.policy.slow_start_ms);
+    set(&ps.default_rtt_ms, p.policy.ewma.default_rtt_ms);
+    set(&ps.window_ms, p.policy.window_ms);
 }
 
 /// Copy a pool's admission parameters into its shared slot (configure, lock held).
@@ -70,7 +75,8 @@ pub fn store_admission(qp: &QueuePool, cfg: &AdmissionConfig) {
     for (i, cell) in qp.class_max_queue.iter().enumerate() {
         set(cell, cfg.classes.get(i).map_or(0, |c| c.max_queue));
     }
-    // Release: the parameters above are visible to whoever sees queueing on.
+    // Release pairs with the Acquire in `admit::admit`: the parameters above are
+    // visible to whoever sees queueing on.
     qp.enabled.store(cfg.enabled as u32, Ordering::Release);
 }
 
@@ -114,7 +120,7 @@ fn store_canary(ps: &PoolSlot, old: Option<&PoolTopo>, new: &PoolTopo, canary_sl
         // A new pool, maybe in a slot another pool left.
         ps.canary_rollbacks_total.store(0, relaxed);
     }
-    let Some((c, slot)) = new.canary.as_ref().zip(canary_slot) else {
+    let Some((c, slot)) = new.policy.canary.as_ref().zip(canary_slot) else {
         ps.canary_pool.store(0, relaxed);
         ps.canary_share.store(0, relaxed);
         ps.canary_rolled_back.store(0, relaxed);
@@ -123,7 +129,7 @@ fn store_canary(ps: &PoolSlot, old: Option<&PoolTopo>, new: &PoolTopo, canary_sl
         return;
     };
     ps.canary_pool.store(slot + 1, relaxed);
-    if old.and_then(|o| o.canary.as_ref()) == Some(c) {
+    if old.and_then(|o| o.policy.canary.as_ref()) == Some(c) {
         return; // unchanged: keep the live share, rollback state and ramp progress
     }
     ps.canary_share.store(parts(c.share), relaxed);
@@ -135,7 +141,7 @@ fn store_canary(ps: &PoolSlot, old: Option<&PoolTopo>, new: &PoolTopo, canary_sl
 /// Store a pool's shedding threshold and backup pool in its slot (configure, lock
 /// held). `slot_of` maps pool names to slots of the new topology.
 fn store_emergency(ps: &PoolSlot, p: &PoolTopo, slot_of: &dyn Fn(&str) -> Option<u32>) {
-    let e = p.emergency.as_ref();
+    let e = p.policy.emergency.as_ref();
     ps.shed_below
         .store(e.map_or(1, |e| e.shed_below), Ordering::Relaxed);
     let backup = e

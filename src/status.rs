@@ -48,7 +48,7 @@ pub fn of(b: &Balancer) -> Result<Value, Error> {
                 "auto"
             };
             let pool = json!({
-                "algorithm": p.algorithm,
+                "algorithm": p.policy.algorithm,
                 "requests": requests,
                 "retries": retries,
                 "retries_denied": ps.retries_denied.load(Ordering::Relaxed),

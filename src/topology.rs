@@ -7,11 +7,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{
-    AdmissionConfig, CanaryConfig, CooldownConfig, EmergencyConfig, EwmaConfig, HealthConfig, LimitConfig,
-    OutlierConfig, RetryConfig,
-};
-use crate::select::Algorithm;
+use crate::config::PoolConfig;
 
 /// The active topology, stored as JSON in the region so every worker rebuilds the
 /// same tables. Slot numbers are stable for a (pool, node id) across reconfigurations.
@@ -24,23 +20,11 @@ pub struct Topology {
 pub struct PoolTopo {
     pub name: String,
     pub slot: u32,
-    pub algorithm: Algorithm,
-    pub ewma: EwmaConfig,
-    pub slow_start_ms: u32,
-    pub refresh_ms: u32,
-    pub chash_points: u32,
-    pub retry: RetryConfig,
-    pub cooldown: CooldownConfig,
-    pub limit: LimitConfig,
-    pub outlier: OutlierConfig,
-    pub health: Option<HealthConfig>,
-    pub no_node_status: u32,
-    pub window_ms: u32,
+    /// The pool's validated config as loaded: its policy, the one copy every layer
+    /// reads (its `nodes` list is left empty: the nodes, with their stable slots and
+    /// resolved addresses, are `nodes` below).
+    pub policy: PoolConfig,
     pub nodes: Vec<NodeTopo>,
-    #[serde(default)]
-    pub canary: Option<CanaryConfig>,
-    pub emergency: Option<EmergencyConfig>,
-    pub admission: AdmissionConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -52,6 +36,19 @@ pub struct NodeTopo {
     pub addr: SocketAddr,
     pub slot: u32,
     pub backup: bool,
+}
+
+impl PoolTopo {
+    /// The pool as one object: its config's fields, with `name`, `slot` and `nodes`
+    /// (ids, addresses, slots) from the topology. What the Lua side reads
+    /// (`balancer:pool_config(name)`).
+    pub fn flat(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(&self.policy).expect("config serializes");
+        v["name"] = self.name.clone().into();
+        v["slot"] = self.slot.into();
+        v["nodes"] = serde_json::to_value(&self.nodes).expect("nodes serialize");
+        v
+    }
 }
 
 impl Topology {

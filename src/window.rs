@@ -73,7 +73,9 @@ pub fn record(
 ) {
     let p = period(now_ms, window_ms);
     let b = &buckets[(p % WINDOW_BUCKETS as u64) as usize];
-    let tag = b.tag.load(Ordering::Acquire);
+    // Relaxed: the tag is compared (and is the CAS's expected value) only; nothing is
+    // read after it: the counters are stored to or added to (read-modify-writes).
+    let tag = b.tag.load(Ordering::Relaxed);
     if tag != p {
         if tag > p {
             // A writer with a later clock already moved on; this event is too old.
@@ -87,12 +89,18 @@ pub fn record(
         match writer {
             Writer::Owned => {
                 zero();
-                // Release: a reader that sees the new tag sees the zeroed counters.
+                // Release pairs with the Acquire in `totals_since`: a reader that sees the
+                // new tag sees the zeroed counters.
                 b.tag.store(p, Ordering::Release);
             }
             Writer::Shared => {
+                // AcqRel, kept in doubt: the Acquire half keeps the zeroing below after
+                // the tag change; the Release half pairs with `totals_since` but covers
+                // nothing (the zeroing comes after it, so a reader may briefly see the
+                // new tag with the old counts, as it may see counts of a racing add).
+                // The failure value is only compared: Relaxed.
                 if b.tag
-                    .compare_exchange(tag, p, Ordering::AcqRel, Ordering::Acquire)
+                    .compare_exchange(tag, p, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
                 {
                     zero();
@@ -132,6 +140,8 @@ pub fn totals_since(
     };
     let mut t = Totals::default();
     for b in buckets {
+        // Acquire pairs with the Release tag store in `record` (an owned row): the
+        // counters read below were zeroed for this period.
         let tag = b.tag.load(Ordering::Acquire);
         if tag <= after || tag > cur || cur - tag >= WINDOW_BUCKETS as u64 {
             continue;

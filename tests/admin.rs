@@ -80,7 +80,7 @@ fn add_node_is_picked_and_keeps_everything_else() {
     let before = b.node_stats(a).unwrap();
     let picks_a = before.picks;
 
-    let d = b.add_node("p", node("d", "127.0.0.1:9004", 40)).unwrap();
+    let d = rsbalancer::admin::add_node(&b, "p", node("d", "127.0.0.1:9004", 40)).unwrap();
     assert_eq!(ids(&b), ["a", "b", "c", "d"]);
     assert_eq!(b.node_index("p", "d").unwrap(), d);
     assert_eq!(b.node_stats(d).unwrap().weight, 40);
@@ -142,15 +142,13 @@ fn add_node_refusals_change_nothing() {
     ];
     for (pool, n, kind, msg) in cases {
         let what = format!("add {n:?} to {pool}");
-        let e = b.add_node(pool, n).expect_err(&what);
+        let e = rsbalancer::admin::add_node(&b, pool, n).expect_err(&what);
         assert_eq!(e.kind(), kind, "{what}: {e}");
         assert!(e.to_string().starts_with(msg), "{what}: {e}");
         assert_eq!(snapshot(&b), before, "{what} changed something");
     }
     // The address error names the value.
-    let e = b
-        .add_node("p", node("d", "no-such-host.invalid:80", 1))
-        .unwrap_err();
+    let e = rsbalancer::admin::add_node(&b, "p", node("d", "no-such-host.invalid:80", 1)).unwrap_err();
     assert!(e.to_string().contains("no-such-host.invalid"), "{e}");
 }
 
@@ -158,14 +156,14 @@ fn add_node_refusals_change_nothing() {
 fn add_node_refused_when_capacity_is_exhausted() {
     let b = Balancer::create(&config(2, &[("a", 9001, 1, false), ("b", 9002, 1, false)])).unwrap();
     let before = snapshot(&b);
-    let e = b.add_node("p", node("c", "127.0.0.1:9003", 1)).unwrap_err();
+    let e = rsbalancer::admin::add_node(&b, "p", node("c", "127.0.0.1:9003", 1)).unwrap_err();
     assert!(matches!(e, AdminError::Conflict(_)), "{e:?}");
     assert!(e.to_string().contains("shm.max_nodes"), "{e}");
     assert_eq!(snapshot(&b), before);
     // A removed node's slot is kept for a grace period (a late report must not land on
     // a stranger): the region stays full until it ends.
-    b.remove_node("p", "b").unwrap();
-    let e = b.add_node("p", node("c", "127.0.0.1:9003", 1)).unwrap_err();
+    rsbalancer::admin::remove_node(&b, "p", "b").unwrap();
+    let e = rsbalancer::admin::add_node(&b, "p", node("c", "127.0.0.1:9003", 1)).unwrap_err();
     assert!(matches!(e, AdminError::Conflict(_)), "{e:?}");
     assert!(e.to_string().contains("no free node slot"), "{e}");
     assert_eq!(ids(&b), ["a"]);
@@ -186,7 +184,7 @@ fn remove_node_stops_picks_and_lets_in_flight_finish() {
         b.report(s, 200, 1000, 0).unwrap();
     };
     b.set_weight(bb, 99).unwrap();
-    b.remove_node("p", "a").unwrap();
+    rsbalancer::admin::remove_node(&b, "p", "a").unwrap();
     assert_eq!(ids(&b), ["b", "c"]);
     assert_eq!(b.node_stats(bb).unwrap().weight, 99, "live weight lost");
     assert!(b.node_index("p", "a").is_err());
@@ -200,20 +198,23 @@ fn remove_node_stops_picks_and_lets_in_flight_finish() {
 fn remove_node_refusals_change_nothing() {
     let b = Balancer::create(&config(16, &[("a", 9001, 1, false), ("c", 9003, 1, true)])).unwrap();
     let before = snapshot(&b);
-    let e = b.remove_node("p", "a").unwrap_err();
+    let e = rsbalancer::admin::remove_node(&b, "p", "a").unwrap_err();
     assert_eq!(e.kind(), "conflict", "{e}");
     assert!(e.to_string().contains("without a primary"), "{e}");
-    let e = b.remove_node("p", "zz").unwrap_err();
+    let e = rsbalancer::admin::remove_node(&b, "p", "zz").unwrap_err();
     assert_eq!(
         (e.kind(), e.to_string().as_str()),
         ("not_found", "unknown node \"zz\" in pool \"p\"")
     );
-    let e = b.remove_node("q", "a").unwrap_err();
+    let e = rsbalancer::admin::remove_node(&b, "q", "a").unwrap_err();
     assert_eq!(e.kind(), "not_found", "{e}");
     assert_eq!(snapshot(&b), before);
     // The backup may go; then the last primary may not.
-    b.remove_node("p", "c").unwrap();
-    assert_eq!(b.remove_node("p", "a").unwrap_err().kind(), "conflict");
+    rsbalancer::admin::remove_node(&b, "p", "c").unwrap();
+    assert_eq!(
+        rsbalancer::admin::remove_node(&b, "p", "a").unwrap_err().kind(),
+        "conflict"
+    );
 }
 
 #[test]
@@ -223,8 +224,8 @@ fn reload_resets_run_time_changes() {
     let a = b.node_index("p", "a").unwrap();
     b.set_weight(a, 500).unwrap();
     b.set_draining(a, true).unwrap();
-    b.add_node("p", node("d", "127.0.0.1:9004", 3)).unwrap();
-    b.remove_node("p", "b").unwrap();
+    rsbalancer::admin::add_node(&b, "p", node("d", "127.0.0.1:9004", 3)).unwrap();
+    rsbalancer::admin::remove_node(&b, "p", "b").unwrap();
     assert_eq!(ids(&b), ["a", "c", "d"]);
     // nginx -s reload: the file's config again.
     b.configure(&cfg).unwrap();
@@ -243,8 +244,12 @@ fn concurrent_adds_from_two_handles_both_land() {
             s.spawn(move || {
                 for i in 0..10 {
                     let id = format!("n{k}-{i}");
-                    b.add_node("p", node(&id, &format!("127.0.0.1:{}", 10000 + k * 100 + i), 1))
-                        .unwrap();
+                    rsbalancer::admin::add_node(
+                        b,
+                        "p",
+                        node(&id, &format!("127.0.0.1:{}", 10000 + k * 100 + i), 1),
+                    )
+                    .unwrap();
                 }
             });
         }
@@ -263,8 +268,7 @@ fn status_shows_admin_fields() {
     let b = Balancer::create(&Config::from_value(v).expect("valid config")).unwrap();
     let pool = b.pool_index("p").unwrap();
     b.set_canary_share(pool, 2500).unwrap();
-    b.set_emergency_mode(pool, rsbalancer::balancer::EmergencyMode::On)
-        .unwrap();
+    rsbalancer::emergency::set_emergency_mode(&b, pool, rsbalancer::balancer::EmergencyMode::On).unwrap();
     b.set_draining(b.node_index("p", "c").unwrap(), true).unwrap();
     let st = status::of(&b).unwrap();
     let p = &st["pools"]["p"];
@@ -292,8 +296,7 @@ fn status_shows_admin_fields() {
             assert!(!n[f].is_null(), "{f} missing in {n}");
         }
     }
-    b.set_emergency_mode(pool, rsbalancer::balancer::EmergencyMode::Off)
-        .unwrap();
+    rsbalancer::emergency::set_emergency_mode(&b, pool, rsbalancer::balancer::EmergencyMode::Off).unwrap();
     assert_eq!(
         status::of(&b).unwrap()["pools"]["p"]["emergency"]["mode"],
         json!("off")
@@ -310,17 +313,17 @@ fn add_and_remove_on_a_pool_naming_other_pools() {
     v["pools"]["q"] = json!({ "nodes": [{ "id": "x", "addr": "127.0.0.1:9009" }] });
     v["pools"]["r"] = json!({ "nodes": [{ "id": "y", "addr": "127.0.0.1:9010" }] });
     let b = Balancer::create(&Config::from_value(v).expect("valid config")).unwrap();
-    b.add_node("p", node("d", "127.0.0.1:9004", 3)).unwrap();
+    rsbalancer::admin::add_node(&b, "p", node("d", "127.0.0.1:9004", 3)).unwrap();
     assert!(matches!(
-        b.add_node("p", node("d", "127.0.0.1:9005", 3)),
+        rsbalancer::admin::add_node(&b, "p", node("d", "127.0.0.1:9005", 3)),
         Err(AdminError::Conflict(_))
     ));
-    b.remove_node("p", "a").unwrap();
+    rsbalancer::admin::remove_node(&b, "p", "a").unwrap();
     let topo = b.topology().unwrap();
     let p = topo.pool("p").unwrap();
-    assert_eq!(p.canary.as_ref().map(|c| c.pool.as_str()), Some("q"));
+    assert_eq!(p.policy.canary.as_ref().map(|c| c.pool.as_str()), Some("q"));
     assert_eq!(
-        p.emergency.as_ref().and_then(|e| e.backup_pool.as_deref()),
+        p.policy.emergency.as_ref().and_then(|e| e.backup_pool.as_deref()),
         Some("r")
     );
 }

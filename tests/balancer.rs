@@ -955,15 +955,15 @@ fn canary_share_and_emergency_mode_are_checked_and_stored() {
         "a refused change changes nothing"
     );
     assert!(matches!(b.set_canary_share(63, 1), Err(Error::Invalid(_))));
-    b.set_emergency_mode(pool, EmergencyMode::On).unwrap();
+    rsbalancer::emergency::set_emergency_mode(&b, pool, EmergencyMode::On).unwrap();
     assert_eq!(ps.emergency.load(Ordering::Relaxed), ACTIVE | FORCED_ON);
-    b.set_emergency_mode(pool, EmergencyMode::Auto).unwrap();
+    rsbalancer::emergency::set_emergency_mode(&b, pool, EmergencyMode::Auto).unwrap();
     assert_eq!(
         ps.emergency.load(Ordering::Relaxed),
         ACTIVE,
         "auto keeps the current state"
     );
-    b.set_emergency_mode(pool, EmergencyMode::Off).unwrap();
+    rsbalancer::emergency::set_emergency_mode(&b, pool, EmergencyMode::Off).unwrap();
     assert_eq!(ps.emergency.load(Ordering::Relaxed), FORCED_OFF);
 }
 

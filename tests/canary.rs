@@ -125,7 +125,7 @@ fn canaries_do_not_chain_or_share_a_canary() {
 }
 
 fn canary_of(b: &Balancer, pool: &str) -> (Option<u32>, u32) {
-    b.canary(b.pool_index(pool).unwrap()).unwrap()
+    rsbalancer::canary::canary(b, b.pool_index(pool).unwrap()).unwrap()
 }
 
 /// The refusal names the pool, as the admin API's 409 shows it (it said "pool index 1").
@@ -165,7 +165,7 @@ fn configure_stores_the_split_and_a_reload_keeps_the_live_share() {
     b.configure(&cfg(json!({ "pool": "c", "share": 0.3 }))).unwrap();
     assert_eq!(canary_of(&b, "p"), (Some(c), 3000));
     assert_eq!(ps.canary_rolled_back.load(Ordering::Relaxed), 0);
-    let st = b.canary_state("p").unwrap().unwrap();
+    let st = rsbalancer::canary::canary_state(&b, "p").unwrap().unwrap();
     assert_eq!(
         (st.canary.as_str(), st.share, st.key.as_str()),
         ("c", 0.3, "random")
@@ -176,8 +176,8 @@ fn configure_stores_the_split_and_a_reload_keeps_the_live_share() {
     none["pools"]["p"].as_object_mut().unwrap().remove("canary");
     b.configure(&Config::from_value(none).unwrap()).unwrap();
     assert_eq!(canary_of(&b, "p"), (None, 0));
-    assert_eq!(b.canary_state("p").unwrap(), None);
-    assert!(b.canary(999).is_err());
+    assert_eq!(rsbalancer::canary::canary_state(&b, "p").unwrap(), None);
+    assert!(rsbalancer::canary::canary(&b, 999).is_err());
 }
 
 /// A balancer with p's canary block `block`, and p's pool index, once the coarse clock
@@ -205,9 +205,13 @@ fn tick_rolls_back_a_failing_canary_once_and_says_why() {
     let (b, p) = judged_from_now(block);
     traffic(&b, "p", 80, 200);
     traffic(&b, "c", 19, 500);
-    assert_eq!(b.canary_tick().unwrap(), vec![], "19 tries < min_requests 20");
+    assert_eq!(
+        rsbalancer::canary::canary_tick(&b).unwrap(),
+        vec![],
+        "19 tries < min_requests 20"
+    );
     traffic(&b, "c", 1, 500);
-    let events = b.canary_tick().unwrap();
+    let events = rsbalancer::canary::canary_tick(&b).unwrap();
     assert_eq!(events.len(), 1, "{events:?}");
     let e = &events[0];
     assert!(e.rollback);
@@ -223,11 +227,15 @@ fn tick_rolls_back_a_failing_canary_once_and_says_why() {
     let ps = b.region().pool(p).unwrap();
     assert_eq!(ps.canary_rolled_back.load(Ordering::Relaxed), 1);
     assert_eq!(ps.canary_rollbacks_total.load(Ordering::Relaxed), 1);
-    assert_eq!(b.canary_tick().unwrap(), vec![], "rolled back once");
+    assert_eq!(
+        rsbalancer::canary::canary_tick(&b).unwrap(),
+        vec![],
+        "rolled back once"
+    );
 
     // Re-enabled by hand: the failures that rolled it back are not judged again.
     b.set_canary_share(p, 2000).unwrap();
-    assert_eq!(b.canary_tick().unwrap(), vec![]);
+    assert_eq!(rsbalancer::canary::canary_tick(&b).unwrap(), vec![]);
     assert_eq!(canary_of(&b, "p").1, 2000);
     assert_eq!(ps.canary_rollbacks_total.load(Ordering::Relaxed), 1);
 }
@@ -243,15 +251,15 @@ fn tick_leaves_a_healthy_canary_alone() {
         traffic(&b, "c", 9, 200);
         traffic(&b, "c", 1, 503);
     }
-    assert_eq!(b.canary_tick().unwrap(), vec![]);
+    assert_eq!(rsbalancer::canary::canary_tick(&b).unwrap(), vec![]);
     assert_eq!(canary_of(&b, "p").1, 2000);
     // A canary failing while its share is 0 (turned off by hand) is not rolled back...
     b.set_canary_share(p, 0).unwrap();
     traffic(&b, "c", 10, 500);
-    assert_eq!(b.canary_tick().unwrap(), vec![]);
+    assert_eq!(rsbalancer::canary::canary_tick(&b).unwrap(), vec![]);
     // ... but it is once on again: the judge saw those tries (20% failed now).
     b.set_canary_share(p, 2000).unwrap();
-    let events = b.canary_tick().unwrap();
+    let events = rsbalancer::canary::canary_tick(&b).unwrap();
     assert!(events.len() == 1 && events[0].rollback, "{events:?}");
 }
 
@@ -261,7 +269,7 @@ fn tick_until_share(b: &Balancer, parts: u32) -> Vec<CanaryEvent> {
     let start = Instant::now();
     while canary_of(b, "p").1 != parts {
         assert!(start.elapsed() < Duration::from_secs(20), "no ramp step: {log:?}");
-        log.extend(b.canary_tick().unwrap());
+        log.extend(rsbalancer::canary::canary_tick(b).unwrap());
         std::thread::sleep(Duration::from_millis(50));
     }
     log
@@ -279,21 +287,27 @@ fn tick_ramps_the_share_and_a_hand_set_share_stops_it() {
         log[0].message,
         "pool p canary c share 10.00% -> 35.00% (ramp; next step in 1 s)"
     );
-    let st = b.canary_state("p").unwrap().unwrap();
+    let st = rsbalancer::canary::canary_state(&b, "p").unwrap().unwrap();
     assert!(st.ramp_next_in_ms.is_some(), "{st:?}");
 
     // By hand: the ramp stops (once, with a notice) and the share stays.
     b.set_canary_share(p, 2000).unwrap();
-    let events = b.canary_tick().unwrap();
+    let events = rsbalancer::canary::canary_tick(&b).unwrap();
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(
         events[0].message,
         "pool p canary c ramp stopped: the share was set to 20.00% by hand"
     );
     std::thread::sleep(Duration::from_millis(1100));
-    assert_eq!(b.canary_tick().unwrap(), vec![]);
+    assert_eq!(rsbalancer::canary::canary_tick(&b).unwrap(), vec![]);
     assert_eq!(canary_of(&b, "p").1, 2000);
-    assert_eq!(b.canary_state("p").unwrap().unwrap().ramp_next_in_ms, None);
+    assert_eq!(
+        rsbalancer::canary::canary_state(&b, "p")
+            .unwrap()
+            .unwrap()
+            .ramp_next_in_ms,
+        None
+    );
 }
 
 #[test]
@@ -305,7 +319,13 @@ fn ramp_reaches_its_max_and_ends() {
         log.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
         vec!["pool p canary c share 30.00% -> 60.00% (ramp; ramp complete)"]
     );
-    assert_eq!(b.canary_state("p").unwrap().unwrap().ramp_next_in_ms, None);
+    assert_eq!(
+        rsbalancer::canary::canary_state(&b, "p")
+            .unwrap()
+            .unwrap()
+            .ramp_next_in_ms,
+        None
+    );
 }
 
 /// Threads with a handle each, released together at the moment a canary tick decides:
@@ -314,10 +334,12 @@ fn racing_ticks(b: &Balancer, rounds: usize, reset: impl FnMut(usize)) -> Vec<Ve
     let handles: Vec<Balancer> = (0..racers())
         .map(|_| Balancer::attach(b.region().clone()))
         .collect();
-    race(&handles, rounds, reset, |h| h.canary_tick().unwrap())
-        .into_iter()
-        .map(|r| r.into_iter().flatten().collect())
-        .collect()
+    race(&handles, rounds, reset, |h| {
+        rsbalancer::canary::canary_tick(h).unwrap()
+    })
+    .into_iter()
+    .map(|r| r.into_iter().flatten().collect())
+    .collect()
 }
 
 /// Rounds where other than exactly one event was reported: (round, their messages).

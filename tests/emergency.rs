@@ -73,11 +73,13 @@ fn configure_stores_shed_below_and_backup_pool() {
     b.configure(&c).unwrap();
     assert_eq!(ps.backup_pool.load(Ordering::Relaxed), 0);
     assert_eq!(ps.shed_below.load(Ordering::Relaxed), 1);
-    let won = b.emergency_tick(clock::now_ms()).unwrap();
+    let won = rsbalancer::emergency::emergency_tick(&b, clock::now_ms()).unwrap();
     assert_eq!(won.len(), 1);
     assert_eq!((won[0].event, won[0].forced), ("exit", false));
     assert_eq!(ps.emergency.load(Ordering::Relaxed), 0);
-    assert!(b.emergency_tick(clock::now_ms()).unwrap().is_empty());
+    assert!(rsbalancer::emergency::emergency_tick(&b, clock::now_ms())
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -89,13 +91,15 @@ fn detector_enters_once_across_handles_and_exits_after_the_healthy_window() {
     let now = clock::now_ms();
     tries(&b1, pool, 9, 429);
     assert!(
-        b1.emergency_tick(now).unwrap().is_empty(),
+        rsbalancer::emergency::emergency_tick(&b1, now)
+            .unwrap()
+            .is_empty(),
         "9 requests: not judged"
     );
     tries(&b1, pool, 1, 429);
     let won: Vec<_> = [&b1, &b2, &b1, &b2]
         .iter()
-        .flat_map(|b| b.emergency_tick(now).unwrap())
+        .flat_map(|b| rsbalancer::emergency::emergency_tick(b, now).unwrap())
         .collect();
     assert_eq!(won.len(), 1, "exactly one handle wins the entry: {won:?}");
     let t = &won[0];
@@ -121,12 +125,18 @@ fn detector_enters_once_across_handles_and_exits_after_the_healthy_window() {
 
     // Recovery: 10 busy of 210 tries (0.048 < 0.1), calm from `now`; exit 1 s later.
     tries(&b1, pool, 200, 200);
-    assert!(b1.emergency_tick(now).unwrap().is_empty());
-    assert!(b2.emergency_tick(now + 500).unwrap().is_empty());
-    assert!(b1.emergency_tick(now + 999).unwrap().is_empty());
+    assert!(rsbalancer::emergency::emergency_tick(&b1, now)
+        .unwrap()
+        .is_empty());
+    assert!(rsbalancer::emergency::emergency_tick(&b2, now + 500)
+        .unwrap()
+        .is_empty());
+    assert!(rsbalancer::emergency::emergency_tick(&b1, now + 999)
+        .unwrap()
+        .is_empty());
     let won: Vec<_> = [&b2, &b1, &b2]
         .iter()
-        .flat_map(|b| b.emergency_tick(now + 1_000).unwrap())
+        .flat_map(|b| rsbalancer::emergency::emergency_tick(b, now + 1_000).unwrap())
         .collect();
     assert_eq!(won.len(), 1, "exactly one handle wins the exit: {won:?}");
     assert_eq!(won[0].event, "exit");
@@ -134,7 +144,9 @@ fn detector_enters_once_across_handles_and_exits_after_the_healthy_window() {
     assert_eq!(ps.emergency.load(Ordering::Relaxed), 0);
     // Hysteresis: a ratio between exit and enter does not enter again.
     tries(&b1, pool, 40, 429); // 50 of 250: 0.2
-    assert!(b1.emergency_tick(now + 2_000).unwrap().is_empty());
+    assert!(rsbalancer::emergency::emergency_tick(&b1, now + 2_000)
+        .unwrap()
+        .is_empty());
 }
 
 /// Handles in threads released together at the moment the detector decides to enter,
@@ -156,7 +168,7 @@ fn racing_detectors_enter_exactly_once() {
         &handles,
         ROUNDS,
         |_| ps.emergency.store(0, Ordering::Release),
-        |h| h.emergency_tick(now).unwrap().len(),
+        |h| rsbalancer::emergency::emergency_tick(h, now).unwrap().len(),
     );
     let won: Vec<usize> = rounds.iter().map(|r| r.iter().sum()).collect();
     let bad: Vec<(usize, usize)> = won.iter().copied().enumerate().filter(|&(_, w)| w != 1).collect();
@@ -174,40 +186,48 @@ fn forced_states_win_and_are_reported_once() {
     let pool = b.pool_index("llm").unwrap();
     let ps = b.region().pool(pool).unwrap();
     let now = clock::now_ms();
-    let t = b
-        .force_emergency(pool, EmergencyMode::On)
+    let t = rsbalancer::emergency::force_emergency(&b, pool, EmergencyMode::On)
         .unwrap()
         .expect("a transition");
     assert_eq!((t.event, t.forced, t.reason.as_str()), ("enter", true, "forced"));
     assert!(
-        b.force_emergency(pool, EmergencyMode::On).unwrap().is_none(),
+        rsbalancer::emergency::force_emergency(&b, pool, EmergencyMode::On)
+            .unwrap()
+            .is_none(),
         "already on"
     );
     assert_eq!(ps.emergency.load(Ordering::Relaxed), ACTIVE | FORCED_ON);
     assert_eq!(ps.emergency_entries_total.load(Ordering::Relaxed), 1);
     // Calm traffic: the detector would leave, but the pool is forced on.
     tries(&b, pool, 50, 200);
-    assert!(b.emergency_tick(now).unwrap().is_empty());
-    assert!(b.emergency_tick(now + 5_000).unwrap().is_empty());
+    assert!(rsbalancer::emergency::emergency_tick(&b, now).unwrap().is_empty());
+    assert!(rsbalancer::emergency::emergency_tick(&b, now + 5_000)
+        .unwrap()
+        .is_empty());
     assert_eq!(ps.emergency.load(Ordering::Relaxed), ACTIVE | FORCED_ON);
-    let t = b
-        .force_emergency(pool, EmergencyMode::Off)
+    let t = rsbalancer::emergency::force_emergency(&b, pool, EmergencyMode::Off)
         .unwrap()
         .expect("a transition");
     assert_eq!((t.event, t.forced), ("exit", true));
     // Overload while forced off: the detector stays out.
     tries(&b, pool, 100, 429);
-    assert!(b.emergency_tick(now + 6_000).unwrap().is_empty());
+    assert!(rsbalancer::emergency::emergency_tick(&b, now + 6_000)
+        .unwrap()
+        .is_empty());
     assert_eq!(ps.emergency.load(Ordering::Relaxed), FORCED_OFF);
     // "auto" hands the pool back as it is (no transition); the detector then enters.
-    assert!(b.force_emergency(pool, EmergencyMode::Auto).unwrap().is_none());
+    assert!(
+        rsbalancer::emergency::force_emergency(&b, pool, EmergencyMode::Auto)
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(ps.emergency.load(Ordering::Relaxed), 0);
-    let won = b.emergency_tick(now + 7_000).unwrap();
+    let won = rsbalancer::emergency::emergency_tick(&b, now + 7_000).unwrap();
     assert_eq!(won.len(), 1);
     assert_eq!((won[0].event, won[0].forced), ("enter", false));
     assert_eq!(ps.emergency_entries_total.load(Ordering::Relaxed), 2);
     assert!(matches!(
-        b.force_emergency(3, EmergencyMode::On),
+        rsbalancer::emergency::force_emergency(&b, 3, EmergencyMode::On),
         Err(Error::Invalid(_))
     ));
 }
@@ -224,7 +244,7 @@ fn backup_pool_takes_spill_only_in_emergency_or_when_every_node_is_down() {
     let primaries = [a, bb];
     // Primaries up: never the backup pool, in emergency or not.
     for mode in [EmergencyMode::Off, EmergencyMode::On] {
-        b.force_emergency(pool, mode).unwrap();
+        rsbalancer::emergency::force_emergency(&b, pool, mode).unwrap();
         for _ in 0..50 {
             let n = b.pick(pool, b"", &[]).unwrap();
             assert!(primaries.contains(&n), "{mode:?}: picked {n}");
@@ -232,11 +252,11 @@ fn backup_pool_takes_spill_only_in_emergency_or_when_every_node_is_down() {
         }
     }
     // Both primaries tried: only in emergency does the request spill over.
-    b.force_emergency(pool, EmergencyMode::Off).unwrap();
+    rsbalancer::emergency::force_emergency(&b, pool, EmergencyMode::Off).unwrap();
     assert!(matches!(b.pick(pool, b"", &primaries), Err(Error::NoNode { .. })));
     assert_eq!(b.may_retry(pool, &[a], 0), Ok(()));
     assert_eq!(b.may_retry(pool, &primaries, 0), Err(RetryDenied::NoNode));
-    b.force_emergency(pool, EmergencyMode::On).unwrap();
+    rsbalancer::emergency::force_emergency(&b, pool, EmergencyMode::On).unwrap();
     assert_eq!(b.may_retry(pool, &primaries, 0), Ok(()));
     let n = b.pick(pool, b"", &primaries).unwrap();
     assert_eq!(n, spare);
@@ -254,7 +274,7 @@ fn backup_pool_takes_spill_only_in_emergency_or_when_every_node_is_down() {
     assert_eq!(b.available(pool), Ok(()));
     assert_eq!(b.pick(pool, b"", &[]), Ok(spare));
     b.report(spare, 200, 1_000, 0).unwrap();
-    b.force_emergency(pool, EmergencyMode::Off).unwrap();
+    rsbalancer::emergency::force_emergency(&b, pool, EmergencyMode::Off).unwrap();
     assert!(
         b.available(pool).is_err(),
         "cooling primaries, no emergency: no backup pool"

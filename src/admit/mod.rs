@@ -148,142 +148,144 @@ pub fn capacity(region: &Region, slots: &[&[u32]], now: u64) -> Result<Cap, u64>
     })
 }
 
-impl Balancer {
-    fn queue(&self, pool: u32) -> Result<Queue<'_>, Error> {
-        self.live_pool(pool)?;
-        Queue::of(self.region(), pool).ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
-    }
+fn queue(b: &Balancer, pool: u32) -> Result<Queue<'_>, Error> {
+    b.live_pool(pool)?;
+    Queue::of(b.region(), pool).ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
+}
 
-    /// The queue of a pool slot whether or not the pool is still configured: requests
-    /// admitted before a reload removed their pool must still give their slot back
-    /// (or a new pool given this slot would start with phantom admissions).
-    fn any_queue(&self, pool: u32) -> Result<Queue<'_>, Error> {
-        Queue::of(self.region(), pool).ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
-    }
+/// The queue of a pool slot whether or not the pool is still configured: requests
+/// admitted before a reload removed their pool must still give their slot back
+/// (or a new pool given this slot would start with phantom admissions).
+fn any_queue(b: &Balancer, pool: u32) -> Result<Queue<'_>, Error> {
+    Queue::of(b.region(), pool).ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
+}
 
-    /// Capacity for dispatching; 0 (nobody dispatched) for a pool without nodes now.
-    fn dispatch_capacity(&self, pool: u32, now: u64) -> Cap {
-        match self.pool_capacity(pool, now) {
-            Ok(Ok(cap)) => cap,
-            _ => Cap::from(0),
-        }
+/// Capacity for dispatching; 0 (nobody dispatched) for a pool without nodes now.
+fn dispatch_capacity(b: &Balancer, pool: u32, now: u64) -> Cap {
+    match pool_capacity(b, pool, now) {
+        Ok(Ok(cap)) => cap,
+        _ => Cap::from(0),
     }
+}
 
-    /// The pool's capacity, plus its backup pool's while that is in play (emergency, or
-    /// every node of the pool down or ejected: `Balancer::with_serving_slots`), since
-    /// the balancer then sends it the tries this pool's nodes cannot take.
-    fn pool_capacity(&self, pool: u32, now: u64) -> Result<Result<Cap, u64>, Error> {
-        let region = self.region();
-        let (own, extra) = self.with_serving_slots(pool, now, |own, spill| {
-            (
-                capacity(region, &own, now),
-                spill.map(|b| capacity(region, &b, now)),
-            )
-        })?;
-        let Some(extra) = extra else {
-            return Ok(own);
-        };
-        Ok(match (own, extra) {
-            (Ok(a), Ok(b)) => Ok(a.plus(b)),
-            (Ok(c), Err(_)) | (Err(_), Ok(c)) => Ok(c),
-            (Err(x), Err(y)) => Err(x.min(y)),
-        })
-    }
+/// The pool's capacity, plus its backup pool's while that is in play (emergency, or
+/// every node of the pool down or ejected: `Balancer::with_serving_slots`), since
+/// the balancer then sends it the tries this pool's nodes cannot take.
+fn pool_capacity(b: &Balancer, pool: u32, now: u64) -> Result<Result<Cap, u64>, Error> {
+    let region = b.region();
+    let (own, extra) = b.with_serving_slots(pool, now, |own, spill| {
+        (
+            capacity(region, &own, now),
+            spill.map(|b| capacity(region, &b, now)),
+        )
+    })?;
+    let Some(extra) = extra else {
+        return Ok(own);
+    };
+    Ok(match (own, extra) {
+        (Ok(a), Ok(b)) => Ok(a.plus(b)),
+        (Ok(c), Err(_)) | (Err(_), Ok(c)) => Ok(c),
+        (Err(x), Err(y)) => Err(x.min(y)),
+    })
+}
 
-    fn share(&self, pool: u32) -> Option<&AtomicU32> {
-        self.worker_index()
-            .and_then(|w| self.region().admit_share(w, pool))
-    }
+fn share(b: &Balancer, pool: u32) -> Option<&AtomicU32> {
+    b.worker_index().and_then(|w| b.region().admit_share(w, pool))
+}
 
-    /// Admission of one request of `priority` (1..=10) to `pool`, in the access phase.
-    /// Returns the verdict and, for `Queued`, (entry, ticket); for refusals (0, the
-    /// Retry-After in ms). Never allocates, never takes the shared lock.
-    pub fn admit(&self, pool: u32, priority: u32) -> Result<(Verdict, u32, u64), Error> {
-        if !crate::abi::PRIORITY_RANGE.contains(&priority) {
-            return Err(Error::Invalid(format!(
-                "priority {priority} is out of range 1..=10"
-            )));
-        }
-        let now = clock::now_ms();
-        let q = self.queue(pool)?;
-        let ps = q.ps;
-        if ps.emergency.load(Ordering::Acquire) & emergency::ACTIVE != 0
-            && priority < ps.shed_below.load(Ordering::Relaxed)
-        {
-            q.refused(now);
-            return Ok((Verdict::Shed, 0, q.retry_after_ms(now)));
-        }
-        if q.qp.enabled.load(Ordering::Acquire) == 0 {
-            // Queueing off: go on when some node can take a try now, as before.
-            return Ok(match self.available(pool) {
-                Ok(()) => (Verdict::Pass, 0, 0),
-                Err(ms) => (Verdict::NoNode, 0, ms),
-            });
-        }
-        let cap = match self.pool_capacity(pool, now)? {
-            Ok(cap) => cap,
-            Err(ms) => return Ok((Verdict::NoNode, 0, ms)),
-        };
-        let me = std::process::id() as i32;
-        let worker = self.worker_index().unwrap_or(u32::MAX);
-        let step = q.enter(priority, cap, now, me, worker, self.share(pool));
-        Ok(self.verdict(&q, step, now))
+/// Admission of one request of `priority` (1..=10) to `pool`, in the access phase.
+/// Returns the verdict and, for `Queued`, (entry, ticket); for refusals (0, the
+/// Retry-After in ms). Never allocates, never takes the shared lock.
+pub fn admit(b: &Balancer, pool: u32, priority: u32) -> Result<(Verdict, u32, u64), Error> {
+    if !crate::abi::PRIORITY_RANGE.contains(&priority) {
+        return Err(Error::Invalid(format!(
+            "priority {priority} is out of range 1..=10"
+        )));
     }
+    let now = clock::now_ms();
+    let q = queue(b, pool)?;
+    let ps = q.ps;
+    // Acquire pairs with the Release of the transitions in `emergency_tick` and
+    // `force_emergency`: the `shed_below` of the config the detector judged by is
+    // visible with ACTIVE.
+    if ps.emergency.load(Ordering::Acquire) & emergency::ACTIVE != 0
+        && priority < ps.shed_below.load(Ordering::Relaxed)
+    {
+        q.refused(now);
+        return Ok((Verdict::Shed, 0, q.retry_after_ms(now)));
+    }
+    // Acquire pairs with the Release in `params::store_admission`: the queue's
+    // parameters are visible once it is on.
+    if q.qp.enabled.load(Ordering::Acquire) == 0 {
+        // Queueing off: go on when some node can take a try now, as before.
+        return Ok(match b.available(pool) {
+            Ok(()) => (Verdict::Pass, 0, 0),
+            Err(ms) => (Verdict::NoNode, 0, ms),
+        });
+    }
+    let cap = match pool_capacity(b, pool, now)? {
+        Ok(cap) => cap,
+        Err(ms) => return Ok((Verdict::NoNode, 0, ms)),
+    };
+    let me = std::process::id() as i32;
+    let worker = b.worker_index().unwrap_or(u32::MAX);
+    let step = q.enter(priority, cap, now, me, worker, share(b, pool));
+    Ok(verdict(&q, step, now))
+}
 
-    fn verdict(&self, q: &Queue<'_>, step: Step, now: u64) -> (Verdict, u32, u64) {
-        let refuse = |v: Verdict| {
-            q.refused(now);
-            (v, 0, q.retry_after_ms(now))
-        };
-        match step {
-            Step::Go => (Verdict::Go, 0, 0),
-            Step::GoProbe => (Verdict::GoProbe, 0, 0),
-            Step::Queued { entry, ticket } => (Verdict::Queued, entry, ticket),
-            Step::Wait => (Verdict::Wait, 0, 0),
-            Step::Full => refuse(Verdict::Full),
-            Step::TimedOut => refuse(Verdict::TimedOut),
-            Step::Evicted => refuse(Verdict::Evicted),
-        }
+fn verdict(q: &Queue<'_>, step: Step, now: u64) -> (Verdict, u32, u64) {
+    let refuse = |v: Verdict| {
+        q.refused(now);
+        (v, 0, q.retry_after_ms(now))
+    };
+    match step {
+        Step::Go => (Verdict::Go, 0, 0),
+        Step::GoProbe => (Verdict::GoProbe, 0, 0),
+        Step::Queued { entry, ticket } => (Verdict::Queued, entry, ticket),
+        Step::Wait => (Verdict::Wait, 0, 0),
+        Step::Full => refuse(Verdict::Full),
+        Step::TimedOut => refuse(Verdict::TimedOut),
+        Step::Evicted => refuse(Verdict::Evicted),
     }
+}
 
-    /// Poll a queued request: `Go`, `Wait`, or a refusal with its Retry-After (ms).
-    pub fn admit_poll(&self, pool: u32, entry: u32, ticket: u64) -> Result<(Verdict, u64), Error> {
-        let now = clock::now_ms();
-        let q = self.any_queue(pool)?;
-        q.check_entry(entry).map_err(Error::Invalid)?;
-        // No node at all (everyone cooling): capacity 0, the waiter keeps its place.
-        // A pool removed by a reload: nobody is dispatched, waiters time out.
-        let cap = self.dispatch_capacity(pool, now);
-        let step = q.poll(entry, ticket, cap, now, self.share(pool));
-        let (v, _, ms) = self.verdict(&q, step, now);
-        Ok((v, ms))
-    }
+/// Poll a queued request: `Go`, `Wait`, or a refusal with its Retry-After (ms).
+pub fn admit_poll(b: &Balancer, pool: u32, entry: u32, ticket: u64) -> Result<(Verdict, u64), Error> {
+    let now = clock::now_ms();
+    let q = any_queue(b, pool)?;
+    q.check_entry(entry).map_err(Error::Invalid)?;
+    // No node at all (everyone cooling): capacity 0, the waiter keeps its place.
+    // A pool removed by a reload: nobody is dispatched, waiters time out.
+    let cap = dispatch_capacity(b, pool, now);
+    let step = q.poll(entry, ticket, cap, now, share(b, pool));
+    let (v, _, ms) = verdict(&q, step, now);
+    Ok((v, ms))
+}
 
-    /// The client of a queued request left. True if it was still in the queue.
-    pub fn admit_leave(&self, pool: u32, entry: u32, ticket: u64) -> Result<bool, Error> {
-        let now = clock::now_ms();
-        let q = self.any_queue(pool)?;
-        q.check_entry(entry).map_err(Error::Invalid)?;
-        let cap = self.dispatch_capacity(pool, now);
-        Ok(q.leave(entry, ticket, cap, now))
-    }
+/// The client of a queued request left. True if it was still in the queue.
+pub fn admit_leave(b: &Balancer, pool: u32, entry: u32, ticket: u64) -> Result<bool, Error> {
+    let now = clock::now_ms();
+    let q = any_queue(b, pool)?;
+    q.check_entry(entry).map_err(Error::Invalid)?;
+    let cap = dispatch_capacity(b, pool, now);
+    Ok(q.leave(entry, ticket, cap, now))
+}
 
-    /// Release the admission of a request that finished (log phase); the best waiter
-    /// takes its slot.
-    pub fn admit_release(&self, pool: u32) -> Result<(), Error> {
-        let now = clock::now_ms();
-        let q = self.any_queue(pool)?;
-        let cap = self.dispatch_capacity(pool, now);
-        q.release(self.share(pool), cap, now);
-        Ok(())
-    }
+/// Release the admission of a request that finished (log phase); the best waiter
+/// takes its slot.
+pub fn admit_release(b: &Balancer, pool: u32) -> Result<(), Error> {
+    let now = clock::now_ms();
+    let q = any_queue(b, pool)?;
+    let cap = dispatch_capacity(b, pool, now);
+    q.release(share(b, pool), cap, now);
+    Ok(())
+}
 
-    /// Admission counters of a pool: (admitted now, waiting now).
-    pub fn admission_state(&self, pool: u32) -> Result<(u32, u32), Error> {
-        let q = self.queue(pool)?;
-        Ok((
-            q.qp.admitted.load(Ordering::Relaxed),
-            q.ps.queue_len.load(Ordering::Relaxed),
-        ))
-    }
+/// Admission counters of a pool: (admitted now, waiting now).
+pub fn admission_state(b: &Balancer, pool: u32) -> Result<(u32, u32), Error> {
+    let q = queue(b, pool)?;
+    Ok((
+        q.qp.admitted.load(Ordering::Relaxed),
+        q.ps.queue_len.load(Ordering::Relaxed),
+    ))
 }

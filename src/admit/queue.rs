@@ -131,16 +131,22 @@ impl<'a> Queue<'a> {
     }
 
     fn in_use(&self) -> &'a [QueueEntry] {
-        let hw = (self.qp.high_water.load(Ordering::Acquire) as usize).min(self.entries.len());
+        // Relaxed: a bound on the entries to scan, raised before an entry is published;
+        // each entry's word (Acquire) is what publishes its fields. A stale bound only
+        // skips an entry for one scan, as a scan racing its publication would.
+        let hw = (self.qp.high_water.load(Ordering::Relaxed) as usize).min(self.entries.len());
         &self.entries[..hw]
     }
 
-    /// Reserve one slot if `admitted < cap`. AcqRel: reservations are totally ordered,
-    /// so two reservers can never both take the last slot.
+    /// Reserve one slot if `admitted < cap`. Two reservers can never both take the
+    /// last slot: each try is one compare-exchange on the count.
     pub fn reserve(&self, cap: u32) -> bool {
+        // Relaxed: the atomicity of the read-modify-write is what orders reservations
+        // (one modification order per cell), not the memory ordering; the count is the
+        // only data, the entries' words carry everything else.
         self.qp
             .admitted
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
                 (a < cap).then_some(a + 1)
             })
             .is_ok()
@@ -191,7 +197,9 @@ impl<'a> Queue<'a> {
         share: Option<&AtomicU32>,
     ) -> Step {
         let cap = cap.into();
-        if self.ps.queue_len.load(Ordering::Acquire) == 0 && self.reserve(cap.safe) {
+        // Relaxed: the queue length is a count read on its own (a hint whether anyone
+        // waits); entries are found through their words.
+        if self.ps.queue_len.load(Ordering::Relaxed) == 0 && self.reserve(cap.safe) {
             if let Some(s) = share {
                 s.fetch_add(1, Ordering::Relaxed);
             }
@@ -203,17 +211,21 @@ impl<'a> Queue<'a> {
         if self.waiting_in_class(class) >= class_max && !self.evict_below(priority, Some(class)) {
             return Step::Full;
         }
-        if self.ps.queue_len.load(Ordering::Acquire) >= self.qp.max_queue.load(Ordering::Relaxed)
+        if self.ps.queue_len.load(Ordering::Relaxed) >= self.qp.max_queue.load(Ordering::Relaxed)
             && !self.evict_below(priority, None)
         {
             return Step::Full;
         }
         let mut ticket = self.qp.seq.fetch_add(1, Ordering::Relaxed) + 1;
         for (k, e) in self.entries.iter().enumerate() {
-            let w = e.word.load(Ordering::Acquire);
+            // Relaxed: a pre-check; the claiming CAS below synchronizes.
+            let w = e.word.load(Ordering::Relaxed);
             if state_of(w) != entry::FREE {
                 continue;
             }
+            // AcqRel: the Acquire half pairs with the Release of the transition that
+            // freed the entry (`poll`, `leave`, `reclaim`), so the previous owner's
+            // reads of the fields come before our stores below.
             if e.word
                 .compare_exchange(w, pack(ticket, entry::INIT), Ordering::AcqRel, Ordering::Relaxed)
                 .is_err()
@@ -224,12 +236,16 @@ impl<'a> Queue<'a> {
             e.priority.store(priority, Ordering::Relaxed);
             e.pid.store(pid, Ordering::Relaxed);
             e.worker.store(worker, Ordering::Relaxed);
-            self.qp.high_water.fetch_max(k as u32 + 1, Ordering::AcqRel);
+            // Relaxed: a bound only (see `in_use`).
+            self.qp.high_water.fetch_max(k as u32 + 1, Ordering::Relaxed);
             // Counted before it is published, so a dispatcher that admits it at once
             // never decrements a count that does not include it yet.
             self.qp.waiting[i].fetch_add(1, Ordering::Relaxed);
-            self.ps.queue_len.fetch_add(1, Ordering::AcqRel);
-            // Release: the fields above are visible to whoever sees it WAITING.
+            // Relaxed: a count (see `enter`'s first check).
+            self.ps.queue_len.fetch_add(1, Ordering::Relaxed);
+            // Release: the fields and counts above are visible to whoever sees it
+            // WAITING (the Acquire loads of the word in `best`, `evict_below`, `sweep`,
+            // `poll`, `leave` and `reap_owner`).
             if e.word
                 .compare_exchange(
                     pack(ticket, entry::INIT),
@@ -262,6 +278,8 @@ impl<'a> Queue<'a> {
         for _ in 0..4 {
             let mut victim: Option<(usize, u64, u32)> = None;
             for (k, e) in self.in_use().iter().enumerate() {
+                // Acquire pairs with the Release INIT -> WAITING in `enter`: the
+                // priority read below is the waiter's.
                 let w = e.word.load(Ordering::Acquire);
                 if state_of(w) != entry::WAITING {
                     continue;
@@ -284,6 +302,9 @@ impl<'a> Queue<'a> {
                 .compare_exchange(
                     w,
                     pack(ticket_of(w), entry::EVICTED),
+                    // AcqRel, kept in doubt: the Release pairs with the owner's Acquire
+                    // load in `poll`, though it publishes no field (the verdict is the
+                    // word itself).
                     Ordering::AcqRel,
                     Ordering::Relaxed,
                 )
@@ -302,6 +323,8 @@ impl<'a> Queue<'a> {
     fn best(&self, now: u64, worst: bool) -> Option<Candidate> {
         let mut best: Option<(u32, Candidate)> = None;
         for (k, e) in self.in_use().iter().enumerate() {
+            // Acquire pairs with the Release INIT -> WAITING in `enter`: the fields read
+            // below are this ticket's.
             let w = e.word.load(Ordering::Acquire);
             let st = state_of(w);
             if st == entry::FREE || st == entry::INIT {
@@ -342,6 +365,8 @@ impl<'a> Queue<'a> {
             .compare_exchange(
                 w,
                 pack(ticket_of(w), entry::FREE),
+                // Release pairs with the claiming CAS (Acquire) in `enter`: our reads of
+                // the fields come before the next owner's stores.
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             )
@@ -374,6 +399,7 @@ impl<'a> Queue<'a> {
             return;
         }
         for e in self.in_use() {
+            // Acquire pairs with the Release INIT -> WAITING in `enter` (fields below).
             let w = e.word.load(Ordering::Acquire);
             if state_of(w) == entry::FREE || state_of(w) == entry::INIT {
                 continue;
@@ -392,7 +418,8 @@ impl<'a> Queue<'a> {
         self.sweep(now);
         let mut admitted = 0;
         for _ in 0..2 * DISPATCH_MAX {
-            if admitted >= DISPATCH_MAX || self.ps.queue_len.load(Ordering::Acquire) == 0 {
+            // Relaxed: a count, read on its own (see `enter`).
+            if admitted >= DISPATCH_MAX || self.ps.queue_len.load(Ordering::Relaxed) == 0 {
                 break;
             }
             let worst = if self.reserve(cap.safe) {
@@ -418,6 +445,8 @@ impl<'a> Queue<'a> {
                             entry::ADMITTED
                         },
                     ),
+                    // AcqRel, kept in doubt: the Release pairs with the waiter's Acquire
+                    // load in `poll`, though no field rides on it (the slot is the count).
                     Ordering::AcqRel,
                     Ordering::Relaxed,
                 )
@@ -454,6 +483,8 @@ impl<'a> Queue<'a> {
         };
         let mut dispatched = false;
         for _ in 0..8 {
+            // Acquire pairs with the Release of `dispatch` (ADMITTED), `evict_below`
+            // (EVICTED) and `enter` (WAITING, the fields read below).
             let w = e.word.load(Ordering::Acquire);
             if ticket_of(w) != ticket {
                 return Step::TimedOut;
@@ -463,6 +494,8 @@ impl<'a> Queue<'a> {
                     if let Some(s) = share {
                         s.fetch_add(1, Ordering::Relaxed);
                     }
+                    // Release pairs with the claiming CAS (Acquire) in `enter`, as in
+                    // `reclaim`.
                     if e.word
                         .compare_exchange(w, pack(ticket, entry::FREE), Ordering::AcqRel, Ordering::Relaxed)
                         .is_ok()
@@ -479,6 +512,7 @@ impl<'a> Queue<'a> {
                     }
                 }
                 entry::EVICTED => {
+                    // Release pairs with the claiming CAS in `enter`, as in `reclaim`.
                     let _ = e.word.compare_exchange(
                         w,
                         pack(ticket, entry::FREE),
@@ -491,6 +525,7 @@ impl<'a> Queue<'a> {
                     let priority = e.priority.load(Ordering::Relaxed);
                     let deadline = e.enqueued_ms.load(Ordering::Relaxed) + self.max_wait_ms(priority);
                     if now >= deadline {
+                        // Release pairs with the claiming CAS in `enter`, as in `reclaim`.
                         if e.word
                             .compare_exchange(
                                 w,
@@ -525,6 +560,7 @@ impl<'a> Queue<'a> {
             return false;
         };
         loop {
+            // Acquire pairs with the Release INIT -> WAITING in `enter` (the priority).
             let w = e.word.load(Ordering::Acquire);
             let st = state_of(w);
             if ticket_of(w) != ticket
@@ -535,6 +571,9 @@ impl<'a> Queue<'a> {
             {
                 return false;
             }
+            // Read before the entry is freed: once FREE, the next owner may store its own.
+            let priority = e.priority.load(Ordering::Relaxed);
+            // Release pairs with the claiming CAS (Acquire) in `enter`, as in `reclaim`.
             if e.word
                 .compare_exchange(w, pack(ticket, entry::FREE), Ordering::AcqRel, Ordering::Relaxed)
                 .is_err()
@@ -542,7 +581,7 @@ impl<'a> Queue<'a> {
                 continue;
             }
             match st {
-                entry::WAITING => self.left_waiting(e.priority.load(Ordering::Relaxed)),
+                entry::WAITING => self.left_waiting(priority),
                 entry::ADMITTED | entry::ADMITTED_PROBE => {
                     self.unreserve();
                     self.dispatch(cap, now);
@@ -563,7 +602,8 @@ impl<'a> Queue<'a> {
         }
         self.unreserve();
         self.note_release(now);
-        if self.ps.queue_len.load(Ordering::Acquire) > 0 {
+        // Relaxed: a count, read on its own (see `enter`).
+        if self.ps.queue_len.load(Ordering::Relaxed) > 0 {
             self.dispatch(cap, now);
         }
     }
@@ -622,12 +662,16 @@ pub fn reap_owner(region: &Region, w: u32, pid: i32) {
     for p in 0..region.capacity().max_pools {
         let Some(q) = Queue::of(region, p) else { continue };
         if let Some(share) = region.admit_share(w, p) {
-            let held = share.swap(0, Ordering::AcqRel);
+            // Relaxed: the share is a count and the swap's value the only data (as in
+            // `Region::release_shares`).
+            let held = share.swap(0, Ordering::Relaxed);
             if held > 0 {
                 saturating_sub(&q.qp.admitted, held);
             }
         }
         for e in q.in_use() {
+            // Acquire pairs with the Release INIT -> WAITING in `enter`: the pid and
+            // priority read below are this ticket's.
             let word = e.word.load(Ordering::Acquire);
             if state_of(word) != entry::FREE && e.pid.load(Ordering::Relaxed) == pid {
                 q.reclaim(e, word, e.priority.load(Ordering::Relaxed));

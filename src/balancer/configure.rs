@@ -20,7 +20,10 @@ impl Balancer {
     pub fn create_staged(cfg: &Config) -> Result<(Balancer, u64), Error> {
         let b = Balancer::create(cfg)?;
         let h = b.region.header();
+        // AcqRel, though the stage number is its own data (a count): nothing rides on it.
         let seq = h.stage_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        // Release pairs with the Acquire loads in `superseded`, `stage_is_live` and
+        // `apply_stage`: the region `create` wrote is visible with the live stage.
         h.applied_stage.store(seq, Ordering::Release);
         b.stage.store(seq, Ordering::Relaxed);
         Ok((b, seq))
@@ -41,6 +44,7 @@ impl Balancer {
         let old = Topology::parse(&self.region.read_text(&guard));
         self.plan(&old, cfg, clock::now_ms())?;
         drop(guard);
+        // AcqRel, though the stage number is its own data (a count): nothing rides on it.
         Ok(self.region.header().stage_seq.fetch_add(1, Ordering::AcqRel) + 1)
     }
 
@@ -51,6 +55,8 @@ impl Balancer {
         self.stage.store(seq, Ordering::Relaxed);
         let guard = self.region.lock(LOCK_TIMEOUT)?;
         let applied = &self.region.header().applied_stage;
+        // Acquire pairs with the Release below (a previous applier) and in
+        // `create_staged`; the lock held here orders it after an applier anyway.
         if applied.load(Ordering::Acquire) >= seq {
             return Ok(false);
         }
@@ -64,6 +70,7 @@ impl Balancer {
 
     /// Is stage `seq` (or a later one) live?
     pub fn stage_is_live(&self, seq: u64) -> bool {
+        // Acquire pairs with the Release in `apply_stage` / `create_staged`.
         self.region.header().applied_stage.load(Ordering::Acquire) >= seq
     }
 
@@ -71,6 +78,8 @@ impl Balancer {
     /// an nginx generation that is shutting down: it keeps the tables it has.
     pub(super) fn superseded(&self) -> bool {
         let mine = self.stage.load(Ordering::Relaxed);
+        // Acquire pairs with the Release in `apply_stage`: the later stage's topology
+        // is visible once it is seen live.
         mine != 0 && self.region.header().applied_stage.load(Ordering::Acquire) > mine
     }
 
@@ -171,8 +180,12 @@ impl Balancer {
             .collect();
         let reusable = |i: u32| -> bool {
             let n = self.region.node(i).expect("in range");
+            // Acquire pairs with the Release of REMOVED in `apply` (the `removed_ms`
+            // read below was stored before it); the lock held here orders it too.
             let f = n.flags.load(Ordering::Acquire);
             if f & flags::REMOVED != 0 {
+                // Acquire pairs with the Release in `shm::saturating_sub` (the report's
+                // decrement); the report's writes after it are covered by the grace.
                 return n.inflight.load(Ordering::Acquire) == 0
                     && now.saturating_sub(n.removed_ms.load(Ordering::Relaxed)) >= SLOT_REUSE_GRACE_MS;
             }
@@ -190,6 +203,8 @@ impl Balancer {
                             .node(i)
                             .expect("in range")
                             .flags
+                            // Acquire pairs with the flag stores in `apply` (and the lock
+                            // held here): 0 is a slot never used.
                             .load(Ordering::Acquire)
                             == 0
                 });
@@ -248,22 +263,11 @@ impl Balancer {
             pools.push(PoolTopo {
                 name: name.clone(),
                 slot,
-                algorithm: pc.algorithm,
-                ewma: pc.ewma.clone(),
-                slow_start_ms: pc.slow_start_ms,
-                refresh_ms: pc.refresh_ms,
-                chash_points: pc.chash_points,
-                retry: pc.retry.clone(),
-                cooldown: pc.cooldown.clone(),
-                limit: pc.limit.clone(),
-                outlier: pc.outlier.clone(),
-                health: pc.health.clone(),
-                no_node_status: pc.no_node_status,
-                window_ms: pc.window_ms,
+                policy: PoolConfig {
+                    nodes: Vec::new(),
+                    ..pc.clone()
+                },
                 nodes,
-                canary: pc.canary.clone(),
-                emergency: pc.emergency.clone(),
-                admission: pc.admission.clone(),
             });
         }
         Ok(Topology { pools })
@@ -285,6 +289,8 @@ impl Balancer {
                 r.pool(p.slot)
                     .expect("in range")
                     .in_use
+                    // Release pairs with the Acquire loads of `in_use` (`live_pool`,
+                    // `canary`, `force_emergency`); a 0 publishes nothing.
                     .store(0, Ordering::Release);
             }
             for n in &p.nodes {
@@ -294,6 +300,7 @@ impl Balancer {
                 if gone {
                     let s = r.node(n.slot).expect("in range");
                     s.removed_ms.store(now, Ordering::Relaxed);
+                    // Release pairs with the Acquire in `reusable`: `removed_ms` above.
                     s.flags.store(flags::REMOVED, Ordering::Release);
                 }
             }
@@ -307,6 +314,8 @@ impl Balancer {
             let pc = &cfg.pools[&p.name];
             let ps = r.pool(p.slot).expect("in range");
             params::store_pool(r, old, new, p, now);
+            // Release pairs with the Acquire loads in `live_pool`, `canary` and
+            // `force_emergency`: the slot's parameters above are visible with it.
             ps.in_use.store(1, Ordering::Release);
             for (n, nc) in p.nodes.iter().zip(&pc.nodes) {
                 let s = r.node(n.slot).expect("in range");
@@ -316,7 +325,7 @@ impl Balancer {
                 s.pool.store(p.slot, Ordering::Relaxed);
                 s.weight.store(nc.weight, Ordering::Relaxed);
                 // A cooldown learned under an older (or no) cap ends by this config's.
-                let longest = p.cooldown.max_ms.max(p.cooldown.max_retry_after_ms) as u64;
+                let longest = p.policy.cooldown.max_ms.max(p.policy.cooldown.max_retry_after_ms) as u64;
                 s.cooldown_until_ms.fetch_min(now + longest, Ordering::Relaxed);
                 // ... and so does the slow start that would have followed it.
                 s.started_ms.fetch_min(now + longest, Ordering::Relaxed);
@@ -324,14 +333,16 @@ impl Balancer {
                 // (DRAINING, for a run-time change) survive too.
                 let down = s.flags.load(Ordering::Relaxed) & (flags::DOWN | keep);
                 let f = flags::IN_USE | down | if n.backup { flags::BACKUP } else { 0 };
+                // Release pairs with the Acquire in `live_node` (and `reusable`): the
+                // node's pool, weight and reset state above are visible with IN_USE.
                 s.flags.store(f, Ordering::Release);
             }
         }
     }
 
     pub(super) fn bump(&self, _g: &LockGuard<'_>) {
-        // Release: slot and text writes above are visible to a worker that sees the new
-        // generation with Acquire in `sync`.
+        // Release pairs with the Acquire in `sync` (and `generation`): slot and text
+        // writes above are visible to a worker that sees the new generation.
         self.region.header().generation.fetch_add(1, Ordering::Release);
     }
 }

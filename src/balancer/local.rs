@@ -31,11 +31,8 @@ impl Local {
 
 pub(super) struct LocalPool {
     pub(super) name: String,
-    pub(super) algorithm: Algorithm,
-    pub(super) retry: RetryConfig,
-    pub(super) ewma: EwmaConfig,
-    pub(super) slow_start_ms: u32,
-    pub(super) refresh_ms: u32,
+    /// The pool's config as loaded (`PoolTopo::policy`).
+    pub(super) policy: PoolConfig,
     pub(super) next_refresh_ms: u64,
     /// Median latency of the primaries (µs): idle nodes decay toward it.
     pub(super) reference_us: f64,
@@ -44,8 +41,6 @@ pub(super) struct LocalPool {
     /// Whether some node had a learned concurrency limit at the last refresh: only
     /// then do picks tell confirmed slots from probes (see [`Prefer`]).
     pub(super) limited: bool,
-    /// `limit.slow_factor` (0: off): see [`Tier::slow_extra_us`].
-    pub(super) slow_factor: f64,
     pub(super) primary: Tier,
     pub(super) backup: Tier,
 }
@@ -136,7 +131,7 @@ impl LocalPool {
     /// tries, not the peak EWMA: a peak estimate keeps a fast node's rare slow answer
     /// for seconds, which would hide a node that is slow on every answer.
     pub(super) fn classify_slow(&mut self, region: &Region, now: u64) {
-        let factor = self.slow_factor;
+        let factor = self.policy.limit.slow_factor;
         if factor <= 0.0 {
             return;
         }
@@ -161,8 +156,8 @@ impl LocalPool {
     }
 
     pub(super) fn refresh(&mut self, region: &Region, now: u64) {
-        let tau = self.ewma.decay_ms;
-        let default_us = self.ewma.default_rtt_ms as f64 * 1000.0;
+        let tau = self.policy.ewma.decay_ms;
+        let default_us = self.policy.ewma.default_rtt_ms as f64 * 1000.0;
         // The reference is the median of the nodes' last estimates as they stand (not
         // decayed: decaying them toward anything here would feed back into itself).
         let mut sampled: Vec<f64> = self
@@ -175,7 +170,7 @@ impl LocalPool {
             .collect();
         self.sampled = !sampled.is_empty();
         self.reference_us = load::median(&mut sampled).unwrap_or(default_us);
-        let latency_weighted = !matches!(self.algorithm, Algorithm::P2cEwma | Algorithm::Chash);
+        let latency_weighted = !matches!(self.policy.algorithm, Algorithm::P2cEwma | Algorithm::Chash);
         for tier in [&mut self.primary, &mut self.backup] {
             for (i, &slot) in tier.slots.iter().enumerate() {
                 let (now_seen, was) = (Seen::of(region, slot), tier.seen[i]);
@@ -194,7 +189,11 @@ impl LocalPool {
                 tier.seen[i] = now_seen;
                 let Some(n) = region.node(slot) else { continue };
                 let mut w = n.weight.load(Ordering::Relaxed).max(1) as f64
-                    * load::slow_start(now, n.started_ms.load(Ordering::Relaxed), self.slow_start_ms)
+                    * load::slow_start(
+                        now,
+                        n.started_ms.load(Ordering::Relaxed),
+                        self.policy.slow_start_ms,
+                    )
                     * tier.success[i];
                 if latency_weighted {
                     let cost = load::current(n.ewma.load(Ordering::Relaxed), now, tau, self.reference_us);
@@ -212,7 +211,7 @@ impl LocalPool {
                     .is_some_and(|n| n.limit.load(Ordering::Relaxed) != 0)
             })
         });
-        self.next_refresh_ms = now + self.refresh_ms as u64;
+        self.next_refresh_ms = now + self.policy.refresh_ms as u64;
     }
 }
 
@@ -251,6 +250,8 @@ pub(super) fn spill_target(region: &Region, ps: &PoolSlot, nodes: &[&[u32]], now
     if backup == 0 {
         return None;
     }
+    // Acquire pairs with the Release of the transitions in `emergency_tick` and
+    // `force_emergency`; nothing is read after it but node flags (read on their own).
     if ps.emergency.load(Ordering::Acquire) & emergency::ACTIVE != 0 {
         return Some(backup - 1);
     }
@@ -310,6 +311,8 @@ impl Balancer {
             l.fork_epoch = epoch;
         }
         let h = self.region.header();
+        // Acquire pairs with the Release in `bump`: the slot and text writes of the
+        // configure that moved the generation are visible below.
         let generation = h.generation.load(Ordering::Acquire);
         if generation == l.generation {
             return Ok(());
@@ -317,6 +320,8 @@ impl Balancer {
         // A process of an older stage (an nginx worker shutting down after a reload)
         // keeps the tables it has, so its requests finish on the config they began with.
         let frozen = l.config_version != u64::MAX && self.superseded();
+        // Both pair with the Release in `Region::write_text`; the text itself is read
+        // under the lock, and the generation's Acquire above already covers it.
         if !frozen && h.config_version.load(Ordering::Acquire) != l.config_version {
             let guard = self.region.lock(LOCK_TIMEOUT)?;
             let version = h.config_version.load(Ordering::Acquire);
@@ -357,7 +362,7 @@ impl Balancer {
                     seen: nodes.iter().map(|n| Seen::of(&self.region, n.slot)).collect(),
                     mean_us: vec![0.0; nodes.len()],
                     slow_extra_us: vec![0.0; nodes.len()],
-                    selector: Selector::build(p.algorithm, &cands, p.chash_points, rng),
+                    selector: Selector::build(p.policy.algorithm, &cands, p.policy.chash_points, rng),
                     cands,
                 }
             };
@@ -366,16 +371,11 @@ impl Balancer {
             l.by_name.insert(p.name.clone(), p.slot);
             l.pools[p.slot as usize] = Some(LocalPool {
                 name: p.name.clone(),
-                algorithm: p.algorithm,
-                retry: p.retry.clone(),
-                ewma: p.ewma.clone(),
-                slow_start_ms: p.slow_start_ms,
-                refresh_ms: p.refresh_ms,
+                policy: p.policy.clone(),
                 next_refresh_ms: 0,
-                reference_us: p.ewma.default_rtt_ms as f64 * 1000.0,
+                reference_us: p.policy.ewma.default_rtt_ms as f64 * 1000.0,
                 sampled: false,
                 limited: false,
-                slow_factor: p.limit.slow_factor,
                 primary,
                 backup,
             });

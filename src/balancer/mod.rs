@@ -27,7 +27,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::budget;
-use crate::config::{Config, ConfigError, EwmaConfig, RetryConfig};
+use crate::config::{Config, ConfigError, PoolConfig};
 use crate::health::{self, Busy, Flip};
 use crate::load;
 use crate::node;
@@ -229,6 +229,7 @@ impl Balancer {
 
     /// The generation this region is at (changes with any topology or weight change).
     pub fn generation(&self) -> u64 {
+        // Acquire pairs with the Release in `bump` (the caller only shows the number).
         self.region.header().generation.load(Ordering::Acquire)
     }
 
@@ -271,6 +272,7 @@ impl Balancer {
     fn live_node(&self, node: u32) -> Result<&NodeSlot, Error> {
         self.region
             .node(node)
+            // Acquire pairs with the Release of IN_USE in `apply`: the node's fields.
             .filter(|n| n.flags.load(Ordering::Acquire) & flags::IN_USE != 0)
             .ok_or_else(|| Error::Invalid(format!("unknown node slot {node}")))
     }
@@ -316,15 +318,11 @@ impl Balancer {
         Ok(())
     }
 
-    /// Force emergency mode on or off for `pool`, or hand it back to the detector.
-    /// Forcing on enters emergency at once; forcing off leaves it at once.
-    pub fn set_emergency_mode(&self, pool: u32, mode: EmergencyMode) -> Result<(), Error> {
-        self.force_emergency(pool, mode).map(|_| ())
-    }
-
     /// Drain a node (`true`: no new tries, those in flight finish) or put it back.
     pub fn set_draining(&self, node: u32, draining: bool) -> Result<(), Error> {
         let n = self.live_node(node)?;
+        // Release pairs with the Acquire flag loads (`live_node`, `reusable`); nothing
+        // rides on DRAINING itself, which the pick path reads on its own (Relaxed).
         if draining {
             n.flags.fetch_or(flags::DRAINING, Ordering::Release);
         } else {
@@ -345,6 +343,7 @@ impl Balancer {
     pub(crate) fn live_pool(&self, pool: u32) -> Result<&PoolSlot, Error> {
         self.region
             .pool(pool)
+            // Acquire pairs with the Release of `in_use` in `apply`: the slot's parameters.
             .filter(|p| p.in_use.load(Ordering::Acquire) != 0)
             .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
     }
@@ -411,7 +410,7 @@ impl Balancer {
             out.push(LocalPoolView {
                 slot: slot as u32,
                 reference_us: p.reference_us,
-                decay_ms: p.ewma.decay_ms,
+                decay_ms: p.policy.ewma.decay_ms,
                 weights,
             });
         }

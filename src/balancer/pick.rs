@@ -71,7 +71,7 @@ impl Balancer {
             p.refresh(&self.region, now);
         }
         let ps = self.region.pool(pool).expect("local pool slot in range");
-        let key_hash = if p.algorithm == Algorithm::Chash {
+        let key_hash = if p.policy.algorithm == Algorithm::Chash {
             hash_key(key)
         } else {
             0
@@ -88,7 +88,7 @@ impl Balancer {
             (true, true) => &[Some(first), Some(!first)],
             (true, false) => &[Some(true)],
         };
-        let speed_passes: &[bool] = match (overflow, p.slow_factor > 0.0) {
+        let speed_passes: &[bool] = match (overflow, p.policy.limit.slow_factor > 0.0) {
             (false, _) => &[true],
             (true, true) => &[true, false],
             (true, false) => &[false],
@@ -106,7 +106,7 @@ impl Balancer {
                 slots: &tier.slots,
                 tried,
                 now_ms: now,
-                tau_ms: p.ewma.decay_ms,
+                tau_ms: p.policy.ewma.decay_ms,
                 reference_us: p.reference_us,
                 confirmed,
                 slow_extra_us: fast_only.then_some(&tier.slow_extra_us[..]),
@@ -121,7 +121,7 @@ impl Balancer {
                     .region
                     .pool_tally(row, pool)
                     .expect("local pool slot in range");
-                budget::record(&t.budget, now, p.retry.window_ms, retry, writer);
+                budget::record(&t.budget, now, p.policy.retry.window_ms, retry, writer);
                 writer.add(
                     if retry {
                         &t.retries_total
@@ -160,10 +160,10 @@ impl Balancer {
         let mut l = self.local.lock();
         self.sync(&mut l).map_err(|_| RetryDenied::NoNode)?;
         let p = local_pool(&mut l.pools, pool).map_err(|_| RetryDenied::NoNode)?;
-        if tried.len() >= p.retry.max_tries as usize {
+        if tried.len() >= p.policy.retry.max_tries as usize {
             return Err(RetryDenied::MaxTries);
         }
-        if elapsed_ms >= p.retry.deadline_ms {
+        if elapsed_ms >= p.policy.retry.deadline_ms {
             return Err(RetryDenied::Deadline);
         }
         let ps = self.region.pool(pool).expect("local pool slot in range");
@@ -181,13 +181,13 @@ impl Balancer {
             return Err(RetryDenied::NoNode);
         }
         let p = local_pool(&mut l.pools, pool).map_err(|_| RetryDenied::NoNode)?;
-        let (requests, retries) = tally::budget_totals(&self.region, pool, now, p.retry.window_ms);
+        let (requests, retries) = tally::budget_totals(&self.region, pool, now, p.policy.retry.window_ms);
         if !retry::allows(
             requests,
             retries,
-            p.retry.budget_ratio,
-            p.retry.min_per_s,
-            p.retry.window_ms,
+            p.policy.retry.budget_ratio,
+            p.policy.retry.min_per_s,
+            p.policy.retry.window_ms,
         ) {
             ps.retries_denied.fetch_add(1, Ordering::Relaxed);
             return Err(RetryDenied::Budget);
@@ -252,7 +252,7 @@ impl Balancer {
         let mut l = self.local.lock();
         self.sync(&mut l)?;
         let p = local_pool(&mut l.pools, pool)?;
-        if p.slow_factor <= 0.0 {
+        if p.policy.limit.slow_factor <= 0.0 {
             return Ok((0, false));
         }
         let ps = self.region.pool(pool).expect("local pool slot in range");
@@ -284,6 +284,6 @@ impl Balancer {
         topo.pools
             .iter()
             .find(|p| p.slot == pool)
-            .map_or(429, |p| p.no_node_status)
+            .map_or(429, |p| p.policy.no_node_status)
     }
 }

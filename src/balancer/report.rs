@@ -280,14 +280,18 @@ impl Balancer {
         let h = self.region.header();
         let me = std::process::id() as i32;
         let now = clock::now_ms();
+        // Acquire pairs with the CAS and the Release renewal below (another process's):
+        // the owner and the lease's end are values only, nothing else rides on them.
         let owner = h.health_pid.load(Ordering::Acquire);
         let expired = now >= h.health_until_ms.load(Ordering::Acquire);
         let take = owner == me
             || ((owner == 0 || expired || !crate::shm::pid_alive(owner))
                 && h.health_pid
+                    // AcqRel, though only the winner matters: it pairs with the loads above.
                     .compare_exchange(owner, me, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok());
         if take {
+            // Release pairs with the Acquire loads above: the claim comes with its end.
             h.health_until_ms.store(now + ttl_ms, Ordering::Release);
         }
         take
@@ -301,7 +305,7 @@ impl Balancer {
             .pools
             .iter()
             .find(|p| p.nodes.iter().any(|x| x.slot == node))
-            .and_then(|p| p.health.clone())
+            .and_then(|p| p.policy.health.clone())
             .unwrap_or_default();
         let (ok, fail) = if passed {
             n.health_fail.store(0, Ordering::Relaxed);
@@ -313,6 +317,9 @@ impl Balancer {
         let down = n.flags.load(Ordering::Relaxed) & flags::DOWN != 0;
         let flip = health::health_flip(down, passed, ok, fail, h.healthy, h.unhealthy);
         match flip {
+            // Release (both arms) pairs with the Acquire flag loads (`live_node`,
+            // `reusable`); DOWN is read on its own on the pick path (Relaxed): nothing
+            // rides on it.
             Flip::Up => {
                 n.flags.fetch_and(!flags::DOWN, Ordering::Release);
                 n.started_ms.store(clock::now_ms(), Ordering::Relaxed);

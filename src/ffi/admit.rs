@@ -30,14 +30,17 @@ pub unsafe extern "C" fn rsb_admit(
         if out_verdict.is_null() || out_entry.is_null() || out_value.is_null() {
             return null("out_verdict, out_entry or out_value");
         }
-        answer(b.admit(pool, priority), |(verdict, entry, value)| {
-            // SAFETY: non-null and writable by contract.
-            unsafe {
-                *out_verdict = verdict as u32;
-                *out_entry = entry;
-                *out_value = value;
-            }
-        })
+        answer(
+            crate::admit::admit(b, pool, priority),
+            |(verdict, entry, value)| {
+                // SAFETY: non-null and writable by contract.
+                unsafe {
+                    *out_verdict = verdict as u32;
+                    *out_entry = entry;
+                    *out_value = value;
+                }
+            },
+        )
     })
 }
 
@@ -67,13 +70,16 @@ pub unsafe extern "C" fn rsb_admit_poll(
         if out_verdict.is_null() || out_value.is_null() {
             return null("out_verdict or out_value");
         }
-        answer(b.admit_poll(pool, entry, ticket), |(verdict, value)| {
-            // SAFETY: non-null and writable by contract.
-            unsafe {
-                *out_verdict = verdict as u32;
-                *out_value = value;
-            }
-        })
+        answer(
+            crate::admit::admit_poll(b, pool, entry, ticket),
+            |(verdict, value)| {
+                // SAFETY: non-null and writable by contract.
+                unsafe {
+                    *out_verdict = verdict as u32;
+                    *out_value = value;
+                }
+            },
+        )
     })
 }
 
@@ -96,7 +102,7 @@ pub unsafe extern "C" fn rsb_admit_leave(
         let Some(b) = (unsafe { handle(b) }) else {
             return null("balancer");
         };
-        answer(b.admit_leave(pool, entry, ticket), |left| {
+        answer(crate::admit::admit_leave(b, pool, entry, ticket), |left| {
             if !out_left.is_null() {
                 // SAFETY: non-null and writable by contract.
                 unsafe { *out_left = left as u32 };
@@ -117,6 +123,6 @@ pub unsafe extern "C" fn rsb_admit_release(b: *const Balancer, pool: u32) -> rsb
         let Some(b) = (unsafe { handle(b) }) else {
             return null("balancer");
         };
-        b.admit_release(pool).map_or_else(fail, |_| rsb_result::RSB_OK)
+        crate::admit::admit_release(b, pool).map_or_else(fail, |_| rsb_result::RSB_OK)
     })
 }

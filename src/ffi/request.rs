@@ -303,7 +303,7 @@ pub unsafe extern "C" fn rsb_canary(
         if out_share.is_null() {
             return null("out_share");
         }
-        answer(b.canary(pool), |(slot, share)| {
+        answer(crate::canary::canary(b, pool), |(slot, share)| {
             // SAFETY: non-null and writable by contract.
             unsafe {
                 *out_pool = slot.unwrap_or(u32::MAX);

@@ -49,11 +49,11 @@ pub(super) fn add_methods<M: UserDataMethods<LuaBalancer>>(m: &mut M) {
     // add_node(pool, {id=, addr=, weight=, backup=}) -> slot | nil, err, kind
     m.add_method("add_node", |lua, this, (pool, node): (String, Value)| {
         let node = node_arg(lua, node, 2, "add_node")?;
-        nil_err_kind(lua, this.0.add_node(&pool, node))
+        nil_err_kind(lua, crate::admin::add_node(&this.0, &pool, node))
     });
     // remove_node(pool, id) -> true | nil, err, kind
     m.add_method("remove_node", |lua, this, (pool, id): (String, String)| {
-        nil_err_kind(lua, this.0.remove_node(&pool, &id).map(|()| true))
+        nil_err_kind(lua, crate::admin::remove_node(&this.0, &pool, &id).map(|()| true))
     });
     // state([pool]) -> { generation=, pools={ [name]={...} } } or one pool's table |
     // nil, err, kind

@@ -9,14 +9,16 @@ use super::{nil_err, plain, LuaBalancer};
 
 pub(super) fn add_methods<M: UserDataMethods<LuaBalancer>>(m: &mut M) {
     // canary_tick() -> { {pool=, rollback=bool, message=}, ... } | nil, err
-    m.add_method("canary_tick", |lua, this, ()| match this.0.canary_tick() {
-        Ok(events) => (lua.to_value_with(&events, plain())?,).into_lua_multi(lua),
-        Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+    m.add_method("canary_tick", |lua, this, ()| {
+        match crate::canary::canary_tick(&this.0) {
+            Ok(events) => (lua.to_value_with(&events, plain())?,).into_lua_multi(lua),
+            Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+        }
     });
     // canary_state(pool) -> {canary=, share=, key=, rolled_back=, rollbacks=,
     // ramp_next_in_ms=} | false (no canary) | nil, err
     m.add_method("canary_state", |lua, this, pool: String| {
-        let r = this.0.canary_state(&pool).and_then(|st| match st {
+        let r = crate::canary::canary_state(&this.0, &pool).and_then(|st| match st {
             Some(st) => lua
                 .to_value_with(&st, plain())
                 .map_err(|e| crate::balancer::Error::Invalid(e.to_string())),

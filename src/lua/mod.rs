@@ -287,7 +287,7 @@ impl UserData for LuaBalancer {
                     .ok_or_else(|| Error::Invalid(format!("unknown pool \"{name}\"")))
             });
             match r {
-                Ok(p) => (lua.to_value_with(&p, plain())?,).into_lua_multi(lua),
+                Ok(p) => (lua.to_value_with(&p.flat(), plain())?,).into_lua_multi(lua),
                 Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
             }
         });
@@ -407,7 +407,7 @@ impl UserData for LuaBalancer {
             let r = this
                 .0
                 .pool_index(&pool)
-                .and_then(|p| this.0.force_emergency(p, mode));
+                .and_then(|p| crate::emergency::force_emergency(&this.0, p, mode));
             match r {
                 Ok(Some(t)) => (true, transition_table(lua, &t)?).into_lua_multi(lua),
                 Ok(None) => (true,).into_lua_multi(lua),
@@ -430,7 +430,7 @@ impl UserData for LuaBalancer {
         // Run the overload detector once: { transition, ... } this process won (each
         // transition is won by exactly one process), or nil, err.
         m.add_method("emergency_tick", |lua, this, ()| {
-            let r = this.0.emergency_tick(crate::shm::clock::now_ms());
+            let r = crate::emergency::emergency_tick(&this.0, crate::shm::clock::now_ms());
             match r {
                 Ok(list) => {
                     let t = lua.create_table()?;

@@ -97,7 +97,8 @@ pub struct Header {
     pub _reserved0: u32,
     /// Bumped (Release) after any change workers must notice: topology, weights.
     pub generation: AtomicU64,
-    /// Bumped (Release) after the active config text changed; read under the lock.
+    /// Bumped (Release) after the active config text changed; `Balancer::sync` reads it
+    /// (Acquire) to decide whether to read the text, which it does under the lock.
     pub config_version: AtomicU64,
     /// Which of the two text buffers is active (0 or 1); written under the lock.
     pub active_text: AtomicU32,

@@ -271,7 +271,9 @@ impl Region {
         let used = self
             .header()
             .tally_rows
-            .load(Ordering::Acquire)
+            // Relaxed: a bound on the rows to sum, whose cells are atomics read on their
+            // own; a row beyond a stale bound holds only counts that raced the read.
+            .load(Ordering::Relaxed)
             .min(self.cap.max_workers);
         (0..used).chain(std::iter::once(self.cap.max_workers))
     }
@@ -289,6 +291,11 @@ impl Region {
             match owner_cell.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
                 Ok(_) => return Ok(LockGuard { region: self, me }),
                 Err(owner) if owner != me && !pid_alive(owner) => {
+                    // Acquire: the dead holder's CAS continues the release sequence of
+                    // the last `LockGuard::drop`, so this pairs with that Release; what
+                    // the dead holder wrote itself has no Release (it never unlocked),
+                    // which is why writers keep the region consistent at every step
+                    // (`write_text`'s double buffer).
                     if owner_cell
                         .compare_exchange(owner, me, Ordering::Acquire, Ordering::Relaxed)
                         .is_ok()
@@ -315,8 +322,12 @@ impl Region {
     /// The active config text (copied out). Call with the lock held.
     pub fn read_text(&self, _guard: &LockGuard<'_>) -> Vec<u8> {
         let h = self.header();
+        // Acquire pairs with the Release flip in `write_text`: the lock already orders us
+        // after a writer that unlocked, this covers one that died holding it (the lock
+        // stolen), so a flipped buffer is never read before its bytes and length.
         let which = h.active_text.load(Ordering::Acquire) as usize & 1;
-        let len = (h.text_len[which].load(Ordering::Acquire) as usize).min(self.cap.config_bytes as usize);
+        // Relaxed: written before the flip, so the Acquire above makes it visible.
+        let len = (h.text_len[which].load(Ordering::Relaxed) as usize).min(self.cap.config_bytes as usize);
         let at = self.off.text + which * self.cap.config_bytes as usize;
         let mut out = vec![0u8; len];
         // SAFETY: `at..at+len` lies inside the text buffer `which` (len <= config_bytes);
@@ -336,14 +347,21 @@ impl Region {
             });
         }
         let h = self.header();
+        // Acquire pairs with the Release flip of the previous writer (below), which
+        // matters when it died holding the lock: we write the buffer it left inactive.
         let next = (h.active_text.load(Ordering::Acquire) as usize & 1) ^ 1;
         let at = self.off.text + next * self.cap.config_bytes as usize;
         // SAFETY: the destination is the inactive buffer, sized config_bytes >= len;
         // only lock holders write text and we hold the lock; readers read the active one.
         unsafe { std::ptr::copy_nonoverlapping(text.as_ptr(), self.base.as_ptr().add(at), text.len()) };
-        h.text_len[next].store(text.len() as u32, Ordering::Release);
-        // Release: the bytes and length above are visible before the flip.
+        // Relaxed: published by the flip below.
+        h.text_len[next].store(text.len() as u32, Ordering::Relaxed);
+        // Release pairs with the Acquire in `read_text` (and in the next `write_text`):
+        // the bytes and length above are visible before the flip.
         h.active_text.store(next as u32, Ordering::Release);
+        // Release pairs with the Acquire loads in `Balancer::sync` (balancer/local.rs),
+        // which then read the text under the lock; the generation bump that follows a
+        // config change (`Balancer::configure`) carries the same writes.
         h.config_version.fetch_add(1, Ordering::Release);
         Ok(())
     }
@@ -359,15 +377,21 @@ impl Region {
         for w in order {
             let slot = self.worker(w).expect("w < max_workers");
             // A slot this process already owns belongs to another handle: not ours.
-            let cur = slot.pid.load(Ordering::Acquire);
+            // Relaxed: only a pre-check; the CAS below is what claims and synchronizes.
+            let cur = slot.pid.load(Ordering::Relaxed);
             if cur == 0
                 && slot
                     .pid
+                    // Acquire pairs with the Release store of 0 in `detach_worker` and
+                    // `reap_dead_workers`: the zeroed shares and the reaped queue entries
+                    // of the previous owner are visible before we use the slot. The
+                    // Release half is kept (nothing is written before it; in doubt).
                     .compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
             {
                 slot.attached_ms.store(clock::now_ms(), Ordering::Relaxed);
-                self.header().tally_rows.fetch_max(w + 1, Ordering::AcqRel);
+                // Relaxed: a bound only (see `tally_rows`); the rows are atomics.
+                self.header().tally_rows.fetch_max(w + 1, Ordering::Relaxed);
                 return Ok(w);
             }
         }
@@ -378,9 +402,12 @@ impl Region {
     pub fn detach_worker(&self, w: u32) {
         let me = std::process::id() as i32;
         if let Some(slot) = self.worker(w) {
-            if slot.pid.load(Ordering::Acquire) == me {
+            // Relaxed: only this process stores its own pid here.
+            if slot.pid.load(Ordering::Relaxed) == me {
                 self.release_shares(w);
                 self.reap(w, me);
+                // Release pairs with the Acquire CAS in `attach_worker`: the next owner
+                // sees the shares and queue entries given back above.
                 slot.pid.store(0, Ordering::Release);
             }
         }
@@ -393,7 +420,8 @@ impl Region {
         let mut reaped = 0;
         for w in 0..self.cap.max_workers {
             let slot = self.worker(w).expect("w < max_workers");
-            let pid = slot.pid.load(Ordering::Acquire);
+            // Relaxed: only a pre-check; the CAS below is what claims and synchronizes.
+            let pid = slot.pid.load(Ordering::Relaxed);
             // A negative pid marks a slot being reaped by process -pid; a reaper that
             // died half-way is replaced (releasing shares is idempotent: swap to 0).
             let owner = pid.abs();
@@ -401,6 +429,9 @@ impl Region {
                 // Only the process that wins this CAS reclaims, so shares are folded
                 // back exactly once; the marker keeps others from claiming the slot
                 // until its shares are gone.
+                // AcqRel: the Acquire half pairs with the Release of the owner's claim
+                // (`attach_worker`) or of a dead reaper's marker, so the reclaim below
+                // comes after them; kept in doubt, the reclaim is RMWs anyway.
                 if slot
                     .pid
                     .compare_exchange(pid, -me, Ordering::AcqRel, Ordering::Relaxed)
@@ -408,6 +439,8 @@ impl Region {
                 {
                     self.release_shares(w);
                     self.reap(w, owner);
+                    // Release pairs with the Acquire CAS in `attach_worker`, as in
+                    // `detach_worker`.
                     slot.pid.store(0, Ordering::Release);
                     reaped += 1;
                 }
@@ -419,7 +452,9 @@ impl Region {
     fn release_shares(&self, w: u32) {
         for n in 0..self.cap.max_nodes {
             let share = self.share(w, n).expect("in range");
-            let held = share.swap(0, Ordering::AcqRel);
+            // Relaxed: the share is a count and the swap's value the only data; the
+            // RMW alone makes it fold back once.
+            let held = share.swap(0, Ordering::Relaxed);
             if held > 0 {
                 let node = self.node(n).expect("in range");
                 saturating_sub(&node.inflight, held);
@@ -460,6 +495,11 @@ impl Drop for LockGuard<'_> {
 
 /// Decrement without going below zero; returns the value before.
 pub fn saturating_sub(cell: &AtomicU32, by: u32) -> u32 {
+    // AcqRel, kept in doubt: the counts it takes down (in-flight, shares, admissions,
+    // queue lengths) are their own data, except that the node in-flight count is read
+    // with Acquire by the slot-reuse check in `Balancer::configure` (`reusable`), which
+    // this Release pairs with; the report's writes after its decrement are covered by
+    // the reuse grace, not by this.
     match cell.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
         Some(v.saturating_sub(by))
     }) {
@@ -499,7 +539,8 @@ pub mod fork {
 
     /// Register the `pthread_atfork` child handler (once per process image).
     pub fn install() {
-        if INSTALLED.swap(1, Ordering::AcqRel) == 0 {
+        // Relaxed: decides the one installer; no data rides on the flag.
+        if INSTALLED.swap(1, Ordering::Relaxed) == 0 {
             // SAFETY: `on_child` is an `extern "C" fn()` that only touches an atomic, which
             // is async-signal-safe and valid in the child right after fork.
             unsafe { libc::pthread_atfork(None, None, Some(on_child)) };
