@@ -338,7 +338,7 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
             canary: (canary != 0)
                 .then(|| name_of.get(&(canary - 1)).map(|s| s.to_string()))
                 .flatten(),
-            canary_share: ps.canary_share.load(Ordering::Relaxed) as f64 / 10_000.0,
+            canary_share: ps.canary_share.load(Ordering::Relaxed) as f64 / crate::params::PARTS as f64,
             canary_rolled_back: ps.canary_rolled_back.load(Ordering::Relaxed),
             canary_rollbacks: ps.canary_rollbacks_total.load(Ordering::Relaxed),
             window: tally::pool_window(region, p.slot, now),
