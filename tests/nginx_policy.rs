@@ -773,8 +773,11 @@ fn slow_node_is_only_overflow_with_slow_factor() {
     let (plain, plain_nodes) = slow_share(0.0, &fast, &slow);
     let (overflow, overflow_nodes) = slow_share(2.0, &fast, &slow);
     eprintln!("slow node share: plain p2c {plain_nodes:?}, slow_factor 2 {overflow_nodes:?}");
+    // 4 clients on the fast node (40 ms) and 2 on the slow one (200 ms) is 100 + 10
+    // requests/s: about 9% for the slow node. (This once asked for over 10%, which
+    // runs at 10.0% failed.)
     assert!(
-        plain > 0.10,
+        plain > 0.07,
         "plain p2c: the slow node served {:.1}% (expected the overflow of 2 of 6 clients): \
          {plain_nodes:?}",
         plain * 100.0
