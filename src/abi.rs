@@ -11,7 +11,7 @@
 //! `#define`s.
 //!
 //! The other shared codes live with their owners and are exported the same way:
-//! `rsb_result` (`ffi`), `rsb_verdict` (`admit::Verdict`), `rsb_retry_denied`
+//! `rsb_result` (`ffi`), `rsb_verdict` (`admission::Verdict`), `rsb_retry_denied`
 //! (`balancer::RetryDenied`).
 
 use std::ops::RangeInclusive;

@@ -221,7 +221,7 @@ pub fn emergency_tick(b: &Balancer, now_ms: u64) -> Result<Vec<Transition>, Erro
             if bits == ACTIVE
                 && ps
                     .emergency
-                    // AcqRel pairs with the Acquire loads of the word (here, `admit::admit`,
+                    // AcqRel pairs with the Acquire loads of the word (here, `admission::admit`,
                     // `spill_target`); the failure value is unused: Relaxed.
                     .compare_exchange(ACTIVE, 0, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
@@ -281,7 +281,7 @@ pub fn emergency_tick(b: &Balancer, now_ms: u64) -> Result<Vec<Transition>, Erro
         };
         // Exactly one process wins each transition; a forced change in between
         // makes the exchange fail. Release pairs with the Acquire loads of the word
-        // in `admit::admit` and `spill_target`: this process synced to the
+        // in `admission::admit` and `spill_target`: this process synced to the
         // topology it judged (`topology()`), so a reader that sees ACTIVE also sees
         // that config's `shed_below`. The failure value is unused.
         if ps
@@ -320,7 +320,7 @@ pub fn force_emergency(b: &Balancer, pool: u32, mode: EmergencyMode) -> Result<O
     let before = ps
         .emergency
         // AcqRel as in `emergency_tick`'s transitions (Release pairs with the loads
-        // in `admit::admit` and `spill_target`). A failed try's value only
+        // in `admission::admit` and `spill_target`). A failed try's value only
         // feeds the next try: Relaxed.
         .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |e| {
             Some(match mode {

@@ -27,7 +27,7 @@
 
 pub mod abi;
 pub mod admin;
-pub mod admit;
+pub mod admission;
 pub mod balancer;
 pub mod budget;
 pub mod canary;

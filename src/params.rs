@@ -4,7 +4,7 @@
 //! canary split and ramp, and emergency shedding with its backup pool.
 //!
 //! One module owns every such store, called by the pool's configure under the shared
-//! lock ([`store_pool`]); the policies (`crate::admit`, `crate::canary`,
+//! lock ([`store_pool`]); the policies (`crate::admission`, `crate::canary`,
 //! `crate::emergency`) read what it wrote. A config value reaches its slot word here
 //! and nowhere else.
 
@@ -75,7 +75,7 @@ pub fn store_admission(qp: &QueuePool, cfg: &AdmissionConfig) {
     for (i, cell) in qp.class_max_queue.iter().enumerate() {
         set(cell, cfg.classes.get(i).map_or(0, |c| c.max_queue));
     }
-    // Release pairs with the Acquire in `admit::admit`: the parameters above are
+    // Release pairs with the Acquire in `admission::admit`: the parameters above are
     // visible to whoever sees queueing on.
     qp.enabled.store(cfg.enabled as u32, Ordering::Release);
 }

@@ -2,7 +2,7 @@
 //! document, for admin reads (`GET /rsbalancer/`), `status_json()` and the status page.
 //!
 //! It only reads: the topology through the pool's API, node state through
-//! [`crate::node`], the admission queue through [`crate::admit::status_json`], and
+//! [`crate::node`], the admission queue through [`crate::admission::status_json`], and
 //! the canary and emergency words of each pool's shared slot. Adding a field for
 //! operators means adding it here (and to the page that shows it).
 
@@ -53,7 +53,7 @@ pub fn of(b: &Balancer) -> Result<Value, Error> {
                 "retries": retries,
                 "retries_denied": ps.retries_denied.load(Ordering::Relaxed),
                 "no_node": ps.no_node_total.load(Ordering::Relaxed),
-                "admission": crate::admit::status_json(region, p.slot),
+                "admission": crate::admission::status_json(region, p.slot),
                 "nodes": nodes,
                 "canary_share": ps.canary_share.load(Ordering::Relaxed) as f64 / PARTS as f64,
                 "canary_rolled_back": ps.canary_rolled_back.load(Ordering::Relaxed) != 0,

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use rsbalancer::admit::Verdict;
+use rsbalancer::admission::Verdict;
 use rsbalancer::balancer::Balancer;
 use rsbalancer::health::LIMIT_ONE;
 use rsbalancer::shm::layout::emergency;
@@ -46,20 +46,20 @@ fn emergency_sheds_below_the_configured_priority() {
     let ps = b.region().pool(pool).unwrap();
     ps.shed_below.store(5, Ordering::Relaxed);
     assert_eq!(
-        rsbalancer::admit::admit(&b, pool, 3).unwrap().0,
+        rsbalancer::admission::admit(&b, pool, 3).unwrap().0,
         Verdict::Go,
         "not in emergency: nobody is shed"
     );
-    rsbalancer::admit::admit_release(&b, pool).unwrap();
+    rsbalancer::admission::admit_release(&b, pool).unwrap();
     ps.emergency.store(emergency::ACTIVE, Ordering::Release);
-    let (v, _, retry_ms) = rsbalancer::admit::admit(&b, pool, 4).unwrap();
+    let (v, _, retry_ms) = rsbalancer::admission::admit(&b, pool, 4).unwrap();
     assert_eq!(v, Verdict::Shed);
     assert!(
         retry_ms >= 1000 && retry_ms % 1000 == 0,
         "Retry-After in whole seconds: {retry_ms}"
     );
     assert_eq!(
-        rsbalancer::admit::admit(&b, pool, 5).unwrap().0,
+        rsbalancer::admission::admit(&b, pool, 5).unwrap().0,
         Verdict::Go,
         "5 is not below shed_below 5"
     );
@@ -71,26 +71,36 @@ fn emergency_sheds_below_the_configured_priority() {
     let ps2 = b2.region().pool(pool2).unwrap();
     ps2.shed_below.store(5, Ordering::Relaxed);
     ps2.emergency.store(emergency::ACTIVE, Ordering::Release);
-    assert_eq!(rsbalancer::admit::admit(&b2, pool2, 1).unwrap().0, Verdict::Shed);
-    assert_eq!(rsbalancer::admit::admit(&b2, pool2, 9).unwrap().0, Verdict::Pass);
+    assert_eq!(
+        rsbalancer::admission::admit(&b2, pool2, 1).unwrap().0,
+        Verdict::Shed
+    );
+    assert_eq!(
+        rsbalancer::admission::admit(&b2, pool2, 9).unwrap().0,
+        Verdict::Pass
+    );
 }
 
 #[test]
 fn queueing_off_answers_at_once_as_before() {
     let (b, pool) = balancer(1, json!({}));
-    assert_eq!(rsbalancer::admit::admit(&b, pool, 5).unwrap().0, Verdict::Pass);
+    assert_eq!(
+        rsbalancer::admission::admit(&b, pool, 5).unwrap().0,
+        Verdict::Pass
+    );
     let node = b.pick(pool, b"", &[]).unwrap();
     // The node is at its limit: no queue, refuse at once with a wait.
-    let (v, _, ms) = rsbalancer::admit::admit(&b, pool, 5).unwrap();
+    let (v, _, ms) = rsbalancer::admission::admit(&b, pool, 5).unwrap();
     assert_eq!((v, ms), (Verdict::NoNode, 1000));
     b.report(node, 200, 1000, 0).unwrap();
     assert_eq!(
-        rsbalancer::admit::admission_state(&b, pool).unwrap(),
+        rsbalancer::admission::admission_state(&b, pool).unwrap(),
         (0, 0),
         "nothing counted"
     );
     assert!(
-        rsbalancer::admit::admit(&b, pool, 0).is_err() && rsbalancer::admit::admit(&b, pool, 11).is_err(),
+        rsbalancer::admission::admit(&b, pool, 0).is_err()
+            && rsbalancer::admission::admit(&b, pool, 11).is_err(),
         "priority 1..=10"
     );
 }
@@ -105,7 +115,7 @@ fn no_node_at_all_is_answered_at_once_even_with_queueing() {
         .unwrap()
         .cooldown_until_ms
         .store(until, Ordering::Relaxed);
-    let (v, _, ms) = rsbalancer::admit::admit(&b, pool, 9).unwrap();
+    let (v, _, ms) = rsbalancer::admission::admit(&b, pool, 9).unwrap();
     assert_eq!(v, Verdict::NoNode);
     assert!(
         (29_000..=30_000).contains(&ms),
@@ -116,21 +126,25 @@ fn no_node_at_all_is_answered_at_once_even_with_queueing() {
 #[test]
 fn queued_request_goes_when_a_slot_is_released() {
     let (b, pool) = balancer(1, queueing());
-    assert_eq!(rsbalancer::admit::admit(&b, pool, 5).unwrap().0, Verdict::Go);
-    let (v, entry, ticket) = rsbalancer::admit::admit(&b, pool, 5).unwrap();
+    assert_eq!(rsbalancer::admission::admit(&b, pool, 5).unwrap().0, Verdict::Go);
+    let (v, entry, ticket) = rsbalancer::admission::admit(&b, pool, 5).unwrap();
     assert_eq!(v, Verdict::Queued);
     assert_eq!(
-        rsbalancer::admit::admit_poll(&b, pool, entry, ticket).unwrap().0,
+        rsbalancer::admission::admit_poll(&b, pool, entry, ticket)
+            .unwrap()
+            .0,
         Verdict::Wait
     );
-    rsbalancer::admit::admit_release(&b, pool).unwrap();
+    rsbalancer::admission::admit_release(&b, pool).unwrap();
     assert_eq!(
-        rsbalancer::admit::admit_poll(&b, pool, entry, ticket).unwrap().0,
+        rsbalancer::admission::admit_poll(&b, pool, entry, ticket)
+            .unwrap()
+            .0,
         Verdict::Go
     );
-    assert_eq!(rsbalancer::admit::admission_state(&b, pool).unwrap(), (1, 0));
-    rsbalancer::admit::admit_release(&b, pool).unwrap();
-    assert_eq!(rsbalancer::admit::admission_state(&b, pool).unwrap(), (0, 0));
+    assert_eq!(rsbalancer::admission::admission_state(&b, pool).unwrap(), (1, 0));
+    rsbalancer::admission::admit_release(&b, pool).unwrap();
+    assert_eq!(rsbalancer::admission::admission_state(&b, pool).unwrap(), (0, 0));
 }
 
 /// A process holding 2 admissions and 3 queue entries is killed with SIGKILL while
@@ -142,41 +156,47 @@ fn killed_process_admissions_and_entries_are_reclaimed() {
     let (ready_b, go_b) = (Signal::new().unwrap(), Signal::new().unwrap());
     let mut survivor = fork_child(|| {
         b.attach_worker(2).unwrap();
-        assert_eq!(rsbalancer::admit::admit(&b, pool, 5).unwrap().0, Verdict::Go);
+        assert_eq!(rsbalancer::admission::admit(&b, pool, 5).unwrap().0, Verdict::Go);
         ready_b.send(1).unwrap();
         // Keep the admission until told, then release it.
         assert_eq!(go_b.recv(common::HANDSHAKE).unwrap(), Some(1));
-        rsbalancer::admit::admit_release(&b, pool).unwrap();
+        rsbalancer::admission::admit_release(&b, pool).unwrap();
         0
     })
     .unwrap();
     expect_signal(&ready_b, &mut survivor, "survivor admitted");
     let mut victim = fork_child(|| {
         b.attach_worker(1).unwrap();
-        assert_eq!(rsbalancer::admit::admit(&b, pool, 5).unwrap().0, Verdict::Go);
-        assert_eq!(rsbalancer::admit::admit(&b, pool, 5).unwrap().0, Verdict::Go);
+        assert_eq!(rsbalancer::admission::admit(&b, pool, 5).unwrap().0, Verdict::Go);
+        assert_eq!(rsbalancer::admission::admit(&b, pool, 5).unwrap().0, Verdict::Go);
         for _ in 0..3 {
-            assert_eq!(rsbalancer::admit::admit(&b, pool, 7).unwrap().0, Verdict::Queued);
+            assert_eq!(
+                rsbalancer::admission::admit(&b, pool, 7).unwrap().0,
+                Verdict::Queued
+            );
         }
         ready.send(1).unwrap();
         park()
     })
     .unwrap();
     expect_signal(&ready, &mut victim, "victim admitted and queued");
-    assert_eq!(rsbalancer::admit::admission_state(&b, pool).unwrap(), (3, 3));
+    assert_eq!(rsbalancer::admission::admission_state(&b, pool).unwrap(), (3, 3));
     victim.kill(libc::SIGKILL).unwrap();
     assert_eq!(victim.wait().unwrap(), 128 + libc::SIGKILL);
     // What nginx does when it starts the replacement worker.
     assert_eq!(b.region().reap_dead_workers(), 1);
     assert_eq!(
-        rsbalancer::admit::admission_state(&b, pool).unwrap(),
+        rsbalancer::admission::admission_state(&b, pool).unwrap(),
         (1, 0),
         "only the survivor's admission left"
     );
     // The freed slots serve at once.
-    assert_eq!(rsbalancer::admit::admit(&b, pool, 5).unwrap().0, Verdict::Go);
-    assert_eq!(rsbalancer::admit::admit(&b, pool, 5).unwrap().0, Verdict::Go);
-    assert_eq!(rsbalancer::admit::admit(&b, pool, 5).unwrap().0, Verdict::Queued);
+    assert_eq!(rsbalancer::admission::admit(&b, pool, 5).unwrap().0, Verdict::Go);
+    assert_eq!(rsbalancer::admission::admit(&b, pool, 5).unwrap().0, Verdict::Go);
+    assert_eq!(
+        rsbalancer::admission::admit(&b, pool, 5).unwrap().0,
+        Verdict::Queued
+    );
     go_b.send(1).unwrap();
     assert_eq!(survivor.wait().unwrap(), 0);
 }
@@ -186,7 +206,7 @@ fn killed_process_admissions_and_entries_are_reclaimed() {
 #[test]
 fn admission_of_a_removed_pool_is_released() {
     let (b, pool) = balancer(2, queueing());
-    assert_eq!(rsbalancer::admit::admit(&b, pool, 5).unwrap().0, Verdict::Go);
+    assert_eq!(rsbalancer::admission::admit(&b, pool, 5).unwrap().0, Verdict::Go);
     let other = rsbalancer::config::Config::from_value(json!({
         "shm": common::shm(),
         "pools": { "q": { "nodes": common::node_list(&[("x", false)]) } }
@@ -195,8 +215,8 @@ fn admission_of_a_removed_pool_is_released() {
     b.configure(&other).unwrap();
     assert!(b.pool_index("p").is_err(), "the pool is gone");
     assert_eq!(b.pool_index("q").unwrap(), pool, "its slot went to the new pool");
-    rsbalancer::admit::admit_release(&b, pool).unwrap();
-    let q = rsbalancer::admit::Queue::of(b.region(), pool).unwrap();
+    rsbalancer::admission::admit_release(&b, pool).unwrap();
+    let q = rsbalancer::admission::Queue::of(b.region(), pool).unwrap();
     assert_eq!(q.qp.admitted.load(Ordering::Relaxed), 0);
 }
 
@@ -221,8 +241,8 @@ fn emergency_backup_pool_adds_its_capacity() {
             .store(LIMIT_ONE, Ordering::Relaxed);
         b.region().served(n).unwrap().store(1, Ordering::Relaxed);
     }
-    assert_eq!(rsbalancer::admit::admit(&b, pool, 5).unwrap().0, Verdict::Go);
-    let (v, entry, ticket) = rsbalancer::admit::admit(&b, pool, 5).unwrap();
+    assert_eq!(rsbalancer::admission::admit(&b, pool, 5).unwrap().0, Verdict::Go);
+    let (v, entry, ticket) = rsbalancer::admission::admit(&b, pool, 5).unwrap();
     assert_eq!(v, Verdict::Queued, "outside emergency only a's one slot counts");
     b.region()
         .pool(pool)
@@ -230,9 +250,11 @@ fn emergency_backup_pool_adds_its_capacity() {
         .emergency
         .store(emergency::ACTIVE, Ordering::Release);
     assert_eq!(
-        rsbalancer::admit::admit_poll(&b, pool, entry, ticket).unwrap().0,
+        rsbalancer::admission::admit_poll(&b, pool, entry, ticket)
+            .unwrap()
+            .0,
         Verdict::Go,
         "in emergency the spare pool's slot counts too"
     );
-    assert_eq!(rsbalancer::admit::admission_state(&b, pool).unwrap(), (2, 0));
+    assert_eq!(rsbalancer::admission::admission_state(&b, pool).unwrap(), (2, 0));
 }

@@ -15,15 +15,15 @@ const LAYERS: &[&[&str]] = &[
     &["budget", "window", "tally"],
     &["node", "topology"],
     &["params"],
-    &["admit/queue"],
+    &["admission/queue"],
     &["balancer"],
-    &["admit", "canary", "emergency", "admin"],
+    &["admission", "canary", "emergency", "admin"],
     &["status", "metrics"],
     &["ffi", "lua", "lib"],
 ];
 
 fn layer_of(module: &str) -> usize {
-    // The longest listed prefix decides (`admit/queue` before `admit`).
+    // The longest listed prefix decides (`admission/queue` before `admission`).
     let mut best: Option<(usize, usize)> = None;
     for (layer, names) in LAYERS.iter().enumerate() {
         for name in *names {
@@ -128,6 +128,6 @@ fn the_scan_sees_imports() {
     );
     assert_eq!(found, ["balancer"]);
     assert!(layer_of("balancer") > layer_of("node"));
-    assert_eq!(layer_of("admit/queue"), 5);
-    assert_eq!(layer_of("admit"), 7);
+    assert_eq!(layer_of("admission/queue"), 5);
+    assert_eq!(layer_of("admission"), 7);
 }

@@ -32,7 +32,7 @@ use std::sync::{Mutex, OnceLock};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use rsbalancer::abi::WEIGHT_RANGE;
-use rsbalancer::admit::{capacity, Verdict};
+use rsbalancer::admission::{capacity, Verdict};
 use rsbalancer::shm::clock;
 
 #[path = "abi/c.rs"]
@@ -529,7 +529,7 @@ impl Harness {
 
     fn check_capacity(&self) {
         let b = self.h.rust();
-        let (admitted, _) = rsbalancer::admit::admission_state(b, self.pools[0]).unwrap();
+        let (admitted, _) = rsbalancer::admission::admission_state(b, self.pools[0]).unwrap();
         let slots: &[u32] = &self.nodes[0];
         if let Ok(cap) = capacity(b.region(), &[slots], clock::now_ms()) {
             let total = cap.safe.saturating_add(cap.probe);
@@ -546,7 +546,7 @@ impl Harness {
             let want = self.outstanding.get(&node).copied().unwrap_or(0);
             assert_eq!(inflight, want, "in-flight of node {node}");
         }
-        let (admitted, waiting) = rsbalancer::admit::admission_state(b, self.pools[0]).unwrap();
+        let (admitted, waiting) = rsbalancer::admission::admission_state(b, self.pools[0]).unwrap();
         let open = self.queued.len() as u32;
         assert!(
             admitted >= self.held && admitted <= self.held + open,
@@ -578,7 +578,7 @@ impl Harness {
             assert_eq!(stats.unwrap().inflight, 0, "node {node} idle");
         }
         assert_eq!(
-            rsbalancer::admit::admission_state(self.h.rust(), self.pools[0]).unwrap(),
+            rsbalancer::admission::admission_state(self.h.rust(), self.pools[0]).unwrap(),
             (0, 0),
             "admission idle"
         );

@@ -174,7 +174,7 @@ impl Balancer {
     /// Another handle on an existing region (same process or inherited across fork).
     pub fn attach(region: Arc<Region>) -> Balancer {
         // A dead worker's admissions and queue entries go back with its in-flight shares.
-        region.set_reaper(crate::admit::queue::reap_owner);
+        region.set_reaper(crate::admission::queue::reap_owner);
         Balancer {
             region,
             local: Owned::new(Local::empty(), Local::empty()),

@@ -1,5 +1,5 @@
 //! `pools.P.admission`: priority classes and the admission queue's bounds (the queue
-//! itself: `crate::admit`).
+//! itself: `crate::admission`).
 
 use serde::{Deserialize, Serialize};
 

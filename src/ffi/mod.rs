@@ -19,11 +19,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use crate::abi::PreferFlag;
 use crate::balancer::{Balancer, Error, Prefer};
 
-mod admit;
+mod admission;
 mod request;
 
 use crate::config::Config;
-pub use admit::*;
+pub use admission::*;
 pub use request::*;
 
 /// Result codes. Stable numbers: new codes are only ever appended.

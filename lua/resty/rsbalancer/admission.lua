@@ -24,7 +24,7 @@ local ngx = ngx
 
 local _M = {}
 
--- Verdicts (enum rsb_verdict: src/admit/mod.rs Verdict), read once.
+-- Verdicts (enum rsb_verdict: src/admission/mod.rs Verdict), read once.
 local GO, PASS, QUEUED = C.RSB_VERDICT_GO, C.RSB_VERDICT_PASS, C.RSB_VERDICT_QUEUED
 local WAIT, NO_NODE = C.RSB_VERDICT_WAIT, C.RSB_VERDICT_NO_NODE
 local GO_PROBE = C.RSB_VERDICT_GO_PROBE -- as GO, into a probe slot: balance() prefers nodes at their probe

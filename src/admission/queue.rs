@@ -1,5 +1,5 @@
 //! The admission queue in the shared region: entries, tickets, dispatch, and the
-//! per-worker admission shares (the design: `crate::admit`). It knows the shared
+//! per-worker admission shares (the design: `crate::admission`). It knows the shared
 //! region and the admission config only, not the balancer, so the shared-memory
 //! layer can hand it the workers it reaps.
 

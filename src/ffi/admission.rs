@@ -1,4 +1,4 @@
-//! The admission queue's calls: arrive, poll, leave, release (`crate::admit`).
+//! The admission queue's calls: arrive, poll, leave, release (`crate::admission`).
 
 use super::*;
 
@@ -31,7 +31,7 @@ pub unsafe extern "C" fn rsb_admit(
             return null("out_verdict, out_entry or out_value");
         }
         answer(
-            crate::admit::admit(b, pool, priority),
+            crate::admission::admit(b, pool, priority),
             |(verdict, entry, value)| {
                 // SAFETY: non-null and writable by contract.
                 unsafe {
@@ -71,7 +71,7 @@ pub unsafe extern "C" fn rsb_admit_poll(
             return null("out_verdict or out_value");
         }
         answer(
-            crate::admit::admit_poll(b, pool, entry, ticket),
+            crate::admission::admit_poll(b, pool, entry, ticket),
             |(verdict, value)| {
                 // SAFETY: non-null and writable by contract.
                 unsafe {
@@ -102,7 +102,7 @@ pub unsafe extern "C" fn rsb_admit_leave(
         let Some(b) = (unsafe { handle(b) }) else {
             return null("balancer");
         };
-        answer(crate::admit::admit_leave(b, pool, entry, ticket), |left| {
+        answer(crate::admission::admit_leave(b, pool, entry, ticket), |left| {
             if !out_left.is_null() {
                 // SAFETY: non-null and writable by contract.
                 unsafe { *out_left = left as u32 };
@@ -123,6 +123,6 @@ pub unsafe extern "C" fn rsb_admit_release(b: *const Balancer, pool: u32) -> rsb
         let Some(b) = (unsafe { handle(b) }) else {
             return null("balancer");
         };
-        crate::admit::admit_release(b, pool).map_or_else(fail, |_| rsb_result::RSB_OK)
+        crate::admission::admit_release(b, pool).map_or_else(fail, |_| rsb_result::RSB_OK)
     })
 }
