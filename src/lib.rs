@@ -37,6 +37,7 @@ pub mod emergency;
 pub mod ffi;
 pub mod headers;
 pub mod health;
+pub mod limit;
 pub mod load;
 #[cfg(feature = "lua-module")]
 mod lua;

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
-use crate::health;
+use crate::limit;
 use crate::load;
 use crate::shm::layout::{flags, NodeSlot};
 use crate::shm::Region;
@@ -43,7 +43,7 @@ pub fn available(n: &NodeSlot, now: u64) -> bool {
 
 /// [`available`] with the node's learned limit and in-flight count already loaded.
 pub fn available_with(n: &NodeSlot, now: u64, limit: u64, inflight: u32) -> bool {
-    !taken_out(n, now) && health::under_limit(limit, inflight)
+    !taken_out(n, now) && limit::under_limit(limit, inflight)
 }
 
 /// Is the node out for now (cooling, ejected, down, draining)? Its limit is not
@@ -223,7 +223,7 @@ pub fn stats_and_counts(region: &Region, slot: u32) -> (NodeStats, tally::NodeCo
     let f = n.flags.load(Ordering::Relaxed);
     let inflight = n.inflight.load(Ordering::Relaxed);
     let stats = NodeStats {
-        limit: n.limit.load(Ordering::Relaxed) as f64 / health::LIMIT_ONE as f64,
+        limit: n.limit.load(Ordering::Relaxed) as f64 / limit::LIMIT_ONE as f64,
         state: state(region, n, now),
         unavailable_ms: cooldown_until_ms.max(ejected_until_ms).saturating_sub(now),
         cooldowns: n.cooldowns_total.load(Ordering::Relaxed),

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use rsbalancer::admission::Verdict;
 use rsbalancer::balancer::Balancer;
-use rsbalancer::health::LIMIT_ONE;
+use rsbalancer::limit::LIMIT_ONE;
 use rsbalancer::shm::layout::emergency;
 use rsbalancer::shm::process::{fork_child, Signal};
 use serde_json::json;

@@ -13,7 +13,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rsbalancer::balancer::{Balancer, Error, NodeStats};
-use rsbalancer::health::{Flip, LIMIT_ONE};
+use rsbalancer::health::Flip;
+use rsbalancer::limit::LIMIT_ONE;
 use rsbalancer::select::Algorithm;
 use rsbalancer::shm::clock;
 use rsbalancer::tally;

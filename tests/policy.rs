@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use rsbalancer::balancer::{Balancer, Error, NodeStats, RetryDenied};
 use rsbalancer::config::Config;
-use rsbalancer::health::{self, Flip};
+use rsbalancer::health::Flip;
+use rsbalancer::limit;
 use rsbalancer::shm::clock;
 use rsbalancer::shm::process::{fork_child, Signal};
 use rsbalancer::status;
@@ -321,7 +322,7 @@ fn successes_at_the_limit_raise_it() {
         }
         assert_eq!(stats(&b, t).inflight, 4);
         b.report(t, 200, 1000, 0).unwrap();
-        model = health::limit_after_success(model, 4, 4, 10_000);
+        model = limit::limit_after_success(model, 4, 4, 10_000);
         assert_eq!(limit_of(&b), model, "success {i}");
         if i < 15 {
             assert!(stats(&b, t).limit < 5.0);
@@ -1129,7 +1130,7 @@ fn slow_nodes_are_overflow_and_admit_waits_for_a_faster_one() {
             .node(f)
             .unwrap()
             .limit
-            .store(2 * health::LIMIT_ONE, Ordering::Relaxed);
+            .store(2 * limit::LIMIT_ONE, Ordering::Relaxed);
         assert_eq!(
             b.slow_wait_ms(pool).unwrap(),
             (0, false),

@@ -76,7 +76,7 @@ pub mod queue;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::balancer::{Balancer, Error};
-use crate::health::LIMIT_ONE;
+use crate::limit::LIMIT_ONE;
 use crate::node;
 use crate::shm::clock;
 use crate::shm::layout::emergency;

@@ -28,7 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::budget;
 use crate::config::{Config, ConfigError, PoolConfig};
-use crate::health::{self, Busy, Flip};
+use crate::health::{self, Flip};
+use crate::limit::{self, Busy};
 use crate::load;
 use crate::node;
 use crate::params;

@@ -109,7 +109,7 @@ impl Balancer {
                 n.busy.fetch_add(1, Ordering::Relaxed);
                 let strikes = n.consecutive_busy.fetch_add(1, Ordering::Relaxed) + 1;
                 let limit = n.limit.load(Ordering::Relaxed);
-                let kind = health::classify_429(
+                let kind = limit::classify_429(
                     retry_after_ms,
                     strikes,
                     limit,
@@ -130,7 +130,7 @@ impl Balancer {
                             ps.limit_max.load(Ordering::Relaxed),
                         );
                         let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                            Some(health::limit_after_busy(l, inflight, min, max))
+                            Some(limit::limit_after_busy(l, inflight, min, max))
                         });
                         // Counts against the cost as twice the node's mean served latency (at
                         // most the penalty), not as a failure: the node is fine, just full. The
@@ -160,7 +160,7 @@ impl Balancer {
                         ps.limit_max.load(Ordering::Relaxed),
                     );
                     let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                        Some(health::limit_after_success(l, inflight, every, max))
+                        Some(limit::limit_after_success(l, inflight, every, max))
                     });
                 }
                 if n.ejections.load(Ordering::Relaxed) != 0
