@@ -123,14 +123,24 @@ fn pool_config(region: &Region, p: &PoolTopo) -> PoolConfig {
         nodes: p
             .nodes
             .iter()
-            .map(|n| NodeConfig {
-                id: n.id.clone(),
-                addr: format!("{}:{}", n.host, n.addr.port()),
-                weight: region
-                    .node(n.slot)
-                    .map_or(1, |s| s.weight.load(Ordering::Relaxed)),
-                backup: n.backup,
-                resolved: Some(n.addr),
+            .map(|n| {
+                let mut c = NodeConfig {
+                    id: n.id.clone(),
+                    addr: format!("{}:{}", n.host, n.addr.port()),
+                    weight: region
+                        .node(n.slot)
+                        .map_or(1, |s| s.weight.load(Ordering::Relaxed)),
+                    backup: n.backup,
+                    resolved: Some(n.addr),
+                    // Values were read when the node was loaded and are kept in
+                    // process memory (`Secrets`), never in the topology: not read again.
+                    resolved_headers: Some(Vec::new()),
+                    ..NodeConfig::default()
+                };
+                if let Some(p) = &n.provider {
+                    c.set_provider(p);
+                }
+                c
             })
             .collect(),
         ..p.policy.clone()
@@ -148,6 +158,13 @@ fn unknown_pool(pool: &str) -> AdminError {
 pub fn add_node(b: &Balancer, pool: &str, node: NodeConfig) -> Result<u32, AdminError> {
     let topo = b.topology()?;
     let p = topo.pool(pool).ok_or_else(|| unknown_pool(pool))?;
+    // A literal value would live in this worker's memory only; a variable is read by
+    // every worker from its own environment (nginx's `env VAR;`).
+    if let Some((name, _)) = node.headers.iter().find(|(_, h)| h.env().is_none()) {
+        return Err(AdminError::Invalid(format!(
+            "headers.{name}: a literal value cannot be set at run time (the other workers could not read it): use {{\"env\": \"VAR\"}} with nginx's `env VAR;`"
+        )));
+    }
     // The node alone first (as a primary of a throwaway pool, without the blocks
     // that name other pools): its fields and its address, resolved here, outside
     // the shared lock.
@@ -168,6 +185,7 @@ pub fn add_node(b: &Balancer, pool: &str, node: NodeConfig) -> Result<u32, Admin
         .validate()
         .map_err(|e| validation_error(e, &format!("pools.{pool}.nodes[0]")))?;
     let resolved = alone.pools[pool].nodes[0].resolved;
+    let resolved_headers = alone.pools[pool].nodes[0].resolved_headers.clone();
     let id = node.id.clone();
     let check = |t: &Topology| -> Result<(), AdminError> {
         let p = t.pool(pool).ok_or_else(|| unknown_pool(pool))?;
@@ -181,7 +199,11 @@ pub fn add_node(b: &Balancer, pool: &str, node: NodeConfig) -> Result<u32, Admin
     change(b, check, |cfg| {
         let pc = cfg.pools.get_mut(pool).ok_or_else(|| unknown_pool(pool))?;
         let k = pc.nodes.len();
-        pc.nodes.push(NodeConfig { resolved, ..node });
+        pc.nodes.push(NodeConfig {
+            resolved,
+            resolved_headers,
+            ..node
+        });
         cfg.validate()
             .map_err(|e| validation_error(e, &format!("pools.{pool}.nodes[{k}]")))
     })?;

@@ -42,6 +42,7 @@ pub mod load;
 #[cfg(feature = "lua-module")]
 mod lua;
 pub mod metrics;
+pub mod model;
 pub mod node;
 pub mod params;
 pub mod retry;

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::PoolConfig;
+use crate::config::{PoolConfig, Provider};
 
 /// The active topology, stored as JSON in the region so every worker rebuilds the
 /// same tables. Slot numbers are stable for a (pool, node id) across reconfigurations.
@@ -36,6 +36,10 @@ pub struct NodeTopo {
     pub addr: SocketAddr,
     pub slot: u32,
     pub backup: bool,
+    /// The node's provider (Host, scheme, header names and variables, model); never
+    /// a header's value. Absent for a plain node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<Provider>,
 }
 
 impl PoolTopo {

@@ -9,7 +9,7 @@ use std::path::Path;
 /// path or a prefix of it (`shm` holds `shm/layout`).
 const LAYERS: &[&[&str]] = &[
     &[
-        "abi", "shm", "select", "load", "limit", "health", "retry", "headers", "strict", "writer",
+        "abi", "shm", "select", "load", "limit", "health", "retry", "headers", "strict", "writer", "model",
     ],
     &["config"],
     &["budget", "window", "tally"],

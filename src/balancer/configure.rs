@@ -44,6 +44,8 @@ impl Balancer {
         let old = Topology::parse(&self.region.read_text(&guard));
         self.plan(&old, cfg, clock::now_ms())?;
         drop(guard);
+        // The workers forked after this inherit the values.
+        self.secrets.remember(cfg);
         // AcqRel, though the stage number is its own data (a count): nothing rides on it.
         Ok(self.region.header().stage_seq.fetch_add(1, Ordering::AcqRel) + 1)
     }
@@ -53,6 +55,7 @@ impl Balancer {
     /// when this call applied it (the first new worker), false when another had.
     pub fn apply_stage(&self, seq: u64, cfg: &Config) -> Result<bool, Error> {
         self.stage.store(seq, Ordering::Relaxed);
+        self.secrets.remember(cfg);
         let guard = self.region.lock(LOCK_TIMEOUT)?;
         let applied = &self.region.header().applied_stage;
         // Acquire pairs with the Release below (a previous applier) and in
@@ -132,6 +135,7 @@ impl Balancer {
         let (new, text) = self.plan(old, cfg, now)?;
         self.apply(guard, old, &new, cfg, now, keep);
         self.region.write_text(guard, &text)?;
+        self.secrets.remember(cfg);
         self.bump(guard);
         Ok(())
     }
@@ -258,6 +262,7 @@ impl Balancer {
                     })?,
                     slot,
                     backup: nc.backup,
+                    provider: nc.provider(),
                 });
             }
             pools.push(PoolTopo {

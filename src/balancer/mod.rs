@@ -27,7 +27,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::budget;
-use crate::config::{Config, ConfigError, PoolConfig};
+use crate::config::{Config, ConfigError, PoolConfig, Secrets};
 use crate::health::{self, Flip};
 use crate::limit::{self, Busy};
 use crate::load;
@@ -155,6 +155,9 @@ pub struct Balancer {
     /// The config stage this process serves (`apply_stage`); 0 when the handle was
     /// only ever configured directly. Inherited across fork, like everything here.
     stage: AtomicU64,
+    /// This process's header values of the nodes' providers, kept from every config
+    /// loaded here (never in the region; `crate::config::provider`).
+    secrets: Secrets,
 }
 
 impl Balancer {
@@ -182,11 +185,17 @@ impl Balancer {
             worker: AtomicU64::new(NO_WORKER as u64),
             calm_since: Default::default(),
             stage: AtomicU64::new(0),
+            secrets: Secrets::default(),
         }
     }
 
     pub fn region(&self) -> &Arc<Region> {
         &self.region
+    }
+
+    /// The header values of the providers of the configs loaded in this process.
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
     }
 
     /// Claim this process's worker slot (nginx: `ngx.worker.id()`), reclaiming the

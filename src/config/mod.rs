@@ -59,6 +59,8 @@ pub use canary::{CanaryConfig, CanaryKey, RampConfig, RollbackConfig};
 use check::{check_host_header, resolve, serde_error, valid_name};
 pub(crate) use check::{check_range, check_ratio};
 pub use emergency::EmergencyConfig;
+pub mod provider;
+pub use provider::{HeaderRef, HeaderSource, Provider, Scheme, Secret, Secrets};
 
 /// Why a config was refused: where (`pools.deepseek.nodes[1].weight`, or `config` for
 /// the document as a whole) and what is wrong, naming the value.
@@ -413,9 +415,33 @@ pub struct NodeConfig {
     /// Used only when no primary node of the pool can serve.
     #[serde(default)]
     pub backup: bool,
+    /// Host header and TLS SNI, `host[:port]` (default: the host part of `addr`).
+    #[serde(default, rename = "host", skip_serializing_if = "Option::is_none")]
+    pub host_header: Option<String>,
+    /// `http` (default) or `https`.
+    #[serde(default, skip_serializing_if = "is_http")]
+    pub scheme: Scheme,
+    /// Verify the node's certificate (against the gateway's CA bundle); default true.
+    #[serde(default = "provider::default_true", skip_serializing_if = "provider::is_true")]
+    pub tls_verify: bool,
+    /// Request headers set for this node: name -> a literal or `{"env": "VAR"}`
+    /// (secrets: see [`provider`]); at most 16.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, HeaderSource>,
+    /// The JSON body's top-level `"model"` is rewritten to this for this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// `addr` resolved, filled by [`Config::validate`].
     #[serde(skip)]
     pub resolved: Option<SocketAddr>,
+    /// The headers' values (`headers` in order), read by [`Config::validate`] from
+    /// this process's environment; never serialized.
+    #[serde(skip)]
+    pub resolved_headers: Option<Vec<(String, Secret)>>,
+}
+
+fn is_http(s: &Scheme) -> bool {
+    *s == Scheme::Http
 }
 
 fn default_weight() -> u32 {
@@ -429,7 +455,13 @@ impl Default for NodeConfig {
             addr: String::new(),
             weight: default_weight(),
             backup: false,
+            host_header: None,
+            scheme: Scheme::Http,
+            tls_verify: true,
+            headers: BTreeMap::new(),
+            model: None,
             resolved: None,
+            resolved_headers: None,
         }
     }
 }
@@ -475,8 +507,9 @@ impl Config {
         Config::from_json_bytes(&text)
     }
 
-    /// Checks ranges, names, duplicates and capacity, then resolves every node's
-    /// address not resolved yet into `resolved`. Name resolution comes last, so that a config with a
+    /// Checks ranges, names, duplicates and capacity, then reads every node's header
+    /// values not read yet from the environment (`resolved_headers`) and resolves
+    /// every node's address not resolved yet into `resolved`. Name resolution comes last, so that a config with a
     /// plain mistake is refused without waiting on DNS.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         self.shm.validate()?;
@@ -522,6 +555,11 @@ impl Config {
                     self.shm.max_nodes
                 ),
             ));
+        }
+        for (name, pool) in &mut self.pools {
+            for (i, node) in pool.nodes.iter_mut().enumerate() {
+                node.resolve_headers(&format!("pools.{name}.nodes[{i}]"))?;
+            }
         }
         for (name, pool) in &mut self.pools {
             // A node resolved already (a run-time change rebuilding the running config)
@@ -590,6 +628,7 @@ impl PoolConfig {
                 ));
             }
             check_range(&node_path, "weight", node.weight, crate::abi::WEIGHT_RANGE)?;
+            node.validate_provider(&node_path)?;
         }
         Ok(())
     }
@@ -971,7 +1010,7 @@ mod tests {
         let e = err(with("/pools/deepseek/nodes/0/wieght", json!(5)));
         assert_eq!(
             e,
-            "pools.deepseek.nodes[0]: unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`"
+            "pools.deepseek.nodes[0]: unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`, `host`, `scheme`, `tls_verify`, `headers`, `model`"
         );
         let e = err(with("/pools/deepseek/nodes/0/resolved", json!("127.0.0.1:1")));
         assert!(
@@ -987,7 +1026,7 @@ mod tests {
         assert_eq!(e.path, "pools.deepseek.nodes[0]");
         assert_eq!(
             e.message,
-            "unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`"
+            "unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`, `host`, `scheme`, `tls_verify`, `headers`, `model`"
         );
     }
 
