@@ -45,6 +45,7 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod params;
+pub mod provider;
 pub mod retry;
 pub mod select;
 #[allow(unsafe_code)]

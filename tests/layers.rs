@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["params"],
     &["admission/queue"],
     &["balancer"],
-    &["admission", "canary", "emergency", "admin"],
+    &["admission", "canary", "emergency", "admin", "provider"],
     &["status", "metrics"],
     &["ffi", "lua", "lib"],
 ];

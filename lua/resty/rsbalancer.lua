@@ -694,7 +694,9 @@ function _M.state(pool)
     return bal:state(pool)
 end
 
-local NODE_KEYS = { id = "string", addr = "string", weight = "number", backup = "boolean" }
+local NODE_KEYS = { id = "string", addr = "string", weight = "number", backup = "boolean",
+                    host = "string", scheme = "string", tls_verify = "boolean", headers = "table",
+                    model = "string" } -- provider fields: headers as { Name = { env = "VAR" } } only
 
 --- add_node(pool, { id=, addr= [, weight=] [, backup=] }): add a node at run time,
 -- in every worker from its next pick (slow start, nothing learned). Returns its slot,

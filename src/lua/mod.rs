@@ -335,6 +335,17 @@ impl UserData for LuaBalancer {
                 Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
             }
         });
+        // What the proxy path sends each node of a pool, by node slot:
+        // { [slot] = {scheme=, host=, tls_verify=, headers={{name, value}, ...},
+        //   missing={name, ...}, model=} }, or nil, err. Header values are secrets:
+        // this is the one read that has them (`resty.rsbalancer.provider`).
+        m.add_method(
+            "node_requests",
+            |lua, this, pool: String| match crate::provider::requests(&this.0, &pool) {
+                Ok(list) => (node_requests(lua, list)?,).into_lua_multi(lua),
+                Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+            },
+        );
         // The mlua path of the per-request calls (the FFI path is the fast one).
         m.add_method(
             "pick",
@@ -480,6 +491,25 @@ impl UserData for LuaBalancer {
     }
 }
 
+fn node_requests(lua: &Lua, list: Vec<crate::provider::NodeRequest>) -> LuaResult<LuaTable> {
+    let t = lua.create_table()?;
+    for r in list {
+        let e = lua.create_table()?;
+        e.set("scheme", r.scheme.as_str())?;
+        e.set("host", r.host)?;
+        e.set("tls_verify", r.tls_verify)?;
+        let headers = lua.create_table()?;
+        for (name, value) in &r.headers {
+            headers.push(lua.create_sequence_from([name.as_str(), value.expose()])?)?;
+        }
+        e.set("headers", headers)?;
+        e.set("missing", r.missing)?;
+        e.set("model", r.model)?;
+        t.raw_set(r.slot, e)?;
+    }
+    Ok(t)
+}
+
 /// An emergency transition for Lua: { pool=, event=, reason=, forced=, log=, body= }
 /// (`body`: the alert JSON, `log`: the error-log line).
 fn transition_table(lua: &Lua, t: &crate::emergency::Transition) -> LuaResult<LuaTable> {
@@ -558,6 +588,29 @@ fn rsbalancer(lua: &Lua) -> LuaResult<LuaTable> {
                 .and_then(|c| shared(&name, c))
                 .map(LuaBalancer);
             nil_err(lua, r)
+        })?,
+    )?;
+    // rsbalancer.rewrite_model(body, model) -> new body, previous model (nil when the
+    // body named none) | nil, err: the JSON body's top-level "model" replaced, every
+    // other byte as it was (`crate::model`).
+    m.set(
+        "rewrite_model",
+        lua.create_function(|lua, (body, model): (Value, Value)| {
+            let (Value::String(body), Value::String(model)) = (&body, &model) else {
+                let (pos, v) = if body.is_string() { (2, &model) } else { (1, &body) };
+                return Err(bad_argument(
+                    pos,
+                    "rewrite_model",
+                    format!("string expected, got {}", v.type_name()),
+                ));
+            };
+            let model = model
+                .to_str()
+                .map_err(|_| bad_argument(2, "rewrite_model", "model is not UTF-8"))?;
+            match crate::model::rewrite_model(&body.as_bytes(), &model) {
+                Ok(r) => (lua.create_string(&r.body)?, r.previous).into_lua_multi(lua),
+                Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+            }
         })?,
     )?;
     admin::register(lua, &m)?;

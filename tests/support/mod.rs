@@ -412,6 +412,10 @@ pub struct MockNode {
     pub quota_burst: u32,
     /// "", "503" or "close".
     pub fail: String,
+    /// Appended to the server's `listen` (" ssl").
+    pub listen_extra: String,
+    /// Directives in the server block (`ssl_certificate ...;`, `set $mock_require_key k;`).
+    pub server_extra: String,
 }
 
 impl MockNode {
@@ -427,6 +431,8 @@ impl MockNode {
             quota_rps: 0.0,
             quota_burst: 0,
             fail: String::new(),
+            listen_extra: String::new(),
+            server_extra: String::new(),
         }
     }
 
@@ -466,8 +472,8 @@ pub fn start_mocks_with(dir: &TestDir, nodes: &[MockNode], http_extra: &str) -> 
                 quota_burst: n.quota_burst,
                 fail: &n.fail,
             },
-            "",
-            "",
+            &n.listen_extra,
+            &n.server_extra,
         ));
     }
     let modules = nginx_modules();
@@ -502,7 +508,10 @@ http {{
     let path = dir.write("mocks.conf", &conf);
     let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
     let ngx = Nginx::start(dir, "mocks", &path, &dir.path().join("mocks-error.log"), &ports);
-    for n in nodes {
+    for n in nodes
+        .iter()
+        .filter(|n| n.listen_extra.is_empty() && n.server_extra.is_empty())
+    {
         if n.fail.is_empty() {
             let r = get(n.port, "/health");
             assert_eq!(r.status, 200, "mock {} /health: {}", n.name, r.text());

@@ -54,6 +54,8 @@ pub fn mock_server(port: u16, v: &MockVars, listen_extra: &str, locations: &str)
         set $mock_quota_rps {rps};
         set $mock_quota_burst {burst};
         set $mock_fail "{fail}";
+        set $mock_require_host "";
+        set $mock_require_key "";
 {locations}        location / {{
             content_by_lua_block {{ require("mock_llm").handle() }}
             log_by_lua_block {{ require("mock_llm").log() }}

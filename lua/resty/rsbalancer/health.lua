@@ -8,8 +8,12 @@
 -- sees a node go down or come back on its next pick. A passing probe does not cut a
 -- 429 cooldown or an ejection short: health is a separate state.
 --
--- Probes are plain HTTP/1.0 GETs over cosockets (resty.rsbalancer.http), run
--- concurrently (one light thread per node), each bounded by timeout_ms.
+-- Probes are HTTP/1.0 GETs over cosockets (resty.rsbalancer.http), run concurrently
+-- (one light thread per node), each bounded by timeout_ms. A node with a provider
+-- (resty.rsbalancer.provider) is probed as its requests are sent: over TLS for
+-- `https` (SNI = its host; the certificate checked against lua_ssl_trusted_certificate
+-- unless tls_verify is false), with its Host and its headers, so a path that needs
+-- the API key (/v1/models) works. Header values are never logged.
 
 local ngx = ngx
 local http = require "resty.rsbalancer.http"
@@ -18,12 +22,31 @@ local random = math.random
 
 local _M = {}
 
--- One probe: true when the node answered with an expected status.
-local function probe(node, cfg)
-    local host = cfg.host or node.host
+-- The TLS name of a Host value: without its port, none for an IP address.
+local function sni_of(host)
+    local name = host:match("^%[.*%]") or host:match("^[^:]*")
+    if name:find("^%[") or name:find("^[%d.]+$") then return nil end
+    return name
+end
+_M.sni_of = sni_of
+
+-- One probe: true when the node answered with an expected status. `req`: the node's
+-- provider request (resty.rsbalancer.provider.request), or nil.
+local function probe(node, cfg, req)
+    local host = cfg.host or (req and req.host) or node.host
+    local extra, tls = "", nil
+    if req then
+        local h = req.headers
+        for i = 1, #h do
+            extra = extra .. h[i][1] .. ": " .. h[i][2] .. "\r\n"
+        end
+        if req.scheme == "https" then
+            tls = { sni = sni_of(req.host), verify = req.tls_verify }
+        end
+    end
     local code, err = http.status(node.ip, node.port, cfg.timeout_ms, "GET " .. cfg.path
         .. " HTTP/1.0\r\nHost: " .. host
-        .. "\r\nUser-Agent: rsbalancer-health\r\nConnection: close\r\n\r\n")
+        .. "\r\nUser-Agent: rsbalancer-health\r\n" .. extra .. "Connection: close\r\n\r\n", tls)
     if not code then
         return false, err
     end
@@ -40,9 +63,10 @@ _M.probe = probe
 local function check_pool(bal, pool, cfg)
     local nodes = bal:nodes(pool)
     if not nodes then return end
+    local provider = require "resty.rsbalancer.provider"
     local threads = {}
     for i = 1, #nodes do
-        threads[i] = spawn(probe, nodes[i], cfg)
+        threads[i] = spawn(probe, nodes[i], cfg, provider.request(nodes[i].slot))
     end
     for i = 1, #nodes do
         local _, passed, why = wait(threads[i])

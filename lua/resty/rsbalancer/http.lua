@@ -8,14 +8,24 @@ local find, sub, tonumber, tostring = string.find, string.sub, tonumber, tostrin
 
 local _M = {}
 
---- status(host, port, timeout_ms, request): the response's status code, or nil, err.
--- `request` is the whole request text (it should say "Connection: close").
-function _M.status(host, port, timeout_ms, request)
+--- status(host, port, timeout_ms, request [, tls]): the response's status code, or
+-- nil, err. `request` is the whole request text (it should say "Connection: close";
+-- it may hold secrets: it is never part of an error). `tls` = { sni = name or nil,
+-- verify = bool }: a TLS handshake first, the certificate checked (when `verify`)
+-- against lua_ssl_trusted_certificate and the name `sni`.
+function _M.status(host, port, timeout_ms, request, tls)
     local sock = tcp()
     sock:settimeout(timeout_ms)
     local ok, err = sock:connect(host, port)
     if not ok then
         return nil, "connect: " .. tostring(err)
+    end
+    if tls then
+        ok, err = sock:sslhandshake(nil, tls.sni, tls.verify)
+        if not ok then
+            sock:close()
+            return nil, "TLS handshake: " .. tostring(err)
+        end
     end
     ok, err = sock:send(request)
     if not ok then

@@ -20,6 +20,9 @@
 --                   `inf`, `99999999999`, a date in 2099), before the two above
 --   cut_after       > 0: a streamed reply ("stream": true) drops the connection after this
 --                   many content chunks, with no final chunk (a node dying mid-stream)
+--   require_host    a provider's name: any request (/health too) whose Host differs gets 421
+--   require_key     a provider's API key: any request (/health too) without
+--                   `Authorization: Bearer <key>` gets 401 (counted in "unauthorized")
 --
 -- Runtime overrides (all workers, until changed back; "" or "default" clears one):
 --   POST /mock/set?fail=503&latency_ms=500&max_conc=2   (keys: the names above minus mock_)
@@ -27,7 +30,9 @@
 --                          "health_checks":..,"last_retry_after":..,"knobs":{..}}
 --     received: requests other than /health, /mock/set and /mock/state (every try a gateway
 --     sent, whatever the answer); health_checks: GET /health requests; last_retry_after: the
---     Retry-After of the latest 429 ("" if none yet).
+--     Retry-After of the latest 429 ("" if none yet); last_model, last_host: the "model" of
+--     the latest chat request and the Host of the latest request; unauthorized: the 401s
+--     and 421s of require_key and require_host.
 --
 -- Requests in flight are counted across the node's workers in lua_shared_dict
 -- `mock_llm` (incr in content, decr in log_by_lua, which runs on every exit path:
@@ -51,6 +56,7 @@ local KNOBS = {
     health_fail = "mock_health_fail", retry_after_at = "mock_retry_after_at",
     retry_after_raw = "mock_retry_after_raw",
     cut_after = "mock_cut_after",
+    require_host = "mock_require_host", require_key = "mock_require_key",
 }
 
 -- A knob: the runtime override if any, else the server's `set` value (nil when the
@@ -152,6 +158,7 @@ local function chat(node)
     ngx.req.read_body()
     local body = ngx.req.get_body_data() or ""
     local model = body:match('"model"%s*:%s*"([^"]*)"') or "mock-llm"
+    dict:set("model:" .. node, model)
     local stream = body:find('"stream"%s*:%s*true') ~= nil
 
     local latency = num(node, "latency_ms")
@@ -238,6 +245,9 @@ local function state(node)
         .. ',"received":' .. (dict:get("received:" .. node) or 0)
         .. ',"health_checks":' .. (dict:get("health:" .. node) or 0)
         .. ',"last_retry_after":' .. q(dict:get("last_ra:" .. node) or "")
+        .. ',"last_model":' .. q(dict:get("model:" .. node) or "")
+        .. ',"last_host":' .. q(dict:get("host:" .. node) or "")
+        .. ',"unauthorized":' .. (dict:get("unauthorized:" .. node) or 0)
         .. ',"knobs":{' .. concat(fields, ",") .. "}}")
 end
 
@@ -255,6 +265,20 @@ function _M.handle()
         dict:incr("health:" .. node, 1, 0)
     else
         dict:incr("received:" .. node, 1, 0)
+    end
+
+    -- A provider: its Host and its API key, as a real one checks them.
+    dict:set("host:" .. node, ngx.var.http_host or "")
+    local want_host, want_key = knob(node, "require_host"), knob(node, "require_key")
+    if want_host and want_host ~= "" and ngx.var.http_host ~= want_host then
+        dict:incr("unauthorized:" .. node, 1, 0)
+        return send_json(421, error_body("Misdirected request: this is " .. want_host,
+                                         "invalid_request_error", "misdirected"), { ["X-Node"] = node })
+    end
+    if want_key and want_key ~= "" and ngx.var.http_authorization ~= "Bearer " .. want_key then
+        dict:incr("unauthorized:" .. node, 1, 0)
+        return send_json(401, error_body("Incorrect API key provided.", "invalid_request_error",
+                                         "invalid_api_key"), { ["X-Node"] = node })
     end
 
     failing(node, uri) -- answers 503/429 or closes the connection (ngx.exit does not return)

@@ -1,0 +1,388 @@
+//! End-to-end tests of multi-provider pools (`resty.rsbalancer.provider`, README
+//! "Multi-provider pools") in real nginx with 2 workers, in front of mock LLM nodes
+//! that act as providers: each demands its own Host name and API key (401 / 421
+//! otherwise) and records the `model` it received; one is served over TLS with a
+//! certificate of a test CA made here with the `openssl` CLI.
+//!
+//! Run with `make build` then
+//! `RSB_LUA_SO=$PWD/build/lib/rsbalancer.so cargo test --no-default-features --test
+//! nginx_providers -- --test-threads=1`. Needs nginx with lua-nginx-module and the
+//! `openssl` CLI; fails (never skips) without them.
+//!
+//! The gateway picks the node in the access phase (a test location: the node named by
+//! the request's X-Rsb-Node header), applies its provider there, and the balancer sets
+//! that node as the peer: `proxy_pass $rsb_scheme://llm` with the Host and TLS name
+//! from `$rsb_host`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+
+const KEY_PLAIN: &str = "key-plain-AAAA1111";
+const KEY_TLS: &str = "key-tls-BBBB2222";
+const KEY_ADDED: &str = "key-added-CCCC3333";
+const TLS_HOST: &str = "tls.provider.test";
+const PLAIN_HOST: &str = "plain.provider.test";
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("openssl CLI not found ({e}): `make deps` installs it"));
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`<ca>.crt`, `<ca>.key`) made in `dir`.
+fn make_ca(dir: &Path, ca: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=rsbalancer test {ca}"),
+        ],
+    );
+}
+
+/// A server certificate for `name` signed by CA `ca`: (`<out>.crt`, `<out>.key`).
+fn make_cert(dir: &Path, ca: &str, out: &str, name: &str) -> (PathBuf, PathBuf) {
+    std::fs::write(
+        dir.join(format!("{out}.ext")),
+        format!("subjectAltName=DNS:{name}\n"),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{out}.key"),
+            "-out",
+            &format!("{out}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{out}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{out}.crt"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{out}.ext"),
+        ],
+    );
+    for f in [format!("{out}.crt"), format!("{out}.key")] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    (dir.join(format!("{out}.crt")), dir.join(format!("{out}.key")))
+}
+
+/// A mock provider: demands `host` and `key`; over TLS with `cert` when given, then
+/// with its /mock/ paths also in plain HTTP on `cert.2` (the test client speaks no TLS).
+fn provider_mock(
+    name: &str,
+    port: u16,
+    host: &str,
+    key: &str,
+    cert: Option<(&(PathBuf, PathBuf), u16)>,
+) -> MockNode {
+    let mut m = MockNode::new(name, 0);
+    m.port = port;
+    m.server_extra =
+        format!("        set $mock_require_host {host};\n        set $mock_require_key {key};\n");
+    if let Some(((crt, key), plain_port)) = cert {
+        m.listen_extra = " ssl".into();
+        m.server_extra += &format!(
+            "        listen 127.0.0.1:{plain_port};\n        ssl_certificate {};\n        ssl_certificate_key {};\n",
+            crt.display(),
+            key.display()
+        );
+    }
+    m
+}
+
+/// The demo gateway with the test location: node chosen in the access phase (header
+/// X-Rsb-Node; X-Rsb-First names a node whose provider is applied first, as a previous
+/// round's would have been), provider applied, peer set by the balancer.
+fn gateway_edit(conf: String, ca: &Path) -> String {
+    let ca = ca.display();
+    let access = r#"access_by_lua_block {
+                local rsb = require "resty.rsbalancer"
+                local provider = require "resty.rsbalancer.provider"
+                local bal = rsb.balancer()
+                local first = ngx.var.http_x_rsb_first
+                if first then assert(provider.apply(assert(bal:node_index("llm", first)))) end
+                local want = ngx.var.http_x_rsb_node
+                local slot
+                for _, n in ipairs(bal:nodes("llm")) do
+                    if n.id == want then slot, ngx.ctx.ip, ngx.ctx.port = n.slot, n.ip, n.port end
+                end
+                if not slot then return ngx.exit(404) end
+                local ok, err = provider.apply(slot)
+                if not ok then
+                    ngx.log(ngx.ERR, "provider: ", err)
+                    return ngx.exit(400)
+                end
+            }"#;
+    let replaced = conf
+        .replace("worker_processes 2;", "worker_processes 2;\nenv RSB_TEST_KEY_ADDED;")
+        .replace("gateway-error.log notice;", "gateway-error.log info;")
+        .replace(
+            "http {\n",
+            &format!("http {{\n    lua_ssl_trusted_certificate {ca};\n    lua_ssl_verify_depth 2;\n"),
+        )
+        .replace(
+            "require(\"resty.rsbalancer.admin\")\n",
+            "require(\"resty.rsbalancer.admin\")\n        require(\"resty.rsbalancer.provider\")\n",
+        )
+        .replace(
+            "require(\"resty.rsbalancer\").balance(\"llm\")",
+            "assert(require(\"ngx.balancer\").set_current_peer(ngx.ctx.ip, ngx.ctx.port))",
+        )
+        .replace(
+            "add_header X-Worker $pid always;",
+            "add_header X-Worker $pid always;\n        set $rsb_scheme http;\n        set $rsb_host \"\";\n        set $rsb_model \"\";",
+        )
+        .replace(
+            "proxy_next_upstream error timeout http_429 http_502 http_503 http_504 non_idempotent;",
+            "proxy_next_upstream off;",
+        )
+        .replace(
+            "proxy_pass http://llm;",
+            &format!(
+                "proxy_pass $rsb_scheme://llm;\n            proxy_set_header Host $rsb_host;\n            \
+                 proxy_ssl_server_name on;\n            proxy_ssl_name $rsb_host;\n            \
+                 proxy_ssl_verify on;\n            proxy_ssl_trusted_certificate {ca};"
+            ),
+        );
+    let replaced = replaced.replace(
+        "        location = /rsbalancer/stats {",
+        r#"        location = /test/add {
+            content_by_lua_block {
+                ngx.req.read_body()
+                local node = require("rsbalancer").json_decode(ngx.req.get_body_data())
+                local slot, err, kind = require("resty.rsbalancer").add_node("llm", node)
+                if not slot then
+                    ngx.status = 409
+                    ngx.say(err, " (", kind, ")")
+                    return
+                end
+                ngx.say(slot)
+            }
+        }
+
+        location = /rsbalancer/stats {"#,
+    );
+    let start = replaced
+        .find("access_by_lua_block {\n                require(\"resty.rsbalancer\").admit")
+        .expect("admit block");
+    let end = start + replaced[start..].find("}\n").expect("end of admit block") + 1;
+    let out = format!("{}{access}{}", &replaced[..start], &replaced[end..]);
+    assert!(
+        out.contains("proxy_pass $rsb_scheme://llm;")
+            && out.contains("set_current_peer(ngx.ctx.ip")
+            && out.contains("/test/add")
+    );
+    out
+}
+
+fn chat_as(g: &Gateway, node: &str, first: Option<&str>) -> Response {
+    let mut headers = vec![
+        ("X-Rsb-Node", node),
+        ("Authorization", "Bearer client-gateway-key"),
+    ];
+    if let Some(f) = first {
+        headers.push(("X-Rsb-First", f));
+    }
+    http_with(g.port, "POST", "/v1/chat/completions", &headers, Some(CHAT_BODY)).unwrap()
+}
+
+fn node_state(g: &Gateway, id: &str) -> String {
+    g.stats()[id]["state"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn providers_with_own_host_key_model_and_tls() {
+    std::env::set_var("RSB_TEST_KEY_PLAIN", KEY_PLAIN);
+    std::env::set_var("RSB_TEST_KEY_ADDED", KEY_ADDED);
+    let dir = TestDir::new("providers");
+    make_ca(dir.path(), "ca");
+    make_ca(dir.path(), "otherca");
+    let good = make_cert(dir.path(), "ca", "tls", TLS_HOST);
+    let wrong = make_cert(dir.path(), "otherca", "wrong", TLS_HOST);
+    let ca = dir.path().join("ca.crt");
+
+    let plain = provider_mock("plain", free_port(), PLAIN_HOST, KEY_PLAIN, None);
+    let selfhosted = MockNode::new("self", 0);
+    let added = provider_mock("added", free_port(), "added.provider.test", KEY_ADDED, None);
+    let mocks_dir = TestDir::new("providers-mocks");
+    let _mocks = start_mocks(&mocks_dir, &[plain.clone(), selfhosted.clone(), added.clone()]);
+    let tls_port = free_port();
+    let tls_dir = TestDir::new("providers-tls");
+    let tls_state = free_port();
+    let tls_node = |cert| provider_mock("tls", tls_port, TLS_HOST, KEY_TLS, Some((cert, tls_state)));
+    let mut tls_mock = start_mocks(&tls_dir, &[tls_node(&good)]);
+
+    let config = json!({ "pools": { "llm": {
+        "algorithm": "weighted_random", "slow_start_ms": 0,
+        "health": { "path": "/health", "interval_ms": 200, "timeout_ms": 1000, "healthy": 1, "unhealthy": 2 },
+        "nodes": [
+            { "id": "plain", "addr": plain.addr(), "host": PLAIN_HOST, "model": "plain/model-1",
+              "headers": { "Authorization": { "env": "RSB_TEST_KEY_PLAIN", "prefix": "Bearer " } } },
+            { "id": "tls", "addr": format!("127.0.0.1:{tls_port}"), "scheme": "https", "host": TLS_HOST,
+              "model": "org/tls-model", "headers": { "Authorization": format!("Bearer {KEY_TLS}") } },
+            { "id": "self", "addr": selfhosted.addr() }
+        ]
+    } } });
+    let g = start_gateway_with(&dir, &config, |c| gateway_edit(c, &ca));
+
+    // Each provider gets its own Host, key and model; the client's key never reaches it.
+    for (id, port, host, model) in [
+        ("plain", plain.port, PLAIN_HOST, "plain/model-1"),
+        ("tls", tls_state, TLS_HOST, "org/tls-model"),
+    ] {
+        for _ in 0..4 {
+            let r = chat_as(&g, id, None);
+            assert_eq!(r.status, 200, "{id}: {}\n{}", r.text(), g.nginx.diagnostics());
+            assert_eq!(r.header("X-Node"), Some(id));
+        }
+        let st = mock_state_idle(port);
+        assert_eq!(st["last_model"], model, "{st}");
+        assert_eq!(st["last_host"], host, "{st}");
+        assert_eq!(st["unauthorized"], 0, "{st}");
+    }
+    // A node without a provider after a round at another: that provider's header is
+    // gone and the client's model is back (from $rsb_model).
+    let r = chat_as(&g, "self", Some("tls"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let st = mock_state_idle(selfhosted.port);
+    assert_eq!(st["last_model"], "mock-llm", "{st}");
+    // And from one provider to another: the second's key and model win.
+    let r = chat_as(&g, "plain", Some("tls"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mock_state_idle(plain.port)["last_model"], "plain/model-1");
+
+    // Health checks probe over TLS with the node's Host and key: both UP, no 401.
+    wait_until(Duration::from_secs(10), "health probes of the TLS node", || {
+        get(tls_state, "/mock/state").json()["health_checks"].as_u64() > Some(2)
+    });
+    assert_eq!(mock_state_idle(tls_state)["unauthorized"], 0);
+    assert_eq!(node_state(&g, "tls"), "healthy");
+    assert_eq!(node_state(&g, "plain"), "healthy");
+
+    // A run-time node with an env header: read by every worker from its environment
+    // (`env RSB_TEST_KEY_ADDED;`); a literal value is refused.
+    let body = json!({ "id": "added", "addr": added.addr(), "host": "added.provider.test",
+                       "headers": { "Authorization": { "env": "RSB_TEST_KEY_ADDED", "prefix": "Bearer " } } });
+    let r = post(g.port, "/test/add", &body.to_string());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let lit = json!({ "id": "lit", "addr": added.addr(), "headers": { "Authorization": "Bearer x" } });
+    let r = post(g.port, "/test/add", &lit.to_string());
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(
+        r.text().contains("a literal value cannot be set at run time"),
+        "{}",
+        r.text()
+    );
+    // The HTTP admin API takes no provider fields.
+    let r = post(g.port, "/rsbalancer/pools/llm/nodes", &lit.to_string());
+    assert_eq!(r.status, 400, "{}", r.text());
+    let workers = run_parallel(16, 4, |_| {
+        let r = chat_as(&g, "added", None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.header("X-Worker").unwrap().to_string()
+    });
+    assert_eq!(
+        count(workers.iter().map(String::as_str)).len(),
+        2,
+        "both workers served: {workers:?}"
+    );
+    assert_eq!(mock_state_idle(added.port)["unauthorized"], 0);
+
+    // A TLS node whose certificate the CA did not sign goes DOWN, and comes back UP
+    // with the right one.
+    tls_mock.stop();
+    let wrong_dir = TestDir::new("providers-wrong");
+    let mut wrong_mock = start_mocks(&wrong_dir, &[tls_node(&wrong)]);
+    wait_until(Duration::from_secs(15), "the TLS node DOWN", || {
+        node_state(&g, "tls") == "down"
+    });
+    let r = chat_as(&g, "tls", None);
+    assert_eq!(
+        r.status,
+        502,
+        "the proxy verifies the certificate too: {}",
+        r.text()
+    );
+    wrong_mock.stop();
+    let back_dir = TestDir::new("providers-back");
+    let _back = start_mocks(&back_dir, &[tls_node(&good)]);
+    wait_until(Duration::from_secs(15), "the TLS node UP", || {
+        node_state(&g, "tls") != "down"
+    });
+    let r = chat_as(&g, "tls", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // No key anywhere an operator or another process can read.
+    let status = get(g.port, "/rsbalancer/status").text();
+    let state = get(g.port, "/rsbalancer/").text();
+    let metrics = get(g.port, "/metrics").text();
+    let access = std::fs::read_to_string(dir.path().join("gateway-access.log")).unwrap();
+    let error = g.nginx.error_log();
+    assert!(
+        error.contains("TLS handshake"),
+        "the DOWN reason is logged:\n{error}"
+    );
+    assert!(status.contains("\"pools\""), "{status}");
+    for (what, text) in [
+        ("status", &status),
+        ("admin GET", &state),
+        ("metrics", &metrics),
+        ("access log", &access),
+        ("error log", &error),
+    ] {
+        for key in [KEY_PLAIN, KEY_TLS, KEY_ADDED] {
+            assert!(!text.contains(key), "{what} holds a key:\n{text}");
+        }
+    }
+}
