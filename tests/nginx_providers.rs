@@ -167,6 +167,8 @@ fn gateway_edit(conf: String, ca: &Path) -> String {
     let replaced = conf
         .replace("worker_processes 2;", "worker_processes 2;\nenv RSB_TEST_KEY_ADDED;")
         .replace("gateway-error.log notice;", "gateway-error.log info;")
+        // Bodies over 1 KiB are buffered to a file: apply() reads those too.
+        .replace("lua_check_client_abort on;", "lua_check_client_abort on;\n            client_body_buffer_size 1k;")
         .replace(
             "http {\n",
             &format!("http {{\n    lua_ssl_trusted_certificate {ca};\n    lua_ssl_verify_depth 2;\n"),
@@ -289,8 +291,41 @@ fn providers_with_own_host_key_model_and_tls() {
         let st = mock_state_idle(port);
         assert_eq!(st["last_model"], model, "{st}");
         assert_eq!(st["last_host"], host, "{st}");
+        let sni = if id == "tls" { TLS_HOST } else { "" };
+        assert_eq!(st["last_sni"], sni, "{st}");
         assert_eq!(st["unauthorized"], 0, "{st}");
     }
+    // A body nginx buffered to a file is rewritten too, every other byte kept (the
+    // mock answers prompt_tokens = its body's length / 4); a body that is not JSON
+    // cannot go to a node that rewrites the model.
+    let big = json!({ "model": "mock-llm", "messages": [{ "role": "user", "content": "x".repeat(20_000) }] })
+        .to_string();
+    let r = http_with(
+        g.port,
+        "POST",
+        "/v1/chat/completions",
+        &[("X-Rsb-Node", "tls")],
+        Some(&big),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = big.len() - "mock-llm".len() + "org/tls-model".len();
+    assert_eq!(r.json()["usage"]["prompt_tokens"], sent / 4);
+    assert_eq!(mock_state_idle(tls_state)["last_model"], "org/tls-model");
+    let r = http_with(
+        g.port,
+        "POST",
+        "/v1/chat/completions",
+        &[("X-Rsb-Node", "tls")],
+        Some("not json"),
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(g
+        .nginx
+        .error_log()
+        .contains("provider: request body is not a JSON object"));
+
     // A node without a provider after a round at another: that provider's header is
     // gone and the client's model is back (from $rsb_model).
     let r = chat_as(&g, "self", Some("tls"));

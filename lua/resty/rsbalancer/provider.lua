@@ -117,16 +117,21 @@ local function build(pool)
         e.body = any_model -- a model somewhere in the pool: the body may need rewriting
         e.pool = pool
     end
-    for i = 1, #slots do
-        local e = reqs[slots[i]]
-        local others = false
+    -- One "other providers" list per group, shared by its nodes.
+    local others = {}
+    for g = 1, ngroups do
+        local list = false
         if ngroups > 1 then
-            others = {}
+            list = {}
             for j = 1, #slots do
-                if reqs[slots[j]].group ~= e.group then others[#others + 1] = slots[j] end
+                if reqs[slots[j]].group ~= g then list[#list + 1] = slots[j] end
             end
         end
-        e.others = others
+        others[g] = list
+    end
+    for i = 1, #slots do
+        local e = reqs[slots[i]]
+        e.others = others[e.group]
         nodes[slots[i]] = e
     end
     return true

@@ -31,7 +31,8 @@
 --     received: requests other than /health, /mock/set and /mock/state (every try a gateway
 --     sent, whatever the answer); health_checks: GET /health requests; last_retry_after: the
 --     Retry-After of the latest 429 ("" if none yet); last_model, last_host: the "model" of
---     the latest chat request and the Host of the latest request; unauthorized: the 401s
+--     the latest chat request and the Host of the latest request; last_sni: its TLS server
+--     name ("" over plain HTTP); unauthorized: the 401s
 --     and 421s of require_key and require_host.
 --
 -- Requests in flight are counted across the node's workers in lua_shared_dict
@@ -247,6 +248,7 @@ local function state(node)
         .. ',"last_retry_after":' .. q(dict:get("last_ra:" .. node) or "")
         .. ',"last_model":' .. q(dict:get("model:" .. node) or "")
         .. ',"last_host":' .. q(dict:get("host:" .. node) or "")
+        .. ',"last_sni":' .. q(dict:get("sni:" .. node) or "")
         .. ',"unauthorized":' .. (dict:get("unauthorized:" .. node) or 0)
         .. ',"knobs":{' .. concat(fields, ",") .. "}}")
 end
@@ -269,6 +271,7 @@ function _M.handle()
 
     -- A provider: its Host and its API key, as a real one checks them.
     dict:set("host:" .. node, ngx.var.http_host or "")
+    dict:set("sni:" .. node, ngx.var.ssl_server_name or "")
     local want_host, want_key = knob(node, "require_host"), knob(node, "require_key")
     if want_host and want_host ~= "" and ngx.var.http_host ~= want_host then
         dict:incr("unauthorized:" .. node, 1, 0)
