@@ -398,6 +398,16 @@ fn providers_with_own_host_key_model_and_tls() {
     let r = chat_as(&g, "tls", None);
     assert_eq!(r.status, 200, "{}", r.text());
 
+    // A reload reads the keys again in the master (the new workers inherit them).
+    let old = g.nginx.workers();
+    g.nginx.signal(libc::SIGHUP);
+    g.nginx.wait_workers(2, &old);
+    for id in ["plain", "tls"] {
+        let r = chat_as(&g, id, None);
+        assert_eq!(r.status, 200, "{id} after a reload: {}", r.text());
+    }
+    assert_eq!(mock_state_idle(plain.port)["unauthorized"], 0);
+
     // No key anywhere an operator or another process can read.
     let status = get(g.port, "/rsbalancer/status").text();
     let state = get(g.port, "/rsbalancer/").text();
@@ -420,4 +430,163 @@ fn providers_with_own_host_key_model_and_tls() {
             assert!(!text.contains(key), "{what} holds a key:\n{text}");
         }
     }
+}
+
+/// The example (nginx-conf/example-deepseek.conf + .json) with its paths pointed at
+/// this checkout and its nodes at 127.0.0.1 (the providers' names need DNS).
+fn example_deepseek(dir: &TestDir, addrs: [&str; 2], ca: &Path, port: u16) -> PathBuf {
+    let json = std::fs::read_to_string(repo().join("nginx-conf/example-deepseek.json")).unwrap();
+    assert!(json.contains("\"api.deepseek.com:443\"") && json.contains("\"api.provider-b.example:443\""));
+    // The Host and TLS name default to the address's host: kept as the provider's.
+    let json = json
+        .replace(
+            "\"api.deepseek.com:443\"",
+            &format!("\"{}\", \"host\": \"api.deepseek.com\"", addrs[0]),
+        )
+        .replace(
+            "\"api.provider-b.example:443\"",
+            &format!("\"{}\", \"host\": \"api.provider-b.example\"", addrs[1]),
+        );
+    let json = dir.write("deepseek.json", &json);
+    let perl_dir = dir.path().join("perl");
+    std::fs::create_dir_all(&perl_dir).unwrap();
+    std::fs::write(
+        perl_dir.join("rsbalancer-deepseek.pm"),
+        format!(
+            "use RsbalancerCheck; RsbalancerCheck::config('{}', '{}'); 1;\n",
+            json.display(),
+            dir.lib_dir().display()
+        ),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(repo().join("nginx-conf/example-deepseek.conf")).unwrap();
+    for needle in [
+        "env DEEPSEEK_API_KEY;",
+        "proxy_pass $rsb_scheme://deepseek;",
+        "proxy_set_header Host $rsb_host;",
+        "proxy_ssl_server_name on;",
+        "proxy_ssl_name $rsb_host;",
+        "proxy_ssl_verify on;",
+        "provider.apply(slot)",
+    ] {
+        assert!(text.contains(needle), "example-deepseek.conf lacks {needle}");
+    }
+    let d = dir.path().display();
+    let conf = text
+        .replace("/etc/nginx/rsbalancer-deepseek.json", &json.display().to_string())
+        .replace("/usr/local/share/lua/5.1/", &format!("{}/lua/", repo().display()))
+        .replace("/usr/local/lib/lua/5.1", &dir.lib_dir().display().to_string())
+        .replace(
+            "perl_modules /usr/local/share/rsbalancer/perl;",
+            &format!(
+                "perl_modules {}; perl_modules {};",
+                perl_dir.display(),
+                repo().join("nginx-conf/perl").display()
+            ),
+        )
+        .replace("/usr/lib/nginx/modules", &nginx_modules().display().to_string())
+        .replace("/etc/ssl/certs/ca-certificates.crt", &ca.display().to_string())
+        .replace("user www-data;", user_line())
+        .replace(
+            "events {",
+            &format!("pid {d}/example.pid;\nerror_log {d}/example-error.log info;\nevents {{"),
+        )
+        .replace(
+            "http {\n",
+            &format!(
+                "http {{\n    access_log {d}/example-access.log;\n    client_body_temp_path {d}/tmp/body;\n    \
+                 proxy_temp_path {d}/tmp/proxy;\n    fastcgi_temp_path {d}/tmp/fastcgi;\n    \
+                 uwsgi_temp_path {d}/tmp/uwsgi;\n    scgi_temp_path {d}/tmp/scgi;\n"
+            ),
+        )
+        .replace("worker_processes auto;", "worker_processes 2;")
+        .replace("listen 127.0.0.1:8080;", &format!("listen 127.0.0.1:{port};"));
+    dir.write("example-deepseek.conf", &conf)
+}
+
+#[test]
+fn example_deepseek_conf_passes_nginx_t_and_serves() {
+    let dir = TestDir::new("example-deepseek");
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+    make_ca(dir.path(), "ca");
+    let cert = make_cert(dir.path(), "ca", "ds", "api.deepseek.com");
+    let cert_b = make_cert(dir.path(), "ca", "b", "api.provider-b.example");
+    let ca = dir.path().join("ca.crt");
+    let (ds_port, ds_state, b_state) = (free_port(), free_port(), free_port());
+    let other = provider_mock(
+        "b",
+        free_port(),
+        "api.provider-b.example",
+        "key-b-DDDD4444",
+        Some((&cert_b, b_state)),
+    );
+    let port = free_port();
+    let conf = example_deepseek(&dir, [&format!("127.0.0.1:{ds_port}"), &other.addr()], &ca, port);
+
+    // nginx -t checks the pool config, variables included.
+    std::env::remove_var("DEEPSEEK_API_KEY");
+    std::env::set_var("PROVIDER_B_API_KEY", "key-b-DDDD4444");
+    let out = nginx_test_config(dir.path(), &conf);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "nginx -t passed without DEEPSEEK_API_KEY:\n{err}"
+    );
+    assert!(
+        err.contains("pools.deepseek.nodes[0].headers.Authorization.env: environment variable \"DEEPSEEK_API_KEY\" is not set"),
+        "{err}"
+    );
+    std::env::set_var("DEEPSEEK_API_KEY", "key-ds-EEEE5555");
+    let out = nginx_test_config(dir.path(), &conf);
+    assert!(
+        out.status.success(),
+        "nginx -t:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // And it serves: DeepSeek over TLS with its name, key and model; the other
+    // provider with its own. (The names resolve nowhere here: the JSON's addresses
+    // point at the mocks, the Host and TLS names stay the providers'.)
+    let mocks_dir = TestDir::new("example-deepseek-mocks");
+    let ds = provider_mock(
+        "ds",
+        ds_port,
+        "api.deepseek.com",
+        "key-ds-EEEE5555",
+        Some((&cert, ds_state)),
+    );
+    let _mocks = start_mocks(&mocks_dir, &[ds, other.clone()]);
+    let nginx = Nginx::start(
+        &dir,
+        "example",
+        &conf,
+        &dir.path().join("example-error.log"),
+        &[port],
+    );
+    nginx.wait_workers(2, &[]);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let r = http_with(
+            port,
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", "Bearer client")],
+            Some(CHAT_BODY),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), nginx.diagnostics());
+        seen.insert(r.header("X-Node").unwrap().to_string());
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["b", "ds"]);
+    let st = mock_state_idle(ds_state);
+    assert_eq!(
+        (st["last_model"].as_str(), st["last_sni"].as_str()),
+        (Some("deepseek-chat"), Some("api.deepseek.com"))
+    );
+    let st = mock_state_idle(b_state);
+    assert_eq!(st["last_model"], "deepseek-ai/DeepSeek-V3");
+    assert_eq!(st["last_sni"], "api.provider-b.example");
+    assert_eq!(st["unauthorized"], 0);
+    let logs = nginx.error_log() + &std::fs::read_to_string(dir.path().join("example-access.log")).unwrap();
+    assert!(!logs.contains("key-ds-") && !logs.contains("key-b-"));
 }
