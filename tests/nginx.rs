@@ -973,33 +973,8 @@ fn example_openai_conf_passes_nginx_t() {
     ] {
         assert!(text.contains(needle), "example-openai.conf lacks {needle}");
     }
-    // The one-line module the example asks for, pointing at this test's files.
-    let perl_dir = dir.path().join("perl");
-    std::fs::create_dir_all(&perl_dir).unwrap();
-    std::fs::write(
-        perl_dir.join("rsbalancer-openai.pm"),
-        format!(
-            "use RsbalancerCheck; RsbalancerCheck::config('{}', '{}'); 1;\n",
-            json.display(),
-            dir.lib_dir().display()
-        ),
-    )
-    .unwrap();
-    let modules = nginx_modules().display().to_string();
-    let conf = text
-        .replace("/etc/nginx/rsbalancer-openai.json", &json.display().to_string())
-        .replace("/usr/local/share/lua/5.1/", &format!("{}/lua/", repo().display()))
-        .replace("/usr/local/lib/lua/5.1", &dir.lib_dir().display().to_string())
-        .replace(
-            "perl_modules /usr/local/share/rsbalancer/perl;",
-            &format!(
-                "perl_modules {}; perl_modules {};",
-                perl_dir.display(),
-                repo().join("nginx-conf/perl").display()
-            ),
-        )
-        .replace("/usr/lib/nginx/modules", &modules)
-        .replace("user www-data;", user_line());
+    // The one-line Perl module the example asks for, pointing at this test's files.
+    let conf = example_conf(&dir, &text, "rsbalancer-openai", &json);
     let conf = dir.write("example-openai.conf", &conf);
     let out = nginx_test_config(dir.path(), &conf);
     assert!(

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use support::*;
 
 const KEY_PLAIN: &str = "key-plain-AAAA1111";
@@ -448,17 +448,6 @@ fn example_deepseek(dir: &TestDir, addrs: [&str; 2], ca: &Path, port: u16) -> Pa
             &format!("\"{}\", \"host\": \"api.provider-b.example\"", addrs[1]),
         );
     let json = dir.write("deepseek.json", &json);
-    let perl_dir = dir.path().join("perl");
-    std::fs::create_dir_all(&perl_dir).unwrap();
-    std::fs::write(
-        perl_dir.join("rsbalancer-deepseek.pm"),
-        format!(
-            "use RsbalancerCheck; RsbalancerCheck::config('{}', '{}'); 1;\n",
-            json.display(),
-            dir.lib_dir().display()
-        ),
-    )
-    .unwrap();
     let text = std::fs::read_to_string(repo().join("nginx-conf/example-deepseek.conf")).unwrap();
     for needle in [
         "env DEEPSEEK_API_KEY;",
@@ -472,21 +461,8 @@ fn example_deepseek(dir: &TestDir, addrs: [&str; 2], ca: &Path, port: u16) -> Pa
         assert!(text.contains(needle), "example-deepseek.conf lacks {needle}");
     }
     let d = dir.path().display();
-    let conf = text
-        .replace("/etc/nginx/rsbalancer-deepseek.json", &json.display().to_string())
-        .replace("/usr/local/share/lua/5.1/", &format!("{}/lua/", repo().display()))
-        .replace("/usr/local/lib/lua/5.1", &dir.lib_dir().display().to_string())
-        .replace(
-            "perl_modules /usr/local/share/rsbalancer/perl;",
-            &format!(
-                "perl_modules {}; perl_modules {};",
-                perl_dir.display(),
-                repo().join("nginx-conf/perl").display()
-            ),
-        )
-        .replace("/usr/lib/nginx/modules", &nginx_modules().display().to_string())
+    let conf = example_conf(dir, &text, "rsbalancer-deepseek", &json)
         .replace("/etc/ssl/certs/ca-certificates.crt", &ca.display().to_string())
-        .replace("user www-data;", user_line())
         .replace(
             "events {",
             &format!("pid {d}/example.pid;\nerror_log {d}/example-error.log info;\nevents {{"),

@@ -561,6 +561,37 @@ pub fn write_gateway(dir: &TestDir, port: u16, json: &Value) -> (PathBuf, PathBu
     (dir.write("gateway.conf", &conf), json_path)
 }
 
+/// An example config of `nginx-conf/` (`text`) pointed at this checkout and `dir`:
+/// the pool config `json` in place of `/etc/nginx/<name>.json`, the Lua and library
+/// paths, nginx's modules, the `user`, and the one-line Perl module `<name>.pm` the
+/// example's `perl_require` asks for (checking `json` at `nginx -t`).
+pub fn example_conf(dir: &TestDir, text: &str, name: &str, json: &Path) -> String {
+    let perl_dir = dir.path().join("perl");
+    fs::create_dir_all(&perl_dir).unwrap();
+    fs::write(
+        perl_dir.join(format!("{name}.pm")),
+        format!(
+            "use RsbalancerCheck; RsbalancerCheck::config('{}', '{}'); 1;\n",
+            json.display(),
+            dir.lib_dir().display()
+        ),
+    )
+    .unwrap();
+    text.replace(&format!("/etc/nginx/{name}.json"), &json.display().to_string())
+        .replace("/usr/local/share/lua/5.1/", &format!("{}/lua/", repo().display()))
+        .replace("/usr/local/lib/lua/5.1", &dir.lib_dir().display().to_string())
+        .replace(
+            "perl_modules /usr/local/share/rsbalancer/perl;",
+            &format!(
+                "perl_modules {}; perl_modules {};",
+                perl_dir.display(),
+                repo().join("nginx-conf/perl").display()
+            ),
+        )
+        .replace("/usr/lib/nginx/modules", &nginx_modules().display().to_string())
+        .replace("user www-data;", user_line())
+}
+
 /// A running gateway.
 pub struct Gateway {
     pub nginx: Nginx,
