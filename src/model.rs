@@ -129,15 +129,7 @@ impl Parser<'_> {
             ));
         }
         let mut spans = Vec::new();
-        self.object(1, &mut |key, value, p: &Parser| {
-            if key == b"\"model\"" || (key.contains(&b'\\') && decode(key) == "model") {
-                if p.s[value.start] != b'"' {
-                    return Err(BodyError("the request's \"model\" is not a string".into()));
-                }
-                spans.push(value);
-            }
-            Ok(())
-        })?;
+        self.object(1, Some(&mut spans))?;
         self.ws();
         if self.i != self.s.len() {
             return self.err("trailing characters");
@@ -145,12 +137,9 @@ impl Parser<'_> {
         Ok(spans)
     }
 
-    /// An object at `depth`; `member(key token, value span)` for each member.
-    fn object(
-        &mut self,
-        depth: usize,
-        member: &mut dyn FnMut(&[u8], Range<usize>, &Parser) -> Result<(), BodyError>,
-    ) -> Result<(), BodyError> {
+    /// An object at `depth`; with `models`, the spans of its `"model"` members' values
+    /// (which must be strings) are pushed there.
+    fn object(&mut self, depth: usize, mut models: Option<&mut Vec<Range<usize>>>) -> Result<(), BodyError> {
         self.expect(b'{')?;
         self.ws();
         if self.peek() == Some(b'}') {
@@ -167,7 +156,15 @@ impl Parser<'_> {
             self.ws();
             let v0 = self.i;
             self.value(depth)?;
-            member(&self.s[key], v0..self.i, self)?;
+            if let Some(spans) = models.as_deref_mut() {
+                let key = &self.s[key];
+                if key == b"\"model\"" || (key.contains(&b'\\') && decode(key) == "model") {
+                    if self.s[v0] != b'"' {
+                        return Err(BodyError("the request's \"model\" is not a string".into()));
+                    }
+                    spans.push(v0..self.i);
+                }
+            }
             self.ws();
             match self.peek() {
                 Some(b',') => self.i += 1,
@@ -186,7 +183,7 @@ impl Parser<'_> {
             Some(b'{' | b'[') if depth >= MAX_DEPTH => {
                 self.err(&format!("nested deeper than {MAX_DEPTH} levels"))
             }
-            Some(b'{') => self.object(depth + 1, &mut |_, _, _| Ok(())),
+            Some(b'{') => self.object(depth + 1, None),
             Some(b'[') => {
                 self.i += 1;
                 self.ws();
