@@ -1,6 +1,9 @@
 //! The status read model: every pool and node with its live state, as one JSON
 //! document, for admin reads (`GET /rsbalancer/`), `status_json()` and the status page.
 //!
+//! A node with a provider shows it (scheme, Host, header names and the variables they
+//! are read from, model): the topology holds no header value, so neither does this.
+//!
 //! It only reads: the topology through the pool's API, node state through
 //! [`crate::node`], the admission queue through [`crate::admission::status_json`], and
 //! the canary and emergency words of each pool's shared slot. Adding a field for
@@ -35,6 +38,10 @@ pub fn of(b: &Balancer) -> Result<Value, Error> {
                     v["addr"] = n.addr.to_string().into();
                     let w = effective.get(&n.slot).copied().unwrap_or(0.0);
                     v["effective_weight"] = ((w * 100.0).round() / 100.0).into();
+                    // Header names and variable names, never a value.
+                    if let Some(p) = &n.provider {
+                        v["provider"] = serde_json::to_value(p).expect("provider serializes");
+                    }
                     v
                 })
                 .collect();

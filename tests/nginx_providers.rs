@@ -418,7 +418,14 @@ fn providers_with_own_host_key_model_and_tls() {
         error.contains("TLS handshake"),
         "the DOWN reason is logged:\n{error}"
     );
-    assert!(status.contains("\"pools\""), "{status}");
+    let st: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let nodes = st["pools"]["llm"]["nodes"].as_array().unwrap();
+    let shown = nodes.iter().find(|n| n["id"] == "plain").unwrap();
+    assert_eq!(
+        shown["provider"],
+        json!({ "host": PLAIN_HOST, "scheme": "http", "tls_verify": true, "model": "plain/model-1",
+                "headers": [{ "name": "Authorization", "env": "RSB_TEST_KEY_PLAIN", "prefix": "Bearer " }] })
+    );
     for (what, text) in [
         ("status", &status),
         ("admin GET", &state),

@@ -293,10 +293,14 @@ impl NodeConfig {
                         ),
                     ))
                 }
+                // Not shown: a key written here by mistake would be echoed.
                 HeaderSource::Env { env, .. } if !is_env_name(env) => {
                     return Err(ConfigError::new(
                         format!("{at}.env"),
-                        format!("{env:?} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*, 1..=128 bytes)"),
+                        format!(
+                            "a {}-byte value that is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*, 1..=128 bytes)",
+                            env.len()
+                        ),
                     ))
                 }
                 HeaderSource::Env { prefix, .. }
@@ -305,7 +309,10 @@ impl NodeConfig {
                 {
                     return Err(ConfigError::new(
                         format!("{at}.prefix"),
-                        format!("{prefix:?} must be at most 32 bytes of printable ASCII (an auth scheme, as \"Bearer \")"),
+                        format!(
+                            "a {}-byte value: must be at most 32 bytes of printable ASCII (an auth scheme, as \"Bearer \")",
+                            prefix.len()
+                        ),
                     ))
                 }
                 _ => {}
@@ -596,12 +603,17 @@ mod tests {
             (
                 json!({ "headers": { "X-A": { "env": "1K" } } }),
                 "pools.p.nodes[1].headers.X-A.env",
-                "\"1K\" is not an environment variable name",
+                "a 2-byte value that is not an environment variable name",
             ),
             (
-                json!({ "headers": { "X-A": { "env": "K", "prefix": "B\n" } } }),
+                json!({ "headers": { "X-A": { "env": "sk-1" } } }),
+                "pools.p.nodes[1].headers.X-A.env",
+                "a 4-byte value that is not an environment variable name",
+            ),
+            (
+                json!({ "headers": { "X-A": { "env": "K", "prefix": "Bearer sk-1\n" } } }),
                 "pools.p.nodes[1].headers.X-A.prefix",
-                "must be at most 32 bytes",
+                "a 12-byte value: must be at most 32 bytes",
             ),
             (
                 json!({ "headers": { "X-A": { "env": "RSB_TEST_NOT_SET" } } }),
