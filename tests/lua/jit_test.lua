@@ -63,6 +63,19 @@ local function loop_canary_pick(n, choose, idx)
     end
 end
 
+-- balance() keeping a round's retries with one provider: the node's group and the
+-- slots of the pool's other providers (resty.rsbalancer.provider), then the pick.
+local function loop_provider_pick(n, others, group)
+    local x = 0
+    for _ = 1, n do
+        local slot = pick("llm")
+        local o = others(slot)
+        x = x + group(slot) + (o and #o or 0)
+        report(slot, 200, 0.012)
+    end
+    return x
+end
+
 -- Loops the checker must reject (it is not vacuous): a Lua C function (an mlua
 -- method) on the hot path stitches; string.gmatch is not compiled.
 local function loop_mlua_call(n, bal)
@@ -335,6 +348,15 @@ test("report_tries with typical $upstream_status / $upstream_response_time compi
         { { a, b, c }, "504, 502 : 200", "60.001, 0.003 : 0.250" },
     }
     assert_compiles("report_tries", false, loop_report_tries, cases)
+end)
+
+test("provider group and others + pick + report compile to a loop trace", function()
+    local cfg = F.config("weighted_random", { 1, 1, 1 })
+    cfg.pools.llm.nodes[1].headers = { ["X-Key"] = "k1" }
+    cfg.pools.llm.nodes[2].model = "m2"
+    rsb.init(cfg, F.name("jit"))
+    local provider = require "resty.rsbalancer.provider"
+    assert_compiles("provider group/others+pick", true, loop_provider_pick, provider.others, provider.group)
 end)
 
 test("canary arm choice + pick + report compiles to a loop trace", function()
