@@ -165,16 +165,24 @@ impl Parser<'_> {
                     spans.push(v0..self.i);
                 }
             }
-            self.ws();
-            match self.peek() {
-                Some(b',') => self.i += 1,
-                Some(b'}') => {
-                    self.i += 1;
-                    return Ok(());
-                }
-                _ => return self.err("expected ',' or '}'"),
+            if self.closes(b'}')? {
+                return Ok(());
             }
         }
+    }
+
+    /// After a member or an item: `,` (false: another follows) or `close` (true).
+    fn closes(&mut self, close: u8) -> Result<bool, BodyError> {
+        self.ws();
+        match self.peek() {
+            Some(b',') => self.i += 1,
+            Some(c) if c == close => {
+                self.i += 1;
+                return Ok(true);
+            }
+            _ => return self.err(&format!("expected ',' or '{}'", close as char)),
+        }
+        Ok(false)
     }
 
     fn value(&mut self, depth: usize) -> Result<(), BodyError> {
@@ -194,14 +202,8 @@ impl Parser<'_> {
                 loop {
                     self.ws();
                     self.value(depth + 1)?;
-                    self.ws();
-                    match self.peek() {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(());
-                        }
-                        _ => return self.err("expected ',' or ']'"),
+                    if self.closes(b']')? {
+                        return Ok(());
                     }
                 }
             }

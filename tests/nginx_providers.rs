@@ -42,72 +42,59 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `openssl req` making a P-256 key `<name>.key` for `/CN=<subject>`, then (`extra`)
+/// a self-signed certificate or a signing request.
+fn openssl_req(dir: &Path, name: &str, subject: &str, extra: &[&str]) {
+    let key = format!("{name}.key");
+    let subj = format!("/CN={subject}");
+    let mut args = vec![
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    args.extend(["-keyout", &key, "-subj", &subj]);
+    args.extend(extra);
+    openssl(dir, &args);
+}
+
 /// A CA (`<ca>.crt`, `<ca>.key`) made in `dir`.
 fn make_ca(dir: &Path, ca: &str) {
-    openssl(
+    let crt = format!("{ca}.crt");
+    openssl_req(
         dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{ca}.key"),
-            "-out",
-            &format!("{ca}.crt"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=rsbalancer test {ca}"),
-        ],
+        ca,
+        &format!("rsbalancer test {ca}"),
+        &["-x509", "-days", "2", "-out", &crt],
     );
 }
 
 /// A server certificate for `name` signed by CA `ca`: (`<out>.crt`, `<out>.key`).
 fn make_cert(dir: &Path, ca: &str, out: &str, name: &str) -> (PathBuf, PathBuf) {
-    std::fs::write(
-        dir.join(format!("{out}.ext")),
-        format!("subjectAltName=DNS:{name}\n"),
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{out}.key"),
-            "-out",
-            &format!("{out}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
+    let (ext, csr, crt) = (format!("{out}.ext"), format!("{out}.csr"), format!("{out}.crt"));
+    std::fs::write(dir.join(&ext), format!("subjectAltName=DNS:{name}\n")).unwrap();
+    openssl_req(dir, out, name, &["-out", &csr]);
+    let (ca_crt, ca_key) = (format!("{ca}.crt"), format!("{ca}.key"));
     openssl(
         dir,
         &[
             "x509",
             "-req",
             "-in",
-            &format!("{out}.csr"),
+            &csr,
             "-CA",
-            &format!("{ca}.crt"),
+            &ca_crt,
             "-CAkey",
-            &format!("{ca}.key"),
+            &ca_key,
             "-CAcreateserial",
             "-out",
-            &format!("{out}.crt"),
+            &crt,
             "-days",
             "2",
             "-extfile",
-            &format!("{out}.ext"),
+            &ext,
         ],
     );
     for f in [format!("{out}.crt"), format!("{out}.key")] {
