@@ -244,8 +244,20 @@ fn providers_with_own_host_key_model_and_tls() {
     let plain = provider_mock("plain", free_port(), PLAIN_HOST, KEY_PLAIN, None);
     let selfhosted = MockNode::new("self", 0);
     let added = provider_mock("added", free_port(), "added.provider.test", KEY_ADDED, None);
+    // Over TLS with a certificate of another CA: probed only without the check.
+    let insecure_state = free_port();
+    let insecure = provider_mock(
+        "insecure",
+        free_port(),
+        TLS_HOST,
+        "key-insecure",
+        Some((&wrong, insecure_state)),
+    );
     let mocks_dir = TestDir::new("providers-mocks");
-    let _mocks = start_mocks(&mocks_dir, &[plain.clone(), selfhosted.clone(), added.clone()]);
+    let _mocks = start_mocks(
+        &mocks_dir,
+        &[plain.clone(), selfhosted.clone(), added.clone(), insecure.clone()],
+    );
     let tls_port = free_port();
     let tls_dir = TestDir::new("providers-tls");
     let tls_state = free_port();
@@ -260,7 +272,9 @@ fn providers_with_own_host_key_model_and_tls() {
               "headers": { "Authorization": { "env": "RSB_TEST_KEY_PLAIN", "prefix": "Bearer " } } },
             { "id": "tls", "addr": format!("127.0.0.1:{tls_port}"), "scheme": "https", "host": TLS_HOST,
               "model": "org/tls-model", "headers": { "Authorization": format!("Bearer {KEY_TLS}") } },
-            { "id": "self", "addr": selfhosted.addr() }
+            { "id": "self", "addr": selfhosted.addr() },
+            { "id": "insecure", "addr": insecure.addr(), "scheme": "https", "host": TLS_HOST, "tls_verify": false,
+              "headers": { "Authorization": "Bearer key-insecure" } }
         ]
     } } });
     let g = start_gateway_with(&dir, &config, |c| gateway_edit(c, &ca));
@@ -331,6 +345,16 @@ fn providers_with_own_host_key_model_and_tls() {
     assert_eq!(mock_state_idle(tls_state)["unauthorized"], 0);
     assert_eq!(node_state(&g, "tls"), "healthy");
     assert_eq!(node_state(&g, "plain"), "healthy");
+    // tls_verify false: the probes of a node whose certificate the CA did not sign
+    // pass (the proxy still checks it: nginx's check is per location).
+    wait_until(
+        Duration::from_secs(10),
+        "health probes of the insecure node",
+        || get(insecure_state, "/mock/state").json()["health_checks"].as_u64() > Some(2),
+    );
+    assert_eq!(node_state(&g, "insecure"), "healthy");
+    let r = chat_as(&g, "insecure", None);
+    assert_eq!(r.status, 502, "{}", r.text());
 
     // A run-time node with an env header: read by every worker from its environment
     // (`env RSB_TEST_KEY_ADDED;`); a literal value is refused.
