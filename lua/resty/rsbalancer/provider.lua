@@ -14,8 +14,9 @@
 --       set $rsb_model  "";       # the client's model, for a later round's node without one
 --       location /v1/ {
 --           access_by_lua_block {
---               local rsb = require "resty.rsbalancer"
---               local slot = rsb.pick("llm")           -- or the rounds code's held node
+--               -- slot: the node this round's tries go to, picked and held here (the
+--               -- rounds code of resty.rsbalancer; nginx-conf/example-deepseek.conf
+--               -- has a stand-in with one node per request)
 --               assert(require("resty.rsbalancer.provider").apply(slot))
 --           }
 --           proxy_pass $rsb_scheme://llm;             # `upstream llm` with balancer_by_lua
@@ -35,8 +36,10 @@
 --   group(slot)   -> number | nil      nodes with equal scheme, host, TLS check, headers
 --                                      and model share a number (per generation)
 --   others(slot)  -> array | false | nil   the pool's slots of other groups (to pass as
---                                      "tried" so a retry stays with this provider);
---                                      false when the whole pool is one provider
+--                                      "tried" so a retry stays with this provider;
+--                                      pick() takes at most 32 tried slots);
+--                                      false when the whole pool is one provider;
+--                                      one shared table per group: do not change it
 --   request(slot) -> table | nil       { scheme=, host=, tls_verify=, headers={{n, v}}, model= }
 --                                      (health checks); holds secrets: never log it
 --
