@@ -370,9 +370,22 @@ fn providers_with_own_host_key_model_and_tls() {
         "{}",
         r.text()
     );
-    // The HTTP admin API takes no provider fields.
+    // So does the HTTP admin API; its answer shows the variable, not the value.
     let r = post(g.port, "/rsbalancer/pools/llm/nodes", &lit.to_string());
     assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("a literal value cannot be set at run time"),
+        "{}",
+        r.text()
+    );
+    let mut body2 = body.clone();
+    body2["id"] = json!("added2");
+    let r = post(g.port, "/rsbalancer/pools/llm/nodes", &body2.to_string());
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["provider"]["headers"][0]["env"], "RSB_TEST_KEY_ADDED");
+    assert!(!r.text().contains(KEY_ADDED));
+    let r = chat_as(&g, "added2", None);
+    assert_eq!(r.status, 200, "{}", r.text());
     let workers = run_parallel(16, 4, |_| {
         let r = chat_as(&g, "added", None);
         assert_eq!(r.status, 200, "{}", r.text());

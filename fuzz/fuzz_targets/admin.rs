@@ -26,9 +26,12 @@ fuzz_target!(|data: &[u8]| {
             let keys = v.as_object().expect("accepted body is an object").len();
             let set = match &req {
                 Request::Node { weight, drain } => weight.is_some() as usize + drain.is_some() as usize,
-                Request::AddNode { weight, backup, .. } => {
-                    2 + weight.is_some() as usize + backup.is_some() as usize
-                }
+                Request::AddNode {
+                    weight,
+                    backup,
+                    provider,
+                    ..
+                } => 2 + weight.is_some() as usize + backup.is_some() as usize + provider.len(),
                 Request::Canary { .. } | Request::Emergency { .. } => 1,
             };
             assert_eq!(keys, set, "{req:?}");

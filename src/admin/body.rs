@@ -42,7 +42,9 @@ pub use crate::abi::WEIGHT_RANGE as WEIGHT;
 pub enum Route {
     /// `PUT pools/<pool>/nodes/<id>`: `{"weight"}` and/or `{"drain"}`.
     Node,
-    /// `POST pools/<pool>/nodes`: `{"id", "addr" [, "weight"] [, "backup"]}`.
+    /// `POST pools/<pool>/nodes`: `{"id", "addr" [, "weight"] [, "backup"]}`, and a
+    /// provider's `host`, `scheme`, `tls_verify`, `model` and `headers` (values from
+    /// variables only: `{"Name": {"env": "VAR" [, "prefix": "Bearer "]}}`).
     AddNode,
     /// `PUT pools/<pool>/canary`: `{"share"}`.
     Canary,
@@ -76,7 +78,12 @@ impl Route {
             Route::AddNode => &[
                 ("addr", Kind::Str),
                 ("backup", Kind::Bool),
+                ("headers", Kind::Headers),
+                ("host", Kind::Str),
                 ("id", Kind::Str),
+                ("model", Kind::Str),
+                ("scheme", Kind::Str),
+                ("tls_verify", Kind::Bool),
                 ("weight", Kind::Weight),
             ],
             Route::Canary => &[("share", Kind::Share)],
@@ -107,6 +114,10 @@ pub enum Request {
         addr: String,
         weight: Option<u32>,
         backup: Option<bool>,
+        /// The provider keys given (`host`, `scheme`, `tls_verify`, `model`,
+        /// `headers`), their shapes checked; their values are checked by the config
+        /// validation, as in a config file.
+        provider: serde_json::Map<String, Value>,
     },
     /// 0.0..=1.0.
     Canary {
@@ -146,6 +157,8 @@ enum Kind {
     Weight,
     Share,
     Mode,
+    /// An object of header name -> a string or `{"env" [, "prefix"]}` (strings).
+    Headers,
 }
 
 /// One checked value.
@@ -155,6 +168,7 @@ enum Checked {
     Uint(u32),
     Num(f64),
     Mode(EmergencyMode),
+    Json(Value),
 }
 
 /// The JSON type of a value, as refusals name it.
@@ -219,6 +233,27 @@ impl Kind {
                 ))),
             },
             (Kind::Mode, v) => Err(wrong("string", &v)),
+            (Kind::Headers, Value::Object(m)) => {
+                for (name, h) in &m {
+                    let shaped = match h {
+                        Value::String(_) => true,
+                        Value::Object(r) => {
+                            r.get("env").is_some_and(Value::is_string)
+                                && r.iter()
+                                    .all(|(k, v)| (k == "env" || k == "prefix") && v.is_string())
+                        }
+                        _ => false,
+                    };
+                    // The value is not shown: it may be a key.
+                    if !shaped {
+                        return Err(invalid(format!(
+                            "{key}.{name}: {{\"env\": \"VAR\" [, \"prefix\": \"...\"]}} expected"
+                        )));
+                    }
+                }
+                Ok(Checked::Json(Value::Object(m)))
+            }
+            (Kind::Headers, v) => Err(wrong("object", &v)),
             (Kind::Bool, v) => Err(wrong("boolean", &v)),
             (Kind::Str, v) => Err(wrong("string", &v)),
         }
@@ -350,8 +385,18 @@ pub fn parse(route: Route, body: &[u8]) -> Result<Request, BodyError> {
 fn build(route: Route, checked: Vec<(&str, Checked)>) -> Request {
     let (mut weight, mut drain, mut backup, mut share) = (None, None, None, 0.0);
     let (mut id, mut addr, mut mode) = (String::new(), String::new(), EmergencyMode::Auto);
+    let mut provider = serde_json::Map::new();
     for (key, c) in checked {
         match (key, c) {
+            ("host" | "scheme" | "model", Checked::Str(s)) => {
+                provider.insert(key.into(), Value::String(s));
+            }
+            ("tls_verify", Checked::Bool(b)) => {
+                provider.insert(key.into(), Value::Bool(b));
+            }
+            ("headers", Checked::Json(v)) => {
+                provider.insert(key.into(), v);
+            }
             ("weight", Checked::Uint(w)) => weight = Some(w),
             ("drain", Checked::Bool(b)) => drain = Some(b),
             ("backup", Checked::Bool(b)) => backup = Some(b),
@@ -369,6 +414,7 @@ fn build(route: Route, checked: Vec<(&str, Checked)>) -> Request {
             addr,
             weight,
             backup,
+            provider,
         },
         Route::Canary => Request::Canary { share },
         Route::Emergency => Request::Emergency { mode },
@@ -402,8 +448,19 @@ mod tests {
                 id: "x".into(),
                 addr: "127.0.0.1:1".into(),
                 weight: None,
-                backup: Some(false)
+                backup: Some(false),
+                provider: Default::default(),
             })
+        );
+        let body = br#"{"id": "x", "addr": "a:443", "scheme": "https", "host": "h", "tls_verify": false,
+            "model": "m", "headers": {"Authorization": {"env": "K", "prefix": "Bearer "}, "X-A": "lit"}}"#;
+        let Ok(Request::AddNode { provider, .. }) = parse(Route::AddNode, body) else {
+            panic!("refused")
+        };
+        assert_eq!(
+            Value::Object(provider),
+            serde_json::json!({ "scheme": "https", "host": "h", "tls_verify": false, "model": "m",
+                "headers": {"Authorization": {"env": "K", "prefix": "Bearer "}, "X-A": "lit"} })
         );
         assert_eq!(
             parse(Route::Canary, br#"{"share": 0}"#),
@@ -486,6 +543,26 @@ mod tests {
             (Route::Node, "\"x\"", "body must be a JSON object"),
             (Route::Node, "", "a JSON object body is required"),
             (Route::AddNode, r#"{"id": "x"}"#, "missing key \"addr\""),
+            (
+                Route::AddNode,
+                r#"{"id": "x", "addr": "a:1", "headers": ["sk-1"]}"#,
+                "headers: object expected, got array",
+            ),
+            (
+                Route::AddNode,
+                r#"{"id": "x", "addr": "a:1", "headers": {"A": {"env": "K", "value": "sk-1"}}}"#,
+                "headers.A: {\"env\": \"VAR\" [, \"prefix\": \"...\"]} expected",
+            ),
+            (
+                Route::AddNode,
+                r#"{"id": "x", "addr": "a:1", "headers": {"A": {"prefix": "sk-1"}}}"#,
+                "headers.A: {\"env\": \"VAR\" [, \"prefix\": \"...\"]} expected",
+            ),
+            (
+                Route::AddNode,
+                r#"{"id": "x", "addr": "a:1", "tls_verify": "no"}"#,
+                "tls_verify: boolean expected, got string",
+            ),
             (
                 Route::AddNode,
                 r#"{"id": "x", "addr": "a:1", "backup": 1}"#,

@@ -87,11 +87,15 @@ fn request_table(lua: &Lua, r: Request) -> LuaResult<LuaTable> {
             addr,
             weight,
             backup,
+            provider,
         } => {
             t.set("id", id)?;
             t.set("addr", addr)?;
             t.set("weight", weight)?;
             t.set("backup", backup)?;
+            for (k, v) in provider {
+                t.set(k, lua.to_value_with(&v, plain())?)?;
+            }
         }
         Request::Canary { share } => t.set("share", share)?,
         Request::Emergency { mode } => t.set(
