@@ -24,6 +24,8 @@
 //! ```
 //!
 //! Every field but `pools`, a pool's `nodes` and a node's `id` and `addr` has a default.
+//! A node may also say how its provider is spoken to (Host, scheme, headers such as an
+//! API key read from the environment, model name): [`provider`].
 //!
 //! Unknown keys are errors, at every level. A misspelt key (`"wieght": 5`) would
 //! otherwise be dropped without a word and the default used in its place: a config that
