@@ -67,7 +67,7 @@ fn emergency_sheds_below_the_configured_priority() {
     let t = rsbalancer::tally::pool_window(b.region(), pool, rsbalancer::shm::clock::now_ms());
     assert_eq!(t.shed, 1);
     // Shedding applies with queueing off too.
-    let (b2, pool2) = balancer(4, json!({}));
+    let (b2, pool2) = balancer(4, json!({ "enabled": false }));
     let ps2 = b2.region().pool(pool2).unwrap();
     ps2.shed_below.store(5, Ordering::Relaxed);
     ps2.emergency.store(emergency::ACTIVE, Ordering::Release);
@@ -83,7 +83,7 @@ fn emergency_sheds_below_the_configured_priority() {
 
 #[test]
 fn queueing_off_answers_at_once_as_before() {
-    let (b, pool) = balancer(1, json!({}));
+    let (b, pool) = balancer(1, json!({ "enabled": false }));
     assert_eq!(
         rsbalancer::admission::admit(&b, pool, 5).unwrap().0,
         Verdict::Pass

@@ -674,14 +674,14 @@ fn all_nodes_cooling_admit_answers_at_once_with_the_soonest_retry_after() {
     let nodes = vec![node("a", &a, 1), node("b", &b, 1)];
 
     let g = start_gateway(&dir, &pool("weighted_random", nodes.clone(), json!({})));
-    admit_answers_while_all_cool(&g, &[&a, &b], 429, "rate_limit_exceeded");
+    admit_answers_while_all_cool(&g, &[&a, &b], 429, "rate_limit_error");
 
     let dir503 = TestDir::new("policy-admit-503");
     let g503 = start_gateway(
         &dir503,
         &pool("weighted_random", nodes, json!({ "no_node_status": 503 })),
     );
-    admit_answers_while_all_cool(&g503, &[&a, &b], 503, "service_unavailable");
+    admit_answers_while_all_cool(&g503, &[&a, &b], 503, "server_error");
 }
 
 // ----------------------------------------------------------------------------------

@@ -46,6 +46,14 @@ local C_pick, C_report, C_generation = C.rsb_pick, C.rsb_report, C.rsb_generatio
 local C_pick_prefer = C.rsb_pick_prefer
 local C_may_retry, C_available = C.rsb_may_retry, C.rsb_available
 local MAX_TRIES = 32
+-- Why rsb_may_retry refused (enum rsb_retry_denied), as X-RSB-Admission says it; "no
+-- node free now" is not a refusal for a request that may take another round.
+local RETRY_NO_NODE = C.RSB_RETRY_DENIED_NO_NODE
+local RETRY_REASON = {
+    [C.RSB_RETRY_DENIED_MAX_TRIES] = "max_tries",
+    [C.RSB_RETRY_DENIED_DEADLINE] = "deadline",
+    [C.RSB_RETRY_DENIED_BUDGET] = "retry_budget",
+}
 local tried_buf = ffi.new("uint32_t[?]", MAX_TRIES)
 local out_buf = ffi.new("uint32_t[1]")
 local wait_buf = ffi.new("uint64_t[1]")
@@ -62,7 +70,7 @@ local handle       -- its `rsb_balancer *`
 local stage        -- the config init() staged, made live by init_worker()
 local generation = -1
 local pools = {}   -- name -> pool index
-local policy = {}  -- name -> { no_node_status=, non_idempotent=, max_tries= }
+local policy = {}  -- name -> { no_node_status=, non_idempotent=, rounds=, deadline_s=, size=, ... }
 local peers = {}   -- node slot -> { ip, port, id, pool }
 
 local function last_error()
@@ -93,6 +101,9 @@ local function sync()
         new_policy[name] = {
             no_node_status = cfg.no_node_status,
             non_idempotent = cfg.retry.non_idempotent,
+            rounds = cfg.retry.rounds,
+            deadline_s = cfg.retry.deadline_ms / 1000,
+            size = #bal:nodes(name),
             health = cfg.health,
             admission = cfg.admission,
             -- Slow nodes as overflow: admit() holds a faster node's slot first.
@@ -294,19 +305,21 @@ local function item(s, k)
     return v
 end
 
---- report_tries(tried, statuses, times [, first [, retry_after_s]]): report tries
--- `first`..#tried of a request (default 1), matching the slots picked (in order)
--- with nginx's comma-separated $upstream_status and $upstream_response_time;
+--- report_tries(tried, statuses, times [, first [, retry_after_s [, offset]]]): report
+-- tries `first`..#tried of a request (default 1), matching the slots picked (in order)
+-- with nginx's comma-separated $upstream_status and $upstream_response_time, where
+-- try k is item k + `offset` (default 0; earlier rounds of the request add items);
 -- `retry_after_s` is the last try's Retry-After. A try with no matching status is
 -- reported as cancelled (499): it releases the try and says nothing about the node.
 -- Every pick is released exactly once.
-function _M.report_tries(tried, statuses, times, first, retry_after_s)
+function _M.report_tries(tried, statuses, times, first, retry_after_s, offset)
     if not handle then not_initialized("report_tries") end
     first = first or 1
+    offset = offset or 0
     local n = #tried
     for k = first, n do
-        local status = item(statuses, k) or 499
-        local us = (item(times, k) or 0) * 1e6
+        local status = item(statuses, k + offset) or 499
+        local us = (item(times, k + offset) or 0) * 1e6
         if us > 4294967295 or us ~= us then us = 4294967295 elseif us < 0 then us = 0 end
         local ra = 0
         if k == n and retry_after_s then
@@ -341,15 +354,32 @@ local NGX_BUSY = -3
 local IDEMPOTENT = { GET = true, HEAD = true, OPTIONS = true, PUT = true, DELETE = true, TRACE = true }
 local ngx_balancer
 
--- Request state kept in ngx.ctx.rsb across the balancer and log phases.
+-- The request's address: the same in every location it goes through (a new round is
+-- an internal redirect, which empties ngx.ctx but keeps the request).
+local get_request
+local function request_key()
+    if not get_request then get_request = require("resty.core.base").get_request end
+    return tonumber(ffi.cast("uintptr_t", get_request()))
+end
+
+-- Every request with state, by address, from the phase that makes the state until
+-- log(): round() finds it there in the new location, whatever ended the last round
+-- (so no try of it is left unreported, whether or not the pool has rounds).
+local by_request = {}
+
+-- Request state kept in ngx.ctx.rsb across the balancer and log phases. Tries of the
+-- current round are items `first`.. of nginx's upstream lists, shifted by `offset`.
 local function request_state(ctx, pool)
     local st = ctx.rsb
     if not st then
         -- nginx's cached time (updated once per event-loop turn) is precise enough
         -- for a retry deadline; no clock call per request.
         st = { pool = pool, tried = {}, n = 0, reported = 0, start = ngx.now(),
-               arm = false, arm_pool = false }
+               arm = false, arm_pool = false, rounds = 0, offset = 0 }
         ctx.rsb = st
+        local k = request_key()
+        st.rkey = k
+        by_request[k] = st
     end
     return st
 end
@@ -367,29 +397,61 @@ local function arm_of(st, pool, idx)
     return aidx, apool
 end
 
--- balance()'s pick of the next try: reports the previous try's failure (a retry),
--- picks a node not tried yet and records it. Returns the slot and the try count, or
--- nil when the request must end (no node, or a retry not allowed).
-local function pick_next(st, aidx, apool, key, tried, n)
-    if n > 0 then
-        -- nginx reports ("failed", 429) for a 429 under proxy_next_upstream http_429,
-        -- 502 for a connect error or bad response, 504 for a timeout: keep the code.
-        local _, code = ngx_balancer.get_last_failure()
-        local status = code or 0
-        C_report(handle, tried[n], status, 0, retry_after_ms(ngx.var.upstream_http_retry_after) or 0)
-        st.reported = n
-        -- A request that may have reached the node is not repeated unless allowed.
-        if status ~= 429 and status ~= 503 and not IDEMPOTENT[ngx.var.request_method]
-           and not policy[apool].non_idempotent then
-            local sent = item(ngx.var.upstream_bytes_sent, n)
-            if sent and sent > 0 then
-                return nil
-            end
-        end
-    end
+local function fill_tried(tried, n)
     for i = 1, n do
         tried_buf[i - 1] = tried[i]
     end
+end
+
+-- A retry call of balance(): reports the previous try's failure and applies the retry
+-- policy. Returns true when another try may start now; else false, with st.busy set
+-- when the request may wait for a new round (the try was answered busy, or sent
+-- nothing) and st.fail (the status to answer) when it may not.
+local function retry_allowed(st, aidx, apool, tried, n)
+    -- nginx reports ("failed", 429) for a 429 under proxy_next_upstream http_429,
+    -- 502 for a connect error or bad response, 504 for a timeout: keep the code.
+    local _, code = ngx_balancer.get_last_failure()
+    local status = code or 0
+    C_report(handle, tried[n], status, 0, retry_after_ms(ngx.var.upstream_http_retry_after) or 0)
+    st.reported = n
+    local busy = status == 429 or status == 503
+    if not busy then
+        -- A request that may have reached the node is not repeated unless allowed.
+        local sent = item(ngx.var.upstream_bytes_sent, n + st.offset)
+        busy = not (sent and sent > 0)
+        if not busy and not IDEMPOTENT[ngx.var.request_method] and not policy[apool].non_idempotent then
+            st.fail = status
+            return false
+        end
+    end
+    if not st.unasked then
+        return true -- balance() granted this try only after rsb_may_retry said yes
+    end
+    -- With rounds left, balance() granted nginx this try unasked: decide it now.
+    st.unasked = nil
+    fill_tried(tried, n)
+    if C_may_retry(handle, aidx, tried_buf, n, (ngx_now() - st.start) * 1000, out_buf) ~= RSB_OK
+       or out_buf[0] == 0 then
+        return true
+    end
+    local why = out_buf[0]
+    if not busy then
+        st.fail = status
+    else
+        st.busy = why == RETRY_NO_NODE and "round" or RETRY_REASON[why]
+    end
+    return false
+end
+
+-- balance()'s pick of the next try: on a retry call first reports the previous try's
+-- failure and applies the retry policy, then picks a node not tried yet and records
+-- it. Returns the slot and the try count, or nil when this round must end (no node
+-- free, or a retry not allowed).
+local function pick_next(st, aidx, apool, key, tried, n)
+    if st.reported < n and not retry_allowed(st, aidx, apool, tried, n) then
+        return nil
+    end
+    fill_tried(tried, n)
     local klen = 0
     if key then klen = #key end
     -- A request let in above the confirmed capacity (st.probe) takes a node at its
@@ -399,6 +461,8 @@ local function pick_next(st, aidx, apool, key, tried, n)
         if rc ~= RSB_NO_NODE then
             ngx.log(ngx.ERR, "rsbalancer: ", last_error())
         end
+        -- No node free as the balancer runs: busy, unless a failure ended the round.
+        if not st.fail then st.busy = st.busy or "round" end
         return nil
     end
     local slot = out_buf[0]
@@ -429,14 +493,16 @@ function _M.balance(pool, key)
     local tried, n = st.tried, st.n
     local slot
     if st.held then
-        -- admit() already holds this first try's node (limit.slow_factor).
+        -- admit() or round() already holds this round's first try.
         st.held = nil
         slot = tried[n]
-        tried_buf[n - 1] = slot
+        fill_tried(tried, n)
     else
         slot, n = pick_next(st, aidx, apool, key, tried, n)
+        -- Ends the round: with rounds, error_page sends the request to round().
         if not slot then return ngx.exit(NGX_BUSY) end
     end
+    if key then st.hkey = key end
     local now = ngx_now()
     st.picked = now
     local p = peers[slot]
@@ -445,9 +511,23 @@ function _M.balance(pool, key)
         ngx.log(ngx.ERR, "rsbalancer: set_current_peer ", p[1], ":", p[2], ": ", perr)
         return ngx.exit(ngx.ERROR)
     end
-    local elapsed = (now - st.start) * 1000
-    if n < MAX_TRIES and C_may_retry(handle, aidx, tried_buf, n, elapsed, out_buf) == RSB_OK
-       and out_buf[0] == 0 then
+    if n >= MAX_TRIES then return end
+    fill_tried(tried, n)
+    if C_may_retry(handle, aidx, tried_buf, n, (now - st.start) * 1000, out_buf) ~= RSB_OK then
+        return
+    end
+    local why = out_buf[0]
+    if why == 0 then
+        ngx_balancer.set_more_tries(1)
+    elseif why == RETRY_NO_NODE and st.rounds < policy[st.pool].rounds and n < policy[apool].size
+           and ngx.var.rsb_rounds == "on" then
+        -- Nothing to retry on now, but rounds left and a location that takes them
+        -- (`set $rsb_rounds on;` beside `error_page 502 504 = @rsb_round;`): nginx
+        -- comes back here should this try fail, and the next call retries at once,
+        -- ends the round busy (a new round waits for a node), or ends it failed. Any
+        -- other refusal lets the node's own answer reach the client (header_filter()
+        -- adds a Retry-After).
+        st.unasked = true
         ngx_balancer.set_more_tries(1)
     end
 end
@@ -487,6 +567,7 @@ function _M.admit(pool, priority)
               .. " expected, got " .. tostring(priority) .. ")", 2)
     end
     local st = request_state(ngx.ctx, pool)
+    st.priority = priority
     local aidx, apool = arm_of(st, pool, idx)
     if aidx ~= idx and C_available(handle, aidx, wait_buf) ~= RSB_OK then
         -- No canary node can take it now: this request goes to the primary.
@@ -578,12 +659,114 @@ function _M.log()
             local var = ngx.var
             local ra = retry_after_ms(var.upstream_http_retry_after)
             _M.report_tries(st.tried, var.upstream_status, var.upstream_response_time,
-                            st.reported + 1, ra and ra / 1000)
+                            st.reported + 1, ra and ra / 1000, st.offset)
         end
         st.n = 0
     end
     -- After the report: the slot given to the next waiter is free at the node too.
     if st.adm or st.q_entry then admission.release(C, handle, st) end
+    by_request[st.rkey] = nil
+end
+
+-- How many items an nginx upstream list ("429, 502 : 200") holds.
+local function count_items(s)
+    if not s then return 0 end
+    local k, i = 0, 1
+    while true do
+        local _
+        _, i = next_item(s, i)
+        if not i then return k end
+        k = k + 1
+    end
+end
+
+-- Ends a request that takes no further round: 429 + Retry-After (the soonest a node
+-- of its arm is back, else 1 s) and the reason, or the failure that ended the round.
+local function end_rounds(st, reason)
+    if st.fail then
+        return admission.answer(st.fail == 504 and 504 or 502, "upstream_failed")
+    end
+    local ms = 1000
+    if st.arm and C_available(handle, st.arm, wait_buf) == RSB_NO_NODE then
+        ms = tonumber(wait_buf[0])
+    end
+    return admission.answer(429, reason, ms)
+end
+
+--- round(pool): in access_by_lua of the named location a busy round ends in
+-- (`error_page 502 504 = @rsb_round;`, see README "Rounds"). Reports what the last
+-- round left unreported, gives its admission back, then either ends the request
+-- (429 + Retry-After + X-RSB-Admission when it cannot wait longer, or the failure that
+-- ended the round) or starts a new round: back into the pool's admission queue (same
+-- priority) when admission is on, then a hold on a node the request has not tried,
+-- waiting for one to free up within the request's deadline. The upstream request is
+-- built anew for the round (Host, headers, body).
+function _M.round(pool)
+    if not handle then not_initialized("round") end
+    sync()
+    local idx = pools[pool]
+    if not idx then
+        error("bad argument #1 to 'round' (unknown pool " .. tostring(pool) .. ")", 2)
+    end
+    local st = by_request[request_key()]
+    if not st or st.start < ngx.req.start_time() then
+        -- nginx's own 502/504 for a request rsbalancer holds no state of.
+        return admission.answer(502, "upstream_failed")
+    end
+    ngx.ctx.rsb = st -- log() reports and releases whatever happens next
+    if st.pool ~= pool then
+        error("bad argument #1 to 'round' (the request is in pool " .. st.pool .. ", not " .. pool .. ")", 2)
+    end
+    local var = ngx.var
+    local n = st.n
+    if st.reported < n then
+        -- nginx ended the round without asking balance() (proxy_next_upstream_tries,
+        -- a timeout): report its last try here.
+        local statuses = var.upstream_status
+        local status = item(statuses, n + st.offset) or 502
+        local ra = retry_after_ms(var.upstream_http_retry_after)
+        _M.report_tries(st.tried, statuses, var.upstream_response_time, st.reported + 1,
+                        ra and ra / 1000, st.offset)
+        st.reported = n
+        if status == 429 or status == 503 then
+            st.busy = "round"
+        else
+            st.fail = status
+        end
+    end
+    if st.adm or st.q_entry then admission.release(C, handle, st) end
+    local busy = st.busy
+    st.busy = nil
+    if not busy or busy ~= "round" then
+        return end_rounds(st, busy)
+    end
+    local aidx, apool = arm_of(st, pool, idx)
+    local p = policy[apool]
+    if st.rounds >= policy[pool].rounds then
+        return end_rounds(st, "rounds")
+    end
+    if n >= p.size then
+        return end_rounds(st, "tried_all")
+    end
+    local until_s = st.start + p.deadline_s
+    if ngx_now() >= until_s then
+        return end_rounds(st, "deadline")
+    end
+    st.rounds = st.rounds + 1
+    if p.admission.enabled then
+        admission.admit(C, handle, aidx, apool, st.priority or p.admission.default_priority, st,
+                        p.no_node_status, last_error)
+    end
+    fill_tried(st.tried, n)
+    local slot, why = admission.wait_pick(C, handle, aidx, st, tried_buf, n, st.hkey, until_s)
+    if not slot then
+        return end_rounds(st, why)
+    end
+    n = n + 1
+    st.tried[n], st.n, st.held = slot, n, true
+    -- This round's tries follow the items nginx listed so far.
+    st.offset = count_items(var.upstream_status) - (n - 1)
+    return true
 end
 
 --- arm(): "canary" or "primary" for the current request once admit() or balance()

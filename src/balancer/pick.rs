@@ -152,8 +152,9 @@ impl Balancer {
     }
 
     /// May the request that has tried `tried` (in order) try once more, `elapsed_ms`
-    /// after it began? Checks the pool's `max_tries`, deadline, retry budget, and that
-    /// some node not yet tried could take it now. Nothing is recorded except budget
+    /// after it began? Checks the pool's `max_tries`, deadline, retry budget, then that
+    /// some node not yet tried could take it now (`NoNode`, last: a request with rounds
+    /// left waits for one). Nothing is recorded except budget
     /// refusals; the retry itself is counted by the `pick` that makes it.
     pub fn may_retry(&self, pool: u32, tried: &[u32], elapsed_ms: u32) -> Result<(), RetryDenied> {
         let now = clock::now_ms();
@@ -167,6 +168,19 @@ impl Balancer {
             return Err(RetryDenied::Deadline);
         }
         let ps = self.region.pool(pool).expect("local pool slot in range");
+        // The budget before the nodes: a busy request that finds no node free now waits
+        // for one in a new round (`retry.rounds`), which only the budget may refuse.
+        let (requests, retries) = tally::budget_totals(&self.region, pool, now, p.policy.retry.window_ms);
+        if !retry::allows(
+            requests,
+            retries,
+            p.policy.retry.budget_ratio,
+            p.policy.retry.min_per_s,
+            p.policy.retry.window_ms,
+        ) {
+            ps.retries_denied.fetch_add(1, Ordering::Relaxed);
+            return Err(RetryDenied::Budget);
+        }
         let free = |t: &Tier| {
             t.slots
                 .iter()
@@ -179,18 +193,6 @@ impl Balancer {
             free(&p.primary) || free(&p.backup) || spill.is_some_and(|b| free(&b.primary) || free(&b.backup));
         if !any {
             return Err(RetryDenied::NoNode);
-        }
-        let p = local_pool(&mut l.pools, pool).map_err(|_| RetryDenied::NoNode)?;
-        let (requests, retries) = tally::budget_totals(&self.region, pool, now, p.policy.retry.window_ms);
-        if !retry::allows(
-            requests,
-            retries,
-            p.policy.retry.budget_ratio,
-            p.policy.retry.min_per_s,
-            p.policy.retry.window_ms,
-        ) {
-            ps.retries_denied.fetch_add(1, Ordering::Relaxed);
-            return Err(RetryDenied::Budget);
         }
         Ok(())
     }

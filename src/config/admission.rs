@@ -12,6 +12,8 @@ use crate::shm::layout::PRIORITIES;
 #[serde(default, deny_unknown_fields)]
 pub struct AdmissionConfig {
     /// Queue requests when the pool is at capacity (else: answer at once, as without).
+    /// On by default: a request that finds every node at its learned limit waits for
+    /// a slot instead of being turned away (and a busy round waits here too).
     pub enabled: bool,
     /// Priority of a request that names none, 1..=10.
     pub default_priority: u32,
@@ -39,7 +41,7 @@ pub struct ClassConfig {
 impl Default for AdmissionConfig {
     fn default() -> Self {
         AdmissionConfig {
-            enabled: false,
+            enabled: true,
             default_priority: 5,
             untrusted_max: 5,
             aging_ms: 5_000,

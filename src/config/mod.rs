@@ -184,6 +184,10 @@ fn default_no_node_status() -> u32 {
     429
 }
 
+/// Most rounds a request may take after its first: nginx allows a request ten internal
+/// redirects (`error_page` to a named location is one), and a config may use a few.
+pub const MAX_ROUNDS: u32 = 8;
+
 /// When a failed try may be retried on another node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -202,6 +206,12 @@ pub struct RetryConfig {
     /// Retry POST/PATCH/LOCK requests after a failure that may have reached the node
     /// (timeouts, 502/504). 429, 503 and tries that sent nothing are always retryable.
     pub non_idempotent: bool,
+    /// Extra rounds a busy request may take, 0..=8 (0: off). A round ends when every
+    /// node the request could still go to is busy (429, 503, or none free when the
+    /// balancer runs); the request then waits for a slot (the admission queue when it
+    /// is on, else a free node) and is sent again, rebuilt, to a node it has not tried.
+    /// Needs the nginx side: `error_page 502 504 = @rsb_round;` (README, rounds).
+    pub rounds: u32,
 }
 
 impl Default for RetryConfig {
@@ -213,6 +223,7 @@ impl Default for RetryConfig {
             max_tries: 3,
             deadline_ms: 60_000,
             non_idempotent: false,
+            rounds: 3,
         }
     }
 }
@@ -651,6 +662,7 @@ impl PoolConfig {
         check_range(&rp, "window_ms", r.window_ms, 1_000..=60_000)?;
         check_range(&rp, "max_tries", r.max_tries, 1..=16)?;
         check_range(&rp, "deadline_ms", r.deadline_ms, 1..=3_600_000)?;
+        check_range(&rp, "rounds", r.rounds, 0..=MAX_ROUNDS)?;
         let c = &self.cooldown;
         let cp = format!("{path}.cooldown");
         check_range(&cp, "base_ms", c.base_ms, 1..=3_600_000)?;

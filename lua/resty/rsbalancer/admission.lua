@@ -75,18 +75,46 @@ function _M.priority(value, opts)
     return n
 end
 
--- Answer a refusal: status, Retry-After (whole seconds >= 1), an OpenAI-style error.
-local function refuse(pool, status, ms, reason)
-    local secs = math.ceil(tonumber(ms) / 1000)
-    if secs < 1 then secs = 1 end
+-- What each gateway-made answer says (the reason is X-RSB-Admission and the code).
+local MESSAGE = {
+    shed = "Shed while the service is overloaded.",
+    queue_full = "Too many requests are waiting.",
+    timeout = "Waited too long for capacity.",
+    evicted = "Made room for a request of higher priority.",
+    no_node = "No upstream can take requests right now.",
+    round = "Every upstream is busy.",
+    rounds = "Every upstream stayed busy.",
+    tried_all = "Every upstream was tried and is busy.",
+    deadline = "The request's deadline passed while upstreams were busy.",
+    max_tries = "The request used all its tries while upstreams were busy.",
+    retry_budget = "Retries are paused while upstreams are busy.",
+    upstream_failed = "The upstream failed to answer.",
+}
+
+--- answer(status, reason [, retry_after_ms]): a gateway-made answer and the end of the
+-- request: an OpenAI-shaped error body ({"error": {"message", "type", "code"}}, code =
+-- reason, no pool or node named), X-RSB-Admission: reason, and with retry_after_ms a
+-- Retry-After in whole seconds (at least 1).
+function _M.answer(status, reason, ms)
+    reason = reason or "round"
     ngx.status = status
-    ngx.header["Retry-After"] = secs
-    ngx.header["Content-Type"] = "application/json"
-    ngx.header["X-RSB-Admission"] = reason
-    ngx.say('{"error":{"message":"pool ', pool, ' cannot take this request now (', reason,
-            '); retry after ', secs, ' s","type":"',
-            status == 429 and "rate_limit_exceeded" or "service_unavailable", '"}}')
+    local h = ngx.header
+    h["Content-Type"] = "application/json"
+    h["X-RSB-Admission"] = reason
+    local wait = ""
+    if ms then
+        local secs = math.ceil(tonumber(ms) / 1000)
+        if secs < 1 then secs = 1 end
+        h["Retry-After"] = secs
+        wait = " Retry after " .. secs .. " s."
+    end
+    ngx.say('{"error":{"message":"', MESSAGE[reason] or "Refused.", wait, '","type":"',
+            status == 429 and "rate_limit_error" or "server_error", '","code":"', reason, '"}}')
     return ngx.exit(status)
+end
+
+local function refuse(status, ms, reason)
+    return _M.answer(status, reason, ms)
 end
 
 --- admit(C, handle, idx, pool, priority, st, no_node_status): the access-phase
@@ -105,9 +133,9 @@ function _M.admit(C, handle, idx, pool, priority, st, no_node_status, last_error
     elseif v == PASS then
         return true
     elseif v == NO_NODE then
-        return refuse(pool, no_node_status, value_buf[0], "no_node")
+        return refuse(no_node_status, value_buf[0], "no_node")
     elseif v ~= QUEUED then
-        return refuse(pool, 429, value_buf[0], REASON[v] or "refused")
+        return refuse(429, value_buf[0], REASON[v] or "refused")
     end
     -- Queued: keep the ticket where the log phase finds it, should this thread die.
     local entry, ticket = entry_buf[0], value_buf[0]
@@ -133,7 +161,7 @@ function _M.admit(C, handle, idx, pool, priority, st, no_node_status, last_error
                 st.adm, st.probe = idx, v == GO_PROBE
                 return true
             end
-            return refuse(pool, 429, value_buf[0], REASON[v] or "refused")
+            return refuse(429, value_buf[0], REASON[v] or "refused")
         end
     end
 end
@@ -179,6 +207,34 @@ function _M.hold_faster(C, handle, idx, st)
             end
             ngx.sleep(0.001 + random() * 0.001)
         end
+    end
+end
+
+--- wait_pick(C, handle, idx, st, tried, n, key, until_s): a new round's first try:
+-- a hold on a node of pool `idx` not among the `n` slots of `tried`, polling (2 ms,
+-- doubling to 50 ms, jittered) while none is free, until `until_s` (ngx.now() time).
+-- Returns the slot, or nil and why ("deadline": time ran out or no node is back before
+-- it; the client left: ends the request with 499).
+function _M.wait_pick(C, handle, idx, st, tried, n, key, until_s)
+    local prefer = st.probe and PREFER_PROBE or 0
+    local klen = key and #key or 0
+    local delay = 0.002
+    if not st.aborted then
+        pcall(ngx.on_abort, function() st.aborted = true end) -- once per location
+    end
+    while true do
+        if C.rsb_pick_prefer(handle, idx, key, klen, tried, n, prefer, slot_buf) == RSB_OK then
+            return slot_buf[0]
+        end
+        local now = ngx.now()
+        local left = until_s - now
+        if left <= 0 then return nil, "deadline" end
+        if C.rsb_available(handle, idx, value_buf) ~= RSB_OK and tonumber(value_buf[0]) > left * 1000 then
+            return nil, "deadline" -- no node is back before the deadline
+        end
+        ngx.sleep(math.min(delay * (0.5 + random()), left))
+        if st.aborted then return ngx.exit(499) end
+        if delay < 0.05 then delay = delay * 2 end
     end
 end
 
