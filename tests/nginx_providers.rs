@@ -128,12 +128,16 @@ fn provider_mock(
     m
 }
 
-/// The demo gateway with the test location: node chosen in the access phase (header
-/// X-Rsb-Node; X-Rsb-First names a node whose provider is applied first, as a previous
-/// round's would have been), provider applied, peer set by the balancer.
+/// The demo gateway with the test location in place of its /v1/: the node chosen in
+/// the access phase (header X-Rsb-Node; X-Rsb-First names a node whose provider is
+/// applied first, as a previous round's would have been), its provider applied, the
+/// peer set by the balancer; one try per request.
 fn gateway_edit(conf: String, ca: &Path) -> String {
     let ca = ca.display();
-    let access = r#"access_by_lua_block {
+    let location = format!(
+        r#"        location /v1/ {{
+            client_body_buffer_size 1k;       # larger bodies go to a file: apply() reads those too
+            access_by_lua_block {{
                 local rsb = require "resty.rsbalancer"
                 local provider = require "resty.rsbalancer.provider"
                 local bal = rsb.balancer()
@@ -150,12 +154,42 @@ fn gateway_edit(conf: String, ca: &Path) -> String {
                     ngx.log(ngx.ERR, "provider: ", err)
                     return ngx.exit(400)
                 end
-            }"#;
-    let replaced = conf
+            }}
+            proxy_next_upstream off;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass $rsb_scheme://llm;
+            proxy_set_header Host $rsb_host;
+            proxy_ssl_server_name on;
+            proxy_ssl_name $rsb_host;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {ca};
+        }}
+
+        location = /test/add {{
+            content_by_lua_block {{
+                ngx.req.read_body()
+                local node = require("rsbalancer").json_decode(ngx.req.get_body_data())
+                local slot, err, kind = require("resty.rsbalancer").add_node("llm", node)
+                if not slot then
+                    ngx.status = 409
+                    ngx.say(err, " (", kind, ")")
+                    return
+                end
+                ngx.say(slot)
+            }}
+        }}
+
+"#
+    );
+    let start = conf.find("        location /v1/ {").expect("the demo's /v1/");
+    let end = conf
+        .find("        location @rsb_round {")
+        .expect("the demo's @rsb_round");
+    let conf = format!("{}{location}{}", &conf[..start], &conf[end..]);
+    let out = conf
         .replace("worker_processes 2;", "worker_processes 2;\nenv RSB_TEST_KEY_ADDED;")
         .replace("gateway-error.log notice;", "gateway-error.log info;")
-        // Bodies over 1 KiB are buffered to a file: apply() reads those too.
-        .replace("lua_check_client_abort on;", "lua_check_client_abort on;\n            client_body_buffer_size 1k;")
         .replace(
             "http {\n",
             &format!("http {{\n    lua_ssl_trusted_certificate {ca};\n    lua_ssl_verify_depth 2;\n"),
@@ -171,47 +205,18 @@ fn gateway_edit(conf: String, ca: &Path) -> String {
         .replace(
             "add_header X-Worker $pid always;",
             "add_header X-Worker $pid always;\n        set $rsb_scheme http;\n        set $rsb_host \"\";\n        set $rsb_model \"\";",
-        )
-        .replace(
-            "proxy_next_upstream error timeout http_429 http_502 http_503 http_504 non_idempotent;",
-            "proxy_next_upstream off;",
-        )
-        .replace(
-            "proxy_pass http://llm;",
-            &format!(
-                "proxy_pass $rsb_scheme://llm;\n            proxy_set_header Host $rsb_host;\n            \
-                 proxy_ssl_server_name on;\n            proxy_ssl_name $rsb_host;\n            \
-                 proxy_ssl_verify on;\n            proxy_ssl_trusted_certificate {ca};"
-            ),
         );
-    let replaced = replaced.replace(
-        "        location = /rsbalancer/stats {",
-        r#"        location = /test/add {
-            content_by_lua_block {
-                ngx.req.read_body()
-                local node = require("rsbalancer").json_decode(ngx.req.get_body_data())
-                local slot, err, kind = require("resty.rsbalancer").add_node("llm", node)
-                if not slot then
-                    ngx.status = 409
-                    ngx.say(err, " (", kind, ")")
-                    return
-                end
-                ngx.say(slot)
-            }
-        }
-
-        location = /rsbalancer/stats {"#,
-    );
-    let start = replaced
-        .find("access_by_lua_block {\n                require(\"resty.rsbalancer\").admit")
-        .expect("admit block");
-    let end = start + replaced[start..].find("}\n").expect("end of admit block") + 1;
-    let out = format!("{}{access}{}", &replaced[..start], &replaced[end..]);
-    assert!(
-        out.contains("proxy_pass $rsb_scheme://llm;")
-            && out.contains("set_current_peer(ngx.ctx.ip")
-            && out.contains("/test/add")
-    );
+    for needle in [
+        "set_current_peer(ngx.ctx.ip",
+        "env RSB_TEST_KEY_ADDED;",
+        "lua_ssl_trusted_certificate",
+        "set $rsb_model",
+    ] {
+        assert!(
+            out.contains(needle),
+            "the demo gateway changed: {needle} not placed"
+        );
+    }
     out
 }
 
