@@ -220,6 +220,43 @@ fn gateway_edit(conf: String, ca: &Path) -> String {
     out
 }
 
+/// The demo gateway as it ships (admit, balance, rounds in @rsb_round) with a pool of
+/// one provider: `apply_pool` after `admit()` and after `round()`, and the provider's
+/// lines in a copy of proxy-llm.conf.
+fn rounds_gateway_edit(conf: String, dir: &TestDir, ca: &Path) -> String {
+    let proxy = std::fs::read_to_string(repo().join("nginx-conf/demo/proxy-llm.conf")).unwrap();
+    let ca = ca.display();
+    let proxy = proxy.replace(
+        "proxy_pass http://llm;",
+        &format!(
+            "proxy_pass $rsb_scheme://llm;\nproxy_set_header Host $rsb_host;\nproxy_ssl_server_name on;\n\
+             proxy_ssl_name $rsb_host;\nproxy_ssl_verify on;\nproxy_ssl_trusted_certificate {ca};"
+        ),
+    );
+    let proxy_path = dir.write("proxy-llm.conf", &proxy);
+    let apply = "\n                assert(require(\"resty.rsbalancer.provider\").apply_pool(\"llm\"))";
+    let out = conf
+        .replace(
+            &repo().join("nginx-conf/demo/proxy-llm.conf").display().to_string(),
+            &proxy_path.display().to_string(),
+        )
+        .replace(
+            "require(\"resty.rsbalancer\").admit(\"llm\", { untrusted = ngx.var.http_x_priority })",
+            &format!("require(\"resty.rsbalancer\").admit(\"llm\", {{ untrusted = ngx.var.http_x_priority }}){apply}"),
+        )
+        .replace(
+            "require(\"resty.rsbalancer\").round(\"llm\")",
+            &format!("require(\"resty.rsbalancer\").round(\"llm\"){apply}"),
+        )
+        .replace(
+            "add_header X-Worker $pid always;",
+            "add_header X-Worker $pid always;\n        set $rsb_scheme http;\n        set $rsb_host \"\";\n        set $rsb_model \"\";",
+        );
+    assert_eq!(out.matches("apply_pool").count(), 2, "the demo gateway changed");
+    assert!(out.contains(&proxy_path.display().to_string()) && proxy.contains("$rsb_scheme://llm"));
+    out
+}
+
 fn chat_as(g: &Gateway, node: &str, first: Option<&str>) -> Response {
     let mut headers = vec![
         ("X-Rsb-Node", node),
@@ -601,4 +638,64 @@ fn example_deepseek_conf_passes_nginx_t_and_serves() {
     assert_eq!(st["unauthorized"], 0);
     let logs = nginx.error_log() + &std::fs::read_to_string(dir.path().join("example-access.log")).unwrap();
     assert!(!logs.contains("key-ds-") && !logs.contains("key-b-"));
+}
+
+/// A pool of one provider (two nodes with the same Host, key and model) behind the
+/// demo gateway's admission and rounds: the provider is applied in the access phase
+/// before any node is picked (`apply_pool`), and a retry inside the round (one node
+/// answers 429) carries the same key and model to the other node.
+#[test]
+fn one_provider_pool_behind_admission_and_rounds() {
+    std::env::set_var("RSB_TEST_KEY_ONE", "key-one-FFFF6666");
+    let dir = TestDir::new("providers-rounds");
+    make_ca(dir.path(), "ca");
+    let cert = make_cert(dir.path(), "ca", "one", TLS_HOST);
+    let ca = dir.path().join("ca.crt");
+    let (s1, s2) = (free_port(), free_port());
+    let mut busy = provider_mock(
+        "busy",
+        free_port(),
+        TLS_HOST,
+        "key-one-FFFF6666",
+        Some((&cert, s1)),
+    );
+    busy.fail = "429".into();
+    busy.retry_after = 1;
+    let ok = provider_mock("ok", free_port(), TLS_HOST, "key-one-FFFF6666", Some((&cert, s2)));
+    let mocks_dir = TestDir::new("providers-rounds-mocks");
+    let _mocks = start_mocks(&mocks_dir, &[busy.clone(), ok.clone()]);
+    let node = |id: &str, m: &MockNode| {
+        json!({ "id": id, "addr": m.addr(), "scheme": "https", "host": TLS_HOST, "model": "org/one",
+                "headers": { "Authorization": { "env": "RSB_TEST_KEY_ONE", "prefix": "Bearer " } } })
+    };
+    let config = json!({ "pools": { "llm": {
+        "algorithm": "weighted_random", "slow_start_ms": 0,
+        "retry": { "budget_ratio": 1.0, "min_per_s": 10000 },
+        "nodes": [node("busy", &busy), node("ok", &ok)]
+    } } });
+    let g = start_gateway_with(&dir, &config, |c| rounds_gateway_edit(c, &dir, &ca));
+    for _ in 0..12 {
+        let r = http_with(
+            g.port,
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", "Bearer client")],
+            Some(CHAT_BODY),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), g.nginx.diagnostics());
+        assert_eq!(r.header("X-Node"), Some("ok"));
+    }
+    let st = mock_state_idle(s2);
+    assert_eq!(
+        (st["last_model"].as_str(), st["last_sni"].as_str()),
+        (Some("org/one"), Some(TLS_HOST))
+    );
+    assert_eq!(st["unauthorized"], 0, "{st}");
+    // The busy node was tried too (its 429s retried on the other node), with the key.
+    let st = mock_state_idle(s1);
+    assert!(st["received"].as_u64() > Some(0), "{st}");
+    assert_eq!(st["unauthorized"], 0, "{st}");
+    let log = g.nginx.error_log();
+    assert!(!log.contains("key-one-"), "{log}");
 }

@@ -42,6 +42,11 @@
 --                                      one shared table per group: do not change it
 --   request(slot) -> table | nil       { scheme=, host=, tls_verify=, headers={{n, v}}, model= }
 --                                      (health checks); holds secrets: never log it
+--   groups(pool)  -> number            how many providers the pool has (0: unknown pool)
+--   apply_pool(pool) -> true | false | nil, err   a pool of one provider (groups(pool)
+--                                      == 1) needs no node picked first: its provider
+--                                      applied as apply() would for any of its nodes;
+--                                      false (nothing done) when the pool has several
 --
 -- tls_verify: nginx's proxy checks certificates per location (proxy_ssl_verify and
 -- proxy_ssl_trusted_certificate take no variables, and there is no CA per peer), so the
@@ -67,6 +72,7 @@ local C = ffi.load(rsb.library_path)
 local bal, handle
 local generation = -1
 local nodes = {} -- slot -> entry
+local pools = {} -- name -> { groups = n, any = an entry of the pool }
 
 local function log_missing(pool, slot, missing)
     if ngx and #missing > 0 then
@@ -137,6 +143,7 @@ local function build(pool)
         e.others = others[e.group]
         nodes[slots[i]] = e
     end
+    pools[pool] = { groups = ngroups, any = reqs[slots[1]] }
     return true
 end
 
@@ -150,7 +157,7 @@ local function sync()
     end
     local g = tonumber(C.rsb_generation(handle))
     if g == generation then return end
-    nodes = {}
+    nodes, pools = {}, {}
     local names = bal:pool_names() or {}
     for i = 1, #names do
         local ok, err = build(names[i])
@@ -227,12 +234,8 @@ local function apply_model(e, var)
     return true
 end
 
---- apply(slot): in the access phase, the provider of node `slot` for this round:
--- $rsb_scheme, $rsb_host, request headers, body model. true, or nil, err (the request
--- cannot go to this node: an unknown slot, a body that is not JSON).
-function _M.apply(slot)
-    local e = entry(slot, "apply")
-    if not e then return nil, "unknown node slot " .. slot end
+-- The provider of entry `e` applied to this request.
+local function apply_entry(e)
     local var = ngx.var
     var.rsb_scheme = e.scheme
     var.rsb_host = e.host
@@ -248,6 +251,40 @@ function _M.apply(slot)
         return apply_model(e, var)
     end
     return true
+end
+
+--- apply(slot): in the access phase, the provider of node `slot` for this round:
+-- $rsb_scheme, $rsb_host, request headers, body model. true, or nil, err (the request
+-- cannot go to this node: an unknown slot, a body that is not JSON).
+function _M.apply(slot)
+    local e = entry(slot, "apply")
+    if not e then return nil, "unknown node slot " .. slot end
+    return apply_entry(e)
+end
+
+local function pool_of(pool, fn)
+    if type(pool) ~= "string" then
+        error("bad argument #1 to '" .. fn .. "' (pool name expected, got " .. type(pool) .. ")", 3)
+    end
+    sync()
+    return pools[pool]
+end
+
+--- groups(pool): how many providers (groups) the pool's nodes form; 0 for a pool
+-- that does not exist.
+function _M.groups(pool)
+    local p = pool_of(pool, "groups")
+    return p and p.groups or 0
+end
+
+--- apply_pool(pool): for a pool of one provider, apply() without a node picked first
+-- (every node would give the same request): true, or nil, err. false, with nothing
+-- done, when the pool has several providers: then hold the round's node and apply(slot).
+function _M.apply_pool(pool)
+    local p = pool_of(pool, "apply_pool")
+    if not p then return nil, "unknown pool \"" .. pool .. "\"" end
+    if p.groups ~= 1 then return false end
+    return apply_entry(p.any)
 end
 
 return _M
