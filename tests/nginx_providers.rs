@@ -220,9 +220,9 @@ fn gateway_edit(conf: String, ca: &Path) -> String {
     out
 }
 
-/// The demo gateway as it ships (admit, balance, rounds in @rsb_round) with a pool of
-/// one provider: `apply_pool` after `admit()` and after `round()`, and the provider's
-/// lines in a copy of proxy-llm.conf.
+/// The demo gateway as it ships (admit, balance, rounds in @rsb_round) with the
+/// provider's lines in a copy of proxy-llm.conf: `admit()` and `round()` apply the
+/// round's provider themselves (the pool's nodes have provider fields).
 fn rounds_gateway_edit(conf: String, dir: &TestDir, ca: &Path) -> String {
     let proxy = std::fs::read_to_string(repo().join("nginx-conf/demo/proxy-llm.conf")).unwrap();
     let ca = ca.display();
@@ -234,26 +234,17 @@ fn rounds_gateway_edit(conf: String, dir: &TestDir, ca: &Path) -> String {
         ),
     );
     let proxy_path = dir.write("proxy-llm.conf", &proxy);
-    let apply = "\n                assert(require(\"resty.rsbalancer.provider\").apply_pool(\"llm\"))";
     let out = conf
         .replace(
             &repo().join("nginx-conf/demo/proxy-llm.conf").display().to_string(),
             &proxy_path.display().to_string(),
         )
         .replace(
-            "require(\"resty.rsbalancer\").admit(\"llm\", { untrusted = ngx.var.http_x_priority })",
-            &format!("require(\"resty.rsbalancer\").admit(\"llm\", {{ untrusted = ngx.var.http_x_priority }}){apply}"),
-        )
-        .replace(
-            "require(\"resty.rsbalancer\").round(\"llm\")",
-            &format!("require(\"resty.rsbalancer\").round(\"llm\"){apply}"),
-        )
-        .replace(
             "add_header X-Worker $pid always;",
             "add_header X-Worker $pid always;\n        set $rsb_scheme http;\n        set $rsb_host \"\";\n        set $rsb_model \"\";",
         );
-    assert_eq!(out.matches("apply_pool").count(), 2, "the demo gateway changed");
     assert!(out.contains(&proxy_path.display().to_string()) && proxy.contains("$rsb_scheme://llm"));
+    assert!(out.contains("set $rsb_model"), "the demo gateway changed");
     out
 }
 
@@ -529,7 +520,9 @@ fn example_deepseek(dir: &TestDir, addrs: [&str; 2], ca: &Path, port: u16) -> Pa
         "proxy_ssl_server_name on;",
         "proxy_ssl_name $rsb_host;",
         "proxy_ssl_verify on;",
-        "provider.apply(slot)",
+        "require(\"resty.rsbalancer\").admit(\"deepseek\")",
+        "require(\"resty.rsbalancer\").round(\"deepseek\")",
+        "error_page 502 504 = @rsb_round;",
     ] {
         assert!(text.contains(needle), "example-deepseek.conf lacks {needle}");
     }
@@ -636,14 +629,22 @@ fn example_deepseek_conf_passes_nginx_t_and_serves() {
     assert_eq!(st["last_model"], "deepseek-ai/DeepSeek-V3");
     assert_eq!(st["last_sni"], "api.provider-b.example");
     assert_eq!(st["unauthorized"], 0);
+    // DeepSeek busy: every request is still answered, by the other provider.
+    let r = post(ds_state, "/mock/set?fail=429", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    for _ in 0..10 {
+        let r = http_with(port, "POST", "/v1/chat/completions", &[], Some(CHAT_BODY)).unwrap();
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), nginx.diagnostics());
+        assert_eq!(r.header("X-Node"), Some("b"));
+    }
     let logs = nginx.error_log() + &std::fs::read_to_string(dir.path().join("example-access.log")).unwrap();
     assert!(!logs.contains("key-ds-") && !logs.contains("key-b-"));
 }
 
 /// A pool of one provider (two nodes with the same Host, key and model) behind the
-/// demo gateway's admission and rounds: the provider is applied in the access phase
-/// before any node is picked (`apply_pool`), and a retry inside the round (one node
-/// answers 429) carries the same key and model to the other node.
+/// demo gateway's admission and rounds: `admit()` applies the provider in the access
+/// phase before any node is picked (`apply_pool`), and a retry inside the round (one
+/// node answers 429) carries the same key and model to the other node.
 #[test]
 fn one_provider_pool_behind_admission_and_rounds() {
     std::env::set_var("RSB_TEST_KEY_ONE", "key-one-FFFF6666");
@@ -698,4 +699,92 @@ fn one_provider_pool_behind_admission_and_rounds() {
     assert_eq!(st["unauthorized"], 0, "{st}");
     let log = g.nginx.error_log();
     assert!(!log.contains("key-one-"), "{log}");
+}
+
+/// Two providers of one model in one pool behind the demo gateway's admission and
+/// rounds: one in plain HTTP (its Host, key A, model "m-plain"), one over TLS (its
+/// Host, key B, model "org/m-tls"). While one answers every request 429, requests
+/// reach the other within the same client request, through a new round that rebuilds
+/// the upstream request for it (Host, key, model); then the other way round.
+#[test]
+fn two_providers_fail_over_both_ways_through_rounds() {
+    std::env::set_var("RSB_TEST_KEY_A", "key-a-GGGG7777");
+    std::env::set_var("RSB_TEST_KEY_B", "key-b-HHHH8888");
+    let dir = TestDir::new("providers-failover");
+    make_ca(dir.path(), "ca");
+    let cert = make_cert(dir.path(), "ca", "tls", TLS_HOST);
+    let ca = dir.path().join("ca.crt");
+    let tls_plain = free_port();
+    let plain = provider_mock("plain", free_port(), PLAIN_HOST, "key-a-GGGG7777", None);
+    let tls = provider_mock(
+        "tls",
+        free_port(),
+        TLS_HOST,
+        "key-b-HHHH8888",
+        Some((&cert, tls_plain)),
+    );
+    let mocks_dir = TestDir::new("providers-failover-mocks");
+    let _mocks = start_mocks(&mocks_dir, &[plain.clone(), tls.clone()]);
+    let config = json!({ "pools": { "llm": {
+        "algorithm": "weighted_random", "slow_start_ms": 0,
+        "nodes": [
+            { "id": "plain", "addr": plain.addr(), "host": PLAIN_HOST, "model": "m-plain",
+              "headers": { "Authorization": { "env": "RSB_TEST_KEY_A", "prefix": "Bearer " } } },
+            { "id": "tls", "addr": tls.addr(), "scheme": "https", "host": TLS_HOST, "model": "org/m-tls",
+              "headers": { "Authorization": { "env": "RSB_TEST_KEY_B", "prefix": "Bearer " } } }
+        ]
+    } } });
+    let g = start_gateway_with(&dir, &config, |c| rounds_gateway_edit(c, &dir, &ca));
+    // (busy node, its /mock/ port, the other node, its /mock/ port, the other's model)
+    let phases = [
+        ("plain", plain.port, "tls", tls_plain, "org/m-tls"),
+        ("tls", tls_plain, "plain", plain.port, "m-plain"),
+    ];
+    for (busy, busy_port, other, other_port, model) in phases {
+        let r = post(busy_port, "/mock/set?fail=429&retry_after=1", "");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = post(other_port, "/mock/set?fail=", "");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let before = mock_state_idle(busy_port)["received"].as_u64().unwrap();
+        let mut moved = 0;
+        for _ in 0..16 {
+            let r = http_with(
+                g.port,
+                "POST",
+                "/v1/chat/completions",
+                &[("Authorization", "Bearer client-key")],
+                Some(CHAT_BODY),
+            )
+            .unwrap();
+            assert_eq!(r.status, 200, "{}\n{}", r.text(), g.nginx.diagnostics());
+            assert_eq!(r.header("X-Node"), Some(other), "{r:?}");
+            if r.header("X-Upstream-Addr").unwrap_or("").contains(" : ") {
+                moved += 1;
+            }
+        }
+        let st = mock_state_idle(other_port);
+        assert_eq!(st["last_model"].as_str(), Some(model), "{st}");
+        assert_eq!(st["unauthorized"], 0, "{st}");
+        let tried_busy = mock_state_idle(busy_port)["received"].as_u64().unwrap() - before;
+        assert_eq!(
+            tried_busy as usize, moved,
+            "every try of {busy} ended its round busy and moved on"
+        );
+        assert!(
+            moved >= 1,
+            "no request went to {busy} first (16 weighted_random picks)"
+        );
+        assert_eq!(
+            mock_state_idle(busy_port)["unauthorized"],
+            0,
+            "wrong key sent to {busy}"
+        );
+        // Let the busy node's cooldown run out before the next phase.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let logs = g.nginx.error_log();
+    assert!(
+        !logs.contains("key-a-") && !logs.contains("key-b-"),
+        "a key in the error log"
+    );
 }

@@ -109,6 +109,11 @@ local function sync()
             -- Slow nodes as overflow: admit() holds a faster node's slot first.
             hold_faster = cfg.limit.slow_factor > 0 and cfg.algorithm ~= "chash",
         }
+        local with_provider = false
+        for j = 1, #cfg.nodes do
+            if cfg.nodes[j].provider then with_provider = true end
+        end
+        new_policy[name].providers = with_provider
         local nodes = bal:nodes(name)
         for j = 1, #nodes do
             local n = nodes[j]
@@ -403,6 +408,41 @@ local function fill_tried(tried, n)
     end
 end
 
+-- After the n tried slots in tried_buf: the pool's nodes of other providers than this
+-- round's (provider.others), which a try of the round cannot go to. Returns the count.
+local function add_others(st, n)
+    local o = st.others
+    if not o then return n end
+    for i = 1, #o do
+        if n >= MAX_TRIES then break end
+        tried_buf[n] = o[i]
+        n = n + 1
+    end
+    return n
+end
+
+-- resty.rsbalancer.provider, loaded when a pool has provider fields (it requires this
+-- module itself).
+local provider_mod
+local function providers()
+    if not provider_mod then provider_mod = require "resty.rsbalancer.provider" end
+    return provider_mod
+end
+
+-- The provider of this round's node applied to the request (Host, scheme, headers,
+-- model), and the nodes of other providers noted so that the round's retries stay
+-- with it. Returns true, or answers 400 for a body it cannot rewrite.
+local function apply_provider(st, slot)
+    local P = providers()
+    local ok, err = P.apply(slot)
+    if not ok then
+        ngx.log(ngx.INFO, "rsbalancer: ", err)
+        return admission.answer(400, "invalid_body")
+    end
+    st.others = P.others(slot) or nil
+    return true
+end
+
 -- A retry call of balance(): reports the previous try's failure and applies the retry
 -- policy. Returns true when another try may start now; else false, with st.busy set
 -- when the request may wait for a new round (the try was answered busy, or sent
@@ -456,7 +496,8 @@ local function pick_next(st, aidx, apool, key, tried, n)
     if key then klen = #key end
     -- A request let in above the confirmed capacity (st.probe) takes a node at its
     -- probe if there is one; any other, a confirmed slot first.
-    local rc = C_pick_prefer(handle, aidx, key, klen, tried_buf, n, st.probe and PREFER_PROBE or 0, out_buf)
+    local rc = C_pick_prefer(handle, aidx, key, klen, tried_buf, add_others(st, n),
+                             st.probe and PREFER_PROBE or 0, out_buf)
     if rc ~= RSB_OK then
         if rc ~= RSB_NO_NODE then
             ngx.log(ngx.ERR, "rsbalancer: ", last_error())
@@ -533,6 +574,31 @@ function _M.balance(pool, key)
 end
 
 
+-- admit() for a pool with provider fields: the upstream request is the provider's, so
+-- with several providers the first round's node is held here (waiting for one to free
+-- up within the deadline) and its provider applied; a pool of one provider is applied
+-- as a whole.
+local function admit_provider(st, aidx, apool)
+    local P = providers()
+    if st.n == 0 and P.groups(apool) > 1 then
+        local slot, why = admission.wait_pick(C, handle, aidx, st, tried_buf, 0, nil,
+                                              st.start + policy[apool].deadline_s)
+        if not slot then
+            return admission.answer(429, why, 1000)
+        end
+        st.n, st.tried[1], st.held = 1, slot, true
+    end
+    if st.n > 0 then
+        return apply_provider(st, st.tried[st.n])
+    end
+    local ok, err = P.apply_pool(apool)
+    if not ok then
+        ngx.log(ngx.INFO, "rsbalancer: ", err)
+        return admission.answer(400, "invalid_body")
+    end
+    return true
+end
+
 --- admit(pool [, priority]): in access_by_lua. `priority` is a trusted number 1..10,
 -- or a table { priority = n } (trusted) or { untrusted = value } (parsed and capped at
 -- the pool's admission.untrusted_max, e.g. a client's X-Priority header); absent:
@@ -574,10 +640,13 @@ function _M.admit(pool, priority)
         st.arm, st.arm_pool = idx, pool
         aidx, apool = idx, pool
     end
-    local ok = admission.admit(C, handle, aidx, apool, priority, st,
-                               policy[apool].no_node_status, last_error)
-    if ok == true and policy[apool].hold_faster and st.n == 0 then
+    local p = policy[apool]
+    local ok = admission.admit(C, handle, aidx, apool, priority, st, p.no_node_status, last_error)
+    if ok == true and p.hold_faster and st.n == 0 then
         admission.hold_faster(C, handle, aidx, st)
+    end
+    if ok == true and p.providers then
+        return admit_provider(st, aidx, apool)
     end
     return ok
 end
@@ -766,6 +835,9 @@ function _M.round(pool)
     st.tried[n], st.n, st.held = slot, n, true
     -- This round's tries follow the items nginx listed so far.
     st.offset = count_items(var.upstream_status) - (n - 1)
+    if p.providers then
+        return apply_provider(st, slot)
+    end
     return true
 end
 

@@ -89,7 +89,11 @@ local MESSAGE = {
     max_tries = "The request used all its tries while upstreams were busy.",
     retry_budget = "Retries are paused while upstreams are busy.",
     upstream_failed = "The upstream failed to answer.",
+    invalid_body = "The request body is not a JSON object.",
 }
+
+-- OpenAI's error types by status.
+local TYPE = { [400] = "invalid_request_error", [429] = "rate_limit_error" }
 
 --- answer(status, reason [, retry_after_ms]): a gateway-made answer and the end of the
 -- request: an OpenAI-shaped error body ({"error": {"message", "type", "code"}}, code =
@@ -109,7 +113,7 @@ function _M.answer(status, reason, ms)
         wait = " Retry after " .. secs .. " s."
     end
     ngx.say('{"error":{"message":"', MESSAGE[reason] or "Refused.", wait, '","type":"',
-            status == 429 and "rate_limit_error" or "server_error", '","code":"', reason, '"}}')
+            TYPE[status] or "server_error", '","code":"', reason, '"}}')
     return ngx.exit(status)
 end
 
