@@ -55,7 +55,7 @@ const CONFIG: &str = r#"{
                  { "id": "b", "addr": "127.0.0.1:9002", "weight": 3 },
                  { "id": "c", "addr": "127.0.0.1:9003", "backup": true } ] },
     "p": {
-      "algorithm": "chash", "chash_points": 16,
+      "algorithm": "chash", "chash_points": 16, "admission": { "enabled": false },
       "nodes": [ { "id": "d", "addr": "127.0.0.1:9004" },
                  { "id": "e", "addr": "127.0.0.1:9005" } ] }
   }
