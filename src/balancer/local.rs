@@ -131,7 +131,7 @@ impl LocalPool {
     /// tries, not the peak EWMA: a peak estimate keeps a fast node's rare slow answer
     /// for seconds, which would hide a node that is slow on every answer.
     pub(super) fn classify_slow(&mut self, region: &Region, now: u64) {
-        let factor = self.policy.limit.slow_factor;
+        let factor = self.policy.slow_factor();
         if factor <= 0.0 {
             return;
         }
