@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! scripts/bench-gateway.sh                 (what `make bench` runs after the micro benches)
-//! cargo bench --no-default-features --bench gateway [-- --quick] [overhead] [storm] [quota] [metrics] [overload]
+//! cargo bench --no-default-features --bench gateway [-- --quick] [overhead] [storm] [defaults] [quota] [metrics] [overload]
 //! ```
 //!
 //! It starts and stops its own nginx instances (`worker_processes 2` each): one for the
@@ -32,6 +32,11 @@
 //!    max_fails=1 fail_timeout=10s), native with max_fails=0 (what nginx does when 429s
 //!    do not disable servers), the seed with set_more_tries(3), rsbalancer p2c_ewma
 //!    with admit + balance + log (pool defaults otherwise).
+//!    `defaults` (printed as 2b): issue 11's storm, as a new user runs it: caps 20 /
+//!    40 / 10, node c 250 ms against 40 ms, 56 clients (0.8 x the 70 slots: a slow
+//!    node's slot counts as one, as in `storm`), weights = caps. rsbalancer runs its
+//!    pool defaults (nothing under `limit`), once more without weights (all 1), and
+//!    once with `limit.slow_factor` 0 (slow nodes not set apart).
 //! 3. `quota`: the same but node a has no concurrency cap and is quota-style instead: a
 //!    token bucket of 60 req/s (burst 20), 429 with Retry-After when empty. Its weight
 //!    stays 8 (its nominal size); clients = 0.8 x effective capacity (60/s x 50 ms + 16
@@ -134,6 +139,7 @@ struct Opts {
     quick: bool,
     overhead: bool,
     storm: bool,
+    defaults: bool,
     quota: bool,
     metrics: bool,
     overload: bool,
@@ -172,10 +178,11 @@ impl Opts {
             match a.as_str() {
                 "--bench" => {} // cargo bench passes it to harness = false targets
                 "--quick" => quick = true,
+                "defaults" => picked.push(a),
                 "overhead" | "storm" | "quota" | "metrics" | "overload" => picked.push(a),
                 other if other.starts_with('-') => {} // other libtest-style flags
                 other => {
-                    panic!("unknown argument {other:?} (scenarios: overhead storm quota metrics overload)")
+                    panic!("unknown argument {other:?} (scenarios: overhead storm defaults quota metrics overload)")
                 }
             }
         }
@@ -185,6 +192,7 @@ impl Opts {
             quick,
             overhead: has("overhead"),
             storm: has("storm"),
+            defaults: has("defaults"),
             quota: has("quota"),
             metrics: has("metrics"),
             overload: has("overload"),
@@ -842,13 +850,15 @@ enum Kind {
     /// The seed's Lua weighted random; more tries granted on the first try.
     Seed { more_tries: u32 },
     /// rsbalancer with this algorithm; admit in the access phase or not; slow nodes
-    /// as overflow (`limit.slow_factor`, 0: off); `limit.increase_every` (4 is the
-    /// default).
+    /// as overflow (`limit.slow_factor`, 0: off) and `limit.increase_every`, each
+    /// `None` for the pool default (the key left out of the config); with
+    /// `equal_weights`, the nodes' weights left out (all 1).
     Rsb {
         algorithm: &'static str,
         admit: bool,
-        slow_factor: f64,
-        increase_every: u32,
+        slow_factor: Option<f64>,
+        increase_every: Option<u32>,
+        equal_weights: bool,
     },
     /// rsbalancer p2c_ewma with the admission queue on (priority from X-Priority),
     /// `limit.increase_every` as given.
@@ -935,14 +945,34 @@ fn start_gateway(
             admit,
             slow_factor,
             increase_every,
+            equal_weights,
         } => {
             let admit = if *admit {
                 "            access_by_lua_block { require(\"resty.rsbalancer\").admit(\"llm\") }"
             } else {
                 ""
             };
-            let limit = json!({ "slow_factor": slow_factor, "increase_every": increase_every });
-            let pool = json!({ "algorithm": algorithm, "limit": limit });
+            let mut pool = json!({ "algorithm": algorithm });
+            if let Some(f) = slow_factor {
+                pool["limit"]["slow_factor"] = json!(f);
+            }
+            if let Some(k) = increase_every {
+                pool["limit"]["increase_every"] = json!(k);
+            }
+            let ones: Vec<Node>;
+            let nodes = if *equal_weights {
+                ones = nodes
+                    .iter()
+                    .map(|n| Node {
+                        name: n.name,
+                        port: n.port,
+                        weight: 1,
+                    })
+                    .collect();
+                &ones[..]
+            } else {
+                nodes
+            };
             rsb_config(run, inst, nodes, pool, admit, &mut vars)
         }
         Kind::RsbQueue { increase_every } => rsb_config(
@@ -1236,8 +1266,9 @@ fn overhead(env: &Env, run: &RunDir, o: &Opts) {
             kind: Kind::Rsb {
                 algorithm: "p2c_ewma",
                 admit: false,
-                slow_factor: 0.0,
-                increase_every: 4,
+                slow_factor: None,
+                increase_every: None,
+                equal_weights: false,
             },
         },
         Contender {
@@ -1245,8 +1276,9 @@ fn overhead(env: &Env, run: &RunDir, o: &Opts) {
             kind: Kind::Rsb {
                 algorithm: "weighted_random",
                 admit: false,
-                slow_factor: 0.0,
-                increase_every: 4,
+                slow_factor: None,
+                increase_every: None,
+                equal_weights: false,
             },
         },
         Contender {
@@ -1393,6 +1425,29 @@ fn storm_scenarios(which: &str) -> StormScenario {
                 key: "storm",
                 title: format!(
                     "== 2. busy storm: caps a=8 b=16 c=8 (c {SLOW} ms, a/b {FAST} ms), 429 without Retry-After over the cap; {clients} clients = 0.8 x {cap}"
+                ),
+                nodes,
+                clients,
+            }
+        }
+        "defaults" => {
+            // Issue 11's storm: caps 20 / 40 / 10, c about 6x slower (250 ms vs 40 ms).
+            // Capacity counts concurrency slots, a slow node's as any other's (what the
+            // nodes can hold at once, as in `storm`): 70, so 56 clients. In requests/s
+            // the nodes serve 20/0.04 + 40/0.04 + 10/0.25 = 1540; 56 clients answered
+            // in 40 ms would ask for 1400 (91%), so the fast nodes' 60 slots are nearly
+            // full and a balancer that lets a request onto c costs it 250 ms.
+            let nodes = vec![
+                node("a", 40, 20, 0, 0, 20),
+                node("b", 40, 40, 0, 0, 40),
+                node("c", SLOW, 10, 0, 0, 10),
+            ];
+            let cap: u32 = nodes.iter().map(|n| n.max_conc).sum();
+            let clients = (0.8 * cap as f64).round() as usize;
+            StormScenario {
+                key: "defaults",
+                title: format!(
+                    "== 2b. busy storm, pool defaults (issue 11): caps a=20 b=40 c=10 (c {SLOW} ms, a/b 40 ms), 429 without Retry-After over the cap; {clients} clients = 0.8 x {cap}"
                 ),
                 nodes,
                 clients,
@@ -1909,19 +1964,39 @@ fn storm(env: &Env, run: &RunDir, o: &Opts, which: &str) {
     // with rare probes (`increase_every` 100, the README's advice for nodes of fixed
     // capacity: each refused probe is retried, on the slow node when the fast ones are
     // full).
-    for (label, increase_every) in [
-        ("rsbalancer slow_factor 2", 4),
-        ("rsb. slow_factor 2, incr. 100", 100),
-    ] {
+    let rsb = |slow_factor, increase_every, equal_weights| Kind::Rsb {
+        algorithm: "p2c_ewma",
+        admit: true,
+        slow_factor,
+        increase_every,
+        equal_weights,
+    };
+    if sc.key == "defaults" {
+        // The issue's storm as a new user runs it: the pool config's defaults (weights
+        // by caps, as the other contenders; and with no weights at all), and slow
+        // nodes as overflow turned off (0: the default before issue 11).
         contenders.push(Contender {
-            label,
-            kind: Kind::Rsb {
-                algorithm: "p2c_ewma",
-                admit: true,
-                slow_factor: 2.0,
-                increase_every,
-            },
+            label: "rsbalancer defaults",
+            kind: rsb(None, None, false),
         });
+        contenders.push(Contender {
+            label: "rsb. defaults, no weights",
+            kind: rsb(None, None, true),
+        });
+        contenders.push(Contender {
+            label: "rsb. slow_factor 0",
+            kind: rsb(Some(0.0), None, false),
+        });
+    } else {
+        for (label, increase_every) in [
+            ("rsbalancer slow_factor 2", 4),
+            ("rsb. slow_factor 2, incr. 100", 100),
+        ] {
+            contenders.push(Contender {
+                label,
+                kind: rsb(Some(2.0), Some(increase_every), false),
+            });
+        }
     }
     println!();
     println!("{}", sc.title);
@@ -2146,8 +2221,9 @@ fn metrics_overhead(env: &Env, run: &RunDir, o: &Opts) {
         kind: Kind::Rsb {
             algorithm: "p2c_ewma",
             admit: false,
-            slow_factor: 0.0,
-            increase_every: 4,
+            slow_factor: None,
+            increase_every: None,
+            equal_weights: false,
         },
     };
     let (gw, port) = start_gateway(env, run, "mtr-gw", &c, &nodes, false, pin.gateway);
@@ -2510,6 +2586,9 @@ fn main() {
     }
     if o.storm {
         storm(&env, &run, &o, "storm");
+    }
+    if o.defaults {
+        storm(&env, &run, &o, "defaults");
     }
     if o.quota {
         storm(&env, &run, &o, "quota");

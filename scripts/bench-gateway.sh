@@ -2,8 +2,9 @@
 # End-to-end gateway benchmark (`make bench` runs it after the micro benchmarks):
 # nginx's native upstream, the seed article's pure-Lua balancer and rsbalancer, each in
 # its own nginx (2 workers) in front of upstream nodes run by another nginx, all on
-# 127.0.0.1. Four scenarios: overhead (static nodes, wrk), busy storm (mock LLM nodes
-# with concurrency caps and one slow node), quota node (token bucket + Retry-After),
+# 127.0.0.1. Scenarios: overhead (static nodes, wrk), busy storm (mock LLM nodes
+# with concurrency caps and one slow node), defaults (issue 11's storm, rsbalancer with
+# its pool defaults), quota node (token bucket + Retry-After),
 # metrics (the overhead run of rsbalancer twice, without and with GET /metrics every
 # second: both req/s and their ratio).
 # overload (1.5x capacity in three priority classes; rsbalancer with its admission queue).
@@ -11,7 +12,7 @@
 # not start (timings are never asserted). About 5 minutes on 2 CPUs.
 #
 #   scripts/bench-gateway.sh                   everything
-#   scripts/bench-gateway.sh storm quota       some scenarios (overhead storm quota metrics overload)
+#   scripts/bench-gateway.sh storm quota       some scenarios (overhead storm defaults quota metrics overload)
 #   scripts/bench-gateway.sh --quick           a ~1 minute smoke run
 #
 # Environment (all optional): RSB_BENCH_ROUNDS RSB_BENCH_OVERHEAD_ROUNDS RSB_BENCH_OVERHEAD_S RSB_BENCH_STORM_S

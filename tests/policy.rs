@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rsbalancer::balancer::{Balancer, Error, NodeStats, RetryDenied};
+use rsbalancer::balancer::{Balancer, Error, NodeStats, Prefer, RetryDenied};
 use rsbalancer::config::Config;
 use rsbalancer::health::Flip;
 use rsbalancer::limit;
@@ -1088,24 +1088,29 @@ fn report_ejects_through_any_handle() {
     assert_eq!(stats(&b, node).state, "ejected", "one failure ejects");
 }
 
+/// A pool `pool_cfg` (with `refresh_ms` 10) of nodes "fast" and "slow", each told of
+/// 20 served tries (50 ms and 250 ms: 5x), then past a refresh: the handle, the pool
+/// and the two slots.
+fn fast_and_slow(pool_cfg: Value) -> (Balancer, u32, u32, u32) {
+    let b = Balancer::create(&config(pool_cfg, &["fast", "slow"])).unwrap();
+    let pool = b.pool_index("p").unwrap();
+    let all = slots(&b, &["fast", "slow"]);
+    for _ in 0..20 {
+        for (node, us) in [(all[0], 50_000), (all[1], 250_000)] {
+            let n = pick_exactly(&b, pool, node, &all);
+            b.report(n, 200, us, 0).unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(15)); // past refresh_ms
+    (b, pool, all[0], all[1])
+}
+
 #[test]
 fn slow_nodes_are_overflow_and_admit_waits_for_a_faster_one() {
     for factor in [0.0, 3.0] {
-        let b = Balancer::create(&config(
-            json!({ "algorithm": "p2c_ewma", "slow_start_ms": 0, "refresh_ms": 10,
-                    "limit": { "slow_factor": factor } }),
-            &["fast", "slow"],
-        ))
-        .unwrap();
-        let pool = b.pool_index("p").unwrap();
-        let all = slots(&b, &["fast", "slow"]);
-        let [f, s] = all[..] else { unreachable!() };
-        for _ in 0..20 {
-            let n = pick_exactly(&b, pool, f, &all);
-            b.report(n, 200, 50_000, 0).unwrap();
-            let n = pick_exactly(&b, pool, s, &all);
-            b.report(n, 200, 250_000, 0).unwrap();
-        }
+        let (b, pool, f, s) = fast_and_slow(json!({ "algorithm": "p2c_ewma", "slow_start_ms": 0,
+                    "refresh_ms": 10, "limit": { "slow_factor": factor } }));
+        let all = [f, s];
         // Five tries held by the 5x faster node: p2c's cost, 50 ms x 6, is past the
         // idle slow node's 250 ms.
         for _ in 0..5 {
@@ -1158,4 +1163,105 @@ fn slow_nodes_are_overflow_and_admit_waits_for_a_faster_one() {
             "nothing faster to wait for; the waiting mark expired"
         );
     }
+}
+
+/// Issue 11: the pool defaults (no `limit` section) set a node 5x slower than the
+/// fastest apart as overflow: it takes a try only when the fast node cannot, where the
+/// default before (slow nodes not set apart) let plain p2c send it the next request
+/// as soon as the fast node held a few. Nodes of equal latency are none of them slow.
+#[test]
+fn default_config_sets_a_5x_slower_node_apart() {
+    let b = Balancer::create(&config(
+        json!({ "slow_start_ms": 0, "refresh_ms": 10 }),
+        &["fast", "slow", "peer"],
+    ))
+    .unwrap();
+    let pool = b.pool_index("p").unwrap();
+    let all = slots(&b, &["fast", "slow", "peer"]);
+    let [f, s, p] = all[..] else { unreachable!() };
+    // fast and peer alike (49-51 ms), slow 5x as slow.
+    for i in 0..20 {
+        for (node, us) in [(f, 49_000 + 100 * i), (p, 51_000 - 100 * i), (s, 250_000)] {
+            let n = pick_exactly(&b, pool, node, &all);
+            b.report(n, 200, us, 0).unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(15)); // past refresh_ms
+                                                   // Among the nodes that are not slow (what admit() holds a slot on), fast and peer
+                                                   // can each be picked, slow cannot.
+    for node in [f, p] {
+        let others: Vec<u32> = all.iter().copied().filter(|&x| x != node).collect();
+        assert_eq!(b.pick_fast(pool, b"", &others, Prefer::Confirmed), Ok(node));
+        b.report(node, 200, 50_000, 0).unwrap();
+    }
+    assert_eq!(
+        b.pick_fast(pool, b"", &[f, p], Prefer::Confirmed),
+        no_node(),
+        "the 5x slower node is slow by default"
+    );
+    // Five tries held by each fast node: p2c's cost, 50 ms x 6, is past the idle slow
+    // node's 250 ms, yet the next pick goes to a fast node.
+    for _ in 0..5 {
+        pick_exactly(&b, pool, f, &all);
+        pick_exactly(&b, pool, p, &all);
+    }
+    for _ in 0..20 {
+        let n = b.pick(pool, b"", &[]).unwrap();
+        assert_ne!(n, s, "the slow node only as overflow");
+        b.report(n, 200, 50_000, 0).unwrap();
+    }
+    // Both fast nodes full (learned limit 5): admit() is told to wait for one, then
+    // the slow node takes the overflow.
+    for node in [f, p] {
+        let slot = b.region().node(node).unwrap();
+        slot.limit.store(5 * limit::LIMIT_ONE, Ordering::Relaxed);
+    }
+    assert!(b.slow_wait_ms(pool).unwrap().0 > 0, "wait for a fast node");
+    assert_eq!(b.pick(pool, b"", &[]).unwrap(), s, "overflow to the slow node");
+}
+
+/// The default leaves `chash` alone (its key decides the node: a slow node keeps its
+/// keys), and an explicit `slow_factor` 0 turns slow nodes as overflow off.
+#[test]
+fn default_slow_factor_is_off_with_chash_and_explicit_zero() {
+    for pool_cfg in [
+        json!({ "algorithm": "chash", "slow_start_ms": 0, "refresh_ms": 10 }),
+        json!({ "slow_start_ms": 0, "refresh_ms": 10, "limit": { "slow_factor": 0 } }),
+    ] {
+        let (b, pool, f, s) = fast_and_slow(pool_cfg.clone());
+        assert_eq!(
+            b.pick_fast(pool, b"", &[f], Prefer::Confirmed),
+            Ok(s),
+            "{pool_cfg}: no node is set apart"
+        );
+        b.report(s, 200, 250_000, 0).unwrap();
+        assert_eq!(b.slow_wait_ms(pool).unwrap(), (0, false), "{pool_cfg}");
+    }
+}
+
+/// A node set apart as slow that then serves nothing (the fast nodes never full) is
+/// not slow for ever: its excess latency decays with `ewma.decay_ms`, so it is tried
+/// and measured again. (Before, its mean stayed as last measured: it never served
+/// again.)
+#[test]
+fn an_idle_slow_node_is_tried_again() {
+    let (b, pool, f, s) = fast_and_slow(
+        json!({ "slow_start_ms": 0, "refresh_ms": 10, "ewma": { "decay_ms": 100 },
+                              "limit": { "slow_factor": 2 } }),
+    );
+    let all = [f, s];
+    assert_eq!(b.pick_fast(pool, b"", &[f], Prefer::Confirmed), no_node(), "slow");
+    // The fast node alone serves for over 10 decay times (its excess, 200 ms, is under
+    // 40 µs by then: well below the 50 ms that would make it slow).
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(1_200) {
+        let n = pick_exactly(&b, pool, f, &all);
+        b.report(n, 200, 50_000, 0).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        b.pick_fast(pool, b"", &[f], Prefer::Confirmed),
+        Ok(s),
+        "measured again"
+    );
 }

@@ -131,7 +131,7 @@ impl LocalPool {
     /// tries, not the peak EWMA: a peak estimate keeps a fast node's rare slow answer
     /// for seconds, which would hide a node that is slow on every answer.
     pub(super) fn classify_slow(&mut self, region: &Region, now: u64) {
-        let factor = self.policy.limit.slow_factor;
+        let factor = self.policy.slow_factor();
         if factor <= 0.0 {
             return;
         }
@@ -171,6 +171,9 @@ impl LocalPool {
         self.sampled = !sampled.is_empty();
         self.reference_us = load::median(&mut sampled).unwrap_or(default_us);
         let latency_weighted = !matches!(self.policy.algorithm, Algorithm::P2cEwma | Algorithm::Chash);
+        // Since the last refresh (`next_refresh_ms` is that refresh's time + refresh_ms).
+        let since_ms = now.saturating_sub(self.next_refresh_ms.saturating_sub(self.policy.refresh_ms as u64));
+        let idle_keep = (-(since_ms as f64) / tau.max(1) as f64).exp();
         for tier in [&mut self.primary, &mut self.backup] {
             for (i, &slot) in tier.slots.iter().enumerate() {
                 let (now_seen, was) = (Seen::of(region, slot), tier.seen[i]);
@@ -185,6 +188,14 @@ impl LocalPool {
                         now_seen.latency_sum_us.saturating_sub(was.latency_sum_us) as f64 / served as f64;
                     let old = tier.mean_us[i];
                     tier.mean_us[i] = if old > 0.0 { 0.7 * old + 0.3 * mean } else { mean };
+                } else if tier.slow_extra_us[i] > 0.0 {
+                    // A slow node that served nothing (no faster node was full) would
+                    // keep its mean, and so stay slow and unserved, for ever: its
+                    // excess over the fastest decays with `decay_ms` (as an idle node's
+                    // peak EWMA does toward the median), so that after a while it is
+                    // tried again and measured anew. A node 5x as slow as the fastest,
+                    // at factor 2: about 14 s with the default 10 s.
+                    tier.mean_us[i] -= tier.slow_extra_us[i] * (1.0 - idle_keep);
                 }
                 tier.seen[i] = now_seen;
                 let Some(n) = region.node(slot) else { continue };

@@ -88,7 +88,7 @@ impl Balancer {
             (true, true) => &[Some(first), Some(!first)],
             (true, false) => &[Some(true)],
         };
-        let speed_passes: &[bool] = match (overflow, p.policy.limit.slow_factor > 0.0) {
+        let speed_passes: &[bool] = match (overflow, p.policy.slow_factor() > 0.0) {
             (false, _) => &[true],
             (true, true) => &[true, false],
             (true, false) => &[false],
@@ -254,7 +254,7 @@ impl Balancer {
         let mut l = self.local.lock();
         self.sync(&mut l)?;
         let p = local_pool(&mut l.pools, pool)?;
-        if p.policy.limit.slow_factor <= 0.0 {
+        if p.policy.slow_factor() <= 0.0 {
             return Ok((0, false));
         }
         let ps = self.region.pool(pool).expect("local pool slot in range");

@@ -277,9 +277,18 @@ pub struct LimitConfig {
     /// recent served tries) is at least `slow_factor` times the fastest primary's takes
     /// a try only when no faster node can (all at their learned limits or
     /// unavailable), and `admit()` waits for a faster node's slot up to the difference
-    /// in latency first.
-    pub slow_factor: f64,
+    /// in latency first. Absent: [`DEFAULT_SLOW_FACTOR`], except with `chash`, where
+    /// the key decides the node (0); [`Config::validate`] writes that value in, so the
+    /// loaded config always carries a number (read it through
+    /// [`PoolConfig::slow_factor`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slow_factor: Option<f64>,
 }
+
+/// `limit.slow_factor` when the config leaves it out (all algorithms but `chash`).
+/// Issue 11's busy storm (`scripts/bench-gateway.sh defaults`): with slow nodes not
+/// set apart, a 6x slower node set the p99 of the pool defaults.
+pub const DEFAULT_SLOW_FACTOR: f64 = 2.0;
 
 impl Default for LimitConfig {
     fn default() -> Self {
@@ -288,7 +297,7 @@ impl Default for LimitConfig {
             min: 1,
             max: 10_000,
             increase_every: 4,
-            slow_factor: 0.0,
+            slow_factor: None,
         }
     }
 }
@@ -575,6 +584,8 @@ impl Config {
             }
         }
         for (name, pool) in &mut self.pools {
+            // The defaults that depend on other fields, written in.
+            pool.limit.slow_factor = Some(pool.slow_factor());
             // A node resolved already (a run-time change rebuilding the running config)
             // keeps its address: no DNS lookup for nodes that are not new.
             for (i, node) in pool
@@ -603,6 +614,15 @@ impl ShmConfig {
 }
 
 impl PoolConfig {
+    /// `limit.slow_factor` as it applies: the configured value, else
+    /// [`DEFAULT_SLOW_FACTOR`] (0 with `chash`: its key decides the node).
+    pub fn slow_factor(&self) -> f64 {
+        self.limit.slow_factor.unwrap_or(match self.algorithm {
+            Algorithm::Chash => 0.0,
+            _ => DEFAULT_SLOW_FACTOR,
+        })
+    }
+
     /// Everything but address resolution; `path` is `pools.NAME`.
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
         check_range(path, "slow_start_ms", self.slow_start_ms, 0..=3_600_000)?;
@@ -680,10 +700,10 @@ impl PoolConfig {
         check_range(&lp, "min", l.min, 1..=100_000)?;
         check_range(&lp, "max", l.max, l.min..=100_000)?;
         check_range(&lp, "increase_every", l.increase_every, 1..=1_000)?;
-        if l.slow_factor != 0.0 && !(1.5..=100.0).contains(&l.slow_factor) {
+        if let Some(f) = l.slow_factor.filter(|&f| f != 0.0 && !(1.5..=100.0).contains(&f)) {
             return Err(ConfigError::new(
                 format!("{lp}.slow_factor"),
-                format!("{} is out of range: 0 (off) or 1.5..=100", l.slow_factor),
+                format!("{f} is out of range: 0 (off) or 1.5..=100"),
             ));
         }
         let o = &self.outlier;
@@ -799,6 +819,32 @@ mod tests {
         assert_eq!(p.nodes[1].weight, 3);
         assert!(!p.nodes[0].backup);
         assert_eq!(p.nodes[0].resolved, Some("127.0.0.1:8000".parse().unwrap()));
+    }
+
+    /// Slow nodes as overflow are on by default (factor 2), written into the loaded
+    /// config; off by default with `chash` (its key decides the node); an explicit
+    /// value, 0 included, is kept whatever the algorithm.
+    #[test]
+    fn slow_factor_default_depends_on_algorithm() {
+        let c = Config::from_value(base()).unwrap();
+        let p = &c.pools["deepseek"];
+        assert_eq!((p.limit.slow_factor, p.slow_factor()), (Some(2.0), 2.0));
+        let c = Config::from_value(with("/pools/deepseek/algorithm", json!("chash"))).unwrap();
+        assert_eq!(c.pools["deepseek"].limit.slow_factor, Some(0.0));
+        for alg in ["p2c_ewma", "chash", "least_conn"] {
+            for f in [0.0, 3.0] {
+                let mut v = base();
+                v["pools"]["deepseek"]["algorithm"] = json!(alg);
+                v["pools"]["deepseek"]["limit"] = json!({ "slow_factor": f });
+                let c = Config::from_value(v).unwrap();
+                assert_eq!(c.pools["deepseek"].slow_factor(), f, "{alg} {f}");
+            }
+        }
+        // Not validated (a hand-built config): the same answer, from the algorithm.
+        let mut p = PoolConfig::default();
+        assert_eq!(p.slow_factor(), DEFAULT_SLOW_FACTOR);
+        p.algorithm = Algorithm::Chash;
+        assert_eq!(p.slow_factor(), 0.0);
     }
 
     #[test]

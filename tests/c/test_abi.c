@@ -208,7 +208,7 @@ static void test_basics(void) {
 
     /* rsb_pick_prefer: probe slots first (RSB_PREFER_PROBE) finds none here (no
      * learned limits), so it takes a confirmed one like rsb_pick; "not slow only"
-     * (RSB_PREFER_NOT_SLOW) finds any node (no slow_factor: none is slow); other bits
+     * (RSB_PREFER_NOT_SLOW) finds any node (equal latencies: none is slow); other bits
      * are refused. rsb_slow_wait: 0, nothing
      * to wait for. */
     CHECK_RC(rsb_pick_prefer(b, chat, NULL, 0, NULL, 0, RSB_PREFER_PROBE, &n), RSB_OK);
