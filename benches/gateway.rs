@@ -2842,6 +2842,9 @@ mod open_loop {
     struct ClassFig {
         offered: u64,
         ok: u64,
+        /// 2xx answers completed in the measured window, whenever they arrived (the
+        /// goodput: arrivals of the window may be served after it, warm-up ones in it).
+        ok_in_window: u64,
         s5xx: u64,
         s429: u64,
         /// Neither 2xx, 429 nor 5xx, or no answer at all.
@@ -2905,6 +2908,7 @@ mod open_loop {
             start_over_capacity(env, run, &inst, &overload_nodes(), c);
         let tag = format!("ol{round}c{ci}");
         let warm_us = (oo.warm_s * 1e6) as u64;
+        let end_us = ((oo.warm_s + oo.measure_s) * 1e6) as u64;
         let g = generate(port, arrivals, requests(port, &tag, arrivals, warm_us), oo);
         check_stop();
         let admission = is_rsb(&c.kind)
@@ -2923,6 +2927,11 @@ mod open_loop {
         for s in &g.samples {
             let a = arrivals[s.index as usize];
             lag.push(s.lag_us);
+            let done_us = a.at_us + s.latency_us;
+            if (200..300).contains(&s.status) && done_us >= warm_us && done_us < end_us {
+                classes[a.class as usize].ok_in_window += 1;
+                classes[CLASSES.len()].ok_in_window += 1;
+            }
             if a.at_us < warm_us {
                 continue;
             }
@@ -2978,10 +2987,18 @@ mod open_loop {
     /// entry per rsbalancer configuration (another mode is one more entry).
     fn contenders(o: &Opts) -> Vec<Contender> {
         let mut v = baselines(o);
-        v.extend([Contender {
-            label: "rsbalancer + admission",
-            kind: Kind::RsbQueue { increase_every: 4 },
-        }]);
+        v.extend([
+            Contender {
+                label: "rsbalancer + admission",
+                kind: Kind::RsbQueue { increase_every: 4 },
+            },
+            // Rare AIMD probes (the advice for nodes of fixed capacity): tells what the
+            // refused probes cost (their retries, the 502s of a retry with no node).
+            Contender {
+                label: "rsbalancer + adm., incr_every 100",
+                kind: Kind::RsbQueue { increase_every: 100 },
+            },
+        ]);
         v
     }
 
@@ -3068,7 +3085,9 @@ mod open_loop {
             };
             let cf = |r: &OpenRun| r.classes[k].clone();
             let ok = med(runs, |r| pct(cf(r).ok, cf(r).offered));
-            let goodput = med(runs, |r| 100.0 * r.classes[k].ok as f64 / r.measure_s / capacity);
+            let goodput = med(runs, |r| {
+                100.0 * r.classes[k].ok_in_window as f64 / r.measure_s / capacity
+            });
             let s5xx: u64 = runs.iter().map(|r| r.classes[k].s5xx).sum();
             let other: u64 = runs.iter().map(|r| r.classes[k].other).sum();
             let idl = if k < CLASSES.len() {
@@ -3106,12 +3125,27 @@ mod open_loop {
             .collect();
         let low_first = refused.windows(2).all(|w| w[0] <= w[1]) && refused[0] < refused[CLASSES.len() - 1];
         let goodput = med(runs, |r| {
-            100.0 * r.classes[CLASSES.len()].ok as f64 / r.measure_s / capacity
+            100.0 * r.classes[CLASSES.len()].ok_in_window as f64 / r.measure_s / capacity
         });
         let yes = |b: bool| if b { "yes" } else { "NO" };
+        let per_round = |g: &dyn Fn(&OpenRun) -> f64, prec: usize| -> String {
+            runs.iter()
+                .map(|r| num(g(r), prec))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        println!(
+            "     per round: top class 2xx % {}; 5xx {}; goodput % {}",
+            per_round(&|r| pct(r.classes[0].ok, r.classes[0].offered), 2),
+            per_round(&|r| r.classes[CLASSES.len()].s5xx as f64, 0),
+            per_round(
+                &|r| 100.0 * r.classes[CLASSES.len()].ok_in_window as f64 / r.measure_s / capacity,
+                1
+            ),
+        );
         let refused_s: Vec<String> = refused.iter().map(|v| num(*v, 1)).collect();
         println!(
-            "     targets: top class >= 99.9% 2xx and no 5xx: {} ({}%, {top_5xx}); low class shed first: {} (non-2xx % top/mid/low {}); goodput >= 97% of capacity: {} ({}%)",
+            "     targets: top class >= 99.9% 2xx and no 5xx: {} ({}%, {top_5xx}); low class shed first (non-2xx share low >= mid >= top): {} ({}); goodput >= 97% of capacity: {} ({}%)",
             yes(top_ok >= 99.9 && top_5xx == 0),
             num(top_ok, 2),
             yes(low_first),
@@ -3148,14 +3182,17 @@ mod open_loop {
                 );
             }
         }
-        let mut errs: BTreeMap<String, u64> = BTreeMap::new();
+        // Error-log lines ([error] and worse), alike lines counted together, with one
+        // whole line of each kind (which request, which upstream).
+        let mut errs: BTreeMap<String, (u64, &str)> = BTreeMap::new();
         for l in runs.iter().flat_map(|r| r.gw_errors.iter()) {
-            *errs.entry(error_key(l)).or_insert(0) += 1;
+            errs.entry(error_key(l)).or_insert((0, l)).0 += 1;
         }
-        let mut errs: Vec<(String, u64)> = errs.into_iter().collect();
-        errs.sort_by_key(|e| std::cmp::Reverse(e.1));
-        for (msg, n) in errs.iter().take(4) {
+        let mut errs: Vec<(String, (u64, &str))> = errs.into_iter().collect();
+        errs.sort_by_key(|e| std::cmp::Reverse(e.1 .0));
+        for (msg, (n, example)) in errs.iter().take(4) {
             println!("     gateway error log: {n} x {msg}");
+            println!("       e.g. {}", example.chars().take(300).collect::<String>());
         }
         if errs.len() > 4 {
             println!("     gateway error log: {} more kinds of line", errs.len() - 4);
@@ -3205,7 +3242,7 @@ mod open_loop {
         println!(
             "   measured phase, median over rounds (5xx and other: counts over all rounds); [ideal]: a gateway serving capacity strictly by priority;"
         );
-        println!("   goodput: 2xx/s as % of capacity; e2e: 2xx answers, from the scheduled arrival to the end of the answer; wait: 2xx answers, $request_time minus the");
+        println!("   goodput: 2xx answers completed in the measured window per second, as % of capacity; e2e: 2xx answers, from the scheduled arrival to the end of the answer; wait: 2xx answers, $request_time minus the");
         println!("   $upstream_response_times (time in the gateway outside any node); non-2xx p50: e2e ms of the other answers (how fast a refusal comes)");
         for (i, c) in contenders.iter().enumerate() {
             report(c.label, &runs[i], capacity, &oo);
