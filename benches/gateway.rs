@@ -2857,6 +2857,14 @@ mod open_loop {
         wait: Vec<u64>,
     }
 
+    /// Non-2xx answers of one kind: how many per class, and the statuses of their tries
+    /// at the nodes (the nodes' own log), e.g. "429 429" -> count; "" = no try.
+    #[derive(Default, Clone)]
+    struct NonOk {
+        per_class: [u64; CLASSES.len()],
+        tries: BTreeMap<String, u64>,
+    }
+
     struct OpenRun {
         /// Per class, then all classes together (last).
         classes: Vec<ClassFig>,
@@ -2865,8 +2873,8 @@ mod open_loop {
         conns: usize,
         starved: u64,
         unsent: usize,
-        /// Non-2xx answers of the measured phase: (status, source) -> count per class.
-        non2xx: BTreeMap<(u16, Source), [u64; CLASSES.len()]>,
+        /// Non-2xx answers of the measured phase by (status, source).
+        non2xx: BTreeMap<(u16, Source), NonOk>,
         gw_errors: Vec<String>,
         admission: Option<Value>,
     }
@@ -2904,7 +2912,7 @@ mod open_loop {
     ) -> OpenRun {
         check_stop();
         let inst = format!("openloop-r{round}-c{ci}");
-        let (mut mocks, _nodes, attempts_log, mut gw, port) =
+        let (mut mocks, nodes, attempts_log, mut gw, port) =
             start_over_capacity(env, run, &inst, &overload_nodes(), c);
         let tag = format!("ol{round}c{ci}");
         let warm_us = (oo.warm_s * 1e6) as u64;
@@ -2921,6 +2929,7 @@ mod open_loop {
         mocks.stop();
         let log = run.path.join(format!("{inst}-gw-access.log"));
         let waits = read_waits(&log);
+        let attempts = read_attempts(&attempts_log, &nodes);
         let mut classes = vec![ClassFig::default(); CLASSES.len() + 1];
         let mut non2xx = BTreeMap::new();
         let mut lag = Vec::with_capacity(g.samples.len());
@@ -2955,9 +2964,15 @@ mod open_loop {
                 cf.lat_bad.push(s.latency_us);
             }
             if !(200..300).contains(&s.status) {
-                non2xx
-                    .entry((s.status, s.source.clone()))
-                    .or_insert([0; CLASSES.len()])[a.class as usize] += 1;
+                let e: &mut NonOk = non2xx.entry((s.status, s.source.clone())).or_default();
+                e.per_class[a.class as usize] += 1;
+                let tries: Vec<String> = attempts
+                    .get(&id)
+                    .into_iter()
+                    .flatten()
+                    .map(|(_, st)| st.to_string())
+                    .collect();
+                *e.tries.entry(tries.join(" ")).or_insert(0) += 1;
             }
         }
         for cf in &mut classes {
@@ -3123,7 +3138,14 @@ mod open_loop {
         let refused: Vec<f64> = (0..CLASSES.len())
             .map(|k| med(runs, |r| 100.0 - pct(r.classes[k].ok, r.classes[k].offered)))
             .collect();
-        let low_first = refused.windows(2).all(|w| w[0] <= w[1]) && refused[0] < refused[CLASSES.len() - 1];
+        // The low class's part of all non-2xx answers (a gateway without priorities:
+        // about its share of the arrivals; shedding strictly by priority: 100%).
+        let low = CLASSES.len() - 1;
+        let low_part = med(runs, |r| {
+            let bad = |k: usize| r.classes[k].offered - r.classes[k].ok;
+            pct(bad(low), bad(CLASSES.len()))
+        });
+        let low_first = refused.windows(2).all(|w| w[0] <= w[1]) && low_part >= 90.0;
         let goodput = med(runs, |r| {
             100.0 * r.classes[CLASSES.len()].ok_in_window as f64 / r.measure_s / capacity
         });
@@ -3145,27 +3167,31 @@ mod open_loop {
         );
         let refused_s: Vec<String> = refused.iter().map(|v| num(*v, 1)).collect();
         println!(
-            "     targets: top class >= 99.9% 2xx and no 5xx: {} ({}%, {top_5xx}); low class shed first (non-2xx share low >= mid >= top): {} ({}); goodput >= 97% of capacity: {} ({}%)",
+            "     targets: top class >= 99.9% 2xx and no 5xx: {} ({}%, {top_5xx}); low class shed first (non-2xx % top <= mid <= low, low's part of all non-2xx >= 90%): {} ({}; {}%); goodput >= 97% of capacity: {} ({}%)",
             yes(top_ok >= 99.9 && top_5xx == 0),
             num(top_ok, 2),
             yes(low_first),
             refused_s.join(" / "),
+            num(low_part, 1),
             yes(goodput >= 97.0),
             num(goodput, 1)
         );
         // Non-2xx by status and source, all rounds, per class.
-        let mut non2xx: BTreeMap<(u16, Source), [u64; CLASSES.len()]> = BTreeMap::new();
+        let mut non2xx: BTreeMap<(u16, Source), NonOk> = BTreeMap::new();
         for r in runs {
             for (k, v) in &r.non2xx {
-                let t = non2xx.entry(k.clone()).or_insert([0; CLASSES.len()]);
-                for (t, v) in t.iter_mut().zip(v) {
+                let t = non2xx.entry(k.clone()).or_default();
+                for (t, v) in t.per_class.iter_mut().zip(v.per_class) {
                     *t += v;
+                }
+                for (seq, n) in &v.tries {
+                    *t.tries.entry(seq.clone()).or_insert(0) += n;
                 }
             }
         }
         if !non2xx.is_empty() {
             println!(
-                "     non-2xx answers, all {} round(s), by status and source (count: top / mid / low):",
+                "     non-2xx answers, all {} round(s), by status and source: count (top / mid / low), the statuses of their tries at the nodes",
                 runs.len()
             );
             for ((st, src), n) in &non2xx {
@@ -3174,11 +3200,22 @@ mod open_loop {
                 } else {
                     format!("{st} {}", src.label())
                 };
-                let per: Vec<String> = n.iter().map(u64::to_string).collect();
+                let per: Vec<String> = n.per_class.iter().map(u64::to_string).collect();
+                let mut tries: Vec<(&String, &u64)> = n.tries.iter().collect();
+                tries.sort_by_key(|t| std::cmp::Reverse(*t.1));
+                let mut tries: Vec<String> = tries
+                    .iter()
+                    .take(4)
+                    .map(|(seq, c)| format!("{} x{c}", if seq.is_empty() { "no try" } else { seq }))
+                    .collect();
+                if n.tries.len() > 4 {
+                    tries.push("...".into());
+                }
                 println!(
-                    "       {what:<32} {:>6}: {}",
-                    n.iter().sum::<u64>(),
-                    per.join(" / ")
+                    "       {what:<28} {:>6} ({:>15}): {}",
+                    n.per_class.iter().sum::<u64>(),
+                    per.join(" / "),
+                    tries.join(", ")
                 );
             }
         }
