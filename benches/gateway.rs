@@ -2598,6 +2598,8 @@ mod open_loop {
         max_conns: usize,
         /// Keep the access and attempts logs (RSB_BENCH_KEEP).
         keep: bool,
+        /// Nice value of the generator's threads (RSB_BENCH_OPEN_NICE, -10).
+        nice: i32,
     }
 
     impl OpenOpts {
@@ -2612,6 +2614,7 @@ mod open_loop {
                 timeout: Duration::from_secs_f64(env_num("RSB_BENCH_OPEN_TIMEOUT_S", 15.0).clamp(1.0, 120.0)),
                 max_conns: (env_num("RSB_BENCH_OPEN_CONNS", 2048.0) as usize).clamp(PRESPAWN, 8192),
                 keep: o.keep,
+                nice: env_num("RSB_BENCH_OPEN_NICE", -10.0).clamp(-20.0, 19.0) as i32,
             }
         }
     }
@@ -2680,6 +2683,9 @@ mod open_loop {
         status: u16,
         /// Send time minus scheduled arrival time, µs.
         lag_us: u64,
+        /// When a sender took the request, minus its arrival time, µs: the generator's
+        /// own lateness (the rest of `lag_us` is waiting for a new connection).
+        pickup_us: u64,
         /// End of the response minus scheduled arrival time, µs.
         latency_us: u64,
         source: Source,
@@ -2708,12 +2714,32 @@ mod open_loop {
         requests: Vec<Vec<u8>>,
         port: u16,
         timeout: Duration,
+        /// Nice value of the generator's threads (0: as the process).
+        nice: i32,
+    }
+
+    /// The calling thread's nice value (Linux: per thread); returns the previous one.
+    /// The generator is the reference clock: it runs at a higher priority (RSB_BENCH_OPEN_NICE,
+    /// default -10; needs root or CAP_SYS_NICE, silently left as is otherwise) so that
+    /// the gateway and nodes it loads, on the same 2 CPUs, delay its sends less. It uses
+    /// little CPU (a few % of one core), so this takes little from anything else.
+    fn boost_thread(nice: i32) -> i32 {
+        // SAFETY: gettid/getpriority/setpriority take no pointers; they act on this thread.
+        unsafe {
+            let tid = libc::gettid() as libc::id_t;
+            let old = libc::getpriority(libc::PRIO_PROCESS, tid);
+            if nice != old {
+                libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+            }
+            old
+        }
     }
 
     /// One sender: a keep-alive connection (opened before its first job) and a loop that
     /// takes the next due request, sends it, reads the answer and records it. Stops when
     /// the queue is empty and the dispatcher is done (or a stop was asked).
     fn sender(sh: &Shared) -> Vec<OpenSample> {
+        boost_thread(sh.nice);
         let mut out = Vec::new();
         let mut conn = Conn::open(sh.port, sh.timeout).ok();
         loop {
@@ -2730,6 +2756,7 @@ mod open_loop {
                 }
             };
             let Some((index, due)) = job else { break };
+            let taken = Instant::now();
             if conn.is_none() {
                 conn = Conn::open(sh.port, sh.timeout).ok();
             }
@@ -2758,6 +2785,7 @@ mod open_loop {
                 index,
                 status,
                 lag_us: sent.saturating_duration_since(due).as_micros() as u64,
+                pickup_us: taken.saturating_duration_since(due).as_micros() as u64,
                 latency_us: due.elapsed().as_micros() as u64,
                 source,
             });
@@ -2787,7 +2815,9 @@ mod open_loop {
             requests,
             port,
             timeout: oo.timeout,
+            nice: oo.nice,
         });
+        let nice_before = boost_thread(oo.nice);
         let spawn = |n: usize| {
             let sh = sh.clone();
             thread::Builder::new()
@@ -2822,6 +2852,7 @@ mod open_loop {
             sh.ready.notify_one();
             sent += 1;
         }
+        boost_thread(nice_before);
         sh.jobs.lock().unwrap().done = true;
         sh.ready.notify_all();
         let conns = senders.len();
@@ -2870,6 +2901,10 @@ mod open_loop {
         classes: Vec<ClassFig>,
         measure_s: f64,
         lag: Vec<u64>,
+        /// Lateness of the senders' pickups (sorted).
+        pickup: Vec<u64>,
+        /// CPU of the gateway's workers while the load ran, % of one CPU.
+        gw_cpu: f64,
         conns: usize,
         starved: u64,
         unsent: usize,
@@ -2917,7 +2952,9 @@ mod open_loop {
         let tag = format!("ol{round}c{ci}");
         let warm_us = (oo.warm_s * 1e6) as u64;
         let end_us = ((oo.warm_s + oo.measure_s) * 1e6) as u64;
+        let (cpu0, t0) = (gw.workers_cpu(), Instant::now());
         let g = generate(port, arrivals, requests(port, &tag, arrivals, warm_us), oo);
+        let gw_cpu = 100.0 * (gw.workers_cpu() - cpu0) / t0.elapsed().as_secs_f64();
         check_stop();
         let admission = is_rsb(&c.kind)
             .then(|| get_status(port).and_then(|v| v.pointer("/pools/llm/admission").cloned()))
@@ -2933,9 +2970,11 @@ mod open_loop {
         let mut classes = vec![ClassFig::default(); CLASSES.len() + 1];
         let mut non2xx = BTreeMap::new();
         let mut lag = Vec::with_capacity(g.samples.len());
+        let mut pickup = Vec::with_capacity(g.samples.len());
         for s in &g.samples {
             let a = arrivals[s.index as usize];
             lag.push(s.lag_us);
+            pickup.push(s.pickup_us);
             let done_us = a.at_us + s.latency_us;
             if (200..300).contains(&s.status) && done_us >= warm_us && done_us < end_us {
                 classes[a.class as usize].ok_in_window += 1;
@@ -2981,6 +3020,7 @@ mod open_loop {
             cf.wait.sort_unstable();
         }
         lag.sort_unstable();
+        pickup.sort_unstable();
         if !oo.keep {
             let _ = fs::remove_file(&attempts_log);
             let _ = fs::remove_file(&log);
@@ -2989,6 +3029,8 @@ mod open_loop {
             classes,
             measure_s: oo.measure_s,
             lag,
+            pickup,
+            gw_cpu,
             conns: g.conns,
             starved: g.starved,
             unsent: g.unsent,
@@ -3058,6 +3100,10 @@ mod open_loop {
             .iter()
             .map(|r| r.lag.iter().filter(|&&l| l > LATE_US).count())
             .sum();
+        let late_pickup: usize = runs
+            .iter()
+            .map(|r| r.pickup.iter().filter(|&&l| l > LATE_US).count())
+            .sum();
         let sends: usize = runs.iter().map(|r| r.lag.len()).sum();
         let starved: u64 = runs.iter().map(|r| r.starved).sum();
         let unsent: usize = runs.iter().map(|r| r.unsent).sum();
@@ -3065,8 +3111,9 @@ mod open_loop {
         let offered = med(runs, |r| r.classes[CLASSES.len()].offered as f64 / r.measure_s);
         println!();
         println!(
-            "   {label}: offered {offered:.1} req/s ({:.2} x capacity); generator: send lag p99 {} ms, max {} ms, {late} of {sends} sent > {} ms late, {conns} connections at most{}",
+            "   {label}: offered {offered:.1} req/s ({:.2} x capacity), gw CPU {}%; generator: send lag p99 {} ms, max {} ms, {late} of {sends} sent > {} ms late ({late_pickup} picked up late, the rest waited for a new connection), {conns} connections at most{}",
             offered / capacity,
+            num(med(runs, |r| r.gw_cpu), 0),
             num(lag_p99, 2),
             num(lag_max, 1),
             LATE_US / 1000,
@@ -3076,8 +3123,10 @@ mod open_loop {
                 String::new()
             }
         );
-        if starved > 0 || unsent > 0 || late * 100 > sends {
-            println!("   ! the generator fell behind its schedule: the offered rate above is not what the gateway saw on time");
+        if starved > 0 || unsent > 0 || late_pickup * 100 > sends {
+            println!("   ! the generator fell behind its schedule (> 1% picked up late): the offered rate above is not what the gateway saw on time");
+        } else if late * 100 > sends {
+            println!("   ! > 1% of the sends waited > {} ms for a new connection (the gateway accepted slowly; the wait counts in e2e)", LATE_US / 1000);
         }
         println!(
             "     {:<8} {:>9} {:>17} {:>5} {:>7} {:>6} {:>10} {:>17} {:>17} {:>13}",
@@ -3267,6 +3316,12 @@ mod open_loop {
             oo.timeout.as_secs_f64()
         );
         println!("   rsbalancer: admission classes 1-3 max wait 1 s, 4-7 5 s, 8-10 30 s (as in `overload`)");
+        let before = boost_thread(oo.nice);
+        let got = boost_thread(before);
+        println!(
+            "   generator threads at nice {got} (RSB_BENCH_OPEN_NICE={}; the process: {before}); gw CPU: the gateway workers' CPU time over the run, in % of one CPU",
+            oo.nice
+        );
         let mut runs: Vec<Vec<OpenRun>> = contenders.iter().map(|_| Vec::new()).collect();
         for round in 0..oo.rounds {
             let arrivals = poisson(rate, oo.warm_s + oo.measure_s, 0x6f70_656e + round as u64);
