@@ -83,7 +83,8 @@
 //! `RSB_BENCH_PIN=0` does not pin the overhead scenario's processes to CPUs;
 //! `RSB_BENCH_OPEN_S` (openloop: measured seconds), `RSB_BENCH_OPEN_X` (its offered load
 //! as a multiple of capacity, 1.5), `RSB_BENCH_OPEN_TIMEOUT_S` (longest wait for one
-//! answer, 15), `RSB_BENCH_OPEN_CONNS` (most connections, 2048);
+//! answer, 15), `RSB_BENCH_OPEN_CONNS` (most connections, 2048), `RSB_BENCH_OPEN_NICE`
+//! (nice value of the generator threads, -10, when allowed);
 //! `RSB_BENCH_KEEP=1` keeps the run directory (configs, logs); `NGINX`, `NGINX_MODULES`,
 //! `RSB_LUA_SO`, `WRK` locate the tools.
 
@@ -2699,6 +2700,9 @@ mod open_loop {
         starved: u64,
         /// Arrivals never sent (a stop was asked).
         unsent: usize,
+        /// Arrivals the dispatcher itself queued > LATE_US late, and the worst lateness
+        /// (µs): the dispatching thread did not run on time (a busy or stalled machine).
+        dispatch_late: (u64, u64),
     }
 
     struct Jobs {
@@ -2722,7 +2726,10 @@ mod open_loop {
     /// The generator is the reference clock: it runs at a higher priority (RSB_BENCH_OPEN_NICE,
     /// default -10; needs root or CAP_SYS_NICE, silently left as is otherwise) so that
     /// the gateway and nodes it loads, on the same 2 CPUs, delay its sends less. It uses
-    /// little CPU (a few % of one core), so this takes little from anything else.
+    /// little CPU (a few % of one core), so this takes little from anything else. With
+    /// the kernel's autogroup on (sched_autogroup_enabled), nice only ranks threads of
+    /// the same session: other sessions busy on the machine still delay the dispatcher
+    /// (then reported as "queued late by the dispatcher").
     fn boost_thread(nice: i32) -> i32 {
         // SAFETY: gettid/getpriority/setpriority take no pointers; they act on this thread.
         unsafe {
@@ -2830,7 +2837,7 @@ mod open_loop {
         // Let the pre-started senders connect.
         thread::sleep(Duration::from_millis(200));
         let t0 = Instant::now() + Duration::from_millis(20);
-        let (mut starved, mut sent) = (0u64, 0usize);
+        let (mut starved, mut sent, mut dispatch_late) = (0u64, 0usize, (0u64, 0u64));
         for (i, a) in arrivals.iter().enumerate() {
             let due = t0 + Duration::from_micros(a.at_us);
             let now = Instant::now();
@@ -2841,6 +2848,11 @@ mod open_loop {
                 break;
             }
             sh.jobs.lock().unwrap().queue.push_back((i as u32, due));
+            let late = due.elapsed().as_micros() as u64;
+            if late > LATE_US {
+                dispatch_late.0 += 1;
+            }
+            dispatch_late.1 = dispatch_late.1.max(late);
             let busy = sh.busy.fetch_add(1, Ordering::SeqCst) + 1;
             if busy > senders.len() {
                 if senders.len() < oo.max_conns {
@@ -2865,6 +2877,7 @@ mod open_loop {
             conns,
             starved,
             unsent: arrivals.len() - sent,
+            dispatch_late,
         }
     }
 
@@ -2905,6 +2918,7 @@ mod open_loop {
         pickup: Vec<u64>,
         /// CPU of the gateway's workers while the load ran, % of one CPU.
         gw_cpu: f64,
+        dispatch_late: (u64, u64),
         conns: usize,
         starved: u64,
         unsent: usize,
@@ -3031,6 +3045,7 @@ mod open_loop {
             lag,
             pickup,
             gw_cpu,
+            dispatch_late: g.dispatch_late,
             conns: g.conns,
             starved: g.starved,
             unsent: g.unsent,
@@ -3105,18 +3120,21 @@ mod open_loop {
             .map(|r| r.pickup.iter().filter(|&&l| l > LATE_US).count())
             .sum();
         let sends: usize = runs.iter().map(|r| r.lag.len()).sum();
+        let dispatch_late: u64 = runs.iter().map(|r| r.dispatch_late.0).sum();
+        let dispatch_max = runs.iter().map(|r| r.dispatch_late.1).max().unwrap_or(0);
         let starved: u64 = runs.iter().map(|r| r.starved).sum();
         let unsent: usize = runs.iter().map(|r| r.unsent).sum();
         let conns = runs.iter().map(|r| r.conns).max().unwrap_or(0);
         let offered = med(runs, |r| r.classes[CLASSES.len()].offered as f64 / r.measure_s);
         println!();
         println!(
-            "   {label}: offered {offered:.1} req/s ({:.2} x capacity), gw CPU {}%; generator: send lag p99 {} ms, max {} ms, {late} of {sends} sent > {} ms late ({late_pickup} picked up late, the rest waited for a new connection), {conns} connections at most{}",
+            "   {label}: offered {offered:.1} req/s ({:.2} x capacity), gw CPU {}%; generator: send lag p99 {} ms, max {} ms, {late} of {sends} sent > {} ms late ({late_pickup} picked up late, {dispatch_late} of them queued late by the dispatcher, worst {} ms; the rest waited for a new connection), {conns} connections at most{}",
             offered / capacity,
             num(med(runs, |r| r.gw_cpu), 0),
             num(lag_p99, 2),
             num(lag_max, 1),
             LATE_US / 1000,
+            num(dispatch_max as f64 / 1000.0, 1),
             if starved > 0 || unsent > 0 {
                 format!(", {starved} found no free connection, {unsent} never sent")
             } else {

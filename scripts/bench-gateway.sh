@@ -21,7 +21,7 @@
 # Environment (all optional): RSB_BENCH_ROUNDS RSB_BENCH_OVERHEAD_ROUNDS RSB_BENCH_OVERHEAD_S RSB_BENCH_STORM_S
 # RSB_BENCH_WARM_S RSB_BENCH_NATIVE_NOFAIL=0 RSB_BENCH_FAIL_PAUSE_MS RSB_BENCH_KEEP=1 (keep configs and logs)
 # RSB_BENCH_OPEN_S (openloop: measured seconds, default 10, --quick 4) RSB_BENCH_OPEN_X (offered load
-# as a multiple of capacity, default 1.5) RSB_BENCH_OPEN_TIMEOUT_S RSB_BENCH_OPEN_CONNS
+# as a multiple of capacity, default 1.5) RSB_BENCH_OPEN_TIMEOUT_S RSB_BENCH_OPEN_CONNS RSB_BENCH_OPEN_NICE
 # NGINX NGINX_MODULES RSB_LUA_SO WRK; see benches/gateway.rs.
 #
 # The bench needs this entry in Cargo.toml (without it cargo builds benches/gateway.rs
