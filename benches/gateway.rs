@@ -2722,8 +2722,8 @@ mod open_loop {
         nice: i32,
     }
 
-    /// The calling thread's nice value (Linux: per thread); returns the previous one.
-    /// The generator is the reference clock: it runs at a higher priority (RSB_BENCH_OPEN_NICE,
+    /// Sets the calling thread's nice value (Linux: per thread); returns the previous
+    /// one. The generator is the reference clock: it runs at a higher priority (RSB_BENCH_OPEN_NICE,
     /// default -10; needs root or CAP_SYS_NICE, silently left as is otherwise) so that
     /// the gateway and nodes it loads, on the same 2 CPUs, delay its sends less. It uses
     /// little CPU (a few % of one core), so this takes little from anything else. With
