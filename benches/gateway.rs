@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! scripts/bench-gateway.sh                 (what `make bench` runs after the micro benches)
-//! cargo bench --no-default-features --bench gateway [-- --quick] [overhead] [storm] [defaults] [quota] [metrics] [overload]
+//! cargo bench --no-default-features --bench gateway [-- --quick] [overhead] [storm] [defaults] [quota] [metrics] [overload] [openloop]
 //! ```
 //!
 //! It starts and stops its own nginx instances (`worker_processes 2` each): one for the
@@ -58,6 +58,17 @@
 //!    spent in the gateway outside any node (`$request_time` minus the
 //!    `$upstream_response_time`s: the queue wait), p50/p99 per class.
 //!
+//! 6. `openloop`: the `overload` nodes (320 req/s) under an open loop: Poisson arrivals
+//!    at a fixed rate (`RSB_BENCH_OPEN_X` x capacity, default 1.5), 20% `X-Priority` 9,
+//!    30% 5, 50% 2, whatever the gateway answers and however late. The generator (see
+//!    `open_loop`) sends each request at its scheduled time on an idle keep-alive
+//!    connection (a new thread and connection when none is idle), measures latency from
+//!    the scheduled time (no coordinated omission) and reports how late it sent.
+//!    Contenders: native, the seed, rsbalancer with the `overload` admission queue. Per
+//!    class: success, 5xx, 429 share, goodput, end-to-end and queue-wait p50/p99, next
+//!    to the targets; a breakdown of non-2xx answers by status and source
+//!    (`X-RSB-Admission` reason, a node's own answer, nginx) and the error-log lines.
+//!
 //! Load generator for 2, 3 and 5: std threads, one keep-alive HTTP/1.1 `TcpStream` each,
 //! closed loop, every request's status and latency recorded. Each request carries an
 //! `X-Bench-Id` (run, phase, client, sequence) that the gateway forwards on every try;
@@ -75,6 +86,10 @@
 //! `RSB_BENCH_NATIVE_NOFAIL=0` drops the extra "native, max_fails=0" contender;
 //! `RSB_BENCH_FAIL_PAUSE_MS=n` makes storm/quota clients pause n ms after a non-2xx;
 //! `RSB_BENCH_PIN=0` does not pin the overhead scenario's processes to CPUs;
+//! `RSB_BENCH_OPEN_S` (openloop: measured seconds), `RSB_BENCH_OPEN_X` (its offered load
+//! as a multiple of capacity, 1.5), `RSB_BENCH_OPEN_TIMEOUT_S` (longest wait for one
+//! answer, 15), `RSB_BENCH_OPEN_CONNS` (most connections, 2048), `RSB_BENCH_OPEN_NICE`
+//! (nice value of the generator threads, -10, when allowed);
 //! `RSB_BENCH_KEEP=1` keeps the run directory (configs, logs); `NGINX`, `NGINX_MODULES`,
 //! `RSB_LUA_SO`, `WRK` locate the tools.
 
@@ -143,6 +158,7 @@ struct Opts {
     quota: bool,
     metrics: bool,
     overload: bool,
+    openloop: bool,
     rounds_overhead: usize,
     rounds_storm: usize,
     overhead_s: u64,
@@ -178,11 +194,10 @@ impl Opts {
             match a.as_str() {
                 "--bench" => {} // cargo bench passes it to harness = false targets
                 "--quick" => quick = true,
-                "defaults" => picked.push(a),
-                "overhead" | "storm" | "quota" | "metrics" | "overload" => picked.push(a),
+                "overhead" | "storm" | "defaults" | "quota" | "metrics" | "overload" | "openloop" => picked.push(a),
                 other if other.starts_with('-') => {} // other libtest-style flags
                 other => {
-                    panic!("unknown argument {other:?} (scenarios: overhead storm defaults quota metrics overload)")
+                    panic!("unknown argument {other:?} (scenarios: overhead storm defaults quota metrics overload openloop)")
                 }
             }
         }
@@ -196,6 +211,7 @@ impl Opts {
             quota: has("quota"),
             metrics: has("metrics"),
             overload: has("overload"),
+            openloop: has("openloop"),
             rounds_overhead: env_num("RSB_BENCH_OVERHEAD_ROUNDS", if quick { 1.0 } else { 5.0 }) as usize,
             rounds_storm: env_num("RSB_BENCH_ROUNDS", if quick { 1.0 } else { 3.0 }) as usize,
             overhead_s: env_num("RSB_BENCH_OVERHEAD_S", if quick { 2.0 } else { 3.0 }) as u64,
@@ -893,7 +909,7 @@ fn start_gateway(
             "{}/{inst}-access.log {} buffer=256k flush=200ms",
             run.path.display(),
             // The over-capacity scenario logs the time spent outside nodes (queueing).
-            if inst.starts_with("overload") {
+            if inst.starts_with("overload") || inst.starts_with("openloop") {
                 "benchq"
             } else {
                 "bench"
@@ -2362,6 +2378,30 @@ fn read_waits(path: &Path) -> HashMap<String, u64> {
     out
 }
 
+/// Mock nodes `specs` and gateway contender `c` in front of them, as instance `inst`
+/// (its access log with the queue-wait format), after one smoke request answered 200:
+/// (nodes nginx, nodes, their attempts log, gateway nginx, gateway port).
+fn start_over_capacity(
+    env: &Env,
+    run: &RunDir,
+    inst: &str,
+    specs: &[MockSpec],
+    c: &Contender,
+) -> (Nginx, Vec<Node>, PathBuf, Nginx, u16) {
+    let (mocks, nodes, attempts_log) = start_mocks(env, run, &format!("{inst}-nodes"), specs);
+    let (gw, port) = start_gateway(env, run, &format!("{inst}-gw"), c, &nodes, true, "");
+    let r = one_request(port, "POST", "/v1/chat/completions", CHAT_BODY, "smoke")
+        .unwrap_or_else(|e| panic!("{}: smoke request: {e}\n{}", c.label, gw.diagnostics()));
+    assert!(
+        r.status == 200,
+        "{}: smoke request answered {}\n{}",
+        c.label,
+        r.status,
+        gw.diagnostics()
+    );
+    (mocks, nodes, attempts_log, gw, port)
+}
+
 fn overload_run(
     env: &Env,
     run: &RunDir,
@@ -2373,17 +2413,7 @@ fn overload_run(
 ) -> OverloadRun {
     check_stop();
     let inst = format!("overload-r{round}-c{ci}");
-    let (mut mocks, nodes, attempts_log) = start_mocks(env, run, &format!("{inst}-nodes"), specs);
-    let (mut gw, port) = start_gateway(env, run, &format!("{inst}-gw"), c, &nodes, true, "");
-    let r = one_request(port, "POST", "/v1/chat/completions", CHAT_BODY, "smoke")
-        .unwrap_or_else(|e| panic!("{}: smoke request: {e}\n{}", c.label, gw.diagnostics()));
-    assert!(
-        r.status == 200,
-        "{}: smoke request answered {}\n{}",
-        c.label,
-        r.status,
-        gw.diagnostics()
-    );
+    let (mut mocks, _nodes, attempts_log, mut gw, port) = start_over_capacity(env, run, &inst, specs, c);
     let clients = (1.5 * specs.iter().map(|s| s.max_conc).sum::<u32>() as f64).round() as usize;
     let tag = format!("ovr{round}c{ci}");
     let samples = closed_loop(&LoadSpec {
@@ -2440,7 +2470,9 @@ fn overload_run(
     }
 }
 
-fn overload(env: &Env, run: &RunDir, o: &Opts) {
+/// The nodes of the over-capacity scenarios: caps 8 / 16 / 8, all
+/// OVERLOAD_LATENCY_MS, weights = caps.
+fn overload_nodes() -> Vec<MockSpec> {
     let node = |name, max_conc| MockSpec {
         name,
         latency_ms: OVERLOAD_LATENCY_MS,
@@ -2449,7 +2481,11 @@ fn overload(env: &Env, run: &RunDir, o: &Opts) {
         quota_burst: 0,
         weight: max_conc,
     };
-    let specs = vec![node("a", 8), node("b", 16), node("c", 8)];
+    vec![node("a", 8), node("b", 16), node("c", 8)]
+}
+
+fn overload(env: &Env, run: &RunDir, o: &Opts) {
+    let specs = overload_nodes();
     let slots: u32 = specs.iter().map(|s| s.max_conc).sum();
     let capacity_rps = slots as f64 * 1000.0 / OVERLOAD_LATENCY_MS as f64;
     let mut contenders = baselines(o);
@@ -2599,6 +2635,805 @@ fn main() {
     if o.overload {
         overload(&env, &run, &o);
     }
+    if o.openloop {
+        open_loop::openloop(&env, &run, &o);
+    }
     println!();
     println!("gateway bench: done in {:.0} s", t0.elapsed().as_secs_f64());
+}
+
+// ------------------------------------------------------------------------------------
+// Scenario 6: open loop (Poisson arrivals at a fixed rate) over capacity, priority classes
+
+mod open_loop {
+    use super::*;
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+    use std::collections::VecDeque;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Condvar;
+
+    /// The classes: (X-Priority, share of the arrivals), top class first.
+    const CLASSES: [(u32, f64); 3] = [(9, 0.2), (5, 0.3), (2, 0.5)];
+    /// A request sent later than this after its arrival time counts as late.
+    const LATE_US: u64 = 10_000;
+    /// Connections (one thread each) opened before the first arrival.
+    const PRESPAWN: usize = 64;
+
+    /// The scenario's knobs (environment; `--quick` shortens the defaults).
+    struct OpenOpts {
+        /// Measured seconds per run (RSB_BENCH_OPEN_S).
+        measure_s: f64,
+        /// Offered load as a multiple of capacity (RSB_BENCH_OPEN_X).
+        x: f64,
+        /// Warm-up seconds before the measured phase, reported apart (RSB_BENCH_WARM_S).
+        warm_s: f64,
+        /// Rounds (RSB_BENCH_ROUNDS).
+        rounds: usize,
+        /// Longest wait for one response (RSB_BENCH_OPEN_TIMEOUT_S): an answer not
+        /// complete by then counts as no answer; it also bounds the drain at the end.
+        timeout: Duration,
+        /// Most connections (= sender threads) open at once (RSB_BENCH_OPEN_CONNS).
+        max_conns: usize,
+        /// Keep the access and attempts logs (RSB_BENCH_KEEP).
+        keep: bool,
+        /// Nice value of the generator's threads (RSB_BENCH_OPEN_NICE, -10).
+        nice: i32,
+    }
+
+    impl OpenOpts {
+        fn from(o: &Opts) -> OpenOpts {
+            let x = env_num("RSB_BENCH_OPEN_X", 1.5);
+            assert!(x > 0.0 && x <= 20.0, "RSB_BENCH_OPEN_X={x}: expected 0 < x <= 20");
+            OpenOpts {
+                measure_s: env_num("RSB_BENCH_OPEN_S", if o.quick { 4.0 } else { 10.0 }).clamp(1.0, 600.0),
+                x,
+                warm_s: o.warm_s,
+                rounds: o.rounds_storm.max(1),
+                timeout: Duration::from_secs_f64(env_num("RSB_BENCH_OPEN_TIMEOUT_S", 15.0).clamp(1.0, 120.0)),
+                max_conns: (env_num("RSB_BENCH_OPEN_CONNS", 2048.0) as usize).clamp(PRESPAWN, 8192),
+                keep: o.keep,
+                nice: env_num("RSB_BENCH_OPEN_NICE", -10.0).clamp(-20.0, 19.0) as i32,
+            }
+        }
+    }
+
+    /// One scheduled request: arrival time from the start (µs), class index.
+    #[derive(Clone, Copy)]
+    struct Arrival {
+        at_us: u64,
+        class: u8,
+    }
+
+    /// Poisson arrivals at `rate`/s over `secs`: exponential gaps, classes drawn with
+    /// `CLASSES`' shares. Seeded, so every contender of a round gets the same sequence.
+    fn poisson(rate: f64, secs: f64, seed: u64) -> Vec<Arrival> {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let cap = (rate * secs * 2.0) as usize + 1000;
+        let mut out = Vec::with_capacity(cap / 2);
+        let mut t = 0.0f64;
+        while out.len() < cap {
+            // 1 - U is in (0, 1]: ln never sees 0.
+            t += -(1.0 - rng.random::<f64>()).ln() / rate;
+            if t >= secs {
+                break;
+            }
+            let u: f64 = rng.random();
+            let (mut class, mut acc) = (CLASSES.len() - 1, 0.0);
+            for (k, (_, share)) in CLASSES.iter().enumerate() {
+                acc += share;
+                if u < acc {
+                    class = k;
+                    break;
+                }
+            }
+            out.push(Arrival {
+                at_us: (t * 1e6) as u64,
+                class: class as u8,
+            });
+        }
+        out
+    }
+
+    /// Where a non-2xx answer came from.
+    #[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+    enum Source {
+        /// rsbalancer's admission (its `X-RSB-Admission` reason).
+        Admission(String),
+        /// A node's own answer, passed on by the gateway (it has `X-Node`).
+        Node,
+        /// nginx itself (no node answered, e.g. 502 "no live upstreams").
+        Gateway,
+    }
+
+    impl Source {
+        fn label(&self) -> String {
+            match self {
+                Source::Admission(r) => format!("admission {r}"),
+                Source::Node => "a node's own".into(),
+                Source::Gateway => "nginx".into(),
+            }
+        }
+    }
+
+    struct OpenSample {
+        index: u32,
+        /// 0: no answer (connect error, reset, timeout).
+        status: u16,
+        /// Send time minus scheduled arrival time, µs.
+        lag_us: u64,
+        /// When a sender took the request, minus its arrival time, µs: the generator's
+        /// own lateness (the rest of `lag_us` is waiting for a new connection).
+        pickup_us: u64,
+        /// End of the response minus scheduled arrival time, µs.
+        latency_us: u64,
+        source: Source,
+    }
+
+    struct Generated {
+        samples: Vec<OpenSample>,
+        /// Sender threads (= connections) used.
+        conns: usize,
+        /// Arrivals that found every connection busy with `max_conns` open.
+        starved: u64,
+        /// Arrivals never sent (a stop was asked).
+        unsent: usize,
+        /// Arrivals the dispatcher itself queued > LATE_US late, and the worst lateness
+        /// (µs): the dispatching thread did not run on time (a busy or stalled machine).
+        dispatch_late: (u64, u64),
+    }
+
+    struct Jobs {
+        queue: VecDeque<(u32, Instant)>,
+        done: bool,
+    }
+
+    struct Shared {
+        jobs: Mutex<Jobs>,
+        ready: Condvar,
+        /// Requests queued or being answered.
+        busy: AtomicUsize,
+        requests: Vec<Vec<u8>>,
+        port: u16,
+        timeout: Duration,
+        /// Nice value of the generator's threads (0: as the process).
+        nice: i32,
+    }
+
+    /// Sets the calling thread's nice value (Linux: per thread); returns the previous
+    /// one. The generator is the reference clock: it runs at a higher priority (RSB_BENCH_OPEN_NICE,
+    /// default -10; needs root or CAP_SYS_NICE, silently left as is otherwise) so that
+    /// the gateway and nodes it loads, on the same 2 CPUs, delay its sends less. It uses
+    /// little CPU (a few % of one core), so this takes little from anything else. With
+    /// the kernel's autogroup on (sched_autogroup_enabled), nice only ranks threads of
+    /// the same session: other sessions busy on the machine still delay the dispatcher
+    /// (then reported as "queued late by the dispatcher").
+    fn boost_thread(nice: i32) -> i32 {
+        // SAFETY: gettid/getpriority/setpriority take no pointers; they act on this thread.
+        unsafe {
+            let tid = libc::gettid() as libc::id_t;
+            let old = libc::getpriority(libc::PRIO_PROCESS, tid);
+            if nice != old {
+                libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+            }
+            old
+        }
+    }
+
+    /// One sender: a keep-alive connection (opened before its first job) and a loop that
+    /// takes the next due request, sends it, reads the answer and records it. Stops when
+    /// the queue is empty and the dispatcher is done (or a stop was asked).
+    fn sender(sh: &Shared) -> Vec<OpenSample> {
+        boost_thread(sh.nice);
+        let mut out = Vec::new();
+        let mut conn = Conn::open(sh.port, sh.timeout).ok();
+        loop {
+            let job = {
+                let mut j = sh.jobs.lock().unwrap();
+                loop {
+                    if let Some(job) = j.queue.pop_front() {
+                        break Some(job);
+                    }
+                    if j.done || stopping() {
+                        break None;
+                    }
+                    j = sh.ready.wait_timeout(j, Duration::from_millis(100)).unwrap().0;
+                }
+            };
+            let Some((index, due)) = job else { break };
+            let taken = Instant::now();
+            if conn.is_none() {
+                conn = Conn::open(sh.port, sh.timeout).ok();
+            }
+            let sent = Instant::now();
+            let answer = conn
+                .as_mut()
+                .map(|c| c.round_trip(&sh.requests[index as usize], true));
+            let (status, source) = match answer {
+                Some(Ok(r)) => {
+                    if r.close {
+                        conn = None;
+                    }
+                    let source = match (r.header("X-RSB-Admission"), r.header("X-Node")) {
+                        (Some(reason), _) => Source::Admission(reason.to_string()),
+                        (None, Some(_)) => Source::Node,
+                        (None, None) => Source::Gateway,
+                    };
+                    (r.status, source)
+                }
+                _ => {
+                    conn = None;
+                    (0, Source::Gateway)
+                }
+            };
+            out.push(OpenSample {
+                index,
+                status,
+                lag_us: sent.saturating_duration_since(due).as_micros() as u64,
+                pickup_us: taken.saturating_duration_since(due).as_micros() as u64,
+                latency_us: due.elapsed().as_micros() as u64,
+                source,
+            });
+            sh.busy.fetch_sub(1, Ordering::SeqCst);
+        }
+        out
+    }
+
+    /// The open-loop generator. The calling thread is the dispatcher: it sleeps until
+    /// each arrival's time, queues the request and wakes a sender; it never waits for a
+    /// response. A sender holds one request at a time, so whenever more requests are
+    /// queued or in progress than there are senders, the dispatcher starts one more
+    /// (with its own connection) at once: a request due is sent on time however many
+    /// earlier ones are still unanswered, up to `max_conns` connections (beyond that an
+    /// arrival waits for a free sender and counts as `starved`). Each sample's latency
+    /// runs from the scheduled arrival time, not from the send; `lag_us` says how late
+    /// the send was. Bounded: the schedule is finite, a response takes at most
+    /// `timeout`, and senders exit once the queue is drained.
+    fn generate(port: u16, arrivals: &[Arrival], requests: Vec<Vec<u8>>, oo: &OpenOpts) -> Generated {
+        let sh = Arc::new(Shared {
+            jobs: Mutex::new(Jobs {
+                queue: VecDeque::new(),
+                done: false,
+            }),
+            ready: Condvar::new(),
+            busy: AtomicUsize::new(0),
+            requests,
+            port,
+            timeout: oo.timeout,
+            nice: oo.nice,
+        });
+        let nice_before = boost_thread(oo.nice);
+        let spawn = |n: usize| {
+            let sh = sh.clone();
+            thread::Builder::new()
+                .name(format!("open-{n}"))
+                .stack_size(128 * 1024)
+                .spawn(move || sender(&sh))
+                .expect("spawn sender thread")
+        };
+        let mut senders: Vec<_> = (0..PRESPAWN).map(spawn).collect();
+        // Let the pre-started senders connect.
+        thread::sleep(Duration::from_millis(200));
+        let t0 = Instant::now() + Duration::from_millis(20);
+        let (mut starved, mut sent, mut dispatch_late) = (0u64, 0usize, (0u64, 0u64));
+        for (i, a) in arrivals.iter().enumerate() {
+            let due = t0 + Duration::from_micros(a.at_us);
+            let now = Instant::now();
+            if due > now {
+                thread::sleep(due - now);
+            }
+            if stopping() {
+                break;
+            }
+            sh.jobs.lock().unwrap().queue.push_back((i as u32, due));
+            let late = due.elapsed().as_micros() as u64;
+            if late > LATE_US {
+                dispatch_late.0 += 1;
+            }
+            dispatch_late.1 = dispatch_late.1.max(late);
+            let busy = sh.busy.fetch_add(1, Ordering::SeqCst) + 1;
+            if busy > senders.len() {
+                if senders.len() < oo.max_conns {
+                    senders.push(spawn(senders.len()));
+                } else {
+                    starved += 1;
+                }
+            }
+            sh.ready.notify_one();
+            sent += 1;
+        }
+        boost_thread(nice_before);
+        sh.jobs.lock().unwrap().done = true;
+        sh.ready.notify_all();
+        let conns = senders.len();
+        let mut samples = Vec::with_capacity(sent);
+        for h in senders {
+            samples.extend(h.join().expect("sender thread panicked"));
+        }
+        Generated {
+            samples,
+            conns,
+            starved,
+            unsent: arrivals.len() - sent,
+            dispatch_late,
+        }
+    }
+
+    /// Figures of one class (or of all) in one run's measured phase.
+    #[derive(Default, Clone)]
+    struct ClassFig {
+        offered: u64,
+        ok: u64,
+        /// 2xx answers completed in the measured window, whenever they arrived (the
+        /// goodput: arrivals of the window may be served after it, warm-up ones in it).
+        ok_in_window: u64,
+        s5xx: u64,
+        s429: u64,
+        /// Neither 2xx, 429 nor 5xx, or no answer at all.
+        other: u64,
+        /// End-to-end latency of the 2xx answers, µs.
+        lat_ok: Vec<u64>,
+        /// End-to-end latency of the other answers, µs.
+        lat_bad: Vec<u64>,
+        /// Time in the gateway outside any node of the 2xx answers, µs.
+        wait: Vec<u64>,
+    }
+
+    /// Non-2xx answers of one kind: how many per class, and the statuses of their tries
+    /// at the nodes (the nodes' own log), e.g. "429 429" -> count; "" = no try.
+    #[derive(Default, Clone)]
+    struct NonOk {
+        per_class: [u64; CLASSES.len()],
+        tries: BTreeMap<String, u64>,
+    }
+
+    struct OpenRun {
+        /// Per class, then all classes together (last).
+        classes: Vec<ClassFig>,
+        measure_s: f64,
+        lag: Vec<u64>,
+        /// Lateness of the senders' pickups (sorted).
+        pickup: Vec<u64>,
+        /// CPU of the gateway's workers while the load ran, % of one CPU.
+        gw_cpu: f64,
+        dispatch_late: (u64, u64),
+        conns: usize,
+        starved: u64,
+        unsent: usize,
+        /// Non-2xx answers of the measured phase by (status, source).
+        non2xx: BTreeMap<(u16, Source), NonOk>,
+        gw_errors: Vec<String>,
+        admission: Option<Value>,
+    }
+
+    fn is_rsb(k: &Kind) -> bool {
+        !matches!(k, Kind::Native { .. } | Kind::Seed { .. })
+    }
+
+    /// The request bytes of each arrival: POST chat completion with X-Bench-Id
+    /// "<tag>.<w|m>.<class>.<index>" and X-Priority of its class.
+    fn requests(port: u16, tag: &str, arrivals: &[Arrival], warm_us: u64) -> Vec<Vec<u8>> {
+        arrivals
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let phase = if a.at_us < warm_us { 'w' } else { 'm' };
+                let id = format!("{tag}.{phase}.{}.{i}", a.class);
+                let mut req = request_bytes("POST", "/v1/chat/completions", port, &id, CHAT_BODY);
+                let at = req.windows(2).position(|w| w == b"\r\n").map_or(0, |i| i + 2);
+                let h = format!("X-Priority: {}\r\n", CLASSES[a.class as usize].0);
+                req.splice(at..at, h.bytes());
+                req
+            })
+            .collect()
+    }
+
+    fn run_one(
+        env: &Env,
+        run: &RunDir,
+        c: &Contender,
+        ci: usize,
+        round: usize,
+        arrivals: &[Arrival],
+        oo: &OpenOpts,
+    ) -> OpenRun {
+        check_stop();
+        let inst = format!("openloop-r{round}-c{ci}");
+        let (mut mocks, nodes, attempts_log, mut gw, port) =
+            start_over_capacity(env, run, &inst, &overload_nodes(), c);
+        let tag = format!("ol{round}c{ci}");
+        let warm_us = (oo.warm_s * 1e6) as u64;
+        let end_us = ((oo.warm_s + oo.measure_s) * 1e6) as u64;
+        let (cpu0, t0) = (gw.workers_cpu(), Instant::now());
+        let g = generate(port, arrivals, requests(port, &tag, arrivals, warm_us), oo);
+        let gw_cpu = 100.0 * (gw.workers_cpu() - cpu0) / t0.elapsed().as_secs_f64();
+        check_stop();
+        let admission = is_rsb(&c.kind)
+            .then(|| get_status(port).and_then(|v| v.pointer("/pools/llm/admission").cloned()))
+            .flatten();
+        // Every request was answered or timed out; give the buffered access log a flush.
+        thread::sleep(Duration::from_millis(300));
+        let gw_errors = gw.error_lines();
+        gw.stop();
+        mocks.stop();
+        let log = run.path.join(format!("{inst}-gw-access.log"));
+        let waits = read_waits(&log);
+        let attempts = read_attempts(&attempts_log, &nodes);
+        let mut classes = vec![ClassFig::default(); CLASSES.len() + 1];
+        let mut non2xx = BTreeMap::new();
+        let mut lag = Vec::with_capacity(g.samples.len());
+        let mut pickup = Vec::with_capacity(g.samples.len());
+        for s in &g.samples {
+            let a = arrivals[s.index as usize];
+            lag.push(s.lag_us);
+            pickup.push(s.pickup_us);
+            let done_us = a.at_us + s.latency_us;
+            if (200..300).contains(&s.status) && done_us >= warm_us && done_us < end_us {
+                classes[a.class as usize].ok_in_window += 1;
+                classes[CLASSES.len()].ok_in_window += 1;
+            }
+            if a.at_us < warm_us {
+                continue;
+            }
+            let id = format!("{tag}.m.{}.{}", a.class, s.index);
+            for k in [a.class as usize, CLASSES.len()] {
+                let cf = &mut classes[k];
+                cf.offered += 1;
+                match s.status {
+                    200..=299 => {
+                        cf.ok += 1;
+                        cf.lat_ok.push(s.latency_us);
+                        if let Some(&w) = waits.get(&id) {
+                            cf.wait.push(w);
+                        }
+                        continue;
+                    }
+                    429 => cf.s429 += 1,
+                    500..=599 => cf.s5xx += 1,
+                    _ => cf.other += 1,
+                }
+                cf.lat_bad.push(s.latency_us);
+            }
+            if !(200..300).contains(&s.status) {
+                let e: &mut NonOk = non2xx.entry((s.status, s.source.clone())).or_default();
+                e.per_class[a.class as usize] += 1;
+                let tries: Vec<String> = attempts
+                    .get(&id)
+                    .into_iter()
+                    .flatten()
+                    .map(|(_, st)| st.to_string())
+                    .collect();
+                *e.tries.entry(tries.join(" ")).or_insert(0) += 1;
+            }
+        }
+        for cf in &mut classes {
+            cf.lat_ok.sort_unstable();
+            cf.lat_bad.sort_unstable();
+            cf.wait.sort_unstable();
+        }
+        lag.sort_unstable();
+        pickup.sort_unstable();
+        if !oo.keep {
+            let _ = fs::remove_file(&attempts_log);
+            let _ = fs::remove_file(&log);
+        }
+        OpenRun {
+            classes,
+            measure_s: oo.measure_s,
+            lag,
+            pickup,
+            gw_cpu,
+            dispatch_late: g.dispatch_late,
+            conns: g.conns,
+            starved: g.starved,
+            unsent: g.unsent,
+            non2xx,
+            gw_errors,
+            admission,
+        }
+    }
+
+    /// The contenders: the baselines of the other over-capacity scenarios, then one
+    /// entry per rsbalancer configuration (another mode is one more entry).
+    fn contenders(o: &Opts) -> Vec<Contender> {
+        let mut v = baselines(o);
+        v.extend([
+            Contender {
+                label: "rsbalancer + admission",
+                kind: Kind::RsbQueue { increase_every: 4 },
+            },
+            // Rare AIMD probes (the advice for nodes of fixed capacity): tells what the
+            // refused probes cost (their retries, the 502s of a retry with no node).
+            Contender {
+                label: "rsbalancer + adm., incr_every 100",
+                kind: Kind::RsbQueue { increase_every: 100 },
+            },
+        ]);
+        v
+    }
+
+    /// Success share per class when a gateway serves capacity strictly by priority:
+    /// the top class first, what is left to the next.
+    fn ideal_success(x: f64) -> Vec<f64> {
+        let mut left = 1.0;
+        CLASSES
+            .iter()
+            .map(|(_, share)| {
+                let offered = x * share;
+                let served = offered.min(left);
+                left -= served;
+                100.0 * served / offered
+            })
+            .collect()
+    }
+
+    /// An error-log line without its time, pid, connection number and request details:
+    /// what to count alike lines by.
+    fn error_key(line: &str) -> String {
+        let msg = line.split_once("]: ").map_or(line, |(_, m)| m);
+        let msg = msg
+            .split_once("*")
+            .map_or(msg, |(_, m)| m.split_once(' ').map_or(m, |(_, r)| r));
+        let msg = msg.split(", client: ").next().unwrap_or(msg);
+        let level = line.split(' ').nth(2).unwrap_or("");
+        format!("{level} {msg}")
+    }
+
+    fn med(runs: &[OpenRun], g: impl Fn(&OpenRun) -> f64) -> f64 {
+        let mut v: Vec<f64> = runs.iter().map(g).collect();
+        median(&mut v)
+    }
+
+    fn report(label: &str, runs: &[OpenRun], capacity: f64, oo: &OpenOpts) {
+        let ideal = ideal_success(oo.x);
+        let ms = |v: &[u64], q: f64| percentile(v, q) / 1000.0;
+        let lag_p99 = med(runs, |r| ms(&r.lag, 0.99));
+        let lag_max = runs.iter().map(|r| ms(&r.lag, 1.0)).fold(f64::NAN, f64::max);
+        let late: usize = runs
+            .iter()
+            .map(|r| r.lag.iter().filter(|&&l| l > LATE_US).count())
+            .sum();
+        let late_pickup: usize = runs
+            .iter()
+            .map(|r| r.pickup.iter().filter(|&&l| l > LATE_US).count())
+            .sum();
+        let sends: usize = runs.iter().map(|r| r.lag.len()).sum();
+        let dispatch_late: u64 = runs.iter().map(|r| r.dispatch_late.0).sum();
+        let dispatch_max = runs.iter().map(|r| r.dispatch_late.1).max().unwrap_or(0);
+        let starved: u64 = runs.iter().map(|r| r.starved).sum();
+        let unsent: usize = runs.iter().map(|r| r.unsent).sum();
+        let conns = runs.iter().map(|r| r.conns).max().unwrap_or(0);
+        let offered = med(runs, |r| r.classes[CLASSES.len()].offered as f64 / r.measure_s);
+        println!();
+        println!(
+            "   {label}: offered {offered:.1} req/s ({:.2} x capacity), gw CPU {}%; generator: send lag p99 {} ms, max {} ms, {late} of {sends} sent > {} ms late ({late_pickup} picked up late, {dispatch_late} of them queued late by the dispatcher, worst {} ms; the rest waited for a new connection), {conns} connections at most{}",
+            offered / capacity,
+            num(med(runs, |r| r.gw_cpu), 0),
+            num(lag_p99, 2),
+            num(lag_max, 1),
+            LATE_US / 1000,
+            num(dispatch_max as f64 / 1000.0, 1),
+            if starved > 0 || unsent > 0 {
+                format!(", {starved} found no free connection, {unsent} never sent")
+            } else {
+                String::new()
+            }
+        );
+        if starved > 0 || unsent > 0 || late_pickup * 100 > sends {
+            println!("   ! the generator fell behind its schedule (> 1% picked up late): the offered rate above is not what the gateway saw on time");
+        } else if late * 100 > sends {
+            println!("   ! > 1% of the sends waited > {} ms for a new connection (the gateway accepted slowly; the wait counts in e2e)", LATE_US / 1000);
+        }
+        println!(
+            "     {:<8} {:>9} {:>17} {:>5} {:>7} {:>6} {:>10} {:>17} {:>17} {:>13}",
+            "class",
+            "offered/s",
+            "2xx % [ideal]",
+            "5xx",
+            "429 %",
+            "other",
+            "goodput",
+            "e2e p50/p99 ms",
+            "wait p50/p99 ms",
+            "non-2xx p50"
+        );
+        for k in 0..=CLASSES.len() {
+            let name = if k < CLASSES.len() {
+                format!("prio {}", CLASSES[k].0)
+            } else {
+                "all".to_string()
+            };
+            let cf = |r: &OpenRun| r.classes[k].clone();
+            let ok = med(runs, |r| pct(cf(r).ok, cf(r).offered));
+            let goodput = med(runs, |r| {
+                100.0 * r.classes[k].ok_in_window as f64 / r.measure_s / capacity
+            });
+            let s5xx: u64 = runs.iter().map(|r| r.classes[k].s5xx).sum();
+            let other: u64 = runs.iter().map(|r| r.classes[k].other).sum();
+            let idl = if k < CLASSES.len() {
+                ideal[k]
+            } else {
+                100.0 * oo.x.min(1.0) / oo.x
+            };
+            println!(
+                "     {:<8} {:>9.1} {:>17} {:>5} {:>7} {:>6} {:>9}% {:>17} {:>17} {:>13}",
+                name,
+                med(runs, |r| r.classes[k].offered as f64 / r.measure_s),
+                format!("{} [{:.1}]", num(ok, 2), idl),
+                s5xx,
+                num(med(runs, |r| pct(r.classes[k].s429, r.classes[k].offered)), 1),
+                other,
+                num(goodput, 1),
+                format!(
+                    "{} / {}",
+                    num(med(runs, |r| ms(&r.classes[k].lat_ok, 0.5)), 0),
+                    num(med(runs, |r| ms(&r.classes[k].lat_ok, 0.99)), 0)
+                ),
+                format!(
+                    "{} / {}",
+                    num(med(runs, |r| ms(&r.classes[k].wait, 0.5)), 0),
+                    num(med(runs, |r| ms(&r.classes[k].wait, 0.99)), 0)
+                ),
+                num(med(runs, |r| ms(&r.classes[k].lat_bad, 0.5)), 0),
+            );
+        }
+        // Against the targets.
+        let top_ok = med(runs, |r| pct(r.classes[0].ok, r.classes[0].offered));
+        let top_5xx: u64 = runs.iter().map(|r| r.classes[0].s5xx).sum();
+        let refused: Vec<f64> = (0..CLASSES.len())
+            .map(|k| med(runs, |r| 100.0 - pct(r.classes[k].ok, r.classes[k].offered)))
+            .collect();
+        // The low class's part of all non-2xx answers (a gateway without priorities:
+        // about its share of the arrivals; shedding strictly by priority: 100%).
+        let low = CLASSES.len() - 1;
+        let low_part = med(runs, |r| {
+            let bad = |k: usize| r.classes[k].offered - r.classes[k].ok;
+            pct(bad(low), bad(CLASSES.len()))
+        });
+        let low_first = refused.windows(2).all(|w| w[0] <= w[1]) && low_part >= 90.0;
+        let goodput = med(runs, |r| {
+            100.0 * r.classes[CLASSES.len()].ok_in_window as f64 / r.measure_s / capacity
+        });
+        let yes = |b: bool| if b { "yes" } else { "NO" };
+        let per_round = |g: &dyn Fn(&OpenRun) -> f64, prec: usize| -> String {
+            runs.iter()
+                .map(|r| num(g(r), prec))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        println!(
+            "     per round: top class 2xx % {}; 5xx {}; goodput % {}",
+            per_round(&|r| pct(r.classes[0].ok, r.classes[0].offered), 2),
+            per_round(&|r| r.classes[CLASSES.len()].s5xx as f64, 0),
+            per_round(
+                &|r| 100.0 * r.classes[CLASSES.len()].ok_in_window as f64 / r.measure_s / capacity,
+                1
+            ),
+        );
+        let refused_s: Vec<String> = refused.iter().map(|v| num(*v, 1)).collect();
+        println!(
+            "     targets: top class >= 99.9% 2xx and no 5xx: {} ({}%, {top_5xx}); low class shed first (non-2xx % top <= mid <= low, low's part of all non-2xx >= 90%): {} ({}; {}%); goodput >= 97% of capacity: {} ({}%)",
+            yes(top_ok >= 99.9 && top_5xx == 0),
+            num(top_ok, 2),
+            yes(low_first),
+            refused_s.join(" / "),
+            num(low_part, 1),
+            yes(goodput >= 97.0),
+            num(goodput, 1)
+        );
+        // Non-2xx by status and source, all rounds, per class.
+        let mut non2xx: BTreeMap<(u16, Source), NonOk> = BTreeMap::new();
+        for r in runs {
+            for (k, v) in &r.non2xx {
+                let t = non2xx.entry(k.clone()).or_default();
+                for (t, v) in t.per_class.iter_mut().zip(v.per_class) {
+                    *t += v;
+                }
+                for (seq, n) in &v.tries {
+                    *t.tries.entry(seq.clone()).or_insert(0) += n;
+                }
+            }
+        }
+        if !non2xx.is_empty() {
+            println!(
+                "     non-2xx answers, all {} round(s), by status and source: count (top / mid / low), the statuses of their tries at the nodes",
+                runs.len()
+            );
+            for ((st, src), n) in &non2xx {
+                let what = if *st == 0 {
+                    "no answer (reset, timeout)".to_string()
+                } else {
+                    format!("{st} {}", src.label())
+                };
+                let per: Vec<String> = n.per_class.iter().map(u64::to_string).collect();
+                let mut tries: Vec<(&String, &u64)> = n.tries.iter().collect();
+                tries.sort_by_key(|t| std::cmp::Reverse(*t.1));
+                let mut tries: Vec<String> = tries
+                    .iter()
+                    .take(4)
+                    .map(|(seq, c)| format!("{} x{c}", if seq.is_empty() { "no try" } else { seq }))
+                    .collect();
+                if n.tries.len() > 4 {
+                    tries.push("...".into());
+                }
+                println!(
+                    "       {what:<28} {:>6} ({:>15}): {}",
+                    n.per_class.iter().sum::<u64>(),
+                    per.join(" / "),
+                    tries.join(", ")
+                );
+            }
+        }
+        // Error-log lines ([error] and worse), alike lines counted together, with one
+        // whole line of each kind (which request, which upstream).
+        let mut errs: BTreeMap<String, (u64, &str)> = BTreeMap::new();
+        for l in runs.iter().flat_map(|r| r.gw_errors.iter()) {
+            errs.entry(error_key(l)).or_insert((0, l)).0 += 1;
+        }
+        let mut errs: Vec<(String, (u64, &str))> = errs.into_iter().collect();
+        errs.sort_by_key(|e| std::cmp::Reverse(e.1 .0));
+        for (msg, (n, example)) in errs.iter().take(4) {
+            println!("     gateway error log: {n} x {msg}");
+            println!("       e.g. {}", example.chars().take(300).collect::<String>());
+        }
+        if errs.len() > 4 {
+            println!("     gateway error log: {} more kinds of line", errs.len() - 4);
+        }
+        if let Some(a) = runs.last().and_then(|r| r.admission.as_ref()) {
+            println!("     admission counters (last round, warm-up included): {a}");
+        }
+    }
+
+    pub(super) fn openloop(env: &Env, run: &RunDir, o: &Opts) {
+        let oo = OpenOpts::from(o);
+        let specs = overload_nodes();
+        let slots: u32 = specs.iter().map(|s| s.max_conc).sum();
+        let capacity = slots as f64 * 1000.0 / OVERLOAD_LATENCY_MS as f64;
+        let rate = oo.x * capacity;
+        let contenders = contenders(o);
+        let shares: Vec<String> = CLASSES
+            .iter()
+            .map(|(p, s)| format!("{:.0}% prio {p}", 100.0 * s))
+            .collect();
+        println!();
+        println!(
+            "== 6. open loop: caps a=8 b=16 c=8 ({OVERLOAD_LATENCY_MS} ms each, 429 over the cap) = {slots} slots = {capacity:.0} req/s; Poisson arrivals at {rate:.0} req/s = {} x capacity; {}",
+            oo.x,
+            shares.join(", ")
+        );
+        println!(
+            "   POST /v1/chat/completions, X-Priority per class; each request sent at its arrival time on an idle keep-alive connection (a new one when none is idle), latency from the arrival time;"
+        );
+        println!(
+            "   warm-up {:.0} s + {:.0} s measured; {} round(s), the same arrivals for every contender of a round, fresh nodes and gateway per run; responses time out after {:.0} s",
+            oo.warm_s,
+            oo.measure_s,
+            oo.rounds,
+            oo.timeout.as_secs_f64()
+        );
+        println!("   rsbalancer: admission classes 1-3 max wait 1 s, 4-7 5 s, 8-10 30 s (as in `overload`)");
+        let before = boost_thread(oo.nice);
+        let got = boost_thread(before);
+        println!(
+            "   generator threads at nice {got} (RSB_BENCH_OPEN_NICE={}; the process: {before}); gw CPU: the gateway workers' CPU time over the run, in % of one CPU",
+            oo.nice
+        );
+        let mut runs: Vec<Vec<OpenRun>> = contenders.iter().map(|_| Vec::new()).collect();
+        for round in 0..oo.rounds {
+            let arrivals = poisson(rate, oo.warm_s + oo.measure_s, 0x6f70_656e + round as u64);
+            for k in 0..contenders.len() {
+                let i = (k + round) % contenders.len();
+                runs[i].push(run_one(env, run, &contenders[i], i, round, &arrivals, &oo));
+            }
+        }
+        println!();
+        println!(
+            "   measured phase, median over rounds (5xx and other: counts over all rounds); [ideal]: a gateway serving capacity strictly by priority;"
+        );
+        println!("   goodput: 2xx answers completed in the measured window per second, as % of capacity; e2e: 2xx answers, from the scheduled arrival to the end of the answer; wait: 2xx answers, $request_time minus the");
+        println!("   $upstream_response_times (time in the gateway outside any node); non-2xx p50: e2e ms of the other answers (how fast a refusal comes)");
+        for (i, c) in contenders.iter().enumerate() {
+            report(c.label, &runs[i], capacity, &oo);
+        }
+    }
 }

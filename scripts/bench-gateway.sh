@@ -8,15 +8,21 @@
 # metrics (the overhead run of rsbalancer twice, without and with GET /metrics every
 # second: both req/s and their ratio).
 # overload (1.5x capacity in three priority classes; rsbalancer with its admission queue).
+# openloop (the overload nodes under an open loop: Poisson arrivals at 1.5x capacity,
+# 20% / 30% / 50% X-Priority 9 / 5 / 2, sent on schedule however slow the answers;
+# latency from the scheduled arrival; per class success, 5xx, 429, goodput, latency
+# and queue wait; rsbalancer's non-2xx answers by status and admission reason).
 # Prints tables; exits non-zero only when something is missing or a contender does
-# not start (timings are never asserted). About 5 minutes on 2 CPUs.
+# not start (timings are never asserted). About 8 minutes on 2 CPUs.
 #
 #   scripts/bench-gateway.sh                   everything
-#   scripts/bench-gateway.sh storm quota       some scenarios (overhead storm defaults quota metrics overload)
+#   scripts/bench-gateway.sh storm quota       some scenarios (overhead storm defaults quota metrics overload openloop)
 #   scripts/bench-gateway.sh --quick           a ~1 minute smoke run
 #
 # Environment (all optional): RSB_BENCH_ROUNDS RSB_BENCH_OVERHEAD_ROUNDS RSB_BENCH_OVERHEAD_S RSB_BENCH_STORM_S
 # RSB_BENCH_WARM_S RSB_BENCH_NATIVE_NOFAIL=0 RSB_BENCH_FAIL_PAUSE_MS RSB_BENCH_KEEP=1 (keep configs and logs)
+# RSB_BENCH_OPEN_S (openloop: measured seconds, default 10, --quick 4) RSB_BENCH_OPEN_X (offered load
+# as a multiple of capacity, default 1.5) RSB_BENCH_OPEN_TIMEOUT_S RSB_BENCH_OPEN_CONNS RSB_BENCH_OPEN_NICE
 # NGINX NGINX_MODULES RSB_LUA_SO WRK; see benches/gateway.rs.
 #
 # The bench needs this entry in Cargo.toml (without it cargo builds benches/gateway.rs
