@@ -194,7 +194,9 @@ impl Opts {
             match a.as_str() {
                 "--bench" => {} // cargo bench passes it to harness = false targets
                 "--quick" => quick = true,
-                "overhead" | "storm" | "defaults" | "quota" | "metrics" | "overload" | "openloop" => picked.push(a),
+                "overhead" | "storm" | "defaults" | "quota" | "metrics" | "overload" | "openloop" => {
+                    picked.push(a)
+                }
                 other if other.starts_with('-') => {} // other libtest-style flags
                 other => {
                     panic!("unknown argument {other:?} (scenarios: overhead storm defaults quota metrics overload openloop)")
