@@ -114,11 +114,16 @@ struct Refusing {
 }
 
 fn refusing_and_drained(dir: &TestDir, extra: Value) -> Refusing {
+    refusing_and_drained_with(dir, extra, |c| c)
+}
+
+/// [`refusing_and_drained`] with the gateway config passed through `edit`.
+fn refusing_and_drained_with(dir: &TestDir, extra: Value, edit: impl FnOnce(String) -> String) -> Refusing {
     let mut a = MockNode::new("a", 5);
     a.fail = "429".into();
     let b = MockNode::new("b", 5);
     let mocks = start_mocks(dir, &[a.clone(), b.clone()]);
-    let g = start_gateway(dir, &pool(vec![node("a", &a), node("b", &b)], extra));
+    let g = start_gateway_with(dir, &pool(vec![node("a", &a), node("b", &b)], extra), edit);
     drain(&g, "b", true);
     Refusing {
         a,
@@ -280,4 +285,35 @@ fn saturating_load_gets_no_5xx_only_answers_or_429_with_retry_after() {
         let st = quiesce(&g);
         assert_eq!(inflight(&st), 0, "{st}");
     }
+}
+
+/// A location without the `error_page` to `@rsb_round` (a config written before
+/// rounds) while the pool has rounds: the busy round ends in nginx's 502, and the
+/// error log says what is missing, once.
+#[test]
+fn rounds_without_their_location_say_so_in_the_error_log() {
+    let _s = serial();
+    let dir = TestDir::new("rounds-missing");
+    let proxy = std::fs::read_to_string(repo().join("nginx-conf/demo/proxy-llm.conf")).unwrap();
+    let line = "error_page 502 504 = @rsb_round;";
+    assert!(proxy.contains(line), "proxy-llm.conf changed");
+    let copy = dir.write("proxy-no-rounds.conf", &proxy.replace(line, ""));
+    let demo = repo()
+        .join("nginx-conf/demo/proxy-llm.conf")
+        .display()
+        .to_string();
+    let Refusing { g, _mocks, .. } = refusing_and_drained_with(&dir, json!({}), |c| {
+        c.replacen(&demo, &copy.display().to_string(), 1)
+    });
+    for _ in 0..3 {
+        assert_eq!(g.chat().status, 502);
+    }
+    let log = g.nginx.error_log();
+    let says = "has retry.rounds but a busy round ended in nginx's 502";
+    let n = log.matches(says).count();
+    assert!(
+        (1..=2).contains(&n),
+        "{n} warnings (one per worker at most):\n{log}"
+    );
+    quiesce(&g);
 }

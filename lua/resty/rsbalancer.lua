@@ -371,6 +371,7 @@ end
 -- log(): round() finds it there in the new location, whatever ended the last round
 -- (so no try of it is left unreported, whether or not the pool has rounds).
 local by_request = {}
+local warned_rounds = false -- log() said once that rounds lack their location
 
 -- Request state kept in ngx.ctx.rsb across the balancer and log phases. Tries of the
 -- current round are items `first`.. of nginx's upstream lists, shifted by `offset`.
@@ -560,14 +561,11 @@ function _M.balance(pool, key)
     local why = out_buf[0]
     if why == 0 then
         ngx_balancer.set_more_tries(1)
-    elseif why == RETRY_NO_NODE and st.rounds < policy[st.pool].rounds and n < policy[apool].size
-           and ngx.var.rsb_rounds == "on" then
-        -- Nothing to retry on now, but rounds left and a location that takes them
-        -- (`set $rsb_rounds on;` beside `error_page 502 504 = @rsb_round;`): nginx
-        -- comes back here should this try fail, and the next call retries at once,
-        -- ends the round busy (a new round waits for a node), or ends it failed. Any
-        -- other refusal lets the node's own answer reach the client (header_filter()
-        -- adds a Retry-After).
+    elseif why == RETRY_NO_NODE and st.rounds < policy[st.pool].rounds and n < policy[apool].size then
+        -- Nothing to retry on now, but rounds left: nginx comes back here should this
+        -- try fail, and the next call retries at once, ends the round busy (a new
+        -- round waits for a node), or ends it failed. Any other refusal lets the
+        -- node's own answer reach the client (header_filter() adds a Retry-After).
         st.unasked = true
         ngx_balancer.set_more_tries(1)
     end
@@ -735,6 +733,13 @@ function _M.log()
     -- After the report: the slot given to the next waiter is free at the node too.
     if st.adm or st.q_entry then admission.release(C, handle, st) end
     by_request[st.rkey] = nil
+    if st.busy and not warned_rounds and policy[st.pool].rounds > 0 then
+        -- A round ended busy and round() never ran: the location lacks the error_page.
+        warned_rounds = true
+        ngx.log(ngx.ERR, "rsbalancer: pool ", st.pool, " has retry.rounds but a busy round ",
+                "ended in nginx's 502: add `error_page 502 504 = @rsb_round;` and the ",
+                "@rsb_round location (README \"Rounds\"), or set retry.rounds to 0")
+    end
 end
 
 -- How many items an nginx upstream list ("429, 502 : 200") holds.

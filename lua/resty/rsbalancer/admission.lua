@@ -230,13 +230,14 @@ function _M.wait_pick(C, handle, idx, st, tried, n, key, until_s)
         if C.rsb_pick_prefer(handle, idx, key, klen, tried, n, prefer, slot_buf) == RSB_OK then
             return slot_buf[0]
         end
-        local now = ngx.now()
-        local left = until_s - now
-        if left <= 0 then return nil, "deadline" end
+        -- (ngx.now() moves on only when the event loop turns: every sleep below is
+        -- at least 1 ms, a timer, so it does.)
+        local left = until_s - ngx.now()
+        if left < 0.001 then return nil, "deadline" end
         if C.rsb_available(handle, idx, value_buf) ~= RSB_OK and tonumber(value_buf[0]) > left * 1000 then
             return nil, "deadline" -- no node is back before the deadline
         end
-        ngx.sleep(math.min(delay * (0.5 + random()), left))
+        ngx.sleep(math.max(0.001, math.min(delay * (0.5 + random()), left)))
         if st.aborted then return ngx.exit(499) end
         if delay < 0.05 then delay = delay * 2 end
     end
