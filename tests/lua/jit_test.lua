@@ -203,6 +203,8 @@ local function check(traces, fn, text)
     local closes_loop, covers_backedge = nil, nil
     for _, tr in ipairs(traces) do
         summary[#summary + 1] = describe(tr)
+        -- jit.dump's own code (it runs while the loop is recorded) is not ours.
+        if tr.start:find("dump.lua:", 1, true) then goto next_trace end
         local starts_here = in_loop(tr.start_file, tr.start_line)
         local touches = starts_here
         local backedge = false
@@ -218,7 +220,18 @@ local function check(traces, fn, text)
             if tr.abort:find("NYI", 1, true) then
                 problems[#problems + 1] = "NYI: " .. describe(tr)
             elseif starts_here or touches then
-                problems[#problems + 1] = "aborted in the loop: " .. describe(tr)
+                -- LuaJIT gives up a root trace that meets an inner loop not compiled
+                -- yet (or unrolls too far) and records the same start again later:
+                -- which loop gets hot first follows the bytecode's addresses (the
+                -- hot counters are hashed by them), so it varies from run to run.
+                -- Fine when the retry from the same start completed, or for a side
+                -- trace (start "N/exit"): its exit then runs in the interpreter, which
+                -- the share of compiled samples below still has to allow.
+                local benign = BENIGN[tr.abort:match(" %-%- (.*)$") or ""]
+                local side = tr.start:find("%d+/%d+") ~= nil
+                if not (benign and (side or retried_ok(traces, tr))) then
+                    problems[#problems + 1] = "aborted in the loop: " .. describe(tr)
+                end
             elseif not (BENIGN[tr.abort:match(" %-%- (.*)$") or ""] or retried_ok(traces, tr)) then
                 problems[#problems + 1] = "aborted and never compiled: " .. describe(tr)
             end
@@ -236,6 +249,7 @@ local function check(traces, fn, text)
                 covers_backedge = covers_backedge or tr
             end
         end
+        ::next_trace::
     end
     if text:find("NYI", 1, true) then
         problems[#problems + 1] = "the log mentions NYI"
