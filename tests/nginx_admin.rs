@@ -753,11 +753,22 @@ fn admin_token_is_enforced() {
     for (path, accept, page) in [
         ("/rsbalancer/status", Some("text/html"), true),
         ("/rsbalancer/status", Some(browser), true),
-        ("/rsbalancer/status", Some("*/*"), true),
+        ("/rsbalancer/status", Some("*/*"), false),
         ("/rsbalancer/status", Some("application/json"), false),
+        (
+            "/rsbalancer/status",
+            Some("application/json, text/html;q=0.9"),
+            false,
+        ),
+        (
+            "/rsbalancer/status",
+            Some("text/html, application/json;q=0.9"),
+            true,
+        ),
         ("/rsbalancer/status", None, false),
         ("/rsbalancer/", Some(browser), true),
         ("/rsbalancer/", Some("*/*"), false),
+        ("/rsbalancer/", Some("application/json"), false),
         ("/rsbalancer/", None, false),
     ] {
         let headers: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
