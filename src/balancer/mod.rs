@@ -32,6 +32,7 @@ use crate::health::{self, Flip};
 use crate::limit::{self, Busy};
 use crate::load;
 use crate::node;
+use crate::notice::{self, Notice, Reason};
 use crate::params;
 use crate::retry;
 use crate::select::{hash_key, Algorithm, Candidate, NodeView, Selector};
@@ -158,6 +159,9 @@ pub struct Balancer {
     /// This process's header values of the nodes' providers, kept from every config
     /// loaded here (never in the region; `crate::config::provider`).
     secrets: Secrets,
+    /// Node transitions this process won, until a timer logs them
+    /// ([`Balancer::take_notices`]); taken only when a transition happens.
+    notices: parking_lot::Mutex<notice::Queue>,
 }
 
 impl Balancer {
@@ -186,6 +190,7 @@ impl Balancer {
             calm_since: Default::default(),
             stage: AtomicU64::new(0),
             secrets: Secrets::default(),
+            notices: Default::default(),
         }
     }
 

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -268,10 +268,16 @@ pub struct NodeSlot {
     pub _pad3: u32,
     pub cooldowns_total: AtomicU64,
     pub ejections_total: AtomicU64,
-    pub _reserved3: [AtomicU64; 3],
-    // --- lines 4-6: unused (was: status classes and latency histogram; now in
-    // `NodeTally`) -------------------------------------------------------------------
-    pub _reserved4: [AtomicU64; 24],
+    /// Since when (ms, coarse monotonic) the node is out after a cooldown or an
+    /// ejection began; 0 when it is not, or its first served try since was noticed
+    /// (`crate::notice`: the report that swaps it back to 0 announces "back").
+    pub out_since_ms: AtomicU64,
+    pub _reserved3: [AtomicU64; 2],
+    // --- line 4: transition notices; lines 5-6 unused (were: status classes and the
+    // latency histogram, now in `NodeTally`) -------------------------------------------
+    /// Per `crate::notice::Kind`: the rate limit's word (`crate::notice::admit`).
+    pub notices: [AtomicU64; crate::notice::KINDS],
+    pub _reserved4: [AtomicU64; 24 - crate::notice::KINDS],
 }
 
 /// Per-row statistics of one node (see the module documentation for rows).
