@@ -157,8 +157,7 @@ impl Balancer {
             }
             // A served try (`Shed` is never the outcome of a try).
             Event::Ok | Event::Shed => {
-                // Prometheus buckets are `le`: the first bound the latency does not exceed.
-                let b = LATENCY_BOUNDS_MS.partition_point(|&bound| (bound as u64) * 1000 < latency_us as u64);
+                let b = bucket_of(&LATENCY_BOUNDS_MS, latency_us as u64);
                 writer.add(&nt.latency_hist[b], 1);
                 node::note_served(&self.region, node, inflight);
                 writer.add(&nt.latency_sum_us, latency_us as u64);

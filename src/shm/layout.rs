@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -66,6 +66,19 @@ pub const WINDOW_BUCKETS: usize = 10;
 pub const LATENCY_BOUNDS_MS: [u32; 15] = [
     5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000,
 ];
+
+/// Upper bounds (ms) of a pool's admission-queue wait histogram; the last bucket
+/// (index `QUEUE_WAIT_BOUNDS_MS.len()`) is `+Inf`.
+pub const QUEUE_WAIT_BOUNDS_MS: [u32; 13] = [
+    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000,
+];
+
+/// The bucket of a histogram with upper bounds `bounds_ms` (Prometheus' `le`: the
+/// first bound the value does not exceed; `bounds_ms.len()` for `+Inf`) that
+/// `value_us` microseconds fall in.
+pub fn bucket_of(bounds_ms: &[u32], value_us: u64) -> usize {
+    bounds_ms.partition_point(|&bound| (bound as u64) * 1000 < value_us)
+}
 
 /// One bucket of a pool's sliding window: what the overload detector and the canary
 /// rollback compare. `tag` is the bucket's period number; a writer that finds an old
@@ -207,8 +220,12 @@ pub struct PoolSlot {
     pub queue_aborted_total: AtomicU64,
     pub queue_wait_ms_sum: AtomicU64,
     pub _reserved3: [AtomicU64; 3],
-    // --- lines 7-13: unused (was: the sliding window; now in `PoolTally`) ----------
-    pub _reserved_window: [AtomicU64; 5 * WINDOW_BUCKETS],
+    // --- lines 7-8: the admission queue's wait histogram; lines 8-13 unused (were:
+    // the sliding window; now in `PoolTally`) ---------------------------------------
+    /// Requests admitted from the queue by the time they waited (`QUEUE_WAIT_BOUNDS_MS`,
+    /// then +Inf); not cumulative. Their waits add up to `queue_wait_ms_sum`.
+    pub queue_wait_hist: [AtomicU64; QUEUE_WAIT_BOUNDS_MS.len() + 1],
+    pub _reserved_window: [AtomicU64; 5 * WINDOW_BUCKETS - QUEUE_WAIT_BOUNDS_MS.len() - 1],
     /// Canary ramp (`crate::canary`): the next step's time (ms, coarse monotonic) in
     /// the high 48 bits, the share the ramp set last in the low 16; 0: no ramp running.
     pub canary_ramp: AtomicU64,
@@ -492,5 +509,24 @@ impl Capacity {
     /// Tally rows: one per worker slot, then the shared row (index `max_workers`).
     pub fn tally_rows(&self) -> u32 {
         self.max_workers + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_le_their_bound() {
+        let bounds = [5, 10];
+        assert_eq!(bucket_of(&bounds, 0), 0);
+        assert_eq!(bucket_of(&bounds, 5_000), 0, "le: the bound itself is in");
+        assert_eq!(bucket_of(&bounds, 5_001), 1);
+        assert_eq!(bucket_of(&bounds, 10_000), 1);
+        assert_eq!(bucket_of(&bounds, 10_001), 2, "+Inf");
+        assert_eq!(
+            bucket_of(&QUEUE_WAIT_BOUNDS_MS, u64::MAX),
+            QUEUE_WAIT_BOUNDS_MS.len()
+        );
     }
 }
