@@ -78,6 +78,13 @@ impl Balancer {
             event,
             writer,
         );
+        budget::add(
+            &nt.recent,
+            now,
+            RECENT_WINDOW_MS,
+            (1, (event != Event::Ok) as u64),
+            writer,
+        );
         let penalty_ms = ps.penalty_ms.load(Ordering::Relaxed);
         let cap_ms = ps.penalty_cap_ms.load(Ordering::Relaxed);
         let sample: Feed = match event {

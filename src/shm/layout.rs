@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -98,6 +98,11 @@ pub struct WindowBucket {
 
 /// Buckets of a pool's retry-budget window.
 pub const BUDGET_BUCKETS: usize = 10;
+
+/// Buckets and width (ms) of each node's recent window (`NodeTally::recent`): its
+/// tries and failed or 429 ones over about the last minute, for the status page.
+pub const RECENT_BUCKETS: usize = 8;
+pub const RECENT_WINDOW_MS: u32 = 60_000;
 
 #[repr(C, align(64))]
 pub struct Header {
@@ -310,6 +315,9 @@ pub struct NodeTally {
     /// Served tries (not failed, not 429, not cancelled) by latency bucket
     /// (`LATENCY_BOUNDS_MS`, then +Inf); not cumulative. Their sum is `latency_sum_us`.
     pub latency_hist: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
+    /// Recent window (`crate::budget`): per bucket, reported tries and those that
+    /// failed or were answered 429 (cancelled ones excluded).
+    pub recent: [AtomicU64; RECENT_BUCKETS],
 }
 
 /// Per-row statistics of one pool.
@@ -345,7 +353,7 @@ const _: () = {
     assert!(std::mem::size_of::<NodeSlot>() == 384);
     assert!(std::mem::offset_of!(NodeSlot, pool) == 64);
     assert!(std::mem::size_of::<WorkerSlot>() == 64);
-    assert!(std::mem::size_of::<NodeTally>() == 192);
+    assert!(std::mem::size_of::<NodeTally>() == 256);
     assert!(std::mem::size_of::<PoolTally>() == 640);
     assert!(std::mem::align_of::<NodeSlot>() == 64);
 };
