@@ -262,6 +262,8 @@ impl Balancer {
             // Not out, or still out (a try picked before it went out).
             return;
         }
+        // Relaxed: the one swap that sees the non-zero value announces; nothing else
+        // rides on the word.
         let since = n.out_since_ms.swap(0, Ordering::Relaxed);
         if since != 0 {
             let out_ms = now.saturating_sub(since);
