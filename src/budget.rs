@@ -1,6 +1,8 @@
-//! The retry budget's sliding window: requests and retries of a pool over the last
-//! `window_ms`, in `BUDGET_BUCKETS` buckets per tally row (`crate::tally` sums the
-//! rows; `crate::retry::allows` decides).
+//! Sliding windows of two counters in one word per bucket: the retry budget's
+//! requests and retries of a pool over the last `window_ms` (`BUDGET_BUCKETS` buckets
+//! per tally row; `crate::retry::allows` decides), and each node's recent tries and
+//! failed or 429 ones (`RECENT_BUCKETS`, for the status page). `crate::tally` sums the
+//! rows.
 //!
 //! Each bucket is one 64-bit word holding a 16-bit bucket tag and two 24-bit
 //! counters, so recording is a single store (a worker's own row) or a single CAS (the
@@ -13,20 +15,40 @@ use crate::writer::Writer;
 
 const COUNT_MAX: u64 = (1 << 24) - 1;
 
-fn bucket_of(now_ms: u64, window_ms: u32) -> u64 {
-    now_ms / (window_ms as u64 / BUDGET_BUCKETS as u64).max(1)
+fn bucket_of<const N: usize>(now_ms: u64, window_ms: u32) -> u64 {
+    now_ms / (window_ms as u64 / N as u64).max(1)
 }
 
 fn unpack(word: u64) -> (u64, u64, u64) {
     (word >> 48, (word >> 24) & COUNT_MAX, word & COUNT_MAX)
 }
 
-fn pack(tag: u64, requests: u64, retries: u64) -> u64 {
-    ((tag & 0xffff) << 48) | (requests.min(COUNT_MAX) << 24) | retries.min(COUNT_MAX)
+fn pack(tag: u64, first: u64, second: u64) -> u64 {
+    ((tag & 0xffff) << 48) | (first.min(COUNT_MAX) << 24) | second.min(COUNT_MAX)
+}
+
+/// Add `first` and `second` to the current bucket of one row of a window of `N`
+/// buckets over `window_ms`, written as `writer`.
+pub fn add<const N: usize>(
+    buckets: &[AtomicU64; N],
+    now_ms: u64,
+    window_ms: u32,
+    (first, second): (u64, u64),
+    writer: Writer,
+) {
+    let b = bucket_of::<N>(now_ms, window_ms);
+    let cell = &buckets[(b % N as u64) as usize];
+    let tag = b & 0xffff;
+    let next = |w: u64| {
+        let (t, a, z) = unpack(w);
+        let (a, z) = if t == tag { (a, z) } else { (0, 0) };
+        pack(tag, a + first, z + second)
+    };
+    writer.update(cell, next);
 }
 
 /// Count one request (`retry == false`) or one retry in the current bucket of one
-/// row, written as `writer`.
+/// row of a retry budget, written as `writer`.
 pub fn record(
     buckets: &[AtomicU64; BUDGET_BUCKETS],
     now_ms: u64,
@@ -34,31 +56,26 @@ pub fn record(
     retry: bool,
     writer: Writer,
 ) {
-    let b = bucket_of(now_ms, window_ms);
-    let cell = &buckets[(b % BUDGET_BUCKETS as u64) as usize];
-    let tag = b & 0xffff;
-    let next = |w: u64| {
-        let (t, req, ret) = unpack(w);
-        let (req, ret) = if t == tag { (req, ret) } else { (0, 0) };
-        if retry {
-            pack(tag, req, ret + 1)
-        } else {
-            pack(tag, req + 1, ret)
-        }
-    };
-    writer.update(cell, next);
+    add(
+        buckets,
+        now_ms,
+        window_ms,
+        ((!retry) as u64, retry as u64),
+        writer,
+    );
 }
 
-/// (requests, retries) over the window ending now.
-pub fn totals(buckets: &[AtomicU64; BUDGET_BUCKETS], now_ms: u64, window_ms: u32) -> (u64, u64) {
-    let cur = bucket_of(now_ms, window_ms) & 0xffff;
+/// The two counters' sums over the window ending now: (requests, retries) of a
+/// retry budget, (tries, failed or 429) of a node's recent window.
+pub fn totals<const N: usize>(buckets: &[AtomicU64; N], now_ms: u64, window_ms: u32) -> (u64, u64) {
+    let cur = bucket_of::<N>(now_ms, window_ms) & 0xffff;
     let mut sum = (0, 0);
     for cell in buckets {
-        let (t, req, ret) = unpack(cell.load(Ordering::Relaxed));
-        // A bucket counts if its tag is one of the last BUDGET_BUCKETS periods.
-        if (cur.wrapping_sub(t) & 0xffff) < BUDGET_BUCKETS as u64 && (req | ret) != 0 {
-            sum.0 += req;
-            sum.1 += ret;
+        let (t, a, z) = unpack(cell.load(Ordering::Relaxed));
+        // A bucket counts if its tag is one of the last N periods.
+        if (cur.wrapping_sub(t) & 0xffff) < N as u64 && (a | z) != 0 {
+            sum.0 += a;
+            sum.1 += z;
         }
     }
     sum
@@ -91,6 +108,17 @@ mod tests {
             record(&b, 11_000, 10_000, true, w);
             assert_eq!(totals(&b, 11_000, 10_000), (0, 1), "{w:?}");
         }
+    }
+
+    #[test]
+    fn a_node_window_counts_both_counters_of_one_event() {
+        let b: [AtomicU64; 8] = std::array::from_fn(|_| AtomicU64::new(0));
+        // 8 buckets of 7.5 s over 60 s: a served try, then a failed one a bucket later.
+        add(&b, 0, 60_000, (1, 0), Writer::Owned);
+        add(&b, 8_000, 60_000, (1, 1), Writer::Shared);
+        assert_eq!(totals(&b, 59_999, 60_000), (2, 1));
+        assert_eq!(totals(&b, 60_000, 60_000), (1, 1), "the first bucket left");
+        assert_eq!(totals(&b, 67_500, 60_000), (0, 0));
     }
 
     #[test]

@@ -44,6 +44,7 @@ mod lua;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod notice;
 pub mod params;
 pub mod provider;
 pub mod retry;

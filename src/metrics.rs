@@ -62,7 +62,7 @@ use crate::balancer::{Balancer, Error};
 use crate::load;
 use crate::node;
 use crate::shm::clock;
-use crate::shm::layout::{emergency, flags, LATENCY_BOUNDS_MS};
+use crate::shm::layout::{emergency, flags, LATENCY_BOUNDS_MS, QUEUE_WAIT_BOUNDS_MS};
 use crate::{tally, window};
 
 /// The `Content-Type` of the exposition.
@@ -223,6 +223,7 @@ struct PoolSnap {
     queue_evicted: u64,
     queue_aborted: u64,
     queue_wait_s: f64,
+    queue_wait_hist: [u64; QUEUE_WAIT_BOUNDS_MS.len() + 1],
     emergency_active: bool,
     emergency_mode: &'static str,
     emergency_entries: u64,
@@ -326,6 +327,7 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
             queue_evicted: ps.queue_evicted_total.load(Ordering::Relaxed),
             queue_aborted: ps.queue_aborted_total.load(Ordering::Relaxed),
             queue_wait_s: ps.queue_wait_ms_sum.load(Ordering::Relaxed) as f64 / 1000.0,
+            queue_wait_hist: std::array::from_fn(|i| ps.queue_wait_hist[i].load(Ordering::Relaxed)),
             emergency_active: e & emergency::ACTIVE != 0,
             emergency_mode: if e & emergency::FORCED_ON != 0 {
                 "on"
@@ -407,6 +409,44 @@ fn write_globals(out: &mut String, b: &Balancer) {
         "",
         h.lock_steals.load(Ordering::Relaxed),
     );
+}
+
+/// A histogram family, one histogram per item: `f(item)` gives its buckets (not
+/// cumulative; `bounds_ms` then +Inf) and its sum in seconds.
+fn histogram_family<T>(
+    out: &mut String,
+    items: &[T],
+    labels_of: fn(&T) -> &str,
+    (name, help): (&str, &str),
+    bounds_ms: &[u32],
+    f: impl Fn(&T) -> (&[u64], f64),
+) {
+    family(out, name, Kind::Histogram, help);
+    let les: Vec<String> = bounds_ms
+        .iter()
+        .map(|&ms| {
+            let mut s = String::from("le=\"");
+            write_num(&mut s, Num::F(ms as f64 / 1000.0));
+            s.push('"');
+            s
+        })
+        .chain(std::iter::once("le=\"+Inf\"".to_string()))
+        .collect();
+    let (bucket, sum, count) = (
+        format!("{name}_bucket"),
+        format!("{name}_sum"),
+        format!("{name}_count"),
+    );
+    for it in items {
+        let (hist, sum_s) = f(it);
+        let mut cumulative = 0u64;
+        for (le, v) in les.iter().zip(hist) {
+            cumulative += v;
+            sample(out, &bucket, labels_of(it), le, cumulative);
+        }
+        sample(out, &sum, labels_of(it), "", sum_s);
+        sample(out, &count, labels_of(it), "", cumulative);
+    }
 }
 
 /// A family with one sample per node or per pool: name, type, help, value.
@@ -562,50 +602,17 @@ fn write_nodes(out: &mut String, nodes: &[NodeSnap], pools: &[PoolSnap]) {
         |n, i| n.class[i].into(),
     );
     simple_families(out, nodes, node_labels, &NODE_COUNTERS);
-    let h = "rsbalancer_node_upstream_latency_seconds";
-    family(
+    histogram_family(
         out,
-        h,
-        Kind::Histogram,
-        "Time to the node's response of the tries it served (not failed, not 429).",
+        nodes,
+        node_labels,
+        (
+            "rsbalancer_node_upstream_latency_seconds",
+            "Time to the node's response of the tries it served (not failed, not 429).",
+        ),
+        &LATENCY_BOUNDS_MS,
+        |n| (&n.hist, n.hist_sum_us as f64 / 1e6),
     );
-    let bounds: Vec<String> = LATENCY_BOUNDS_MS
-        .iter()
-        .map(|&ms| {
-            let mut s = String::from("le=\"");
-            write_num(&mut s, Num::F(ms as f64 / 1000.0));
-            s.push('"');
-            s
-        })
-        .chain(std::iter::once("le=\"+Inf\"".to_string()))
-        .collect();
-    for n in nodes {
-        let mut cumulative = 0u64;
-        for (le, v) in bounds.iter().zip(n.hist) {
-            cumulative += v;
-            sample(
-                out,
-                "rsbalancer_node_upstream_latency_seconds_bucket",
-                &n.labels,
-                le,
-                cumulative,
-            );
-        }
-        sample(
-            out,
-            "rsbalancer_node_upstream_latency_seconds_sum",
-            &n.labels,
-            "",
-            n.hist_sum_us as f64 / 1e6,
-        );
-        sample(
-            out,
-            "rsbalancer_node_upstream_latency_seconds_count",
-            &n.labels,
-            "",
-            cumulative,
-        );
-    }
     simple_families(out, nodes, node_labels, &NODE_GAUGES);
     labelled_family(
         out,
@@ -680,7 +687,7 @@ const POOL_FIELDS: [Field<PoolSnap>; 22] = [
     (
         "rsbalancer_pool_queue_wait_seconds_total",
         Kind::Counter,
-        "Total time requests waited in the admission queue.",
+        "Total time requests waited in the admission queue (the sum of rsbalancer_pool_queue_wait_seconds, kept for existing dashboards).",
         |p| p.queue_wait_s.into(),
     ),
     (
@@ -761,6 +768,17 @@ const EMERGENCY_MODES: [&str; 3] = ["auto", "on", "off"];
 
 fn write_pools(out: &mut String, pools: &[PoolSnap]) {
     simple_families(out, pools, pool_labels, &POOL_FIELDS);
+    histogram_family(
+        out,
+        pools,
+        pool_labels,
+        (
+            "rsbalancer_pool_queue_wait_seconds",
+            "Time requests admitted from the admission queue waited in it (requests let on at once are not in it).",
+        ),
+        &QUEUE_WAIT_BOUNDS_MS,
+        |p| (&p.queue_wait_hist, p.queue_wait_s),
+    );
     labelled_family(
         out,
         pools,
@@ -1005,6 +1023,35 @@ mod tests {
             assert!(f.starts_with("rsbalancer_"), "{f}");
             assert_eq!(kind == "counter", f.ends_with("_total"), "{f} is a {kind}");
         }
+    }
+
+    #[test]
+    fn queue_wait_is_a_histogram_per_pool() {
+        let b = balancer(TWO_POOLS);
+        let ps = b.region().pool(b.pool_index("llm").unwrap()).unwrap();
+        // Waits of 20 ms, 20 ms and 90 s (as the queue's dispatch records them).
+        for (ms, bucket) in [(20, 2), (20, 2), (90_000, QUEUE_WAIT_BOUNDS_MS.len())] {
+            ps.queue_wait_hist[bucket].fetch_add(1, Ordering::Relaxed);
+            ps.queue_wait_ms_sum.fetch_add(ms, Ordering::Relaxed);
+        }
+        let (s, families) = parse(&render_text(&b));
+        assert!(families.contains(&(
+            "rsbalancer_pool_queue_wait_seconds".to_string(),
+            "histogram".to_string()
+        )));
+        let p = |le: &'static str| [("pool", "llm"), ("arm", "primary"), ("le", le)];
+        let bucket = |le| value(&s, "rsbalancer_pool_queue_wait_seconds_bucket", &p(le));
+        assert_eq!(bucket("0.01"), 0.0);
+        assert_eq!(bucket("0.025"), 2.0);
+        assert_eq!(bucket("60"), 2.0, "cumulative");
+        assert_eq!(bucket("+Inf"), 3.0);
+        let pool = [("pool", "llm"), ("arm", "primary")];
+        assert_eq!(value(&s, "rsbalancer_pool_queue_wait_seconds_count", &pool), 3.0);
+        let sum = value(&s, "rsbalancer_pool_queue_wait_seconds_sum", &pool);
+        assert!((sum - 90.04).abs() < 1e-9, "sum {sum}");
+        assert_eq!(value(&s, "rsbalancer_pool_queue_wait_seconds_total", &pool), sum);
+        let next = [("pool", "next"), ("arm", "primary"), ("le", "+Inf")];
+        assert_eq!(value(&s, "rsbalancer_pool_queue_wait_seconds_bucket", &next), 0.0);
     }
 
     #[test]

@@ -152,6 +152,10 @@ pub fn reset(region: &Region, slot: u32, now: u64) {
     }
     s.cooldowns_total.store(0, Ordering::Relaxed);
     s.ejections_total.store(0, Ordering::Relaxed);
+    s.out_since_ms.store(0, Ordering::Relaxed);
+    for w in &s.notices {
+        w.store(0, Ordering::Relaxed);
+    }
     s.flags.store(0, Ordering::Relaxed);
     tally::reset_node(region, slot);
     forget_served(region, slot);

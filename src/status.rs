@@ -6,8 +6,10 @@
 //!
 //! It only reads: the topology through the pool's API, node state through
 //! [`crate::node`], the admission queue through [`crate::admission::status_json`], and
-//! the canary and emergency words of each pool's shared slot. Adding a field for
-//! operators means adding it here (and to the page that shows it).
+//! the canary and emergency words of each pool's shared slot, and each node's recent
+//! window (tries per second and success share over about a minute) through
+//! [`crate::tally`]. Adding a field for operators means adding it here (and to the
+//! page that shows it).
 
 use std::sync::atomic::Ordering;
 
@@ -16,14 +18,33 @@ use serde_json::{json, Value};
 use crate::balancer::{Balancer, Error};
 use crate::node;
 use crate::params::PARTS;
-use crate::shm::layout::emergency;
+use crate::shm::clock;
+use crate::shm::layout::{emergency, RECENT_WINDOW_MS};
+use crate::shm::Region;
 use crate::tally;
+
+/// A node's recent window: tries per second and the share that succeeded (neither
+/// failed nor 429; null without tries) over about the last minute, rounded for
+/// display, with the counts they come from.
+fn recent(region: &Region, slot: u32, now: u64) -> Value {
+    let (tries, bad) = tally::node_recent(region, slot, now);
+    let window_s = RECENT_WINDOW_MS as f64 / 1000.0;
+    let success = (tries > 0).then(|| (1.0 - bad.min(tries) as f64 / tries as f64) * 1000.0);
+    json!({
+        "window_s": window_s,
+        "tries": tries,
+        "failed_or_429": bad,
+        "rate": (tries as f64 / window_s * 10.0).round() / 10.0,
+        "success": success.map(|s| s.round() / 1000.0),
+    })
+}
 
 /// Every pool and node with its live state. Effective weights are this process's.
 pub fn of(b: &Balancer) -> Result<Value, Error> {
     let topo = b.topology()?;
     let region = b.region();
     let effective = b.effective_weights()?;
+    let now = clock::now_ms();
     let pools: serde_json::Map<String, Value> = topo
         .pools
         .iter()
@@ -38,6 +59,7 @@ pub fn of(b: &Balancer) -> Result<Value, Error> {
                     v["addr"] = n.addr.to_string().into();
                     let w = effective.get(&n.slot).copied().unwrap_or(0.0);
                     v["effective_weight"] = ((w * 100.0).round() / 100.0).into();
+                    v["recent"] = recent(region, n.slot, now);
                     // Header names and variable names, never a value.
                     if let Some(p) = &n.provider {
                         v["provider"] = serde_json::to_value(p).expect("provider serializes");

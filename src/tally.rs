@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::shm::layout::LATENCY_BOUNDS_MS;
+use crate::shm::layout::{LATENCY_BOUNDS_MS, RECENT_WINDOW_MS};
 use crate::shm::Region;
 use crate::window::{self, Totals};
 pub use crate::writer::Writer;
@@ -110,9 +110,19 @@ pub fn budget_totals(region: &Region, p: u32, now_ms: u64, window_ms: u32) -> (u
 }
 
 /// Zero node slot `n`'s statistics in every row (a new node takes the slot).
+/// Node slot `n`'s recent window (about the last [`RECENT_WINDOW_MS`]): (tries,
+/// failed or 429).
+pub fn node_recent(region: &Region, n: u32, now_ms: u64) -> (u64, u64) {
+    region
+        .tally_rows()
+        .filter_map(|row| region.node_tally(row, n))
+        .map(|t| crate::budget::totals(&t.recent, now_ms, RECENT_WINDOW_MS))
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
 pub fn reset_node(region: &Region, n: u32) {
     for t in region.tally_rows().filter_map(|row| region.node_tally(row, n)) {
-        for c in t.status_class.iter().chain(&t.latency_hist) {
+        for c in t.status_class.iter().chain(&t.latency_hist).chain(&t.recent) {
             c.store(0, Ordering::Relaxed);
         }
         t.latency_sum_us.store(0, Ordering::Relaxed);

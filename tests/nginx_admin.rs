@@ -753,11 +753,22 @@ fn admin_token_is_enforced() {
     for (path, accept, page) in [
         ("/rsbalancer/status", Some("text/html"), true),
         ("/rsbalancer/status", Some(browser), true),
-        ("/rsbalancer/status", Some("*/*"), true),
+        ("/rsbalancer/status", Some("*/*"), false),
         ("/rsbalancer/status", Some("application/json"), false),
+        (
+            "/rsbalancer/status",
+            Some("application/json, text/html;q=0.9"),
+            false,
+        ),
+        (
+            "/rsbalancer/status",
+            Some("text/html, application/json;q=0.9"),
+            true,
+        ),
         ("/rsbalancer/status", None, false),
         ("/rsbalancer/", Some(browser), true),
         ("/rsbalancer/", Some("*/*"), false),
+        ("/rsbalancer/", Some("application/json"), false),
         ("/rsbalancer/", None, false),
     ] {
         let headers: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
@@ -912,12 +923,23 @@ fn rows(dom: &str) -> Vec<BTreeMap<String, String>> {
 
 /// What the page must show for a node of the admin JSON.
 fn expected_row(pool: &str, n: &Value) -> BTreeMap<String, String> {
-    let limit = n["limit"].as_f64().unwrap();
-    let limit = if limit > 0.0 {
-        format!("{limit}")
+    // The whole tries a learned limit lets in (8.7 -> 8), no fraction.
+    let limit = n["limit"].as_f64().unwrap().floor() as u64;
+    let limit = if limit > 0 {
+        group(limit)
     } else {
         "\u{2014}".to_string()
     };
+    let recent = &n["recent"];
+    let dash = || "\u{2014}".to_string();
+    let rate = if recent["tries"].as_u64().unwrap() > 0 {
+        one_decimal(recent["rate"].as_f64().unwrap())
+    } else {
+        dash()
+    };
+    let success = recent["success"]
+        .as_f64()
+        .map_or_else(dash, |s| format!("{}%", one_decimal(s * 100.0)));
     let mut m = BTreeMap::new();
     m.insert("pool".into(), pool.to_string());
     m.insert("id".into(), n["id"].as_str().unwrap().to_string());
@@ -931,7 +953,18 @@ fn expected_row(pool: &str, n: &Value) -> BTreeMap<String, String> {
     m.insert("backup".into(), n["backup"].as_bool().unwrap().to_string());
     m.insert("requests".into(), group(n["requests"].as_u64().unwrap()));
     m.insert("failures".into(), group(n["failures"].as_u64().unwrap()));
+    m.insert("rate".into(), rate);
+    m.insert("success".into(), success);
     m
+}
+
+/// 1234.56 -> "1,234.6", 2.0 -> "2" (the page's en-US format, at most one decimal).
+fn one_decimal(v: f64) -> String {
+    let tenths = (v * 10.0).round() as u64;
+    match tenths % 10 {
+        0 => group(tenths / 10),
+        d => format!("{}.{d}", group(tenths / 10)),
+    }
 }
 
 /// 12345 -> "12,345" (the page's en-US number format).
@@ -1073,6 +1106,31 @@ fn status_page_in_chromium_shows_the_admin_state() {
         assert!(b["ewma"].ends_with(" ms"), "no EWMA shown for b: {b:?}");
         assert_eq!(got.iter().find(|r| r["id"] == "a").unwrap()["state"], "draining");
         assert!(dom.contains("canary 25%"), "pool facts missing");
+        // Per node over the last minute: a and b served the burst, every try fine.
+        for id in ["a", "b"] {
+            let r = got.iter().find(|r| r["id"] == id).unwrap();
+            assert_eq!(r["success"], "100%", "{r:?}");
+            assert_ne!(r["rate"], "\u{2014}", "{r:?}");
+        }
+        assert_eq!(got.iter().find(|r| r["id"] == "c").unwrap()["rate"], "\u{2014}");
+        // Each pool's admission queue, as the JSON says (llm: the two held tries).
+        for (pool, section) in dom.split("<section ").skip(1).map(|s| {
+            let name = s.split("data-pool=\"").nth(1).unwrap().split('"').next().unwrap();
+            (name.to_string(), s)
+        }) {
+            let a = &before["pools"][&pool]["admission"];
+            let line = section
+                .split("<div class=\"admission\">")
+                .nth(1)
+                .and_then(|s| s.split("</div>").next())
+                .unwrap_or_else(|| panic!("no admission line for {pool}:\n{section}"));
+            let want = format!(
+                "queue {} waiting \u{b7} {} admitted now \u{b7} {} admitted from the queue \u{b7} {} timeouts",
+                a["queue_len"], a["admitted"], a["queue_admitted"], a["queue_timeouts"]
+            );
+            assert!(line.starts_with(&want), "{pool}: {line:?}, want {want:?}");
+        }
+        assert_eq!(before["pools"]["llm"]["admission"]["admitted"], json!(2));
         assert!(
             dom.contains(&format!("generation {}", before["generation"])),
             "generation not shown"

@@ -375,6 +375,27 @@ fn queue_order_and_aging() {
             2,
             "only the two that waited: {st}"
         );
+        // /metrics: the queue's waits as a histogram, the same counts as the status.
+        let text = get(g.port, "/metrics").text();
+        let wait = |series: &str| -> f64 {
+            let prefix = format!("rsbalancer_pool_queue_wait_seconds_{series}");
+            text.lines()
+                .find(|l| l.starts_with(&prefix) && l.contains("pool=\"llm\""))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {prefix} of llm in /metrics:\n{text}"))
+        };
+        assert_eq!(wait("count"), st["queue_admitted"].as_f64().unwrap(), "{st}");
+        assert_eq!(
+            wait("bucket{pool=\"llm\",arm=\"primary\",le=\"+Inf\"}"),
+            wait("count")
+        );
+        let sum_ms = wait("sum") * 1000.0;
+        let want_ms = st["queue_wait_ms_sum"].as_f64().unwrap();
+        assert!(
+            (sum_ms - want_ms).abs() < 1e-6,
+            "sum {sum_ms} ms, status {want_ms} ms"
+        );
     }
 }
 

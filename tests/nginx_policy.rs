@@ -861,6 +861,127 @@ fn failing_node_is_ejected_then_recovers_in_slow_start() {
     assert_all_ok(&results, "after the recovery");
 }
 
+/// The error log's lines about node `id` of pool llm that say `what` ("ejected for",
+/// "cooling for", "back: "), from the library's transition notices.
+fn transition_lines(g: &Gateway, m: &MockNode, id: &str, what: &str) -> Vec<String> {
+    let needle = format!("rsbalancer: pool llm node {id} ({}) {what}", m.addr());
+    g.nginx
+        .error_log()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// One notice line per node transition, from one worker: a node failing every try is
+/// ejected again and again under load, a node answering quota 429s cools down again and
+/// again, and both come back once fixed. Each transition is logged by the worker that
+/// won it (never by both workers), at most once per node and kind per 10 s (the lines
+/// say how many were suppressed), so the flood of failures is a line or two.
+///
+/// The bound on lines is `1 + elapsed / 10 s` (the rate limit's guarantee over the
+/// test's whole run, however slow the machine), and never more than the transitions
+/// counted in the node's stats.
+#[test]
+fn node_transitions_are_logged_once_and_rate_limited() {
+    let _serial = serial();
+    let dir = TestDir::new("policy-notices");
+    let bad = MockNode::new("bad", 5);
+    let quota = MockNode::new("quota", 5);
+    let ok = MockNode::new("ok", 5);
+    let _mocks = start_mocks(&dir, &[bad.clone(), quota.clone(), ok.clone()]);
+    mock_set(&bad, "fail=503");
+    mock_set(&quota, "fail=429&retry_after=2");
+    let started = Instant::now();
+    let g = start_gateway(
+        &dir,
+        &pool(
+            "round_robin",
+            vec![
+                node("bad", &bad, 10),
+                node("quota", &quota, 10),
+                node("ok", &ok, 10),
+            ],
+            json!({ "outlier": { "consecutive_failures": 3, "base_ms": 200, "max_ms": 400 } }),
+        ),
+    );
+
+    // The flood: until bad was ejected three times and quota cooled down twice.
+    let mut sent = 0;
+    let s = wait_stats(&g, 60, "repeated ejections and cooldowns", |s| {
+        if stat(s, "bad", "ejections") >= 3 && stat(s, "quota", "cooldowns") >= 2 {
+            return true;
+        }
+        sent += load(&g, 16, 4).len();
+        false
+    });
+    let failures = stat(&s, "bad", "failures");
+    assert!(failures >= 9, "{s}");
+    wait_until(Duration::from_secs(10), "the ejection and cooling lines", || {
+        !transition_lines(&g, &bad, "bad", "ejected for").is_empty()
+            && !transition_lines(&g, &quota, "quota", "cooling for").is_empty()
+    });
+
+    // Fixed: each is back at its first served try.
+    mock_set(&bad, "fail=");
+    mock_set(&quota, "fail=");
+    until_served_by(&g, "bad", 30);
+    until_served_by(&g, "quota", 30);
+    wait_until(Duration::from_secs(10), "the back lines", || {
+        !transition_lines(&g, &bad, "bad", "back: ").is_empty()
+            && !transition_lines(&g, &quota, "quota", "back: ").is_empty()
+    });
+    // Let the log timers run once more: nothing pending may be left unlogged below.
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = quiesce(&g);
+    let bound = 1 + started.elapsed().as_secs() as usize / 10;
+
+    let ejected = transition_lines(&g, &bad, "bad", "ejected for");
+    let cooling = transition_lines(&g, &quota, "quota", "cooling for");
+    let log = g.nginx.error_log();
+    for l in log.lines().filter(|l| l.contains("rsbalancer: pool llm node")) {
+        eprintln!("{l}");
+    }
+    let notice_lines = |v: &[String]| v.iter().all(|l| l.contains("[notice]"));
+    for (what, lines, transitions) in [
+        ("ejected", &ejected, stat(&s, "bad", "ejections") as usize),
+        ("cooling", &cooling, stat(&s, "quota", "cooldowns") as usize),
+    ] {
+        assert!(
+            !lines.is_empty() && lines.len() <= bound.min(transitions),
+            "{} {what} lines, {transitions} transitions, at most {bound} allowed:\n{}",
+            lines.len(),
+            lines.join("\n")
+        );
+        assert!(notice_lines(lines), "{lines:?}");
+    }
+    assert!(
+        ejected[0].contains("ejected for 0.2 s: 3 consecutive failures (no response or 5xx)"),
+        "{}",
+        ejected[0]
+    );
+    assert!(
+        cooling[0].contains("cooling for 2.") && cooling[0].contains(": 429 with Retry-After 2.0 s (quota"),
+        "{}",
+        cooling[0]
+    );
+    for (id, m) in [("bad", &bad), ("quota", &quota)] {
+        let back = transition_lines(&g, m, id, "back: ");
+        assert!(
+            !back.is_empty() && back.len() <= bound && notice_lines(&back),
+            "{id}: {back:?} (at most {bound})"
+        );
+        assert!(back[0].contains(": served a try after "), "{}", back[0]);
+    }
+    // The flood itself is not in the log: no more lines about bad than the bounds.
+    let about_bad = log.lines().filter(|l| l.contains("node bad (")).count();
+    assert!(
+        about_bad <= 2 * bound,
+        "{about_bad} lines about bad after {failures} failures ({sent} requests)"
+    );
+    assert!(!log.contains("node transition lines dropped"), "{log}");
+}
+
 // ----------------------------------------------------------------------------------
 // 7, 8, 9. Active health checks
 
@@ -963,14 +1084,14 @@ fn backup_serves_while_primaries_are_down_and_stops_when_they_return() {
     assert_eq!(received(&bk), bk_before, "backup received requests");
 }
 
-/// The worker that logged the latest "pool llm node <id> ... is DOWN|UP" line of the
+/// The worker that logged the latest "pool llm node <id> (addr) down until|back: ..." line of the
 /// error log after byte `from`: only the lease holder probes, so only it logs those.
 fn flip_logged_by(g: &Gateway, from: usize, id: &str, flip: &str) -> Option<i32> {
     let log = g.nginx.error_log();
     let needle = format!("rsbalancer: pool llm node {id} (");
     log.get(from..)?
         .lines()
-        .filter(|l| l.contains(&needle) && l.contains(&format!(" is {flip}")))
+        .filter(|l| l.contains(&needle) && l.contains(flip))
         .filter_map(|l| {
             // "2024/11/24 13:00:00 [warn] 1234#1234: ..."
             let rest = &l[l.find("] ")? + 2..];
@@ -984,8 +1105,8 @@ fn flip_logged_by(g: &Gateway, from: usize, id: &str, flip: &str) -> Option<i32>
 fn flip_and_find_prober(g: &Gateway, a: &MockNode, fail: bool) -> i32 {
     let from = g.nginx.error_log().len();
     mock_set(a, if fail { "health_fail=503" } else { "health_fail=" });
-    let flip = if fail { "DOWN" } else { "UP" };
-    wait_stats(g, 30, &format!("a {flip}"), |s| (state(s, "a") == "down") == fail);
+    let flip = if fail { ") down until " } else { ") back: " };
+    wait_stats(g, 30, &format!("a{flip}"), |s| (state(s, "a") == "down") == fail);
     let mut pid = None;
     wait_until(Duration::from_secs(10), "the flip in the error log", || {
         pid = flip_logged_by(g, from, "a", flip);

@@ -172,8 +172,22 @@ local function apply_stage()
     sync()
 end
 
+-- Timer: log the node transitions this worker announced (cooling, ejected, back:
+-- src/notice.rs), one notice line each, rate-limited per node in the library.
+local function log_notices()
+    local lines, dropped = bal:take_notices()
+    for i = 1, #lines do
+        ngx.log(ngx.NOTICE, "rsbalancer: ", lines[i])
+    end
+    if dropped > 0 then
+        ngx.log(ngx.NOTICE, "rsbalancer: ", dropped, " more node transition lines dropped",
+                " (more than ", #lines, " in one second in this worker)")
+    end
+end
+
 --- init_worker(): in init_worker_by_lua. Claims this worker's in-flight slot,
--- reclaims counts left by a killed worker, and starts the health-check timers.
+-- reclaims counts left by a killed worker, and starts the health-check timers and
+-- the timer that logs node transitions.
 function _M.init_worker()
     if not bal then not_initialized("init_worker") end
     apply_stage()
@@ -196,6 +210,10 @@ function _M.init_worker()
         local eok, eerr = require("resty.rsbalancer.emergency").start(bal)
         if not eok then
             ngx.log(ngx.ERR, "rsbalancer: cannot start the emergency detector: ", eerr)
+        end
+        local nok, nerr = ngx.timer.every(1, log_notices)
+        if not nok then
+            ngx.log(ngx.ERR, "rsbalancer: cannot start the node transition log: ", nerr)
         end
     end
     return slot

@@ -5,7 +5,9 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::shm::layout::{entry, PoolSlot, PoolTally, QueueEntry, QueuePool, PRIORITIES};
+use crate::shm::layout::{
+    bucket_of, entry, PoolSlot, PoolTally, QueueEntry, QueuePool, PRIORITIES, QUEUE_WAIT_BOUNDS_MS,
+};
 use crate::shm::{saturating_sub, Region};
 use crate::tally::Writer;
 use crate::window::{self, Event};
@@ -454,9 +456,11 @@ impl<'a> Queue<'a> {
             {
                 self.left_waiting(c.priority);
                 self.ps.queue_admitted_total.fetch_add(1, Ordering::Relaxed);
-                self.ps
-                    .queue_wait_ms_sum
-                    .fetch_add(now.saturating_sub(c.enqueued_ms), Ordering::Relaxed);
+                let waited_ms = now.saturating_sub(c.enqueued_ms);
+                self.ps.queue_wait_ms_sum.fetch_add(waited_ms, Ordering::Relaxed);
+                // Counts, read on their own (`/metrics`): Relaxed, no lock.
+                self.ps.queue_wait_hist[bucket_of(&QUEUE_WAIT_BOUNDS_MS, waited_ms * 1000)]
+                    .fetch_add(1, Ordering::Relaxed);
                 admitted += 1;
             } else {
                 // It left, timed out or was taken by another dispatcher: try again.
@@ -762,6 +766,15 @@ mod tests {
         assert_eq!(q.ps.queue_len.load(Ordering::Relaxed), 0);
         assert_eq!(q.ps.queue_admitted_total.load(Ordering::Relaxed), 1);
         assert_eq!(q.ps.queue_wait_ms_sum.load(Ordering::Relaxed), 20);
+        // One wait of 20 ms: the histogram's `le 25 ms` bucket (not cumulative).
+        let hist: Vec<u64> =
+            q.ps.queue_wait_hist
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect();
+        let mut want = vec![0; QUEUE_WAIT_BOUNDS_MS.len() + 1];
+        want[2] = 1;
+        assert_eq!(hist, want);
     }
 
     #[test]

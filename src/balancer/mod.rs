@@ -32,10 +32,13 @@ use crate::health::{self, Flip};
 use crate::limit::{self, Busy};
 use crate::load;
 use crate::node;
+use crate::notice::{self, Notice, Reason};
 use crate::params;
 use crate::retry;
 use crate::select::{hash_key, Algorithm, Candidate, NodeView, Selector};
-use crate::shm::layout::{emergency, flags, Capacity, NodeSlot, PoolSlot, LATENCY_BOUNDS_MS};
+use crate::shm::layout::{
+    bucket_of, emergency, flags, Capacity, NodeSlot, PoolSlot, LATENCY_BOUNDS_MS, RECENT_WINDOW_MS,
+};
 use crate::shm::owned::Owned;
 use crate::shm::{clock, fork, saturating_sub, LockGuard, Region, ShmError};
 use crate::tally::{self, Writer};
@@ -158,6 +161,9 @@ pub struct Balancer {
     /// This process's header values of the nodes' providers, kept from every config
     /// loaded here (never in the region; `crate::config::provider`).
     secrets: Secrets,
+    /// Node transitions this process won, until a timer logs them
+    /// ([`Balancer::take_notices`]); taken only when a transition happens.
+    notices: parking_lot::Mutex<notice::Queue>,
 }
 
 impl Balancer {
@@ -186,6 +192,7 @@ impl Balancer {
             calm_since: Default::default(),
             stage: AtomicU64::new(0),
             secrets: Secrets::default(),
+            notices: Default::default(),
         }
     }
 

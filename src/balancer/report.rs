@@ -78,6 +78,13 @@ impl Balancer {
             event,
             writer,
         );
+        budget::add(
+            &nt.recent,
+            now,
+            RECENT_WINDOW_MS,
+            (1, (event != Event::Ok) as u64),
+            writer,
+        );
         let penalty_ms = ps.penalty_ms.load(Ordering::Relaxed);
         let cap_ms = ps.penalty_cap_ms.load(Ordering::Relaxed);
         let sample: Feed = match event {
@@ -86,12 +93,12 @@ impl Balancer {
                 let mut rested = false;
                 if status == 503 && retry_after_ms > 0 {
                     // An overloaded node that says when to come back: rest it that long.
-                    self.cool_down(n, ps, now, 1, retry_after_ms);
+                    self.cool_down(node, n, ps, now, 1, Reason::Overloaded { retry_after_ms });
                     rested = true;
                 }
                 let after = ps.eject_after.load(Ordering::Relaxed);
                 if after > 0 && strikes >= after {
-                    rested |= self.eject(node, n, ps, now);
+                    rested |= self.eject(node, n, ps, now, strikes);
                 }
                 if rested {
                     Feed::Forget
@@ -120,7 +127,17 @@ impl Balancer {
                 );
                 match kind {
                     Busy::Quota => {
-                        self.cool_down(n, ps, now, strikes, retry_after_ms);
+                        self.cool_down(
+                            node,
+                            n,
+                            ps,
+                            now,
+                            strikes,
+                            Reason::Quota {
+                                retry_after_ms,
+                                strikes,
+                            },
+                        );
                         Feed::Forget
                     }
                     Busy::Capacity => {
@@ -147,13 +164,13 @@ impl Balancer {
             }
             // A served try (`Shed` is never the outcome of a try).
             Event::Ok | Event::Shed => {
-                // Prometheus buckets are `le`: the first bound the latency does not exceed.
-                let b = LATENCY_BOUNDS_MS.partition_point(|&bound| (bound as u64) * 1000 < latency_us as u64);
+                let b = bucket_of(&LATENCY_BOUNDS_MS, latency_us as u64);
                 writer.add(&nt.latency_hist[b], 1);
                 node::note_served(&self.region, node, inflight);
                 writer.add(&nt.latency_sum_us, latency_us as u64);
                 reset_if_set(&n.consecutive_failures);
                 reset_if_set(&n.consecutive_busy);
+                self.notice_back(node, n, now);
                 if n.limit.load(Ordering::Relaxed) != 0 {
                     let (every, max) = (
                         ps.limit_increase_every.load(Ordering::Relaxed),
@@ -192,8 +209,21 @@ impl Balancer {
         Ok(())
     }
 
-    /// Rest a node whose quota is spent; it comes back in slow start.
-    pub(super) fn cool_down(&self, n: &NodeSlot, ps: &PoolSlot, now: u64, strikes: u32, retry_after_ms: u32) {
+    /// Rest a node whose quota is spent (or that is overloaded, `why`); it comes back
+    /// in slow start. The report that starts the cooldown announces it.
+    pub(super) fn cool_down(
+        &self,
+        slot: u32,
+        n: &NodeSlot,
+        ps: &PoolSlot,
+        now: u64,
+        strikes: u32,
+        why: Reason,
+    ) {
+        let retry_after_ms = match why {
+            Reason::Quota { retry_after_ms, .. } | Reason::Overloaded { retry_after_ms } => retry_after_ms,
+            _ => 0,
+        };
         let ms = {
             let mut l = self.local.lock();
             retry::cooldown_ms(
@@ -210,14 +240,69 @@ impl Balancer {
         let before = n.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
         if before < now {
             n.cooldowns_total.fetch_add(1, Ordering::Relaxed);
+            self.notice_out(slot, n, now, notice::Kind::Cooling, why, ms as u64);
         }
         n.started_ms.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Node `slot` was just taken out by this process (it won the transition): it is
+    /// out since now unless it already was, and the error log hears of it once.
+    fn notice_out(&self, slot: u32, n: &NodeSlot, now: u64, kind: notice::Kind, why: Reason, for_ms: u64) {
+        // Relaxed: a value of its own; the swap in `notice_back` decides who announces.
+        let _ = n
+            .out_since_ms
+            .compare_exchange(0, now.max(1), Ordering::Relaxed, Ordering::Relaxed);
+        self.notify(slot, n, now, kind, why, for_ms);
+    }
+
+    /// A served try on node `slot`: if the node was out and is not now, the one report
+    /// that swaps its "out since" back to 0 announces it is back (one load otherwise).
+    fn notice_back(&self, slot: u32, n: &NodeSlot, now: u64) {
+        if n.out_since_ms.load(Ordering::Relaxed) == 0 || node::taken_out(n, now) {
+            // Not out, or still out (a try picked before it went out).
+            return;
+        }
+        // Relaxed: the one swap that sees the non-zero value announces; nothing else
+        // rides on the word.
+        let since = n.out_since_ms.swap(0, Ordering::Relaxed);
+        if since != 0 {
+            let out_ms = now.saturating_sub(since);
+            self.notify(slot, n, now, notice::Kind::Back, Reason::Served { out_ms }, 0);
+        }
+    }
+
+    /// Queue a notice for this process's log timer, unless the node's rate limit for
+    /// `kind` (shared by every worker) suppresses it.
+    fn notify(&self, slot: u32, n: &NodeSlot, now: u64, kind: notice::Kind, why: Reason, for_ms: u64) {
+        let word = &n.notices[kind as usize];
+        // Relaxed: the word is the whole state of the limit; the successful update's
+        // previous value decides, whoever raced it.
+        let Ok(prev) = word.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+            Some(notice::admit(w, now, notice::INTERVAL_MS).0)
+        }) else {
+            return;
+        };
+        if let Some(suppressed) = notice::admit(prev, now, notice::INTERVAL_MS).1 {
+            self.notices.lock().push(Notice {
+                kind,
+                slot,
+                reason: why,
+                for_ms,
+                suppressed,
+            });
+        }
+    }
+
+    /// The node transitions this process announced since the last call, and how many
+    /// it dropped for want of room ([`notice::QUEUE_MAX`]): for a timer to log.
+    pub fn take_notices(&self) -> (Vec<Notice>, u64) {
+        self.notices.lock().take()
     }
 
     /// Eject a node after consecutive failures, unless that would eject more than the
     /// pool's `max_ejected_percent` of its tier. Only one reporter ejects it. True when
     /// the node is ejected now.
-    pub(super) fn eject(&self, slot: u32, n: &NodeSlot, ps: &PoolSlot, now: u64) -> bool {
+    pub(super) fn eject(&self, slot: u32, n: &NodeSlot, ps: &PoolSlot, now: u64, strikes: u32) -> bool {
         let current = n.ejected_until_ms.load(Ordering::Relaxed);
         if current > now {
             return true;
@@ -269,6 +354,15 @@ impl Balancer {
             n.ejections_total.fetch_add(1, Ordering::Relaxed);
             n.consecutive_failures.store(0, Ordering::Relaxed);
             n.started_ms.fetch_max(until, Ordering::Relaxed);
+            drop(l);
+            self.notice_out(
+                slot,
+                n,
+                now,
+                notice::Kind::Ejected,
+                Reason::Failures { strikes },
+                ms as u64,
+            );
         }
         // Ejected, by us or by a concurrent reporter.
         n.ejected_until_ms.load(Ordering::Relaxed) > now

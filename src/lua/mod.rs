@@ -453,6 +453,28 @@ impl UserData for LuaBalancer {
                 Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
             }
         });
+        // take_notices() -> { line, ... }, dropped: the node transitions this process
+        // announced since the last call (`crate::notice`), as error-log lines, and how
+        // many it had no room for. For the log timer (`resty.rsbalancer`).
+        m.add_method("take_notices", |lua, this, ()| {
+            let (list, dropped) = this.0.take_notices();
+            let topo = this.0.topology().ok();
+            let lines = lua.create_table()?;
+            for n in &list {
+                let found = topo.as_ref().and_then(|t| {
+                    t.pools.iter().find_map(|p| {
+                        p.nodes
+                            .iter()
+                            .find(|x| x.slot == n.slot)
+                            .map(|x| (p.name.clone(), x.id.clone(), x.addr.to_string()))
+                    })
+                });
+                let (pool, id, addr) =
+                    found.unwrap_or_else(|| ("?".into(), format!("slot {}", n.slot), "?".into()));
+                lines.push(n.line(&pool, &id, &addr))?;
+            }
+            Ok((lines, dropped))
+        });
         // Every pool and node with live state, as JSON text (admin API, status page).
         m.add_method("status_json", |lua, this, ()| {
             nil_err(lua, crate::status::of(&this.0).map(|v| v.to_string()))

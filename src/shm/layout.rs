@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -67,6 +67,19 @@ pub const LATENCY_BOUNDS_MS: [u32; 15] = [
     5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000,
 ];
 
+/// Upper bounds (ms) of a pool's admission-queue wait histogram; the last bucket
+/// (index `QUEUE_WAIT_BOUNDS_MS.len()`) is `+Inf`.
+pub const QUEUE_WAIT_BOUNDS_MS: [u32; 13] = [
+    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000,
+];
+
+/// The bucket of a histogram with upper bounds `bounds_ms` (Prometheus' `le`: the
+/// first bound the value does not exceed; `bounds_ms.len()` for `+Inf`) that
+/// `value_us` microseconds fall in.
+pub fn bucket_of(bounds_ms: &[u32], value_us: u64) -> usize {
+    bounds_ms.partition_point(|&bound| (bound as u64) * 1000 < value_us)
+}
+
 /// One bucket of a pool's sliding window: what the overload detector and the canary
 /// rollback compare. `tag` is the bucket's period number; a writer that finds an old
 /// tag resets the counters (a few events racing the reset may be lost: a statistic).
@@ -85,6 +98,11 @@ pub struct WindowBucket {
 
 /// Buckets of a pool's retry-budget window.
 pub const BUDGET_BUCKETS: usize = 10;
+
+/// Buckets and width (ms) of each node's recent window (`NodeTally::recent`): its
+/// tries and failed or 429 ones over about the last minute, for the status page.
+pub const RECENT_BUCKETS: usize = 8;
+pub const RECENT_WINDOW_MS: u32 = 60_000;
 
 #[repr(C, align(64))]
 pub struct Header {
@@ -207,8 +225,12 @@ pub struct PoolSlot {
     pub queue_aborted_total: AtomicU64,
     pub queue_wait_ms_sum: AtomicU64,
     pub _reserved3: [AtomicU64; 3],
-    // --- lines 7-13: unused (was: the sliding window; now in `PoolTally`) ----------
-    pub _reserved_window: [AtomicU64; 5 * WINDOW_BUCKETS],
+    // --- lines 7-8: the admission queue's wait histogram; lines 8-13 unused (were:
+    // the sliding window; now in `PoolTally`) ---------------------------------------
+    /// Requests admitted from the queue by the time they waited (`QUEUE_WAIT_BOUNDS_MS`,
+    /// then +Inf); not cumulative. Their waits add up to `queue_wait_ms_sum`.
+    pub queue_wait_hist: [AtomicU64; QUEUE_WAIT_BOUNDS_MS.len() + 1],
+    pub _reserved_window: [AtomicU64; 5 * WINDOW_BUCKETS - QUEUE_WAIT_BOUNDS_MS.len() - 1],
     /// Canary ramp (`crate::canary`): the next step's time (ms, coarse monotonic) in
     /// the high 48 bits, the share the ramp set last in the low 16; 0: no ramp running.
     pub canary_ramp: AtomicU64,
@@ -268,10 +290,16 @@ pub struct NodeSlot {
     pub _pad3: u32,
     pub cooldowns_total: AtomicU64,
     pub ejections_total: AtomicU64,
-    pub _reserved3: [AtomicU64; 3],
-    // --- lines 4-6: unused (was: status classes and latency histogram; now in
-    // `NodeTally`) -------------------------------------------------------------------
-    pub _reserved4: [AtomicU64; 24],
+    /// Since when (ms, coarse monotonic) the node is out after a cooldown or an
+    /// ejection began; 0 when it is not, or its first served try since was noticed
+    /// (`crate::notice`: the report that swaps it back to 0 announces "back").
+    pub out_since_ms: AtomicU64,
+    pub _reserved3: [AtomicU64; 2],
+    // --- line 4: transition notices; lines 5-6 unused (were: status classes and the
+    // latency histogram, now in `NodeTally`) -------------------------------------------
+    /// Per `crate::notice::Kind`: the rate limit's word (`crate::notice::admit`).
+    pub notices: [AtomicU64; crate::notice::KINDS],
+    pub _reserved4: [AtomicU64; 24 - crate::notice::KINDS],
 }
 
 /// Per-row statistics of one node (see the module documentation for rows).
@@ -287,6 +315,9 @@ pub struct NodeTally {
     /// Served tries (not failed, not 429, not cancelled) by latency bucket
     /// (`LATENCY_BOUNDS_MS`, then +Inf); not cumulative. Their sum is `latency_sum_us`.
     pub latency_hist: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
+    /// Recent window (`crate::budget`): per bucket, reported tries and those that
+    /// failed or were answered 429 (cancelled ones excluded).
+    pub recent: [AtomicU64; RECENT_BUCKETS],
 }
 
 /// Per-row statistics of one pool.
@@ -322,7 +353,7 @@ const _: () = {
     assert!(std::mem::size_of::<NodeSlot>() == 384);
     assert!(std::mem::offset_of!(NodeSlot, pool) == 64);
     assert!(std::mem::size_of::<WorkerSlot>() == 64);
-    assert!(std::mem::size_of::<NodeTally>() == 192);
+    assert!(std::mem::size_of::<NodeTally>() == 256);
     assert!(std::mem::size_of::<PoolTally>() == 640);
     assert!(std::mem::align_of::<NodeSlot>() == 64);
 };
@@ -486,5 +517,24 @@ impl Capacity {
     /// Tally rows: one per worker slot, then the shared row (index `max_workers`).
     pub fn tally_rows(&self) -> u32 {
         self.max_workers + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_le_their_bound() {
+        let bounds = [5, 10];
+        assert_eq!(bucket_of(&bounds, 0), 0);
+        assert_eq!(bucket_of(&bounds, 5_000), 0, "le: the bound itself is in");
+        assert_eq!(bucket_of(&bounds, 5_001), 1);
+        assert_eq!(bucket_of(&bounds, 10_000), 1);
+        assert_eq!(bucket_of(&bounds, 10_001), 2, "+Inf");
+        assert_eq!(
+            bucket_of(&QUEUE_WAIT_BOUNDS_MS, u64::MAX),
+            QUEUE_WAIT_BOUNDS_MS.len()
+        );
     }
 }

@@ -226,13 +226,28 @@ test("admin module: the token comparison reads every byte wherever they differ",
 end)
 
 test("admin module: Accept negotiation", function()
-    local q = require("resty.rsbalancer.admin")._accept_q
+    local admin = require("resty.rsbalancer.admin")
+    local q, page = admin._accept_q, admin._wants_page
     local browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
     eq(q(browser, "text/html"), 1)
-    eq(q(browser, "application/json"), 0)
+    eq(q(browser, "application/json"), 0.8, "*/* counts for JSON")
     eq(q("application/json", "application/json"), 1)
     eq(q("text/html;q=0.5, application/json", "text/html"), 0.5)
-    eq(q("*/*", "text/html"), 0)
+    eq(q("*/*", "text/html"), 1)
+    eq(q("*/*;q=0.3, text/*;q=0.6", "text/html"), 0.6, "the most specific range wins")
+    eq(q("text/html;q=0, */*", "text/html"), 0, "an explicit q=0 refuses")
+    eq(q("TEXT/HTML;Q=2", "text/html"), 1, "case-insensitive, clamped")
+    eq(q("image/png", "text/html"), 0)
+    -- The page only when text/html is preferred to JSON.
+    eq(page(nil), false, "no Accept: JSON")
+    eq(page("*/*"), false, "curl: JSON")
+    eq(page("application/json"), false)
+    eq(page("application/json, text/html"), false, "a tie: JSON")
+    eq(page("text/html;q=0.5, application/json"), false)
+    eq(page(browser), true, "a browser: the page")
+    eq(page("text/html"), true)
+    eq(page("text/html, application/json;q=0.9"), true)
+    eq(page("text/*"), true)
 end)
 
 test("status page: self-contained, prefix embedded", function()

@@ -284,4 +284,24 @@ test("rsbalancer.new: a private balancer", function()
     eq(st.a.inflight + st.b.inflight, 0)
 end)
 
+test("take_notices: a quota 429 cools its node, announced once", function()
+    local b = assert(native.new(F.config("round_robin", { 1, 1 })))
+    local lines, dropped = b:take_notices()
+    eq(#lines, 0)
+    eq(dropped, 0)
+    local s = assert(b:pick(assert(b:pool_index("llm"))))
+    local id
+    for _, n in ipairs(assert(b:nodes("llm"))) do
+        if n.slot == s then id = n.id end
+    end
+    eq(b:report(s, 429, 0.001, 30), true)
+    eq(b:report(s, 429, 0.001, 30), true) -- already cooling: no second transition
+    lines, dropped = b:take_notices()
+    eq(#lines, 1, "one line")
+    eq(dropped, 0)
+    contains(lines[1], "pool llm node " .. id .. " (")
+    contains(lines[1], ": 429 with Retry-After 30.0 s (quota; 1 consecutive 429s)")
+    eq(#b:take_notices(), 0, "taken")
+end)
+
 T.done()

@@ -8,10 +8,8 @@
 --   }
 --
 -- Routes (JSON in and out; <prefix> as given):
---   GET    <prefix>                          state of every pool and node (the status
---                                             page instead when Accept prefers text/html)
---   GET    <prefix>status                    the status page (JSON when the request has no
---                                             Accept header or prefers application/json)
+--   GET    <prefix>, <prefix>status          state of every pool and node as JSON; the
+--                                             status page when Accept prefers text/html
 --   GET    <prefix>pools/<pool>              one pool
 --   GET    <prefix>pools/<pool>/nodes/<id>   one node
 --   PUT    <prefix>pools/<pool>/nodes/<id>   {"weight": 1..10000} and/or {"drain": true|false}
@@ -69,17 +67,32 @@ end
 
 local STATUS_OF = { not_found = 404, conflict = 409, invalid = 400, failed = 500 }
 
--- The q-value a request's Accept gives `want` ("text/html"), 0 if not listed by name.
+-- The q-value a request's Accept gives the media type `want` ("text/html"): that of
+-- the most specific range that matches it (`text/html` over `text/*` over `*/*`, as
+-- RFC 9110 12.5.1 says), 0 if none does. A q outside 0..1 is clamped.
 local function accept_q(accept, want)
-    local best = 0
+    local wtype = match(want, "^([^/]+)/")
+    local best_q, best_rank = 0, 0
     for item in gmatch(accept, "[^,]+") do
         local mtype = lower(match(item, "^%s*([^;%s]+)") or "")
-        if mtype == want then
+        local rank = (mtype == want and 3)
+            or (mtype == wtype .. "/*" and 2)
+            or (mtype == "*/*" and 1)
+            or 0
+        if rank > best_rank then
             local q = tonumber(match(item, ";%s*[qQ]%s*=%s*([%d.]+)")) or 1
-            if q > best then best = q end
+            best_q, best_rank = q > 1 and 1 or q, rank
         end
     end
-    return best
+    return best_q
+end
+
+-- The status page or JSON: the page only when the client prefers text/html to
+-- application/json (a browser: text/html listed, JSON not or lower). No Accept, `*/*`
+-- (curl), or a tie gets JSON.
+local function wants_page(accept)
+    if not accept then return false end
+    return accept_q(accept, "text/html") > accept_q(accept, "application/json")
 end
 
 local function send_page(prefix)
@@ -313,22 +326,10 @@ function _M.serve(opts)
     end
     local method = ngx.req.get_method()
     local get = method == "GET" or method == "HEAD"
-    local accept = ngx.var.http_accept
     if rest == "" or rest == "status" then
         if not get then return method_not_allowed(method, "GET") end
-        local html, json = 0, 0
-        if accept then
-            html, json = accept_q(accept, "text/html"), accept_q(accept, "application/json")
-        end
-        -- The root is JSON unless text/html is preferred (a browser); "status" is the
-        -- page unless JSON is preferred or no Accept is sent (scripts and old callers).
-        local want_page
-        if rest == "" then
-            want_page = html > json
-        else
-            want_page = accept ~= nil and json <= html
-        end
-        if want_page then return send_page(prefix) end
+        ngx.header["Vary"] = "Accept"
+        if wants_page(ngx.var.http_accept) then return send_page(prefix) end
     end
     if token and not authorized(token) then
         return refuse(401, "a valid bearer token is required (Authorization: Bearer <token>)")
@@ -343,5 +344,6 @@ end
 
 _M._same_token = same_token
 _M._accept_q = accept_q
+_M._wants_page = wants_page
 
 return _M

@@ -72,12 +72,15 @@ local function check_pool(bal, pool, cfg)
         local _, passed, why = wait(threads[i])
         local n = nodes[i]
         local flip = bal:health_report(n.slot, passed and true or false)
+        -- One line per flip, from the lease holder only (the same shape as the
+        -- library's cooling / ejected / back lines, src/notice.rs).
         if flip == "down" then
-            ngx.log(ngx.WARN, "rsbalancer: pool ", pool, " node ", n.id, " (", n.ip, ":", n.port,
-                    ") is DOWN after failed health checks: ", why)
+            ngx.log(ngx.NOTICE, "rsbalancer: pool ", pool, " node ", n.id, " (", n.ip, ":", n.port,
+                    ") down until ", cfg.healthy, " health checks pass: ", cfg.unhealthy,
+                    " consecutive health checks failed (", why, ")")
         elseif flip == "up" then
             ngx.log(ngx.NOTICE, "rsbalancer: pool ", pool, " node ", n.id, " (", n.ip, ":", n.port,
-                    ") is UP again (slow start)")
+                    ") back: ", cfg.healthy, " consecutive health checks passed (slow start)")
         end
     end
 end

@@ -3,7 +3,9 @@
 -- with a Content-Security-Policy that forbids any).
 --
 -- The page holds no state itself: every second it fetches the admin API's JSON state
--- (GET <prefix> with Accept: application/json) and renders every pool and node. When
+-- (GET <prefix> with Accept: application/json) and renders every pool (with its
+-- admission queue) and node (with its tries per second and success share over the
+-- last minute, `recent`, and its learned limit as the whole tries it lets in). When
 -- the admin API wants a bearer token, the page takes it from the URL fragment
 -- (`.../status#token=SECRET`: a fragment is never sent to the server, so it stays out
 -- of access logs), or asks for it, and keeps it in sessionStorage for the tab.
@@ -31,12 +33,12 @@ local HTML = [==[<!DOCTYPE html>
   header .meta { color: #c9d1d9; font-size: 13px; }
   main { padding: 16px 24px; }
   .pool { background: var(--card); border: 1px solid var(--line); border-radius: 6px;
-          margin-bottom: 18px; overflow: hidden; }
+          margin-bottom: 18px; overflow-x: auto; }
   .pool h2 { margin: 0; padding: 10px 14px; font-size: 16px; border-bottom: 1px solid var(--line);
              display: flex; flex-wrap: wrap; gap: 6px 18px; align-items: baseline; }
   .pool h2 .facts { font-size: 13px; font-weight: normal; color: var(--muted); }
   table { border-collapse: collapse; width: 100%; }
-  th, td { padding: 6px 12px; text-align: right; border-bottom: 1px solid var(--line);
+  th, td { padding: 6px 8px; text-align: right; border-bottom: 1px solid var(--line);
            white-space: nowrap; font-variant-numeric: tabular-nums; }
   th { font-size: 12px; font-weight: 600; color: var(--muted); background: var(--bg); }
   th:nth-child(-n+3), td:nth-child(-n+3) { text-align: left; }
@@ -53,6 +55,8 @@ local HTML = [==[<!DOCTYPE html>
   .full { color: var(--bad); font-weight: 600; }
   .backup { color: var(--muted); font-size: 12px; }
   .on { color: var(--bad); font-weight: 600; }
+  .admission { padding: 6px 14px; font-size: 13px; color: var(--muted);
+               border-bottom: 1px solid var(--line); }
   #error { display: none; margin: 0 0 14px; padding: 10px 14px; border-radius: 6px;
            background: #ffebe9; border: 1px solid #ff8182; color: var(--bad); }
   #login { display: none; margin: 0 0 14px; padding: 14px; background: var(--card);
@@ -99,9 +103,25 @@ local HTML = [==[<!DOCTYPE html>
   var COLUMNS = [
     ["id", "node"], ["addr", "address"], ["state", "state"], ["weight", "weight"],
     ["effective", "effective weight"], ["ewma", "EWMA"], ["inflight", "in flight / limit"],
+    ["rate", "tries/s (1 min)"], ["success", "success (1 min)"],
     ["cooldown", "cooldown left"], ["requests", "requests"], ["failures", "failures"],
     ["busy", "429s"]
   ];
+  // The admission queue of a pool: waiting now (by priority, highest first), admitted
+  // now, and since start: admitted from the queue, timed out, evicted, gone.
+  function queueFacts(a) {
+    if (!a) return null;
+    if (!a.enabled) return "admission queue off";
+    var by = [];
+    for (var i = a.waiting_by_priority.length; i >= 1; i--) {
+      var w = a.waiting_by_priority[i - 1];
+      if (w > 0) by.push("p" + i + " " + num(w, 0));
+    }
+    return "queue " + num(a.queue_len, 0) + " waiting" + (by.length ? " (" + by.join(", ") + ")" : "") +
+      " \u00b7 " + num(a.admitted, 0) + " admitted now \u00b7 " + num(a.queue_admitted, 0) +
+      " admitted from the queue \u00b7 " + num(a.queue_timeouts, 0) + " timeouts \u00b7 " +
+      num(a.queue_evicted, 0) + " evicted \u00b7 " + num(a.queue_aborted, 0) + " left";
+  }
   function cell(tr, name, content) {
     var td = el("td", "c-" + name);
     if (typeof content === "string") td.textContent = content; else td.appendChild(content);
@@ -122,6 +142,8 @@ local HTML = [==[<!DOCTYPE html>
       h.appendChild(em);
     }
     box.appendChild(h);
+    var q = queueFacts(p.admission);
+    if (q) box.appendChild(el("div", "admission", q));
     var table = el("table");
     var head = el("tr");
     COLUMNS.forEach(function (c) { head.appendChild(el("th", null, c[1])); });
@@ -143,9 +165,15 @@ local HTML = [==[<!DOCTYPE html>
       track.appendChild(fill);
       eff.appendChild(track);
       cell(tr, "ewma", n.ewma_us > 0 ? num(n.ewma_us / 1000, 1) + " ms" : "\u2014");
-      var limit = n.limit > 0 ? num(n.limit, 1) : "\u2014";
-      var inf = cell(tr, "inflight", num(n.inflight, 0) + " / " + limit);
-      if (n.limit > 0 && n.inflight >= n.limit) inf.className += " full";
+      // A learned limit of 8.7 lets 8 tries in at once: show the whole part.
+      var slots = Math.floor(n.limit);
+      var inf = cell(tr, "inflight", num(n.inflight, 0) + " / " + (slots > 0 ? num(slots, 0) : "\u2014"));
+      if (slots > 0 && n.inflight >= slots) inf.className += " full";
+      var r = n.recent || {};
+      cell(tr, "rate", r.tries > 0 ? num(r.rate, 1) : "\u2014");
+      var ok = cell(tr, "success", r.success === null || r.success === undefined ? "\u2014" :
+        num(r.success * 100, 1) + "%");
+      if (r.success !== null && r.success < 0.95) ok.className += " full";
       cell(tr, "cooldown", ms(n.unavailable_ms));
       cell(tr, "requests", num(n.requests, 0));
       cell(tr, "failures", num(n.failures, 0));
