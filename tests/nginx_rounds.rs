@@ -2,7 +2,7 @@
 //! fails) inside real nginx (2 workers) in front of mock LLM nodes.
 //!
 //! The gateway is the demo template `nginx-conf/demo/gateway.conf`: `/v1/` and the
-//! named location `@rsb_round` both include `nginx-conf/demo/proxy-llm.conf`, whose
+//! named location `@rsb_round` both include `nginx-conf/snippets/rsbalancer-proxy.conf`, whose
 //! `error_page 502 504 = @rsb_round;` catches the end of a round. Every request is a
 //! `POST /v1/chat/completions`.
 //!
