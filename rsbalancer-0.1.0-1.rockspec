@@ -2,7 +2,8 @@
 -- Rust library with `make build` (needs cargo and a C toolchain on PATH) and installs
 -- resty/rsbalancer.lua, resty/rsbalancer/*.lua and rsbalancer.so into the rock tree
 -- (`make install-lua` with LuaRocks' LUADIR and LIBDIR). The version follows
--- Cargo.toml; `make test-deb` runs `luarocks lint` on it.
+-- Cargo.toml; `make test-deb` runs `luarocks lint` and `luarocks make --tree <scratch>`
+-- on it.
 rockspec_format = "3.0"
 package = "rsbalancer"
 version = "0.1.0-1"

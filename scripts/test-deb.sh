@@ -10,7 +10,7 @@
 #   4. real nginx (2 workers) runs a gateway made of the root's snippets
 #      (usr/share/rsbalancer/nginx) in front of the demo's mock nodes and serves a chat
 #      completion, the module loaded from the root;
-#   5. `luarocks lint` of the rockspec.
+#   5. `luarocks lint` of the rockspec, and `luarocks make` into a scratch tree.
 # Everything it needs must be there: a missing tool or file fails it, it never skips.
 #
 # Usage: scripts/test-deb.sh <path to the .deb>
@@ -218,5 +218,15 @@ say "the gateway of the package's snippets served chat completions ($lib)"
 ROCKSPEC="rsbalancer-$VERSION-1.rockspec"
 [ -f "$ROCKSPEC" ] || die "$ROCKSPEC missing (the rockspec's version follows Cargo.toml)"
 luarocks lint "$ROCKSPEC" || die "luarocks lint $ROCKSPEC failed"
-say "luarocks lint $ROCKSPEC ok"
+# And installed into a tree of its own (`make build` is up to date: the install step).
+TREE="$WORK/rocks"
+luarocks make --tree "$TREE" "$ROCKSPEC" > "$WORK/luarocks-make.log" 2>&1 ||
+    die "luarocks make failed: $(cat "$WORK/luarocks-make.log")"
+for f in lib/lua/5.1/rsbalancer.so share/lua/5.1/resty/rsbalancer.lua share/lua/5.1/resty/rsbalancer/cdef.lua; do
+    [ -f "$TREE/$f" ] || die "luarocks make did not install $f"
+done
+luajit -e "package.cpath = '$TREE/lib/lua/5.1/?.so'
+           assert(require('rsbalancer').check_file, 'no check_file in the rock\'s rsbalancer.so')" ||
+    die "the rock's rsbalancer.so does not load"
+say "luarocks lint and luarocks make $ROCKSPEC ok"
 say "all passed"
