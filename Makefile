@@ -103,7 +103,7 @@ install: install-lua
 # A Debian package for Debian's nginx + lua-nginx-module (scripts/build-deb.sh: the
 # paths and why); test-deb installs it into a scratch root and serves a request with
 # the snippets it installed, and lints the LuaRocks rockspec.
-DEB := $(BUILD)/rsbalancer_$(VERSION)-1_$(shell dpkg --print-architecture).deb
+DEB = $(BUILD)/rsbalancer_$(VERSION)-1_$(shell dpkg --print-architecture).deb
 
 deb: build
 	@scripts/build-deb.sh "$(DEB)"
