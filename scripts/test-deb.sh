@@ -2,8 +2,8 @@
 # The Debian package (`make deb`) and the LuaRocks rockspec, checked (`make test-deb`,
 # part of `make test`):
 #   1. the .deb's control fields (Depends) and its file list;
-#   2. `dpkg -x` into a scratch root; Debian's LuaJIT (the one lua-nginx-module links)
-#      searches the directories the Lua files and rsbalancer.so are in by default;
+#   2. `dpkg -x` into a scratch root; Debian's LuaJIT (the luajit binary, and in 4 the
+#      lua-nginx-module's) searches the package's Lua and C module directories by default;
 #   3. the Perl check (RsbalancerCheck.pm from the root) passes a good pool config and
 #      fails a bad one; a C program compiles and links against the root's header and
 #      library and prints its version;
@@ -85,7 +85,8 @@ got="$(sort <<<"$listed")"
 [ "$want" = "$got" ] || die "the package's files differ from the expected list:
 $(diff <(echo "$want") <(echo "$got") || true)"
 
-# 2. Unpacked into a scratch root, and where Debian's LuaJIT looks.
+# 2. Unpacked into a scratch root, and where Debian's LuaJIT looks (the luajit that
+#    RsbalancerCheck runs; nginx's own lua module is asked in 4).
 R="$WORK/root"
 dpkg -x "$DEB" "$R"
 for f in "${EXPECTED[@]}"; do
@@ -183,6 +184,9 @@ http {
         location = /library {
             content_by_lua_block { ngx.say(require("resty.rsbalancer").library_path) }
         }
+        location = /paths {
+            content_by_lua_block { ngx.say(package.path, "\n", package.cpath) }
+        }
     }
 }
 CONF
@@ -213,6 +217,11 @@ for i in 1 2 3; do
     grep -q '"choices"' "$WORK/chat.json" || die "chat $i: no choices: $(cat "$WORK/chat.json")"
 done
 say "the gateway of the package's snippets served chat completions ($lib)"
+# What `;;` stands for in nginx's own lua module: the package's directories of /.
+paths="$(curl -sS "http://127.0.0.1:$PG/paths")" || die "GET /paths failed"
+grep -q ";/usr/share/lua/5.1/?.lua;" <<<"$paths" || die "nginx's default package.path lacks /usr/share/lua/5.1: $paths"
+grep -q ";/usr/lib/$MULTIARCH/lua/5.1/?.so" <<<"$paths" ||
+    die "nginx's default package.cpath lacks /usr/lib/$MULTIARCH/lua/5.1: $paths"
 
 # 5. The rockspec.
 ROCKSPEC="rsbalancer-$VERSION-1.rockspec"
