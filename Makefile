@@ -3,7 +3,8 @@
 #   make run      install what is missing, build, start mock LLM nodes + the gateway
 #   make test     install what is missing, build, run every test
 #   make bench    micro and end-to-end benchmarks (figures go in README.md)
-#   make install  copy the library and Lua files under $(PREFIX)
+#   make install  copy the library, Lua files, nginx snippets and Perl check under $(PREFIX)
+#   make deb      a Debian package (build/rsbalancer_<version>_<arch>.deb) for Debian's nginx
 #   make check-config CONFIG=path.json   validate a pool config (what nginx -t does with nginx-conf/perl)
 #   make header   regenerate include/rsbalancer.h (cbindgen) and lua/resty/rsbalancer/cdef.lua from it
 #   make lint     rustfmt and clippy
@@ -12,6 +13,11 @@
 PREFIX     ?= /usr/local
 LUA_CDIR   ?= $(PREFIX)/lib/lua/5.1
 LUA_LDIR   ?= $(PREFIX)/share/lua/5.1
+LIBDIR     ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+PERL_DIR   ?= $(PREFIX)/share/rsbalancer/perl
+SNIPPET_DIR ?= $(PREFIX)/share/rsbalancer/nginx
+VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 CARGO      ?= cargo
 BUILD      := build
 # The Lua module (mlua + C ABI): resolves lua_* symbols from the host LuaJIT.
@@ -20,7 +26,7 @@ LUA_SO     := target/release/librsbalancer.so
 C_SO       := target/c/release/librsbalancer.so
 SOURCES    := $(shell find src -name '*.rs') Cargo.toml build.rs
 
-.PHONY: check-config all deps build run test test-rust test-c test-lua test-nginx test-prometheus bench install header lint clean fuzz fuzz-build fuzz-smoke
+.PHONY: check-config all deps build run test test-rust test-c test-lua test-nginx test-prometheus test-deb bench install install-lua deb header lint clean fuzz fuzz-build fuzz-smoke
 
 all: build
 
@@ -49,7 +55,7 @@ run: deps build
 	@scripts/demo.sh
 
 test: deps build
-	$(MAKE) --no-print-directory test-rust test-c test-lua test-nginx test-prometheus fuzz-smoke
+	$(MAKE) --no-print-directory test-rust test-c test-lua test-nginx test-prometheus test-deb fuzz-smoke
 	@echo "make test: all suites passed"
 
 # Every Rust test target but the nginx one (run by test-nginx, serially).
@@ -78,16 +84,32 @@ bench: deps build
 	@scripts/bench-gateway.sh
 	@scripts/bench-instructions.sh
 
-install: build
-	install -d $(DESTDIR)$(LUA_CDIR) $(DESTDIR)$(LUA_LDIR)/resty $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include
+# The Lua module and files: what the LuaRocks rockspec installs (LUA_CDIR, LUA_LDIR).
+install-lua: build
+	install -d $(DESTDIR)$(LUA_CDIR) $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer
 	install -m 0755 $(BUILD)/lib/rsbalancer.so $(DESTDIR)$(LUA_CDIR)/rsbalancer.so
-	install -m 0755 $(BUILD)/lib/librsbalancer.so $(DESTDIR)$(PREFIX)/lib/librsbalancer.so
-	install -m 0644 include/rsbalancer.h $(DESTDIR)$(PREFIX)/include/rsbalancer.h
-	install -d $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer
 	install -m 0644 lua/resty/rsbalancer.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer.lua
 	install -m 0644 lua/resty/rsbalancer/*.lua $(DESTDIR)$(LUA_LDIR)/resty/rsbalancer/
-	install -d $(DESTDIR)$(PREFIX)/share/rsbalancer/perl
-	install -m 0644 nginx-conf/perl/RsbalancerCheck.pm $(DESTDIR)$(PREFIX)/share/rsbalancer/perl/
+
+# Everything: also the C library and header, the Perl check (nginx-conf/perl) and the
+# nginx snippets (nginx-conf/snippets). `make deb` runs it with Debian's paths.
+install: install-lua
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PERL_DIR) $(DESTDIR)$(SNIPPET_DIR)
+	install -m 0755 $(BUILD)/lib/librsbalancer.so $(DESTDIR)$(LIBDIR)/librsbalancer.so
+	install -m 0644 include/rsbalancer.h $(DESTDIR)$(INCLUDEDIR)/rsbalancer.h
+	install -m 0644 nginx-conf/perl/RsbalancerCheck.pm $(DESTDIR)$(PERL_DIR)/
+	install -m 0644 nginx-conf/snippets/*.conf $(DESTDIR)$(SNIPPET_DIR)/
+
+# A Debian package for Debian's nginx + lua-nginx-module (scripts/build-deb.sh: the
+# paths and why); test-deb installs it into a scratch root and serves a request with
+# the snippets it installed, and lints the LuaRocks rockspec.
+DEB = $(BUILD)/rsbalancer_$(VERSION)-1_$(shell dpkg --print-architecture).deb
+
+deb: build
+	@scripts/build-deb.sh "$(DEB)"
+
+test-deb: deb
+	@scripts/test-deb.sh "$(DEB)"
 
 # Alert and recording rules (nginx-conf/prometheus/): syntax, the sample scrape config,
 # and the rule unit tests (alerts that must fire and must not).

@@ -5,12 +5,14 @@
 # `nginx -t` can validate pool configs: nginx-conf/perl), valgrind for the C test, wrk for
 # benchmarks, prometheus for promtool (rule tests, `promtool check metrics`) and the
 # end-to-end scrape test, chromium for the status page test (headless), g++ for the
-# fuzz targets (libfuzzer-sys builds libFuzzer's C++ sources). Rust comes from rustup
-# and is expected on PATH.
+# fuzz targets (libfuzzer-sys builds libFuzzer's C++ sources), luarocks for `luarocks
+# lint` of the rockspec (make test-deb; dpkg-deb, which builds the .deb, is in dpkg).
+# openssl (the CLI) makes the test CA and certificates of tests/nginx_providers.rs.
+# Rust comes from rustup and is expected on PATH.
 set -euo pipefail
 
 want=(nginx-core libnginx-mod-http-lua libnginx-mod-http-perl lua-resty-core luajit2 libluajit2-5.1-dev
-      gcc g++ make valgrind wrk curl prometheus chromium)
+      gcc g++ make valgrind wrk curl prometheus chromium luarocks openssl)
 [ "$#" -gt 0 ] && want+=("$@")
 
 SUDO=""
@@ -53,4 +55,5 @@ command -v nginx >/dev/null || { echo "install-deps: nginx missing after install
 command -v luajit >/dev/null || { echo "install-deps: luajit missing after install" >&2; exit 1; }
 command -v promtool >/dev/null || { echo "install-deps: promtool missing after install (package prometheus)" >&2; exit 1; }
 command -v c++ >/dev/null || { echo "install-deps: c++ missing after install (package g++)" >&2; exit 1; }
+command -v luarocks >/dev/null || { echo "install-deps: luarocks missing after install" >&2; exit 1; }
 echo "install-deps: ok"

@@ -1025,3 +1025,129 @@ fn reported_latency_is_the_nodes_response_time() {
         "mean reported latency of a 150 ms node: {mean_ms:.1} ms ({s})"
     );
 }
+
+/// The snippets of `nginx-conf/snippets/` as a user adds them to an nginx of their own:
+/// a minimal `http {}` / `server {}` (2 workers) including `rsbalancer-http.conf` (the
+/// pool config named by RSBALANCER_CONFIG, `upstream rsbalancer` taking the pool from
+/// `$rsb_pool`) and `rsbalancer-proxy.conf` in `/v1/` and `@rsb_round`, with the pool
+/// named "chat" (nothing in the snippets says "llm"). A chat completion and a stream
+/// are served; a chat whose first round ends busy (node a answers 429, b is drained
+/// until the request waits) is served by b in a later round, within one client request.
+#[test]
+fn snippets_in_a_minimal_config_serve_chat_stream_and_a_busy_round() {
+    let dir = TestDir::new("snippets");
+    let mut a = MockNode::new("a", 5);
+    a.fail = "429".into();
+    let b = MockNode::new("b", 5);
+    let _mocks = start_mocks(&dir, &[a.clone(), b.clone()]);
+    let cfg = json!({ "pools": { "chat": { "algorithm": "p2c_ewma", "slow_start_ms": 0,
+        "nodes": [ { "id": "a", "addr": a.addr(), "weight": 1 },
+                   { "id": "b", "addr": b.addr(), "weight": 1 } ] } } });
+    let json_path = dir.write("pool.json", &cfg.to_string());
+    let port = free_port();
+    let snippets = repo().join("nginx-conf/snippets");
+    let conf = format!(
+        r#"{head}
+    access_log {d}/snippets-access.log;
+    # This checkout in place of the installed files.
+    lua_package_path  "{repo}/lua/?.lua;;";
+    lua_package_cpath "{lib}/?.so;;";
+    include {snippets}/rsbalancer-http.conf;
+    server {{
+        listen 127.0.0.1:{port};
+        set $rsb_pool chat;
+        recursive_error_pages on;
+        add_header X-Upstream-Addr $upstream_addr always;
+        location /v1/ {{
+            access_by_lua_block {{ require("resty.rsbalancer").admit(ngx.var.rsb_pool) }}
+            include {snippets}/rsbalancer-proxy.conf;
+            proxy_pass http://rsbalancer;
+        }}
+        location @rsb_round {{
+            access_by_lua_block {{ require("resty.rsbalancer").round(ngx.var.rsb_pool) }}
+            include {snippets}/rsbalancer-proxy.conf;
+            proxy_pass http://rsbalancer;
+        }}
+        location /rsbalancer/ {{
+            allow 127.0.0.1;
+            deny all;
+            content_by_lua_block {{ require("resty.rsbalancer.admin").serve({{ prefix = "/rsbalancer/" }}) }}
+        }}
+    }}
+}}
+"#,
+        head = conf_head(&dir, "snippets", "info"),
+        d = dir.path().display(),
+        repo = repo().display(),
+        lib = dir.lib_dir().display(),
+        snippets = snippets.display(),
+    );
+    let conf = dir.write("snippets.conf", &conf);
+    // rsbalancer-http.conf reads the pool config path from nginx's environment.
+    std::env::set_var("RSBALANCER_CONFIG", &json_path);
+    let ngx = Nginx::start(
+        &dir,
+        "snippets",
+        &conf,
+        &dir.path().join("snippets-error.log"),
+        &[port],
+    );
+    std::env::remove_var("RSBALANCER_CONFIG");
+    ngx.wait_workers(2, &[]);
+    let diag = || ngx.diagnostics();
+    let received = |m: &MockNode| {
+        get(m.port, "/mock/state").json()["received"]
+            .as_u64()
+            .expect("received")
+    };
+
+    // First (a never tried yet, so not cooling down), a busy round: b drained, a
+    // refuses; b comes back while the client waits.
+    let admin = |on: bool| {
+        let r = http(
+            port,
+            "PUT",
+            "/rsbalancer/pools/chat/nodes/b",
+            Some(&format!(r#"{{"drain": {on}}}"#)),
+        )
+        .expect("admin PUT");
+        assert_eq!(r.status, 200, "drain b {on}: {}", r.text());
+    };
+    admin(true);
+    let a_before = received(&a);
+    let b_before = received(&b);
+    let r = std::thread::scope(|s| {
+        let client = s.spawn(|| post(port, "/v1/chat/completions", CHAT_BODY));
+        wait_until(Duration::from_secs(10), "a to refuse the request", || {
+            received(&a) > a_before
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        admin(false);
+        client.join().unwrap()
+    });
+    assert_eq!(r.status, 200, "{r:?}\n{}", diag());
+    assert_eq!(r.header("X-Node"), Some("b"), "{r:?}");
+    let rounds: Vec<&str> = r.header("X-Upstream-Addr").unwrap_or("").split(" : ").collect();
+    assert!(rounds.len() >= 2, "one round only: {r:?}");
+    assert_eq!(
+        rounds[0].split(',').next().unwrap_or("").trim(),
+        a.addr(),
+        "{r:?}"
+    );
+    assert_eq!(rounds.last().unwrap().trim(), b.addr(), "{r:?}");
+    assert_eq!(received(&b), b_before + 1, "b served more than once");
+
+    // A chat: b serves it (a, if tried, refuses and the round's retry goes to b).
+    let r = post(port, "/v1/chat/completions", CHAT_BODY);
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), diag());
+    assert_eq!(r.header("X-Node"), Some("b"), "{r:?}");
+    assert!(
+        r.json()["choices"][0]["message"]["content"].is_string(),
+        "{}",
+        r.text()
+    );
+    // A stream, chunk by chunk to the end.
+    let r = post(port, "/v1/chat/completions", STREAM_BODY);
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), diag());
+    assert!(r.text().contains("data: [DONE]"), "{}", r.text());
+}

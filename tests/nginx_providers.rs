@@ -220,30 +220,35 @@ fn gateway_edit(conf: String, ca: &Path) -> String {
     out
 }
 
-/// The demo gateway as it ships (admit, balance, rounds in @rsb_round) with the
-/// provider's lines in a copy of proxy-llm.conf: `admit()` and `round()` apply the
-/// round's provider themselves (the pool's nodes have provider fields).
-fn rounds_gateway_edit(conf: String, dir: &TestDir, ca: &Path) -> String {
-    let proxy = std::fs::read_to_string(repo().join("nginx-conf/demo/proxy-llm.conf")).unwrap();
+/// The demo gateway as it ships (admit, balance, rounds in @rsb_round, the proxy
+/// snippet nginx-conf/snippets/rsbalancer-proxy.conf) with the provider's lines in
+/// place of both `proxy_pass http://llm;`: `admit()` and `round()` apply the round's
+/// provider themselves (the pool's nodes have provider fields).
+fn rounds_gateway_edit(conf: String, ca: &Path) -> String {
     let ca = ca.display();
-    let proxy = proxy.replace(
-        "proxy_pass http://llm;",
-        &format!(
-            "proxy_pass $rsb_scheme://llm;\nproxy_set_header Host $rsb_host;\nproxy_ssl_server_name on;\n\
-             proxy_ssl_name $rsb_host;\nproxy_ssl_verify on;\nproxy_ssl_trusted_certificate {ca};"
-        ),
+    assert_eq!(
+        conf.matches("proxy_pass http://llm;").count(),
+        2,
+        "the demo gateway changed: /v1/ and @rsb_round proxy_pass"
     );
-    let proxy_path = dir.write("proxy-llm.conf", &proxy);
+    assert_eq!(
+        conf.matches("nginx-conf/snippets/rsbalancer-proxy.conf;").count(),
+        2,
+        "the demo gateway changed: /v1/ and @rsb_round include the proxy snippet"
+    );
     let out = conf
         .replace(
-            &repo().join("nginx-conf/demo/proxy-llm.conf").display().to_string(),
-            &proxy_path.display().to_string(),
+            "proxy_pass http://llm;",
+            &format!(
+                "proxy_pass $rsb_scheme://llm;\n            proxy_set_header Host $rsb_host;\n            \
+                 proxy_ssl_server_name on;\n            proxy_ssl_name $rsb_host;\n            \
+                 proxy_ssl_verify on;\n            proxy_ssl_trusted_certificate {ca};"
+            ),
         )
         .replace(
             "add_header X-Worker $pid always;",
             "add_header X-Worker $pid always;\n        set $rsb_scheme http;\n        set $rsb_host \"\";\n        set $rsb_model \"\";",
         );
-    assert!(out.contains(&proxy_path.display().to_string()) && proxy.contains("$rsb_scheme://llm"));
     assert!(out.contains("set $rsb_model"), "the demo gateway changed");
     out
 }
@@ -522,7 +527,7 @@ fn example_deepseek(dir: &TestDir, addrs: [&str; 2], ca: &Path, port: u16) -> Pa
         "proxy_ssl_verify on;",
         "require(\"resty.rsbalancer\").admit(\"deepseek\")",
         "require(\"resty.rsbalancer\").round(\"deepseek\")",
-        "error_page 502 504 = @rsb_round;",
+        "/usr/local/share/rsbalancer/nginx/rsbalancer-proxy.conf;",
     ] {
         assert!(text.contains(needle), "example-deepseek.conf lacks {needle}");
     }
@@ -674,7 +679,7 @@ fn one_provider_pool_behind_admission_and_rounds() {
         "retry": { "budget_ratio": 1.0, "min_per_s": 10000 },
         "nodes": [node("busy", &busy), node("ok", &ok)]
     } } });
-    let g = start_gateway_with(&dir, &config, |c| rounds_gateway_edit(c, &dir, &ca));
+    let g = start_gateway_with(&dir, &config, |c| rounds_gateway_edit(c, &ca));
     for _ in 0..12 {
         let r = http_with(
             g.port,
@@ -734,7 +739,7 @@ fn two_providers_fail_over_both_ways_through_rounds() {
               "headers": { "Authorization": { "env": "RSB_TEST_KEY_B", "prefix": "Bearer " } } }
         ]
     } } });
-    let g = start_gateway_with(&dir, &config, |c| rounds_gateway_edit(c, &dir, &ca));
+    let g = start_gateway_with(&dir, &config, |c| rounds_gateway_edit(c, &ca));
     // (busy node, its /mock/ port, the other node, its /mock/ port, the other's model)
     let phases = [
         ("plain", plain.port, "tls", tls_plain, "org/m-tls"),

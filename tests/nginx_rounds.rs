@@ -2,7 +2,7 @@
 //! fails) inside real nginx (2 workers) in front of mock LLM nodes.
 //!
 //! The gateway is the demo template `nginx-conf/demo/gateway.conf`: `/v1/` and the
-//! named location `@rsb_round` both include `nginx-conf/demo/proxy-llm.conf`, whose
+//! named location `@rsb_round` both include `nginx-conf/snippets/rsbalancer-proxy.conf`, whose
 //! `error_page 502 504 = @rsb_round;` catches the end of a round. Every request is a
 //! `POST /v1/chat/completions`.
 //!
@@ -294,16 +294,19 @@ fn saturating_load_gets_no_5xx_only_answers_or_429_with_retry_after() {
 fn rounds_without_their_location_say_so_in_the_error_log() {
     let _s = serial();
     let dir = TestDir::new("rounds-missing");
-    let proxy = std::fs::read_to_string(repo().join("nginx-conf/demo/proxy-llm.conf")).unwrap();
+    let snippet = repo().join("nginx-conf/snippets/rsbalancer-proxy.conf");
+    let proxy = std::fs::read_to_string(&snippet).unwrap();
     let line = "error_page 502 504 = @rsb_round;";
-    assert!(proxy.contains(line), "proxy-llm.conf changed");
+    assert!(proxy.contains(line), "rsbalancer-proxy.conf changed");
     let copy = dir.write("proxy-no-rounds.conf", &proxy.replace(line, ""));
-    let demo = repo()
-        .join("nginx-conf/demo/proxy-llm.conf")
-        .display()
-        .to_string();
+    let snippet = snippet.display().to_string();
+    // /v1/ only: @rsb_round keeps the snippet (a request never gets there).
     let Refusing { g, _mocks, .. } = refusing_and_drained_with(&dir, json!({}), |c| {
-        c.replacen(&demo, &copy.display().to_string(), 1)
+        assert!(
+            c.contains(&snippet),
+            "the demo gateway no longer includes {snippet}"
+        );
+        c.replacen(&snippet, &copy.display().to_string(), 1)
     });
     for _ in 0..3 {
         assert_eq!(g.chat().status, 502);

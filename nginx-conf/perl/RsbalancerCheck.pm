@@ -7,7 +7,8 @@
 #
 #   load_module /usr/lib/nginx/modules/ngx_http_perl_module.so;
 #   http {
-#       perl_modules /usr/local/share/rsbalancer/perl;   # this file (make install)
+#       perl_modules /usr/local/share/rsbalancer/perl;   # this file (make install;
+#                                                        # the .deb: /usr/share/perl5, no line)
 #       perl_require rsbalancer-llm.pm;                   # one line, below
 #       ...
 #
@@ -17,7 +18,9 @@
 #
 # config(path [, cpath]) validates the file exactly as init() will, through
 # rsbalancer.so's check_file (run by luajit; cpath: the directory holding
-# rsbalancer.so, default /usr/local/lib/lua/5.1), and dies with the error, which
+# rsbalancer.so, default luajit's own package.cpath, which on Debian holds both
+# /usr/local/lib/lua/5.1 of `make install` and /usr/lib/<multiarch>/lua/5.1 of the
+# .deb), and dies with the error, which
 # names the field and the value. Without the Perl module nothing changes: init()
 # still refuses a bad config at start and reload.
 package RsbalancerCheck;
@@ -26,7 +29,8 @@ use strict;
 use warnings;
 
 my $LUA = <<'LUA';
-package.cpath = os.getenv("RSB_CHECK_CPATH") .. "/?.so;" .. package.cpath
+local dir = os.getenv("RSB_CHECK_CPATH")
+if dir and dir ~= "" then package.cpath = dir .. "/?.so;" .. package.cpath end
 local ok, err = require("rsbalancer").check_file(os.getenv("RSB_CHECK_JSON"))
 io.write(ok and "ok" or tostring(err))
 os.exit(ok and 0 or 1)
@@ -35,7 +39,7 @@ LUA
 sub config {
     my ($json, $cpath) = @_;
     local $ENV{RSB_CHECK_JSON} = $json;
-    local $ENV{RSB_CHECK_CPATH} = $cpath // '/usr/local/lib/lua/5.1';
+    local $ENV{RSB_CHECK_CPATH} = $cpath // '';
     open(my $out, '-|', 'luajit', '-e', $LUA)
         or die "rsbalancer: cannot run luajit to check $json: $!\n";
     my $said = do { local $/; <$out> } // '';

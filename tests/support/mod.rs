@@ -441,6 +441,25 @@ impl MockNode {
     }
 }
 
+/// The start of an nginx config of a test, up to and including `http {`: the `user`,
+/// the NDK and lua modules, 2 workers, `<name>.pid` and `<name>-error.log` (at
+/// `level`) in `dir`, and the temp paths under `dir/tmp/<name>_*`.
+pub fn conf_head(dir: &TestDir, name: &str, level: &str) -> String {
+    let d = dir.path().display();
+    let modules = nginx_modules();
+    let m = modules.display();
+    let mut out = format!(
+        "{user}\nload_module {m}/ndk_http_module.so;\nload_module {m}/ngx_http_lua_module.so;\n\
+         worker_processes 2;\npid {d}/{name}.pid;\nerror_log {d}/{name}-error.log {level};\n\
+         events {{ worker_connections 1024; }}\nhttp {{\n",
+        user = user_line(),
+    );
+    for t in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        let _ = writeln!(out, "    {t}_temp_path {d}/tmp/{name}_{t};");
+    }
+    out
+}
+
 /// `POST /mock/set?<query>` on a mock node (a runtime knob change in all its workers).
 pub fn mock_set(m: &MockNode, query: &str) {
     let r = post(m.port, &format!("/mock/set?{query}"), "");
@@ -457,7 +476,6 @@ pub fn start_mocks(dir: &TestDir, nodes: &[MockNode]) -> Nginx {
 /// count released) as soon as the gateway's connection closes, as LLM servers that
 /// cancel a generation on disconnect do.
 pub fn start_mocks_with(dir: &TestDir, nodes: &[MockNode], http_extra: &str) -> Nginx {
-    let d = dir.path().display();
     let mut servers = String::new();
     for n in nodes {
         servers.push_str(&mock_server(
@@ -476,23 +494,10 @@ pub fn start_mocks_with(dir: &TestDir, nodes: &[MockNode], http_extra: &str) -> 
             &n.server_extra,
         ));
     }
-    let modules = nginx_modules();
     let conf = format!(
         r#"# Mock LLM nodes, written by tests/support/mod.rs.
-{user}
-load_module {modules}/ndk_http_module.so;
-load_module {modules}/ngx_http_lua_module.so;
-worker_processes 2;
-pid {d}/mocks.pid;
-error_log {d}/mocks-error.log notice;
-events {{ worker_connections 1024; }}
-http {{
+{head}
     access_log off;
-    client_body_temp_path {d}/tmp/mock_body;
-    proxy_temp_path {d}/tmp/mock_proxy;
-    fastcgi_temp_path {d}/tmp/mock_fastcgi;
-    uwsgi_temp_path {d}/tmp/mock_uwsgi;
-    scgi_temp_path {d}/tmp/mock_scgi;
     client_body_buffer_size 1m;
     keepalive_requests 100000;
     lua_package_path "{demo}/lua/?.lua;;";
@@ -501,8 +506,7 @@ http {{
     {http_extra}
 {servers}}}
 "#,
-        user = user_line(),
-        modules = modules.display(),
+        head = conf_head(dir, "mocks", "notice"),
         demo = repo().join("nginx-conf/demo").display(),
     );
     let path = dir.write("mocks.conf", &conf);
@@ -563,7 +567,7 @@ pub fn write_gateway(dir: &TestDir, port: u16, json: &Value) -> (PathBuf, PathBu
 
 /// An example config of `nginx-conf/` (`text`) pointed at this checkout and `dir`:
 /// the pool config `json` in place of `/etc/nginx/<name>.json`, the Lua and library
-/// paths, nginx's modules, the `user`, and the one-line Perl module `<name>.pm` the
+/// paths, the snippets (nginx-conf/snippets/), nginx's modules, the `user`, and the one-line Perl module `<name>.pm` the
 /// example's `perl_require` asks for (checking `json` at `nginx -t`).
 pub fn example_conf(dir: &TestDir, text: &str, name: &str, json: &Path) -> String {
     let perl_dir = dir.path().join("perl");
@@ -579,6 +583,10 @@ pub fn example_conf(dir: &TestDir, text: &str, name: &str, json: &Path) -> Strin
     .unwrap();
     text.replace(&format!("/etc/nginx/{name}.json"), &json.display().to_string())
         .replace("/usr/local/share/lua/5.1/", &format!("{}/lua/", repo().display()))
+        .replace(
+            "/usr/local/share/rsbalancer/nginx/",
+            &format!("{}/nginx-conf/snippets/", repo().display()),
+        )
         .replace("/usr/local/lib/lua/5.1", &dir.lib_dir().display().to_string())
         .replace(
             "perl_modules /usr/local/share/rsbalancer/perl;",
