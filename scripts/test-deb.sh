@@ -99,11 +99,13 @@ grep -q "/usr/share/lua/5.1/?.lua" <<<"$paths" || die "LuaJIT's package.path lac
 grep -q "/usr/lib/$MULTIARCH/lua/5.1/?.so" <<<"$paths" ||
     die "LuaJIT's package.cpath lacks /usr/lib/$MULTIARCH/lua/5.1: $paths"
 
-# Free ports: a port nothing listens on now.
+# Free ports: a port nothing listens on now, below Linux's ephemeral range (32768 and
+# up): a port there can be the local end of an outgoing connection, which nothing
+# listens on but which a bind() still finds in use (seen here once).
 free_port() {
     local p
     for _ in $(seq 1 200); do
-        p=$((20000 + RANDOM % 40000))
+        p=$((20000 + RANDOM % 12000))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
             echo "$p"
             return 0
