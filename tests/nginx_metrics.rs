@@ -1,4 +1,4 @@
-//! End-to-end tests of `/metrics` (src/metrics.rs, lua/resty/rsbalancer/metrics.lua)
+//! End-to-end tests of `/metrics` (src/metrics/, lua/resty/rsbalancer/metrics.lua)
 //! inside real nginx (2 workers, the demo template `nginx-conf/demo/gateway.conf`) in
 //! front of mock LLM nodes (`nginx-conf/demo/lua/mock_llm.lua`), checked with the real
 //! `promtool` and a real Prometheus server (Debian package `prometheus`).

@@ -7,7 +7,7 @@
 --       content_by_lua_block { require("resty.rsbalancer.metrics").serve() }
 --   }
 --
--- The text is rendered by the library (src/metrics.rs) from the shared region's
+-- The text is rendered by the library (src/metrics/) from the shared region's
 -- atomics: every worker answers with the same numbers, and rendering adds nothing
 -- to the proxied requests' path.
 

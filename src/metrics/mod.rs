@@ -55,7 +55,6 @@
 //! only where admission counts it in `shed_total`.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
 use crate::balancer::{Balancer, Error};
@@ -65,6 +64,9 @@ use crate::shm::clock;
 use crate::shm::layout::{emergency, flags, LATENCY_BOUNDS_MS, QUEUE_WAIT_BOUNDS_MS};
 use crate::{tally, window};
 
+mod text;
+use text::*;
+
 /// The `Content-Type` of the exposition.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -73,106 +75,6 @@ pub const NODE_STATES: [&str; 6] = ["healthy", "slow_start", "cooling", "ejected
 
 /// Labels of `rsbalancer_node_requests_total{class=...}`, by `NodeSlot::status_class` index.
 const CLASSES: [&str; 6] = ["no_response", "1xx", "2xx", "3xx", "4xx", "5xx"];
-
-/// A sample value: integers print as integers, floats in Prometheus' float syntax.
-#[derive(Clone, Copy)]
-enum Num {
-    U(u64),
-    F(f64),
-}
-
-impl From<u64> for Num {
-    fn from(v: u64) -> Num {
-        Num::U(v)
-    }
-}
-
-impl From<u32> for Num {
-    fn from(v: u32) -> Num {
-        Num::U(v as u64)
-    }
-}
-
-impl From<f64> for Num {
-    fn from(v: f64) -> Num {
-        Num::F(v)
-    }
-}
-
-fn write_num(out: &mut String, v: Num) {
-    match v {
-        Num::U(u) => {
-            let _ = write!(out, "{u}");
-        }
-        Num::F(f) if f.is_nan() => out.push_str("NaN"),
-        Num::F(f) if f.is_infinite() => out.push_str(if f > 0.0 { "+Inf" } else { "-Inf" }),
-        Num::F(f) => {
-            let _ = write!(out, "{f}");
-        }
-    }
-}
-
-/// Appends `s` as a label value: backslash, double quote and newline escaped.
-fn escape_label(out: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-}
-
-/// `k1="v1",k2="v2"` (escaped), without braces.
-fn labels(pairs: &[(&str, &str)]) -> String {
-    let mut s = String::new();
-    for (i, (k, v)) in pairs.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        s.push_str(k);
-        s.push_str("=\"");
-        escape_label(&mut s, v);
-        s.push('"');
-    }
-    s
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Counter,
-    Gauge,
-    Histogram,
-}
-
-/// `# HELP` and `# TYPE` of a family.
-fn family(out: &mut String, name: &str, kind: Kind, help: &str) {
-    let kind = match kind {
-        Kind::Counter => "counter",
-        Kind::Gauge => "gauge",
-        Kind::Histogram => "histogram",
-    };
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// One sample line: `name{labels,extra} value`.
-fn sample(out: &mut String, name: &str, labels: &str, extra: &str, v: impl Into<Num>) {
-    out.push_str(name);
-    if !labels.is_empty() || !extra.is_empty() {
-        out.push('{');
-        out.push_str(labels);
-        if !labels.is_empty() && !extra.is_empty() {
-            out.push(',');
-        }
-        out.push_str(extra);
-        out.push('}');
-    }
-    out.push(' ');
-    write_num(out, v.into());
-    out.push('\n');
-}
 
 /// Everything rendered about one node, loaded once.
 struct NodeSnap {
@@ -409,76 +311,6 @@ fn write_globals(out: &mut String, b: &Balancer) {
         "",
         h.lock_steals.load(Ordering::Relaxed),
     );
-}
-
-/// A histogram family, one histogram per item: `f(item)` gives its buckets (not
-/// cumulative; `bounds_ms` then +Inf) and its sum in seconds.
-fn histogram_family<T>(
-    out: &mut String,
-    items: &[T],
-    labels_of: fn(&T) -> &str,
-    (name, help): (&str, &str),
-    bounds_ms: &[u32],
-    f: impl Fn(&T) -> (&[u64], f64),
-) {
-    family(out, name, Kind::Histogram, help);
-    let les: Vec<String> = bounds_ms
-        .iter()
-        .map(|&ms| {
-            let mut s = String::from("le=\"");
-            write_num(&mut s, Num::F(ms as f64 / 1000.0));
-            s.push('"');
-            s
-        })
-        .chain(std::iter::once("le=\"+Inf\"".to_string()))
-        .collect();
-    let (bucket, sum, count) = (
-        format!("{name}_bucket"),
-        format!("{name}_sum"),
-        format!("{name}_count"),
-    );
-    for it in items {
-        let (hist, sum_s) = f(it);
-        let mut cumulative = 0u64;
-        for (le, v) in les.iter().zip(hist) {
-            cumulative += v;
-            sample(out, &bucket, labels_of(it), le, cumulative);
-        }
-        sample(out, &sum, labels_of(it), "", sum_s);
-        sample(out, &count, labels_of(it), "", cumulative);
-    }
-}
-
-/// A family with one sample per node or per pool: name, type, help, value.
-type Field<T> = (&'static str, Kind, &'static str, fn(&T) -> Num);
-
-/// Writes each family of `fields` with one sample per item of `items`.
-fn simple_families<T>(out: &mut String, items: &[T], labels_of: fn(&T) -> &str, fields: &[Field<T>]) {
-    for (name, kind, help, f) in fields {
-        family(out, name, *kind, help);
-        for it in items {
-            sample(out, name, labels_of(it), "", f(it));
-        }
-    }
-}
-
-/// A family with one sample per item and value of a label (`label=v` for each of
-/// `values`), from `f(item, value index)`.
-fn labelled_family<T>(
-    out: &mut String,
-    items: &[T],
-    labels_of: fn(&T) -> &str,
-    (name, kind, help): (&str, Kind, &str),
-    label: &str,
-    values: &[&str],
-    f: impl Fn(&T, usize) -> Num,
-) {
-    family(out, name, kind, help);
-    for it in items {
-        for (i, v) in values.iter().enumerate() {
-            sample(out, name, labels_of(it), &labels(&[(label, v)]), f(it, i));
-        }
-    }
 }
 
 const NODE_COUNTERS: [Field<NodeSnap>; 5] = [
