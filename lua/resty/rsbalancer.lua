@@ -572,7 +572,8 @@ function _M.balance(pool, key)
         return ngx.exit(ngx.ERROR)
     end
     if n >= MAX_TRIES then return end
-    fill_tried(tried, n)
+    -- tried_buf holds this request's n tries: filled for the held try above, or by
+    -- pick_next (the new slot written over the first other-provider entry).
     if C_may_retry(handle, aidx, tried_buf, n, (now - st.start) * 1000, out_buf) ~= RSB_OK then
         return
     end
