@@ -174,6 +174,9 @@ pub struct PoolConfig {
     /// Priorities and the admission queue (`admit()`); off by default.
     #[serde(default)]
     pub admission: AdmissionConfig,
+    /// Reading requests' token cost from their bodies (`crate::ask`).
+    #[serde(default)]
+    pub tokens: crate::ask::TokensPolicy,
 }
 
 fn default_window_ms() -> u32 {
@@ -394,6 +397,7 @@ impl Default for PoolConfig {
             canary: None,
             emergency: None,
             admission: AdmissionConfig::default(),
+            tokens: crate::ask::TokensPolicy::default(),
         }
     }
 }
@@ -706,6 +710,15 @@ impl PoolConfig {
                 format!("{f} is out of range: 0 (off) or 1.5..=100"),
             ));
         }
+        let tp = format!("{path}.tokens");
+        let t = &self.tokens;
+        check_range(
+            &tp,
+            "default_max_tokens",
+            t.default_max_tokens,
+            0..=crate::ask::MAX_TOKENS,
+        )?;
+        check_range(&tp, "max_estimate", t.max_estimate, 1..=crate::ask::MAX_TOKENS)?;
         let o = &self.outlier;
         let op = format!("{path}.outlier");
         check_range(&op, "consecutive_failures", o.consecutive_failures, 0..=1_000)?;

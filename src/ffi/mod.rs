@@ -17,7 +17,7 @@ use std::ffi::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::abi::PreferFlag;
-use crate::balancer::{Balancer, Error, Prefer};
+use crate::balancer::{Ask, Balancer, Error, Prefer};
 
 mod admission;
 mod request;
