@@ -1,8 +1,9 @@
 # rsbalancer: `make run` and `make test` do all set-up on a fresh Debian 12.
 #
 #   make run      install what is missing, build, start mock LLM nodes + the gateway
+#   make demo-load  concurrent load on the running demo, in phases (another terminal)
 #   make test     install what is missing, build, run every test
-#   make bench    micro and end-to-end benchmarks (figures go in README.md)
+#   make bench    micro and end-to-end benchmarks (figures go in docs/benchmarks.md)
 #   make install  copy the library, Lua files, nginx snippets and Perl check under $(PREFIX)
 #   make deb      a Debian package (build/rsbalancer_<version>_<arch>.deb) for Debian's nginx
 #   make check-config CONFIG=path.json   validate a pool config (what nginx -t does with nginx-conf/perl)
@@ -26,7 +27,7 @@ LUA_SO     := target/release/librsbalancer.so
 C_SO       := target/c/release/librsbalancer.so
 SOURCES    := $(shell find src -name '*.rs') Cargo.toml build.rs
 
-.PHONY: check-config all deps build run test test-rust test-c test-lua test-nginx test-prometheus test-deb bench install install-lua deb header lint clean fuzz fuzz-build fuzz-smoke
+.PHONY: check-config all deps build run demo-load test test-rust test-c test-lua test-nginx test-prometheus test-deb bench install install-lua deb header lint clean fuzz fuzz-build fuzz-smoke
 
 all: build
 
@@ -53,6 +54,10 @@ $(BUILD)/lib/librsbalancer.so: $(C_SO)
 
 run: deps build
 	@scripts/demo.sh
+
+# Concurrent load on the running demo (`make run` in another terminal), in phases.
+demo-load:
+	@scripts/demo-load.sh
 
 test: deps build
 	$(MAKE) --no-print-directory test-rust test-c test-lua test-nginx test-prometheus test-deb fuzz-smoke

@@ -771,7 +771,7 @@ function _M.log()
         warned_rounds = true
         ngx.log(ngx.ERR, "rsbalancer: pool ", st.pool, " has retry.rounds but a busy round ",
                 "ended in nginx's 502: add `error_page 502 504 = @rsb_round;` and the ",
-                "@rsb_round location (README \"Rounds\"), or set retry.rounds to 0")
+                "@rsb_round location (docs/balancing.md, \"Rounds\"), or set retry.rounds to 0")
     end
 end
 
@@ -801,7 +801,7 @@ local function end_rounds(st, reason)
 end
 
 --- round(pool): in access_by_lua of the named location a busy round ends in
--- (`error_page 502 504 = @rsb_round;`, see README "Rounds"). Reports what the last
+-- (`error_page 502 504 = @rsb_round;`, see docs/balancing.md, "Rounds"). Reports what the last
 -- round left unreported, gives its admission back, then either ends the request
 -- (429 + Retry-After + X-RSB-Admission when it cannot wait longer, or the failure that
 -- ended the round) or starts a new round: back into the pool's admission queue (same

@@ -213,7 +213,7 @@ pub struct RetryConfig {
     /// node the request could still go to is busy (429, 503, or none free when the
     /// balancer runs); the request then waits for a slot (the admission queue when it
     /// is on, else a free node) and is sent again, rebuilt, to a node it has not tried.
-    /// Needs the nginx side: `error_page 502 504 = @rsb_round;` (README, rounds).
+    /// Needs the nginx side: `error_page 502 504 = @rsb_round;` (docs/balancing.md, "Rounds").
     pub rounds: u32,
 }
 
