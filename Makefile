@@ -27,7 +27,7 @@ LUA_SO     := target/release/librsbalancer.so
 C_SO       := target/c/release/librsbalancer.so
 SOURCES    := $(shell find src -name '*.rs') Cargo.toml build.rs
 
-.PHONY: check-config all deps build run demo-load test test-rust test-c test-lua test-nginx test-prometheus test-deb bench install install-lua deb header lint clean fuzz fuzz-build fuzz-smoke
+.PHONY: check-config all deps build run demo-load test test-rust test-c test-lua test-nginx test-prometheus test-deb test-demo bench install install-lua deb header lint clean fuzz fuzz-build fuzz-smoke
 
 all: build
 
@@ -60,7 +60,7 @@ demo-load:
 	@scripts/demo-load.sh
 
 test: deps build
-	$(MAKE) --no-print-directory test-rust test-c test-lua test-nginx test-prometheus test-deb fuzz-smoke
+	$(MAKE) --no-print-directory test-rust test-c test-lua test-nginx test-prometheus test-deb test-demo fuzz-smoke
 	@echo "make test: all suites passed"
 
 # Every Rust test target but the nginx one (run by test-nginx, serially).
@@ -115,6 +115,10 @@ deb: build
 
 test-deb: deb
 	@scripts/test-deb.sh "$(DEB)"
+
+# The README's first screen: `make run`'s demo and `make demo-load` against it.
+test-demo: build
+	@scripts/test-demo.sh
 
 # Alert and recording rules (nginx-conf/prometheus/): syntax, the sample scrape config,
 # and the rule unit tests (alerts that must fire and must not).
