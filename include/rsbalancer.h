@@ -175,7 +175,7 @@ typedef struct rsb_node_stats {
 extern "C" {
 #endif // __cplusplus
 
-// Create a balancer with a new shared region from a JSON config (see README).
+// Create a balancer with a new shared region from a JSON config (see docs/configuration.md).
 // Create it before forking: children share the region.
 //
 // # Safety
