@@ -11,7 +11,8 @@
 //! (`Balancer::health_lease`), whose timer (`resty.rsbalancer.scrape`) fetches every
 //! node's `/metrics` of each pool with a `scrape` section every `scrape_ms`, reads at
 //! most `max_bytes` of body and hands it to [`report`] (the `queue_report` method of
-//! the mlua handle). The figures go to the node's shared slot, so every worker counts
+//! the mlua handle; `report.rs`, a policy over the pool's public API, while this file
+//! is node state that the pick path and `node::reset` use). The figures go to the node's shared slot, so every worker counts
 //! them on its next pick.
 //!
 //! **Parsing** ([`parse`]) reads the Prometheus text exposition line by line with no
@@ -82,10 +83,11 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
-use crate::balancer::{Balancer, Error};
 use crate::config::ScrapeKind;
-use crate::shm::clock;
-use crate::shm::layout::{flags, NodeSlot};
+use crate::shm::layout::NodeSlot;
+
+mod report;
+pub use report::report;
 
 /// Largest count (waiting, running) believed from a scrape.
 pub const MAX_COUNT: u32 = 1_000_000;
@@ -334,28 +336,6 @@ pub fn snapshot(n: &NodeSlot, now: u64, fresh_ms: u32) -> Snapshot {
         age_ms: (at != 0).then(|| now.saturating_sub(at)),
         scrape_failures: info >> 32,
     }
-}
-
-/// Record a scrape of node `node` (a slot) of a pool with a `scrape` section: `body`
-/// the response body of a 200, `None` when the scrape failed. A body with none of the
-/// metrics counts as a failure (the error says so). Never changes the node's health,
-/// cooldown or ejection.
-pub fn report(b: &Balancer, node: u32, body: Option<&[u8]>) -> Result<(Events, Option<&'static str>), Error> {
-    let topo = b.topology()?;
-    let cfg = topo
-        .pool_of(node)
-        .and_then(|p| p.policy.scrape.clone())
-        .ok_or_else(|| Error::Invalid(format!("node slot {node} is in no pool with a scrape section")))?;
-    let n = b
-        .region()
-        .node(node)
-        // Acquire pairs with the Release of IN_USE in `apply`.
-        .filter(|n| n.flags.load(Ordering::Acquire) & flags::IN_USE != 0)
-        .ok_or_else(|| Error::Invalid(format!("unknown node slot {node}")))?;
-    let figures = body.map(|t| parse(t, cfg.kind)).filter(|f| !f.is_empty());
-    let why = (body.is_some() && figures.is_none()).then_some("no queue metrics in the response");
-    let events = record(n, figures.as_ref(), clock::now_ms(), cfg.fresh_ms());
-    Ok((events, why))
 }
 
 #[cfg(test)]
