@@ -186,22 +186,25 @@ fn least_conn_avoids_a_node_with_a_deep_queue() {
     deep_queue_is_avoided("least_conn");
 }
 
-/// (c) A node whose /metrics fails (connection dropped; an HTML page) is flagged stale
+/// (c) A node whose /metrics fails (connection dropped; an HTML page; a body over
+/// `max_bytes`) is flagged stale
 /// and failing, logged once, never taken out, and keeps serving with no failed client
 /// request; its figures come back when its /metrics does.
 #[test]
 fn failing_metrics_are_flagged_stale_and_never_fail_a_request() {
     let _s = serial();
     let dir = TestDir::new("queue-failing");
-    let (a, b, c) = (
+    let (a, b, c, d) = (
         MockNode::new("a", 20),
         MockNode::new("b", 20),
         MockNode::new("c", 20),
+        MockNode::new("d", 20),
     );
-    let _mocks = start_mocks(&dir, &[a.clone(), b.clone(), c.clone()]);
+    let _mocks = start_mocks(&dir, &[a.clone(), b.clone(), c.clone(), d.clone()]);
     mock_set(&a, "queue_waiting=50");
     mock_set(&c, "metrics_fail=garbage");
-    let g = start_gateway(&dir, &config("p2c_ewma", &[&a, &b, &c]));
+    mock_set(&d, "metrics_fail=huge");
+    let g = start_gateway(&dir, &config("p2c_ewma", &[&a, &b, &c, &d]));
     wait_waiting(&g, "a", 50);
     wait_waiting(&g, "b", 0);
 
@@ -215,13 +218,15 @@ fn failing_metrics_are_flagged_stale_and_never_fail_a_request() {
     let qa = queue(&g, "a");
     assert_eq!(qa["backlog"], json!(0), "stale figures are ignored: {qa}");
     assert_eq!(qa["waiting"], json!(50), "the last figures are still shown: {qa}");
-    let qc = queue(&g, "c");
-    assert_eq!(
-        (qc["stale"].clone(), qc["failing"].clone()),
-        (json!(true), json!(true)),
-        "a body without the metrics is a failed scrape: {qc}"
-    );
-    assert!(qc.get("waiting").is_none(), "{qc}");
+    for id in ["c", "d"] {
+        let q = queue(&g, id);
+        assert_eq!(
+            (q["stale"].clone(), q["failing"].clone()),
+            (json!(true), json!(true)),
+            "{id}: a body without the metrics, or too long, is a failed scrape: {q}"
+        );
+        assert!(q.get("waiting").is_none(), "{q}");
+    }
     assert_eq!(metric(&g, "rsbalancer_node_queue_stale", "a"), Some(1.0));
     assert_eq!(
         metric(&g, "rsbalancer_node_queue_waiting", "a"),
@@ -232,12 +237,9 @@ fn failing_metrics_are_flagged_stale_and_never_fail_a_request() {
 
     // Every request succeeds, and the failing nodes take their share (they are
     // never cooled, ejected or taken down for it).
-    let got = load(&g, 150);
-    for id in ["a", "c"] {
-        assert!(
-            got.get(id).copied().unwrap_or(0) >= 15,
-            "{id} keeps serving: {got:?}"
-        );
+    let got = load(&g, 200);
+    for id in ["a", "c", "d"] {
+        assert!(of(&got, id) >= 15, "{id} keeps serving: {got:?}");
         assert_eq!(node_state(&g, id), "healthy");
     }
 
@@ -251,6 +253,12 @@ fn failing_metrics_are_flagged_stale_and_never_fail_a_request() {
     assert_eq!(lines("queue scrapes failing", "a"), 1, "{log}");
     assert_eq!(lines("queue figures stale", "a"), 1, "{log}");
     assert_eq!(lines("queue scrapes failing", "c"), 1, "{log}");
+    assert_eq!(lines("queue scrapes failing", "d"), 1, "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("node d (") && l.contains("longer than 1048576 bytes")),
+        "{log}"
+    );
     assert!(
         log.lines()
             .any(|l| l.contains("node c (") && l.contains("no queue metrics in the response")),

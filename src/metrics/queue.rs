@@ -3,7 +3,7 @@
 //! running, KV-cache usage) are written only while they are fresh and were sent: a
 //! stale figure is no figure, so Prometheus marks the series stale rather than keep
 //! a value the balancer ignores. The backlog, the stale flag and the failure count
-//! are always written.
+//! are always written for a scraped node.
 
 use super::text::{family, sample, Kind, Num};
 use crate::scrape::Snapshot;
@@ -53,8 +53,12 @@ fn fresh(s: &Snapshot, v: Option<Num>) -> Option<Num> {
     v.filter(|_| !s.stale)
 }
 
-/// Writes the queue families for `nodes` (labels, snapshot): only scraped nodes.
+/// Writes the queue families for `nodes` (labels, snapshot): only scraped nodes; no
+/// family at all when no pool scrapes.
 pub(super) fn write(out: &mut String, nodes: &[(&str, Snapshot)]) {
+    if nodes.is_empty() {
+        return;
+    }
     for (name, kind, help, f) in FAMILIES {
         family(out, name, kind, help);
         for (labels, s) in nodes {

@@ -96,7 +96,8 @@ local function read_chunked(sock, max)
         if not line then
             return nil, err
         end
-        local size = tonumber(match(line, "^%s*(%x+)"), 16)
+        local hex = match(line, "^%s*(%x+)")
+        local size = hex and tonumber(hex, 16)
         if not size then
             return nil, "bad chunk size line: " .. sub(line, 1, 32)
         end

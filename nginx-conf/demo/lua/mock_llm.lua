@@ -37,7 +37,10 @@
 --                   chat requests in flight
 --   kv_usage        the KV-cache usage it reports, 0..1 (default: running / 100, at most 1)
 --   metrics_fail    "" | "503" | "close" (drop the connection) | "garbage" (a 200 with
---                   an HTML page) | "slow" (answer after 3 s)
+--                   an HTML page) | "slow" (answer after 3 s) | "huge" (a valid page
+--                   padded with comments to 2 MiB)
+-- The vLLM styles end the body by closing the connection; "sglang" sends a
+-- Content-Length.
 --
 -- Runtime overrides (all workers, until changed back; "" or "default" clears one):
 --   POST /mock/set?fail=503&latency_ms=500&max_conc=2   (keys: the names above minus mock_)
@@ -287,8 +290,15 @@ local function metrics(node)
               "KV-cache usage. 1 means 100 percent usage.", { a, kv, b, 0 })
         out[#out + 1] = 'vllm:prompt_tokens_total{engine="0",model_name="mock-llm"} 4242.0\n'
     end
+    if fail == "huge" then
+        out[#out + 1] = string.rep("# " .. string.rep("x", 1021) .. "\n", 2048)
+    end
+    local text = concat(out)
     ngx.header["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
-    ngx.print(concat(out))
+    if style == "sglang" then
+        ngx.header["Content-Length"] = #text
+    end
+    ngx.print(text)
     return ngx.exit(200)
 end
 
