@@ -90,6 +90,44 @@ fn metric(g: &Gateway, name: &str, id: &str) -> Option<f64> {
         .map(|l| l.rsplit(' ').next().unwrap().parse().expect("sample value"))
 }
 
+/// The status page as headless Chromium renders it (`--dump-dom`; Debian's `chromium`,
+/// as tests/nginx_admin.rs): the queue cell's text of each node of pool llm.
+fn page_queue_cells(g: &Gateway, dir: &TestDir) -> Vec<(String, String)> {
+    let profile = dir.path().join("chromium-profile");
+    let out = std::process::Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        .args([
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("http://127.0.0.1:{}/rsbalancer/status", g.port))
+        .output()
+        .expect("run chromium (Debian: apt-get install chromium; make deps)");
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    dom.split("<tr class=\"node\" data-id=\"")
+        .skip(1)
+        .map(|tr| {
+            let id = tr.split('"').next().unwrap().to_string();
+            let cell = tr
+                .split("</tr>")
+                .next()
+                .unwrap()
+                .split("<td class=\"c-queue")
+                .nth(1)
+                .unwrap_or_else(|| panic!("no queue cell for {id}:\n{dom}"));
+            let text = cell.split_once('>').unwrap().1.split("</td>").next().unwrap();
+            (id, text.replace("&nbsp;", " "))
+        })
+        .collect()
+}
+
 fn mock_state(m: &MockNode) -> Value {
     get(m.port, "/mock/state").json()
 }
@@ -269,6 +307,27 @@ fn failing_metrics_are_flagged_stale_and_never_fail_a_request() {
     mock_set(&a, "metrics_fail=");
     wait_waiting(&g, "a", 50);
     assert_eq!(queue(&g, "a")["failing"], json!(false));
+
+    // The status page's queue column says the same.
+    let cells = page_queue_cells(&g, &dir);
+    let cell = |id: &str| {
+        cells
+            .iter()
+            .find(|(n, _)| n == id)
+            .map(|(_, t)| t.as_str())
+            .unwrap()
+    };
+    assert!(cell("a").starts_with("50 / "), "{cells:?}");
+    assert!(
+        cell("a").contains("in cost") && !cell("a").contains("stale"),
+        "{cells:?}"
+    );
+    for id in ["c", "d"] {
+        assert!(
+            cell(id).contains("stale") && cell(id).contains("scrape failing"),
+            "{cells:?}"
+        );
+    }
     let log = g.nginx.error_log();
     assert_eq!(
         log.lines()
