@@ -212,6 +212,24 @@ fn deep_queue_is_avoided(algorithm: &str) {
         .parse()
         .unwrap_or_else(|_| panic!("User-Agent {:?}", agents[0]));
     assert!(workers.contains(&pid), "scraper {pid} is a worker of {workers:?}");
+
+    // The scraping worker killed: the lease moves at once to one other worker, and
+    // the figures stay fresh.
+    signal(pid, libc::SIGKILL);
+    let now = g.nginx.wait_workers(2, &[pid]);
+    wait_until(WAIT, "scrapes by another worker", || {
+        let st = mock_state(&a);
+        st["scrapers"] == json!(2) && !st["last_scraper"].as_str().unwrap().contains(&pid.to_string())
+    });
+    let next = mock_state(&a)["last_scraper"].as_str().unwrap().to_string();
+    assert!(
+        now.iter()
+            .any(|w| next == format!("rsbalancer-scrape (worker {w})")),
+        "{next} is one of {now:?}"
+    );
+    mock_set(&a, "queue_waiting=7");
+    wait_waiting(&g, "a", 7);
+    assert_eq!(mock_state(&b)["scrapers"], json!(2), "b: the same two workers");
 }
 
 #[test]
