@@ -128,6 +128,31 @@ fn page_queue_cells(g: &Gateway, dir: &TestDir) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `promtool check metrics` (Debian package `prometheus`, as tests/nginx_metrics.rs)
+/// finds nothing to say about `text`.
+fn promtool_accepts(text: &str) {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool (Debian: apt-get install prometheus; make deps)");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {said}"
+    );
+}
+
 fn mock_state(m: &MockNode) -> Value {
     get(m.port, "/mock/state").json()
 }
@@ -189,6 +214,7 @@ fn deep_queue_is_avoided(algorithm: &str) {
     assert_eq!(metric(&g, "rsbalancer_node_kv_cache_usage", "a"), Some(0.97));
     assert_eq!(metric(&g, "rsbalancer_node_queue_stale", "a"), Some(0.0));
     assert_eq!(metric(&g, "rsbalancer_node_queue_waiting", "b"), Some(0.0));
+    promtool_accepts(&get(g.port, "/metrics").text());
 
     // (b) One worker scrapes: every scrape of either node came from the same worker,
     // one of the gateway's.
