@@ -1,14 +1,15 @@
 # rsbalancer: `make run` and `make test` do all set-up on a fresh Debian 12.
 #
 #   make run      install what is missing, build, start mock LLM nodes + the gateway
+#   make demo-load  concurrent load on the running demo, in phases (another terminal)
 #   make test     install what is missing, build, run every test
-#   make bench    micro and end-to-end benchmarks (figures go in README.md)
+#   make bench    micro and end-to-end benchmarks (figures go in docs/benchmarks.md)
 #   make install  copy the library, Lua files, nginx snippets and Perl check under $(PREFIX)
 #   make deb      a Debian package (build/rsbalancer_<version>_<arch>.deb) for Debian's nginx
 #   make check-config CONFIG=path.json   validate a pool config (what nginx -t does with nginx-conf/perl)
 #   make header   regenerate include/rsbalancer.h (cbindgen) and lua/resty/rsbalancer/cdef.lua from it
 #   make lint     rustfmt and clippy
-#   make fuzz     every fuzz target (fuzz/) for FUZZ_SECONDS each; fuzz-smoke: ~1 minute in all
+#   make fuzz     every fuzz target (fuzz/) for FUZZ_SECONDS each; fuzz-smoke: ~1.5 minutes in all
 
 PREFIX     ?= /usr/local
 LUA_CDIR   ?= $(PREFIX)/lib/lua/5.1
@@ -26,7 +27,7 @@ LUA_SO     := target/release/librsbalancer.so
 C_SO       := target/c/release/librsbalancer.so
 SOURCES    := $(shell find src -name '*.rs') Cargo.toml build.rs
 
-.PHONY: check-config all deps build run test test-rust test-c test-lua test-nginx test-prometheus test-deb bench install install-lua deb header lint clean fuzz fuzz-build fuzz-smoke
+.PHONY: check-config all deps build run demo-load test test-rust test-c test-lua test-nginx test-prometheus test-deb test-demo bench install install-lua deb header lint clean fuzz fuzz-build fuzz-smoke
 
 all: build
 
@@ -54,8 +55,12 @@ $(BUILD)/lib/librsbalancer.so: $(C_SO)
 run: deps build
 	@scripts/demo.sh
 
+# Concurrent load on the running demo (`make run` in another terminal), in phases.
+demo-load:
+	@scripts/demo-load.sh
+
 test: deps build
-	$(MAKE) --no-print-directory test-rust test-c test-lua test-nginx test-prometheus test-deb fuzz-smoke
+	$(MAKE) --no-print-directory test-rust test-c test-lua test-nginx test-prometheus test-deb test-demo fuzz-smoke
 	@echo "make test: all suites passed"
 
 # Every Rust test target but the nginx one (run by test-nginx, serially).
@@ -110,6 +115,10 @@ deb: build
 
 test-deb: deb
 	@scripts/test-deb.sh "$(DEB)"
+
+# The README's first screen: `make run`'s demo and `make demo-load` against it.
+test-demo: build
+	@scripts/test-demo.sh
 
 # Alert and recording rules (nginx-conf/prometheus/): syntax, the sample scrape config,
 # and the rule unit tests (alerts that must fire and must not).

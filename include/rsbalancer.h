@@ -132,6 +132,31 @@ typedef enum rsb_result {
 // A handle on a shared region plus this process's tables.
 typedef struct rsb_balancer rsb_balancer;
 
+// One request as `rsb_pick_ask` sees it (`crate::ask`): its consistent-hashing or
+// affinity key (`key_len` bytes at `key`; NULL with 0 for none), its estimated
+// tokens and its completion limit (`rsb_inspect`; 0 when unknown).
+typedef struct rsb_ask {
+  const char *key;
+  size_t key_len;
+  uint32_t tokens;
+  uint32_t max_tokens;
+} rsb_ask;
+
+// What `rsb_inspect` read from a request body.
+typedef struct rsb_body {
+  // The body's length (saturating).
+  uint32_t bytes;
+  // Its completion limit (`max_completion_tokens` or `max_tokens`, times `n`);
+  // 0 when it names none.
+  uint32_t max_tokens;
+  // The pool's estimate of the request's tokens (prompt and completion), >= 1.
+  uint32_t tokens;
+  // 1: `"stream": true`.
+  uint32_t stream;
+  // `stream_options.include_usage`: 0 absent, 1 false, 2 true.
+  uint32_t include_usage;
+} rsb_body;
+
 // Live numbers of one node (a copy).
 typedef struct rsb_node_stats {
   uint32_t weight;
@@ -150,7 +175,7 @@ typedef struct rsb_node_stats {
 extern "C" {
 #endif // __cplusplus
 
-// Create a balancer with a new shared region from a JSON config (see README).
+// Create a balancer with a new shared region from a JSON config (see docs/configuration.md).
 // Create it before forking: children share the region.
 //
 // # Safety
@@ -315,6 +340,33 @@ enum rsb_result rsb_pick_prefer(const struct rsb_balancer *b,
                                 size_t ntried,
                                 uint32_t prefer,
                                 uint32_t *out_node);
+
+// `rsb_pick_prefer` for a request known by more than its key (`rsb_ask`: its token
+// estimate and completion limit, from `rsb_inspect`).
+//
+// # Safety
+// As `rsb_pick`; `ask` points to a readable `rsb_ask` whose `key` points to
+// `key_len` bytes.
+enum rsb_result rsb_pick_ask(const struct rsb_balancer *b,
+                             uint32_t pool,
+                             const struct rsb_ask *ask,
+                             const uint32_t *tried,
+                             size_t ntried,
+                             uint32_t prefer,
+                             uint32_t *out_node);
+
+// Read what a request body costs in pool `pool` (`crate::ask`): `*out` gets its
+// length, completion limit, the pool's token estimate and whether it streams.
+// `RSB_INVALID_ARGUMENT` (`rsb_last_error` says why) for a body that is not one JSON
+// object of at most 32 MiB; `*out` is then untouched.
+//
+// # Safety
+// `b` a live handle; `body` points to `len` bytes; `out` writable.
+enum rsb_result rsb_inspect(const struct rsb_balancer *b,
+                            uint32_t pool,
+                            const char *body,
+                            size_t len,
+                            struct rsb_body *out);
 
 // Report the outcome of one try from `rsb_pick`: `status` the HTTP status or 0 when
 // no response came (connect error, timeout), `latency_us` the response time,

@@ -138,8 +138,13 @@ Try:
   # make node b answer 503 (fail=close drops connections; fail= restores it)
   curl -s -X POST '127.0.0.1:$NODE_B_PORT/mock/set?fail=503'
 
-  # some load
-  for i in \$(seq 100); do curl -s -o /dev/null -D - $G/v1/chat/completions -d '$BODY' | grep -i '^x-node'; done | sort | uniq -c
+  # one request after another all go to node a: idle, it is the fastest, and
+  # p2c_ewma weighs latency and load, not weights alone
+  for i in \$(seq 20); do curl -s -o /dev/null -D - $G/v1/chat/completions -d '$BODY' | grep -i '^x-node'; done | sort | uniq -c
+
+  # concurrent load, in phases, with what each shows (weights, a's limit, b's quota,
+  # the slow node c as overflow, b failing with 503): in another terminal
+  make demo-load
 
 EOF
 

@@ -99,20 +99,8 @@ grep -q "/usr/share/lua/5.1/?.lua" <<<"$paths" || die "LuaJIT's package.path lac
 grep -q "/usr/lib/$MULTIARCH/lua/5.1/?.so" <<<"$paths" ||
     die "LuaJIT's package.cpath lacks /usr/lib/$MULTIARCH/lua/5.1: $paths"
 
-# Free ports: a port nothing listens on now, below Linux's ephemeral range (32768 and
-# up): a port there can be the local end of an outgoing connection, which nothing
-# listens on but which a bind() still finds in use (seen here once).
-free_port() {
-    local p
-    for _ in $(seq 1 200); do
-        p=$((20000 + RANDOM % 12000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return 0
-        fi
-    done
-    die "no free port found"
-}
+# shellcheck source=scripts/free-port.sh
+. "$(dirname "${BASH_SOURCE[0]}")/free-port.sh"
 PA="$(free_port)"; PB="$(free_port)"; PC="$(free_port)"; PG="$(free_port)"
 
 cat > "$WORK/pool.json" <<JSON

@@ -28,6 +28,7 @@
 pub mod abi;
 pub mod admin;
 pub mod admission;
+pub mod ask;
 pub mod balancer;
 pub mod budget;
 pub mod canary;

@@ -47,20 +47,16 @@ impl std::error::Error for BodyError {}
 
 /// Replace the body's top-level `"model"` string with `model`.
 pub fn rewrite_model(body: &[u8], model: &str) -> Result<Rewritten, BodyError> {
-    if body.len() > MAX_BODY {
-        return Err(BodyError(format!(
-            "request body of {} bytes: at most {MAX_BODY} can have their model rewritten",
-            body.len()
-        )));
-    }
-    if let Err(e) = std::str::from_utf8(body) {
-        return Err(BodyError(format!(
-            "request body is not UTF-8 (byte {})",
-            e.valid_up_to()
-        )));
-    }
-    let mut p = Parser { s: body, i: 0 };
-    let spans = p.top()?;
+    let mut spans: Vec<Range<usize>> = Vec::new();
+    top_members(body, "rewrite its model", &mut |key, value| {
+        if is_key(key, "model") {
+            if body[value.start] != b'"' {
+                return Err(BodyError("the request's \"model\" is not a string".into()));
+            }
+            spans.push(value);
+        }
+        Ok(())
+    })?;
     let Some(last) = spans.last() else {
         return Ok(Rewritten {
             body: body.to_vec(),
@@ -82,6 +78,48 @@ pub fn rewrite_model(body: &[u8], model: &str) -> Result<Rewritten, BodyError> {
         body: out,
         previous: Some(previous),
     })
+}
+
+/// What [`top_members`] calls with each member: its key token and its value's range.
+pub type Visit<'v> = dyn FnMut(&[u8], Range<usize>) -> Result<(), BodyError> + 'v;
+
+/// Check `body` whole as one JSON object (at most [`MAX_BODY`] bytes of UTF-8,
+/// nesting at most [`MAX_DEPTH`]) and call `visit` with each top-level member: its key
+/// token (quotes and escapes included: see [`is_key`]) and its value's byte range.
+/// `purpose` ends the refusals' sentences ("...: cannot <purpose>").
+pub fn top_members(body: &[u8], purpose: &str, visit: &mut Visit) -> Result<(), BodyError> {
+    if body.len() > MAX_BODY {
+        return Err(BodyError(format!(
+            "request body of {} bytes: at most {MAX_BODY} are read: cannot {purpose}",
+            body.len()
+        )));
+    }
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(BodyError(format!(
+            "request body is not UTF-8 (byte {})",
+            e.valid_up_to()
+        )));
+    }
+    let mut p = Parser { s: body, i: 0 };
+    p.ws();
+    if p.peek() != Some(b'{') {
+        return Err(BodyError(format!(
+            "request body is not a JSON object: cannot {purpose}"
+        )));
+    }
+    p.object(1, Some(visit))?;
+    p.ws();
+    if p.i != body.len() {
+        return p.err("trailing characters");
+    }
+    Ok(())
+}
+
+/// Whether a key token (quotes included, as [`top_members`] passes it) names `name`,
+/// also when spelt with escapes (`"mod\u0065l"`).
+pub fn is_key(token: &[u8], name: &str) -> bool {
+    let plain = token.len() == name.len() + 2 && &token[1..token.len() - 1] == name.as_bytes();
+    plain || (token.contains(&b'\\') && decode(token) == name)
 }
 
 /// A string token (quotes included) as its text.
@@ -120,26 +158,9 @@ impl Parser<'_> {
         Ok(())
     }
 
-    /// The top-level object: the spans of its `"model"` members' values.
-    fn top(&mut self) -> Result<Vec<Range<usize>>, BodyError> {
-        self.ws();
-        if self.peek() != Some(b'{') {
-            return Err(BodyError(
-                "request body is not a JSON object: cannot rewrite its model".into(),
-            ));
-        }
-        let mut spans = Vec::new();
-        self.object(1, Some(&mut spans))?;
-        self.ws();
-        if self.i != self.s.len() {
-            return self.err("trailing characters");
-        }
-        Ok(spans)
-    }
-
-    /// An object at `depth`; with `models`, the spans of its `"model"` members' values
-    /// (which must be strings) are pushed there.
-    fn object(&mut self, depth: usize, mut models: Option<&mut Vec<Range<usize>>>) -> Result<(), BodyError> {
+    /// An object at `depth`; with `visit`, called with each member's key token and
+    /// value range.
+    fn object(&mut self, depth: usize, mut visit: Option<&mut Visit>) -> Result<(), BodyError> {
         self.expect(b'{')?;
         self.ws();
         if self.peek() == Some(b'}') {
@@ -156,14 +177,8 @@ impl Parser<'_> {
             self.ws();
             let v0 = self.i;
             self.value(depth)?;
-            if let Some(spans) = models.as_deref_mut() {
-                let key = &self.s[key];
-                if key == b"\"model\"" || (key.contains(&b'\\') && decode(key) == "model") {
-                    if self.s[v0] != b'"' {
-                        return Err(BodyError("the request's \"model\" is not a string".into()));
-                    }
-                    spans.push(v0..self.i);
-                }
+            if let Some(visit) = visit.as_deref_mut() {
+                visit(&self.s[key], v0..self.i)?;
             }
             if self.closes(b'}')? {
                 return Ok(());

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rsbalancer::balancer::{Balancer, Error, NodeStats};
+use rsbalancer::balancer::{Ask, Balancer, Error, NodeStats};
 use rsbalancer::health::Flip;
 use rsbalancer::limit::LIMIT_ONE;
 use rsbalancer::select::Algorithm;
@@ -1005,7 +1005,7 @@ fn confirmed_slots_first_and_probes_for_probe_admissions() {
             "{alg:?}: b's confirmed slot"
         );
         assert_eq!(
-            b.pick_with(pool, b"k", &[], Prefer::Probe).unwrap(),
+            b.pick_with(pool, &Ask::key(b"k"), &[], Prefer::Probe).unwrap(),
             s[1],
             "{alg:?}: a probe admission takes b's probe, not a's confirmed slots"
         );

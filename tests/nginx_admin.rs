@@ -1,5 +1,5 @@
 //! End-to-end tests of the admin API and status page (`lua/resty/rsbalancer/admin.lua`,
-//! README "Admin API", "Status page") in real nginx with 2 workers, mounted as the demo
+//! docs/api.md "Admin API", docs/operations.md "Status page") in real nginx with 2 workers, mounted as the demo
 //! gateway mounts it (`location /rsbalancer/`), in front of mock LLM nodes.
 //!
 //! Run with `make build` then

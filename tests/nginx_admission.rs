@@ -1,4 +1,4 @@
-//! End-to-end tests of priorities and the admission queue (README: "Priorities and
+//! End-to-end tests of priorities and the admission queue (docs/overload.md: "Priorities and
 //! admission queue") inside real nginx (2 workers, the demo gateway
 //! `nginx-conf/demo/gateway.conf`: `admit("llm", { untrusted = ngx.var.http_x_priority })`
 //! with `lua_check_client_abort on`) in front of mock LLM nodes with known concurrency
@@ -40,7 +40,7 @@ fn serial() -> MutexGuard<'static, ()> {
 /// request it landed on cannot retry (every node is full). Admission hands probe slots
 /// to the lowest-ranked waiter, but which request p2c places on the probed node is not
 /// its choice: with the default pace, ~2.5% of requests of any class meet a probe here
-/// (README: "Priorities and admission queue"). These tests are about the queue.
+/// (docs/overload.md: "Priorities and admission queue"). These tests are about the queue.
 fn config(mocks: &[&MockNode], admission: Value) -> Value {
     let nodes: Vec<Value> = mocks
         .iter()

@@ -1,4 +1,4 @@
-//! End-to-end tests of the canary split (README "Canary split") inside real nginx (2
+//! End-to-end tests of the canary split (docs/overload.md, "Canary split") inside real nginx (2
 //! workers) in front of mock LLM nodes: pool "llm" (primary: p1, p2) sends a share of
 //! its requests to pool "llm_canary" (c1, c2).
 //!

@@ -1,4 +1,4 @@
-//! End-to-end tests of emergency mode (README: "Emergency mode") inside real nginx (2
+//! End-to-end tests of emergency mode (docs/overload.md: "Emergency mode") inside real nginx (2
 //! workers) in front of mock LLM nodes: pool "llm" (primaries a, b) whose backup pool is
 //! "spare" (node s), alerts POSTed to a webhook receiver run by the test (a
 //! `TcpListener` thread that records every request and answers 200, or 500 for the first

@@ -1,4 +1,4 @@
-//! End-to-end tests of the balancing policies (README: "429 is backpressure, not
+//! End-to-end tests of the balancing policies (docs/balancing.md: "429 is backpressure, not
 //! death", retries, outlier ejection, active health checks, backups) inside real nginx
 //! (2 workers) in front of mock LLM nodes (`nginx-conf/demo/lua/mock_llm.lua`).
 //!
@@ -278,7 +278,7 @@ fn capped_rounds(algorithm: &str, capped: &MockNode, roomy: &MockNode, rounds: u
 /// Under `least_conn` the capped node is offered work whenever it has fewer requests
 /// in flight, so it runs at its limit: there the limit must also keep refusals rare
 /// once learned (the AIMD probing only) while the node carries a fair part of the load.
-/// Under `p2c_ewma` (the default) the contract of the README is checked: learned
+/// Under `p2c_ewma` (the default) the contract of docs/balancing.md is checked: learned
 /// limit, served in every round, no client 429s.
 #[test]
 fn capped_node_gets_a_learned_limit_and_keeps_serving() {
@@ -1122,7 +1122,7 @@ fn flip_and_find_prober(g: &Gateway, a: &MockNode, fail: bool) -> i32 {
 /// holds it. The test kills that worker (SIGKILL), makes the node flip again, and checks
 /// that the flip is seen and logged by another, live worker; twice, so that the lease
 /// also leaves a worker that got it by taking over. It proves that probing does not
-/// stop with its worker; it does not prove how fast the lease moves (the README says
+/// stop with its worker; it does not prove how fast the lease moves (docs/operations.md says
 /// "at once"; the lease would also expire after three intervals anyway).
 #[test]
 fn health_check_lease_moves_when_its_worker_is_killed() {

@@ -1,4 +1,4 @@
-//! End-to-end tests of multi-provider pools (`resty.rsbalancer.provider`, README
+//! End-to-end tests of multi-provider pools (`resty.rsbalancer.provider`, docs/providers.md,
 //! "Multi-provider pools") in real nginx with 2 workers, in front of mock LLM nodes
 //! that act as providers: each demands its own Host name and API key (401 / 421
 //! otherwise) and records the `model` it received; one is served over TLS with a

@@ -1,4 +1,4 @@
-//! End-to-end tests of rounds (README "Rounds": a busy request waits or moves, never
+//! End-to-end tests of rounds (docs/balancing.md "Rounds": a busy request waits or moves, never
 //! fails) inside real nginx (2 workers) in front of mock LLM nodes.
 //!
 //! The gateway is the demo template `nginx-conf/demo/gateway.conf`: `/v1/` and the

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rsbalancer::balancer::{Balancer, Error, NodeStats, Prefer, RetryDenied};
+use rsbalancer::balancer::{Ask, Balancer, Error, NodeStats, Prefer, RetryDenied};
 use rsbalancer::config::Config;
 use rsbalancer::health::Flip;
 use rsbalancer::limit;
@@ -1196,11 +1196,14 @@ fn default_config_sets_a_5x_slower_node_apart() {
                                                    // can each be picked, slow cannot.
     for node in [f, p] {
         let others: Vec<u32> = all.iter().copied().filter(|&x| x != node).collect();
-        assert_eq!(b.pick_fast(pool, b"", &others, Prefer::Confirmed), Ok(node));
+        assert_eq!(
+            b.pick_fast(pool, &Ask::key(b""), &others, Prefer::Confirmed),
+            Ok(node)
+        );
         b.report(node, 200, 50_000, 0).unwrap();
     }
     assert_eq!(
-        b.pick_fast(pool, b"", &[f, p], Prefer::Confirmed),
+        b.pick_fast(pool, &Ask::key(b""), &[f, p], Prefer::Confirmed),
         no_node(),
         "the 5x slower node is slow by default"
     );
@@ -1235,7 +1238,7 @@ fn default_slow_factor_is_off_with_chash_and_explicit_zero() {
     ] {
         let (b, pool, f, s) = fast_and_slow(pool_cfg.clone());
         assert_eq!(
-            b.pick_fast(pool, b"", &[f], Prefer::Confirmed),
+            b.pick_fast(pool, &Ask::key(b""), &[f], Prefer::Confirmed),
             Ok(s),
             "{pool_cfg}: no node is set apart"
         );
@@ -1255,7 +1258,11 @@ fn an_idle_slow_node_is_tried_again() {
                               "limit": { "slow_factor": 2 } }),
     );
     let all = [f, s];
-    assert_eq!(b.pick_fast(pool, b"", &[f], Prefer::Confirmed), no_node(), "slow");
+    assert_eq!(
+        b.pick_fast(pool, &Ask::key(b""), &[f], Prefer::Confirmed),
+        no_node(),
+        "slow"
+    );
     // The fast node alone serves for over 10 decay times (its excess, 200 ms, is under
     // 40 µs by then: well below the 50 ms that would make it slow).
     let start = std::time::Instant::now();
@@ -1265,7 +1272,7 @@ fn an_idle_slow_node_is_tried_again() {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(
-        b.pick_fast(pool, b"", &[f], Prefer::Confirmed),
+        b.pick_fast(pool, &Ask::key(b""), &[f], Prefer::Confirmed),
         Ok(s),
         "measured again"
     );

@@ -43,7 +43,7 @@ _M.library_path = so_path
 local canary = require "resty.rsbalancer.canary"
 
 local C_pick, C_report, C_generation = C.rsb_pick, C.rsb_report, C.rsb_generation
-local C_pick_prefer = C.rsb_pick_prefer
+local C_pick_ask, C_inspect = C.rsb_pick_ask, C.rsb_inspect
 local C_may_retry, C_available = C.rsb_may_retry, C.rsb_available
 local MAX_TRIES = 32
 -- Why rsb_may_retry refused (enum rsb_retry_denied), as X-RSB-Admission says it; "no
@@ -108,6 +108,7 @@ local function sync()
             admission = cfg.admission,
             -- Slow nodes as overflow: admit() holds a faster node's slot first.
             hold_faster = cfg.limit.slow_factor > 0 and cfg.algorithm ~= "chash",
+            inspect = cfg.tokens.inspect_body,
         }
         local with_provider = false
         for j = 1, #cfg.nodes do
@@ -515,12 +516,10 @@ local function pick_next(st, aidx, apool, key, tried, n)
         return nil
     end
     fill_tried(tried, n)
-    local klen = 0
-    if key then klen = #key end
     -- A request let in above the confirmed capacity (st.probe) takes a node at its
     -- probe if there is one; any other, a confirmed slot first.
-    local rc = C_pick_prefer(handle, aidx, key, klen, tried_buf, add_others(st, n),
-                             st.probe and PREFER_PROBE or 0, out_buf)
+    local rc = C_pick_ask(handle, aidx, admission.ask(st, key), tried_buf, add_others(st, n),
+                          st.probe and PREFER_PROBE or 0, out_buf)
     if rc ~= RSB_OK then
         if rc ~= RSB_NO_NODE then
             ngx.log(ngx.ERR, "rsbalancer: ", last_error())
@@ -595,6 +594,20 @@ function _M.balance(pool, key)
 end
 
 
+-- What the request's body costs (rsb_inspect: token estimate, completion limit,
+-- streaming), for the picks of every round; a POST only, when the pool reads bodies.
+-- A body that is not JSON is the node's to judge: its cost stays unknown.
+local body_buf = ffi.new("rsb_body[1]")
+local function inspect(st, aidx)
+    if ngx.req.get_method() ~= "POST" then return end
+    local body = admission.read_body()
+    if not body then return end
+    if C_inspect(handle, aidx, body, #body, body_buf) ~= RSB_OK then return end
+    local b = body_buf[0]
+    st.tokens, st.max_tokens = b.tokens, b.max_tokens
+    st.stream, st.include_usage = b.stream == 1, b.include_usage
+end
+
 -- admit() for a pool with provider fields: the upstream request is the provider's, so
 -- with several providers the first round's node is held here (waiting for one to free
 -- up within the deadline) and its provider applied; a pool of one provider is applied
@@ -662,6 +675,7 @@ function _M.admit(pool, priority)
         aidx, apool = idx, pool
     end
     local p = policy[apool]
+    if p.inspect and not st.tokens then inspect(st, aidx) end
     local ok = admission.admit(C, handle, aidx, apool, priority, st, p.no_node_status, last_error)
     if ok == true and p.hold_faster and st.n == 0 then
         admission.hold_faster(C, handle, aidx, st)
@@ -761,7 +775,7 @@ function _M.log()
         warned_rounds = true
         ngx.log(ngx.ERR, "rsbalancer: pool ", st.pool, " has retry.rounds but a busy round ",
                 "ended in nginx's 502: add `error_page 502 504 = @rsb_round;` and the ",
-                "@rsb_round location (README \"Rounds\"), or set retry.rounds to 0")
+                "@rsb_round location (docs/balancing.md, \"Rounds\"), or set retry.rounds to 0")
     end
 end
 
@@ -791,7 +805,7 @@ local function end_rounds(st, reason)
 end
 
 --- round(pool): in access_by_lua of the named location a busy round ends in
--- (`error_page 502 504 = @rsb_round;`, see README "Rounds"). Reports what the last
+-- (`error_page 502 504 = @rsb_round;`, see docs/balancing.md, "Rounds"). Reports what the last
 -- round left unreported, gives its admission back, then either ends the request
 -- (429 + Retry-After + X-RSB-Admission when it cannot wait longer, or the failure that
 -- ended the round) or starts a new round: back into the pool's admission queue (same

@@ -66,6 +66,9 @@ pub(super) struct View<'a> {
     pub(super) region: &'a Region,
     pub(super) slots: &'a [u32],
     pub(super) tried: &'a [u32],
+    /// What the request costs (`crate::ask`).
+    #[allow(dead_code)] // read by the token and latency signals to come
+    pub(super) ask: &'a Ask<'a>,
     pub(super) now_ms: u64,
     pub(super) tau_ms: u32,
     pub(super) reference_us: f64,

@@ -26,6 +26,7 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+pub use crate::ask::{Ask, BodyFacts};
 use crate::budget;
 use crate::config::{Config, ConfigError, PoolConfig, Secrets};
 use crate::health::{self, Flip};

@@ -13,22 +13,23 @@ impl Balancer {
     /// with an empty `tried` counts as a request, any other as a retry, in the pool's
     /// retry budget.
     pub fn pick(&self, pool: u32, key: &[u8], tried: &[u32]) -> Result<u32, Error> {
-        self.pick_with(pool, key, tried, Prefer::Confirmed)
+        self.pick_with(pool, &Ask::key(key), tried, Prefer::Confirmed)
     }
 
     /// [`pick`](Self::pick), choosing first among nodes with a confirmed free slot
     /// (`Prefer::Confirmed`) or at their probe (`Prefer::Probe`: a request the
-    /// admission queue let in above the confirmed capacity), then among the others.
-    pub fn pick_with(&self, pool: u32, key: &[u8], tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
+    /// admission queue let in above the confirmed capacity), then among the others;
+    /// `ask` is what the request costs (`crate::ask`).
+    pub fn pick_with(&self, pool: u32, ask: &Ask, tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
         let now = clock::now_ms();
         let mut spill = None;
-        let err = match self.pick_in(pool, key, tried, now, prefer, &mut spill, true) {
+        let err = match self.pick_in(pool, ask, tried, now, prefer, &mut spill, true) {
             Err(e @ Error::NoNode { .. }) => e,
             other => return other,
         };
         // No node of the pool can take it: its backup pool may (emergency, dead pool).
         if let Some(bp) = spill {
-            if let Ok(slot) = self.pick_in(bp, key, tried, now, prefer, &mut None, true) {
+            if let Ok(slot) = self.pick_in(bp, ask, tried, now, prefer, &mut None, true) {
                 return Ok(slot);
             }
         }
@@ -38,13 +39,24 @@ impl Balancer {
         Err(err)
     }
 
+    /// What a request body costs in `pool`: its facts (`crate::ask::inspect`) and its
+    /// token estimate by the pool's `tokens` policy. `Invalid` for a body that is not
+    /// one JSON object.
+    pub fn inspect(&self, pool: u32, body: &[u8]) -> Result<(BodyFacts, u32), Error> {
+        let facts = crate::ask::inspect(body).map_err(|e| Error::Invalid(e.to_string()))?;
+        let mut l = self.local.lock();
+        self.sync(&mut l)?;
+        let p = local_pool(&mut l.pools, pool)?;
+        Ok((facts, facts.tokens(&p.policy.tokens)))
+    }
+
     /// [`pick_with`](Self::pick_with) among the primaries that are not slow
     /// (`limit.slow_factor`) only, and with `Prefer::Confirmed` only into confirmed
     /// slots (no AIMD probe): `NoNode` when none of them can take a try now, without
     /// counting it. What `admit()` uses to hold a faster node's slot before
     /// the balancer phase rather than race other requests to it.
-    pub fn pick_fast(&self, pool: u32, key: &[u8], tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
-        self.pick_in(pool, key, tried, clock::now_ms(), prefer, &mut None, false)
+    pub fn pick_fast(&self, pool: u32, ask: &Ask, tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
+        self.pick_in(pool, ask, tried, clock::now_ms(), prefer, &mut None, false)
     }
 
     /// `pick` within one pool; on `NoNode`, `spill` is the pool to try next. Without
@@ -53,7 +65,7 @@ impl Balancer {
     pub(super) fn pick_in(
         &self,
         pool: u32,
-        key: &[u8],
+        ask: &Ask,
         tried: &[u32],
         now: u64,
         prefer: Prefer,
@@ -72,7 +84,7 @@ impl Balancer {
         }
         let ps = self.region.pool(pool).expect("local pool slot in range");
         let key_hash = if p.policy.algorithm == Algorithm::Chash {
-            hash_key(key)
+            hash_key(ask.key)
         } else {
             0
         };
@@ -105,6 +117,7 @@ impl Balancer {
                 region: &self.region,
                 slots: &tier.slots,
                 tried,
+                ask,
                 now_ms: now,
                 tau_ms: p.policy.ewma.decay_ms,
                 reference_us: p.reference_us,

@@ -176,6 +176,9 @@ pub struct PoolConfig {
     /// Priorities and the admission queue (`admit()`); off by default.
     #[serde(default)]
     pub admission: AdmissionConfig,
+    /// Reading requests' token cost from their bodies (`crate::ask`).
+    #[serde(default)]
+    pub tokens: crate::ask::TokensPolicy,
     /// Queue depth scraped from self-hosted nodes' `/metrics`; off when absent. See
     /// [`crate::scrape`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -216,7 +219,7 @@ pub struct RetryConfig {
     /// node the request could still go to is busy (429, 503, or none free when the
     /// balancer runs); the request then waits for a slot (the admission queue when it
     /// is on, else a free node) and is sent again, rebuilt, to a node it has not tried.
-    /// Needs the nginx side: `error_page 502 504 = @rsb_round;` (README, rounds).
+    /// Needs the nginx side: `error_page 502 504 = @rsb_round;` (docs/balancing.md, "Rounds").
     pub rounds: u32,
 }
 
@@ -400,6 +403,7 @@ impl Default for PoolConfig {
             canary: None,
             emergency: None,
             admission: AdmissionConfig::default(),
+            tokens: crate::ask::TokensPolicy::default(),
             scrape: None,
         }
     }
@@ -716,6 +720,15 @@ impl PoolConfig {
                 format!("{f} is out of range: 0 (off) or 1.5..=100"),
             ));
         }
+        let tp = format!("{path}.tokens");
+        let t = &self.tokens;
+        check_range(
+            &tp,
+            "default_max_tokens",
+            t.default_max_tokens,
+            0..=crate::ask::MAX_TOKENS,
+        )?;
+        check_range(&tp, "max_estimate", t.max_estimate, 1..=crate::ask::MAX_TOKENS)?;
         let o = &self.outlier;
         let op = format!("{path}.outlier");
         check_range(&op, "consecutive_failures", o.consecutive_failures, 0..=1_000)?;

@@ -17,7 +17,7 @@ use std::ffi::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::abi::PreferFlag;
-use crate::balancer::{Balancer, Error, Prefer};
+use crate::balancer::{Ask, Balancer, Error, Prefer};
 
 mod admission;
 mod request;
@@ -180,7 +180,7 @@ fn parse_config(json: &[u8]) -> Result<Config, rsb_result> {
     Config::from_json(text).map_err(|e| fail(Error::Config(e)))
 }
 
-/// Create a balancer with a new shared region from a JSON config (see README).
+/// Create a balancer with a new shared region from a JSON config (see docs/configuration.md).
 /// Create it before forking: children share the region.
 ///
 /// # Safety

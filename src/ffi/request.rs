@@ -3,6 +3,35 @@
 
 use super::*;
 
+/// One request as `rsb_pick_ask` sees it (`crate::ask`): its consistent-hashing or
+/// affinity key (`key_len` bytes at `key`; NULL with 0 for none), its estimated
+/// tokens and its completion limit (`rsb_inspect`; 0 when unknown).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct rsb_ask {
+    pub key: *const c_char,
+    pub key_len: usize,
+    pub tokens: u32,
+    pub max_tokens: u32,
+}
+
+/// What `rsb_inspect` read from a request body.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct rsb_body {
+    /// The body's length (saturating).
+    pub bytes: u32,
+    /// Its completion limit (`max_completion_tokens` or `max_tokens`, times `n`);
+    /// 0 when it names none.
+    pub max_tokens: u32,
+    /// The pool's estimate of the request's tokens (prompt and completion), >= 1.
+    pub tokens: u32,
+    /// 1: `"stream": true`.
+    pub stream: u32,
+    /// `stream_options.include_usage`: 0 absent, 1 false, 2 true.
+    pub include_usage: u32,
+}
+
 /// Pick a node of pool `pool` for one try, skipping the `ntried` slots in `tried`.
 /// `key` is the consistent-hashing key (ignored by other algorithms; may be NULL
 /// with `key_len` 0). On success `*out_node` is the node's slot and its in-flight
@@ -21,31 +50,24 @@ pub unsafe extern "C" fn rsb_pick(
     ntried: usize,
     out_node: *mut u32,
 ) -> rsb_result {
+    let ask = rsb_ask {
+        key,
+        key_len,
+        tokens: 0,
+        max_tokens: 0,
+    };
     // SAFETY: forwarded caller contract.
-    unsafe {
-        pick(
-            b,
-            pool,
-            key,
-            key_len,
-            tried,
-            ntried,
-            (Prefer::Confirmed, false),
-            out_node,
-        )
-    }
+    unsafe { pick(b, pool, ask, tried, ntried, (Prefer::Confirmed, false), out_node) }
 }
 
-/// The body of `rsb_pick` and `rsb_pick_prefer`.
+/// The body of `rsb_pick`, `rsb_pick_prefer` and `rsb_pick_ask`.
 ///
 /// # Safety
-/// As `rsb_pick`.
-#[allow(clippy::too_many_arguments)]
+/// As `rsb_pick`, with `ask.key` pointing to `ask.key_len` bytes.
 unsafe fn pick(
     b: *const Balancer,
     pool: u32,
-    key: *const c_char,
-    key_len: usize,
+    ask: rsb_ask,
     tried: *const u32,
     ntried: usize,
     (prefer, fast_only): (Prefer, bool),
@@ -53,7 +75,7 @@ unsafe fn pick(
 ) -> rsb_result {
     guard(|| {
         // SAFETY: forwarded caller contract.
-        let (Some(b), Some(key)) = (unsafe { handle(b) }, unsafe { bytes(key, key_len) }) else {
+        let (Some(b), Some(key)) = (unsafe { handle(b) }, unsafe { bytes(ask.key, ask.key_len) }) else {
             return null("balancer or key");
         };
         // SAFETY: forwarded caller contract.
@@ -63,10 +85,15 @@ unsafe fn pick(
         if out_node.is_null() {
             return null("out_node");
         }
+        let ask = Ask {
+            key,
+            tokens: ask.tokens,
+            max_tokens: ask.max_tokens,
+        };
         let picked = if fast_only {
-            b.pick_fast(pool, key, tried, prefer)
+            b.pick_fast(pool, &ask, tried, prefer)
         } else {
-            b.pick_with(pool, key, tried, prefer)
+            b.pick_with(pool, &ask, tried, prefer)
         };
         // SAFETY: `out_node` is non-null (checked above) and writable by contract.
         unsafe { put(out_node, picked) }
@@ -94,16 +121,88 @@ pub unsafe extern "C" fn rsb_pick_prefer(
     prefer: u32,
     out_node: *mut u32,
 ) -> rsb_result {
+    let ask = rsb_ask {
+        key,
+        key_len,
+        tokens: 0,
+        max_tokens: 0,
+    };
+    // SAFETY: forwarded caller contract.
+    unsafe { rsb_pick_ask(b, pool, &ask, tried, ntried, prefer, out_node) }
+}
+
+/// `rsb_pick_prefer` for a request known by more than its key (`rsb_ask`: its token
+/// estimate and completion limit, from `rsb_inspect`).
+///
+/// # Safety
+/// As `rsb_pick`; `ask` points to a readable `rsb_ask` whose `key` points to
+/// `key_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_pick_ask(
+    b: *const Balancer,
+    pool: u32,
+    ask: *const rsb_ask,
+    tried: *const u32,
+    ntried: usize,
+    prefer: u32,
+    out_node: *mut u32,
+) -> rsb_result {
     if prefer & !PreferFlag::ALL != 0 {
         return guard(|| fail(Error::Invalid(format!("prefer {prefer} is not 0..=3"))));
     }
+    if ask.is_null() {
+        return guard(|| null("ask"));
+    }
+    // SAFETY: non-null (checked above), readable by contract.
+    let ask = unsafe { *ask };
     let probe = prefer & PreferFlag::Probe as u32 != 0;
     let choice = (
         if probe { Prefer::Probe } else { Prefer::Confirmed },
         prefer & PreferFlag::NotSlow as u32 != 0,
     );
     // SAFETY: forwarded caller contract.
-    unsafe { pick(b, pool, key, key_len, tried, ntried, choice, out_node) }
+    unsafe { pick(b, pool, ask, tried, ntried, choice, out_node) }
+}
+
+/// Read what a request body costs in pool `pool` (`crate::ask`): `*out` gets its
+/// length, completion limit, the pool's token estimate and whether it streams.
+/// `RSB_INVALID_ARGUMENT` (`rsb_last_error` says why) for a body that is not one JSON
+/// object of at most 32 MiB; `*out` is then untouched.
+///
+/// # Safety
+/// `b` a live handle; `body` points to `len` bytes; `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_inspect(
+    b: *const Balancer,
+    pool: u32,
+    body: *const c_char,
+    len: usize,
+    out: *mut rsb_body,
+) -> rsb_result {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let (Some(b), Some(body)) = (unsafe { handle(b) }, unsafe { bytes(body, len) }) else {
+            return null("balancer or body");
+        };
+        if out.is_null() {
+            return null("out");
+        }
+        match b.inspect(pool, body) {
+            Ok((f, tokens)) => {
+                let r = rsb_body {
+                    bytes: f.bytes,
+                    max_tokens: f.max_tokens.unwrap_or(0),
+                    tokens,
+                    stream: u32::from(f.stream),
+                    include_usage: f.include_usage.map_or(0, |u| 1 + u32::from(u)),
+                };
+                // SAFETY: `out` is non-null (checked above) and writable by contract.
+                unsafe { out.write(r) };
+                rsb_result::RSB_OK
+            }
+            Err(e) => fail(e),
+        }
+    })
 }
 
 /// Report the outcome of one try from `rsb_pick`: `status` the HTTP status or 0 when

@@ -39,6 +39,35 @@ local PRIORITY_MIN, PRIORITY_MAX = C.RSB_PRIORITY_MIN, C.RSB_PRIORITY_MAX
 local PREFER_PROBE, NOT_SLOW_ONLY = C.RSB_PREFER_PROBE, C.RSB_PREFER_NOT_SLOW
 local RSB_OK = C.RSB_OK
 
+-- What a pick is told of the request (rsb_ask): filled before each rsb_pick_ask.
+local ask_buf = ffi.new("rsb_ask[1]")
+
+--- ask(st [, key]): the request `st` as rsb_pick_ask takes it: its key (`key`, else
+-- the affinity key admit() found, st.key), token estimate and completion limit (from
+-- rsb_inspect in admit(); 0 when unknown). Valid until the next call.
+function _M.ask(st, key)
+    key = key or st.key
+    local a = ask_buf[0]
+    a.key, a.key_len = key, key and #key or 0
+    a.tokens, a.max_tokens = st.tokens or 0, st.max_tokens or 0
+    return ask_buf
+end
+
+--- read_body(): the request body as a string (nil when there is none), reading a body
+-- nginx buffered to a file; nil, err when that file cannot be read.
+function _M.read_body()
+    ngx.req.read_body()
+    local body = ngx.req.get_body_data()
+    if body then return body end
+    local path = ngx.req.get_body_file()
+    if not path then return nil end
+    local f, err = io.open(path, "rb")
+    if not f then return nil, "cannot read the buffered request body: " .. tostring(err) end
+    body = f:read("*a")
+    f:close()
+    return body
+end
+
 local verdict_buf = ffi.new("uint32_t[1]")
 local entry_buf = ffi.new("uint32_t[1]")
 local value_buf = ffi.new("uint64_t[1]")
@@ -193,7 +222,7 @@ function _M.hold_faster(C, handle, idx, st)
     end
     local again
     while true do
-        if C.rsb_pick_prefer(handle, idx, nil, 0, nil, 0, prefer, slot_buf) == RSB_OK then
+        if C.rsb_pick_ask(handle, idx, _M.ask(st), nil, 0, prefer, slot_buf) == RSB_OK then
             st.n, st.tried[1], st.held = 1, slot_buf[0], true
             return
         end
@@ -221,13 +250,12 @@ end
 -- it; the client left: ends the request with 499).
 function _M.wait_pick(C, handle, idx, st, tried, n, key, until_s)
     local prefer = st.probe and PREFER_PROBE or 0
-    local klen = key and #key or 0
     local delay = 0.002
     if not st.aborted then
         pcall(ngx.on_abort, function() st.aborted = true end) -- once per location
     end
     while true do
-        if C.rsb_pick_prefer(handle, idx, key, klen, tried, n, prefer, slot_buf) == RSB_OK then
+        if C.rsb_pick_ask(handle, idx, _M.ask(st, key), tried, n, prefer, slot_buf) == RSB_OK then
             return slot_buf[0]
         end
         -- (ngx.now() moves on only when the event loop turns: every sleep below is

@@ -1,4 +1,4 @@
--- resty.rsbalancer.canary: the canary split (README "Canary split").
+-- resty.rsbalancer.canary: the canary split (docs/overload.md, "Canary split").
 --
 -- Per request, `choose(pool, idx)` decides the arm once (resty.rsbalancer keeps it in
 -- ngx.ctx.rsb, so admit(), balance() and every retry use the same arm): the share is

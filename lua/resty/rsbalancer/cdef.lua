@@ -55,6 +55,19 @@ typedef enum rsb_result {
   RSB_PANIC = 6,
 } rsb_result;
 typedef struct rsb_balancer rsb_balancer;
+typedef struct rsb_ask {
+  const char *key;
+  size_t key_len;
+  uint32_t tokens;
+  uint32_t max_tokens;
+} rsb_ask;
+typedef struct rsb_body {
+  uint32_t bytes;
+  uint32_t max_tokens;
+  uint32_t tokens;
+  uint32_t stream;
+  uint32_t include_usage;
+} rsb_body;
 typedef struct rsb_node_stats {
   uint32_t weight;
   uint32_t inflight;
@@ -119,6 +132,18 @@ enum rsb_result rsb_pick_prefer(const struct rsb_balancer *b,
                                 size_t ntried,
                                 uint32_t prefer,
                                 uint32_t *out_node);
+enum rsb_result rsb_pick_ask(const struct rsb_balancer *b,
+                             uint32_t pool,
+                             const struct rsb_ask *ask,
+                             const uint32_t *tried,
+                             size_t ntried,
+                             uint32_t prefer,
+                             uint32_t *out_node);
+enum rsb_result rsb_inspect(const struct rsb_balancer *b,
+                            uint32_t pool,
+                            const char *body,
+                            size_t len,
+                            struct rsb_body *out);
 enum rsb_result rsb_report(const struct rsb_balancer *b,
                            uint32_t node,
                            uint32_t status,

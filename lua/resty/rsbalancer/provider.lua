@@ -197,20 +197,7 @@ function _M.request(slot)
     return entry(slot, "request")
 end
 
--- The request body as a string (nil when there is none), reading a body nginx
--- buffered to a file.
-local function read_body()
-    ngx.req.read_body()
-    local body = ngx.req.get_body_data()
-    if body then return body end
-    local path = ngx.req.get_body_file()
-    if not path then return nil end
-    local f, err = io.open(path, "rb")
-    if not f then return nil, "cannot read the buffered request body: " .. tostring(err) end
-    body = f:read("*a")
-    f:close()
-    return body
-end
+local read_body = require("resty.rsbalancer.admission").read_body
 
 -- Rewrite the body's model to the node's (or back to the client's) when needed.
 local function apply_model(e, var)
