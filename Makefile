@@ -9,7 +9,7 @@
 #   make check-config CONFIG=path.json   validate a pool config (what nginx -t does with nginx-conf/perl)
 #   make header   regenerate include/rsbalancer.h (cbindgen) and lua/resty/rsbalancer/cdef.lua from it
 #   make lint     rustfmt and clippy
-#   make fuzz     every fuzz target (fuzz/) for FUZZ_SECONDS each; fuzz-smoke: ~1 minute in all
+#   make fuzz     every fuzz target (fuzz/) for FUZZ_SECONDS each; fuzz-smoke: ~1.5 minutes in all
 
 PREFIX     ?= /usr/local
 LUA_CDIR   ?= $(PREFIX)/lib/lua/5.1
@@ -66,7 +66,7 @@ test: deps build
 # Every Rust test target but the nginx one (run by test-nginx, serially).
 NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs tests/nginx_canary.rs tests/nginx_emergency.rs \
                tests/nginx_metrics.rs tests/nginx_admin.rs tests/nginx_admission.rs tests/nginx_chaos.rs \
-               tests/nginx_defects.rs tests/nginx_rounds.rs tests/nginx_providers.rs
+               tests/nginx_defects.rs tests/nginx_rounds.rs tests/nginx_providers.rs tests/nginx_queue.rs
 RUST_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out $(NGINX_TESTS),$(wildcard tests/*.rs)))
 
 test-rust:
@@ -138,7 +138,7 @@ check-config: $(BUILD)/lib/rsbalancer.so
 # cargo-fuzz passes, less the nightly-only sanitizer). --target keeps the flags off
 # build scripts. Seeds: fuzz/seeds/<target> (committed); the growing corpus and crash
 # artifacts: fuzz/corpus, fuzz/artifacts (git-ignored). A crash fails the run.
-FUZZ_TARGETS ?= config admin abi retry_after model
+FUZZ_TARGETS ?= config admin abi retry_after model scrape
 FUZZ_SECONDS ?= 60
 FUZZ_SMOKE_SECONDS ?= 15
 FUZZ_HOST    := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')

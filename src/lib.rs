@@ -49,6 +49,7 @@ pub mod notice;
 pub mod params;
 pub mod provider;
 pub mod retry;
+pub mod scrape;
 pub mod select;
 #[allow(unsafe_code)]
 pub mod shm;

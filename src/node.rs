@@ -156,6 +156,7 @@ pub fn reset(region: &Region, slot: u32, now: u64) {
     for w in &s.notices {
         w.store(0, Ordering::Relaxed);
     }
+    crate::scrape::reset(s);
     s.flags.store(0, Ordering::Relaxed);
     tally::reset_node(region, slot);
     forget_served(region, slot);

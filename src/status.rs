@@ -60,6 +60,11 @@ pub fn of(b: &Balancer) -> Result<Value, Error> {
                     let w = effective.get(&n.slot).copied().unwrap_or(0.0);
                     v["effective_weight"] = ((w * 100.0).round() / 100.0).into();
                     v["recent"] = recent(region, n.slot, now);
+                    // Scraped queue figures, for the pools that scrape (`crate::scrape`).
+                    if let (Some(s), Some(slot)) = (&p.policy.scrape, region.node(n.slot)) {
+                        v["queue"] = serde_json::to_value(crate::scrape::snapshot(slot, now, s.fresh_ms()))
+                            .expect("snapshot serializes");
+                    }
                     // Header names and variable names, never a value.
                     if let Some(p) = &n.provider {
                         v["provider"] = serde_json::to_value(p).expect("provider serializes");

@@ -68,4 +68,9 @@ impl Topology {
     pub fn pool(&self, name: &str) -> Option<&PoolTopo> {
         self.pools.iter().find(|p| p.name == name)
     }
+
+    /// The pool that node slot `slot` belongs to.
+    pub fn pool_of(&self, slot: u32) -> Option<&PoolTopo> {
+        self.pools.iter().find(|p| p.nodes.iter().any(|x| x.slot == slot))
+    }
 }

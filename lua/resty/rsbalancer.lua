@@ -204,6 +204,10 @@ function _M.init_worker()
         if not ok then
             ngx.log(ngx.ERR, "rsbalancer: cannot start health checks: ", herr)
         end
+        ok, herr = require("resty.rsbalancer.scrape").start(bal)
+        if not ok then
+            ngx.log(ngx.ERR, "rsbalancer: cannot start queue scrapes: ", herr)
+        end
         ok, herr = canary.start(bal)
         if not ok then
             ngx.log(ngx.ERR, "rsbalancer: cannot start the canary timer: ", herr)

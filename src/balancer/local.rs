@@ -112,6 +112,10 @@ impl NodeView for View<'_> {
         let word = self.node(i).ewma.load(Ordering::Relaxed);
         load::current(word, self.now_ms, self.tau_ms, self.reference_us)
     }
+
+    fn queued(&self, i: usize) -> u32 {
+        crate::scrape::queued(self.node(i), self.now_ms)
+    }
 }
 
 pub(super) fn os_rng() -> SmallRng {

@@ -396,9 +396,7 @@ impl Balancer {
         let n = self.live_node(node)?;
         let topo = self.topology()?;
         let h = topo
-            .pools
-            .iter()
-            .find(|p| p.nodes.iter().any(|x| x.slot == node))
+            .pool_of(node)
             .and_then(|p| p.policy.health.clone())
             .unwrap_or_default();
         let (ok, fail) = if passed {

@@ -62,7 +62,9 @@ use check::{check_host_header, resolve, serde_error, valid_name};
 pub(crate) use check::{check_range, check_ratio};
 pub use emergency::EmergencyConfig;
 pub mod provider;
+pub mod scrape;
 pub use provider::{HeaderRef, HeaderSource, Provider, Scheme, Secret, Secrets};
+pub use scrape::{ScrapeConfig, ScrapeKind};
 
 /// Why a config was refused: where (`pools.deepseek.nodes[1].weight`, or `config` for
 /// the document as a whole) and what is wrong, naming the value.
@@ -177,6 +179,10 @@ pub struct PoolConfig {
     /// Reading requests' token cost from their bodies (`crate::ask`).
     #[serde(default)]
     pub tokens: crate::ask::TokensPolicy,
+    /// Queue depth scraped from self-hosted nodes' `/metrics`; off when absent. See
+    /// [`crate::scrape`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrape: Option<ScrapeConfig>,
 }
 
 fn default_window_ms() -> u32 {
@@ -398,6 +404,7 @@ impl Default for PoolConfig {
             emergency: None,
             admission: AdmissionConfig::default(),
             tokens: crate::ask::TokensPolicy::default(),
+            scrape: None,
         }
     }
 }
@@ -560,6 +567,9 @@ impl Config {
             }
             pool.admission
                 .validate(&format!("pools.{name}.admission"), self.shm.queue_slots)?;
+            if let Some(s) = &pool.scrape {
+                s.validate(&format!("pools.{name}.scrape"))?;
+            }
         }
         validate_canaries(&self.pools)?;
         let pools = self.pools.len();

@@ -303,6 +303,32 @@ impl UserData for LuaBalancer {
             });
             nil_err(lua, r)
         });
+        // Record a scrape of a node's /metrics (`crate::scrape::report`): `body` the
+        // body of a 200, nil when the scrape failed. Returns what changed, for one log
+        // line per transition: "fresh" | "stale" | false, "failing" | "working" |
+        // false, and why the body counts as a failure (or nil); or nil, err.
+        m.add_method(
+            "queue_report",
+            |lua, this, (node, body): (u32, Option<mlua::String>)| {
+                let bytes = body.as_ref().map(|s| s.as_bytes());
+                let r = crate::scrape::report(&this.0, node, bytes.as_deref());
+                let word = |flip: Option<bool>, yes: &str, no: &str| -> LuaResult<Value> {
+                    Ok(match flip {
+                        Some(f) => Value::String(lua.create_string(if f { yes } else { no })?),
+                        None => Value::Boolean(false),
+                    })
+                };
+                match r {
+                    Ok((e, why)) => (
+                        word(e.fresh, "fresh", "stale")?,
+                        word(e.failing, "failing", "working")?,
+                        why,
+                    )
+                        .into_lua_multi(lua),
+                    Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+                }
+            },
+        );
         m.add_method("pool_index", |lua, this, name: String| {
             nil_err(lua, this.0.pool_index(&name))
         });

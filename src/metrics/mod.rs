@@ -64,6 +64,7 @@ use crate::shm::clock;
 use crate::shm::layout::{emergency, flags, LATENCY_BOUNDS_MS, QUEUE_WAIT_BOUNDS_MS};
 use crate::{tally, window};
 
+mod queue;
 mod text;
 use text::*;
 
@@ -102,6 +103,8 @@ struct NodeSnap {
     ejection_s: f64,
     cooldowns: u64,
     ejections: u64,
+    /// Scraped queue state (`crate::scrape`); `None` when its pool does not scrape.
+    queue: Option<crate::scrape::Snapshot>,
 }
 
 impl NodeSnap {
@@ -206,6 +209,11 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
                 ejection_s: rem(st.ejected_until_ms),
                 cooldowns: st.cooldowns,
                 ejections: st.ejections,
+                queue: p
+                    .policy
+                    .scrape
+                    .as_ref()
+                    .map(|s| crate::scrape::snapshot(slot, now, s.fresh_ms())),
             });
         }
         let inflight_imbalance = shares(&mut nodes[first..]);
@@ -446,6 +454,11 @@ fn write_nodes(out: &mut String, nodes: &[NodeSnap], pools: &[PoolSnap]) {
         |n| (&n.hist, n.hist_sum_us as f64 / 1e6),
     );
     simple_families(out, nodes, node_labels, &NODE_GAUGES);
+    let scraped: Vec<(&str, crate::scrape::Snapshot)> = nodes
+        .iter()
+        .filter_map(|n| Some((n.labels.as_str(), n.queue?)))
+        .collect();
+    queue::write(out, &scraped);
     labelled_family(
         out,
         nodes,
@@ -761,6 +774,54 @@ mod tests {
         let mut s = String::new();
         render(b, &mut s).unwrap();
         s
+    }
+
+    #[test]
+    fn queue_families_only_for_scraped_pools_figures_only_when_fresh() {
+        let json = TWO_POOLS.replace(
+            r#""algorithm": "weighted_random","#,
+            r#""algorithm": "p2c_ewma", "scrape": {"scrape_ms": 60000},"#,
+        );
+        let b = balancer(&json);
+        let a = b.node_index("llm", "a").unwrap();
+        let bb = b.node_index("llm", "b").unwrap();
+        let body = b"vllm:num_requests_waiting{model_name=\"m\"} 9\nvllm:num_requests_running 2\n\
+                     vllm:kv_cache_usage_perc 0.25\n";
+        crate::scrape::report(&b, a, Some(body)).unwrap();
+        crate::scrape::report(&b, bb, None).unwrap();
+        let (s, _) = parse(&render_text(&b));
+        let a_labels = [("pool", "llm"), ("node", "a")];
+        assert_eq!(value(&s, "rsbalancer_node_queue_waiting", &a_labels), 9.0);
+        assert_eq!(value(&s, "rsbalancer_node_queue_running", &a_labels), 2.0);
+        assert_eq!(value(&s, "rsbalancer_node_kv_cache_usage", &a_labels), 0.25);
+        assert_eq!(value(&s, "rsbalancer_node_queue_backlog", &a_labels), 9.0);
+        assert_eq!(value(&s, "rsbalancer_node_queue_stale", &a_labels), 0.0);
+        let b_labels = [("pool", "llm"), ("node", "b")];
+        assert_eq!(value(&s, "rsbalancer_node_queue_stale", &b_labels), 1.0);
+        assert_eq!(
+            value(&s, "rsbalancer_node_queue_scrape_failures_total", &b_labels),
+            1.0
+        );
+        let has = |name: &str, node: &str| {
+            s.iter()
+                .any(|(n, l, _)| n == name && l.iter().any(|(k, v)| k == "node" && v == node))
+        };
+        assert!(
+            !has("rsbalancer_node_queue_waiting", "b"),
+            "never scraped: no figure"
+        );
+        assert!(
+            !has("rsbalancer_node_queue_stale", "n1"),
+            "pool without scrape: no series"
+        );
+        // The status document shows the same.
+        let st = crate::status::of(&b).unwrap();
+        let q = &st["pools"]["llm"]["nodes"][0]["queue"];
+        assert_eq!(
+            (q["waiting"].as_u64(), q["stale"].as_bool()),
+            (Some(9), Some(false))
+        );
+        assert!(st["pools"]["next"]["nodes"][0].get("queue").is_none());
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! The eligible node with the fewest in-flight requests per unit of weight,
 //! `inflight(i) / weight(i)`, wins (nginx's `ngx_http_upstream_least_conn_module`
 //! compares `conns / weight` the same way). In-flight counts come from the shared view,
-//! so they cover every worker. O(n) per pick.
+//! so they cover every worker. O(n) per pick. A node's count includes the queue its
+//! scraped `/metrics` show beyond our tries (`NodeView::load`, `crate::scrape`), so a
+//! node other clients keep busy counts as busy.
 //!
 //! Ties are broken by a weighted random choice among the tied nodes (one pass of weighted
 //! reservoir sampling) rather than nginx's "first, then round robin": an idle pool then
@@ -54,7 +56,7 @@ impl LeastConn {
             if !view.eligible(i) {
                 continue;
             }
-            let score = f64::from(view.inflight(i)) / w;
+            let score = f64::from(view.load(i)) / w;
             if chosen.is_none() || score < best {
                 chosen = Some(i);
                 best = score;
@@ -91,6 +93,23 @@ mod tests {
         view.eligible[1] = false;
         for _ in 0..100 {
             assert_eq!(lc.pick(&mut rng, &view), Some(2));
+        }
+    }
+
+    #[test]
+    fn least_conn_counts_the_scraped_queue() {
+        let mut rng = SmallRng::seed_from_u64(23);
+        let lc = LeastConn::new(&[1.0, 1.0]);
+        let mut view = TestView::idle(2);
+        // Node 0 has fewer of our tries but a queue of others': (1 + 5) > 4.
+        view.inflight = vec![1, 4];
+        view.queued = vec![5, 0];
+        for _ in 0..100 {
+            assert_eq!(lc.pick(&mut rng, &view), Some(1));
+        }
+        view.queued = vec![0, 0];
+        for _ in 0..100 {
+            assert_eq!(lc.pick(&mut rng, &view), Some(0));
         }
     }
 

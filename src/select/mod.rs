@@ -68,6 +68,16 @@ pub trait NodeView {
     fn inflight(&self, idx: usize) -> u32;
     /// Current latency estimate (peak EWMA, already decayed), in microseconds, > 0.
     fn latency(&self, idx: usize) -> f64;
+    /// Requests known to wait at the node besides our in-flight tries (its scraped
+    /// queue, `crate::scrape`); 0 when unknown.
+    fn queued(&self, _idx: usize) -> u32 {
+        0
+    }
+    /// The load the cost-driven algorithms (`p2c_ewma`, `least_conn`) compare:
+    /// in-flight tries plus the queue [`NodeView::queued`] knows of.
+    fn load(&self, idx: usize) -> u32 {
+        self.inflight(idx).saturating_add(self.queued(idx))
+    }
 }
 
 /// The algorithms a pool can use.
@@ -249,6 +259,8 @@ pub(crate) mod testutil {
         pub eligible: Vec<bool>,
         pub inflight: Vec<u32>,
         pub latency: Vec<f64>,
+        /// Scraped queues (`NodeView::queued`).
+        pub queued: Vec<u32>,
     }
 
     impl TestView {
@@ -258,6 +270,7 @@ pub(crate) mod testutil {
                 eligible: vec![true; n],
                 inflight: vec![0; n],
                 latency: vec![1000.0; n],
+                queued: vec![0; n],
             }
         }
     }
@@ -271,6 +284,9 @@ pub(crate) mod testutil {
         }
         fn latency(&self, idx: usize) -> f64 {
             self.latency[idx]
+        }
+        fn queued(&self, idx: usize) -> u32 {
+            self.queued[idx]
         }
     }
 

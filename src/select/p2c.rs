@@ -1,7 +1,10 @@
 //! Power of two choices over weighted samples, with a peak-EWMA latency cost.
 //!
 //! Draw two distinct eligible candidates with probability ∝ weight (alias tables), and
-//! keep the cheaper one, where `cost = latency * (1 + inflight / (weight / mean weight))`.
+//! keep the cheaper one, where `cost = latency * (1 + load / (weight / mean weight))`
+//! and `load` is the node's in-flight tries plus the queue its scraped `/metrics` show
+//! beyond them (`NodeView::load`, `crate::scrape`; just the in-flight tries when the
+//! pool does not scrape or the figures are stale).
 //! This is Mitzenmacher's "power of two choices" (The Power of Two Choices in Randomized
 //! Load Balancing, 2001) with the cost Finagle's `P2CPeakEwma` balancer uses (Linkerd
 //! too): latency estimate times outstanding load, `latency * (inflight + 1)`, which it
@@ -93,7 +96,7 @@ impl P2cEwma {
     pub fn pick<R: Rng + ?Sized, V: NodeView + ?Sized>(&self, rng: &mut R, view: &V) -> Option<usize> {
         let (a, b) = self.draw_pair(rng, view)?;
         let Some(b) = b else { return Some(a) };
-        // cost = latency x (1 + in-flight / relative capacity), where a node's relative
+        // cost = latency x (1 + load / relative capacity), load = in flight + queued, where a node's relative
         // capacity is its weight over the mean weight. With equal weights this is
         // Finagle's latency x (in-flight + 1); with unequal ones an idle pool ties and
         // the tie goes to the first draw, itself drawn by weight, so shares follow the
@@ -102,8 +105,7 @@ impl P2cEwma {
         // Costs within TIE_BAND of each other are a tie: latency estimates carry noise
         // (and float rounding), and letting a 0.01% difference decide would send every
         // pick of a lightly loaded pool to whichever node is marginally cheaper.
-        let cost =
-            |i: usize| view.latency(i) * (1.0 + f64::from(view.inflight(i)) * self.mean / self.weights[i]);
+        let cost = |i: usize| view.latency(i) * (1.0 + f64::from(view.load(i)) * self.mean / self.weights[i]);
         Some(if cost(b) * (1.0 + TIE_BAND) < cost(a) {
             b
         } else {
@@ -188,6 +190,24 @@ mod tests {
         for _ in 0..200 {
             assert_eq!(p2c.pick(&mut rng, &view), Some(0));
         }
+    }
+
+    #[test]
+    fn p2c_counts_the_scraped_queue_as_load() {
+        let mut rng = SmallRng::seed_from_u64(35);
+        let p2c = P2cEwma::new(&[1.0, 1.0]);
+        let mut view = TestView::idle(2);
+        // Equal latency and in-flight counts; node 0's queue makes it dearer:
+        // 1000 x (1 + 1 + 20) against 1000 x (1 + 1).
+        view.inflight = vec![1, 1];
+        view.queued = vec![20, 0];
+        for _ in 0..200 {
+            assert_eq!(p2c.pick(&mut rng, &view), Some(1));
+        }
+        // Without it they tie and the draw decides: both get picks.
+        view.queued = vec![0, 0];
+        let zeros = (0..400).filter(|_| p2c.pick(&mut rng, &view) == Some(0)).count();
+        assert!((100..300).contains(&zeros), "{zeros}");
     }
 
     #[test]

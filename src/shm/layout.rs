@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -278,7 +278,13 @@ pub struct NodeSlot {
     pub ejected_until_ms: AtomicU64,
     /// When the node left the configuration (ms).
     pub removed_ms: AtomicU64,
-    pub _reserved: [AtomicU64; 2],
+    /// Scraped queue (`crate::scrape`), read on every pick: the node's backlog not
+    /// made of our own tries (high 32 bits) and until when it counts (low 32 bits,
+    /// coarse monotonic ms, wrapping); 0: none. One word, one store, one load.
+    pub queue: AtomicU64,
+    /// When the last successful scrape of the node ended (ms, coarse monotonic); 0:
+    /// never.
+    pub queue_scraped_ms: AtomicU64,
     // --- line 3: learned limit, ejection and health ----------------------------------
     /// Learned concurrency limit, fixed point 48.16; 0 = none learned (unlimited).
     pub limit: AtomicU64,
@@ -294,7 +300,12 @@ pub struct NodeSlot {
     /// ejection began; 0 when it is not, or its first served try since was noticed
     /// (`crate::notice`: the report that swaps it back to 0 announces "back").
     pub out_since_ms: AtomicU64,
-    pub _reserved3: [AtomicU64; 2],
+    /// Scraped figures for display (`crate::scrape`): requests waiting (high 32 bits)
+    /// and running (low 32 bits); `u32::MAX`: the node did not send it.
+    pub queue_figures: AtomicU64,
+    /// Scraped KV-cache usage in parts per million (low 21 bits; all ones: not sent),
+    /// the scrape state bits (`crate::scrape`), and failed scrapes (high 32 bits).
+    pub queue_info: AtomicU64,
     // --- line 4: transition notices; lines 5-6 unused (were: status classes and the
     // latency histogram, now in `NodeTally`) -------------------------------------------
     /// Per `crate::notice::Kind`: the rate limit's word (`crate::notice::admit`).

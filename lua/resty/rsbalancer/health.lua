@@ -30,10 +30,11 @@ local function sni_of(host)
 end
 _M.sni_of = sni_of
 
--- One probe: true when the node answered with an expected status. `req`: the node's
--- provider request (resty.rsbalancer.provider.request), or nil.
-local function probe(node, cfg, req)
-    local host = cfg.host or (req and req.host) or node.host
+-- The text and TLS options of a GET of `path` from a node, sent as its requests are
+-- (Host, headers, TLS): `host` overrides the Host, `req` is the node's provider request
+-- (resty.rsbalancer.provider.request) or nil. Also used by resty.rsbalancer.scrape.
+local function get_request(node, path, host, agent, req)
+    host = host or (req and req.host) or node.host
     local extra, tls = "", nil
     if req then
         local h = req.headers
@@ -44,9 +45,16 @@ local function probe(node, cfg, req)
             tls = { sni = sni_of(req.host), verify = req.tls_verify }
         end
     end
-    local code, err = http.status(node.ip, node.port, cfg.timeout_ms, "GET " .. cfg.path
-        .. " HTTP/1.0\r\nHost: " .. host
-        .. "\r\nUser-Agent: rsbalancer-health\r\n" .. extra .. "Connection: close\r\n\r\n", tls)
+    return "GET " .. path .. " HTTP/1.0\r\nHost: " .. host .. "\r\nUser-Agent: " .. agent
+        .. "\r\n" .. extra .. "Connection: close\r\n\r\n", tls
+end
+_M.get_request = get_request
+
+-- One probe: true when the node answered with an expected status. `req`: the node's
+-- provider request (resty.rsbalancer.provider.request), or nil.
+local function probe(node, cfg, req)
+    local request, tls = get_request(node, cfg.path, cfg.host, "rsbalancer-health", req)
+    local code, err = http.status(node.ip, node.port, cfg.timeout_ms, request, tls)
     if not code then
         return false, err
     end
@@ -85,36 +93,47 @@ local function check_pool(bal, pool, cfg)
     end
 end
 
-local function tick(premature, bal, pool, cfg)
+-- One tick of a leased timer (see leased_timers).
+local function tick(premature, job, pool, cfg)
     if premature then return end
+    local interval_ms = cfg[job.interval]
     -- Lease for three intervals: the holder renews it each tick.
-    if bal:health_lease(cfg.interval_ms * 3) then
-        local ok, err = pcall(check_pool, bal, pool, cfg)
+    if job.bal:health_lease(interval_ms * 3) then
+        local ok, err = pcall(job.work, job.bal, pool, cfg)
         if not ok then
-            ngx.log(ngx.ERR, "rsbalancer: health check of pool ", pool, " failed: ", err)
+            ngx.log(ngx.ERR, "rsbalancer: ", job.what, " of pool ", pool, " failed: ", err)
         end
     end
     -- Jitter of up to 10% so that probes do not line up with other periodic work.
-    local delay = cfg.interval_ms * (1 + random() * 0.1) / 1000
-    local ok, err = ngx.timer.at(delay, tick, bal, pool, cfg)
+    local delay = interval_ms * (1 + random() * 0.1) / 1000
+    local ok, err = ngx.timer.at(delay, tick, job, pool, cfg)
     if not ok and err ~= "process exiting" then
-        ngx.log(ngx.ERR, "rsbalancer: cannot schedule health check of pool ", pool, ": ", err)
+        ngx.log(ngx.ERR, "rsbalancer: cannot schedule ", job.what, " of pool ", pool, ": ", err)
     end
 end
 
---- start(bal): in init_worker. One timer per pool with a health section.
-function _M.start(bal)
+--- leased_timers(bal, section, interval, what, work): in init_worker, one timer per
+-- pool whose config has `section`: every cfg[interval] ms (jittered), the worker that
+-- holds the health-check lease runs work(bal, pool, cfg). `what` names it in errors.
+-- Also used by resty.rsbalancer.scrape.
+function _M.leased_timers(bal, section, interval, what, work)
+    local job = { bal = bal, interval = interval, what = what, work = work }
     local names = bal:pool_names() or {}
     for i = 1, #names do
-        local cfg = bal:pool_config(names[i]).health
+        local cfg = bal:pool_config(names[i])[section]
         if cfg then
-            local ok, err = ngx.timer.at(random() * cfg.interval_ms / 1000, tick, bal, names[i], cfg)
+            local ok, err = ngx.timer.at(random() * cfg[interval] / 1000, tick, job, names[i], cfg)
             if not ok then
                 return nil, err
             end
         end
     end
     return true
+end
+
+--- start(bal): in init_worker. One timer per pool with a health section.
+function _M.start(bal)
+    return _M.leased_timers(bal, "health", "interval_ms", "health check", check_pool)
 end
 
 return _M

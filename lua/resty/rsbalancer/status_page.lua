@@ -122,6 +122,20 @@ local HTML = [==[<!DOCTYPE html>
       " admitted from the queue \u00b7 " + num(a.queue_timeouts, 0) + " timeouts \u00b7 " +
       num(a.queue_evicted, 0) + " evicted \u00b7 " + num(a.queue_aborted, 0) + " left";
   }
+  // A scraped node's queue (src/scrape.rs): waiting / running, KV-cache usage, what
+  // the cost adds now; flagged when stale (ignored) or when scrapes fail.
+  function nodeQueue(q) {
+    if (!q) return "\u2014";
+    var parts = [];
+    if (q.waiting !== undefined || q.running !== undefined)
+      parts.push((q.waiting !== undefined ? num(q.waiting, 0) : "?") + " / " +
+        (q.running !== undefined ? num(q.running, 0) : "?"));
+    if (q.kv_cache_usage !== undefined) parts.push("KV " + num(q.kv_cache_usage * 100, 0) + "%");
+    if (!q.stale) parts.push("+" + num(q.backlog, 0) + " in cost");
+    if (q.stale) parts.push("stale");
+    if (q.failing) parts.push("scrape failing");
+    return parts.join(" \u00b7 ") || "\u2014";
+  }
   function cell(tr, name, content) {
     var td = el("td", "c-" + name);
     if (typeof content === "string") td.textContent = content; else td.appendChild(content);
@@ -146,7 +160,10 @@ local HTML = [==[<!DOCTYPE html>
     if (q) box.appendChild(el("div", "admission", q));
     var table = el("table");
     var head = el("tr");
-    COLUMNS.forEach(function (c) { head.appendChild(el("th", null, c[1])); });
+    // A pool that scrapes its nodes' /metrics gets a queue column.
+    var scraped = p.nodes.some(function (n) { return n.queue; });
+    var columns = scraped ? COLUMNS.concat([["queue", "node queue: waiting / running"]]) : COLUMNS;
+    columns.forEach(function (c) { head.appendChild(el("th", null, c[1])); });
     table.appendChild(el("thead")).appendChild(head);
     var body = el("tbody");
     var maxEff = 0;
@@ -178,6 +195,10 @@ local HTML = [==[<!DOCTYPE html>
       cell(tr, "requests", num(n.requests, 0));
       cell(tr, "failures", num(n.failures, 0));
       cell(tr, "busy", num(n.busy, 0));
+      if (scraped) {
+        var qc = cell(tr, "queue", nodeQueue(n.queue));
+        if (n.queue && (n.queue.stale || n.queue.failing)) qc.className += " full";
+      }
       body.appendChild(tr);
     });
     table.appendChild(body);

@@ -24,6 +24,24 @@
 --   require_key     a provider's API key: any request (/health too) without
 --                   `Authorization: Bearer <key>` gets 401 (counted in "unauthorized")
 --
+-- GET /metrics: the node's Prometheus gauges as a self-hosted server exposes them
+-- (not counted in flight or in "received"):
+--   metrics_style   "vllm" (default): vllm:num_requests_running / _waiting and
+--                   vllm:kv_cache_usage_perc, with engine and model_name labels, the
+--                   waiting queue split over two model_name label sets as a server
+--                   with two models would; "sglang": sglang:num_running_reqs,
+--                   sglang:num_queue_reqs, sglang:token_usage; "vllm_old": the usage as
+--                   vllm:gpu_cache_usage_perc
+--   queue_waiting   requests the node says wait in its queue (default 0: another
+--                   client's load, as a shared node has); running is its real count of
+--                   chat requests in flight
+--   kv_usage        the KV-cache usage it reports, 0..1 (default: running / 100, at most 1)
+--   metrics_fail    "" | "503" | "close" (drop the connection) | "garbage" (a 200 with
+--                   an HTML page) | "slow" (answer after 3 s) | "huge" (a valid page
+--                   padded with comments to 2 MiB)
+-- The vLLM styles end the body by closing the connection; "sglang" sends a
+-- Content-Length.
+--
 -- Runtime overrides (all workers, until changed back; "" or "default" clears one):
 --   POST /mock/set?fail=503&latency_ms=500&max_conc=2   (keys: the names above minus mock_)
 --   GET  /mock/state   -> {"node":..,"inflight":..,"served":..,"rejected":..,"received":..,
@@ -33,7 +51,8 @@
 --     Retry-After of the latest 429 ("" if none yet); last_model, last_host: the "model" of
 --     the latest chat request and the Host of the latest request; last_sni: its TLS server
 --     name ("" over plain HTTP); unauthorized: the 401s
---     and 421s of require_key and require_host.
+--     and 421s of require_key and require_host; scrapes: GET /metrics requests;
+--     scrapers: how many distinct User-Agents sent them; last_scraper: the latest one.
 --
 -- Requests in flight are counted across the node's workers in lua_shared_dict
 -- `mock_llm` (incr in content, decr in log_by_lua, which runs on every exit path:
@@ -58,6 +77,8 @@ local KNOBS = {
     retry_after_raw = "mock_retry_after_raw",
     cut_after = "mock_cut_after",
     require_host = "mock_require_host", require_key = "mock_require_key",
+    metrics_style = "mock_metrics_style", queue_waiting = "mock_queue_waiting",
+    kv_usage = "mock_kv_usage", metrics_fail = "mock_metrics_fail",
 }
 
 -- A knob: the runtime override if any, else the server's `set` value (nil when the
@@ -218,6 +239,69 @@ local function failing(node, uri)
     end
 end
 
+-- GET /metrics (knobs in the header comment).
+local function metrics(node)
+    dict:incr("scrapes:" .. node, 1, 0)
+    local agent = ngx.var.http_user_agent or ""
+    if dict:add("scraper:" .. node .. ":" .. agent, true) then
+        dict:incr("scrapers:" .. node, 1, 0)
+    end
+    dict:set("last_scraper:" .. node, agent)
+    local fail = knob(node, "metrics_fail")
+    if fail == "slow" then
+        ngx.sleep(3)
+    elseif fail == "503" then
+        return send_json(503, error_body("metrics unavailable", "server_error", "unavailable"))
+    elseif fail == "close" then
+        return ngx.exit(444)
+    elseif fail == "garbage" then
+        ngx.header["Content-Type"] = "text/html"
+        ngx.print("<html><body>502 Bad Gateway</body></html>\n")
+        return ngx.exit(200)
+    end
+    local running = dict:get("conc:" .. node) or 0
+    local waiting = num(node, "queue_waiting")
+    local kv = tonumber(knob(node, "kv_usage")) or min(1, running / 100)
+    local style = knob(node, "metrics_style") or "vllm"
+    local out = {}
+    local function gauge(name, help, samples)
+        out[#out + 1] = "# HELP " .. name .. " " .. help .. "\n# TYPE " .. name .. " gauge\n"
+        for i = 1, #samples, 2 do
+            local v = samples[i + 1]
+            -- Whole numbers as vLLM prints them ("3.0"), fractions in full.
+            out[#out + 1] = name .. "{" .. samples[i] .. "} "
+                .. string.format(v == floor(v) and "%.1f" or "%.6g", v) .. "\n"
+        end
+    end
+    if style == "sglang" then
+        local l = 'model_name="mock-llm"'
+        gauge("sglang:num_running_reqs", "The number of running requests.", { l, running })
+        gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", { l, waiting })
+        gauge("sglang:token_usage", "The token usage.", { l, kv })
+        gauge("sglang:gen_throughput", "The generation throughput (token/s).", { l, 123.4 })
+    else
+        local a, b = 'engine="0",model_name="mock-llm"', 'engine="0",model_name="mock-llm-b"'
+        local half = floor(waiting / 2)
+        gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
+              { a, running, b, 0 })
+        gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+              { a, waiting - half, b, half })
+        gauge(style == "vllm_old" and "vllm:gpu_cache_usage_perc" or "vllm:kv_cache_usage_perc",
+              "KV-cache usage. 1 means 100 percent usage.", { a, kv, b, 0 })
+        out[#out + 1] = 'vllm:prompt_tokens_total{engine="0",model_name="mock-llm"} 4242.0\n'
+    end
+    if fail == "huge" then
+        out[#out + 1] = string.rep("# " .. string.rep("x", 1021) .. "\n", 2048)
+    end
+    local text = concat(out)
+    ngx.header["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+    if style == "sglang" then
+        ngx.header["Content-Length"] = #text
+    end
+    ngx.print(text)
+    return ngx.exit(200)
+end
+
 local function set_knobs(node)
     local args = ngx.req.get_uri_args()
     local changed = {}
@@ -250,6 +334,9 @@ local function state(node)
         .. ',"last_host":' .. q(dict:get("host:" .. node) or "")
         .. ',"last_sni":' .. q(dict:get("sni:" .. node) or "")
         .. ',"unauthorized":' .. (dict:get("unauthorized:" .. node) or 0)
+        .. ',"scrapes":' .. (dict:get("scrapes:" .. node) or 0)
+        .. ',"scrapers":' .. (dict:get("scrapers:" .. node) or 0)
+        .. ',"last_scraper":' .. q(dict:get("last_scraper:" .. node) or "")
         .. ',"knobs":{' .. concat(fields, ",") .. "}}")
 end
 
@@ -259,6 +346,7 @@ function _M.handle()
     local uri = ngx.var.uri
     if uri == "/mock/set" then return set_knobs(node) end
     if uri == "/mock/state" then return state(node) end
+    if uri == "/metrics" then return metrics(node) end
 
     -- Counted before anything else, so that log() can always decrement.
     local inflight = dict:incr("conc:" .. node, 1, 0)
