@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &["params"],
     &["admission/queue"],
     &["balancer"],
-    &["admission", "canary", "emergency", "admin", "provider"],
+    &["admission", "canary", "emergency", "admin", "provider", "cluster"],
     &["status", "metrics"],
     &["ffi", "lua", "lib"],
 ];

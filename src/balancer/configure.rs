@@ -275,7 +275,10 @@ impl Balancer {
                 nodes,
             });
         }
-        Ok(Topology { pools })
+        Ok(Topology {
+            pools,
+            cluster: cfg.cluster.clone(),
+        })
     }
 
     /// Write slot state for the new topology (lock held).
