@@ -7,8 +7,6 @@
 //! No assertion is on elapsed time: each waits for a state, giving up after a
 //! generous bound only when something is broken.
 
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,61 +16,11 @@ use rsbalancer::cluster::Running;
 use rsbalancer::config::Config;
 use serde_json::json;
 
+mod support;
+use support::redis::Redis;
+
 /// Generous: reached only when something is broken.
 const PATIENCE: Duration = Duration::from_secs(20);
-
-/// A `redis-server` of this test's own on a free port, without persistence.
-struct Redis {
-    child: Option<Child>,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut r = Redis { child: None, port };
-        r.restart();
-        r
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian package redis-server; `make deps` installs it) must be on PATH");
-        self.child = Some(child);
-        wait_for("redis-server to listen", || {
-            TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-        });
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().ok();
-            c.wait().ok();
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();

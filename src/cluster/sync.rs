@@ -104,7 +104,9 @@ pub fn gateway_name() -> String {
 fn run(b: &Balancer, cfg: ClusterConfig, stop: &AtomicBool, error: &parking_lot::Mutex<Option<String>>) {
     let every = Duration::from_millis(cfg.sync_ms.into());
     let mut s = Sync::new(cfg);
-    while !stop.load(Ordering::Relaxed) && b.holds_cluster_lease() {
+    // A reload's new workers take over: the old generation's thread stops at once,
+    // before it could take the reload's reset of weights for an operator's change.
+    while !stop.load(Ordering::Relaxed) && b.holds_cluster_lease() && !b.superseded() {
         let t0 = Instant::now();
         match s.round(b) {
             Ok(gateways) => {
@@ -131,6 +133,9 @@ struct Sync {
     last: HashMap<String, String>,
     /// Per `pool/node`, the end (Unix ms) of the cooldown last published.
     published: HashMap<String, u64>,
+    /// Per pool, the fingerprint of its state as the file loaded it (the first round
+    /// after this thread started: nginx's start or reload).
+    file_fp: HashMap<String, String>,
 }
 
 fn unix_ms() -> u64 {
@@ -157,6 +162,7 @@ impl Sync {
             seen_seq: None,
             last: HashMap::new(),
             published: HashMap::new(),
+            file_fp: HashMap::new(),
         }
     }
 
@@ -214,6 +220,11 @@ impl Sync {
     fn round(&mut self, b: &Balancer) -> Result<u64, String> {
         if self.conn.is_none() {
             self.conn = Some(self.connect()?);
+            // A new connection may be to a Redis that restarted empty or to another
+            // master: read the fleet's state again (its change counter may have
+            // started over) and publish again what this gateway knows.
+            self.seen_seq = None;
+            self.published.clear();
         }
         let now_unix = unix_ms();
         let now_mono = clock::now_ms();
@@ -286,12 +297,20 @@ impl Sync {
                 HashMap::new()
             };
             for p in &topo.pools {
-                let Some(text) = remote.get(&p.name) else { continue };
+                if first {
+                    let local = local_state(b, &p.name)?;
+                    self.file_fp.insert(p.name.clone(), fingerprint(&local));
+                }
+                let Some(text) = remote.get(&p.name) else {
+                    // Redis lost it (restarted empty): this gateway's state seeds it.
+                    self.last.remove(&p.name);
+                    continue;
+                };
                 let local = local_state(b, &p.name)?;
                 // A starting gateway takes the fleet's state only when it loaded the
                 // file the fleet's state grew from; a pending local change wins.
                 let take = if first {
-                    bases.get(&p.name) == Some(&fingerprint(&local))
+                    bases.get(&p.name) == self.file_fp.get(&p.name)
                 } else {
                     self.last.get(&p.name) == Some(&local)
                 };
@@ -315,13 +334,19 @@ impl Sync {
         }
         for p in &topo.pools {
             let local = local_state(b, &p.name)?;
-            if self.last.get(&p.name) == Some(&local) {
+            if self.last.get(&p.name) == Some(&local) || b.superseded() {
                 continue;
             }
             let mut pipe = redis::pipe();
             pipe.hset(&state, &p.name, &local).ignore();
-            if first {
-                pipe.hset(&base, &p.name, fingerprint(&local)).ignore();
+            if let Some(fp) = self.file_fp.get(&p.name) {
+                // The file state this pool's fleet state grew from: a new file (first
+                // round) replaces it; a re-seed after Redis lost it sets it back.
+                if first {
+                    pipe.hset(&base, &p.name, fp).ignore();
+                } else {
+                    pipe.hset_nx(&base, &p.name, fp).ignore();
+                }
             }
             pipe.incr(&state_seq, 1);
             let (n,): (i64,) = pipe.query(conn).map_err(|e| e.to_string())?;
