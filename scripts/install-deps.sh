@@ -8,11 +8,12 @@
 # fuzz targets (libfuzzer-sys builds libFuzzer's C++ sources), luarocks for `luarocks
 # lint` of the rockspec (make test-deb; dpkg-deb, which builds the .deb, is in dpkg).
 # openssl (the CLI) makes the test CA and certificates of tests/nginx_providers.rs.
+# redis-server: the cluster tests start their own (tests/cluster.rs, tests/nginx_cluster.rs).
 # Rust comes from rustup and is expected on PATH.
 set -euo pipefail
 
 want=(nginx-core libnginx-mod-http-lua libnginx-mod-http-perl lua-resty-core luajit2 libluajit2-5.1-dev
-      gcc g++ make valgrind wrk curl prometheus chromium luarocks openssl)
+      gcc g++ make valgrind wrk curl prometheus chromium luarocks openssl redis-server)
 [ "$#" -gt 0 ] && want+=("$@")
 
 SUDO=""

@@ -25,7 +25,7 @@
 //! assert_eq!(b.topology().unwrap().pool("llm").unwrap().nodes[0].id, "b");
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 
 use crate::balancer::{Balancer, Error, PoolTopo, Topology};
@@ -113,6 +113,7 @@ fn running_config(region: &Region, topo: &Topology) -> Config {
             queue_slots: cap.max_waiters,
         },
         pools,
+        cluster: topo.cluster.clone(),
     }
 }
 
@@ -234,6 +235,72 @@ pub fn remove_node(b: &Balancer, pool: &str, id: &str) -> Result<(), AdminError>
         }
         cfg.validate().map_err(|e| validation_error(e, "-"))
     })
+}
+
+/// A pool's run-time state as the fleet shares it (`crate::cluster`): its nodes as
+/// running (live base weights; provider fields, header variables but never their
+/// values) and the ids of the drained ones.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolState {
+    pub nodes: Vec<NodeConfig>,
+    pub drained: BTreeSet<String>,
+}
+
+/// `pool`'s run-time state now.
+pub fn pool_state(b: &Balancer, pool: &str) -> Result<PoolState, AdminError> {
+    let topo = b.topology()?;
+    let p = topo.pool(pool).ok_or_else(|| unknown_pool(pool))?;
+    let drained = p
+        .nodes
+        .iter()
+        .filter(|n| {
+            b.region()
+                .node(n.slot)
+                .is_some_and(|s| s.flags.load(Ordering::Relaxed) & flags::DRAINING != 0)
+        })
+        .map(|n| n.id.clone())
+        .collect();
+    Ok(PoolState {
+        nodes: pool_config(b.region(), p).nodes,
+        drained,
+    })
+}
+
+/// Make `pool` what `state` says, through the same all-or-nothing changes as the admin
+/// API: nodes it lacks are added (slow start), nodes it does not name removed (their
+/// tries in flight finish), then weights and drains set. Nodes are told apart by id:
+/// a node that keeps its id keeps its address and learned state. Returns whether
+/// anything changed; stops at the first change refused (say, the region is full).
+pub fn apply_state(b: &Balancer, pool: &str, state: &PoolState) -> Result<bool, AdminError> {
+    let now = pool_state(b, pool)?;
+    let mut changed = false;
+    // Additions first: a pool must keep a primary node at every step.
+    for n in &state.nodes {
+        if !now.nodes.iter().any(|c| c.id == n.id) {
+            add_node(b, pool, n.clone())?;
+            changed = true;
+        }
+    }
+    for c in &now.nodes {
+        if !state.nodes.iter().any(|n| n.id == c.id) {
+            remove_node(b, pool, &c.id)?;
+            changed = true;
+        }
+    }
+    for n in &state.nodes {
+        let slot = b.node_index(pool, &n.id)?;
+        if now.nodes.iter().any(|c| c.id == n.id && c.weight != n.weight) {
+            b.set_weight(slot, n.weight)?;
+            changed = true;
+        }
+        let drain = state.drained.contains(&n.id);
+        if drain != now.drained.contains(&n.id) {
+            b.set_draining(slot, drain)?;
+            changed = true;
+        }
+    }
+    Ok(changed)
 }
 
 /// `check` the active topology (before the lock, for a quick refusal, and again

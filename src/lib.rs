@@ -32,6 +32,7 @@ pub mod ask;
 pub mod balancer;
 pub mod budget;
 pub mod canary;
+pub mod cluster;
 pub mod config;
 pub mod emergency;
 #[allow(unsafe_code)]

@@ -47,6 +47,8 @@ pub enum Reason {
     Failures { strikes: u32 },
     /// A try served after the node was out for `out_ms`.
     Served { out_ms: u64 },
+    /// A cooldown another gateway of the fleet learned (`crate::cluster`).
+    Fleet,
 }
 
 /// One transition of the node in slot `slot`, for `for_ms` (0 for `Back`).
@@ -110,6 +112,7 @@ impl Notice {
                 format!("{strikes} consecutive failures (no response or 5xx)")
             }
             Reason::Served { out_ms } => format!("served a try after {} out", secs(out_ms)),
+            Reason::Fleet => "cooldown learned at another gateway of the fleet".to_string(),
         };
         let mut s = format!("pool {pool} node {id} ({addr}) {what}: {why}");
         if self.suppressed > 0 {

@@ -96,9 +96,13 @@ pub fn of(b: &Balancer) -> Result<Value, Error> {
             (p.name.clone(), pool)
         })
         .collect();
-    Ok(json!({
+    let mut doc = json!({
         "generation": b.generation(),
         "reclaimed_tries": region.header().reclaimed_tries.load(Ordering::Relaxed),
         "pools": pools,
-    }))
+    });
+    if topo.cluster.is_some() {
+        doc["cluster"] = json!(b.cluster_stats());
+    }
+    Ok(doc)
 }

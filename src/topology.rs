@@ -14,6 +14,9 @@ use crate::config::{PoolConfig, Provider};
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Topology {
     pub pools: Vec<PoolTopo>,
+    /// The `cluster` section as loaded (`crate::cluster`); absent: no fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::config::ClusterConfig>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -25,6 +25,7 @@ const LAYERS: &[&[&str]] = &[
         "admin",
         "provider",
         "scrape/report",
+        "cluster",
     ],
     &["status", "metrics"],
     &["ffi", "lua", "lib"],

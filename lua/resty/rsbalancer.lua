@@ -216,6 +216,18 @@ function _M.init_worker()
         if not eok then
             ngx.log(ngx.ERR, "rsbalancer: cannot start the emergency detector: ", eerr)
         end
+        local sync_ms = bal:cluster_sync_ms()
+        if sync_ms then
+            -- Cluster mode: the worker holding the lease runs the Redis sync thread.
+            local cok, cerr = ngx.timer.every(sync_ms / 1000, function(premature)
+                if premature then return end
+                local line = bal:cluster_tick()
+                if line then ngx.log(ngx.WARN, "rsbalancer: ", line) end
+            end)
+            if not cok then
+                ngx.log(ngx.ERR, "rsbalancer: cannot start the cluster sync: ", cerr)
+            end
+        end
         local nok, nerr = ngx.timer.every(1, log_notices)
         if not nok then
             ngx.log(ngx.ERR, "rsbalancer: cannot start the node transition log: ", nerr)

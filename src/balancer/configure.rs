@@ -79,7 +79,7 @@ impl Balancer {
 
     /// Has a later stage than this process's gone live? Then this process belongs to
     /// an nginx generation that is shutting down: it keeps the tables it has.
-    pub(super) fn superseded(&self) -> bool {
+    pub fn superseded(&self) -> bool {
         let mine = self.stage.load(Ordering::Relaxed);
         // Acquire pairs with the Release in `apply_stage`: the later stage's topology
         // is visible once it is seen live.
@@ -275,7 +275,10 @@ impl Balancer {
                 nodes,
             });
         }
-        Ok(Topology { pools })
+        Ok(Topology {
+            pools,
+            cluster: cfg.cluster.clone(),
+        })
     }
 
     /// Write slot state for the new topology (lock held).

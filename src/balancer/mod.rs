@@ -101,6 +101,22 @@ impl From<ShmError> for Error {
 }
 
 pub use crate::node::NodeStats;
+
+/// The cluster sync's figures (`crate::cluster`), shared by the gateway's workers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ClusterStats {
+    /// The last exchange with Redis succeeded.
+    pub up: bool,
+    /// Gateways alive in the fleet at the last sync.
+    pub gateways: u64,
+    /// Sync rounds that succeeded, and that failed.
+    pub syncs: u64,
+    pub errors: u64,
+    /// Cooldowns taken from the fleet (learned at another gateway).
+    pub cooldowns_in: u64,
+    /// Time since the last round that succeeded (ms); `None` before the first.
+    pub last_ok_age_ms: Option<u64>,
+}
 pub use crate::topology::{NodeTopo, PoolTopo, Topology};
 
 /// Who decides whether a pool is in emergency mode.

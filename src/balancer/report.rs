@@ -2,6 +2,7 @@
 //! limits, cooldowns and ejection; active health-check results.
 
 use super::*;
+use std::sync::atomic::AtomicI32;
 
 /// What a reported try does to a node's latency estimate.
 pub(super) enum Feed {
@@ -245,6 +246,84 @@ impl Balancer {
         n.started_ms.fetch_max(until, Ordering::Relaxed);
     }
 
+    /// Nodes cooling now (quota 429s): `(pool, node id, until)`, `until` in ms of the
+    /// coarse monotonic clock. What the fleet sync publishes (`crate::cluster`).
+    pub fn cooling(&self) -> Result<Vec<(String, String, u64)>, Error> {
+        let now = clock::now_ms();
+        let topo = self.topology()?;
+        let mut out = Vec::new();
+        for p in &topo.pools {
+            for nt in &p.nodes {
+                let until = self
+                    .region
+                    .node(nt.slot)
+                    .map_or(0, |n| n.cooldown_until_ms.load(Ordering::Relaxed));
+                if until > now {
+                    out.push((p.name.clone(), nt.id.clone(), until));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cool node `slot` for `for_ms` from now, a cooldown another gateway learned
+    /// (`crate::cluster`), unless it already cools longer: never shortened. `for_ms`
+    /// is capped at the pool's `cooldown.max_retry_after_ms` (a value from outside).
+    /// True when this lengthened it.
+    pub fn cool_from_fleet(&self, slot: u32, for_ms: u64) -> Result<bool, Error> {
+        let n = self.live_node(slot)?;
+        let cap = self
+            .region
+            .pool(n.pool.load(Ordering::Relaxed))
+            .map_or(60_000, |ps| ps.max_retry_after_ms.load(Ordering::Relaxed)) as u64;
+        let now = clock::now_ms();
+        let for_ms = for_ms.min(cap);
+        let until = now + for_ms;
+        let before = n.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
+        if before >= until {
+            return Ok(false);
+        }
+        if before < now {
+            self.region
+                .header()
+                .cluster_cooldowns_in
+                .fetch_add(1, Ordering::Relaxed);
+            self.notice_out(slot, n, now, notice::Kind::Cooling, Reason::Fleet, for_ms);
+        }
+        n.started_ms.fetch_max(until, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Record one cluster sync round: whether it succeeded and, if so, the gateways
+    /// the fleet counts now.
+    pub fn record_cluster_round(&self, ok: bool, gateways: u64) {
+        let h = self.region.header();
+        if ok {
+            h.cluster_syncs.fetch_add(1, Ordering::Relaxed);
+            h.cluster_gateways.store(gateways, Ordering::Relaxed);
+            h.cluster_last_ok_ms.store(clock::now_ms(), Ordering::Relaxed);
+        } else {
+            h.cluster_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        h.cluster_up.store(u32::from(ok), Ordering::Relaxed);
+    }
+
+    /// The cluster sync's figures (all 0 without a `cluster` section).
+    pub fn cluster_stats(&self) -> ClusterStats {
+        let h = self.region.header();
+        ClusterStats {
+            up: h.cluster_up.load(Ordering::Relaxed) != 0,
+            gateways: h.cluster_gateways.load(Ordering::Relaxed),
+            syncs: h.cluster_syncs.load(Ordering::Relaxed),
+            errors: h.cluster_errors.load(Ordering::Relaxed),
+            cooldowns_in: h.cluster_cooldowns_in.load(Ordering::Relaxed),
+            last_ok_age_ms: match h.cluster_last_ok_ms.load(Ordering::Relaxed) {
+                0 => None,
+                t => Some(clock::now_ms().saturating_sub(t)),
+            },
+        }
+    }
+
     /// Node `slot` was just taken out by this process (it won the transition): it is
     /// out since now unless it already was, and the error log hears of it once.
     fn notice_out(&self, slot: u32, n: &NodeSlot, now: u64, kind: notice::Kind, why: Reason, for_ms: u64) {
@@ -372,23 +451,21 @@ impl Balancer {
     /// process holds it; a holder that died or let it expire is replaced.
     pub fn health_lease(&self, ttl_ms: u64) -> bool {
         let h = self.region.header();
-        let me = std::process::id() as i32;
-        let now = clock::now_ms();
-        // Acquire pairs with the CAS and the Release renewal below (another process's):
-        // the owner and the lease's end are values only, nothing else rides on them.
-        let owner = h.health_pid.load(Ordering::Acquire);
-        let expired = now >= h.health_until_ms.load(Ordering::Acquire);
-        let take = owner == me
-            || ((owner == 0 || expired || !crate::shm::pid_alive(owner))
-                && h.health_pid
-                    // AcqRel, though only the winner matters: it pairs with the loads above.
-                    .compare_exchange(owner, me, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok());
-        if take {
-            // Release pairs with the Acquire loads above: the claim comes with its end.
-            h.health_until_ms.store(now + ttl_ms, Ordering::Release);
-        }
-        take
+        lease(&h.health_pid, &h.health_until_ms, ttl_ms)
+    }
+
+    /// Take or renew the region-wide cluster-sync lease (`crate::cluster`), as
+    /// [`health_lease`](Self::health_lease).
+    pub fn cluster_lease(&self, ttl_ms: u64) -> bool {
+        let h = self.region.header();
+        lease(&h.cluster_pid, &h.cluster_until_ms, ttl_ms)
+    }
+
+    /// Whether this process holds the cluster-sync lease now (not renewing it).
+    pub fn holds_cluster_lease(&self) -> bool {
+        let h = self.region.header();
+        h.cluster_pid.load(Ordering::Acquire) == std::process::id() as i32
+            && clock::now_ms() < h.cluster_until_ms.load(Ordering::Acquire)
     }
 
     /// Record one active probe of a node; returns whether it flipped up or down.
@@ -423,4 +500,26 @@ impl Balancer {
         }
         Ok(flip)
     }
+}
+
+/// Take or renew a region-wide lease (`owner` pid, `until` ms) for `ttl_ms`: true when
+/// this process holds it; a holder that died or let it expire is replaced.
+fn lease(owner_word: &AtomicI32, until: &AtomicU64, ttl_ms: u64) -> bool {
+    let me = std::process::id() as i32;
+    let now = clock::now_ms();
+    // Acquire pairs with the CAS and the Release renewal below (another process's):
+    // the owner and the lease's end are values only, nothing else rides on them.
+    let owner = owner_word.load(Ordering::Acquire);
+    let expired = now >= until.load(Ordering::Acquire);
+    let take = owner == me
+        || ((owner == 0 || expired || !crate::shm::pid_alive(owner))
+            && owner_word
+                // AcqRel, though only the winner matters: it pairs with the loads above.
+                .compare_exchange(owner, me, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok());
+    if take {
+        // Release pairs with the Acquire loads above: the claim comes with its end.
+        until.store(now + ttl_ms, Ordering::Release);
+    }
+    take
 }

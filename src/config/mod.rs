@@ -54,12 +54,14 @@ use crate::strict::Strict;
 pub(crate) mod admission;
 mod canary;
 mod check;
+pub mod cluster;
 pub mod emergency;
 pub use admission::{AdmissionConfig, ClassConfig};
 use canary::validate_canaries;
 pub use canary::{CanaryConfig, CanaryKey, RampConfig, RollbackConfig};
 use check::{check_host_header, resolve, serde_error, valid_name};
 pub(crate) use check::{check_range, check_ratio};
+pub use cluster::ClusterConfig;
 pub use emergency::EmergencyConfig;
 pub mod provider;
 pub mod scrape;
@@ -99,6 +101,9 @@ pub struct Config {
     pub shm: ShmConfig,
     /// Pools by name; names are 1..=64 bytes of `[A-Za-z0-9._-]`.
     pub pools: BTreeMap<String, PoolConfig>,
+    /// Several gateways sharing one view through Redis; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Sizes of the shared-memory region, fixed when it is created.
@@ -546,6 +551,9 @@ impl Config {
     /// plain mistake is refused without waiting on DNS.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         self.shm.validate()?;
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
         if self.pools.is_empty() {
             return Err(ConfigError::new("pools", "at least one pool is required"));
         }
@@ -1081,7 +1089,7 @@ mod tests {
     fn unknown_keys_refused_at_every_level() {
         let e = err(with("/pool", json!({})));
         assert!(
-            e.starts_with("config: unknown field `pool`, expected `shm` or `pools`"),
+            e.starts_with("config: unknown field `pool`, expected one of `shm`, `pools`, `cluster`"),
             "{e}"
         );
         let e = err(with("/shm", json!({ "max_node": 1 })));

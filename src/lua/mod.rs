@@ -25,6 +25,7 @@ use crate::config::{Config, ConfigError};
 
 mod admin;
 mod canary;
+mod cluster;
 
 static REGISTRY: Mutex<Option<HashMap<String, Arc<Balancer>>>> = Mutex::new(None);
 
@@ -529,6 +530,7 @@ impl UserData for LuaBalancer {
             }
         });
         canary::add_methods(m);
+        cluster::add_methods(m);
         // Prometheus text exposition of every pool and node (`/metrics`), or nil, err.
         m.add_method("metrics", |lua, this, ()| {
             let mut text = String::with_capacity(64 * 1024);

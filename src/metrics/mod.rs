@@ -319,6 +319,45 @@ fn write_globals(out: &mut String, b: &Balancer) {
         "",
         h.lock_steals.load(Ordering::Relaxed),
     );
+    if b.topology().is_ok_and(|t| t.cluster.is_some()) {
+        let c = b.cluster_stats();
+        let figures: [(&str, Kind, &str, u64); 5] = [
+            (
+                "rsbalancer_cluster_up",
+                Kind::Gauge,
+                "1 while this gateway's last sync with Redis succeeded; 0: it goes on alone.",
+                c.up.into(),
+            ),
+            (
+                "rsbalancer_cluster_gateways",
+                Kind::Gauge,
+                "Gateways alive in the fleet at the last sync, this one included.",
+                c.gateways,
+            ),
+            (
+                "rsbalancer_cluster_syncs_total",
+                Kind::Counter,
+                "Sync rounds with Redis that succeeded.",
+                c.syncs,
+            ),
+            (
+                "rsbalancer_cluster_errors_total",
+                Kind::Counter,
+                "Sync rounds with Redis that failed (unreachable, slow, refused).",
+                c.errors,
+            ),
+            (
+                "rsbalancer_cluster_cooldowns_in_total",
+                Kind::Counter,
+                "Node cooldowns taken from the fleet (learned at another gateway).",
+                c.cooldowns_in,
+            ),
+        ];
+        for (name, kind, help, v) in figures {
+            family(out, name, kind, help);
+            sample(out, name, "", "", v);
+        }
+    }
 }
 
 const NODE_COUNTERS: [Field<NodeSnap>; 5] = [

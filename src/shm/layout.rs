@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -144,6 +144,21 @@ pub struct Header {
     /// new generation); workers of an older stage keep the tables they began with.
     pub applied_stage: AtomicU64,
     pub _reserved: [AtomicU64; 2],
+    /// Cluster sync (`crate::cluster`): pid of the worker whose thread talks to Redis
+    /// (a lease, as for health checks), 0 when none, and when its lease ends (ms).
+    pub cluster_pid: AtomicI32,
+    /// 1 while the last exchange with Redis succeeded (`rsbalancer_cluster_up`).
+    pub cluster_up: AtomicU32,
+    pub cluster_until_ms: AtomicU64,
+    /// Gateways alive in the fleet at the last sync (this one included).
+    pub cluster_gateways: AtomicU64,
+    /// Sync rounds that succeeded and that failed.
+    pub cluster_syncs: AtomicU64,
+    pub cluster_errors: AtomicU64,
+    /// When the last round succeeded (ms, coarse monotonic).
+    pub cluster_last_ok_ms: AtomicU64,
+    /// Cooldowns this gateway took from the fleet (learned at another gateway).
+    pub cluster_cooldowns_in: AtomicU64,
 }
 
 /// Per-pool shared parameters and counters. The report path reads its policy

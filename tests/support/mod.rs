@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod proc;
+pub mod redis;
 pub use proc::*;
 
 /// The checkout (where Cargo.toml is).
