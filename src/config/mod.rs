@@ -457,6 +457,14 @@ pub struct NodeConfig {
     /// The JSON body's top-level `"model"` is rewritten to this for this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Token budget per minute, 1..=1,000,000,000: requests' token estimates are
+    /// reserved in a sliding 60 s window shared by all workers (`crate::headroom`),
+    /// for providers that send no rate-limit headers. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u32>,
+    /// Request budget per minute, 1..=1,000,000, in the same window. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u32>,
     /// `addr` resolved, filled by [`Config::validate`].
     #[serde(skip)]
     pub resolved: Option<SocketAddr>,
@@ -486,6 +494,8 @@ impl Default for NodeConfig {
             tls_verify: true,
             headers: BTreeMap::new(),
             model: None,
+            tpm: None,
+            rpm: None,
             resolved: None,
             resolved_headers: None,
         }
@@ -665,6 +675,12 @@ impl PoolConfig {
                 ));
             }
             check_range(&node_path, "weight", node.weight, crate::abi::WEIGHT_RANGE)?;
+            if let Some(tpm) = node.tpm {
+                check_range(&node_path, "tpm", tpm, 1..=crate::headroom::TPM_MAX)?;
+            }
+            if let Some(rpm) = node.rpm {
+                check_range(&node_path, "rpm", rpm, 1..=crate::headroom::RPM_MAX)?;
+            }
             node.validate_provider(&node_path)?;
         }
         Ok(())

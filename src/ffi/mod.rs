@@ -20,10 +20,12 @@ use crate::abi::PreferFlag;
 use crate::balancer::{Ask, Balancer, Error, Prefer};
 
 mod admission;
+mod headroom;
 mod request;
 
 use crate::config::Config;
 pub use admission::*;
+pub use headroom::*;
 pub use request::*;
 
 /// Result codes. Stable numbers: new codes are only ever appended.
