@@ -1099,7 +1099,7 @@ mod tests {
         let e = err(with("/pools/deepseek/nodes/0/wieght", json!(5)));
         assert_eq!(
             e,
-            "pools.deepseek.nodes[0]: unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`, `host`, `scheme`, `tls_verify`, `headers`, `model`"
+            "pools.deepseek.nodes[0]: unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`, `host`, `scheme`, `tls_verify`, `headers`, `model`, `tpm`, `rpm`"
         );
         let e = err(with("/pools/deepseek/nodes/0/resolved", json!("127.0.0.1:1")));
         assert!(
@@ -1115,7 +1115,7 @@ mod tests {
         assert_eq!(e.path, "pools.deepseek.nodes[0]");
         assert_eq!(
             e.message,
-            "unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`, `host`, `scheme`, `tls_verify`, `headers`, `model`"
+            "unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`, `host`, `scheme`, `tls_verify`, `headers`, `model`, `tpm`, `rpm`"
         );
     }
 
