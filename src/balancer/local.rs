@@ -126,6 +126,11 @@ impl NodeView for View<'_> {
             return false;
         }
         let n = self.node(i);
+        // Provider headroom and budgets first (only for a node that has either), so
+        // that a node passed over for them is counted as such.
+        if !headroom::room(n, n.flags.load(Ordering::Relaxed), self.ask.tokens, self.now_ms) {
+            return false;
+        }
         // The limit and in-flight count loaded once for both questions.
         let (limit, inflight) = (
             n.limit.load(Ordering::Relaxed),
@@ -135,12 +140,6 @@ impl NodeView for View<'_> {
             && self
                 .confirmed
                 .is_none_or(|want| node::confirmed_slot(self.region, slot, limit, inflight) == want)
-            && headroom::room(
-                n,
-                n.flags.load(Ordering::Relaxed),
-                self.ask.tokens,
-                self.now_ms,
-            )
     }
 
     fn inflight(&self, i: usize) -> u32 {
