@@ -116,6 +116,12 @@ fn too_few_tokens_skip_big_requests(style: &str) {
     until_received(&g, &a, 0);
     let st = g.stats();
     assert_eq!(st["a"]["remaining_tokens"], 400, "{st}");
+    let m = get(g.port, "/metrics").text();
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("rsbalancer_node_remaining_tokens{") && l.contains("node=\"a\"") && l.ends_with(" 400")),
+        "remaining tokens in /metrics:\n{m}"
+    );
     let seen = received(&a);
     // About 25 prompt tokens + 2000: more than a's 400.
     for _ in 0..10 {
@@ -216,4 +222,27 @@ fn budgets_keep_hidden_limits_and_answer_429_when_spent() {
     let s = quiesce(&g);
     assert!(stat(&s, "a", "budget_tokens_used") >= 1500, "{s}");
     assert_eq!(stat(&s, "b", "budget_requests_used"), 4, "{s}");
+    // Visible in /metrics and /rsbalancer/status.
+    let m = get(g.port, "/metrics").text();
+    let line = |name: &str, node: &str| {
+        m.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&format!("node=\"{node}\"")))
+            .unwrap_or_else(|| panic!("{name} of {node} missing:\n{m}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+    };
+    assert_eq!(line("rsbalancer_node_budget_tpm", "a"), 1500.0);
+    assert!(line("rsbalancer_node_budget_tokens_used", "a") >= 1500.0);
+    assert_eq!(line("rsbalancer_node_budget_requests_used", "b"), 4.0);
+    assert!(line("rsbalancer_node_budget_skips_total", "a") + line("rsbalancer_node_budget_skips_total", "b") > 0.0);
+    let st = http_with(g.port, "GET", "/rsbalancer/status", &[("Accept", "application/json")], None)
+        .expect("status")
+        .json();
+    let nodes = st["pools"]["llm"]["nodes"].as_array().expect("nodes");
+    let a_st = nodes.iter().find(|n| n["id"] == "a").expect("a");
+    assert_eq!(a_st["tpm"], 1500, "{a_st}");
+    assert!(a_st["unavailable_ms"].as_u64().unwrap() > 0, "a is out of budget: {a_st}");
 }
