@@ -27,10 +27,7 @@ fn pick(b: &Balancer, tokens: u32) -> Result<u32, Error> {
 }
 
 fn left(remaining: u64, reset_ms: u32) -> Option<Left> {
-    Some(Left {
-        remaining,
-        reset_ms,
-    })
+    Some(Left { remaining, reset_ms })
 }
 
 fn budget_config(nodes: Value) -> Config {
@@ -44,7 +41,8 @@ fn nothing_left_is_a_cooldown_until_the_reset() {
     let b = Balancer::create(&config(json!({ "algorithm": "round_robin" }), &["a", "b"])).unwrap();
     let s = slots(&b, &["a", "b"]);
     let t0 = clock::now_ms();
-    b.note_headroom(s[0], left(0, 30_000), left(5_000, 1_000)).unwrap();
+    b.note_headroom(s[0], left(0, 30_000), left(5_000, 1_000))
+        .unwrap();
     let t1 = clock::now_ms();
     for _ in 0..20 {
         let n = pick(&b, 100).unwrap();
@@ -69,7 +67,8 @@ fn nothing_left_is_a_cooldown_until_the_reset() {
 fn too_few_tokens_skip_big_requests_only() {
     let b = Balancer::create(&config(json!({ "algorithm": "round_robin" }), &["a", "b"])).unwrap();
     let s = slots(&b, &["a", "b"]);
-    b.note_headroom(s[0], left(100, 30_000), left(1_000, 30_000)).unwrap();
+    b.note_headroom(s[0], left(100, 30_000), left(1_000, 30_000))
+        .unwrap();
     for _ in 0..10 {
         let n = pick(&b, 5_000).unwrap();
         assert_eq!(n, s[1], "5000 tokens do not fit a's 1000");
@@ -85,7 +84,11 @@ fn too_few_tokens_skip_big_requests_only() {
     let on_a = small.iter().filter(|&&n| n == s[0]).count();
     assert_eq!(on_a, 5, "round robin: half the small ones on a ({small:?})");
     let st = b.node_stats(s[0]).unwrap();
-    assert_eq!(st.headroom.remaining_tokens, Some(1_000 - 5 * 100), "picks take their share");
+    assert_eq!(
+        st.headroom.remaining_tokens,
+        Some(1_000 - 5 * 100),
+        "picks take their share"
+    );
     assert_eq!(st.headroom.remaining_requests, Some(95));
     assert!(st.headroom.headroom_skips > 0);
     assert_ne!(st.state, "cooling");
@@ -106,12 +109,20 @@ fn a_second_429_never_shortens_a_cooldown() {
     // A try picked before the cooldown answers 429 with a shorter Retry-After.
     let n = b.pick(0, b"", &[s[1]]);
     assert!(n.is_err(), "a is cooling");
-    b.region().node(s[0]).unwrap().inflight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    b.region()
+        .node(s[0])
+        .unwrap()
+        .inflight
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     b.report(s[0], 429, 1_000, 1_000).unwrap();
     let second = b.node_stats(s[0]).unwrap().cooldown_until_ms;
     assert!(second >= first, "never shortened: {second} < {first}");
     // A longer one extends it.
-    b.region().node(s[0]).unwrap().inflight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    b.region()
+        .node(s[0])
+        .unwrap()
+        .inflight
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     b.report(s[0], 429, 1_000, 40_000).unwrap();
     let third = b.node_stats(s[0]).unwrap().cooldown_until_ms;
     assert!(third > first + 15_000, "extended: {third} vs {first}");
@@ -187,7 +198,10 @@ fn rpm_budget_counts_requests() {
 fn budgets_are_validated_with_their_field_names() {
     for (node, field) in [
         (json!({ "id": "a", "addr": "127.0.0.1:9001", "tpm": 0 }), "tpm"),
-        (json!({ "id": "a", "addr": "127.0.0.1:9001", "rpm": 2_000_000 }), "rpm"),
+        (
+            json!({ "id": "a", "addr": "127.0.0.1:9001", "rpm": 2_000_000 }),
+            "rpm",
+        ),
     ] {
         let err = Config::from_value(json!({ "pools": { "p": { "nodes": [node] } } }))
             .and_then(|mut c| c.validate().map(|_| c))

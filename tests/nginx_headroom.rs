@@ -58,22 +58,58 @@ fn until_received(g: &Gateway, m: &MockNode, before: u64) {
     panic!("{} never received a request", m.name);
 }
 
+/// Two mock nodes a and b (5 ms) behind a gateway (round robin); `a_knobs` set on a
+/// (`/mock/set`), `budgets` merged into the nodes' configs (`tpm`, `rpm`).
+struct Setup {
+    a: MockNode,
+    b: MockNode,
+    g: Gateway,
+    _mocks: Nginx,
+    _dir: TestDir,
+}
+
+fn setup(name: &str, latency_ms: u32, knobs: [&str; 2], budgets: [Value; 2]) -> Setup {
+    let dir = TestDir::new(name);
+    let (a, b) = (MockNode::new("a", latency_ms), MockNode::new("b", latency_ms));
+    let mocks = start_mocks(&dir, &[a.clone(), b.clone()]);
+    for (m, k) in [(&a, knobs[0]), (&b, knobs[1])] {
+        if !k.is_empty() {
+            mock_set(m, k);
+        }
+    }
+    let nodes = [(&a, &budgets[0]), (&b, &budgets[1])]
+        .iter()
+        .map(|(m, extra)| {
+            let mut n = json!({ "id": m.name, "addr": m.addr() });
+            if let Value::Object(e) = extra {
+                for (k, v) in e {
+                    n[k] = v.clone();
+                }
+            }
+            n
+        })
+        .collect();
+    let g = start_gateway(&dir, &config(nodes));
+    Setup {
+        a,
+        b,
+        g,
+        _mocks: mocks,
+        _dir: dir,
+    }
+}
+
 #[test]
 fn remaining_zero_rests_the_node_until_its_reset() {
     let _s = serial();
-    let dir = TestDir::new("headroom-zero");
-    let (a, b) = (MockNode::new("a", 5), MockNode::new("b", 5));
-    let _mocks = start_mocks(&dir, &[a.clone(), b.clone()]);
-    mock_set(
-        &a,
-        "limit_style=openai&rpm_limit=1000&tpm_limit=1000000&hdr_remaining_requests=0&hdr_reset_requests=%2B6",
-    );
-    let g = start_gateway(
-        &dir,
-        &config(vec![
-            json!({ "id": "a", "addr": a.addr() }),
-            json!({ "id": "b", "addr": b.addr() }),
-        ]),
+    let Setup { a, g, .. } = &setup(
+        "headroom-zero",
+        5,
+        [
+            "limit_style=openai&rpm_limit=1000&tpm_limit=1000000&hdr_remaining_requests=0&hdr_reset_requests=%2B6",
+            "",
+        ],
+        [Value::Null, Value::Null],
     );
     until_received(&g, &a, 0);
     // a said "no request left, reset in 6 s" (x-ratelimit-reset-requests: 6.000s).
@@ -97,21 +133,14 @@ fn remaining_zero_rests_the_node_until_its_reset() {
 
 fn too_few_tokens_skip_big_requests(style: &str) {
     let _s = serial();
-    let dir = TestDir::new(&format!("headroom-tokens-{style}"));
-    let (a, b) = (MockNode::new("a", 5), MockNode::new("b", 5));
-    let _mocks = start_mocks(&dir, &[a.clone(), b.clone()]);
-    mock_set(
-        &a,
-        &format!(
-            "limit_style={style}&rpm_limit=1000&tpm_limit=1000000&hdr_remaining_tokens=400&hdr_reset_tokens=%2B60"
-        ),
+    let knobs = format!(
+        "limit_style={style}&rpm_limit=1000&tpm_limit=1000000&hdr_remaining_tokens=400&hdr_reset_tokens=%2B60"
     );
-    let g = start_gateway(
-        &dir,
-        &config(vec![
-            json!({ "id": "a", "addr": a.addr() }),
-            json!({ "id": "b", "addr": b.addr() }),
-        ]),
+    let Setup { a, g, .. } = &setup(
+        &format!("headroom-tokens-{style}"),
+        5,
+        [&knobs, ""],
+        [Value::Null, Value::Null],
     );
     until_received(&g, &a, 0);
     let st = g.stats();
@@ -119,7 +148,9 @@ fn too_few_tokens_skip_big_requests(style: &str) {
     let m = get(g.port, "/metrics").text();
     assert!(
         m.lines()
-            .any(|l| l.starts_with("rsbalancer_node_remaining_tokens{") && l.contains("node=\"a\"") && l.ends_with(" 400")),
+            .any(|l| l.starts_with("rsbalancer_node_remaining_tokens{")
+                && l.contains("node=\"a\"")
+                && l.ends_with(" 400")),
         "remaining tokens in /metrics:\n{m}"
     );
     let seen = received(&a);
@@ -150,17 +181,12 @@ fn anthropic_too_few_tokens_skip_big_requests_only() {
 #[test]
 fn retry_after_ms_rests_the_node() {
     let _s = serial();
-    let dir = TestDir::new("headroom-ra-ms");
-    let (a, b) = (MockNode::new("a", 5), MockNode::new("b", 5));
-    let _mocks = start_mocks(&dir, &[a.clone(), b.clone()]);
     // A hidden limit of one request a minute, refused with retry-after-ms only.
-    mock_set(&a, "limit_style=hidden&rpm_limit=1&ra_ms=1");
-    let g = start_gateway(
-        &dir,
-        &config(vec![
-            json!({ "id": "a", "addr": a.addr() }),
-            json!({ "id": "b", "addr": b.addr() }),
-        ]),
+    let Setup { a, g, .. } = &setup(
+        "headroom-ra-ms",
+        5,
+        ["limit_style=hidden&rpm_limit=1&ra_ms=1", ""],
+        [Value::Null, Value::Null],
     );
     for _ in 0..6 {
         let r = chat(&g, 10);
@@ -170,24 +196,24 @@ fn retry_after_ms_rests_the_node() {
     assert!(st["window_rejected"].as_u64().unwrap() >= 1, "{st}");
     let s = g.stats();
     assert_eq!(s["a"]["state"], "cooling", "{s}");
-    assert!(stat(&s, "a", "unavailable_ms") > 20_000, "rested per retry-after-ms: {s}");
+    assert!(
+        stat(&s, "a", "unavailable_ms") > 20_000,
+        "rested per retry-after-ms: {s}"
+    );
 }
 
 #[test]
 fn budgets_keep_hidden_limits_and_answer_429_when_spent() {
     let _s = serial();
-    let dir = TestDir::new("headroom-budgets");
-    let (a, b) = (MockNode::new("a", 20), MockNode::new("b", 20));
-    let _mocks = start_mocks(&dir, &[a.clone(), b.clone()]);
     // DeepSeek-like: no headers, a hidden limit per minute, 429 once it is reached.
-    mock_set(&a, "limit_style=hidden&tpm_limit=1500");
-    mock_set(&b, "limit_style=hidden&rpm_limit=4");
-    let g = start_gateway(
-        &dir,
-        &config(vec![
-            json!({ "id": "a", "addr": a.addr(), "tpm": 1500 }),
-            json!({ "id": "b", "addr": b.addr(), "rpm": 4 }),
-        ]),
+    let Setup { a, b, g, .. } = &setup(
+        "headroom-budgets",
+        20,
+        [
+            "limit_style=hidden&tpm_limit=1500",
+            "limit_style=hidden&rpm_limit=4",
+        ],
+        [json!({ "tpm": 1500 }), json!({ "rpm": 4 })],
     );
     let estimate = body(100).len() as u64 / 4 + 100;
     let answers = run_parallel(40, 8, |_| chat(&g, 100));
@@ -214,10 +240,16 @@ fn budgets_keep_hidden_limits_and_answer_429_when_spent() {
     assert_eq!(sa["window_rejected"], 0, "no 429 from a: {sa}");
     assert_eq!(sb["window_rejected"], 0, "no 429 from b: {sb}");
     let max_t = sa["max_window_tokens"].as_u64().unwrap();
-    assert!(max_t <= 1500 + estimate, "a's window {max_t} over TPM + one estimate");
+    assert!(
+        max_t <= 1500 + estimate,
+        "a's window {max_t} over TPM + one estimate"
+    );
     assert!(max_t >= 1500, "a's budget was used: {max_t}");
     assert_eq!(sb["max_window_requests"], 4, "b took its rpm: {sb}");
-    assert_eq!(ok, sa["received"].as_u64().unwrap() + sb["received"].as_u64().unwrap());
+    assert_eq!(
+        ok,
+        sa["received"].as_u64().unwrap() + sb["received"].as_u64().unwrap()
+    );
     assert!(ok < 40, "some were refused");
     let s = quiesce(&g);
     assert!(stat(&s, "a", "budget_tokens_used") >= 1500, "{s}");
@@ -237,12 +269,24 @@ fn budgets_keep_hidden_limits_and_answer_429_when_spent() {
     assert_eq!(line("rsbalancer_node_budget_tpm", "a"), 1500.0);
     assert!(line("rsbalancer_node_budget_tokens_used", "a") >= 1500.0);
     assert_eq!(line("rsbalancer_node_budget_requests_used", "b"), 4.0);
-    assert!(line("rsbalancer_node_budget_skips_total", "a") + line("rsbalancer_node_budget_skips_total", "b") > 0.0);
-    let st = http_with(g.port, "GET", "/rsbalancer/status", &[("Accept", "application/json")], None)
-        .expect("status")
-        .json();
+    assert!(
+        line("rsbalancer_node_budget_skips_total", "a") + line("rsbalancer_node_budget_skips_total", "b")
+            > 0.0
+    );
+    let st = http_with(
+        g.port,
+        "GET",
+        "/rsbalancer/status",
+        &[("Accept", "application/json")],
+        None,
+    )
+    .expect("status")
+    .json();
     let nodes = st["pools"]["llm"]["nodes"].as_array().expect("nodes");
     let a_st = nodes.iter().find(|n| n["id"] == "a").expect("a");
     assert_eq!(a_st["tpm"], 1500, "{a_st}");
-    assert!(a_st["unavailable_ms"].as_u64().unwrap() > 0, "a is out of budget: {a_st}");
+    assert!(
+        a_st["unavailable_ms"].as_u64().unwrap() > 0,
+        "a is out of budget: {a_st}"
+    );
 }

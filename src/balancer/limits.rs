@@ -17,7 +17,12 @@ impl Balancer {
     /// Nothing left of either starts a cooldown until its reset (never shortening
     /// one already running). Resets are capped by the pool's
     /// `cooldown.max_retry_after_ms`.
-    pub fn note_headroom(&self, node: u32, requests: Option<Left>, tokens: Option<Left>) -> Result<(), Error> {
+    pub fn note_headroom(
+        &self,
+        node: u32,
+        requests: Option<Left>,
+        tokens: Option<Left>,
+    ) -> Result<(), Error> {
         let n = self.live_node(node)?;
         if requests.is_none() && tokens.is_none() {
             return Ok(());

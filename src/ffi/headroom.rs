@@ -52,7 +52,11 @@ fn left(remaining: Option<&[u8]>, reset: Option<&[u8]>, now_unix: u64) -> Option
 /// `b` a live handle; `h` points to a readable `rsb_headroom` whose pointers each
 /// point to their length of readable bytes (NULL allowed with length 0).
 #[no_mangle]
-pub unsafe extern "C" fn rsb_note_headroom(b: *const Balancer, node: u32, h: *const rsb_headroom) -> rsb_result {
+pub unsafe extern "C" fn rsb_note_headroom(
+    b: *const Balancer,
+    node: u32,
+    h: *const rsb_headroom,
+) -> rsb_result {
     guard(|| {
         // SAFETY: forwarded caller contract.
         let Some(b) = (unsafe { handle(b) }) else {
@@ -113,18 +117,15 @@ pub unsafe extern "C" fn rsb_settle(
 /// `value` points to `len` readable bytes (NULL allowed when `len` is 0); `out_ms`
 /// writable.
 #[no_mangle]
-pub unsafe extern "C" fn rsb_retry_after_ms_value(value: *const c_char, len: usize, out_ms: *mut u32) -> rsb_result {
-    guard(|| {
-        // SAFETY: forwarded caller contract.
-        let Some(v) = (unsafe { bytes(value, len) }) else {
-            return null("value");
-        };
-        if out_ms.is_null() {
-            return null("out_ms");
-        }
-        let parsed = headers::millis(v, headers::RETRY_AFTER_MAX_MS)
-            .ok_or_else(|| Error::Invalid("not a retry-after-ms value".into()));
-        // SAFETY: `out_ms` is non-null (checked above) and writable by contract.
-        unsafe { put(out_ms, parsed) }
-    })
+pub unsafe extern "C" fn rsb_retry_after_ms_value(
+    value: *const c_char,
+    len: usize,
+    out_ms: *mut u32,
+) -> rsb_result {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        parse_ms(value, len, out_ms, "retry-after-ms", |v| {
+            headers::millis(v, headers::RETRY_AFTER_MAX_MS)
+        })
+    }
 }

@@ -136,17 +136,22 @@ local function error_body(message, typ, code)
         .. q(code) .. "}}"
 end
 
--- Token bucket shared by the node's workers. shared dicts have no compare-and-swap, so
--- the read-modify-write is guarded by a short lock made with add() (atomic, expiring).
--- Returns true, or false and the seconds until a token is available.
-local function take_token(node, rps, burst)
-    if burst <= 0 then burst = max(rps, 1) end
-    local lock = "qlock:" .. node
-    for _ = 1, 100 do
-        if dict:add(lock, true, 0.05) then break end
+-- shared dicts have no compare-and-swap: a read-modify-write is guarded by a short
+-- lock made with add() (atomic, expiring). Returns the lock's key, for delete().
+local function lock(key)
+    for _ = 1, 200 do
+        if dict:add(key, true, 0.05) then break end
         ngx.sleep(0.001)
     end
     ngx.update_time()
+    return key
+end
+
+-- Token bucket shared by the node's workers (under lock()).
+-- Returns true, or false and the seconds until a token is available.
+local function take_token(node, rps, burst)
+    if burst <= 0 then burst = max(rps, 1) end
+    local lock_key = lock("qlock:" .. node)
     local now = ngx.now()
     local tokens = dict:get("qtok:" .. node) or burst
     local stamp = dict:get("qts:" .. node) or now
@@ -155,7 +160,7 @@ local function take_token(node, rps, burst)
     if ok then tokens = tokens - 1 end
     dict:set("qtok:" .. node, tokens)
     dict:set("qts:" .. node, now)
-    dict:delete(lock)
+    dict:delete(lock_key)
     if ok then return true end
     return false, max(1, ceil((1 - tokens) / rps))
 end
@@ -226,12 +231,7 @@ local function rate_limit(node, body)
     local rpm, tpm = num(node, "rpm_limit"), num(node, "tpm_limit")
     local mt = tonumber(body:match('"max_tokens"%s*:%s*(%d+)')) or 1024
     local charge = floor(#body / 4) + mt
-    local lock = "wlock:" .. node
-    for _ = 1, 200 do
-        if dict:add(lock, true, 0.05) then break end
-        ngx.sleep(0.001)
-    end
-    ngx.update_time()
+    local lock_key = lock("wlock:" .. node)
     local now = ngx.now()
     local now_s = floor(now)
     local t, r, oldest = window_sums(node, now_s)
@@ -244,7 +244,7 @@ local function rate_limit(node, body)
         if t > (dict:get("maxwt:" .. node) or 0) then dict:set("maxwt:" .. node, t) end
         if r > (dict:get("maxwr:" .. node) or 0) then dict:set("maxwr:" .. node, r) end
     end
-    dict:delete(lock)
+    dict:delete(lock_key)
     local reset_s = max(0.001, oldest + WINDOW_S - now)
     local h = style ~= "hidden" and limit_headers(node, style, rpm, tpm, r, t, reset_s) or {}
     if full then
