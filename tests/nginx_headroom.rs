@@ -111,23 +111,23 @@ fn remaining_zero_rests_the_node_until_its_reset() {
         ],
         [Value::Null, Value::Null],
     );
-    until_received(&g, &a, 0);
+    until_received(g, a, 0);
     // a said "no request left, reset in 6 s" (x-ratelimit-reset-requests: 6.000s).
-    mock_set(&a, "hdr_remaining_requests=");
-    let seen = received(&a);
+    mock_set(a, "hdr_remaining_requests=");
+    let seen = received(a);
     let st = g.stats();
     assert_eq!(st["a"]["state"], "cooling", "{st}");
     assert_eq!(st["a"]["remaining_requests"], 0, "{st}");
     for _ in 0..10 {
-        let r = chat(&g, 10);
+        let r = chat(g, 10);
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    assert_eq!(received(&a), seen, "no try went to a before its reset");
+    assert_eq!(received(a), seen, "no try went to a before its reset");
     // After the reset a is used again.
     wait_until(Duration::from_secs(30), "a used again after its reset", || {
-        let r = chat(&g, 10);
+        let r = chat(g, 10);
         assert_eq!(r.status, 200, "{}", r.text());
-        received(&a) > seen
+        received(a) > seen
     });
 }
 
@@ -142,7 +142,7 @@ fn too_few_tokens_skip_big_requests(style: &str) {
         [&knobs, ""],
         [Value::Null, Value::Null],
     );
-    until_received(&g, &a, 0);
+    until_received(g, a, 0);
     let st = g.stats();
     assert_eq!(st["a"]["remaining_tokens"], 400, "{st}");
     let m = get(g.port, "/metrics").text();
@@ -153,19 +153,19 @@ fn too_few_tokens_skip_big_requests(style: &str) {
                 && l.ends_with(" 400")),
         "remaining tokens in /metrics:\n{m}"
     );
-    let seen = received(&a);
+    let seen = received(a);
     // About 25 prompt tokens + 2000: more than a's 400.
     for _ in 0..10 {
-        let r = chat(&g, 2_000);
+        let r = chat(g, 2_000);
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    assert_eq!(received(&a), seen, "no big request went to a");
+    assert_eq!(received(a), seen, "no big request went to a");
     assert!(stat(&g.stats(), "a", "headroom_skips") > 0);
     // Small ones (about 35 tokens) still do.
     for _ in 0..6 {
-        assert_eq!(chat(&g, 10).status, 200);
+        assert_eq!(chat(g, 10).status, 200);
     }
-    assert!(received(&a) > seen, "small requests use a");
+    assert!(received(a) > seen, "small requests use a");
 }
 
 #[test]
@@ -189,7 +189,7 @@ fn retry_after_ms_rests_the_node() {
         [Value::Null, Value::Null],
     );
     for _ in 0..6 {
-        let r = chat(&g, 10);
+        let r = chat(g, 10);
         assert_eq!(r.status, 200, "the 429 is retried on b: {}", r.text());
     }
     let st = get(a.port, "/mock/state").json();
@@ -216,7 +216,7 @@ fn budgets_keep_hidden_limits_and_answer_429_when_spent() {
         [json!({ "tpm": 1500 }), json!({ "rpm": 4 })],
     );
     let estimate = body(100).len() as u64 / 4 + 100;
-    let answers = run_parallel(40, 8, |_| chat(&g, 100));
+    let answers = run_parallel(40, 8, |_| chat(g, 100));
     for r in &answers {
         assert!(
             r.status == 200 || r.status == 429,
@@ -251,7 +251,7 @@ fn budgets_keep_hidden_limits_and_answer_429_when_spent() {
         sa["received"].as_u64().unwrap() + sb["received"].as_u64().unwrap()
     );
     assert!(ok < 40, "some were refused");
-    let s = quiesce(&g);
+    let s = quiesce(g);
     assert!(stat(&s, "a", "budget_tokens_used") >= 1500, "{s}");
     assert_eq!(stat(&s, "b", "budget_requests_used"), 4, "{s}");
     // Visible in /metrics and /rsbalancer/status.
