@@ -74,15 +74,16 @@ fn too_few_tokens_skip_big_requests_only() {
         assert_eq!(n, s[1], "5000 tokens do not fit a's 1000");
         b.report(n, 200, 1_000, 0).unwrap();
     }
-    let small: Vec<u32> = (0..10)
-        .map(|_| {
-            let n = pick(&b, 100).unwrap();
-            b.report(n, 200, 1_000, 0).unwrap();
-            n
-        })
-        .collect();
-    let on_a = small.iter().filter(|&&n| n == s[0]).count();
-    assert_eq!(on_a, 5, "round robin: half the small ones on a ({small:?})");
+    // With b excluded, a small request goes to a, a big one finds no node.
+    for _ in 0..5 {
+        let n = b.pick_with(0, &ask(100), &[s[1]], Prefer::Confirmed).unwrap();
+        assert_eq!(n, s[0], "a small request fits a");
+        b.report(n, 200, 1_000, 0).unwrap();
+    }
+    assert!(matches!(
+        b.pick_with(0, &ask(5_000), &[s[1]], Prefer::Confirmed),
+        Err(Error::NoNode { .. })
+    ));
     let st = b.node_stats(s[0]).unwrap();
     assert_eq!(
         st.headroom.remaining_tokens,
@@ -183,14 +184,17 @@ fn rpm_budget_counts_requests() {
     ])))
     .unwrap();
     let s = slots(&b, &["a", "b"]);
-    let on_a = (0..20)
-        .filter(|_| {
-            let n = pick(&b, 0).unwrap();
-            b.report(n, 200, 1_000, 0).unwrap();
-            n == s[0]
+    let on_a = (0..10)
+        .filter(|_| match b.pick_with(0, &ask(0), &[s[1]], Prefer::Confirmed) {
+            Ok(n) => {
+                b.report(n, 200, 1_000, 0).unwrap();
+                true
+            }
+            Err(_) => false,
         })
         .count();
-    assert_eq!(on_a, 3, "a takes its 3 requests per minute, b the rest");
+    assert_eq!(on_a, 3, "a takes its 3 requests per minute");
+    assert_eq!(pick(&b, 0).unwrap(), s[1], "b takes the rest");
     assert_eq!(b.node_stats(s[0]).unwrap().headroom.budget_requests_used, 3);
 }
 

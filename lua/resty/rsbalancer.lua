@@ -392,7 +392,7 @@ end
 -- $upstream_http_* read allocates a string, so a node is probed by one header of the
 -- style it sends; a node that sent none HR_MISSES times running is probed only every
 -- HR_PROBE_EVERY-th response (a provider that starts sending them is seen soon).
-local HR_OPENAI, HR_ANTHROPIC, HR_MISSES, HR_PROBE_EVERY = 1, 2, 3, 16
+local HR_OPENAI, HR_ANTHROPIC, HR_MISSES, HR_PROBE_EVERY = 1, 2, 3, 64
 local hr_buf = ffi.new("rsb_headroom[1]")
 local function note_headroom(var, slot)
     local style = hr_style[slot]
