@@ -214,3 +214,40 @@ fn budgets_are_validated_with_their_field_names() {
         assert!(err.contains(&format!("pools.p.nodes[0].{field}")), "{err}");
     }
 }
+
+#[test]
+fn workers_in_several_processes_never_overshoot_a_tpm_by_more_than_one_estimate() {
+    use rsbalancer::shm::process::{fork_child, Signal};
+    const WORKERS: u32 = 4;
+    const EST: u32 = 777;
+    let b = Balancer::create(&budget_config(json!([
+        { "id": "a", "addr": "127.0.0.1:9001", "tpm": 10_000 }
+    ])))
+    .unwrap();
+    let a = slots(&b, &["a"])[0];
+    let go = Signal::new().unwrap();
+    let children: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let (b, go) = (&b, &go);
+            fork_child(move || {
+                b.attach_worker(w).unwrap();
+                assert_eq!(go.recv(common::HANDSHAKE).unwrap(), Some(1));
+                // Picks that reserved: the exit status (at most 13 fit).
+                (0..200).filter(|_| pick(b, EST).is_ok()).count() as i32
+            })
+            .unwrap()
+        })
+        .collect();
+    for _ in 0..WORKERS {
+        go.send(1).unwrap();
+    }
+    let granted: u64 = children
+        .into_iter()
+        .map(|c| c.wait().unwrap() as u64 * EST as u64)
+        .sum();
+    assert!(
+        (10_000..10_000 + EST as u64).contains(&granted),
+        "{granted} tokens granted against a tpm of 10000"
+    );
+    assert_eq!(b.node_stats(a).unwrap().headroom.budget_tokens_used, granted);
+}
