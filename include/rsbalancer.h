@@ -132,6 +132,22 @@ typedef enum rsb_result {
 // A handle on a shared region plus this process's tables.
 typedef struct rsb_balancer rsb_balancer;
 
+// A node's rate-limit response headers, as text (`len` bytes at each pointer; NULL
+// with 0 for a header the response did not have): what is left of its requests and
+// tokens (`x-ratelimit-remaining-*`, `anthropic-ratelimit-*-remaining`) and when
+// each resets (`x-ratelimit-reset-*`: a duration such as `6m0s`;
+// `anthropic-ratelimit-*-reset`: an RFC 3339 time).
+typedef struct rsb_headroom {
+  const char *remaining_requests;
+  size_t remaining_requests_len;
+  const char *reset_requests;
+  size_t reset_requests_len;
+  const char *remaining_tokens;
+  size_t remaining_tokens_len;
+  const char *reset_tokens;
+  size_t reset_tokens_len;
+} rsb_headroom;
+
 // One request as `rsb_pick_ask` sees it (`crate::ask`): its consistent-hashing or
 // affinity key (`key_len` bytes at `key`; NULL with 0 for none), its estimated
 // tokens and its completion limit (`rsb_inspect`; 0 when unknown).
@@ -305,6 +321,40 @@ enum rsb_result rsb_admit_leave(const struct rsb_balancer *b,
 // # Safety
 // `b` a live handle.
 enum rsb_result rsb_admit_release(const struct rsb_balancer *b, uint32_t pool);
+
+// Note what node `node`'s response said of its rate limits (`*h`), for every
+// worker's picks: a node with fewer requests left than 1, or fewer tokens than a
+// request's estimate, is passed over until the reset; nothing left starts a
+// cooldown until it. Values that do not parse are ignored.
+//
+// # Safety
+// `b` a live handle; `h` points to a readable `rsb_headroom` whose pointers each
+// point to their length of readable bytes (NULL allowed with length 0).
+enum rsb_result rsb_note_headroom(const struct rsb_balancer *b,
+                                  uint32_t node,
+                                  const struct rsb_headroom *h);
+
+// Settle the token reservation of a try on `node` picked `age_ms` ago: from the
+// `reserved` estimate it was picked with to the `actual` tokens it cost (the
+// response's usage; 0 for a try refused or failed). No-op for a node without
+// `tpm`.
+//
+// # Safety
+// `b` a live handle.
+enum rsb_result rsb_settle(const struct rsb_balancer *b,
+                           uint32_t node,
+                           uint32_t reserved,
+                           uint32_t actual,
+                           uint32_t age_ms);
+
+// Parse a response's `retry-after-ms` value (`len` bytes at `value`): whole
+// milliseconds, a fraction rounding up, saturating at one day. Anything else answers
+// `RSB_INVALID_ARGUMENT` with nothing written.
+//
+// # Safety
+// `value` points to `len` readable bytes (NULL allowed when `len` is 0); `out_ms`
+// writable.
+enum rsb_result rsb_retry_after_ms_value(const char *value, size_t len, uint32_t *out_ms);
 
 // Pick a node of pool `pool` for one try, skipping the `ntried` slots in `tried`.
 // `key` is the consistent-hashing key (ignored by other algorithms; may be NULL

@@ -136,6 +136,8 @@ fn pool_config(region: &Region, p: &PoolTopo) -> PoolConfig {
                     // Values were read when the node was loaded and are kept in
                     // process memory (`Secrets`), never in the topology: not read again.
                     resolved_headers: Some(Vec::new()),
+                    tpm: n.tpm,
+                    rpm: n.rpm,
                     ..NodeConfig::default()
                 };
                 if let Some(p) = &n.provider {

@@ -38,6 +38,7 @@ pub mod emergency;
 #[allow(unsafe_code)]
 pub mod ffi;
 pub mod headers;
+pub mod headroom;
 pub mod health;
 pub mod limit;
 pub mod load;

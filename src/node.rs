@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
+use crate::headroom;
 use crate::limit;
 use crate::load;
 use crate::shm::layout::{flags, NodeSlot};
@@ -46,12 +47,15 @@ pub fn available_with(n: &NodeSlot, now: u64, limit: u64, inflight: u32) -> bool
     !taken_out(n, now) && limit::under_limit(limit, inflight)
 }
 
-/// Is the node out for now (cooling, ejected, down, draining)? Its limit is not
-/// looked at: a node at its limit still counts towards capacity.
+/// Is the node out for now (cooling, ejected, down, draining, or without provider
+/// headroom or budget for any request: `crate::headroom`)? Its limit is not looked
+/// at: a node at its limit still counts towards capacity.
 pub fn taken_out(n: &NodeSlot, now: u64) -> bool {
+    let f = n.flags.load(Ordering::Relaxed);
     now < n.cooldown_until_ms.load(Ordering::Relaxed)
         || now < n.ejected_until_ms.load(Ordering::Relaxed)
-        || n.flags.load(Ordering::Relaxed) & (flags::DOWN | flags::DRAINING) != 0
+        || f & (flags::DOWN | flags::DRAINING) != 0
+        || headroom::out_for_all_until(n, f, now).is_some()
 }
 
 /// Is the node down or ejected: failing, as opposed to busy or resting?
@@ -60,16 +64,19 @@ pub fn failing(n: &NodeSlot, now: u64) -> bool {
 }
 
 /// When (ms from `now`) may this node take a try again? `Some(0)` when it may now;
-/// for a node cooling or ejected, until that ends (at least 1); for one only at its
-/// limit, [`AT_LIMIT_MS`]; `None` when nobody knows (down, drained).
+/// for a node cooling, ejected or out of headroom or budget, until that ends (at
+/// least 1); for one only at its limit, [`AT_LIMIT_MS`]; `None` when nobody knows
+/// (down, drained).
 pub fn back_in_ms(n: &NodeSlot, now: u64) -> Option<u64> {
-    if n.flags.load(Ordering::Relaxed) & (flags::DOWN | flags::DRAINING) != 0 {
+    let f = n.flags.load(Ordering::Relaxed);
+    if f & (flags::DOWN | flags::DRAINING) != 0 {
         return None;
     }
     let until = n
         .cooldown_until_ms
         .load(Ordering::Relaxed)
-        .max(n.ejected_until_ms.load(Ordering::Relaxed));
+        .max(n.ejected_until_ms.load(Ordering::Relaxed))
+        .max(headroom::out_for_all_until(n, f, now).unwrap_or(0));
     if until > now {
         return Some(until - now);
     }
@@ -158,6 +165,7 @@ pub fn reset(region: &Region, slot: u32, now: u64) {
     }
     crate::scrape::reset(s);
     s.flags.store(0, Ordering::Relaxed);
+    headroom::reset(s);
     tally::reset_node(region, slot);
     forget_served(region, slot);
 }
@@ -211,6 +219,9 @@ pub struct NodeStats {
     pub ejections: u64,
     /// Drained by an operator: no new tries, those in flight finish.
     pub draining: bool,
+    /// Provider headroom and budget (`crate::headroom`).
+    #[serde(flatten)]
+    pub headroom: headroom::Figures,
 }
 
 /// Copy the live numbers out of node slot `slot` (which must be in range).
@@ -230,7 +241,10 @@ pub fn stats_and_counts(region: &Region, slot: u32) -> (NodeStats, tally::NodeCo
     let stats = NodeStats {
         limit: n.limit.load(Ordering::Relaxed) as f64 / limit::LIMIT_ONE as f64,
         state: state(region, n, now),
-        unavailable_ms: cooldown_until_ms.max(ejected_until_ms).saturating_sub(now),
+        unavailable_ms: cooldown_until_ms
+            .max(ejected_until_ms)
+            .max(headroom::out_for_all_until(n, f, now).unwrap_or(0))
+            .saturating_sub(now),
         cooldowns: n.cooldowns_total.load(Ordering::Relaxed),
         ejections: n.ejections_total.load(Ordering::Relaxed),
         weight: n.weight.load(Ordering::Relaxed),
@@ -245,6 +259,7 @@ pub fn stats_and_counts(region: &Region, slot: u32) -> (NodeStats, tally::NodeCo
         cooldown_until_ms,
         ejected_until_ms,
         draining: f & flags::DRAINING != 0,
+        headroom: headroom::figures(n, now),
     };
     (stats, counts)
 }

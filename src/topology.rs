@@ -43,6 +43,11 @@ pub struct NodeTopo {
     /// a header's value. Absent for a plain node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<Provider>,
+    /// The node's token and request budgets per minute (`crate::headroom`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u32>,
 }
 
 impl PoolTopo {

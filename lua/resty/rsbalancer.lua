@@ -72,6 +72,10 @@ local generation = -1
 local pools = {}   -- name -> pool index
 local policy = {}  -- name -> { no_node_status=, non_idempotent=, rounds=, deadline_s=, size=, ... }
 local peers = {}   -- node slot -> { ip, port, id, pool }
+local budgeted = {} -- node slot -> true for a node with a tpm or rpm budget
+-- Which rate-limit headers a node sends (see note_headroom): slot -> HR_OPENAI,
+-- HR_ANTHROPIC, or false after HR_MISSES responses with none; and responses since.
+local hr_style, hr_miss = {}, {}
 
 local function last_error()
     C.rsb_last_error(err_buf, 512)
@@ -91,6 +95,7 @@ local function sync()
     local topo = {}
     local new_peers = {}
     local new_policy = {}
+    local new_budgeted = {}
     local configs = {}
     local names = bal:pool_names()
     for i = 1, #names do
@@ -112,7 +117,9 @@ local function sync()
         }
         local with_provider = false
         for j = 1, #cfg.nodes do
-            if cfg.nodes[j].provider then with_provider = true end
+            local nc = cfg.nodes[j]
+            if nc.provider then with_provider = true end
+            if nc.tpm or nc.rpm then new_budgeted[nc.slot] = true end
         end
         new_policy[name].providers = with_provider
         local nodes = bal:nodes(name)
@@ -123,6 +130,9 @@ local function sync()
     end
     canary.sync(configs, topo)
     pools, peers, policy, generation = topo, new_peers, new_policy, g
+    budgeted = new_budgeted
+    -- A slot may hold another node now: what its headers looked like is relearned.
+    hr_style, hr_miss = {}, {}
 end
 
 --- init(config [, name]): in init_by_lua. `config` is a path to a JSON file, a JSON
@@ -383,6 +393,84 @@ local function retry_after_ms(v)
     return nil
 end
 
+-- The node's wait as the last response said it: `retry-after-ms` (Azure, OpenAI:
+-- milliseconds) when present, else Retry-After. Read only off the fast path.
+local function node_retry_after_ms(var)
+    local v = var.upstream_http_retry_after_ms
+    if v and C.rsb_retry_after_ms_value(v, #v, ra_buf) == RSB_OK then
+        return ra_buf[0]
+    end
+    return retry_after_ms(var.upstream_http_retry_after)
+end
+
+-- Provider headroom (src/headroom.rs): what the response of the try on `slot` said of
+-- its rate limits, parsed and kept in Rust for every worker's picks. Each
+-- $upstream_http_* read allocates a string, so a node is probed by one header of the
+-- style it sends; a node that sent none HR_MISSES times running is probed only every
+-- HR_PROBE_EVERY-th response (a provider that starts sending them is seen soon).
+local HR_OPENAI, HR_ANTHROPIC, HR_MISSES, HR_PROBE_EVERY = 1, 2, 3, 64
+local hr_buf = ffi.new("rsb_headroom[1]")
+local function note_headroom(var, slot)
+    local style = hr_style[slot]
+    if style == false then
+        local m = hr_miss[slot] + 1
+        hr_miss[slot] = m
+        if m % HR_PROBE_EVERY ~= 0 then return end
+        style = nil
+    end
+    local rr, xr, rt, xt
+    if style ~= HR_ANTHROPIC then
+        rr = var.upstream_http_x_ratelimit_remaining_requests
+        if rr then
+            style = HR_OPENAI
+            xr = var.upstream_http_x_ratelimit_reset_requests
+            rt = var.upstream_http_x_ratelimit_remaining_tokens
+            xt = var.upstream_http_x_ratelimit_reset_tokens
+        end
+    end
+    if not rr and style ~= HR_OPENAI then
+        rr = var.upstream_http_anthropic_ratelimit_requests_remaining
+        if rr then
+            style = HR_ANTHROPIC
+            xr = var.upstream_http_anthropic_ratelimit_requests_reset
+            rt = var.upstream_http_anthropic_ratelimit_tokens_remaining
+            xt = var.upstream_http_anthropic_ratelimit_tokens_reset
+        end
+    end
+    if not rr then
+        local m = (hr_miss[slot] or 0) + 1
+        hr_miss[slot] = m
+        if style == nil and m >= HR_MISSES then hr_style[slot] = false end
+        return
+    end
+    hr_style[slot], hr_miss[slot] = style, 0
+    local h = hr_buf[0]
+    h.remaining_requests, h.remaining_requests_len = rr, #rr
+    h.reset_requests, h.reset_requests_len = xr, xr and #xr or 0
+    h.remaining_tokens, h.remaining_tokens_len = rt, rt and #rt or 0
+    h.reset_tokens, h.reset_tokens_len = xt, xt and #xt or 0
+    C.rsb_note_headroom(handle, slot, hr_buf)
+end
+
+-- Settle the token reservation of the try on `slot` (src/headroom.rs), for a node
+-- with a budget: a served try keeps its estimate or takes the response's usage when
+-- known (st.usage_prompt + st.usage_completion, set by the body filter); a refused
+-- or failed one gives its tokens back.
+local function settle(st, slot, status)
+    if not budgeted[slot] then return end
+    local reserved = st.tokens or 0
+    local actual = 0
+    if status >= 200 and status < 300 then
+        if not st.usage_prompt then return end -- keeps the estimate
+        actual = st.usage_prompt + (st.usage_completion or 0)
+        if actual > 4294967295 then actual = 4294967295 end
+    end
+    if actual == reserved then return end
+    local age = st.picked and (ngx_now() - st.picked) * 1000 or 0
+    if age < 0 then age = 0 end
+    C.rsb_settle(handle, slot, reserved, actual, age)
+end
+
 -- Ending a try in balancer_by_lua: lua-nginx-module turns ngx.exit(<HTTP status>) into
 -- NGX_ERROR, which nginx answers with 500 whatever the status. NGX_BUSY instead makes
 -- nginx's upstream see "no live upstreams" and answer 502 Bad Gateway, the truthful
@@ -488,7 +576,10 @@ local function retry_allowed(st, aidx, apool, tried, n)
     -- 502 for a connect error or bad response, 504 for a timeout: keep the code.
     local _, code = ngx_balancer.get_last_failure()
     local status = code or 0
-    C_report(handle, tried[n], status, 0, retry_after_ms(ngx.var.upstream_http_retry_after) or 0)
+    local var = ngx.var
+    note_headroom(var, tried[n])
+    settle(st, tried[n], status)
+    C_report(handle, tried[n], status, 0, node_retry_after_ms(var) or 0)
     st.reported = n
     local busy = status == 429 or status == 503
     if not busy then
@@ -722,6 +813,7 @@ function _M.header_filter()
     if st.reported == n - 1 and st.picked then
         local us = (ngx_now() - st.picked) * 1e6
         if us < 0 then us = 0 end
+        settle(st, st.tried[n], status)
         C_report(handle, st.tried[n], status, us, 0)
         st.reported = n
     end
@@ -767,13 +859,22 @@ function _M.log()
             -- body_filter() saw the body but not its end: cut short, by the node when
             -- nginx still calls the request complete (a client that left makes
             -- $request_completion empty: that try says nothing bad of the node).
-            if st.eof == false and ngx.var.request_completion == "OK" then
+            local var = ngx.var
+            if st.eof == false and var.request_completion == "OK" then
                 status = TRUNCATED
             end
-            C_report(handle, st.tried[n], status, us, 0)
+            local slot = st.tried[n]
+            note_headroom(var, slot)
+            if budgeted[slot] then settle(st, slot, status) end
+            C_report(handle, slot, status, us, 0)
         else
             local var = ngx.var
-            local ra = retry_after_ms(var.upstream_http_retry_after)
+            local slot = st.tried[n]
+            note_headroom(var, slot)
+            if budgeted[slot] and st.reported < n then
+                settle(st, slot, item(var.upstream_status, n + st.offset) or 0)
+            end
+            local ra = node_retry_after_ms(var)
             _M.report_tries(st.tried, var.upstream_status, var.upstream_response_time,
                             st.reported + 1, ra and ra / 1000, st.offset)
         end
@@ -847,7 +948,9 @@ function _M.round(pool)
         -- a timeout): report its last try here.
         local statuses = var.upstream_status
         local status = item(statuses, n + st.offset) or 502
-        local ra = retry_after_ms(var.upstream_http_retry_after)
+        note_headroom(var, st.tried[n])
+        settle(st, st.tried[n], status)
+        local ra = node_retry_after_ms(var)
         _M.report_tries(st.tried, statuses, var.upstream_response_time, st.reported + 1,
                         ra and ra / 1000, st.offset)
         st.reported = n

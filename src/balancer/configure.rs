@@ -263,6 +263,8 @@ impl Balancer {
                     slot,
                     backup: nc.backup,
                     provider: nc.provider(),
+                    tpm: nc.tpm,
+                    rpm: nc.rpm,
                 });
             }
             pools.push(PoolTopo {
@@ -339,8 +341,11 @@ impl Balancer {
                 s.started_ms.fetch_min(now + longest, Ordering::Relaxed);
                 // Health (DOWN) is learned state and survives a reload; flags in `keep`
                 // (DRAINING, for a run-time change) survive too.
-                let down = s.flags.load(Ordering::Relaxed) & (flags::DOWN | keep);
-                let f = flags::IN_USE | down | if n.backup { flags::BACKUP } else { 0 };
+                let down = s.flags.load(Ordering::Relaxed) & (flags::DOWN | flags::HEADROOM | keep);
+                let (tpm, rpm) = (nc.tpm.unwrap_or(0), nc.rpm.unwrap_or(0));
+                headroom::set_limits(s, tpm, rpm);
+                let budget = if tpm | rpm != 0 { flags::BUDGET } else { 0 };
+                let f = flags::IN_USE | down | budget | if n.backup { flags::BACKUP } else { 0 };
                 // Release pairs with the Acquire in `live_node` (and `reusable`): the
                 // node's pool, weight and reset state above are visible with IN_USE.
                 s.flags.store(f, Ordering::Release);

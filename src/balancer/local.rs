@@ -66,9 +66,12 @@ pub(super) struct View<'a> {
     pub(super) region: &'a Region,
     pub(super) slots: &'a [u32],
     pub(super) tried: &'a [u32],
-    /// What the request costs (`crate::ask`).
-    #[allow(dead_code)] // read by the token and latency signals to come
+    /// What the request costs (`crate::ask`): its tokens against the nodes'
+    /// provider headroom and budgets (`crate::headroom`).
     pub(super) ask: &'a Ask<'a>,
+    /// Nodes this pick chose whose headroom or budget another pick took first
+    /// (`headroom::take_share`): passed over by the pick's next draws.
+    pub(super) refused: Refused,
     pub(super) now_ms: u64,
     pub(super) tau_ms: u32,
     pub(super) reference_us: f64,
@@ -77,6 +80,33 @@ pub(super) struct View<'a> {
     pub(super) confirmed: Option<bool>,
     /// Leave out the slow nodes (`Tier::slow_extra_us` not 0).
     pub(super) slow_extra_us: Option<&'a [f64]>,
+}
+
+/// Up to [`Refused::MAX`] slots a pick passed over after choosing them.
+#[derive(Default)]
+pub(super) struct Refused {
+    n: std::cell::Cell<usize>,
+    slots: [std::cell::Cell<u32>; Refused::MAX],
+}
+
+impl Refused {
+    /// Re-draws a pick makes after its choices are refused, at most.
+    pub(super) const MAX: usize = 4;
+
+    /// Note `slot`; false when the list is full (the pick gives up on the pass).
+    pub(super) fn add(&self, slot: u32) -> bool {
+        let k = self.n.get();
+        if k >= Self::MAX {
+            return false;
+        }
+        self.slots[k].set(slot);
+        self.n.set(k + 1);
+        true
+    }
+
+    fn contains(&self, slot: u32) -> bool {
+        self.n.get() > 0 && self.slots[..self.n.get()].iter().any(|c| c.get() == slot)
+    }
 }
 
 impl View<'_> {
@@ -89,10 +119,18 @@ impl View<'_> {
 impl NodeView for View<'_> {
     fn eligible(&self, i: usize) -> bool {
         let slot = self.slots[i];
-        if self.tried.contains(&slot) || self.slow_extra_us.is_some_and(|x| x[i] > 0.0) {
+        if self.tried.contains(&slot)
+            || self.slow_extra_us.is_some_and(|x| x[i] > 0.0)
+            || self.refused.contains(slot)
+        {
             return false;
         }
         let n = self.node(i);
+        // Provider headroom and budgets first (only for a node that has either), so
+        // that a node passed over for them is counted as such.
+        if !headroom::room(n, n.flags.load(Ordering::Relaxed), self.ask.tokens, self.now_ms) {
+            return false;
+        }
         // The limit and in-flight count loaded once for both questions.
         let (limit, inflight) = (
             n.limit.load(Ordering::Relaxed),

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::ask::{Ask, BodyFacts};
 use crate::budget;
 use crate::config::{Config, ConfigError, PoolConfig, Secrets};
+use crate::headroom;
 use crate::health::{self, Flip};
 use crate::limit::{self, Busy};
 use crate::load;
@@ -46,10 +47,12 @@ use crate::tally::{self, Writer};
 use crate::window::{self, Event};
 
 mod configure;
+mod limits;
 mod local;
 mod pick;
 mod report;
 
+pub use limits::Left;
 use local::*;
 pub use pick::SLOW_WAITING_MS;
 

@@ -123,8 +123,23 @@ impl Balancer {
                 reference_us: p.reference_us,
                 confirmed,
                 slow_extra_us: fast_only.then_some(&tier.slow_extra_us[..]),
+                refused: Refused::default(),
             };
-            if let Some(i) = tier.selector.pick(rng, &view, key_hash) {
+            // A node whose headroom or budget another worker took since the view
+            // said it had room is passed over, and the pass draws again.
+            let chosen = loop {
+                let Some(i) = tier.selector.pick(rng, &view, key_hash) else {
+                    break None;
+                };
+                let n = self.region.node(tier.slots[i]).expect("topology slot in range");
+                if headroom::take_share(n, ask.tokens, now) {
+                    break Some(i);
+                }
+                if !view.refused.add(tier.slots[i]) {
+                    break None;
+                }
+            };
+            if let Some(i) = chosen {
                 let slot = tier.slots[i];
                 let worker = self.worker_slot();
                 self.acquire(slot, worker);

@@ -469,6 +469,14 @@ pub struct NodeConfig {
     /// The JSON body's top-level `"model"` is rewritten to this for this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Token budget per minute, 1..=1,000,000,000: requests' token estimates are
+    /// reserved in a sliding 60 s window shared by all workers (`crate::headroom`),
+    /// for providers that send no rate-limit headers. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u32>,
+    /// Request budget per minute, 1..=1,000,000, in the same window. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u32>,
     /// `addr` resolved, filled by [`Config::validate`].
     #[serde(skip)]
     pub resolved: Option<SocketAddr>,
@@ -498,6 +506,8 @@ impl Default for NodeConfig {
             tls_verify: true,
             headers: BTreeMap::new(),
             model: None,
+            tpm: None,
+            rpm: None,
             resolved: None,
             resolved_headers: None,
         }
@@ -683,6 +693,12 @@ impl PoolConfig {
                 ));
             }
             check_range(&node_path, "weight", node.weight, crate::abi::WEIGHT_RANGE)?;
+            if let Some(tpm) = node.tpm {
+                check_range(&node_path, "tpm", tpm, 1..=crate::headroom::TPM_MAX)?;
+            }
+            if let Some(rpm) = node.rpm {
+                check_range(&node_path, "rpm", rpm, 1..=crate::headroom::RPM_MAX)?;
+            }
             node.validate_provider(&node_path)?;
         }
         Ok(())
@@ -1101,7 +1117,7 @@ mod tests {
         let e = err(with("/pools/deepseek/nodes/0/wieght", json!(5)));
         assert_eq!(
             e,
-            "pools.deepseek.nodes[0]: unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`, `host`, `scheme`, `tls_verify`, `headers`, `model`"
+            "pools.deepseek.nodes[0]: unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`, `host`, `scheme`, `tls_verify`, `headers`, `model`, `tpm`, `rpm`"
         );
         let e = err(with("/pools/deepseek/nodes/0/resolved", json!("127.0.0.1:1")));
         assert!(
@@ -1117,7 +1133,7 @@ mod tests {
         assert_eq!(e.path, "pools.deepseek.nodes[0]");
         assert_eq!(
             e.message,
-            "unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`, `host`, `scheme`, `tls_verify`, `headers`, `model`"
+            "unknown field `wieght`, expected one of `id`, `addr`, `weight`, `backup`, `host`, `scheme`, `tls_verify`, `headers`, `model`, `tpm`, `rpm`"
         );
     }
 

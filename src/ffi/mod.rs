@@ -20,10 +20,12 @@ use crate::abi::PreferFlag;
 use crate::balancer::{Ask, Balancer, Error, Prefer};
 
 mod admission;
+mod headroom;
 mod request;
 
 use crate::config::Config;
 pub use admission::*;
+pub use headroom::*;
 pub use request::*;
 
 /// Result codes. Stable numbers: new codes are only ever appended.
@@ -367,6 +369,31 @@ pub unsafe extern "C" fn rsb_retry_after_ms(
     len: usize,
     out_ms: *mut u32,
 ) -> rsb_result {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        parse_ms(value, len, out_ms, "Retry-After", |v| {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            crate::headers::retry_after_ms(v, now_ms, crate::headers::RETRY_AFTER_MAX_MS)
+        })
+    }
+}
+
+/// A header value (`len` bytes at `value`) parsed into milliseconds by `parse`,
+/// written to `out_ms`; `RSB_INVALID_ARGUMENT` (nothing written) when it is not a
+/// `what` value.
+///
+/// # Safety
+/// `value` points to `len` readable bytes (NULL allowed when `len` is 0); `out_ms`
+/// writable.
+unsafe fn parse_ms(
+    value: *const c_char,
+    len: usize,
+    out_ms: *mut u32,
+    what: &str,
+    parse: impl FnOnce(&[u8]) -> Option<u32>,
+) -> rsb_result {
     guard(|| {
         // SAFETY: forwarded caller contract.
         let Some(v) = (unsafe { bytes(value, len) }) else {
@@ -375,11 +402,7 @@ pub unsafe extern "C" fn rsb_retry_after_ms(
         if out_ms.is_null() {
             return null("out_ms");
         }
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let parsed = crate::headers::retry_after_ms(v, now_ms, crate::headers::RETRY_AFTER_MAX_MS)
-            .ok_or_else(|| Error::Invalid("not a Retry-After value".into()));
+        let parsed = parse(v).ok_or_else(|| Error::Invalid(format!("not a {what} value")));
         // SAFETY: `out_ms` is non-null (checked above) and writable by contract.
         unsafe { put(out_ms, parsed) }
     })

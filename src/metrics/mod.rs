@@ -105,6 +105,8 @@ struct NodeSnap {
     ejections: u64,
     /// Scraped queue state (`crate::scrape`); `None` when its pool does not scrape.
     queue: Option<crate::scrape::Snapshot>,
+    /// Provider headroom and budget (`crate::headroom`).
+    headroom: crate::headroom::Figures,
 }
 
 impl NodeSnap {
@@ -214,6 +216,7 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
                     .scrape
                     .as_ref()
                     .map(|s| crate::scrape::snapshot(slot, now, s.fresh_ms())),
+                headroom: st.headroom,
             });
         }
         let inflight_imbalance = shares(&mut nodes[first..]);
@@ -360,7 +363,19 @@ fn write_globals(out: &mut String, b: &Balancer) {
     }
 }
 
-const NODE_COUNTERS: [Field<NodeSnap>; 5] = [
+const NODE_COUNTERS: [Field<NodeSnap>; 7] = [
+    (
+        "rsbalancer_node_headroom_skips_total",
+        Kind::Counter,
+        "Times a pick passed the node over because its provider's rate-limit headers left too few requests or tokens for the request.",
+        |n| n.headroom.headroom_skips.into(),
+    ),
+    (
+        "rsbalancer_node_budget_skips_total",
+        Kind::Counter,
+        "Times a pick passed the node over because its tpm/rpm budget window was full.",
+        |n| n.headroom.budget_skips.into(),
+    ),
     (
         "rsbalancer_node_429_total",
         Kind::Counter,
@@ -444,6 +459,60 @@ const NODE_GAUGES: [Field<NodeSnap>; 8] = [
     ),
 ];
 
+/// Headroom and budget gauges, for the nodes that have them only: what a provider said
+/// is left (less picks since), and a budgeted node's limits and window.
+fn write_headroom(out: &mut String, nodes: &[NodeSnap]) {
+    type Get = fn(&crate::headroom::Figures) -> Option<u64>;
+    let budgeted = |h: &crate::headroom::Figures| h.tpm != 0 || h.rpm != 0;
+    let gauges: [(&str, &str, Get); 6] = [
+        (
+            "rsbalancer_node_remaining_requests",
+            "Requests the node's provider said are left (x-ratelimit-remaining-requests, anthropic-ratelimit-requests-remaining), less the picks since; only while its reset has not passed.",
+            |h| h.remaining_requests,
+        ),
+        (
+            "rsbalancer_node_remaining_tokens",
+            "Tokens the node's provider said are left, less the estimates of the picks since; only while its reset has not passed.",
+            |h| h.remaining_tokens,
+        ),
+        (
+            "rsbalancer_node_budget_tpm",
+            "The node's configured token budget per minute (nodes with a budget).",
+            |h| (h.tpm != 0).then_some(h.tpm),
+        ),
+        (
+            "rsbalancer_node_budget_rpm",
+            "The node's configured request budget per minute (nodes with a budget).",
+            |h| (h.rpm != 0).then_some(h.rpm),
+        ),
+        (
+            "rsbalancer_node_budget_tokens_used",
+            "Tokens reserved on the node in its budget window (60-70 s; estimates at pick, settled with usage at report).",
+            |h| Some(h.budget_tokens_used),
+        ),
+        (
+            "rsbalancer_node_budget_requests_used",
+            "Requests reserved on the node in its budget window (60-70 s).",
+            |h| Some(h.budget_requests_used),
+        ),
+    ];
+    for (i, (name, help, get)) in gauges.iter().enumerate() {
+        let only_budgeted = i >= 4;
+        let mut rows = nodes
+            .iter()
+            .filter(|n| !only_budgeted || budgeted(&n.headroom))
+            .filter_map(|n| get(&n.headroom).map(|v| (n, v)))
+            .peekable();
+        if rows.peek().is_none() {
+            continue;
+        }
+        family(out, name, Kind::Gauge, help);
+        for (n, v) in rows {
+            sample(out, name, node_labels(n), "", v);
+        }
+    }
+}
+
 fn node_labels(n: &NodeSnap) -> &str {
     &n.labels
 }
@@ -498,6 +567,7 @@ fn write_nodes(out: &mut String, nodes: &[NodeSnap], pools: &[PoolSnap]) {
         .filter_map(|n| Some((n.labels.as_str(), n.queue?)))
         .collect();
     queue::write(out, &scraped);
+    write_headroom(out, nodes);
     labelled_family(
         out,
         nodes,

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 10;
+pub const LAYOUT_VERSION: u32 = 11;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -46,6 +46,12 @@ pub mod flags {
     pub const DOWN: u32 = 1 << 3;
     /// An operator is draining the node: no new tries, in-flight ones finish.
     pub const DRAINING: u32 = 1 << 4;
+    /// The node has a token or request budget (`tpm`, `rpm`): picks look at its
+    /// window (`crate::headroom`).
+    pub const BUDGET: u32 = 1 << 5;
+    /// The node sent rate-limit headers: picks look at its headroom words
+    /// (`crate::headroom`). Learned, so it survives a reload (like `DOWN`).
+    pub const HEADROOM: u32 = 1 << 6;
 }
 
 /// `PoolSlot::emergency` bits.
@@ -325,8 +331,30 @@ pub struct NodeSlot {
     // latency histogram, now in `NodeTally`) -------------------------------------------
     /// Per `crate::notice::Kind`: the rate limit's word (`crate::notice::admit`).
     pub notices: [AtomicU64; crate::notice::KINDS],
-    pub _reserved4: [AtomicU64; 24 - crate::notice::KINDS],
+    // --- provider headroom and budgets (`crate::headroom`) ---------------------------
+    /// Requests the provider said are left (`x-ratelimit-remaining-requests`, less our
+    /// picks since) and when that resets: `(left + 1) << 40 | reset_ms` (coarse
+    /// monotonic); 0: nothing known.
+    pub headroom_requests: AtomicU64,
+    /// The same for tokens (`x-ratelimit-remaining-tokens`).
+    pub headroom_tokens: AtomicU64,
+    /// Configured budget: `rpm << 32 | tpm` (each 0: none).
+    pub budget_limits: AtomicU64,
+    /// Reserved in the window: `requests << 40 | tokens`; the one word every
+    /// reservation CASes against the limits.
+    pub budget_used: AtomicU64,
+    /// The last window period whose stale buckets were swept.
+    pub budget_swept: AtomicU64,
+    /// Window buckets (`crate::headroom::BUCKET_MS` each): `period tag << 40 | amount`.
+    pub budget_tokens: [AtomicU64; BUDGET_SLOTS],
+    pub budget_requests: [AtomicU64; BUDGET_SLOTS],
+    /// Times a pick passed the node over for want of provider headroom / budget.
+    pub headroom_skips: AtomicU64,
+    pub budget_skips: AtomicU64,
 }
+
+/// Buckets of a node's token and request budget window (`NodeSlot::budget_tokens`).
+pub const BUDGET_SLOTS: usize = 7;
 
 /// Per-row statistics of one node (see the module documentation for rows).
 #[repr(C, align(64))]

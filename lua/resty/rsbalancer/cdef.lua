@@ -55,6 +55,16 @@ typedef enum rsb_result {
   RSB_PANIC = 6,
 } rsb_result;
 typedef struct rsb_balancer rsb_balancer;
+typedef struct rsb_headroom {
+  const char *remaining_requests;
+  size_t remaining_requests_len;
+  const char *reset_requests;
+  size_t reset_requests_len;
+  const char *remaining_tokens;
+  size_t remaining_tokens_len;
+  const char *reset_tokens;
+  size_t reset_tokens_len;
+} rsb_headroom;
 typedef struct rsb_ask {
   const char *key;
   size_t key_len;
@@ -117,6 +127,15 @@ enum rsb_result rsb_admit_leave(const struct rsb_balancer *b,
                                 uint64_t ticket,
                                 uint32_t *out_left);
 enum rsb_result rsb_admit_release(const struct rsb_balancer *b, uint32_t pool);
+enum rsb_result rsb_note_headroom(const struct rsb_balancer *b,
+                                  uint32_t node,
+                                  const struct rsb_headroom *h);
+enum rsb_result rsb_settle(const struct rsb_balancer *b,
+                           uint32_t node,
+                           uint32_t reserved,
+                           uint32_t actual,
+                           uint32_t age_ms);
+enum rsb_result rsb_retry_after_ms_value(const char *value, size_t len, uint32_t *out_ms);
 enum rsb_result rsb_pick(const struct rsb_balancer *b,
                          uint32_t pool,
                          const char *key,

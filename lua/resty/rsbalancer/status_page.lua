@@ -104,9 +104,20 @@ local HTML = [==[<!DOCTYPE html>
     ["id", "node"], ["addr", "address"], ["state", "state"], ["weight", "weight"],
     ["effective", "effective weight"], ["ewma", "EWMA"], ["inflight", "in flight / limit"],
     ["rate", "tries/s (1 min)"], ["success", "success (1 min)"],
-    ["cooldown", "cooldown left"], ["requests", "requests"], ["failures", "failures"],
-    ["busy", "429s"]
+    ["cooldown", "cooldown left"], ["limits", "provider headroom / budget"],
+    ["requests", "requests"], ["failures", "failures"], ["busy", "429s"]
   ];
+  // What a node's provider said is left (less picks since), and its tpm/rpm window.
+  function limits(n) {
+    var parts = [];
+    if (n.remaining_requests !== undefined && n.remaining_requests !== null)
+      parts.push(num(n.remaining_requests, 0) + " req left");
+    if (n.remaining_tokens !== undefined && n.remaining_tokens !== null)
+      parts.push(num(n.remaining_tokens, 0) + " tok left");
+    if (n.tpm > 0) parts.push(num(n.budget_tokens_used, 0) + " / " + num(n.tpm, 0) + " tpm");
+    if (n.rpm > 0) parts.push(num(n.budget_requests_used, 0) + " / " + num(n.rpm, 0) + " rpm");
+    return parts.length ? parts.join(" \u00b7 ") : "\u2014";
+  }
   // The admission queue of a pool: waiting now (by priority, highest first), admitted
   // now, and since start: admitted from the queue, timed out, evicted, gone.
   function queueFacts(a) {
@@ -192,6 +203,7 @@ local HTML = [==[<!DOCTYPE html>
         num(r.success * 100, 1) + "%");
       if (r.success !== null && r.success < 0.95) ok.className += " full";
       cell(tr, "cooldown", ms(n.unavailable_ms));
+      cell(tr, "limits", limits(n));
       cell(tr, "requests", num(n.requests, 0));
       cell(tr, "failures", num(n.failures, 0));
       cell(tr, "busy", num(n.busy, 0));

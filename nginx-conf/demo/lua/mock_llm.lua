@@ -41,6 +41,22 @@
 --                   padded with comments to 2 MiB)
 -- The vLLM styles end the body by closing the connection; "sglang" sends a
 -- Content-Length.
+-- A provider's per-minute rate limits (runtime knobs too): the node keeps real request
+-- and token counts of the last 60 s across its workers (one bucket per second in the
+-- shared dict, changed under a lock), charging each chat request its prompt bytes / 4
+-- plus its max_tokens (1024 when it names none), as providers count max_tokens
+-- against TPM at admission. A request arriving while the window holds rpm_limit
+-- requests or tpm_limit tokens or more gets 429 (Retry-After: until the oldest
+-- second leaves the window; "window_rejected" in /mock/state).
+--   limit_style     "" (no limits) | "openai": x-ratelimit-{limit,remaining,reset}-
+--                   {requests,tokens}, resets as durations (`1.5s`, `1m0s`) |
+--                   "anthropic": anthropic-ratelimit-{requests,tokens}-{limit,remaining,
+--                   reset}, resets as RFC 3339 times | "hidden": DeepSeek, no headers
+--   rpm_limit, tpm_limit  the limits (0 or unset: none)
+--   ra_ms           "1": the window's 429s carry `retry-after-ms` instead of Retry-After
+--   hdr_remaining_requests, hdr_reset_requests, hdr_remaining_tokens, hdr_reset_tokens
+--                   scripted headers: sent (in limit_style's names) instead of what the
+--                   counts say; a reset "+N" is N seconds from now in the style's format
 --
 -- Runtime overrides (all workers, until changed back; "" or "default" clears one):
 --   POST /mock/set?fail=503&latency_ms=500&max_conc=2   (keys: the names above minus mock_)
@@ -79,6 +95,12 @@ local KNOBS = {
     require_host = "mock_require_host", require_key = "mock_require_key",
     metrics_style = "mock_metrics_style", queue_waiting = "mock_queue_waiting",
     kv_usage = "mock_kv_usage", metrics_fail = "mock_metrics_fail",
+    limit_style = "mock_limit_style", rpm_limit = "mock_rpm_limit", tpm_limit = "mock_tpm_limit",
+    ra_ms = "mock_ra_ms",
+    hdr_remaining_requests = "mock_hdr_remaining_requests",
+    hdr_reset_requests = "mock_hdr_reset_requests",
+    hdr_remaining_tokens = "mock_hdr_remaining_tokens",
+    hdr_reset_tokens = "mock_hdr_reset_tokens",
 }
 
 -- A knob: the runtime override if any, else the server's `set` value (nil when the
@@ -134,17 +156,22 @@ local function error_body(message, typ, code)
         .. q(code) .. "}}"
 end
 
--- Token bucket shared by the node's workers. shared dicts have no compare-and-swap, so
--- the read-modify-write is guarded by a short lock made with add() (atomic, expiring).
--- Returns true, or false and the seconds until a token is available.
-local function take_token(node, rps, burst)
-    if burst <= 0 then burst = max(rps, 1) end
-    local lock = "qlock:" .. node
-    for _ = 1, 100 do
-        if dict:add(lock, true, 0.05) then break end
+-- shared dicts have no compare-and-swap: a read-modify-write is guarded by a short
+-- lock made with add() (atomic, expiring). Returns the lock's key, for delete().
+local function lock(key)
+    for _ = 1, 200 do
+        if dict:add(key, true, 0.05) then break end
         ngx.sleep(0.001)
     end
     ngx.update_time()
+    return key
+end
+
+-- Token bucket shared by the node's workers (under lock()).
+-- Returns true, or false and the seconds until a token is available.
+local function take_token(node, rps, burst)
+    if burst <= 0 then burst = max(rps, 1) end
+    local lock_key = lock("qlock:" .. node)
     local now = ngx.now()
     local tokens = dict:get("qtok:" .. node) or burst
     local stamp = dict:get("qts:" .. node) or now
@@ -153,9 +180,106 @@ local function take_token(node, rps, burst)
     if ok then tokens = tokens - 1 end
     dict:set("qtok:" .. node, tokens)
     dict:set("qts:" .. node, now)
-    dict:delete(lock)
+    dict:delete(lock_key)
     if ok then return true end
     return false, max(1, ceil((1 - tokens) / rps))
+end
+
+-- ---------------------------------------------------------------------------------
+-- Per-minute rate limits (limit_style): a 60 s window of one-second buckets.
+
+local WINDOW_S = 60
+
+local function window_sums(node, now_s)
+    local t, r, oldest = 0, 0, nil
+    for sec = now_s - WINDOW_S + 1, now_s do
+        local rv = dict:get("wr:" .. node .. ":" .. sec)
+        if rv then
+            r = r + rv
+            t = t + (dict:get("wt:" .. node .. ":" .. sec) or 0)
+            oldest = oldest or sec
+        end
+    end
+    return t, r, oldest
+end
+
+-- A reset `secs` from now as the style writes it.
+local function reset_text(style, secs)
+    if style == "anthropic" then
+        return os.date("!%Y-%m-%dT%H:%M:%SZ", ceil(ngx.now() + secs))
+    end
+    if secs >= 60 then
+        return string.format("%dm%ds", floor(secs / 60), floor(secs % 60))
+    end
+    return string.format("%.3fs", secs)
+end
+
+local function scripted(node, style, name, computed, is_reset)
+    local v = knob(node, "hdr_" .. name)
+    if v == nil or v == "" then return computed end
+    if is_reset and v:sub(1, 1) == "+" then
+        return reset_text(style, tonumber(v:sub(2)) or 0)
+    end
+    return v
+end
+
+local function limit_headers(node, style, rpm, tpm, r, t, reset_s)
+    local h = {}
+    local reset = reset_text(style, reset_s)
+    local vals = {
+        limit_requests = rpm, limit_tokens = tpm,
+        remaining_requests = scripted(node, style, "remaining_requests", max(0, rpm - r)),
+        remaining_tokens = scripted(node, style, "remaining_tokens", max(0, tpm - t)),
+        reset_requests = scripted(node, style, "reset_requests", reset, true),
+        reset_tokens = scripted(node, style, "reset_tokens", reset, true),
+    }
+    for k, v in pairs(vals) do
+        local what, dim = k:match("^(%a+)_(%a+)$")
+        if style == "anthropic" then
+            h["anthropic-ratelimit-" .. dim .. "-" .. what] = v
+        else
+            h["x-ratelimit-" .. what .. "-" .. dim] = v
+        end
+    end
+    return h
+end
+
+-- Charges a chat request to the window; returns the headers to send, or answers 429.
+local function rate_limit(node, body)
+    local style = knob(node, "limit_style")
+    if not style or style == "" then return nil end
+    local rpm, tpm = num(node, "rpm_limit"), num(node, "tpm_limit")
+    local mt = tonumber(body:match('"max_tokens"%s*:%s*(%d+)')) or 1024
+    local charge = floor(#body / 4) + mt
+    local lock_key = lock("wlock:" .. node)
+    local now = ngx.now()
+    local now_s = floor(now)
+    local t, r, oldest = window_sums(node, now_s)
+    local full = (rpm > 0 and r >= rpm) or (tpm > 0 and t >= tpm)
+    if not full then
+        dict:incr("wr:" .. node .. ":" .. now_s, 1, 0, WINDOW_S + 2)
+        dict:incr("wt:" .. node .. ":" .. now_s, charge, 0, WINDOW_S + 2)
+        t, r = t + charge, r + 1
+        oldest = oldest or now_s
+        if t > (dict:get("maxwt:" .. node) or 0) then dict:set("maxwt:" .. node, t) end
+        if r > (dict:get("maxwr:" .. node) or 0) then dict:set("maxwr:" .. node, r) end
+    end
+    dict:delete(lock_key)
+    local reset_s = max(0.001, oldest + WINDOW_S - now)
+    local h = style ~= "hidden" and limit_headers(node, style, rpm, tpm, r, t, reset_s) or {}
+    if full then
+        dict:incr("rejected:" .. node, 1, 0)
+        dict:incr("wrejected:" .. node, 1, 0)
+        h["X-Node"] = node
+        if knob(node, "ra_ms") == "1" then
+            h["retry-after-ms"] = tostring(ceil(reset_s * 1000))
+        else
+            h["Retry-After"] = tostring(ceil(reset_s))
+        end
+        return send_json(429, error_body("Rate limit reached for node " .. node .. ".", "tokens",
+                                         "rate_limit_exceeded"), h)
+    end
+    return h
 end
 
 local WORDS = { "Hello", " from", " mock", " node", " %s.", " This", " is", " a", " canned", " reply." }
@@ -179,6 +303,10 @@ local function chat(node)
     end
     ngx.req.read_body()
     local body = ngx.req.get_body_data() or ""
+    local limit_h = rate_limit(node, body) -- answers 429 when the window is full
+    if limit_h then
+        for k, v in pairs(limit_h) do ngx.header[k] = v end
+    end
     local model = body:match('"model"%s*:%s*"([^"]*)"') or "mock-llm"
     dict:set("model:" .. node, model)
     local stream = body:find('"stream"%s*:%s*true') ~= nil
@@ -337,6 +465,9 @@ local function state(node)
         .. ',"scrapes":' .. (dict:get("scrapes:" .. node) or 0)
         .. ',"scrapers":' .. (dict:get("scrapers:" .. node) or 0)
         .. ',"last_scraper":' .. q(dict:get("last_scraper:" .. node) or "")
+        .. ',"window_rejected":' .. (dict:get("wrejected:" .. node) or 0)
+        .. ',"max_window_tokens":' .. (dict:get("maxwt:" .. node) or 0)
+        .. ',"max_window_requests":' .. (dict:get("maxwr:" .. node) or 0)
         .. ',"knobs":{' .. concat(fields, ",") .. "}}")
 end
 
