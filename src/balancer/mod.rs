@@ -49,6 +49,7 @@ mod configure;
 mod local;
 mod pick;
 mod report;
+mod signals;
 
 use local::*;
 pub use pick::SLOW_WAITING_MS;

@@ -177,6 +177,9 @@ pub struct PoolConfig {
     /// Reading requests' token cost from their bodies (`crate::ask`).
     #[serde(default)]
     pub tokens: crate::ask::TokensPolicy,
+    /// Stream signals (`crate::stream`): `add_usage`.
+    #[serde(default)]
+    pub stream: crate::stream::StreamPolicy,
 }
 
 fn default_window_ms() -> u32 {
@@ -398,6 +401,7 @@ impl Default for PoolConfig {
             emergency: None,
             admission: AdmissionConfig::default(),
             tokens: crate::ask::TokensPolicy::default(),
+            stream: crate::stream::StreamPolicy::default(),
         }
     }
 }
