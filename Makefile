@@ -66,7 +66,7 @@ test: deps build
 # Every Rust test target but the nginx one (run by test-nginx, serially).
 NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs tests/nginx_canary.rs tests/nginx_emergency.rs \
                tests/nginx_metrics.rs tests/nginx_admin.rs tests/nginx_admission.rs tests/nginx_chaos.rs \
-               tests/nginx_defects.rs tests/nginx_rounds.rs tests/nginx_providers.rs
+               tests/nginx_defects.rs tests/nginx_rounds.rs tests/nginx_providers.rs tests/nginx_stream.rs
 RUST_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out $(NGINX_TESTS),$(wildcard tests/*.rs)))
 
 test-rust:

@@ -48,6 +48,7 @@
 //! assert_eq!((t.prompt_tokens, t.completion_tokens, t.finished, t.done), (Some(9), Some(12), true, true));
 //! ```
 
+use crate::abi::SignalFlag;
 use crate::ask::MAX_TOKENS;
 use crate::model::{is_key, top_members, BodyError};
 
@@ -56,9 +57,9 @@ use crate::model::{is_key, top_members, BodyError};
 pub const TAIL_BYTES: usize = 4096;
 
 /// `Signals::flags`: `out_tokens` holds the answer's `usage.completion_tokens`.
-pub const USAGE: u32 = 1;
+pub const USAGE: u32 = SignalFlag::Usage as u32;
 /// `Signals::flags`: a stream that ended without `[DONE]` or a `finish_reason`.
-pub const CUT: u32 = 1 << 1;
+pub const CUT: u32 = SignalFlag::Cut as u32;
 
 /// What one try's answer said beyond its status and latency (`rsb_report_llm`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -197,6 +198,19 @@ pub fn parse_tail(tail: &[u8]) -> Tail {
     t
 }
 
+/// [`parse_tail`] over the end of two consecutive pieces of a body (the last two
+/// buffers of an answer: its final event may straddle them), at most [`TAIL_BYTES`]
+/// of each, joined on the stack (no allocation).
+pub fn parse_parts(prev: &[u8], last: &[u8]) -> Tail {
+    let mut buf = [0u8; 2 * TAIL_BYTES];
+    let last = &last[last.len().saturating_sub(TAIL_BYTES)..];
+    let keep = (2 * TAIL_BYTES - last.len()).min(prev.len());
+    let prev = &prev[prev.len() - keep..];
+    buf[..prev.len()].copy_from_slice(prev);
+    buf[prev.len()..prev.len() + last.len()].copy_from_slice(last);
+    parse_tail(&buf[..prev.len() + last.len()])
+}
+
 /// The byte range of a usage-only SSE event (`"choices":[]`, what
 /// `stream_options.include_usage` adds) in `chunk`: from its `data:` line to the end
 /// of its blank line. `None` when the chunk holds none (or only part of one).
@@ -329,6 +343,15 @@ mod tests {
         let mut long = br#"{"usage":{"completion_tokens":5}}"#.to_vec();
         long.extend(std::iter::repeat_n(b' ', 3 * TAIL_BYTES));
         assert_eq!(parse_tail(&long).completion_tokens, None);
+    }
+
+    #[test]
+    fn parts_join_a_straddling_usage_chunk() {
+        let t = parse_parts(b"xx data: {\"choices\":[],\"usage\":{\"prompt_to", b"kens\":4,\"completion_tokens\":6}}\n\ndata: [DONE]\n\n");
+        assert_eq!((t.prompt_tokens, t.completion_tokens, t.done), (Some(4), Some(6), true));
+        let big = vec![b'x'; 3 * TAIL_BYTES];
+        assert_eq!(parse_parts(&big, &big), Tail::default());
+        assert_eq!(parse_parts(b"", b"data: [DONE]").done, true);
     }
 
     #[test]

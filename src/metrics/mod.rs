@@ -102,6 +102,12 @@ struct NodeSnap {
     ejection_s: f64,
     cooldowns: u64,
     ejections: u64,
+    /// Stream signals (`crate::stream`): estimates in seconds (0: never measured).
+    ttft_s: f64,
+    tpot_s: f64,
+    queue_s: f64,
+    completion_tokens: u64,
+    stream_failures: u64,
 }
 
 impl NodeSnap {
@@ -136,6 +142,7 @@ struct PoolSnap {
     window: window::Totals,
     window_s: f64,
     inflight_imbalance: f64,
+    mean_tokens: f64,
 }
 
 /// Renders every pool and node of `b` as Prometheus text exposition, appended to `out`.
@@ -206,6 +213,11 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
                 ejection_s: rem(st.ejected_until_ms),
                 cooldowns: st.cooldowns,
                 ejections: st.ejections,
+                ttft_s: secs(&slot.ttft),
+                tpot_s: secs(&slot.tpot),
+                queue_s: secs(&slot.queue),
+                completion_tokens: counts.completion_tokens,
+                stream_failures: slot.stream_failures.load(Ordering::Relaxed),
             });
         }
         let inflight_imbalance = shares(&mut nodes[first..]);
@@ -248,12 +260,19 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
             window: tally::pool_window(region, p.slot, now),
             window_s: ps.window_ms.load(Ordering::Relaxed) as f64 / 1000.0,
             inflight_imbalance,
+            mean_tokens: f64::from_bits(ps.mean_tokens.load(Ordering::Relaxed)),
         });
     }
     write_globals(out, b);
     write_nodes(out, &nodes, &pools);
     write_pools(out, &pools);
     Ok(())
+}
+
+/// A packed stream-signal estimate (`NodeSlot::ttft` and the like) in seconds, as
+/// last measured (not decayed); 0 when never measured.
+fn secs(word: &std::sync::atomic::AtomicU64) -> f64 {
+    load::unpack(word.load(Ordering::Relaxed)).0 as f64 / 1e6
 }
 
 /// Fills each primary's weight share (among the primaries that can take tries now)
@@ -397,6 +416,47 @@ const NODE_GAUGES: [Field<NodeSnap>; 8] = [
     ),
 ];
 
+/// Stream signals (`crate::stream`): 0 / absent growth for nodes that send none.
+const NODE_STREAM: [Field<NodeSnap>; 5] = [
+    (
+        "rsbalancer_node_ttft_seconds",
+        Kind::Gauge,
+        "Time to first token (peak EWMA, from the pick to the first SSE event with content) of the node's streams; 0 before the first.",
+        |n| n.ttft_s.into(),
+    ),
+    (
+        "rsbalancer_node_time_per_token_seconds",
+        Kind::Gauge,
+        "Time per output token of the node's streams (smoothed; from usage); 0 before the first.",
+        |n| n.tpot_s.into(),
+    ),
+    (
+        "rsbalancer_node_queue_before_first_token_seconds",
+        Kind::Gauge,
+        "Time the node's streams spent in keep-alive comments before their first token (smoothed): the node queueing requests.",
+        |n| n.queue_s.into(),
+    ),
+    (
+        "rsbalancer_node_completion_tokens_total",
+        Kind::Counter,
+        "Completion tokens the node's answers reported in usage.",
+        |n| n.completion_tokens.into(),
+    ),
+    (
+        "rsbalancer_node_stream_failures_total",
+        Kind::Counter,
+        "Streams that ended without [DONE] or a finish_reason (each also counts as a failed try).",
+        |n| n.stream_failures.into(),
+    ),
+];
+
+const POOL_STREAM: [Field<PoolSnap>; 1] = [(
+    "rsbalancer_pool_mean_completion_tokens",
+    Kind::Gauge,
+    "Recent mean completion tokens of the pool's answers (from usage): the cost model's expected tokens for a request without max_tokens.",
+    |p| p.mean_tokens.into(),
+)];
+
 fn node_labels(n: &NodeSnap) -> &str {
     &n.labels
 }
@@ -446,6 +506,7 @@ fn write_nodes(out: &mut String, nodes: &[NodeSnap], pools: &[PoolSnap]) {
         |n| (&n.hist, n.hist_sum_us as f64 / 1e6),
     );
     simple_families(out, nodes, node_labels, &NODE_GAUGES);
+    simple_families(out, nodes, node_labels, &NODE_STREAM);
     labelled_family(
         out,
         nodes,
@@ -600,6 +661,7 @@ const EMERGENCY_MODES: [&str; 3] = ["auto", "on", "off"];
 
 fn write_pools(out: &mut String, pools: &[PoolSnap]) {
     simple_families(out, pools, pool_labels, &POOL_FIELDS);
+    simple_families(out, pools, pool_labels, &POOL_STREAM);
     histogram_family(
         out,
         pools,

@@ -687,6 +687,11 @@ impl Gateway {
         post(self.port, "/v1/chat/completions", CHAT_BODY)
     }
 
+    /// A chat completion with this body through the gateway.
+    pub fn chat_with(&self, body: &str) -> Response {
+        post(self.port, "/v1/chat/completions", body)
+    }
+
     pub fn set_weight(&self, node: &str, weight: u32) -> Response {
         post(
             self.port,

@@ -105,7 +105,8 @@ local HTML = [==[<!DOCTYPE html>
     ["effective", "effective weight"], ["ewma", "EWMA"], ["inflight", "in flight / limit"],
     ["rate", "tries/s (1 min)"], ["success", "success (1 min)"],
     ["cooldown", "cooldown left"], ["requests", "requests"], ["failures", "failures"],
-    ["busy", "429s"]
+    ["busy", "429s"], ["ttft", "TTFT / queue"], ["tpot", "ms/token"], ["tokens", "tokens out"],
+    ["cut", "cut streams"]
   ];
   // The admission queue of a pool: waiting now (by priority, highest first), admitted
   // now, and since start: admitted from the queue, timed out, evicted, gone.
@@ -134,6 +135,7 @@ local HTML = [==[<!DOCTYPE html>
     var h = el("h2", null, name);
     var facts = [p.algorithm, num(p.requests, 0) + " requests", num(p.retries, 0) + " retries"];
     if (p.canary_share !== undefined) facts.push("canary " + num(p.canary_share * 100, 2) + "%");
+    if (p.mean_completion_tokens > 0) facts.push("mean answer " + num(p.mean_completion_tokens, 0) + " tokens");
     h.appendChild(el("span", "facts", facts.join(" \u00b7 ")));
     if (p.emergency) {
       var em = el("span", "facts emergency", "emergency " + p.emergency.mode +
@@ -178,6 +180,13 @@ local HTML = [==[<!DOCTYPE html>
       cell(tr, "requests", num(n.requests, 0));
       cell(tr, "failures", num(n.failures, 0));
       cell(tr, "busy", num(n.busy, 0));
+      // Stream signals (src/stream.rs): a dash where the node sent none.
+      var sg = n.stream || {};
+      var dash = function (v, unit) { return v === null || v === undefined ? "\u2014" : num(v, 1) + unit; };
+      cell(tr, "ttft", dash(sg.ttft_ms, " ms") + (sg.queue_ms > 0 ? " / " + num(sg.queue_ms, 0) + " ms" : ""));
+      cell(tr, "tpot", dash(sg.time_per_token_ms, ""));
+      cell(tr, "tokens", sg.completion_tokens > 0 ? num(sg.completion_tokens, 0) : "\u2014");
+      cell(tr, "cut", num(sg.stream_failures || 0, 0));
       body.appendChild(tr);
     });
     table.appendChild(body);
