@@ -91,7 +91,10 @@ pub struct StreamPolicy {
 pub fn first_content(chunk: &[u8]) -> Option<usize> {
     let mut at = 0;
     while at < chunk.len() {
-        let end = chunk[at..].iter().position(|&c| c == b'\n').map_or(chunk.len(), |p| at + p);
+        let end = chunk[at..]
+            .iter()
+            .position(|&c| c == b'\n')
+            .map_or(chunk.len(), |p| at + p);
         let line = &chunk[at..end];
         if let Some(payload) = line.strip_prefix(b"data:") {
             let payload = payload.trim_ascii();
@@ -328,14 +331,26 @@ mod tests {
     #[test]
     fn tail_reads_usage_finish_and_done() {
         let t = parse_tail(br#"{"id":"x","choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":10,"total_tokens":15}}"#);
-        assert_eq!(t, Tail { prompt_tokens: Some(5), completion_tokens: Some(10), finished: true, done: false });
+        assert_eq!(
+            t,
+            Tail {
+                prompt_tokens: Some(5),
+                completion_tokens: Some(10),
+                finished: true,
+                done: false
+            }
+        );
         assert!(t.complete());
-        let t = parse_tail(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":null}]}\n\n");
+        let t =
+            parse_tail(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":null}]}\n\n");
         assert_eq!(t, Tail::default());
         assert!(!t.complete());
         // usage: null in every chunk, the object in the last.
         let t = parse_tail(b"data: {\"choices\":[],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\": {\"completion_tokens\" : 7,\"prompt_tokens\":3}}\n\ndata: [DONE]\n\n");
-        assert_eq!((t.prompt_tokens, t.completion_tokens, t.done, t.finished), (Some(3), Some(7), true, false));
+        assert_eq!(
+            (t.prompt_tokens, t.completion_tokens, t.done, t.finished),
+            (Some(3), Some(7), true, false)
+        );
         // Bounded numbers.
         let t = parse_tail(br#"{"usage":{"completion_tokens":99999999999999999999999}}"#);
         assert_eq!(t.completion_tokens, Some(MAX_TOKENS));
@@ -347,11 +362,17 @@ mod tests {
 
     #[test]
     fn parts_join_a_straddling_usage_chunk() {
-        let t = parse_parts(b"xx data: {\"choices\":[],\"usage\":{\"prompt_to", b"kens\":4,\"completion_tokens\":6}}\n\ndata: [DONE]\n\n");
-        assert_eq!((t.prompt_tokens, t.completion_tokens, t.done), (Some(4), Some(6), true));
+        let t = parse_parts(
+            b"xx data: {\"choices\":[],\"usage\":{\"prompt_to",
+            b"kens\":4,\"completion_tokens\":6}}\n\ndata: [DONE]\n\n",
+        );
+        assert_eq!(
+            (t.prompt_tokens, t.completion_tokens, t.done),
+            (Some(4), Some(6), true)
+        );
         let big = vec![b'x'; 3 * TAIL_BYTES];
         assert_eq!(parse_parts(&big, &big), Tail::default());
-        assert_eq!(parse_parts(b"", b"data: [DONE]").done, true);
+        assert!(parse_parts(b"", b"data: [DONE]").done);
     }
 
     #[test]
@@ -360,14 +381,21 @@ mod tests {
         let r = usage_event(c).unwrap();
         let mut out = c[..r.start].to_vec();
         out.extend_from_slice(&c[r.end..]);
-        assert_eq!(out, b"data: {\"choices\":[{\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n");
+        assert_eq!(
+            out,
+            b"data: {\"choices\":[{\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n"
+        );
         assert_eq!(usage_event(b"data: {\"choices\":[],\"usage\":{}"), None);
         assert_eq!(usage_event(b"data: {\"choices\":[{}]}\n\n"), None);
     }
 
     #[test]
     fn include_usage_is_added_byte_preserving() {
-        let add = |b: &[u8]| add_include_usage(b).unwrap().map(|v| String::from_utf8(v).unwrap());
+        let add = |b: &[u8]| {
+            add_include_usage(b)
+                .unwrap()
+                .map(|v| String::from_utf8(v).unwrap())
+        };
         assert_eq!(
             add(br#"{"model":"m", "stream": true }"#).as_deref(),
             Some(r#"{"model":"m", "stream": true ,"stream_options":{"include_usage":true}}"#)
@@ -380,12 +408,17 @@ mod tests {
             add(br#"{"stream":true,"stream_options":{"x":1}}"#).as_deref(),
             Some(r#"{"stream":true,"stream_options":{"include_usage":true,"x":1}}"#)
         );
-        assert_eq!(add(br#"{"stream":true,"stream_options":{"include_usage":false}}"#), None);
+        assert_eq!(
+            add(br#"{"stream":true,"stream_options":{"include_usage":false}}"#),
+            None
+        );
         assert_eq!(add(br#"{"stream":false}"#), None);
         assert_eq!(add(br#"{"stream":true,"stream_options":null}"#), None);
         assert!(add_include_usage(b"{\"stream\":true").is_err());
         // The result is still what ask::inspect reads as asking for usage.
-        let b = add_include_usage(br#"{"stream":true,"max_tokens":5}"#).unwrap().unwrap();
+        let b = add_include_usage(br#"{"stream":true,"max_tokens":5}"#)
+            .unwrap()
+            .unwrap();
         assert_eq!(crate::ask::inspect(&b).unwrap().include_usage, Some(true));
     }
 

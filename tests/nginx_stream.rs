@@ -41,24 +41,14 @@ fn pool(nodes: &[&MockNode], extra: Value) -> Value {
     json!({ "pools": { "llm": p } })
 }
 
-/// `PUT /rsbalancer/pools/llm/nodes/<id>` with `{"drain": on}`.
-fn drain(g: &Gateway, id: &str, on: bool) {
-    let r = http(
-        g.port,
-        "PUT",
-        &format!("/rsbalancer/pools/llm/nodes/{id}"),
-        Some(&format!(r#"{{"drain": {on}}}"#)),
-    )
-    .expect("admin PUT");
-    assert_eq!(r.status, 200, "drain {id} {on}: {}", r.text());
-}
-
 /// Sends `n` requests with `body` to node `id` only (the others drained meanwhile).
 fn to_node(g: &Gateway, ids: &[&str], id: &str, n: usize, body: &str) -> Vec<Response> {
     for &o in ids.iter().filter(|&&o| o != id) {
         drain(g, o, true);
     }
-    let out: Vec<Response> = (0..n).map(|_| post(g.port, "/v1/chat/completions", body)).collect();
+    let out: Vec<Response> = (0..n)
+        .map(|_| post(g.port, "/v1/chat/completions", body))
+        .collect();
     for &o in ids.iter().filter(|&&o| o != id) {
         drain(g, o, false);
     }
@@ -83,8 +73,30 @@ fn body_text(r: &Response) -> String {
     r.text()
 }
 
+/// One mock node "a" behind a gateway whose pool has `extra` merged in.
+struct One {
+    a: MockNode,
+    g: Gateway,
+    _mocks: Nginx,
+    _dir: TestDir,
+}
+
+fn one_node(name: &str, extra: Value) -> One {
+    let dir = TestDir::new(name);
+    let a = MockNode::new("a", 0);
+    let _mocks = start_mocks(&dir, std::slice::from_ref(&a));
+    let g = start_gateway(&dir, &pool(&[&a], extra));
+    One {
+        a,
+        g,
+        _mocks,
+        _dir: dir,
+    }
+}
+
 const STREAM_USAGE: &str = r#"{"model":"mock-llm","stream":true,"stream_options":{"include_usage":true},"max_tokens":5,"messages":[{"role":"user","content":"Say hello."}]}"#;
-const JSON_7: &str = r#"{"model":"mock-llm","max_tokens":7,"messages":[{"role":"user","content":"Say hello."}]}"#;
+const JSON_7: &str =
+    r#"{"model":"mock-llm","max_tokens":7,"messages":[{"role":"user","content":"Say hello."}]}"#;
 
 #[test]
 fn ttft_is_measured_from_the_first_content_event_not_the_keep_alives() {
@@ -94,19 +106,26 @@ fn ttft_is_measured_from_the_first_content_event_not_the_keep_alives() {
     let mut queued = MockNode::new("queued", 0);
     queued.server_extra = "set $mock_preamble_ms 400;".into();
     let _mocks = start_mocks(&dir, &[fast.clone(), queued.clone()]);
-    let g = start_gateway(&dir, &pool(&[&fast, &queued], json!({})));
+    let g = &start_gateway(&dir, &pool(&[&fast, &queued], json!({})));
     let ids = ["fast", "queued"];
     for id in ids {
-        for r in to_node(&g, &ids, id, 3, STREAM_BODY) {
+        for r in to_node(g, &ids, id, 3, STREAM_BODY) {
             let t = body_text(&r);
             assert!(t.ends_with("data: [DONE]\n\n"), "{t}");
             if id == "queued" {
-                assert!(t.starts_with(": keep-alive"), "the client sees the keep-alives: {t}");
+                assert!(
+                    t.starts_with(": keep-alive"),
+                    "the client sees the keep-alives: {t}"
+                );
             }
         }
     }
-    let (f, q) = (node_status(&g, "fast"), node_status(&g, "queued"));
-    let ttft = |n: &Value| n["stream"]["ttft_ms"].as_f64().unwrap_or_else(|| panic!("ttft in {n}"));
+    let (f, q) = (node_status(g, "fast"), node_status(g, "queued"));
+    let ttft = |n: &Value| {
+        n["stream"]["ttft_ms"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("ttft in {n}"))
+    };
     // Both nodes sent their headers at once: only the first content event tells them apart.
     assert!(ttft(&q) > ttft(&f), "queued {q}\nfast {f}");
     let queue_ms = q["stream"]["queue_ms"].as_f64().expect("queue_ms");
@@ -115,17 +134,20 @@ fn ttft_is_measured_from_the_first_content_event_not_the_keep_alives() {
     assert_eq!(q["stream"]["stream_failures"], 0, "{q}");
     // Visible in /metrics too.
     let m = get(g.port, "/metrics").text();
-    assert!(m.contains("rsbalancer_node_ttft_seconds{pool=\"llm\",node=\"queued\""), "{m}");
-    assert!(m.contains("rsbalancer_node_queue_before_first_token_seconds"), "{m}");
+    assert!(
+        m.contains("rsbalancer_node_ttft_seconds{pool=\"llm\",node=\"queued\""),
+        "{m}"
+    );
+    assert!(
+        m.contains("rsbalancer_node_queue_before_first_token_seconds"),
+        "{m}"
+    );
 }
 
 #[test]
 fn tokens_are_counted_from_usage_in_json_and_in_streams() {
     let _s = serial();
-    let dir = TestDir::new("stream-tokens");
-    let a = MockNode::new("a", 0);
-    let _mocks = start_mocks(&dir, &[a.clone()]);
-    let g = start_gateway(&dir, &pool(&[&a], json!({})));
+    let One { g, .. } = &one_node("stream-tokens", json!({}));
     for _ in 0..2 {
         assert!(body_text(&g.chat_with(JSON_7)).contains("\"completion_tokens\":7"));
     }
@@ -136,14 +158,16 @@ fn tokens_are_counted_from_usage_in_json_and_in_streams() {
     }
     // A stream without usage counts no token (and is no failure).
     body_text(&g.chat_with(STREAM_BODY));
-    quiesce(&g);
-    let s = node_status(&g, "a");
+    quiesce(g);
+    let s = node_status(g, "a");
     assert_eq!(s["stream"]["completion_tokens"], 2 * 7 + 3 * 5, "{s}");
     assert_eq!(s["stream"]["stream_failures"], 0, "{s}");
     assert_eq!(s["failures"], 0, "{s}");
     assert!(s["stream"]["time_per_token_ms"].as_f64().is_some(), "{s}");
     let st = get(g.port, "/rsbalancer/status").json();
-    let mean = st["pools"]["llm"]["mean_completion_tokens"].as_f64().expect("mean");
+    let mean = st["pools"]["llm"]["mean_completion_tokens"]
+        .as_f64()
+        .expect("mean");
     assert!((5.0..=7.0).contains(&mean), "{st}");
     let m = get(g.port, "/metrics").text();
     assert!(
@@ -155,15 +179,16 @@ fn tokens_are_counted_from_usage_in_json_and_in_streams() {
 #[test]
 fn include_usage_is_added_and_its_chunk_dropped_for_a_client_that_did_not_ask() {
     let _s = serial();
-    let dir = TestDir::new("stream-add-usage");
-    let a = MockNode::new("a", 0);
-    let _mocks = start_mocks(&dir, &[a.clone()]);
-    let g = start_gateway(&dir, &pool(&[&a], json!({ "stream": { "add_usage": true } })));
+    let One { a, g, .. } = &one_node("stream-add-usage", json!({ "stream": { "add_usage": true } }));
     let t = body_text(&g.chat_with(STREAM_BODY));
     assert!(!t.contains("\"usage\""), "the client did not ask for usage: {t}");
     assert!(t.ends_with("data: [DONE]\n\n"), "{t}");
     assert!(t.contains("\"finish_reason\":\"stop\""), "{t}");
-    assert_eq!(mock_state_idle(a.port)["last_include_usage"], true, "the node was asked");
+    assert_eq!(
+        mock_state_idle(a.port)["last_include_usage"],
+        true,
+        "the node was asked"
+    );
     // A client that asked keeps its chunk.
     let t = body_text(&g.chat_with(STREAM_USAGE));
     assert!(t.contains("\"choices\":[],\"usage\""), "{t}");
@@ -172,34 +197,38 @@ fn include_usage_is_added_and_its_chunk_dropped_for_a_client_that_did_not_ask() 
     let t = body_text(&g.chat_with(&no));
     assert!(!t.contains("\"usage\""), "{t}");
     assert_eq!(mock_state_idle(a.port)["last_include_usage"], false);
-    quiesce(&g);
+    quiesce(g);
     // Tokens of the first two (10 each: no max_tokens in the first, 5 in the second).
-    let s = node_status(&g, "a");
+    let s = node_status(g, "a");
     assert_eq!(s["stream"]["completion_tokens"], 10 + 5, "{s}");
 }
 
 #[test]
 fn a_stream_without_done_or_finish_reason_is_a_failure_of_its_node() {
     let _s = serial();
-    let dir = TestDir::new("stream-cut");
-    let a = MockNode::new("a", 0);
-    let _mocks = start_mocks(&dir, &[a.clone()]);
-    let g = start_gateway(&dir, &pool(&[&a], json!({ "outlier": { "consecutive_failures": 0 } })));
+    let One { a, g, .. } = &one_node("stream-cut", json!({ "outlier": { "consecutive_failures": 0 } }));
     body_text(&g.chat_with(STREAM_BODY));
-    quiesce(&g);
-    assert_eq!(node_status(&g, "a")["failures"], 0);
-    mock_set(&a, "no_done=1");
+    quiesce(g);
+    assert_eq!(node_status(g, "a")["failures"], 0);
+    mock_set(a, "no_done=1");
     let t = body_text(&g.chat_with(STREAM_BODY));
     assert!(!t.contains("[DONE]"), "{t}");
-    quiesce(&g);
-    let s = node_status(&g, "a");
-    assert_eq!((s["failures"].as_u64(), s["stream"]["stream_failures"].as_u64()), (Some(1), Some(1)), "{s}");
+    quiesce(g);
+    let s = node_status(g, "a");
+    assert_eq!(
+        (s["failures"].as_u64(), s["stream"]["stream_failures"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
     // A JSON answer is not a stream: no [DONE] to miss.
     body_text(&g.chat_with(JSON_7));
-    quiesce(&g);
-    assert_eq!(node_status(&g, "a")["stream"]["stream_failures"], 1);
+    quiesce(g);
+    assert_eq!(node_status(g, "a")["stream"]["stream_failures"], 1);
     let m = get(g.port, "/metrics").text();
-    assert!(m.contains("rsbalancer_node_stream_failures_total{pool=\"llm\",node=\"a\",arm=\"primary\"} 1"), "{m}");
+    assert!(
+        m.contains("rsbalancer_node_stream_failures_total{pool=\"llm\",node=\"a\",arm=\"primary\"} 1"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -215,23 +244,32 @@ fn a_node_with_long_answers_is_not_treated_as_slow_against_one_with_a_slow_first
     let mut queued = MockNode::new("queued", 0);
     queued.server_extra = "set $mock_preamble_ms 400; set $mock_tokens 3;".into();
     let _mocks = start_mocks(&dir, &[long.clone(), queued.clone()]);
-    let g = start_gateway(&dir, &pool(&[&long, &queued], json!({ "stream": { "add_usage": true } })));
+    let g = &start_gateway(
+        &dir,
+        &pool(&[&long, &queued], json!({ "stream": { "add_usage": true } })),
+    );
     let ids = ["long", "queued"];
     // Both measured first.
     for id in ids {
-        to_node(&g, &ids, id, 2, STREAM_BODY);
+        to_node(g, &ids, id, 2, STREAM_BODY);
     }
-    let before: Vec<u64> = ids.iter().map(|id| node_status(&g, id)["requests"].as_u64().unwrap()).collect();
+    let before: Vec<u64> = ids
+        .iter()
+        .map(|id| node_status(g, id)["requests"].as_u64().unwrap())
+        .collect();
     for _ in 0..12 {
         body_text(&g.chat_with(STREAM_BODY));
     }
-    quiesce(&g);
-    let (l, q) = (node_status(&g, "long"), node_status(&g, "queued"));
+    quiesce(g);
+    let (l, q) = (node_status(g, "long"), node_status(g, "queued"));
     let mean = |n: &Value| n["latency_sum_us"].as_f64().unwrap() / n["requests"].as_f64().unwrap();
     // By whole-response latency the long node is the slower (so plain peak EWMA, and
     // the slow-node check at its default factor 2, would send the traffic to queued)...
     assert!(mean(&l) > mean(&q), "long {l}\nqueued {q}");
     // ...but the cost model sends it the most.
-    let picks = [l["requests"].as_u64().unwrap() - before[0], q["requests"].as_u64().unwrap() - before[1]];
+    let picks = [
+        l["requests"].as_u64().unwrap() - before[0],
+        q["requests"].as_u64().unwrap() - before[1],
+    ];
     assert!(picks[0] > picks[1], "picks {picks:?}\nlong {l}\nqueued {q}");
 }

@@ -15,14 +15,20 @@ use common::{config, pick_exactly, slots};
 fn stream(b: &Balancer, pool: u32, node: u32, all: &[u32], ttft_ms: u32, tpot_ms: u32, tokens: u32) {
     pick_exactly(b, pool, node, all);
     let latency_us = (ttft_ms + tpot_ms * tokens) * 1000;
-    let s = Signals { ttft_us: ttft_ms * 1000, queue_us: 0, out_tokens: tokens, flags: USAGE };
+    let s = Signals {
+        ttft_us: ttft_ms * 1000,
+        queue_us: 0,
+        out_tokens: tokens,
+        flags: USAGE,
+    };
     b.report_llm(node, 200, latency_us, 0, &s).unwrap();
 }
 
 /// Plain reports of the same answers (no stream signals: a node without them).
 fn plain(b: &Balancer, pool: u32, node: u32, all: &[u32], ttft_ms: u32, tpot_ms: u32, tokens: u32) {
     pick_exactly(b, pool, node, all);
-    b.report(node, 200, (ttft_ms + tpot_ms * tokens) * 1000, 0).unwrap();
+    b.report(node, 200, (ttft_ms + tpot_ms * tokens) * 1000, 0)
+        .unwrap();
 }
 
 type Feed = fn(&Balancer, u32, u32, &[u32], u32, u32, u32);
@@ -99,7 +105,11 @@ fn p2c_prefers_the_node_with_the_better_model_for_long_requests() {
         stream(&b, pool, all[1], &all, 100, 30, 100);
     }
     let picks = |max_tokens: u32| {
-        let ask = Ask { key: b"", tokens: 0, max_tokens };
+        let ask = Ask {
+            key: b"",
+            tokens: 0,
+            max_tokens,
+        };
         let mut n_a = 0;
         for _ in 0..100 {
             let n = b.pick_with(pool, &ask, &[], Prefer::Confirmed).unwrap();

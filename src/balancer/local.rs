@@ -165,7 +165,12 @@ impl NodeView for View<'_> {
         if let Some(p) = self.llm.predicted(n, self.now_ms, self.tau_ms, self.expected) {
             return p;
         }
-        load::current(n.ewma.load(Ordering::Relaxed), self.now_ms, self.tau_ms, self.reference_us)
+        load::current(
+            n.ewma.load(Ordering::Relaxed),
+            self.now_ms,
+            self.tau_ms,
+            self.reference_us,
+        )
     }
 }
 

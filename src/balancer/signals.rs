@@ -61,7 +61,9 @@ impl Balancer {
         if ttft > 0 {
             update(&n.ttft, now, |c, st| load::observe(c, st, ttft as f64, now, tau));
             let queue = s.queue_us.min(ttft) as f64;
-            update(&n.queue, now, |c, st| load::smooth(c, st, queue.max(1.0), now, tau));
+            update(&n.queue, now, |c, st| {
+                load::smooth(c, st, queue.max(1.0), now, tau)
+            });
         }
         if s.flags & stream::USAGE != 0 {
             let tokens = s.out_tokens.min(crate::ask::MAX_TOKENS);
@@ -69,9 +71,11 @@ impl Balancer {
             if let Some(nt) = self.region.node_tally(row, node) {
                 writer.add(&nt.completion_tokens, tokens as u64);
             }
-            let _ = ps.mean_tokens.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
-                Some(stream::next_mean(f64::from_bits(m), tokens).to_bits())
-            });
+            let _ = ps
+                .mean_tokens
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                    Some(stream::next_mean(f64::from_bits(m), tokens).to_bits())
+                });
             if let Some(tpot) = stream::tpot_sample(latency_us, ttft, tokens) {
                 update(&n.tpot, now, |c, st| load::smooth(c, st, tpot, now, tau));
             }

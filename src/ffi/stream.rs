@@ -97,7 +97,11 @@ pub unsafe extern "C" fn rsb_sse_first(chunk: *const c_char, len: usize, out_off
 /// # Safety
 /// `chunk` points to `len` bytes; `out_range` to two writable u64s.
 #[no_mangle]
-pub unsafe extern "C" fn rsb_usage_event(chunk: *const c_char, len: usize, out_range: *mut u64) -> rsb_result {
+pub unsafe extern "C" fn rsb_usage_event(
+    chunk: *const c_char,
+    len: usize,
+    out_range: *mut u64,
+) -> rsb_result {
     guard(|| {
         // SAFETY: forwarded caller contract.
         let Some(chunk) = (unsafe { bytes(chunk, len) }) else {
@@ -136,7 +140,8 @@ pub unsafe extern "C" fn rsb_answer_tail(
 ) -> rsb_result {
     guard(|| {
         // SAFETY: forwarded caller contract.
-        let (Some(prev), Some(last)) = (unsafe { bytes(prev, prev_len) }, unsafe { bytes(last, last_len) }) else {
+        let (Some(prev), Some(last)) = (unsafe { bytes(prev, prev_len) }, unsafe { bytes(last, last_len) })
+        else {
             return null("prev or last");
         };
         if out.is_null() {

@@ -649,6 +649,18 @@ pub fn start_gateway_conf(dir: &TestDir, port: u16, conf: &Path, json_path: Path
     }
 }
 
+/// `PUT /rsbalancer/pools/llm/nodes/<id>` with `{"drain": on}` of pool "llm" (the admin API).
+pub fn drain(g: &Gateway, id: &str, on: bool) {
+    let r = http(
+        g.port,
+        "PUT",
+        &format!("/rsbalancer/pools/llm/nodes/{id}"),
+        Some(&format!(r#"{{"drain": {on}}}"#)),
+    )
+    .expect("admin PUT");
+    assert_eq!(r.status, 200, "drain {id} {on}: {}", r.text());
+}
+
 /// Requests in flight over every node of a stats document.
 pub fn inflight(stats: &Value) -> u64 {
     let ids = stats.as_object().expect("stats object").keys();
