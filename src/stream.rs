@@ -28,7 +28,8 @@
 //! it is seen ([`first_content`]); after it a chunk costs one branch and two table
 //! writes (the two latest non-empty chunks are kept by reference), and the tail is
 //! read once, at the end of the body ([`parse_tail`]): usage, `finish_reason`,
-//! `[DONE]`. A stream (`Content-Type: text/event-stream`, 2xx) whose body ends
+//! `[DONE]`. A stream (`Content-Type: text/event-stream`, 2xx, for a request whose
+//! body has `"stream": true`: another event stream need not end so) whose body ends
 //! without `[DONE]` and without a `finish_reason` was cut by its node: it is reported
 //! as a failure of the node (502) and counted in `stream_failures`.
 //!

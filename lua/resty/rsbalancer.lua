@@ -798,7 +798,9 @@ local function report_answer(st, node, status, us, cut)
             -- For the token budgets: what the node says the answer cost.
             st.usage_prompt, st.usage_completion = t.prompt_tokens, tokens
         end
-        cut = st.sig == SSE and band(t.flags, SIG_ENDED) == 0
+        -- Only a stream the request asked for (a chat completion's body said so): some
+        -- other event stream need not end with [DONE].
+        cut = st.sig == SSE and st.stream and band(t.flags, SIG_ENDED) == 0
     end
     if cut then
         status = TRUNCATED
