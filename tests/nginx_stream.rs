@@ -163,7 +163,8 @@ fn tokens_are_counted_from_usage_in_json_and_in_streams() {
     assert_eq!(s["stream"]["completion_tokens"], 2 * 7 + 3 * 5, "{s}");
     assert_eq!(s["stream"]["stream_failures"], 0, "{s}");
     assert_eq!(s["failures"], 0, "{s}");
-    assert!(s["stream"]["time_per_token_ms"].as_f64().is_some(), "{s}");
+    // (No time per token asserted here: 5 tokens 5 ms apart may reach a busy gateway
+    // in one read, which measures none. The cost-model test below needs it.)
     let st = get(g.port, "/rsbalancer/status").json();
     let mean = st["pools"]["llm"]["mean_completion_tokens"]
         .as_f64()

@@ -755,8 +755,8 @@ local SSE, JSON = 1, 2
 function _M.body_filter()
     local st = ngx.ctx.rsb
     if not st then return end
-    local chunk, eof = ngx.arg[1], ngx.arg[2]
-    st.eof = eof
+    local arg = ngx.arg
+    st.eof = arg[2]
     local sig = st.sig
     if sig == nil then
         -- The answer's first buffer: only a 2xx of a try balance() sent is measured.
@@ -768,7 +768,10 @@ function _M.body_filter()
         end
         st.sig = sig
     end
-    if not sig or chunk == "" then return end
+    if not sig then return end
+    -- The buffer as a Lua string (nginx's API has no cheaper view): 2xx answers only.
+    local chunk = arg[1]
+    if chunk == "" then return end
     if sig == SSE and not st.ttft then
         local now = ngx_now()
         if C_sse_first(chunk, #chunk, range_buf) == RSB_OK and tonumber(range_buf[0]) < #chunk then
