@@ -744,7 +744,7 @@ end
 -- in an SSE stream, the time from the try's pick to the first `data:` event with
 -- content (keep-alive comments and blank lines before it are the node queueing the
 -- request: that time is noted apart), and in any answer the usage and end markers in
--- its last two non-empty buffers, kept by reference and read once, in log(). After the
+-- its last two non-empty buffers, kept by reference and read once, at its end. After the
 -- first token a chunk costs a few branches and two table writes; with the pool's
 -- stream.add_usage, a request whose client did not ask for usage has that chunk
 -- removed from what the client receives.
@@ -771,39 +771,48 @@ function _M.body_filter()
     if not sig then return end
     -- The buffer as a Lua string (nginx's API has no cheaper view): 2xx answers only.
     local chunk = arg[1]
-    if chunk == "" then return end
-    if sig == SSE and not st.ttft then
-        local now = ngx_now()
-        if C_sse_first(chunk, #chunk, range_buf) == RSB_OK and tonumber(range_buf[0]) < #chunk then
-            st.ttft = now - st.picked
-            st.queue = st.kept_alive and now - st.kept_alive or 0
-        elseif not st.kept_alive then
-            st.kept_alive = now -- comments or blank lines first: the node holds it queued
+    if chunk ~= "" then
+        if sig == SSE and not st.ttft then
+            local now = ngx_now()
+            if C_sse_first(chunk, #chunk, range_buf) == RSB_OK and tonumber(range_buf[0]) < #chunk then
+                st.ttft = now - st.picked
+                st.queue = st.kept_alive and now - st.kept_alive or 0
+            elseif not st.kept_alive then
+                st.kept_alive = now -- comments or blank lines first: the node holds it queued
+            end
+        end
+        st.prev, st.last = st.last, chunk
+        if st.drop_usage and C_usage_event(chunk, #chunk, range_buf) == RSB_OK then
+            arg[1] = sub(chunk, 1, tonumber(range_buf[0])) .. sub(chunk, tonumber(range_buf[1]) + 1)
         end
     end
-    st.prev, st.last = st.last, chunk
-    if st.drop_usage and C_usage_event(chunk, #chunk, range_buf) == RSB_OK then
-        ngx.arg[1] = sub(chunk, 1, tonumber(range_buf[0])) .. sub(chunk, tonumber(range_buf[1]) + 1)
-    end
-end
-
--- log()'s report of a try whose answer body_filter() measured: its signals read and
--- the try reported with them in one call. A stream whose body ended without [DONE] and
--- without a finish_reason, or was cut short, is a failure of its node.
-local function report_answer(st, node, status, us, cut)
-    local flags, tokens = 0, 0
     if st.eof then
+        -- The end: its usage and end markers, read once (log() reports them).
         local prev, last = st.prev or "", st.last or ""
         C_answer_tail(prev, #prev, last, #last, tail_buf)
         local t = tail_buf[0]
+        st.tail = t.flags
         if band(t.flags, SIG_USAGE) ~= 0 then
-            tokens, flags = t.completion_tokens, SIG_USAGE
             -- For the token budgets: what the node says the answer cost.
-            st.usage_prompt, st.usage_completion = t.prompt_tokens, tokens
+            st.usage_prompt, st.usage_completion = t.prompt_tokens, t.completion_tokens
+        end
+        st.prev, st.last = nil, nil
+    end
+end
+
+-- log()'s report of a try whose answer body_filter() measured: the try reported with
+-- its signals in one call. A stream whose body ended without [DONE] and
+-- without a finish_reason, or was cut short, is a failure of its node.
+local function report_answer(st, node, status, us, cut)
+    local flags, tokens = 0, 0
+    local tail = st.tail
+    if tail then
+        if band(tail, SIG_USAGE) ~= 0 then
+            tokens, flags = st.usage_completion, SIG_USAGE
         end
         -- Only a stream the request asked for (a chat completion's body said so): some
         -- other event stream need not end with [DONE].
-        cut = st.sig == SSE and st.stream and band(t.flags, SIG_ENDED) == 0
+        cut = st.sig == SSE and st.stream and band(tail, SIG_ENDED) == 0
     end
     if cut then
         status = TRUNCATED
