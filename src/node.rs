@@ -141,7 +141,7 @@ pub fn reset(region: &Region, slot: u32, now: u64) {
     s.consecutive_failures.store(0, Ordering::Relaxed);
     s.consecutive_busy.store(0, Ordering::Relaxed);
     s.ewma.store(0, Ordering::Relaxed);
-    for w in [&s.ttft, &s.tpot, &s.queue, &s.stream_failures] {
+    for w in [&s.ttft, &s.tpot, &s.preamble, &s.stream_failures] {
         w.store(0, Ordering::Relaxed);
     }
     s.busy.store(0, Ordering::Relaxed);

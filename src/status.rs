@@ -55,7 +55,7 @@ fn stream(region: &Region, slot: u32) -> Value {
     json!({
         "ttft_ms": ms(&n.ttft),
         "time_per_token_ms": ms(&n.tpot),
-        "queue_ms": ms(&n.queue),
+        "queue_ms": ms(&n.preamble),
         "completion_tokens": tally::node_counts(region, slot).completion_tokens,
         "stream_failures": n.stream_failures.load(Ordering::Relaxed),
     })

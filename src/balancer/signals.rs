@@ -61,7 +61,7 @@ impl Balancer {
         if ttft > 0 {
             update(&n.ttft, now, |c, st| load::observe(c, st, ttft as f64, now, tau));
             let queue = s.queue_us.min(ttft) as f64;
-            update(&n.queue, now, |c, st| {
+            update(&n.preamble, now, |c, st| {
                 load::smooth(c, st, queue.max(1.0), now, tau)
             });
         }

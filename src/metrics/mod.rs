@@ -215,7 +215,7 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
                 ejections: st.ejections,
                 ttft_s: secs(&slot.ttft),
                 tpot_s: secs(&slot.tpot),
-                queue_s: secs(&slot.queue),
+                queue_s: secs(&slot.preamble),
                 completion_tokens: counts.completion_tokens,
                 stream_failures: slot.stream_failures.load(Ordering::Relaxed),
             });

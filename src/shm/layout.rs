@@ -261,8 +261,8 @@ pub struct NodeSlot {
     /// Time per output token (µs per completion token after the first), smoothed.
     pub tpot: AtomicU64,
     /// Time a stream spent in keep-alive comments or blank lines before its first
-    /// token (a node queueing the request), smoothed.
-    pub queue: AtomicU64,
+    /// token (a node queueing the request: its "preamble"), smoothed.
+    pub preamble: AtomicU64,
     /// Reported 429s.
     pub busy: AtomicU64,
     /// Streams that ended without `[DONE]` or a `finish_reason` (reported as failures).
