@@ -67,6 +67,26 @@ enum rsb_share
 typedef uint32_t rsb_share;
 #endif // __cplusplus
 
+// Bits of `rsb_signals.flags` (what `rsb_report_llm` is told of a try's answer) and
+// of `rsb_tail.flags` (what `rsb_answer_tail` read at its end).
+enum rsb_signal_flag
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  // The answer's `usage.completion_tokens` is known (`out_tokens`).
+  RSB_SIGNAL_FLAG_USAGE = 1,
+  // A stream that ended without `[DONE]` or a `finish_reason`: cut by its node.
+  RSB_SIGNAL_FLAG_CUT = 2,
+  // The tail holds a `finish_reason` with a string value.
+  RSB_SIGNAL_FLAG_FINISHED = 4,
+  // The tail holds `data: [DONE]`.
+  RSB_SIGNAL_FLAG_DONE = 8,
+};
+#ifndef __cplusplus
+typedef uint32_t rsb_signal_flag;
+#endif // __cplusplus
+
 // What `admit` / `admit_poll` tell the caller (stable numbers: the C ABI's
 // `rsb_verdict`, e.g. `RSB_VERDICT_GO_PROBE`).
 enum rsb_verdict
@@ -186,6 +206,26 @@ typedef struct rsb_node_stats {
   double ewma_us;
   int backup;
 } rsb_node_stats;
+
+// What a try's answer said beyond its status (`rsb_report_llm`): time to its first
+// content event and the part of it spent in keep-alive comments (µs, 0: none), its
+// `usage.completion_tokens`, and `enum rsb_signal_flag` bits (`RSB_SIGNAL_FLAG_USAGE`:
+// `out_tokens` is known; `RSB_SIGNAL_FLAG_CUT`: a stream cut short).
+typedef struct rsb_signals {
+  uint32_t ttft_us;
+  uint32_t queue_us;
+  uint32_t out_tokens;
+  uint32_t flags;
+} rsb_signals;
+
+// What `rsb_answer_tail` read at an answer's end: `usage.prompt_tokens` and
+// `usage.completion_tokens` (0 when absent), and `RSB_SIGNAL_FLAG_USAGE` (completion
+// tokens found), `_FINISHED` (a `finish_reason`), `_DONE` (`data: [DONE]`).
+typedef struct rsb_tail {
+  uint32_t prompt_tokens;
+  uint32_t completion_tokens;
+  uint32_t flags;
+} rsb_tail;
 
 #ifdef __cplusplus
 extern "C" {
@@ -493,6 +533,48 @@ enum rsb_result rsb_canary(const struct rsb_balancer *b,
                            uint32_t pool,
                            uint32_t *out_pool,
                            uint32_t *out_share);
+
+// `rsb_report` with the try's stream signals (`*signals`, see `rsb_signals`): one
+// call per try. A stream cut short is reported with the status the caller gives (502)
+// and counted in the node's stream failures.
+//
+// # Safety
+// `b` a live handle; `signals` points to a readable `rsb_signals`.
+enum rsb_result rsb_report_llm(const struct rsb_balancer *b,
+                               uint32_t node,
+                               uint32_t status,
+                               uint32_t latency_us,
+                               uint32_t retry_after_ms,
+                               const struct rsb_signals *signals);
+
+// Where the first SSE content event of `chunk` begins (`crate::stream::first_content`:
+// a `data:` line whose payload is neither empty nor `[DONE]`): `*out_offset` is its
+// offset, or `UINT64_MAX` when the chunk holds only comments and blank lines.
+//
+// # Safety
+// `chunk` points to `len` bytes; `out_offset` writable.
+enum rsb_result rsb_sse_first(const char *chunk, size_t len, uint64_t *out_offset);
+
+// The usage-only SSE event in `chunk` (`"choices":[]`, what
+// `stream_options.include_usage` adds): `out_range[0]` its first byte,
+// `out_range[1]` one past its blank line; `RSB_NO_NODE` when the chunk holds none
+// whole (`out_range` untouched).
+//
+// # Safety
+// `chunk` points to `len` bytes; `out_range` to two writable u64s.
+enum rsb_result rsb_usage_event(const char *chunk, size_t len, uint64_t *out_range);
+
+// Read an answer's end (`crate::stream::parse_parts`): the usage, `finish_reason`
+// and `[DONE]` in the last `TAIL_BYTES` (4096) of each of its last two non-empty
+// buffers, `prev` then `last` (either may be empty).
+//
+// # Safety
+// `prev` points to `prev_len` bytes, `last` to `last_len`; `out` writable.
+enum rsb_result rsb_answer_tail(const char *prev,
+                                size_t prev_len,
+                                const char *last,
+                                size_t last_len,
+                                struct rsb_tail *out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -56,6 +56,22 @@ impl PreferFlag {
     pub const ALL: u32 = PreferFlag::Probe as u32 | PreferFlag::NotSlow as u32;
 }
 
+/// Bits of `rsb_signals.flags` (what `rsb_report_llm` is told of a try's answer) and
+/// of `rsb_tail.flags` (what `rsb_answer_tail` read at its end).
+/// cbindgen:rename-all=QualifiedScreamingSnakeCase
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignalFlag {
+    /// The answer's `usage.completion_tokens` is known (`out_tokens`).
+    Usage = 1,
+    /// A stream that ended without `[DONE]` or a `finish_reason`: cut by its node.
+    Cut = 2,
+    /// The tail holds a `finish_reason` with a string value.
+    Finished = 4,
+    /// The tail holds `data: [DONE]`.
+    Done = 8,
+}
+
 /// The scale of a canary share (`rsb_canary`, `set_canary_share`): parts per 10,000.
 /// cbindgen:rename-all=QualifiedScreamingSnakeCase
 #[repr(u32)]

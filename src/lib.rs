@@ -56,6 +56,7 @@ pub mod select;
 #[allow(unsafe_code)]
 pub mod shm;
 pub mod status;
+pub mod stream;
 mod strict;
 pub mod tally;
 pub mod topology;

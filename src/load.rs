@@ -50,6 +50,16 @@ pub fn observe(cost: f32, stamp: u32, sample_us: f64, now_ms: u64, tau_ms: u32) 
     (cost * w + sample_us * (1.0 - w)) as f32
 }
 
+/// The new estimate after a sample, without the peak's jump: a plain time-weighted
+/// EWMA (for figures where one long sample is noise, not news: time per token).
+pub fn smooth(cost: f32, stamp: u32, sample_us: f64, now_ms: u64, tau_ms: u32) -> f32 {
+    if cost <= 0.0 {
+        return sample_us as f32;
+    }
+    let w = decay(now_ms, stamp, tau_ms);
+    (cost as f64 * w + sample_us * (1.0 - w)) as f32
+}
+
 /// The estimate as seen at `now_ms` without a new sample: decayed toward `reference_us`.
 pub fn current(word: u64, now_ms: u64, tau_ms: u32, reference_us: f64) -> f64 {
     let (cost, stamp) = unpack(word);

@@ -148,6 +148,9 @@ pub fn reset(region: &Region, slot: u32, now: u64) {
     s.consecutive_failures.store(0, Ordering::Relaxed);
     s.consecutive_busy.store(0, Ordering::Relaxed);
     s.ewma.store(0, Ordering::Relaxed);
+    for w in [&s.ttft, &s.tpot, &s.preamble, &s.stream_failures] {
+        w.store(0, Ordering::Relaxed);
+    }
     s.busy.store(0, Ordering::Relaxed);
     s.started_ms.store(now, Ordering::Relaxed);
     s.cooldown_until_ms.store(0, Ordering::Relaxed);

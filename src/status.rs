@@ -8,7 +8,8 @@
 //! [`crate::node`], the admission queue through [`crate::admission::status_json`], and
 //! the canary and emergency words of each pool's shared slot, and each node's recent
 //! window (tries per second and success share over about a minute) through
-//! [`crate::tally`]. Adding a field for operators means adding it here (and to the
+//! [`crate::tally`], and its stream signals (`stream`: TTFT, time per token, queue
+//! before the first token, completion tokens, cut streams). Adding a field for operators means adding it here (and to the
 //! page that shows it).
 
 use std::sync::atomic::Ordering;
@@ -39,6 +40,27 @@ fn recent(region: &Region, slot: u32, now: u64) -> Value {
     })
 }
 
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+/// A node's stream signals (`crate::stream`): its estimates in ms as last measured
+/// (null when never), completion tokens from usage and cut streams.
+fn stream(region: &Region, slot: u32) -> Value {
+    let n = region.node(slot).expect("topology slot in range");
+    let ms = |w: &std::sync::atomic::AtomicU64| {
+        let us = crate::load::unpack(w.load(Ordering::Relaxed)).0 as f64;
+        (us > 0.0).then(|| round1(us / 1000.0))
+    };
+    json!({
+        "ttft_ms": ms(&n.ttft),
+        "time_per_token_ms": ms(&n.tpot),
+        "queue_ms": ms(&n.preamble),
+        "completion_tokens": tally::node_counts(region, slot).completion_tokens,
+        "stream_failures": n.stream_failures.load(Ordering::Relaxed),
+    })
+}
+
 /// Every pool and node with its live state. Effective weights are this process's.
 pub fn of(b: &Balancer) -> Result<Value, Error> {
     let topo = b.topology()?;
@@ -65,6 +87,7 @@ pub fn of(b: &Balancer) -> Result<Value, Error> {
                         v["queue"] = serde_json::to_value(crate::scrape::snapshot(slot, now, s.fresh_ms()))
                             .expect("snapshot serializes");
                     }
+                    v["stream"] = stream(region, n.slot);
                     // Header names and variable names, never a value.
                     if let Some(p) = &n.provider {
                         v["provider"] = serde_json::to_value(p).expect("provider serializes");
@@ -92,6 +115,7 @@ pub fn of(b: &Balancer) -> Result<Value, Error> {
                 "canary_share": ps.canary_share.load(Ordering::Relaxed) as f64 / PARTS as f64,
                 "canary_rolled_back": ps.canary_rolled_back.load(Ordering::Relaxed) != 0,
                 "emergency": { "mode": mode, "active": e & emergency::ACTIVE != 0 },
+                "mean_completion_tokens": round1(f64::from_bits(ps.mean_tokens.load(Ordering::Relaxed))),
             });
             (p.name.clone(), pool)
         })

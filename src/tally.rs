@@ -29,6 +29,8 @@ pub struct NodeCounts {
     pub latency_hist: [u64; LATENCY_BOUNDS_MS.len() + 1],
     /// Sum of served tries' latencies, microseconds.
     pub latency_sum_us: u64,
+    /// Completion tokens reported by the node's answers (`usage`).
+    pub completion_tokens: u64,
 }
 
 impl NodeCounts {
@@ -63,6 +65,7 @@ pub fn node_counts(region: &Region, n: u32) -> NodeCounts {
             *s += load(c);
         }
         sum.latency_sum_us += load(&t.latency_sum_us);
+        sum.completion_tokens += load(&t.completion_tokens);
     }
     sum
 }
@@ -126,5 +129,6 @@ pub fn reset_node(region: &Region, n: u32) {
             c.store(0, Ordering::Relaxed);
         }
         t.latency_sum_us.store(0, Ordering::Relaxed);
+        t.completion_tokens.store(0, Ordering::Relaxed);
     }
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     &[
         "abi", "shm", "select", "load", "limit", "health", "retry", "headers", "strict", "writer", "model",
-        "notice", "ask", "headroom",
+        "notice", "ask", "headroom", "stream",
     ],
     &["config"],
     &["budget", "window", "tally"],

@@ -43,18 +43,6 @@ fn pool(nodes: Vec<Value>, extra: Value) -> Value {
     json!({ "pools": { "llm": p } })
 }
 
-/// `PUT /rsbalancer/pools/llm/nodes/<id>` with `{"drain": on}` (the admin API).
-fn drain(g: &Gateway, id: &str, on: bool) {
-    let r = http(
-        g.port,
-        "PUT",
-        &format!("/rsbalancer/pools/llm/nodes/{id}"),
-        Some(&format!(r#"{{"drain": {on}}}"#)),
-    )
-    .expect("admin PUT");
-    assert_eq!(r.status, 200, "drain {id} {on}: {}", r.text());
-}
-
 fn received(m: &MockNode) -> u64 {
     get(m.port, "/mock/state").json()["received"]
         .as_u64()

@@ -1047,14 +1047,22 @@ fn status_matches_node_stats() {
         v["addr"] = json!(format!("127.0.0.1:{}", 9001 + i));
         // unavailable_ms and state move with the clock; both are 0 / healthy here.
         let mut node = s["pools"]["p"]["nodes"][i].clone();
-        // status() adds the worker-local effective weight (src/admin.rs) and the recent
-        // window (its 20 served tries of this node, none bad) to NodeStats.
+        // status() adds the worker-local effective weight (src/admin.rs), the recent
+        // window (its 20 served tries of this node, none bad) and the stream signals
+        // to NodeStats.
         let eff = node.as_object_mut().unwrap().remove("effective_weight");
         assert!(eff.is_some_and(|w| w.is_number()), "no effective_weight in {s}");
         let recent = node.as_object_mut().unwrap().remove("recent").unwrap();
         assert_eq!(recent["tries"], json!(st.requests), "{recent}");
         assert_eq!(recent["failed_or_429"], json!(0), "{recent}");
         assert_eq!(recent["success"], json!(1.0), "{recent}");
+        // ...and its stream signals (src/stream.rs): none sent here.
+        let stream = node.as_object_mut().unwrap().remove("stream").unwrap();
+        assert_eq!(
+            stream,
+            json!({ "ttft_ms": null, "time_per_token_ms": null, "queue_ms": null,
+                    "completion_tokens": 0, "stream_failures": 0 })
+        );
         assert_eq!(node, v);
     }
 }

@@ -16,6 +16,7 @@
 -- allocated once per module, never per call.
 
 local ffi = require "ffi"
+local bit = require "bit"
 local native = require "rsbalancer"
 
 local C_ffi_string = ffi.string
@@ -45,6 +46,8 @@ local canary = require "resty.rsbalancer.canary"
 local C_pick, C_report, C_generation = C.rsb_pick, C.rsb_report, C.rsb_generation
 local C_pick_ask, C_inspect = C.rsb_pick_ask, C.rsb_inspect
 local C_may_retry, C_available = C.rsb_may_retry, C.rsb_available
+local C_report_llm, C_sse_first = C.rsb_report_llm, C.rsb_sse_first
+local C_usage_event, C_answer_tail = C.rsb_usage_event, C.rsb_answer_tail
 local MAX_TRIES = 32
 -- Why rsb_may_retry refused (enum rsb_retry_denied), as X-RSB-Admission says it; "no
 -- node free now" is not a refusal for a request that may take another round.
@@ -58,6 +61,13 @@ local tried_buf = ffi.new("uint32_t[?]", MAX_TRIES)
 local out_buf = ffi.new("uint32_t[1]")
 local wait_buf = ffi.new("uint64_t[1]")
 local err_buf = ffi.new("char[?]", 512)
+-- Stream signals (src/stream.rs): what body_filter() and log() hand the library.
+local sig_buf = ffi.new("rsb_signals[1]")
+local tail_buf = ffi.new("rsb_tail[1]")
+local range_buf = ffi.new("uint64_t[2]")
+local SIG_USAGE, SIG_CUT = C.RSB_SIGNAL_FLAG_USAGE, C.RSB_SIGNAL_FLAG_CUT
+local SIG_ENDED = bit.bor(C.RSB_SIGNAL_FLAG_FINISHED, C.RSB_SIGNAL_FLAG_DONE)
+local band = bit.band
 -- Numbers shared with the library (src/abi.rs, include/rsbalancer.h), read once.
 local RSB_OK, RSB_NO_NODE = C.RSB_OK, C.RSB_NO_NODE
 local PREFER_PROBE = C.RSB_PREFER_PROBE
@@ -114,6 +124,7 @@ local function sync()
             -- Slow nodes as overflow: admit() holds a faster node's slot first.
             hold_faster = cfg.limit.slow_factor > 0 and cfg.algorithm ~= "chash",
             inspect = cfg.tokens.inspect_body,
+            add_usage = cfg.stream.add_usage,
         }
         local with_provider = false
         for j = 1, #cfg.nodes do
@@ -701,7 +712,9 @@ end
 -- streaming), for the picks of every round; a POST only, when the pool reads bodies.
 -- A body that is not JSON is the node's to judge: its cost stays unknown.
 local body_buf = ffi.new("rsb_body[1]")
-local function inspect(st, aidx)
+-- With the pool's stream.add_usage, a streamed body that does not say whether it wants
+-- usage is asked for it (body_filter() then drops that chunk from the client's copy).
+local function inspect(st, aidx, add_usage)
     if ngx.req.get_method() ~= "POST" then return end
     local body = admission.read_body()
     if not body then return end
@@ -709,6 +722,13 @@ local function inspect(st, aidx)
     local b = body_buf[0]
     st.tokens, st.max_tokens = b.tokens, b.max_tokens
     st.stream, st.include_usage = b.stream == 1, b.include_usage
+    if add_usage and st.stream and b.include_usage == 0 then
+        local new = native.add_include_usage(body)
+        if new then
+            ngx.req.set_body_data(new)
+            st.drop_usage = true
+        end
+    end
 end
 
 -- admit() for a pool with provider fields: the upstream request is the provider's, so
@@ -778,7 +798,7 @@ function _M.admit(pool, priority)
         aidx, apool = idx, pool
     end
     local p = policy[apool]
-    if p.inspect and not st.tokens then inspect(st, aidx) end
+    if p.inspect and not st.tokens then inspect(st, aidx, p.add_usage) end
     local ok = admission.admit(C, handle, aidx, apool, priority, st, p.no_node_status, last_error)
     if ok == true and p.hold_faster and st.n == 0 then
         admission.hold_faster(C, handle, aidx, st)
@@ -828,15 +848,92 @@ end
 --- body_filter(): in body_filter_by_lua. Notes whether the response body reached its
 -- end (nginx's last buffer); log() then tells a try whose node closed the connection
 -- mid-response (the client got a truncated 200, an SSE stream cut short) from a
--- complete one. One table write per chunk.
-function _M.body_filter()
-    local st = ngx.ctx.rsb
-    if st then st.eof = ngx.arg[2] end
-end
-
+-- complete one. For a 2xx answer it also measures the stream signals (src/stream.rs):
+-- in an SSE stream, the time from the try's pick to the first `data:` event with
+-- content (keep-alive comments and blank lines before it are the node queueing the
+-- request: that time is noted apart), and in any answer the usage and end markers in
+-- its last two non-empty buffers, kept by reference and read once, at its end. After the
+-- first token a chunk costs a few branches and two table writes; with the pool's
+-- stream.add_usage, a request whose client did not ask for usage has that chunk
+-- removed from what the client receives.
 -- Status reported for a try whose node cut its response short: a bad response, as
 -- nginx's 502 for an upstream that sent an invalid one (a failure of the node).
 local TRUNCATED = 502
+local SSE, JSON = 1, 2
+function _M.body_filter()
+    local st = ngx.ctx.rsb
+    if not st then return end
+    local arg = ngx.arg
+    st.eof = arg[2]
+    local sig = st.sig
+    if sig == nil then
+        -- The answer's first buffer: only a 2xx of a try balance() sent is measured.
+        sig = false
+        local status = ngx.status
+        if st.picked and status >= 200 and status < 300 then
+            local ct = ngx.header["Content-Type"]
+            sig = (type(ct) == "string" and find(ct, "text/event-stream", 1, true)) and SSE or JSON
+        end
+        st.sig = sig
+    end
+    if not sig then return end
+    -- The buffer as a Lua string (nginx's API has no cheaper view): 2xx answers only.
+    local chunk = arg[1]
+    if chunk ~= "" then
+        if sig == SSE and not st.ttft then
+            local now = ngx_now()
+            if C_sse_first(chunk, #chunk, range_buf) == RSB_OK and tonumber(range_buf[0]) < #chunk then
+                st.ttft = now - st.picked
+                st.queue = st.kept_alive and now - st.kept_alive or 0
+            elseif not st.kept_alive then
+                st.kept_alive = now -- comments or blank lines first: the node holds it queued
+            end
+        end
+        st.prev, st.last = st.last, chunk
+        if st.drop_usage and C_usage_event(chunk, #chunk, range_buf) == RSB_OK then
+            arg[1] = sub(chunk, 1, tonumber(range_buf[0])) .. sub(chunk, tonumber(range_buf[1]) + 1)
+        end
+    end
+    if st.eof then
+        -- The end: its usage and end markers, read once (log() reports them).
+        local prev, last = st.prev or "", st.last or ""
+        C_answer_tail(prev, #prev, last, #last, tail_buf)
+        local t = tail_buf[0]
+        st.tail = t.flags
+        if band(t.flags, SIG_USAGE) ~= 0 then
+            -- For the token budgets: what the node says the answer cost.
+            st.usage_prompt, st.usage_completion = t.prompt_tokens, t.completion_tokens
+        end
+        st.prev, st.last = nil, nil
+    end
+end
+
+-- log()'s report of a try whose answer body_filter() measured: the try reported with
+-- its signals in one call. A stream whose body ended without [DONE] and
+-- without a finish_reason, or was cut short, is a failure of its node.
+local function report_answer(st, node, status, us, cut)
+    local flags, tokens = 0, 0
+    local tail = st.tail
+    if tail then
+        if band(tail, SIG_USAGE) ~= 0 then
+            tokens, flags = st.usage_completion, SIG_USAGE
+        end
+        -- Only a stream the request asked for (a chat completion's body said so): some
+        -- other event stream need not end with [DONE].
+        cut = st.sig == SSE and st.stream and band(tail, SIG_ENDED) == 0
+    end
+    if cut then
+        status = TRUNCATED
+        if st.sig == SSE then flags = SIG_CUT end
+    end
+    local s = sig_buf[0]
+    local ttft = st.ttft
+    s.ttft_us = ttft and ttft * 1e6 or 0
+    s.queue_us = ttft and st.queue * 1e6 or 0
+    s.out_tokens, s.flags = tokens, flags
+    C_report_llm(handle, node, status, us, 0, sig_buf)
+end
+
 
 --- log(): in log_by_lua. Reports the tries not reported yet (normally the last).
 --
@@ -860,13 +957,15 @@ function _M.log()
             -- nginx still calls the request complete (a client that left makes
             -- $request_completion empty: that try says nothing bad of the node).
             local var = ngx.var
-            if st.eof == false and var.request_completion == "OK" then
-                status = TRUNCATED
-            end
+            local cut = st.eof == false and var.request_completion == "OK"
             local slot = st.tried[n]
             note_headroom(var, slot)
-            if budgeted[slot] then settle(st, slot, status) end
-            C_report(handle, slot, status, us, 0)
+            if budgeted[slot] then settle(st, slot, cut and TRUNCATED or status) end
+            if st.sig then
+                report_answer(st, slot, status, us, cut)
+            else
+                C_report(handle, slot, cut and TRUNCATED or status, us, 0)
+            end
         else
             local var = ngx.var
             local slot = st.tried[n]

@@ -31,6 +31,8 @@ impl Local {
 
 pub(super) struct LocalPool {
     pub(super) name: String,
+    /// The pool's slot.
+    pub(super) slot: u32,
     /// The pool's config as loaded (`PoolTopo::policy`).
     pub(super) policy: PoolConfig,
     pub(super) next_refresh_ms: u64,
@@ -41,8 +43,51 @@ pub(super) struct LocalPool {
     /// Whether some node had a learned concurrency limit at the last refresh: only
     /// then do picks tell confirmed slots from probes (see [`Prefer`]).
     pub(super) limited: bool,
+    /// References of the stream-signal cost model (`crate::stream`).
+    pub(super) llm: Llm,
     pub(super) primary: Tier,
     pub(super) backup: Tier,
+}
+
+/// A pool's stream-signal references, from the last refresh: what a node without
+/// an estimate of its own is costed at, as `reference_us` is for the peak EWMA.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Llm {
+    /// Median TTFT estimate of the primaries that have one (µs).
+    pub(super) ttft_ref_us: f64,
+    /// Median time-per-token estimate of the primaries that have one (µs; 0: none).
+    pub(super) tpot_ref_us: f64,
+}
+
+impl Llm {
+    /// The cost model (`crate::stream::predicted_us`): node `n`'s predicted latency
+    /// for `expected` output tokens; `None` when it never sent a first token.
+    pub(super) fn predicted(&self, n: &NodeSlot, now: u64, tau: u32, expected: f64) -> Option<f64> {
+        let ttft = n.ttft.load(Ordering::Relaxed);
+        if ttft == 0 {
+            return None;
+        }
+        let t = load::current(ttft, now, tau, self.ttft_ref_us);
+        let p = load::current(n.tpot.load(Ordering::Relaxed), now, tau, self.tpot_ref_us);
+        Some(crate::stream::predicted_us(t, p, expected))
+    }
+
+    /// The references as the primaries' estimates stand (medians, not decayed).
+    pub(super) fn of(region: &Region, slots: &[u32]) -> Llm {
+        let median = |f: fn(&NodeSlot) -> &AtomicU64| {
+            let mut v: Vec<f64> = slots
+                .iter()
+                .filter_map(|&s| region.node(s))
+                .map(|n| load::unpack(f(n).load(Ordering::Relaxed)).0 as f64)
+                .filter(|&c| c > 0.0)
+                .collect();
+            load::median(&mut v).unwrap_or(0.0)
+        };
+        Llm {
+            ttft_ref_us: median(|n| &n.ttft),
+            tpot_ref_us: median(|n| &n.tpot),
+        }
+    }
 }
 
 pub(super) struct Tier {
@@ -51,8 +96,9 @@ pub(super) struct Tier {
     /// Smoothed success share per node, and the counters seen at the last refresh.
     pub(super) success: Vec<f64>,
     pub(super) seen: Vec<Seen>,
-    /// Smoothed mean latency (µs) of each node's served tries between refreshes; 0
-    /// until it has served one.
+    /// Smoothed mean latency (µs) of each node's served tries between refreshes (for a
+    /// node with stream signals, its predicted latency for the pool's mean answer at
+    /// each refresh it served in); 0 until it has served one.
     pub(super) mean_us: Vec<f64>,
     /// Per node, at the last refresh: how much slower (µs) its mean latency is than
     /// the fastest primary's in service, if at least `slow_factor` times as slow;
@@ -75,6 +121,10 @@ pub(super) struct View<'a> {
     pub(super) now_ms: u64,
     pub(super) tau_ms: u32,
     pub(super) reference_us: f64,
+    /// The pool's stream-signal references and the request's expected output tokens
+    /// (its `max_tokens`, else the pool's mean): the cost model's inputs.
+    pub(super) llm: Llm,
+    pub(super) expected: f64,
     /// Only nodes with (`Some(true)`) or without (`Some(false)`) a confirmed free
     /// slot, see [`confirmed_slot`]; `None`: any.
     pub(super) confirmed: Option<bool>,
@@ -146,9 +196,19 @@ impl NodeView for View<'_> {
         self.node(i).inflight.load(Ordering::Relaxed)
     }
 
+    /// The cost model's predicted latency for nodes with stream signals, else the
+    /// whole-response peak EWMA.
     fn latency(&self, i: usize) -> f64 {
-        let word = self.node(i).ewma.load(Ordering::Relaxed);
-        load::current(word, self.now_ms, self.tau_ms, self.reference_us)
+        let n = self.node(i);
+        if let Some(p) = self.llm.predicted(n, self.now_ms, self.tau_ms, self.expected) {
+            return p;
+        }
+        load::current(
+            n.ewma.load(Ordering::Relaxed),
+            self.now_ms,
+            self.tau_ms,
+            self.reference_us,
+        )
     }
 
     fn queued(&self, i: usize) -> u32 {
@@ -215,6 +275,11 @@ impl LocalPool {
             .collect();
         self.sampled = !sampled.is_empty();
         self.reference_us = load::median(&mut sampled).unwrap_or(default_us);
+        self.llm = Llm::of(region, &self.primary.slots);
+        let llm = self.llm;
+        let mean_tokens = region
+            .pool(self.slot)
+            .map_or(0.0, |ps| f64::from_bits(ps.mean_tokens.load(Ordering::Relaxed)));
         let latency_weighted = !matches!(self.policy.algorithm, Algorithm::P2cEwma | Algorithm::Chash);
         // Since the last refresh (`next_refresh_ms` is that refresh's time + refresh_ms).
         let since_ms = now.saturating_sub(self.next_refresh_ms.saturating_sub(self.policy.refresh_ms as u64));
@@ -229,8 +294,15 @@ impl LocalPool {
                 );
                 let served = now_seen.served.saturating_sub(was.served);
                 if served > 0 {
-                    let mean =
-                        now_seen.latency_sum_us.saturating_sub(was.latency_sum_us) as f64 / served as f64;
+                    // With stream signals, the node's predicted latency for the pool's
+                    // mean answer (`crate::stream`): its speed, not the length of the
+                    // answers it happened to get. Else its mean served latency.
+                    let mean = region
+                        .node(slot)
+                        .and_then(|n| llm.predicted(n, now, tau, mean_tokens))
+                        .unwrap_or_else(|| {
+                            now_seen.latency_sum_us.saturating_sub(was.latency_sum_us) as f64 / served as f64
+                        });
                     let old = tier.mean_us[i];
                     tier.mean_us[i] = if old > 0.0 { 0.7 * old + 0.3 * mean } else { mean };
                 } else if tier.slow_extra_us[i] > 0.0 {
@@ -427,11 +499,13 @@ impl Balancer {
             l.by_name.insert(p.name.clone(), p.slot);
             l.pools[p.slot as usize] = Some(LocalPool {
                 name: p.name.clone(),
+                slot: p.slot,
                 policy: p.policy.clone(),
                 next_refresh_ms: 0,
                 reference_us: p.policy.ewma.default_rtt_ms as f64 * 1000.0,
                 sampled: false,
                 limited: false,
+                llm: Llm::default(),
                 primary,
                 backup,
             });

@@ -51,6 +51,7 @@ mod limits;
 mod local;
 mod pick;
 mod report;
+mod signals;
 
 pub use limits::Left;
 use local::*;

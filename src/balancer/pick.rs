@@ -83,6 +83,10 @@ impl Balancer {
             p.refresh(&self.region, now);
         }
         let ps = self.region.pool(pool).expect("local pool slot in range");
+        let expected_tokens = crate::stream::expected_tokens(
+            ask.max_tokens,
+            f64::from_bits(ps.mean_tokens.load(Ordering::Relaxed)),
+        );
         let key_hash = if p.policy.algorithm == Algorithm::Chash {
             hash_key(ask.key)
         } else {
@@ -121,6 +125,8 @@ impl Balancer {
                 now_ms: now,
                 tau_ms: p.policy.ewma.decay_ms,
                 reference_us: p.reference_us,
+                llm: p.llm,
+                expected: expected_tokens,
                 confirmed,
                 slow_extra_us: fast_only.then_some(&tier.slow_extra_us[..]),
                 refused: Refused::default(),

@@ -200,11 +200,18 @@ impl Balancer {
                     let (cost, stamp) = load::unpack(word);
                     Some(load::pack(load::observe(cost, stamp, sample, now, tau), now))
                 });
+                if event != Event::Ok {
+                    // A failure or a 429 costs a node with stream signals too.
+                    signals::penalize(n, sample, now, tau);
+                }
             }
             // A node taken out for a while (cooldown, ejection) comes back as unknown:
             // costed at the pool median and ramped up by slow start, rather than carrying
             // a penalty that would keep p2c from ever trying it again.
-            Feed::Forget => n.ewma.store(0, Ordering::Relaxed),
+            Feed::Forget => {
+                n.ewma.store(0, Ordering::Relaxed);
+                signals::forget(n);
+            }
             Feed::Skip => {}
         }
         Ok(())

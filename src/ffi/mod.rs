@@ -22,11 +22,13 @@ use crate::balancer::{Ask, Balancer, Error, Prefer};
 mod admission;
 mod headroom;
 mod request;
+mod stream;
 
 use crate::config::Config;
 pub use admission::*;
 pub use headroom::*;
 pub use request::*;
+pub use stream::*;
 
 /// Result codes. Stable numbers: new codes are only ever appended.
 #[repr(C)]

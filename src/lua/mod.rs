@@ -663,6 +663,25 @@ fn rsbalancer(lua: &Lua) -> LuaResult<LuaTable> {
             }
         })?,
     )?;
+    // rsbalancer.add_include_usage(body) -> new body | false (none needed) | nil, err:
+    // a streamed request's body asking for usage in the stream (`crate::stream`).
+    m.set(
+        "add_include_usage",
+        lua.create_function(|lua, body: Value| {
+            let Value::String(body) = &body else {
+                return Err(bad_argument(
+                    1,
+                    "add_include_usage",
+                    format!("string expected, got {}", body.type_name()),
+                ));
+            };
+            match crate::stream::add_include_usage(&body.as_bytes()) {
+                Ok(Some(b)) => lua.create_string(&b)?.into_lua_multi(lua),
+                Ok(None) => false.into_lua_multi(lua),
+                Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua),
+            }
+        })?,
+    )?;
     admin::register(lua, &m)?;
     Ok(m)
 }

@@ -64,8 +64,10 @@ use crate::shm::clock;
 use crate::shm::layout::{emergency, flags, LATENCY_BOUNDS_MS, QUEUE_WAIT_BOUNDS_MS};
 use crate::{tally, window};
 
+mod llm;
 mod queue;
 mod text;
+use llm::*;
 use text::*;
 
 /// The `Content-Type` of the exposition.
@@ -107,6 +109,12 @@ struct NodeSnap {
     queue: Option<crate::scrape::Snapshot>,
     /// Provider headroom and budget (`crate::headroom`).
     headroom: crate::headroom::Figures,
+    /// Stream signals (`crate::stream`): estimates in seconds (0: never measured).
+    ttft_s: f64,
+    tpot_s: f64,
+    queue_s: f64,
+    completion_tokens: u64,
+    stream_failures: u64,
 }
 
 impl NodeSnap {
@@ -141,6 +149,7 @@ struct PoolSnap {
     window: window::Totals,
     window_s: f64,
     inflight_imbalance: f64,
+    mean_tokens: f64,
 }
 
 /// Renders every pool and node of `b` as Prometheus text exposition, appended to `out`.
@@ -217,6 +226,11 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
                     .as_ref()
                     .map(|s| crate::scrape::snapshot(slot, now, s.fresh_ms())),
                 headroom: st.headroom,
+                ttft_s: secs(&slot.ttft),
+                tpot_s: secs(&slot.tpot),
+                queue_s: secs(&slot.preamble),
+                completion_tokens: counts.completion_tokens,
+                stream_failures: slot.stream_failures.load(Ordering::Relaxed),
             });
         }
         let inflight_imbalance = shares(&mut nodes[first..]);
@@ -259,12 +273,19 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
             window: tally::pool_window(region, p.slot, now),
             window_s: ps.window_ms.load(Ordering::Relaxed) as f64 / 1000.0,
             inflight_imbalance,
+            mean_tokens: f64::from_bits(ps.mean_tokens.load(Ordering::Relaxed)),
         });
     }
     write_globals(out, b);
     write_nodes(out, &nodes, &pools);
     write_pools(out, &pools);
     Ok(())
+}
+
+/// A packed stream-signal estimate (`NodeSlot::ttft` and the like) in seconds, as
+/// last measured (not decayed); 0 when never measured.
+fn secs(word: &std::sync::atomic::AtomicU64) -> f64 {
+    load::unpack(word.load(Ordering::Relaxed)).0 as f64 / 1e6
 }
 
 /// Fills each primary's weight share (among the primaries that can take tries now)
@@ -459,60 +480,6 @@ const NODE_GAUGES: [Field<NodeSnap>; 8] = [
     ),
 ];
 
-/// Headroom and budget gauges, for the nodes that have them only: what a provider said
-/// is left (less picks since), and a budgeted node's limits and window.
-fn write_headroom(out: &mut String, nodes: &[NodeSnap]) {
-    type Get = fn(&crate::headroom::Figures) -> Option<u64>;
-    let budgeted = |h: &crate::headroom::Figures| h.tpm != 0 || h.rpm != 0;
-    let gauges: [(&str, &str, Get); 6] = [
-        (
-            "rsbalancer_node_remaining_requests",
-            "Requests the node's provider said are left (x-ratelimit-remaining-requests, anthropic-ratelimit-requests-remaining), less the picks since; only while its reset has not passed.",
-            |h| h.remaining_requests,
-        ),
-        (
-            "rsbalancer_node_remaining_tokens",
-            "Tokens the node's provider said are left, less the estimates of the picks since; only while its reset has not passed.",
-            |h| h.remaining_tokens,
-        ),
-        (
-            "rsbalancer_node_budget_tpm",
-            "The node's configured token budget per minute (nodes with a budget).",
-            |h| (h.tpm != 0).then_some(h.tpm),
-        ),
-        (
-            "rsbalancer_node_budget_rpm",
-            "The node's configured request budget per minute (nodes with a budget).",
-            |h| (h.rpm != 0).then_some(h.rpm),
-        ),
-        (
-            "rsbalancer_node_budget_tokens_used",
-            "Tokens reserved on the node in its budget window (60-70 s; estimates at pick, settled with usage at report).",
-            |h| Some(h.budget_tokens_used),
-        ),
-        (
-            "rsbalancer_node_budget_requests_used",
-            "Requests reserved on the node in its budget window (60-70 s).",
-            |h| Some(h.budget_requests_used),
-        ),
-    ];
-    for (i, (name, help, get)) in gauges.iter().enumerate() {
-        let only_budgeted = i >= 4;
-        let mut rows = nodes
-            .iter()
-            .filter(|n| !only_budgeted || budgeted(&n.headroom))
-            .filter_map(|n| get(&n.headroom).map(|v| (n, v)))
-            .peekable();
-        if rows.peek().is_none() {
-            continue;
-        }
-        family(out, name, Kind::Gauge, help);
-        for (n, v) in rows {
-            sample(out, name, node_labels(n), "", v);
-        }
-    }
-}
-
 fn node_labels(n: &NodeSnap) -> &str {
     &n.labels
 }
@@ -568,6 +535,7 @@ fn write_nodes(out: &mut String, nodes: &[NodeSnap], pools: &[PoolSnap]) {
         .collect();
     queue::write(out, &scraped);
     write_headroom(out, nodes);
+    simple_families(out, nodes, node_labels, &NODE_STREAM);
     labelled_family(
         out,
         nodes,
@@ -722,6 +690,7 @@ const EMERGENCY_MODES: [&str; 3] = ["auto", "on", "off"];
 
 fn write_pools(out: &mut String, pools: &[PoolSnap]) {
     simple_families(out, pools, pool_labels, &POOL_FIELDS);
+    simple_families(out, pools, pool_labels, &POOL_STREAM);
     histogram_family(
         out,
         pools,

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 11;
+pub const LAYOUT_VERSION: u32 = 12;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -203,8 +203,9 @@ pub struct PoolSlot {
     /// `cooldown.max_retry_after_ms`: the longest Retry-After a node is believed.
     pub max_retry_after_ms: AtomicU32,
     pub _pad_ra: u32,
-    /// Unused (was: requests and retries picked; now in `PoolTally`).
-    pub _reserved_counts: [AtomicU64; 1],
+    /// Recent mean completion tokens of the pool's answers (`crate::stream`): `f64`
+    /// bits, an average over about the last 16 answers that reported usage; 0: none yet.
+    pub mean_tokens: AtomicU64,
     /// Retries refused by the budget.
     pub retries_denied: AtomicU64,
     /// Requests or retries that found no node able to serve.
@@ -274,13 +275,19 @@ pub struct NodeSlot {
     /// bits the coarse monotonic time of the last update in milliseconds (wrapping).
     /// One word so that an update is a single CAS.
     pub ewma: AtomicU64,
-    /// Unused (was: picks, requests, failures; now derived from `status_class`, see
-    /// the accessors below: one atomic add fewer per pick and two per report).
-    pub _reserved_counts: [AtomicU64; 3],
+    /// Stream signals (`crate::stream`), each packed like `ewma` (`f32` µs, `u32` ms
+    /// stamp; 0: never measured). Time to first token: peak EWMA from the try's pick
+    /// to its first SSE event with content.
+    pub ttft: AtomicU64,
+    /// Time per output token (µs per completion token after the first), smoothed.
+    pub tpot: AtomicU64,
+    /// Time a stream spent in keep-alive comments or blank lines before its first
+    /// token (a node queueing the request: its "preamble"), smoothed.
+    pub preamble: AtomicU64,
     /// Reported 429s.
     pub busy: AtomicU64,
-    /// Unused (was: latency sum; now in `NodeTally`).
-    pub _reserved_latency: AtomicU64,
+    /// Streams that ended without `[DONE]` or a `finish_reason` (reported as failures).
+    pub stream_failures: AtomicU64,
     pub consecutive_busy: AtomicU32,
     pub _pad1: u32,
     // --- line 2: configuration and state ----------------------------------------
@@ -365,7 +372,8 @@ pub struct NodeTally {
     pub status_class: [AtomicU64; 6],
     /// Sum of the latencies of served tries, microseconds.
     pub latency_sum_us: AtomicU64,
-    pub _pad: AtomicU64,
+    /// Completion tokens of answers that reported `usage` (`crate::stream`).
+    pub completion_tokens: AtomicU64,
     /// Served tries (not failed, not 429, not cancelled) by latency bucket
     /// (`LATENCY_BOUNDS_MS`, then +Inf); not cumulative. Their sum is `latency_sum_us`.
     pub latency_hist: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],

@@ -304,4 +304,40 @@ test("take_notices: a quota 429 cools its node, announced once", function()
     eq(#b:take_notices(), 0, "taken")
 end)
 
+test("add_include_usage: a streamed body asks for usage, every other byte kept", function()
+    eq(native.add_include_usage('{"stream": true}'), '{"stream": true,"stream_options":{"include_usage":true}}')
+    eq(native.add_include_usage('{"stream":true,"stream_options":{"x":1}}'),
+       '{"stream":true,"stream_options":{"include_usage":true,"x":1}}')
+    eq(native.add_include_usage('{"stream":false}'), false)
+    eq(native.add_include_usage('{"stream":true,"stream_options":{"include_usage":false}}'), false)
+    local none, err = native.add_include_usage('{"stream":')
+    eq(none, nil)
+    ok(err)
+    raises(function() native.add_include_usage(1) end, "bad argument #1 to 'add_include_usage'")
+end)
+
+test("stream readers through the FFI: first content event, answer tail, usage event", function()
+    local ffi = require "ffi"
+    local C = ffi.load(rsb.library_path)
+    local off = ffi.new("uint64_t[2]")
+    local chunk = ": keep-alive\n\n\ndata: {\"choices\":[]}\n\n"
+    eq(C.rsb_sse_first(chunk, #chunk, off), C.RSB_OK)
+    eq(tonumber(off[0]), 15)
+    chunk = ": keep-alive\n\n"
+    eq(C.rsb_sse_first(chunk, #chunk, off), C.RSB_OK)
+    ok(tonumber(off[0]) >= #chunk, "no content")
+    local t = ffi.new("rsb_tail[1]")
+    local prev, last = 'data: {"choices":[],"usage":{"prompt_tokens":3,"comp', 'letion_tokens":8}}\n\ndata: [DONE]\n\n'
+    eq(C.rsb_answer_tail(prev, #prev, last, #last, t), C.RSB_OK)
+    eq(t[0].prompt_tokens, 3)
+    eq(t[0].completion_tokens, 8)
+    eq(bit.band(t[0].flags, C.RSB_SIGNAL_FLAG_USAGE + C.RSB_SIGNAL_FLAG_DONE),
+       C.RSB_SIGNAL_FLAG_USAGE + C.RSB_SIGNAL_FLAG_DONE)
+    eq(bit.band(t[0].flags, C.RSB_SIGNAL_FLAG_FINISHED), 0)
+    chunk = 'data: {"choices":[],"usage":{}}\n\ndata: [DONE]\n\n'
+    eq(C.rsb_usage_event(chunk, #chunk, off), C.RSB_OK)
+    eq(tonumber(off[0]), 0)
+    eq(tonumber(off[1]), #'data: {"choices":[],"usage":{}}\n\n')
+end)
+
 T.done()

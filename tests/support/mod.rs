@@ -650,6 +650,18 @@ pub fn start_gateway_conf(dir: &TestDir, port: u16, conf: &Path, json_path: Path
     }
 }
 
+/// `PUT /rsbalancer/pools/llm/nodes/<id>` with `{"drain": on}` of pool "llm" (the admin API).
+pub fn drain(g: &Gateway, id: &str, on: bool) {
+    let r = http(
+        g.port,
+        "PUT",
+        &format!("/rsbalancer/pools/llm/nodes/{id}"),
+        Some(&format!(r#"{{"drain": {on}}}"#)),
+    )
+    .expect("admin PUT");
+    assert_eq!(r.status, 200, "drain {id} {on}: {}", r.text());
+}
+
 /// Requests in flight over every node of a stats document.
 pub fn inflight(stats: &Value) -> u64 {
     let ids = stats.as_object().expect("stats object").keys();
@@ -686,6 +698,11 @@ impl Gateway {
     /// A chat completion through the gateway.
     pub fn chat(&self) -> Response {
         post(self.port, "/v1/chat/completions", CHAT_BODY)
+    }
+
+    /// A chat completion with this body through the gateway.
+    pub fn chat_with(&self, body: &str) -> Response {
+        post(self.port, "/v1/chat/completions", body)
     }
 
     pub fn set_weight(&self, node: &str, weight: u32) -> Response {

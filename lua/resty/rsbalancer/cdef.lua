@@ -27,6 +27,13 @@ enum rsb_share {
   RSB_SHARE_PARTS = 10000,
 };
 typedef uint32_t rsb_share;
+enum rsb_signal_flag {
+  RSB_SIGNAL_FLAG_USAGE = 1,
+  RSB_SIGNAL_FLAG_CUT = 2,
+  RSB_SIGNAL_FLAG_FINISHED = 4,
+  RSB_SIGNAL_FLAG_DONE = 8,
+};
+typedef uint32_t rsb_signal_flag;
 enum rsb_verdict {
   RSB_VERDICT_GO = 0,
   RSB_VERDICT_PASS = 1,
@@ -89,6 +96,17 @@ typedef struct rsb_node_stats {
   double ewma_us;
   int backup;
 } rsb_node_stats;
+typedef struct rsb_signals {
+  uint32_t ttft_us;
+  uint32_t queue_us;
+  uint32_t out_tokens;
+  uint32_t flags;
+} rsb_signals;
+typedef struct rsb_tail {
+  uint32_t prompt_tokens;
+  uint32_t completion_tokens;
+  uint32_t flags;
+} rsb_tail;
 enum rsb_result rsb_balancer_new(const char *json, size_t len, struct rsb_balancer **out);
 void rsb_balancer_free(struct rsb_balancer *b);
 enum rsb_result rsb_configure(const struct rsb_balancer *b, const char *json, size_t len);
@@ -189,6 +207,19 @@ enum rsb_result rsb_canary(const struct rsb_balancer *b,
                            uint32_t pool,
                            uint32_t *out_pool,
                            uint32_t *out_share);
+enum rsb_result rsb_report_llm(const struct rsb_balancer *b,
+                               uint32_t node,
+                               uint32_t status,
+                               uint32_t latency_us,
+                               uint32_t retry_after_ms,
+                               const struct rsb_signals *signals);
+enum rsb_result rsb_sse_first(const char *chunk, size_t len, uint64_t *out_offset);
+enum rsb_result rsb_usage_event(const char *chunk, size_t len, uint64_t *out_range);
+enum rsb_result rsb_answer_tail(const char *prev,
+                                size_t prev_len,
+                                const char *last,
+                                size_t last_len,
+                                struct rsb_tail *out);
 ]]
 
 if not pcall(ffi.typeof, "struct rsb_balancer") then

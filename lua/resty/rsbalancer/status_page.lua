@@ -105,7 +105,8 @@ local HTML = [==[<!DOCTYPE html>
     ["effective", "effective weight"], ["ewma", "EWMA"], ["inflight", "in flight / limit"],
     ["rate", "tries/s (1 min)"], ["success", "success (1 min)"],
     ["cooldown", "cooldown left"], ["limits", "provider headroom / budget"],
-    ["requests", "requests"], ["failures", "failures"], ["busy", "429s"]
+    ["requests", "requests"], ["failures", "failures"], ["busy", "429s"],
+    ["ttft", "TTFT / queue"], ["tpot", "ms/token"], ["tokens", "tokens out"], ["cut", "cut streams"]
   ];
   // What a node's provider said is left (less picks since), and its tpm/rpm window.
   function limits(n) {
@@ -159,6 +160,7 @@ local HTML = [==[<!DOCTYPE html>
     var h = el("h2", null, name);
     var facts = [p.algorithm, num(p.requests, 0) + " requests", num(p.retries, 0) + " retries"];
     if (p.canary_share !== undefined) facts.push("canary " + num(p.canary_share * 100, 2) + "%");
+    if (p.mean_completion_tokens > 0) facts.push("mean answer " + num(p.mean_completion_tokens, 0) + " tokens");
     h.appendChild(el("span", "facts", facts.join(" \u00b7 ")));
     if (p.emergency) {
       var em = el("span", "facts emergency", "emergency " + p.emergency.mode +
@@ -207,6 +209,13 @@ local HTML = [==[<!DOCTYPE html>
       cell(tr, "requests", num(n.requests, 0));
       cell(tr, "failures", num(n.failures, 0));
       cell(tr, "busy", num(n.busy, 0));
+      // Stream signals (src/stream.rs): a dash where the node sent none.
+      var sg = n.stream || {};
+      var dash = function (v, unit) { return v === null || v === undefined ? "\u2014" : num(v, 1) + unit; };
+      cell(tr, "ttft", dash(sg.ttft_ms, " ms") + (sg.queue_ms > 0 ? " / " + num(sg.queue_ms, 0) + " ms" : ""));
+      cell(tr, "tpot", dash(sg.time_per_token_ms, ""));
+      cell(tr, "tokens", sg.completion_tokens > 0 ? num(sg.completion_tokens, 0) : "\u2014");
+      cell(tr, "cut", num(sg.stream_failures || 0, 0));
       if (scraped) {
         var qc = cell(tr, "queue", nodeQueue(n.queue));
         if (n.queue && (n.queue.stale || n.queue.failing)) qc.className += " full";

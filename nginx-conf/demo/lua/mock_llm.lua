@@ -23,6 +23,18 @@
 --   require_host    a provider's name: any request (/health too) whose Host differs gets 421
 --   require_key     a provider's API key: any request (/health too) without
 --                   `Authorization: Bearer <key>` gets 401 (counted in "unauthorized")
+--   preamble_ms     > 0: a streamed reply sends its headers at once, then holds the
+--                   request "queued" this long with `: keep-alive` comments and blank
+--                   lines (DeepSeek's style, one every 50 ms) before its first token
+--   tokens          > 0: completion tokens of a reply (content chunks of a stream, and
+--                   usage.completion_tokens); else the request's "max_tokens" (at most
+--                   4096), else 10. chunk_ms is the time per token of a stream.
+--   no_done         "1": a streamed reply ends (cleanly) after its content chunks, with
+--                   no finish_reason and no `data: [DONE]` (a node that lost the stream)
+--
+-- Usage, as OpenAI sends it: a JSON reply always carries "usage"; a stream carries it
+-- in one last chunk ("choices":[]) before [DONE] when the request has
+-- "stream_options": {"include_usage": true}.
 --
 -- GET /metrics: the node's Prometheus gauges as a self-hosted server exposes them
 -- (not counted in flight or in "received"):
@@ -68,7 +80,9 @@
 --     the latest chat request and the Host of the latest request; last_sni: its TLS server
 --     name ("" over plain HTTP); unauthorized: the 401s
 --     and 421s of require_key and require_host; scrapes: GET /metrics requests;
---     scrapers: how many distinct User-Agents sent them; last_scraper: the latest one.
+--     scrapers: how many distinct User-Agents sent them; last_scraper: the latest one;
+--     last_include_usage: whether the latest
+--     chat request asked for usage in its stream (stream_options.include_usage).
 --
 -- Requests in flight are counted across the node's workers in lua_shared_dict
 -- `mock_llm` (incr in content, decr in log_by_lua, which runs on every exit path:
@@ -92,6 +106,7 @@ local KNOBS = {
     health_fail = "mock_health_fail", retry_after_at = "mock_retry_after_at",
     retry_after_raw = "mock_retry_after_raw",
     cut_after = "mock_cut_after",
+    preamble_ms = "mock_preamble_ms", tokens = "mock_tokens", no_done = "mock_no_done",
     require_host = "mock_require_host", require_key = "mock_require_key",
     metrics_style = "mock_metrics_style", queue_waiting = "mock_queue_waiting",
     kv_usage = "mock_kv_usage", metrics_fail = "mock_metrics_fail",
@@ -284,10 +299,23 @@ end
 
 local WORDS = { "Hello", " from", " mock", " node", " %s.", " This", " is", " a", " canned", " reply." }
 
-local function words(node)
+-- `count` tokens of the canned reply (its words, repeated).
+local function words(node, count)
     local out = {}
-    for i = 1, #WORDS do out[i] = WORDS[i]:gsub("%%s", node) end
+    for i = 1, count do
+        local w = WORDS[(i - 1) % #WORDS + 1]
+        out[i] = w:gsub("%%s", node)
+    end
     return out
+end
+
+-- Completion tokens of a reply: the `tokens` knob, else the body's max_tokens, else 10.
+local function token_count(node, body)
+    local n = num(node, "tokens")
+    if n > 0 then return n end
+    n = tonumber(body:match('"max_tokens"%s*:%s*(%d+)'))
+    if n and n > 0 then return min(n, 4096) end
+    return #WORDS
 end
 
 local function chunk(id, created, model, delta, finish)
@@ -310,6 +338,8 @@ local function chat(node)
     local model = body:match('"model"%s*:%s*"([^"]*)"') or "mock-llm"
     dict:set("model:" .. node, model)
     local stream = body:find('"stream"%s*:%s*true') ~= nil
+    local include_usage = body:find('"include_usage"%s*:%s*true') ~= nil
+    dict:set("include_usage:" .. node, include_usage)
 
     local latency = num(node, "latency_ms")
     if latency > 0 then ngx.sleep(latency / 1000) end
@@ -317,10 +347,10 @@ local function chat(node)
     local n = dict:incr("served:" .. node, 1, 0)
     local id = "chatcmpl-" .. node .. "-" .. n
     local created = floor(ngx.time())
-    local parts = words(node)
+    local parts = words(node, token_count(node, body))
+    local prompt = max(1, floor(#body / 4))
     ngx.header["X-Node"] = node
     if not stream then
-        local prompt = max(1, floor(#body / 4))
         return send_json(200, "{\"id\":" .. q(id) .. ",\"object\":\"chat.completion\",\"created\":"
             .. created .. ",\"model\":" .. q(model) .. ",\"choices\":[{\"index\":0,\"message\":"
             .. "{\"role\":\"assistant\",\"content\":" .. q(concat(parts)) .. "},\"finish_reason\":\"stop\"}],"
@@ -331,6 +361,20 @@ local function chat(node)
     ngx.header["Content-Type"] = "text/event-stream"
     ngx.header["Cache-Control"] = "no-cache"
     local pause = num(node, "chunk_ms") / 1000
+    local preamble = num(node, "preamble_ms") / 1000
+    if preamble > 0 then
+        -- Queued: headers now, keep-alives until the first token (DeepSeek's style).
+        ngx.send_headers()
+        ngx.flush(true)
+        local t0, i = ngx.now(), 0
+        repeat
+            ngx.print(i % 2 == 0 and ": keep-alive\n\n" or "\n")
+            ngx.flush(true)
+            i = i + 1
+            ngx.sleep(min(0.05, preamble))
+            ngx.update_time()
+        until ngx.now() - t0 >= preamble
+    end
     ngx.print(chunk(id, created, model, '{"role":"assistant","content":""}'))
     ngx.flush(true)
     local cut = num(node, "cut_after")
@@ -342,7 +386,16 @@ local function chat(node)
         ngx.print(chunk(id, created, model, '{"content":' .. q(parts[i]) .. "}"))
         ngx.flush(true)
     end
+    if knob(node, "no_done") == "1" then
+        return ngx.exit(200) -- ends cleanly, but without a finish_reason or [DONE]
+    end
     ngx.print(chunk(id, created, model, "{}", "stop"))
+    if include_usage then
+        ngx.print("data: {\"id\":" .. q(id) .. ",\"object\":\"chat.completion.chunk\",\"created\":"
+            .. created .. ",\"model\":" .. q(model) .. ",\"choices\":[],\"usage\":{\"prompt_tokens\":"
+            .. prompt .. ",\"completion_tokens\":" .. #parts .. ",\"total_tokens\":"
+            .. (prompt + #parts) .. "}}\n\n")
+    end
     ngx.print("data: [DONE]\n\n")
     ngx.flush(true)
     return ngx.exit(200)
@@ -468,6 +521,7 @@ local function state(node)
         .. ',"window_rejected":' .. (dict:get("wrejected:" .. node) or 0)
         .. ',"max_window_tokens":' .. (dict:get("maxwt:" .. node) or 0)
         .. ',"max_window_requests":' .. (dict:get("maxwr:" .. node) or 0)
+        .. ',"last_include_usage":' .. tostring(dict:get("include_usage:" .. node) or false)
         .. ',"knobs":{' .. concat(fields, ",") .. "}}")
 end
 
