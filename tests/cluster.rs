@@ -17,7 +17,7 @@ use rsbalancer::config::Config;
 use serde_json::json;
 
 mod support;
-use support::redis::Redis;
+use support::redis::{Redis, Sentinel};
 
 /// Generous: reached only when something is broken.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -206,5 +206,26 @@ fn redis_down_fails_nothing_and_state_is_merged_when_it_returns() {
     });
     wait_for("A's weight and cooldown at B", || {
         b.weight("b") == 9 && b.cooling("c")
+    });
+}
+
+#[test]
+fn through_a_sentinel() {
+    let redis = Redis::start();
+    let sentinel = Sentinel::start(&redis);
+    let mut cfg = config(redis.port, "A", [30, 50, 20]);
+    let c = cfg.cluster.as_mut().unwrap();
+    c.redis = None;
+    c.sentinels = vec![format!("127.0.0.1:{}", sentinel.port)];
+    c.master = Some("mymaster".into());
+    let a = Gateway::start(&cfg);
+    // B talks to the master directly: the same data.
+    let b = Gateway::start(&config(redis.port, "B", [30, 50, 20]));
+    wait_for("A up through the sentinel", || {
+        a.b.cluster_stats().up && a.synced() >= 2
+    });
+    a.b.set_weight(a.slot("b"), 61).unwrap();
+    wait_for("A's weight, written through the sentinel's master, at B", || {
+        b.weight("b") == 61
     });
 }

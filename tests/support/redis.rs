@@ -64,3 +64,50 @@ impl Drop for Redis {
         self.kill();
     }
 }
+
+/// A Redis Sentinel (`redis-server --sentinel`) watching `master` as "mymaster".
+pub struct Sentinel {
+    child: Child,
+    pub port: u16,
+    _dir: super::TestDir,
+}
+
+impl Sentinel {
+    pub fn start(master: &Redis) -> Sentinel {
+        let dir = super::TestDir::new("sentinel");
+        let port = super::free_port();
+        let conf = dir.write(
+            "sentinel.conf",
+            &format!(
+                "port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {} 1\n",
+                master.port
+            ),
+        );
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server) must be on PATH");
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the sentinel did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Sentinel {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
