@@ -61,7 +61,8 @@ test: deps build
 # Every Rust test target but the nginx one (run by test-nginx, serially).
 NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs tests/nginx_canary.rs tests/nginx_emergency.rs \
                tests/nginx_metrics.rs tests/nginx_admin.rs tests/nginx_admission.rs tests/nginx_chaos.rs \
-               tests/nginx_defects.rs tests/nginx_rounds.rs tests/nginx_providers.rs
+               tests/nginx_defects.rs tests/nginx_rounds.rs tests/nginx_providers.rs \
+               tests/nginx_prefix.rs
 RUST_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out $(NGINX_TESTS),$(wildcard tests/*.rs)))
 
 test-rust:
@@ -129,7 +130,7 @@ check-config: $(BUILD)/lib/rsbalancer.so
 # cargo-fuzz passes, less the nightly-only sanitizer). --target keeps the flags off
 # build scripts. Seeds: fuzz/seeds/<target> (committed); the growing corpus and crash
 # artifacts: fuzz/corpus, fuzz/artifacts (git-ignored). A crash fails the run.
-FUZZ_TARGETS ?= config admin abi retry_after model
+FUZZ_TARGETS ?= config admin abi retry_after model prefix
 FUZZ_SECONDS ?= 60
 FUZZ_SMOKE_SECONDS ?= 15
 FUZZ_HOST    := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')

@@ -47,6 +47,7 @@ pub mod model;
 pub mod node;
 pub mod notice;
 pub mod params;
+pub mod prefix;
 pub mod provider;
 pub mod retry;
 pub mod select;

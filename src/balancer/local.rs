@@ -173,7 +173,10 @@ impl LocalPool {
             .collect();
         self.sampled = !sampled.is_empty();
         self.reference_us = load::median(&mut sampled).unwrap_or(default_us);
-        let latency_weighted = !matches!(self.policy.algorithm, Algorithm::P2cEwma | Algorithm::Chash);
+        let latency_weighted = !matches!(
+            self.policy.algorithm,
+            Algorithm::P2cEwma | Algorithm::Chash | Algorithm::Prefix
+        );
         // Since the last refresh (`next_refresh_ms` is that refresh's time + refresh_ms).
         let since_ms = now.saturating_sub(self.next_refresh_ms.saturating_sub(self.policy.refresh_ms as u64));
         let idle_keep = (-(since_ms as f64) / tau.max(1) as f64).exp();
@@ -376,7 +379,8 @@ impl Balancer {
                     seen: nodes.iter().map(|n| Seen::of(&self.region, n.slot)).collect(),
                     mean_us: vec![0.0; nodes.len()],
                     slow_extra_us: vec![0.0; nodes.len()],
-                    selector: Selector::build(p.policy.algorithm, &cands, p.policy.chash_points, rng),
+                    selector: Selector::build(p.policy.algorithm, &cands, p.policy.chash_points, rng)
+                        .with_load_factor(p.policy.prefix.load_factor),
                     cands,
                 }
             };

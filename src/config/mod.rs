@@ -177,6 +177,9 @@ pub struct PoolConfig {
     /// Reading requests' token cost from their bodies (`crate::ask`).
     #[serde(default)]
     pub tokens: crate::ask::TokensPolicy,
+    /// Prefix keys and the load guard of `"algorithm": "prefix"` (`crate::prefix`).
+    #[serde(default)]
+    pub prefix: crate::prefix::PrefixPolicy,
 }
 
 fn default_window_ms() -> u32 {
@@ -398,6 +401,7 @@ impl Default for PoolConfig {
             emergency: None,
             admission: AdmissionConfig::default(),
             tokens: crate::ask::TokensPolicy::default(),
+            prefix: crate::prefix::PrefixPolicy::default(),
         }
     }
 }
@@ -619,10 +623,10 @@ impl ShmConfig {
 
 impl PoolConfig {
     /// `limit.slow_factor` as it applies: the configured value, else
-    /// [`DEFAULT_SLOW_FACTOR`] (0 with `chash`: its key decides the node).
+    /// [`DEFAULT_SLOW_FACTOR`] (0 with `chash` and `prefix`: the key decides the node).
     pub fn slow_factor(&self) -> f64 {
         self.limit.slow_factor.unwrap_or(match self.algorithm {
-            Algorithm::Chash => 0.0,
+            Algorithm::Chash | Algorithm::Prefix => 0.0,
             _ => DEFAULT_SLOW_FACTOR,
         })
     }
@@ -719,6 +723,7 @@ impl PoolConfig {
             0..=crate::ask::MAX_TOKENS,
         )?;
         check_range(&tp, "max_estimate", t.max_estimate, 1..=crate::ask::MAX_TOKENS)?;
+        self.prefix.validate(&format!("{path}.prefix"))?;
         let o = &self.outlier;
         let op = format!("{path}.outlier");
         check_range(&op, "consecutive_failures", o.consecutive_failures, 0..=1_000)?;

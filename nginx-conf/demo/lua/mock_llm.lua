@@ -33,7 +33,9 @@
 --     Retry-After of the latest 429 ("" if none yet); last_model, last_host: the "model" of
 --     the latest chat request and the Host of the latest request; last_sni: its TLS server
 --     name ("" over plain HTTP); unauthorized: the 401s
---     and 421s of require_key and require_host.
+--     and 421s of require_key and require_host; peak_inflight: the most
+--     requests (other than /health) it has had in flight at once (a get-then-set across
+--     workers: it may miss a peak when two workers race, never overstates one).
 --
 -- Requests in flight are counted across the node's workers in lua_shared_dict
 -- `mock_llm` (incr in content, decr in log_by_lua, which runs on every exit path:
@@ -244,6 +246,7 @@ local function state(node)
         .. ',"served":' .. (dict:get("served:" .. node) or 0)
         .. ',"rejected":' .. (dict:get("rejected:" .. node) or 0)
         .. ',"received":' .. (dict:get("received:" .. node) or 0)
+        .. ',"peak_inflight":' .. (dict:get("peak:" .. node) or 0)
         .. ',"health_checks":' .. (dict:get("health:" .. node) or 0)
         .. ',"last_retry_after":' .. q(dict:get("last_ra:" .. node) or "")
         .. ',"last_model":' .. q(dict:get("model:" .. node) or "")
@@ -267,6 +270,9 @@ function _M.handle()
         dict:incr("health:" .. node, 1, 0)
     else
         dict:incr("received:" .. node, 1, 0)
+        if inflight > (dict:get("peak:" .. node) or 0) then
+            dict:set("peak:" .. node, inflight)
+        end
     end
 
     -- A provider: its Host and its API key, as a real one checks them.
