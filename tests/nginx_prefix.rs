@@ -112,7 +112,7 @@ fn mock_state(m: &MockNode) -> Value {
 fn every_turn_of_a_conversation_lands_on_one_node_from_both_workers() {
     let _s = serial();
     let dir = TestDir::new("prefix-turns");
-    let s = setup(&dir, 5, json!({ "min_bytes": 128, "load_factor": 4.0 }));
+    let s = setup(&dir, 5, json!({ "min_bytes": 64, "load_factor": 4.0 }));
     let system = "You are a careful assistant. Answer in one short sentence.";
     let (convs, turns) = (24, 3);
     let results = run_parallel(convs, 4, |conv| {
@@ -171,7 +171,7 @@ fn conversations_sharing_a_long_system_prompt_spread_over_all_nodes() {
 fn a_hot_key_spills_along_the_ring_instead_of_piling_up() {
     let _s = serial();
     let dir = TestDir::new("prefix-hot");
-    let s = setup(&dir, 300, json!({ "min_bytes": 64, "load_factor": 1.25 }));
+    let s = setup(&dir, 300, json!({ "min_bytes": 32, "load_factor": 1.25 }));
     let body = turn_body("Summarize.", 7, 2);
     let results = run_parallel(48, 16, |_| send(&s.g, &body));
     let served: HashSet<&str> = results.iter().map(|r| r.1.as_str()).collect();
