@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
     let k = key(body, &policy);
     if k.is_some() && serde_json::from_slice::<serde_json::Map<String, Value>>(body).is_err() {
         // The grammar allows what serde_json's f64 and surrogate checks refuse.
-        let e = serde_json::from_slice::<Value>(body).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = serde_json::from_slice::<Value>(body)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(
             e.starts_with("number out of range") || e.contains("surrogate") || e.contains("hex escape"),
             "a key for a body that is not an object: {e}"
