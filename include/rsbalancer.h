@@ -191,6 +191,10 @@ typedef struct rsb_body {
   uint32_t stream;
   // `stream_options.include_usage`: 0 absent, 1 false, 2 true.
   uint32_t include_usage;
+  // 16: `key` holds the request's prefix-affinity key (a `prefix` pool, a usable
+  // prefix: `crate::prefix`) as lowercase hex, to pass as its pick key; 0: none.
+  uint32_t key_len;
+  char key[16];
 } rsb_body;
 
 // Live numbers of one node (a copy).
@@ -446,7 +450,8 @@ enum rsb_result rsb_pick_ask(const struct rsb_balancer *b,
                              uint32_t *out_node);
 
 // Read what a request body costs in pool `pool` (`crate::ask`): `*out` gets its
-// length, completion limit, the pool's token estimate and whether it streams.
+// length, completion limit, the pool's token estimate and whether it streams, and in
+// a `prefix` pool its prefix-affinity key (`crate::prefix`).
 // `RSB_INVALID_ARGUMENT` (`rsb_last_error` says why) for a body that is not one JSON
 // object of at most 32 MiB; `*out` is then untouched.
 //

@@ -49,6 +49,7 @@ pub mod model;
 pub mod node;
 pub mod notice;
 pub mod params;
+pub mod prefix;
 pub mod provider;
 pub mod retry;
 pub mod scrape;

@@ -115,6 +115,31 @@ pub fn top_members(body: &[u8], purpose: &str, visit: &mut Visit) -> Result<(), 
     Ok(())
 }
 
+/// Call `visit` with the range (within `array`) of each item of `array`, a JSON array
+/// already checked whole (a value from [`top_members`]), until it returns false.
+pub fn items(array: &[u8], visit: &mut dyn FnMut(Range<usize>) -> bool) -> Result<(), BodyError> {
+    let mut p = Parser { s: array, i: 0 };
+    p.expect(b'[')?;
+    p.ws();
+    if p.peek() == Some(b']') {
+        return Ok(());
+    }
+    loop {
+        p.ws();
+        let v0 = p.i;
+        p.value(1)?;
+        if !visit(v0..p.i) || p.closes(b']')? {
+            return Ok(());
+        }
+    }
+}
+
+/// Call `visit` with the key token and value range (within `object`) of each member of
+/// `object`, a JSON object already checked whole (as [`items`]).
+pub fn members(object: &[u8], visit: &mut Visit) -> Result<(), BodyError> {
+    Parser { s: object, i: 0 }.object(1, Some(visit))
+}
+
 /// Whether a key token (quotes included, as [`top_members`] passes it) names `name`,
 /// also when spelt with escapes (`"mod\u0065l"`).
 pub fn is_key(token: &[u8], name: &str) -> bool {

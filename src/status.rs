@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use crate::balancer::{Balancer, Error};
 use crate::node;
 use crate::params::PARTS;
+use crate::select::Algorithm;
 use crate::shm::clock;
 use crate::shm::layout::{emergency, RECENT_WINDOW_MS};
 use crate::shm::Region;
@@ -96,6 +97,12 @@ pub fn of(b: &Balancer) -> Result<Value, Error> {
                 })
                 .collect();
             let (requests, retries) = tally::pool_counts(region, p.slot);
+            let prefix = (p.policy.algorithm == Algorithm::Prefix).then(|| {
+                let (hits, spills, nokey) = tally::prefix_counts(region, p.slot);
+                json!({ "hits": hits, "spills": spills, "nokey": nokey,
+                        "load_factor": p.policy.prefix.load_factor,
+                        "min_bytes": p.policy.prefix.min_bytes })
+            });
             let e = ps.emergency.load(Ordering::Relaxed);
             let mode = if e & emergency::FORCED_ON != 0 {
                 "on"
@@ -110,6 +117,7 @@ pub fn of(b: &Balancer) -> Result<Value, Error> {
                 "retries": retries,
                 "retries_denied": ps.retries_denied.load(Ordering::Relaxed),
                 "no_node": ps.no_node_total.load(Ordering::Relaxed),
+                "prefix": prefix,
                 "admission": crate::admission::status_json(region, p.slot),
                 "nodes": nodes,
                 "canary_share": ps.canary_share.load(Ordering::Relaxed) as f64 / PARTS as f64,

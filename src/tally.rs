@@ -80,6 +80,21 @@ pub fn pool_counts(region: &Region, p: u32) -> (u64, u64) {
         })
 }
 
+/// Pool slot `p`'s prefix-affinity picks: (home node, passed on by the load guard,
+/// without a key).
+pub fn prefix_counts(region: &Region, p: u32) -> (u64, u64, u64) {
+    region
+        .tally_rows()
+        .filter_map(|row| region.pool_tally(row, p))
+        .fold((0, 0, 0), |(h, s, n), t| {
+            (
+                h + load(&t.prefix_hits_total),
+                s + load(&t.prefix_spills_total),
+                n + load(&t.prefix_nokey_total),
+            )
+        })
+}
+
 /// Pool slot `p`'s sliding window ending at `now_ms`, counting only buckets begun
 /// after `since_ms` (0: all).
 pub fn window_totals(region: &Region, p: u32, now_ms: u64, window_ms: u32, since_ms: u64) -> Totals {

@@ -121,8 +121,10 @@ local function sync()
             size = #bal:nodes(name),
             health = cfg.health,
             admission = cfg.admission,
-            -- Slow nodes as overflow: admit() holds a faster node's slot first.
-            hold_faster = cfg.limit.slow_factor > 0 and cfg.algorithm ~= "chash",
+            -- Slow nodes as overflow: admit() holds a faster node's slot first (not
+            -- with chash or prefix: the key decides the node, the load guard spreads).
+            hold_faster = cfg.limit.slow_factor > 0 and cfg.algorithm ~= "chash"
+                and cfg.algorithm ~= "prefix",
             inspect = cfg.tokens.inspect_body,
             add_usage = cfg.stream.add_usage,
         }
@@ -710,7 +712,9 @@ end
 
 -- What the request's body costs (rsb_inspect: token estimate, completion limit,
 -- streaming), for the picks of every round; a POST only, when the pool reads bodies.
--- A body that is not JSON is the node's to judge: its cost stays unknown.
+-- A body that is not JSON is the node's to judge: its cost stays unknown. In a prefix
+-- pool, the body's prefix key (16 hex digits) becomes st.key, the key of every pick
+-- of every round (admission.ask) unless balance() is given one.
 local body_buf = ffi.new("rsb_body[1]")
 -- With the pool's stream.add_usage, a streamed body that does not say whether it wants
 -- usage is asked for it (body_filter() then drops that chunk from the client's copy).
@@ -722,6 +726,7 @@ local function inspect(st, aidx, add_usage)
     local b = body_buf[0]
     st.tokens, st.max_tokens = b.tokens, b.max_tokens
     st.stream, st.include_usage = b.stream == 1, b.include_usage
+    if b.key_len > 0 then st.key = C_ffi_string(b.key, b.key_len) end
     if add_usage and st.stream and b.include_usage == 0 then
         local new = native.add_include_usage(body)
         if new then

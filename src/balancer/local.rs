@@ -280,7 +280,10 @@ impl LocalPool {
         let mean_tokens = region
             .pool(self.slot)
             .map_or(0.0, |ps| f64::from_bits(ps.mean_tokens.load(Ordering::Relaxed)));
-        let latency_weighted = !matches!(self.policy.algorithm, Algorithm::P2cEwma | Algorithm::Chash);
+        let latency_weighted = !matches!(
+            self.policy.algorithm,
+            Algorithm::P2cEwma | Algorithm::Chash | Algorithm::Prefix
+        );
         // Since the last refresh (`next_refresh_ms` is that refresh's time + refresh_ms).
         let since_ms = now.saturating_sub(self.next_refresh_ms.saturating_sub(self.policy.refresh_ms as u64));
         let idle_keep = (-(since_ms as f64) / tau.max(1) as f64).exp();
@@ -490,7 +493,8 @@ impl Balancer {
                     seen: nodes.iter().map(|n| Seen::of(&self.region, n.slot)).collect(),
                     mean_us: vec![0.0; nodes.len()],
                     slow_extra_us: vec![0.0; nodes.len()],
-                    selector: Selector::build(p.policy.algorithm, &cands, p.policy.chash_points, rng),
+                    selector: Selector::build(p.policy.algorithm, &cands, p.policy.chash_points, rng)
+                        .with_load_factor(p.policy.prefix.load_factor),
                     cands,
                 }
             };

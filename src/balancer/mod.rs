@@ -37,7 +37,7 @@ use crate::node;
 use crate::notice::{self, Notice, Reason};
 use crate::params;
 use crate::retry;
-use crate::select::{hash_key, Algorithm, Candidate, NodeView, Selector};
+use crate::select::{hash_key, Algorithm, Candidate, NodeView, PrefixOutcome, Selector, NO_KEY};
 use crate::shm::layout::{
     bucket_of, emergency, flags, Capacity, NodeSlot, PoolSlot, LATENCY_BOUNDS_MS, RECENT_WINDOW_MS,
 };

@@ -39,15 +39,22 @@ impl Balancer {
         Err(err)
     }
 
-    /// What a request body costs in `pool`: its facts (`crate::ask::inspect`) and its
-    /// token estimate by the pool's `tokens` policy. `Invalid` for a body that is not
-    /// one JSON object.
-    pub fn inspect(&self, pool: u32, body: &[u8]) -> Result<(BodyFacts, u32), Error> {
+    /// What a request body costs in `pool`: its facts (`crate::ask::inspect`), its
+    /// token estimate by the pool's `tokens` policy, and, in a `prefix` pool, its
+    /// prefix key (`crate::prefix::key`; `None` without a usable prefix). `Invalid`
+    /// for a body that is not one JSON object.
+    pub fn inspect(&self, pool: u32, body: &[u8]) -> Result<(BodyFacts, u32, Option<u64>), Error> {
         let facts = crate::ask::inspect(body).map_err(|e| Error::Invalid(e.to_string()))?;
-        let mut l = self.local.lock();
-        self.sync(&mut l)?;
-        let p = local_pool(&mut l.pools, pool)?;
-        Ok((facts, facts.tokens(&p.policy.tokens)))
+        let (tokens, prefix) = {
+            let mut l = self.local.lock();
+            self.sync(&mut l)?;
+            let p = local_pool(&mut l.pools, pool)?;
+            let prefix = (p.policy.algorithm == Algorithm::Prefix).then_some(p.policy.prefix);
+            (facts.tokens(&p.policy.tokens), prefix)
+        };
+        // The body's second pass (prefix pools only), outside the lock.
+        let key = prefix.and_then(|p| crate::prefix::key(body, &p));
+        Ok((facts, tokens, key))
     }
 
     /// [`pick_with`](Self::pick_with) among the primaries that are not slow
@@ -87,10 +94,12 @@ impl Balancer {
             ask.max_tokens,
             f64::from_bits(ps.mean_tokens.load(Ordering::Relaxed)),
         );
-        let key_hash = if p.policy.algorithm == Algorithm::Chash {
-            hash_key(ask.key)
-        } else {
-            0
+        let key_hash = match p.policy.algorithm {
+            Algorithm::Chash => hash_key(ask.key),
+            // No key: picked by load. A real key never hashes to NO_KEY.
+            Algorithm::Prefix if ask.key.is_empty() => NO_KEY,
+            Algorithm::Prefix => hash_key(ask.key).max(1),
+            _ => 0,
         };
         // Passes, each tier in turn: with slow nodes as overflow, the others first;
         // with learned limits, confirmed free slots (or, for `Prefer::Probe`, probes)
@@ -164,6 +173,15 @@ impl Balancer {
                     },
                     1,
                 );
+                let affinity = match tier.selector.prefix_outcome() {
+                    PrefixOutcome::Hit => Some(&t.prefix_hits_total),
+                    PrefixOutcome::Spill => Some(&t.prefix_spills_total),
+                    PrefixOutcome::NoKey => Some(&t.prefix_nokey_total),
+                    PrefixOutcome::Moved | PrefixOutcome::None => None,
+                };
+                if let Some(counter) = affinity {
+                    writer.add(counter, 1);
+                }
                 return Ok(slot);
             }
         }

@@ -192,6 +192,9 @@ pub struct PoolConfig {
     /// Stream signals (`crate::stream`): `add_usage`.
     #[serde(default)]
     pub stream: crate::stream::StreamPolicy,
+    /// Prefix keys and the load guard of `"algorithm": "prefix"` (`crate::prefix`).
+    #[serde(default)]
+    pub prefix: crate::prefix::PrefixPolicy,
 }
 
 fn default_window_ms() -> u32 {
@@ -415,6 +418,7 @@ impl Default for PoolConfig {
             tokens: crate::ask::TokensPolicy::default(),
             scrape: None,
             stream: crate::stream::StreamPolicy::default(),
+            prefix: crate::prefix::PrefixPolicy::default(),
         }
     }
 }
@@ -652,10 +656,10 @@ impl ShmConfig {
 
 impl PoolConfig {
     /// `limit.slow_factor` as it applies: the configured value, else
-    /// [`DEFAULT_SLOW_FACTOR`] (0 with `chash`: its key decides the node).
+    /// [`DEFAULT_SLOW_FACTOR`] (0 with `chash` and `prefix`: the key decides the node).
     pub fn slow_factor(&self) -> f64 {
         self.limit.slow_factor.unwrap_or(match self.algorithm {
-            Algorithm::Chash => 0.0,
+            Algorithm::Chash | Algorithm::Prefix => 0.0,
             _ => DEFAULT_SLOW_FACTOR,
         })
     }
@@ -1020,6 +1024,29 @@ mod tests {
             e.starts_with("pools.deepseek.nodes[0].weight: invalid value: integer `-1`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn prefix_ranges_name_the_field() {
+        let pool = "/pools/deepseek/prefix";
+        for (v, want) in [
+            (
+                json!({"load_factor": 0.5}),
+                "pools.deepseek.prefix.load_factor: 0.5 is out of range 1.0..=100",
+            ),
+            (
+                json!({"max_bytes": 10}),
+                "pools.deepseek.prefix.max_bytes: 10 is out of range",
+            ),
+            (
+                json!({"min_bytes": 20000}),
+                "pools.deepseek.prefix.min_bytes: 20000 is out of range 1..=16384",
+            ),
+        ] {
+            let e = err(with(pool, v));
+            assert!(e.starts_with(want), "{e}");
+        }
+        assert!(Config::from_value(with(pool, json!({"min_bytes": 64, "load_factor": 2.0}))).is_ok());
     }
 
     #[test]

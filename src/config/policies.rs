@@ -51,6 +51,21 @@ impl PoolConfig {
             0..=crate::ask::MAX_TOKENS,
         )?;
         check_range(&tp, "max_estimate", t.max_estimate, 1..=crate::ask::MAX_TOKENS)?;
+        let pp = format!("{path}.prefix");
+        let x = &self.prefix;
+        check_range(
+            &pp,
+            "max_bytes",
+            x.max_bytes,
+            64..=crate::prefix::MAX_PREFIX_BYTES,
+        )?;
+        check_range(&pp, "min_bytes", x.min_bytes, 1..=x.max_bytes)?;
+        if !(1.0..=100.0).contains(&x.load_factor) {
+            return Err(ConfigError::new(
+                format!("{pp}.load_factor"),
+                format!("{} is out of range 1.0..=100", x.load_factor),
+            ));
+        }
         let o = &self.outlier;
         let op = format!("{path}.outlier");
         check_range(&op, "consecutive_failures", o.consecutive_failures, 0..=1_000)?;

@@ -30,6 +30,10 @@ pub struct rsb_body {
     pub stream: u32,
     /// `stream_options.include_usage`: 0 absent, 1 false, 2 true.
     pub include_usage: u32,
+    /// 16: `key` holds the request's prefix-affinity key (a `prefix` pool, a usable
+    /// prefix: `crate::prefix`) as lowercase hex, to pass as its pick key; 0: none.
+    pub key_len: u32,
+    pub key: [c_char; 16],
 }
 
 /// Pick a node of pool `pool` for one try, skipping the `ntried` slots in `tried`.
@@ -165,7 +169,8 @@ pub unsafe extern "C" fn rsb_pick_ask(
 }
 
 /// Read what a request body costs in pool `pool` (`crate::ask`): `*out` gets its
-/// length, completion limit, the pool's token estimate and whether it streams.
+/// length, completion limit, the pool's token estimate and whether it streams, and in
+/// a `prefix` pool its prefix-affinity key (`crate::prefix`).
 /// `RSB_INVALID_ARGUMENT` (`rsb_last_error` says why) for a body that is not one JSON
 /// object of at most 32 MiB; `*out` is then untouched.
 ///
@@ -188,13 +193,16 @@ pub unsafe extern "C" fn rsb_inspect(
             return null("out");
         }
         match b.inspect(pool, body) {
-            Ok((f, tokens)) => {
+            Ok((f, tokens, key)) => {
+                let hex = key.map(crate::prefix::hex).unwrap_or_default();
                 let r = rsb_body {
                     bytes: f.bytes,
                     max_tokens: f.max_tokens.unwrap_or(0),
                     tokens,
                     stream: u32::from(f.stream),
                     include_usage: f.include_usage.map_or(0, |u| 1 + u32::from(u)),
+                    key_len: if key.is_some() { 16 } else { 0 },
+                    key: hex.map(|b| b as c_char),
                 };
                 // SAFETY: `out` is non-null (checked above) and writable by contract.
                 unsafe { out.write(r) };

@@ -131,6 +131,8 @@ struct PoolSnap {
     retries: u64,
     retries_denied: u64,
     no_node: u64,
+    /// `prefix` pools: (home, spilled, no key) picks.
+    prefix: (u64, u64, u64),
     shed: u64,
     queue_len: u32,
     queue_admitted: u64,
@@ -247,6 +249,7 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
             retries,
             retries_denied: ps.retries_denied.load(Ordering::Relaxed),
             no_node: ps.no_node_total.load(Ordering::Relaxed),
+            prefix: tally::prefix_counts(region, p.slot),
             shed: ps.shed_total.load(Ordering::Relaxed),
             queue_len: ps.queue_len.load(Ordering::Relaxed),
             queue_admitted: ps.queue_admitted_total.load(Ordering::Relaxed),
@@ -551,7 +554,7 @@ fn write_nodes(out: &mut String, nodes: &[NodeSnap], pools: &[PoolSnap]) {
     );
 }
 
-const POOL_FIELDS: [Field<PoolSnap>; 22] = [
+const POOL_FIELDS: [Field<PoolSnap>; 25] = [
     (
         "rsbalancer_pool_requests_total",
         Kind::Counter,
@@ -575,6 +578,24 @@ const POOL_FIELDS: [Field<PoolSnap>; 22] = [
         Kind::Counter,
         "Picks (first tries or retries) that found no node able to serve.",
         |p| p.no_node.into(),
+    ),
+    (
+        "rsbalancer_pool_prefix_hits_total",
+        Kind::Counter,
+        "Prefix affinity: picks that went to the request key's home node.",
+        |p| p.prefix.0.into(),
+    ),
+    (
+        "rsbalancer_pool_prefix_spills_total",
+        Kind::Counter,
+        "Prefix affinity: picks the load guard passed on past a node above load_factor x its share of the in-flight requests.",
+        |p| p.prefix.1.into(),
+    ),
+    (
+        "rsbalancer_pool_prefix_nokey_total",
+        Kind::Counter,
+        "Prefix affinity: picks of requests without a usable prefix (shorter than min_bytes), balanced by load.",
+        |p| p.prefix.2.into(),
     ),
     (
         "rsbalancer_pool_shed_total",

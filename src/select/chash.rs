@@ -56,6 +56,14 @@ fn point_hash(node_key: u64, point: u32) -> u64 {
     hash_key(&bytes)
 }
 
+/// Candidate indices of the points in `nodes` (parallel to the sorted `hashes`),
+/// clockwise from the first point at or after `key_hash`, wrapping, once around.
+fn clockwise<'a>(hashes: &[u64], nodes: &'a [u32], key_hash: u64) -> impl Iterator<Item = usize> + 'a {
+    let start = hashes.partition_point(|&h| h < key_hash);
+    let (before, after) = nodes.split_at(start);
+    after.iter().chain(before).map(|&i| i as usize)
+}
+
 /// A weighted consistent-hash ring over the candidates.
 #[derive(Clone, Debug)]
 pub struct ChashRing {
@@ -112,17 +120,26 @@ impl ChashRing {
         self.len == 0
     }
 
+    /// Points of the heaviest node, as built.
+    pub(super) fn points(&self) -> u32 {
+        self.points
+    }
+
     /// Total number of points on the ring.
     pub fn point_count(&self) -> usize {
         self.hashes.len()
     }
 
+    /// Candidate indices of the ring's points clockwise from `key_hash` (the first point
+    /// at or after it, wrapping), once around: a node appears once per point it owns.
+    pub(super) fn clockwise(&self, key_hash: u64) -> impl Iterator<Item = usize> + '_ {
+        clockwise(&self.hashes, &self.nodes, key_hash)
+    }
+
     /// The node of the first point at or after `key_hash` (wrapping), walking on
     /// clockwise past ineligible nodes; `None` when none is eligible.
     pub fn pick<V: NodeView + ?Sized>(&mut self, view: &V, key_hash: u64) -> Option<usize> {
-        let start = self.hashes.partition_point(|&h| h < key_hash);
-        let (before, after) = self.nodes.split_at(start);
-        let mut clockwise = after.iter().chain(before).map(|&i| i as usize);
+        let mut clockwise = clockwise(&self.hashes, &self.nodes, key_hash);
         // Usual case: the owner or one of the next few points is eligible.
         for i in clockwise.by_ref().take(DIRECT_STEPS) {
             if view.eligible(i) {

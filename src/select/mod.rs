@@ -24,6 +24,8 @@
 //!   `latency * (inflight + 1) / weight`.
 //! - [`ChashRing`] (`chash`): a weighted consistent-hash ring (Karger) on a request key
 //!   hashed with [`hash_key`].
+//! - [`PrefixRing`] (`prefix`): the same ring with bounded loads (Mirrokni et al.) on a
+//!   prompt-prefix key (`crate::prefix`), p2c for requests without one.
 //!
 //! COMMON RULES:
 //! - A returned index is always `< len()` and was eligible when the view was asked.
@@ -39,12 +41,14 @@ mod alias;
 mod chash;
 mod least_conn;
 mod p2c;
+mod prefix;
 mod swrr;
 
 pub use alias::{AliasTable, WeightedRandom};
 pub use chash::{hash_key, ChashRing};
 pub use least_conn::LeastConn;
 pub use p2c::P2cEwma;
+pub use prefix::{Outcome as PrefixOutcome, PrefixRing, DEFAULT_LOAD_FACTOR, NO_KEY};
 pub use swrr::Swrr;
 
 use rand::Rng;
@@ -93,6 +97,7 @@ pub enum Algorithm {
     #[default]
     P2cEwma,
     Chash,
+    Prefix,
 }
 
 /// Random draws a random algorithm tries before it falls back to an O(n) scan.
@@ -156,6 +161,7 @@ pub enum Selector {
     LeastConn(LeastConn),
     P2cEwma(P2cEwma),
     Chash(ChashRing),
+    Prefix(PrefixRing),
 }
 
 impl Selector {
@@ -186,6 +192,7 @@ impl Selector {
             Algorithm::LeastConn => Selector::LeastConn(LeastConn::new(&weights)),
             Algorithm::P2cEwma => Selector::P2cEwma(P2cEwma::new(&weights)),
             Algorithm::Chash => Selector::Chash(ChashRing::new(cands, chash_points)),
+            Algorithm::Prefix => Selector::Prefix(PrefixRing::new(cands, chash_points)),
         }
     }
 
@@ -197,6 +204,7 @@ impl Selector {
             Selector::LeastConn(_) => Algorithm::LeastConn,
             Selector::P2cEwma(_) => Algorithm::P2cEwma,
             Selector::Chash(_) => Algorithm::Chash,
+            Selector::Prefix(_) => Algorithm::Prefix,
         }
     }
 
@@ -211,11 +219,29 @@ impl Selector {
             Selector::LeastConn(s) => s.set_weights(&weights_of(cands)),
             Selector::P2cEwma(s) => s.set_weights(&weights_of(cands)),
             Selector::Chash(s) => s.set_weights(cands),
+            Selector::Prefix(s) => s.set_weights(cands),
+        }
+    }
+
+    /// Sets `prefix.load_factor` (other algorithms ignore it).
+    pub fn with_load_factor(self, c: f64) -> Selector {
+        match self {
+            Selector::Prefix(s) => Selector::Prefix(s.with_load_factor(c)),
+            other => other,
+        }
+    }
+
+    /// What the last pick of a prefix selector did with its key (`None` for others).
+    pub fn prefix_outcome(&self) -> PrefixOutcome {
+        match self {
+            Selector::Prefix(s) => s.outcome(),
+            _ => PrefixOutcome::None,
         }
     }
 
     /// Index into the candidate list of an eligible node, or `None` when none is
-    /// eligible. `key_hash` (see [`hash_key`]) is used by chash only.
+    /// eligible. `key_hash` (see [`hash_key`]) is used by chash and prefix only
+    /// (prefix: [`NO_KEY`] for a request without a key).
     pub fn pick<R: Rng + ?Sized, V: NodeView + ?Sized>(
         &mut self,
         rng: &mut R,
@@ -228,6 +254,7 @@ impl Selector {
             Selector::LeastConn(s) => s.pick(rng, view),
             Selector::P2cEwma(s) => s.pick(rng, view),
             Selector::Chash(s) => s.pick(view, key_hash),
+            Selector::Prefix(s) => s.pick(rng, view, key_hash),
         }
     }
 
@@ -239,6 +266,7 @@ impl Selector {
             Selector::LeastConn(s) => s.len(),
             Selector::P2cEwma(s) => s.len(),
             Selector::Chash(s) => s.len(),
+            Selector::Prefix(s) => s.len(),
         }
     }
 
@@ -324,12 +352,13 @@ mod tests {
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
 
-    const ALL: [Algorithm; 5] = [
+    const ALL: [Algorithm; 6] = [
         Algorithm::WeightedRandom,
         Algorithm::RoundRobin,
         Algorithm::LeastConn,
         Algorithm::P2cEwma,
         Algorithm::Chash,
+        Algorithm::Prefix,
     ];
 
     #[test]

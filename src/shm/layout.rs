@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 12;
+pub const LAYOUT_VERSION: u32 = 13;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -389,7 +389,12 @@ pub struct PoolTally {
     pub requests_total: AtomicU64,
     /// Retries picked.
     pub retries_total: AtomicU64,
-    pub _pad: [AtomicU64; 6],
+    /// `prefix` pools: picks that went to the key's home node, that the load guard
+    /// passed on, and of requests without a key (`crate::select::PrefixOutcome`).
+    pub prefix_hits_total: AtomicU64,
+    pub prefix_spills_total: AtomicU64,
+    pub prefix_nokey_total: AtomicU64,
+    pub _pad: [AtomicU64; 3],
     /// Retry-budget window; each word: bucket tag (16 bits) | requests (24 bits) |
     /// retries (24 bits).
     pub budget: [AtomicU64; BUDGET_BUCKETS],

@@ -84,6 +84,8 @@ typedef struct rsb_body {
   uint32_t tokens;
   uint32_t stream;
   uint32_t include_usage;
+  uint32_t key_len;
+  char key[16];
 } rsb_body;
 typedef struct rsb_node_stats {
   uint32_t weight;

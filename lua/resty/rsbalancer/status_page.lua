@@ -161,6 +161,10 @@ local HTML = [==[<!DOCTYPE html>
     var facts = [p.algorithm, num(p.requests, 0) + " requests", num(p.retries, 0) + " retries"];
     if (p.canary_share !== undefined) facts.push("canary " + num(p.canary_share * 100, 2) + "%");
     if (p.mean_completion_tokens > 0) facts.push("mean answer " + num(p.mean_completion_tokens, 0) + " tokens");
+    if (p.prefix) {
+      facts.push("prefix: " + num(p.prefix.hits, 0) + " home, " + num(p.prefix.spills, 0) +
+        " spilled, " + num(p.prefix.nokey, 0) + " no key (c " + p.prefix.load_factor + ")");
+    }
     h.appendChild(el("span", "facts", facts.join(" \u00b7 ")));
     if (p.emergency) {
       var em = el("span", "facts emergency", "emergency " + p.emergency.mode +

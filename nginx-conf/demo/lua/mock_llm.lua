@@ -82,7 +82,9 @@
 --     and 421s of require_key and require_host; scrapes: GET /metrics requests;
 --     scrapers: how many distinct User-Agents sent them; last_scraper: the latest one;
 --     last_include_usage: whether the latest
---     chat request asked for usage in its stream (stream_options.include_usage).
+--     chat request asked for usage in its stream (stream_options.include_usage); peak_inflight: the most
+--     requests (other than /health) it has had in flight at once (a get-then-set across
+--     workers: it may miss a peak when two workers race, never overstates one).
 --
 -- Requests in flight are counted across the node's workers in lua_shared_dict
 -- `mock_llm` (incr in content, decr in log_by_lua, which runs on every exit path:
@@ -509,6 +511,7 @@ local function state(node)
         .. ',"served":' .. (dict:get("served:" .. node) or 0)
         .. ',"rejected":' .. (dict:get("rejected:" .. node) or 0)
         .. ',"received":' .. (dict:get("received:" .. node) or 0)
+        .. ',"peak_inflight":' .. (dict:get("peak:" .. node) or 0)
         .. ',"health_checks":' .. (dict:get("health:" .. node) or 0)
         .. ',"last_retry_after":' .. q(dict:get("last_ra:" .. node) or "")
         .. ',"last_model":' .. q(dict:get("model:" .. node) or "")
@@ -540,6 +543,9 @@ function _M.handle()
         dict:incr("health:" .. node, 1, 0)
     else
         dict:incr("received:" .. node, 1, 0)
+        if inflight > (dict:get("peak:" .. node) or 0) then
+            dict:set("peak:" .. node, inflight)
+        end
     end
 
     -- A provider: its Host and its API key, as a real one checks them.
