@@ -287,3 +287,36 @@ fn budgets_keep_hidden_limits_and_answer_429_when_spent() {
         "a is out of budget: {a_st}"
     );
 }
+
+/// A budgeted node's reservation is settled with what the answer's `usage` says it
+/// cost (the body filter reads it, `log()` settles): requests asking for up to 5,000
+/// tokens that use a few dozen leave a few dozen each in the window, not 5,000.
+#[test]
+fn usage_settles_the_reservation_of_a_budgeted_node() {
+    let _s = serial();
+    let Setup { a, b, g, .. } = &setup(
+        "headroom-usage",
+        5,
+        ["tokens=7", "tokens=7"],
+        [json!({ "tpm": 1_000_000 }), json!({ "tpm": 1_000_000 })],
+    );
+    let estimate = body(5000).len() as u64 / 4 + 5000;
+    for _ in 0..10 {
+        let r = chat(g, 5000);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(
+            r.text().contains("\"usage\""),
+            "the mock reports usage: {}",
+            r.text()
+        );
+    }
+    let s = quiesce(g);
+    let served = received(a) + received(b);
+    assert_eq!(served, 10);
+    let used = stat(&s, "a", "budget_tokens_used") + stat(&s, "b", "budget_tokens_used");
+    assert!(used > 0, "the window holds what was used: {s}");
+    assert!(
+        used < served * estimate / 10,
+        "the window holds {used} tokens for {served} answers of 7 tokens: estimates ({estimate} each) were kept, not settled with usage: {s}"
+    );
+}
