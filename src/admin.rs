@@ -28,9 +28,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 
-use crate::balancer::{Balancer, Error, PoolTopo, Topology};
+use crate::balancer::{Balancer, EmergencyMode, Error, PoolTopo, Topology};
 use crate::config::{Config, ConfigError, NodeConfig, PoolConfig, ShmConfig};
-use crate::shm::layout::flags;
+use crate::shm::layout::{emergency as emergency_bits, flags};
 use crate::shm::Region;
 
 pub mod body;
@@ -247,6 +247,9 @@ pub fn remove_node(b: &Balancer, pool: &str, id: &str) -> Result<(), AdminError>
 pub struct PoolState {
     pub nodes: Vec<NodeConfig>,
     pub drained: BTreeSet<String>,
+    /// Emergency mode as an operator forced it (`on`, `off`); absent: the detector's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emergency: Option<EmergencyMode>,
 }
 
 /// `pool`'s run-time state now.
@@ -263,9 +266,21 @@ pub fn pool_state(b: &Balancer, pool: &str) -> Result<PoolState, AdminError> {
         })
         .map(|n| n.id.clone())
         .collect();
+    let e = b
+        .region()
+        .pool(p.slot)
+        .map_or(0, |ps| ps.emergency.load(Ordering::Relaxed));
+    let emergency = if e & emergency_bits::FORCED_ON != 0 {
+        Some(EmergencyMode::On)
+    } else if e & emergency_bits::FORCED_OFF != 0 {
+        Some(EmergencyMode::Off)
+    } else {
+        None
+    };
     Ok(PoolState {
         nodes: pool_config(b.region(), p).nodes,
         drained,
+        emergency,
     })
 }
 
@@ -301,6 +316,11 @@ pub fn apply_state(b: &Balancer, pool: &str, state: &PoolState) -> Result<bool, 
             b.set_draining(slot, drain)?;
             changed = true;
         }
+    }
+    if state.emergency != now.emergency {
+        let mode = state.emergency.unwrap_or(EmergencyMode::Auto);
+        crate::emergency::set_emergency_mode(b, b.pool_index(pool)?, mode)?;
+        changed = true;
     }
     Ok(changed)
 }

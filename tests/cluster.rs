@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rsbalancer::balancer::Balancer;
+use rsbalancer::balancer::{Balancer, EmergencyMode};
 use rsbalancer::cluster::Running;
 use rsbalancer::config::Config;
+use rsbalancer::emergency::set_emergency_mode;
 use serde_json::json;
 
 mod support;
@@ -153,6 +154,19 @@ fn cooldowns_and_weights_reach_every_gateway() {
     a.b.set_draining(a.slot("a"), true).unwrap();
     wait_for("A's weight and drain at B and C", || {
         b.weight("c") == 77 && c.weight("c") == 77 && b.b.node_stats(b.slot("a")).unwrap().draining
+    });
+
+    // Emergency mode forced at A is forced at B and C; handed back to the detector too.
+    let mode =
+        |g: &Gateway| rsbalancer::status::of(&g.b).unwrap()["pools"]["llm"]["emergency"]["mode"].clone();
+    let pool = a.b.pool_index("llm").unwrap();
+    set_emergency_mode(&a.b, pool, EmergencyMode::On).unwrap();
+    wait_for("A's forced emergency at B and C", || {
+        mode(&b) == "on" && mode(&c) == "on"
+    });
+    set_emergency_mode(&a.b, pool, EmergencyMode::Auto).unwrap();
+    wait_for("the detector back in charge at B and C", || {
+        mode(&b) == "auto" && mode(&c) == "auto"
     });
 }
 

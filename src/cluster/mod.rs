@@ -19,7 +19,8 @@
 //!   at all of them within one interval, and the first to see it is the only one that
 //!   spends a request on it;
 //! - shares the operators' changes: each pool's run-time state (its nodes with their
-//!   weights, and the drained ones: [`crate::admin::PoolState`]) lives in the hash
+//!   weights, the drained ones, an operator's forced emergency mode:
+//!   [`crate::admin::PoolState`]) lives in the hash
 //!   `<prefix>state`, with a change counter `<prefix>state:seq`. A gateway whose state
 //!   differs from what it last wrote or read has had an admin change: it writes its
 //!   state (last writer wins, per pool). One whose counter is behind reads the hash and
