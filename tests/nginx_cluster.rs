@@ -57,16 +57,33 @@ fn received(m: &MockNode) -> u64 {
         .expect("received")
 }
 
-/// Three gateways in separate directories (each its own nginx, region and logs).
-fn fleet(redis: &Redis, nodes: &[&MockNode]) -> (Vec<TestDir>, Vec<Gateway>) {
-    let dirs: Vec<TestDir> = ["A", "B", "C"]
+/// Three mock nodes a, b, c (`latency_ms` each) and three gateways A, B, C in separate
+/// directories (each its own nginx, region and logs) sharing `redis`, all in the fleet.
+struct Fleet {
+    gws: Vec<Gateway>,
+    nodes: Vec<MockNode>,
+    _mocks: Nginx,
+    _dirs: Vec<TestDir>,
+    redis: Redis,
+}
+
+fn fleet(name: &str, latency_ms: u32) -> Fleet {
+    let redis = Redis::start();
+    let mdir = TestDir::new(&format!("cluster-mocks-{name}"));
+    let nodes: Vec<MockNode> = ["a", "b", "c"]
         .iter()
-        .map(|g| TestDir::new(&format!("cluster-{g}")))
+        .map(|n| MockNode::new(n, latency_ms))
+        .collect();
+    let mocks = start_mocks(&mdir, &nodes);
+    let refs: Vec<&MockNode> = nodes.iter().collect();
+    let mut dirs: Vec<TestDir> = ["A", "B", "C"]
+        .iter()
+        .map(|g| TestDir::new(&format!("cluster-{name}-{g}")))
         .collect();
     let gws: Vec<Gateway> = dirs
         .iter()
         .zip(["A", "B", "C"])
-        .map(|(d, name)| start_gateway(d, &config(redis, name, nodes)))
+        .map(|(d, g)| start_gateway(d, &config(&redis, g, &refs)))
         .collect();
     for g in &gws {
         wait_until(PATIENCE, "the gateway in a fleet of 3", || {
@@ -74,23 +91,23 @@ fn fleet(redis: &Redis, nodes: &[&MockNode]) -> (Vec<TestDir>, Vec<Gateway>) {
                 && metric(g, "rsbalancer_cluster_up") == Some(1.0)
         });
     }
-    (dirs, gws)
+    dirs.push(mdir);
+    Fleet {
+        gws,
+        nodes,
+        _mocks: mocks,
+        _dirs: dirs,
+        redis,
+    }
 }
 
 #[test]
 fn a_quota_429_at_one_gateway_cools_the_node_at_all() {
-    let redis = Redis::start();
-    let mdir = TestDir::new("cluster-mocks-1");
-    let (a, b, c) = (
-        MockNode::new("a", 10),
-        MockNode::new("b", 10),
-        MockNode::new("c", 10),
-    );
-    let _mocks = start_mocks(&mdir, &[a.clone(), b.clone(), c.clone()]);
-    let (_dirs, gws) = fleet(&redis, &[&a, &b, &c]);
+    let f = fleet("cool", 10);
+    let (gws, b) = (&f.gws, &f.nodes[1]);
 
     // Node b's quota is spent: 429 with Retry-After 30 s. Only gateway A sends to it.
-    mock_set(&b, "fail=429&retry_after=30");
+    mock_set(b, "fail=429&retry_after=30");
     wait_until(PATIENCE, "A to see b's quota 429", || {
         let r = gws[0].chat();
         assert_eq!(r.status, 200, "A's client got {}: {}", r.status, r.text());
@@ -102,8 +119,8 @@ fn a_quota_429_at_one_gateway_cools_the_node_at_all() {
         });
     }
     // b is fine again, but B and C know it cools: none of their tries goes to it.
-    mock_set(&b, "fail=");
-    let before = received(&b);
+    mock_set(b, "fail=");
+    let before = received(b);
     for g in &gws[1..] {
         for _ in 0..30 {
             let r = g.chat();
@@ -112,7 +129,7 @@ fn a_quota_429_at_one_gateway_cools_the_node_at_all() {
         }
     }
     assert_eq!(
-        received(&b),
+        received(b),
         before,
         "B or C sent a try to the node A saw cooling"
     );
@@ -123,15 +140,8 @@ fn a_quota_429_at_one_gateway_cools_the_node_at_all() {
 
 #[test]
 fn a_weight_set_at_one_gateway_is_used_by_all_and_survives_a_reload() {
-    let redis = Redis::start();
-    let mdir = TestDir::new("cluster-mocks-2");
-    let (a, b, c) = (
-        MockNode::new("a", 10),
-        MockNode::new("b", 10),
-        MockNode::new("c", 10),
-    );
-    let _mocks = start_mocks(&mdir, &[a.clone(), b.clone(), c.clone()]);
-    let (_dirs, gws) = fleet(&redis, &[&a, &b, &c]);
+    let f = fleet("weight", 10);
+    let gws = &f.gws;
 
     let r = gws[0].set_weight("c", 77);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -150,16 +160,8 @@ fn a_weight_set_at_one_gateway_is_used_by_all_and_survives_a_reload() {
 
 #[test]
 fn redis_killed_under_load_fails_no_request_and_the_fleet_resyncs() {
-    let mut redis = Redis::start();
-    let mdir = TestDir::new("cluster-mocks-3");
-    let (a, b, c) = (
-        MockNode::new("a", 20),
-        MockNode::new("b", 20),
-        MockNode::new("c", 20),
-    );
-    let _mocks = start_mocks(&mdir, &[a.clone(), b.clone(), c.clone()]);
-    let (_dirs, gws) = fleet(&redis, &[&a, &b, &c]);
-    let ports: Vec<u16> = gws.iter().map(|g| g.port).collect();
+    let mut f = fleet("redis", 20);
+    let ports: Vec<u16> = f.gws.iter().map(|g| g.port).collect();
 
     let load = std::thread::spawn(move || {
         let mut failed = Vec::new();
@@ -172,28 +174,28 @@ fn redis_killed_under_load_fails_no_request_and_the_fleet_resyncs() {
         failed
     });
     std::thread::sleep(Duration::from_millis(300));
-    redis.kill();
-    for g in &gws {
+    f.redis.kill();
+    for g in &f.gws {
         wait_until(PATIENCE, "the gateway to see Redis down", || {
             metric(g, "rsbalancer_cluster_up") == Some(0.0)
         });
     }
     // An admin change while Redis is away is kept, and shared when it returns.
-    assert_eq!(gws[0].set_weight("a", 33).status, 200);
+    assert_eq!(f.gws[0].set_weight("a", 33).status, 200);
     let failed = load.join().unwrap();
     assert!(
         failed.is_empty(),
         "requests failed while Redis was down: {failed:?}"
     );
-    for g in &gws {
+    for g in &f.gws {
         assert!(
             g.nginx.error_log().contains("Redis unreachable"),
             "no log line of the outage"
         );
     }
 
-    redis.restart();
-    for g in &gws {
+    f.redis.restart();
+    for g in &f.gws {
         wait_until(PATIENCE, "the gateway to see Redis back", || {
             metric(g, "rsbalancer_cluster_up") == Some(1.0)
         });
