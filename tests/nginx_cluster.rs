@@ -128,11 +128,7 @@ fn a_quota_429_at_one_gateway_cools_the_node_at_all() {
             assert_ne!(r.header("X-Node"), Some("b"));
         }
     }
-    assert_eq!(
-        received(b),
-        before,
-        "B or C sent a try to the node A saw cooling"
-    );
+    assert_eq!(received(b), before, "B or C sent a try to the node A saw cooling");
     for g in &gws[1..] {
         assert!(metric(g, "rsbalancer_cluster_cooldowns_in_total").unwrap_or(0.0) >= 1.0);
     }
