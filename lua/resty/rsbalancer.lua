@@ -244,8 +244,13 @@ function _M.init_worker()
             -- Cluster mode: the worker holding the lease runs the Redis sync thread.
             local cok, cerr = ngx.timer.every(sync_ms / 1000, function(premature)
                 if premature then return end
-                local line = bal:cluster_tick()
+                local line, alerts = bal:cluster_tick()
                 if line then ngx.log(ngx.WARN, "rsbalancer: ", line) end
+                if alerts then
+                    -- Emergency transitions this gateway won for the whole fleet.
+                    local em = require "resty.rsbalancer.emergency"
+                    for i = 1, #alerts do em.announce(bal, alerts[i]) end
+                end
             end)
             if not cok then
                 ngx.log(ngx.ERR, "rsbalancer: cannot start the cluster sync: ", cerr)

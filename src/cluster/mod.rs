@@ -31,6 +31,9 @@
 //!   fingerprint than `<prefix>base` records), in which case the new file wins and
 //!   the fleet follows.
 //!
+//! - judges the pools' emergency mode on the fleet's counts, with one alert per
+//!   transition for the whole fleet (`emergency`).
+//!
 //! **Consistency.** Eventual, within about one `sync_ms` (100 ms by default), like
 //! nginx Plus's `zone_sync`, and cheaper than LiteLLM's re-read of Redis on the
 //! request path: a gateway may route a few requests on what it knew before the last
@@ -43,6 +46,7 @@
 //! cooldowns by maximum, and admin changes made meanwhile are written (this gateway's
 //! state differs from what it last wrote).
 
+mod emergency;
 mod sync;
 
 pub use sync::{gateway_name, Running};

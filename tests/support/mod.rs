@@ -41,6 +41,7 @@ use serde_json::Value;
 
 mod proc;
 pub mod redis;
+pub mod webhook;
 pub use proc::*;
 
 /// The checkout (where Cargo.toml is).
