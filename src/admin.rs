@@ -250,6 +250,21 @@ pub struct PoolState {
     /// Emergency mode as an operator forced it (`on`, `off`); absent: the detector's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emergency: Option<EmergencyMode>,
+    /// The canary share as an operator or a rollback left it; absent: no canary, or
+    /// its ramp is running (a ramp's steps follow the same schedule at every gateway
+    /// and stay local; a share set by hand or a rollback ends it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryShare>,
+}
+
+/// A pool's canary share in a [`PoolState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryShare {
+    /// Parts per 10,000 (0..=10000; more is clamped).
+    pub share: u32,
+    /// Whether a rollback set it to 0.
+    pub rolled_back: bool,
 }
 
 /// `pool`'s run-time state now.
@@ -277,10 +292,21 @@ pub fn pool_state(b: &Balancer, pool: &str) -> Result<PoolState, AdminError> {
     } else {
         None
     };
+    let canary = b
+        .region()
+        .pool(p.slot)
+        .filter(|ps| {
+            ps.canary_pool.load(Ordering::Relaxed) != 0 && ps.canary_ramp.load(Ordering::Acquire) == 0
+        })
+        .map(|ps| CanaryShare {
+            share: ps.canary_share.load(Ordering::Acquire),
+            rolled_back: ps.canary_rolled_back.load(Ordering::Acquire) != 0,
+        });
     Ok(PoolState {
         nodes: pool_config(b.region(), p).nodes,
         drained,
         emergency,
+        canary,
     })
 }
 
@@ -320,6 +346,14 @@ pub fn apply_state(b: &Balancer, pool: &str, state: &PoolState) -> Result<bool, 
     if state.emergency != now.emergency {
         let mode = state.emergency.unwrap_or(EmergencyMode::Auto);
         crate::emergency::set_emergency_mode(b, b.pool_index(pool)?, mode)?;
+        changed = true;
+    }
+    if let Some(c) = state.canary.filter(|c| Some(*c) != now.canary) {
+        b.share_canary(
+            b.pool_index(pool)?,
+            c.share.min(crate::params::PARTS),
+            c.rolled_back,
+        )?;
         changed = true;
     }
     Ok(changed)

@@ -301,3 +301,42 @@ fn the_fleet_enters_and_leaves_emergency_with_one_alert_per_transition() {
         .sum();
     assert_eq!(lines, 1, "one gateway logs the fleet's entry");
 }
+
+fn canary_share(g: &Gateway) -> Option<f64> {
+    status(g)["pools"]["llm"]["canary_share"].as_f64()
+}
+
+/// A canary share set by hand at one gateway (the admin API) is the fleet's: B and C
+/// send the same share to the canary, and C keeps it through its reload.
+#[test]
+fn a_canary_share_set_at_one_gateway_is_the_fleets() {
+    let f = fleet_with("canary", 5, |c| {
+        let addr = c["pools"]["llm"]["nodes"][2]["addr"].clone();
+        c["pools"]["llm"]["canary"] = json!({ "pool": "llm_canary", "share": 0 });
+        c["pools"]["llm_canary"] = json!({ "nodes": [{ "id": "k", "addr": addr }], "slow_start_ms": 0 });
+    });
+    let gws = &f.gws;
+    for g in gws {
+        assert_eq!(canary_share(g), Some(0.0), "{}", status(g));
+    }
+    let r = http(
+        gws[0].port,
+        "PUT",
+        "/rsbalancer/pools/llm/canary",
+        Some(r#"{"share": 0.25}"#),
+    )
+    .expect("admin request");
+    assert_eq!(r.status, 200, "{}", r.text());
+    for g in &gws[1..] {
+        wait_until(PATIENCE, "the fleet's canary share", || {
+            canary_share(g) == Some(0.25)
+        });
+    }
+    let old = gws[2].nginx.workers();
+    gws[2].nginx.signal(libc_sighup());
+    gws[2].nginx.wait_workers(2, &old);
+    std::thread::sleep(Duration::from_millis(500));
+    wait_until(PATIENCE, "C's canary share after its reload", || {
+        canary_share(&gws[2]) == Some(0.25)
+    });
+}
