@@ -91,6 +91,7 @@ bench: deps build
 	$(CARGO) bench --no-default-features --bench metrics
 	@scripts/bench-lua.sh
 	@scripts/bench-gateway.sh
+	$(CARGO) bench --no-default-features --bench cluster
 	@scripts/bench-instructions.sh
 
 # The Lua module and files: what the LuaRocks rockspec installs (LUA_CDIR, LUA_LDIR).
