@@ -20,7 +20,6 @@
 //! second as a share of capacity), and for cluster mode the Redis commands processed
 //! per client request (`INFO stats`, `total_commands_processed`).
 
-#[allow(dead_code)]
 #[path = "../tests/support/mod.rs"]
 mod support;
 
