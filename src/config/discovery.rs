@@ -8,8 +8,8 @@
 //! ```
 //!
 //! Exactly one source. With a source that gives the whole node set (`dns` with a
-//! `name`), the pool's `nodes` must be empty: the pool starts empty and fills in from
-//! the first answer. `dns` without a `name` re-resolves the host names of the pool's own
+//! `name`), the pool's `nodes` may be empty: the pool starts empty and fills in from
+//! the first answer; nodes given are the set until the first answer replaces it. `dns` without a `name` re-resolves the host names of the pool's own
 //! `nodes` by their DNS TTLs (a provider such as `api.deepseek.com` moving to other
 //! addresses); a node whose name does not resolve at load does not stop nginx: it is
 //! kept in `dns.unresolved` and joins when its name resolves.
@@ -129,8 +129,8 @@ impl DiscoveryConfig {
         self.dns.as_ref().is_some_and(|d| d.name.is_none())
     }
 
-    /// Checks every field; `path` is `pools.NAME.discovery`, `nodes` the pool's.
-    pub fn validate(&self, path: &str, nodes: &[NodeConfig]) -> Result<(), ConfigError> {
+    /// Checks every field; `path` is `pools.NAME.discovery`.
+    pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
         let sources = [self.dns.is_some()].iter().filter(|&&s| s).count();
         if sources != 1 {
             return Err(ConfigError::new(
@@ -140,16 +140,6 @@ impl DiscoveryConfig {
         }
         if let Some(d) = &self.dns {
             d.validate(&format!("{path}.dns"))?;
-        }
-        if self.owns_nodes() && !nodes.is_empty() {
-            return Err(ConfigError::new(
-                path.replace(".discovery", ".nodes"),
-                format!(
-                    "{} nodes given: must be empty with discovery.{} (the source gives the nodes)",
-                    nodes.len(),
-                    self.source_name()
-                ),
-            ));
         }
         Ok(())
     }
@@ -335,17 +325,6 @@ mod tests {
             let e = load(json!({ "discovery": d })).unwrap_err();
             assert_eq!(e.path, path, "{d}: {e}");
         }
-    }
-
-    #[test]
-    fn a_source_that_gives_the_nodes_refuses_static_ones() {
-        let e = load(json!({
-            "nodes": [{ "id": "a", "addr": "127.0.0.1:1" }],
-            "discovery": { "dns": { "name": "x", "port": 80 } }
-        }))
-        .unwrap_err();
-        assert_eq!(e.path, "pools.p.nodes");
-        assert!(e.message.contains("must be empty"), "{e}");
     }
 
     #[test]

@@ -692,7 +692,7 @@ impl PoolConfig {
 
         let nodes_path = format!("{path}.nodes");
         if let Some(d) = &self.discovery {
-            d.validate(&format!("{path}.discovery"), &self.nodes)?;
+            d.validate(&format!("{path}.discovery"))?;
         }
         if self.nodes.is_empty() && self.discovery.is_none() {
             return Err(ConfigError::new(nodes_path, "at least one node is required"));
