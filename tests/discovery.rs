@@ -226,3 +226,21 @@ fn nodes_whose_names_do_not_resolve_wait_in_unresolved() {
     assert!(d.unresolved.is_empty(), "no longer waiting");
     assert_eq!(t.pool("p").unwrap().nodes[1].host, "no-such-host.invalid");
 }
+
+#[test]
+fn a_found_node_of_weight_zero_moves_and_keeps_its_running_weight() {
+    let b = Balancer::create(&config("keep")).unwrap();
+    discovery::apply(&b, "p", vec![n("a", "127.0.0.1:8001", 6)], "dns").unwrap();
+    let slot = b.node_index("p", "a").unwrap();
+    let mut moved = n("a", "127.0.0.2:8001", 1);
+    moved.weight = 0;
+    let r = discovery::apply(&b, "p", vec![moved], "dns").unwrap();
+    assert_eq!(r.updated, ["a"]);
+    assert_eq!(b.node_index("p", "a").unwrap(), slot);
+    assert_eq!(node::stats(b.region(), slot).weight, 6);
+    let t = b.topology().unwrap();
+    assert_eq!(
+        t.pool("p").unwrap().nodes[0].addr,
+        "127.0.0.2:8001".parse().unwrap()
+    );
+}

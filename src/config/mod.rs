@@ -661,6 +661,13 @@ impl Config {
     }
 }
 
+/// Resolves a node address (`ip:port`, `[v6]:port` or `host:port`) as a config's
+/// are (the system resolver; IPv4 preferred); the error names `addr`. Blocks: call it
+/// off nginx's event loop (`crate::discovery::lookup`).
+pub fn resolve_addr(addr: &str) -> Result<SocketAddr, String> {
+    resolve(addr)
+}
+
 impl ShmConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         check_range("shm", "max_nodes", self.max_nodes, 1..=65_536)?;

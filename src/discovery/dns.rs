@@ -239,10 +239,13 @@ async fn names(
     let (mut asked, mut errors, mut last) = (0, 0, String::new());
     let running = pool.nodes.iter().map(|n| {
         (
+            // Weight 0: the node keeps its running weight (`crate::discovery::apply`).
             NodeConfig {
                 id: n.id.clone(),
                 addr: format!("{}:{}", n.host, n.addr.port()),
                 resolved: Some(n.addr),
+                weight: 0,
+                backup: n.backup,
                 ..NodeConfig::default()
             },
             true,
