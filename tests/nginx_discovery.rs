@@ -328,7 +328,7 @@ fn a_nameserver_that_stops_leaves_the_last_known_nodes_and_says_so() {
         "{m}"
     );
     // The last known node serves on.
-    assert_eq!(ids(&g), [a.clone()]);
+    assert_eq!(ids(&g), vec![a.clone()]);
     for _ in 0..5 {
         assert_eq!(g.chat().status, 200);
     }
