@@ -90,6 +90,30 @@ fn metrics(g: &Gateway) -> String {
     r.text()
 }
 
+/// `promtool check metrics` finds nothing to say about `text` (Debian's
+/// `prometheus`; fails loudly without it).
+fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    let mut c = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; `make deps` installs it)");
+    c.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = c.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics: {report}"
+    );
+}
+
 fn wait_ids(g: &Gateway, want: &[&str]) {
     let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
     want.sort();
@@ -327,6 +351,7 @@ fn a_nameserver_that_stops_leaves_the_last_known_nodes_and_says_so() {
         !m.contains("rsbalancer_discovery_errors_total{pool=\"llm\",source=\"dns\"} 0\n"),
         "{m}"
     );
+    promtool_accepts(&m);
     // The last known node serves on.
     assert_eq!(ids(&g), vec![a.clone()]);
     for _ in 0..5 {
