@@ -1138,8 +1138,9 @@ mod tests {
 
     #[test]
     fn missing_required_fields_refused() {
+        // `nodes` may be left out with a `discovery` section only.
         let e = err(json!({ "pools": { "deepseek": {} } }));
-        assert_eq!(e, "pools.deepseek: missing field `nodes`");
+        assert_eq!(e, "pools.deepseek.nodes: at least one node is required");
         let e = err(with("/pools/deepseek/nodes/0", json!({ "addr": "127.0.0.1:1" })));
         assert_eq!(e, "pools.deepseek.nodes[0]: missing field `id`");
         let e = err(with("/pools/deepseek/nodes/0", json!({ "id": "a" })));
