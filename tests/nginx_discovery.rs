@@ -308,9 +308,23 @@ fn srv_weights_become_weights_and_priorities_backup_tiers() {
     assert_eq!(node(&g, &c)["requests"], 0, "{}", status(&g));
     // A weight changed in the zone changes the node's weight, slot and state kept.
     let served = node(&g, &a)["requests"].as_u64().unwrap();
+    assert!(served > 0, "{}", status(&g));
     dns.restart(&srv(70));
     wait_until(WAIT, "a's weight follows its SRV record", || tier(&a).0 == 70);
     assert_eq!(node(&g, &a)["requests"].as_u64().unwrap(), served);
+
+    // nginx -s reload: the file names no node, yet the discovered ones stay, with
+    // their state; the new generation's lease holder goes on following the zone.
+    let old = g.nginx.workers();
+    g.nginx.signal(libc::SIGHUP);
+    g.nginx.wait_workers(2, &old);
+    let mut want = vec![a.clone(), b.clone(), c.clone()];
+    want.sort();
+    assert_eq!(ids(&g), want);
+    assert_eq!(node(&g, &a)["requests"].as_u64().unwrap(), served);
+    assert_eq!(tier(&a), (70, false));
+    dns.restart(&srv(20));
+    wait_until(WAIT, "the new workers follow the zone", || tier(&a).0 == 20);
 }
 
 #[test]
