@@ -90,6 +90,34 @@ fn metrics(g: &Gateway) -> String {
     r.text()
 }
 
+/// The discovery line of pool llm on the status page as headless Chromium renders it
+/// (`--dump-dom`; Debian's `chromium`, as tests/nginx_admin.rs).
+fn page_discovery_line(g: &Gateway, dir: &TestDir) -> String {
+    let profile = dir.path().join("chromium-profile");
+    let out = std::process::Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        .args([
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("http://127.0.0.1:{}/rsbalancer/status", g.port))
+        .output()
+        .expect("run chromium (Debian: apt-get install chromium; make deps)");
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    dom.split("<div class=\"discovery\">")
+        .nth(1)
+        .and_then(|d| d.split("</div>").next())
+        .unwrap_or_else(|| panic!("no discovery line on the status page:\n{dom}"))
+        .replace("&nbsp;", " ")
+}
+
 /// `promtool check metrics` finds nothing to say about `text` (Debian's
 /// `prometheus`; fails loudly without it).
 fn promtool_accepts(text: &str) {
@@ -366,6 +394,12 @@ fn a_nameserver_that_stops_leaves_the_last_known_nodes_and_says_so() {
         "{m}"
     );
     promtool_accepts(&m);
+    let line = page_discovery_line(&g, &dir);
+    assert!(line.starts_with("discovery dns: FAILING"), "{line}");
+    assert!(
+        line.contains("1 nodes") && line.contains("last error: "),
+        "{line}"
+    );
     // The last known node serves on.
     assert_eq!(ids(&g), vec![a.clone()]);
     for _ in 0..5 {
@@ -393,6 +427,8 @@ fn a_nameserver_that_stops_leaves_the_last_known_nodes_and_says_so() {
             .contains("discovery: pool llm (dns): answers again")
     });
     assert!(metrics(&g).contains("rsbalancer_discovery_up{pool=\"llm\",source=\"dns\"} 1"));
+    let line = page_discovery_line(&g, &dir);
+    assert!(line.starts_with("discovery dns: up"), "{line}");
 }
 
 #[test]
