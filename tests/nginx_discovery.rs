@@ -534,3 +534,26 @@ fn the_admin_api_resolves_a_new_nodes_name_on_a_thread() {
     assert!(r.text().contains("addr"), "{}", r.text());
     assert_eq!(ids(&g), ["a", "b"]);
 }
+
+#[test]
+fn aaaa_records_give_ipv6_nodes() {
+    let _s = serial();
+    let dir = TestDir::new("disc-aaaa");
+    let shared = free_port();
+    let mocks = [mock_at("a", "[::1]", shared)];
+    let _m = start_mocks(&dir, &mocks);
+    let dns = Dnsmasq::start(&dir, "::1 llm.test\n", 1, &[]);
+    let g = start_gateway(
+        &dir,
+        &pool(
+            json!({ "name": "llm.test", "type": "AAAA", "port": shared, "min_ttl_s": 1,
+                    "nameservers": [dns.addr()] }),
+            json!({}),
+        ),
+    );
+    let id = format!("::1:{shared}");
+    wait_ids(&g, &[&id]);
+    assert_eq!(node(&g, &id)["addr"], format!("[::1]:{shared}"));
+    let r = g.chat();
+    assert_eq!((r.status, r.header("X-Node")), (200, Some("a")), "{}", r.text());
+}
