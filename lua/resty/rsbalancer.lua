@@ -21,7 +21,7 @@ local native = require "rsbalancer"
 
 local C_ffi_string = ffi.string
 local type, tostring, tonumber, error = type, tostring, tonumber, error
-local byte, sub, find = string.byte, string.sub, string.find
+local byte, sub, find, match = string.byte, string.sub, string.find, string.match
 local ngx_now = ngx and ngx.now
 
 local _M = { version = native.version }
@@ -138,7 +138,9 @@ local function sync()
         local nodes = bal:nodes(name)
         for j = 1, #nodes do
             local n = nodes[j]
-            new_peers[n.slot] = { n.ip, n.port, n.id, name, n.host }
+            -- set_current_peer wants an IPv6 address in brackets.
+            local ip = find(n.ip, ":", 1, true) and "[" .. n.ip .. "]" or n.ip
+            new_peers[n.slot] = { ip, n.port, n.id, name, n.host }
         end
     end
     canary.sync(configs, topo)
@@ -256,6 +258,20 @@ function _M.init_worker()
                 ngx.log(ngx.ERR, "rsbalancer: cannot start the cluster sync: ", cerr)
             end
         end
+        if bal:has_discovery() then
+            -- Service discovery: the worker holding the lease runs the sources'
+            -- threads; the first tick at once, so a pool that starts empty fills in.
+            local tick = function(premature)
+                if premature then return end
+                local lines = bal:discovery_tick()
+                for i = 1, #lines do ngx.log(ngx.WARN, "rsbalancer: ", lines[i]) end
+            end
+            local dok, derr = ngx.timer.at(0, tick)
+            if dok then dok, derr = ngx.timer.every(1, tick) end
+            if not dok then
+                ngx.log(ngx.ERR, "rsbalancer: cannot start service discovery: ", derr)
+            end
+        end
         local nok, nerr = ngx.timer.every(1, log_notices)
         if not nok then
             ngx.log(ngx.ERR, "rsbalancer: cannot start the node transition log: ", nerr)
@@ -334,7 +350,8 @@ function _M.report(slot, status, latency_s, retry_after_s)
     return true
 end
 
---- peer(slot): ip, port, id, pool, host of a node slot (after a pick).
+--- peer(slot): ip, port, id, pool, host of a node slot (after a pick); an IPv6 ip in
+-- brackets, as set_current_peer wants it.
 function _M.peer(slot)
     local p = peers[slot]
     if not p then return nil end
@@ -1219,6 +1236,11 @@ local NODE_KEYS = { id = "string", addr = "string", weight = "number", backup = 
                     host = "string", scheme = "string", tls_verify = "boolean", headers = "table",
                     model = "string" } -- provider fields: headers as { Name = { env = "VAR" } } only
 
+-- Phases in which add_node may sleep while a host name resolves; the longest wait.
+local YIELDABLE = { rewrite = true, access = true, content = true, timer = true,
+                    ssl_cert = true, ssl_session_fetch = true }
+local LOOKUP_TIMEOUT_S = 10
+
 --- add_node(pool, { id=, addr= [, weight=] [, backup=] }): add a node at run time,
 -- in every worker from its next pick (slow start, nothing learned). Returns its slot,
 -- or nil, err, kind ("not_found", "conflict": id exists or no room, "invalid": a bad
@@ -1241,6 +1263,24 @@ function _M.add_node(pool, node)
     end
     if node.id == nil or node.addr == nil then
         error("bad argument #2 to 'add_node' (id and addr are required)", 2)
+    end
+    -- A host name is resolved on a thread of the library while this request sleeps
+    -- (the worker serves others meanwhile), where the phase lets it sleep.
+    local host = match(node.addr, "^(.+):%d+$")
+    if host and not match(host, "^[%d.]+$") and not match(host, "^%[")
+            and ngx and YIELDABLE[ngx.get_phase()] then
+        local ticket, lerr = bal:lookup_start(node.addr)
+        if not ticket then return nil, lerr, "conflict" end
+        local deadline = ngx.now() + LOOKUP_TIMEOUT_S
+        repeat
+            ngx.sleep(0.005)
+            local addr, aerr = bal:lookup_poll(ticket)
+            if addr then return bal:add_node(pool, node, addr) end
+            if aerr then return nil, "addr: " .. aerr, "invalid" end
+            ngx.update_time()
+        until ngx.now() > deadline
+        return nil, "addr: " .. node.addr .. " did not resolve within "
+                    .. LOOKUP_TIMEOUT_S .. " s", "invalid"
     end
     return bal:add_node(pool, node)
 end
