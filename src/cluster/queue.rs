@@ -129,6 +129,9 @@ pub fn summarize(head: &[(String, f64)], own: &str) -> [(u64, u64); PRIORITIES] 
     out
 }
 
+/// The script's answer: lost, the queue's length, its head (member, score).
+type Reply = (u8, u64, Vec<(String, f64)>);
+
 /// What this gateway's thread last mirrored, per pool name: its members' tickets.
 #[derive(Default)]
 pub struct Mirror {
@@ -219,7 +222,7 @@ impl Mirror {
                 for t in had.iter().filter(|t| !waiting.contains_key(t)) {
                     inv.arg(format!("{gateway}/{t}"));
                 }
-                let reply: Result<(u8, u64, Vec<(String, f64)>), _> = inv.query(conn);
+                let reply: redis::RedisResult<Reply> = inv.query(conn);
                 let (lost, len, head) = match reply {
                     Ok(r) => r,
                     Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {

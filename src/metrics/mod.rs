@@ -388,6 +388,9 @@ fn write_globals(out: &mut String, b: &Balancer) {
     }
 }
 
+/// One figure of the fleet's queue, from the pool's slot at `now`.
+type FleetFigure = fn(&crate::shm::layout::PoolSlot, u64) -> u64;
+
 /// The pool's view of the fleet's queue while it is valid (Acquire pairs with the sync
 /// thread's Release store of `until_ms`).
 fn fresh(ps: &crate::shm::layout::PoolSlot, now: u64) -> Option<&crate::shm::layout::FleetView> {
@@ -410,7 +413,7 @@ fn write_fleet_queue(out: &mut String, b: &Balancer) {
         })
         .filter_map(|p| Some((labels(&[("pool", &p.name)]), region.pool(p.slot)?)))
         .collect();
-    let figures: [(&str, Kind, &str, fn(&crate::shm::layout::PoolSlot, u64) -> u64); 3] = [
+    let figures: [(&str, Kind, &str, FleetFigure); 3] = [
         (
             "rsbalancer_cluster_queue_waiting",
             Kind::Gauge,
