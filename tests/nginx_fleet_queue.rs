@@ -117,16 +117,6 @@ fn wait_admission(g: &Gateway, what: &str, cond: impl Fn(&Value) -> bool) {
     });
 }
 
-fn limits(g: &Gateway) -> Vec<f64> {
-    let r = get(g.port, "/rsbalancer/status").json();
-    r["pools"]["llm"]["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["limit"].as_f64().unwrap().floor())
-        .collect()
-}
-
 fn metric(g: &Gateway, name: &str) -> Option<f64> {
     let text = get(g.port, "/metrics").text();
     text.lines()
