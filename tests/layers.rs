@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["budget", "window", "tally"],
     &["node", "topology", "scrape", "discovery/keep"],
     &["params"],
-    &["admission/queue"],
+    &["admission/queue", "admission/fleet"],
     &["balancer"],
     &[
         "admission",

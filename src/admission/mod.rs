@@ -71,6 +71,7 @@
 //!
 //! Every function takes `now` (coarse monotonic ms): the unit tests drive time by hand.
 
+pub mod fleet;
 pub mod queue;
 
 use std::sync::atomic::{AtomicU32, Ordering};

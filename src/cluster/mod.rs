@@ -30,7 +30,11 @@
 //!   pushing its file's, unless its file changed (the pool's file state has another
 //!   fingerprint than `<prefix>base` records), in which case the new file wins and
 //!   the fleet follows.
-//!
+//! - mirrors each pool's admission queue into the fleet's (`<prefix>q:<pool>`, a
+//!   sorted set by priority then arrival, entries leased per gateway) and brings the
+//!   fleet's head back into shared memory, where local admission keeps a freed slot
+//!   for a higher priority waiting at another gateway: [`queue`] (Redis) and
+//!   `crate::admission::fleet` (the rule);
 //! - judges the pools' emergency mode on the fleet's counts, with one alert per
 //!   transition for the whole fleet (`emergency`).
 //!
@@ -47,6 +51,7 @@
 //! state differs from what it last wrote).
 
 mod emergency;
+pub mod queue;
 mod sync;
 
 pub use sync::{gateway_name, Running};

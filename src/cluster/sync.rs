@@ -137,6 +137,7 @@ fn run(
             }
             Err(e) => {
                 s.conn = None;
+                super::queue::forget(b);
                 b.record_cluster_round(false, 0);
                 *error.lock() = Some(e);
             }
@@ -160,6 +161,8 @@ struct Sync {
     file_fp: HashMap<String, String>,
     /// The fleet's emergency detector.
     detector: Detector,
+    /// This gateway's waiters as mirrored into the fleet's queue (`super::queue`).
+    queue: super::queue::Mirror,
 }
 
 fn unix_ms() -> u64 {
@@ -188,6 +191,7 @@ impl Sync {
             published: HashMap::new(),
             file_fp: HashMap::new(),
             detector: Detector::default(),
+            queue: Default::default(),
         }
     }
 
@@ -316,6 +320,15 @@ impl Sync {
             lease_ms,
         )?;
         alerts.lock().extend(won);
+        let conn = self.conn.as_mut().expect("connected above");
+        self.queue.round(
+            b,
+            conn,
+            &self.cfg.prefix,
+            &self.gateway,
+            self.cfg.sync_ms,
+            unix_ms(),
+        )?;
         Ok(gateways)
     }
 

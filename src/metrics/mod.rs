@@ -65,6 +65,7 @@ use crate::shm::layout::{emergency, flags, LATENCY_BOUNDS_MS, QUEUE_WAIT_BOUNDS_
 use crate::{tally, window};
 
 mod discovery;
+mod fleet;
 mod llm;
 mod queue;
 mod text;
@@ -386,6 +387,7 @@ fn write_globals(out: &mut String, b: &Balancer) {
             family(out, name, kind, help);
             sample(out, name, "", "", v);
         }
+        fleet::write_fleet_queue(out, b);
     }
 }
 

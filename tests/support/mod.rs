@@ -743,6 +743,17 @@ pub const CHAT_BODY: &str = r#"{"model":"mock-llm","messages":[{"role":"user","c
 pub const STREAM_BODY: &str =
     r#"{"model":"mock-llm","stream":true,"messages":[{"role":"user","content":"Say hello."}]}"#;
 
+/// The learned concurrency limits of pool llm's nodes, whole part (0: none learned).
+pub fn limits(g: &Gateway) -> Vec<f64> {
+    let r = get(g.port, "/rsbalancer/status").json();
+    r["pools"]["llm"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["limit"].as_f64().unwrap().floor())
+        .collect()
+}
+
 /// A counter field of a node in a stats document, as u64 (panics if absent).
 pub fn stat(stats: &Value, node: &str, field: &str) -> u64 {
     stats[node][field]
