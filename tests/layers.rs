@@ -26,6 +26,7 @@ const LAYERS: &[&[&str]] = &[
         "provider",
         "scrape/report",
         "cluster",
+        "discovery",
     ],
     &["status", "metrics"],
     &["ffi", "lua", "lib"],

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod consul;
 mod proc;
 pub mod redis;
 pub use proc::*;

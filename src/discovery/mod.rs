@@ -1,0 +1,3 @@
+//! Service discovery (placeholder until the framework lands).
+
+pub mod consul;
