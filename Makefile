@@ -142,7 +142,7 @@ check-config: $(BUILD)/lib/rsbalancer.so
 # cargo-fuzz passes, less the nightly-only sanitizer). --target keeps the flags off
 # build scripts. Seeds: fuzz/seeds/<target> (committed); the growing corpus and crash
 # artifacts: fuzz/corpus, fuzz/artifacts (git-ignored). A crash fails the run.
-FUZZ_TARGETS ?= config admin abi retry_after model scrape ratelimit stream prefix
+FUZZ_TARGETS ?= config admin abi retry_after model scrape ratelimit stream prefix consul
 FUZZ_SECONDS ?= 60
 FUZZ_SMOKE_SECONDS ?= 15
 FUZZ_HOST    := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
