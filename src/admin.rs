@@ -86,7 +86,7 @@ impl From<Error> for AdminError {
 
 /// A config error of the rebuilt config: capacities (`shm.*`) are conflicts, anything
 /// else names a field of the new node (`pools.P.nodes[k].weight` becomes `weight`).
-fn validation_error(e: ConfigError, node_path: &str) -> AdminError {
+pub(crate) fn validation_error(e: ConfigError, node_path: &str) -> AdminError {
     if e.path.starts_with("shm.") {
         return AdminError::Conflict(e.to_string());
     }
@@ -97,7 +97,7 @@ fn validation_error(e: ConfigError, node_path: &str) -> AdminError {
 }
 
 /// The running configuration, rebuilt from the active topology and the live weights.
-fn running_config(region: &Region, topo: &Topology) -> Config {
+pub(crate) fn running_config(region: &Region, topo: &Topology) -> Config {
     let cap = region.capacity();
     let pools: BTreeMap<String, PoolConfig> = topo
         .pools
@@ -119,32 +119,12 @@ fn running_config(region: &Region, topo: &Topology) -> Config {
 
 /// A pool's config as running: its policy as loaded, with its nodes as they are now
 /// (live base weights, the addresses resolved when each was added).
-fn pool_config(region: &Region, p: &PoolTopo) -> PoolConfig {
+pub(crate) fn pool_config(region: &Region, p: &PoolTopo) -> PoolConfig {
     PoolConfig {
         nodes: p
             .nodes
             .iter()
-            .map(|n| {
-                let mut c = NodeConfig {
-                    id: n.id.clone(),
-                    addr: format!("{}:{}", n.host, n.addr.port()),
-                    weight: region
-                        .node(n.slot)
-                        .map_or(1, |s| s.weight.load(Ordering::Relaxed)),
-                    backup: n.backup,
-                    resolved: Some(n.addr),
-                    // Values were read when the node was loaded and are kept in
-                    // process memory (`Secrets`), never in the topology: not read again.
-                    resolved_headers: Some(Vec::new()),
-                    tpm: n.tpm,
-                    rpm: n.rpm,
-                    ..NodeConfig::default()
-                };
-                if let Some(p) = &n.provider {
-                    c.set_provider(p);
-                }
-                c
-            })
+            .map(|n| crate::discovery::keep::node_config(region, n))
             .collect(),
         ..p.policy.clone()
     }
@@ -328,7 +308,7 @@ pub fn apply_state(b: &Balancer, pool: &str, state: &PoolState) -> Result<bool, 
 /// `check` the active topology (before the lock, for a quick refusal, and again
 /// under it), `edit` the running config rebuilt from it, and load the result; drained
 /// nodes stay drained.
-fn change(
+pub(crate) fn change(
     b: &Balancer,
     check: impl Fn(&Topology) -> Result<(), AdminError>,
     edit: impl FnOnce(&mut Config) -> Result<(), AdminError>,

@@ -14,7 +14,7 @@ const LAYERS: &[&[&str]] = &[
     ],
     &["config"],
     &["budget", "window", "tally"],
-    &["node", "topology", "scrape"],
+    &["node", "topology", "scrape", "discovery/keep"],
     &["params"],
     &["admission/queue"],
     &["balancer"],

@@ -251,6 +251,20 @@ function _M.init_worker()
                 ngx.log(ngx.ERR, "rsbalancer: cannot start the cluster sync: ", cerr)
             end
         end
+        if bal:has_discovery() then
+            -- Service discovery: the worker holding the lease runs the sources'
+            -- threads; the first tick at once, so a pool that starts empty fills in.
+            local tick = function(premature)
+                if premature then return end
+                local lines = bal:discovery_tick()
+                for i = 1, #lines do ngx.log(ngx.WARN, "rsbalancer: ", lines[i]) end
+            end
+            local dok, derr = ngx.timer.at(0, tick)
+            if dok then dok, derr = ngx.timer.every(1, tick) end
+            if not dok then
+                ngx.log(ngx.ERR, "rsbalancer: cannot start service discovery: ", derr)
+            end
+        end
         local nok, nerr = ngx.timer.every(1, log_notices)
         if not nok then
             ngx.log(ngx.ERR, "rsbalancer: cannot start the node transition log: ", nerr)

@@ -12,7 +12,8 @@ impl Balancer {
         self.check_capacity(cfg)?;
         let guard = self.region.lock(LOCK_TIMEOUT)?;
         let old = Topology::parse(&self.region.read_text(&guard));
-        self.commit(&guard, &old, cfg, 0)
+        let cfg = crate::discovery::keep::carry_over(&self.region, &old, cfg);
+        self.commit(&guard, &old, &cfg, 0)
     }
 
     /// [`Balancer::create`] for nginx's master at its first start: the config is live
@@ -64,7 +65,8 @@ impl Balancer {
             return Ok(false);
         }
         let old = Topology::parse(&self.region.read_text(&guard));
-        self.commit(&guard, &old, cfg, 0)?;
+        let cfg = crate::discovery::keep::carry_over(&self.region, &old, cfg);
+        self.commit(&guard, &old, &cfg, 0)?;
         // Release pairs with the Acquire in `superseded`: a process that sees the new
         // stage also sees the topology written above.
         applied.store(seq, Ordering::Release);

@@ -64,6 +64,7 @@ use crate::shm::clock;
 use crate::shm::layout::{emergency, flags, LATENCY_BOUNDS_MS, QUEUE_WAIT_BOUNDS_MS};
 use crate::{tally, window};
 
+mod discovery;
 mod llm;
 mod queue;
 mod text;
@@ -282,6 +283,7 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
     write_globals(out, b);
     write_nodes(out, &nodes, &pools);
     write_pools(out, &pools);
+    discovery::write(out, b, &topo);
     Ok(())
 }
 

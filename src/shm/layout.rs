@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 13;
+pub const LAYOUT_VERSION: u32 = 14;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -149,7 +149,12 @@ pub struct Header {
     /// The stage that is live (`Balancer::apply_stage`, run by the first worker of the
     /// new generation); workers of an older stage keep the tables they began with.
     pub applied_stage: AtomicU64,
-    pub _reserved: [AtomicU64; 2],
+    /// Service discovery (`crate::discovery`): pid of the worker whose threads run the
+    /// pools' sources (a lease, as for health checks), 0 when none, and when its lease
+    /// ends (ms).
+    pub discovery_pid: AtomicI32,
+    pub _pad_discovery: u32,
+    pub discovery_until_ms: AtomicU64,
     /// Cluster sync (`crate::cluster`): pid of the worker whose thread talks to Redis
     /// (a lease, as for health checks), 0 when none, and when its lease ends (ms).
     pub cluster_pid: AtomicI32,
@@ -216,8 +221,22 @@ pub struct PoolSlot {
     /// Requests are waiting for a faster node of this pool (`limit.slow_factor`) until
     /// this time (ms): each of their polls pushes it on.
     pub slow_waiting_until_ms: AtomicU64,
-    // --- lines 3-4: unused (was: the retry-budget window; now in `PoolTally`) -----
-    pub _reserved2: [AtomicU64; 16],
+    // --- lines 3-4: service discovery (`crate::discovery`), written by the thread of
+    // the lease holder that runs the pool's source; the rest unused (was: the
+    // retry-budget window; now in `PoolTally`) ----------------------------------------
+    /// When the source last answered (ms, coarse monotonic); 0: never.
+    pub discovery_ok_ms: AtomicU64,
+    /// Answers and failed queries of the source.
+    pub discovery_answers: AtomicU64,
+    pub discovery_errors: AtomicU64,
+    /// Nodes of the last answer used; consecutive failures since the last answer.
+    pub discovery_nodes: AtomicU32,
+    pub discovery_failing: AtomicU32,
+    /// The last failure's text (up to 48 bytes of UTF-8, zero-padded), guarded by
+    /// `discovery_error_seq` (odd while being written: a reader retries or gives up).
+    pub discovery_error_seq: AtomicU64,
+    pub discovery_error: [AtomicU64; 6],
+    pub _reserved2: [AtomicU64; 4],
     // --- line 5: canary and emergency control ----------------------------------
     /// Canary pool slot + 1 (0: no canary).
     pub canary_pool: AtomicU32,
