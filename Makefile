@@ -70,7 +70,8 @@ NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs tests/nginx_canary.rs tests/
                tests/nginx_cluster.rs \
                tests/nginx_headroom.rs \
                tests/nginx_stream.rs \
-               tests/nginx_prefix.rs
+               tests/nginx_prefix.rs \
+               tests/nginx_consul.rs
 RUST_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out $(NGINX_TESTS),$(wildcard tests/*.rs)))
 
 test-rust:

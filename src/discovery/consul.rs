@@ -15,7 +15,7 @@
 //! of waiting for a number the agent may never reach; otherwise the index is used, at
 //! least 1 (an index of 0 from a buggy agent would make every query answer at once).
 //! After a failed query the index is reset too (the agent may have restarted), after
-//! a backoff ([`backoff`]). Answers that come faster than `min_interval_ms` are rate
+//! the framework's backoff (1 s doubling, at most 30 s). Answers that come faster than `min_interval_ms` are rate
 //! limited by a token bucket holding 2 ([`Bucket`]): a burst of changes comes through
 //! at once, churn degrades into polling.
 //!
@@ -42,13 +42,16 @@
 //! ones start slow, removed ones finish their tries.
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use super::run::{Answer, Source};
 use crate::config::consul::ConsulDiscovery;
+use crate::topology::PoolTopo;
 
 /// Largest answer read (bytes).
 pub const MAX_BODY: usize = 8 << 20;
@@ -278,13 +281,6 @@ pub fn next_index(prev: u64, got: u64) -> u64 {
     }
 }
 
-/// The pause before the next query after `failures` failed ones in a row (1, 2, ...):
-/// 250 ms doubling, at most 10 s.
-pub fn backoff(failures: u32) -> Duration {
-    let ms = 250u64.saturating_mul(1 << failures.saturating_sub(1).min(6));
-    Duration::from_millis(ms.min(10_000))
-}
-
 /// A token bucket holding 2 that refills one token per `every`: how long the loop
 /// waits before its next query.
 #[derive(Debug, Clone)]
@@ -349,24 +345,35 @@ pub fn query_path(cfg: &ConsulDiscovery, index: u64) -> String {
     q
 }
 
-/// An answer: `X-Consul-Index` (0 when absent) and the body.
+/// A reply: `X-Consul-Index` (0 when absent) and the body.
 #[derive(Debug)]
-pub struct Answer {
+pub struct Reply {
     pub index: u64,
     pub body: Vec<u8>,
 }
 
-/// One health query at `index` (blocking when > 0), with `token` as `X-Consul-Token`.
-pub fn query(cfg: &ConsulDiscovery, token: Option<&str>, index: u64) -> Result<Answer, String> {
+/// How often a held query looks at `stop` (the framework wants a source to end within
+/// a few seconds of it).
+const STOP_POLL: Duration = Duration::from_millis(250);
+
+/// One health query at `index` (blocking when > 0), with `token` as `X-Consul-Token`;
+/// gives up when `stop` is set.
+pub fn query(
+    cfg: &ConsulDiscovery,
+    token: Option<&str>,
+    index: u64,
+    stop: &AtomicBool,
+) -> Result<Reply, String> {
     let timeout = Duration::from_millis(cfg.timeout_ms.into());
+    // Short texts: the status keeps 48 bytes of the last one.
+    let agent = |e: std::io::Error| format!("agent: {e}");
     let addr = cfg
         .address
         .to_socket_addrs()
-        .map_err(|e| format!("agent {}: {e}", cfg.address))?
+        .map_err(agent)?
         .next()
         .ok_or_else(|| format!("agent {}: no address", cfg.address))?;
-    let mut s =
-        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("agent {}: {e}", cfg.address))?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(agent)?;
     // Consul holds a blocking query up to wait + wait/16.
     let hold = if index > 0 {
         let w = Duration::from_secs(cfg.wait_s.into());
@@ -374,9 +381,9 @@ pub fn query(cfg: &ConsulDiscovery, token: Option<&str>, index: u64) -> Result<A
     } else {
         Duration::ZERO
     };
-    s.set_read_timeout(Some(hold + timeout))
-        .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + hold + timeout;
+    s.set_read_timeout(Some(STOP_POLL)).map_err(agent)?;
+    s.set_write_timeout(Some(timeout)).map_err(agent)?;
     let mut req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: rsbalancer\r\nAccept: application/json\r\nConnection: close\r\n",
         query_path(cfg, index),
@@ -386,19 +393,45 @@ pub fn query(cfg: &ConsulDiscovery, token: Option<&str>, index: u64) -> Result<A
         req.push_str(&format!("X-Consul-Token: {t}\r\n"));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes())
-        .map_err(|e| format!("agent {}: {e}", cfg.address))?;
+    s.write_all(req.as_bytes()).map_err(agent)?;
+    let limit = MAX_HEAD + MAX_BODY + 64 * 1024;
     let mut raw = Vec::new();
-    s.take((MAX_HEAD + MAX_BODY + 64 * 1024) as u64)
-        .read_to_end(&mut raw)
-        .map_err(|e| format!("agent {}: {e}", cfg.address))?;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                raw.extend_from_slice(&buf[..n]);
+                if raw.len() > limit {
+                    return Err(format!("answer of more than {MAX_BODY} bytes"));
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                if stop.load(Ordering::Relaxed) {
+                    return Err("stopped".into());
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!("agent: no answer within {:?}", hold + timeout));
+                }
+            }
+            Err(e) => return Err(agent(e)),
+        }
+    }
+    if raw.is_empty() {
+        return Err("agent: closed without an answer".into());
+    }
     read_response(&raw)
 }
 
 /// Reads a whole HTTP/1.1 response (`Content-Length`, chunked or up to the close): a
 /// 200's `X-Consul-Index` and body, or an error naming the status and the start of
 /// the body.
-pub fn read_response(raw: &[u8]) -> Result<Answer, String> {
+pub fn read_response(raw: &[u8]) -> Result<Reply, String> {
     let end = raw
         .windows(4)
         .take(MAX_HEAD)
@@ -445,7 +478,7 @@ pub fn read_response(raw: &[u8]) -> Result<Answer, String> {
             .collect();
         return Err(format!("HTTP {status}: {}", text.trim()));
     }
-    Ok(Answer { index, body })
+    Ok(Reply { index, body })
 }
 
 fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
@@ -469,6 +502,71 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
         let chunk = b.get(..size).ok_or("truncated chunk")?;
         out.extend_from_slice(chunk);
         b = b.get(size + 2..).ok_or("truncated chunk")?;
+    }
+}
+
+/// The Consul source of one pool: the loop's index and rate limit between queries.
+pub struct ConsulSource {
+    cfg: ConsulDiscovery,
+    index: u64,
+    bucket: Option<Bucket>,
+}
+
+impl ConsulSource {
+    pub fn new(cfg: ConsulDiscovery) -> ConsulSource {
+        ConsulSource {
+            cfg,
+            index: 0,
+            bucket: None,
+        }
+    }
+
+    /// The ACL token, read from this worker's environment at every query (nginx
+    /// passes a variable to its workers only when nginx.conf names it with `env`).
+    fn token(&self) -> Result<Option<String>, String> {
+        match &self.cfg.token_env {
+            None => Ok(None),
+            Some(var) => std::env::var(var)
+                .map(Some)
+                .map_err(|_| format!("token_env {var} unset (add `env {var};`)")),
+        }
+    }
+
+    fn ask(&mut self, stop: &AtomicBool) -> Result<Answer, String> {
+        let token = self.token()?;
+        let reply = query(&self.cfg, token.as_deref(), self.index, stop)?;
+        let parsed = parse(&reply.body, &self.cfg)?;
+        if parsed.nodes.is_empty() && parsed.skipped > 0 {
+            // Instances there, none usable: say why rather than look empty.
+            return Err(parsed.first_skip.unwrap_or_default());
+        }
+        self.index = next_index(self.index, reply.index);
+        let now = Instant::now();
+        let every = Duration::from_millis(self.cfg.min_interval_ms.into());
+        let next = self
+            .bucket
+            .get_or_insert_with(|| Bucket::new(every, now))
+            .take(now);
+        Ok(Answer {
+            nodes: parsed
+                .nodes
+                .into_iter()
+                .map(|n| super::found(n.id, n.addr, n.weight, false))
+                .collect(),
+            next,
+        })
+    }
+}
+
+impl Source for ConsulSource {
+    fn name(&self) -> &'static str {
+        "consul"
+    }
+
+    /// One health query: blocking on the last index, at once on the first (or after a
+    /// reset). A failure resets the index: the agent may have restarted.
+    fn query(&mut self, _pool: &PoolTopo, stop: &AtomicBool) -> Result<Answer, String> {
+        self.ask(stop).inspect_err(|_| self.index = 0)
     }
 }
 
@@ -619,14 +717,6 @@ mod tests {
         assert_eq!(next_index(0, 0), 1);
         assert_eq!(next_index(5, 0), 0);
         assert_eq!(next_index(0, 1), 1);
-    }
-
-    #[test]
-    fn backoff_doubles_to_a_cap() {
-        let ms: Vec<u128> = (1..=9).map(|n| backoff(n).as_millis()).collect();
-        assert_eq!(ms, [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000, 10_000]);
-        assert_eq!(backoff(0).as_millis(), 250);
-        assert_eq!(backoff(u32::MAX).as_millis(), 10_000);
     }
 
     #[test]
