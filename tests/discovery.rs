@@ -53,6 +53,11 @@ fn an_empty_discovery_pool_answers_no_node_then_fills_in() {
     assert_eq!(st["pools"]["p"]["discovery"]["source"], "dns");
 }
 
+/// a (weight 7) and c: the second answer of `nodes_that_stay_keep_their_slot_and_state`.
+fn a_and_c() -> Vec<NodeConfig> {
+    vec![n("a", "127.0.0.1:8001", 7), n("c", "127.0.0.1:8003", 1)]
+}
+
 #[test]
 fn nodes_that_stay_keep_their_slot_and_state() {
     let b = Balancer::create(&config("keep")).unwrap();
@@ -73,13 +78,7 @@ fn nodes_that_stay_keep_their_slot_and_state() {
     assert!(before.requests > 0);
     let gen = b.generation();
     // b leaves, c joins, a stays with another weight.
-    let r = discovery::apply(
-        &b,
-        "p",
-        vec![n("a", "127.0.0.1:8001", 7), n("c", "127.0.0.1:8003", 1)],
-        "dns",
-    )
-    .unwrap();
+    let r = discovery::apply(&b, "p", a_and_c(), "dns").unwrap();
     assert_eq!(
         (r.added.clone(), r.removed.clone(), r.updated.clone()),
         (vec!["c".into()], vec!["b".into()], vec!["a".into()])
@@ -97,13 +96,7 @@ fn nodes_that_stay_keep_their_slot_and_state() {
     );
     // The same answer again changes nothing.
     let g = b.generation();
-    let r = discovery::apply(
-        &b,
-        "p",
-        vec![n("a", "127.0.0.1:8001", 7), n("c", "127.0.0.1:8003", 1)],
-        "dns",
-    )
-    .unwrap();
+    let r = discovery::apply(&b, "p", a_and_c(), "dns").unwrap();
     assert!(!r.changed());
     assert_eq!(b.generation(), g);
 }
@@ -225,4 +218,22 @@ fn nodes_whose_names_do_not_resolve_wait_in_unresolved() {
         .unwrap();
     assert!(d.unresolved.is_empty(), "no longer waiting");
     assert_eq!(t.pool("p").unwrap().nodes[1].host, "no-such-host.invalid");
+}
+
+#[test]
+fn a_found_node_of_weight_zero_moves_and_keeps_its_running_weight() {
+    let b = Balancer::create(&config("keep")).unwrap();
+    discovery::apply(&b, "p", vec![n("a", "127.0.0.1:8001", 6)], "dns").unwrap();
+    let slot = b.node_index("p", "a").unwrap();
+    let mut moved = n("a", "127.0.0.2:8001", 1);
+    moved.weight = 0;
+    let r = discovery::apply(&b, "p", vec![moved], "dns").unwrap();
+    assert_eq!(r.updated, ["a"]);
+    assert_eq!(b.node_index("p", "a").unwrap(), slot);
+    assert_eq!(node::stats(b.region(), slot).weight, 6);
+    let t = b.topology().unwrap();
+    assert_eq!(
+        t.pool("p").unwrap().nodes[0].addr,
+        "127.0.0.2:8001".parse().unwrap()
+    );
 }

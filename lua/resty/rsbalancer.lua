@@ -21,7 +21,7 @@ local native = require "rsbalancer"
 
 local C_ffi_string = ffi.string
 local type, tostring, tonumber, error = type, tostring, tonumber, error
-local byte, sub, find = string.byte, string.sub, string.find
+local byte, sub, find, match = string.byte, string.sub, string.find, string.match
 local ngx_now = ngx and ngx.now
 
 local _M = { version = native.version }
@@ -1228,6 +1228,11 @@ local NODE_KEYS = { id = "string", addr = "string", weight = "number", backup = 
                     host = "string", scheme = "string", tls_verify = "boolean", headers = "table",
                     model = "string" } -- provider fields: headers as { Name = { env = "VAR" } } only
 
+-- Phases in which add_node may sleep while a host name resolves; the longest wait.
+local YIELDABLE = { rewrite = true, access = true, content = true, timer = true,
+                    ssl_cert = true, ssl_session_fetch = true }
+local LOOKUP_TIMEOUT_S = 10
+
 --- add_node(pool, { id=, addr= [, weight=] [, backup=] }): add a node at run time,
 -- in every worker from its next pick (slow start, nothing learned). Returns its slot,
 -- or nil, err, kind ("not_found", "conflict": id exists or no room, "invalid": a bad
@@ -1250,6 +1255,24 @@ function _M.add_node(pool, node)
     end
     if node.id == nil or node.addr == nil then
         error("bad argument #2 to 'add_node' (id and addr are required)", 2)
+    end
+    -- A host name is resolved on a thread of the library while this request sleeps
+    -- (the worker serves others meanwhile), where the phase lets it sleep.
+    local host = match(node.addr, "^(.+):%d+$")
+    if host and not match(host, "^[%d.]+$") and not match(host, "^%[")
+            and ngx and YIELDABLE[ngx.get_phase()] then
+        local ticket, lerr = bal:lookup_start(node.addr)
+        if not ticket then return nil, lerr, "conflict" end
+        local deadline = ngx.now() + LOOKUP_TIMEOUT_S
+        repeat
+            ngx.sleep(0.005)
+            local addr, aerr = bal:lookup_poll(ticket)
+            if addr then return bal:add_node(pool, node, addr) end
+            if aerr then return nil, "addr: " .. aerr, "invalid" end
+            ngx.update_time()
+        until ngx.now() > deadline
+        return nil, "addr: " .. node.addr .. " did not resolve within "
+                    .. LOOKUP_TIMEOUT_S .. " s", "invalid"
     end
     return bal:add_node(pool, node)
 end

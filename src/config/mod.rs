@@ -662,6 +662,13 @@ impl Config {
     }
 }
 
+/// Resolves a node address (`ip:port`, `[v6]:port` or `host:port`) as a config's
+/// are (the system resolver; IPv4 preferred); the error names `addr`. Blocks: call it
+/// off nginx's event loop (`crate::discovery::lookup`).
+pub fn resolve_addr(addr: &str) -> Result<SocketAddr, String> {
+    resolve(addr)
+}
+
 impl ShmConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         check_range("shm", "max_nodes", self.max_nodes, 1..=65_536)?;
@@ -1132,8 +1139,9 @@ mod tests {
 
     #[test]
     fn missing_required_fields_refused() {
+        // `nodes` may be left out with a `discovery` section only.
         let e = err(json!({ "pools": { "deepseek": {} } }));
-        assert_eq!(e, "pools.deepseek: missing field `nodes`");
+        assert_eq!(e, "pools.deepseek.nodes: at least one node is required");
         let e = err(with("/pools/deepseek/nodes/0", json!({ "addr": "127.0.0.1:1" })));
         assert_eq!(e, "pools.deepseek.nodes[0]: missing field `id`");
         let e = err(with("/pools/deepseek/nodes/0", json!({ "id": "a" })));

@@ -160,6 +160,19 @@ impl Source for DnsSource {
     }
 }
 
+/// The address of `host` (IPv4 preferred; `None`: no address) and its TTL (s).
+async fn address(r: &TokioResolver, host: &str) -> Result<(Option<IpAddr>, u32), ResolveError> {
+    let ips = r.lookup_ip(host).await?;
+    let ttl = ips
+        .as_lookup()
+        .records()
+        .iter()
+        .map(|r| r.ttl())
+        .min()
+        .unwrap_or(u32::MAX);
+    Ok((prefer_v4(ips.iter()), ttl))
+}
+
 /// A/AAAA or SRV records of `name`: the nodes and the shortest TTL (s).
 async fn records(
     r: &TokioResolver,
@@ -193,23 +206,16 @@ async fn records(
             }
             RData::SRV(s) if cfg.kind == DnsType::Srv => {
                 let target = s.target().to_utf8();
-                let ips = match r.lookup_ip(s.target().clone()).await {
-                    Ok(ips) => {
-                        ttl = ttl.min(
-                            ips.as_lookup()
-                                .records()
-                                .iter()
-                                .map(|r| r.ttl())
-                                .min()
-                                .unwrap_or(u32::MAX),
-                        );
-                        ips
+                let ip = match address(r, &target).await {
+                    Ok((ip, t)) => {
+                        ttl = ttl.min(t);
+                        ip
                     }
                     // A target without an address is left out this round.
                     Err(e) if e.is_no_records_found() => continue,
                     Err(e) => return Err(format!("{target}: {}", short(&e))),
                 };
-                let Some(ip) = prefer_v4(ips.iter()) else { continue };
+                let Some(ip) = ip else { continue };
                 srv.push((
                     s.priority(),
                     s.weight(),
@@ -239,10 +245,13 @@ async fn names(
     let (mut asked, mut errors, mut last) = (0, 0, String::new());
     let running = pool.nodes.iter().map(|n| {
         (
+            // Weight 0: the node keeps its running weight (`crate::discovery::apply`).
             NodeConfig {
                 id: n.id.clone(),
                 addr: format!("{}:{}", n.host, n.addr.port()),
                 resolved: Some(n.addr),
+                weight: 0,
+                backup: n.backup,
                 ..NodeConfig::default()
             },
             true,
@@ -265,17 +274,10 @@ async fn names(
             continue;
         }
         asked += 1;
-        match r.lookup_ip(host.as_str()).await {
-            Ok(ips) => {
-                ttl = ttl.min(
-                    ips.as_lookup()
-                        .records()
-                        .iter()
-                        .map(|r| r.ttl())
-                        .min()
-                        .unwrap_or(u32::MAX),
-                );
-                match prefer_v4(ips.iter()) {
+        match address(r, &host).await {
+            Ok((ip, t)) => {
+                ttl = ttl.min(t);
+                match ip {
                     Some(ip) => node.resolved = Some(SocketAddr::new(ip, port)),
                     None if !present => continue,
                     None => {}

@@ -49,6 +49,7 @@ use crate::topology::PoolTopo;
 pub mod consul;
 pub mod dns;
 pub mod keep;
+pub mod lookup;
 pub mod run;
 
 pub use run::{Answer, Source};
@@ -132,7 +133,11 @@ pub fn diff(current: &[NodeConfig], found: &[NodeConfig]) -> (Vec<String>, Vec<S
     for f in found {
         match current.iter().find(|c| c.id == f.id) {
             None => added.push(f.id.clone()),
-            Some(c) if c.resolved != f.resolved || c.weight != f.weight || c.backup != f.backup => {
+            Some(c)
+                if c.resolved != f.resolved
+                    || (f.weight != 0 && c.weight != f.weight)
+                    || c.backup != f.backup =>
+            {
                 updated.push(f.id.clone())
             }
             Some(_) => {}
@@ -165,7 +170,9 @@ fn unknown_pool(pool: &str) -> AdminError {
     AdminError::NotFound(format!("unknown pool \"{pool}\""))
 }
 
-/// Make `pool`'s node set what source `source` found (see the module documentation):
+/// Make `pool`'s node set what source `source` found (see the module documentation).
+/// A found node of weight 0 that is in the pool keeps its running weight (a source
+/// that knows addresses only, such as node names re-resolved):
 /// one all-or-nothing reconfiguration, none when nothing changed. Records the answer
 /// in the pool's status. A refused change (the region is full, a bad node) is an
 /// error and changes nothing; the caller records it with [`failed`].
@@ -206,7 +213,7 @@ pub fn apply(b: &Balancer, pool: &str, found: Vec<NodeConfig>, source: &str) -> 
                     Some(r) => NodeConfig {
                         addr: f.addr.clone(),
                         resolved: f.resolved,
-                        weight: f.weight,
+                        weight: if f.weight == 0 { r.weight } else { f.weight },
                         backup: f.backup,
                         ..r.clone()
                     },

@@ -99,7 +99,15 @@ impl Runner {
             .iter()
             .filter(|p| p.policy.discovery.is_some())
             .collect();
-        if wanted.is_empty() || b.superseded() || !b.discovery_lease(LEASE_MS) {
+        if b.superseded() {
+            // A reload's new workers take over at once: a lease of 0 ms has ended.
+            if b.holds_discovery_lease() {
+                b.discovery_lease(0);
+            }
+            self.stop_all();
+            return self.take_lines();
+        }
+        if wanted.is_empty() || !b.discovery_lease(LEASE_MS) {
             self.stop_all();
             return self.take_lines();
         }

@@ -154,6 +154,18 @@ local HTML = [==[<!DOCTYPE html>
     tr.appendChild(td);
     return td;
   }
+  // A discovery pool's source: up or failing, nodes, last answer, last error.
+  function discoveryFacts(d) {
+    var parts = ["discovery " + d.source + ": " + (d.up ? "up" : "FAILING"),
+      num(d.nodes, 0) + " nodes", num(d.answers, 0) + " answers", num(d.errors, 0) + " errors"];
+    if (d.last_success_age_s !== null && d.last_success_age_s !== undefined) {
+      parts.push("last answer " + num(d.last_success_age_s, 0) + " s ago");
+    } else {
+      parts.push("no answer yet");
+    }
+    if (!d.up && d.last_error) parts.push("last error: " + d.last_error);
+    return parts.join(" \u00b7 ");
+  }
   function renderPool(name, p) {
     var box = el("section", "pool");
     box.setAttribute("data-pool", name);
@@ -175,6 +187,7 @@ local HTML = [==[<!DOCTYPE html>
     box.appendChild(h);
     var q = queueFacts(p.admission);
     if (q) box.appendChild(el("div", "admission", q));
+    if (p.discovery) box.appendChild(el("div", "discovery", discoveryFacts(p.discovery)));
     var table = el("table");
     var head = el("tr");
     // A pool that scrapes its nodes' /metrics gets a queue column.
