@@ -15,9 +15,15 @@
 //! of waiting for a number the agent may never reach; otherwise the index is used, at
 //! least 1 (an index of 0 from a buggy agent would make every query answer at once).
 //! After a failed query the index is reset too (the agent may have restarted), after
-//! the framework's backoff (1 s doubling, at most 30 s). Answers that come faster than `min_interval_ms` are rate
-//! limited by a token bucket holding 2 ([`Bucket`]): a burst of changes comes through
-//! at once, churn degrades into polling.
+//! the framework's backoff (1 s doubling, at most 30 s). Answers that come faster
+//! than `min_interval_ms` are rate limited by a token bucket holding 2 ([`Bucket`]):
+//! a burst of changes comes through at once, churn degrades into polling.
+//!
+//! **Where it runs.** On the pool's thread of the worker holding the discovery lease
+//! ([`ConsulSource`] is the framework's `Source`): the query may be held for
+//! `wait_s`, so the socket is read with short timeouts and the query ends within
+//! [`STOP_POLL`] of the framework's stop (lease lost, reload, section changed).
+//! nginx's event loop never waits on Consul.
 //!
 //! **The answer** is parsed in [`parse`], every value from outside bounded there: the
 //! body (at most [`MAX_BODY`] bytes, at most [`MAX_INSTANCES`] entries), ids, addresses,
@@ -35,7 +41,9 @@
 //!   `Weights.Passing` (1 unless set), clamped to 1..=10000;
 //! - skipped when any of its checks is not `passing` (the query asks for `passing`;
 //!   checked again, defensively), when it lacks a configured tag, when it belongs to
-//!   another service, or when its id repeats.
+//!   another service, or when its id repeats. An answer whose instances were all
+//!   skipped is a failure naming the first reason (the last known set stays, and the
+//!   status says why) rather than an empty answer.
 //!
 //! The set then goes through the same all-or-nothing reconfiguration as every other
 //! source (`crate::discovery`): nodes that stay keep what the balancer learned, new
@@ -354,7 +362,7 @@ pub struct Reply {
 
 /// How often a held query looks at `stop` (the framework wants a source to end within
 /// a few seconds of it).
-const STOP_POLL: Duration = Duration::from_millis(250);
+pub const STOP_POLL: Duration = Duration::from_millis(250);
 
 /// One health query at `index` (blocking when > 0), with `token` as `X-Consul-Token`;
 /// gives up when `stop` is set.
