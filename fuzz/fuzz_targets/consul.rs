@@ -15,8 +15,16 @@ fuzz_target!(|data: &[u8]| {
     };
     let cfg = ConsulDiscovery {
         service: "deepseek-api".into(),
-        tags: if first & 1 == 1 { vec!["v1.2".into()] } else { Vec::new() },
-        weight_meta: if first & 2 == 2 { "w".into() } else { "weight".into() },
+        tags: if first & 1 == 1 {
+            vec!["v1.2".into()]
+        } else {
+            Vec::new()
+        },
+        weight_meta: if first & 2 == 2 {
+            "w".into()
+        } else {
+            "weight".into()
+        },
         ..ConsulDiscovery::default()
     };
     let body = if first & 4 == 4 {
@@ -34,7 +42,8 @@ fuzz_target!(|data: &[u8]| {
     for n in &p.nodes {
         assert!(n.id.len() <= 64 && !n.id.is_empty(), "{n:?}");
         assert!(
-            n.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b)),
+            n.id.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b)),
             "{n:?}"
         );
         assert!(ids.insert(n.id.clone()), "{n:?} twice");
