@@ -448,6 +448,46 @@ fn consul_agent_down_keeps_the_last_known_nodes_then_follows_the_restarted_agent
     );
 }
 
+/// The agent's index goes backwards without an outage (a snapshot restored): the
+/// next answer carries a lower `X-Consul-Index`, and the gateway starts its loop
+/// again from index 0 (a query without `index`) instead of waiting for the old
+/// number; changes then arrive again.
+#[test]
+fn consul_index_going_backwards_restarts_the_loop() {
+    let dir = TestDir::new("consul-index");
+    let m = [
+        MockNode::new("a", 20),
+        MockNode::new("b", 20),
+        MockNode::new("c", 20),
+    ];
+    let _mocks = start_mocks(&dir, &m);
+    let consul = Standin::start(StandinOptions {
+        start_index: 900,
+        ..StandinOptions::default()
+    }); // the Consul stand-in
+    consul.register(&ttl_service("a", &m[0], json!({})));
+    let g = start_gateway(&dir, &consul_pool(&consul, json!({"wait_s": 1})));
+    wait_nodes(&g, &["a@standin-node"], 20);
+    let fresh = |c: &Standin| c.queries().iter().filter(|q| !q.contains("index=")).count();
+    let before = fresh(&consul);
+    wait_until(Duration::from_secs(10), "a blocking query", || {
+        consul.last_query().contains("index=90")
+    });
+    consul.set_index(5);
+    consul.register(&ttl_service("b", &m[1], json!({})));
+    wait_nodes(&g, &["a@standin-node", "b@standin-node"], 20);
+    wait_until(Duration::from_secs(10), "a query from index 0", || {
+        fresh(&consul) > before
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "a blocking query at the new index",
+        || consul.last_query().contains("index=6&"),
+    );
+    consul.register(&ttl_service("c", &m[2], json!({})));
+    wait_nodes(&g, &["a@standin-node", "b@standin-node", "c@standin-node"], 20);
+}
+
 /// Weights from the service's meta, a `weight=N` tag, or Consul's Weights.Passing;
 /// the tag filter keeps other versions out; the ACL token, read from the worker's
 /// environment (`env` in nginx.conf), goes with every query.
@@ -480,7 +520,10 @@ fn consul_weights_tags_and_acl_token() {
     std::env::set_var("RSB_TEST_CONSUL_TOKEN", "consul-acl-token-1");
     let g = start_gateway_with(
         &dir,
-        &consul_pool(&consul, json!({"token_env": "RSB_TEST_CONSUL_TOKEN"})),
+        &consul_pool(
+            &consul,
+            json!({"token_env": "RSB_TEST_CONSUL_TOKEN", "datacenter": "dc1"}),
+        ),
         |conf| format!("env RSB_TEST_CONSUL_TOKEN;\n{conf}"),
     );
     wait_nodes(&g, &["a@standin-node", "b@standin-node", "c@standin-node"], 20);
@@ -492,7 +535,10 @@ fn consul_weights_tags_and_acl_token() {
     );
     assert_eq!(consul.last_token().as_deref(), Some("consul-acl-token-1"));
     let q = consul.last_query();
-    assert!(q.contains("passing") && q.contains("tag=v1.2"), "{q}");
+    assert!(
+        q.contains("passing") && q.contains("tag=v1.2") && q.contains("dc=dc1"),
+        "{q}"
+    );
     // Shares follow the weights (p2c draws by weight): a (30) takes more than b (5).
     let answered: Vec<String> = run_parallel(200, 4, |_| g.chat())
         .iter()

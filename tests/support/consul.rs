@@ -37,8 +37,8 @@
 //! - ACLs: started with a token, every request must carry it (`X-Consul-Token`,
 //!   `Authorization: Bearer`, or `?token=`): else 403 "ACL not found".
 //!
-//! Stand-in-only controls (Rust methods, not HTTP): the health queries seen, the last
-//! query string and token, [`Standin::set_index`] (to make an index go backwards, as
+//! Stand-in-only controls (Rust methods, not HTTP): the health queries seen (their
+//! count and query strings), the last token, [`Standin::set_index`] (to make an index go backwards, as
 //! a snapshot restore does), [`Standin::stop`] and [`Standin::restart`] (an agent
 //! that goes away and comes back empty, as one without a data dir does).
 
@@ -129,6 +129,8 @@ struct State {
     by_name: HashMap<String, u64>,
     health_queries: u64,
     last_query: String,
+    /// The last 1000 health queries' path and query string.
+    queries: std::collections::VecDeque<String>,
     last_token: Option<String>,
 }
 
@@ -218,6 +220,18 @@ impl Standin {
     /// The path and query string of the last health query.
     pub fn last_query(&self) -> String {
         self.shared.state.lock().unwrap().last_query.clone()
+    }
+
+    /// The last 1000 health queries (path and query string), oldest first.
+    pub fn queries(&self) -> Vec<String> {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .queries
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The ACL token the last health query carried (none: `None`).
@@ -959,6 +973,11 @@ fn health_service(sh: &Shared, req: &Request, name: &str, token: Option<String>)
         ),
     };
     st.last_token = token;
+    let q = st.last_query.clone();
+    if st.queries.len() == 1000 {
+        st.queries.pop_front();
+    }
+    st.queries.push_back(q);
     let current = |st: &State| *st.by_name.get(name).unwrap_or(&st.index);
     if index > 0 {
         // Jitter of up to wait/16, from the clock's nanoseconds.
