@@ -513,6 +513,15 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
     }
 }
 
+/// An ACL token as it may go into a header: 1..=512 visible ASCII bytes (a CR or LF
+/// would add headers of its own). The reason names no byte of the token.
+fn check_token(t: &str) -> Result<(), &'static str> {
+    if t.is_empty() || t.len() > 512 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("not 1..=512 visible ASCII bytes");
+    }
+    Ok(())
+}
+
 /// The Consul source of one pool: the loop's index and rate limit between queries.
 pub struct ConsulSource {
     cfg: ConsulDiscovery,
@@ -534,9 +543,12 @@ impl ConsulSource {
     fn token(&self) -> Result<Option<String>, String> {
         match &self.cfg.token_env {
             None => Ok(None),
-            Some(var) => std::env::var(var)
-                .map(Some)
-                .map_err(|_| format!("token_env {var} unset (add `env {var};`)")),
+            Some(var) => {
+                let t =
+                    std::env::var(var).map_err(|_| format!("token_env {var} unset (add `env {var};`)"))?;
+                check_token(&t).map_err(|m| format!("token_env {var}: {m}"))?;
+                Ok(Some(t))
+            }
         }
     }
 
@@ -744,6 +756,14 @@ mod tests {
         let mut off = Bucket::new(Duration::ZERO, t0);
         for _ in 0..5 {
             assert_eq!(off.take(t0), Duration::ZERO);
+        }
+    }
+
+    #[test]
+    fn tokens_that_would_break_the_header_are_refused() {
+        assert!(check_token("b1gs3cr3t-0000-4f5e-9a1b-123456789abc").is_ok());
+        for bad in ["", "a\r\nX-Evil: 1", "a b", "\u{e9}", &"x".repeat(513)] {
+            assert!(check_token(bad).is_err(), "{bad:?}");
         }
     }
 
