@@ -93,24 +93,7 @@ fn metrics(g: &Gateway) -> String {
 /// The discovery line of pool llm on the status page as headless Chromium renders it
 /// (`--dump-dom`; Debian's `chromium`, as tests/nginx_admin.rs).
 fn page_discovery_line(g: &Gateway, dir: &TestDir) -> String {
-    let profile = dir.path().join("chromium-profile");
-    let out = std::process::Command::new("chromium")
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
-        .args([
-            "--disable-dev-shm-usage",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("http://127.0.0.1:{}/rsbalancer/status", g.port))
-        .output()
-        .expect("run chromium (Debian: apt-get install chromium; make deps)");
-    assert!(
-        out.status.success(),
-        "chromium: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    let dom = status_page_dom(g, dir);
     dom.split("<div class=\"discovery\">")
         .nth(1)
         .and_then(|d| d.split("</div>").next())
@@ -533,4 +516,27 @@ fn the_admin_api_resolves_a_new_nodes_name_on_a_thread() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("addr"), "{}", r.text());
     assert_eq!(ids(&g), ["a", "b"]);
+}
+
+#[test]
+fn aaaa_records_give_ipv6_nodes() {
+    let _s = serial();
+    let dir = TestDir::new("disc-aaaa");
+    let shared = free_port();
+    let mocks = [mock_at("a", "[::1]", shared)];
+    let _m = start_mocks(&dir, &mocks);
+    let dns = Dnsmasq::start(&dir, "::1 llm.test\n", 1, &[]);
+    let g = start_gateway(
+        &dir,
+        &pool(
+            json!({ "name": "llm.test", "type": "AAAA", "port": shared, "min_ttl_s": 1,
+                    "nameservers": [dns.addr()] }),
+            json!({}),
+        ),
+    );
+    let id = format!("::1:{shared}");
+    wait_ids(&g, &[&id]);
+    assert_eq!(node(&g, &id)["addr"], format!("[::1]:{shared}"));
+    let r = g.chat();
+    assert_eq!((r.status, r.header("X-Node")), (200, Some("a")), "{}", r.text());
 }

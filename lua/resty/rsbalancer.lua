@@ -138,7 +138,9 @@ local function sync()
         local nodes = bal:nodes(name)
         for j = 1, #nodes do
             local n = nodes[j]
-            new_peers[n.slot] = { n.ip, n.port, n.id, name, n.host }
+            -- set_current_peer wants an IPv6 address in brackets.
+            local ip = find(n.ip, ":", 1, true) and "[" .. n.ip .. "]" or n.ip
+            new_peers[n.slot] = { ip, n.port, n.id, name, n.host }
         end
     end
     canary.sync(configs, topo)
@@ -343,7 +345,8 @@ function _M.report(slot, status, latency_s, retry_after_s)
     return true
 end
 
---- peer(slot): ip, port, id, pool, host of a node slot (after a pick).
+--- peer(slot): ip, port, id, pool, host of a node slot (after a pick); an IPv6 ip in
+-- brackets, as set_current_peer wants it.
 function _M.peer(slot)
     local p = peers[slot]
     if not p then return nil end

@@ -652,6 +652,29 @@ pub fn start_gateway_conf(dir: &TestDir, port: u16, conf: &Path, json_path: Path
     }
 }
 
+/// The status page of `g` as headless Chromium renders it (`--dump-dom`; Debian's
+/// `chromium`, which `make deps` installs; fails loudly without it).
+pub fn status_page_dom(g: &Gateway, dir: &TestDir) -> String {
+    let profile = dir.path().join("chromium-profile");
+    let out = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        .args([
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("http://127.0.0.1:{}/rsbalancer/status", g.port))
+        .output()
+        .expect("run chromium (Debian: apt-get install chromium; make deps)");
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// `PUT /rsbalancer/pools/llm/nodes/<id>` with `{"drain": on}` of pool "llm" (the admin API).
 pub fn drain(g: &Gateway, id: &str, on: bool) {
     let r = http(
