@@ -70,7 +70,8 @@ NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs tests/nginx_canary.rs tests/
                tests/nginx_cluster.rs tests/nginx_fleet_queue.rs tests/nginx_discovery.rs \
                tests/nginx_headroom.rs \
                tests/nginx_stream.rs \
-               tests/nginx_prefix.rs
+               tests/nginx_prefix.rs \
+               tests/nginx_consul.rs
 RUST_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out $(NGINX_TESTS),$(wildcard tests/*.rs)))
 
 test-rust:
@@ -143,7 +144,7 @@ check-config: $(BUILD)/lib/rsbalancer.so
 # cargo-fuzz passes, less the nightly-only sanitizer). --target keeps the flags off
 # build scripts. Seeds: fuzz/seeds/<target> (committed); the growing corpus and crash
 # artifacts: fuzz/corpus, fuzz/artifacts (git-ignored). A crash fails the run.
-FUZZ_TARGETS ?= config admin abi retry_after model scrape ratelimit stream prefix
+FUZZ_TARGETS ?= config admin abi retry_after model scrape ratelimit stream prefix consul
 FUZZ_SECONDS ?= 60
 FUZZ_SMOKE_SECONDS ?= 15
 FUZZ_HOST    := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')

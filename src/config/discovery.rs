@@ -29,6 +29,9 @@ pub struct DiscoveryConfig {
     /// DNS: a name's A, AAAA or SRV records, or the pool's own node names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsDiscovery>,
+    /// Consul: the passing instances of a service (`crate::discovery::consul`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consul: Option<super::consul::ConsulDiscovery>,
     /// What an answer with no node does: `keep` (default) the last known set, or
     /// `empty` the pool.
     #[serde(default)]
@@ -113,6 +116,8 @@ impl DiscoveryConfig {
     pub fn source_name(&self) -> &'static str {
         if self.dns.is_some() {
             "dns"
+        } else if self.consul.is_some() {
+            "consul"
         } else {
             "none"
         }
@@ -121,7 +126,7 @@ impl DiscoveryConfig {
     /// Whether the source gives the pool's whole node set (then `nodes` is empty and
     /// the pool starts empty), rather than the addresses of its configured nodes.
     pub fn owns_nodes(&self) -> bool {
-        self.dns.as_ref().is_some_and(|d| d.name.is_some())
+        self.dns.as_ref().is_some_and(|d| d.name.is_some()) || self.consul.is_some()
     }
 
     /// Whether the source re-resolves the names of the pool's own nodes.
@@ -131,15 +136,21 @@ impl DiscoveryConfig {
 
     /// Checks every field; `path` is `pools.NAME.discovery`.
     pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
-        let sources = [self.dns.is_some()].iter().filter(|&&s| s).count();
+        let sources = [self.dns.is_some(), self.consul.is_some()]
+            .iter()
+            .filter(|&&s| s)
+            .count();
         if sources != 1 {
             return Err(ConfigError::new(
                 path,
-                format!("{sources} sources given: exactly one is required (dns)"),
+                format!("{sources} sources given: exactly one is required (dns or consul)"),
             ));
         }
         if let Some(d) = &self.dns {
             d.validate(&format!("{path}.dns"))?;
+        }
+        if let Some(c) = &self.consul {
+            c.validate(&format!("{path}.consul"))?;
         }
         Ok(())
     }

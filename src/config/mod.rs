@@ -55,6 +55,7 @@ pub(crate) mod admission;
 mod canary;
 mod check;
 pub mod cluster;
+pub mod consul;
 pub mod discovery;
 pub mod emergency;
 mod policies;

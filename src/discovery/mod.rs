@@ -46,6 +46,7 @@ use crate::shm::clock;
 use crate::shm::layout::PoolSlot;
 use crate::topology::PoolTopo;
 
+pub mod consul;
 pub mod dns;
 pub mod keep;
 pub mod lookup;

@@ -60,6 +60,9 @@ pub fn source_for(pool: &str, d: &DiscoveryConfig) -> Option<Box<dyn Source>> {
     if let Some(dns) = &d.dns {
         return Some(Box::new(super::dns::DnsSource::new(dns.clone())));
     }
+    if let Some(c) = &d.consul {
+        return Some(Box::new(super::consul::ConsulSource::new(c.clone())));
+    }
     None
 }
 

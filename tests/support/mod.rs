@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod consul;
 pub mod dnsmasq;
 mod proc;
 pub mod redis;
