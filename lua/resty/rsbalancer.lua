@@ -509,21 +509,43 @@ end
 local by_request = {}
 local warned_rounds = false -- log() said once that rounds lack their location
 
--- Request state kept in ngx.ctx.rsb across the balancer and log phases. Tries of the
--- current round are items `first`.. of nginx's upstream lists, shifted by `offset`.
-local function request_state(ctx, pool)
-    local st = ctx.rsb
+-- The request's state, or nil: by_request by the request's address, not ngx.ctx (whose
+-- table, made on a request's first use and released at its end, cost more than all
+-- of rsbalancer's own per-request work measured by scripts/bench-instructions.sh).
+-- An entry older than the request is one a request at the same address left behind
+-- (its log phase never ran): not this request's.
+local req_start_time
+local function current_state()
+    local k = request_key()
+    local st = by_request[k]
+    if st and st.start < req_start_time() then
+        by_request[k] = nil
+        return nil
+    end
+    return st, k
+end
+
+-- Request state kept across the balancer and log phases. Tries of the current round
+-- are items `first`.. of nginx's upstream lists, shifted by `offset`.
+local function request_state(pool)
+    if not req_start_time then req_start_time = ngx.req.start_time end
+    local st, k = current_state()
     if not st then
         -- nginx's cached time (updated once per event-loop turn) is precise enough
         -- for a retry deadline; no clock call per request.
         st = { pool = pool, tried = {}, n = 0, reported = 0, start = ngx.now(),
                arm = false, arm_pool = false, rounds = 0, offset = 0 }
-        ctx.rsb = st
-        local k = request_key()
+        k = k or request_key()
         st.rkey = k
         by_request[k] = st
     end
     return st
+end
+
+-- The request's state in the phases that never make it (log, filters).
+local function state()
+    if not req_start_time then return nil end -- no request has made one yet
+    return (current_state())
 end
 
 -- The arm of this request (pool index and name to pick from: `pool` or its canary),
@@ -666,8 +688,7 @@ function _M.balance(pool, key)
     if not idx then
         error("bad argument #1 to 'balance' (unknown pool " .. tostring(pool) .. ")", 2)
     end
-    local ctx = ngx.ctx
-    local st = request_state(ctx, pool)
+    local st = request_state(pool)
     local aidx, apool = arm_of(st, pool, idx)
     local tried, n = st.tried, st.n
     local slot
@@ -794,7 +815,7 @@ function _M.admit(pool, priority)
         error("bad argument #2 to 'admit' (priority " .. PRIORITY_MIN .. ".." .. PRIORITY_MAX
               .. " expected, got " .. tostring(priority) .. ")", 2)
     end
-    local st = request_state(ngx.ctx, pool)
+    local st = request_state(pool)
     st.priority = priority
     local aidx, apool = arm_of(st, pool, idx)
     if aidx ~= idx and C_available(handle, aidx, wait_buf) ~= RSB_OK then
@@ -830,7 +851,7 @@ function _M.header_filter()
     local status = ngx.status
     if status < 429 then return end
     if status ~= 429 and status ~= 503 then return end
-    local st = ngx.ctx.rsb
+    local st = state()
     if not st or st.n == 0 or not st.arm then return end
     local h = ngx.header
     if h["Retry-After"] then return end
@@ -866,7 +887,7 @@ end
 local TRUNCATED = 502
 local SSE, JSON = 1, 2
 function _M.body_filter()
-    local st = ngx.ctx.rsb
+    local st = state()
     if not st then return end
     local arg = ngx.arg
     st.eof = arg[2]
@@ -949,7 +970,7 @@ end
 -- cost more than the rest of the request's Lua (measured: ~1.6 us of CPU per request
 -- in the gateway overhead benchmark). Anything else reads nginx's upstream variables.
 function _M.log()
-    local st = ngx.ctx.rsb
+    local st = state()
     if not st then return end
     local n = st.n
     if n > 0 then
@@ -1041,7 +1062,6 @@ function _M.round(pool)
         -- nginx's own 502/504 for a request rsbalancer holds no state of.
         return admission.answer(502, "upstream_failed")
     end
-    ngx.ctx.rsb = st -- log() reports and releases whatever happens next
     if st.pool ~= pool then
         error("bad argument #1 to 'round' (the request is in pool " .. st.pool .. ", not " .. pool .. ")", 2)
     end
@@ -1105,7 +1125,7 @@ end
 --- arm(): "canary" or "primary" for the current request once admit() or balance()
 -- chose its arm, else nil (e.g. for a response header or an access log variable).
 function _M.arm()
-    local st = ngx.ctx.rsb
+    local st = state()
     if not st or not st.arm then return nil end
     return st.arm_pool == st.pool and "primary" or "canary"
 end
