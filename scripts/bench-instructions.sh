@@ -9,6 +9,8 @@
 # instructions per request and the ratio to native nginx. Timings are never asserted.
 #
 #   scripts/bench-instructions.sh          (make bench runs it after bench-gateway.sh)
+#   RSB_BENCH_IR_KEEP=/some/dir            keep each gateway's callgrind output there
+#                                          (callgrind_annotate --inclusive=yes FILE)
 #   RSB_BENCH_IR_ONLY="ovh-gw0 ovh-gw2"    some gateways only (0 native, 1 rsbalancer
 #                                          p2c_ewma, 2 weighted_random, 3 seed, floor0
 #                                          floor1: below)
@@ -101,6 +103,7 @@ for name in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-floor0 ovh-floor1; do
     kill "$vp"; wait "$vp" 2>/dev/null || true
     f=$(grep -l "Trigger: dump" "$out"* | head -1)
     ir=$(awk '/^summary:/ {print $2; exit}' "$f")
+    [ -n "${RSB_BENCH_IR_KEEP:-}" ] && mkdir -p "$RSB_BENCH_IR_KEEP" && cp "$f" "$RSB_BENCH_IR_KEEP/$name.callgrind"
     rm -f "$out"*
     per=$((ir / reqs))
     [ -z "$native" ] && native=$per

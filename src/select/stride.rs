@@ -7,9 +7,8 @@
 //! a heavy node's turns are interleaved with the others' instead of bunched: the
 //! smoothness of nginx's smooth weighted round robin ([`Swrr`](super::Swrr), which is
 //! O(n) per pick), in another order. Stride scheduling is Waldspurger and Weihl,
-//! "Stride Scheduling: Deterministic Proportional-Share Resource Management" (1995);
-//! it is the deadline-ordered weighted round robin that measured 16 / 76 ns per pick at
-//! 8 / 4,096 nodes where smooth WRR took 7 / 2,057.
+//! "Stride Scheduling: Deterministic Proportional-Share Resource Management" (1995),
+//! the deadline-ordered weighted round robin. Measured figures: docs/benchmarks.md.
 //!
 //! Initial passes are spread by the golden ratio (`frac(i * φ) * stride`), so nodes of
 //! equal weight do not all fall due at the same virtual time: weights {5, 1, 1} give
