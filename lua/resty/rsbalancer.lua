@@ -525,6 +525,24 @@ local function current_state()
     return st, k
 end
 
+-- States log() is done with, emptied, for the next requests: a table and its `tried`
+-- list made per request, and the garbage collection they drive, cost about 900
+-- instructions per request (scripts/bench-instructions.sh). At most FREE_MAX kept.
+local clear_tab = require "table.clear"
+local FREE_MAX = 256
+local free_states, nfree = {}, 0
+
+-- Empties st and keeps it for reuse; nothing may use it afterwards.
+local function recycle(st)
+    if nfree >= FREE_MAX then return end
+    local tried = st.tried
+    clear_tab(tried)
+    clear_tab(st)
+    st.tried = tried
+    nfree = nfree + 1
+    free_states[nfree] = st
+end
+
 -- Request state kept across the balancer and log phases. Tries of the current round
 -- are items `first`.. of nginx's upstream lists, shifted by `offset`.
 local function request_state(pool)
@@ -533,8 +551,16 @@ local function request_state(pool)
     if not st then
         -- nginx's cached time (updated once per event-loop turn) is precise enough
         -- for a retry deadline; no clock call per request.
-        st = { pool = pool, tried = {}, n = 0, reported = 0, start = ngx.now(),
-               arm = false, arm_pool = false, rounds = 0, offset = 0 }
+        if nfree > 0 then
+            st = free_states[nfree]
+            free_states[nfree] = nil
+            nfree = nfree - 1
+            st.pool, st.n, st.reported, st.start = pool, 0, 0, ngx.now()
+            st.arm, st.arm_pool, st.rounds, st.offset = false, false, 0, 0
+        else
+            st = { pool = pool, tried = {}, n = 0, reported = 0, start = ngx.now(),
+                   arm = false, arm_pool = false, rounds = 0, offset = 0 }
+        end
         k = k or request_key()
         st.rkey = k
         by_request[k] = st
@@ -1015,6 +1041,7 @@ function _M.log()
                 "ended in nginx's 502: add `error_page 502 504 = @rsb_round;` and the ",
                 "@rsb_round location (docs/balancing.md, \"Rounds\"), or set retry.rounds to 0")
     end
+    recycle(st)
 end
 
 -- How many items an nginx upstream list ("429, 502 : 200") holds.
