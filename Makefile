@@ -90,7 +90,9 @@ test-nginx: $(BUILD)/lib/rsbalancer.so
 bench: deps build
 	$(CARGO) bench --no-default-features --bench select
 	$(CARGO) bench --no-default-features --bench metrics
+	$(CARGO) bench --no-default-features --bench scale
 	@scripts/bench-lua.sh
+	@scripts/bench-nginx-pick.sh
 	@scripts/bench-gateway.sh
 	$(CARGO) bench --no-default-features --bench cluster
 	@scripts/bench-instructions.sh

@@ -531,21 +531,69 @@ end
 local by_request = {}
 local warned_rounds = false -- log() said once that rounds lack their location
 
--- Request state kept in ngx.ctx.rsb across the balancer and log phases. Tries of the
--- current round are items `first`.. of nginx's upstream lists, shifted by `offset`.
-local function request_state(ctx, pool)
-    local st = ctx.rsb
+-- The request's state, or nil: by_request by the request's address, not ngx.ctx (whose
+-- table, made on a request's first use and released at its end, cost more than all
+-- of rsbalancer's own per-request work measured by scripts/bench-instructions.sh).
+-- An entry older than the request is one a request at the same address left behind
+-- (its log phase never ran): not this request's.
+local req_start_time
+local function current_state()
+    local k = request_key()
+    local st = by_request[k]
+    if st and st.start < req_start_time() then
+        by_request[k] = nil
+        return nil
+    end
+    return st, k
+end
+
+-- States log() is done with, emptied, for the next requests: a table and its `tried`
+-- list made per request, and the garbage collection they drive, cost about 900
+-- instructions per request (scripts/bench-instructions.sh). At most FREE_MAX kept.
+local clear_tab = require "table.clear"
+local FREE_MAX = 256
+local free_states, nfree = {}, 0
+
+-- Empties st and keeps it for reuse; nothing may use it afterwards.
+local function recycle(st)
+    if nfree >= FREE_MAX then return end
+    local tried = st.tried
+    clear_tab(tried)
+    clear_tab(st)
+    st.tried = tried
+    nfree = nfree + 1
+    free_states[nfree] = st
+end
+
+-- Request state kept across the balancer and log phases. Tries of the current round
+-- are items `first`.. of nginx's upstream lists, shifted by `offset`.
+local function request_state(pool)
+    if not req_start_time then req_start_time = ngx.req.start_time end
+    local st, k = current_state()
     if not st then
         -- nginx's cached time (updated once per event-loop turn) is precise enough
         -- for a retry deadline; no clock call per request.
-        st = { pool = pool, tried = {}, n = 0, reported = 0, start = ngx.now(),
-               arm = false, arm_pool = false, rounds = 0, offset = 0 }
-        ctx.rsb = st
-        local k = request_key()
+        if nfree > 0 then
+            st = free_states[nfree]
+            free_states[nfree] = nil
+            nfree = nfree - 1
+            st.pool, st.n, st.reported, st.start = pool, 0, 0, ngx.now()
+            st.arm, st.arm_pool, st.rounds, st.offset = false, false, 0, 0
+        else
+            st = { pool = pool, tried = {}, n = 0, reported = 0, start = ngx.now(),
+                   arm = false, arm_pool = false, rounds = 0, offset = 0 }
+        end
+        k = k or request_key()
         st.rkey = k
         by_request[k] = st
     end
     return st
+end
+
+-- The request's state in the phases that never make it (log, filters).
+local function state()
+    if not req_start_time then return nil end -- no request has made one yet
+    return (current_state())
 end
 
 -- The arm of this request (pool index and name to pick from: `pool` or its canary),
@@ -688,8 +736,7 @@ function _M.balance(pool, key)
     if not idx then
         error("bad argument #1 to 'balance' (unknown pool " .. tostring(pool) .. ")", 2)
     end
-    local ctx = ngx.ctx
-    local st = request_state(ctx, pool)
+    local st = request_state(pool)
     local aidx, apool = arm_of(st, pool, idx)
     local tried, n = st.tried, st.n
     local slot
@@ -816,7 +863,7 @@ function _M.admit(pool, priority)
         error("bad argument #2 to 'admit' (priority " .. PRIORITY_MIN .. ".." .. PRIORITY_MAX
               .. " expected, got " .. tostring(priority) .. ")", 2)
     end
-    local st = request_state(ngx.ctx, pool)
+    local st = request_state(pool)
     st.priority = priority
     local aidx, apool = arm_of(st, pool, idx)
     if aidx ~= idx and C_available(handle, aidx, wait_buf) ~= RSB_OK then
@@ -852,7 +899,7 @@ function _M.header_filter()
     local status = ngx.status
     if status < 429 then return end
     if status ~= 429 and status ~= 503 then return end
-    local st = ngx.ctx.rsb
+    local st = state()
     if not st or st.n == 0 or not st.arm then return end
     local h = ngx.header
     if h["Retry-After"] then return end
@@ -888,7 +935,7 @@ end
 local TRUNCATED = 502
 local SSE, JSON = 1, 2
 function _M.body_filter()
-    local st = ngx.ctx.rsb
+    local st = state()
     if not st then return end
     local arg = ngx.arg
     st.eof = arg[2]
@@ -971,7 +1018,7 @@ end
 -- cost more than the rest of the request's Lua (measured: ~1.6 us of CPU per request
 -- in the gateway overhead benchmark). Anything else reads nginx's upstream variables.
 function _M.log()
-    local st = ngx.ctx.rsb
+    local st = state()
     if not st then return end
     local n = st.n
     if n > 0 then
@@ -1016,6 +1063,7 @@ function _M.log()
                 "ended in nginx's 502: add `error_page 502 504 = @rsb_round;` and the ",
                 "@rsb_round location (docs/balancing.md, \"Rounds\"), or set retry.rounds to 0")
     end
+    recycle(st)
 end
 
 -- How many items an nginx upstream list ("429, 502 : 200") holds.
@@ -1063,7 +1111,6 @@ function _M.round(pool)
         -- nginx's own 502/504 for a request rsbalancer holds no state of.
         return admission.answer(502, "upstream_failed")
     end
-    ngx.ctx.rsb = st -- log() reports and releases whatever happens next
     if st.pool ~= pool then
         error("bad argument #1 to 'round' (the request is in pool " .. st.pool .. ", not " .. pool .. ")", 2)
     end
@@ -1127,7 +1174,7 @@ end
 --- arm(): "canary" or "primary" for the current request once admit() or balance()
 -- chose its arm, else nil (e.g. for a response header or an access log variable).
 function _M.arm()
-    local st = ngx.ctx.rsb
+    local st = state()
     if not st or not st.arm then return nil end
     return st.arm_pool == st.pool and "primary" or "canary"
 end
