@@ -472,6 +472,11 @@ fn post_answered_429_is_retried_and_counted_as_busy() {
         &[("quota", nodes[0].addr(), 90), ("ok", nodes[1].addr(), 10)],
     );
     cfg["pools"]["llm"]["retry"] = generous_retries(3, false);
+    // Spend the quota node's one token directly: the gateway's first try on it is a
+    // 429. (Served first through the gateway, its cold first answer could be slow
+    // enough for the balancer to rank it a slow node and send it nothing more.)
+    let spent = post(nodes[0].port, "/v1/chat/completions", CHAT_BODY);
+    assert_eq!(spent.status, 200, "{}", spent.text());
     let g = start_gateway(&dir, &cfg);
     let results = load(&g, 20, 1);
     assert!(
