@@ -35,6 +35,7 @@ pub mod canary;
 pub mod cluster;
 pub mod config;
 pub mod emergency;
+pub mod fleet;
 #[allow(unsafe_code)]
 pub mod ffi;
 pub mod headers;

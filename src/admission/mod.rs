@@ -130,7 +130,7 @@ pub fn capacity(region: &Region, slots: &[&[u32]], now: u64) -> Result<Cap, u64>
             continue;
         }
         any = true;
-        let limit = n.limit.load(Ordering::Relaxed);
+        let limit = crate::fleet::cap(n, now);
         if limit == 0 {
             return Ok(UNLIMITED.into());
         }

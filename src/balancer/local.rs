@@ -183,10 +183,12 @@ impl NodeView for View<'_> {
         }
         // The limit and in-flight count loaded once for both questions.
         let (limit, inflight) = (
-            n.limit.load(Ordering::Relaxed),
+            crate::fleet::cap(n, self.now_ms),
             n.inflight.load(Ordering::Relaxed),
         );
-        node::available_with(n, self.now_ms, limit, inflight)
+        // At its cap: counted as this gateway's unmet demand (`crate::fleet`).
+        crate::fleet::under_cap(n, limit, inflight)
+            && node::available_with(n, self.now_ms, limit, inflight)
             && self
                 .confirmed
                 .is_none_or(|want| node::confirmed_slot(self.region, slot, limit, inflight) == want)
@@ -339,7 +341,7 @@ impl LocalPool {
             t.slots.iter().any(|&s| {
                 region
                     .node(s)
-                    .is_some_and(|n| n.limit.load(Ordering::Relaxed) != 0)
+                    .is_some_and(|n| crate::fleet::cap(n, now) != 0)
             })
         });
         self.next_refresh_ms = now + self.policy.refresh_ms as u64;

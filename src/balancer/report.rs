@@ -147,8 +147,10 @@ impl Balancer {
                             ps.limit_min.load(Ordering::Relaxed),
                             ps.limit_max.load(Ordering::Relaxed),
                         );
+                        // In cluster mode the limit is the fleet's: its tries count too.
+                        let fleet_inflight = inflight + crate::fleet::remote_inflight(n, now);
                         let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                            Some(limit::limit_after_busy(l, inflight, min, max))
+                            Some(limit::limit_after_busy(l, fleet_inflight, min, max))
                         });
                         // Counts against the cost as twice the node's mean served latency (at
                         // most the penalty), not as a failure: the node is fine, just full. The
@@ -177,8 +179,9 @@ impl Balancer {
                         ps.limit_increase_every.load(Ordering::Relaxed),
                         ps.limit_max.load(Ordering::Relaxed),
                     );
+                    let fleet_inflight = inflight + crate::fleet::remote_inflight(n, now);
                     let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                        Some(limit::limit_after_success(l, inflight, every, max))
+                        Some(limit::limit_after_success(l, fleet_inflight, every, max))
                     });
                 }
                 if n.ejections.load(Ordering::Relaxed) != 0

@@ -43,6 +43,7 @@
 //! cooldowns by maximum, and admin changes made meanwhile are written (this gateway's
 //! state differs from what it last wrote).
 
+mod shares;
 mod sync;
 
 pub use sync::{gateway_name, Running};

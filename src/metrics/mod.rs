@@ -64,6 +64,7 @@ use crate::shm::clock;
 use crate::shm::layout::{emergency, flags, LATENCY_BOUNDS_MS, QUEUE_WAIT_BOUNDS_MS};
 use crate::{tally, window};
 
+mod fleet;
 mod llm;
 mod queue;
 mod text;
@@ -109,6 +110,8 @@ struct NodeSnap {
     queue: Option<crate::scrape::Snapshot>,
     /// Provider headroom and budget (`crate::headroom`).
     headroom: crate::headroom::Figures,
+    /// Cluster mode's shares (`crate::fleet`).
+    fleet: crate::fleet::Figures,
     /// Stream signals (`crate::stream`): estimates in seconds (0: never measured).
     ttft_s: f64,
     tpot_s: f64,
@@ -228,6 +231,7 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
                     .as_ref()
                     .map(|s| crate::scrape::snapshot(slot, now, s.fresh_ms())),
                 headroom: st.headroom,
+                fleet: st.fleet,
                 ttft_s: secs(&slot.ttft),
                 tpot_s: secs(&slot.tpot),
                 queue_s: secs(&slot.preamble),
@@ -538,6 +542,7 @@ fn write_nodes(out: &mut String, nodes: &[NodeSnap], pools: &[PoolSnap]) {
         .collect();
     queue::write(out, &scraped);
     write_headroom(out, nodes);
+    fleet::write(out, nodes);
     simple_families(out, nodes, node_labels, &NODE_STREAM);
     labelled_family(
         out,

@@ -72,6 +72,7 @@
 --
 -- Runtime overrides (all workers, until changed back; "" or "default" clears one):
 --   POST /mock/set?fail=503&latency_ms=500&max_conc=2   (keys: the names above minus mock_)
+--   POST /mock/set?reset_peak=1   peak_inflight starts over from the requests in flight now
 --   GET  /mock/state   -> {"node":..,"inflight":..,"served":..,"rejected":..,"received":..,
 --                          "health_checks":..,"last_retry_after":..,"knobs":{..}}
 --     received: requests other than /health, /mock/set and /mock/state (every try a gateway
@@ -488,6 +489,11 @@ end
 local function set_knobs(node)
     local args = ngx.req.get_uri_args()
     local changed = {}
+    if args.reset_peak then
+        -- Measure peak_inflight from now: the requests in flight now are its start.
+        dict:set("peak:" .. node, dict:get("conc:" .. node) or 0)
+        changed[#changed + 1] = q("reset_peak")
+    end
     for name in pairs(KNOBS) do
         local v = args[name]
         if type(v) == "string" then
