@@ -12,8 +12,9 @@
 //! its own learned limit once that passes, so a stale share never wedges it.
 //!
 //! A share of 0 (a gateway without demand, or one whose peers hold the whole limit
-//! for now) still lets one try through: the probe by which a gateway that gets
-//! requests again shows demand (the fleet's slack is one try per such gateway).
+//! for now) lets no try through: the picks it refuses are the demand the next round
+//! publishes, and the peers give up their part of the limit at their next rounds (a
+//! gateway whose requests come back gets its share within about two rounds).
 //!
 //! **Budgets.** The other gateways' part of a node's token and request window
 //! ([`remote_budget`]): what the pick-time reservation counts besides this gateway's
@@ -53,13 +54,13 @@ fn live(word: u64, now: u64) -> Option<(Option<u32>, u32)> {
 }
 
 /// The limit (fixed point, 0: none) that caps this gateway's tries on the node now:
-/// its fleet share while one counts (at most its own learned limit; a share of 0 lets
-/// one probe through), else its own learned limit.
+/// its fleet share while one counts (at most its own learned limit; a share of 0 is
+/// the smallest limit there is, which takes no try), else its own learned limit.
 pub fn cap(n: &NodeSlot, now: u64) -> u64 {
     let own = n.limit.load(Ordering::Relaxed);
     match live(n.fleet.load(Ordering::Relaxed), now) {
         Some((Some(share), _)) => {
-            let s = share.max(1) as u64 * LIMIT_ONE;
+            let s = (share as u64 * LIMIT_ONE).max(1);
             if own == 0 {
                 s
             } else {
@@ -86,6 +87,31 @@ pub fn remote_inflight(n: &NodeSlot, now: u64) -> u32 {
     live(n.fleet.load(Ordering::Relaxed), now).map_or(0, |(_, r)| r)
 }
 
+/// The learned limit after a capacity 429 that came with `inflight` of this
+/// gateway's tries outstanding (`crate::limit::limit_after_busy`). In cluster mode
+/// (the last round's word counts) the limit is the fleet's and so is the concurrency
+/// the node refused: this gateway's tries plus the others' as of the last round. That
+/// count may be up to a round old, so within a round a refusal lowers the limit by
+/// at most a tenth of the fleet's (at least one try) below what the round said, and a
+/// first limit is learned once per round: the refusals of one burst lower it once
+/// (not to the floor, where repeated 429s would read as a spent quota), and the next
+/// round goes on from there.
+pub fn after_busy(n: &NodeSlot, now: u64, l: u64, inflight: u32, (min, max): (u32, u32)) -> u64 {
+    let Some((_, remote)) = live(n.fleet.load(Ordering::Relaxed), now) else {
+        return limit::limit_after_busy(l, inflight, min, max);
+    };
+    let est = limit::limit_after_busy(l, inflight.saturating_add(remote), min, max);
+    let fleet = n.fleet_limit.load(Ordering::Relaxed);
+    if l == 0 {
+        return est;
+    }
+    if fleet == 0 {
+        return l;
+    }
+    let lowest = fleet.saturating_sub((fleet / 10).max(LIMIT_ONE));
+    est.max(lowest).min(l).max(min as u64 * LIMIT_ONE)
+}
+
 /// This gateway's share while one counts (`None`: no cluster, no fleet limit, or
 /// stale).
 pub fn share(n: &NodeSlot, now: u64) -> Option<u32> {
@@ -96,7 +122,13 @@ pub fn share(n: &NodeSlot, now: u64) -> Option<u32> {
 /// tries in flight, the fleet's limit (fixed point as `NodeSlot::limit`, 0: none) and
 /// until when the share counts. The learned limit becomes the fleet's, plus what it
 /// moved here since the round read it (`sent`): the next round publishes that move.
-pub fn set_share(n: &NodeSlot, share: Option<u32>, remote_inflight: u32, (fleet_limit, sent): (u64, u64), until: u64) {
+pub fn set_share(
+    n: &NodeSlot,
+    share: Option<u32>,
+    remote_inflight: u32,
+    (fleet_limit, sent): (u64, u64),
+    until: u64,
+) {
     // Relaxed: each word is a value of its own.
     n.fleet
         .store(pack(share, remote_inflight, until), Ordering::Relaxed);
@@ -214,7 +246,9 @@ pub fn shares(limit: u32, demands: &[u64]) -> Vec<u32> {
     // (there is one above 1: the limit is at least the number of such gateways).
     for &i in &active {
         if out[i] == 0 {
-            let big = (0..out.len()).max_by_key(|&j| (out[j], usize::MAX - j)).unwrap_or(i);
+            let big = (0..out.len())
+                .max_by_key(|&j| (out[j], usize::MAX - j))
+                .unwrap_or(i);
             out[big] -= 1;
             out[i] = 1;
         }
@@ -301,16 +335,21 @@ mod tests {
         assert_eq!(cap(n, now), 0, "no limit, no share: unlimited");
         set_share(n, Some(3), 7, (10 * one, 0), now + 200);
         assert_eq!(cap(n, now), 3 * one);
-        assert_eq!(n.limit.load(Ordering::Relaxed), 10 * one, "the fleet's limit taken");
+        assert_eq!(
+            n.limit.load(Ordering::Relaxed),
+            10 * one,
+            "the fleet's limit taken"
+        );
         assert_eq!((remote_inflight(n, now), share(n, now)), (7, Some(3)));
         assert!(under_cap(n, cap(n, now), 2) && !under_cap(n, cap(n, now), 3));
         assert_eq!(n.fleet_skips.load(Ordering::Relaxed), 1);
         // Stale: this gateway's own learned limit again.
         assert_eq!(cap(n, now + 200), 10 * one);
         assert_eq!((remote_inflight(n, now + 200), share(n, now + 200)), (0, None));
-        // A share of 0 lets one probe through.
+        // A share of 0 takes no try (and is not "no limit").
         set_share(n, Some(0), 0, (10 * one, 10 * one), now + 200);
-        assert_eq!(cap(n, now), one);
+        assert_eq!(cap(n, now), 1);
+        assert!(!limit::under_limit(cap(n, now), 0));
         // A 429 here after the round read 10: the fleet's 12 less that move.
         n.limit.store(6 * one, Ordering::Relaxed);
         set_share(n, Some(8), 0, (12 * one, 10 * one), now + 200);
@@ -330,6 +369,37 @@ mod tests {
         assert!(live(w, u32::MAX as u64 + 10).is_none());
         reset(n);
         assert_eq!(share(n, now), None);
+    }
+
+    #[test]
+    fn a_429_in_a_fleet_lowers_the_limit_a_bounded_step_per_round() {
+        let r = region();
+        let n = r.node(0).unwrap();
+        let one = LIMIT_ONE;
+        // Alone: the concurrency refused less one.
+        assert_eq!(after_busy(n, 0, 10 * one, 4, (1, 100)), 3 * one);
+        // A first limit in a fleet: with the others' tries.
+        set_share(n, Some(3), 6, (0, 0), 200);
+        assert_eq!(after_busy(n, 0, 0, 4, (1, 100)), 9 * one);
+        assert_eq!(
+            after_busy(n, 0, 9 * one, 1, (1, 100)),
+            9 * one,
+            "once until a round"
+        );
+        // The fleet's limit is 10: one refusal with few tries known lowers it to 9 at
+        // most, whatever the estimate; a round at 40 lets it fall to 36.
+        set_share(n, Some(3), 2, (10 * one, 10 * one), 200);
+        assert_eq!(after_busy(n, 0, 10 * one, 1, (1, 100)), 9 * one);
+        assert_eq!(after_busy(n, 0, 9 * one, 1, (1, 100)), 9 * one, "once per round");
+        assert_eq!(
+            after_busy(n, 0, 10 * one, 20, (1, 100)),
+            10 * one,
+            "an estimate above: kept"
+        );
+        set_share(n, Some(3), 2, (40 * one, 40 * one), 200);
+        assert_eq!(after_busy(n, 0, 40 * one, 3, (1, 100)), 36 * one);
+        set_share(n, Some(3), 0, (one, one), 200);
+        assert_eq!(after_busy(n, 0, one, 1, (1, 100)), one, "never below min");
     }
 
     #[test]

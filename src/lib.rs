@@ -35,9 +35,9 @@ pub mod canary;
 pub mod cluster;
 pub mod config;
 pub mod emergency;
-pub mod fleet;
 #[allow(unsafe_code)]
 pub mod ffi;
+pub mod fleet;
 pub mod headers;
 pub mod headroom;
 pub mod health;

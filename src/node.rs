@@ -38,6 +38,14 @@ pub fn available(n: &NodeSlot, now: u64) -> bool {
     available_with(n, now, fleet::cap(n, now), n.inflight.load(Ordering::Relaxed))
 }
 
+/// [`available`], asked for a request that wants a try now (a pick, the admission
+/// check): a node at its cap counts the refusal as this gateway's unmet demand
+/// (`fleet::under_cap`), which cluster mode's shares follow.
+pub fn available_for_try(n: &NodeSlot, now: u64) -> bool {
+    let (cap, inflight) = (fleet::cap(n, now), n.inflight.load(Ordering::Relaxed));
+    fleet::under_cap(n, cap, inflight) && available_with(n, now, cap, inflight)
+}
+
 /// [`available`] with the node's cap ([`fleet::cap`]: its learned limit, or its fleet
 /// share in cluster mode) and in-flight count already loaded.
 pub fn available_with(n: &NodeSlot, now: u64, limit: u64, inflight: u32) -> bool {

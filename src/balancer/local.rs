@@ -338,11 +338,9 @@ impl LocalPool {
         }
         self.classify_slow(region, now);
         self.limited = [&self.primary, &self.backup].iter().any(|t| {
-            t.slots.iter().any(|&s| {
-                region
-                    .node(s)
-                    .is_some_and(|n| crate::fleet::cap(n, now) != 0)
-            })
+            t.slots
+                .iter()
+                .any(|&s| region.node(s).is_some_and(|n| crate::fleet::cap(n, now) != 0))
         });
         self.next_refresh_ms = now + self.policy.refresh_ms as u64;
     }

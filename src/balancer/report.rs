@@ -147,10 +147,8 @@ impl Balancer {
                             ps.limit_min.load(Ordering::Relaxed),
                             ps.limit_max.load(Ordering::Relaxed),
                         );
-                        // In cluster mode the limit is the fleet's: its tries count too.
-                        let fleet_inflight = inflight + crate::fleet::remote_inflight(n, now);
                         let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                            Some(limit::limit_after_busy(l, fleet_inflight, min, max))
+                            Some(crate::fleet::after_busy(n, now, l, inflight, (min, max)))
                         });
                         // Counts against the cost as twice the node's mean served latency (at
                         // most the penalty), not as a failure: the node is fine, just full. The

@@ -173,7 +173,8 @@ impl Shares {
                 let d: Vec<u64> = all.iter().map(|&(_, d)| d).collect();
                 fleet::shares(whole, &d)[me]
             };
-            self.want.insert(member.clone(), (want, if limit > 0 { limit } else { limit_sent }));
+            self.want
+                .insert(member.clone(), (want, if limit > 0 { limit } else { limit_sent }));
         }
         Ok(())
     }

@@ -29,6 +29,8 @@
 --   tokens          > 0: completion tokens of a reply (content chunks of a stream, and
 --                   usage.completion_tokens); else the request's "max_tokens" (at most
 --                   4096), else 10. chunk_ms is the time per token of a stream.
+--   busy_ms         > 0: a 429 over max_conc is answered after this long (a server that
+--                   takes a while to refuse; the refused request stays in flight meanwhile)
 --   no_done         "1": a streamed reply ends (cleanly) after its content chunks, with
 --                   no finish_reason and no `data: [DONE]` (a node that lost the stream)
 --
@@ -114,7 +116,7 @@ local KNOBS = {
     metrics_style = "mock_metrics_style", queue_waiting = "mock_queue_waiting",
     kv_usage = "mock_kv_usage", metrics_fail = "mock_metrics_fail",
     limit_style = "mock_limit_style", rpm_limit = "mock_rpm_limit", tpm_limit = "mock_tpm_limit",
-    ra_ms = "mock_ra_ms",
+    ra_ms = "mock_ra_ms", busy_ms = "mock_busy_ms",
     hdr_remaining_requests = "mock_hdr_remaining_requests",
     hdr_reset_requests = "mock_hdr_reset_requests",
     hdr_remaining_tokens = "mock_hdr_remaining_tokens",
@@ -581,6 +583,8 @@ function _M.handle()
     local cap = num(node, "max_conc")
     if cap > 0 and inflight > cap then
         dict:incr("rejected:" .. node, 1, 0)
+        local busy_ms = num(node, "busy_ms")
+        if busy_ms > 0 then ngx.sleep(busy_ms / 1000) end
         return send_json(429, error_body("Too many concurrent requests on node " .. node
             .. " (" .. cap .. " max).", "requests", "rate_limit_exceeded"),
             { ["X-Node"] = node, ["Retry-After"] = retry_after(node, num(node, "retry_after")) })
