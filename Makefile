@@ -67,11 +67,12 @@ test: deps build
 NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs tests/nginx_canary.rs tests/nginx_emergency.rs \
                tests/nginx_metrics.rs tests/nginx_admin.rs tests/nginx_admission.rs tests/nginx_chaos.rs \
                tests/nginx_defects.rs tests/nginx_rounds.rs tests/nginx_providers.rs tests/nginx_queue.rs \
-               tests/nginx_cluster.rs \
+               tests/nginx_cluster.rs tests/nginx_fleet_queue.rs tests/nginx_discovery.rs \
                tests/nginx_fleet_limits.rs \
                tests/nginx_headroom.rs \
                tests/nginx_stream.rs \
-               tests/nginx_prefix.rs
+               tests/nginx_prefix.rs \
+               tests/nginx_consul.rs
 RUST_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out $(NGINX_TESTS),$(wildcard tests/*.rs)))
 
 test-rust:
@@ -90,8 +91,11 @@ test-nginx: $(BUILD)/lib/rsbalancer.so
 bench: deps build
 	$(CARGO) bench --no-default-features --bench select
 	$(CARGO) bench --no-default-features --bench metrics
+	$(CARGO) bench --no-default-features --bench scale
 	@scripts/bench-lua.sh
+	@scripts/bench-nginx-pick.sh
 	@scripts/bench-gateway.sh
+	$(CARGO) bench --no-default-features --bench cluster
 	@scripts/bench-instructions.sh
 
 # The Lua module and files: what the LuaRocks rockspec installs (LUA_CDIR, LUA_LDIR).
@@ -143,7 +147,7 @@ check-config: $(BUILD)/lib/rsbalancer.so
 # cargo-fuzz passes, less the nightly-only sanitizer). --target keeps the flags off
 # build scripts. Seeds: fuzz/seeds/<target> (committed); the growing corpus and crash
 # artifacts: fuzz/corpus, fuzz/artifacts (git-ignored). A crash fails the run.
-FUZZ_TARGETS ?= config admin abi retry_after model scrape ratelimit stream prefix
+FUZZ_TARGETS ?= config admin abi retry_after model scrape ratelimit stream prefix consul
 FUZZ_SECONDS ?= 60
 FUZZ_SMOKE_SECONDS ?= 15
 FUZZ_HOST    := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')

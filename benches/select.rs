@@ -10,11 +10,9 @@
 //! symbols.) This is a plain `fn main` (`harness = false` in Cargo.toml), using only
 //! `std::time::Instant` and `std::hint::black_box`.
 //!
-//! For each algorithm and pool size (8, 100, 1000, 4096 candidates, weights 1..=10, all
+//! For each algorithm and pool size (8, 100, 1000, 4096, 10000 candidates, weights 1..=10, all
 //! eligible, varied in-flight counts and latencies) it times 5 runs and prints the median
-//! ns per pick. A run is 1M picks; the O(n) algorithms (round_robin, least_conn) get
-//! fewer picks at large n (about 50M node visits per run) to keep the whole bench short.
-//! The build time of each selector is printed too.
+//! ns per pick. A run is 1M picks. The build time of each selector is printed too.
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -22,11 +20,9 @@ use rsbalancer::select::{hash_key, Algorithm, Candidate, NodeView, Selector, DEF
 use std::hint::black_box;
 use std::time::Instant;
 
-const SIZES: [usize; 4] = [8, 100, 1000, 4096];
+const SIZES: [usize; 5] = [8, 100, 1000, 4096, 10_000];
 const RUNS: usize = 5;
 const PICKS: usize = 1_000_000;
-/// Node visits per run for the O(n) algorithms.
-const SCAN_BUDGET: usize = 50_000_000;
 
 const ALGORITHMS: [(Algorithm, &str); 5] = [
     (Algorithm::WeightedRandom, "weighted_random"),
@@ -52,13 +48,6 @@ impl NodeView for BenchView {
     }
     fn latency(&self, idx: usize) -> f64 {
         self.latency[idx]
-    }
-}
-
-fn picks_per_run(alg: Algorithm, n: usize) -> usize {
-    match alg {
-        Algorithm::RoundRobin | Algorithm::LeastConn => (SCAN_BUDGET / n).clamp(10_000, PICKS),
-        _ => PICKS,
     }
 }
 
@@ -91,7 +80,7 @@ fn main() {
             let mut sel = Selector::build(alg, &cands, DEFAULT_CHASH_POINTS, &mut rng);
             let build_us = t.elapsed().as_secs_f64() * 1e6;
 
-            let picks = picks_per_run(alg, n);
+            let picks = PICKS;
             let mut runs: Vec<f64> = (0..RUNS)
                 .map(|_| {
                     let t = Instant::now();

@@ -9,8 +9,15 @@
 # instructions per request and the ratio to native nginx. Timings are never asserted.
 #
 #   scripts/bench-instructions.sh          (make bench runs it after bench-gateway.sh)
+#   RSB_BENCH_IR_KEEP=/some/dir            keep each gateway's callgrind output there
+#                                          (callgrind_annotate --inclusive=yes FILE)
 #   RSB_BENCH_IR_ONLY="ovh-gw0 ovh-gw2"    some gateways only (0 native, 1 rsbalancer
-#                                          p2c_ewma, 2 weighted_random, 3 seed)
+#                                          p2c_ewma, 2 weighted_random, 3 seed, floor0
+#                                          floor1: below)
+#
+# The floor contenders, derived here from the seed's config: a balancer_by_lua that
+# only sets a fixed peer (ovh-floor0), and the same plus an empty log_by_lua
+# (ovh-floor1): what any balancer with per-response feedback pays at least.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,6 +40,20 @@ cd "$RUN"
 nginx -p "$RUN" -c "$RUN/ovh-nodes.conf" -g 'daemon on;' 2>/dev/null ||
     die "static nodes did not start"
 
+# The floor contenders: the seed's gateway with its balancer replaced by one fixed peer
+# (the first static node), then with an empty log phase added.
+peer_port=$(grep -o 'listen 127.0.0.1:[0-9]*' ovh-nodes.conf | head -1 | cut -d: -f2)
+[ -n "$peer_port" ] || die "no static node port in ovh-nodes.conf"
+if [ -f ovh-gw3.conf ]; then
+    sed -e 's/contender "seed"/contender "floor0"/' \
+        -e "s|require(\"seed_balancer\").balance(.*)|require(\"ngx.balancer\").set_current_peer(\"127.0.0.1\", $peer_port)|" \
+        -e 's|require("seed_balancer").init(.*)||' -e 's|require("seed_balancer").init_worker()||' \
+        ovh-gw3.conf >ovh-floor0.conf
+    sed -e 's/contender "floor0"/contender "floor1"/' \
+        -e 's|proxy_pass http://llm;|proxy_pass http://llm;\n            log_by_lua_block { }|' \
+        ovh-floor0.conf >ovh-floor1.conf
+fi
+
 # The first port from $1 on that nothing listens on.
 free_port() {
     local p=$1
@@ -44,6 +65,8 @@ label() {
     case "$(sed -n 's/^# benches\/gateway.rs contender "\([^"]*\)".*/\1/p' "$1")" in
         native) echo "native upstream" ;;
         seed) echo "seed Lua weighted random" ;;
+        floor0) echo "floor: balancer_by_lua, fixed peer" ;;
+        floor1) echo "floor + empty log_by_lua" ;;
         rsbalancer) echo "rsbalancer $(grep -o '"algorithm": *"[a-z_0-9]*"' "${1%.conf}.json" | cut -d'"' -f4)" ;;
         *) echo "$1" ;;
     esac
@@ -53,7 +76,7 @@ port=21400  # below the ephemeral range (32768-60999), where clients' local port
 native=""
 printf '\n== instructions per request (callgrind, 1 nginx process, wrk -c4 %ss, GET /)\n' "$SECS"
 printf '   %-34s %10s %12s %9s\n' contender requests "instr/req" "vs native"
-for name in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3; do
+for name in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-floor0 ovh-floor1; do
     conf="$name.conf"
     [ -f "$conf" ] || continue
     case " ${RSB_BENCH_IR_ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
@@ -80,6 +103,7 @@ for name in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3; do
     kill "$vp"; wait "$vp" 2>/dev/null || true
     f=$(grep -l "Trigger: dump" "$out"* | head -1)
     ir=$(awk '/^summary:/ {print $2; exit}' "$f")
+    [ -n "${RSB_BENCH_IR_KEEP:-}" ] && mkdir -p "$RSB_BENCH_IR_KEEP" && cp "$f" "$RSB_BENCH_IR_KEEP/$name.callgrind"
     rm -f "$out"*
     per=$((ir / reqs))
     [ -z "$native" ] && native=$per

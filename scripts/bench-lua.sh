@@ -27,7 +27,7 @@ trap 'rm -rf "$SNAP"' EXIT
 cp build/lib/rsbalancer.so "$SNAP/rsbalancer.so"
 
 export LUA_CPATH="$SNAP/?.so"
-export LUA_PATH="$ROOT/lua/?.lua;;"
+export LUA_PATH="$ROOT/lua/?.lua;$ROOT/benches/lua/?.lua;;"
 
 echo "bench-lua: load average $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?'), $(nproc 2>/dev/null || echo '?') CPUs"
 "$LUAJIT" -jon benches/lua/bench.lua

@@ -9,11 +9,13 @@
 # lint` of the rockspec (make test-deb; dpkg-deb, which builds the .deb, is in dpkg).
 # openssl (the CLI) makes the test CA and certificates of tests/nginx_providers.rs.
 # redis-server: the cluster tests start their own (tests/cluster.rs, tests/nginx_cluster.rs).
+# dnsmasq-base (the binary, without the system service of `dnsmasq`): the DNS
+# discovery tests start their own on a high port (tests/nginx_discovery.rs).
 # Rust comes from rustup and is expected on PATH.
 set -euo pipefail
 
 want=(nginx-core libnginx-mod-http-lua libnginx-mod-http-perl lua-resty-core luajit2 libluajit2-5.1-dev
-      gcc g++ make valgrind wrk curl prometheus chromium luarocks openssl redis-server)
+      gcc g++ make valgrind wrk curl prometheus chromium luarocks openssl redis-server dnsmasq-base)
 [ "$#" -gt 0 ] && want+=("$@")
 
 SUDO=""

@@ -86,7 +86,7 @@ impl From<Error> for AdminError {
 
 /// A config error of the rebuilt config: capacities (`shm.*`) are conflicts, anything
 /// else names a field of the new node (`pools.P.nodes[k].weight` becomes `weight`).
-fn validation_error(e: ConfigError, node_path: &str) -> AdminError {
+pub(crate) fn validation_error(e: ConfigError, node_path: &str) -> AdminError {
     if e.path.starts_with("shm.") {
         return AdminError::Conflict(e.to_string());
     }
@@ -97,7 +97,7 @@ fn validation_error(e: ConfigError, node_path: &str) -> AdminError {
 }
 
 /// The running configuration, rebuilt from the active topology and the live weights.
-fn running_config(region: &Region, topo: &Topology) -> Config {
+pub(crate) fn running_config(region: &Region, topo: &Topology) -> Config {
     let cap = region.capacity();
     let pools: BTreeMap<String, PoolConfig> = topo
         .pools
@@ -119,32 +119,12 @@ fn running_config(region: &Region, topo: &Topology) -> Config {
 
 /// A pool's config as running: its policy as loaded, with its nodes as they are now
 /// (live base weights, the addresses resolved when each was added).
-fn pool_config(region: &Region, p: &PoolTopo) -> PoolConfig {
+pub(crate) fn pool_config(region: &Region, p: &PoolTopo) -> PoolConfig {
     PoolConfig {
         nodes: p
             .nodes
             .iter()
-            .map(|n| {
-                let mut c = NodeConfig {
-                    id: n.id.clone(),
-                    addr: format!("{}:{}", n.host, n.addr.port()),
-                    weight: region
-                        .node(n.slot)
-                        .map_or(1, |s| s.weight.load(Ordering::Relaxed)),
-                    backup: n.backup,
-                    resolved: Some(n.addr),
-                    // Values were read when the node was loaded and are kept in
-                    // process memory (`Secrets`), never in the topology: not read again.
-                    resolved_headers: Some(Vec::new()),
-                    tpm: n.tpm,
-                    rpm: n.rpm,
-                    ..NodeConfig::default()
-                };
-                if let Some(p) = &n.provider {
-                    c.set_provider(p);
-                }
-                c
-            })
+            .map(|n| crate::discovery::keep::node_config(region, n))
             .collect(),
         ..p.policy.clone()
     }
@@ -250,6 +230,21 @@ pub struct PoolState {
     /// Emergency mode as an operator forced it (`on`, `off`); absent: the detector's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emergency: Option<EmergencyMode>,
+    /// The canary share as an operator or a rollback left it; absent: no canary, or
+    /// its ramp is running (a ramp's steps follow the same schedule at every gateway
+    /// and stay local; a share set by hand or a rollback ends it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryShare>,
+}
+
+/// A pool's canary share in a [`PoolState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryShare {
+    /// Parts per 10,000 (0..=10000; more is clamped).
+    pub share: u32,
+    /// Whether a rollback set it to 0.
+    pub rolled_back: bool,
 }
 
 /// `pool`'s run-time state now.
@@ -277,10 +272,21 @@ pub fn pool_state(b: &Balancer, pool: &str) -> Result<PoolState, AdminError> {
     } else {
         None
     };
+    let canary = b
+        .region()
+        .pool(p.slot)
+        .filter(|ps| {
+            ps.canary_pool.load(Ordering::Relaxed) != 0 && ps.canary_ramp.load(Ordering::Acquire) == 0
+        })
+        .map(|ps| CanaryShare {
+            share: ps.canary_share.load(Ordering::Acquire),
+            rolled_back: ps.canary_rolled_back.load(Ordering::Acquire) != 0,
+        });
     Ok(PoolState {
         nodes: pool_config(b.region(), p).nodes,
         drained,
         emergency,
+        canary,
     })
 }
 
@@ -322,13 +328,21 @@ pub fn apply_state(b: &Balancer, pool: &str, state: &PoolState) -> Result<bool, 
         crate::emergency::set_emergency_mode(b, b.pool_index(pool)?, mode)?;
         changed = true;
     }
+    if let Some(c) = state.canary.filter(|c| Some(*c) != now.canary) {
+        b.share_canary(
+            b.pool_index(pool)?,
+            c.share.min(crate::params::PARTS),
+            c.rolled_back,
+        )?;
+        changed = true;
+    }
     Ok(changed)
 }
 
 /// `check` the active topology (before the lock, for a quick refusal, and again
 /// under it), `edit` the running config rebuilt from it, and load the result; drained
 /// nodes stay drained.
-fn change(
+pub(crate) fn change(
     b: &Balancer,
     check: impl Fn(&Topology) -> Result<(), AdminError>,
     edit: impl FnOnce(&mut Config) -> Result<(), AdminError>,

@@ -35,6 +35,11 @@
 //! has been calm is kept per process (each worker sees the same shared window, so each
 //! reaches the same verdict within a tick; a restarted worker only starts counting
 //! afresh while the others still decide).
+//!
+//! **In a fleet** (cluster mode), while the sync with Redis is live, the workers leave
+//! the detector to the fleet's ([`fleet_judges`]; `crate::cluster`), which runs the
+//! same [`decide`] on the sum of every gateway's window and wins each transition with
+//! a compare-and-set in Redis, so the fleet alerts once per transition.
 
 use std::sync::atomic::Ordering;
 
@@ -160,6 +165,10 @@ pub struct Transition {
     pub nodes: Vec<AlertNode>,
     /// Unix time, seconds.
     pub time: f64,
+    /// Judged on the counts of this many gateways of a fleet (cluster mode), whose
+    /// sums `counts` are; absent when judged by this gateway alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet_gateways: Option<u64>,
 }
 
 impl Transition {
@@ -209,6 +218,7 @@ pub fn emergency_tick(b: &Balancer, now_ms: u64) -> Result<Vec<Transition>, Erro
     let region = b.region();
     let mut out = Vec::new();
     let mut calm = b.calm_since().lock();
+    let fleet = fleet_judges(b);
     for p in &topo.pools {
         let ps = region.pool(p.slot).expect("topology slot in range");
         // Acquire pairs with the Release of the transitions below and in
@@ -241,7 +251,9 @@ pub fn emergency_tick(b: &Balancer, now_ms: u64) -> Result<Vec<Transition>, Erro
             }
             continue;
         };
-        if bits & (FORCED_ON | FORCED_OFF) != 0 {
+        // Forced states win; in a fleet whose sync is live, the fleet's detector
+        // decides (`crate::cluster`), on the counts of every gateway.
+        if bits & (FORCED_ON | FORCED_OFF) != 0 || fleet {
             calm.remove(&p.slot);
             continue;
         }
@@ -253,31 +265,13 @@ pub fn emergency_tick(b: &Balancer, now_ms: u64) -> Result<Vec<Transition>, Erro
             Some(s) => calm.insert(p.slot, s),
             None => calm.remove(&p.slot),
         };
-        let (from, to, event, reason, ratio) = match decision {
-            Decision::Hold => continue,
-            Decision::Enter { ratio } => (
-                0,
-                ACTIVE,
-                "enter",
-                format!(
-                    "busy ratio {ratio:.3} >= {} ({} busy + {} shed of {} offered)",
-                    params.enter,
-                    t.busy,
-                    t.shed,
-                    t.requests + t.shed
-                ),
-                ratio,
-            ),
-            Decision::Exit { ratio } => (
-                ACTIVE,
-                0,
-                "exit",
-                format!(
-                    "busy ratio {ratio:.3} < {} for {} ms",
-                    params.exit, params.healthy_window_ms
-                ),
-                ratio,
-            ),
+        let Some((enter, reason, ratio)) = verdict(&decision, &t, &params) else {
+            continue;
+        };
+        let (from, to, event) = if enter {
+            (0, ACTIVE, "enter")
+        } else {
+            (ACTIVE, 0, "exit")
         };
         // Exactly one process wins each transition; a forced change in between
         // makes the exchange fail. Release pairs with the Acquire loads of the word
@@ -366,6 +360,98 @@ pub fn force_emergency(b: &Balancer, pool: u32, mode: EmergencyMode) -> Result<O
     )))
 }
 
+/// A decision to change state: whether it enters, the reason for the log and alert,
+/// and the busy ratio judged; None for `Hold`.
+fn verdict(d: &Decision, t: &Totals, params: &Params) -> Option<(bool, String, f64)> {
+    match *d {
+        Decision::Hold => None,
+        Decision::Enter { ratio } => Some((
+            true,
+            format!(
+                "busy ratio {ratio:.3} >= {} ({} busy + {} shed of {} offered)",
+                params.enter,
+                t.busy,
+                t.shed,
+                t.requests + t.shed
+            ),
+            ratio,
+        )),
+        Decision::Exit { ratio } => Some((
+            false,
+            format!(
+                "busy ratio {ratio:.3} < {} for {} ms",
+                params.exit, params.healthy_window_ms
+            ),
+            ratio,
+        )),
+    }
+}
+
+/// Whether the fleet's detector judges this gateway's pools: a `cluster` section
+/// whose sync succeeded within three sync intervals. Otherwise (no cluster, Redis down,
+/// the sync thread stalled) each gateway judges alone, as without a cluster.
+pub fn fleet_judges(b: &Balancer) -> bool {
+    let Some(sync_ms) = b
+        .topology()
+        .ok()
+        .and_then(|t| t.cluster.as_ref().map(|c| u64::from(c.sync_ms)))
+    else {
+        return false;
+    };
+    let st = b.cluster_stats();
+    st.up && st.last_ok_age_ms.is_some_and(|age| age <= 3 * sync_ms)
+}
+
+/// Set pool slot `pool`'s detector state to the fleet's (`active` or not) without an
+/// alert: another gateway won that transition and alerted for the fleet. Forced
+/// states are left alone. Returns whether the state changed here.
+pub fn adopt(b: &Balancer, pool: u32, active: bool, now_ms: u64) -> bool {
+    let Some(ps) = b.region().pool(pool) else {
+        return false;
+    };
+    let (from, to) = if active { (0, ACTIVE) } else { (ACTIVE, 0) };
+    // AcqRel as in `emergency_tick`'s transitions; the failure value is unused.
+    let won = ps
+        .emergency
+        .compare_exchange(from, to, Ordering::AcqRel, Ordering::Relaxed)
+        .is_ok();
+    if won && active {
+        ps.emergency_since_ms.store(now_ms, Ordering::Relaxed);
+        ps.emergency_entries_total.fetch_add(1, Ordering::Relaxed);
+    }
+    won
+}
+
+/// The fleet's detector won a transition of `pool` for the whole fleet: perform it
+/// here and return the alert (whose counts are the fleet's `t`, summed over
+/// `gateways`).
+pub fn fleet_transition(
+    b: &Balancer,
+    pool: &str,
+    d: &Decision,
+    t: Totals,
+    gateways: u64,
+    now_ms: u64,
+) -> Result<Option<Transition>, Error> {
+    let topo = b.topology()?;
+    let Some(p) = topo.pool(pool) else {
+        return Ok(None);
+    };
+    let Some(cfg) = &p.policy.emergency else {
+        return Ok(None);
+    };
+    let params = Params::new(cfg, p.policy.window_ms);
+    let Some((active, reason, ratio)) = verdict(d, &t, &params) else {
+        return Ok(None);
+    };
+    let event = if active { "enter" } else { "exit" };
+    let reason = format!("fleet {reason} at {gateways} gateways");
+    adopt(b, p.slot, active, now_ms);
+    let mut tr = transition(b, p, &topo.pools, event, reason, false, ratio, t);
+    tr.fleet_gateways = Some(gateways);
+    Ok(Some(tr))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn transition(
     b: &Balancer,
@@ -420,6 +506,7 @@ fn transition(
             .flatten(),
         nodes,
         time: unix_time(),
+        fleet_gateways: None,
     }
 }
 

@@ -12,9 +12,12 @@
 //! its own learned limit once that passes, so a stale share never wedges it.
 //!
 //! A share of 0 (a gateway without demand, or one whose peers hold the whole limit
-//! for now) lets no try through: the picks it refuses are the demand the next round
-//! publishes, and the peers give up their part of the limit at their next rounds (a
-//! gateway whose requests come back gets its share within about two rounds).
+//! for now) lets no try through: every request the cap refuses (a pick passed over,
+//! [`under_cap`]; an arrival queued or refused at admission, [`note_refused`]) is
+//! demand the next round publishes; a gateway with demand asks for at least one try
+//! ([`want`]), and the peers give back down to their part by demand as their tries
+//! finish. So a gateway whose requests come back gets a share within about two
+//! rounds, and no share of 0 lasts while it has demand and the node a try to spare.
 //!
 //! **Budgets.** The other gateways' part of a node's token and request window
 //! ([`remote_budget`]): what the pick-time reservation counts besides this gateway's
@@ -256,6 +259,48 @@ pub fn shares(limit: u32, demands: &[u64]) -> Vec<u32> {
     out
 }
 
+/// The share this gateway asks for of a fleet limit of `whole` tries: its part by
+/// demand ([`shares`]) of its own demand now and the others' as the last round read
+/// them (`others`: (gateway, demand)), each gateway in name order as every gateway
+/// computes it. A gateway with demand asks for at least one try, whatever the split
+/// says (more gateways with demand than tries): the grant (`crate::cluster`'s
+/// script: at most what the others do not hold) keeps the sum within the limit, and
+/// a refusal by the fleet cap counts as demand, so no gateway with demand settles at
+/// 0 while the node has a try free.
+pub fn want(whole: u32, others: &[(&str, u64)], me: &str, demand: u64) -> u32 {
+    let mut all: Vec<(&str, u64)> = others.iter().filter(|&&(g, _)| g != me).copied().collect();
+    all.push((me, demand));
+    all.sort_unstable();
+    let d: Vec<u64> = all.iter().map(|&(_, d)| d).collect();
+    let i = all.iter().position(|&(g, _)| g == me).unwrap_or(0);
+    let fair = shares(whole, &d)[i];
+    if demand > 0 {
+        fair.max(1)
+    } else {
+        fair
+    }
+}
+
+/// What the grant script (`crate::cluster::shares`) gives a gateway asking for
+/// `want` of `whole` tries while the others hold `held` (their grants, or their
+/// tries in flight if more): the model its unit tests run.
+pub fn grant(want: u32, whole: u32, held: u32) -> u32 {
+    want.min(whole.saturating_sub(held))
+}
+
+/// A request refused (or queued) at admission because the pool's nodes are at their
+/// caps: every node of `slots` at its fleet share counts it as unmet demand, as a
+/// pick refused there does ([`under_cap`]). Nothing without a live share.
+pub fn note_refused<'a>(nodes: impl Iterator<Item = &'a NodeSlot>, now: u64) {
+    for n in nodes {
+        if let Some((Some(s), _)) = live(n.fleet.load(Ordering::Relaxed), now) {
+            if n.inflight.load(Ordering::Relaxed) >= s {
+                n.fleet_skips.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,6 +358,52 @@ mod tests {
         assert_eq!(shares(7, &[u64::MAX, u64::MAX]), vec![4, 3]);
         assert_eq!(shares(3, &[1_000, 1, 1]), vec![1, 1, 1]);
         assert_eq!(shares(4, &[1_000, 1, 1]), vec![2, 1, 1]);
+    }
+
+    /// Rounds of the share protocol for two gateways (A then B each round, as the
+    /// sync threads interleave), each with its `demand` (requests wanting a try):
+    /// tries in flight are at most the share, what the share refuses is unmet demand.
+    fn rounds(whole: u32, demand: [u64; 2], state: &mut [(u32, u32, u64); 2], n: usize) -> Vec<[u32; 2]> {
+        let names = ["A", "B"];
+        let mut seen = Vec::new();
+        for _ in 0..n {
+            for g in 0..2 {
+                let o = 1 - g;
+                // (share, inflight, published demand)
+                let inflight = (state[g].0 as u64).min(demand[g]) as u32;
+                let d = inflight as u64 + demand[g].saturating_sub(state[g].0 as u64);
+                let w = want(whole, &[(names[o], state[o].2)], names[g], d);
+                let held = state[o].0.max(state[o].1);
+                let s = grant(w, whole, held);
+                state[g] = (s, inflight, d);
+                assert!(s + held <= whole.max(held), "over the limit: {state:?}");
+            }
+            seen.push([state[0].0, state[1].0]);
+        }
+        seen
+    }
+
+    #[test]
+    fn capacity_moves_to_the_demand_within_a_few_rounds() {
+        // A alone busy: it takes the whole limit.
+        let mut st = [(0, 0, 0); 2];
+        let r = rounds(10, [50, 0], &mut st, 3);
+        assert_eq!(r.last(), Some(&[10, 0]));
+        // B's requests arrive while A stays busy: B's refusals are demand, A gives
+        // back down to its fair share as its tries finish.
+        let r = rounds(10, [50, 50], &mut st, 4);
+        assert!(r[2][1] > 0, "B still at 0 after 3 rounds: {r:?}");
+        assert_eq!(r.last(), Some(&[5, 5]), "{r:?}");
+        // The demand moves from A to B entirely.
+        let r = rounds(10, [0, 50], &mut st, 3);
+        assert_eq!(r.last(), Some(&[0, 10]), "{r:?}");
+        // And back, with the limit smaller than the gateways: never both at 0.
+        let mut st = [(1, 1, 1), (0, 0, 0)];
+        let r = rounds(1, [50, 50], &mut st, 6);
+        assert!(r.iter().all(|s| s[0] + s[1] == 1), "{r:?}");
+        // No demand, no share; demand, at least one.
+        assert_eq!(want(10, &[("B", 9)], "A", 0), 0);
+        assert_eq!(want(2, &[("B", 90), ("C", 90)], "A", 1), 1);
     }
 
     fn region() -> Region {

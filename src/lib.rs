@@ -34,6 +34,7 @@ pub mod budget;
 pub mod canary;
 pub mod cluster;
 pub mod config;
+pub mod discovery;
 pub mod emergency;
 #[allow(unsafe_code)]
 pub mod ffi;

@@ -136,5 +136,6 @@ pub fn of(b: &Balancer) -> Result<Value, Error> {
     if topo.cluster.is_some() {
         doc["cluster"] = json!(b.cluster_stats());
     }
+    crate::discovery::add_status(b, &topo, &mut doc);
     Ok(doc)
 }

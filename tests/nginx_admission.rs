@@ -61,17 +61,6 @@ fn admission(g: &Gateway) -> Value {
     r.json()["pools"]["llm"]["admission"].clone()
 }
 
-/// The nodes' learned concurrency limits, whole part (0: none learned).
-fn limits(g: &Gateway) -> Vec<f64> {
-    let r = get(g.port, "/rsbalancer/status").json();
-    r["pools"]["llm"]["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["limit"].as_f64().unwrap().floor())
-        .collect()
-}
-
 /// One chat completion with `X-Priority: prio` on a fresh connection: (status,
 /// Retry-After, X-RSB-Admission). Status 0: no response.
 fn chat(port: u16, prio: u32) -> (u16, Option<u64>, String) {

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::redis::Redis;
+use support::webhook::Receiver;
 use support::*;
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -68,6 +69,11 @@ struct Fleet {
 }
 
 fn fleet(name: &str, latency_ms: u32) -> Fleet {
+    fleet_with(name, latency_ms, |_| {})
+}
+
+/// [`fleet`] with each gateway's config passed through `edit`.
+fn fleet_with(name: &str, latency_ms: u32, edit: impl Fn(&mut Value)) -> Fleet {
     let redis = Redis::start();
     let mdir = TestDir::new(&format!("cluster-mocks-{name}"));
     let nodes: Vec<MockNode> = ["a", "b", "c"]
@@ -83,7 +89,11 @@ fn fleet(name: &str, latency_ms: u32) -> Fleet {
     let gws: Vec<Gateway> = dirs
         .iter()
         .zip(["A", "B", "C"])
-        .map(|(d, g)| start_gateway(d, &config(&redis, g, &refs)))
+        .map(|(d, g)| {
+            let mut c = config(&redis, g, &refs);
+            edit(&mut c);
+            start_gateway(d, &c)
+        })
         .collect();
     for g in &gws {
         wait_until(PATIENCE, "the gateway in a fleet of 3", || {
@@ -203,4 +213,130 @@ fn redis_killed_under_load_fails_no_request_and_the_fleet_resyncs() {
 
 fn libc_sighup() -> i32 {
     1
+}
+
+fn emergency_active(g: &Gateway) -> bool {
+    status(g)["pools"]["llm"]["emergency"]["active"] == true
+}
+
+/// Sends chat requests to the gateways in turn until `cond` holds; panics after a
+/// generous bound.
+fn drive_fleet(gws: &[Gateway], what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    for i in 0.. {
+        gws[i % gws.len()].chat();
+        if i % gws.len() == gws.len() - 1 && cond() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "timed out waiting for {what}\n{}",
+            gws[0].nginx.diagnostics()
+        );
+    }
+}
+
+/// The overload detector judges the fleet's counts, and the fleet sends exactly one
+/// alert per transition: 15 refused requests at each of three gateways (2 workers
+/// each, each running the detector; one try per request) are too few for any gateway
+/// alone (`min_requests` 40) and enough for the fleet: it enters emergency with one
+/// "enter" alert naming the three gateways whose counts it summed, every gateway
+/// follows, and the recovery leaves it with one "exit" alert.
+#[test]
+fn the_fleet_enters_and_leaves_emergency_with_one_alert_per_transition() {
+    let hook = Receiver::start(0);
+    let url = hook.url();
+    let f = fleet_with("emergency", 5, |c| {
+        let p = &mut c["pools"]["llm"];
+        p["window_ms"] = json!(5000);
+        p["retry"] = json!({ "max_tries": 1, "rounds": 0 });
+        p["limit"] = json!({ "enabled": false });
+        p["cooldown"] = json!({ "base_ms": 200, "max_ms": 1000 });
+        p["emergency"] = json!({
+            "enter_busy_ratio": 0.5, "exit_busy_ratio": 0.1, "min_requests": 40,
+            "healthy_window_ms": 2000,
+            "webhooks": [{ "url": url, "timeout_ms": 2000, "retries": 3, "min_interval_ms": 0 }]
+        });
+    });
+    let gws = &f.gws;
+
+    for m in &f.nodes {
+        mock_set(m, "fail=429");
+    }
+    drive_fleet(gws, "every gateway in emergency", || {
+        gws.iter().all(emergency_active)
+    });
+    std::thread::sleep(Duration::from_millis(3_500)); // ticks enough for a duplicate
+    let enters = hook.events("enter");
+    assert_eq!(enters.len(), 1, "enter alerts: {:?}", hook.hits());
+    let e = &enters[0];
+    assert_eq!(e["fleet_gateways"], 3, "{e}");
+    assert!(
+        e["reason"].as_str().unwrap().starts_with("fleet busy ratio"),
+        "{e}"
+    );
+    // 45 offered in all (one try per request), at most 15 at any gateway.
+    let offered = e["counts"]["requests"].as_u64().unwrap() + e["counts"]["shed"].as_u64().unwrap();
+    assert!((40..=45).contains(&offered), "{e}");
+
+    for m in &f.nodes {
+        mock_set(m, "fail=");
+    }
+    drive_fleet(gws, "every gateway out of emergency", || {
+        gws.iter().all(|g| !emergency_active(g))
+    });
+    std::thread::sleep(Duration::from_millis(3_500));
+    let exits = hook.events("exit");
+    assert_eq!(exits.len(), 1, "exit alerts: {:?}", hook.hits());
+    assert_eq!(exits[0]["fleet_gateways"], 3, "{}", exits[0]);
+    assert_eq!(hook.events("enter").len(), 1, "alerts: {:?}", hook.hits());
+    let lines: usize = gws
+        .iter()
+        .map(|g| {
+            g.nginx
+                .error_log()
+                .matches("rsbalancer: pool llm entered emergency mode")
+                .count()
+        })
+        .sum();
+    assert_eq!(lines, 1, "one gateway logs the fleet's entry");
+}
+
+fn canary_share(g: &Gateway) -> Option<f64> {
+    status(g)["pools"]["llm"]["canary_share"].as_f64()
+}
+
+/// A canary share set by hand at one gateway (the admin API) is the fleet's: B and C
+/// send the same share to the canary, and C keeps it through its reload.
+#[test]
+fn a_canary_share_set_at_one_gateway_is_the_fleets() {
+    let f = fleet_with("canary", 5, |c| {
+        let addr = c["pools"]["llm"]["nodes"][2]["addr"].clone();
+        c["pools"]["llm"]["canary"] = json!({ "pool": "llm_canary", "share": 0 });
+        c["pools"]["llm_canary"] = json!({ "nodes": [{ "id": "k", "addr": addr }], "slow_start_ms": 0 });
+    });
+    let gws = &f.gws;
+    for g in gws {
+        assert_eq!(canary_share(g), Some(0.0), "{}", status(g));
+    }
+    let r = http(
+        gws[0].port,
+        "PUT",
+        "/rsbalancer/pools/llm/canary",
+        Some(r#"{"share": 0.25}"#),
+    )
+    .expect("admin request");
+    assert_eq!(r.status, 200, "{}", r.text());
+    for g in &gws[1..] {
+        wait_until(PATIENCE, "the fleet's canary share", || {
+            canary_share(g) == Some(0.25)
+        });
+    }
+    let old = gws[2].nginx.workers();
+    gws[2].nginx.signal(libc_sighup());
+    gws[2].nginx.wait_workers(2, &old);
+    std::thread::sleep(Duration::from_millis(500));
+    wait_until(PATIENCE, "C's canary share after its reload", || {
+        canary_share(&gws[2]) == Some(0.25)
+    });
 }

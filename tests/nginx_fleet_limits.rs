@@ -181,7 +181,6 @@ fn the_fleet_shares_the_nodes_limit_and_stays_within_it() {
 }
 
 #[test]
-#[ignore = "fails on the last build: after the kill the fleet can settle with every share at 0 (see docs/limitations.md)"]
 fn a_gateway_killed_leaves_no_share_behind_after_its_lease() {
     let f = fleet("kill", true);
     let ports: Vec<u16> = f.gws.iter().map(|g| g.port).collect();

@@ -93,24 +93,7 @@ fn metric(g: &Gateway, name: &str, id: &str) -> Option<f64> {
 /// The status page as headless Chromium renders it (`--dump-dom`; Debian's `chromium`,
 /// as tests/nginx_admin.rs): the queue cell's text of each node of pool llm.
 fn page_queue_cells(g: &Gateway, dir: &TestDir) -> Vec<(String, String)> {
-    let profile = dir.path().join("chromium-profile");
-    let out = std::process::Command::new("chromium")
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
-        .args([
-            "--disable-dev-shm-usage",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("http://127.0.0.1:{}/rsbalancer/status", g.port))
-        .output()
-        .expect("run chromium (Debian: apt-get install chromium; make deps)");
-    assert!(
-        out.status.success(),
-        "chromium: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    let dom = status_page_dom(g, dir);
     dom.split("<tr class=\"node\" data-id=\"")
         .skip(1)
         .map(|tr| {

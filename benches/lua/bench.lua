@@ -19,10 +19,9 @@
 
 -- Run by hand from the repo root: find the wrapper and the built library there.
 -- (scripts/bench-lua.sh sets LUA_PATH / LUA_CPATH itself.)
-if not os.getenv("LUA_PATH") then package.path = "lua/?.lua;" .. package.path end
+if not os.getenv("LUA_PATH") then package.path = "lua/?.lua;benches/lua/?.lua;" .. package.path end
 if not os.getenv("LUA_CPATH") then package.cpath = "build/lib/?.so;" .. package.cpath end
 
-local ffi = require "ffi"
 local jit = require "jit"
 local rsb = require "resty.rsbalancer"
 local band = require("bit").band
@@ -39,25 +38,14 @@ local TARGETS = {
     p2c_ewma = { [3] = 100, [1000] = 150 },
 }
 
-ffi.cdef [[
-typedef struct { long tv_sec; long tv_nsec; } rsb_bench_timespec;
-int clock_gettime(int clk_id, rsb_bench_timespec *tp);
-]]
--- CPU time of this process by default (what os.clock measures, in ns): on a busy
--- machine it counts only the time this benchmark ran. RSB_BENCH_CLOCK=monotonic
--- switches to wall time (CLOCK_MONOTONIC).
-local CLOCKS = { cpu = 2, monotonic = 1 } -- CLOCK_PROCESS_CPUTIME_ID, CLOCK_MONOTONIC
+local timing = require("timing").new {
+    target_s = TARGET_S, min_n = MIN_N, max_n = MAX_N, runs = RUNS,
+    clock = os.getenv("RSB_BENCH_CLOCK") or "cpu",
+}
 local CLOCK_NAME = os.getenv("RSB_BENCH_CLOCK") or "cpu"
-local CLOCK_ID = CLOCKS[CLOCK_NAME] or error("RSB_BENCH_CLOCK must be cpu or monotonic")
-local ts = ffi.new("rsb_bench_timespec")
-local function now_ns()
-    ffi.C.clock_gettime(CLOCK_ID, ts)
-    return tonumber(ts.tv_sec) * 1e9 + tonumber(ts.tv_nsec)
-end
-
-local function weight(i)
-    return ({ 30, 50, 20 })[(i - 1) % 3 + 1]
-end
+local make_seed, measure, measure_fresh = require("timing").make_seed, timing.measure, timing.measure_fresh
+local now_ns = timing.now_ns
+local weight = require("timing").weight
 
 ---------------------------------------------------------------------------------------
 -- One balancer with a pool per (algorithm, size).
@@ -122,98 +110,6 @@ local function mlua_loop_key(n, bal, idx, keys)
         local slot = bal:pick(idx, keys[band(i, 1023) + 1])
         bal:report(slot, 200, 0.050)
     end
-end
-
--- The seed, as written there (ipairs walks, node.current counts picks). It is compiled
--- afresh (loadstring) for each use: LuaJIT keeps traces per function prototype, so a
--- shared prototype would run the 1,000-node case on traces recorded at 3 nodes, and
--- even one size's trace shape varies from process to process (it decides whether
--- the short walk loop gets a trace of its own). Each timed run gets a fresh copy and
--- the median is taken over them.
-local SEED_SRC = [[
-local upstreams, random = ...
-local function select_node()
-    local total_weight = 0
-    for _, node in ipairs(upstreams) do
-        total_weight = total_weight + node.weight
-    end
-    local rand = random() * total_weight
-    local weight_sum = 0
-    for _, node in ipairs(upstreams) do
-        weight_sum = weight_sum + node.weight
-        if rand <= weight_sum then
-            node.current = node.current + 1
-            return node.name
-        end
-    end
-end
-local function loop(n)
-    for _ = 1, n do
-        select_node()
-    end
-end
-return loop
-]]
-
--- A fresh seed over n nodes: returns its timing loop, loop(iterations).
-local function make_seed(n)
-    local upstreams = {}
-    for i = 1, n do
-        upstreams[i] = { name = "node" .. i, weight = weight(i), current = 0 }
-    end
-    return assert(loadstring(SEED_SRC, "=seed"))(upstreams, math.random)
-end
-
----------------------------------------------------------------------------------------
--- Timing
-
--- Warm fn up (JIT) and size a run to ~TARGET_S.
-local function calibrate(fn, ...)
-    local n = MIN_N / 4
-    local t0 = now_ns()
-    fn(n, ...)
-    local per = (now_ns() - t0) / n
-    t0 = now_ns()
-    fn(n, ...)
-    per = math.min(per, (now_ns() - t0) / n)
-    n = math.floor(TARGET_S * 1e9 / math.max(per, 1))
-    return math.max(MIN_N, math.min(MAX_N, n))
-end
-
-local function median(samples)
-    table.sort(samples)
-    return samples[math.floor((#samples + 1) / 2)], samples[1], samples[#samples]
-end
-
--- ns per iteration of fn(n, ...): median of RUNS runs, after warm-up.
--- Returns median, iterations per run, min, max.
-local function measure(fn, ...)
-    local n = calibrate(fn, ...)
-    local samples = {}
-    for r = 1, RUNS do
-        collectgarbage("collect")
-        local t = now_ns()
-        fn(n, ...)
-        samples[r] = (now_ns() - t) / n
-    end
-    local med, lo, hi = median(samples)
-    return med, n, lo, hi
-end
-
--- Same, with a fresh function from make() for each run (each warmed up alone).
-local function measure_fresh(make)
-    local samples, n = {}, nil
-    for r = 1, RUNS do
-        local fn = make()
-        local want = calibrate(fn)
-        n = n or want
-        collectgarbage("collect")
-        local t = now_ns()
-        fn(n)
-        samples[r] = (now_ns() - t) / n
-    end
-    local med, lo, hi = median(samples)
-    return med, n, lo, hi
 end
 
 ---------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ local native = require "rsbalancer"
 
 local C_ffi_string = ffi.string
 local type, tostring, tonumber, error = type, tostring, tonumber, error
-local byte, sub, find = string.byte, string.sub, string.find
+local byte, sub, find, match = string.byte, string.sub, string.find, string.match
 local ngx_now = ngx and ngx.now
 
 local _M = { version = native.version }
@@ -138,7 +138,9 @@ local function sync()
         local nodes = bal:nodes(name)
         for j = 1, #nodes do
             local n = nodes[j]
-            new_peers[n.slot] = { n.ip, n.port, n.id, name, n.host }
+            -- set_current_peer wants an IPv6 address in brackets.
+            local ip = find(n.ip, ":", 1, true) and "[" .. n.ip .. "]" or n.ip
+            new_peers[n.slot] = { ip, n.port, n.id, name, n.host }
         end
     end
     canary.sync(configs, topo)
@@ -244,11 +246,30 @@ function _M.init_worker()
             -- Cluster mode: the worker holding the lease runs the Redis sync thread.
             local cok, cerr = ngx.timer.every(sync_ms / 1000, function(premature)
                 if premature then return end
-                local line = bal:cluster_tick()
+                local line, alerts = bal:cluster_tick()
                 if line then ngx.log(ngx.WARN, "rsbalancer: ", line) end
+                if alerts then
+                    -- Emergency transitions this gateway won for the whole fleet.
+                    local em = require "resty.rsbalancer.emergency"
+                    for i = 1, #alerts do em.announce(bal, alerts[i]) end
+                end
             end)
             if not cok then
                 ngx.log(ngx.ERR, "rsbalancer: cannot start the cluster sync: ", cerr)
+            end
+        end
+        if bal:has_discovery() then
+            -- Service discovery: the worker holding the lease runs the sources'
+            -- threads; the first tick at once, so a pool that starts empty fills in.
+            local tick = function(premature)
+                if premature then return end
+                local lines = bal:discovery_tick()
+                for i = 1, #lines do ngx.log(ngx.WARN, "rsbalancer: ", lines[i]) end
+            end
+            local dok, derr = ngx.timer.at(0, tick)
+            if dok then dok, derr = ngx.timer.every(1, tick) end
+            if not dok then
+                ngx.log(ngx.ERR, "rsbalancer: cannot start service discovery: ", derr)
             end
         end
         local nok, nerr = ngx.timer.every(1, log_notices)
@@ -329,7 +350,8 @@ function _M.report(slot, status, latency_s, retry_after_s)
     return true
 end
 
---- peer(slot): ip, port, id, pool, host of a node slot (after a pick).
+--- peer(slot): ip, port, id, pool, host of a node slot (after a pick); an IPv6 ip in
+-- brackets, as set_current_peer wants it.
 function _M.peer(slot)
     local p = peers[slot]
     if not p then return nil end
@@ -509,21 +531,69 @@ end
 local by_request = {}
 local warned_rounds = false -- log() said once that rounds lack their location
 
--- Request state kept in ngx.ctx.rsb across the balancer and log phases. Tries of the
--- current round are items `first`.. of nginx's upstream lists, shifted by `offset`.
-local function request_state(ctx, pool)
-    local st = ctx.rsb
+-- The request's state, or nil: by_request by the request's address, not ngx.ctx (whose
+-- table, made on a request's first use and released at its end, cost more than all
+-- of rsbalancer's own per-request work measured by scripts/bench-instructions.sh).
+-- An entry older than the request is one a request at the same address left behind
+-- (its log phase never ran): not this request's.
+local req_start_time
+local function current_state()
+    local k = request_key()
+    local st = by_request[k]
+    if st and st.start < req_start_time() then
+        by_request[k] = nil
+        return nil
+    end
+    return st, k
+end
+
+-- States log() is done with, emptied, for the next requests: a table and its `tried`
+-- list made per request, and the garbage collection they drive, cost about 900
+-- instructions per request (scripts/bench-instructions.sh). At most FREE_MAX kept.
+local clear_tab = require "table.clear"
+local FREE_MAX = 256
+local free_states, nfree = {}, 0
+
+-- Empties st and keeps it for reuse; nothing may use it afterwards.
+local function recycle(st)
+    if nfree >= FREE_MAX then return end
+    local tried = st.tried
+    clear_tab(tried)
+    clear_tab(st)
+    st.tried = tried
+    nfree = nfree + 1
+    free_states[nfree] = st
+end
+
+-- Request state kept across the balancer and log phases. Tries of the current round
+-- are items `first`.. of nginx's upstream lists, shifted by `offset`.
+local function request_state(pool)
+    if not req_start_time then req_start_time = ngx.req.start_time end
+    local st, k = current_state()
     if not st then
         -- nginx's cached time (updated once per event-loop turn) is precise enough
         -- for a retry deadline; no clock call per request.
-        st = { pool = pool, tried = {}, n = 0, reported = 0, start = ngx.now(),
-               arm = false, arm_pool = false, rounds = 0, offset = 0 }
-        ctx.rsb = st
-        local k = request_key()
+        if nfree > 0 then
+            st = free_states[nfree]
+            free_states[nfree] = nil
+            nfree = nfree - 1
+            st.pool, st.n, st.reported, st.start = pool, 0, 0, ngx.now()
+            st.arm, st.arm_pool, st.rounds, st.offset = false, false, 0, 0
+        else
+            st = { pool = pool, tried = {}, n = 0, reported = 0, start = ngx.now(),
+                   arm = false, arm_pool = false, rounds = 0, offset = 0 }
+        end
+        k = k or request_key()
         st.rkey = k
         by_request[k] = st
     end
     return st
+end
+
+-- The request's state in the phases that never make it (log, filters).
+local function state()
+    if not req_start_time then return nil end -- no request has made one yet
+    return (current_state())
 end
 
 -- The arm of this request (pool index and name to pick from: `pool` or its canary),
@@ -666,8 +736,7 @@ function _M.balance(pool, key)
     if not idx then
         error("bad argument #1 to 'balance' (unknown pool " .. tostring(pool) .. ")", 2)
     end
-    local ctx = ngx.ctx
-    local st = request_state(ctx, pool)
+    local st = request_state(pool)
     local aidx, apool = arm_of(st, pool, idx)
     local tried, n = st.tried, st.n
     local slot
@@ -794,7 +863,7 @@ function _M.admit(pool, priority)
         error("bad argument #2 to 'admit' (priority " .. PRIORITY_MIN .. ".." .. PRIORITY_MAX
               .. " expected, got " .. tostring(priority) .. ")", 2)
     end
-    local st = request_state(ngx.ctx, pool)
+    local st = request_state(pool)
     st.priority = priority
     local aidx, apool = arm_of(st, pool, idx)
     if aidx ~= idx and C_available(handle, aidx, wait_buf) ~= RSB_OK then
@@ -830,7 +899,7 @@ function _M.header_filter()
     local status = ngx.status
     if status < 429 then return end
     if status ~= 429 and status ~= 503 then return end
-    local st = ngx.ctx.rsb
+    local st = state()
     if not st or st.n == 0 or not st.arm then return end
     local h = ngx.header
     if h["Retry-After"] then return end
@@ -866,7 +935,7 @@ end
 local TRUNCATED = 502
 local SSE, JSON = 1, 2
 function _M.body_filter()
-    local st = ngx.ctx.rsb
+    local st = state()
     if not st then return end
     local arg = ngx.arg
     st.eof = arg[2]
@@ -949,7 +1018,7 @@ end
 -- cost more than the rest of the request's Lua (measured: ~1.6 us of CPU per request
 -- in the gateway overhead benchmark). Anything else reads nginx's upstream variables.
 function _M.log()
-    local st = ngx.ctx.rsb
+    local st = state()
     if not st then return end
     local n = st.n
     if n > 0 then
@@ -994,6 +1063,7 @@ function _M.log()
                 "ended in nginx's 502: add `error_page 502 504 = @rsb_round;` and the ",
                 "@rsb_round location (docs/balancing.md, \"Rounds\"), or set retry.rounds to 0")
     end
+    recycle(st)
 end
 
 -- How many items an nginx upstream list ("429, 502 : 200") holds.
@@ -1041,7 +1111,6 @@ function _M.round(pool)
         -- nginx's own 502/504 for a request rsbalancer holds no state of.
         return admission.answer(502, "upstream_failed")
     end
-    ngx.ctx.rsb = st -- log() reports and releases whatever happens next
     if st.pool ~= pool then
         error("bad argument #1 to 'round' (the request is in pool " .. st.pool .. ", not " .. pool .. ")", 2)
     end
@@ -1105,7 +1174,7 @@ end
 --- arm(): "canary" or "primary" for the current request once admit() or balance()
 -- chose its arm, else nil (e.g. for a response header or an access log variable).
 function _M.arm()
-    local st = ngx.ctx.rsb
+    local st = state()
     if not st or not st.arm then return nil end
     return st.arm_pool == st.pool and "primary" or "canary"
 end
@@ -1214,6 +1283,11 @@ local NODE_KEYS = { id = "string", addr = "string", weight = "number", backup = 
                     host = "string", scheme = "string", tls_verify = "boolean", headers = "table",
                     model = "string" } -- provider fields: headers as { Name = { env = "VAR" } } only
 
+-- Phases in which add_node may sleep while a host name resolves; the longest wait.
+local YIELDABLE = { rewrite = true, access = true, content = true, timer = true,
+                    ssl_cert = true, ssl_session_fetch = true }
+local LOOKUP_TIMEOUT_S = 10
+
 --- add_node(pool, { id=, addr= [, weight=] [, backup=] }): add a node at run time,
 -- in every worker from its next pick (slow start, nothing learned). Returns its slot,
 -- or nil, err, kind ("not_found", "conflict": id exists or no room, "invalid": a bad
@@ -1236,6 +1310,24 @@ function _M.add_node(pool, node)
     end
     if node.id == nil or node.addr == nil then
         error("bad argument #2 to 'add_node' (id and addr are required)", 2)
+    end
+    -- A host name is resolved on a thread of the library while this request sleeps
+    -- (the worker serves others meanwhile), where the phase lets it sleep.
+    local host = match(node.addr, "^(.+):%d+$")
+    if host and not match(host, "^[%d.]+$") and not match(host, "^%[")
+            and ngx and YIELDABLE[ngx.get_phase()] then
+        local ticket, lerr = bal:lookup_start(node.addr)
+        if not ticket then return nil, lerr, "conflict" end
+        local deadline = ngx.now() + LOOKUP_TIMEOUT_S
+        repeat
+            ngx.sleep(0.005)
+            local addr, aerr = bal:lookup_poll(ticket)
+            if addr then return bal:add_node(pool, node, addr) end
+            if aerr then return nil, "addr: " .. aerr, "invalid" end
+            ngx.update_time()
+        until ngx.now() > deadline
+        return nil, "addr: " .. node.addr .. " did not resolve within "
+                    .. LOOKUP_TIMEOUT_S .. " s", "invalid"
     end
     return bal:add_node(pool, node)
 end

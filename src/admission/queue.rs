@@ -140,6 +140,23 @@ impl<'a> Queue<'a> {
         &self.entries[..hw]
     }
 
+    /// The waiting entries: (ticket, priority, queued at). What the cluster sync
+    /// mirrors into the fleet's queue (`crate::cluster`); not for the request path.
+    pub fn waiting(&self) -> impl Iterator<Item = (u64, u32, u64)> + 'a {
+        self.in_use().iter().filter_map(|e| {
+            // Acquire pairs with the Release INIT -> WAITING in `enter`: the fields
+            // read below are this ticket's.
+            let w = e.word.load(Ordering::Acquire);
+            (state_of(w) == entry::WAITING).then(|| {
+                (
+                    ticket_of(w),
+                    e.priority.load(Ordering::Relaxed),
+                    e.enqueued_ms.load(Ordering::Relaxed),
+                )
+            })
+        })
+    }
+
     /// Reserve one slot if `admitted < cap`. Two reservers can never both take the
     /// last slot: each try is one compare-exchange on the count.
     pub fn reserve(&self, cap: u32) -> bool {
@@ -162,14 +179,19 @@ impl<'a> Queue<'a> {
         self.qp.max_wait_ms[pidx(priority)].load(Ordering::Relaxed) as u64
     }
 
+    fn aging_ms(&self) -> u64 {
+        self.qp.aging_ms.load(Ordering::Relaxed).into()
+    }
+
     /// Priority after aging, capped at 10.
     fn effective(&self, priority: u32, enqueued_ms: u64, now: u64) -> u32 {
-        let aging = self.qp.aging_ms.load(Ordering::Relaxed) as u64;
-        if aging == 0 {
-            return priority;
-        }
-        let gained = now.saturating_sub(enqueued_ms) / aging;
-        (priority as u64 + gained).min(PRIORITIES as u64) as u32
+        super::fleet::effective(priority, enqueued_ms, self.aging_ms(), now)
+    }
+
+    /// Whether a better waiter at another gateway holds a slot back from a local one
+    /// of `priority` queued at `since` (cluster mode: `crate::admission::fleet`).
+    fn fleet_holds(&self, priority: u32, since: u64, now: u64) -> bool {
+        super::fleet::holds(&self.ps.fleet, priority, since, self.aging_ms(), now)
     }
 
     /// Bookkeeping of an entry that stops waiting.
@@ -201,7 +223,10 @@ impl<'a> Queue<'a> {
         let cap = cap.into();
         // Relaxed: the queue length is a count read on its own (a hint whether anyone
         // waits); entries are found through their words.
-        if self.ps.queue_len.load(Ordering::Relaxed) == 0 && self.reserve(cap.safe) {
+        if self.ps.queue_len.load(Ordering::Relaxed) == 0
+            && !self.fleet_holds(priority, now, now)
+            && self.reserve(cap.safe)
+        {
             if let Some(s) = share {
                 s.fetch_add(1, Ordering::Relaxed);
             }
@@ -416,8 +441,24 @@ impl<'a> Queue<'a> {
     /// Admit the best waiters while confirmed slots are free, then the lowest-ranked
     /// into a probe slot (see [`Cap`]). Returns how many were admitted.
     pub fn dispatch(&self, cap: impl Into<Cap>, now: u64) -> u32 {
-        let cap = cap.into();
+        self.dispatch_held(cap.into(), now).0
+    }
+
+    /// As `dispatch`, and whether a confirmed slot was kept free for a better waiter
+    /// at another gateway (the best local one is outranked there: `fleet_holds`).
+    fn dispatch_held(&self, cap: Cap, now: u64) -> (u32, bool) {
         self.sweep(now);
+        // While the fleet holds the slots, every waiter's poll comes here: without
+        // aging, the best local priority is known from the counts, so the answer
+        // costs a few loads instead of a reservation and a scan.
+        if self.aging_ms() == 0 && self.qp.admitted.load(Ordering::Relaxed) < cap.safe {
+            let top = (0..PRIORITIES)
+                .rev()
+                .find(|&i| self.qp.waiting[i].load(Ordering::Relaxed) > 0);
+            if top.is_some_and(|i| self.fleet_holds(i as u32 + 1, now, now)) {
+                return (0, true);
+            }
+        }
         let mut admitted = 0;
         for _ in 0..2 * DISPATCH_MAX {
             // Relaxed: a count, read on its own (see `enter`).
@@ -435,6 +476,10 @@ impl<'a> Queue<'a> {
                 self.unreserve();
                 break;
             };
+            if !worst && self.fleet_holds(c.priority, c.enqueued_ms, now) {
+                self.unreserve();
+                return (admitted, true);
+            }
             let e = &self.entries[c.index];
             if e.word
                 .compare_exchange(
@@ -467,7 +512,7 @@ impl<'a> Queue<'a> {
                 self.unreserve();
             }
         }
-        admitted
+        (admitted, false)
     }
 
     /// A waiter's poll of its own entry: admitted (its admission now counts in
@@ -607,8 +652,9 @@ impl<'a> Queue<'a> {
         self.unreserve();
         self.note_release(now);
         // Relaxed: a count, read on its own (see `enter`).
-        if self.ps.queue_len.load(Ordering::Relaxed) > 0 {
-            self.dispatch(cap, now);
+        if self.ps.queue_len.load(Ordering::Relaxed) > 0 && self.dispatch_held(cap, now).1 {
+            // Counted here, once per slot freed, not at each waiter's poll.
+            self.ps.fleet.holds.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -702,6 +748,7 @@ pub fn status_json(region: &Region, pool: u32) -> serde_json::Value {
         "queue_aborted": ld(&q.ps.queue_aborted_total),
         "queue_wait_ms_sum": ld(&q.ps.queue_wait_ms_sum),
         "shed": ld(&q.ps.shed_total),
+        "fleet": super::fleet::status_json(&q.ps.fleet, crate::shm::clock::now_ms()),
     })
 }
 
@@ -1055,6 +1102,40 @@ mod tests {
         assert_eq!(q.poll(c.0, c.1, 1, 4, None), Step::Go);
         assert_eq!(q.qp.admitted.load(Ordering::Relaxed), 1);
         assert_eq!(q.ps.queue_aborted_total.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_better_waiter_elsewhere_keeps_freed_slots_and_arrivals_wait() {
+        use crate::admission::fleet::pack;
+        let r = region();
+        let q = queue(&r, &cfg(0, 8, &[(1, 10_000, 8)]));
+        let v = &q.ps.fleet;
+        assert_eq!(q.enter(5, 1, 0, 1, 0, None), Step::Go);
+        let low = queued(q.enter(2, 1, 1, 1, 0, None));
+        // The sync thread: two priority-7 waiters at other gateways, view valid to 1000.
+        v.ahead[6].store(pack(0, 2), Ordering::Relaxed);
+        v.elsewhere.store(2, Ordering::Relaxed);
+        v.until_ms.store(1_000, Ordering::Release);
+        q.release(None, 1, 10);
+        assert_eq!(q.poll(low.0, low.1, 1, 11, None), Step::Wait, "the slot is kept");
+        assert_eq!(q.qp.admitted.load(Ordering::Relaxed), 0);
+        assert_eq!(v.holds.load(Ordering::Relaxed), 1, "counted once per freed slot");
+        // An arrival of a lower priority than theirs queues, even with the slot free;
+        // a higher one goes, and so does an equal one (no FIFO across gateways).
+        let mid = queued(q.enter(6, 1, 12, 1, 0, None));
+        assert_eq!(q.enter(8, 1, 13, 1, 0, None), Step::Go);
+        q.release(None, 1, 14);
+        assert_eq!(q.enter(7, 1, 15, 1, 0, None), Step::Go, "equal: not held");
+        q.release(None, 1, 16);
+        // The view lapses (no round since): the local queue alone decides again.
+        assert_eq!(q.poll(low.0, low.1, 1, 999, None), Step::Wait);
+        assert_eq!(
+            q.poll(mid.0, mid.1, 1, 1_000, None),
+            Step::Go,
+            "the best local first"
+        );
+        q.release(None, 1, 1_001);
+        assert_eq!(q.poll(low.0, low.1, 1, 1_002, None), Step::Go);
     }
 
     #[test]

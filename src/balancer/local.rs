@@ -216,6 +216,10 @@ impl NodeView for View<'_> {
     fn queued(&self, i: usize) -> u32 {
         crate::scrape::queued(self.node(i), self.now_ms)
     }
+
+    fn out(&self, i: usize) -> bool {
+        node::taken_out(self.node(i), self.now_ms)
+    }
 }
 
 pub(super) fn os_rng() -> SmallRng {

@@ -356,6 +356,18 @@ impl Balancer {
         Ok(())
     }
 
+    /// Set the canary share as another gateway of the fleet left it (`crate::cluster`):
+    /// by hand, or 0 with `rolled_back` by a rollback. Like [`Self::set_canary_share`],
+    /// it ends a ramp running here.
+    pub fn share_canary(&self, pool: u32, parts: u32, rolled_back: bool) -> Result<(), Error> {
+        self.set_canary_share(pool, parts)?;
+        if rolled_back {
+            let ps = self.live_pool(pool)?;
+            ps.canary_rolled_back.store(1, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// Drain a node (`true`: no new tries, those in flight finish) or put it back.
     pub fn set_draining(&self, node: u32, draining: bool) -> Result<(), Error> {
         let n = self.live_node(node)?;

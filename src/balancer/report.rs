@@ -469,6 +469,20 @@ impl Balancer {
         lease(&h.cluster_pid, &h.cluster_until_ms, ttl_ms)
     }
 
+    /// Take or renew the region-wide discovery lease (`crate::discovery`), as
+    /// [`health_lease`](Self::health_lease).
+    pub fn discovery_lease(&self, ttl_ms: u64) -> bool {
+        let h = self.region.header();
+        lease(&h.discovery_pid, &h.discovery_until_ms, ttl_ms)
+    }
+
+    /// Whether this process holds the discovery lease now (not renewing it).
+    pub fn holds_discovery_lease(&self) -> bool {
+        let h = self.region.header();
+        h.discovery_pid.load(Ordering::Acquire) == std::process::id() as i32
+            && clock::now_ms() < h.discovery_until_ms.load(Ordering::Acquire)
+    }
+
     /// Whether this process holds the cluster-sync lease now (not renewing it).
     pub fn holds_cluster_lease(&self) -> bool {
         let h = self.region.header();

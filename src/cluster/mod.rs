@@ -37,6 +37,13 @@
 //!   pushing its file's, unless its file changed (the pool's file state has another
 //!   fingerprint than `<prefix>base` records), in which case the new file wins and
 //!   the fleet follows.
+//! - mirrors each pool's admission queue into the fleet's (`<prefix>q:<pool>`, a
+//!   sorted set by priority then arrival, entries leased per gateway) and brings the
+//!   fleet's head back into shared memory, where local admission keeps a freed slot
+//!   for a higher priority waiting at another gateway: [`queue`] (Redis) and
+//!   `crate::admission::fleet` (the rule);
+//! - judges the pools' emergency mode on the fleet's counts, with one alert per
+//!   transition for the whole fleet (`emergency`).
 //!
 //! **Consistency.** Eventual, within about one `sync_ms` (100 ms by default), like
 //! nginx Plus's `zone_sync`, and cheaper than LiteLLM's re-read of Redis on the
@@ -50,6 +57,8 @@
 //! cooldowns by maximum, and admin changes made meanwhile are written (this gateway's
 //! state differs from what it last wrote).
 
+mod emergency;
+pub mod queue;
 mod shares;
 mod sync;
 

@@ -90,9 +90,10 @@ const _: () = assert!(LIMIT_ONE == 65_536);
 pub(super) struct Shares {
     /// Per node slot, its `fleet_skips` as the last round read it.
     skips: HashMap<u32, u64>,
-    /// Per `pool/node`, the share to ask for next round (this gateway's part of the
-    /// fleet limit by the demands the last round saw) and the fleet limit it took.
-    want: HashMap<String, (u32, u64)>,
+    /// Per `pool/node`, what the last round saw: the other gateways' demands and the
+    /// fleet limit it took (this round asks for its part of that limit by its demand
+    /// now and theirs: `fleet::want`).
+    seen: HashMap<String, (Vec<(String, u64)>, u64)>,
 }
 
 /// Most gateways a node's hash answers with (a value from outside).
@@ -139,7 +140,15 @@ impl Shares {
             let demand = (inflight + unmet).min(1 << 40);
             let limit = n.limit.load(Ordering::Relaxed);
             sent.push((demand, limit));
-            let (want, base) = self.want.get(member).copied().unwrap_or((SHARE_MAX, 0));
+            let (want, base) = match self.seen.get(member) {
+                Some((others, limit)) if *limit > 0 => {
+                    let others: Vec<(&str, u64)> = others.iter().map(|(g, d)| (g.as_str(), *d)).collect();
+                    let whole = (limit / LIMIT_ONE).min(SHARE_MAX as u64) as u32;
+                    (fleet::want(whole, &others, gateway, demand), *limit)
+                }
+                Some((_, limit)) => (SHARE_MAX, *limit),
+                None => (SHARE_MAX, 0),
+            };
             cmd.arg(demand)
                 .arg(limit)
                 .arg(base)
@@ -149,32 +158,22 @@ impl Shares {
         }
         let rows: Vec<Vec<String>> = cmd.query(conn).map_err(|e| e.to_string())?;
         let until = clock::now_ms() + valid_ms;
-        for ((member, _, n, _), (row, (demand, limit_sent))) in nodes.iter().zip(rows.iter().zip(sent)) {
+        for ((member, _, n, _), (row, (_, limit_sent))) in nodes.iter().zip(rows.iter().zip(sent)) {
             let num = |i: usize| row.get(i).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
             let (grant, limit, remote) = (num(0), num(1).max(0) as u64, num(2).clamp(0, u32::MAX as i64));
             let share = (grant >= 0).then(|| grant.min(SHARE_MAX as i64) as u32);
             fleet::set_share(n, share, remote as u32, (limit, limit_sent), until);
-            // Next round's ask: this gateway's part by everyone's demand, each gateway
-            // in the same (name) order as the others compute it.
-            let mut all: Vec<(&str, u64)> = row
+            let others = row
                 .get(3..)
                 .unwrap_or_default()
                 .chunks_exact(2)
                 .take(MAX_GATEWAYS)
-                .map(|c| (c[0].as_str(), c[1].parse().unwrap_or(0)))
+                .map(|c| (c[0].clone(), c[1].parse().unwrap_or(0)))
                 .collect();
-            all.push((gateway, demand));
-            all.sort_unstable();
-            let me = all.iter().position(|&(g, _)| g == gateway).unwrap_or(0);
-            let whole = (limit / LIMIT_ONE).min(SHARE_MAX as u64) as u32;
-            let want = if limit == 0 {
-                SHARE_MAX
-            } else {
-                let d: Vec<u64> = all.iter().map(|&(_, d)| d).collect();
-                fleet::shares(whole, &d)[me]
-            };
-            self.want
-                .insert(member.clone(), (want, if limit > 0 { limit } else { limit_sent }));
+            self.seen.insert(
+                member.clone(),
+                (others, if limit > 0 { limit } else { limit_sent }),
+            );
         }
         Ok(())
     }

@@ -12,7 +12,14 @@ use redis::{Commands, Connection};
 use crate::admin::{self, PoolState};
 use crate::balancer::Balancer;
 use crate::config::ClusterConfig;
+use crate::emergency::Transition;
 use crate::shm::clock;
+
+use super::emergency::Detector;
+
+/// Alerts the fleet's detector won in the sync thread, for the lease holder's Lua
+/// timer to deliver (webhooks are sent from nginx's event loop).
+type Outbox = Arc<parking_lot::Mutex<Vec<Transition>>>;
 
 /// Largest pool state read from Redis (bytes): a value from outside.
 const MAX_STATE: usize = 4 << 20;
@@ -23,6 +30,7 @@ const MAX_COOLDOWNS: isize = 10_000;
 pub struct Running {
     stop: Arc<AtomicBool>,
     shared: Arc<parking_lot::Mutex<Option<String>>>,
+    alerts: Outbox,
     handle: Option<JoinHandle<()>>,
     /// What the last `poll` reported: `Some(None)` up, `Some(Some(err))` down.
     reported: Option<Option<String>>,
@@ -33,16 +41,24 @@ impl Running {
     pub fn start(b: Arc<Balancer>, cfg: ClusterConfig) -> std::io::Result<Running> {
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(parking_lot::Mutex::new(None));
-        let (s, e) = (stop.clone(), shared.clone());
+        let alerts = Outbox::default();
+        let (s, e, a) = (stop.clone(), shared.clone(), alerts.clone());
         let handle = std::thread::Builder::new()
             .name("rsb-cluster".into())
-            .spawn(move || run(&b, cfg, &s, &e))?;
+            .spawn(move || run(&b, cfg, &s, &e, &a))?;
         Ok(Running {
             stop,
             shared,
+            alerts,
             handle: Some(handle),
             reported: None,
         })
+    }
+
+    /// The emergency transitions this gateway won for the fleet since the last call,
+    /// to announce (log line and webhooks).
+    pub fn take_alerts(&self) -> Vec<Transition> {
+        std::mem::take(&mut *self.alerts.lock())
     }
 
     /// Whether the thread still runs (it ends when the lease is lost).
@@ -101,20 +117,27 @@ pub fn gateway_name() -> String {
     )
 }
 
-fn run(b: &Balancer, cfg: ClusterConfig, stop: &AtomicBool, error: &parking_lot::Mutex<Option<String>>) {
+fn run(
+    b: &Balancer,
+    cfg: ClusterConfig,
+    stop: &AtomicBool,
+    error: &parking_lot::Mutex<Option<String>>,
+    alerts: &Outbox,
+) {
     let every = Duration::from_millis(cfg.sync_ms.into());
     let mut s = Sync::new(cfg);
     // A reload's new workers take over: the old generation's thread stops at once,
     // before it could take the reload's reset of weights for an operator's change.
     while !stop.load(Ordering::Relaxed) && b.holds_cluster_lease() && !b.superseded() {
         let t0 = Instant::now();
-        match s.round(b) {
+        match s.round(b, alerts) {
             Ok(gateways) => {
                 b.record_cluster_round(true, gateways);
                 *error.lock() = None;
             }
             Err(e) => {
                 s.conn = None;
+                super::queue::forget(b);
                 b.record_cluster_round(false, 0);
                 *error.lock() = Some(e);
             }
@@ -138,6 +161,10 @@ struct Sync {
     file_fp: HashMap<String, String>,
     /// Concurrency shares (`super::shares`).
     shares: super::shares::Shares,
+    /// The fleet's emergency detector.
+    detector: Detector,
+    /// This gateway's waiters as mirrored into the fleet's queue (`super::queue`).
+    queue: super::queue::Mirror,
 }
 
 fn unix_ms() -> u64 {
@@ -166,6 +193,8 @@ impl Sync {
             published: HashMap::new(),
             file_fp: HashMap::new(),
             shares: Default::default(),
+            detector: Detector::default(),
+            queue: Default::default(),
         }
     }
 
@@ -220,7 +249,7 @@ impl Sync {
     }
 
     /// One round; returns the gateways alive in the fleet.
-    fn round(&mut self, b: &Balancer) -> Result<u64, String> {
+    fn round(&mut self, b: &Balancer, alerts: &Outbox) -> Result<u64, String> {
         if self.conn.is_none() {
             self.conn = Some(self.connect()?);
             // A new connection may be to a Redis that restarted empty or to another
@@ -286,6 +315,26 @@ impl Sync {
         let times = (now_unix, lease_ms, 2 * u64::from(self.cfg.sync_ms));
         self.shares.round(b, conn, (&gws, prefix), &self.gateway, times)?;
         self.sync_state(b, seq)?;
+        let prefix = self.cfg.prefix.clone();
+        let conn = self.conn.as_mut().expect("connected above");
+        let won = self.detector.round(
+            b,
+            conn,
+            |k| format!("{prefix}{k}"),
+            &self.gateway,
+            now_unix,
+            lease_ms,
+        )?;
+        alerts.lock().extend(won);
+        let conn = self.conn.as_mut().expect("connected above");
+        self.queue.round(
+            b,
+            conn,
+            &self.cfg.prefix,
+            &self.gateway,
+            self.cfg.sync_ms,
+            unix_ms(),
+        )?;
         Ok(gateways)
     }
 

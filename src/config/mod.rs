@@ -55,6 +55,8 @@ pub(crate) mod admission;
 mod canary;
 mod check;
 pub mod cluster;
+pub mod consul;
+pub mod discovery;
 pub mod emergency;
 mod policies;
 pub use admission::{AdmissionConfig, ClassConfig};
@@ -63,6 +65,7 @@ pub use canary::{CanaryConfig, CanaryKey, RampConfig, RollbackConfig};
 use check::{check_host_header, resolve, serde_error, valid_name};
 pub(crate) use check::{check_range, check_ratio};
 pub use cluster::ClusterConfig;
+pub use discovery::DiscoveryConfig;
 pub use emergency::EmergencyConfig;
 pub mod provider;
 pub mod scrape;
@@ -141,7 +144,9 @@ impl Default for ShmConfig {
 pub struct PoolConfig {
     #[serde(default)]
     pub algorithm: Algorithm,
-    /// Required and non-empty, with at least one node that is not a backup.
+    /// Required and non-empty, with at least one node that is not a backup; may be
+    /// empty (or absent) in a pool whose `discovery` source gives the nodes.
+    #[serde(default)]
     pub nodes: Vec<NodeConfig>,
     #[serde(default)]
     pub ewma: EwmaConfig,
@@ -195,6 +200,10 @@ pub struct PoolConfig {
     /// Prefix keys and the load guard of `"algorithm": "prefix"` (`crate::prefix`).
     #[serde(default)]
     pub prefix: crate::prefix::PrefixPolicy,
+    /// Where the nodes come from besides `nodes` (`crate::discovery`); absent: the
+    /// static list only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<DiscoveryConfig>,
 }
 
 fn default_window_ms() -> u32 {
@@ -419,6 +428,7 @@ impl Default for PoolConfig {
             scrape: None,
             stream: crate::stream::StreamPolicy::default(),
             prefix: crate::prefix::PrefixPolicy::default(),
+            discovery: None,
         }
     }
 }
@@ -629,19 +639,34 @@ impl Config {
             pool.limit.slow_factor = Some(pool.slow_factor());
             // A node resolved already (a run-time change rebuilding the running config)
             // keeps its address: no DNS lookup for nodes that are not new.
+            let mut unresolved = Vec::new();
             for (i, node) in pool
                 .nodes
                 .iter_mut()
                 .enumerate()
                 .filter(|(_, n)| n.resolved.is_none())
             {
-                let addr = resolve(&node.addr)
-                    .map_err(|m| ConfigError::new(format!("pools.{name}.nodes[{i}].addr"), m))?;
-                node.resolved = Some(addr);
+                match resolve(&node.addr) {
+                    Ok(addr) => node.resolved = Some(addr),
+                    // Names that re-resolve (`discovery.dns` without a name): a name
+                    // that does not resolve yet joins when it does.
+                    Err(_) if pool.discovery.as_ref().is_some_and(|d| d.refreshes_names()) => {
+                        unresolved.push(node.id.clone())
+                    }
+                    Err(m) => return Err(ConfigError::new(format!("pools.{name}.nodes[{i}].addr"), m)),
+                }
             }
+            discovery::set_aside(pool, &unresolved);
         }
         Ok(())
     }
+}
+
+/// Resolves a node address (`ip:port`, `[v6]:port` or `host:port`) as a config's
+/// are (the system resolver; IPv4 preferred); the error names `addr`. Blocks: call it
+/// off nginx's event loop (`crate::discovery::lookup`).
+pub fn resolve_addr(addr: &str) -> Result<SocketAddr, String> {
+    resolve(addr)
 }
 
 impl ShmConfig {
@@ -674,10 +699,13 @@ impl PoolConfig {
         self.validate_policies(path)?;
 
         let nodes_path = format!("{path}.nodes");
-        if self.nodes.is_empty() {
+        if let Some(d) = &self.discovery {
+            d.validate(&format!("{path}.discovery"))?;
+        }
+        if self.nodes.is_empty() && self.discovery.is_none() {
             return Err(ConfigError::new(nodes_path, "at least one node is required"));
         }
-        if self.nodes.iter().all(|n| n.backup) {
+        if !self.nodes.is_empty() && self.nodes.iter().all(|n| n.backup) {
             return Err(ConfigError::new(
                 nodes_path,
                 "every node is a backup: at least one must not be",
@@ -1111,8 +1139,9 @@ mod tests {
 
     #[test]
     fn missing_required_fields_refused() {
+        // `nodes` may be left out with a `discovery` section only.
         let e = err(json!({ "pools": { "deepseek": {} } }));
-        assert_eq!(e, "pools.deepseek: missing field `nodes`");
+        assert_eq!(e, "pools.deepseek.nodes: at least one node is required");
         let e = err(with("/pools/deepseek/nodes/0", json!({ "addr": "127.0.0.1:1" })));
         assert_eq!(e, "pools.deepseek.nodes[0]: missing field `id`");
         let e = err(with("/pools/deepseek/nodes/0", json!({ "id": "a" })));

@@ -390,7 +390,7 @@ impl Secrets {
     pub fn remember(&self, cfg: &Config) {
         let mut map = self.map.lock();
         for (pool, pc) in &cfg.pools {
-            for node in &pc.nodes {
+            for node in pc.nodes.iter().chain(super::discovery::unresolved(pc)) {
                 let (Some(values), Some(p)) = (&node.resolved_headers, node.provider()) else {
                     continue;
                 };

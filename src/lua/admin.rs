@@ -46,11 +46,39 @@ fn node_arg(lua: &Lua, v: Value, pos: usize, func: &str) -> LuaResult<NodeConfig
 }
 
 pub(super) fn add_methods<M: UserDataMethods<LuaBalancer>>(m: &mut M) {
-    // add_node(pool, {id=, addr=, weight=, backup=}) -> slot | nil, err, kind
-    m.add_method("add_node", |lua, this, (pool, node): (String, Value)| {
-        let node = node_arg(lua, node, 2, "add_node")?;
-        nil_err_kind(lua, crate::admin::add_node(&this.0, &pool, node))
-    });
+    // add_node(pool, {id=, addr=, weight=, backup=} [, resolved]) -> slot | nil, err,
+    // kind. `resolved` ("ip:port", from lookup_poll) spares the lookup of `addr`.
+    m.add_method(
+        "add_node",
+        |lua, this, (pool, node, resolved): (String, Value, Option<String>)| {
+            let mut node = node_arg(lua, node, 2, "add_node")?;
+            if let Some(r) = resolved {
+                node.resolved =
+                    Some(r.parse().map_err(|_| {
+                        bad_argument(3, "add_node", format!("an ip:port expected, got {r:?}"))
+                    })?);
+            }
+            nil_err_kind(lua, crate::admin::add_node(&this.0, &pool, node))
+        },
+    );
+    // lookup_start(addr) -> ticket | nil, err: resolve a node address on a thread
+    // (`crate::discovery::lookup`).
+    m.add_method(
+        "lookup_start",
+        |lua, _, addr: String| match crate::discovery::lookup::start(&addr) {
+            Ok(id) => (id,).into_lua_multi(lua),
+            Err(e) => (Value::Nil, e).into_lua_multi(lua),
+        },
+    );
+    // lookup_poll(ticket) -> "ip:port" | nil, err | nil (still running)
+    m.add_method(
+        "lookup_poll",
+        |lua, _, id: u64| match crate::discovery::lookup::poll(id) {
+            Some(Ok(a)) => (a.to_string(),).into_lua_multi(lua),
+            Some(Err(e)) => (Value::Nil, e).into_lua_multi(lua),
+            None => ().into_lua_multi(lua),
+        },
+    );
     // remove_node(pool, id) -> true | nil, err, kind
     m.add_method("remove_node", |lua, this, (pool, id): (String, String)| {
         nil_err_kind(lua, crate::admin::remove_node(&this.0, &pool, &id).map(|()| true))

@@ -26,6 +26,7 @@ use crate::config::{Config, ConfigError};
 mod admin;
 mod canary;
 mod cluster;
+mod discovery;
 
 static REGISTRY: Mutex<Option<HashMap<String, Arc<Balancer>>>> = Mutex::new(None);
 
@@ -531,6 +532,7 @@ impl UserData for LuaBalancer {
         });
         canary::add_methods(m);
         cluster::add_methods(m);
+        discovery::add_methods(m);
         // Prometheus text exposition of every pool and node (`/metrics`), or nil, err.
         m.add_method("metrics", |lua, this, ()| {
             let mut text = String::with_capacity(64 * 1024);

@@ -1,51 +1,65 @@
-//! Cluster mode's per-node families (`crate::fleet`), written only for the nodes that
-//! have a fleet figure (none without a cluster).
+//! The fleet-wide admission queue's families (cluster mode: `crate::cluster`,
+//! `crate::admission::fleet`), per pool that queues, from its `PoolSlot::fleet` view.
+
+use std::sync::atomic::Ordering;
 
 use super::text::*;
-use super::{node_labels, NodeSnap};
+use crate::balancer::Balancer;
+use crate::shm::clock;
+use crate::shm::layout::{FleetView, PoolSlot};
 
-type Get = fn(&crate::fleet::Figures) -> Option<f64>;
+/// One figure of the fleet's queue, from the pool's slot at `now`.
+type FleetFigure = fn(&PoolSlot, u64) -> u64;
 
-const GAUGES: [(&str, &str, Get); 5] = [
-    (
-        "rsbalancer_node_fleet_share",
-        "This gateway's share of the node's fleet-wide concurrency limit (cluster mode: the fleet's limit split by the gateways' demand); absent while none counts (no cluster, no limit learned, Redis unreachable for two sync intervals).",
-        |f| f.fleet_share.map(f64::from),
-    ),
-    (
-        "rsbalancer_node_fleet_limit",
-        "The node's fleet-wide concurrency limit as of the last sync round (the lowest learned by a gateway with demand).",
-        |f| (f.fleet_limit != 0.0).then_some(f.fleet_limit),
-    ),
-    (
-        "rsbalancer_node_fleet_remote_inflight",
-        "The other gateways' tries in flight on the node as of the last sync round.",
-        |f| f.fleet_remote_inflight.map(f64::from),
-    ),
-    (
-        "rsbalancer_node_fleet_budget_tokens",
-        "The other gateways' tokens in the node's budget window as of the last sync round.",
-        |f| f.fleet_budget_tokens.map(|v| v as f64),
-    ),
-    (
-        "rsbalancer_node_fleet_budget_requests",
-        "The other gateways' requests in the node's budget window as of the last sync round.",
-        |f| f.fleet_budget_requests.map(|v| v as f64),
-    ),
-];
+/// The pool's view of the fleet's queue while it is valid (Acquire pairs with the sync
+/// thread's Release store of `until_ms`).
+fn fresh(ps: &PoolSlot, now: u64) -> Option<&FleetView> {
+    (now < ps.fleet.until_ms.load(Ordering::Acquire)).then_some(&ps.fleet)
+}
 
-pub(super) fn write(out: &mut String, nodes: &[NodeSnap]) {
-    for (name, help, get) in GAUGES {
-        let mut rows = nodes
-            .iter()
-            .filter_map(|n| get(&n.fleet).map(|v| (n, v)))
-            .peekable();
-        if rows.peek().is_none() {
-            continue;
-        }
-        family(out, name, Kind::Gauge, help);
-        for (n, v) in rows {
-            sample(out, name, node_labels(n), "", v);
+/// The fleet-wide admission queue of each pool that queues (cluster mode:
+/// `crate::cluster::queue`, `PoolSlot::fleet`).
+pub(super) fn write_fleet_queue(out: &mut String, b: &Balancer) {
+    let Ok(topo) = b.topology() else { return };
+    let now = clock::now_ms();
+    let region = b.region();
+    let pools: Vec<(String, &PoolSlot)> = topo
+        .pools
+        .iter()
+        .filter(|p| {
+            region
+                .queue_pool(p.slot)
+                .is_some_and(|q| q.enabled.load(Ordering::Relaxed) != 0)
+        })
+        .filter_map(|p| Some((labels(&[("pool", &p.name)]), region.pool(p.slot)?)))
+        .collect();
+    let figures: [(&str, Kind, &str, FleetFigure); 3] = [
+        (
+            "rsbalancer_cluster_queue_waiting",
+            Kind::Gauge,
+            "Requests waiting in the fleet's admission queue of the pool, all gateways (this gateway's own when it has no fresh view of the fleet).",
+            |ps, now| match fresh(ps, now) {
+                Some(v) => v.waiting.load(Ordering::Relaxed).into(),
+                None => ps.queue_len.load(Ordering::Relaxed).into(),
+            },
+        ),
+        (
+            "rsbalancer_cluster_queue_elsewhere",
+            Kind::Gauge,
+            "Of them, requests waiting at other gateways (0 without a fresh view).",
+            |ps, now| fresh(ps, now).map_or(0, |v| v.elsewhere.load(Ordering::Relaxed).into()),
+        ),
+        (
+            "rsbalancer_cluster_queue_holds_total",
+            Kind::Counter,
+            "Slots freed here and kept free because a higher priority waited at another gateway.",
+            |ps, _| ps.fleet.holds.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, f) in figures {
+        family(out, name, kind, help);
+        for (l, ps) in &pools {
+            sample(out, name, l, "", f(ps, now));
         }
     }
 }

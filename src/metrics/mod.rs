@@ -64,9 +64,11 @@ use crate::shm::clock;
 use crate::shm::layout::{emergency, flags, LATENCY_BOUNDS_MS, QUEUE_WAIT_BOUNDS_MS};
 use crate::{tally, window};
 
+mod discovery;
 mod fleet;
 mod llm;
 mod queue;
+mod shares;
 mod text;
 use llm::*;
 use text::*;
@@ -286,6 +288,7 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
     write_globals(out, b);
     write_nodes(out, &nodes, &pools);
     write_pools(out, &pools);
+    discovery::write(out, b, &topo);
     Ok(())
 }
 
@@ -388,6 +391,7 @@ fn write_globals(out: &mut String, b: &Balancer) {
             family(out, name, kind, help);
             sample(out, name, "", "", v);
         }
+        fleet::write_fleet_queue(out, b);
     }
 }
 
@@ -542,7 +546,7 @@ fn write_nodes(out: &mut String, nodes: &[NodeSnap], pools: &[PoolSnap]) {
         .collect();
     queue::write(out, &scraped);
     write_headroom(out, nodes);
-    fleet::write(out, nodes);
+    shares::write(out, nodes);
     simple_families(out, nodes, node_labels, &NODE_STREAM);
     labelled_family(
         out,

@@ -16,8 +16,9 @@
 //! ALGORITHMS (one submodule each, all behind [`Selector`]):
 //! - [`WeightedRandom`] (`weighted_random`): a draw with probability ∝ weight, O(1) with
 //!   Vose's alias table ([`AliasTable`]).
-//! - [`Swrr`] (`round_robin`): nginx's smooth weighted round robin, started at a random
-//!   offset per worker.
+//! - [`Stride`] (`round_robin`): smooth weighted round robin by stride scheduling,
+//!   O(log n), started at a random offset per worker ([`Swrr`], nginx's own, is the
+//!   O(n) reference it is tested against).
 //! - [`LeastConn`] (`least_conn`): fewest in-flight requests per unit of weight, ties
 //!   broken by a weighted random choice.
 //! - [`P2cEwma`] (`p2c_ewma`): power of two choices over weighted samples, comparing
@@ -42,6 +43,7 @@ mod chash;
 mod least_conn;
 mod p2c;
 mod prefix;
+mod stride;
 mod swrr;
 
 pub use alias::{AliasTable, WeightedRandom};
@@ -49,6 +51,7 @@ pub use chash::{hash_key, ChashRing};
 pub use least_conn::LeastConn;
 pub use p2c::P2cEwma;
 pub use prefix::{Outcome as PrefixOutcome, PrefixRing, DEFAULT_LOAD_FACTOR, NO_KEY};
+pub use stride::Stride;
 pub use swrr::Swrr;
 
 use rand::Rng;
@@ -81,6 +84,13 @@ pub trait NodeView {
     /// in-flight tries plus the queue [`NodeView::queued`] knows of.
     fn load(&self, idx: usize) -> u32 {
         self.inflight(idx).saturating_add(self.queued(idx))
+    }
+    /// True when the node is out of service for every request for a while (cooling,
+    /// ejected, draining, down), not just for this one: `round_robin` and `least_conn`
+    /// then set it aside until their next refresh instead of meeting it on every pick.
+    /// Only ever asked of a node that is not [`NodeView::eligible`]; false by default.
+    fn out(&self, _idx: usize) -> bool {
+        false
     }
 }
 
@@ -153,11 +163,27 @@ pub(crate) fn weighted_scan<R: Rng + ?Sized, V: NodeView + ?Sized>(
     chosen
 }
 
+/// A view where every node is eligible: what the round robins pre-advance their
+/// state with.
+pub(crate) struct AllEligible;
+
+impl NodeView for AllEligible {
+    fn eligible(&self, _idx: usize) -> bool {
+        true
+    }
+    fn inflight(&self, _idx: usize) -> u32 {
+        0
+    }
+    fn latency(&self, _idx: usize) -> f64 {
+        1.0
+    }
+}
+
 /// Per-worker selection state for one tier of a pool: one variant per [`Algorithm`].
 #[derive(Clone, Debug)]
 pub enum Selector {
     WeightedRandom(WeightedRandom),
-    RoundRobin(Swrr),
+    RoundRobin(Stride),
     LeastConn(LeastConn),
     P2cEwma(P2cEwma),
     Chash(ChashRing),
@@ -171,7 +197,7 @@ impl Selector {
     /// [`DEFAULT_CHASH_POINTS`]); other algorithms ignore it. `rng` is used by
     /// `round_robin` only: its state is pre-advanced by a random number of picks `k` in
     /// `[0, n)` so that workers built at the same moment do not all start at the same
-    /// node (see [`Swrr::new_with_offset`] for exact sequences).
+    /// node (see [`Stride::new_with_offset`] for exact sequences).
     pub fn build<R: Rng + ?Sized>(
         alg: Algorithm,
         cands: &[Candidate],
@@ -187,7 +213,7 @@ impl Selector {
                 } else {
                     rng.random_range(0..weights.len())
                 };
-                Selector::RoundRobin(Swrr::new_with_offset(&weights, k))
+                Selector::RoundRobin(Stride::new_with_offset(&weights, k))
             }
             Algorithm::LeastConn => Selector::LeastConn(LeastConn::new(&weights)),
             Algorithm::P2cEwma => Selector::P2cEwma(P2cEwma::new(&weights)),
@@ -315,6 +341,25 @@ pub(crate) mod testutil {
         }
         fn queued(&self, idx: usize) -> u32 {
             self.queued[idx]
+        }
+    }
+
+    /// A [`TestView`] whose nodes marked in `.1` are out of service
+    /// ([`NodeView::out`]).
+    pub struct OutView<'a>(pub &'a TestView, pub &'a [bool]);
+
+    impl NodeView for OutView<'_> {
+        fn eligible(&self, i: usize) -> bool {
+            self.0.eligible(i)
+        }
+        fn inflight(&self, i: usize) -> u32 {
+            self.0.inflight(i)
+        }
+        fn latency(&self, i: usize) -> f64 {
+            self.0.latency(i)
+        }
+        fn out(&self, i: usize) -> bool {
+            self.1[i]
         }
     }
 

@@ -8,33 +8,20 @@
 //! rather than bunched: weights {5, 1, 1} give `a a b a c a a`. O(n) per pick, like nginx.
 //!
 //! Why: it is the deterministic, well-known nginx behaviour, and the smooth interleaving
-//! avoids bursts on heavy nodes. Because every worker process would otherwise start from
-//! the same all-zero state and send its first requests to the same node (an
-//! ingress-nginx bug), [`Selector::build`](super::Selector::build) starts each worker at a
-//! random offset; [`Swrr::new_with_offset`] gives exact, reproducible sequences.
+//! avoids bursts on heavy nodes. `round_robin` pools use [`Stride`](super::Stride)
+//! instead, the same proportions and smoothness in O(log n) per pick; this one stays
+//! as the reference those are tested against, and for callers that want nginx's exact
+//! order. [`Swrr::new_with_offset`] starts a worker at a random point of the cycle, as
+//! every worker starting from the same all-zero state would send its first requests to
+//! the same node (an ingress-nginx bug).
 
-use super::{sane_weight, NodeView};
+use super::{sane_weight, AllEligible, NodeView};
 
 /// Smooth weighted round-robin state.
 #[derive(Clone, Debug)]
 pub struct Swrr {
     weights: Vec<f64>,
     current: Vec<f64>,
-}
-
-/// A view where every node is eligible, used to pre-advance the state.
-struct AllEligible;
-
-impl NodeView for AllEligible {
-    fn eligible(&self, _idx: usize) -> bool {
-        true
-    }
-    fn inflight(&self, _idx: usize) -> u32 {
-        0
-    }
-    fn latency(&self, _idx: usize) -> f64 {
-        1.0
-    }
 }
 
 impl Swrr {
@@ -150,8 +137,9 @@ mod tests {
             // Whatever the offset, a full period has the exact proportions.
             assert_eq!(counts, [5, 1, 1], "seed {seed}");
         }
-        // Offsets 0, 1, 2 start with a, a, b: both must show up across seeds.
-        assert_eq!(first_picks.into_iter().collect::<Vec<_>>(), [0, 1]);
+        // The selector's rotation (`Stride`: a a c a a b a) started at offsets 0, 1, 2
+        // begins with a, a, c: both must show up across seeds.
+        assert_eq!(first_picks.into_iter().collect::<Vec<_>>(), [0, 2]);
     }
 
     #[test]

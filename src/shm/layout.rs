@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 14;
+pub const LAYOUT_VERSION: u32 = 16;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -149,7 +149,12 @@ pub struct Header {
     /// The stage that is live (`Balancer::apply_stage`, run by the first worker of the
     /// new generation); workers of an older stage keep the tables they began with.
     pub applied_stage: AtomicU64,
-    pub _reserved: [AtomicU64; 2],
+    /// Service discovery (`crate::discovery`): pid of the worker whose threads run the
+    /// pools' sources (a lease, as for health checks), 0 when none, and when its lease
+    /// ends (ms).
+    pub discovery_pid: AtomicI32,
+    pub _pad_discovery: u32,
+    pub discovery_until_ms: AtomicU64,
     /// Cluster sync (`crate::cluster`): pid of the worker whose thread talks to Redis
     /// (a lease, as for health checks), 0 when none, and when its lease ends (ms).
     pub cluster_pid: AtomicI32,
@@ -216,8 +221,9 @@ pub struct PoolSlot {
     /// Requests are waiting for a faster node of this pool (`limit.slow_factor`) until
     /// this time (ms): each of their polls pushes it on.
     pub slow_waiting_until_ms: AtomicU64,
-    // --- lines 3-4: unused (was: the retry-budget window; now in `PoolTally`) -----
-    pub _reserved2: [AtomicU64; 16],
+    // --- lines 3-4: the fleet's admission queue as the cluster sync last saw it
+    // (was: the retry-budget window, now in `PoolTally`) ----------------------------
+    pub fleet: FleetView,
     // --- line 5: canary and emergency control ----------------------------------
     /// Canary pool slot + 1 (0: no canary).
     pub canary_pool: AtomicU32,
@@ -252,7 +258,21 @@ pub struct PoolSlot {
     /// Requests admitted from the queue by the time they waited (`QUEUE_WAIT_BOUNDS_MS`,
     /// then +Inf); not cumulative. Their waits add up to `queue_wait_ms_sum`.
     pub queue_wait_hist: [AtomicU64; QUEUE_WAIT_BOUNDS_MS.len() + 1],
-    pub _reserved_window: [AtomicU64; 5 * WINDOW_BUCKETS - QUEUE_WAIT_BOUNDS_MS.len() - 1],
+    // Service discovery (`crate::discovery`), written by the thread of the lease
+    // holder that runs the pool's source (11 words).
+    /// When the source last answered (ms, coarse monotonic); 0: never.
+    pub discovery_ok_ms: AtomicU64,
+    /// Answers and failed queries of the source.
+    pub discovery_answers: AtomicU64,
+    pub discovery_errors: AtomicU64,
+    /// Nodes of the last answer used; consecutive failures since the last answer.
+    pub discovery_nodes: AtomicU32,
+    pub discovery_failing: AtomicU32,
+    /// The last failure's text (up to 48 bytes of UTF-8, zero-padded), guarded by
+    /// `discovery_error_seq` (odd while being written: a reader retries or gives up).
+    pub discovery_error_seq: AtomicU64,
+    pub discovery_error: [AtomicU64; 6],
+    pub _reserved_window: [AtomicU64; 5 * WINDOW_BUCKETS - QUEUE_WAIT_BOUNDS_MS.len() - 1 - 11],
     /// Canary ramp (`crate::canary`): the next step's time (ms, coarse monotonic) in
     /// the high 48 bits, the share the ramp set last in the low 16; 0: no ramp running.
     pub canary_ramp: AtomicU64,
@@ -260,6 +280,29 @@ pub struct PoolSlot {
     /// block last changed, or the last rollback.
     pub canary_since_ms: AtomicU64,
     pub _reserved4: [AtomicU64; 4],
+}
+
+/// What the fleet's admission queue holds for one pool, as the cluster sync thread
+/// last read it from Redis (`crate::cluster`, `crate::admission::fleet`): the
+/// waiters of the *other* gateways, by priority. All zero: no view (no cluster, Redis
+/// down, the view lapsed); the local queue alone decides. Written by the sync thread
+/// only; `until_ms` last (Release), so a reader that sees it valid (Acquire) sees the
+/// round's words (or a later round's: each word is whole, two rounds may mix).
+#[repr(C)]
+pub struct FleetView {
+    /// The view holds until this time (coarse monotonic ms); past it, it is ignored.
+    pub until_ms: AtomicU64,
+    /// Waiters in the whole fleet's queue of the pool (this gateway's included).
+    pub waiting: AtomicU32,
+    /// Of them, waiters at other gateways.
+    pub elsewhere: AtomicU32,
+    /// Per priority (index priority - 1), the waiters at other gateways among the
+    /// fleet's head that the sync read: (oldest arrival as coarse monotonic ms + 1)
+    /// << 16 | their count (at most 65,535); 0: none.
+    pub ahead: [AtomicU64; PRIORITIES],
+    /// Times a dispatch kept a free slot for a better waiter at another gateway.
+    pub holds: AtomicU64,
+    pub _spare: [AtomicU64; 3],
 }
 
 /// One upstream node. The first cache line holds what every request writes; the
@@ -433,6 +476,7 @@ pub struct WorkerSlot {
 const _: () = {
     assert!(std::mem::size_of::<Header>() == 192);
     assert!(std::mem::size_of::<PoolSlot>() == 832);
+    assert!(std::mem::size_of::<FleetView>() == 128);
     assert!(std::mem::size_of::<NodeSlot>() == 448);
     assert!(std::mem::offset_of!(NodeSlot, pool) == 64);
     assert!(std::mem::size_of::<WorkerSlot>() == 64);

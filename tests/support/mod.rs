@@ -39,8 +39,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod consul;
+pub mod dnsmasq;
 mod proc;
 pub mod redis;
+pub mod webhook;
 pub use proc::*;
 
 /// The checkout (where Cargo.toml is).
@@ -650,6 +653,29 @@ pub fn start_gateway_conf(dir: &TestDir, port: u16, conf: &Path, json_path: Path
     }
 }
 
+/// The status page of `g` as headless Chromium renders it (`--dump-dom`; Debian's
+/// `chromium`, which `make deps` installs; fails loudly without it).
+pub fn status_page_dom(g: &Gateway, dir: &TestDir) -> String {
+    let profile = dir.path().join("chromium-profile");
+    let out = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        .args([
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("http://127.0.0.1:{}/rsbalancer/status", g.port))
+        .output()
+        .expect("run chromium (Debian: apt-get install chromium; make deps)");
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// `PUT /rsbalancer/pools/llm/nodes/<id>` with `{"drain": on}` of pool "llm" (the admin API).
 pub fn drain(g: &Gateway, id: &str, on: bool) {
     let r = http(
@@ -717,6 +743,17 @@ impl Gateway {
 pub const CHAT_BODY: &str = r#"{"model":"mock-llm","messages":[{"role":"user","content":"Say hello."}]}"#;
 pub const STREAM_BODY: &str =
     r#"{"model":"mock-llm","stream":true,"messages":[{"role":"user","content":"Say hello."}]}"#;
+
+/// The learned concurrency limits of pool llm's nodes, whole part (0: none learned).
+pub fn limits(g: &Gateway) -> Vec<f64> {
+    let r = get(g.port, "/rsbalancer/status").json();
+    r["pools"]["llm"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["limit"].as_f64().unwrap().floor())
+        .collect()
+}
 
 /// A counter field of a node in a stats document, as u64 (panics if absent).
 pub fn stat(stats: &Value, node: &str, field: &str) -> u64 {

@@ -1,7 +1,7 @@
 -- resty.rsbalancer.canary: the canary split (docs/overload.md, "Canary split").
 --
 -- Per request, `choose(pool, idx)` decides the arm once (resty.rsbalancer keeps it in
--- ngx.ctx.rsb, so admit(), balance() and every retry use the same arm): the share is
+-- the request's state, so admit(), balance() and every retry use the same arm): the share is
 -- read from shared memory on every request (rsb_canary, one FFI call, no lock), so a
 -- change by any worker, the admin API, the ramp or a rollback applies at once. The
 -- request's bucket is crc32(key) % 10000 for a sticky key (a header, a cookie or the

@@ -120,7 +120,8 @@ local HTML = [==[<!DOCTYPE html>
     return parts.length ? parts.join(" \u00b7 ") : "\u2014";
   }
   // The admission queue of a pool: waiting now (by priority, highest first), admitted
-  // now, and since start: admitted from the queue, timed out, evicted, gone.
+  // now, and since start: admitted from the queue, timed out, evicted, gone; in
+  // cluster mode, the fleet's queue as the last sync saw it.
   function queueFacts(a) {
     if (!a) return null;
     if (!a.enabled) return "admission queue off";
@@ -132,7 +133,9 @@ local HTML = [==[<!DOCTYPE html>
     return "queue " + num(a.queue_len, 0) + " waiting" + (by.length ? " (" + by.join(", ") + ")" : "") +
       " \u00b7 " + num(a.admitted, 0) + " admitted now \u00b7 " + num(a.queue_admitted, 0) +
       " admitted from the queue \u00b7 " + num(a.queue_timeouts, 0) + " timeouts \u00b7 " +
-      num(a.queue_evicted, 0) + " evicted \u00b7 " + num(a.queue_aborted, 0) + " left";
+      num(a.queue_evicted, 0) + " evicted \u00b7 " + num(a.queue_aborted, 0) + " left" +
+      (a.fleet && a.fleet.valid ? " \u00b7 fleet: " + num(a.fleet.waiting, 0) + " waiting, " +
+        num(a.fleet.elsewhere, 0) + " at other gateways" : "");
   }
   // A scraped node's queue (src/scrape.rs): waiting / running, KV-cache usage, what
   // the cost adds now; flagged when stale (ignored) or when scrapes fail.
@@ -153,6 +156,18 @@ local HTML = [==[<!DOCTYPE html>
     if (typeof content === "string") td.textContent = content; else td.appendChild(content);
     tr.appendChild(td);
     return td;
+  }
+  // A discovery pool's source: up or failing, nodes, last answer, last error.
+  function discoveryFacts(d) {
+    var parts = ["discovery " + d.source + ": " + (d.up ? "up" : "FAILING"),
+      num(d.nodes, 0) + " nodes", num(d.answers, 0) + " answers", num(d.errors, 0) + " errors"];
+    if (d.last_success_age_s !== null && d.last_success_age_s !== undefined) {
+      parts.push("last answer " + num(d.last_success_age_s, 0) + " s ago");
+    } else {
+      parts.push("no answer yet");
+    }
+    if (!d.up && d.last_error) parts.push("last error: " + d.last_error);
+    return parts.join(" \u00b7 ");
   }
   function renderPool(name, p) {
     var box = el("section", "pool");
@@ -175,6 +190,7 @@ local HTML = [==[<!DOCTYPE html>
     box.appendChild(h);
     var q = queueFacts(p.admission);
     if (q) box.appendChild(el("div", "admission", q));
+    if (p.discovery) box.appendChild(el("div", "discovery", discoveryFacts(p.discovery)));
     var table = el("table");
     var head = el("tr");
     // A pool that scrapes its nodes' /metrics gets a queue column.

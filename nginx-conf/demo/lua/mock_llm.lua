@@ -34,6 +34,11 @@
 --   no_done         "1": a streamed reply ends (cleanly) after its content chunks, with
 --                   no finish_reason and no `data: [DONE]` (a node that lost the stream)
 --
+-- Per request: a chat body with "mock_hold_ms": N is answered after N ms instead of
+-- latency_ms (one long request among short ones). A chat reply carries X-Mock-Seq: the
+-- request's rank among those the node received (1, 2, ...): the order the gateways
+-- let them through.
+--
 -- Usage, as OpenAI sends it: a JSON reply always carries "usage"; a stream carries it
 -- in one last chunk ("choices":[]) before [DONE] when the request has
 -- "stream_options": {"include_usage": true}.
@@ -346,7 +351,7 @@ local function chat(node)
     local include_usage = body:find('"include_usage"%s*:%s*true') ~= nil
     dict:set("include_usage:" .. node, include_usage)
 
-    local latency = num(node, "latency_ms")
+    local latency = tonumber(body:match('"mock_hold_ms"%s*:%s*(%d+)')) or num(node, "latency_ms")
     if latency > 0 then ngx.sleep(latency / 1000) end
 
     local n = dict:incr("served:" .. node, 1, 0)
@@ -355,6 +360,7 @@ local function chat(node)
     local parts = words(node, token_count(node, body))
     local prompt = max(1, floor(#body / 4))
     ngx.header["X-Node"] = node
+    ngx.header["X-Mock-Seq"] = ngx.ctx.mock_seq
     if not stream then
         return send_json(200, "{\"id\":" .. q(id) .. ",\"object\":\"chat.completion\",\"created\":"
             .. created .. ",\"model\":" .. q(model) .. ",\"choices\":[{\"index\":0,\"message\":"
@@ -550,7 +556,8 @@ function _M.handle()
     if uri == "/health" then
         dict:incr("health:" .. node, 1, 0)
     else
-        dict:incr("received:" .. node, 1, 0)
+        -- Its rank among the node's requests, as it arrived: X-Mock-Seq of the reply.
+        ngx.ctx.mock_seq = dict:incr("received:" .. node, 1, 0)
         if inflight > (dict:get("peak:" .. node) or 0) then
             dict:set("peak:" .. node, inflight)
         end

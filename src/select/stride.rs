@@ -1,0 +1,399 @@
+//! Smooth weighted round robin in O(log n) per pick: stride scheduling over a heap.
+//!
+//! Each node `i` has a stride `1 / weight(i)` and a pass (the virtual time of its next
+//! turn). A pick takes the node with the smallest pass (ties: lower index) and moves
+//! its pass one stride on; a binary heap ordered by pass finds it in O(log n). Every
+//! node is then picked ∝ weight, and its picks are evenly spaced in virtual time, so
+//! a heavy node's turns are interleaved with the others' instead of bunched: the
+//! smoothness of nginx's smooth weighted round robin ([`Swrr`](super::Swrr), which is
+//! O(n) per pick), in another order. Stride scheduling is Waldspurger and Weihl,
+//! "Stride Scheduling: Deterministic Proportional-Share Resource Management" (1995),
+//! the deadline-ordered weighted round robin. Measured figures: docs/benchmarks.md.
+//!
+//! Initial passes are spread by the golden ratio (`frac(i * φ) * stride`), so nodes of
+//! equal weight do not all fall due at the same virtual time: weights {5, 1, 1} give
+//! `a a c a a b a` per period of 7 (nginx's gives `a a b a c a a`).
+//!
+//! Eligibility: a pick looks at the heap's smallest passes first (a bounded best-first
+//! walk of [`MAX_PROBES`] heap entries), and falls back to an O(n) scan for the
+//! eligible node with the smallest pass when all of those are ineligible. A skipped
+//! node keeps its pass, as nginx's keeps its `current`; when it is next picked its pass
+//! starts from the virtual clock (the pass of the last pick), so a node back from a
+//! long absence gets its share again without a burst of make-up turns. A node that is
+//! out of service for every request ([`NodeView::out`]: cooling, ejected, draining)
+//! loses its turn when the walk meets it (its pass moves one stride on), so that many
+//! nodes out at once do not push every pick into the scan.
+//!
+//! New weights ([`Stride::set_weights`]) keep every pass, so the rotation goes on where
+//! it was; a pass more than one new stride ahead of the virtual clock is pulled back to
+//! it (a node whose weight grew, as in slow start, is not held back by its old stride).
+//!
+//! Each worker process runs its own rotation, started `k` picks in (`k` random in
+//! `[0, n)`, [`Stride::new_with_offset`]), so workers do not all start at node 1.
+
+use super::{sane_weight, AllEligible, NodeView};
+
+/// Heap entries a pick examines before it falls back to a scan.
+pub const MAX_PROBES: usize = 16;
+
+/// 1/φ: spreads the initial passes of nodes of equal weight.
+const PHASE: f64 = 0.618_033_988_749_894_9;
+
+/// Stride-scheduling round-robin state.
+#[derive(Clone, Debug, Default)]
+pub struct Stride {
+    stride: Vec<f64>,
+    /// `(pass, node index)`, a binary min-heap (the pass kept inline: no indirection
+    /// on the comparisons of a sift).
+    heap: Vec<(f64, u32)>,
+    /// Position of each node in `heap`.
+    pos: Vec<u32>,
+    /// The virtual clock: the pass at which the last pick was made.
+    clock: f64,
+}
+
+impl Stride {
+    /// A fresh rotation.
+    pub fn new(weights: &[f64]) -> Self {
+        let n = weights.len();
+        let stride: Vec<f64> = weights.iter().map(|&w| 1.0 / sane_weight(w)).collect();
+        let heap = stride
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ((i as f64 * PHASE).fract() * s, i as u32))
+            .collect();
+        let mut st = Stride {
+            stride,
+            heap,
+            pos: (0..n as u32).collect(),
+            clock: 0.0,
+        };
+        st.heapify();
+        st
+    }
+
+    /// The rotation after `k` picks with every node eligible, from a fresh start.
+    /// O(k log n); `Selector::build` uses a random `k` in `[0, n)`.
+    pub fn new_with_offset(weights: &[f64], k: usize) -> Self {
+        let mut st = Stride::new(weights);
+        for _ in 0..k {
+            st.pick(&AllEligible);
+        }
+        st
+    }
+
+    /// Replaces the weights, keeping the passes (see the module docs). A list of
+    /// another length (a contract violation) starts a fresh rotation.
+    pub fn set_weights(&mut self, weights: &[f64]) {
+        if weights.len() != self.stride.len() {
+            *self = Stride::new(weights);
+            return;
+        }
+        // Passes relative to the clock, so that they stay small however long it runs.
+        let clock = self.clock;
+        for (s, &w) in self.stride.iter_mut().zip(weights) {
+            *s = 1.0 / sane_weight(w);
+        }
+        for (p, i) in &mut self.heap {
+            *p = (*p - clock).min(self.stride[*i as usize]);
+        }
+        self.clock = 0.0;
+        self.heapify();
+    }
+
+    /// Number of candidates.
+    pub fn len(&self) -> usize {
+        self.stride.len()
+    }
+
+    /// True when there are no candidates.
+    pub fn is_empty(&self) -> bool {
+        self.stride.is_empty()
+    }
+
+    /// The next eligible node of the rotation, or `None` when none is eligible.
+    pub fn pick<V: NodeView + ?Sized>(&mut self, view: &V) -> Option<usize> {
+        let &(_, top) = self.heap.first()?;
+        // The common case: the node due first is eligible.
+        let i = if view.eligible(top as usize) {
+            top as usize
+        } else {
+            self.walk(view).or_else(|| self.scan(view))?
+        };
+        self.advance(i);
+        Some(i)
+    }
+
+    /// Moves node `i`'s pass one stride past the virtual clock's.
+    fn advance(&mut self, i: usize) {
+        let at = self.pos[i] as usize;
+        self.clock = self.clock.max(self.heap[at].0);
+        self.heap[at].0 = self.clock + self.stride[i];
+        self.sift_down(at);
+    }
+
+    /// Best-first walk of the heap from its root: the eligible node with the smallest
+    /// pass among the first [`MAX_PROBES`] entries in pass order, if any.
+    fn walk<V: NodeView + ?Sized>(&mut self, view: &V) -> Option<usize> {
+        // Frontier of heap positions; each probe removes one and adds up to two.
+        let mut frontier = [0u32; MAX_PROBES + 2];
+        let mut len = usize::from(!self.heap.is_empty());
+        let mut bumped = [0u32; MAX_PROBES];
+        let mut nbumped = 0;
+        let mut found = None;
+        for _ in 0..MAX_PROBES {
+            if len == 0 {
+                break;
+            }
+            let (k, _) = frontier[..len]
+                .iter()
+                .enumerate()
+                .min_by(|a, b| self.cmp_pos(*a.1 as usize, *b.1 as usize))
+                .expect("frontier not empty");
+            let at = frontier[k] as usize;
+            frontier[k] = frontier[len - 1];
+            len -= 1;
+            let i = self.heap[at].1 as usize;
+            if view.eligible(i) {
+                found = Some(i);
+                break;
+            }
+            if view.out(i) {
+                bumped[nbumped] = i as u32;
+                nbumped += 1;
+            }
+            for child in [2 * at + 1, 2 * at + 2] {
+                if child < self.heap.len() {
+                    frontier[len] = child as u32;
+                    len += 1;
+                }
+            }
+        }
+        // Nodes out of service lose the turn they were due (after the walk: moving
+        // them reorders the heap under the frontier).
+        for &i in &bumped[..nbumped] {
+            let at = self.pos[i as usize] as usize;
+            self.heap[at].0 = self.heap[at].0.max(self.clock) + self.stride[i as usize];
+            self.sift_down(at);
+        }
+        found
+    }
+
+    /// The eligible node with the smallest `(pass, index)`: O(n).
+    fn scan<V: NodeView + ?Sized>(&self, view: &V) -> Option<usize> {
+        self.heap
+            .iter()
+            .filter(|e| view.eligible(e.1 as usize))
+            .min_by(|a, b| cmp_entry(a, b))
+            .map(|e| e.1 as usize)
+    }
+
+    fn cmp_pos(&self, a: usize, b: usize) -> std::cmp::Ordering {
+        cmp_entry(&self.heap[a], &self.heap[b])
+    }
+
+    fn swap(&mut self, a: usize, b: usize) {
+        self.heap.swap(a, b);
+        self.pos[self.heap[a].1 as usize] = a as u32;
+        self.pos[self.heap[b].1 as usize] = b as u32;
+    }
+
+    fn sift_down(&mut self, mut at: usize) {
+        let n = self.heap.len();
+        loop {
+            let (l, r) = (2 * at + 1, 2 * at + 2);
+            let mut least = at;
+            if l < n && self.cmp_pos(l, least).is_lt() {
+                least = l;
+            }
+            if r < n && self.cmp_pos(r, least).is_lt() {
+                least = r;
+            }
+            if least == at {
+                return;
+            }
+            self.swap(at, least);
+            at = least;
+        }
+    }
+
+    fn heapify(&mut self) {
+        for at in (0..self.heap.len() / 2).rev() {
+            self.sift_down(at);
+        }
+    }
+}
+
+/// Heap order: by pass, then by node index.
+fn cmp_entry(a: &(f64, u32), b: &(f64, u32)) -> std::cmp::Ordering {
+    a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{chi_square, OutView, TestView};
+    use super::super::Swrr;
+    use super::*;
+
+    fn sequence(st: &mut Stride, view: &TestView, len: usize) -> Vec<usize> {
+        (0..len).map(|_| st.pick(view).unwrap()).collect()
+    }
+
+    #[test]
+    fn stride_sequence_5_1_1_is_smooth_and_periodic() {
+        let mut st = Stride::new(&[5.0, 1.0, 1.0]);
+        let view = TestView::idle(3);
+        let expected = [0, 0, 2, 0, 0, 1, 0];
+        assert_eq!(sequence(&mut st, &view, 7), expected);
+        assert_eq!(sequence(&mut st, &view, 7), expected);
+    }
+
+    #[test]
+    fn stride_offset_is_a_shift_of_the_same_sequence() {
+        let view = TestView::idle(3);
+        let reference = sequence(&mut Stride::new(&[5.0, 1.0, 1.0]), &view, 14);
+        for k in 0..3 {
+            let mut shifted = Stride::new_with_offset(&[5.0, 1.0, 1.0], k);
+            assert_eq!(sequence(&mut shifted, &view, 7), reference[k..k + 7]);
+        }
+    }
+
+    #[test]
+    fn stride_skips_ineligible_and_keeps_their_turn() {
+        let mut st = Stride::new(&[1.0, 1.0, 1.0]);
+        let mut view = TestView::idle(3);
+        let first = sequence(&mut st, &view, 3);
+        assert_eq!(
+            first
+                .iter()
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            3
+        );
+        view.eligible[1] = false;
+        let got = sequence(&mut st, &view, 4);
+        assert!(got.iter().all(|&i| i != 1), "{got:?}");
+        assert_eq!(got.iter().filter(|&&i| i == 0).count(), 2, "{got:?}");
+        view.eligible = vec![false; 3];
+        assert_eq!(st.pick(&view), None);
+        // Back: node 1 gets its share again, without a burst of make-up turns.
+        view.eligible = vec![true; 3];
+        let back = sequence(&mut st, &view, 30);
+        // Its one pending turn, then its share.
+        assert!(
+            (10..=11).contains(&back.iter().filter(|&&i| i == 1).count()),
+            "{back:?}"
+        );
+        assert!(back[..4].iter().filter(|&&i| i == 1).count() <= 2, "{back:?}");
+    }
+
+    /// Same proportions as nginx's smooth WRR over whole periods, and as smooth: in
+    /// every window of picks each node's count is within 2 of its share.
+    #[test]
+    fn stride_matches_swrr_proportions_and_smoothness() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = SmallRng::seed_from_u64(5);
+        for _ in 0..50 {
+            let n = rng.random_range(1..40);
+            let weights: Vec<f64> = (0..n).map(|_| rng.random_range(1..20) as f64).collect();
+            let total: f64 = weights.iter().sum();
+            let period = total as usize;
+            let view = TestView::idle(n);
+            let mut st = Stride::new_with_offset(&weights, rng.random_range(0..n));
+            let mut nginx = Swrr::new(&weights);
+            let (mut a, mut b) = (vec![0usize; n], vec![0usize; n]);
+            let seq = sequence(&mut st, &view, 3 * period + 8);
+            for k in 0..period {
+                a[seq[k]] += 1;
+                b[nginx.pick(&view).unwrap()] += 1;
+            }
+            assert_eq!(a, b, "{weights:?}");
+            for win in [1, 7, period / 2 + 1] {
+                for start in 0..period {
+                    let mut c = vec![0usize; n];
+                    for &i in &seq[start..start + win] {
+                        c[i] += 1;
+                    }
+                    for (i, &ci) in c.iter().enumerate() {
+                        let share = win as f64 * weights[i] / total;
+                        assert!(
+                            (ci as f64 - share).abs() < 2.0,
+                            "{weights:?} window {win} at {start}: {c:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stride_set_weights_keeps_progress_and_changes_proportions() {
+        let view = TestView::idle(3);
+        let mut st = Stride::new(&[1.0, 1.0, 1.0]);
+        let first = st.pick(&view).unwrap();
+        st.set_weights(&[1.0, 1.0, 1.0]);
+        // The rotation goes on: the first node is not picked again before the others.
+        let next = sequence(&mut st, &view, 2);
+        assert!(!next.contains(&first), "{first} then {next:?}");
+        st.set_weights(&[3.0, 1.0, 1.0]);
+        let mut counts = [0; 3];
+        for i in sequence(&mut st, &view, 500) {
+            counts[i] += 1;
+        }
+        for (c, want) in counts.iter().zip([300i32, 100, 100]) {
+            assert!((c - want).abs() <= 1, "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn stride_grown_weight_is_not_held_back() {
+        // Slow start: a node at a tiny weight, then at full weight, gets its share at
+        // once rather than after its old, huge stride.
+        let view = TestView::idle(2);
+        let mut st = Stride::new(&[1.0, 1e-6]);
+        sequence(&mut st, &view, 10);
+        st.set_weights(&[1.0, 1.0]);
+        let seq = sequence(&mut st, &view, 10);
+        assert_eq!(seq.iter().filter(|&&i| i == 1).count(), 5, "{seq:?}");
+    }
+
+    #[test]
+    fn stride_fractional_weights_stay_proportional() {
+        let weights = [0.7, 2.1, 1.4];
+        let view = TestView::idle(3);
+        let mut st = Stride::new(&weights);
+        let mut counts = [0u64; 3];
+        for i in sequence(&mut st, &view, 42_000) {
+            counts[i] += 1;
+        }
+        for (c, expected) in counts.iter().zip([7000, 21000, 14000]) {
+            assert!(c.abs_diff(expected) <= 2, "{counts:?}");
+        }
+        assert!(chi_square(&counts, &weights) < 1.0);
+    }
+
+    /// Many nodes ineligible at once, beyond the walk: the scan still finds the rest,
+    /// and nodes out of service lose their turns instead of blocking the walk.
+    #[test]
+    fn stride_many_ineligible_falls_back_to_the_scan() {
+        let n = 200;
+        let mut st = Stride::new(&vec![1.0; n]);
+        let mut view = TestView::idle(n);
+        for i in 0..150 {
+            view.eligible[i] = false;
+        }
+        for _ in 0..400 {
+            assert!(st.pick(&view).unwrap() >= 150);
+        }
+        let marks: Vec<bool> = (0..n).map(|i| i < 150).collect();
+        let out = OutView(&view, &marks);
+        let mut counts = vec![0; n];
+        for _ in 0..5000 {
+            counts[st.pick(&out).unwrap()] += 1;
+        }
+        assert!(counts[..150].iter().all(|&c| c == 0));
+        assert!(counts[150..].iter().all(|&c| c == 100), "{:?}", &counts[150..]);
+    }
+}
