@@ -491,6 +491,23 @@ const NODE_GAUGES: [Field<NodeSnap>; 8] = [
     ),
 ];
 
+/// One gauge family over the nodes that have a value (`rows`); nothing when none has.
+fn node_gauges<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    rows: impl Iterator<Item = (&'a NodeSnap, impl Into<text::Num>)>,
+) {
+    let mut rows = rows.peekable();
+    if rows.peek().is_none() {
+        return;
+    }
+    text::family(out, name, text::Kind::Gauge, help);
+    for (n, v) in rows {
+        text::sample(out, name, node_labels(n), "", v);
+    }
+}
+
 fn node_labels(n: &NodeSnap) -> &str {
     &n.labels
 }

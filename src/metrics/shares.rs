@@ -1,8 +1,7 @@
 //! Cluster mode's per-node families (`crate::fleet`), written only for the nodes that
 //! have a fleet figure (none without a cluster).
 
-use super::text::*;
-use super::{node_labels, NodeSnap};
+use super::{node_gauges, NodeSnap};
 
 type Get = fn(&crate::fleet::Figures) -> Option<f64>;
 
@@ -36,16 +35,7 @@ const GAUGES: [(&str, &str, Get); 5] = [
 
 pub(super) fn write(out: &mut String, nodes: &[NodeSnap]) {
     for (name, help, get) in GAUGES {
-        let mut rows = nodes
-            .iter()
-            .filter_map(|n| get(&n.fleet).map(|v| (n, v)))
-            .peekable();
-        if rows.peek().is_none() {
-            continue;
-        }
-        family(out, name, Kind::Gauge, help);
-        for (n, v) in rows {
-            sample(out, name, node_labels(n), "", v);
-        }
+        let rows = nodes.iter().filter_map(|n| get(&n.fleet).map(|v| (n, v)));
+        node_gauges(out, name, help, rows);
     }
 }
