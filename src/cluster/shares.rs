@@ -114,7 +114,11 @@ impl Shares {
         let topo = b.topology().map_err(|e| e.to_string())?;
         let region = b.region();
         let mut nodes = Vec::new();
-        for p in topo.pools.iter().filter(|p| p.policy.limit.enabled) {
+        for p in topo
+            .pools
+            .iter()
+            .filter(|p| p.policy.limit.enabled && p.policy.limit.fleet)
+        {
             let max = u64::from(p.policy.limit.max) * LIMIT_ONE;
             for nt in &p.nodes {
                 if let Some(n) = region.node(nt.slot) {
