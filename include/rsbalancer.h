@@ -449,6 +449,27 @@ enum rsb_result rsb_pick_ask(const struct rsb_balancer *b,
                              uint32_t prefer,
                              uint32_t *out_node);
 
+// `rsb_pick_ask` and then `rsb_may_retry` for the try it picked, in one call: what
+// `balance()` asks on every request (pick a node, then ask whether nginx may be
+// granted one more try should this one fail). `tried` holds the request's `ntries`
+// tries, then the other slots it may not go to (`ntried` in all, `ntries <= ntried`,
+// `ntries < 64`). On `RSB_OK`, `out[0]` is the picked slot (as `*out_node`) and
+// `out[1]` the retry check over the first `ntries` slots of `tried` and the picked one,
+// `elapsed_ms` after the request began (as `rsb_may_retry`'s `*out_denied`: 0 when it
+// may). Any other result is `rsb_pick_ask`'s, and `out[1]` is untouched.
+//
+// # Safety
+// As `rsb_pick_ask`; `out` points to two writable u32s.
+enum rsb_result rsb_pick_retry(const struct rsb_balancer *b,
+                               uint32_t pool,
+                               const struct rsb_ask *ask,
+                               const uint32_t *tried,
+                               size_t ntried,
+                               size_t ntries,
+                               uint32_t prefer,
+                               uint32_t elapsed_ms,
+                               uint32_t *out);
+
 // Read what a request body costs in pool `pool` (`crate::ask`): `*out` gets its
 // length, completion limit, the pool's token estimate and whether it streams, and in
 // a `prefix` pool its prefix-affinity key (`crate::prefix`).

@@ -81,6 +81,40 @@ pub fn totals<const N: usize>(buckets: &[AtomicU64; N], now_ms: u64, window_ms: 
     sum
 }
 
+/// `totals` in two parts: the current bucket's counters, and the sums of the other
+/// buckets inside the window. Writers add to the current bucket only, so the second
+/// part stays the same until the window moves to the next bucket (`crate::tally`'s
+/// retry check keeps it per bucket period and then reads one word per row).
+pub fn current<const N: usize>(buckets: &[AtomicU64; N], now_ms: u64, window_ms: u32) -> (u64, u64) {
+    let b = bucket_of::<N>(now_ms, window_ms);
+    let (t, a, z) = unpack(buckets[(b % N as u64) as usize].load(Ordering::Relaxed));
+    if t == b & 0xffff {
+        (a, z)
+    } else {
+        (0, 0)
+    }
+}
+
+/// The other part of `totals`: the buckets of the window before the current one.
+pub fn past<const N: usize>(buckets: &[AtomicU64; N], now_ms: u64, window_ms: u32) -> (u64, u64) {
+    let cur = bucket_of::<N>(now_ms, window_ms) & 0xffff;
+    let mut sum = (0, 0);
+    for cell in buckets {
+        let (t, a, z) = unpack(cell.load(Ordering::Relaxed));
+        let age = cur.wrapping_sub(t) & 0xffff;
+        if age >= 1 && age < N as u64 {
+            sum.0 += a;
+            sum.1 += z;
+        }
+    }
+    sum
+}
+
+/// The bucket period `now_ms` falls in (what `current` and `past` depend on).
+pub fn period<const N: usize>(now_ms: u64, window_ms: u32) -> u64 {
+    bucket_of::<N>(now_ms, window_ms)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +153,23 @@ mod tests {
         assert_eq!(totals(&b, 59_999, 60_000), (2, 1));
         assert_eq!(totals(&b, 60_000, 60_000), (1, 1), "the first bucket left");
         assert_eq!(totals(&b, 67_500, 60_000), (0, 0));
+    }
+
+    #[test]
+    fn current_and_past_add_up_to_the_totals() {
+        let b = buckets();
+        for i in 0..50u64 {
+            record(&b, i * 300, 10_000, i % 3 == 0, Writer::Owned);
+        }
+        for now in [0, 999, 1_000, 5_500, 14_700, 14_999, 15_000, 30_000] {
+            let (c, p) = (current(&b, now, 10_000), past(&b, now, 10_000));
+            assert_eq!((c.0 + p.0, c.1 + p.1), totals(&b, now, 10_000), "at {now}");
+        }
+        // A write into the current bucket leaves the past alone.
+        let before = past(&b, 14_700, 10_000);
+        record(&b, 14_700, 10_000, true, Writer::Shared);
+        assert_eq!(past(&b, 14_700, 10_000), before);
+        assert_eq!(period::<BUDGET_BUCKETS>(14_700, 10_000), 14);
     }
 
     #[test]

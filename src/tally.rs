@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::shm::layout::{LATENCY_BOUNDS_MS, RECENT_WINDOW_MS};
+use crate::shm::layout::{BUDGET_BUCKETS, LATENCY_BOUNDS_MS, RECENT_WINDOW_MS};
 use crate::shm::Region;
 use crate::window::{self, Totals};
 pub use crate::writer::Writer;
@@ -125,6 +125,43 @@ pub fn budget_totals(region: &Region, p: u32, now_ms: u64, window_ms: u32) -> (u
         .filter_map(|row| region.pool_tally(row, p))
         .map(|t| crate::budget::totals(&t.budget, now_ms, window_ms))
         .fold((0, 0), |(q, r), (a, b)| (q + a, r + b))
+}
+
+/// One process's sums of a pool's retry-budget window without its current bucket
+/// (`crate::budget::past`), for the bucket period, window and rows they were summed
+/// for: the retry check asks on every request, and these change only when the window
+/// moves on (a writer racing the bucket boundary with an older clock is missed
+/// until the next period).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BudgetPast {
+    key: Option<(u64, u32, u32)>,
+    sums: (u64, u64),
+}
+
+/// [`budget_totals`], summing the buckets before the current one once per bucket
+/// period (kept in `past`) and the current bucket of each row on every call.
+pub fn budget_totals_cached(
+    region: &Region,
+    p: u32,
+    now_ms: u64,
+    window_ms: u32,
+    past: &mut BudgetPast,
+) -> (u64, u64) {
+    let key = (
+        crate::budget::period::<BUDGET_BUCKETS>(now_ms, window_ms),
+        window_ms,
+        region.tally_rows().size_hint().0 as u32,
+    );
+    let rows = || region.tally_rows().filter_map(|row| region.pool_tally(row, p));
+    if past.key != Some(key) {
+        past.sums = rows()
+            .map(|t| crate::budget::past(&t.budget, now_ms, window_ms))
+            .fold((0, 0), |(q, r), (a, b)| (q + a, r + b));
+        past.key = Some(key);
+    }
+    rows()
+        .map(|t| crate::budget::current(&t.budget, now_ms, window_ms))
+        .fold(past.sums, |(q, r), (a, b)| (q + a, r + b))
 }
 
 /// Zero node slot `n`'s statistics in every row (a new node takes the slot).

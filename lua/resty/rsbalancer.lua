@@ -44,7 +44,7 @@ _M.library_path = so_path
 local canary = require "resty.rsbalancer.canary"
 
 local C_pick, C_report, C_generation = C.rsb_pick, C.rsb_report, C.rsb_generation
-local C_pick_ask, C_inspect = C.rsb_pick_ask, C.rsb_inspect
+local C_pick_ask, C_pick_retry, C_inspect = C.rsb_pick_ask, C.rsb_pick_retry, C.rsb_inspect
 local C_may_retry, C_available = C.rsb_may_retry, C.rsb_available
 local C_report_llm, C_sse_first = C.rsb_report_llm, C.rsb_sse_first
 local C_usage_event, C_answer_tail = C.rsb_usage_event, C.rsb_answer_tail
@@ -58,7 +58,7 @@ local RETRY_REASON = {
     [C.RSB_RETRY_DENIED_BUDGET] = "retry_budget",
 }
 local tried_buf = ffi.new("uint32_t[?]", MAX_TRIES)
-local out_buf = ffi.new("uint32_t[1]")
+local out_buf = ffi.new("uint32_t[2]")
 local wait_buf = ffi.new("uint64_t[1]")
 local err_buf = ffi.new("char[?]", 512)
 -- Stream signals (src/stream.rs): what body_filter() and log() hand the library.
@@ -520,9 +520,10 @@ local ngx_balancer
 -- The request's address: the same in every location it goes through (a new round is
 -- an internal redirect, which empties ngx.ctx but keeps the request).
 local get_request
+local uintptr_t = ffi.typeof("uintptr_t") -- parsed once, not per request
 local function request_key()
     if not get_request then get_request = require("resty.core.base").get_request end
-    return tonumber(ffi.cast("uintptr_t", get_request()))
+    return tonumber(ffi.cast(uintptr_t, get_request()))
 end
 
 -- Every request with state, by address, from the phase that makes the state until
@@ -695,17 +696,24 @@ end
 
 -- balance()'s pick of the next try: on a retry call first reports the previous try's
 -- failure and applies the retry policy, then picks a node not tried yet and records
--- it. Returns the slot and the try count, or nil when this round must end (no node
--- free, or a retry not allowed).
-local function pick_next(st, aidx, apool, key, tried, n)
+-- it. Returns the slot, the try count and, below MAX_TRIES, the retry check for after
+-- this try (rsb_pick_retry: the pick and rsb_may_retry in one call, `elapsed_ms` after
+-- the request began), or nil when this round must end (no node free, or a retry not
+-- allowed).
+local function pick_next(st, aidx, apool, key, tried, n, elapsed_ms)
     if st.reported < n and not retry_allowed(st, aidx, apool, tried, n) then
         return nil
     end
     fill_tried(tried, n)
     -- A request let in above the confirmed capacity (st.probe) takes a node at its
     -- probe if there is one; any other, a confirmed slot first.
-    local rc = C_pick_ask(handle, aidx, admission.ask(st, key), tried_buf, add_others(st, n),
-                          st.probe and PREFER_PROBE or 0, out_buf)
+    local ask, nt, prefer = admission.ask(st, key), add_others(st, n), st.probe and PREFER_PROBE or 0
+    local rc
+    if n + 1 < MAX_TRIES then
+        rc = C_pick_retry(handle, aidx, ask, tried_buf, nt, n, prefer, elapsed_ms, out_buf)
+    else
+        rc = C_pick_ask(handle, aidx, ask, tried_buf, nt, prefer, out_buf)
+    end
     if rc ~= RSB_OK then
         if rc ~= RSB_NO_NODE then
             ngx.log(ngx.ERR, "rsbalancer: ", last_error())
@@ -719,7 +727,7 @@ local function pick_next(st, aidx, apool, key, tried, n)
     tried[n] = slot
     st.n = n
     tried_buf[n - 1] = slot
-    return slot, n
+    return slot, n, n < MAX_TRIES and out_buf[1] or nil
 end
 
 --- balance(pool [, key]): in balancer_by_lua. Picks a node not yet tried by this
@@ -739,19 +747,19 @@ function _M.balance(pool, key)
     local st = request_state(pool)
     local aidx, apool = arm_of(st, pool, idx)
     local tried, n = st.tried, st.n
-    local slot
+    local now = ngx_now()
+    local slot, why
     if st.held then
         -- admit() or round() already holds this round's first try.
         st.held = nil
         slot = tried[n]
         fill_tried(tried, n)
     else
-        slot, n = pick_next(st, aidx, apool, key, tried, n)
+        slot, n, why = pick_next(st, aidx, apool, key, tried, n, (now - st.start) * 1000)
         -- Ends the round: with rounds, error_page sends the request to round().
         if not slot then return ngx.exit(NGX_BUSY) end
     end
     if key then st.hkey = key end
-    local now = ngx_now()
     st.picked = now
     local p = peers[slot]
     local ok, perr = ngx_balancer.set_current_peer(p[1], p[2])
@@ -760,12 +768,13 @@ function _M.balance(pool, key)
         return ngx.exit(ngx.ERROR)
     end
     if n >= MAX_TRIES then return end
-    -- tried_buf holds this request's n tries: filled for the held try above, or by
-    -- pick_next (the new slot written over the first other-provider entry).
-    if C_may_retry(handle, aidx, tried_buf, n, (now - st.start) * 1000, out_buf) ~= RSB_OK then
-        return
+    if not why then
+        -- The held try: tried_buf holds this request's n tries (filled above).
+        if C_may_retry(handle, aidx, tried_buf, n, (now - st.start) * 1000, out_buf) ~= RSB_OK then
+            return
+        end
+        why = out_buf[0]
     end
-    local why = out_buf[0]
     if why == 0 then
         ngx_balancer.set_more_tries(1)
     elseif why == RETRY_NO_NODE and st.rounds < policy[st.pool].rounds and n < policy[apool].size then

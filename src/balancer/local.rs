@@ -47,6 +47,9 @@ pub(super) struct LocalPool {
     pub(super) llm: Llm,
     pub(super) primary: Tier,
     pub(super) backup: Tier,
+    /// The retry budget's window before its current bucket, as this process last
+    /// summed it (`crate::tally::budget_totals_cached`).
+    pub(super) budget_past: tally::BudgetPast,
 }
 
 /// A pool's stream-signal references, from the last refresh: what a node without
@@ -516,6 +519,7 @@ impl Balancer {
                 llm: Llm::default(),
                 primary,
                 backup,
+                budget_past: tally::BudgetPast::default(),
             });
         }
         l.topo = Arc::new(topo);

@@ -222,7 +222,13 @@ impl Balancer {
         let ps = self.region.pool(pool).expect("local pool slot in range");
         // The budget before the nodes: a busy request that finds no node free now waits
         // for one in a new round (`retry.rounds`), which only the budget may refuse.
-        let (requests, retries) = tally::budget_totals(&self.region, pool, now, p.policy.retry.window_ms);
+        let (requests, retries) = tally::budget_totals_cached(
+            &self.region,
+            pool,
+            now,
+            p.policy.retry.window_ms,
+            &mut p.budget_past,
+        );
         if !retry::allows(
             requests,
             retries,

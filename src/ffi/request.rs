@@ -168,6 +168,65 @@ pub unsafe extern "C" fn rsb_pick_ask(
     unsafe { pick(b, pool, ask, tried, ntried, choice, out_node) }
 }
 
+/// Tries `rsb_pick_retry` checks at most (its stack copy of them).
+const PICK_RETRY_MAX_TRIES: usize = 64;
+
+/// `rsb_pick_ask` and then `rsb_may_retry` for the try it picked, in one call: what
+/// `balance()` asks on every request (pick a node, then ask whether nginx may be
+/// granted one more try should this one fail). `tried` holds the request's `ntries`
+/// tries, then the other slots it may not go to (`ntried` in all, `ntries <= ntried`,
+/// `ntries < 64`). On `RSB_OK`, `out[0]` is the picked slot (as `*out_node`) and
+/// `out[1]` the retry check over the first `ntries` slots of `tried` and the picked one,
+/// `elapsed_ms` after the request began (as `rsb_may_retry`'s `*out_denied`: 0 when it
+/// may). Any other result is `rsb_pick_ask`'s, and `out[1]` is untouched.
+///
+/// # Safety
+/// As `rsb_pick_ask`; `out` points to two writable u32s.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn rsb_pick_retry(
+    b: *const Balancer,
+    pool: u32,
+    ask: *const rsb_ask,
+    tried: *const u32,
+    ntried: usize,
+    ntries: usize,
+    prefer: u32,
+    elapsed_ms: u32,
+    out: *mut u32,
+) -> rsb_result {
+    if ntries > ntried || ntries >= PICK_RETRY_MAX_TRIES {
+        return guard(|| {
+            fail(Error::Invalid(format!(
+                "ntries {ntries} is not below 64 and ntried {ntried}"
+            )))
+        });
+    }
+    // SAFETY: forwarded caller contract (`out` is checked for NULL there).
+    let rc = unsafe { rsb_pick_ask(b, pool, ask, tried, ntried, prefer, out) };
+    if rc != rsb_result::RSB_OK {
+        return rc;
+    }
+    guard(|| {
+        // SAFETY: forwarded caller contract; the pick above read both.
+        let (Some(b), Some(tried)) = (unsafe { handle(b) }, unsafe { u32s(tried, ntried) }) else {
+            return null("balancer or tried");
+        };
+        let mut tries = [0u32; PICK_RETRY_MAX_TRIES];
+        tries[..ntries].copy_from_slice(&tried[..ntries]);
+        // SAFETY: `out` is non-null (the pick wrote it) and points to two u32s by contract.
+        unsafe {
+            tries[ntries] = *out;
+            let denied = b
+                .may_retry(pool, &tries[..=ntries], elapsed_ms)
+                .err()
+                .map_or(0, |d| d as u32);
+            out.add(1).write(denied);
+        }
+        rsb_result::RSB_OK
+    })
+}
+
 /// Read what a request body costs in pool `pool` (`crate::ask`): `*out` gets its
 /// length, completion limit, the pool's token estimate and whether it streams, and in
 /// a `prefix` pool its prefix-affinity key (`crate::prefix`).

@@ -799,6 +799,38 @@ static void test_canary(void) {
 
 /* rsb_available, rsb_admit_poll and rsb_admit_leave refuse what is not theirs: a pool
  * index that is no configured pool, a queue entry out of range. */
+/* rsb_pick_retry: the pick of rsb_pick_ask, then rsb_may_retry's answer for the
+ * request's tries and the picked slot, in one call. */
+static void test_pick_retry(void) {
+    section("pick_retry");
+    struct rsb_balancer *b = new_balancer(CFG_MAIN);
+    uint32_t chat = pool_of(b, "chat");
+    uint32_t na = node_of(b, "chat", "a"), nb = node_of(b, "chat", "b");
+    struct rsb_ask ask = {NULL, 0, 0, 0};
+    uint32_t out[2] = {99, 99}, tried[2] = {0, 0}, denied = 99;
+    CHECK_RC(rsb_pick_retry(b, chat, &ask, NULL, 0, 0, 0, 0, out), RSB_OK);
+    CHECK(out[0] == na || out[0] == nb);
+    tried[0] = out[0];
+    CHECK_RC(rsb_may_retry(b, chat, tried, 1, 0, &denied), RSB_OK);
+    CHECK(out[1] == denied);
+    CHECK_RC(rsb_report(b, out[0], 200, 1000, 0), RSB_OK);
+    /* A first try on a, then the pick (b, the other primary): a retry after it would
+     * find no untried primary but the backup; whatever the verdict, the same as
+     * rsb_may_retry's over [a, b]. */
+    tried[0] = na;
+    CHECK_RC(rsb_pick_retry(b, chat, &ask, tried, 1, 1, 0, 0, out), RSB_OK);
+    CHECK(out[0] == nb);
+    tried[1] = out[0];
+    CHECK_RC(rsb_may_retry(b, chat, tried, 2, 0, &denied), RSB_OK);
+    CHECK(out[1] == denied);
+    CHECK_RC(rsb_report(b, out[0], 200, 1000, 0), RSB_OK);
+    /* More tries than slots, or a NULL out: refused, nothing picked. */
+    CHECK_RC(rsb_pick_retry(b, chat, &ask, tried, 1, 2, 0, 0, out), RSB_INVALID_ARGUMENT);
+    CHECK_RC(rsb_pick_retry(b, chat, &ask, tried, 1, 0, 0, 0, NULL), RSB_NULL_ARGUMENT);
+    CHECK(stats_of(b, na).inflight == 0 && stats_of(b, nb).inflight == 0);
+    rsb_balancer_free(b);
+}
+
 static void test_bad_indexes(void) {
     section("9. rsb_available and the admission queue: unknown pool, entry out of range");
     struct rsb_balancer *b = new_balancer(CFG_MAIN);
@@ -846,6 +878,7 @@ int main(void) {
     test_kill9();
     test_configure();
     test_canary();
+    test_pick_retry();
     test_bad_indexes();
     printf("%u passed, %u failed\n", g_passed, g_failed);
     return g_failed > 0 ? 1 : 0;
