@@ -188,7 +188,16 @@ fn a_gateway_killed_leaves_no_share_behind_after_its_lease() {
     let stop = AtomicBool::new(false);
     let share = |n: &Value| n["fleet_share"].as_u64();
     let limit = |n: &Value| n["fleet_limit"].as_f64().unwrap_or(0.0).floor() as u64;
+    /// Stops the load when dropped, also when an assertion below fails (the scope
+    /// would otherwise wait for the load thread forever).
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     std::thread::scope(|s| {
+        let _stop = Stop(&stop);
         // Load through all three; C is killed under it, holding a share and tries.
         s.spawn(|| {
             while !stop.load(Ordering::Relaxed) {
