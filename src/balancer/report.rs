@@ -44,16 +44,18 @@ impl Balancer {
             .node(node)
             .filter(|n| n.flags.load(Ordering::Relaxed) & (flags::IN_USE | flags::REMOVED) != 0)
             .ok_or_else(|| Error::Invalid(format!("unknown node slot {node}")))?;
+        let worker = self.worker_slot();
+        let (row, writer) = self.tally(worker);
+        let nt = self.region.node_tally(row, node).expect("node slot in range");
+        // Counted before the in-flight count goes back, so that a reader who sees no
+        // try in flight sees every reported one (`requests` = picks - in flight).
+        writer.add(&nt.status_class[status_class(status)], 1);
         // A node removed since its pick still gets its in-flight count back. The value
         // before is the concurrency this answer came at (this try included).
         let inflight = saturating_sub(&n.inflight, 1);
-        let worker = self.worker_slot();
         if let Some(share) = worker.and_then(|w| self.region.share(w, node)) {
             saturating_sub(share, 1);
         }
-        let (row, writer) = self.tally(worker);
-        let nt = self.region.node_tally(row, node).expect("node slot in range");
-        writer.add(&nt.status_class[status_class(status)], 1);
         let pool = n.pool.load(Ordering::Relaxed);
         let (Some(ps), Some(pt)) = (self.region.pool(pool), self.region.pool_tally(row, pool)) else {
             return Ok(());
