@@ -14,7 +14,9 @@
 //! A share of 0 (a gateway without demand, or one whose peers hold the whole limit
 //! for now) lets no try through: every request the cap refuses (a pick passed over,
 //! [`under_cap`]; an arrival queued or refused at admission, [`note_refused`]) is
-//! demand the next round publishes; a gateway with demand asks for at least one try
+//! demand the next round publishes, and so is every request still waiting in the
+//! admission queue while the node is at its cap ([`demand`]: waiters refuse nothing
+//! more, yet their gateway must go on asking); a gateway with demand asks for at least one try
 //! ([`want`]), and the peers give back down to their part by demand as their tries
 //! finish. So a gateway whose requests come back gets a share within about two
 //! rounds, and no share of 0 lasts while it has demand and the node a try to spare.
@@ -82,6 +84,24 @@ pub fn under_cap(n: &NodeSlot, cap: u64, inflight: u32) -> bool {
     }
     n.fleet_skips.fetch_add(1, Ordering::Relaxed);
     false
+}
+
+/// This gateway's demand on a node for a sync round: its tries in flight, the
+/// requests the fleet cap refused since the last round (`unmet`: picks passed over,
+/// arrivals queued or refused at admission), and, while the node is at its cap
+/// (`cap`, as [`cap`] gives it), the requests `waiting` in its pool's admission queue
+/// now. A waiter is demand for as long as it waits, not only in the round it arrived:
+/// a gateway at a share of 0 whose requests all wait in its queue refuses nothing
+/// more (its queue holds them), and counting them once would have it publish no
+/// demand from the next round on, ask for nothing and keep its share of 0 while its
+/// queue waits for a slot that never comes.
+pub fn demand(inflight: u32, cap: u64, unmet: u64, waiting: u32) -> u64 {
+    let queued = if limit::under_limit(cap, inflight) {
+        0
+    } else {
+        u64::from(waiting)
+    };
+    (u64::from(inflight) + unmet.min(1 << 40) + queued).min(1 << 40)
 }
 
 /// The other gateways' tries in flight on the node, while the last round's word
@@ -381,6 +401,28 @@ mod tests {
             seen.push([state[0].0, state[1].0]);
         }
         seen
+    }
+
+    #[test]
+    fn waiters_at_the_cap_are_demand_in_every_round_they_wait() {
+        let one = LIMIT_ONE;
+        // A share of 0 (cap: the smallest limit), nothing in flight, 8 queued: the
+        // queue is the demand, round after round, with no new refusal.
+        for _ in 0..3 {
+            assert_eq!(demand(0, 1, 0, 8), 8);
+        }
+        // With it, a gateway whose requests only wait asks for a try and gets the
+        // one the others gave back; counted once (the old demand: 0 after the round
+        // of the arrival) it asked for nothing and kept its share of 0.
+        assert_eq!(want(10, &[("A", 9), ("B", 9)], "C", demand(0, 1, 0, 8)), 3);
+        assert_eq!(want(10, &[("A", 9), ("B", 9)], "C", 0), 0);
+        // At its share: in flight, refusals and waiters add up.
+        assert_eq!(demand(3, 3 * one, 2, 5), 10);
+        // Below the cap (or no cap), the waiters wait for something else (a higher
+        // priority elsewhere): not demand on this node.
+        assert_eq!(demand(1, 3 * one, 0, 5), 1);
+        assert_eq!(demand(4, 0, 0, 5), 4);
+        assert_eq!(demand(u32::MAX, 1, u64::MAX, u32::MAX), 1 << 40, "bounded");
     }
 
     #[test]

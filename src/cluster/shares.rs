@@ -120,9 +120,13 @@ impl Shares {
             .filter(|p| p.policy.limit.enabled && p.policy.limit.fleet)
         {
             let max = u64::from(p.policy.limit.max) * LIMIT_ONE;
+            // Requests waiting in the pool's admission queue (`fleet::demand`).
+            let waiting = region
+                .pool(p.slot)
+                .map_or(0, |ps| ps.queue_len.load(Ordering::Relaxed));
             for nt in &p.nodes {
                 if let Some(n) = region.node(nt.slot) {
-                    nodes.push((format!("{}/{}", p.name, nt.id), nt.slot, n, max));
+                    nodes.push((format!("{}/{}", p.name, nt.id), nt.slot, n, (max, waiting)));
                 }
             }
         }
@@ -136,12 +140,12 @@ impl Shares {
         }
         cmd.arg(gateway).arg(now_unix).arg(ttl_ms);
         let mut sent = Vec::with_capacity(nodes.len());
-        for (member, slot, n, max) in &nodes {
-            let inflight = n.inflight.load(Ordering::Relaxed) as u64;
+        for (member, slot, n, (max, waiting)) in &nodes {
+            let inflight = n.inflight.load(Ordering::Relaxed);
             let skips = n.fleet_skips.load(Ordering::Relaxed);
             let unmet = skips.saturating_sub(self.skips.get(slot).copied().unwrap_or(skips));
             self.skips.insert(*slot, skips);
-            let demand = (inflight + unmet).min(1 << 40);
+            let demand = fleet::demand(inflight, fleet::cap(n, clock::now_ms()), unmet, *waiting);
             let limit = n.limit.load(Ordering::Relaxed);
             sent.push((demand, limit));
             let (want, base) = match self.seen.get(member) {
