@@ -38,6 +38,7 @@ pub mod discovery;
 pub mod emergency;
 #[allow(unsafe_code)]
 pub mod ffi;
+pub mod fleet;
 pub mod headers;
 pub mod headroom;
 pub mod health;

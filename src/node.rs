@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
+use crate::fleet;
 use crate::headroom;
 use crate::limit;
 use crate::load;
@@ -34,15 +35,19 @@ pub const AT_LIMIT_MS: u64 = 1_000;
 /// May a new try start on this node now? (Not cooling, not ejected, not down, not
 /// draining, under its learned concurrency limit.)
 pub fn available(n: &NodeSlot, now: u64) -> bool {
-    available_with(
-        n,
-        now,
-        n.limit.load(Ordering::Relaxed),
-        n.inflight.load(Ordering::Relaxed),
-    )
+    available_with(n, now, fleet::cap(n, now), n.inflight.load(Ordering::Relaxed))
 }
 
-/// [`available`] with the node's learned limit and in-flight count already loaded.
+/// [`available`], asked for a request that wants a try now (a pick, the admission
+/// check): a node at its cap counts the refusal as this gateway's unmet demand
+/// (`fleet::under_cap`), which cluster mode's shares follow.
+pub fn available_for_try(n: &NodeSlot, now: u64) -> bool {
+    let (cap, inflight) = (fleet::cap(n, now), n.inflight.load(Ordering::Relaxed));
+    fleet::under_cap(n, cap, inflight) && available_with(n, now, cap, inflight)
+}
+
+/// [`available`] with the node's cap ([`fleet::cap`]: its learned limit, or its fleet
+/// share in cluster mode) and in-flight count already loaded.
 pub fn available_with(n: &NodeSlot, now: u64, limit: u64, inflight: u32) -> bool {
     !taken_out(n, now) && limit::under_limit(limit, inflight)
 }
@@ -169,6 +174,7 @@ pub fn reset(region: &Region, slot: u32, now: u64) {
     crate::scrape::reset(s);
     s.flags.store(0, Ordering::Relaxed);
     headroom::reset(s);
+    fleet::reset(s);
     tally::reset_node(region, slot);
     forget_served(region, slot);
 }
@@ -225,6 +231,9 @@ pub struct NodeStats {
     /// Provider headroom and budget (`crate::headroom`).
     #[serde(flatten)]
     pub headroom: headroom::Figures,
+    /// Cluster mode's shares of the fleet (`crate::fleet`).
+    #[serde(flatten)]
+    pub fleet: fleet::Figures,
 }
 
 /// Copy the live numbers out of node slot `slot` (which must be in range).
@@ -263,6 +272,7 @@ pub fn stats_and_counts(region: &Region, slot: u32) -> (NodeStats, tally::NodeCo
         ejected_until_ms,
         draining: f & flags::DRAINING != 0,
         headroom: headroom::figures(n, now),
+        fleet: fleet::figures(n, now),
     };
     (stats, counts)
 }

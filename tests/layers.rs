@@ -10,7 +10,7 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     &[
         "abi", "shm", "select", "load", "limit", "health", "retry", "headers", "strict", "writer", "model",
-        "notice", "ask", "headroom", "stream", "prefix",
+        "notice", "ask", "headroom", "stream", "prefix", "fleet",
     ],
     &["config"],
     &["budget", "window", "tally"],

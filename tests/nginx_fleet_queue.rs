@@ -3,7 +3,8 @@
 //! front of one mock node, sharing a real `redis-server` that the test starts.
 //!
 //! The node takes 2 requests at once; each gateway's learned limit is capped at 1
-//! (`limit.max`), so the fleet never sends it more than it takes, and each gateway has
+//! (`limit.max`; `limit.fleet` off: each gateway keeps its own), so the fleet never
+//! sends it more than it takes, and each gateway has
 //! one slot (the learning bursts' 429s at that floor are not taken for a spent quota:
 //! `cooldown.quota_after`). A long request (`mock_hold_ms`) holds a gateway's slot while others queue
 //! behind it. The node numbers its requests as they arrive (`X-Mock-Seq`): the order
@@ -39,7 +40,7 @@ fn config(redis: Option<&Redis>, gateway: &str, a: &MockNode) -> Value {
     let mut c = json!({ "pools": { "llm": {
         "algorithm": "p2c_ewma",
         "slow_start_ms": 0,
-        "limit": { "max": 1, "increase_every": 100 },
+        "limit": { "max": 1, "increase_every": 100, "fleet": false },
         "cooldown": { "quota_after": 1000 },
         "nodes": [ { "id": "a", "addr": a.addr(), "weight": 1 } ],
         "admission": { "enabled": true, "untrusted_max": 10, "aging_ms": 0, "classes": [

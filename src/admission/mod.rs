@@ -131,7 +131,7 @@ pub fn capacity(region: &Region, slots: &[&[u32]], now: u64) -> Result<Cap, u64>
             continue;
         }
         any = true;
-        let limit = n.limit.load(Ordering::Relaxed);
+        let limit = crate::fleet::cap(n, now);
         if limit == 0 {
             return Ok(UNLIMITED.into());
         }
@@ -231,7 +231,21 @@ pub fn admit(b: &Balancer, pool: u32, priority: u32) -> Result<(Verdict, u32, u6
     let me = std::process::id() as i32;
     let worker = b.worker_index().unwrap_or(u32::MAX);
     let step = q.enter(priority, cap, now, me, worker, share(b, pool));
+    if matches!(step, Step::Queued { .. } | Step::Full) {
+        note_fleet_refusal(b, pool, now);
+    }
     Ok(verdict(&q, step, now))
+}
+
+/// An arrival that could not go at once: in cluster mode, demand on the pool's nodes
+/// at their fleet share (`crate::fleet::note_refused`), so a gateway whose share is
+/// 0 asks for one at the next sync round.
+fn note_fleet_refusal(b: &Balancer, pool: u32, now: u64) {
+    let region = b.region();
+    let _ = b.with_serving_slots(pool, now, |own, spill| {
+        let slots = own.into_iter().chain(spill.into_iter().flatten()).flatten();
+        crate::fleet::note_refused(slots.filter_map(|&s| region.node(s)), now);
+    });
 }
 
 fn verdict(q: &Queue<'_>, step: Step, now: u64) -> (Verdict, u32, u64) {

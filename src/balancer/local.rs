@@ -186,10 +186,12 @@ impl NodeView for View<'_> {
         }
         // The limit and in-flight count loaded once for both questions.
         let (limit, inflight) = (
-            n.limit.load(Ordering::Relaxed),
+            crate::fleet::cap(n, self.now_ms),
             n.inflight.load(Ordering::Relaxed),
         );
-        node::available_with(n, self.now_ms, limit, inflight)
+        // At its cap: counted as this gateway's unmet demand (`crate::fleet`).
+        crate::fleet::under_cap(n, limit, inflight)
+            && node::available_with(n, self.now_ms, limit, inflight)
             && self
                 .confirmed
                 .is_none_or(|want| node::confirmed_slot(self.region, slot, limit, inflight) == want)
@@ -343,11 +345,9 @@ impl LocalPool {
         }
         self.classify_slow(region, now);
         self.limited = [&self.primary, &self.backup].iter().any(|t| {
-            t.slots.iter().any(|&s| {
-                region
-                    .node(s)
-                    .is_some_and(|n| n.limit.load(Ordering::Relaxed) != 0)
-            })
+            t.slots
+                .iter()
+                .any(|&s| region.node(s).is_some_and(|n| crate::fleet::cap(n, now) != 0))
         });
         self.next_refresh_ms = now + self.policy.refresh_ms as u64;
     }

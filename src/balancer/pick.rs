@@ -268,9 +268,11 @@ impl Balancer {
             return Err(node::AT_LIMIT_MS);
         };
         let any = |slots: &[u32]| {
-            slots
-                .iter()
-                .any(|&s| self.region.node(s).is_some_and(|n| node::available(n, now)))
+            slots.iter().any(|&s| {
+                self.region
+                    .node(s)
+                    .is_some_and(|n| node::available_for_try(n, now))
+            })
         };
         if any(&p.primary.slots) || any(&p.backup.slots) {
             return Ok(());

@@ -166,7 +166,7 @@ impl Balancer {
                             ps.limit_max.load(Ordering::Relaxed),
                         );
                         let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                            Some(limit::limit_after_busy(l, inflight, min, max))
+                            Some(crate::fleet::after_busy(n, now, l, inflight, (min, max)))
                         });
                         // Counts against the cost as twice the node's mean served latency (at
                         // most the penalty), not as a failure: the node is fine, just full. The
@@ -195,8 +195,9 @@ impl Balancer {
                         ps.limit_increase_every.load(Ordering::Relaxed),
                         ps.limit_max.load(Ordering::Relaxed),
                     );
+                    let fleet_inflight = inflight + crate::fleet::remote_inflight(n, now);
                     let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                        Some(limit::limit_after_success(l, inflight, every, max))
+                        Some(limit::limit_after_success(l, fleet_inflight, every, max))
                     });
                 }
                 if n.ejections.load(Ordering::Relaxed) != 0

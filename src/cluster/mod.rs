@@ -18,6 +18,13 @@
 //!   cooldown still running from it: a quota 429 seen by one gateway cools the node
 //!   at all of them within one interval, and the first to see it is the only one that
 //!   spends a request on it;
+//! - splits each node's learned concurrency limit across the fleet by demand
+//!   (`shares`, one `EVAL` that grants atomically, so the shares never add up to more
+//!   than the limit; the words the request path reads: `crate::fleet`). The limit
+//!   is the fleet's: lowered by a 429 at any gateway, raised by the AIMD increases
+//!   all gateways earn; a dead gateway's entry is dropped once its `gws` lease ends;
+//!   a share counts two `sync_ms`, after which the gateway is capped by its own
+//!   learned limit again;
 //! - shares the operators' changes: each pool's run-time state (its nodes with their
 //!   weights, the drained ones, an operator's forced emergency mode:
 //!   [`crate::admin::PoolState`]) lives in the hash
@@ -52,6 +59,7 @@
 
 mod emergency;
 pub mod queue;
+mod shares;
 mod sync;
 
 pub use sync::{gateway_name, Running};

@@ -159,6 +159,8 @@ struct Sync {
     /// Per pool, the fingerprint of its state as the file loaded it (the first round
     /// after this thread started: nginx's start or reload).
     file_fp: HashMap<String, String>,
+    /// Concurrency shares (`super::shares`).
+    shares: super::shares::Shares,
     /// The fleet's emergency detector.
     detector: Detector,
     /// This gateway's waiters as mirrored into the fleet's queue (`super::queue`).
@@ -190,6 +192,7 @@ impl Sync {
             last: HashMap::new(),
             published: HashMap::new(),
             file_fp: HashMap::new(),
+            shares: Default::default(),
             detector: Detector::default(),
             queue: Default::default(),
         }
@@ -308,6 +311,9 @@ impl Sync {
                 let _ = b.cool_from_fleet(slot, (end - now_unix as f64) as u64);
             }
         }
+        let (conn, prefix) = (self.conn.as_mut().expect("connected"), self.cfg.prefix.as_str());
+        let times = (now_unix, lease_ms, 2 * u64::from(self.cfg.sync_ms));
+        self.shares.round(b, conn, (&gws, prefix), &self.gateway, times)?;
         self.sync_state(b, seq)?;
         let prefix = self.cfg.prefix.clone();
         let conn = self.conn.as_mut().expect("connected above");

@@ -313,6 +313,11 @@ pub struct LimitConfig {
     /// [`PoolConfig::slow_factor`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slow_factor: Option<f64>,
+    /// Cluster mode: the learned limit is the fleet's, split across the gateways by
+    /// demand (`crate::cluster`'s shares; default). `false`: each gateway learns and
+    /// keeps its own, as without a cluster.
+    #[serde(skip_serializing_if = "provider::is_true")]
+    pub fleet: bool,
 }
 
 /// `limit.slow_factor` when the config leaves it out (all algorithms but `chash`).
@@ -328,6 +333,7 @@ impl Default for LimitConfig {
             max: 10_000,
             increase_every: 4,
             slow_factor: None,
+            fleet: true,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! stream signals (`crate::stream`), written only for the nodes that have them.
 
 use super::text::*;
-use super::{node_labels, NodeSnap, PoolSnap};
+use super::{NodeSnap, PoolSnap};
 
 /// Headroom and budget gauges, for the nodes that have them only: what a provider said
 /// is left (less picks since), and a budgeted node's limits and window.
@@ -43,18 +43,11 @@ pub(super) fn write_headroom(out: &mut String, nodes: &[NodeSnap]) {
     ];
     for (i, (name, help, get)) in gauges.iter().enumerate() {
         let only_budgeted = i >= 4;
-        let mut rows = nodes
+        let rows = nodes
             .iter()
             .filter(|n| !only_budgeted || budgeted(&n.headroom))
-            .filter_map(|n| get(&n.headroom).map(|v| (n, v)))
-            .peekable();
-        if rows.peek().is_none() {
-            continue;
-        }
-        family(out, name, Kind::Gauge, help);
-        for (n, v) in rows {
-            sample(out, name, node_labels(n), "", v);
-        }
+            .filter_map(|n| get(&n.headroom).map(|v| (n, v)));
+        super::node_gauges(out, name, help, rows);
     }
 }
 

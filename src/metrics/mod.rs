@@ -68,6 +68,7 @@ mod discovery;
 mod fleet;
 mod llm;
 mod queue;
+mod shares;
 mod text;
 use llm::*;
 use text::*;
@@ -111,6 +112,8 @@ struct NodeSnap {
     queue: Option<crate::scrape::Snapshot>,
     /// Provider headroom and budget (`crate::headroom`).
     headroom: crate::headroom::Figures,
+    /// Cluster mode's shares (`crate::fleet`).
+    fleet: crate::fleet::Figures,
     /// Stream signals (`crate::stream`): estimates in seconds (0: never measured).
     ttft_s: f64,
     tpot_s: f64,
@@ -230,6 +233,7 @@ pub fn render(b: &Balancer, out: &mut String) -> Result<(), Error> {
                     .as_ref()
                     .map(|s| crate::scrape::snapshot(slot, now, s.fresh_ms())),
                 headroom: st.headroom,
+                fleet: st.fleet,
                 ttft_s: secs(&slot.ttft),
                 tpot_s: secs(&slot.tpot),
                 queue_s: secs(&slot.preamble),
@@ -487,6 +491,23 @@ const NODE_GAUGES: [Field<NodeSnap>; 8] = [
     ),
 ];
 
+/// One gauge family over the nodes that have a value (`rows`); nothing when none has.
+fn node_gauges<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    rows: impl Iterator<Item = (&'a NodeSnap, impl Into<text::Num>)>,
+) {
+    let mut rows = rows.peekable();
+    if rows.peek().is_none() {
+        return;
+    }
+    text::family(out, name, text::Kind::Gauge, help);
+    for (n, v) in rows {
+        text::sample(out, name, node_labels(n), "", v);
+    }
+}
+
 fn node_labels(n: &NodeSnap) -> &str {
     &n.labels
 }
@@ -542,6 +563,7 @@ fn write_nodes(out: &mut String, nodes: &[NodeSnap], pools: &[PoolSnap]) {
         .collect();
     queue::write(out, &scraped);
     write_headroom(out, nodes);
+    shares::write(out, nodes);
     simple_families(out, nodes, node_labels, &NODE_STREAM);
     labelled_family(
         out,

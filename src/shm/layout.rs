@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 15;
+pub const LAYOUT_VERSION: u32 = 16;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -401,6 +401,22 @@ pub struct NodeSlot {
     /// Times a pick passed the node over for want of provider headroom / budget.
     pub headroom_skips: AtomicU64,
     pub budget_skips: AtomicU64,
+    // --- last line: cluster mode's shares of the fleet (`crate::fleet`) ---------------
+    /// This gateway's share of the node's fleet-wide concurrency limit, the other
+    /// gateways' tries in flight on it, and until when both count (written by the
+    /// cluster sync thread each round; `crate::fleet::pack`); 0: no share.
+    pub fleet: AtomicU64,
+    /// Times a pick found the node at its cap (learned limit or fleet share): the
+    /// unmet part of this gateway's demand that the sync publishes.
+    pub fleet_skips: AtomicU64,
+    /// The fleet's limit of the node as of the last round (fixed point as `limit`; 0:
+    /// none), for display.
+    pub fleet_limit: AtomicU64,
+    /// The other gateways' part of the node's budget window (`crate::fleet`):
+    /// `requests << 40 | tokens`, and until when it counts (coarse ms); 0: none.
+    pub fleet_budget: AtomicU64,
+    pub fleet_budget_until: AtomicU64,
+    pub _reserved_fleet: [AtomicU64; 3],
 }
 
 /// Buckets of a node's token and request budget window (`NodeSlot::budget_tokens`).
@@ -461,7 +477,7 @@ const _: () = {
     assert!(std::mem::size_of::<Header>() == 192);
     assert!(std::mem::size_of::<PoolSlot>() == 832);
     assert!(std::mem::size_of::<FleetView>() == 128);
-    assert!(std::mem::size_of::<NodeSlot>() == 384);
+    assert!(std::mem::size_of::<NodeSlot>() == 448);
     assert!(std::mem::offset_of!(NodeSlot, pool) == 64);
     assert!(std::mem::size_of::<WorkerSlot>() == 64);
     assert!(std::mem::size_of::<NodeTally>() == 256);

@@ -29,6 +29,8 @@
 --   tokens          > 0: completion tokens of a reply (content chunks of a stream, and
 --                   usage.completion_tokens); else the request's "max_tokens" (at most
 --                   4096), else 10. chunk_ms is the time per token of a stream.
+--   busy_ms         > 0: a 429 over max_conc is answered after this long (a server that
+--                   takes a while to refuse; the refused request stays in flight meanwhile)
 --   no_done         "1": a streamed reply ends (cleanly) after its content chunks, with
 --                   no finish_reason and no `data: [DONE]` (a node that lost the stream)
 --
@@ -77,6 +79,7 @@
 --
 -- Runtime overrides (all workers, until changed back; "" or "default" clears one):
 --   POST /mock/set?fail=503&latency_ms=500&max_conc=2   (keys: the names above minus mock_)
+--   POST /mock/set?reset_peak=1   peak_inflight starts over from the requests in flight now
 --   GET  /mock/state   -> {"node":..,"inflight":..,"served":..,"rejected":..,"received":..,
 --                          "health_checks":..,"last_retry_after":..,"knobs":{..}}
 --     received: requests other than /health, /mock/set and /mock/state (every try a gateway
@@ -118,7 +121,7 @@ local KNOBS = {
     metrics_style = "mock_metrics_style", queue_waiting = "mock_queue_waiting",
     kv_usage = "mock_kv_usage", metrics_fail = "mock_metrics_fail",
     limit_style = "mock_limit_style", rpm_limit = "mock_rpm_limit", tpm_limit = "mock_tpm_limit",
-    ra_ms = "mock_ra_ms",
+    ra_ms = "mock_ra_ms", busy_ms = "mock_busy_ms",
     hdr_remaining_requests = "mock_hdr_remaining_requests",
     hdr_reset_requests = "mock_hdr_reset_requests",
     hdr_remaining_tokens = "mock_hdr_remaining_tokens",
@@ -494,6 +497,11 @@ end
 local function set_knobs(node)
     local args = ngx.req.get_uri_args()
     local changed = {}
+    if args.reset_peak then
+        -- Measure peak_inflight from now: the requests in flight now are its start.
+        dict:set("peak:" .. node, dict:get("conc:" .. node) or 0)
+        changed[#changed + 1] = q("reset_peak")
+    end
     for name in pairs(KNOBS) do
         local v = args[name]
         if type(v) == "string" then
@@ -582,6 +590,8 @@ function _M.handle()
     local cap = num(node, "max_conc")
     if cap > 0 and inflight > cap then
         dict:incr("rejected:" .. node, 1, 0)
+        local busy_ms = num(node, "busy_ms")
+        if busy_ms > 0 then ngx.sleep(busy_ms / 1000) end
         return send_json(429, error_body("Too many concurrent requests on node " .. node
             .. " (" .. cap .. " max).", "requests", "rate_limit_exceeded"),
             { ["X-Node"] = node, ["Retry-After"] = retry_after(node, num(node, "retry_after")) })
