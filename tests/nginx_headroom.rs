@@ -25,8 +25,11 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Slow nodes are not set apart (`slow_factor` 0): a node's cold first answer (20 ms
+/// against 5 ms) would rank it slow and keep these tests' requests from it.
 fn config(nodes: Vec<Value>) -> Value {
-    json!({ "pools": { "llm": { "algorithm": "round_robin", "nodes": nodes, "slow_start_ms": 0 } } })
+    json!({ "pools": { "llm": { "algorithm": "round_robin", "nodes": nodes, "slow_start_ms": 0,
+                                "limit": { "slow_factor": 0.0 } } } })
 }
 
 fn received(m: &MockNode) -> u64 {
