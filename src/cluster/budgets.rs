@@ -35,32 +35,22 @@ use crate::fleet;
 use crate::headroom;
 use crate::shm::clock;
 
-/// Resets (Unix ms) within this of each other describe the same provider window: the
-/// gateways' clocks, the responses' latency and the headers' rounding (Anthropic's
-/// RFC 3339 times are whole seconds) differ by that much.
-pub const SAME_WINDOW_MS: u64 = 2_000;
-
 /// The fleet's record of one headroom dimension: what is left, until when (Unix ms).
 pub type Record = (u64, u64);
 
 /// Merge a gateway's record `new` into the fleet's `stored` at `now` (Unix ms): the
-/// rule the script applies (its unit tests run this). A stored record whose reset
-/// passed says nothing: `new` replaces it. For the same window (resets within
-/// [`SAME_WINDOW_MS`], or `new` an older snapshot with an earlier reset) the lower
-/// remaining is kept with the later reset: responses arrive out of order, and picks
-/// since a snapshot only ever lower what is left. A later window waits until the
-/// stored one passed (then replaces it), but its remaining lowers the stored one
-/// meanwhile (a node that says 0 in any window takes no request now).
+/// rule the script applies (its unit tests run this), the same as a gateway's own
+/// words follow (`crate::headroom::note`). A stored record whose reset passed says
+/// nothing: `new` replaces it. While it runs, the lower remaining is kept with the
+/// later reset: responses arrive out of order, picks since a snapshot only ever
+/// lower what is left, and a node that said 0 takes nothing until its reset. So the
+/// fleet keeps what one gateway seeing every response would keep. (A rule laxer
+/// than the words' own would not hold: every gateway takes the record into its
+/// words and publishes them again.)
 #[cfg_attr(not(test), allow(dead_code))]
 pub fn merge(stored: Option<Record>, new: Record, now: u64) -> Record {
     match stored {
-        Some((left, reset)) if reset > now => {
-            if new.1 > reset + SAME_WINDOW_MS {
-                (left.min(new.0), reset)
-            } else {
-                (left.min(new.0), reset.max(new.1))
-            }
-        }
+        Some((left, reset)) if reset > now => (left.min(new.0), reset.max(new.1)),
         _ => new,
     }
 }
@@ -111,13 +101,7 @@ end
 for a = 5 + 2 * nb, #ARGV, 3 do
   local f, left, reset = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local sl, sr = parse(redis.call('HGET', hr, f))
-  if sl and sr > now then
-    if reset > sr + 2000 then
-      left, reset = math.min(sl, left), sr
-    else
-      left, reset = math.min(sl, left), math.max(sr, reset)
-    end
-  end
+  if sl and sr > now then left, reset = math.min(sl, left), math.max(sr, reset) end
   if reset > now then redis.call('HSET', hr, f, string.format('%d %d', left, reset)) end
 end
 local all, live, last = redis.call('HGETALL', hr), {}, 0
@@ -136,7 +120,6 @@ if last > now then redis.call('PEXPIREAT', hr, string.format('%d', last)) end
 out[#out + 1] = live
 return out
 ";
-const _: () = assert!(SAME_WINDOW_MS == 2_000, "the script's window");
 
 /// What the budgets part keeps between rounds: nothing yet (the type keeps the
 /// round's call line in `sync` the same as its siblings').
@@ -243,12 +226,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn merge_keeps_the_lower_remaining_of_one_window() {
+    fn merge_keeps_the_lower_remaining_until_the_reset() {
         let now = 1_000_000;
         // Nothing stored, or stored and reset: the new record.
         assert_eq!(merge(None, (5, now + 10_000), now), (5, now + 10_000));
         assert_eq!(merge(Some((0, now)), (50, now + 10_000), now), (50, now + 10_000));
-        // The same window: the lower remaining, the later reset.
+        // While it runs: the lower remaining, the later reset, in either order.
         assert_eq!(
             merge(Some((10, now + 10_000)), (3, now + 10_500), now),
             (3, now + 10_500)
@@ -265,17 +248,22 @@ mod tests {
     }
 
     #[test]
-    fn a_later_window_replaces_the_record_once_it_passed() {
+    fn a_later_reset_replaces_the_record_once_it_passed() {
         let now = 1_000_000;
         let stored = Some((2, now + 5_000));
-        // Before the stored reset: its reset stays, a lower remaining counts now.
-        assert_eq!(merge(stored, (100, now + 60_000), now), (2, now + 5_000));
-        assert_eq!(merge(stored, (0, now + 60_000), now), (0, now + 5_000));
-        // Once it passed: the later one.
+        assert_eq!(merge(stored, (100, now + 60_000), now), (2, now + 60_000));
+        assert_eq!(merge(stored, (0, now + 60_000), now), (0, now + 60_000));
         assert_eq!(
             merge(stored, (100, now + 60_000), now + 5_000),
             (100, now + 60_000)
         );
+        // Merging is order-free while the record runs (every gateway's rounds
+        // interleave differently).
+        let (x, y, z) = ((7, now + 1_000), (3, now + 9_000), (5, now + 4_000));
+        let one = merge(Some(merge(Some(x), y, now)), z, now);
+        let two = merge(Some(merge(Some(z), x, now)), y, now);
+        assert_eq!(one, two);
+        assert_eq!(one, (3, now + 9_000));
     }
 
     #[test]
