@@ -24,8 +24,9 @@
 //! passed over by all of them until T, within a round. Records whose reset passed are
 //! deleted, and the hash expires at the latest reset it holds.
 //!
-//! One `EVAL` per round for both, whatever the number of nodes (nothing when no node
-//! has a budget or said anything), atomic in Redis. Nothing here runs on the request
+//! One `EVAL` per round for both, whatever the number of nodes, atomic in Redis (also
+//! when no node here has a budget or said anything: this gateway still learns what
+//! the fleet's nodes said). Nothing here runs on the request
 //! path: the sync thread writes shared memory, requests read it.
 
 use redis::Connection;
@@ -55,12 +56,9 @@ pub fn merge(stored: Option<Record>, new: Record, now: u64) -> Record {
     }
 }
 
-/// Most a remote sum or record counts (values from outside, clamped here once):
-/// tokens and requests as `crate::fleet::set_remote_budget` holds them, a remaining
-/// as a headroom word does, a reset at most a day ahead (the pool's
-/// `cooldown.max_retry_after_ms` caps it further).
-const MAX_TOKENS: u64 = (1 << 40) - 1;
-const MAX_REQUESTS: u64 = (1 << 24) - 1;
+/// The furthest reset a record from Redis (a value from outside) may name: a day
+/// (the pool's `cooldown.max_retry_after_ms` caps it further). Its remaining is
+/// clamped as a headroom word's, and the budget sums by `fleet::set_remote_budget`.
 const MAX_RESET_MS: u64 = 86_400_000;
 
 /// Most headroom records taken from Redis in one round (a value from outside).
@@ -193,7 +191,7 @@ impl Budgets {
         for ((slot, ..), row) in budgeted.iter().zip(&rows) {
             let num = |i: usize| row.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
             if let Some(n) = region.node(*slot) {
-                fleet::set_remote_budget(n, num(0).min(MAX_TOKENS), num(1).min(MAX_REQUESTS), until);
+                fleet::set_remote_budget(n, num(0), num(1), until);
             }
         }
         for rec in records.chunks_exact(3).take(MAX_RECORDS) {
