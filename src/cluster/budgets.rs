@@ -64,6 +64,15 @@ const MAX_RESET_MS: u64 = 86_400_000;
 /// Most headroom records taken from Redis in one round (a value from outside).
 const MAX_RECORDS: usize = 20_000;
 
+/// A record's reset comes into this gateway's words this much earlier than Redis
+/// says (ms). Resets cross between the Unix clock (Redis) and the coarse monotonic
+/// one (the words) every round, a few ms off each time; every gateway publishes its
+/// words again and the merge keeps the later reset, so without this margin those
+/// errors would add up round after round and push a reset ever later. With it, a
+/// record taken in is always earlier than the one it came from, and the record in
+/// Redis stays where the gateway that heard the response put it.
+const CLOCK_SLOP_MS: u64 = 20;
+
 /// The script of one round. `KEYS`: the budget hashes, then the headroom hash.
 /// `ARGV`: this gateway, now (Unix ms), the lease (ms), the number of budget keys,
 /// then per budget key this gateway's tokens and requests in the window, then per
@@ -129,11 +138,13 @@ fn record(w: &std::sync::atomic::AtomicU64, now_mono: u64, now_unix: u64) -> Opt
     headroom::said(w, now_mono).map(|(left, reset)| (left, now_unix + (reset - now_mono)))
 }
 
-/// A record read back from Redis, clamped; `None` when its reset passed.
+/// A record read back from Redis, clamped, its reset [`CLOCK_SLOP_MS`] earlier;
+/// `None` when that passed.
 fn parse_record(left: u64, reset: u64, now_unix: u64) -> Option<Left> {
-    (reset > now_unix).then(|| Left {
+    let reset_ms = reset.saturating_sub(now_unix + CLOCK_SLOP_MS);
+    (reset_ms > 0).then(|| Left {
         remaining: left.min(headroom::LEFT_MAX),
-        reset_ms: (reset - now_unix).min(MAX_RESET_MS) as u32,
+        reset_ms: reset_ms.min(MAX_RESET_MS) as u32,
     })
 }
 
@@ -145,11 +156,12 @@ impl Budgets {
         conn: &mut Connection,
         prefix: &str,
         gateway: &str,
-        (now_unix, lease_ms, valid_ms): (u64, u64, u64),
+        (_, lease_ms, valid_ms): (u64, u64, u64),
     ) -> Result<(), String> {
         let topo = b.topology().map_err(|e| e.to_string())?;
         let region = b.region();
-        let now = clock::now_ms();
+        // Both clocks read together: resets cross between them.
+        let (now, now_unix) = (clock::now_ms(), super::sync::unix_ms());
         let (mut budgeted, mut said) = (Vec::new(), Vec::new());
         for p in &topo.pools {
             for nt in &p.nodes {
@@ -269,7 +281,12 @@ mod tests {
         let now = 1_000;
         assert_eq!(parse_record(5, 999, now), None, "reset passed");
         assert_eq!(
-            parse_record(5, 2_000, now),
+            parse_record(5, now + CLOCK_SLOP_MS, now),
+            None,
+            "within the margin"
+        );
+        assert_eq!(
+            parse_record(5, 2_000 + CLOCK_SLOP_MS, now),
             Some(Left {
                 remaining: 5,
                 reset_ms: 1_000
