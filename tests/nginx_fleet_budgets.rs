@@ -34,7 +34,8 @@ const SYNC_MS: u32 = 100;
 /// The documented bound: the fleet's window passes the budget by at most what the
 /// other gateways reserve within two sync intervals, plus one request per gateway.
 /// Each gateway's clients reserve at most `CLIENTS * (2 * SYNC_MS / LATENCY_MS + 1)`
-/// in two intervals.
+/// in two intervals; counted for all three gateways (a little more than the others'
+/// part at any one).
 const SLACK: u64 =
     (GATEWAYS.len() * CLIENTS * (2 * SYNC_MS / LATENCY_MS + 1) as usize + GATEWAYS.len()) as u64;
 
