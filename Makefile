@@ -68,7 +68,7 @@ NGINX_TESTS := tests/nginx.rs tests/nginx_policy.rs tests/nginx_canary.rs tests/
                tests/nginx_metrics.rs tests/nginx_admin.rs tests/nginx_admission.rs tests/nginx_chaos.rs \
                tests/nginx_defects.rs tests/nginx_rounds.rs tests/nginx_providers.rs tests/nginx_queue.rs \
                tests/nginx_cluster.rs tests/nginx_fleet_queue.rs tests/nginx_discovery.rs \
-               tests/nginx_fleet_limits.rs \
+               tests/nginx_fleet_limits.rs tests/nginx_fleet_budgets.rs \
                tests/nginx_headroom.rs \
                tests/nginx_stream.rs \
                tests/nginx_prefix.rs \

@@ -31,6 +31,16 @@
 //! stale one, found by the once-per-period sweep or by the next write into it)
 //! applies the same change to the totals, so they never drift.
 //!
+//! **In a fleet** (cluster mode, `crate::cluster`), every gateway counts its own
+//! window as above, and the sync round publishes it and reads the sum of the other
+//! gateways' (`crate::fleet::remote_budget`, valid for two sync intervals): the CAS
+//! re-checks the limits against this gateway's totals plus that sum. The others'
+//! part is up to a round or two old, so the fleet's window may pass the limit by what
+//! the other gateways reserve between their round and this gateway's next (docs/
+//! cluster.md); once the sync stops, the others' part goes stale and each gateway
+//! counts alone again. Headroom words learned at another gateway are merged into this
+//! one's with [`note`] (by the sync thread, never on the request path).
+//!
 //! A try's reservation is settled when it is reported ([`settle`]): a served try
 //! keeps its estimate, or is corrected to the tokens the node counted (`usage`) when
 //! they are known; a try refused (429), failed or cut off gives its tokens back (the
@@ -41,6 +51,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::fleet;
 pub use crate::shm::layout::BUDGET_SLOTS;
 use crate::shm::layout::{flags, NodeSlot};
 
@@ -83,6 +94,12 @@ pub fn note(w: &AtomicU64, remaining: u64, reset_in_ms: u32, now: u64) {
             None => pack(remaining, reset),
         })
     });
+}
+
+/// What is left and when it resets (coarse ms), while a response's word is live:
+/// what the cluster sync publishes to the fleet.
+pub fn said(w: &AtomicU64, now: u64) -> Option<(u64, u64)> {
+    live(w.load(Ordering::Relaxed), now)
 }
 
 /// What is left now; `None` when nothing is known (never said, or reset since).
@@ -186,6 +203,13 @@ fn under(used: (u64, u64), (tpm, rpm): (u64, u64)) -> bool {
     (tpm == 0 || used.0 < tpm) && (rpm == 0 || used.1 < rpm)
 }
 
+/// This gateway's use plus the other gateways' (`remote`, cluster mode: what the last
+/// sync round read, `crate::fleet::remote_budget`; (0, 0) without a cluster or once
+/// stale).
+fn plus((t, r): (u64, u64), remote: (u64, u64)) -> (u64, u64) {
+    (t.saturating_add(remote.0), r.saturating_add(remote.1))
+}
+
 /// Sum of the live buckets: (tokens, requests) in the window now.
 pub fn window(n: &NodeSlot, now: u64) -> (u64, u64) {
     let cur = period(now) & TAG_MASK;
@@ -286,7 +310,8 @@ pub fn budget_fits(n: &NodeSlot, now: u64) -> bool {
         return true;
     }
     // The totals may still hold buckets nobody swept (an idle node): then the window.
-    under(used(n), lim) || under(window(n, now), lim)
+    let remote = fleet::remote_budget(n, now);
+    under(plus(used(n), remote), lim) || under(plus(window(n, now), remote), lim)
 }
 
 /// Reserve `tokens` and one request on the node's budget: one CAS on the totals that
@@ -298,11 +323,13 @@ pub fn reserve(n: &NodeSlot, tokens: u32, now: u64) -> bool {
     }
     sweep(n, now);
     let x = tokens as u64;
+    let remote = fleet::remote_budget(n, now);
     let won = n
         .budget_used
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
             let (t, r) = (w & AMOUNT_MASK, w >> 40);
-            under((t, r), lim).then(|| (((r + 1).min((1 << 24) - 1)) << 40) | (t + x).min(AMOUNT_MASK))
+            under(plus((t, r), remote), lim)
+                .then(|| (((r + 1).min((1 << 24) - 1)) << 40) | (t + x).min(AMOUNT_MASK))
         })
         .is_ok();
     if won {
@@ -367,6 +394,7 @@ pub fn budget_free_at(n: &NodeSlot, now: u64) -> Option<u64> {
     }
     let cur = period(now);
     let (mut t, mut r) = window(n, now);
+    let remote = fleet::remote_budget(n, now);
     for p in cur.saturating_sub(BUDGET_SLOTS as u64 - 1)..=cur {
         let i = (p % BUDGET_SLOTS as u64) as usize;
         let tag = p & TAG_MASK;
@@ -376,9 +404,15 @@ pub fn budget_free_at(n: &NodeSlot, now: u64) -> Option<u64> {
                 *sum = sum.saturating_sub(a);
             }
         }
-        if under((t, r), lim) {
+        if under(plus((t, r), remote), lim) {
             return Some((p + BUDGET_SLOTS as u64) * BUCKET_MS);
         }
+    }
+    if remote != (0, 0) {
+        // The other gateways' use alone fills it: their buckets leave on their own
+        // clocks, which this gateway learns one round at a time; look again at the
+        // next period.
+        return Some((cur + 1) * BUCKET_MS);
     }
     Some((cur + BUDGET_SLOTS as u64) * BUCKET_MS)
 }
@@ -603,6 +637,33 @@ mod tests {
         assert!(take_share(n, 300, free));
         assert_eq!(used(n), (300, 1));
         assert_eq!(window(n, free), (300, 1));
+    }
+
+    #[test]
+    fn a_fleet_counts_the_other_gateways_use_until_it_goes_stale() {
+        let r = region();
+        let n = r.node(0).unwrap();
+        set_limits(n, 1_000, 10);
+        n.flags.store(flags::BUDGET, Ordering::Relaxed);
+        // The others hold 900 tokens of the window: one 300 fits (900 < 1000), not two.
+        fleet::set_remote_budget(n, 900, 2, T0 + 200);
+        assert!(budget_fits(n, T0));
+        assert!(take_share(n, 300, T0));
+        assert!(!take_share(n, 1, T0));
+        assert_eq!(window(n, T0), (300, 1), "only this gateway's own use is local");
+        // Full: free once this gateway's bucket leaves; full because of the others
+        // alone: looked at again at the next period.
+        let p = T0 / BUCKET_MS;
+        assert_eq!(budget_free_at(n, T0), Some((p + BUDGET_SLOTS as u64) * BUCKET_MS));
+        fleet::set_remote_budget(n, 1_000, 2, T0 + 200);
+        assert_eq!(budget_free_at(n, T0), Some((p + 1) * BUCKET_MS));
+        // The others' requests count too.
+        fleet::set_remote_budget(n, 0, 9, T0 + 200);
+        assert!(!take_share(n, 0, T0 + 1), "1 + 9 requests: rpm 10 reached");
+        // Stale (Redis down, sync gone): alone again.
+        assert!(take_share(n, 300, T0 + 200));
+        assert_eq!(window(n, T0 + 200), (600, 2));
+        assert_eq!(budget_free_at(n, T0 + 200), None);
     }
 
     #[test]

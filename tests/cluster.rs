@@ -243,3 +243,116 @@ fn through_a_sentinel() {
         b.weight("b") == 61
     });
 }
+
+/// Budgets and headroom (`cluster::budgets`) through the script in a real Redis:
+/// each gateway's reservations count at the others, and headroom records merge by
+/// the lower remaining while they run.
+#[test]
+fn budgets_and_headroom_records_reach_every_gateway() {
+    use rsbalancer::balancer::Left;
+    use rsbalancer::{fleet, headroom, shm::clock};
+    let redis = Redis::start();
+    let cfg = |g: &str| {
+        Config::from_value(json!({
+            "shm": { "max_nodes": 16, "max_pools": 2, "max_workers": 4, "config_bytes": 65536 },
+            "cluster": { "redis": format!("redis://127.0.0.1:{}", redis.port), "sync_ms": 50, "gateway": g },
+            "pools": { "llm": { "nodes": [
+                { "id": "a", "addr": "127.0.0.1:9001", "tpm": 10000, "rpm": 100 },
+                { "id": "b", "addr": "127.0.0.1:9002" }
+            ] } }
+        }))
+        .expect("valid config")
+    };
+    let gws: Vec<Gateway> = ["A", "B", "C"].iter().map(|g| Gateway::start(&cfg(g))).collect();
+    fn node<'a>(g: &'a Gateway, id: &str) -> &'a rsbalancer::shm::layout::NodeSlot {
+        g.b.region().node(g.slot(id)).unwrap()
+    }
+    // Reservations: 5 at A (100 tokens each), 2 at B.
+    for (g, k) in [(&gws[0], 5), (&gws[1], 2)] {
+        for _ in 0..k {
+            assert!(headroom::take_share(node(g, "a"), 100, clock::now_ms()));
+        }
+    }
+    let remote = |g: &Gateway| fleet::remote_budget(node(g, "a"), clock::now_ms());
+    wait_for("the others' windows at every gateway", || {
+        remote(&gws[0]) == (200, 2) && remote(&gws[1]) == (500, 5) && remote(&gws[2]) == (700, 7)
+    });
+    // Headroom: A learns 5 requests left for 30 s, C then 3: every gateway keeps 3.
+    let left = |n: u64| {
+        Some(Left {
+            remaining: n,
+            reset_ms: 30_000,
+        })
+    };
+    let said = |g: &Gateway| g.b.node_stats(g.slot("b")).unwrap().headroom.remaining_requests;
+    gws[0].b.note_headroom(gws[0].slot("b"), left(5), None).unwrap();
+    wait_for("A's record at B and C", || {
+        said(&gws[1]) == Some(5) && said(&gws[2]) == Some(5)
+    });
+    gws[2].b.note_headroom(gws[2].slot("b"), left(3), None).unwrap();
+    wait_for("C's lower record everywhere", || {
+        gws.iter().all(|g| said(g) == Some(3))
+    });
+    // A later snapshot saying more gives nothing back before the reset.
+    gws[1].b.note_headroom(gws[1].slot("b"), left(50), None).unwrap();
+    let seen = gws[0].synced();
+    wait_for("a few rounds", || gws[0].synced() > seen + 3);
+    assert!(gws.iter().all(|g| said(g) == Some(3)));
+    // The record in Redis, merged by the script (not only by each gateway's words).
+    let mut conn = ::redis::Client::open(format!("redis://127.0.0.1:{}", redis.port))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let rec: String = ::redis::cmd("HGET")
+        .arg("rsb:hr")
+        .arg("llm/b|r")
+        .query(&mut conn)
+        .unwrap();
+    assert!(rec.starts_with("3 "), "{rec}");
+    let bud: std::collections::HashMap<String, String> = ::redis::cmd("HGETALL")
+        .arg("rsb:bud:llm/a")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(bud.len(), 3, "one field per gateway: {bud:?}");
+    assert!(bud["A"].ends_with(" 500 5"), "{bud:?}");
+    // A record already in Redis (another gateway's, written there directly) and a
+    // higher one published by A: the script keeps the lower, which A then takes in.
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let _: () = ::redis::cmd("HSET")
+        .arg("rsb:hr")
+        .arg("llm/a|t")
+        .arg(format!("7000 {}", unix + 60_000))
+        .query(&mut conn)
+        .unwrap();
+    gws[0]
+        .b
+        .note_headroom(
+            gws[0].slot("a"),
+            None,
+            Some(Left {
+                remaining: 9_000,
+                reset_ms: 30_000,
+            }),
+        )
+        .unwrap();
+    let tokens = |g: &Gateway| g.b.node_stats(g.slot("a")).unwrap().headroom.remaining_tokens;
+    wait_for("the lower record at A", || tokens(&gws[0]) == Some(7_000));
+    let ttl: i64 = ::redis::cmd("PTTL")
+        .arg("rsb:bud:llm/a")
+        .query(&mut conn)
+        .unwrap();
+    assert!(ttl > 0, "the budget hash expires: {ttl}");
+    // Nothing said of a: no record for it.
+    assert_eq!(
+        gws[1]
+            .b
+            .node_stats(gws[1].slot("a"))
+            .unwrap()
+            .headroom
+            .remaining_requests,
+        None
+    );
+}

@@ -23,20 +23,9 @@ impl Balancer {
         requests: Option<Left>,
         tokens: Option<Left>,
     ) -> Result<(), Error> {
-        let n = self.live_node(node)?;
-        if requests.is_none() && tokens.is_none() {
-            return Ok(());
-        }
-        let pool = n.pool.load(Ordering::Relaxed);
-        let Some(ps) = self.region.pool(pool) else {
+        let Some((n, ps, cap)) = self.headroom_node(node, requests.or(tokens).is_some())? else {
             return Ok(());
         };
-        let cap = ps.max_retry_after_ms.load(Ordering::Relaxed);
-        if n.flags.load(Ordering::Relaxed) & flags::HEADROOM == 0 {
-            // Release pairs with the Acquire flag loads (`live_node`, `reusable`);
-            // the pick path reads HEADROOM on its own (Relaxed).
-            n.flags.fetch_or(flags::HEADROOM, Ordering::Release);
-        }
         let now = clock::now_ms();
         let mut spent_ms = None;
         for (w, l) in [(&n.headroom_requests, requests), (&n.headroom_tokens, tokens)] {
@@ -62,6 +51,45 @@ impl Balancer {
             );
         }
         Ok(())
+    }
+
+    /// The fleet's record of a node's headroom (cluster mode: what another gateway's
+    /// responses said, merged in Redis by `crate::cluster`): merged into this
+    /// gateway's words as a response's would be, resets capped the same way. No
+    /// cooldown starts (the fleet shares those on their own); a node with nothing
+    /// left is out until the reset all the same (`crate::headroom::out_until`).
+    pub fn note_fleet_headroom(
+        &self,
+        node: u32,
+        requests: Option<Left>,
+        tokens: Option<Left>,
+    ) -> Result<(), Error> {
+        let Some((n, _, cap)) = self.headroom_node(node, requests.or(tokens).is_some())? else {
+            return Ok(());
+        };
+        let now = clock::now_ms();
+        for (w, l) in [(&n.headroom_requests, requests), (&n.headroom_tokens, tokens)] {
+            if let Some(l) = l {
+                headroom::note(w, l.remaining, l.reset_ms.min(cap), now);
+            }
+        }
+        Ok(())
+    }
+
+    /// A node that said something (`said`) of its headroom: its slot, its pool's and
+    /// the pool's cap on resets, with the node marked as one whose picks look at its
+    /// headroom words. `None` when nothing was said or the pool is gone.
+    fn headroom_node(&self, node: u32, said: bool) -> Result<Option<(&NodeSlot, &PoolSlot, u32)>, Error> {
+        let n = self.live_node(node)?;
+        let Some(ps) = self.region.pool(n.pool.load(Ordering::Relaxed)).filter(|_| said) else {
+            return Ok(None);
+        };
+        if n.flags.load(Ordering::Relaxed) & flags::HEADROOM == 0 {
+            // Release pairs with the Acquire flag loads (`live_node`, `reusable`);
+            // the pick path reads HEADROOM on its own (Relaxed).
+            n.flags.fetch_or(flags::HEADROOM, Ordering::Release);
+        }
+        Ok(Some((n, ps, ps.max_retry_after_ms.load(Ordering::Relaxed))))
     }
 
     /// Settle the token reservation of a try on `node` picked `age_ms` ago: from the

@@ -25,6 +25,9 @@
 //!   all gateways earn; a dead gateway's entry is dropped once its `gws` lease ends;
 //!   a share counts two `sync_ms`, after which the gateway is capped by its own
 //!   learned limit again;
+//! - counts token and request budgets (`tpm`, `rpm`) fleet-wide and shares what the
+//!   providers' rate-limit headers said ([`budgets`]: one `EVAL`; the words the
+//!   request path reads: `crate::fleet::remote_budget` and the headroom words);
 //! - shares the operators' changes: each pool's run-time state (its nodes with their
 //!   weights, the drained ones, an operator's forced emergency mode:
 //!   [`crate::admin::PoolState`]) lives in the hash
@@ -57,6 +60,7 @@
 //! cooldowns by maximum, and admin changes made meanwhile are written (this gateway's
 //! state differs from what it last wrote).
 
+mod budgets;
 mod emergency;
 pub mod queue;
 mod shares;

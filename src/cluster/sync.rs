@@ -161,13 +161,15 @@ struct Sync {
     file_fp: HashMap<String, String>,
     /// Concurrency shares (`super::shares`).
     shares: super::shares::Shares,
+    /// Budgets and headroom (`super::budgets`).
+    budgets: super::budgets::Budgets,
     /// The fleet's emergency detector.
     detector: Detector,
     /// This gateway's waiters as mirrored into the fleet's queue (`super::queue`).
     queue: super::queue::Mirror,
 }
 
-fn unix_ms() -> u64 {
+pub(super) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -193,6 +195,7 @@ impl Sync {
             published: HashMap::new(),
             file_fp: HashMap::new(),
             shares: Default::default(),
+            budgets: Default::default(),
             detector: Detector::default(),
             queue: Default::default(),
         }
@@ -314,6 +317,8 @@ impl Sync {
         let (conn, prefix) = (self.conn.as_mut().expect("connected"), self.cfg.prefix.as_str());
         let times = (now_unix, lease_ms, 2 * u64::from(self.cfg.sync_ms));
         self.shares.round(b, conn, (&gws, prefix), &self.gateway, times)?;
+        let conn = self.conn.as_mut().expect("connected");
+        self.budgets.round(b, conn, prefix, &self.gateway, times)?;
         self.sync_state(b, seq)?;
         let prefix = self.cfg.prefix.clone();
         let conn = self.conn.as_mut().expect("connected above");
