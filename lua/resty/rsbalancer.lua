@@ -601,7 +601,7 @@ end
 
 -- Request state kept across the balancer and log phases. Tries of the current round
 -- are items `first`.. of nginx's upstream lists, shifted by `offset`.
-local function request_state(pool)
+local function request_state(pool, now)
     if not req_start_time then req_start_time = ngx.req.start_time end
     local st, k = current_state()
     if not st then
@@ -615,7 +615,7 @@ local function request_state(pool)
         end
         -- nginx's cached time (updated once per event-loop turn) is precise enough
         -- for a retry deadline; no clock call per request.
-        st.pool, st.n, st.reported, st.start = pool, 0, 0, ngx_now()
+        st.pool, st.n, st.reported, st.start = pool, 0, 0, now or ngx_now()
         st.arm, st.arm_pool, st.rounds, st.offset, st.rkey = false, false, 0, 0, k
         by_request[k] = st
     end
@@ -775,10 +775,10 @@ function _M.balance(pool, key)
     if not idx then
         error("bad argument #1 to 'balance' (unknown pool " .. tostring(pool) .. ")", 2)
     end
-    local st = request_state(pool)
+    local now = ngx_now()
+    local st = request_state(pool, now)
     local aidx, apool = arm_of(st, pool, idx)
     local tried, n = st.tried, st.n
-    local now = ngx_now()
     local slot, why
     if st.held then
         -- admit() or round() already holds this round's first try.
