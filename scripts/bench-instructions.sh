@@ -23,12 +23,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 die() { echo "bench-instructions: $*" >&2; exit 1; }
-for c in valgrind callgrind_control wrk nginx; do
-    command -v "$c" >/dev/null || die "$c not found ('make deps' installs it)"
-done
+. scripts/bench-overhead-setup.sh
+overhead_need valgrind callgrind_control wrk nginx
 SECS="${RSB_BENCH_IR_S:-4}"
 
-. scripts/bench-overhead-setup.sh
 trap overhead_cleanup EXIT
 overhead_setup
 cd "$RUN"

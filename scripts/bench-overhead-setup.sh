@@ -10,6 +10,14 @@
 # Needs `die`; sets RUN, PEER_PORT; the caller's EXIT trap should call
 # overhead_cleanup.
 
+# Dies unless every command named is on PATH.
+overhead_need() {
+    local c
+    for c in "$@"; do
+        command -v "$c" >/dev/null || die "$c not found ('make deps' installs it)"
+    done
+}
+
 overhead_setup() {
     local log
     log=$(mktemp)

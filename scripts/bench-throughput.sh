@@ -20,9 +20,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 die() { echo "bench-throughput: $*" >&2; exit 1; }
-for c in wrk nginx taskset curl; do
-    command -v "$c" >/dev/null || die "$c not found ('make deps' installs it)"
-done
+. scripts/bench-overhead-setup.sh
+overhead_need wrk nginx taskset curl
 ROUNDS="${RSB_BENCH_TP_ROUNDS:-7}"
 SECS="${RSB_BENCH_TP_S:-3}"
 CONNS="${RSB_BENCH_TP_CONNS:-32}"
@@ -30,7 +29,6 @@ cpus=$(nproc)
 gw_cpu=0
 load_cpu=$((cpus > 1 ? 1 : 0))
 
-. scripts/bench-overhead-setup.sh
 trap overhead_cleanup EXIT
 overhead_setup
 cd "$RUN"
