@@ -8,9 +8,10 @@
 # Each gateway runs as one nginx worker pinned to CPU 0; wrk (-t1) and the static
 # nodes share CPU 1, so the gateway's core is the bottleneck. Rounds alternate the
 # contenders (the order rotates each round), so a change in what else the machine
-# runs touches every contender alike; prints each one's median req/s, min..max, and
-# the ratios of the medians to the floor + empty log_by_lua and to native. Timings are
-# printed, never asserted.
+# runs touches every contender alike; prints each one's median req/s, min..max, the
+# ratio of the medians to the floor + empty log_by_lua, the median of the per-round
+# ratios to it (robust to slow drifts), and the ratio to native. Timings are printed,
+# never asserted.
 #
 #   scripts/bench-throughput.sh               (make bench runs it)
 #   RSB_BENCH_TP_ROUNDS=7 RSB_BENCH_TP_S=3 RSB_BENCH_TP_CONNS=32   (the defaults)
@@ -80,11 +81,20 @@ for n in "${names[@]}"; do med[$n]=$(echo "${results[$n]}" | median); done
 floor=${med[ovh-floor1]:-}
 native=${med[ovh-gw0]:-}
 printf '\n== throughput, 1 gateway worker pinned, wrk -t1 -c%s, %s rounds of %s s alternating, GET /\n' "$CONNS" "$ROUNDS" "$SECS"
-printf '   %-34s %12s %18s %14s %10s\n' contender "req/s median" "min..max" "vs floor+log" "vs native"
+# The median over rounds of a contender's req/s over the floor's in the same round
+# (adjacent runs: what drifts slowly on a shared machine cancels out).
+round_ratio() {
+    paste -d' ' <(echo "${results[$1]}" | tr ' ' '\n' | grep -v '^$') \
+        <(echo "${results[ovh-floor1]}" | tr ' ' '\n' | grep -v '^$') |
+        awk '{ printf "%.4f ", $1 / $2 }' | median
+}
+printf '   %-34s %12s %18s %14s %12s %10s\n' contender "req/s median" "min..max" "vs floor+log" "per round" "vs native"
 for n in "${names[@]}"; do
-    printf '   %-34s %12.0f %18s %14s %10s\n' "$(overhead_label "$n.conf")" "${med[$n]}" \
+    printf '   %-34s %12.0f %18s %14s %12s %10s\n' "$(overhead_label "$n.conf")" "${med[$n]}" \
         "$(echo "${results[$n]}" | range)" \
         "$([ -n "$floor" ] && awk -v a="${med[$n]}" -v b="$floor" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)" \
+        "$([ -n "$floor" ] && awk -v x="$(round_ratio "$n")" 'BEGIN { printf "%.1f%%", 100 * x }' || echo -)" \
         "$([ -n "$native" ] && awk -v a="${med[$n]}" -v b="$native" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)"
 done
-echo "   target (issue 15): rsbalancer at least 97% of the floor + empty log_by_lua."
+echo "   vs floor+log: ratio of the medians; per round: median of each round's ratio to the floor"
+echo "   + empty log_by_lua. Target (issue 15): rsbalancer at least 97% of that floor."
