@@ -97,6 +97,7 @@ bench: deps build
 	@scripts/bench-gateway.sh
 	$(CARGO) bench --no-default-features --bench cluster
 	@scripts/bench-instructions.sh
+	@scripts/bench-throughput.sh
 
 # The Lua module and files: what the LuaRocks rockspec installs (LUA_CDIR, LUA_LDIR).
 install-lua: build

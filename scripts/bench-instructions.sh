@@ -6,7 +6,9 @@
 # with RSB_BENCH_KEEP=1), starts the static nodes, then runs each gateway as one nginx
 # process (master_process off, 1 worker) under callgrind: warm-up load (JIT traces),
 # counters zeroed, N seconds of wrk load, counters dumped. Prints user-space
-# instructions per request and the ratio to native nginx. Timings are never asserted.
+# instructions per request, the ratio to native nginx and, under the table, each
+# contender's gap to the floor + empty log_by_lua (issue 15's target: at most +2,000).
+# Timings are never asserted.
 #
 #   scripts/bench-instructions.sh          (make bench runs it after bench-gateway.sh)
 #   RSB_BENCH_IR_KEEP=/some/dir            keep each gateway's callgrind output there
@@ -15,75 +17,35 @@
 #                                          p2c_ewma, 2 weighted_random, 3 seed, floor0
 #                                          floor1: below)
 #
-# The floor contenders, derived here from the seed's config: a balancer_by_lua that
-# only sets a fixed peer (ovh-floor0), and the same plus an empty log_by_lua
-# (ovh-floor1): what any balancer with per-response feedback pays at least.
+# The floor contenders (scripts/bench-overhead-setup.sh derives them from the seed's
+# config): a balancer_by_lua that only sets a fixed peer (ovh-floor0), and the same
+# plus an empty log_by_lua (ovh-floor1): what any balancer with per-response feedback
+# pays at least.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 die() { echo "bench-instructions: $*" >&2; exit 1; }
-for c in valgrind callgrind_control wrk nginx; do
-    command -v "$c" >/dev/null || die "$c not found ('make deps' installs it)"
-done
+. scripts/bench-overhead-setup.sh
+overhead_need valgrind callgrind_control wrk nginx
 SECS="${RSB_BENCH_IR_S:-4}"
 
-log=$(mktemp)
-RSB_BENCH_KEEP=1 RSB_BENCH_OVERHEAD_S=1 scripts/bench-gateway.sh --quick overhead >"$log" 2>&1 ||
-    { cat "$log"; die "bench-gateway.sh failed"; }
-RUN=$(sed -n 's/.*configs and logs kept in //p' "$log")
-rm -f "$log"
-[ -d "$RUN" ] || die "no run directory from bench-gateway.sh"
-trap 'pkill -f -- "-p $RUN " 2>/dev/null || true; rm -rf "$RUN"' EXIT
+trap overhead_cleanup EXIT
+overhead_setup
 cd "$RUN"
-
-nginx -p "$RUN" -c "$RUN/ovh-nodes.conf" -g 'daemon on;' 2>/dev/null ||
-    die "static nodes did not start"
-
-# The floor contenders: the seed's gateway with its balancer replaced by one fixed peer
-# (the first static node), then with an empty log phase added.
-peer_port=$(grep -o 'listen 127.0.0.1:[0-9]*' ovh-nodes.conf | head -1 | cut -d: -f2)
-[ -n "$peer_port" ] || die "no static node port in ovh-nodes.conf"
-if [ -f ovh-gw3.conf ]; then
-    sed -e 's/contender "seed"/contender "floor0"/' \
-        -e "s|require(\"seed_balancer\").balance(.*)|require(\"ngx.balancer\").set_current_peer(\"127.0.0.1\", $peer_port)|" \
-        -e 's|require("seed_balancer").init(.*)||' -e 's|require("seed_balancer").init_worker()||' \
-        ovh-gw3.conf >ovh-floor0.conf
-    sed -e 's/contender "floor0"/contender "floor1"/' \
-        -e 's|proxy_pass http://llm;|proxy_pass http://llm;\n            log_by_lua_block { }|' \
-        ovh-floor0.conf >ovh-floor1.conf
-fi
-
-# The first port from $1 on that nothing listens on.
-free_port() {
-    local p=$1
-    while (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do p=$((p + 1)); done
-    echo "$p"
-}
-
-label() {
-    case "$(sed -n 's/^# benches\/gateway.rs contender "\([^"]*\)".*/\1/p' "$1")" in
-        native) echo "native upstream" ;;
-        seed) echo "seed Lua weighted random" ;;
-        floor0) echo "floor: balancer_by_lua, fixed peer" ;;
-        floor1) echo "floor + empty log_by_lua" ;;
-        rsbalancer) echo "rsbalancer $(grep -o '"algorithm": *"[a-z_0-9]*"' "${1%.conf}.json" | cut -d'"' -f4)" ;;
-        *) echo "$1" ;;
-    esac
-}
 
 port=21400  # below the ephemeral range (32768-60999), where clients' local ports live
 native=""
+floor=""
+measured=()
 printf '\n== instructions per request (callgrind, 1 nginx process, wrk -c4 %ss, GET /)\n' "$SECS"
 printf '   %-34s %10s %12s %9s\n' contender requests "instr/req" "vs native"
 for name in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-floor0 ovh-floor1; do
     conf="$name.conf"
     [ -f "$conf" ] || continue
     case " ${RSB_BENCH_IR_ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
-    port=$(free_port $((port + 1)))
-    sed -e 's/worker_processes 2;/worker_processes 1;/' -e 's/worker_cpu_affinity.*//' \
-        -e "s|^pid .*|pid $RUN/cg-$name.pid;|" \
-        -e "s/listen 127.0.0.1:[0-9]*/listen 127.0.0.1:$port/" "$conf" >"cg-$name.conf"
+    port=$(overhead_port_from $((port + 1)))
+    overhead_one_worker "$name" "cg-$name" "$port"
     out="$RUN/cg-$name.out"
     valgrind --tool=callgrind --smc-check=all-non-file --callgrind-out-file="$out" \
         nginx -p "$RUN" -c "$RUN/cg-$name.conf" -g 'daemon off; master_process off;' \
@@ -107,9 +69,21 @@ for name in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-floor0 ovh-floor1; do
     rm -f "$out"*
     per=$((ir / reqs))
     [ -z "$native" ] && native=$per
-    what="$(label "$conf")"
+    [ "$name" = ovh-floor1 ] && floor=$per
+    measured+=("$name:$per")
+    what="$(overhead_label "$conf")"
     printf '   %-34s %10s %12s %8.1f%%\n' "$what" "$reqs" "$per" \
         "$(awk -v a="$per" -v n="$native" 'BEGIN { print 100 * a / n }')"
 done
 echo "   instructions of the gateway process (nginx, Lua, rsbalancer, libc; not the kernel) between"
 echo "   the counter reset and the dump, divided by the requests wrk completed in that time."
+if [ -n "$floor" ]; then
+    # The issue-15 target: at most floor + 2,000 instructions per request.
+    printf '\n   gap to the floor (floor + empty log_by_lua, %s per request; target: at most +2,000)\n' "$floor"
+    for m in "${measured[@]}"; do
+        name=${m%%:*}
+        per=${m#*:}
+        case "$name" in ovh-floor*) continue ;; esac
+        printf '   %-34s %+10d\n' "$(overhead_label "$name.conf")" $((per - floor))
+    done
+fi

@@ -548,44 +548,75 @@ local function current_state()
     return st, k
 end
 
--- States log() is done with, emptied, for the next requests: a table and its `tried`
--- list made per request, and the garbage collection they drive, cost about 900
--- instructions per request (scripts/bench-instructions.sh). At most FREE_MAX kept.
+-- States log() is done with, for the next requests: a table and its `tried` list made
+-- per request, and the garbage collection they drive, cost about 900 instructions per
+-- request (scripts/bench-instructions.sh). At most FREE_MAX kept.
+--
+-- A state's keys are of two kinds. Its core, which every request sets, is never nil
+-- (false for "not yet"): stores to a key a table holds are cheap, while adding a key
+-- goes through LuaJIT's lj_tab_newkey (about 60 instructions each, 10 per request
+-- when the core was re-added to an emptied table). Any other key a phase adds (admission,
+-- retries, rounds, stream signals: off the plain 2xx path) goes through STATE_MT's
+-- __newindex, which marks the state dirty; recycle() empties a dirty state and seeds
+-- its core again, and only resets the core of a clean one.
 local clear_tab = require "table.clear"
+local rawset, setmetatable = rawset, setmetatable
 local FREE_MAX = 256
 local free_states, nfree = {}, 0
+local STATE_MT = {
+    __newindex = function(t, k, v)
+        rawset(t, k, v)
+        t.dirty = true -- a core key: a plain store
+    end,
+}
 
--- Empties st and keeps it for reuse; nothing may use it afterwards.
+-- The core keys of a state (request_state() sets their values).
+local function seed(st, tried)
+    st.tried, st.pool, st.n, st.reported, st.start = tried, false, 0, 0, 0
+    st.arm, st.arm_pool, st.rounds, st.offset = false, false, 0, 0
+    st.rkey, st.picked, st.dirty = 0, false, false
+    return st
+end
+
+-- Resets st for reuse and keeps it; nothing may use it afterwards.
 local function recycle(st)
     if nfree >= FREE_MAX then return end
     local tried = st.tried
-    clear_tab(tried)
-    clear_tab(st)
-    st.tried = tried
+    if st.dirty then
+        clear_tab(tried)
+        setmetatable(st, nil)
+        clear_tab(st)
+        setmetatable(seed(st, tried), STATE_MT)
+    else
+        local i = 1
+        while tried[i] ~= nil do
+            tried[i] = nil
+            i = i + 1
+        end
+        st.picked = false
+    end
     nfree = nfree + 1
     free_states[nfree] = st
 end
 
 -- Request state kept across the balancer and log phases. Tries of the current round
 -- are items `first`.. of nginx's upstream lists, shifted by `offset`.
-local function request_state(pool)
+local function request_state(pool, now)
     if not req_start_time then req_start_time = ngx.req.start_time end
     local st, k = current_state()
     if not st then
-        -- nginx's cached time (updated once per event-loop turn) is precise enough
-        -- for a retry deadline; no clock call per request.
+        k = k or request_key()
         if nfree > 0 then
             st = free_states[nfree]
             free_states[nfree] = nil
             nfree = nfree - 1
-            st.pool, st.n, st.reported, st.start = pool, 0, 0, ngx.now()
-            st.arm, st.arm_pool, st.rounds, st.offset = false, false, 0, 0
         else
-            st = { pool = pool, tried = {}, n = 0, reported = 0, start = ngx.now(),
-                   arm = false, arm_pool = false, rounds = 0, offset = 0 }
+            st = setmetatable(seed({}, {}), STATE_MT)
         end
-        k = k or request_key()
-        st.rkey = k
+        -- nginx's cached time (updated once per event-loop turn) is precise enough
+        -- for a retry deadline; no clock call per request.
+        st.pool, st.n, st.reported, st.start = pool, 0, 0, now or ngx_now()
+        st.arm, st.arm_pool, st.rounds, st.offset, st.rkey = false, false, 0, 0, k
         by_request[k] = st
     end
     return st
@@ -744,10 +775,10 @@ function _M.balance(pool, key)
     if not idx then
         error("bad argument #1 to 'balance' (unknown pool " .. tostring(pool) .. ")", 2)
     end
-    local st = request_state(pool)
+    local now = ngx_now()
+    local st = request_state(pool, now)
     local aidx, apool = arm_of(st, pool, idx)
     local tried, n = st.tried, st.n
-    local now = ngx_now()
     local slot, why
     if st.held then
         -- admit() or round() already holds this round's first try.

@@ -1,0 +1,80 @@
+# Sourced by scripts/bench-instructions.sh and scripts/bench-throughput.sh: the
+# gateways of scripts/bench-gateway.sh's overhead scenario, rendered (a --quick run
+# with RSB_BENCH_KEEP=1) into $RUN, the static nodes started, and the floor
+# contenders derived from the seed's config:
+#   ovh-floor0  a balancer_by_lua that only sets a fixed peer (the first static node)
+#   ovh-floor1  the same plus an empty log_by_lua: what any balancer with
+#               per-response feedback pays at least
+# Gateways: ovh-gw0 native upstream, ovh-gw1 rsbalancer p2c_ewma, ovh-gw2 rsbalancer
+# weighted_random, ovh-gw3 the seed's Lua weighted random, ovh-floor0, ovh-floor1.
+# Needs `die`; sets RUN, PEER_PORT; the caller's EXIT trap should call
+# overhead_cleanup.
+
+# Dies unless every command named is on PATH.
+overhead_need() {
+    local c
+    for c in "$@"; do
+        command -v "$c" >/dev/null || die "$c not found ('make deps' installs it)"
+    done
+}
+
+overhead_setup() {
+    local log
+    log=$(mktemp)
+    RSB_BENCH_KEEP=1 RSB_BENCH_OVERHEAD_S=1 scripts/bench-gateway.sh --quick overhead >"$log" 2>&1 ||
+        { cat "$log"; die "bench-gateway.sh failed"; }
+    RUN=$(sed -n 's/.*configs and logs kept in //p' "$log")
+    rm -f "$log"
+    [ -d "$RUN" ] || die "no run directory from bench-gateway.sh"
+    nginx -p "$RUN" -c "$RUN/ovh-nodes.conf" -g 'daemon on;' 2>/dev/null ||
+        die "static nodes did not start"
+    PEER_PORT=$(grep -o 'listen 127.0.0.1:[0-9]*' "$RUN/ovh-nodes.conf" | head -1 | cut -d: -f2)
+    [ -n "$PEER_PORT" ] || die "no static node port in ovh-nodes.conf"
+    [ -f "$RUN/ovh-gw3.conf" ] || die "no seed gateway config to derive the floor from"
+    sed -e 's/contender "seed"/contender "floor0"/' \
+        -e "s|require(\"seed_balancer\").balance(.*)|require(\"ngx.balancer\").set_current_peer(\"127.0.0.1\", $PEER_PORT)|" \
+        -e 's|require("seed_balancer").init(.*)||' -e 's|require("seed_balancer").init_worker()||' \
+        "$RUN/ovh-gw3.conf" >"$RUN/ovh-floor0.conf"
+    sed -e 's/contender "floor0"/contender "floor1"/' \
+        -e 's|proxy_pass http://llm;|proxy_pass http://llm;\n            log_by_lua_block { }|' \
+        "$RUN/ovh-floor0.conf" >"$RUN/ovh-floor1.conf"
+}
+
+# Stops what overhead_setup started (every nginx of $RUN, by its pid file) and
+# removes $RUN.
+overhead_cleanup() {
+    [ -n "${RUN:-}" ] && [ -d "$RUN" ] || return 0
+    local f
+    for f in "$RUN"/*.pid; do
+        [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null
+    done
+    sleep 0.3
+    rm -rf "$RUN"
+}
+
+# A readable name for a gateway config.
+overhead_label() {
+    case "$(sed -n 's/^# benches\/gateway.rs contender "\([^"]*\)".*/\1/p' "$1")" in
+        native) echo "native upstream" ;;
+        seed) echo "seed Lua weighted random" ;;
+        floor0) echo "floor: balancer_by_lua, fixed peer" ;;
+        floor1) echo "floor + empty log_by_lua" ;;
+        rsbalancer) echo "rsbalancer $(grep -o '"algorithm": *"[a-z_0-9]*"' "${1%.conf}.json" | cut -d'"' -f4)" ;;
+        *) echo "$1" ;;
+    esac
+}
+
+# The first port from $1 on that nothing listens on.
+overhead_port_from() {
+    local p=$1
+    while (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do p=$((p + 1)); done
+    echo "$p"
+}
+
+# Writes $RUN/$2.conf: gateway $1 as one worker (no CPU affinity: the caller pins),
+# its own pid file, listening on port $3.
+overhead_one_worker() {
+    sed -e 's/worker_processes 2;/worker_processes 1;/' -e 's/worker_cpu_affinity.*//' \
+        -e "s|^pid .*|pid $RUN/$2.pid;|" \
+        -e "s/listen 127.0.0.1:[0-9]*/listen 127.0.0.1:$3/" "$RUN/$1.conf" >"$RUN/$2.conf"
+}

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Gateway throughput against the floor contenders, in one run (issue 15's "within 3%
+# of the floor"): native upstream, the floor (a balancer_by_lua that only sets a
+# fixed peer), the floor + an empty log_by_lua, the seed's Lua weighted random and
+# rsbalancer p2c_ewma and weighted_random, all the gateways of scripts/bench-gateway.sh's
+# overhead scenario (static nodes answering a small 200; scripts/bench-overhead-setup.sh).
+#
+# Each gateway runs as one nginx worker pinned to CPU 0; wrk (-t1) and the static
+# nodes share CPU 1, so the gateway's core is the bottleneck. Rounds alternate the
+# contenders (the order rotates each round), so a change in what else the machine
+# runs touches every contender alike; prints each one's median req/s, min..max, the
+# ratio of the medians to the floor + empty log_by_lua, the median of the per-round
+# ratios to it (robust to slow drifts), and the ratio to native. Timings are printed,
+# never asserted.
+#
+#   scripts/bench-throughput.sh               (make bench runs it)
+#   RSB_BENCH_TP_ROUNDS=7 RSB_BENCH_TP_S=3 RSB_BENCH_TP_CONNS=32   (the defaults)
+#   RSB_BENCH_TP_ONLY="ovh-gw1 ovh-floor1"     some contenders only
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+die() { echo "bench-throughput: $*" >&2; exit 1; }
+. scripts/bench-overhead-setup.sh
+overhead_need wrk nginx taskset curl
+ROUNDS="${RSB_BENCH_TP_ROUNDS:-7}"
+SECS="${RSB_BENCH_TP_S:-3}"
+CONNS="${RSB_BENCH_TP_CONNS:-32}"
+cpus=$(nproc)
+gw_cpu=0
+load_cpu=$((cpus > 1 ? 1 : 0))
+
+trap overhead_cleanup EXIT
+overhead_setup
+cd "$RUN"
+
+names=()
+ports=()
+port=21600
+for name in ovh-gw0 ovh-floor0 ovh-floor1 ovh-gw3 ovh-gw1 ovh-gw2; do
+    [ -f "$name.conf" ] || continue
+    case " ${RSB_BENCH_TP_ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
+    port=$(overhead_port_from $((port + 1)))
+    overhead_one_worker "$name" "tp-$name" "$port"
+    taskset -c "$gw_cpu" nginx -p "$RUN" -c "$RUN/tp-$name.conf" -g 'daemon on;' 2>"tp-$name.stderr" ||
+        { cat "tp-$name.stderr"; die "$name did not start"; }
+    up=""
+    for _ in $(seq 1 100); do
+        curl -s -o /dev/null "http://127.0.0.1:$port/" && { up=1; break; }
+        sleep 0.1
+    done
+    [ -n "$up" ] || die "$name does not answer on port $port"
+    names+=("$name")
+    ports+=("$port")
+done
+count=${#names[@]}
+[ "$count" -gt 0 ] || die "no contender selected"
+
+# req/s of one wrk run against port $1 for $2 seconds.
+load() {
+    taskset -c "$load_cpu" wrk -t1 -c"$CONNS" -d"$2s" "http://127.0.0.1:$1/" |
+        awk '/^Requests\/sec:/ {print $2}'
+}
+
+echo "bench-throughput: load average $(cut -d' ' -f1-3 /proc/loadavg), $cpus CPUs; gateway on CPU $gw_cpu, wrk and nodes on CPU $load_cpu"
+for i in $(seq 0 $((count - 1))); do load "${ports[$i]}" 1 >/dev/null; done # warm-up (JIT traces, keepalive)
+declare -A results
+for r in $(seq 1 "$ROUNDS"); do
+    for k in $(seq 0 $((count - 1))); do
+        i=$(((k + r) % count))
+        v=$(load "${ports[$i]}" "$SECS")
+        [ -n "$v" ] || die "no result from wrk for ${names[$i]}"
+        results[${names[$i]}]+="$v "
+    done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+range() { tr ' ' '\n' | grep -v '^$' | sort -g | awk 'NR==1 {lo=$1} {hi=$1} END {printf "%.0f..%.0f", lo, hi}'; }
+declare -A med
+for n in "${names[@]}"; do med[$n]=$(echo "${results[$n]}" | median); done
+floor=${med[ovh-floor1]:-}
+native=${med[ovh-gw0]:-}
+printf '\n== throughput, 1 gateway worker pinned, wrk -t1 -c%s, %s rounds of %s s alternating, GET /\n' "$CONNS" "$ROUNDS" "$SECS"
+# The median over rounds of a contender's req/s over the floor's in the same round
+# (adjacent runs: what drifts slowly on a shared machine cancels out).
+round_ratio() {
+    paste -d' ' <(echo "${results[$1]}" | tr ' ' '\n' | grep -v '^$') \
+        <(echo "${results[ovh-floor1]}" | tr ' ' '\n' | grep -v '^$') |
+        awk '{ printf "%.4f ", $1 / $2 }' | median
+}
+printf '   %-34s %12s %18s %14s %12s %10s\n' contender "req/s median" "min..max" "vs floor+log" "per round" "vs native"
+for n in "${names[@]}"; do
+    printf '   %-34s %12.0f %18s %14s %12s %10s\n' "$(overhead_label "$n.conf")" "${med[$n]}" \
+        "$(echo "${results[$n]}" | range)" \
+        "$([ -n "$floor" ] && awk -v a="${med[$n]}" -v b="$floor" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)" \
+        "$([ -n "$floor" ] && awk -v x="$(round_ratio "$n")" 'BEGIN { printf "%.1f%%", 100 * x }' || echo -)" \
+        "$([ -n "$native" ] && awk -v a="${med[$n]}" -v b="$native" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)"
+done
+echo "   vs floor+log: ratio of the medians; per round: median of each round's ratio to the floor"
+echo "   + empty log_by_lua. Target (issue 15): rsbalancer at least 97% of that floor."
