@@ -14,6 +14,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::fleet::{metric, start_three};
 use support::redis::Redis;
 use support::webhook::Receiver;
 use support::*;
@@ -43,13 +44,6 @@ fn node_state(g: &Gateway, id: &str) -> String {
     let nodes = s["pools"]["llm"]["nodes"].as_array().expect("nodes").clone();
     let n = nodes.iter().find(|n| n["id"] == id).expect("node");
     n["state"].as_str().unwrap_or("").to_string()
-}
-
-fn metric(g: &Gateway, name: &str) -> Option<f64> {
-    let text = get(g.port, "/metrics").text();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 fn received(m: &MockNode) -> u64 {
@@ -82,25 +76,11 @@ fn fleet_with(name: &str, latency_ms: u32, edit: impl Fn(&mut Value)) -> Fleet {
         .collect();
     let mocks = start_mocks(&mdir, &nodes);
     let refs: Vec<&MockNode> = nodes.iter().collect();
-    let mut dirs: Vec<TestDir> = ["A", "B", "C"]
-        .iter()
-        .map(|g| TestDir::new(&format!("cluster-{name}-{g}")))
-        .collect();
-    let gws: Vec<Gateway> = dirs
-        .iter()
-        .zip(["A", "B", "C"])
-        .map(|(d, g)| {
-            let mut c = config(&redis, g, &refs);
-            edit(&mut c);
-            start_gateway(d, &c)
-        })
-        .collect();
-    for g in &gws {
-        wait_until(PATIENCE, "the gateway in a fleet of 3", || {
-            metric(g, "rsbalancer_cluster_gateways") == Some(3.0)
-                && metric(g, "rsbalancer_cluster_up") == Some(1.0)
-        });
-    }
+    let (gws, mut dirs) = start_three(&format!("cluster-{name}"), true, PATIENCE, |g| {
+        let mut c = config(&redis, g, &refs);
+        edit(&mut c);
+        c
+    });
     dirs.push(mdir);
     Fleet {
         gws,

@@ -16,11 +16,11 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::fleet::{metric, pool_node, start_three, GATEWAYS};
 use support::redis::Redis;
 use support::*;
 
 const PATIENCE: Duration = Duration::from_secs(30);
-const GATEWAYS: [&str; 3] = ["A", "B", "C"];
 /// Node a's request budget per minute.
 const RPM: u64 = 30;
 /// Sequential clients per gateway.
@@ -49,24 +49,6 @@ fn config(redis: Option<&Redis>, gateway: &str, nodes: Vec<Value>) -> Value {
         });
     }
     c
-}
-
-fn metric(g: &Gateway, name: &str) -> Option<f64> {
-    let text = get(g.port, "/metrics").text();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-/// A node's entry in a gateway's status JSON.
-fn node(g: &Gateway, id: &str) -> Value {
-    let r = get(g.port, "/rsbalancer/status");
-    assert_eq!(r.status, 200, "status: {}", r.text());
-    let nodes = r.json()["pools"]["llm"]["nodes"]
-        .as_array()
-        .expect("nodes")
-        .clone();
-    nodes.into_iter().find(|n| n["id"] == id).expect("node")
 }
 
 fn received(m: &MockNode) -> u64 {
@@ -110,22 +92,9 @@ fn fleet(name: &str, cluster: bool, nodes: &[(&str, Value)]) -> Fleet {
             n
         })
         .collect();
-    let mut dirs: Vec<TestDir> = GATEWAYS
-        .iter()
-        .map(|g| TestDir::new(&format!("fleetwin-{name}-{g}")))
-        .collect();
-    let gws: Vec<Gateway> = dirs
-        .iter()
-        .zip(GATEWAYS)
-        .map(|(d, g)| start_gateway(d, &config(redis.as_ref(), g, entries.clone())))
-        .collect();
-    if cluster {
-        for g in &gws {
-            wait_until(PATIENCE, "the gateway in a fleet of 3", || {
-                metric(g, "rsbalancer_cluster_gateways") == Some(3.0)
-            });
-        }
-    }
+    let (gws, mut dirs) = start_three(&format!("fleetwin-{name}"), cluster, PATIENCE, |g| {
+        config(redis.as_ref(), g, entries.clone())
+    });
     dirs.push(mdir);
     Fleet {
         gws,
@@ -191,7 +160,7 @@ fn the_fleet_counts_one_budget() {
     // Every gateway sees the others' part of the window.
     for g in &f.gws {
         wait_until(PATIENCE, "the others' use at a gateway", || {
-            node(g, "a")["fleet_budget_requests"]
+            pool_node(g, "a")["fleet_budget_requests"]
                 .as_u64()
                 .is_some_and(|r| r > 0)
         });
@@ -222,7 +191,7 @@ fn a_node_out_of_requests_at_one_gateway_is_skipped_by_all_until_its_reset() {
     let seen = received(a);
     for g in &gws[1..] {
         wait_until(PATIENCE, "the record at B and C", || {
-            node(g, "a")["remaining_requests"] == 0
+            pool_node(g, "a")["remaining_requests"] == 0
         });
     }
     for _ in 0..10 {
@@ -247,7 +216,7 @@ fn too_few_tokens_at_one_gateway_skip_big_requests_at_all() {
     until_received(&gws[0], a, 0);
     for g in &gws[1..] {
         wait_until(PATIENCE, "the record at B and C", || {
-            node(g, "a")["remaining_tokens"]
+            pool_node(g, "a")["remaining_tokens"]
                 .as_u64()
                 .is_some_and(|t| t <= 400)
         });
@@ -287,7 +256,7 @@ fn redis_killed_fails_no_request_and_each_gateway_goes_on_alone() {
             .collect()
     };
     assert_eq!(send(30), vec![], "requests failed with Redis up");
-    let others = |g: &Gateway| node(g, "a")["fleet_budget_requests"].as_u64();
+    let others = |g: &Gateway| pool_node(g, "a")["fleet_budget_requests"].as_u64();
     for g in &f.gws {
         wait_until(PATIENCE, "the others' use at each gateway", || {
             others(g).is_some_and(|r| r > 0)
@@ -308,11 +277,11 @@ fn redis_killed_fails_no_request_and_each_gateway_goes_on_alone() {
     let before: Vec<u64> = f
         .gws
         .iter()
-        .map(|g| node(g, "a")["budget_requests_used"].as_u64().unwrap_or(0))
+        .map(|g| pool_node(g, "a")["budget_requests_used"].as_u64().unwrap_or(0))
         .collect();
     assert_eq!(send(30), vec![], "requests failed with Redis down");
     for (g, b) in f.gws.iter().zip(before) {
-        let now = node(g, "a")["budget_requests_used"].as_u64().unwrap_or(0);
+        let now = pool_node(g, "a")["budget_requests_used"].as_u64().unwrap_or(0);
         assert!(now > b, "the gateway counts its own window alone: {b} -> {now}");
     }
 }

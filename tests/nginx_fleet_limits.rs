@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::fleet::{metric, pool_node, start_three};
 use support::redis::Redis;
 use support::*;
 
@@ -39,24 +40,6 @@ fn config(redis: Option<&Redis>, gateway: &str, node: &MockNode) -> Value {
         });
     }
     c
-}
-
-fn metric(g: &Gateway, name: &str) -> Option<f64> {
-    let text = get(g.port, "/metrics").text();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-/// Node a's entry in a gateway's status JSON.
-fn node_a(g: &Gateway) -> Value {
-    let r = get(g.port, "/rsbalancer/status");
-    assert_eq!(r.status, 200, "status: {}", r.text());
-    let nodes = r.json()["pools"]["llm"]["nodes"]
-        .as_array()
-        .expect("nodes")
-        .clone();
-    nodes.into_iter().find(|n| n["id"] == "a").expect("node a")
 }
 
 fn mock_state(m: &MockNode) -> Value {
@@ -84,22 +67,9 @@ fn fleet(name: &str, cluster: bool) -> Fleet {
     let mocks = start_mocks(&mdir, std::slice::from_ref(&node));
     // A refusal takes 50 ms: tries sent beyond the limit stay in flight a while.
     mock_set(&node, "busy_ms=50");
-    let mut dirs: Vec<TestDir> = ["A", "B", "C"]
-        .iter()
-        .map(|g| TestDir::new(&format!("fleetcap-{name}-{g}")))
-        .collect();
-    let gws: Vec<Gateway> = dirs
-        .iter()
-        .zip(["A", "B", "C"])
-        .map(|(d, g)| start_gateway(d, &config(redis.as_ref(), g, &node)))
-        .collect();
-    if cluster {
-        for g in &gws {
-            wait_until(PATIENCE, "the gateway in a fleet of 3", || {
-                metric(g, "rsbalancer_cluster_gateways") == Some(3.0)
-            });
-        }
-    }
+    let (gws, mut dirs) = start_three(&format!("fleetcap-{name}"), cluster, PATIENCE, |g| {
+        config(redis.as_ref(), g, &node)
+    });
     dirs.push(mdir);
     Fleet {
         gws,
@@ -149,7 +119,10 @@ fn learned_peak(f: &Fleet) -> u64 {
         s["rejected"].as_u64().unwrap() - before,
         f.gws
             .iter()
-            .map(|g| (node_a(g)["limit"].clone(), node_a(g)["fleet_share"].clone()))
+            .map(|g| (
+                pool_node(g, "a")["limit"].clone(),
+                pool_node(g, "a")["fleet_share"].clone()
+            ))
             .collect::<Vec<_>>()
     );
     s["peak_inflight"].as_u64().expect("peak_inflight")
@@ -174,7 +147,7 @@ fn the_fleet_shares_the_nodes_limit_and_stays_within_it() {
         "the fleet sent node a {peak} concurrent requests (limit {CAP})"
     );
     for g in &f.gws {
-        let a = node_a(g);
+        let a = pool_node(g, "a");
         assert!(a["fleet_share"].is_u64(), "no share at a gateway: {a}");
         assert!(metric(g, "rsbalancer_node_fleet_share").is_some());
     }
@@ -206,7 +179,7 @@ fn a_gateway_killed_leaves_no_share_behind_after_its_lease() {
         });
         let c = &f.gws[2];
         wait_until(PATIENCE, "C to hold a share with tries in flight", || {
-            let n = node_a(c);
+            let n = pool_node(c, "a");
             share(&n).is_some_and(|s| s > 0) && n["inflight"].as_u64().is_some_and(|i| i > 0)
         });
         for pid in std::iter::once(c.nginx.pid()).chain(c.nginx.workers()) {
@@ -215,7 +188,7 @@ fn a_gateway_killed_leaves_no_share_behind_after_its_lease() {
         let (a, b) = (&f.gws[0], &f.gws[1]);
         let mut last = Value::Null;
         wait_until(PATIENCE, "A's and B's shares to add up to the limit", || {
-            let (na, nb) = (node_a(a), node_a(b));
+            let (na, nb) = (pool_node(a, "a"), pool_node(b, "a"));
             let whole = limit(&na) > 0
                 && limit(&na) == limit(&nb)
                 && share(&na)

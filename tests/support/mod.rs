@@ -41,6 +41,7 @@ use serde_json::Value;
 
 pub mod consul;
 pub mod dnsmasq;
+pub mod fleet;
 mod proc;
 pub mod redis;
 pub mod webhook;
