@@ -29,22 +29,6 @@ pub(super) fn reset_if_set(cell: &AtomicU32) {
     }
 }
 
-/// A reported try's in-flight counts (the node's, this worker's share), given back
-/// when the report ends, whichever way it returns.
-struct GiveBack<'a> {
-    inflight: &'a AtomicU32,
-    share: Option<&'a AtomicU32>,
-}
-
-impl Drop for GiveBack<'_> {
-    fn drop(&mut self) {
-        saturating_sub(self.inflight, 1);
-        if let Some(share) = self.share {
-            saturating_sub(share, 1);
-        }
-    }
-}
-
 impl Balancer {
     /// Report the outcome of one try handed out by `pick`: `status` is the HTTP status
     /// (0 when no response came: connect error, timeout, reset; 499 when the client
@@ -61,17 +45,21 @@ impl Balancer {
             .filter(|n| n.flags.load(Ordering::Relaxed) & (flags::IN_USE | flags::REMOVED) != 0)
             .ok_or_else(|| Error::Invalid(format!("unknown node slot {node}")))?;
         let worker = self.worker_slot();
-        // A node removed since its pick still gets its in-flight count back, when this
-        // report ends: a reader who sees no try in flight sees every report complete.
-        let _give_back = GiveBack {
-            inflight: &n.inflight,
-            share: worker.and_then(|w| self.region.share(w, node)),
-        };
-        // The concurrency this answer came at (this try included).
-        let inflight = n.inflight.load(Ordering::Relaxed);
         let (row, writer) = self.tally(worker);
         let nt = self.region.node_tally(row, node).expect("node slot in range");
+        // Counted before the in-flight count goes back, so that a reader who sees no
+        // try in flight sees every reported one (`requests` = picks - in flight).
         writer.add(&nt.status_class[status_class(status)], 1);
+        // A node removed since its pick still gets its in-flight count back. The value
+        // before is the concurrency this answer came at (this try included). Given
+        // back here rather than when the report ends: one atomic step makes that value
+        // exact when several workers report at once, which the learned limit needs
+        // (deferred, concurrent 429s each counted the others' tries and learned a
+        // higher limit). Statistics below may lag a reader who sees none in flight.
+        let inflight = saturating_sub(&n.inflight, 1);
+        if let Some(share) = worker.and_then(|w| self.region.share(w, node)) {
+            saturating_sub(share, 1);
+        }
         let pool = n.pool.load(Ordering::Relaxed);
         let (Some(ps), Some(pt)) = (self.region.pool(pool), self.region.pool_tally(row, pool)) else {
             return Ok(());
