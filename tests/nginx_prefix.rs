@@ -106,13 +106,16 @@ fn mock_state(m: &MockNode) -> Value {
 
 /// Every turn of 24 conversations (3 turns each, 4 at a time) lands on its
 /// conversation's node, whichever worker takes it; the conversations use every node.
-/// `load_factor` 4 (the number of nodes) makes the bound `T + 1`, which no node can
-/// exceed: affinity alone decides, whatever the overlap of the 4 clients.
+/// `load_factor` 16 (4 x the number of nodes) makes the bound `4 (T + 1)` for `T`
+/// tries in flight when the pick summed them: the node's own count, read a moment
+/// later, is at most `T + 3` (the 3 other clients' picks in between, in the other
+/// worker), below the bound: affinity alone decides, whatever the overlap of the 4
+/// clients. (`load_factor` 4, a bound of `T + 1`, let such a pick spill.)
 #[test]
 fn every_turn_of_a_conversation_lands_on_one_node_from_both_workers() {
     let _s = serial();
     let dir = TestDir::new("prefix-turns");
-    let s = setup(&dir, 5, json!({ "min_bytes": 64, "load_factor": 4.0 }));
+    let s = setup(&dir, 5, json!({ "min_bytes": 64, "load_factor": 16.0 }));
     let system = "You are a careful assistant. Answer in one short sentence.";
     let (convs, turns) = (24, 3);
     let results = run_parallel(convs, 4, |conv| {
@@ -150,13 +153,13 @@ fn every_turn_of_a_conversation_lands_on_one_node_from_both_workers() {
 fn conversations_sharing_a_long_system_prompt_spread_over_all_nodes() {
     let _s = serial();
     let dir = TestDir::new("prefix-system");
-    // `load_factor` 4 as above: the previous request's try may still count as in
-    // flight (its log phase runs after the client has its answer), which the default
-    // bound would take for load and spill past the home node.
+    // A `load_factor` above the default: the previous request's try may still count
+    // as in flight (its log phase runs after the client has its answer), which the
+    // default bound would take for load and spill past the home node.
     let s = setup(
         &dir,
         5,
-        json!({ "min_bytes": 1024, "max_bytes": 4096, "load_factor": 4.0 }),
+        json!({ "min_bytes": 1024, "max_bytes": 4096, "load_factor": 16.0 }),
     );
     let system = "Follow the style guide. ".repeat(850);
     let results = run_parallel(40, 1, |conv| send(&s.g, &turn_body(&system, conv, 1)));
