@@ -10,12 +10,14 @@
 //! caches that each rebuild themselves from the shared region, so which one a call
 //! gets changes nothing it computes.
 //!
-//! A thread is known by the address of a thread-local byte. Ownership is claimed once
-//! and never handed over. If the owner thread exits and a later thread happens to get
-//! the same address, that thread becomes the owner: the old one can no longer touch
-//! the copy. After `fork`, the child's only thread has the forking thread's address,
-//! so a child forked by the owner (an nginx worker forked by the master) keeps owning
-//! its own copy of the memory.
+//! A thread is known by `pthread_self()`: the address of its thread control block, read
+//! from the thread register (a thread-local variable would cost a `__tls_get_addr`
+//! call per use in a shared library loaded with `dlopen`, as this one is). Ownership is
+//! claimed once and never handed over. If the owner thread exits and a later thread
+//! happens to get the same address, that thread becomes the owner: the old one can no
+//! longer touch the copy. After `fork`, the child's only thread has the forking
+//! thread's address, so a child forked by the owner (an nginx worker forked by the
+//! master) keeps owning its own copy of the memory.
 
 use std::cell::{Cell, UnsafeCell};
 use std::ops::{Deref, DerefMut};
@@ -23,13 +25,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
 
-thread_local! {
-    static TAG: u8 = const { 0 };
-}
-
-/// This thread's tag: the address of its thread-local byte (never 0).
+/// This thread's tag: its `pthread_t`, the address of its thread control block (never
+/// 0, unique among live threads).
 fn current_thread() -> usize {
-    TAG.with(|t| t as *const u8 as usize)
+    // SAFETY: pthread_self has no preconditions and cannot fail.
+    unsafe { libc::pthread_self() as usize }
 }
 
 /// A value with a lock-free copy for its owner thread (see the module documentation).
