@@ -4,6 +4,7 @@
 use super::*;
 use std::sync::atomic::AtomicI32;
 
+use crate::shm::layout::latency_bucket;
 use crate::shm::NodeRow;
 
 /// What a reported try does to a node's latency estimate.
@@ -184,13 +185,15 @@ impl Balancer {
         }
         // A served try (`Shed` is never the outcome of a try): the common path, kept
         // to loads of words that stay 0 on a healthy node, plus its statistics.
-        let b = bucket_of(&LATENCY_BOUNDS_MS, latency_us as u64);
+        let b = latency_bucket(latency_us);
         writer.add(&nt.latency_hist[b], 1);
         node::note_served(served, inflight);
         writer.add(&nt.latency_sum_us, latency_us as u64);
         reset_if_set(&n.consecutive_failures);
         reset_if_set(&n.consecutive_busy);
-        self.notice_back(node, n, now);
+        if n.out_since_ms.load(Ordering::Relaxed) != 0 {
+            self.notice_back(node, n, now);
+        }
         if n.limit.load(Ordering::Relaxed) != 0 {
             let (every, max) = (
                 ps.limit_increase_every.load(Ordering::Relaxed),
@@ -415,8 +418,11 @@ impl Balancer {
         self.notify(slot, n, now, kind, why, for_ms);
     }
 
-    /// A served try on node `slot`: if the node was out and is not now, the one report
-    /// that swaps its "out since" back to 0 announces it is back (one load otherwise).
+    /// A served try on node `slot`, which was out (the caller saw its "out since" set):
+    /// if it is not out now, the one report that swaps that back to 0 announces it is
+    /// back.
+    #[cold]
+    #[inline(never)]
     fn notice_back(&self, slot: u32, n: &NodeSlot, now: u64) {
         if n.out_since_ms.load(Ordering::Relaxed) == 0 || node::taken_out(n, now) {
             // Not out, or still out (a try picked before it went out).
