@@ -40,12 +40,20 @@ pub fn add<const N: usize>(
     let cell = &buckets[(b % N as u64) as usize];
     let tag = b & 0xffff;
     let next = |w: u64| {
+        // The common case in one add: the current bucket, both counters and both
+        // amounts below 2^23, so neither sum reaches the 24-bit cap.
+        if w >> 48 == tag && w & HALF_FULL == 0 && (first | second) < 1 << 23 {
+            return w + (first << 24) + second;
+        }
         let (t, a, z) = unpack(w);
         let (a, z) = if t == tag { (a, z) } else { (0, 0) };
         pack(tag, a + first, z + second)
     };
     writer.update(cell, next);
 }
+
+/// The top bit of each counter of a bucket word.
+const HALF_FULL: u64 = (1 << 47) | (1 << 23);
 
 /// Count one request (`retry == false`) or one retry in the current bucket of one
 /// row of a retry budget, written as `writer`.
@@ -153,6 +161,24 @@ mod tests {
         assert_eq!(totals(&b, 59_999, 60_000), (2, 1));
         assert_eq!(totals(&b, 60_000, 60_000), (1, 1), "the first bucket left");
         assert_eq!(totals(&b, 67_500, 60_000), (0, 0));
+    }
+
+    #[test]
+    fn counters_stop_at_their_cap() {
+        for w in [Writer::Owned, Writer::Shared] {
+            let b: [AtomicU64; 8] = std::array::from_fn(|_| AtomicU64::new(0));
+            // Up to just below half full (the one-add path), then across it and to the cap.
+            add(&b, 0, 60_000, ((1 << 23) - 2, 5), w);
+            add(&b, 0, 60_000, (1, 1), w);
+            assert_eq!(totals(&b, 0, 60_000), ((1 << 23) - 1, 6), "{w:?}");
+            add(&b, 0, 60_000, (1, 0), w);
+            add(&b, 0, 60_000, (1 << 23, 1 << 24), w);
+            add(&b, 0, 60_000, (5, 5), w);
+            assert_eq!(totals(&b, 0, 60_000), (COUNT_MAX, COUNT_MAX), "{w:?}");
+            // A new period starts the bucket afresh.
+            add(&b, 60_000, 60_000, (1, 0), w);
+            assert_eq!(current(&b, 60_000, 60_000), (1, 0), "{w:?}");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! memory is published through them) and takes `now` from the caller, so the pick
 //! path, admission, the emergency detector and the read models agree on one answer.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::Serialize;
 
@@ -137,11 +137,10 @@ pub fn note_refused(region: &Region, node: u32, inflight: u32) {
 
 /// A try on `node` succeeded with `inflight` tries outstanding (itself included):
 /// the node has served that concurrency (report path: one load, rarely a store).
-pub fn note_served(region: &Region, node: u32, inflight: u32) {
-    if let Some(c) = region.served(node) {
-        if inflight > c.load(Ordering::Relaxed) {
-            c.fetch_max(inflight, Ordering::Relaxed);
-        }
+/// `served` is the node's word (`Region::served`).
+pub fn note_served(served: &AtomicU32, inflight: u32) {
+    if inflight > served.load(Ordering::Relaxed) {
+        served.fetch_max(inflight, Ordering::Relaxed);
     }
 }
 

@@ -38,9 +38,7 @@ use crate::notice::{self, Notice, Reason};
 use crate::params;
 use crate::retry;
 use crate::select::{hash_key, Algorithm, Candidate, NodeView, PrefixOutcome, Selector, NO_KEY};
-use crate::shm::layout::{
-    bucket_of, emergency, flags, Capacity, NodeSlot, PoolSlot, LATENCY_BOUNDS_MS, RECENT_WINDOW_MS,
-};
+use crate::shm::layout::{emergency, flags, Capacity, NodeSlot, PoolSlot, RECENT_WINDOW_MS};
 use crate::shm::owned::Owned;
 use crate::shm::{clock, fork, saturating_sub, LockGuard, Region, ShmError};
 use crate::tally::{self, Writer};

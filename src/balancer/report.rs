@@ -4,6 +4,9 @@
 use super::*;
 use std::sync::atomic::AtomicI32;
 
+use crate::shm::layout::latency_bucket;
+use crate::shm::NodeRow;
+
 /// What a reported try does to a node's latency estimate.
 pub(super) enum Feed {
     Sample(f64),
@@ -29,6 +32,41 @@ pub(super) fn reset_if_set(cell: &AtomicU32) {
     }
 }
 
+/// A report's arguments.
+#[derive(Clone, Copy)]
+struct Reported {
+    node: u32,
+    status: u32,
+    latency_us: u32,
+    retry_after_ms: u32,
+}
+
+/// A reported try, as the failure and 429 path needs it.
+struct Try {
+    slot: u32,
+    status: u32,
+    retry_after_ms: u32,
+    /// The node's in-flight count before this try gave its own back.
+    inflight: u32,
+    now: u64,
+}
+
+#[cold]
+fn unknown_node(node: u32) -> Error {
+    Error::Invalid(format!("unknown node slot {node}"))
+}
+
+/// Feed `sample` to node `n`'s peak EWMA: one CAS on the packed (cost, stamp) word; a
+/// lost race retries with the winner's value, so no sample is dropped. No store when
+/// the word stays the same (no time passed and the sample is not a new peak).
+fn feed(n: &NodeSlot, sample: f64, now: u64, tau: u32) {
+    let _ = n.ewma.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+        let (cost, stamp) = load::unpack(word);
+        let next = load::pack(load::observe(cost, stamp, sample, now, tau), now);
+        (next != word).then_some(next)
+    });
+}
+
 impl Balancer {
     /// Report the outcome of one try handed out by `pick`: `status` is the HTTP status
     /// (0 when no response came: connect error, timeout, reset; 499 when the client
@@ -39,14 +77,44 @@ impl Balancer {
     /// 429s as penalties), the learned concurrency limit, 429 cooldowns (quota) and
     /// outlier ejection (consecutive failures).
     pub fn report(&self, node: u32, status: u32, latency_us: u32, retry_after_ms: u32) -> Result<(), Error> {
-        let n = self
-            .region
-            .node(node)
-            .filter(|n| n.flags.load(Ordering::Relaxed) & (flags::IN_USE | flags::REMOVED) != 0)
-            .ok_or_else(|| Error::Invalid(format!("unknown node slot {node}")))?;
         let worker = self.worker_slot();
-        let (row, writer) = self.tally(worker);
-        let nt = self.region.node_tally(row, node).expect("node slot in range");
+        let r = Reported {
+            node,
+            status,
+            latency_us,
+            retry_after_ms,
+        };
+        // One copy of the body per writer, so that its statistics do not test it at
+        // every add.
+        match self.tally(worker) {
+            (row, Writer::Owned) => self.report_as(Writer::Owned, row, worker, r),
+            (row, Writer::Shared) => self.report_as(Writer::Shared, row, worker, r),
+        }
+    }
+
+    /// `report`, adding to tally row `row` as `writer`, for worker `worker`.
+    #[inline(always)]
+    fn report_as(&self, writer: Writer, row: u32, worker: Option<u32>, r: Reported) -> Result<(), Error> {
+        let Reported {
+            node,
+            status,
+            latency_us,
+            retry_after_ms,
+        } = r;
+        // The node's slot, its tally row, its served concurrency and this worker's
+        // share from one check.
+        let Some(NodeRow {
+            slot: n,
+            tally: nt,
+            served,
+            share,
+        }) = self
+            .region
+            .node_row(row, node, worker)
+            .filter(|r| r.slot.flags.load(Ordering::Relaxed) & (flags::IN_USE | flags::REMOVED) != 0)
+        else {
+            return Err(unknown_node(node));
+        };
         // Counted before the in-flight count goes back, so that a reader who sees no
         // try in flight sees every reported one (`requests` = picks - in flight).
         writer.add(&nt.status_class[status_class(status)], 1);
@@ -57,19 +125,16 @@ impl Balancer {
         // (deferred, concurrent 429s each counted the others' tries and learned a
         // higher limit). Statistics below may lag a reader who sees none in flight.
         let inflight = saturating_sub(&n.inflight, 1);
-        if let Some(share) = worker.and_then(|w| self.region.share(w, node)) {
+        if let Some(share) = share {
             saturating_sub(share, 1);
         }
         let pool = n.pool.load(Ordering::Relaxed);
-        let (Some(ps), Some(pt)) = (self.region.pool(pool), self.region.pool_tally(row, pool)) else {
+        let Some((ps, pt)) = self.region.pool_row(row, pool) else {
             return Ok(());
         };
         if load::is_cancelled(status) {
             return Ok(());
         }
-        // The one place a node's Retry-After is bounded by the pool's policy: every use
-        // below (quota or capacity, the cooldown, the penalty) sees the capped value.
-        let retry_after_ms = retry_after_ms.min(ps.max_retry_after_ms.load(Ordering::Relaxed));
         let now = clock::now_ms();
         let event = if load::is_failure(status) {
             Event::Failure
@@ -92,136 +157,141 @@ impl Balancer {
             (1, (event != Event::Ok) as u64),
             writer,
         );
-        let penalty_ms = ps.penalty_ms.load(Ordering::Relaxed);
-        let cap_ms = ps.penalty_cap_ms.load(Ordering::Relaxed);
-        let sample: Feed = match event {
-            Event::Failure => {
-                let strikes = n.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                let mut rested = false;
-                if status == 503 && retry_after_ms > 0 {
-                    // An overloaded node that says when to come back: rest it that long.
-                    self.cool_down(node, n, ps, now, 1, Reason::Overloaded { retry_after_ms });
-                    rested = true;
-                }
-                let after = ps.eject_after.load(Ordering::Relaxed);
-                if after > 0 && strikes >= after {
-                    rested |= self.eject(node, n, ps, now, strikes);
-                }
-                if rested {
-                    Feed::Forget
-                } else {
-                    Feed::Sample(load::sample_us(
-                        status,
-                        latency_us,
-                        retry_after_ms,
-                        penalty_ms,
-                        cap_ms,
-                    ))
-                }
-            }
-            Event::Busy => {
-                n.busy.fetch_add(1, Ordering::Relaxed);
-                let strikes = n.consecutive_busy.fetch_add(1, Ordering::Relaxed) + 1;
-                let limit = n.limit.load(Ordering::Relaxed);
-                let kind = limit::classify_429(
-                    retry_after_ms,
-                    strikes,
-                    limit,
-                    ps.limit_enabled.load(Ordering::Relaxed) != 0,
-                    ps.limit_min.load(Ordering::Relaxed),
-                    ps.quota_retry_after_ms.load(Ordering::Relaxed),
-                    ps.quota_after.load(Ordering::Relaxed),
-                );
-                match kind {
-                    Busy::Quota => {
-                        self.cool_down(
-                            node,
-                            n,
-                            ps,
-                            now,
-                            strikes,
-                            Reason::Quota {
-                                retry_after_ms,
-                                strikes,
-                            },
-                        );
-                        Feed::Forget
-                    }
-                    Busy::Capacity => {
-                        node::note_refused(&self.region, node, inflight);
-                        let (min, max) = (
-                            ps.limit_min.load(Ordering::Relaxed),
-                            ps.limit_max.load(Ordering::Relaxed),
-                        );
-                        let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                            Some(crate::fleet::after_busy(n, now, l, inflight, (min, max)))
-                        });
-                        // Counts against the cost as twice the node's mean served latency (at
-                        // most the penalty), not as a failure: the node is fine, just full. The
-                        // mean, not the estimate, so that repeated 429s do not compound.
-                        let c = tally::node_counts(&self.region, node);
-                        match c.latency_sum_us.checked_div(c.served()) {
-                            Some(mean) if mean > 0 => {
-                                Feed::Sample((2.0 * mean as f64).min(penalty_ms as f64 * 1000.0))
-                            }
-                            _ => Feed::Skip,
-                        }
-                    }
-                }
-            }
-            // A served try (`Shed` is never the outcome of a try).
-            Event::Ok | Event::Shed => {
-                let b = bucket_of(&LATENCY_BOUNDS_MS, latency_us as u64);
-                writer.add(&nt.latency_hist[b], 1);
-                node::note_served(&self.region, node, inflight);
-                writer.add(&nt.latency_sum_us, latency_us as u64);
-                reset_if_set(&n.consecutive_failures);
-                reset_if_set(&n.consecutive_busy);
-                self.notice_back(node, n, now);
-                if n.limit.load(Ordering::Relaxed) != 0 {
-                    let (every, max) = (
-                        ps.limit_increase_every.load(Ordering::Relaxed),
-                        ps.limit_max.load(Ordering::Relaxed),
-                    );
-                    let fleet_inflight = inflight + crate::fleet::remote_inflight(n, now);
-                    let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                        Some(limit::limit_after_success(l, fleet_inflight, every, max))
-                    });
-                }
-                if n.ejections.load(Ordering::Relaxed) != 0
-                    && now
-                        > n.ejected_until_ms.load(Ordering::Relaxed)
-                            + ps.eject_max_ms.load(Ordering::Relaxed) as u64
-                {
-                    n.ejections.store(0, Ordering::Relaxed);
-                }
-                Feed::Sample(load::sample_us(status, latency_us, 0, penalty_ms, cap_ms))
-            }
-        };
-        match sample {
-            Feed::Sample(sample) => {
-                let tau = ps.decay_ms.load(Ordering::Relaxed);
-                // One CAS on the packed (cost, stamp) word; a lost race retries with the
-                // winner's value, so no sample is dropped.
-                let _ = n.ewma.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
-                    let (cost, stamp) = load::unpack(word);
-                    Some(load::pack(load::observe(cost, stamp, sample, now, tau), now))
-                });
-                if event != Event::Ok {
+        let tau = ps.decay_ms.load(Ordering::Relaxed);
+        if event != Event::Ok {
+            let t = Try {
+                slot: node,
+                status,
+                retry_after_ms,
+                inflight,
+                now,
+            };
+            match self.unserved(n, ps, event, &t) {
+                Feed::Sample(sample) => {
+                    feed(n, sample, now, tau);
                     // A failure or a 429 costs a node with stream signals too.
                     signals::penalize(n, sample, now, tau);
                 }
+                // A node taken out for a while (cooldown, ejection) comes back as
+                // unknown: costed at the pool median and ramped up by slow start, rather
+                // than carrying a penalty that would keep p2c from ever trying it again.
+                Feed::Forget => {
+                    n.ewma.store(0, Ordering::Relaxed);
+                    signals::forget(n);
+                }
+                Feed::Skip => {}
             }
-            // A node taken out for a while (cooldown, ejection) comes back as unknown:
-            // costed at the pool median and ramped up by slow start, rather than carrying
-            // a penalty that would keep p2c from ever trying it again.
-            Feed::Forget => {
-                n.ewma.store(0, Ordering::Relaxed);
-                signals::forget(n);
-            }
-            Feed::Skip => {}
+            return Ok(());
         }
+        // A served try (`Shed` is never the outcome of a try): the common path, kept
+        // to loads of words that stay 0 on a healthy node, plus its statistics.
+        let b = latency_bucket(latency_us);
+        writer.add(&nt.latency_hist[b], 1);
+        node::note_served(served, inflight);
+        writer.add(&nt.latency_sum_us, latency_us as u64);
+        reset_if_set(&n.consecutive_failures);
+        reset_if_set(&n.consecutive_busy);
+        if n.out_since_ms.load(Ordering::Relaxed) != 0 {
+            self.notice_back(node, n, now);
+        }
+        if n.limit.load(Ordering::Relaxed) != 0 {
+            let (every, max) = (
+                ps.limit_increase_every.load(Ordering::Relaxed),
+                ps.limit_max.load(Ordering::Relaxed),
+            );
+            let fleet_inflight = inflight + crate::fleet::remote_inflight(n, now);
+            let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                Some(limit::limit_after_success(l, fleet_inflight, every, max))
+            });
+        }
+        if n.ejections.load(Ordering::Relaxed) != 0
+            && now
+                > n.ejected_until_ms.load(Ordering::Relaxed) + ps.eject_max_ms.load(Ordering::Relaxed) as u64
+        {
+            n.ejections.store(0, Ordering::Relaxed);
+        }
+        feed(n, load::served_us(latency_us), now, tau);
         Ok(())
+    }
+
+    /// A try that failed (no response, 5xx) or was answered 429: strikes, cooldowns,
+    /// ejection and the learned limit; what its node's latency estimate takes from it.
+    /// Off the served path so that path stays short.
+    #[cold]
+    #[inline(never)]
+    fn unserved(&self, n: &NodeSlot, ps: &PoolSlot, event: Event, t: &Try) -> Feed {
+        let &Try {
+            slot: node,
+            status,
+            retry_after_ms,
+            inflight,
+            now,
+        } = t;
+        // The one place a node's Retry-After is bounded by the pool's policy: every use
+        // below (quota or capacity, the cooldown, the penalty) sees the capped value.
+        let retry_after_ms = retry_after_ms.min(ps.max_retry_after_ms.load(Ordering::Relaxed));
+        let penalty_ms = ps.penalty_ms.load(Ordering::Relaxed);
+        let cap_ms = ps.penalty_cap_ms.load(Ordering::Relaxed);
+        if event == Event::Failure {
+            let strikes = n.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut rested = false;
+            if status == 503 && retry_after_ms > 0 {
+                // An overloaded node that says when to come back: rest it that long.
+                self.cool_down(node, n, ps, now, 1, Reason::Overloaded { retry_after_ms });
+                rested = true;
+            }
+            let after = ps.eject_after.load(Ordering::Relaxed);
+            if after > 0 && strikes >= after {
+                rested |= self.eject(node, n, ps, now, strikes);
+            }
+            return if rested {
+                Feed::Forget
+            } else {
+                Feed::Sample(load::sample_us(status, 0, retry_after_ms, penalty_ms, cap_ms))
+            };
+        }
+        n.busy.fetch_add(1, Ordering::Relaxed);
+        let strikes = n.consecutive_busy.fetch_add(1, Ordering::Relaxed) + 1;
+        let limit = n.limit.load(Ordering::Relaxed);
+        let kind = limit::classify_429(
+            retry_after_ms,
+            strikes,
+            limit,
+            ps.limit_enabled.load(Ordering::Relaxed) != 0,
+            ps.limit_min.load(Ordering::Relaxed),
+            ps.quota_retry_after_ms.load(Ordering::Relaxed),
+            ps.quota_after.load(Ordering::Relaxed),
+        );
+        match kind {
+            Busy::Quota => {
+                let why = Reason::Quota {
+                    retry_after_ms,
+                    strikes,
+                };
+                self.cool_down(node, n, ps, now, strikes, why);
+                Feed::Forget
+            }
+            Busy::Capacity => {
+                node::note_refused(&self.region, node, inflight);
+                let (min, max) = (
+                    ps.limit_min.load(Ordering::Relaxed),
+                    ps.limit_max.load(Ordering::Relaxed),
+                );
+                let _ = n.limit.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                    Some(crate::fleet::after_busy(n, now, l, inflight, (min, max)))
+                });
+                // Counts against the cost as twice the node's mean served latency (at
+                // most the penalty), not as a failure: the node is fine, just full. The
+                // mean, not the estimate, so that repeated 429s do not compound.
+                let c = tally::node_counts(&self.region, node);
+                match c.latency_sum_us.checked_div(c.served()) {
+                    Some(mean) if mean > 0 => {
+                        Feed::Sample((2.0 * mean as f64).min(penalty_ms as f64 * 1000.0))
+                    }
+                    _ => Feed::Skip,
+                }
+            }
+        }
     }
 
     /// Rest a node whose quota is spent (or that is overloaded, `why`); it comes back
@@ -348,8 +418,11 @@ impl Balancer {
         self.notify(slot, n, now, kind, why, for_ms);
     }
 
-    /// A served try on node `slot`: if the node was out and is not now, the one report
-    /// that swaps its "out since" back to 0 announces it is back (one load otherwise).
+    /// A served try on node `slot`, which was out (the caller saw its "out since" set):
+    /// if it is not out now, the one report that swaps that back to 0 announces it is
+    /// back.
+    #[cold]
+    #[inline(never)]
     fn notice_back(&self, slot: u32, n: &NodeSlot, now: u64) {
         if n.out_since_ms.load(Ordering::Relaxed) == 0 || node::taken_out(n, now) {
             // Not out, or still out (a try picked before it went out).

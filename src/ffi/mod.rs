@@ -105,18 +105,20 @@ unsafe fn put<T>(out: *mut T, result: Result<T, Error>) -> rsb_result {
 
 /// Run an ABI body, turning a panic into `RSB_PANIC` with its message kept.
 fn guard(body: impl FnOnce() -> rsb_result) -> rsb_result {
-    match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(r) => r,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            set_error(format!("internal error (panic): {msg}"));
-            rsb_result::RSB_PANIC
-        }
-    }
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(panicked)
+}
+
+/// `guard`'s answer to a panic, out of every entry's path.
+#[cold]
+#[inline(never)]
+fn panicked(p: Box<dyn std::any::Any + Send>) -> rsb_result {
+    let msg = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    set_error(format!("internal error (panic): {msg}"));
+    rsb_result::RSB_PANIC
 }
 
 fn null(what: &str) -> rsb_result {

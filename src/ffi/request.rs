@@ -291,9 +291,18 @@ pub unsafe extern "C" fn rsb_report(
         let Some(b) = (unsafe { handle(b) }) else {
             return null("balancer");
         };
-        b.report(node, status, latency_us, retry_after_ms)
-            .map_or_else(fail, |_| rsb_result::RSB_OK)
+        match b.report(node, status, latency_us, retry_after_ms) {
+            Ok(()) => rsb_result::RSB_OK,
+            Err(e) => report_failed(e),
+        }
     })
+}
+
+/// `rsb_report`'s error answer, out of its path (an unknown slot is a caller's bug).
+#[cold]
+#[inline(never)]
+fn report_failed(e: Error) -> rsb_result {
+    fail(e)
 }
 
 /// May a request that has tried the `ntried` slots in `tried` try once more,

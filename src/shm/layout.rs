@@ -73,6 +73,23 @@ pub const LATENCY_BOUNDS_MS: [u32; 15] = [
     5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000,
 ];
 
+/// `LATENCY_BOUNDS_MS` in microseconds (the largest, 300 s, is below `u32::MAX`).
+const LATENCY_BOUNDS_US: [u32; LATENCY_BOUNDS_MS.len()] = {
+    let mut us = [0; LATENCY_BOUNDS_MS.len()];
+    let mut i = 0;
+    while i < us.len() {
+        us[i] = LATENCY_BOUNDS_MS[i] * 1000;
+        i += 1;
+    }
+    us
+};
+
+/// The latency histogram's bucket of `latency_us`: `bucket_of(&LATENCY_BOUNDS_MS, _)`
+/// against bounds already in microseconds (the report path).
+pub fn latency_bucket(latency_us: u32) -> usize {
+    LATENCY_BOUNDS_US.partition_point(|&bound| bound < latency_us)
+}
+
 /// Upper bounds (ms) of a pool's admission-queue wait histogram; the last bucket
 /// (index `QUEUE_WAIT_BOUNDS_MS.len()`) is `+Inf`.
 pub const QUEUE_WAIT_BOUNDS_MS: [u32; 13] = [
@@ -659,6 +676,27 @@ mod tests {
         assert_eq!(bucket_of(&bounds, 5_001), 1);
         assert_eq!(bucket_of(&bounds, 10_000), 1);
         assert_eq!(bucket_of(&bounds, 10_001), 2, "+Inf");
+        for us in [
+            0,
+            1,
+            4_999,
+            5_000,
+            5_001,
+            99_999,
+            100_000,
+            100_001,
+            299_999_999,
+            300_000_000,
+        ]
+        .into_iter()
+        .chain([300_000_001, u32::MAX])
+        {
+            assert_eq!(
+                latency_bucket(us),
+                bucket_of(&LATENCY_BOUNDS_MS, us as u64),
+                "{us} µs"
+            );
+        }
         assert_eq!(
             bucket_of(&QUEUE_WAIT_BOUNDS_MS, u64::MAX),
             QUEUE_WAIT_BOUNDS_MS.len()

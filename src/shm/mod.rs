@@ -28,6 +28,17 @@ use layout::{
     LAYOUT_VERSION, MAGIC,
 };
 
+/// What a report touches of one node ([`Region::node_row`]).
+pub struct NodeRow<'a> {
+    pub slot: &'a NodeSlot,
+    /// Its statistics in the caller's tally row.
+    pub tally: &'a NodeTally,
+    /// The highest concurrency it served ([`Region::served`]).
+    pub served: &'a AtomicU32,
+    /// The caller's worker's share of its in-flight count ([`Region::share`]).
+    pub share: Option<&'a AtomicU32>,
+}
+
 /// Why a region operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ShmError {
@@ -255,6 +266,56 @@ impl Region {
     /// Pool `p`'s statistics in tally row `row`.
     pub fn pool_tally(&self, row: u32, p: u32) -> Option<&PoolTally> {
         self.row_slot(self.off.pool_tallies, row, p, self.cap.max_pools)
+    }
+
+    /// What a report touches of node `n` (its slot, its statistics in tally row `row`,
+    /// its served concurrency and worker `w`'s share of its in-flight count) from one
+    /// check of `n`, `row` and `w`; `None` when `n` or `row` is out of range.
+    pub fn node_row(&self, row: u32, n: u32, w: Option<u32>) -> Option<NodeRow<'_>> {
+        if n >= self.cap.max_nodes || row >= self.cap.tally_rows() {
+            return None;
+        }
+        let nodes = self.cap.max_nodes as usize;
+        let (n, at) = (n as usize, row as usize * nodes + n as usize);
+        let share = w
+            .filter(|&w| w < self.cap.max_workers)
+            .map(|w| w as usize * nodes + n);
+        let base = self.base.as_ptr();
+        // SAFETY: `n < max_nodes`, `row < tally_rows` and `w < max_workers`:
+        // `Capacity::offsets` reserved `max_nodes` node slots at `nodes`, `max_nodes`
+        // AtomicU32 at `served`, `tally_rows * max_nodes` node tallies at
+        // `node_tallies` and `max_workers * max_nodes` AtomicU32 at `shares` (so `at`
+        // and `share` are in range), each array 64-byte aligned; all-zero bytes are
+        // valid for each and their mutable fields are atomics (as in `slot`).
+        unsafe {
+            Some(NodeRow {
+                slot: &*base.add(self.off.nodes).cast::<NodeSlot>().add(n),
+                tally: &*base.add(self.off.node_tallies).cast::<NodeTally>().add(at),
+                served: &*base.add(self.off.served).cast::<AtomicU32>().add(n),
+                share: share.map(|i| &*base.add(self.off.shares).cast::<AtomicU32>().add(i)),
+            })
+        }
+    }
+
+    /// Pool `p`'s slot and its statistics in tally row `row`, from one check of both.
+    pub fn pool_row(&self, row: u32, p: u32) -> Option<(&PoolSlot, &PoolTally)> {
+        if p >= self.cap.max_pools || row >= self.cap.tally_rows() {
+            return None;
+        }
+        let (p, at) = (
+            p as usize,
+            row as usize * self.cap.max_pools as usize + p as usize,
+        );
+        let base = self.base.as_ptr();
+        // SAFETY: `p < max_pools` and `row < tally_rows`: `Capacity::offsets` reserved
+        // `max_pools` pool slots at `pools` and `tally_rows * max_pools` pool tallies at
+        // `pool_tallies`, 64-byte aligned; valid all-zero, atomics (as in `slot`).
+        unsafe {
+            Some((
+                &*base.add(self.off.pools).cast::<PoolSlot>().add(p),
+                &*base.add(self.off.pool_tallies).cast::<PoolTally>().add(at),
+            ))
+        }
     }
 
     /// Slot `i` of tally row `row` in an array of `T` at `at`, rows of `per_row`.
