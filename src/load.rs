@@ -37,6 +37,10 @@ pub fn unpack(word: u64) -> (f32, u32) {
 /// the clock) counts as no time at all, not as a 49-day gap.
 fn decay(now_ms: u64, stamp: u32, tau_ms: u32) -> f64 {
     let dt = ((now_ms as u32).wrapping_sub(stamp) as i32).max(0);
+    if dt == 0 {
+        // exp(0), without the call: a node updated in this same millisecond.
+        return 1.0;
+    }
     (-(dt as f64) / tau_ms.max(1) as f64).exp()
 }
 

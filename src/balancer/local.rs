@@ -48,8 +48,10 @@ pub(super) struct LocalPool {
     pub(super) primary: Tier,
     pub(super) backup: Tier,
     /// The retry budget's window before its current bucket, as this process last
-    /// summed it (`crate::tally::budget_totals_cached`).
+    /// summed it (`crate::tally::budget_totals_at`).
     pub(super) budget_past: tally::BudgetPast,
+    /// The retry budget's current bucket, as the last pick found it.
+    pub(super) budget_at: budget::BucketAt,
 }
 
 /// A pool's stream-signal references, from the last refresh: what a node without
@@ -146,6 +148,11 @@ impl Refused {
     /// Re-draws a pick makes after its choices are refused, at most.
     pub(super) const MAX: usize = 4;
 
+    /// Forget every slot (a new pass).
+    pub(super) fn clear(&self) {
+        self.n.set(0);
+    }
+
     /// Note `slot`; false when the list is full (the pick gives up on the pass).
     pub(super) fn add(&self, slot: u32) -> bool {
         let k = self.n.get();
@@ -157,31 +164,50 @@ impl Refused {
         true
     }
 
+    #[inline]
     fn contains(&self, slot: u32) -> bool {
         self.n.get() > 0 && self.slots[..self.n.get()].iter().any(|c| c.get() == slot)
     }
 }
 
 impl View<'_> {
+    #[inline]
     pub(super) fn node(&self, i: usize) -> &NodeSlot {
         // Tier slots come from the topology, whose slots are all < max_nodes.
         self.region.node(self.slots[i]).expect("topology slot in range")
     }
+
+    /// [`NodeView::latency`] of node `n`.
+    fn latency_of(&self, n: &NodeSlot) -> f64 {
+        if let Some(p) = self.llm.predicted(n, self.now_ms, self.tau_ms, self.expected) {
+            return p;
+        }
+        load::current(
+            n.ewma.load(Ordering::Relaxed),
+            self.now_ms,
+            self.tau_ms,
+            self.reference_us,
+        )
+    }
 }
 
 impl NodeView for View<'_> {
+    #[inline]
     fn eligible(&self, i: usize) -> bool {
         let slot = self.slots[i];
-        if self.tried.contains(&slot)
+        if (!self.tried.is_empty() && self.tried.contains(&slot))
             || self.slow_extra_us.is_some_and(|x| x[i] > 0.0)
             || self.refused.contains(slot)
         {
             return false;
         }
-        let n = self.node(i);
+        // Tier slots come from the topology, whose slots are all < max_nodes.
+        let n = self.region.node(slot).expect("topology slot in range");
+        // One load of the flags word for every question below.
+        let f = n.flags.load(Ordering::Relaxed);
         // Provider headroom and budgets first (only for a node that has either), so
         // that a node passed over for them is counted as such.
-        if !headroom::room(n, n.flags.load(Ordering::Relaxed), self.ask.tokens, self.now_ms) {
+        if !headroom::room(n, f, self.ask.tokens, self.now_ms) {
             return false;
         }
         // The limit and in-flight count loaded once for both questions.
@@ -191,7 +217,7 @@ impl NodeView for View<'_> {
         );
         // At its cap: counted as this gateway's unmet demand (`crate::fleet`).
         crate::fleet::under_cap(n, limit, inflight)
-            && node::available_with(n, self.now_ms, limit, inflight)
+            && node::available_flags(n, f, self.now_ms, limit, inflight)
             && self
                 .confirmed
                 .is_none_or(|want| node::confirmed_slot(self.region, slot, limit, inflight) == want)
@@ -204,16 +230,17 @@ impl NodeView for View<'_> {
     /// The cost model's predicted latency for nodes with stream signals, else the
     /// whole-response peak EWMA.
     fn latency(&self, i: usize) -> f64 {
+        self.latency_of(self.node(i))
+    }
+
+    /// Both from one look-up of the node.
+    fn latency_load(&self, i: usize) -> (f64, u32) {
         let n = self.node(i);
-        if let Some(p) = self.llm.predicted(n, self.now_ms, self.tau_ms, self.expected) {
-            return p;
-        }
-        load::current(
-            n.ewma.load(Ordering::Relaxed),
-            self.now_ms,
-            self.tau_ms,
-            self.reference_us,
-        )
+        let load = n
+            .inflight
+            .load(Ordering::Relaxed)
+            .saturating_add(crate::scrape::queued(n, self.now_ms));
+        (self.latency_of(n), load)
     }
 
     fn queued(&self, i: usize) -> u32 {
@@ -442,7 +469,21 @@ impl Balancer {
     }
 
     /// Bring local tables up to the region's generation.
+    #[inline]
     pub(super) fn sync(&self, l: &mut Local) -> Result<(), Error> {
+        // The per-request case, inlined: same process, same generation. Acquire as in
+        // `sync_changed`.
+        if l.fork_epoch == fork::epoch()
+            && self.region.header().generation.load(Ordering::Acquire) == l.generation
+        {
+            return Ok(());
+        }
+        self.sync_changed(l)
+    }
+
+    /// [`sync`](Self::sync) after a fork or a generation change.
+    #[inline(never)]
+    fn sync_changed(&self, l: &mut Local) -> Result<(), Error> {
         let epoch = fork::epoch();
         if l.fork_epoch != epoch {
             l.rng = os_rng();
@@ -520,6 +561,7 @@ impl Balancer {
                 primary,
                 backup,
                 budget_past: tally::BudgetPast::default(),
+                budget_at: budget::BucketAt::default(),
             });
         }
         l.topo = Arc::new(topo);

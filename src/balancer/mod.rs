@@ -55,7 +55,7 @@ mod signals;
 
 pub use limits::Left;
 use local::*;
-pub use pick::SLOW_WAITING_MS;
+pub use pick::{PICK_RETRY_MAX_TRIES, SLOW_WAITING_MS};
 
 /// How long a configuration change waits for the shared lock.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -251,8 +251,13 @@ impl Balancer {
     /// and how (`crate::tally`): the worker's own row from the thread that owns this
     /// handle's tables, else the shared row.
     fn tally(&self, worker: Option<u32>) -> (u32, Writer) {
+        self.tally_as(worker, self.local.is_owner())
+    }
+
+    /// [`tally`](Self::tally) with the answer to "is this the owner thread?" known.
+    fn tally_as(&self, worker: Option<u32>, owner: bool) -> (u32, Writer) {
         match worker {
-            Some(w) if self.local.is_owner() => (w, Writer::Owned),
+            Some(w) if owner => (w, Writer::Owned),
             _ => (self.region.capacity().max_workers, Writer::Shared),
         }
     }

@@ -10,12 +10,14 @@
 //! caches that each rebuild themselves from the shared region, so which one a call
 //! gets changes nothing it computes.
 //!
-//! A thread is known by the address of a thread-local byte. Ownership is claimed once
-//! and never handed over. If the owner thread exits and a later thread happens to get
-//! the same address, that thread becomes the owner: the old one can no longer touch
-//! the copy. After `fork`, the child's only thread has the forking thread's address,
-//! so a child forked by the owner (an nginx worker forked by the master) keeps owning
-//! its own copy of the memory.
+//! A thread is known by its `pthread_self()` (the address of its thread control
+//! block: one load through the thread register, where a thread-local variable of a
+//! shared library costs a `__tls_get_addr` call). Ownership is claimed once and never
+//! handed over. If the owner thread exits and a later thread happens to get the same
+//! id, that thread becomes the owner: the old one can no longer touch the copy. After
+//! `fork`, the child's only thread has the forking thread's id (POSIX), so a child
+//! forked by the owner (an nginx worker forked by the master) keeps owning its own
+//! copy of the memory.
 
 use std::cell::{Cell, UnsafeCell};
 use std::ops::{Deref, DerefMut};
@@ -23,13 +25,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
 
-thread_local! {
-    static TAG: u8 = const { 0 };
-}
-
-/// This thread's tag: the address of its thread-local byte (never 0).
+/// This thread's tag: its `pthread_self()` (never 0: the address of its thread
+/// control block).
+#[inline]
 fn current_thread() -> usize {
-    TAG.with(|t| t as *const u8 as usize)
+    // SAFETY: `pthread_self` has no preconditions and always succeeds.
+    unsafe { libc::pthread_self() as usize }
 }
 
 /// A value with a lock-free copy for its owner thread (see the module documentation).
@@ -94,6 +95,14 @@ impl<T> Owned<T> {
 
 /// Access to one copy of an [`Owned`] value.
 pub struct Guard<'a, T>(Inner<'a, T>);
+
+impl<T> Guard<'_, T> {
+    /// Is this the owner's copy (so the calling thread is the owner)? What
+    /// [`Owned::is_owner`] would answer, without asking again.
+    pub fn is_owner_copy(&self) -> bool {
+        matches!(self.0, Inner::Owner { .. })
+    }
+}
 
 enum Inner<'a, T> {
     Owner { value: &'a mut T, lent: &'a Cell<bool> },
