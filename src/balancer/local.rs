@@ -410,6 +410,7 @@ impl Seen {
 /// The pool whose nodes may take a try no node of this pool can: its backup pool
 /// while in emergency, or while every node of `nodes` (the pool's slots) is down or
 /// ejected. No allocation, no lock: called on the request path when a pick fails.
+#[inline]
 pub(super) fn spill_target(region: &Region, ps: &PoolSlot, nodes: &[&[u32]], now_ms: u64) -> Option<u32> {
     let backup = ps.backup_pool.load(Ordering::Relaxed);
     if backup == 0 {
@@ -445,11 +446,22 @@ impl Balancer {
             .get(pool as usize)
             .and_then(Option::as_ref)
             .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))?;
-        let ps = self.region.pool(pool).expect("local pool slot in range");
-        let spill = spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now)
-            .filter(|&b| b != pool)
-            .and_then(|b| pools.get(b as usize).and_then(Option::as_ref));
-        Ok((p, spill))
+        Ok((p, self.spill_of(pools, p, now)))
+    }
+
+    /// The second half of [`serving`](Self::serving): local pool `p`'s backup pool's
+    /// tables while it is in play.
+    #[inline]
+    pub(super) fn spill_of<'l>(
+        &self,
+        pools: &'l [Option<LocalPool>],
+        p: &LocalPool,
+        now: u64,
+    ) -> Option<&'l LocalPool> {
+        let ps = self.region.pool(p.slot).expect("local pool slot in range");
+        spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now)
+            .filter(|&b| b != p.slot)
+            .and_then(|b| pools.get(b as usize).and_then(Option::as_ref))
     }
 
     /// [`Balancer::serving`] as slot lists: `f(own tiers, backup pool's tiers)`.

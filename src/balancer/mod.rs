@@ -242,9 +242,15 @@ impl Balancer {
 
     /// This handle's worker slot in this process, if it claimed one.
     fn worker_slot(&self) -> Option<u32> {
+        self.worker_slot_at(fork::epoch())
+    }
+
+    /// [`worker_slot`](Self::worker_slot) with the fork epoch known (the tables'
+    /// `Local::fork_epoch`, which `sync` has just checked).
+    fn worker_slot_at(&self, epoch: u64) -> Option<u32> {
         let v = self.worker.load(Ordering::Relaxed);
         let w = v as u32;
-        (w != NO_WORKER && v >> 32 == fork::epoch() & 0xffff_ffff).then_some(w)
+        (w != NO_WORKER && v >> 32 == epoch & 0xffff_ffff).then_some(w)
     }
 
     /// The tally row this call adds statistics to, given this handle's worker slot,

@@ -215,7 +215,12 @@ impl Balancer {
             prefer,
             overflow,
         } = want;
-        let Local { pools, rng, .. } = l;
+        let Local {
+            pools,
+            rng,
+            fork_epoch,
+            ..
+        } = l;
         let p = local_pool(pools, pool).ok()?;
         // Until some primary has a latency sample, refresh on every pick: otherwise the
         // first node to report would look far cheaper than the unsampled ones (costed at
@@ -293,7 +298,8 @@ impl Balancer {
                         }
                     };
                     let Some((slot, n)) = chosen else { continue };
-                    let worker = self.worker_slot();
+                    // `sync` (the caller's) has checked the epoch against the process's.
+                    let worker = self.worker_slot_at(*fork_epoch);
                     self.acquire(n, slot, worker);
                     let (row, writer) = self.tally_as(worker, owner);
                     let retry = !tried.is_empty();
@@ -408,11 +414,15 @@ impl Balancer {
                 .iter()
                 .any(|s| !tried.contains(s) && self.region.node(*s).is_some_and(|n| node::available(n, now)))
         };
-        let (p, spill) = self
-            .serving(&l.pools, pool, now)
-            .map_err(|_| RetryDenied::NoNode)?;
-        let any =
-            free(&p.primary) || free(&p.backup) || spill.is_some_and(|b| free(&b.primary) || free(&b.backup));
+        // `p` is `pool`'s tables (looked up above), as `serving` would give them.
+        let p = l.pools[pool as usize].as_ref().ok_or(RetryDenied::NoNode)?;
+        // The backup pool only when no node of the pool's own is free (no side effects:
+        // the answer is `serving`'s).
+        let any = free(&p.primary)
+            || free(&p.backup)
+            || self
+                .spill_of(&l.pools, p, now)
+                .is_some_and(|b| free(&b.primary) || free(&b.backup));
         if !any {
             return Err(RetryDenied::NoNode);
         }
