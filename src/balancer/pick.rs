@@ -41,6 +41,18 @@ struct Want<'a> {
     overflow: bool,
 }
 
+impl<'a> Want<'a> {
+    fn new(ask: &'a Ask<'a>, tried: &'a [u32], now: u64, prefer: Prefer, overflow: bool) -> Self {
+        Want {
+            ask,
+            tried,
+            now,
+            prefer,
+            overflow,
+        }
+    }
+}
+
 /// `NoNode` for pool slot `pool`, named as this process's tables have it.
 #[cold]
 fn no_node(l: &Local, pool: u32) -> Error {
@@ -66,17 +78,19 @@ impl Balancer {
     /// admission queue let in above the confirmed capacity), then among the others;
     /// `ask` is what the request costs (`crate::ask`).
     pub fn pick_with(&self, pool: u32, ask: &Ask, tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
+        self.with_tables(|l, owner, now| {
+            self.pick_spill(l, owner, pool, Want::new(ask, tried, now, prefer, true))
+        })
+    }
+
+    /// `f` over this process's tables, locked (`owner`: the owner thread's copy,
+    /// `crate::shm::owned`), at the coarse clock's now: how each pick begins.
+    #[inline(always)]
+    fn with_tables<R>(&self, f: impl FnOnce(&mut Local, bool, u64) -> R) -> R {
         let now = clock::now_ms();
         let mut l = self.local.lock();
         let owner = l.is_owner_copy() || self.local.is_owner();
-        let want = Want {
-            ask,
-            tried,
-            now,
-            prefer,
-            overflow: true,
-        };
-        self.pick_spill(&mut l, owner, pool, want)
+        f(&mut l, owner, now)
     }
 
     /// [`pick_with`](Self::pick_with) (or [`pick_fast`](Self::pick_fast) with
@@ -100,26 +114,19 @@ impl Balancer {
                 tried.len()
             )));
         }
-        let now = clock::now_ms();
-        let mut l = self.local.lock();
-        let owner = l.is_owner_copy() || self.local.is_owner();
-        let want = Want {
-            ask,
-            tried,
-            now,
-            prefer,
-            overflow: !fast_only,
-        };
-        let slot = if fast_only {
-            self.pick_only(&mut l, owner, pool, want)?
-        } else {
-            self.pick_spill(&mut l, owner, pool, want)?
-        };
-        let tries = Tries {
-            before: &tried[..ntries],
-            last: Some(slot),
-        };
-        Ok((slot, self.may_retry_in(&mut l, pool, tries, elapsed_ms, now)))
+        self.with_tables(|l, owner, now| {
+            let want = Want::new(ask, tried, now, prefer, !fast_only);
+            let slot = if fast_only {
+                self.pick_only(l, owner, pool, want)?
+            } else {
+                self.pick_spill(l, owner, pool, want)?
+            };
+            let tries = Tries {
+                before: &tried[..ntries],
+                last: Some(slot),
+            };
+            Ok((slot, self.may_retry_in(l, pool, tries, elapsed_ms, now)))
+        })
     }
 
     /// `pick_with` over locked tables: the pool, then its backup pool when it has one
@@ -182,17 +189,9 @@ impl Balancer {
     /// counting it. What `admit()` uses to hold a faster node's slot before
     /// the balancer phase rather than race other requests to it.
     pub fn pick_fast(&self, pool: u32, ask: &Ask, tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
-        let now = clock::now_ms();
-        let mut l = self.local.lock();
-        let owner = l.is_owner_copy() || self.local.is_owner();
-        let want = Want {
-            ask,
-            tried,
-            now,
-            prefer,
-            overflow: false,
-        };
-        self.pick_only(&mut l, owner, pool, want)
+        self.with_tables(|l, owner, now| {
+            self.pick_only(l, owner, pool, Want::new(ask, tried, now, prefer, false))
+        })
     }
 
     /// `pick` within one pool, over this process's tables, synced (`owner`: the owner
