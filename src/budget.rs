@@ -64,13 +64,78 @@ pub fn record(
     retry: bool,
     writer: Writer,
 ) {
-    add(
-        buckets,
-        now_ms,
-        window_ms,
-        ((!retry) as u64, retry as u64),
-        writer,
-    );
+    record_at(buckets, &BucketAt::of(now_ms, window_ms), retry, writer);
+}
+
+/// Where a retry budget's current bucket is: its index and tag, for every moment of
+/// its bucket period (`from_ms..until_ms`) of a window of `window_ms`. A caller that
+/// records on every request keeps one and recomputes it ([`BucketAt::of`]) only when
+/// the clock leaves the period, rather than dividing on every call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BucketAt {
+    /// The bucket period (what [`period`] gives for every moment of it).
+    period: u64,
+    from_ms: u64,
+    /// 0 (the default): covers no moment.
+    until_ms: u64,
+    window_ms: u32,
+    index: usize,
+    tag: u64,
+}
+
+impl BucketAt {
+    /// The current bucket of a retry budget's window of `window_ms` at `now_ms`.
+    pub fn of(now_ms: u64, window_ms: u32) -> BucketAt {
+        let b = bucket_of::<BUDGET_BUCKETS>(now_ms, window_ms);
+        let len = (window_ms as u64 / BUDGET_BUCKETS as u64).max(1);
+        BucketAt {
+            period: b,
+            from_ms: b * len,
+            until_ms: (b + 1) * len,
+            window_ms,
+            index: (b % BUDGET_BUCKETS as u64) as usize,
+            tag: b & 0xffff,
+        }
+    }
+
+    /// The bucket period ([`period`]).
+    pub fn period(&self) -> u64 {
+        self.period
+    }
+
+    /// [`current`] of `buckets` for a moment this bucket covers: one load.
+    #[inline]
+    pub fn current(&self, buckets: &[AtomicU64; BUDGET_BUCKETS]) -> (u64, u64) {
+        let w = buckets[self.index].load(Ordering::Relaxed);
+        if w >> 48 == self.tag {
+            ((w >> 24) & COUNT_MAX, w & COUNT_MAX)
+        } else {
+            (0, 0)
+        }
+    }
+
+    /// Is this the current bucket at `now_ms` of a window of `window_ms`?
+    #[inline]
+    pub fn covers(&self, now_ms: u64, window_ms: u32) -> bool {
+        now_ms >= self.from_ms && now_ms < self.until_ms && window_ms == self.window_ms
+    }
+}
+
+/// [`record`] into the bucket `at` (the current one, [`BucketAt::covers`]): one
+/// request or one retry added to its half of the word, saturating as [`add`] does;
+/// a stale bucket starts again from that one count.
+#[inline]
+pub fn record_at(buckets: &[AtomicU64; BUDGET_BUCKETS], at: &BucketAt, retry: bool, writer: Writer) {
+    let (tag, shift) = (at.tag, if retry { 0 } else { 24 });
+    writer.update(&buckets[at.index], |w| {
+        if w >> 48 != tag {
+            (tag << 48) | (1 << shift)
+        } else if (w >> shift) & COUNT_MAX < COUNT_MAX {
+            w + (1 << shift)
+        } else {
+            w
+        }
+    });
 }
 
 /// The two counters' sums over the window ending now: (requests, retries) of a
@@ -150,6 +215,53 @@ mod tests {
             record(&b, 11_000, 10_000, true, w);
             assert_eq!(totals(&b, 11_000, 10_000), (0, 1), "{w:?}");
         }
+    }
+
+    #[test]
+    fn record_at_a_kept_bucket_writes_what_add_writes() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(15);
+        for w in [Writer::Shared, Writer::Owned] {
+            let (kept, added) = (buckets(), buckets());
+            let mut at = BucketAt::default();
+            let mut now = 0u64;
+            for _ in 0..20_000 {
+                now += rng.random_range(0..40);
+                let window = if rng.random_range(0..500) == 0 {
+                    20_000
+                } else {
+                    10_000
+                };
+                let retry = rng.random_bool(0.3);
+                if !at.covers(now, window) {
+                    at = BucketAt::of(now, window);
+                }
+                assert_eq!(at, BucketAt::of(now, window));
+                assert_eq!(at.period(), period::<BUDGET_BUCKETS>(now, window));
+                record_at(&kept, &at, retry, w);
+                add(&added, now, window, ((!retry) as u64, retry as u64), w);
+                assert_eq!(at.current(&kept), current(&added, now, window));
+            }
+            let words = |b: &[AtomicU64; BUDGET_BUCKETS]| {
+                b.iter().map(|c| c.load(Ordering::Relaxed)).collect::<Vec<_>>()
+            };
+            assert_eq!(words(&kept), words(&added), "{w:?}");
+        }
+        // Both halves saturate at their maximum, the other half still counting.
+        let b = buckets();
+        let at = BucketAt::of(0, 10_000);
+        b[at.index].store(pack(at.tag, COUNT_MAX, COUNT_MAX - 1), Ordering::Relaxed);
+        record_at(&b, &at, false, Writer::Owned);
+        record_at(&b, &at, true, Writer::Owned);
+        assert_eq!(
+            unpack(b[at.index].load(Ordering::Relaxed)),
+            (at.tag, COUNT_MAX, COUNT_MAX)
+        );
+        record_at(&b, &at, true, Writer::Shared);
+        assert_eq!(
+            unpack(b[at.index].load(Ordering::Relaxed)),
+            (at.tag, COUNT_MAX, COUNT_MAX)
+        );
     }
 
     #[test]

@@ -423,10 +423,18 @@ pub fn budget_free_at(n: &NodeSlot, now: u64) -> Option<u64> {
 /// Does the node have room for a request of `tokens` (0: unknown) now? True for a
 /// node with neither headroom words nor a budget (one flag test, already loaded).
 /// Counts a refusal in the node's skip counters.
+#[inline]
 pub fn room(n: &NodeSlot, node_flags: u32, tokens: u32, now: u64) -> bool {
-    if node_flags & (flags::HEADROOM | flags::BUDGET) == 0 {
-        return true;
-    }
+    node_flags & FLAGS == 0 || room_slow(n, node_flags, tokens, now)
+}
+
+/// The flags that say a node has headroom words or a budget: without either, every
+/// question here has its answer in one flag test (inlined where it is asked).
+pub const FLAGS: u32 = flags::HEADROOM | flags::BUDGET;
+
+/// [`room`] for a node with headroom words or a budget.
+#[inline(never)]
+fn room_slow(n: &NodeSlot, node_flags: u32, tokens: u32, now: u64) -> bool {
     if node_flags & flags::HEADROOM != 0 {
         let short = left(&n.headroom_requests, now).is_some_and(|l| l < 1)
             || left(&n.headroom_tokens, now).is_some_and(|l| l < need_tokens(tokens));
@@ -445,11 +453,15 @@ pub fn room(n: &NodeSlot, node_flags: u32, tokens: u32, now: u64) -> bool {
 /// Take a picked request's share of the node's headroom and budget (CAS each, so
 /// racing workers cannot both take the last of it). False, with nothing taken, when
 /// another pick took it first: the node is not for this request.
+#[inline]
 pub fn take_share(n: &NodeSlot, tokens: u32, now: u64) -> bool {
     let f = n.flags.load(Ordering::Relaxed);
-    if f & (flags::HEADROOM | flags::BUDGET) == 0 {
-        return true;
-    }
+    f & FLAGS == 0 || take_share_slow(n, f, tokens, now)
+}
+
+/// [`take_share`] for a node whose flags `f` say it has headroom words or a budget.
+#[inline(never)]
+fn take_share_slow(n: &NodeSlot, f: u32, tokens: u32, now: u64) -> bool {
     if f & flags::BUDGET != 0 && !reserve(n, tokens, now) {
         n.budget_skips.fetch_add(1, Ordering::Relaxed);
         return false;

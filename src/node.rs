@@ -34,6 +34,7 @@ pub const AT_LIMIT_MS: u64 = 1_000;
 
 /// May a new try start on this node now? (Not cooling, not ejected, not down, not
 /// draining, under its learned concurrency limit.)
+#[inline]
 pub fn available(n: &NodeSlot, now: u64) -> bool {
     available_with(n, now, fleet::cap(n, now), n.inflight.load(Ordering::Relaxed))
 }
@@ -49,18 +50,30 @@ pub fn available_for_try(n: &NodeSlot, now: u64) -> bool {
 /// [`available`] with the node's cap ([`fleet::cap`]: its learned limit, or its fleet
 /// share in cluster mode) and in-flight count already loaded.
 pub fn available_with(n: &NodeSlot, now: u64, limit: u64, inflight: u32) -> bool {
-    !taken_out(n, now) && limit::under_limit(limit, inflight)
+    available_flags(n, n.flags.load(Ordering::Relaxed), now, limit, inflight)
+}
+
+/// [`available_with`] with the node's flags word already loaded (the pick's one load
+/// of it for every question it asks).
+#[inline]
+pub fn available_flags(n: &NodeSlot, f: u32, now: u64, limit: u64, inflight: u32) -> bool {
+    !taken_out_flags(n, f, now) && limit::under_limit(limit, inflight)
 }
 
 /// Is the node out for now (cooling, ejected, down, draining, or without provider
 /// headroom or budget for any request: `crate::headroom`)? Its limit is not looked
 /// at: a node at its limit still counts towards capacity.
 pub fn taken_out(n: &NodeSlot, now: u64) -> bool {
-    let f = n.flags.load(Ordering::Relaxed);
+    taken_out_flags(n, n.flags.load(Ordering::Relaxed), now)
+}
+
+/// [`taken_out`] with the node's flags word `f` already loaded.
+#[inline]
+pub fn taken_out_flags(n: &NodeSlot, f: u32, now: u64) -> bool {
     now < n.cooldown_until_ms.load(Ordering::Relaxed)
         || now < n.ejected_until_ms.load(Ordering::Relaxed)
         || f & (flags::DOWN | flags::DRAINING) != 0
-        || headroom::out_for_all_until(n, f, now).is_some()
+        || (f & headroom::FLAGS != 0 && headroom::out_for_all_until(n, f, now).is_some())
 }
 
 /// Is the node down or ejected: failing, as opposed to busy or resting?

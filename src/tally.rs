@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::shm::layout::{BUDGET_BUCKETS, LATENCY_BOUNDS_MS, RECENT_WINDOW_MS};
+use crate::shm::layout::{LATENCY_BOUNDS_MS, RECENT_WINDOW_MS};
 use crate::shm::Region;
 use crate::window::{self, Totals};
 pub use crate::writer::Writer;
@@ -138,30 +138,33 @@ pub struct BudgetPast {
     sums: (u64, u64),
 }
 
-/// [`budget_totals`], summing the buckets before the current one once per bucket
-/// period (kept in `past`) and the current bucket of each row on every call.
-pub fn budget_totals_cached(
+/// [`budget_totals`] for the retry check on every request: the buckets before the
+/// current one summed once per bucket period (kept in `past`), and the current bucket
+/// `at` (one that covers `now_ms`, `crate::budget::BucketAt`) read in each row, one
+/// load per row.
+pub fn budget_totals_at(
     region: &Region,
     p: u32,
     now_ms: u64,
     window_ms: u32,
+    at: &crate::budget::BucketAt,
     past: &mut BudgetPast,
 ) -> (u64, u64) {
-    let key = (
-        crate::budget::period::<BUDGET_BUCKETS>(now_ms, window_ms),
-        window_ms,
-        region.tally_rows().size_hint().0 as u32,
-    );
-    let rows = || region.tally_rows().filter_map(|row| region.pool_tally(row, p));
+    let key = (at.period(), window_ms, region.tally_rows().size_hint().0 as u32);
     if past.key != Some(key) {
-        past.sums = rows()
+        past.sums = region
+            .pool_tallies(p)
             .map(|t| crate::budget::past(&t.budget, now_ms, window_ms))
             .fold((0, 0), |(q, r), (a, b)| (q + a, r + b));
         past.key = Some(key);
     }
-    rows()
-        .map(|t| crate::budget::current(&t.budget, now_ms, window_ms))
-        .fold(past.sums, |(q, r), (a, b)| (q + a, r + b))
+    let mut sum = past.sums;
+    for t in region.pool_tallies(p) {
+        let (a, b) = at.current(&t.budget);
+        sum.0 += a;
+        sum.1 += b;
+    }
+    sum
 }
 
 /// Zero node slot `n`'s statistics in every row (a new node takes the slot).
@@ -182,5 +185,51 @@ pub fn reset_node(region: &Region, n: u32) {
         }
         t.latency_sum_us.store(0, Ordering::Relaxed);
         t.completion_tokens.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::BucketAt;
+    use crate::shm::layout::Capacity;
+
+    #[test]
+    fn budget_totals_at_sums_what_budget_totals_sums() {
+        let r = Region::create(Capacity {
+            max_pools: 3,
+            max_nodes: 1,
+            max_workers: 4,
+            config_bytes: 4096,
+            max_waiters: 1,
+        })
+        .unwrap();
+        r.attach_worker(0).unwrap();
+        r.attach_worker(2).unwrap();
+        let rows: Vec<u32> = r.tally_rows().collect();
+        // Every row, each pool, the same cells as `pool_tally` gives; none past the pools.
+        for p in 0..3 {
+            let walked: Vec<*const _> = r.pool_tallies(p).map(|t| t as *const _).collect();
+            let looked: Vec<*const _> = rows
+                .iter()
+                .filter_map(|&row| r.pool_tally(row, p))
+                .map(|t| t as *const _)
+                .collect();
+            assert_eq!(walked, looked);
+        }
+        assert_eq!(r.pool_tallies(3).count(), 0);
+        let (window, mut past) = (10_000, BudgetPast::default());
+        let mut now = 50_000;
+        for i in 0..400u64 {
+            now += 37;
+            let row = rows[(i % rows.len() as u64) as usize];
+            let t = r.pool_tally(row, 1).unwrap();
+            crate::budget::record(&t.budget, now, window, i % 3 == 0, Writer::Shared);
+            let at = BucketAt::of(now, window);
+            assert_eq!(
+                budget_totals_at(&r, 1, now, window, &at, &mut past),
+                budget_totals(&r, 1, now, window)
+            );
+        }
     }
 }

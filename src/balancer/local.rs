@@ -48,8 +48,10 @@ pub(super) struct LocalPool {
     pub(super) primary: Tier,
     pub(super) backup: Tier,
     /// The retry budget's window before its current bucket, as this process last
-    /// summed it (`crate::tally::budget_totals_cached`).
+    /// summed it (`crate::tally::budget_totals_at`).
     pub(super) budget_past: tally::BudgetPast,
+    /// The retry budget's current bucket, as the last pick found it.
+    pub(super) budget_at: budget::BucketAt,
 }
 
 /// A pool's stream-signal references, from the last refresh: what a node without
@@ -146,6 +148,11 @@ impl Refused {
     /// Re-draws a pick makes after its choices are refused, at most.
     pub(super) const MAX: usize = 4;
 
+    /// Forget every slot (a new pass).
+    pub(super) fn clear(&self) {
+        self.n.set(0);
+    }
+
     /// Note `slot`; false when the list is full (the pick gives up on the pass).
     pub(super) fn add(&self, slot: u32) -> bool {
         let k = self.n.get();
@@ -157,31 +164,50 @@ impl Refused {
         true
     }
 
+    #[inline]
     fn contains(&self, slot: u32) -> bool {
         self.n.get() > 0 && self.slots[..self.n.get()].iter().any(|c| c.get() == slot)
     }
 }
 
 impl View<'_> {
+    #[inline]
     pub(super) fn node(&self, i: usize) -> &NodeSlot {
         // Tier slots come from the topology, whose slots are all < max_nodes.
         self.region.node(self.slots[i]).expect("topology slot in range")
     }
+
+    /// [`NodeView::latency`] of node `n`.
+    fn latency_of(&self, n: &NodeSlot) -> f64 {
+        if let Some(p) = self.llm.predicted(n, self.now_ms, self.tau_ms, self.expected) {
+            return p;
+        }
+        load::current(
+            n.ewma.load(Ordering::Relaxed),
+            self.now_ms,
+            self.tau_ms,
+            self.reference_us,
+        )
+    }
 }
 
 impl NodeView for View<'_> {
+    #[inline]
     fn eligible(&self, i: usize) -> bool {
         let slot = self.slots[i];
-        if self.tried.contains(&slot)
+        if (!self.tried.is_empty() && self.tried.contains(&slot))
             || self.slow_extra_us.is_some_and(|x| x[i] > 0.0)
             || self.refused.contains(slot)
         {
             return false;
         }
-        let n = self.node(i);
+        // Tier slots come from the topology, whose slots are all < max_nodes.
+        let n = self.region.node(slot).expect("topology slot in range");
+        // One load of the flags word for every question below.
+        let f = n.flags.load(Ordering::Relaxed);
         // Provider headroom and budgets first (only for a node that has either), so
         // that a node passed over for them is counted as such.
-        if !headroom::room(n, n.flags.load(Ordering::Relaxed), self.ask.tokens, self.now_ms) {
+        if !headroom::room(n, f, self.ask.tokens, self.now_ms) {
             return false;
         }
         // The limit and in-flight count loaded once for both questions.
@@ -191,7 +217,7 @@ impl NodeView for View<'_> {
         );
         // At its cap: counted as this gateway's unmet demand (`crate::fleet`).
         crate::fleet::under_cap(n, limit, inflight)
-            && node::available_with(n, self.now_ms, limit, inflight)
+            && node::available_flags(n, f, self.now_ms, limit, inflight)
             && self
                 .confirmed
                 .is_none_or(|want| node::confirmed_slot(self.region, slot, limit, inflight) == want)
@@ -204,16 +230,17 @@ impl NodeView for View<'_> {
     /// The cost model's predicted latency for nodes with stream signals, else the
     /// whole-response peak EWMA.
     fn latency(&self, i: usize) -> f64 {
+        self.latency_of(self.node(i))
+    }
+
+    /// Both from one look-up of the node.
+    fn latency_load(&self, i: usize) -> (f64, u32) {
         let n = self.node(i);
-        if let Some(p) = self.llm.predicted(n, self.now_ms, self.tau_ms, self.expected) {
-            return p;
-        }
-        load::current(
-            n.ewma.load(Ordering::Relaxed),
-            self.now_ms,
-            self.tau_ms,
-            self.reference_us,
-        )
+        let load = n
+            .inflight
+            .load(Ordering::Relaxed)
+            .saturating_add(crate::scrape::queued(n, self.now_ms));
+        (self.latency_of(n), load)
     }
 
     fn queued(&self, i: usize) -> u32 {
@@ -383,6 +410,7 @@ impl Seen {
 /// The pool whose nodes may take a try no node of this pool can: its backup pool
 /// while in emergency, or while every node of `nodes` (the pool's slots) is down or
 /// ejected. No allocation, no lock: called on the request path when a pick fails.
+#[inline]
 pub(super) fn spill_target(region: &Region, ps: &PoolSlot, nodes: &[&[u32]], now_ms: u64) -> Option<u32> {
     let backup = ps.backup_pool.load(Ordering::Relaxed);
     if backup == 0 {
@@ -418,11 +446,22 @@ impl Balancer {
             .get(pool as usize)
             .and_then(Option::as_ref)
             .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))?;
-        let ps = self.region.pool(pool).expect("local pool slot in range");
-        let spill = spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now)
-            .filter(|&b| b != pool)
-            .and_then(|b| pools.get(b as usize).and_then(Option::as_ref));
-        Ok((p, spill))
+        Ok((p, self.spill_of(pools, p, now)))
+    }
+
+    /// The second half of [`serving`](Self::serving): local pool `p`'s backup pool's
+    /// tables while it is in play.
+    #[inline]
+    pub(super) fn spill_of<'l>(
+        &self,
+        pools: &'l [Option<LocalPool>],
+        p: &LocalPool,
+        now: u64,
+    ) -> Option<&'l LocalPool> {
+        let ps = self.region.pool(p.slot).expect("local pool slot in range");
+        spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now)
+            .filter(|&b| b != p.slot)
+            .and_then(|b| pools.get(b as usize).and_then(Option::as_ref))
     }
 
     /// [`Balancer::serving`] as slot lists: `f(own tiers, backup pool's tiers)`.
@@ -442,7 +481,21 @@ impl Balancer {
     }
 
     /// Bring local tables up to the region's generation.
+    #[inline]
     pub(super) fn sync(&self, l: &mut Local) -> Result<(), Error> {
+        // The per-request case, inlined: same process, same generation. Acquire as in
+        // `sync_changed`.
+        if l.fork_epoch == fork::epoch()
+            && self.region.header().generation.load(Ordering::Acquire) == l.generation
+        {
+            return Ok(());
+        }
+        self.sync_changed(l)
+    }
+
+    /// [`sync`](Self::sync) after a fork or a generation change.
+    #[inline(never)]
+    fn sync_changed(&self, l: &mut Local) -> Result<(), Error> {
         let epoch = fork::epoch();
         if l.fork_epoch != epoch {
             l.rng = os_rng();
@@ -520,6 +573,7 @@ impl Balancer {
                 primary,
                 backup,
                 budget_past: tally::BudgetPast::default(),
+                budget_at: budget::BucketAt::default(),
             });
         }
         l.topo = Arc::new(topo);

@@ -53,7 +53,7 @@ mod signals;
 
 pub use limits::Left;
 use local::*;
-pub use pick::SLOW_WAITING_MS;
+pub use pick::{PICK_RETRY_MAX_TRIES, SLOW_WAITING_MS};
 
 /// How long a configuration change waits for the shared lock.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -240,17 +240,28 @@ impl Balancer {
 
     /// This handle's worker slot in this process, if it claimed one.
     fn worker_slot(&self) -> Option<u32> {
+        self.worker_slot_at(fork::epoch())
+    }
+
+    /// [`worker_slot`](Self::worker_slot) with the fork epoch known (the tables'
+    /// `Local::fork_epoch`, which `sync` has just checked).
+    fn worker_slot_at(&self, epoch: u64) -> Option<u32> {
         let v = self.worker.load(Ordering::Relaxed);
         let w = v as u32;
-        (w != NO_WORKER && v >> 32 == fork::epoch() & 0xffff_ffff).then_some(w)
+        (w != NO_WORKER && v >> 32 == epoch & 0xffff_ffff).then_some(w)
     }
 
     /// The tally row this call adds statistics to, given this handle's worker slot,
     /// and how (`crate::tally`): the worker's own row from the thread that owns this
     /// handle's tables, else the shared row.
     fn tally(&self, worker: Option<u32>) -> (u32, Writer) {
+        self.tally_as(worker, self.local.is_owner())
+    }
+
+    /// [`tally`](Self::tally) with the answer to "is this the owner thread?" known.
+    fn tally_as(&self, worker: Option<u32>, owner: bool) -> (u32, Writer) {
         match worker {
-            Some(w) if self.local.is_owner() => (w, Writer::Owned),
+            Some(w) if owner => (w, Writer::Owned),
             _ => (self.region.capacity().max_workers, Writer::Shared),
         }
     }

@@ -7,6 +7,63 @@ use super::*;
 /// a faster node: a little over the 1-2 ms between polls and the coarse clock's tick.
 pub const SLOW_WAITING_MS: u64 = 10;
 
+/// Tries `Balancer::pick_retry` checks at most (its stack copy of them).
+pub const PICK_RETRY_MAX_TRIES: usize = 64;
+
+/// The tries of a request, for the retry check: `before`, then `last` (the one just
+/// picked, kept apart so that it is not copied after them).
+#[derive(Clone, Copy)]
+struct Tries<'a> {
+    before: &'a [u32],
+    last: Option<u32>,
+}
+
+impl Tries<'_> {
+    fn len(&self) -> usize {
+        self.before.len() + usize::from(self.last.is_some())
+    }
+
+    fn contains(&self, slot: &u32) -> bool {
+        self.last == Some(*slot) || self.before.contains(slot)
+    }
+}
+
+/// One pick's request, as every pool and pass it looks at sees it.
+#[derive(Clone, Copy)]
+struct Want<'a> {
+    ask: &'a Ask<'a>,
+    /// Slots the request may not go to (its tries first).
+    tried: &'a [u32],
+    now: u64,
+    prefer: Prefer,
+    /// Slow nodes as overflow and the backups too (`pick`); without it only the
+    /// primaries that are not slow (`pick_fast`).
+    overflow: bool,
+}
+
+impl<'a> Want<'a> {
+    fn new(ask: &'a Ask<'a>, tried: &'a [u32], now: u64, prefer: Prefer, overflow: bool) -> Self {
+        Want {
+            ask,
+            tried,
+            now,
+            prefer,
+            overflow,
+        }
+    }
+}
+
+/// `NoNode` for pool slot `pool`, named as this process's tables have it.
+#[cold]
+fn no_node(l: &Local, pool: u32) -> Error {
+    let name = l
+        .pools
+        .get(pool as usize)
+        .and_then(Option::as_ref)
+        .map_or_else(String::new, |p| p.name.clone());
+    Error::NoNode { pool: name }
+}
+
 impl Balancer {
     /// Choose a node of `pool` for one try, skipping the slots in `tried`. The node's
     /// in-flight count is raised; `report` must be called exactly once for it. A pick
@@ -21,22 +78,91 @@ impl Balancer {
     /// admission queue let in above the confirmed capacity), then among the others;
     /// `ask` is what the request costs (`crate::ask`).
     pub fn pick_with(&self, pool: u32, ask: &Ask, tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
+        self.with_tables(|l, owner, now| {
+            self.pick_spill(l, owner, pool, Want::new(ask, tried, now, prefer, true))
+        })
+    }
+
+    /// `f` over this process's tables, locked (`owner`: the owner thread's copy,
+    /// `crate::shm::owned`), at the coarse clock's now: how each pick begins.
+    #[inline(always)]
+    fn with_tables<R>(&self, f: impl FnOnce(&mut Local, bool, u64) -> R) -> R {
         let now = clock::now_ms();
+        let mut l = self.local.lock();
+        let owner = l.is_owner_copy() || self.local.is_owner();
+        f(&mut l, owner, now)
+    }
+
+    /// [`pick_with`](Self::pick_with) (or [`pick_fast`](Self::pick_fast) with
+    /// `fast_only`) and then [`may_retry`](Self::may_retry) for the request that has
+    /// tried the first `ntries` slots of `tried` and now the picked one, `elapsed_ms`
+    /// after it began: one lock of this process's tables, one clock read. The picked
+    /// slot and the retry check's answer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pick_retry(
+        &self,
+        pool: u32,
+        ask: &Ask,
+        tried: &[u32],
+        ntries: usize,
+        (prefer, fast_only): (Prefer, bool),
+        elapsed_ms: u32,
+    ) -> Result<(u32, Result<(), RetryDenied>), Error> {
+        if ntries > tried.len() || ntries >= PICK_RETRY_MAX_TRIES {
+            return Err(Error::Invalid(format!(
+                "ntries {ntries} is not below {PICK_RETRY_MAX_TRIES} and ntried {}",
+                tried.len()
+            )));
+        }
+        self.with_tables(|l, owner, now| {
+            let want = Want::new(ask, tried, now, prefer, !fast_only);
+            let slot = if fast_only {
+                self.pick_only(l, owner, pool, want)?
+            } else {
+                self.pick_spill(l, owner, pool, want)?
+            };
+            let tries = Tries {
+                before: &tried[..ntries],
+                last: Some(slot),
+            };
+            Ok((slot, self.may_retry_in(l, pool, tries, elapsed_ms, now)))
+        })
+    }
+
+    /// `pick_with` over locked tables: the pool, then its backup pool when it has one
+    /// in play (emergency, dead pool); `NoNode` counted when neither has a node.
+    #[inline(always)]
+    fn pick_spill(&self, l: &mut Local, owner: bool, pool: u32, want: Want) -> Result<u32, Error> {
+        self.sync(l)?;
+        local_pool(&mut l.pools, pool)?;
         let mut spill = None;
-        let err = match self.pick_in(pool, ask, tried, now, prefer, &mut spill, true) {
-            Err(e @ Error::NoNode { .. }) => e,
-            other => return other,
-        };
+        if let Some(slot) = self.pick_in(l, owner, pool, want, &mut spill) {
+            return Ok(slot);
+        }
         // No node of the pool can take it: its backup pool may (emergency, dead pool).
         if let Some(bp) = spill {
-            if let Ok(slot) = self.pick_in(bp, ask, tried, now, prefer, &mut None, true) {
+            if let Some(slot) = self.pick_in_spill(l, owner, bp, want) {
                 return Ok(slot);
             }
         }
         if let Some(ps) = self.region.pool(pool) {
             ps.no_node_total.fetch_add(1, Ordering::Relaxed);
         }
-        Err(err)
+        Err(no_node(l, pool))
+    }
+
+    /// `pick_in` of one pool, `NoNode` (not counted) when it has no node.
+    fn pick_only(&self, l: &mut Local, owner: bool, pool: u32, want: Want) -> Result<u32, Error> {
+        self.sync(l)?;
+        local_pool(&mut l.pools, pool)?;
+        self.pick_in(l, owner, pool, want, &mut None)
+            .ok_or_else(|| no_node(l, pool))
+    }
+
+    /// `pick_in` of the backup pool a pool spills to (out of the common path's line).
+    #[inline(never)]
+    fn pick_in_spill(&self, l: &mut Local, owner: bool, pool: u32, want: Want) -> Option<u32> {
+        self.pick_in(l, owner, pool, want, &mut None)
     }
 
     /// What a request body costs in `pool`: its facts (`crate::ask::inspect`), its
@@ -63,26 +189,38 @@ impl Balancer {
     /// counting it. What `admit()` uses to hold a faster node's slot before
     /// the balancer phase rather than race other requests to it.
     pub fn pick_fast(&self, pool: u32, ask: &Ask, tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
-        self.pick_in(pool, ask, tried, clock::now_ms(), prefer, &mut None, false)
+        self.with_tables(|l, owner, now| {
+            self.pick_only(l, owner, pool, Want::new(ask, tried, now, prefer, false))
+        })
     }
 
-    /// `pick` within one pool; on `NoNode`, `spill` is the pool to try next. Without
-    /// `overflow`, only the primaries that are not slow are looked at.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn pick_in(
+    /// `pick` within one pool, over this process's tables, synced (`owner`: the owner
+    /// thread's copy, `crate::shm::owned`); `None` when no node can take the try (or
+    /// the pool is unknown), and then `spill` is the pool to try next. Without
+    /// `want.overflow`, only the primaries that are not slow are looked at.
+    #[inline(always)]
+    fn pick_in(
         &self,
+        l: &mut Local,
+        owner: bool,
         pool: u32,
-        ask: &Ask,
-        tried: &[u32],
-        now: u64,
-        prefer: Prefer,
+        want: Want,
         spill: &mut Option<u32>,
-        overflow: bool,
-    ) -> Result<u32, Error> {
-        let mut l = self.local.lock();
-        self.sync(&mut l)?;
-        let Local { pools, rng, .. } = &mut *l;
-        let p = local_pool(pools, pool)?;
+    ) -> Option<u32> {
+        let Want {
+            ask,
+            tried,
+            now,
+            prefer,
+            overflow,
+        } = want;
+        let Local {
+            pools,
+            rng,
+            fork_epoch,
+            ..
+        } = l;
+        let p = local_pool(pools, pool).ok()?;
         // Until some primary has a latency sample, refresh on every pick: otherwise the
         // first node to report would look far cheaper than the unsampled ones (costed at
         // `default_rtt_ms`) and take all traffic until the next refresh.
@@ -119,14 +257,13 @@ impl Balancer {
             (true, false) => &[false],
         };
         let tiers: &[bool] = if overflow { &[false, true] } else { &[false] };
-        let passes = tiers.iter().flat_map(|&backup| {
-            speed_passes
-                .iter()
-                .flat_map(move |&fast_only| confirmed_passes.iter().map(move |&c| (backup, fast_only, c)))
-        });
-        for (backup, fast_only, confirmed) in passes {
+        for &backup in tiers {
             let tier = if backup { &mut p.backup } else { &mut p.primary };
-            let view = View {
+            if tier.slots.is_empty() {
+                continue;
+            }
+            // One view per tier; each pass sets what it leaves out.
+            let mut view = View {
                 region: &self.region,
                 slots: &tier.slots,
                 tried,
@@ -136,63 +273,74 @@ impl Balancer {
                 reference_us: p.reference_us,
                 llm: p.llm,
                 expected: expected_tokens,
-                confirmed,
-                slow_extra_us: fast_only.then_some(&tier.slow_extra_us[..]),
+                confirmed: None,
+                slow_extra_us: None,
                 refused: Refused::default(),
             };
-            // A node whose headroom or budget another worker took since the view
-            // said it had room is passed over, and the pass draws again.
-            let chosen = loop {
-                let Some(i) = tier.selector.pick(rng, &view, key_hash) else {
-                    break None;
-                };
-                let n = self.region.node(tier.slots[i]).expect("topology slot in range");
-                if headroom::take_share(n, ask.tokens, now) {
-                    break Some(i);
+            for &fast_only in speed_passes {
+                for &confirmed in confirmed_passes {
+                    view.confirmed = confirmed;
+                    view.slow_extra_us = fast_only.then_some(&tier.slow_extra_us[..]);
+                    view.refused.clear();
+                    // A node whose headroom or budget another worker took since the
+                    // view said it had room is passed over, and the pass draws again.
+                    let chosen = loop {
+                        let Some(i) = tier.selector.pick(rng, &view, key_hash) else {
+                            break None;
+                        };
+                        let n = view.node(i);
+                        if headroom::take_share(n, ask.tokens, now) {
+                            break Some((tier.slots[i], n));
+                        }
+                        if !view.refused.add(tier.slots[i]) {
+                            break None;
+                        }
+                    };
+                    let Some((slot, n)) = chosen else { continue };
+                    // `sync` (the caller's) has checked the epoch against the process's.
+                    let worker = self.worker_slot_at(*fork_epoch);
+                    self.acquire(n, slot, worker);
+                    let (row, writer) = self.tally_as(worker, owner);
+                    let retry = !tried.is_empty();
+                    let t = self
+                        .region
+                        .pool_tally(row, pool)
+                        .expect("local pool slot in range");
+                    let window_ms = p.policy.retry.window_ms;
+                    if !p.budget_at.covers(now, window_ms) {
+                        p.budget_at = budget::BucketAt::of(now, window_ms);
+                    }
+                    budget::record_at(&t.budget, &p.budget_at, retry, writer);
+                    writer.add(
+                        if retry {
+                            &t.retries_total
+                        } else {
+                            &t.requests_total
+                        },
+                        1,
+                    );
+                    let affinity = match tier.selector.prefix_outcome() {
+                        PrefixOutcome::Hit => Some(&t.prefix_hits_total),
+                        PrefixOutcome::Spill => Some(&t.prefix_spills_total),
+                        PrefixOutcome::NoKey => Some(&t.prefix_nokey_total),
+                        PrefixOutcome::Moved | PrefixOutcome::None => None,
+                    };
+                    if let Some(counter) = affinity {
+                        writer.add(counter, 1);
+                    }
+                    return Some(slot);
                 }
-                if !view.refused.add(tier.slots[i]) {
-                    break None;
-                }
-            };
-            if let Some(i) = chosen {
-                let slot = tier.slots[i];
-                let worker = self.worker_slot();
-                self.acquire(slot, worker);
-                let (row, writer) = self.tally(worker);
-                let retry = !tried.is_empty();
-                let t = self
-                    .region
-                    .pool_tally(row, pool)
-                    .expect("local pool slot in range");
-                budget::record(&t.budget, now, p.policy.retry.window_ms, retry, writer);
-                writer.add(
-                    if retry {
-                        &t.retries_total
-                    } else {
-                        &t.requests_total
-                    },
-                    1,
-                );
-                let affinity = match tier.selector.prefix_outcome() {
-                    PrefixOutcome::Hit => Some(&t.prefix_hits_total),
-                    PrefixOutcome::Spill => Some(&t.prefix_spills_total),
-                    PrefixOutcome::NoKey => Some(&t.prefix_nokey_total),
-                    PrefixOutcome::Moved | PrefixOutcome::None => None,
-                };
-                if let Some(counter) = affinity {
-                    writer.add(counter, 1);
-                }
-                return Ok(slot);
             }
         }
         if overflow {
             *spill = spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now);
         }
-        Err(Error::NoNode { pool: p.name.clone() })
+        None
     }
 
-    pub(super) fn acquire(&self, slot: u32, worker: Option<u32>) {
-        let n = self.region.node(slot).expect("picked slot in range");
+    /// Count a try on node `n` (slot `slot`) in flight, in its total and in `worker`'s
+    /// share of it.
+    fn acquire(&self, n: &NodeSlot, slot: u32, worker: Option<u32>) {
         // Relaxed: counters; no other memory is published through them.
         n.inflight.fetch_add(1, Ordering::Relaxed);
         // The worker's share stays an atomic add even on the owner thread: any thread
@@ -211,7 +359,23 @@ impl Balancer {
     pub fn may_retry(&self, pool: u32, tried: &[u32], elapsed_ms: u32) -> Result<(), RetryDenied> {
         let now = clock::now_ms();
         let mut l = self.local.lock();
-        self.sync(&mut l).map_err(|_| RetryDenied::NoNode)?;
+        let tries = Tries {
+            before: tried,
+            last: None,
+        };
+        self.may_retry_in(&mut l, pool, tries, elapsed_ms, now)
+    }
+
+    /// [`may_retry`](Self::may_retry) over locked tables at `now`.
+    fn may_retry_in(
+        &self,
+        l: &mut Local,
+        pool: u32,
+        tried: Tries,
+        elapsed_ms: u32,
+        now: u64,
+    ) -> Result<(), RetryDenied> {
+        self.sync(l).map_err(|_| RetryDenied::NoNode)?;
         let p = local_pool(&mut l.pools, pool).map_err(|_| RetryDenied::NoNode)?;
         if tried.len() >= p.policy.retry.max_tries as usize {
             return Err(RetryDenied::MaxTries);
@@ -222,11 +386,16 @@ impl Balancer {
         let ps = self.region.pool(pool).expect("local pool slot in range");
         // The budget before the nodes: a busy request that finds no node free now waits
         // for one in a new round (`retry.rounds`), which only the budget may refuse.
-        let (requests, retries) = tally::budget_totals_cached(
+        let window_ms = p.policy.retry.window_ms;
+        if !p.budget_at.covers(now, window_ms) {
+            p.budget_at = budget::BucketAt::of(now, window_ms);
+        }
+        let (requests, retries) = tally::budget_totals_at(
             &self.region,
             pool,
             now,
-            p.policy.retry.window_ms,
+            window_ms,
+            &p.budget_at,
             &mut p.budget_past,
         );
         if !retry::allows(
@@ -244,11 +413,15 @@ impl Balancer {
                 .iter()
                 .any(|s| !tried.contains(s) && self.region.node(*s).is_some_and(|n| node::available(n, now)))
         };
-        let (p, spill) = self
-            .serving(&l.pools, pool, now)
-            .map_err(|_| RetryDenied::NoNode)?;
-        let any =
-            free(&p.primary) || free(&p.backup) || spill.is_some_and(|b| free(&b.primary) || free(&b.backup));
+        // `p` is `pool`'s tables (looked up above), as `serving` would give them.
+        let p = l.pools[pool as usize].as_ref().ok_or(RetryDenied::NoNode)?;
+        // The backup pool only when no node of the pool's own is free (no side effects:
+        // the answer is `serving`'s).
+        let any = free(&p.primary)
+            || free(&p.backup)
+            || self
+                .spill_of(&l.pools, p, now)
+                .is_some_and(|b| free(&b.primary) || free(&b.backup));
         if !any {
             return Err(RetryDenied::NoNode);
         }

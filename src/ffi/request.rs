@@ -2,6 +2,7 @@
 //! the retry check) and the reads and writes of one node or pool.
 
 use super::*;
+use crate::balancer::PICK_RETRY_MAX_TRIES;
 
 /// One request as `rsb_pick_ask` sees it (`crate::ask`): its consistent-hashing or
 /// affinity key (`key_len` bytes at `key`; NULL with 0 for none), its estimated
@@ -61,13 +62,28 @@ pub unsafe extern "C" fn rsb_pick(
         max_tokens: 0,
     };
     // SAFETY: forwarded caller contract.
-    unsafe { pick(b, pool, ask, tried, ntried, (Prefer::Confirmed, false), out_node) }
+    unsafe {
+        pick(
+            b,
+            pool,
+            ask,
+            tried,
+            ntried,
+            (Prefer::Confirmed, false),
+            out_node,
+            None,
+        )
+    }
 }
 
-/// The body of `rsb_pick`, `rsb_pick_prefer` and `rsb_pick_ask`.
+/// The body of `rsb_pick`, `rsb_pick_prefer`, `rsb_pick_ask` and (with `retry`: its
+/// `ntries` and `elapsed_ms`) `rsb_pick_retry`.
 ///
 /// # Safety
-/// As `rsb_pick`, with `ask.key` pointing to `ask.key_len` bytes.
+/// As `rsb_pick`, with `ask.key` pointing to `ask.key_len` bytes; with `retry`,
+/// `out_node` points to two writable u32s.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
 unsafe fn pick(
     b: *const Balancer,
     pool: u32,
@@ -76,8 +92,9 @@ unsafe fn pick(
     ntried: usize,
     (prefer, fast_only): (Prefer, bool),
     out_node: *mut u32,
+    retry: Option<(usize, u32)>,
 ) -> rsb_result {
-    guard(|| {
+    guard(move || {
         // SAFETY: forwarded caller contract.
         let (Some(b), Some(key)) = (unsafe { handle(b) }, unsafe { bytes(ask.key, ask.key_len) }) else {
             return null("balancer or key");
@@ -94,6 +111,18 @@ unsafe fn pick(
             tokens: ask.tokens,
             max_tokens: ask.max_tokens,
         };
+        if let Some((ntries, elapsed_ms)) = retry {
+            let picked = b.pick_retry(pool, &ask, tried, ntries, (prefer, fast_only), elapsed_ms);
+            return answer(picked, |(slot, may)| {
+                let denied = may.err().map_or(0, |d| d as u32);
+                // SAFETY: `out_node` is non-null (checked above) and points to two
+                // writable u32s by contract.
+                unsafe {
+                    out_node.write(slot);
+                    out_node.add(1).write(denied);
+                }
+            });
+        }
         let picked = if fast_only {
             b.pick_fast(pool, &ask, tried, prefer)
         } else {
@@ -151,6 +180,25 @@ pub unsafe extern "C" fn rsb_pick_ask(
     prefer: u32,
     out_node: *mut u32,
 ) -> rsb_result {
+    // SAFETY: forwarded caller contract.
+    unsafe { pick_ask(b, pool, ask, tried, ntried, prefer, out_node, None) }
+}
+
+/// The body of `rsb_pick_ask` and `rsb_pick_retry` (`retry` as for `pick`).
+///
+/// # Safety
+/// As `pick`, with `ask` pointing to a readable `rsb_ask`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pick_ask(
+    b: *const Balancer,
+    pool: u32,
+    ask: *const rsb_ask,
+    tried: *const u32,
+    ntried: usize,
+    prefer: u32,
+    out_node: *mut u32,
+    retry: Option<(usize, u32)>,
+) -> rsb_result {
     if prefer & !PreferFlag::ALL != 0 {
         return guard(|| fail(Error::Invalid(format!("prefer {prefer} is not 0..=3"))));
     }
@@ -165,11 +213,8 @@ pub unsafe extern "C" fn rsb_pick_ask(
         prefer & PreferFlag::NotSlow as u32 != 0,
     );
     // SAFETY: forwarded caller contract.
-    unsafe { pick(b, pool, ask, tried, ntried, choice, out_node) }
+    unsafe { pick(b, pool, ask, tried, ntried, choice, out_node, retry) }
 }
-
-/// Tries `rsb_pick_retry` checks at most (its stack copy of them).
-const PICK_RETRY_MAX_TRIES: usize = 64;
 
 /// `rsb_pick_ask` and then `rsb_may_retry` for the try it picked, in one call: what
 /// `balance()` asks on every request (pick a node, then ask whether nginx may be
@@ -203,28 +248,18 @@ pub unsafe extern "C" fn rsb_pick_retry(
         });
     }
     // SAFETY: forwarded caller contract (`out` is checked for NULL there).
-    let rc = unsafe { rsb_pick_ask(b, pool, ask, tried, ntried, prefer, out) };
-    if rc != rsb_result::RSB_OK {
-        return rc;
+    unsafe {
+        pick_ask(
+            b,
+            pool,
+            ask,
+            tried,
+            ntried,
+            prefer,
+            out,
+            Some((ntries, elapsed_ms)),
+        )
     }
-    guard(|| {
-        // SAFETY: forwarded caller contract; the pick above read both.
-        let (Some(b), Some(tried)) = (unsafe { handle(b) }, unsafe { u32s(tried, ntried) }) else {
-            return null("balancer or tried");
-        };
-        let mut tries = [0u32; PICK_RETRY_MAX_TRIES];
-        tries[..ntries].copy_from_slice(&tried[..ntries]);
-        // SAFETY: `out` is non-null (the pick wrote it) and points to two u32s by contract.
-        unsafe {
-            tries[ntries] = *out;
-            let denied = b
-                .may_retry(pool, &tries[..=ntries], elapsed_ms)
-                .err()
-                .map_or(0, |d| d as u32);
-            out.add(1).write(denied);
-        }
-        rsb_result::RSB_OK
-    })
 }
 
 /// Read what a request body costs in pool `pool` (`crate::ask`): `*out` gets its

@@ -85,6 +85,11 @@ pub trait NodeView {
     fn load(&self, idx: usize) -> u32 {
         self.inflight(idx).saturating_add(self.queued(idx))
     }
+    /// [`NodeView::latency`] and [`NodeView::load`] together, what `p2c_ewma` compares
+    /// (a view may answer both from one look-up of the node).
+    fn latency_load(&self, idx: usize) -> (f64, u32) {
+        (self.latency(idx), self.load(idx))
+    }
     /// True when the node is out of service for every request for a while (cooling,
     /// ejected, draining, down), not just for this one: `round_robin` and `least_conn`
     /// then set it aside until their next refresh instead of meeting it on every pick.

@@ -105,7 +105,10 @@ impl P2cEwma {
         // Costs within TIE_BAND of each other are a tie: latency estimates carry noise
         // (and float rounding), and letting a 0.01% difference decide would send every
         // pick of a lightly loaded pool to whichever node is marginally cheaper.
-        let cost = |i: usize| view.latency(i) * (1.0 + f64::from(view.load(i)) * self.mean / self.weights[i]);
+        let cost = |i: usize| {
+            let (latency, load) = view.latency_load(i);
+            latency * (1.0 + f64::from(load) * self.mean / self.weights[i])
+        };
         Some(if cost(b) * (1.0 + TIE_BAND) < cost(a) {
             b
         } else {

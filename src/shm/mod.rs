@@ -318,6 +318,31 @@ impl Region {
         }
     }
 
+    /// Pool `p`'s statistics in each row of [`tally_rows`](Self::tally_rows), in that
+    /// order (none for a pool slot out of range): the per-request sums' walk, with one
+    /// bounds check for all rows rather than two per row.
+    pub fn pool_tallies(&self, p: u32) -> impl Iterator<Item = &PoolTally> + '_ {
+        let ok = p < self.cap.max_pools;
+        let rows = self.tally_rows().filter(move |_| ok);
+        let per_row = self.cap.max_pools as usize;
+        rows.map(move |row| {
+            // SAFETY: `p < max_pools` (no row otherwise) and every row `tally_rows`
+            // yields is below `tally_rows()` (the worker rows are capped at
+            // `max_workers`, the shared row is `max_workers`), so the index is inside
+            // the `tally_rows() * max_pools` slots `Capacity::offsets` reserved at
+            // `pool_tallies`, 64-byte aligned; `PoolTally`'s fields are atomics, valid
+            // as all-zero bytes.
+            unsafe {
+                &*self
+                    .base
+                    .as_ptr()
+                    .add(self.off.pool_tallies)
+                    .cast::<PoolTally>()
+                    .add(row as usize * per_row + p as usize)
+            }
+        })
+    }
+
     /// Slot `i` of tally row `row` in an array of `T` at `at`, rows of `per_row`.
     fn row_slot<T>(&self, at: usize, row: u32, i: u32, per_row: u32) -> Option<&T> {
         if row >= self.cap.tally_rows() || i >= per_row {

@@ -117,6 +117,14 @@ impl<T> Owned<T> {
 /// Access to one copy of an [`Owned`] value.
 pub struct Guard<'a, T>(Inner<'a, T>);
 
+impl<T> Guard<'_, T> {
+    /// Is this the owner's copy (so the calling thread is the owner)? What
+    /// [`Owned::is_owner`] would answer, without asking again.
+    pub fn is_owner_copy(&self) -> bool {
+        matches!(self.0, Inner::Owner { .. })
+    }
+}
+
 enum Inner<'a, T> {
     Owner { value: &'a mut T, lent: &'a Cell<bool> },
     Shared(MutexGuard<'a, T>),
