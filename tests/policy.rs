@@ -1105,17 +1105,46 @@ fn report_ejects_through_any_handle() {
 /// 20 served tries (50 ms and 250 ms: 5x), then past a refresh: the handle, the pool
 /// and the two slots.
 fn fast_and_slow(pool_cfg: Value) -> (Balancer, u32, u32, u32) {
+    trained(pool_cfg, [50_000, 250_000])
+}
+
+/// [`fast_and_slow`] with the two nodes' latencies (µs) as given.
+fn trained(pool_cfg: Value, latency_us: [u32; 2]) -> (Balancer, u32, u32, u32) {
     let b = Balancer::create(&config(pool_cfg, &["fast", "slow"])).unwrap();
     let pool = b.pool_index("p").unwrap();
     let all = slots(&b, &["fast", "slow"]);
     for _ in 0..20 {
-        for (node, us) in [(all[0], 50_000), (all[1], 250_000)] {
+        for (node, us) in [(all[0], latency_us[0]), (all[1], latency_us[1])] {
             let n = pick_exactly(&b, pool, node, &all);
             b.report(n, 200, us, 0).unwrap();
         }
     }
     std::thread::sleep(Duration::from_millis(15)); // past refresh_ms
     (b, pool, all[0], all[1])
+}
+
+/// Nodes within a few milliseconds of each other are alike, whatever their ratio: at
+/// 1 ms and 3 ms (3x, `slow_factor` 2) neither is set apart, so both take first
+/// tries; at 50 ms and 250 ms the slower one takes none while the faster is free.
+#[test]
+fn nodes_a_few_ms_apart_are_not_slow() {
+    let cfg = json!({ "algorithm": "weighted_random", "slow_start_ms": 0, "refresh_ms": 10,
+                      "limit": { "slow_factor": 2 } });
+    for (latency_us, slow_picked) in [([1_000, 3_000], true), ([50_000, 250_000], false)] {
+        let (b, pool, _, s) = trained(cfg.clone(), latency_us);
+        let mut on_slow = 0;
+        for _ in 0..200 {
+            let n = b.pick(pool, b"", &[]).unwrap();
+            on_slow += (n == s) as u32;
+            b.report(n, 200, if n == s { latency_us[1] } else { latency_us[0] }, 0)
+                .unwrap();
+        }
+        assert_eq!(
+            on_slow > 0,
+            slow_picked,
+            "{latency_us:?}: {on_slow} of 200 picks on the slower node"
+        );
+    }
 }
 
 #[test]

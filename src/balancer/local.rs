@@ -265,10 +265,18 @@ pub(super) fn local_pool(pools: &mut [Option<LocalPool>], pool: u32) -> Result<&
         .ok_or_else(|| Error::Invalid(format!("unknown pool index {pool}")))
 }
 
+/// The least a node's mean latency must exceed the fastest primary's by for it to be
+/// set apart as slow (µs), whatever the ratio: nodes that answer within a millisecond
+/// or two of each other are alike (0.2 ms against 0.1 ms is twice as slow, and noise).
+/// A wait for a faster node polls every 1-2 ms, so it could not win back less; and a
+/// pick that draws such a node only to pass it over wastes work on every request.
+pub(super) const SLOW_MIN_EXTRA_US: f64 = 5_000.0;
+
 impl LocalPool {
     /// Recompute the reference latency and every node's effective weight.
     /// Mark the nodes whose mean latency is at least `slow_factor` times the fastest
-    /// primary's in service; with `slow_factor` 0, none. Mean latencies of served
+    /// primary's in service and at least [`SLOW_MIN_EXTRA_US`] more; with
+    /// `slow_factor` 0, none. Mean latencies of served
     /// tries, not the peak EWMA: a peak estimate keeps a fast node's rare slow answer
     /// for seconds, which would hide a node that is slow on every answer.
     pub(super) fn classify_slow(&mut self, region: &Region, now: u64) {
@@ -287,7 +295,7 @@ impl LocalPool {
             .fold(f64::INFINITY, f64::min);
         for tier in [&mut self.primary, &mut self.backup] {
             for (extra, &m) in tier.slow_extra_us.iter_mut().zip(&tier.mean_us) {
-                *extra = if m > 0.0 && m >= factor * fastest {
+                *extra = if m > 0.0 && m >= factor * fastest && m - fastest >= SLOW_MIN_EXTRA_US {
                     m - fastest
                 } else {
                     0.0
