@@ -56,7 +56,9 @@ pub fn add<const N: usize>(
 const HALF_FULL: u64 = (1 << 47) | (1 << 23);
 
 /// Count one request (`retry == false`) or one retry in the current bucket of one
-/// row of a retry budget, written as `writer`.
+/// row of a retry budget, written as `writer`. The per-request path keeps a
+/// [`BucketAt`] and calls [`record_at`]; this is the tests' reference.
+#[cfg(test)]
 pub fn record(
     buckets: &[AtomicU64; BUDGET_BUCKETS],
     now_ms: u64,
@@ -98,12 +100,13 @@ impl BucketAt {
         }
     }
 
-    /// The bucket period ([`period`]).
+    /// The bucket period: `now_ms` divided by the bucket length.
     pub fn period(&self) -> u64 {
         self.period
     }
 
-    /// [`current`] of `buckets` for a moment this bucket covers: one load.
+    /// The current bucket's counters (requests, retries) of `buckets` for a moment
+    /// this bucket covers, 0s for a stale bucket: one load.
     #[inline]
     pub fn current(&self, buckets: &[AtomicU64; BUDGET_BUCKETS]) -> (u64, u64) {
         let w = buckets[self.index].load(Ordering::Relaxed);
@@ -121,9 +124,9 @@ impl BucketAt {
     }
 }
 
-/// [`record`] into the bucket `at` (the current one, [`BucketAt::covers`]): one
-/// request or one retry added to its half of the word, saturating as [`add`] does;
-/// a stale bucket starts again from that one count.
+/// Count one request (`retry == false`) or one retry in the bucket `at` of one row
+/// of a retry budget (the current one, [`BucketAt::covers`]), written as `writer`;
+/// it saturates as [`add`] does, and a stale bucket starts again from that one count.
 #[inline]
 pub fn record_at(buckets: &[AtomicU64; BUDGET_BUCKETS], at: &BucketAt, retry: bool, writer: Writer) {
     let (tag, shift) = (at.tag, if retry { 0 } else { 24 });
@@ -158,6 +161,9 @@ pub fn totals<const N: usize>(buckets: &[AtomicU64; N], now_ms: u64, window_ms: 
 /// buckets inside the window. Writers add to the current bucket only, so the second
 /// part stays the same until the window moves to the next bucket (`crate::tally`'s
 /// retry check keeps it per bucket period and then reads one word per row).
+/// (The retry check reads it through [`BucketAt::current`]; this is the tests'
+/// reference.)
+#[cfg(test)]
 pub fn current<const N: usize>(buckets: &[AtomicU64; N], now_ms: u64, window_ms: u32) -> (u64, u64) {
     let b = bucket_of::<N>(now_ms, window_ms);
     let (t, a, z) = unpack(buckets[(b % N as u64) as usize].load(Ordering::Relaxed));
@@ -183,7 +189,9 @@ pub fn past<const N: usize>(buckets: &[AtomicU64; N], now_ms: u64, window_ms: u3
     sum
 }
 
-/// The bucket period `now_ms` falls in (what `current` and `past` depend on).
+/// The bucket period `now_ms` falls in (what `current` and `past` depend on; the
+/// retry check keeps it in a [`BucketAt`]). The tests' reference.
+#[cfg(test)]
 pub fn period<const N: usize>(now_ms: u64, window_ms: u32) -> u64 {
     bucket_of::<N>(now_ms, window_ms)
 }
