@@ -35,13 +35,20 @@ pub fn unpack(word: u64) -> (f32, u32) {
 /// Decay weight for the time from `stamp` to `now_ms` with time constant `tau_ms`. A
 /// stamp slightly in the future (another worker updated the word after this one read
 /// the clock) counts as no time at all, not as a 49-day gap.
+#[inline]
 fn decay(now_ms: u64, stamp: u32, tau_ms: u32) -> f64 {
-    let dt = ((now_ms as u32).wrapping_sub(stamp) as i32).max(0);
+    let dt = elapsed_ms(now_ms, stamp);
     if dt == 0 {
         // Reports of a busy node often come within one tick of the coarse clock.
         return 1.0;
     }
     exp_neg(dt as f64 / tau_ms.max(1) as f64)
+}
+
+/// Milliseconds from `stamp` to `now_ms`, 0 for a stamp ahead of it (see [`decay`]).
+#[inline]
+fn elapsed_ms(now_ms: u64, stamp: u32) -> i32 {
+    ((now_ms as u32).wrapping_sub(stamp) as i32).max(0)
 }
 
 /// `exp(-x)` for `x >= 0`. Below 1/64 (a gap under 156 ms at the default 10 s decay:
@@ -76,10 +83,15 @@ pub fn smooth(cost: f32, stamp: u32, sample_us: f64, now_ms: u64, tau_ms: u32) -
 }
 
 /// The estimate as seen at `now_ms` without a new sample: decayed toward `reference_us`.
+#[inline]
 pub fn current(word: u64, now_ms: u64, tau_ms: u32, reference_us: f64) -> f64 {
     let (cost, stamp) = unpack(word);
     if cost <= 0.0 {
         return reference_us;
+    }
+    // Stamped within this tick (a node with traffic): no decay, the estimate itself.
+    if elapsed_ms(now_ms, stamp) == 0 {
+        return cost as f64;
     }
     let w = decay(now_ms, stamp, tau_ms);
     cost as f64 * w + reference_us * (1.0 - w)

@@ -67,14 +67,22 @@ pub(super) struct Llm {
 impl Llm {
     /// The cost model (`crate::stream::predicted_us`): node `n`'s predicted latency
     /// for `expected` output tokens; `None` when it never sent a first token.
+    #[inline(always)]
     pub(super) fn predicted(&self, n: &NodeSlot, now: u64, tau: u32, expected: f64) -> Option<f64> {
         let ttft = n.ttft.load(Ordering::Relaxed);
         if ttft == 0 {
             return None;
         }
+        Some(self.predicted_from(ttft, n, now, tau, expected))
+    }
+
+    /// [`Llm::predicted`] for a node that sent a first token (`ttft`: its word), out
+    /// of the pick's line: most pools have no stream signals.
+    #[inline(never)]
+    fn predicted_from(&self, ttft: u64, n: &NodeSlot, now: u64, tau: u32, expected: f64) -> f64 {
         let t = load::current(ttft, now, tau, self.ttft_ref_us);
         let p = load::current(n.tpot.load(Ordering::Relaxed), now, tau, self.tpot_ref_us);
-        Some(crate::stream::predicted_us(t, p, expected))
+        crate::stream::predicted_us(t, p, expected)
     }
 
     /// The references as the primaries' estimates stand (medians, not decayed).
@@ -178,6 +186,7 @@ impl View<'_> {
     }
 
     /// [`NodeView::latency`] of node `n`.
+    #[inline(always)]
     fn latency_of(&self, n: &NodeSlot) -> f64 {
         if let Some(p) = self.llm.predicted(n, self.now_ms, self.tau_ms, self.expected) {
             return p;
@@ -192,7 +201,7 @@ impl View<'_> {
 }
 
 impl NodeView for View<'_> {
-    #[inline]
+    #[inline(always)]
     fn eligible(&self, i: usize) -> bool {
         let slot = self.slots[i];
         if (!self.tried.is_empty() && self.tried.contains(&slot))

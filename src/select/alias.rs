@@ -15,11 +15,22 @@
 use super::{sane_weight, weighted_scan, NodeView, MAX_DRAWS};
 use rand::Rng;
 
-/// One slot of the table: keep `index` with probability `prob`, else take `alias`.
+/// One slot of the table: keep `index` with probability `keep / 2^32`, else take
+/// `alias`.
 #[derive(Clone, Copy, Debug)]
 struct Slot {
-    prob: f64,
+    /// The slot's probability in units of 2^-32 (`0..=2^32`): a draw compares 32
+    /// random bits with it, so the integer draw needs no float conversion.
+    keep: u64,
     alias: usize,
+}
+
+/// 2^32: a probability of 1 in [`Slot::keep`]'s units.
+const ONE: f64 = 4_294_967_296.0;
+
+/// A slot's probability in [`Slot::keep`]'s units, rounded to the nearest.
+fn keep_of(prob: f64) -> u64 {
+    (prob.clamp(0.0, 1.0) * ONE).round() as u64
 }
 
 /// Vose's alias table over a list of weights.
@@ -37,12 +48,17 @@ impl AliasTable {
         let total: f64 = weights.iter().sum();
         // Scaled so that the average slot is exactly 1.
         let mut scaled: Vec<f64> = weights.iter().map(|w| w * n as f64 / total).collect();
-        let mut slots: Vec<Slot> = (0..n).map(|i| Slot { prob: 1.0, alias: i }).collect();
+        let mut slots: Vec<Slot> = (0..n)
+            .map(|i| Slot {
+                keep: 1 << 32,
+                alias: i,
+            })
+            .collect();
         let (mut small, mut large): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| scaled[i] < 1.0);
         while let (Some(&s), Some(&l)) = (small.last(), large.last()) {
             small.pop();
             slots[s] = Slot {
-                prob: scaled[s],
+                keep: keep_of(scaled[s]),
                 alias: l,
             };
             // Vose's stable update: the large one gives away what the small one lacks.
@@ -68,19 +84,26 @@ impl AliasTable {
 
     /// An index drawn with probability ∝ weight, or `None` for an empty table.
     ///
-    /// One uniform number serves for both steps: its integer part (times n) picks the
-    /// slot, its fractional part is the coin flipped against the slot's probability.
+    /// One random 64-bit word serves for both steps, in integers only: its high 32
+    /// bits times n (the high half of the product, Lemire's multiply-shift) pick the
+    /// slot, its low 32 bits are the coin flipped against the slot's probability.
+    /// The slot's bias (at most n / 2^32) and the coin's resolution (2^-32) are far
+    /// below what any sample could show.
     #[inline]
     pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> Option<usize> {
         let n = self.slots.len();
         if n == 0 {
             return None;
         }
-        let x = rng.random::<f64>() * n as f64;
-        // `x` can round up to `n` itself for some n.
-        let i = (x as usize).min(n - 1);
+        let r = rng.next_u64();
+        // Below n: (2^32 - 1) * n >> 32 < n (a table has fewer than 2^32 slots).
+        let i = (((r >> 32) * n as u64) >> 32) as usize;
         let slot = self.slots[i];
-        Some(if x - (i as f64) < slot.prob { i } else { slot.alias })
+        Some(if r & 0xffff_ffff < slot.keep {
+            i
+        } else {
+            slot.alias
+        })
     }
 }
 
@@ -158,11 +181,13 @@ mod tests {
         // The mass of index i: its own slot's prob plus what other slots alias to it.
         let mut mass = vec![0.0; weights.len()];
         for (i, slot) in table.slots.iter().enumerate() {
-            mass[i] += slot.prob / n;
-            mass[slot.alias] += (1.0 - slot.prob) / n;
+            let prob = slot.keep as f64 / ONE;
+            mass[i] += prob / n;
+            mass[slot.alias] += (1.0 - prob) / n;
         }
+        // Exact up to the coin's resolution, 2^-32 per slot.
         for (m, w) in mass.iter().zip(&weights) {
-            assert!((m - w / total).abs() < 1e-12, "{m} vs {}", w / total);
+            assert!((m - w / total).abs() < 1e-9, "{m} vs {}", w / total);
         }
     }
 

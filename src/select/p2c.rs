@@ -38,8 +38,9 @@ pub const TIE_BAND: f64 = 0.05;
 #[derive(Clone, Debug)]
 pub struct P2cEwma {
     weights: Vec<f64>,
-    /// Mean weight: in-flight counts are compared per unit of relative capacity.
-    mean: f64,
+    /// Per node, the mean weight over its weight: its load counts times this, per unit
+    /// of relative capacity (kept, so that a pick multiplies instead of dividing).
+    per_capacity: Vec<f64>,
     table: AliasTable,
     /// Index of a node of maximal weight (0 when empty).
     heaviest: usize,
@@ -68,7 +69,7 @@ impl P2cEwma {
             weights.iter().sum::<f64>() / weights.len() as f64
         };
         P2cEwma {
-            mean,
+            per_capacity: weights.iter().map(|&w| mean / w).collect(),
             table: AliasTable::new(&weights),
             without_heaviest: AliasTable::new(&rest),
             heaviest,
@@ -107,7 +108,7 @@ impl P2cEwma {
         // pick of a lightly loaded pool to whichever node is marginally cheaper.
         let cost = |i: usize| {
             let (latency, load) = view.latency_load(i);
-            latency * (1.0 + f64::from(load) * self.mean / self.weights[i])
+            latency * (1.0 + f64::from(load) * self.per_capacity[i])
         };
         Some(if cost(b) * (1.0 + TIE_BAND) < cost(a) {
             b
