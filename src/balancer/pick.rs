@@ -53,6 +53,17 @@ impl<'a> Want<'a> {
     }
 }
 
+/// What a pick within one pool (`pick_in`) learnt besides its answer.
+#[derive(Clone, Copy, Default)]
+struct Notes {
+    /// No node could take the try: the pool to try next (its backup pool in play).
+    spill: Option<u32>,
+    /// A node of the pool other than the one picked and not in the request's `tried`
+    /// was eligible as the pick looked (`Selector::other_eligible`): the retry
+    /// check's "some untried node is free" needs no scan.
+    other_free: bool,
+}
+
 /// `NoNode` for pool slot `pool`, named as this process's tables have it.
 #[cold]
 fn no_node(l: &Local, pool: u32) -> Error {
@@ -79,7 +90,13 @@ impl Balancer {
     /// `ask` is what the request costs (`crate::ask`).
     pub fn pick_with(&self, pool: u32, ask: &Ask, tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
         self.with_tables(|l, owner, now| {
-            self.pick_spill(l, owner, pool, Want::new(ask, tried, now, prefer, true))
+            self.pick_spill(
+                l,
+                owner,
+                pool,
+                Want::new(ask, tried, now, prefer, true),
+                &mut Notes::default(),
+            )
         })
     }
 
@@ -116,31 +133,42 @@ impl Balancer {
         }
         self.with_tables(|l, owner, now| {
             let want = Want::new(ask, tried, now, prefer, !fast_only);
+            let mut notes = Notes::default();
             let slot = if fast_only {
-                self.pick_only(l, owner, pool, want)?
+                self.pick_only(l, owner, pool, want, &mut notes)?
             } else {
-                self.pick_spill(l, owner, pool, want)?
+                self.pick_spill(l, owner, pool, want, &mut notes)?
             };
             let tries = Tries {
                 before: &tried[..ntries],
                 last: Some(slot),
             };
-            Ok((slot, self.may_retry_in(l, pool, tries, elapsed_ms, now)))
+            // Synced by the pick, under the same lock.
+            Ok((
+                slot,
+                self.retry_check(l, pool, tries, elapsed_ms, now, notes.other_free),
+            ))
         })
     }
 
     /// `pick_with` over locked tables: the pool, then its backup pool when it has one
     /// in play (emergency, dead pool); `NoNode` counted when neither has a node.
     #[inline(always)]
-    fn pick_spill(&self, l: &mut Local, owner: bool, pool: u32, want: Want) -> Result<u32, Error> {
+    fn pick_spill(
+        &self,
+        l: &mut Local,
+        owner: bool,
+        pool: u32,
+        want: Want,
+        notes: &mut Notes,
+    ) -> Result<u32, Error> {
         self.sync(l)?;
         local_pool(&mut l.pools, pool)?;
-        let mut spill = None;
-        if let Some(slot) = self.pick_in(l, owner, pool, want, &mut spill) {
+        if let Some(slot) = self.pick_in(l, owner, pool, want, notes) {
             return Ok(slot);
         }
         // No node of the pool can take it: its backup pool may (emergency, dead pool).
-        if let Some(bp) = spill {
+        if let Some(bp) = notes.spill {
             if let Some(slot) = self.pick_in_spill(l, owner, bp, want) {
                 return Ok(slot);
             }
@@ -152,17 +180,24 @@ impl Balancer {
     }
 
     /// `pick_in` of one pool, `NoNode` (not counted) when it has no node.
-    fn pick_only(&self, l: &mut Local, owner: bool, pool: u32, want: Want) -> Result<u32, Error> {
+    fn pick_only(
+        &self,
+        l: &mut Local,
+        owner: bool,
+        pool: u32,
+        want: Want,
+        notes: &mut Notes,
+    ) -> Result<u32, Error> {
         self.sync(l)?;
         local_pool(&mut l.pools, pool)?;
-        self.pick_in(l, owner, pool, want, &mut None)
+        self.pick_in(l, owner, pool, want, notes)
             .ok_or_else(|| no_node(l, pool))
     }
 
     /// `pick_in` of the backup pool a pool spills to (out of the common path's line).
     #[inline(never)]
     fn pick_in_spill(&self, l: &mut Local, owner: bool, pool: u32, want: Want) -> Option<u32> {
-        self.pick_in(l, owner, pool, want, &mut None)
+        self.pick_in(l, owner, pool, want, &mut Notes::default())
     }
 
     /// What a request body costs in `pool`: its facts (`crate::ask::inspect`), its
@@ -190,23 +225,22 @@ impl Balancer {
     /// the balancer phase rather than race other requests to it.
     pub fn pick_fast(&self, pool: u32, ask: &Ask, tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
         self.with_tables(|l, owner, now| {
-            self.pick_only(l, owner, pool, Want::new(ask, tried, now, prefer, false))
+            self.pick_only(
+                l,
+                owner,
+                pool,
+                Want::new(ask, tried, now, prefer, false),
+                &mut Notes::default(),
+            )
         })
     }
 
     /// `pick` within one pool, over this process's tables, synced (`owner`: the owner
     /// thread's copy, `crate::shm::owned`); `None` when no node can take the try (or
-    /// the pool is unknown), and then `spill` is the pool to try next. Without
+    /// the pool is unknown), and then `notes.spill` is the pool to try next. Without
     /// `want.overflow`, only the primaries that are not slow are looked at.
     #[inline(always)]
-    fn pick_in(
-        &self,
-        l: &mut Local,
-        owner: bool,
-        pool: u32,
-        want: Want,
-        spill: &mut Option<u32>,
-    ) -> Option<u32> {
+    fn pick_in(&self, l: &mut Local, owner: bool, pool: u32, want: Want, notes: &mut Notes) -> Option<u32> {
         let Want {
             ask,
             tried,
@@ -328,12 +362,13 @@ impl Balancer {
                     if let Some(counter) = affinity {
                         writer.add(counter, 1);
                     }
+                    notes.other_free = tier.selector.other_eligible().is_some();
                     return Some(slot);
                 }
             }
         }
         if overflow {
-            *spill = spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now);
+            notes.spill = spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now);
         }
         None
     }
@@ -363,19 +398,22 @@ impl Balancer {
             before: tried,
             last: None,
         };
-        self.may_retry_in(&mut l, pool, tries, elapsed_ms, now)
+        self.sync(&mut l).map_err(|_| RetryDenied::NoNode)?;
+        self.retry_check(&mut l, pool, tries, elapsed_ms, now, false)
     }
 
-    /// [`may_retry`](Self::may_retry) over locked tables at `now`.
-    fn may_retry_in(
+    /// [`may_retry`](Self::may_retry) over locked, synced tables at `now`;
+    /// `other_free`: a node not in `tried` is known to be free (the pick just saw one
+    /// eligible, [`Notes::other_free`]), so the nodes need no scan.
+    fn retry_check(
         &self,
         l: &mut Local,
         pool: u32,
         tried: Tries,
         elapsed_ms: u32,
         now: u64,
+        other_free: bool,
     ) -> Result<(), RetryDenied> {
-        self.sync(l).map_err(|_| RetryDenied::NoNode)?;
         let p = local_pool(&mut l.pools, pool).map_err(|_| RetryDenied::NoNode)?;
         if tried.len() >= p.policy.retry.max_tries as usize {
             return Err(RetryDenied::MaxTries);
@@ -407,6 +445,9 @@ impl Balancer {
         ) {
             ps.retries_denied.fetch_add(1, Ordering::Relaxed);
             return Err(RetryDenied::Budget);
+        }
+        if other_free {
+            return Ok(());
         }
         let free = |t: &Tier| {
             t.slots

@@ -270,6 +270,16 @@ impl Selector {
         }
     }
 
+    /// A candidate the last pick found eligible besides the one it chose (`p2c_ewma`'s
+    /// other draw), `None` when it knows of none: what the retry check's "some
+    /// untried node is free" can take as its answer without a scan.
+    pub fn other_eligible(&self) -> Option<usize> {
+        match self {
+            Selector::P2cEwma(s) => s.other(),
+            _ => None,
+        }
+    }
+
     /// Index into the candidate list of an eligible node, or `None` when none is
     /// eligible. `key_hash` (see [`hash_key`]) is used by chash and prefix only
     /// (prefix: [`NO_KEY`] for a request without a key).
@@ -283,7 +293,7 @@ impl Selector {
             Selector::WeightedRandom(s) => s.pick(rng, view),
             Selector::RoundRobin(s) => s.pick(view),
             Selector::LeastConn(s) => s.pick(rng, view),
-            Selector::P2cEwma(s) => s.pick(rng, view),
+            Selector::P2cEwma(s) => s.pick_noting(rng, view),
             Selector::Chash(s) => s.pick(view, key_hash),
             Selector::Prefix(s) => s.pick(rng, view, key_hash),
         }

@@ -47,6 +47,9 @@ pub struct P2cEwma {
     /// Alias table over every node but `heaviest`; its index `j` means node `j` below
     /// `heaviest` and node `j + 1` from it on.
     without_heaviest: AliasTable,
+    /// The candidate the last [`P2cEwma::pick_noting`] compared with its choice and
+    /// did not choose (eligible when asked), if it had two.
+    other: Option<usize>,
 }
 
 impl P2cEwma {
@@ -74,6 +77,7 @@ impl P2cEwma {
             without_heaviest: AliasTable::new(&rest),
             heaviest,
             weights,
+            other: None,
         }
     }
 
@@ -95,8 +99,38 @@ impl P2cEwma {
     /// The cheaper of two distinct eligible nodes drawn by weight; the only eligible node
     /// when there is one; `None` when there is none.
     pub fn pick<R: Rng + ?Sized, V: NodeView + ?Sized>(&self, rng: &mut R, view: &V) -> Option<usize> {
+        self.pick_pair(rng, view).map(|(chosen, _)| chosen)
+    }
+
+    /// [`pick`](Self::pick), noting the candidate it compared with its choice and did
+    /// not choose ([`other`](Self::other)).
+    #[inline]
+    pub fn pick_noting<R: Rng + ?Sized, V: NodeView + ?Sized>(
+        &mut self,
+        rng: &mut R,
+        view: &V,
+    ) -> Option<usize> {
+        let picked = self.pick_pair(rng, view);
+        self.other = picked.and_then(|(_, other)| other);
+        picked.map(|(chosen, _)| chosen)
+    }
+
+    /// The candidate the last [`pick_noting`](Self::pick_noting) compared with its
+    /// choice and did not choose: eligible when it was asked, so some node other than
+    /// the chosen one could take the request then. `None` when it had only one.
+    pub fn other(&self) -> Option<usize> {
+        self.other
+    }
+
+    /// The chosen candidate and the other one of the pair (`None`: only one eligible).
+    #[inline(always)]
+    fn pick_pair<R: Rng + ?Sized, V: NodeView + ?Sized>(
+        &self,
+        rng: &mut R,
+        view: &V,
+    ) -> Option<(usize, Option<usize>)> {
         let (a, b) = self.draw_pair(rng, view)?;
-        let Some(b) = b else { return Some(a) };
+        let Some(b) = b else { return Some((a, None)) };
         // cost = latency x (1 + load / relative capacity), load = in flight + queued, where a node's relative
         // capacity is its weight over the mean weight. With equal weights this is
         // Finagle's latency x (in-flight + 1); with unequal ones an idle pool ties and
@@ -111,9 +145,9 @@ impl P2cEwma {
             latency * (1.0 + f64::from(load) * self.per_capacity[i])
         };
         Some(if cost(b) * (1.0 + TIE_BAND) < cost(a) {
-            b
+            (b, Some(a))
         } else {
-            a
+            (a, Some(b))
         })
     }
 
@@ -316,6 +350,25 @@ mod tests {
         // 12 cells, df = 11, critical value 31.264 at p = 0.001.
         let chi2 = chi_square(&obs, &exp);
         assert!(chi2 < 31.264, "chi2 = {chi2}, counts {counts:?}");
+    }
+
+    #[test]
+    fn p2c_notes_the_other_candidate() {
+        let mut rng = SmallRng::seed_from_u64(36);
+        let mut p2c = P2cEwma::new(&[1.0, 1.0, 1.0]);
+        let mut view = TestView::idle(3);
+        for _ in 0..100 {
+            let chosen = p2c.pick_noting(&mut rng, &view).unwrap();
+            let other = p2c.other().unwrap();
+            assert_ne!(chosen, other);
+        }
+        // One eligible node: no other; none: neither.
+        view.eligible = vec![false, true, false];
+        assert_eq!(p2c.pick_noting(&mut rng, &view), Some(1));
+        assert_eq!(p2c.other(), None);
+        view.eligible[1] = false;
+        assert_eq!(p2c.pick_noting(&mut rng, &view), None);
+        assert_eq!(p2c.other(), None);
     }
 
     #[test]
