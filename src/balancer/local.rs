@@ -243,6 +243,7 @@ impl NodeView for View<'_> {
     }
 
     /// Both from one look-up of the node.
+    #[inline(always)]
     fn latency_load(&self, i: usize) -> (f64, u32) {
         let n = self.node(i);
         let load = n
