@@ -83,7 +83,8 @@ pub fn smooth(cost: f32, stamp: u32, sample_us: f64, now_ms: u64, tau_ms: u32) -
 }
 
 /// The estimate as seen at `now_ms` without a new sample: decayed toward `reference_us`.
-#[inline]
+/// Inlined into the pick up to the decay itself.
+#[inline(always)]
 pub fn current(word: u64, now_ms: u64, tau_ms: u32, reference_us: f64) -> f64 {
     let (cost, stamp) = unpack(word);
     if cost <= 0.0 {
@@ -93,6 +94,11 @@ pub fn current(word: u64, now_ms: u64, tau_ms: u32, reference_us: f64) -> f64 {
     if elapsed_ms(now_ms, stamp) == 0 {
         return cost as f64;
     }
+    decayed(cost, stamp, now_ms, tau_ms, reference_us)
+}
+
+/// [`current`] for an estimate stamped before this tick.
+fn decayed(cost: f32, stamp: u32, now_ms: u64, tau_ms: u32, reference_us: f64) -> f64 {
     let w = decay(now_ms, stamp, tau_ms);
     cost as f64 * w + reference_us * (1.0 - w)
 }
