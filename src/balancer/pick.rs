@@ -134,11 +134,7 @@ impl Balancer {
         self.with_tables(|l, owner, now| {
             let want = Want::new(ask, tried, now, prefer, !fast_only);
             let mut notes = Notes::default();
-            let slot = if fast_only {
-                self.pick_only(l, owner, pool, want, &mut notes)?
-            } else {
-                self.pick_spill(l, owner, pool, want, &mut notes)?
-            };
+            let slot = self.pick_spill(l, owner, pool, want, &mut notes)?;
             let tries = Tries {
                 before: &tried[..ntries],
                 last: Some(slot),
@@ -152,7 +148,8 @@ impl Balancer {
     }
 
     /// `pick_with` over locked tables: the pool, then its backup pool when it has one
-    /// in play (emergency, dead pool); `NoNode` counted when neither has a node.
+    /// in play (emergency, dead pool); `NoNode` counted when neither has a node. Without
+    /// `want.overflow` (`pick_fast`), the pool alone, and `NoNode` is not counted.
     #[inline(always)]
     fn pick_spill(
         &self,
@@ -173,25 +170,12 @@ impl Balancer {
                 return Ok(slot);
             }
         }
-        if let Some(ps) = self.region.pool(pool) {
-            ps.no_node_total.fetch_add(1, Ordering::Relaxed);
+        if want.overflow {
+            if let Some(ps) = self.region.pool(pool) {
+                ps.no_node_total.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Err(no_node(l, pool))
-    }
-
-    /// `pick_in` of one pool, `NoNode` (not counted) when it has no node.
-    fn pick_only(
-        &self,
-        l: &mut Local,
-        owner: bool,
-        pool: u32,
-        want: Want,
-        notes: &mut Notes,
-    ) -> Result<u32, Error> {
-        self.sync(l)?;
-        local_pool(&mut l.pools, pool)?;
-        self.pick_in(l, owner, pool, want, notes)
-            .ok_or_else(|| no_node(l, pool))
     }
 
     /// `pick_in` of the backup pool a pool spills to (out of the common path's line).
@@ -225,7 +209,7 @@ impl Balancer {
     /// the balancer phase rather than race other requests to it.
     pub fn pick_fast(&self, pool: u32, ask: &Ask, tried: &[u32], prefer: Prefer) -> Result<u32, Error> {
         self.with_tables(|l, owner, now| {
-            self.pick_only(
+            self.pick_spill(
                 l,
                 owner,
                 pool,
