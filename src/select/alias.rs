@@ -28,9 +28,10 @@ struct Slot {
 /// 2^32: a probability of 1 in [`Slot::keep`]'s units.
 const ONE: f64 = 4_294_967_296.0;
 
-/// A slot's probability in [`Slot::keep`]'s units, rounded to the nearest.
+/// A slot's probability in [`Slot::keep`]'s units, rounded to the nearest (no libm
+/// call: a refresh rebuilds the tables of every pool).
 fn keep_of(prob: f64) -> u64 {
-    (prob.clamp(0.0, 1.0) * ONE).round() as u64
+    (prob.clamp(0.0, 1.0) * ONE + 0.5) as u64
 }
 
 /// Vose's alias table over a list of weights.
