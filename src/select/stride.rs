@@ -240,12 +240,10 @@ impl Stride {
                 // Every child there (all but the last parent): one bounds check.
                 let kids: &[Entry; ARITY] =
                     self.heap[first..first + ARITY].try_into().expect("ARITY entries");
+                // Branch-free: which child is least is a coin toss a predictor misses.
                 let (a, b) = (usize::from(kids[1] < kids[0]), 2 + usize::from(kids[3] < kids[2]));
-                if kids[b] < kids[a] {
-                    (b, kids[b])
-                } else {
-                    (a, kids[a])
-                }
+                let k = if kids[b] < kids[a] { b } else { a };
+                (k, kids[k])
             } else if first < n {
                 let kids = &self.heap[first..];
                 let k = (1..kids.len()).fold(0, |k, c| if kids[c] < kids[k] { c } else { k });
