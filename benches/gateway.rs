@@ -966,7 +966,7 @@ fn start_gateway(
             equal_weights,
         } => {
             let admit = if *admit {
-                "            access_by_lua_block { require(\"resty.rsbalancer\").admit(\"llm\") }"
+                "            access_by_lua_block { rsbalancer.admit(\"llm\") }"
             } else {
                 ""
             };
@@ -1002,7 +1002,7 @@ fn start_gateway(
                 "limit": { "increase_every": increase_every },
                 "admission": overload_admission(),
             }),
-            "            lua_check_client_abort on;\n            access_by_lua_block { require(\"resty.rsbalancer\").admit(\"llm\", { untrusted = ngx.var.http_x_priority }) }",
+            "            lua_check_client_abort on;\n            access_by_lua_block { rsbalancer.admit(\"llm\", { untrusted = ngx.var.http_x_priority }) }",
             &mut vars,
         ),
     };

@@ -162,12 +162,12 @@ http {
         set \$rsb_pool chat;
         recursive_error_pages on;
         location /v1/ {
-            access_by_lua_block { require("resty.rsbalancer").admit(ngx.var.rsb_pool) }
+            access_by_lua_block { rsbalancer.admit(ngx.var.rsb_pool) }
             include $SNIP/rsbalancer-proxy.conf;
             proxy_pass http://rsbalancer;
         }
         location @rsb_round {
-            access_by_lua_block { require("resty.rsbalancer").round(ngx.var.rsb_pool) }
+            access_by_lua_block { rsbalancer.round(ngx.var.rsb_pool) }
             include $SNIP/rsbalancer-proxy.conf;
             proxy_pass http://rsbalancer;
         }

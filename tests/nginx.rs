@@ -161,13 +161,9 @@ fn chash_by_header_is_sticky_across_workers_and_a_removal_moves_only_its_keys() 
     let mut cfg = pool_json("chash", &list);
     cfg["pools"]["llm"]["slow_start_ms"] = json!(0);
     let g = start_gateway_with(&dir, &cfg, |text| {
-        let call = r#"require("resty.rsbalancer").balance("llm")"#;
+        let call = r#"rsbalancer.balance("llm")"#;
         assert!(text.contains(call), "gateway.conf has no {call}");
-        text.replacen(
-            call,
-            r#"require("resty.rsbalancer").balance("llm", ngx.var.http_x_session)"#,
-            1,
-        )
+        text.replacen(call, r#"rsbalancer.balance("llm", ngx.var.http_x_session)"#, 1)
     });
 
     let before = chash_homes(&chash_routes(&g, KEYS, KEYS * 8));
@@ -1064,12 +1060,12 @@ fn snippets_in_a_minimal_config_serve_chat_stream_and_a_busy_round() {
         recursive_error_pages on;
         add_header X-Upstream-Addr $upstream_addr always;
         location /v1/ {{
-            access_by_lua_block {{ require("resty.rsbalancer").admit(ngx.var.rsb_pool) }}
+            access_by_lua_block {{ rsbalancer.admit(ngx.var.rsb_pool) }}
             include {snippets}/rsbalancer-proxy.conf;
             proxy_pass http://rsbalancer;
         }}
         location @rsb_round {{
-            access_by_lua_block {{ require("resty.rsbalancer").round(ngx.var.rsb_pool) }}
+            access_by_lua_block {{ rsbalancer.round(ngx.var.rsb_pool) }}
             include {snippets}/rsbalancer-proxy.conf;
             proxy_pass http://rsbalancer;
         }}

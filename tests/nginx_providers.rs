@@ -199,7 +199,7 @@ fn gateway_edit(conf: String, ca: &Path) -> String {
             "require(\"resty.rsbalancer.admin\")\n        require(\"resty.rsbalancer.provider\")\n",
         )
         .replace(
-            "require(\"resty.rsbalancer\").balance(\"llm\")",
+            "rsbalancer.balance(\"llm\")",
             "assert(require(\"ngx.balancer\").set_current_peer(ngx.ctx.ip, ngx.ctx.port))",
         )
         .replace(
@@ -525,8 +525,8 @@ fn example_deepseek(dir: &TestDir, addrs: [&str; 2], ca: &Path, port: u16) -> Pa
         "proxy_ssl_server_name on;",
         "proxy_ssl_name $rsb_host;",
         "proxy_ssl_verify on;",
-        "require(\"resty.rsbalancer\").admit(\"deepseek\")",
-        "require(\"resty.rsbalancer\").round(\"deepseek\")",
+        "rsbalancer.admit(\"deepseek\")",
+        "rsbalancer.round(\"deepseek\")",
         "/usr/local/share/rsbalancer/nginx/rsbalancer-proxy.conf;",
     ] {
         assert!(text.contains(needle), "example-deepseek.conf lacks {needle}");

@@ -443,7 +443,7 @@ end
 -- $upstream_http_* read allocates a string, so a node is probed by one header of the
 -- style it sends; a node that sent none HR_MISSES times running is probed only every
 -- HR_PROBE_EVERY-th response (a provider that starts sending them is seen soon).
-local HR_OPENAI, HR_ANTHROPIC, HR_MISSES, HR_PROBE_EVERY = 1, 2, 3, 64
+local HR_OPENAI, HR_ANTHROPIC, HR_MISSES, HR_PROBE_EVERY = 1, 2, 3, 256
 local hr_buf = ffi.new("rsb_headroom[1]")
 local function note_headroom(var, slot)
     local style = hr_style[slot]
@@ -519,11 +519,29 @@ local ngx_balancer
 
 -- The request's address: the same in every location it goes through (a new round is
 -- an internal redirect, which empties ngx.ctx but keeps the request).
-local get_request
+-- Also returns the request itself, for lua-nginx-module's own FFI functions, called
+-- directly below (what ngx.req.start_time() and ngx.status do, without their look-ups:
+-- ngx.status goes through a metatable and a getter table).
+local get_request, C_start_time, C_resp_status
 local uintptr_t = ffi.typeof("uintptr_t") -- parsed once, not per request
 local function request_key()
-    if not get_request then get_request = require("resty.core.base").get_request end
-    return tonumber(ffi.cast(uintptr_t, get_request()))
+    if not get_request then
+        -- lua-nginx-module's FFI API, in nginx's own symbols; resty.core declares both.
+        require "resty.core.request"
+        require "resty.core.misc"
+        local NGX = ffi.C
+        C_start_time, C_resp_status = NGX.ngx_http_lua_ffi_req_start_time, NGX.ngx_http_lua_ffi_get_resp_status
+        get_request = require("resty.core.base").get_request
+    end
+    local r = get_request()
+    return tonumber(ffi.cast(uintptr_t, r)), r
+end
+
+-- The response status of request r (ngx.status).
+local function resp_status(r)
+    local status = C_resp_status(r)
+    if status < 0 then return ngx.status end -- not in this phase: ngx.status raises
+    return status
 end
 
 -- Every request with state, by address, from the phase that makes the state until
@@ -537,15 +555,15 @@ local warned_rounds = false -- log() said once that rounds lack their location
 -- of rsbalancer's own per-request work measured by scripts/bench-instructions.sh).
 -- An entry older than the request is one a request at the same address left behind
 -- (its log phase never ran): not this request's.
-local req_start_time
+local made_one = false -- a request has made a state (until then, no look-up)
 local function current_state()
-    local k = request_key()
+    local k, r = request_key()
     local st = by_request[k]
-    if st and st.start < req_start_time() then
+    if st and st.start < tonumber(C_start_time(r)) then
         by_request[k] = nil
-        return nil
+        return nil, k, r
     end
-    return st, k
+    return st, k, r
 end
 
 -- States log() is done with, for the next requests: a table and its `tried` list made
@@ -558,7 +576,9 @@ end
 -- when the core was re-added to an emptied table). Any other key a phase adds (admission,
 -- retries, rounds, stream signals: off the plain 2xx path) goes through STATE_MT's
 -- __newindex, which marks the state dirty; recycle() empties a dirty state and seeds
--- its core again, and only resets the core of a clean one.
+-- its core again, and only resets the core of a clean one. A clean state thus has no
+-- other key, and the plain path's phases read `dirty` instead of looking up each key
+-- they would find absent (an absent key costs a hash-chain walk and a metatable check).
 local clear_tab = require "table.clear"
 local rawset, setmetatable = rawset, setmetatable
 local FREE_MAX = 256
@@ -602,10 +622,9 @@ end
 -- Request state kept across the balancer and log phases. Tries of the current round
 -- are items `first`.. of nginx's upstream lists, shifted by `offset`.
 local function request_state(pool, now)
-    if not req_start_time then req_start_time = ngx.req.start_time end
+    made_one = true
     local st, k = current_state()
     if not st then
-        k = k or request_key()
         if nfree > 0 then
             st = free_states[nfree]
             free_states[nfree] = nil
@@ -623,9 +642,11 @@ local function request_state(pool, now)
 end
 
 -- The request's state in the phases that never make it (log, filters).
+-- Also returns the request (for resp_status).
 local function state()
-    if not req_start_time then return nil end -- no request has made one yet
-    return (current_state())
+    if not made_one then return nil end
+    local st, _, r = current_state()
+    return st, r
 end
 
 -- The arm of this request (pool index and name to pick from: `pool` or its canary),
@@ -738,7 +759,14 @@ local function pick_next(st, aidx, apool, key, tried, n, elapsed_ms)
     fill_tried(tried, n)
     -- A request let in above the confirmed capacity (st.probe) takes a node at its
     -- probe if there is one; any other, a confirmed slot first.
-    local ask, nt, prefer = admission.ask(st, key), add_others(st, n), st.probe and PREFER_PROBE or 0
+    local ask, nt, prefer
+    if st.dirty then
+        ask, nt, prefer = admission.ask(st, key), add_others(st, n), st.probe and PREFER_PROBE or 0
+    else
+        -- A clean state has none of the keys admission, a body or a provider sets
+        -- (STATE_MT): no look-up of them.
+        ask, nt, prefer = admission.ask_key(key), n, 0
+    end
     local rc
     if n + 1 < MAX_TRIES then
         rc = C_pick_retry(handle, aidx, ask, tried_buf, nt, n, prefer, elapsed_ms, out_buf)
@@ -780,7 +808,7 @@ function _M.balance(pool, key)
     local aidx, apool = arm_of(st, pool, idx)
     local tried, n = st.tried, st.n
     local slot, why
-    if st.held then
+    if st.dirty and st.held then
         -- admit() or round() already holds this round's first try.
         st.held = nil
         slot = tried[n]
@@ -1058,11 +1086,14 @@ end
 -- cost more than the rest of the request's Lua (measured: ~1.6 us of CPU per request
 -- in the gateway overhead benchmark). Anything else reads nginx's upstream variables.
 function _M.log()
-    local st = state()
+    local st, r = state()
     if not st then return end
+    -- A clean state (STATE_MT) has no key the filters, admission or rounds set: none
+    -- is looked up.
+    local dirty = st.dirty
     local n = st.n
     if n > 0 then
-        local status = ngx.status
+        local status = resp_status(r)
         -- (st.picked is unset for a try admit() held that balance() never sent.)
         if st.reported == n - 1 and status >= 200 and status < 300 and st.picked then
             local us = (ngx_now() - st.picked) * 1e6
@@ -1071,11 +1102,11 @@ function _M.log()
             -- nginx still calls the request complete (a client that left makes
             -- $request_completion empty: that try says nothing bad of the node).
             local var = ngx.var
-            local cut = st.eof == false and var.request_completion == "OK"
+            local cut = dirty and st.eof == false and var.request_completion == "OK"
             local slot = st.tried[n]
             note_headroom(var, slot)
             if budgeted[slot] then settle(st, slot, cut and TRUNCATED or status) end
-            if st.sig then
+            if dirty and st.sig then
                 report_answer(st, slot, status, us, cut)
             else
                 C_report(handle, slot, cut and TRUNCATED or status, us, 0)
@@ -1094,9 +1125,9 @@ function _M.log()
         st.n = 0
     end
     -- After the report: the slot given to the next waiter is free at the node too.
-    if st.adm or st.q_entry then admission.release(C, handle, st) end
+    if dirty and (st.adm or st.q_entry) then admission.release(C, handle, st) end
     by_request[st.rkey] = nil
-    if st.busy and not warned_rounds and policy[st.pool].rounds > 0 then
+    if dirty and st.busy and not warned_rounds and policy[st.pool].rounds > 0 then
         -- A round ended busy and round() never ran: the location lacks the error_page.
         warned_rounds = true
         ngx.log(ngx.ERR, "rsbalancer: pool ", st.pool, " has retry.rounds but a busy round ",

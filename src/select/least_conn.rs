@@ -184,18 +184,16 @@ impl LeastConn {
     fn descend<R: Rng + ?Sized>(&self, rng: &mut R) -> usize {
         let mut u = rng.random::<f64>() * self.tree[1].1;
         let mut k = 1;
+        // Without branches: among tied idle nodes each step is a coin toss, which a
+        // branch predictor would miss half the time.
         while k < self.leaves {
-            let (l, r) = (2 * k, 2 * k + 1);
-            let target = self.tree[k].0;
-            k = match (self.tree[l].0 == target, self.tree[r].0 == target) {
-                (true, true) if u < self.tree[l].1 => l,
-                (true, true) => {
-                    u -= self.tree[l].1;
-                    r
-                }
-                (true, false) => l,
-                _ => r,
-            };
+            let (target, (lm, lt), rm) = (self.tree[k].0, self.tree[2 * k], self.tree[2 * k + 1].0);
+            let (l_tied, r_tied) = (lm == target, rm == target);
+            // Left when only it holds the least score, or both do and u falls in its share.
+            let left = l_tied & (!r_tied | (u < lt));
+            // Going right past a left share of the ties: u moves past it.
+            u -= lt * f64::from(u8::from(l_tied & !left));
+            k = 2 * k + usize::from(!left);
         }
         k - self.leaves
     }
@@ -218,15 +216,16 @@ impl LeastConn {
         }
     }
 
+    /// Entry `k` from its children: the lesser score, and the weight of the child or
+    /// children that hold it (without branches, as `descend`).
     fn combine(&mut self, k: usize) {
         let ((lm, lt), (rm, rt)) = (self.tree[2 * k], self.tree[2 * k + 1]);
-        self.tree[k] = if lm < rm {
-            (lm, lt)
-        } else if rm < lm {
-            (rm, rt)
-        } else {
-            (lm, lt + rt)
-        };
+        let (l_less, r_less) = (lm < rm, rm < lm);
+        let least = if r_less { rm } else { lm };
+        self.tree[k] = (
+            least,
+            lt * f64::from(u8::from(!r_less)) + rt * f64::from(u8::from(!l_less)),
+        );
     }
 }
 

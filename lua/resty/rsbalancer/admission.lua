@@ -53,6 +53,15 @@ function _M.ask(st, key)
     return ask_buf
 end
 
+--- ask_key([key]): as ask() for a request with no affinity key, token estimate or
+-- completion limit of its own.
+function _M.ask_key(key)
+    local a = ask_buf[0]
+    a.key, a.key_len = key, key and #key or 0
+    a.tokens, a.max_tokens = 0, 0
+    return ask_buf
+end
+
 --- read_body(): the request body as a string (nil when there is none), reading a body
 -- nginx buffered to a file; nil, err when that file cannot be read.
 function _M.read_body()
