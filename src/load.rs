@@ -37,7 +37,12 @@ pub fn unpack(word: u64) -> (f32, u32) {
 /// the clock) counts as no time at all, not as a 49-day gap.
 #[inline]
 fn decay(now_ms: u64, stamp: u32, tau_ms: u32) -> f64 {
-    let dt = elapsed_ms(now_ms, stamp);
+    decay_over(elapsed_ms(now_ms, stamp), tau_ms)
+}
+
+/// Decay weight for `dt` ms (from [`elapsed_ms`]) with time constant `tau_ms`.
+#[inline]
+fn decay_over(dt: i32, tau_ms: u32) -> f64 {
     if dt == 0 {
         // Reports of a busy node often come within one tick of the coarse clock.
         return 1.0;
@@ -91,15 +96,16 @@ pub fn current(word: u64, now_ms: u64, tau_ms: u32, reference_us: f64) -> f64 {
         return reference_us;
     }
     // Stamped within this tick (a node with traffic): no decay, the estimate itself.
-    if elapsed_ms(now_ms, stamp) == 0 {
+    let dt = elapsed_ms(now_ms, stamp);
+    if dt == 0 {
         return cost as f64;
     }
-    decayed(cost, stamp, now_ms, tau_ms, reference_us)
+    decayed(cost, dt, tau_ms, reference_us)
 }
 
-/// [`current`] for an estimate stamped before this tick.
-fn decayed(cost: f32, stamp: u32, now_ms: u64, tau_ms: u32, reference_us: f64) -> f64 {
-    let w = decay(now_ms, stamp, tau_ms);
+/// [`current`] for an estimate stamped `dt` ms before this tick.
+fn decayed(cost: f32, dt: i32, tau_ms: u32, reference_us: f64) -> f64 {
+    let w = decay_over(dt, tau_ms);
     cost as f64 * w + reference_us * (1.0 - w)
 }
 
