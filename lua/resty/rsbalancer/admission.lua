@@ -42,17 +42,6 @@ local RSB_OK = C.RSB_OK
 -- What a pick is told of the request (rsb_ask): filled before each rsb_pick_ask.
 local ask_buf = ffi.new("rsb_ask[1]")
 
---- ask(st [, key]): the request `st` as rsb_pick_ask takes it: its key (`key`, else
--- the affinity key admit() found, st.key), token estimate and completion limit (from
--- rsb_inspect in admit(); 0 when unknown). Valid until the next call.
-function _M.ask(st, key)
-    key = key or st.key
-    local a = ask_buf[0]
-    a.key, a.key_len = key, key and #key or 0
-    a.tokens, a.max_tokens = st.tokens or 0, st.max_tokens or 0
-    return ask_buf
-end
-
 --- ask_key([key]): as ask() for a request with no affinity key, token estimate or
 -- completion limit of its own.
 function _M.ask_key(key)
@@ -60,6 +49,16 @@ function _M.ask_key(key)
     a.key, a.key_len = key, key and #key or 0
     a.tokens, a.max_tokens = 0, 0
     return ask_buf
+end
+
+--- ask(st [, key]): the request `st` as rsb_pick_ask takes it: its key (`key`, else
+-- the affinity key admit() found, st.key), token estimate and completion limit (from
+-- rsb_inspect in admit(); 0 when unknown). Valid until the next call.
+function _M.ask(st, key)
+    local buf = _M.ask_key(key or st.key)
+    local a = buf[0]
+    a.tokens, a.max_tokens = st.tokens or 0, st.max_tokens or 0
+    return buf
 end
 
 --- read_body(): the request body as a string (nil when there is none), reading a body
