@@ -10,8 +10,11 @@
 # contenders (the order rotates each round), so a change in what else the machine
 # runs touches every contender alike; prints each one's median req/s, min..max, the
 # ratio of the medians to the floor + empty log_by_lua, the median of the per-round
-# ratios to it (robust to slow drifts), and the ratio to native. Timings are printed,
-# never asserted.
+# ratios to it (robust to slow drifts), and the ratio to native. It also prints the
+# gateway worker's CPU time per request (user + system, from /proc/PID/stat, summed
+# over the rounds): what the gateway's core spends on a request whatever the load
+# generator's core does, so the figure that spreads least between runs. Timings are
+# printed, never asserted.
 #
 #   scripts/bench-throughput.sh               (make bench runs it)
 #   RSB_BENCH_TP_ROUNDS=7 RSB_BENCH_TP_S=3 RSB_BENCH_TP_CONNS=32   (the defaults)
@@ -36,6 +39,7 @@ cd "$RUN"
 
 names=()
 ports=()
+wpids=()
 port=21600
 for name in ovh-gw0 ovh-floor0 ovh-floor1 ovh-gw3 ovh-gw1 ovh-gw2; do
     [ -f "$name.conf" ] || continue
@@ -52,25 +56,37 @@ for name in ovh-gw0 ovh-floor0 ovh-floor1 ovh-gw3 ovh-gw1 ovh-gw2; do
     [ -n "$up" ] || die "$name does not answer on port $port"
     names+=("$name")
     ports+=("$port")
+    # The worker: the only child of the master.
+    wpid=$(pgrep -P "$(cat "$RUN/tp-$name.pid")" | head -1)
+    [ -n "$wpid" ] || die "$name: no worker process"
+    wpids+=("$wpid")
 done
 count=${#names[@]}
 [ "$count" -gt 0 ] || die "no contender selected"
 
-# req/s of one wrk run against port $1 for $2 seconds.
+# req/s and the request count of one wrk run against port $1 for $2 seconds.
 load() {
     taskset -c "$load_cpu" wrk -t1 -c"$CONNS" -d"$2s" "http://127.0.0.1:$1/" |
-        awk '/^Requests\/sec:/ {print $2}'
+        awk '/requests in/ {n = $1} /^Requests\/sec:/ {r = $2} END {print r, n}'
 }
+# CPU time of process $1 so far, in clock ticks (utime + stime; the fields after the
+# command name, which is in parentheses).
+cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+tck=$(getconf CLK_TCK)
 
 echo "bench-throughput: load average $(cut -d' ' -f1-3 /proc/loadavg), $cpus CPUs; gateway on CPU $gw_cpu, wrk and nodes on CPU $load_cpu"
 for i in $(seq 0 $((count - 1))); do load "${ports[$i]}" 1 >/dev/null; done # warm-up (JIT traces, keepalive)
-declare -A results
+declare -A results ticks reqs
 for r in $(seq 1 "$ROUNDS"); do
     for k in $(seq 0 $((count - 1))); do
         i=$(((k + r) % count))
-        v=$(load "${ports[$i]}" "$SECS")
-        [ -n "$v" ] || die "no result from wrk for ${names[$i]}"
+        t0=$(cpu_ticks "${wpids[$i]}")
+        read -r v n < <(load "${ports[$i]}" "$SECS")
+        t1=$(cpu_ticks "${wpids[$i]}")
+        [ -n "$v" ] && [ -n "$n" ] || die "no result from wrk for ${names[$i]}"
         results[${names[$i]}]+="$v "
+        ticks[${names[$i]}]=$((${ticks[${names[$i]}]:-0} + t1 - t0))
+        reqs[${names[$i]}]=$((${reqs[${names[$i]}]:-0} + n))
     done
 done
 
@@ -88,13 +104,20 @@ round_ratio() {
         <(echo "${results[ovh-floor1]}" | tr ' ' '\n' | grep -v '^$') |
         awk '{ printf "%.4f ", $1 / $2 }' | median
 }
-printf '   %-34s %12s %18s %14s %12s %10s\n' contender "req/s median" "min..max" "vs floor+log" "per round" "vs native"
+# The worker's CPU microseconds per request over all rounds.
+cpu_us() { awk -v t="${ticks[$1]}" -v n="${reqs[$1]}" -v hz="$tck" 'BEGIN { printf "%.2f", 1e6 * t / hz / n }'; }
+floor_cpu=$([ -n "$floor" ] && cpu_us ovh-floor1 || echo "")
+printf '   %-34s %12s %18s %14s %12s %10s %10s %9s\n' contender "req/s median" "min..max" "vs floor+log" "per round" "vs native" "CPU us/req" "vs floor"
 for n in "${names[@]}"; do
-    printf '   %-34s %12.0f %18s %14s %12s %10s\n' "$(overhead_label "$n.conf")" "${med[$n]}" \
+    c=$(cpu_us "$n")
+    printf '   %-34s %12.0f %18s %14s %12s %10s %10s %9s\n' "$(overhead_label "$n.conf")" "${med[$n]}" \
         "$(echo "${results[$n]}" | range)" \
         "$([ -n "$floor" ] && awk -v a="${med[$n]}" -v b="$floor" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)" \
         "$([ -n "$floor" ] && awk -v x="$(round_ratio "$n")" 'BEGIN { printf "%.1f%%", 100 * x }' || echo -)" \
-        "$([ -n "$native" ] && awk -v a="${med[$n]}" -v b="$native" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)"
+        "$([ -n "$native" ] && awk -v a="${med[$n]}" -v b="$native" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)" \
+        "$c" "$([ -n "$floor_cpu" ] && awk -v a="$c" -v b="$floor_cpu" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)"
 done
 echo "   vs floor+log: ratio of the medians; per round: median of each round's ratio to the floor"
 echo "   + empty log_by_lua. Target (issue 15): rsbalancer at least 97% of that floor."
+echo "   CPU us/req: the gateway worker's user + system CPU time per request over all rounds"
+echo "   (clock ticks of $((1000 / tck)) ms); vs floor: against the floor + empty log_by_lua's."
