@@ -5,8 +5,13 @@
 #   ovh-floor0  a balancer_by_lua that only sets a fixed peer (the first static node)
 #   ovh-floor1  the same plus an empty log_by_lua: what any balancer with
 #               per-response feedback pays at least
+#   ovh-floor2  ovh-floor1 plus two locations GET / never enters, a named one with an
+#               empty access_by_lua (as the gateway's @rsb_round) and a content_by_lua
+#               one (as its /metrics): lua-nginx-module then runs its access handler
+#               and its subrequest-capture header and body filters on every request
+#               of the server, whatever the location
 # Gateways: ovh-gw0 native upstream, ovh-gw1 rsbalancer p2c_ewma, ovh-gw2 rsbalancer
-# weighted_random, ovh-gw3 the seed's Lua weighted random, ovh-floor0, ovh-floor1.
+# weighted_random, ovh-gw3 the seed's Lua weighted random, ovh-floor0..2.
 # Needs `die`; sets RUN, PEER_PORT; the caller's EXIT trap should call
 # overhead_cleanup.
 
@@ -38,6 +43,22 @@ overhead_setup() {
     sed -e 's/contender "floor0"/contender "floor1"/' \
         -e 's|proxy_pass http://llm;|proxy_pass http://llm;\n            log_by_lua_block { }|' \
         "$RUN/ovh-floor0.conf" >"$RUN/ovh-floor1.conf"
+    cat >"$RUN/floor2-locations.conf" <<'LOCATIONS'
+
+        # Off the path of GET /: their Lua phases make lua-nginx-module run its
+        # handlers on every request (the gateway's @rsb_round and /metrics do).
+        location @round {
+            access_by_lua_block { }
+            proxy_pass http://llm;
+        }
+        location = /metrics {
+            content_by_lua_block { ngx.say("") }
+        }
+LOCATIONS
+    sed -e 's/contender "floor1"/contender "floor2"/' \
+        -e "/^            log_by_lua_block { }\$/{n;r $RUN/floor2-locations.conf" -e '}' \
+        "$RUN/ovh-floor1.conf" >"$RUN/ovh-floor2.conf"
+    grep -q 'location @round' "$RUN/ovh-floor2.conf" || die "ovh-floor2: no place for its locations"
 }
 
 # Stops what overhead_setup started (every nginx of $RUN, by its pid file) and
@@ -59,6 +80,7 @@ overhead_label() {
         seed) echo "seed Lua weighted random" ;;
         floor0) echo "floor: balancer_by_lua, fixed peer" ;;
         floor1) echo "floor + empty log_by_lua" ;;
+        floor2) echo "floor1 + Lua access/content locs" ;;
         rsbalancer) echo "rsbalancer $(grep -o '"algorithm": *"[a-z_0-9]*"' "${1%.conf}.json" | cut -d'"' -f4)" ;;
         *) echo "$1" ;;
     esac

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Gateway throughput against the floor contenders, in one run (issue 15's "within 3%
 # of the floor"): native upstream, the floor (a balancer_by_lua that only sets a
-# fixed peer), the floor + an empty log_by_lua, the seed's Lua weighted random and
-# rsbalancer p2c_ewma and weighted_random, all the gateways of scripts/bench-gateway.sh's
-# overhead scenario (static nodes answering a small 200; scripts/bench-overhead-setup.sh).
+# fixed peer), the floor + an empty log_by_lua, that + the Lua locations the
+# rsbalancer gateways have (floor2, scripts/bench-overhead-setup.sh), the seed's Lua
+# weighted random and rsbalancer p2c_ewma and weighted_random, all the gateways of
+# scripts/bench-gateway.sh's overhead scenario (static nodes answering a small 200; scripts/bench-overhead-setup.sh).
 #
 # Each gateway runs as one nginx worker pinned to CPU 0; wrk (-t1) and the static
 # nodes share CPU 1, so the gateway's core is the bottleneck. Rounds alternate the
@@ -41,7 +42,7 @@ names=()
 ports=()
 wpids=()
 port=21600
-for name in ovh-gw0 ovh-floor0 ovh-floor1 ovh-gw3 ovh-gw1 ovh-gw2; do
+for name in ovh-gw0 ovh-floor0 ovh-floor1 ovh-floor2 ovh-gw3 ovh-gw1 ovh-gw2; do
     [ -f "$name.conf" ] || continue
     case " ${RSB_BENCH_TP_ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
     port=$(overhead_port_from $((port + 1)))
