@@ -4,7 +4,8 @@
 # fixed peer), the floor + an empty log_by_lua, that + the Lua locations the
 # rsbalancer gateways have (floor2, scripts/bench-overhead-setup.sh), the seed's Lua
 # weighted random and rsbalancer p2c_ewma and weighted_random, all the gateways of
-# scripts/bench-gateway.sh's overhead scenario (static nodes answering a small 200; scripts/bench-overhead-setup.sh).
+# scripts/bench-gateway.sh's overhead scenario (static nodes answering a small 200;
+# scripts/bench-overhead-setup.sh).
 #
 # Each gateway runs as one nginx worker pinned to CPU 0; wrk (-t1) and the static
 # nodes share CPU 1, so the gateway's core is the bottleneck. Rounds alternate the
