@@ -8,7 +8,8 @@
 # scripts/bench-overhead-setup.sh).
 #
 # Each gateway runs as one nginx worker pinned to CPU 0; wrk (-t1) and the static
-# nodes share CPU 1, so the gateway's core is the bottleneck. Rounds alternate the
+# nodes share CPU 1 (on 2 cores that side, client and node, can be the bottleneck:
+# the "busy" column shows how loaded the gateway's core was). Rounds alternate the
 # contenders (the order rotates each round), so a change in what else the machine
 # runs touches every contender alike; prints each one's median req/s, min..max, the
 # ratio of the medians to the floor + empty log_by_lua, the median of the per-round
@@ -108,18 +109,24 @@ round_ratio() {
 }
 # The worker's CPU microseconds per request over all rounds.
 cpu_us() { awk -v t="${ticks[$1]}" -v n="${reqs[$1]}" -v hz="$tck" 'BEGIN { printf "%.2f", 1e6 * t / hz / n }'; }
+# How busy the worker's core was during the runs: near 100% when the gateway is the
+# bottleneck; below, req/s says more of the load generator's core than of the gateway.
+busy() { awk -v t="${ticks[$1]}" -v hz="$tck" -v s="$((ROUNDS * SECS))" 'BEGIN { printf "%.0f%%", 100 * t / hz / s }'; }
 floor_cpu=$([ -n "$floor" ] && cpu_us ovh-floor1 || echo "")
-printf '   %-34s %12s %18s %14s %12s %10s %10s %9s\n' contender "req/s median" "min..max" "vs floor+log" "per round" "vs native" "CPU us/req" "vs floor"
+printf '   %-34s %12s %18s %14s %12s %10s %10s %9s %6s\n' contender "req/s median" "min..max" "vs floor+log" "per round" "vs native" "CPU us/req" "vs floor" "busy"
 for n in "${names[@]}"; do
     c=$(cpu_us "$n")
-    printf '   %-34s %12.0f %18s %14s %12s %10s %10s %9s\n' "$(overhead_label "$n.conf")" "${med[$n]}" \
+    printf '   %-34s %12.0f %18s %14s %12s %10s %10s %9s %6s\n' "$(overhead_label "$n.conf")" "${med[$n]}" \
         "$(echo "${results[$n]}" | range)" \
         "$([ -n "$floor" ] && awk -v a="${med[$n]}" -v b="$floor" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)" \
         "$([ -n "$floor" ] && awk -v x="$(round_ratio "$n")" 'BEGIN { printf "%.1f%%", 100 * x }' || echo -)" \
         "$([ -n "$native" ] && awk -v a="${med[$n]}" -v b="$native" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)" \
-        "$c" "$([ -n "$floor_cpu" ] && awk -v a="$c" -v b="$floor_cpu" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)"
+        "$c" "$([ -n "$floor_cpu" ] && awk -v a="$c" -v b="$floor_cpu" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)" \
+        "$(busy "$n")"
 done
 echo "   vs floor+log: ratio of the medians; per round: median of each round's ratio to the floor"
 echo "   + empty log_by_lua. Target (issue 15): rsbalancer at least 97% of that floor."
 echo "   CPU us/req: the gateway worker's user + system CPU time per request over all rounds"
-echo "   (clock ticks of $((1000 / tck)) ms); vs floor: against the floor + empty log_by_lua's."
+echo "   (clock ticks of $((1000 / tck)) ms); vs floor: against the floor + empty log_by_lua's; busy:"
+echo "   that CPU time over the runs' wall time (under 100%: the gateway was not the bottleneck,"
+echo "   and CPU us/req is the figure that measures its capacity)."
