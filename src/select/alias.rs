@@ -106,6 +106,30 @@ impl AliasTable {
             slot.alias
         })
     }
+
+    /// An index drawn with probability ∝ weight from 32 random bits (the table must not
+    /// be empty): what lets one 64-bit random number give two draws
+    /// ([`P2cEwma`](super::P2cEwma)'s pair).
+    ///
+    /// `bits * n` is the draw scaled to `[0, n)` in 32.32 fixed point: its integer part
+    /// (the high half, Lemire's multiply-shift) picks the slot and its fraction (the
+    /// low half) is the coin flipped against the slot's probability, as a float draw
+    /// `u * n` would split into `floor` and the rest. Given the slot, the fractions of
+    /// the `bits` that land in it step by `n` across `[0, 2^32)`, so the coin is
+    /// uniform and independent of the slot up to `n / 2^32`, the order of the slot's
+    /// own bias: far below what any sample could show.
+    #[inline(always)]
+    pub fn at(&self, bits: u32) -> usize {
+        let x = u64::from(bits) * self.slots.len() as u64;
+        // Below n: (2^32 - 1) * n >> 32 < n.
+        let i = (x >> 32) as usize;
+        let slot = self.slots[i];
+        if x & 0xffff_ffff < slot.keep {
+            i
+        } else {
+            slot.alias
+        }
+    }
 }
 
 /// The `weighted_random` algorithm: a weighted draw among the eligible candidates.
@@ -190,6 +214,25 @@ mod tests {
         for (m, w) in mass.iter().zip(&weights) {
             assert!((m - w / total).abs() < 1e-9, "{m} vs {}", w / total);
         }
+    }
+
+    #[test]
+    fn alias_table_at_splits_32_bits_into_slot_and_coin() {
+        // Every 2^12-th value of the 32 bits, evenly spread: the share of each index
+        // must be its weight's, up to the grid's resolution (n / 2^20 per slot).
+        let weights = [30.0, 50.0, 20.0, 0.5, 7.25];
+        let table = AliasTable::new(&weights);
+        let total: f64 = weights.iter().sum();
+        let mut counts = [0u64; 5];
+        for k in 0u32..1 << 20 {
+            counts[table.at((k << 12) | 0x800)] += 1;
+        }
+        for (c, w) in counts.iter().zip(&weights) {
+            let share = *c as f64 / (1u64 << 20) as f64;
+            assert!((share - w / total).abs() < 2e-5, "{share} vs {}", w / total);
+        }
+        // The extremes stay in range.
+        assert!(table.at(0) < 5 && table.at(u32::MAX) < 5);
     }
 
     #[test]
