@@ -16,22 +16,24 @@ use super::{sane_weight, weighted_scan, NodeView, MAX_DRAWS};
 use rand::Rng;
 
 /// One slot of the table: keep `index` with probability `keep / 2^32`, else take
-/// `alias`.
+/// `alias`. Eight bytes, so that a table of a large pool takes half the cache lines.
 #[derive(Clone, Copy, Debug)]
 struct Slot {
-    /// The slot's probability in units of 2^-32 (`0..=2^32`): a draw compares 32
-    /// random bits with it, so the integer draw needs no float conversion.
-    keep: u64,
-    alias: usize,
+    /// The slot's probability in units of 2^-32: a draw compares 32 random bits with
+    /// it, so the integer draw needs no float conversion. A slot that keeps itself
+    /// always has itself as alias (its `keep`, `u32::MAX`, then does not matter).
+    keep: u32,
+    alias: u32,
 }
 
 /// 2^32: a probability of 1 in [`Slot::keep`]'s units.
 const ONE: f64 = 4_294_967_296.0;
 
 /// A slot's probability in [`Slot::keep`]'s units, rounded to the nearest (no libm
-/// call: a refresh rebuilds the tables of every pool).
-fn keep_of(prob: f64) -> u64 {
-    (prob.clamp(0.0, 1.0) * ONE + 0.5) as u64
+/// call: a refresh rebuilds the tables of every pool); at most `u32::MAX`, 2^-32
+/// short of 1.
+fn keep_of(prob: f64) -> u32 {
+    (prob.clamp(0.0, 1.0) * ONE + 0.5).min(u32::MAX as f64) as u32
 }
 
 /// Vose's alias table over a list of weights.
@@ -51,8 +53,8 @@ impl AliasTable {
         let mut scaled: Vec<f64> = weights.iter().map(|w| w * n as f64 / total).collect();
         let mut slots: Vec<Slot> = (0..n)
             .map(|i| Slot {
-                keep: 1 << 32,
-                alias: i,
+                keep: u32::MAX,
+                alias: i as u32,
             })
             .collect();
         let (mut small, mut large): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| scaled[i] < 1.0);
@@ -60,7 +62,7 @@ impl AliasTable {
             small.pop();
             slots[s] = Slot {
                 keep: keep_of(scaled[s]),
-                alias: l,
+                alias: l as u32,
             };
             // Vose's stable update: the large one gives away what the small one lacks.
             scaled[l] = (scaled[l] + scaled[s]) - 1.0;
@@ -100,10 +102,10 @@ impl AliasTable {
         // Below n: (2^32 - 1) * n >> 32 < n (a table has fewer than 2^32 slots).
         let i = (((r >> 32) * n as u64) >> 32) as usize;
         let slot = self.slots[i];
-        Some(if r & 0xffff_ffff < slot.keep {
+        Some(if (r as u32) < slot.keep {
             i
         } else {
-            slot.alias
+            slot.alias as usize
         })
     }
 
@@ -124,10 +126,10 @@ impl AliasTable {
         // Below n: (2^32 - 1) * n >> 32 < n.
         let i = (x >> 32) as usize;
         let slot = self.slots[i];
-        if x & 0xffff_ffff < slot.keep {
+        if (x as u32) < slot.keep {
             i
         } else {
-            slot.alias
+            slot.alias as usize
         }
     }
 }
@@ -208,7 +210,7 @@ mod tests {
         for (i, slot) in table.slots.iter().enumerate() {
             let prob = slot.keep as f64 / ONE;
             mass[i] += prob / n;
-            mass[slot.alias] += (1.0 - prob) / n;
+            mass[slot.alias as usize] += (1.0 - prob) / n;
         }
         // Exact up to the coin's resolution, 2^-32 per slot.
         for (m, w) in mass.iter().zip(&weights) {
