@@ -165,6 +165,7 @@ impl P2cEwma {
         Some(self.cost(i, latency, load))
     }
 
+    /// The cost of node `i` at `latency` and `load` (see [`cost_if_eligible`](Self::cost_if_eligible)).
     #[inline(always)]
     fn cost(&self, i: usize, latency: f64, load: u32) -> f64 {
         latency * (1.0 + f64::from(load) * self.per_capacity[i])
