@@ -61,7 +61,8 @@ fn live(word: u64, now: u64) -> Option<(Option<u32>, u32)> {
 /// The limit (fixed point, 0: none) that caps this gateway's tries on the node now:
 /// its fleet share while one counts (at most its own learned limit; a share of 0 is
 /// the smallest limit there is, which takes no try), else its own learned limit.
-#[inline]
+/// Inlined: every pick asks it of every candidate.
+#[inline(always)]
 pub fn cap(n: &NodeSlot, now: u64) -> u64 {
     let own = n.limit.load(Ordering::Relaxed);
     match live(n.fleet.load(Ordering::Relaxed), now) {

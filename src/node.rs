@@ -67,8 +67,9 @@ pub fn taken_out(n: &NodeSlot, now: u64) -> bool {
     taken_out_flags(n, n.flags.load(Ordering::Relaxed), now)
 }
 
-/// [`taken_out`] with the node's flags word `f` already loaded.
-#[inline]
+/// [`taken_out`] with the node's flags word `f` already loaded. Inlined: every pick
+/// asks it of every candidate.
+#[inline(always)]
 pub fn taken_out_flags(n: &NodeSlot, f: u32, now: u64) -> bool {
     now < n.cooldown_until_ms.load(Ordering::Relaxed)
         || now < n.ejected_until_ms.load(Ordering::Relaxed)

@@ -198,17 +198,18 @@ impl View<'_> {
             self.reference_us,
         )
     }
-}
 
-impl NodeView for View<'_> {
+    /// Node `i` and its in-flight count when it is [`NodeView::eligible`]: the one
+    /// look-up of the node that eligibility and the cost (`eligible_latency_load`)
+    /// share.
     #[inline(always)]
-    fn eligible(&self, i: usize) -> bool {
+    fn eligible_node(&self, i: usize) -> Option<(&NodeSlot, u32)> {
         let slot = self.slots[i];
         if (!self.tried.is_empty() && self.tried.contains(&slot))
             || self.slow_extra_us.is_some_and(|x| x[i] > 0.0)
             || self.refused.contains(slot)
         {
-            return false;
+            return None;
         }
         // Tier slots come from the topology, whose slots are all < max_nodes.
         let n = self.region.node(slot).expect("topology slot in range");
@@ -217,7 +218,7 @@ impl NodeView for View<'_> {
         // Provider headroom and budgets first (only for a node that has either), so
         // that a node passed over for them is counted as such.
         if !headroom::room(n, f, self.ask.tokens, self.now_ms) {
-            return false;
+            return None;
         }
         // The limit and in-flight count loaded once for both questions.
         let (limit, inflight) = (
@@ -225,11 +226,34 @@ impl NodeView for View<'_> {
             n.inflight.load(Ordering::Relaxed),
         );
         // At its cap: counted as this gateway's unmet demand (`crate::fleet`).
-        crate::fleet::under_cap(n, limit, inflight)
+        let ok = crate::fleet::under_cap(n, limit, inflight)
             && node::available_flags(n, f, self.now_ms, limit, inflight)
             && self
                 .confirmed
-                .is_none_or(|want| node::confirmed_slot(self.region, slot, limit, inflight) == want)
+                .is_none_or(|want| node::confirmed_slot(self.region, slot, limit, inflight) == want);
+        ok.then_some((n, inflight))
+    }
+
+    /// [`NodeView::latency_load`] of node `n` with `inflight` tries in flight.
+    #[inline(always)]
+    fn latency_load_of(&self, n: &NodeSlot, inflight: u32) -> (f64, u32) {
+        let load = inflight.saturating_add(crate::scrape::queued(n, self.now_ms));
+        (self.latency_of(n), load)
+    }
+}
+
+impl NodeView for View<'_> {
+    #[inline(always)]
+    fn eligible(&self, i: usize) -> bool {
+        self.eligible_node(i).is_some()
+    }
+
+    /// Eligibility and cost from one look-up of the node, the load from the in-flight
+    /// count eligibility read.
+    #[inline(always)]
+    fn eligible_latency_load(&self, i: usize) -> Option<(f64, u32)> {
+        let (n, inflight) = self.eligible_node(i)?;
+        Some(self.latency_load_of(n, inflight))
     }
 
     fn inflight(&self, i: usize) -> u32 {
@@ -246,11 +270,7 @@ impl NodeView for View<'_> {
     #[inline(always)]
     fn latency_load(&self, i: usize) -> (f64, u32) {
         let n = self.node(i);
-        let load = n
-            .inflight
-            .load(Ordering::Relaxed)
-            .saturating_add(crate::scrape::queued(n, self.now_ms));
-        (self.latency_of(n), load)
+        self.latency_load_of(n, n.inflight.load(Ordering::Relaxed))
     }
 
     fn queued(&self, i: usize) -> u32 {

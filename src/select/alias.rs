@@ -16,22 +16,24 @@ use super::{sane_weight, weighted_scan, NodeView, MAX_DRAWS};
 use rand::Rng;
 
 /// One slot of the table: keep `index` with probability `keep / 2^32`, else take
-/// `alias`.
+/// `alias`. Eight bytes, so that a table of a large pool takes half the cache lines.
 #[derive(Clone, Copy, Debug)]
 struct Slot {
-    /// The slot's probability in units of 2^-32 (`0..=2^32`): a draw compares 32
-    /// random bits with it, so the integer draw needs no float conversion.
-    keep: u64,
-    alias: usize,
+    /// The slot's probability in units of 2^-32: a draw compares 32 random bits with
+    /// it, so the integer draw needs no float conversion. A slot that keeps itself
+    /// always has itself as alias (its `keep`, `u32::MAX`, then does not matter).
+    keep: u32,
+    alias: u32,
 }
 
 /// 2^32: a probability of 1 in [`Slot::keep`]'s units.
 const ONE: f64 = 4_294_967_296.0;
 
 /// A slot's probability in [`Slot::keep`]'s units, rounded to the nearest (no libm
-/// call: a refresh rebuilds the tables of every pool).
-fn keep_of(prob: f64) -> u64 {
-    (prob.clamp(0.0, 1.0) * ONE + 0.5) as u64
+/// call: a refresh rebuilds the tables of every pool); at most `u32::MAX`, 2^-32
+/// short of 1.
+fn keep_of(prob: f64) -> u32 {
+    (prob.clamp(0.0, 1.0) * ONE + 0.5).min(u32::MAX as f64) as u32
 }
 
 /// Vose's alias table over a list of weights.
@@ -51,8 +53,8 @@ impl AliasTable {
         let mut scaled: Vec<f64> = weights.iter().map(|w| w * n as f64 / total).collect();
         let mut slots: Vec<Slot> = (0..n)
             .map(|i| Slot {
-                keep: 1 << 32,
-                alias: i,
+                keep: u32::MAX,
+                alias: i as u32,
             })
             .collect();
         let (mut small, mut large): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| scaled[i] < 1.0);
@@ -60,7 +62,7 @@ impl AliasTable {
             small.pop();
             slots[s] = Slot {
                 keep: keep_of(scaled[s]),
-                alias: l,
+                alias: l as u32,
             };
             // Vose's stable update: the large one gives away what the small one lacks.
             scaled[l] = (scaled[l] + scaled[s]) - 1.0;
@@ -100,11 +102,35 @@ impl AliasTable {
         // Below n: (2^32 - 1) * n >> 32 < n (a table has fewer than 2^32 slots).
         let i = (((r >> 32) * n as u64) >> 32) as usize;
         let slot = self.slots[i];
-        Some(if r & 0xffff_ffff < slot.keep {
+        Some(if (r as u32) < slot.keep {
             i
         } else {
-            slot.alias
+            slot.alias as usize
         })
+    }
+
+    /// An index drawn with probability ∝ weight from 32 random bits (the table must not
+    /// be empty): what lets one 64-bit random number give two draws
+    /// ([`P2cEwma`](super::P2cEwma)'s pair).
+    ///
+    /// `bits * n` is the draw scaled to `[0, n)` in 32.32 fixed point: its integer part
+    /// (the high half, Lemire's multiply-shift) picks the slot and its fraction (the
+    /// low half) is the coin flipped against the slot's probability, as a float draw
+    /// `u * n` would split into `floor` and the rest. Given the slot, the fractions of
+    /// the `bits` that land in it step by `n` across `[0, 2^32)`, so the coin is
+    /// uniform and independent of the slot up to `n / 2^32`, the order of the slot's
+    /// own bias: far below what any sample could show.
+    #[inline(always)]
+    pub fn at(&self, bits: u32) -> usize {
+        let x = u64::from(bits) * self.slots.len() as u64;
+        // Below n: (2^32 - 1) * n >> 32 < n.
+        let i = (x >> 32) as usize;
+        let slot = self.slots[i];
+        if (x as u32) < slot.keep {
+            i
+        } else {
+            slot.alias as usize
+        }
     }
 }
 
@@ -184,12 +210,31 @@ mod tests {
         for (i, slot) in table.slots.iter().enumerate() {
             let prob = slot.keep as f64 / ONE;
             mass[i] += prob / n;
-            mass[slot.alias] += (1.0 - prob) / n;
+            mass[slot.alias as usize] += (1.0 - prob) / n;
         }
         // Exact up to the coin's resolution, 2^-32 per slot.
         for (m, w) in mass.iter().zip(&weights) {
             assert!((m - w / total).abs() < 1e-9, "{m} vs {}", w / total);
         }
+    }
+
+    #[test]
+    fn alias_table_at_splits_32_bits_into_slot_and_coin() {
+        // Every 2^12-th value of the 32 bits, evenly spread: the share of each index
+        // must be its weight's, up to the grid's resolution (n / 2^20 per slot).
+        let weights = [30.0, 50.0, 20.0, 0.5, 7.25];
+        let table = AliasTable::new(&weights);
+        let total: f64 = weights.iter().sum();
+        let mut counts = [0u64; 5];
+        for k in 0u32..1 << 20 {
+            counts[table.at((k << 12) | 0x800)] += 1;
+        }
+        for (c, w) in counts.iter().zip(&weights) {
+            let share = *c as f64 / (1u64 << 20) as f64;
+            assert!((share - w / total).abs() < 2e-5, "{share} vs {}", w / total);
+        }
+        // The extremes stay in range.
+        assert!(table.at(0) < 5 && table.at(u32::MAX) < 5);
     }
 
     #[test]

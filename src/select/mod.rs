@@ -90,6 +90,17 @@ pub trait NodeView {
     fn latency_load(&self, idx: usize) -> (f64, u32) {
         (self.latency(idx), self.load(idx))
     }
+    /// [`NodeView::latency_load`] of a node that is [`NodeView::eligible`], `None` for
+    /// one that is not: what `p2c_ewma` asks of each candidate (a view may answer both
+    /// from one look-up of the node, and its load from the in-flight count that its
+    /// eligibility already read).
+    fn eligible_latency_load(&self, idx: usize) -> Option<(f64, u32)> {
+        if self.eligible(idx) {
+            Some(self.latency_load(idx))
+        } else {
+            None
+        }
+    }
     /// True when the node is out of service for every request for a while (cooling,
     /// ejected, draining, down), not just for this one: `round_robin` and `least_conn`
     /// then set it aside until their next refresh instead of meeting it on every pick.

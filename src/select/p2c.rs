@@ -123,77 +123,138 @@ impl P2cEwma {
     }
 
     /// The chosen candidate and the other one of the pair (`None`: only one eligible).
+    ///
+    /// One 64-bit random number gives both draws, a 32-bit half each
+    /// ([`AliasTable::at`]); a redraw takes a new one. Each candidate's eligibility and
+    /// cost come from one question to the view ([`NodeView::eligible_latency_load`]).
     #[inline(always)]
     fn pick_pair<R: Rng + ?Sized, V: NodeView + ?Sized>(
         &self,
         rng: &mut R,
         view: &V,
     ) -> Option<(usize, Option<usize>)> {
-        let (a, b) = self.draw_pair(rng, view)?;
-        let Some(b) = b else { return Some((a, None)) };
-        // cost = latency x (1 + load / relative capacity), load = in flight + queued, where a node's relative
-        // capacity is its weight over the mean weight. With equal weights this is
-        // Finagle's latency x (in-flight + 1); with unequal ones an idle pool ties and
-        // the tie goes to the first draw, itself drawn by weight, so shares follow the
-        // weights until load (in flight per unit of capacity) or latency says otherwise.
-        //
+        if self.table.is_empty() {
+            return None;
+        }
+        let r = rng.next_u64();
+        let (a, cost_a) = self.first(rng, view, (r >> 32) as u32)?;
+        let Some((b, cost_b)) = self.second(rng, view, a, r as u32) else {
+            return Some((a, None));
+        };
         // Costs within TIE_BAND of each other are a tie: latency estimates carry noise
         // (and float rounding), and letting a 0.01% difference decide would send every
         // pick of a lightly loaded pool to whichever node is marginally cheaper.
-        let cost = |i: usize| {
-            let (latency, load) = view.latency_load(i);
-            latency * (1.0 + f64::from(load) * self.per_capacity[i])
-        };
-        Some(if cost(b) * (1.0 + TIE_BAND) < cost(a) {
+        Some(if cost_b * (1.0 + TIE_BAND) < cost_a {
             (b, Some(a))
         } else {
             (a, Some(b))
         })
     }
 
-    /// Two distinct eligible nodes drawn without replacement, ∝ weight: the second is
-    /// `None` when only one node is eligible; `None` when none is.
+    /// Node `i`'s cost when it is eligible, `None` when it is not.
+    ///
+    /// cost = latency x (1 + load / relative capacity), load = in flight + queued,
+    /// where a node's relative capacity is its weight over the mean weight. With equal
+    /// weights this is Finagle's latency x (in-flight + 1); with unequal ones an idle
+    /// pool ties and the tie goes to the first draw, itself drawn by weight, so shares
+    /// follow the weights until load (in flight per unit of capacity) or latency says
+    /// otherwise.
+    #[inline(always)]
+    fn cost_if_eligible<V: NodeView + ?Sized>(&self, view: &V, i: usize) -> Option<f64> {
+        let (latency, load) = view.eligible_latency_load(i)?;
+        Some(self.cost(i, latency, load))
+    }
+
+    /// The cost of node `i` at `latency` and `load` (see [`cost_if_eligible`](Self::cost_if_eligible)).
+    #[inline(always)]
+    fn cost(&self, i: usize, latency: f64, load: u32) -> f64 {
+        latency * (1.0 + f64::from(load) * self.per_capacity[i])
+    }
+
+    /// The first candidate, ∝ weight among the eligible nodes, and its cost: the first
+    /// draw from `bits`, up to [`MAX_DRAWS`] in all, then a weighted scan.
+    #[inline(always)]
+    fn first<R: Rng + ?Sized, V: NodeView + ?Sized>(
+        &self,
+        rng: &mut R,
+        view: &V,
+        bits: u32,
+    ) -> Option<(usize, f64)> {
+        let i = self.table.at(bits);
+        if let Some(cost) = self.cost_if_eligible(view, i) {
+            return Some((i, cost));
+        }
+        self.first_again(rng, view)
+    }
+
+    /// [`first`](Self::first) after its first draw was not eligible.
+    #[inline(never)]
+    fn first_again<R: Rng + ?Sized, V: NodeView + ?Sized>(
+        &self,
+        rng: &mut R,
+        view: &V,
+    ) -> Option<(usize, f64)> {
+        for _ in 1..MAX_DRAWS {
+            let i = self.table.at(rng.next_u32());
+            if let Some(cost) = self.cost_if_eligible(view, i) {
+                return Some((i, cost));
+            }
+        }
+        let i = weighted_scan(rng, &self.weights, view, None)?;
+        let (latency, load) = view.latency_load(i);
+        Some((i, self.cost(i, latency, load)))
+    }
+
+    /// A second candidate other than `first`, ∝ weight among the other eligible nodes,
+    /// and its cost; `None` when `first` is the only eligible node. The first draw from
+    /// `bits`, up to [`MAX_DRAWS`] in all (a draw of `first` counts), then a weighted
+    /// scan.
+    #[inline(always)]
+    fn second<R: Rng + ?Sized, V: NodeView + ?Sized>(
+        &self,
+        rng: &mut R,
+        view: &V,
+        first: usize,
+        bits: u32,
+    ) -> Option<(usize, f64)> {
+        // One node: no other (and `without_heaviest` would be empty).
+        if self.weights.len() < 2 {
+            return None;
+        }
+        let mut bits = bits;
+        for k in 0..MAX_DRAWS {
+            if k > 0 {
+                bits = rng.next_u32();
+            }
+            let i = if first == self.heaviest {
+                let j = self.without_heaviest.at(bits);
+                j + usize::from(j >= self.heaviest)
+            } else {
+                self.table.at(bits)
+            };
+            if i != first {
+                if let Some(cost) = self.cost_if_eligible(view, i) {
+                    return Some((i, cost));
+                }
+            }
+        }
+        let i = weighted_scan(rng, &self.weights, view, Some(first))?;
+        let (latency, load) = view.latency_load(i);
+        Some((i, self.cost(i, latency, load)))
+    }
+
+    /// Two distinct eligible nodes drawn without replacement, ∝ weight, as the pick
+    /// draws them: the second is `None` when only one node is eligible; `None` when
+    /// none is.
+    #[cfg(test)]
     fn draw_pair<R: Rng + ?Sized, V: NodeView + ?Sized>(
         &self,
         rng: &mut R,
         view: &V,
     ) -> Option<(usize, Option<usize>)> {
-        let first = self.draw_first(rng, view)?;
-        Some((first, self.draw_second(rng, view, first)))
-    }
-
-    fn draw_first<R: Rng + ?Sized, V: NodeView + ?Sized>(&self, rng: &mut R, view: &V) -> Option<usize> {
-        for _ in 0..MAX_DRAWS {
-            let i = self.table.sample(rng)?;
-            if view.eligible(i) {
-                return Some(i);
-            }
-        }
-        weighted_scan(rng, &self.weights, view, None)
-    }
-
-    fn draw_second<R: Rng + ?Sized, V: NodeView + ?Sized>(
-        &self,
-        rng: &mut R,
-        view: &V,
-        first: usize,
-    ) -> Option<usize> {
-        for _ in 0..MAX_DRAWS {
-            let i = if first == self.heaviest {
-                let j = self.without_heaviest.sample(rng)?;
-                if j < self.heaviest {
-                    j
-                } else {
-                    j + 1
-                }
-            } else {
-                self.table.sample(rng)?
-            };
-            if i != first && view.eligible(i) {
-                return Some(i);
-            }
-        }
-        weighted_scan(rng, &self.weights, view, Some(first))
+        let r = rng.next_u64();
+        let (a, _) = self.first(rng, view, (r >> 32) as u32)?;
+        Some((a, self.second(rng, view, a, r as u32).map(|(b, _)| b)))
     }
 }
 

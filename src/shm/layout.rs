@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 /// "RSBALNCR" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"RSBALNCR");
 /// Bumped whenever any struct in this file changes shape.
-pub const LAYOUT_VERSION: u32 = 16;
+pub const LAYOUT_VERSION: u32 = 17;
 
 /// Node flags (`NodeSlot::flags`).
 pub mod flags {
@@ -323,7 +323,9 @@ pub struct FleetView {
 }
 
 /// One upstream node. The first cache line holds what every request writes; the
-/// second what configuration and state transitions write.
+/// second what configuration and state transitions write. Between them the two hold
+/// all that a pick reads of a candidate (`p2c_ewma` reads two candidates per pick:
+/// two lines each, not four, in a pool too large for the L1 cache).
 #[repr(C, align(64))]
 pub struct NodeSlot {
     // --- line 1: per request ---------------------------------------------------
@@ -350,7 +352,7 @@ pub struct NodeSlot {
     pub stream_failures: AtomicU64,
     pub consecutive_busy: AtomicU32,
     pub _pad1: u32,
-    // --- line 2: configuration and state ----------------------------------------
+    // --- line 2: configuration and state, what a pick reads besides line 1 ----------
     /// Pool slot index this node belongs to.
     pub pool: AtomicU32,
     /// `flags::*`.
@@ -364,18 +366,20 @@ pub struct NodeSlot {
     pub cooldown_until_ms: AtomicU64,
     /// No new tries before this time (ms): outlier ejection, health.
     pub ejected_until_ms: AtomicU64,
-    /// When the node left the configuration (ms).
-    pub removed_ms: AtomicU64,
+    /// Learned concurrency limit, fixed point 48.16; 0 = none learned (unlimited).
+    pub limit: AtomicU64,
     /// Scraped queue (`crate::scrape`), read on every pick: the node's backlog not
     /// made of our own tries (high 32 bits) and until when it counts (low 32 bits,
     /// coarse monotonic ms, wrapping); 0: none. One word, one store, one load.
     pub queue: AtomicU64,
+    /// This gateway's share of the node's fleet-wide concurrency limit, the other
+    /// gateways' tries in flight on it, and until when both count (written by the
+    /// cluster sync thread each round; `crate::fleet::pack`); 0: no share.
+    pub fleet: AtomicU64,
+    // --- line 3: ejection, health and scrapes --------------------------------------
     /// When the last successful scrape of the node ended (ms, coarse monotonic); 0:
     /// never.
     pub queue_scraped_ms: AtomicU64,
-    // --- line 3: learned limit, ejection and health ----------------------------------
-    /// Learned concurrency limit, fixed point 48.16; 0 = none learned (unlimited).
-    pub limit: AtomicU64,
     /// Ejections so far (the next one lasts longer).
     pub ejections: AtomicU32,
     /// Consecutive passing / failing active probes.
@@ -418,11 +422,9 @@ pub struct NodeSlot {
     /// Times a pick passed the node over for want of provider headroom / budget.
     pub headroom_skips: AtomicU64,
     pub budget_skips: AtomicU64,
-    // --- last line: cluster mode's shares of the fleet (`crate::fleet`) ---------------
-    /// This gateway's share of the node's fleet-wide concurrency limit, the other
-    /// gateways' tries in flight on it, and until when both count (written by the
-    /// cluster sync thread each round; `crate::fleet::pack`); 0: no share.
-    pub fleet: AtomicU64,
+    // --- last line: cluster mode's shares of the fleet (`crate::fleet`), the removal --
+    /// When the node left the configuration (ms).
+    pub removed_ms: AtomicU64,
     /// Times a pick found the node at its cap (learned limit or fleet share): the
     /// unmet part of this gateway's demand that the sync publishes.
     pub fleet_skips: AtomicU64,
@@ -496,6 +498,9 @@ const _: () = {
     assert!(std::mem::size_of::<FleetView>() == 128);
     assert!(std::mem::size_of::<NodeSlot>() == 448);
     assert!(std::mem::offset_of!(NodeSlot, pool) == 64);
+    // What a pick reads of a candidate: lines 1 and 2 (see `NodeSlot`).
+    assert!(std::mem::offset_of!(NodeSlot, ttft) < 64);
+    assert!(std::mem::offset_of!(NodeSlot, fleet) < 128);
     assert!(std::mem::size_of::<WorkerSlot>() == 64);
     assert!(std::mem::size_of::<NodeTally>() == 256);
     assert!(std::mem::size_of::<PoolTally>() == 640);
