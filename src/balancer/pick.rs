@@ -450,8 +450,8 @@ impl Balancer {
     /// current bucket in `p.budget_at`: the window summed over the tally rows, a
     /// refusal counted in `retries_denied`. A quota of an earlier period is given back
     /// first and, when `reserving` (the owner thread's copy of a handle with a worker
-    /// row: one such copy per row), retries are
-    /// reserved from the headroom found (`crate::budget::Quota`).
+    /// row: one such copy per row), retries are reserved from the headroom found
+    /// (`crate::budget::Quota`).
     #[inline(never)]
     fn budget_check(
         &self,
