@@ -22,6 +22,17 @@ pub fn allows(requests: u64, retries: u64, ratio: f64, min_per_s: u32, window_ms
     (retries + 1) as f64 <= allowed
 }
 
+/// How many more retries the budget allows: what it allows, rounded down, less
+/// `retries` (0: none; above 0 exactly when [`allows`]). What a worker may reserve a
+/// share of (`crate::budget::Quota`).
+pub fn headroom(requests: u64, retries: u64, ratio: f64, min_per_s: u32, window_ms: u32) -> u64 {
+    let floor = min_per_s as f64 * window_ms as f64 / 1000.0;
+    let allowed = (ratio * requests as f64).max(floor);
+    // `as` saturates (and takes NaN to 0): an integer k is at most `allowed` exactly
+    // when it is at most its floor.
+    (allowed.floor() as u64).saturating_sub(retries)
+}
+
 /// Cooldown after the `strikes`-th consecutive quota 429 (`strikes >= 1`).
 pub fn cooldown_ms<R: Rng + ?Sized>(
     rng: &mut R,
@@ -64,6 +75,30 @@ mod tests {
         assert!(allows(0, 29, 0.2, 3, 10_000));
         assert!(!allows(0, 30, 0.2, 3, 10_000));
         assert!(!allows(0, 0, 0.0, 0, 10_000));
+    }
+
+    #[test]
+    fn headroom_is_above_zero_exactly_when_the_budget_allows() {
+        assert_eq!(headroom(1000, 150, 0.2, 0, 10_000), 50);
+        assert_eq!(headroom(1000, 250, 0.2, 0, 10_000), 0);
+        assert_eq!(headroom(0, 10, 0.2, 3, 10_000), 20);
+        assert_eq!(headroom(7, 0, 0.5, 0, 10_000), 3, "3.5 rounds down");
+        for requests in 0..60 {
+            for retries in 0..40 {
+                for (ratio, floor, window) in [
+                    (0.2, 0, 10_000),
+                    (0.5, 1, 1_500),
+                    (1.0, 3, 1_000),
+                    (0.0, 0, 10_000),
+                ] {
+                    assert_eq!(
+                        headroom(requests, retries, ratio, floor, window) > 0,
+                        allows(requests, retries, ratio, floor, window),
+                        "{requests} {retries} {ratio} {floor} {window}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

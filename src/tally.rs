@@ -127,6 +127,13 @@ pub fn budget_totals(region: &Region, p: u32, now_ms: u64, window_ms: u32) -> (u
         .fold((0, 0), |(q, r), (a, b)| (q + a, r + b))
 }
 
+/// How many tally rows may hold counts: the worker rows ever attached and the shared
+/// row (what [`budget_totals_at`] sums over).
+#[inline]
+pub fn rows(region: &Region) -> u32 {
+    region.tally_rows().size_hint().0 as u32
+}
+
 /// One process's sums of a pool's retry-budget window without its current bucket
 /// (`crate::budget::past`), for the bucket period, window and rows they were summed
 /// for: the retry check asks on every request, and these change only when the window
@@ -150,7 +157,7 @@ pub fn budget_totals_at(
     at: &crate::budget::BucketAt,
     past: &mut BudgetPast,
 ) -> (u64, u64) {
-    let key = (at.period(), window_ms, region.tally_rows().size_hint().0 as u32);
+    let key = (at.period(), window_ms, rows(region));
     if past.key != Some(key) {
         past.sums = region
             .pool_tallies(p)

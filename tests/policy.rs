@@ -624,6 +624,54 @@ fn retry_budget_denies_past_the_ratio() {
     assert_eq!(counters(&b), (12, 5, 3), "may_retry itself records nothing");
 }
 
+/// A worker (its own tally row) reserves retries of the budget after its first exact
+/// checks (`budget::Quota`) and answers from them: still exactly the ratio's retries,
+/// the next one denied and counted.
+#[test]
+fn retry_budget_of_a_worker_that_reserves_stays_exact() {
+    let b = Balancer::create(&config(
+        json!({
+            "algorithm": "round_robin",
+            "slow_start_ms": 0,
+            "retry": { "budget_ratio": 0.2, "min_per_s": 0, "max_tries": 3 }
+        }),
+        &["a", "b", "c"],
+    ))
+    .unwrap();
+    b.attach_worker(0).unwrap();
+    let pool = b.pool_index("p").unwrap();
+    let a = slots(&b, &["a"])[0];
+    serve(&b, pool, 200);
+    let region = b.region();
+    let window = |row: u32| {
+        let t = region.pool_tally(row, pool).unwrap();
+        rsbalancer::budget::totals(&t.budget, rsbalancer::shm::clock::now_ms(), 10_000)
+    };
+    // This (owner) thread counts in the worker's row; reservations go to the shared one.
+    let shared = region.capacity().max_workers;
+    let (mut granted, mut reserved) = (0, 0);
+    while b.may_retry(pool, &[a], 10).is_ok() {
+        reserved = reserved.max(window(shared).1);
+        granted += 1;
+        assert!(granted <= 40, "past the budget");
+        let node = b.pick(pool, b"", &[a]).unwrap();
+        b.report(node, 200, 1000, 0).unwrap();
+    }
+    assert_eq!(granted, 40, "20% of 200");
+    let s = status::of(&b).unwrap();
+    let p = &s["pools"]["p"];
+    assert_eq!(
+        (p["retries"].as_u64(), p["retries_denied"].as_u64()),
+        (Some(40), Some(1))
+    );
+    assert!(reserved > 0, "the worker reserved retries");
+    // What the window counts: the 40 retries (reserved or not), nothing reserved left.
+    let budget = (0..=shared)
+        .map(window)
+        .fold((0, 0), |s, t| (s.0 + t.0, s.1 + t.1));
+    assert_eq!(budget, (200, 40));
+}
+
 #[test]
 fn retry_limits_tries_deadline_and_nodes() {
     let b = Balancer::create(&config_with(

@@ -12,12 +12,17 @@ pub(super) struct Local {
     pub(super) by_name: HashMap<String, u32>,
     pub(super) rng: SmallRng,
     pub(super) fork_epoch: u64,
+    /// The owner thread's copy (`crate::shm::owned`): the one copy of a handle that
+    /// reserves retries (`crate::budget::Quota`), so that a worker row has one
+    /// reserving copy.
+    pub(super) owner_copy: bool,
 }
 
 impl Local {
-    /// Tables that the first `sync` fills.
-    pub(super) fn empty() -> Local {
+    /// Tables that the first `sync` fills (`owner_copy`: the owner thread's copy).
+    pub(super) fn empty(owner_copy: bool) -> Local {
         Local {
+            owner_copy,
             generation: u64::MAX,
             config_version: u64::MAX,
             topo: Arc::new(Topology::default()),
@@ -52,6 +57,9 @@ pub(super) struct LocalPool {
     pub(super) budget_past: tally::BudgetPast,
     /// The retry budget's current bucket, as the last pick found it.
     pub(super) budget_at: budget::BucketAt,
+    /// The retries this process reserved in the retry budget (`crate::budget::Quota`):
+    /// while it holds one, the retry check answers without summing the rows.
+    pub(super) budget_quota: budget::Quota,
 }
 
 /// A pool's stream-signal references, from the last refresh: what a node without
@@ -538,6 +546,10 @@ impl Balancer {
         if l.fork_epoch != epoch {
             l.rng = os_rng();
             l.fork_epoch = epoch;
+            // The parent's reserved retries are the parent's to take and give back.
+            for p in l.pools.iter_mut().flatten() {
+                p.budget_quota = budget::Quota::default();
+            }
         }
         let h = self.region.header();
         // Acquire pairs with the Release in `bump`: the slot and text writes of the
@@ -612,6 +624,7 @@ impl Balancer {
                 backup,
                 budget_past: tally::BudgetPast::default(),
                 budget_at: budget::BucketAt::default(),
+                budget_quota: budget::Quota::default(),
             });
         }
         l.topo = Arc::new(topo);

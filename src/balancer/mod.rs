@@ -206,7 +206,7 @@ impl Balancer {
         region.set_reaper(crate::admission::queue::reap_owner);
         Balancer {
             region,
-            local: Owned::new(Local::empty(), Local::empty()),
+            local: Owned::new(Local::empty(true), Local::empty(false)),
             worker: AtomicU64::new(NO_WORKER as u64),
             calm_since: Default::default(),
             stage: AtomicU64::new(0),

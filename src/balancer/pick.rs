@@ -23,8 +23,11 @@ impl Tries<'_> {
         self.before.len() + usize::from(self.last.is_some())
     }
 
+    /// A plain loop over `before`: a request has tried a few slots, where the slice
+    /// search's vector set-up costs more than it saves (about 12 instructions a slot
+    /// of the retry check's scan, `before` empty on most requests).
     fn contains(&self, slot: &u32) -> bool {
-        self.last == Some(*slot) || self.before.contains(slot)
+        self.last == Some(*slot) || self.before.iter().any(|b| b == slot)
     }
 }
 
@@ -328,7 +331,10 @@ impl Balancer {
                     if !p.budget_at.covers(now, window_ms) {
                         p.budget_at = budget::BucketAt::of(now, window_ms);
                     }
-                    budget::record_at(&t.budget, &p.budget_at, retry, writer);
+                    // A retry this process reserved is counted already.
+                    if !(retry && p.budget_quota.take(&p.budget_at)) {
+                        budget::record_at(&t.budget, &p.budget_at, retry, writer);
+                    }
                     writer.add(
                         if retry {
                             &t.retries_total
@@ -398,6 +404,7 @@ impl Balancer {
         now: u64,
         other_free: bool,
     ) -> Result<(), RetryDenied> {
+        let (epoch, owner_copy) = (l.fork_epoch, l.owner_copy);
         let p = local_pool(&mut l.pools, pool).map_err(|_| RetryDenied::NoNode)?;
         if tried.len() >= p.policy.retry.max_tries as usize {
             return Err(RetryDenied::MaxTries);
@@ -405,30 +412,16 @@ impl Balancer {
         if elapsed_ms >= p.policy.retry.deadline_ms {
             return Err(RetryDenied::Deadline);
         }
-        let ps = self.region.pool(pool).expect("local pool slot in range");
         // The budget before the nodes: a busy request that finds no node free now waits
         // for one in a new round (`retry.rounds`), which only the budget may refuse.
         let window_ms = p.policy.retry.window_ms;
         if !p.budget_at.covers(now, window_ms) {
             p.budget_at = budget::BucketAt::of(now, window_ms);
         }
-        let (requests, retries) = tally::budget_totals_at(
-            &self.region,
-            pool,
-            now,
-            window_ms,
-            &p.budget_at,
-            &mut p.budget_past,
-        );
-        if !retry::allows(
-            requests,
-            retries,
-            p.policy.retry.budget_ratio,
-            p.policy.retry.min_per_s,
-            p.policy.retry.window_ms,
-        ) {
-            ps.retries_denied.fetch_add(1, Ordering::Relaxed);
-            return Err(RetryDenied::Budget);
+        // A retry this process reserved is within the budget (`crate::budget::Quota`).
+        if !p.budget_quota.holds(&p.budget_at) {
+            let reserving = owner_copy && self.worker_slot_at(epoch).is_some();
+            self.budget_check(p, pool, now, reserving)?;
         }
         if other_free {
             return Ok(());
@@ -450,6 +443,47 @@ impl Balancer {
         if !any {
             return Err(RetryDenied::NoNode);
         }
+        Ok(())
+    }
+
+    /// The retry budget's exact check for local pool `p` (slot `pool`) at `now`, its
+    /// current bucket in `p.budget_at`: the window summed over the tally rows, a
+    /// refusal counted in `retries_denied`. A quota of an earlier period is given back
+    /// first and, when `reserving` (the owner thread's copy of a handle with a worker
+    /// row: one such copy per row), retries are reserved from the headroom found
+    /// (`crate::budget::Quota`).
+    #[inline(never)]
+    fn budget_check(
+        &self,
+        p: &mut LocalPool,
+        pool: u32,
+        now: u64,
+        reserving: bool,
+    ) -> Result<(), RetryDenied> {
+        let cap = self.region.capacity();
+        let shared = self
+            .region
+            .pool_tally(cap.max_workers, pool)
+            .expect("local pool slot in range");
+        p.budget_quota.roll(&p.budget_at, &shared.budget);
+        let r = &p.policy.retry;
+        let (requests, retries) = tally::budget_totals_at(
+            &self.region,
+            pool,
+            now,
+            r.window_ms,
+            &p.budget_at,
+            &mut p.budget_past,
+        );
+        let headroom = retry::headroom(requests, retries, r.budget_ratio, r.min_per_s, r.window_ms);
+        if headroom == 0 {
+            let ps = self.region.pool(pool).expect("local pool slot in range");
+            ps.retries_denied.fetch_add(1, Ordering::Relaxed);
+            return Err(RetryDenied::Budget);
+        }
+        let rows = tally::rows(&self.region);
+        p.budget_quota
+            .reserve(&p.budget_at, headroom, (rows, reserving), &shared.budget);
         Ok(())
     }
 
