@@ -200,9 +200,7 @@ impl P2cEwma {
                 return Some((i, cost));
             }
         }
-        let i = weighted_scan(rng, &self.weights, view, None)?;
-        let (latency, load) = view.latency_load(i);
-        Some((i, self.cost(i, latency, load)))
+        self.scan(rng, view, None)
     }
 
     /// A second candidate other than `first`, ∝ weight among the other eligible nodes,
@@ -238,7 +236,19 @@ impl P2cEwma {
                 }
             }
         }
-        let i = weighted_scan(rng, &self.weights, view, Some(first))?;
+        self.scan(rng, view, Some(first))
+    }
+
+    /// The draws' fallback: a weighted scan of the eligible nodes other than `except`,
+    /// and the cost of the one it finds.
+    #[inline(never)]
+    fn scan<R: Rng + ?Sized, V: NodeView + ?Sized>(
+        &self,
+        rng: &mut R,
+        view: &V,
+        except: Option<usize>,
+    ) -> Option<(usize, f64)> {
+        let i = weighted_scan(rng, &self.weights, view, except)?;
         let (latency, load) = view.latency_load(i);
         Some((i, self.cost(i, latency, load)))
     }
