@@ -137,6 +137,43 @@ fn remaining_zero_rests_the_node_until_its_reset() {
     });
 }
 
+/// A node that sends no rate-limit headers is read only at a probe, every 256th of its
+/// responses per worker (lua/resty/rsbalancer.lua, note_headroom): once it starts
+/// sending them they are seen within that many responses of each of the 2 workers.
+#[test]
+fn a_node_that_starts_sending_headers_is_seen_at_a_probe() {
+    let _s = serial();
+    let Setup { a, g, .. } = &setup("headroom-late", 1, ["", ""], [Value::Null, Value::Null]);
+    // More than enough answers without headers for every worker to stop reading a's.
+    for _ in 0..40 {
+        let r = chat(g, 10);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    mock_set(
+        a,
+        "limit_style=openai&rpm_limit=1000&tpm_limit=1000000&hdr_remaining_requests=0&hdr_reset_requests=%2B60",
+    );
+    let start = received(a);
+    let bound = 2 * 256 + 16;
+    loop {
+        for _ in 0..16 {
+            let r = chat(g, 10);
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        quiesce(g);
+        let st = g.stats();
+        if st["a"]["state"] == "cooling" {
+            assert_eq!(st["a"]["remaining_requests"], 0, "{st}");
+            break;
+        }
+        let sent = received(a) - start;
+        assert!(
+            sent <= bound,
+            "a's headers unread after {sent} of its answers: {st}"
+        );
+    }
+}
+
 fn too_few_tokens_skip_big_requests(style: &str) {
     let _s = serial();
     let knobs = format!(

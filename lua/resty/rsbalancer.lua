@@ -84,8 +84,10 @@ local policy = {}  -- name -> { no_node_status=, non_idempotent=, rounds=, deadl
 local peers = {}   -- node slot -> { ip, port, id, pool }
 local budgeted = {} -- node slot -> true for a node with a tpm or rpm budget
 -- Which rate-limit headers a node sends (see note_headroom): slot -> HR_OPENAI,
--- HR_ANTHROPIC, or false after HR_MISSES responses with none; and responses since.
-local hr_style, hr_miss = {}, {}
+-- HR_ANTHROPIC, or false after HR_MISSES responses with none; responses with none
+-- running; and, for a node that sends none, responses left before the next probe
+-- (0 for every other node: sync() fills it for every slot).
+local hr_style, hr_miss, hr_skip = {}, {}, {}
 
 local function last_error()
     C.rsb_last_error(err_buf, 512)
@@ -143,11 +145,13 @@ local function sync()
             new_peers[n.slot] = { ip, n.port, n.id, name, n.host }
         end
     end
+    local new_skip = {}
+    for slot in pairs(new_peers) do new_skip[slot] = 0 end
     canary.sync(configs, topo)
     pools, peers, policy, generation = topo, new_peers, new_policy, g
     budgeted = new_budgeted
     -- A slot may hold another node now: what its headers looked like is relearned.
-    hr_style, hr_miss = {}, {}
+    hr_style, hr_miss, hr_skip = {}, {}, new_skip
 end
 
 --- init(config [, name]): in init_by_lua. `config` is a path to a JSON file, a JSON
@@ -442,17 +446,23 @@ end
 -- its rate limits, parsed and kept in Rust for every worker's picks. Each
 -- $upstream_http_* read allocates a string, so a node is probed by one header of the
 -- style it sends; a node that sent none HR_MISSES times running is probed only every
--- HR_PROBE_EVERY-th response (a provider that starts sending them is seen soon).
+-- HR_PROBE_EVERY-th response (a provider that starts sending them is seen soon): the
+-- responses between two probes cost one count down. `var` is ngx.var, or nil to have
+-- it looked up only when a header is read.
 local HR_OPENAI, HR_ANTHROPIC, HR_MISSES, HR_PROBE_EVERY = 1, 2, 3, 256
 local hr_buf = ffi.new("rsb_headroom[1]")
 local function note_headroom(var, slot)
-    local style = hr_style[slot]
-    if style == false then
-        local m = hr_miss[slot] + 1
-        hr_miss[slot] = m
-        if m % HR_PROBE_EVERY ~= 0 then return end
-        style = nil
+    local skip = hr_skip[slot]
+    if skip ~= 0 then
+        if skip then
+            hr_skip[slot] = skip - 1
+            return
+        end
+        hr_skip[slot] = 0 -- a slot sync() has not seen yet
     end
+    var = var or ngx.var
+    local style = hr_style[slot]
+    if style == false then style = nil end -- this response is a probe
     local rr, xr, rt, xt
     if style ~= HR_ANTHROPIC then
         rr = var.upstream_http_x_ratelimit_remaining_requests
@@ -475,7 +485,9 @@ local function note_headroom(var, slot)
     if not rr then
         local m = (hr_miss[slot] or 0) + 1
         hr_miss[slot] = m
-        if style == nil and m >= HR_MISSES then hr_style[slot] = false end
+        if style == nil and m >= HR_MISSES then
+            hr_style[slot], hr_skip[slot] = false, HR_PROBE_EVERY - 1
+        end
         return
     end
     hr_style[slot], hr_miss[slot] = style, 0
@@ -594,7 +606,7 @@ local STATE_MT = {
 local function seed(st, tried)
     st.tried, st.pool, st.n, st.reported, st.start = tried, false, 0, 0, 0
     st.arm, st.arm_pool, st.rounds, st.offset = false, false, 0, 0
-    st.rkey, st.picked, st.dirty = 0, false, false
+    st.picked, st.dirty = false, false
     return st
 end
 
@@ -633,20 +645,23 @@ local function request_state(pool, now)
             st = setmetatable(seed({}, {}), STATE_MT)
         end
         -- nginx's cached time (updated once per event-loop turn) is precise enough
-        -- for a retry deadline; no clock call per request.
+        -- for a retry deadline; no clock call per request. n is stored although a
+        -- recycled state holds 0 already (log() set it): the compiled trace then knows
+        -- it. rounds and offset are as seed() left them (only round() changes them, and
+        -- it dirties the state); arm_of() and admit() set arm_pool with arm.
         st.pool, st.n, st.reported, st.start = pool, 0, 0, now or ngx_now()
-        st.arm, st.arm_pool, st.rounds, st.offset, st.rkey = false, false, 0, 0, k
+        st.arm = false
         by_request[k] = st
     end
     return st
 end
 
 -- The request's state in the phases that never make it (log, filters).
--- Also returns the request (for resp_status).
+-- Also returns the request (for resp_status) and its key in by_request.
 local function state()
     if not made_one then return nil end
-    local st, _, r = current_state()
-    return st, r
+    local st, k, r = current_state()
+    return st, r, k
 end
 
 -- The arm of this request (pool index and name to pick from: `pool` or its canary),
@@ -1086,7 +1101,7 @@ end
 -- cost more than the rest of the request's Lua (measured: ~1.6 us of CPU per request
 -- in the gateway overhead benchmark). Anything else reads nginx's upstream variables.
 function _M.log()
-    local st, r = state()
+    local st, r, k = state()
     if not st then return end
     -- A clean state (STATE_MT) has no key the filters, admission or rounds set: none
     -- is looked up.
@@ -1101,10 +1116,9 @@ function _M.log()
             -- body_filter() saw the body but not its end: cut short, by the node when
             -- nginx still calls the request complete (a client that left makes
             -- $request_completion empty: that try says nothing bad of the node).
-            local var = ngx.var
-            local cut = dirty and st.eof == false and var.request_completion == "OK"
+            local cut = dirty and st.eof == false and ngx.var.request_completion == "OK"
             local slot = st.tried[n]
-            note_headroom(var, slot)
+            note_headroom(nil, slot)
             if budgeted[slot] then settle(st, slot, cut and TRUNCATED or status) end
             if dirty and st.sig then
                 report_answer(st, slot, status, us, cut)
@@ -1126,7 +1140,7 @@ function _M.log()
     end
     -- After the report: the slot given to the next waiter is free at the node too.
     if dirty and (st.adm or st.q_entry) then admission.release(C, handle, st) end
-    by_request[st.rkey] = nil
+    by_request[k] = nil
     if dirty and st.busy and not warned_rounds and policy[st.pool].rounds > 0 then
         -- A round ended busy and round() never ran: the location lacks the error_page.
         warned_rounds = true

@@ -42,11 +42,16 @@ local RSB_OK = C.RSB_OK
 -- What a pick is told of the request (rsb_ask): filled before each rsb_pick_ask.
 local ask_buf = ffi.new("rsb_ask[1]")
 
+-- The ask of a request with nothing to tell (no key, no estimate, no limit): filled
+-- once, never written, so that the plain request's pick writes no field.
+local ask_none = ffi.new("rsb_ask[1]")
+
 --- ask_key([key]): as ask() for a request with no affinity key, token estimate or
 -- completion limit of its own.
 function _M.ask_key(key)
+    if key == nil then return ask_none end
     local a = ask_buf[0]
-    a.key, a.key_len = key, key and #key or 0
+    a.key, a.key_len = key, #key
     a.tokens, a.max_tokens = 0, 0
     return ask_buf
 end
@@ -55,10 +60,11 @@ end
 -- the affinity key admit() found, st.key), token estimate and completion limit (from
 -- rsb_inspect in admit(); 0 when unknown). Valid until the next call.
 function _M.ask(st, key)
-    local buf = _M.ask_key(key or st.key)
-    local a = buf[0]
+    key = key or st.key
+    local a = ask_buf[0]
+    a.key, a.key_len = key, key and #key or 0
     a.tokens, a.max_tokens = st.tokens or 0, st.max_tokens or 0
-    return buf
+    return ask_buf
 end
 
 --- read_body(): the request body as a string (nil when there is none), reading a body
