@@ -23,6 +23,8 @@
 # pays at least. ovh-floor2 adds to ovh-floor1 what the rsbalancer gateways' config
 # makes lua-nginx-module run on every request (an access_by_lua location and a
 # content_by_lua one, which GET / never enters): the gap to it is rsbalancer's own.
+# The rsbalancer gateways run with `limit.slow_factor` 0 here (see below: valgrind's
+# slowdown makes a node look slow at warm-up, which a healthy pool never does).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
