@@ -2,7 +2,6 @@
 //! the retry check) and the reads and writes of one node or pool.
 
 use super::*;
-use crate::balancer::PICK_RETRY_MAX_TRIES;
 
 /// One request as `rsb_pick_ask` sees it (`crate::ask`): its consistent-hashing or
 /// affinity key (`key_len` bytes at `key`; NULL with 0 for none), its estimated
@@ -184,11 +183,13 @@ pub unsafe extern "C" fn rsb_pick_ask(
     unsafe { pick_ask(b, pool, ask, tried, ntried, prefer, out_node, None) }
 }
 
-/// The body of `rsb_pick_ask` and `rsb_pick_retry` (`retry` as for `pick`).
+/// The body of `rsb_pick_ask` and `rsb_pick_retry` (`retry` as for `pick`), inlined
+/// into both.
 ///
 /// # Safety
 /// As `pick`, with `ask` pointing to a readable `rsb_ask`.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 unsafe fn pick_ask(
     b: *const Balancer,
     pool: u32,
@@ -240,14 +241,8 @@ pub unsafe extern "C" fn rsb_pick_retry(
     elapsed_ms: u32,
     out: *mut u32,
 ) -> rsb_result {
-    if ntries > ntried || ntries >= PICK_RETRY_MAX_TRIES {
-        return guard(|| {
-            fail(Error::Invalid(format!(
-                "ntries {ntries} is not below 64 and ntried {ntried}"
-            )))
-        });
-    }
-    // SAFETY: forwarded caller contract (`out` is checked for NULL there).
+    // SAFETY: forwarded caller contract (`out` is checked for NULL there; `ntries`
+    // against `ntried` and `PICK_RETRY_MAX_TRIES` by `Balancer::pick_retry`).
     unsafe {
         pick_ask(
             b,
