@@ -45,6 +45,8 @@ pub(super) struct LocalPool {
     pub(super) reference_us: f64,
     /// Whether `reference_us` comes from samples (else it is `default_rtt_ms`).
     pub(super) sampled: bool,
+    /// `policy.slow_factor() > 0`: slow nodes are set apart (asked on every pick).
+    pub(super) slow_apart: bool,
     /// Whether some node had a learned concurrency limit at the last refresh: only
     /// then do picks tell confirmed slots from probes (see [`Prefer`]).
     pub(super) limited: bool,
@@ -74,9 +76,16 @@ pub(super) struct Llm {
 
 impl Llm {
     /// The cost model (`crate::stream::predicted_us`): node `n`'s predicted latency
-    /// for `expected` output tokens; `None` when it never sent a first token.
+    /// for `expected()` output tokens (asked only of a node with stream signals);
+    /// `None` when it never sent a first token.
     #[inline(always)]
-    pub(super) fn predicted(&self, n: &NodeSlot, now: u64, tau: u32, expected: f64) -> Option<f64> {
+    pub(super) fn predicted(
+        &self,
+        n: &NodeSlot,
+        now: u64,
+        tau: u32,
+        expected: impl FnOnce() -> f64,
+    ) -> Option<f64> {
         let ttft = n.ttft.load(Ordering::Relaxed);
         if ttft == 0 {
             return None;
@@ -87,10 +96,17 @@ impl Llm {
     /// [`Llm::predicted`] for a node that sent a first token (`ttft`: its word), out
     /// of the pick's line: most pools have no stream signals.
     #[inline(never)]
-    fn predicted_from(&self, ttft: u64, n: &NodeSlot, now: u64, tau: u32, expected: f64) -> f64 {
+    fn predicted_from(
+        &self,
+        ttft: u64,
+        n: &NodeSlot,
+        now: u64,
+        tau: u32,
+        expected: impl FnOnce() -> f64,
+    ) -> f64 {
         let t = load::current(ttft, now, tau, self.ttft_ref_us);
         let p = load::current(n.tpot.load(Ordering::Relaxed), now, tau, self.tpot_ref_us);
-        crate::stream::predicted_us(t, p, expected)
+        crate::stream::predicted_us(t, p, expected())
     }
 
     /// The references as the primaries' estimates stand (medians, not decayed).
@@ -143,9 +159,12 @@ pub(super) struct View<'a> {
     pub(super) tau_ms: u32,
     pub(super) reference_us: f64,
     /// The pool's stream-signal references and the request's expected output tokens
-    /// (its `max_tokens`, else the pool's mean): the cost model's inputs.
+    /// (its `max_tokens`, else pool `pool`'s mean): the cost model's inputs. The
+    /// expected tokens are read when a node with stream signals first asks
+    /// ([`View::expected`]): most pools have none.
     pub(super) llm: Llm,
-    pub(super) expected: f64,
+    pub(super) pool: u32,
+    pub(super) expected: std::cell::Cell<Option<f64>>,
     /// Only nodes with (`Some(true)`) or without (`Some(false)`) a confirmed free
     /// slot, see [`confirmed_slot`]; `None`: any.
     pub(super) confirmed: Option<bool>,
@@ -193,10 +212,28 @@ impl View<'_> {
         self.region.node(self.slots[i]).expect("topology slot in range")
     }
 
+    /// The request's expected output tokens: its `max_tokens`, else the pool's mean
+    /// as the first call read it.
+    fn expected(&self) -> f64 {
+        if let Some(e) = self.expected.get() {
+            return e;
+        }
+        let mean = self
+            .region
+            .pool(self.pool)
+            .map_or(0.0, |ps| f64::from_bits(ps.mean_tokens.load(Ordering::Relaxed)));
+        let e = crate::stream::expected_tokens(self.ask.max_tokens, mean);
+        self.expected.set(Some(e));
+        e
+    }
+
     /// [`NodeView::latency`] of node `n`.
     #[inline(always)]
     fn latency_of(&self, n: &NodeSlot) -> f64 {
-        if let Some(p) = self.llm.predicted(n, self.now_ms, self.tau_ms, self.expected) {
+        if let Some(p) = self
+            .llm
+            .predicted(n, self.now_ms, self.tau_ms, || self.expected())
+        {
             return p;
         }
         load::current(
@@ -384,7 +421,7 @@ impl LocalPool {
                     // answers it happened to get. Else its mean served latency.
                     let mean = region
                         .node(slot)
-                        .and_then(|n| llm.predicted(n, now, tau, mean_tokens))
+                        .and_then(|n| llm.predicted(n, now, tau, || mean_tokens))
                         .unwrap_or_else(|| {
                             now_seen.latency_sum_us.saturating_sub(was.latency_sum_us) as f64 / served as f64
                         });
@@ -618,6 +655,7 @@ impl Balancer {
                 next_refresh_ms: 0,
                 reference_us: p.policy.ewma.default_rtt_ms as f64 * 1000.0,
                 sampled: false,
+                slow_apart: p.policy.slow_factor() > 0.0,
                 limited: false,
                 llm: Llm::default(),
                 primary,

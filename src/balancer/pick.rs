@@ -65,7 +65,15 @@ struct Notes {
     /// was eligible as the pick looked (`Selector::other_eligible`): the retry
     /// check's "some untried node is free" needs no scan.
     other_free: bool,
+    /// The pick was made in the pool itself (not its backup pool), which brought the
+    /// pool's `budget_at` to the pick's now: the retry check need not ask again.
+    budget_at_now: bool,
 }
+
+/// What `pick_in` takes of a process's tables besides the pool's own and its random
+/// generator: their fork epoch (`Local::fork_epoch`) and whether they are the owner
+/// thread's copy (`crate::shm::owned`).
+type At = (u64, bool);
 
 /// `NoNode` for pool slot `pool`, named as this process's tables have it.
 #[cold]
@@ -143,10 +151,7 @@ impl Balancer {
                 last: Some(slot),
             };
             // Synced by the pick, under the same lock.
-            Ok((
-                slot,
-                self.retry_check(l, pool, tries, elapsed_ms, now, notes.other_free),
-            ))
+            Ok((slot, self.retry_check(l, pool, tries, elapsed_ms, now, notes)))
         })
     }
 
@@ -163,13 +168,19 @@ impl Balancer {
         notes: &mut Notes,
     ) -> Result<u32, Error> {
         self.sync(l)?;
-        local_pool(&mut l.pools, pool)?;
-        if let Some(slot) = self.pick_in(l, owner, pool, want, notes) {
+        let Local {
+            pools,
+            rng,
+            fork_epoch,
+            ..
+        } = l;
+        let at = (*fork_epoch, owner);
+        if let Some(slot) = self.pick_in(local_pool(pools, pool)?, rng, at, want, notes) {
             return Ok(slot);
         }
         // No node of the pool can take it: its backup pool may (emergency, dead pool).
         if let Some(bp) = notes.spill {
-            if let Some(slot) = self.pick_in_spill(l, owner, bp, want) {
+            if let Some(slot) = self.pick_in_spill(pools, rng, at, bp, want) {
                 return Ok(slot);
             }
         }
@@ -183,8 +194,16 @@ impl Balancer {
 
     /// `pick_in` of the backup pool a pool spills to (out of the common path's line).
     #[inline(never)]
-    fn pick_in_spill(&self, l: &mut Local, owner: bool, pool: u32, want: Want) -> Option<u32> {
-        self.pick_in(l, owner, pool, want, &mut Notes::default())
+    fn pick_in_spill(
+        &self,
+        pools: &mut [Option<LocalPool>],
+        rng: &mut SmallRng,
+        at: At,
+        pool: u32,
+        want: Want,
+    ) -> Option<u32> {
+        let p = local_pool(pools, pool).ok()?;
+        self.pick_in(p, rng, at, want, &mut Notes::default())
     }
 
     /// What a request body costs in `pool`: its facts (`crate::ask::inspect`), its
@@ -222,12 +241,19 @@ impl Balancer {
         })
     }
 
-    /// `pick` within one pool, over this process's tables, synced (`owner`: the owner
-    /// thread's copy, `crate::shm::owned`); `None` when no node can take the try (or
-    /// the pool is unknown), and then `notes.spill` is the pool to try next. Without
-    /// `want.overflow`, only the primaries that are not slow are looked at.
+    /// `pick` within one pool `p`, its process's tables synced (`rng` and `at` of
+    /// them); `None` when no node can take the try, and then
+    /// `notes.spill` is the pool to try next. Without `want.overflow`, only the
+    /// primaries that are not slow are looked at.
     #[inline(always)]
-    fn pick_in(&self, l: &mut Local, owner: bool, pool: u32, want: Want, notes: &mut Notes) -> Option<u32> {
+    fn pick_in(
+        &self,
+        p: &mut LocalPool,
+        rng: &mut SmallRng,
+        at: At,
+        want: Want,
+        notes: &mut Notes,
+    ) -> Option<u32> {
         let Want {
             ask,
             tried,
@@ -235,24 +261,14 @@ impl Balancer {
             prefer,
             overflow,
         } = want;
-        let Local {
-            pools,
-            rng,
-            fork_epoch,
-            ..
-        } = l;
-        let p = local_pool(pools, pool).ok()?;
+        let (fork_epoch, owner) = at;
+        let pool = p.slot;
         // Until some primary has a latency sample, refresh on every pick: otherwise the
         // first node to report would look far cheaper than the unsampled ones (costed at
         // `default_rtt_ms`) and take all traffic until the next refresh.
         if now >= p.next_refresh_ms || !p.sampled {
             p.refresh(&self.region, now);
         }
-        let ps = self.region.pool(pool).expect("local pool slot in range");
-        let expected_tokens = crate::stream::expected_tokens(
-            ask.max_tokens,
-            f64::from_bits(ps.mean_tokens.load(Ordering::Relaxed)),
-        );
         let key_hash = match p.policy.algorithm {
             Algorithm::Chash => hash_key(ask.key),
             // No key: picked by load. A real key never hashes to NO_KEY.
@@ -272,7 +288,7 @@ impl Balancer {
             (true, true) => &[Some(first), Some(!first)],
             (true, false) => &[Some(true)],
         };
-        let speed_passes: &[bool] = match (overflow, p.policy.slow_factor() > 0.0) {
+        let speed_passes: &[bool] = match (overflow, p.slow_apart) {
             (false, _) => &[true],
             (true, true) => &[true, false],
             (true, false) => &[false],
@@ -293,7 +309,8 @@ impl Balancer {
                 tau_ms: p.policy.ewma.decay_ms,
                 reference_us: p.reference_us,
                 llm: p.llm,
-                expected: expected_tokens,
+                pool,
+                expected: Default::default(),
                 confirmed: None,
                 slow_extra_us: None,
                 refused: Refused::default(),
@@ -319,7 +336,7 @@ impl Balancer {
                     };
                     let Some((slot, n)) = chosen else { continue };
                     // `sync` (the caller's) has checked the epoch against the process's.
-                    let worker = self.worker_slot_at(*fork_epoch);
+                    let worker = self.worker_slot_at(fork_epoch);
                     self.acquire(n, slot, worker);
                     let (row, writer) = self.tally_as(worker, owner);
                     let retry = !tried.is_empty();
@@ -331,6 +348,7 @@ impl Balancer {
                     if !p.budget_at.covers(now, window_ms) {
                         p.budget_at = budget::BucketAt::of(now, window_ms);
                     }
+                    notes.budget_at_now = true;
                     // A retry this process reserved is counted already.
                     if !(retry && p.budget_quota.take(&p.budget_at)) {
                         budget::record_at(&t.budget, &p.budget_at, retry, writer);
@@ -358,6 +376,7 @@ impl Balancer {
             }
         }
         if overflow {
+            let ps = self.region.pool(pool).expect("local pool slot in range");
             notes.spill = spill_target(&self.region, ps, &[&p.primary.slots, &p.backup.slots], now);
         }
         None
@@ -389,12 +408,15 @@ impl Balancer {
             last: None,
         };
         self.sync(&mut l).map_err(|_| RetryDenied::NoNode)?;
-        self.retry_check(&mut l, pool, tries, elapsed_ms, now, false)
+        self.retry_check(&mut l, pool, tries, elapsed_ms, now, Notes::default())
     }
 
-    /// [`may_retry`](Self::may_retry) over locked, synced tables at `now`;
-    /// `other_free`: a node not in `tried` is known to be free (the pick just saw one
-    /// eligible, [`Notes::other_free`]), so the nodes need no scan.
+    /// [`may_retry`](Self::may_retry) over locked, synced tables at `now`; `notes`
+    /// from the pick just made in the same tables at the same now, if any
+    /// ([`Notes::other_free`]: a node not in `tried` is known to be free, so the nodes
+    /// need no scan; [`Notes::budget_at_now`]). Inlined into both callers (a request's
+    /// pick makes one call of it).
+    #[inline(always)]
     fn retry_check(
         &self,
         l: &mut Local,
@@ -402,7 +424,7 @@ impl Balancer {
         tried: Tries,
         elapsed_ms: u32,
         now: u64,
-        other_free: bool,
+        notes: Notes,
     ) -> Result<(), RetryDenied> {
         let (epoch, owner_copy) = (l.fork_epoch, l.owner_copy);
         let p = local_pool(&mut l.pools, pool).map_err(|_| RetryDenied::NoNode)?;
@@ -415,7 +437,7 @@ impl Balancer {
         // The budget before the nodes: a busy request that finds no node free now waits
         // for one in a new round (`retry.rounds`), which only the budget may refuse.
         let window_ms = p.policy.retry.window_ms;
-        if !p.budget_at.covers(now, window_ms) {
+        if !(notes.budget_at_now || p.budget_at.covers(now, window_ms)) {
             p.budget_at = budget::BucketAt::of(now, window_ms);
         }
         // A retry this process reserved is within the budget (`crate::budget::Quota`).
@@ -423,27 +445,36 @@ impl Balancer {
             let reserving = owner_copy && self.worker_slot_at(epoch).is_some();
             self.budget_check(p, pool, now, reserving)?;
         }
-        if other_free {
+        if notes.other_free {
             return Ok(());
         }
-        let free = |t: &Tier| {
-            t.slots
-                .iter()
-                .any(|s| !tried.contains(s) && self.region.node(*s).is_some_and(|n| node::available(n, now)))
-        };
-        // `p` is `pool`'s tables (looked up above), as `serving` would give them.
-        let p = l.pools[pool as usize].as_ref().ok_or(RetryDenied::NoNode)?;
-        // The backup pool only when no node of the pool's own is free (no side effects:
-        // the answer is `serving`'s).
-        let any = free(&p.primary)
-            || free(&p.backup)
-            || self
-                .spill_of(&l.pools, p, now)
-                .is_some_and(|b| free(&b.primary) || free(&b.backup));
-        if !any {
-            return Err(RetryDenied::NoNode);
+        let free = |t: &Tier| self.untried_free(t, &tried, now);
+        // `p` is `pool`'s tables, as `serving` would give them. The backup pool only
+        // when no node of the pool's own is free (no side effects: the answer is
+        // `serving`'s).
+        if free(&p.primary) || free(&p.backup) {
+            return Ok(());
         }
-        Ok(())
+        let p = l.pools[pool as usize].as_ref().ok_or(RetryDenied::NoNode)?;
+        if self
+            .spill_of(&l.pools, p, now)
+            .is_some_and(|b| free(&b.primary) || free(&b.backup))
+        {
+            return Ok(());
+        }
+        Err(RetryDenied::NoNode)
+    }
+
+    /// Can some node of tier `t` that `tried` does not hold take a try at `now`? A
+    /// plain loop: inlined into the retry check, where an iterator's `any` was not.
+    #[inline(always)]
+    fn untried_free(&self, t: &Tier, tried: &Tries, now: u64) -> bool {
+        for s in &t.slots {
+            if !tried.contains(s) && self.region.node(*s).is_some_and(|n| node::available(n, now)) {
+                return true;
+            }
+        }
+        false
     }
 
     /// The retry budget's exact check for local pool `p` (slot `pool`) at `now`, its

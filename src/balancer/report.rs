@@ -18,6 +18,10 @@ pub(super) enum Feed {
 
 /// Index into `NodeTally::status_class`: 0 no response, 1..=5 the status class.
 pub(super) fn status_class(status: u32) -> usize {
+    // The common answer first, without the division.
+    if status.wrapping_sub(200) < 100 {
+        return 2;
+    }
     if status == 0 {
         0
     } else {
@@ -117,7 +121,8 @@ impl Balancer {
         };
         // Counted before the in-flight count goes back, so that a reader who sees no
         // try in flight sees every reported one (`requests` = picks - in flight).
-        writer.add(&nt.status_class[status_class(status)], 1);
+        let class = status_class(status);
+        writer.add(&nt.status_class[class], 1);
         // A node removed since its pick still gets its in-flight count back. The value
         // before is the concurrency this answer came at (this try included). Given
         // back here rather than when the report ends: one atomic step makes that value
@@ -136,12 +141,11 @@ impl Balancer {
             return Ok(());
         }
         let now = clock::now_ms();
-        let event = if load::is_failure(status) {
-            Event::Failure
-        } else if status == 429 {
-            Event::Busy
-        } else {
-            Event::Ok
+        // From the class: no response and 5xx (`load::is_failure`) are classes 0 and 5.
+        let event = match class {
+            0 | 5 => Event::Failure,
+            4 if status == 429 => Event::Busy,
+            _ => Event::Ok,
         };
         window::record(
             &pt.window,
@@ -623,4 +627,25 @@ fn lease(owner_word: &AtomicI32, until: &AtomicU64, ttl_ms: u64) -> bool {
         until.store(now + ttl_ms, Ordering::Release);
     }
     take
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 2xx shortcut gives the division's class, and the report's event from the
+    /// class is `load::is_failure`'s verdict, for every status nginx can report.
+    #[test]
+    fn status_class_and_its_event_match_the_status() {
+        for status in 0..=1_000u32 {
+            let class = status_class(status);
+            let divided = if status == 0 {
+                0
+            } else {
+                (status / 100).clamp(1, 5) as usize
+            };
+            assert_eq!(class, divided, "{status}");
+            assert_eq!(matches!(class, 0 | 5), load::is_failure(status), "{status}");
+        }
+    }
 }

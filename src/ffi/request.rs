@@ -2,7 +2,6 @@
 //! the retry check) and the reads and writes of one node or pool.
 
 use super::*;
-use crate::balancer::PICK_RETRY_MAX_TRIES;
 
 /// One request as `rsb_pick_ask` sees it (`crate::ask`): its consistent-hashing or
 /// affinity key (`key_len` bytes at `key`; NULL with 0 for none), its estimated
@@ -62,7 +61,7 @@ pub unsafe extern "C" fn rsb_pick(
         max_tokens: 0,
     };
     // SAFETY: forwarded caller contract.
-    unsafe {
+    guard(|| unsafe {
         pick(
             b,
             pool,
@@ -73,11 +72,11 @@ pub unsafe extern "C" fn rsb_pick(
             out_node,
             None,
         )
-    }
+    })
 }
 
 /// The body of `rsb_pick`, `rsb_pick_prefer`, `rsb_pick_ask` and (with `retry`: its
-/// `ntries` and `elapsed_ms`) `rsb_pick_retry`.
+/// `ntries` and `elapsed_ms`) `rsb_pick_retry`, run inside their `guard`.
 ///
 /// # Safety
 /// As `rsb_pick`, with `ask.key` pointing to `ask.key_len` bytes; with `retry`,
@@ -94,43 +93,41 @@ unsafe fn pick(
     out_node: *mut u32,
     retry: Option<(usize, u32)>,
 ) -> rsb_result {
-    guard(move || {
-        // SAFETY: forwarded caller contract.
-        let (Some(b), Some(key)) = (unsafe { handle(b) }, unsafe { bytes(ask.key, ask.key_len) }) else {
-            return null("balancer or key");
-        };
-        // SAFETY: forwarded caller contract.
-        let Some(tried) = (unsafe { u32s(tried, ntried) }) else {
-            return null("tried");
-        };
-        if out_node.is_null() {
-            return null("out_node");
-        }
-        let ask = Ask {
-            key,
-            tokens: ask.tokens,
-            max_tokens: ask.max_tokens,
-        };
-        if let Some((ntries, elapsed_ms)) = retry {
-            let picked = b.pick_retry(pool, &ask, tried, ntries, (prefer, fast_only), elapsed_ms);
-            return answer(picked, |(slot, may)| {
-                let denied = may.err().map_or(0, |d| d as u32);
-                // SAFETY: `out_node` is non-null (checked above) and points to two
-                // writable u32s by contract.
-                unsafe {
-                    out_node.write(slot);
-                    out_node.add(1).write(denied);
-                }
-            });
-        }
-        let picked = if fast_only {
-            b.pick_fast(pool, &ask, tried, prefer)
-        } else {
-            b.pick_with(pool, &ask, tried, prefer)
-        };
-        // SAFETY: `out_node` is non-null (checked above) and writable by contract.
-        unsafe { put(out_node, picked) }
-    })
+    // SAFETY: forwarded caller contract.
+    let (Some(b), Some(key)) = (unsafe { handle(b) }, unsafe { bytes(ask.key, ask.key_len) }) else {
+        return null("balancer or key");
+    };
+    // SAFETY: forwarded caller contract.
+    let Some(tried) = (unsafe { u32s(tried, ntried) }) else {
+        return null("tried");
+    };
+    if out_node.is_null() {
+        return null("out_node");
+    }
+    let ask = Ask {
+        key,
+        tokens: ask.tokens,
+        max_tokens: ask.max_tokens,
+    };
+    if let Some((ntries, elapsed_ms)) = retry {
+        let picked = b.pick_retry(pool, &ask, tried, ntries, (prefer, fast_only), elapsed_ms);
+        return answer(picked, |(slot, may)| {
+            let denied = may.err().map_or(0, |d| d as u32);
+            // SAFETY: `out_node` is non-null (checked above) and points to two
+            // writable u32s by contract.
+            unsafe {
+                out_node.write(slot);
+                out_node.add(1).write(denied);
+            }
+        });
+    }
+    let picked = if fast_only {
+        b.pick_fast(pool, &ask, tried, prefer)
+    } else {
+        b.pick_with(pool, &ask, tried, prefer)
+    };
+    // SAFETY: `out_node` is non-null (checked above) and writable by contract.
+    unsafe { put(out_node, picked) }
 }
 
 /// `rsb_pick`, choosing first among nodes with a confirmed free slot (`prefer` without
@@ -181,14 +178,18 @@ pub unsafe extern "C" fn rsb_pick_ask(
     out_node: *mut u32,
 ) -> rsb_result {
     // SAFETY: forwarded caller contract.
-    unsafe { pick_ask(b, pool, ask, tried, ntried, prefer, out_node, None) }
+    guard(|| unsafe { pick_ask(b, pool, ask, tried, ntried, prefer, out_node, None) })
 }
 
-/// The body of `rsb_pick_ask` and `rsb_pick_retry` (`retry` as for `pick`).
+/// The body of `rsb_pick_ask` and `rsb_pick_retry` (`retry` as for `pick`), run
+/// inside their `guard`. Out of line, so that each entry's closure is only a call
+/// to it: `catch_unwind` then inlines into the entry and the arguments go in
+/// registers, where a larger closure was stored to memory and loaded back.
 ///
 /// # Safety
 /// As `pick`, with `ask` pointing to a readable `rsb_ask`.
 #[allow(clippy::too_many_arguments)]
+#[inline(never)]
 unsafe fn pick_ask(
     b: *const Balancer,
     pool: u32,
@@ -200,10 +201,10 @@ unsafe fn pick_ask(
     retry: Option<(usize, u32)>,
 ) -> rsb_result {
     if prefer & !PreferFlag::ALL != 0 {
-        return guard(|| fail(Error::Invalid(format!("prefer {prefer} is not 0..=3"))));
+        return fail(Error::Invalid(format!("prefer {prefer} is not 0..=3")));
     }
     if ask.is_null() {
-        return guard(|| null("ask"));
+        return null("ask");
     }
     // SAFETY: non-null (checked above), readable by contract.
     let ask = unsafe { *ask };
@@ -240,15 +241,9 @@ pub unsafe extern "C" fn rsb_pick_retry(
     elapsed_ms: u32,
     out: *mut u32,
 ) -> rsb_result {
-    if ntries > ntried || ntries >= PICK_RETRY_MAX_TRIES {
-        return guard(|| {
-            fail(Error::Invalid(format!(
-                "ntries {ntries} is not below 64 and ntried {ntried}"
-            )))
-        });
-    }
-    // SAFETY: forwarded caller contract (`out` is checked for NULL there).
-    unsafe {
+    // SAFETY: forwarded caller contract (`out` is checked for NULL there; `ntries`
+    // against `ntried` and `PICK_RETRY_MAX_TRIES` by `Balancer::pick_retry`).
+    guard(|| unsafe {
         pick_ask(
             b,
             pool,
@@ -259,7 +254,7 @@ pub unsafe extern "C" fn rsb_pick_retry(
             out,
             Some((ntries, elapsed_ms)),
         )
-    }
+    })
 }
 
 /// Read what a request body costs in pool `pool` (`crate::ask`): `*out` gets its

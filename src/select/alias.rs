@@ -167,7 +167,9 @@ impl WeightedRandom {
 
     /// An eligible index drawn with probability ∝ weight among the eligible ones, or
     /// `None` when none is eligible. O(1) expected unless ineligible nodes hold most of
-    /// the weight, in which case it ends with an O(n) scan.
+    /// the weight, in which case it ends with an O(n) scan. Inlined, as
+    /// [`Selector::pick`](super::Selector::pick) is.
+    #[inline(always)]
     pub fn pick<R: Rng + ?Sized, V: NodeView + ?Sized>(&self, rng: &mut R, view: &V) -> Option<usize> {
         for _ in 0..MAX_DRAWS {
             let i = self.table.sample(rng)?;
