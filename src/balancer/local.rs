@@ -325,6 +325,10 @@ impl NodeView for View<'_> {
     fn out(&self, i: usize) -> bool {
         node::taken_out(self.node(i), self.now_ms)
     }
+
+    fn slow_left_out(&self) -> bool {
+        self.slow_extra_us.is_some()
+    }
 }
 
 pub(super) fn os_rng() -> SmallRng {
@@ -375,6 +379,12 @@ impl LocalPool {
                 } else {
                     0.0
                 };
+            }
+            // The selector's tables for the pass that leaves them out (kept until the
+            // next refresh rebuilds the weights).
+            if tier.slow_extra_us.iter().any(|&x| x > 0.0) {
+                let slow: Vec<bool> = tier.slow_extra_us.iter().map(|&x| x > 0.0).collect();
+                tier.selector.set_slow(&slow);
             }
         }
     }

@@ -12,7 +12,7 @@
 //! bounded by [`MAX_DRAWS`]; after that an O(n) weighted scan over the eligible nodes
 //! gives the same conditional distribution.
 
-use super::{sane_weight, weighted_scan, NodeView, MAX_DRAWS};
+use super::{sane_weight, weighted_scan, without_slow, NodeView, MAX_DRAWS};
 use rand::Rng;
 
 /// One slot of the table: keep `index` with probability `keep / 2^32`, else take
@@ -139,6 +139,9 @@ impl AliasTable {
 pub struct WeightedRandom {
     weights: Vec<f64>,
     table: AliasTable,
+    /// The table of a pass that leaves the slow nodes out
+    /// ([`NodeView::slow_left_out`]): their weights as 0. `None` when no node is slow.
+    fast: Option<AliasTable>,
 }
 
 impl WeightedRandom {
@@ -147,7 +150,15 @@ impl WeightedRandom {
         WeightedRandom {
             weights: weights.iter().map(|&w| sane_weight(w)).collect(),
             table: AliasTable::new(weights),
+            fast: None,
         }
+    }
+
+    /// Marks the slow nodes (`slow[i]`), which a pass that leaves them out then never
+    /// draws: one draw per pick however much weight they hold, instead of redraws and
+    /// an O(n) scan. Cleared by [`set_weights`](Self::set_weights).
+    pub fn set_slow(&mut self, slow: &[bool]) {
+        self.fast = without_slow(&self.weights, slow).map(|w| AliasTable::new(&w));
     }
 
     /// Replaces the weights and rebuilds the table (O(n)).
@@ -171,8 +182,12 @@ impl WeightedRandom {
     /// [`Selector::pick`](super::Selector::pick) is.
     #[inline(always)]
     pub fn pick<R: Rng + ?Sized, V: NodeView + ?Sized>(&self, rng: &mut R, view: &V) -> Option<usize> {
+        let table = match &self.fast {
+            Some(fast) if view.slow_left_out() => fast,
+            _ => &self.table,
+        };
         for _ in 0..MAX_DRAWS {
-            let i = self.table.sample(rng)?;
+            let i = table.sample(rng)?;
             if view.eligible(i) {
                 return Some(i);
             }
@@ -183,7 +198,7 @@ impl WeightedRandom {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{chi_square, TestView};
+    use super::super::testutil::{chi_square, SlowView, TestView};
     use super::*;
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
@@ -199,6 +214,52 @@ mod tests {
             counts[wr.pick(&mut rng, view).unwrap()] += 1;
         }
         counts
+    }
+
+    /// One slow node holding two thirds of the weight: a pass that leaves it out draws
+    /// once per pick from the table without it, the others in proportion; without
+    /// `set_slow` (and after `set_weights`) the same pass redraws; a pass that takes
+    /// it draws it by its weight.
+    #[test]
+    fn weighted_random_pass_without_slow_nodes_draws_once() {
+        let weights = [1.0, 8.0, 1.0, 2.0];
+        let slow = [false, true, false, false];
+        let all = TestView::idle(4);
+        let picks = 30_000u64;
+        let mut wr = WeightedRandom::new(&weights);
+        let run = |wr: &WeightedRandom, seed| {
+            let view = SlowView {
+                view: &all,
+                slow: &slow,
+                asked: std::cell::Cell::new(0),
+            };
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let mut counts = [0u64; 4];
+            for _ in 0..picks {
+                counts[wr.pick(&mut rng, &view).unwrap()] += 1;
+            }
+            (counts, view.asked.get())
+        };
+        let (_, asked) = run(&wr, 3);
+        assert!(asked > picks * 2, "redraws past the slow node: {asked}");
+        wr.set_slow(&slow);
+        let (counts, asked) = run(&wr, 4);
+        assert_eq!(asked, picks, "one draw per pick");
+        assert_eq!(counts[1], 0);
+        let fast = [counts[0], counts[2], counts[3]];
+        assert!(chi_square(&fast, &[1.0, 1.0, 2.0]) < CHI2_P001[2], "{counts:?}");
+        // The pass that takes slow nodes still draws the slow one by its weight.
+        let mut rng = SmallRng::seed_from_u64(5);
+        let mut counts = vec![0u64; 4];
+        for _ in 0..picks {
+            counts[wr.pick(&mut rng, &all).unwrap()] += 1;
+        }
+        assert!(chi_square(&counts, &weights) < CHI2_P001[3], "{counts:?}");
+        wr.set_weights(&weights);
+        assert!(
+            wr.fast.is_none(),
+            "new weights: slow nodes marked again by the refresh"
+        );
     }
 
     #[test]

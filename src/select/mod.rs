@@ -108,6 +108,12 @@ pub trait NodeView {
     fn out(&self, _idx: usize) -> bool {
         false
     }
+    /// True in a pass that leaves the slow nodes out (slow nodes as overflow: their
+    /// eligibility is false in it): `weighted_random` and `p2c_ewma` then draw from
+    /// tables without the nodes [`Selector::set_slow`] marked. False by default.
+    fn slow_left_out(&self) -> bool {
+        false
+    }
 }
 
 /// The algorithms a pool can use.
@@ -146,6 +152,19 @@ pub(crate) fn sane_weight(weight: f64) -> f64 {
     } else {
         weight.clamp(MIN_WEIGHT, MAX_WEIGHT)
     }
+}
+
+/// `weights` with the slow ones (`slow[i]`) at 0, for the tables of a pass that leaves
+/// them out; `None` when none is slow.
+pub(crate) fn without_slow(weights: &[f64], slow: &[bool]) -> Option<Vec<f64>> {
+    let any = slow.iter().take(weights.len()).any(|&s| s);
+    any.then(|| {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| if slow.get(i) == Some(&true) { 0.0 } else { w })
+            .collect()
+    })
 }
 
 /// Sanitised weights of `cands`, in order.
@@ -265,6 +284,19 @@ impl Selector {
         }
     }
 
+    /// Marks the slow nodes (`slow[i]`, by candidate index) for the passes that leave
+    /// them out ([`NodeView::slow_left_out`]): `weighted_random` and `p2c_ewma` keep
+    /// tables without them, so that such a pass draws once per candidate however much
+    /// weight the slow nodes hold. The other algorithms ignore it (they meet a slow node
+    /// as an ineligible one). [`set_weights`](Self::set_weights) clears it.
+    pub fn set_slow(&mut self, slow: &[bool]) {
+        match self {
+            Selector::WeightedRandom(s) => s.set_slow(slow),
+            Selector::P2cEwma(s) => s.set_slow(slow),
+            _ => {}
+        }
+    }
+
     /// Sets `prefix.load_factor` (other algorithms ignore it).
     pub fn with_load_factor(self, c: f64) -> Selector {
         match self {
@@ -370,6 +402,30 @@ pub(crate) mod testutil {
         }
         fn queued(&self, idx: usize) -> u32 {
             self.queued[idx]
+        }
+    }
+
+    /// A pass over a [`TestView`] that leaves out the nodes marked slow
+    /// ([`NodeView::slow_left_out`]), counting the eligibility questions asked.
+    pub struct SlowView<'a> {
+        pub view: &'a TestView,
+        pub slow: &'a [bool],
+        pub asked: std::cell::Cell<u64>,
+    }
+
+    impl NodeView for SlowView<'_> {
+        fn eligible(&self, i: usize) -> bool {
+            self.asked.set(self.asked.get() + 1);
+            !self.slow[i] && self.view.eligible(i)
+        }
+        fn inflight(&self, i: usize) -> u32 {
+            self.view.inflight(i)
+        }
+        fn latency(&self, i: usize) -> f64 {
+            self.view.latency(i)
+        }
+        fn slow_left_out(&self) -> bool {
+            true
         }
     }
 

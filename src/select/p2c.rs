@@ -27,8 +27,15 @@
 //! node; any other first node holds at most half the weight, so a redraw fails with
 //! probability ≤ 1/2. After [`MAX_DRAWS`] failed draws (also through ineligible nodes) an
 //! O(n) weighted scan gives the same distribution.
+//!
+//! Slow nodes as overflow: a pass that leaves the slow nodes out
+//! ([`NodeView::slow_left_out`]) draws from a second pair of tables in which they weigh
+//! 0 ([`P2cEwma::set_slow`], rebuilt at each refresh while some node is slow), so it
+//! costs two draws however much weight they hold; redrawing them instead made one pick
+//! in two redraw its first candidate in a gateway with one slow node of three, and one
+//! in eight end in the O(n) scan. The costs keep every node's own weight.
 
-use super::{sane_weight, weighted_scan, AliasTable, NodeView, MAX_DRAWS};
+use super::{sane_weight, weighted_scan, without_slow, AliasTable, NodeView, MAX_DRAWS};
 use rand::Rng;
 
 /// Power-of-two-choices selection with a latency × load cost.
@@ -41,20 +48,30 @@ pub struct P2cEwma {
     /// Per node, the mean weight over its weight: its load counts times this, per unit
     /// of relative capacity (kept, so that a pick multiplies instead of dividing).
     per_capacity: Vec<f64>,
+    draws: Draws,
+    /// The draws of a pass that leaves the slow nodes out
+    /// ([`NodeView::slow_left_out`]): their weights as 0 (the costs keep every
+    /// node's own). `None` when no node is slow.
+    fast: Option<Box<Draws>>,
+    /// The candidate the last [`P2cEwma::pick_noting`] compared with its choice and
+    /// did not choose (eligible when asked), if it had two.
+    other: Option<usize>,
+}
+
+/// The alias tables the two candidates are drawn from.
+#[derive(Clone, Debug)]
+struct Draws {
     table: AliasTable,
     /// Index of a node of maximal weight (0 when empty).
     heaviest: usize,
     /// Alias table over every node but `heaviest`; its index `j` means node `j` below
     /// `heaviest` and node `j + 1` from it on.
     without_heaviest: AliasTable,
-    /// The candidate the last [`P2cEwma::pick_noting`] compared with its choice and
-    /// did not choose (eligible when asked), if it had two.
-    other: Option<usize>,
 }
 
-impl P2cEwma {
-    /// Builds both alias tables (O(n)).
-    pub fn new(weights: &[f64]) -> Self {
+impl Draws {
+    /// Both tables of `weights` (O(n)).
+    fn new(weights: &[f64]) -> Self {
         let weights: Vec<f64> = weights.iter().map(|&w| sane_weight(w)).collect();
         let heaviest = weights
             .iter()
@@ -66,6 +83,18 @@ impl P2cEwma {
             .filter(|&(i, _)| i != heaviest)
             .map(|(_, &w)| w)
             .collect();
+        Draws {
+            table: AliasTable::new(&weights),
+            heaviest,
+            without_heaviest: AliasTable::new(&rest),
+        }
+    }
+}
+
+impl P2cEwma {
+    /// Builds both alias tables (O(n)).
+    pub fn new(weights: &[f64]) -> Self {
+        let weights: Vec<f64> = weights.iter().map(|&w| sane_weight(w)).collect();
         let mean = if weights.is_empty() {
             1.0
         } else {
@@ -73,12 +102,18 @@ impl P2cEwma {
         };
         P2cEwma {
             per_capacity: weights.iter().map(|&w| mean / w).collect(),
-            table: AliasTable::new(&weights),
-            without_heaviest: AliasTable::new(&rest),
-            heaviest,
+            draws: Draws::new(&weights),
+            fast: None,
             weights,
             other: None,
         }
+    }
+
+    /// Marks the slow nodes (`slow[i]`), which a pass that leaves them out then never
+    /// draws: two draws per pick however much weight they hold, instead of redraws and
+    /// an O(n) scan. Cleared by [`set_weights`](Self::set_weights).
+    pub fn set_slow(&mut self, slow: &[bool]) {
+        self.fast = without_slow(&self.weights, slow).map(|w| Box::new(Draws::new(&w)));
     }
 
     /// Replaces the weights and rebuilds the tables (O(n)).
@@ -133,12 +168,13 @@ impl P2cEwma {
         rng: &mut R,
         view: &V,
     ) -> Option<(usize, Option<usize>)> {
-        if self.table.is_empty() {
+        if self.weights.is_empty() {
             return None;
         }
+        let d = self.draws_for(view);
         let r = rng.next_u64();
-        let (a, cost_a) = self.first(rng, view, (r >> 32) as u32)?;
-        let Some((b, cost_b)) = self.second(rng, view, a, r as u32) else {
+        let (a, cost_a) = self.first(d, rng, view, (r >> 32) as u32)?;
+        let Some((b, cost_b)) = self.second(d, rng, view, a, r as u32) else {
             return Some((a, None));
         };
         // Costs within TIE_BAND of each other are a tie: latency estimates carry noise
@@ -149,6 +185,16 @@ impl P2cEwma {
         } else {
             (a, Some(b))
         })
+    }
+
+    /// The tables to draw from for `view`: without the slow nodes in a pass that
+    /// leaves them out, when some are marked ([`set_slow`](Self::set_slow)).
+    #[inline(always)]
+    fn draws_for<V: NodeView + ?Sized>(&self, view: &V) -> &Draws {
+        match &self.fast {
+            Some(fast) if view.slow_left_out() => fast,
+            _ => &self.draws,
+        }
     }
 
     /// Node `i`'s cost when it is eligible, `None` when it is not.
@@ -176,26 +222,28 @@ impl P2cEwma {
     #[inline(always)]
     fn first<R: Rng + ?Sized, V: NodeView + ?Sized>(
         &self,
+        d: &Draws,
         rng: &mut R,
         view: &V,
         bits: u32,
     ) -> Option<(usize, f64)> {
-        let i = self.table.at(bits);
+        let i = d.table.at(bits);
         if let Some(cost) = self.cost_if_eligible(view, i) {
             return Some((i, cost));
         }
-        self.first_again(rng, view)
+        self.first_again(d, rng, view)
     }
 
     /// [`first`](Self::first) after its first draw was not eligible.
     #[inline(never)]
     fn first_again<R: Rng + ?Sized, V: NodeView + ?Sized>(
         &self,
+        d: &Draws,
         rng: &mut R,
         view: &V,
     ) -> Option<(usize, f64)> {
         for _ in 1..MAX_DRAWS {
-            let i = self.table.at(rng.next_u32());
+            let i = d.table.at(rng.next_u32());
             if let Some(cost) = self.cost_if_eligible(view, i) {
                 return Some((i, cost));
             }
@@ -210,6 +258,7 @@ impl P2cEwma {
     #[inline(always)]
     fn second<R: Rng + ?Sized, V: NodeView + ?Sized>(
         &self,
+        d: &Draws,
         rng: &mut R,
         view: &V,
         first: usize,
@@ -224,11 +273,11 @@ impl P2cEwma {
             if k > 0 {
                 bits = rng.next_u32();
             }
-            let i = if first == self.heaviest {
-                let j = self.without_heaviest.at(bits);
-                j + usize::from(j >= self.heaviest)
+            let i = if first == d.heaviest {
+                let j = d.without_heaviest.at(bits);
+                j + usize::from(j >= d.heaviest)
             } else {
-                self.table.at(bits)
+                d.table.at(bits)
             };
             if i != first {
                 if let Some(cost) = self.cost_if_eligible(view, i) {
@@ -263,14 +312,15 @@ impl P2cEwma {
         view: &V,
     ) -> Option<(usize, Option<usize>)> {
         let r = rng.next_u64();
-        let (a, _) = self.first(rng, view, (r >> 32) as u32)?;
-        Some((a, self.second(rng, view, a, r as u32).map(|(b, _)| b)))
+        let d = self.draws_for(view);
+        let (a, _) = self.first(d, rng, view, (r >> 32) as u32)?;
+        Some((a, self.second(d, rng, view, a, r as u32).map(|(b, _)| b)))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{chi_square, TestView};
+    use super::super::testutil::{chi_square, SlowView, TestView};
     use super::*;
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
@@ -397,7 +447,7 @@ mod tests {
         let total: f64 = weights.iter().sum();
         let mut rng = SmallRng::seed_from_u64(33);
         let p2c = P2cEwma::new(&weights);
-        assert_eq!(p2c.heaviest, 0);
+        assert_eq!(p2c.draws.heaviest, 0);
         let view = TestView::idle(4);
         let mut counts = vec![0u64; 16];
         let mut expected = vec![0.0; 16];
@@ -442,6 +492,43 @@ mod tests {
         assert_eq!(p2c.other(), None);
     }
 
+    /// One slow node holding two thirds of the weight: a pass that leaves it out asks
+    /// of two candidates per pick (no redraw past it) and chooses the others by
+    /// weight (idle, equal latencies: ties keep the first draw); without `set_slow`
+    /// the same pass redraws.
+    #[test]
+    fn p2c_pass_without_slow_nodes_draws_two() {
+        let weights = [1.0, 8.0, 1.0, 2.0];
+        let slow = [false, true, false, false];
+        let all = TestView::idle(4);
+        let picks = 30_000u64;
+        let mut p = P2cEwma::new(&weights);
+        let run = |p: &mut P2cEwma, seed| {
+            let view = SlowView {
+                view: &all,
+                slow: &slow,
+                asked: std::cell::Cell::new(0),
+            };
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let mut counts = [0u64; 4];
+            for _ in 0..picks {
+                counts[p.pick_noting(&mut rng, &view).unwrap()] += 1;
+                assert!(p.other().is_some_and(|o| !slow[o]));
+            }
+            (counts, view.asked.get())
+        };
+        let (_, asked) = run(&mut p, 6);
+        assert!(asked > picks * 3, "redraws past the slow node: {asked}");
+        p.set_slow(&slow);
+        let (counts, asked) = run(&mut p, 7);
+        // Two per pick but for the rare second candidate that MAX_DRAWS redraws of the
+        // first leave to the scan (odds (1/4)^8 for a first of weight 1).
+        assert!(asked <= 2 * picks + picks / 1000, "two draws per pick: {asked}");
+        assert_eq!(counts[1], 0);
+        let fast = [counts[0], counts[2], counts[3]];
+        assert!(chi_square(&fast, &[1.0, 1.0, 2.0]) < 13.816, "{counts:?}");
+    }
+
     #[test]
     fn p2c_single_eligible_and_none() {
         let mut rng = SmallRng::seed_from_u64(34);
@@ -462,7 +549,7 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(35);
         let mut p2c = P2cEwma::new(&[1.0, 1.0, 1.0]);
         p2c.set_weights(&[1.0, 1.0, 50.0]);
-        assert_eq!(p2c.heaviest, 2);
+        assert_eq!(p2c.draws.heaviest, 2);
         // Equal costs except weight: the heavy node wins whenever it is drawn, which
         // is nearly always.
         let view = TestView::idle(3);
