@@ -292,6 +292,16 @@ enum rsb_result rsb_node_index(const struct rsb_balancer *b,
 // `b` NULL or a live handle.
 uint64_t rsb_generation(const struct rsb_balancer *b);
 
+// Where the region's generation ([`rsb_generation`]) is kept: an aligned 64-bit word
+// in shared memory, valid as long as the handle, so that a caller can check it on
+// every request without a call (an aligned 64-bit load; on a change, ask
+// `rsb_generation`, which orders the reads of the new topology after it). NULL for
+// NULL.
+//
+// # Safety
+// `b` NULL or a live handle.
+const uint64_t *rsb_generation_word(const struct rsb_balancer *b);
+
 // Copy the last error message of this thread into `buf` (NUL-terminated, truncated
 // to `cap - 1` bytes). Returns the message's full length; `buf` may be NULL to ask.
 //

@@ -40,6 +40,7 @@ end
 
 local C, so_path = find_library()
 local admission = require "resty.rsbalancer.admission"
+local ASK_NONE = admission.ask_key(nil) -- the ask of a request with nothing to tell
 _M.library_path = so_path
 local canary = require "resty.rsbalancer.canary"
 
@@ -77,6 +78,7 @@ local ceil = math.ceil
 
 local bal          -- mlua balancer object
 local handle       -- its `rsb_balancer *`
+local gen_word     -- where its generation is kept (rsb_generation_word)
 local stage        -- the config init() staged, made live by init_worker()
 local generation = -1
 local pools = {}   -- name -> pool index
@@ -98,8 +100,13 @@ local function not_initialized(fn)
     error("rsbalancer: " .. fn .. " called before init()", 3)
 end
 
--- Refresh the Lua-side name and address tables after a topology change.
+-- Refresh the Lua-side name and address tables after a topology change. The check on
+-- every request reads the shared generation word (no call); a change is confirmed by
+-- rsb_generation, whose atomic read orders the topology reads below after it.
 local function sync()
+    if tonumber(gen_word[0]) == generation then
+        return
+    end
     local g = tonumber(C_generation(handle))
     if g == generation then
         return
@@ -180,6 +187,7 @@ function _M.init(config, name)
         error("rsbalancer: " .. err, 2)
     end
     bal, handle, generation, stage = b, ffi.cast("const struct rsb_balancer *", b:handle()), -1, err
+    gen_word = C.rsb_generation_word(handle)
     canary.bind(C, handle)
     if b:stage_is_live(stage) then
         sync() -- the first start: live at once; a reload's config waits for init_worker()
@@ -780,7 +788,7 @@ local function pick_next(st, aidx, apool, key, tried, n, elapsed_ms)
     else
         -- A clean state has none of the keys admission, a body or a provider sets
         -- (STATE_MT): no look-up of them.
-        ask, nt, prefer = admission.ask_key(key), n, 0
+        ask, nt, prefer = key and admission.ask_key(key) or ASK_NONE, n, 0
     end
     local rc
     if n + 1 < MAX_TRIES then

@@ -280,6 +280,12 @@ impl Balancer {
         self.region.header().generation.load(Ordering::Acquire)
     }
 
+    /// The shared word [`generation`](Self::generation) reads, for `rsb_generation_word`:
+    /// it lives as long as the region, which this handle keeps mapped.
+    pub fn generation_word(&self) -> *const u64 {
+        self.region.header().generation.as_ptr()
+    }
+
     /// The active topology (rebuilding local tables if it changed).
     pub fn topology(&self) -> Result<Arc<Topology>, Error> {
         let mut l = self.local.lock();

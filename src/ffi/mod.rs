@@ -346,6 +346,20 @@ pub unsafe extern "C" fn rsb_generation(b: *const Balancer) -> u64 {
     unsafe { handle(b) }.map_or(0, Balancer::generation)
 }
 
+/// Where the region's generation ([`rsb_generation`]) is kept: an aligned 64-bit word
+/// in shared memory, valid as long as the handle, so that a caller can check it on
+/// every request without a call (an aligned 64-bit load; on a change, ask
+/// `rsb_generation`, which orders the reads of the new topology after it). NULL for
+/// NULL.
+///
+/// # Safety
+/// `b` NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn rsb_generation_word(b: *const Balancer) -> *const u64 {
+    // SAFETY: forwarded caller contract.
+    unsafe { handle(b) }.map_or(std::ptr::null(), Balancer::generation_word)
+}
+
 /// Copy the last error message of this thread into `buf` (NUL-terminated, truncated
 /// to `cap - 1` bytes). Returns the message's full length; `buf` may be NULL to ask.
 ///

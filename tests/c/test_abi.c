@@ -155,6 +155,9 @@ static void test_basics(void) {
     if (!b) return;
     uint64_t gen0 = rsb_generation(b);
     CHECK(gen0 != 0);
+    CHECK(rsb_generation_word(NULL) == NULL);
+    const uint64_t *gen_word = rsb_generation_word(b);
+    CHECK(gen_word != NULL && *gen_word == gen0);
 
     uint32_t chat = pool_of(b, "chat");
     uint32_t embed = pool_of(b, "embed");
@@ -242,6 +245,7 @@ static void test_basics(void) {
     CHECK_RC(rsb_set_weight(b, na, 7), RSB_OK);
     CHECK(stats_of(b, na).weight == 7);
     CHECK(rsb_generation(b) > gen0);
+    CHECK(*gen_word == rsb_generation(b)); /* the word follows the change */
     CHECK(RSB_WEIGHT_MIN == 1 && RSB_WEIGHT_MAX == 10000); /* the README's range */
     CHECK_RC(rsb_set_weight(b, na, RSB_WEIGHT_MAX), RSB_OK); /* upper bound accepted */
     CHECK(stats_of(b, na).weight == RSB_WEIGHT_MAX);

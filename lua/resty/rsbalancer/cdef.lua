@@ -126,6 +126,7 @@ enum rsb_result rsb_node_index(const struct rsb_balancer *b,
                                size_t id_len,
                                uint32_t *out);
 uint64_t rsb_generation(const struct rsb_balancer *b);
+const uint64_t *rsb_generation_word(const struct rsb_balancer *b);
 size_t rsb_last_error(char *buf, size_t cap);
 enum rsb_result rsb_retry_after_ms(const char *value, size_t len, uint32_t *out_ms);
 const char *rsb_version(void);
