@@ -329,6 +329,13 @@ impl NodeView for View<'_> {
     fn slow_left_out(&self) -> bool {
         self.slow_extra_us.is_some()
     }
+
+    #[inline(always)]
+    fn prefetch(&self, i: usize) {
+        if let Some(&slot) = self.slots.get(i) {
+            self.region.prefetch_node(slot);
+        }
+    }
 }
 
 pub(super) fn os_rng() -> SmallRng {

@@ -114,6 +114,9 @@ pub trait NodeView {
     fn slow_left_out(&self) -> bool {
         false
     }
+    /// A hint that node `idx` is about to be asked of: a view over shared memory may
+    /// start loading it. Does nothing by default.
+    fn prefetch(&self, _idx: usize) {}
 }
 
 /// The algorithms a pool can use.

@@ -173,6 +173,10 @@ impl P2cEwma {
         }
         let d = self.draws_for(view);
         let r = rng.next_u64();
+        // The second candidate's likely node (its first draw, unless the first
+        // candidate is the heaviest or is drawn again) starts loading while the first
+        // is asked of: in a large pool both are cache misses, which then overlap.
+        view.prefetch(d.table.at(r as u32));
         let (a, cost_a) = self.first(d, rng, view, (r >> 32) as u32)?;
         let Some((b, cost_b)) = self.second(d, rng, view, a, r as u32) else {
             return Some((a, None));
