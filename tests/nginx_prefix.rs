@@ -176,8 +176,11 @@ fn conversations_sharing_a_long_system_prompt_spread_over_all_nodes() {
 
 /// One conversation sent by 16 clients at once, 3 times each, to nodes that take 300 ms:
 /// the key's home never has more than `ceil(1.25 x 16 / 4) = 5` requests in flight (6:
-/// the two workers may both take its last place at the same moment), and the rest
-/// spill on along the ring instead of piling up on one engine (prime-rl PR#3255).
+/// the two workers may both take its last place at the same moment; 7 as the mock
+/// counts: it counts a request until its own log phase, which a descheduled mock worker
+/// may run after the gateway has already reported that try and sent the next one), and
+/// the rest spill on along the ring instead of piling up on one engine (prime-rl
+/// PR#3255).
 #[test]
 fn a_hot_key_spills_along_the_ring_instead_of_piling_up() {
     let _s = serial();
@@ -194,8 +197,8 @@ fn a_hot_key_spills_along_the_ring_instead_of_piling_up() {
         .collect();
     eprintln!("peaks {peaks:?}, served by {served:?}");
     assert!(
-        peaks.iter().all(|&p| p <= 6),
-        "a node went past c x mean + 1: {peaks:?}"
+        peaks.iter().all(|&p| p <= 7),
+        "a node went past c x mean + 2: {peaks:?}"
     );
     assert!(served.len() >= 3, "the key did not spill on: {served:?}");
     let p = prefix_status(&s.g);
