@@ -198,7 +198,7 @@ impl WeightedRandom {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{chi_square, SlowView, TestView};
+    use super::super::testutil::{chi_square, slow_pass, TestView};
     use super::*;
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
@@ -227,19 +227,8 @@ mod tests {
         let all = TestView::idle(4);
         let picks = 30_000u64;
         let mut wr = WeightedRandom::new(&weights);
-        let run = |wr: &WeightedRandom, seed| {
-            let view = SlowView {
-                view: &all,
-                slow: &slow,
-                asked: std::cell::Cell::new(0),
-            };
-            let mut rng = SmallRng::seed_from_u64(seed);
-            let mut counts = [0u64; 4];
-            for _ in 0..picks {
-                counts[wr.pick(&mut rng, &view).unwrap()] += 1;
-            }
-            (counts, view.asked.get())
-        };
+        let run =
+            |wr: &WeightedRandom, seed| slow_pass(&slow, picks, seed, |rng, v| wr.pick(rng, v).unwrap());
         let (_, asked) = run(&wr, 3);
         assert!(asked > picks * 2, "redraws past the slow node: {asked}");
         wr.set_slow(&slow);

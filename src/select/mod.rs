@@ -432,6 +432,29 @@ pub(crate) mod testutil {
         }
     }
 
+    /// `picks` picks by `pick` over idle nodes in a pass that leaves out those marked in
+    /// `slow`: how often each node was chosen, and the eligibility questions asked.
+    pub fn slow_pass<const N: usize>(
+        slow: &[bool; N],
+        picks: u64,
+        seed: u64,
+        mut pick: impl FnMut(&mut rand::rngs::SmallRng, &SlowView) -> usize,
+    ) -> ([u64; N], u64) {
+        use rand::SeedableRng;
+        let all = TestView::idle(N);
+        let view = SlowView {
+            view: &all,
+            slow,
+            asked: std::cell::Cell::new(0),
+        };
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut counts = [0u64; N];
+        for _ in 0..picks {
+            counts[pick(&mut rng, &view)] += 1;
+        }
+        (counts, view.asked.get())
+    }
+
     /// A [`TestView`] whose nodes marked in `.1` are out of service
     /// ([`NodeView::out`]).
     pub struct OutView<'a>(pub &'a TestView, pub &'a [bool]);

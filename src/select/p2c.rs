@@ -324,7 +324,7 @@ impl P2cEwma {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{chi_square, SlowView, TestView};
+    use super::super::testutil::{chi_square, slow_pass, TestView};
     use super::*;
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
@@ -504,22 +504,14 @@ mod tests {
     fn p2c_pass_without_slow_nodes_draws_two() {
         let weights = [1.0, 8.0, 1.0, 2.0];
         let slow = [false, true, false, false];
-        let all = TestView::idle(4);
         let picks = 30_000u64;
         let mut p = P2cEwma::new(&weights);
         let run = |p: &mut P2cEwma, seed| {
-            let view = SlowView {
-                view: &all,
-                slow: &slow,
-                asked: std::cell::Cell::new(0),
-            };
-            let mut rng = SmallRng::seed_from_u64(seed);
-            let mut counts = [0u64; 4];
-            for _ in 0..picks {
-                counts[p.pick_noting(&mut rng, &view).unwrap()] += 1;
+            slow_pass(&slow, picks, seed, |rng, v| {
+                let chosen = p.pick_noting(rng, v).unwrap();
                 assert!(p.other().is_some_and(|o| !slow[o]));
-            }
-            (counts, view.asked.get())
+                chosen
+            })
         };
         let (_, asked) = run(&mut p, 6);
         assert!(asked > picks * 3, "redraws past the slow node: {asked}");
