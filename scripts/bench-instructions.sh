@@ -15,7 +15,7 @@
 #                                          (callgrind_annotate --inclusive=yes FILE)
 #   RSB_BENCH_IR_ONLY="ovh-gw0 ovh-gw2"    some gateways only (0 native, 1 rsbalancer
 #                                          p2c_ewma, 2 weighted_random, 3 seed, floor0
-#                                          floor1, floor2: below)
+#                                          floor1, floor2, spread, least: below)
 #
 # The floor contenders (scripts/bench-overhead-setup.sh derives them from the seed's
 # config): a balancer_by_lua that only sets a fixed peer (ovh-floor0), and the same
@@ -43,27 +43,30 @@ native=""
 floor=""
 measured=()
 printf '\n== instructions per request (callgrind, 1 nginx process, wrk -c4 %ss, GET /)\n' "$SECS"
-printf '   %-34s %10s %12s %9s\n' contender requests "instr/req" "vs native"
+printf '   %-36s %10s %12s %9s\n' contender requests "instr/req" "vs native"
 floor2=""
-for name in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-floor0 ovh-floor1 ovh-floor2; do
+for name in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-floor0 ovh-floor1 ovh-floor2 ovh-spread ovh-least; do
     conf="$name.conf"
     [ -f "$conf" ] || continue
     case " ${RSB_BENCH_IR_ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
     port=$(overhead_port_from $((port + 1)))
     overhead_one_worker "$name" "cg-$name" "$port"
-    if [ -f "$name.json" ]; then
+    # The pool config an rsbalancer contender loads (ovh-least loads ovh-gw2's).
+    json=$(grep -o "$RUN/ovh-[a-z0-9]*\.json" "$conf" | head -1 || true)
+    json=${json##*/}
+    if [ -n "$json" ]; then
         # Under valgrind every answer takes ~50x as long, and the first JIT compilations
         # hundreds of milliseconds: the node a warm-up request went to then looks slow
         # (5 ms and 2x over the fastest, src/balancer/local.rs) for many seconds, and
         # the picks measure the slow-node pass (redraws, scans), which a healthy pool at
         # full speed never runs. Slow nodes as overflow are off here (`limit.slow_factor`
         # 0); docs/benchmarks.md gives the figure with them on.
-        grep -q '"limit"' "$name.json" && die "$name.json has a limit already: merge slow_factor 0 into it"
+        grep -q '"limit"' "$json" && die "$json has a limit already: merge slow_factor 0 into it"
         sed -e 's/^\( *\)"algorithm": \("[a-z_0-9]*"\),$/\1"algorithm": \2,\n\1"limit": { "slow_factor": 0 },/' \
-            "$name.json" >"cg-$name.json"
-        grep -q '"slow_factor": 0' "cg-$name.json" || die "$name.json: no \"algorithm\" line to add slow_factor 0 after"
-        sed -i "s|$RUN/$name.json|$RUN/cg-$name.json|" "cg-$name.conf"
-        grep -q "cg-$name.json" "cg-$name.conf" || die "cg-$name.conf does not load $name.json"
+            "$json" >"cg-$name.json"
+        grep -q '"slow_factor": 0' "cg-$name.json" || die "$json: no \"algorithm\" line to add slow_factor 0 after"
+        sed -i "s|$RUN/$json|$RUN/cg-$name.json|" "cg-$name.conf"
+        grep -q "cg-$name.json" "cg-$name.conf" || die "cg-$name.conf does not load $json"
     fi
     out="$RUN/cg-$name.out"
     valgrind --tool=callgrind --smc-check=all-non-file --callgrind-out-file="$out" \
@@ -92,7 +95,7 @@ for name in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-floor0 ovh-floor1 ovh-floor2; do
     [ "$name" = ovh-floor2 ] && floor2=$per
     measured+=("$name:$per")
     what="$(overhead_label "$conf")"
-    printf '   %-34s %10s %12s %8.1f%%\n' "$what" "$reqs" "$per" \
+    printf '   %-36s %10s %12s %8.1f%%\n' "$what" "$reqs" "$per" \
         "$(awk -v a="$per" -v n="$native" 'BEGIN { print 100 * a / n }')"
 done
 echo "   instructions of the gateway process (nginx, Lua, rsbalancer, libc; not the kernel) between"
@@ -105,7 +108,7 @@ if [ -n "$floor" ]; then
         name=${m%%:*}
         per=${m#*:}
         case "$name" in ovh-floor0 | ovh-floor1) continue ;; esac
-        printf '   %-34s %+10d' "$(overhead_label "$name.conf")" $((per - floor))
+        printf '   %-36s %+10d' "$(overhead_label "$name.conf")" $((per - floor))
         [ -n "$floor2" ] && [ "$name" != ovh-floor2 ] && printf ' %+10d' $((per - floor2))
         echo
     done

@@ -11,7 +11,8 @@
 #               and its subrequest-capture header and body filters on every request
 #               of the server, whatever the location
 # Gateways: ovh-gw0 native upstream, ovh-gw1 rsbalancer p2c_ewma, ovh-gw2 rsbalancer
-# weighted_random, ovh-gw3 the seed's Lua weighted random, ovh-floor0..2.
+# weighted_random, ovh-gw3 the seed's Lua weighted random, ovh-floor0..2, and the
+# references ovh-spread and ovh-least (overhead_references).
 # Needs `die`; sets RUN, PEER_PORT; the caller's EXIT trap should call
 # overhead_cleanup.
 
@@ -59,6 +60,33 @@ LOCATIONS
         -e "/^            log_by_lua_block { }\$/{n;r $RUN/floor2-locations.conf" -e '}' \
         "$RUN/ovh-floor1.conf" >"$RUN/ovh-floor2.conf"
     grep -q 'location @round' "$RUN/ovh-floor2.conf" || die "ovh-floor2: no place for its locations"
+    overhead_references
+}
+
+# Two references that split the gap between the floor and rsbalancer:
+#   ovh-spread  ovh-floor1 with its fixed peer turned round robin over the three static
+#               nodes: what going to three nodes costs by itself (nginx's keepalive cache
+#               is searched by address, one connection pool for all three)
+#   ovh-least   the rsbalancer weighted_random gateway (ovh-gw2: its config, pool and
+#               locations) with balance() and log() replaced by the least feedback
+#               through the library (benches/nginx/rsb_least.lua: one pick and one
+#               report per request, no request state)
+overhead_references() {
+    local ports
+    ports=$(grep -o 'listen 127.0.0.1:[0-9]*' "$RUN/ovh-nodes.conf" | cut -d: -f2 | paste -sd, -)
+    sed -e 's/contender "floor1"/contender "spread"/' \
+        -e "s|^    init_by_lua_block {|    init_by_lua_block {\n        SPREAD = { n = 0, ports = { $ports } }|" \
+        -e "s|require(\"ngx.balancer\").set_current_peer(\"127.0.0.1\", $PEER_PORT)|local n = SPREAD.n % #SPREAD.ports + 1; SPREAD.n = n; require(\"ngx.balancer\").set_current_peer(\"127.0.0.1\", SPREAD.ports[n])|" \
+        "$RUN/ovh-floor1.conf" >"$RUN/ovh-spread.conf"
+    grep -q 'SPREAD.ports\[n\]' "$RUN/ovh-spread.conf" || die "ovh-spread: the floor's set_current_peer not found"
+    [ -f "$RUN/ovh-gw2.conf" ] || return 0
+    cp benches/nginx/rsb_least.lua "$RUN/lua/rsb_least.lua"
+    sed -e 's/contender "rsbalancer"/contender "least"/' \
+        -e 's/rsbalancer.balance("llm")/rsb_least.balance()/' \
+        -e 's/^\( *\)rsbalancer.log()$/\1rsb_least.log()/' \
+        -e 's/^\( *\)rsbalancer.init_worker()$/\1rsbalancer.init_worker()\n\1rsb_least = require("rsb_least")\n\1rsb_least.setup("llm")/' \
+        "$RUN/ovh-gw2.conf" >"$RUN/ovh-least.conf"
+    [ "$(grep -c 'rsb_least\.' "$RUN/ovh-least.conf")" -ge 4 ] || die "ovh-least: the gateway's phases not found"
 }
 
 # Stops what overhead_setup started (every nginx of $RUN, by its pid file) and
@@ -81,6 +109,8 @@ overhead_label() {
         floor0) echo "floor: balancer_by_lua, fixed peer" ;;
         floor1) echo "floor + empty log_by_lua" ;;
         floor2) echo "floor1 + Lua access/content locs" ;;
+        spread) echo "floor1 round robin over 3 nodes" ;;
+        least) echo "rsbalancer least: FFI pick + report" ;;
         rsbalancer) echo "rsbalancer $(grep -o '"algorithm": *"[a-z_0-9]*"' "${1%.conf}.json" | cut -d'"' -f4)" ;;
         *) echo "$1" ;;
     esac

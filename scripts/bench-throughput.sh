@@ -5,7 +5,9 @@
 # rsbalancer gateways have (floor2, scripts/bench-overhead-setup.sh), the seed's Lua
 # weighted random and rsbalancer p2c_ewma and weighted_random, all the gateways of
 # scripts/bench-gateway.sh's overhead scenario (static nodes answering a small 200;
-# scripts/bench-overhead-setup.sh).
+# scripts/bench-overhead-setup.sh), and two references that split the gap: the floor
+# + empty log_by_lua going round robin to the three nodes, and rsbalancer's least
+# feedback (one library pick and one report per request, on the gateway's config).
 #
 # Each gateway runs as one nginx worker pinned to CPU 0; wrk (-t1) and the static
 # nodes share CPU 1 (on 2 cores that side, client and node, can be the bottleneck:
@@ -15,9 +17,9 @@
 # ratio of the medians to the floor + empty log_by_lua, the median of the per-round
 # ratios to it (robust to slow drifts), and the ratio to native. It also prints the
 # gateway worker's CPU time per request (user + system, from /proc/PID/stat, summed
-# over the rounds): what the gateway's core spends on a request whatever the load
-# generator's core does, so the figure that spreads least between runs. Timings are
-# printed, never asserted.
+# over the rounds), and its user-space part: what the gateway's core spends on a
+# request whatever the load generator's core does, so the figure that spreads least
+# between runs. Timings are printed, never asserted.
 #
 #   scripts/bench-throughput.sh               (make bench runs it)
 #   RSB_BENCH_TP_ROUNDS=7 RSB_BENCH_TP_S=3 RSB_BENCH_TP_CONNS=32   (the defaults)
@@ -44,7 +46,7 @@ names=()
 ports=()
 wpids=()
 port=21600
-for name in ovh-gw0 ovh-floor0 ovh-floor1 ovh-floor2 ovh-gw3 ovh-gw1 ovh-gw2; do
+for name in ovh-gw0 ovh-floor0 ovh-floor1 ovh-floor2 ovh-spread ovh-gw3 ovh-least ovh-gw1 ovh-gw2; do
     [ -f "$name.conf" ] || continue
     case " ${RSB_BENCH_TP_ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
     port=$(overhead_port_from $((port + 1)))
@@ -75,20 +77,25 @@ load() {
 # CPU time of process $1 so far, in clock ticks (utime + stime; the fields after the
 # command name, which is in parentheses).
 cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+# Its user-space CPU time so far (utime alone).
+user_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12}'; }
 tck=$(getconf CLK_TCK)
 
 echo "bench-throughput: load average $(cut -d' ' -f1-3 /proc/loadavg), $cpus CPUs; gateway on CPU $gw_cpu, wrk and nodes on CPU $load_cpu"
 for i in $(seq 0 $((count - 1))); do load "${ports[$i]}" 1 >/dev/null; done # warm-up (JIT traces, keepalive)
-declare -A results ticks reqs
+declare -A results ticks uticks reqs
 for r in $(seq 1 "$ROUNDS"); do
     for k in $(seq 0 $((count - 1))); do
         i=$(((k + r) % count))
         t0=$(cpu_ticks "${wpids[$i]}")
+        u0=$(user_ticks "${wpids[$i]}")
         read -r v n < <(load "${ports[$i]}" "$SECS")
         t1=$(cpu_ticks "${wpids[$i]}")
+        u1=$(user_ticks "${wpids[$i]}")
         [ -n "$v" ] && [ -n "$n" ] || die "no result from wrk for ${names[$i]}"
         results[${names[$i]}]+="$v "
         ticks[${names[$i]}]=$((${ticks[${names[$i]}]:-0} + t1 - t0))
+        uticks[${names[$i]}]=$((${uticks[${names[$i]}]:-0} + u1 - u0))
         reqs[${names[$i]}]=$((${reqs[${names[$i]}]:-0} + n))
     done
 done
@@ -109,24 +116,27 @@ round_ratio() {
 }
 # The worker's CPU microseconds per request over all rounds.
 cpu_us() { awk -v t="${ticks[$1]}" -v n="${reqs[$1]}" -v hz="$tck" 'BEGIN { printf "%.2f", 1e6 * t / hz / n }'; }
+# The user-space part of it.
+user_us() { awk -v t="${uticks[$1]}" -v n="${reqs[$1]}" -v hz="$tck" 'BEGIN { printf "%.2f", 1e6 * t / hz / n }'; }
 # How busy the worker's core was during the runs: near 100% when the gateway is the
 # bottleneck; below, req/s says more of the load generator's core than of the gateway.
 busy() { awk -v t="${ticks[$1]}" -v hz="$tck" -v s="$((ROUNDS * SECS))" 'BEGIN { printf "%.0f%%", 100 * t / hz / s }'; }
 floor_cpu=$([ -n "$floor" ] && cpu_us ovh-floor1 || echo "")
-printf '   %-34s %12s %18s %14s %12s %10s %10s %9s %6s\n' contender "req/s median" "min..max" "vs floor+log" "per round" "vs native" "CPU us/req" "vs floor" "busy"
+printf '   %-36s %12s %18s %14s %12s %10s %10s %9s %6s %8s\n' contender "req/s median" "min..max" "vs floor+log" "per round" "vs native" "CPU us/req" "vs floor" "busy" "user us"
 for n in "${names[@]}"; do
     c=$(cpu_us "$n")
-    printf '   %-34s %12.0f %18s %14s %12s %10s %10s %9s %6s\n' "$(overhead_label "$n.conf")" "${med[$n]}" \
+    printf '   %-36s %12.0f %18s %14s %12s %10s %10s %9s %6s %8s\n' "$(overhead_label "$n.conf")" "${med[$n]}" \
         "$(echo "${results[$n]}" | range)" \
         "$([ -n "$floor" ] && awk -v a="${med[$n]}" -v b="$floor" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)" \
         "$([ -n "$floor" ] && awk -v x="$(round_ratio "$n")" 'BEGIN { printf "%.1f%%", 100 * x }' || echo -)" \
         "$([ -n "$native" ] && awk -v a="${med[$n]}" -v b="$native" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)" \
         "$c" "$([ -n "$floor_cpu" ] && awk -v a="$c" -v b="$floor_cpu" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)" \
-        "$(busy "$n")"
+        "$(busy "$n")" "$(user_us "$n")"
 done
 echo "   vs floor+log: ratio of the medians; per round: median of each round's ratio to the floor"
 echo "   + empty log_by_lua. Target (issue 15): rsbalancer at least 97% of that floor."
 echo "   CPU us/req: the gateway worker's user + system CPU time per request over all rounds"
 echo "   (clock ticks of $((1000 / tck)) ms); vs floor: against the floor + empty log_by_lua's; busy:"
 echo "   that CPU time over the runs' wall time (under 100%: the gateway was not the bottleneck,"
-echo "   and CPU us/req is the figure that measures its capacity)."
+echo "   and CPU us/req is the figure that measures its capacity); user us: the user-space part"
+echo "   of CPU us/req (the rest is the kernel's: the same system calls for every contender)."
