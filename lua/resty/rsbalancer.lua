@@ -542,15 +542,20 @@ local ngx_balancer
 -- Also returns the request itself, for lua-nginx-module's own FFI functions, called
 -- directly below (what ngx.req.start_time() and ngx.status do, without their look-ups:
 -- ngx.status goes through a metatable and a getter table).
-local get_request, C_start_time, C_resp_status
+local get_request, C_start_time, C_resp_status, C_more_tries
+local more_tries_err = ffi.new("char *[1]") -- where set_more_tries would put a warning
 local uintptr_t = ffi.typeof("uintptr_t") -- parsed once, not per request
 local function request_key()
     if not get_request then
-        -- lua-nginx-module's FFI API, in nginx's own symbols; resty.core declares both.
+        -- lua-nginx-module's FFI API, in nginx's own symbols; resty.core declares them.
+        -- (ngx.balancer.set_more_tries, called directly: the request is at hand, and
+        -- this function's signature is the same in every lua-nginx-module release.)
         require "resty.core.request"
         require "resty.core.misc"
+        require "ngx.balancer"
         local NGX = ffi.C
         C_start_time, C_resp_status = NGX.ngx_http_lua_ffi_req_start_time, NGX.ngx_http_lua_ffi_get_resp_status
+        C_more_tries = NGX.ngx_http_lua_ffi_balancer_set_more_tries
         get_request = require("resty.core.base").get_request
     end
     local r = get_request()
@@ -640,10 +645,11 @@ local function recycle(st)
 end
 
 -- Request state kept across the balancer and log phases. Tries of the current round
--- are items `first`.. of nginx's upstream lists, shifted by `offset`.
+-- are items `first`.. of nginx's upstream lists, shifted by `offset`. Also returns
+-- the request.
 local function request_state(pool, now)
     made_one = true
-    local st, k = current_state()
+    local st, k, r = current_state()
     if not st then
         if nfree > 0 then
             st = free_states[nfree]
@@ -661,7 +667,7 @@ local function request_state(pool, now)
         st.arm = false
         by_request[k] = st
     end
-    return st
+    return st, r
 end
 
 -- The request's state in the phases that never make it (log, filters).
@@ -827,7 +833,7 @@ function _M.balance(pool, key)
         error("bad argument #1 to 'balance' (unknown pool " .. tostring(pool) .. ")", 2)
     end
     local now = ngx_now()
-    local st = request_state(pool, now)
+    local st, r = request_state(pool, now)
     local aidx, apool = arm_of(st, pool, idx)
     local tried, n = st.tried, st.n
     local slot, why
@@ -858,14 +864,14 @@ function _M.balance(pool, key)
         why = out_buf[0]
     end
     if why == 0 then
-        ngx_balancer.set_more_tries(1)
+        C_more_tries(r, 1, more_tries_err)
     elseif why == RETRY_NO_NODE and st.rounds < policy[st.pool].rounds and n < policy[apool].size then
         -- Nothing to retry on now, but rounds left: nginx comes back here should this
         -- try fail, and the next call retries at once, ends the round busy (a new
         -- round waits for a node), or ends it failed. Any other refusal lets the
         -- node's own answer reach the client (header_filter() adds a Retry-After).
         st.unasked = true
-        ngx_balancer.set_more_tries(1)
+        C_more_tries(r, 1, more_tries_err)
     end
 end
 
