@@ -536,26 +536,26 @@ local NGX_BUSY = -3
 
 local IDEMPOTENT = { GET = true, HEAD = true, OPTIONS = true, PUT = true, DELETE = true, TRACE = true }
 local ngx_balancer
+-- ngx.balancer.set_more_tries's FFI function, called directly with the request balance()
+-- has at hand (its signature is the same in every lua-nginx-module release), and where
+-- it would put a warning.
+local C_more_tries
+local more_tries_err = ffi.new("char *[1]")
 
 -- The request's address: the same in every location it goes through (a new round is
 -- an internal redirect, which empties ngx.ctx but keeps the request).
 -- Also returns the request itself, for lua-nginx-module's own FFI functions, called
 -- directly below (what ngx.req.start_time() and ngx.status do, without their look-ups:
 -- ngx.status goes through a metatable and a getter table).
-local get_request, C_start_time, C_resp_status, C_more_tries
-local more_tries_err = ffi.new("char *[1]") -- where set_more_tries would put a warning
+local get_request, C_start_time, C_resp_status
 local uintptr_t = ffi.typeof("uintptr_t") -- parsed once, not per request
 local function request_key()
     if not get_request then
-        -- lua-nginx-module's FFI API, in nginx's own symbols; resty.core declares them.
-        -- (ngx.balancer.set_more_tries, called directly: the request is at hand, and
-        -- this function's signature is the same in every lua-nginx-module release.)
+        -- lua-nginx-module's FFI API, in nginx's own symbols; resty.core declares both.
         require "resty.core.request"
         require "resty.core.misc"
-        require "ngx.balancer"
         local NGX = ffi.C
         C_start_time, C_resp_status = NGX.ngx_http_lua_ffi_req_start_time, NGX.ngx_http_lua_ffi_get_resp_status
-        C_more_tries = NGX.ngx_http_lua_ffi_balancer_set_more_tries
         get_request = require("resty.core.base").get_request
     end
     local r = get_request()
@@ -826,7 +826,11 @@ end
 -- $upstream_http_retry_after), so its node's cooldown or limit applies to this pick.
 function _M.balance(pool, key)
     if not handle then not_initialized("balance") end
-    if not ngx_balancer then ngx_balancer = require "ngx.balancer" end
+    if not ngx_balancer then
+        ngx_balancer = require "ngx.balancer" -- its cdef declares the function below
+        local NGX = ffi.C -- nginx's own symbols, as in request_key()
+        C_more_tries = NGX.ngx_http_lua_ffi_balancer_set_more_tries
+    end
     sync()
     local idx = pools[pool]
     if not idx then
