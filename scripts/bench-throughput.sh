@@ -74,11 +74,9 @@ load() {
     taskset -c "$load_cpu" wrk -t1 -c"$CONNS" -d"$2s" "http://127.0.0.1:$1/" |
         awk '/requests in/ {n = $1} /^Requests\/sec:/ {r = $2} END {print r, n}'
 }
-# CPU time of process $1 so far, in clock ticks (utime + stime; the fields after the
-# command name, which is in parentheses).
-cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
-# Its user-space CPU time so far (utime alone).
-user_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12}'; }
+# CPU time of process $1 so far, in clock ticks: utime + stime, then utime alone (the
+# fields after the command name, which is in parentheses).
+cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13, $12}'; }
 tck=$(getconf CLK_TCK)
 
 echo "bench-throughput: load average $(cut -d' ' -f1-3 /proc/loadavg), $cpus CPUs; gateway on CPU $gw_cpu, wrk and nodes on CPU $load_cpu"
@@ -87,11 +85,9 @@ declare -A results ticks uticks reqs
 for r in $(seq 1 "$ROUNDS"); do
     for k in $(seq 0 $((count - 1))); do
         i=$(((k + r) % count))
-        t0=$(cpu_ticks "${wpids[$i]}")
-        u0=$(user_ticks "${wpids[$i]}")
+        read -r t0 u0 < <(cpu_ticks "${wpids[$i]}")
         read -r v n < <(load "${ports[$i]}" "$SECS")
-        t1=$(cpu_ticks "${wpids[$i]}")
-        u1=$(user_ticks "${wpids[$i]}")
+        read -r t1 u1 < <(cpu_ticks "${wpids[$i]}")
         [ -n "$v" ] && [ -n "$n" ] || die "no result from wrk for ${names[$i]}"
         results[${names[$i]}]+="$v "
         ticks[${names[$i]}]=$((${ticks[${names[$i]}]:-0} + t1 - t0))

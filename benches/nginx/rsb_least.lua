@@ -11,7 +11,7 @@ local rsbalancer = require "resty.rsbalancer"
 
 local _M = {}
 
-local C, handle, ask, peers, set_current_peer
+local C, handle, pool_index, ask, peers, set_current_peer
 local tried = ffi.new("uint32_t[1]")
 local out = ffi.new("uint32_t[2]")
 local last = 0
@@ -27,12 +27,11 @@ function _M.setup(pool)
         peers[n.slot] = { n.ip, n.port }
     end
     set_current_peer = require("ngx.balancer").set_current_peer
-    -- The pool's index: the first pool of the config is 0.
-    _M.pool = bal:pool_index(pool)
+    pool_index = bal:pool_index(pool)
 end
 
 function _M.balance()
-    if C.rsb_pick_retry(handle, _M.pool, ask, tried, 0, 0, 0, 0, out) ~= C.RSB_OK then
+    if C.rsb_pick_retry(handle, pool_index, ask, tried, 0, 0, 0, 0, out) ~= C.RSB_OK then
         return ngx.exit(ngx.ERROR)
     end
     last = out[0]
