@@ -15,7 +15,8 @@
 #                                          (callgrind_annotate --inclusive=yes FILE)
 #   RSB_BENCH_IR_ONLY="ovh-gw0 ovh-gw2"    some gateways only (0 native, 1 rsbalancer
 #                                          p2c_ewma, 2 weighted_random, 3 seed, floor0
-#                                          floor1, floor2, spread, least: below)
+#                                          floor1, floor2, spread, bare, least:
+#                                          below)
 #
 # The floor contenders (scripts/bench-overhead-setup.sh derives them from the seed's
 # config): a balancer_by_lua that only sets a fixed peer (ovh-floor0), and the same
@@ -23,6 +24,10 @@
 # pays at least. ovh-floor2 adds to ovh-floor1 what the rsbalancer gateways' config
 # makes lua-nginx-module run on every request (an access_by_lua location and a
 # content_by_lua one, which GET / never enters): the gap to it is rsbalancer's own.
+# The references (scripts/bench-overhead-setup.sh): ovh-spread, ovh-floor1 round robin
+# over the three nodes; ovh-bare, ovh-floor1 with the least shared-memory feedback in C
+# (benches/nginx/bare_feedback.c, no rsbalancer, no pool config); ovh-least,
+# rsbalancer's least feedback on the weighted_random gateway's config.
 # The rsbalancer gateways run with `limit.slow_factor` 0 here (see below: valgrind's
 # slowdown makes a node look slow at warm-up, which a healthy pool never does).
 set -euo pipefail
@@ -45,7 +50,7 @@ measured=()
 printf '\n== instructions per request (callgrind, 1 nginx process, wrk -c4 %ss, GET /)\n' "$SECS"
 printf '   %-36s %10s %12s %9s\n' contender requests "instr/req" "vs native"
 floor2=""
-for name in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-floor0 ovh-floor1 ovh-floor2 ovh-spread ovh-least; do
+for name in ovh-gw0 ovh-gw1 ovh-gw2 ovh-gw3 ovh-floor0 ovh-floor1 ovh-floor2 ovh-spread ovh-bare ovh-least; do
     conf="$name.conf"
     [ -f "$conf" ] || continue
     case " ${RSB_BENCH_IR_ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac

@@ -12,9 +12,9 @@
 #               of the server, whatever the location
 # Gateways: ovh-gw0 native upstream, ovh-gw1 rsbalancer p2c_ewma, ovh-gw2 rsbalancer
 # weighted_random, ovh-gw3 the seed's Lua weighted random, ovh-floor0..2, and the
-# references ovh-spread and ovh-least (overhead_references).
-# Needs `die`; sets RUN, PEER_PORT; the caller's EXIT trap should call
-# overhead_cleanup.
+# references ovh-spread, ovh-bare and ovh-least (overhead_references).
+# Needs `die` (and gcc, for ovh-bare); sets RUN, PEER_PORT; the caller's EXIT trap
+# should call overhead_cleanup.
 
 # Dies unless every command named is on PATH.
 overhead_need() {
@@ -63,10 +63,16 @@ LOCATIONS
     overhead_references
 }
 
-# Two references that split the gap between the floor and rsbalancer:
+# Three references that split the gap between the floor and rsbalancer:
 #   ovh-spread  ovh-floor1 with its fixed peer turned round robin over the three static
 #               nodes: what going to three nodes costs by itself (nginx's keepalive cache
 #               is searched by address, one connection pool for all three)
+#   ovh-bare    ovh-floor1 with the least per-response feedback any shared-memory
+#               balancer can have, in C, not rsbalancer (benches/nginx/bare_feedback.c
+#               and .lua: a weighted random pick over the three nodes counted in flight,
+#               a report that uncounts it and feeds a decaying latency average, in an
+#               anonymous shared mapping the master makes; atomics, no locks, no
+#               request state)
 #   ovh-least   the rsbalancer weighted_random gateway (ovh-gw2: its config, pool and
 #               locations) with balance() and log() replaced by the least feedback
 #               through the library (benches/nginx/rsb_least.lua: one pick and one
@@ -79,6 +85,19 @@ overhead_references() {
         -e "s|require(\"ngx.balancer\").set_current_peer(\"127.0.0.1\", $PEER_PORT)|local n = SPREAD.n % #SPREAD.ports + 1; SPREAD.n = n; require(\"ngx.balancer\").set_current_peer(\"127.0.0.1\", SPREAD.ports[n])|" \
         "$RUN/ovh-floor1.conf" >"$RUN/ovh-spread.conf"
     grep -q 'SPREAD.ports\[n\]' "$RUN/ovh-spread.conf" || die "ovh-spread: the floor's set_current_peer not found"
+    mkdir -p "$RUN/lib" "$RUN/lua"
+    gcc -O2 -Wall -shared -fPIC -o "$RUN/lib/bare_feedback.so" benches/nginx/bare_feedback.c -lm ||
+        die "ovh-bare: gcc could not build benches/nginx/bare_feedback.c"
+    cp benches/nginx/bare_feedback.lua "$RUN/lua/bare_feedback.lua"
+    sed -e 's/contender "floor1"/contender "bare"/' \
+        -e "s|^    init_by_lua_block {|    init_by_lua_block {\n        BARE = require(\"bare_feedback\")\n        BARE.setup(\"$RUN/lib/bare_feedback.so\")\n        BARE.init({ $ports })|" \
+        -e "s|require(\"ngx.balancer\").set_current_peer(\"127.0.0.1\", $PEER_PORT)|BARE.balance()|" \
+        -e 's|^\( *\)log_by_lua_block { }$|\1log_by_lua_block { BARE.log() }|' \
+        "$RUN/ovh-floor1.conf" >"$RUN/ovh-bare.conf"
+    grep -q 'BARE.init(' "$RUN/ovh-bare.conf" || die "ovh-bare: the floor's init_by_lua_block not found"
+    grep -q 'BARE.balance()' "$RUN/ovh-bare.conf" || die "ovh-bare: the floor's set_current_peer not found"
+    grep -q 'log_by_lua_block { BARE.log() }' "$RUN/ovh-bare.conf" || die "ovh-bare: the floor's empty log_by_lua_block not found"
+    grep -q "lua_package_path \"$RUN/lua/" "$RUN/ovh-bare.conf" || die "ovh-bare: lua_package_path does not cover $RUN/lua"
     [ -f "$RUN/ovh-gw2.conf" ] || return 0
     cp benches/nginx/rsb_least.lua "$RUN/lua/rsb_least.lua"
     sed -e 's/contender "rsbalancer"/contender "least"/' \
@@ -110,6 +129,7 @@ overhead_label() {
         floor1) echo "floor + empty log_by_lua" ;;
         floor2) echo "floor1 + Lua access/content locs" ;;
         spread) echo "floor1 round robin over 3 nodes" ;;
+        bare) echo "bare C feedback: pick + report, shm" ;;
         least) echo "rsbalancer least: FFI pick + report" ;;
         rsbalancer) echo "rsbalancer $(grep -o '"algorithm": *"[a-z_0-9]*"' "${1%.conf}.json" | cut -d'"' -f4)" ;;
         *) echo "$1" ;;

@@ -5,9 +5,11 @@
 # rsbalancer gateways have (floor2, scripts/bench-overhead-setup.sh), the seed's Lua
 # weighted random and rsbalancer p2c_ewma and weighted_random, all the gateways of
 # scripts/bench-gateway.sh's overhead scenario (static nodes answering a small 200;
-# scripts/bench-overhead-setup.sh), and two references that split the gap: the floor
-# + empty log_by_lua going round robin to the three nodes, and rsbalancer's least
-# feedback (one library pick and one report per request, on the gateway's config).
+# scripts/bench-overhead-setup.sh), and three references that split the gap: the floor
+# + empty log_by_lua going round robin to the three nodes, the same with the least
+# shared-memory feedback in C, not rsbalancer (ovh-bare: a weighted random pick counted
+# in flight, a report feeding a latency average), and rsbalancer's least feedback (one
+# library pick and one report per request, on the gateway's config).
 #
 # Each gateway runs as one nginx worker pinned to CPU 0; wrk (-t1) and the static
 # nodes share CPU 1 (on 2 cores that side, client and node, can be the bottleneck:
@@ -46,7 +48,7 @@ names=()
 ports=()
 wpids=()
 port=21600
-for name in ovh-gw0 ovh-floor0 ovh-floor1 ovh-floor2 ovh-spread ovh-gw3 ovh-least ovh-gw1 ovh-gw2; do
+for name in ovh-gw0 ovh-floor0 ovh-floor1 ovh-floor2 ovh-spread ovh-bare ovh-gw3 ovh-least ovh-gw1 ovh-gw2; do
     [ -f "$name.conf" ] || continue
     case " ${RSB_BENCH_TP_ONLY:-$name} " in *" $name "*) ;; *) continue ;; esac
     port=$(overhead_port_from $((port + 1)))
