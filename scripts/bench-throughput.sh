@@ -17,7 +17,9 @@
 # contenders (the order rotates each round), so a change in what else the machine
 # runs touches every contender alike; prints each one's median req/s, min..max, the
 # ratio of the medians to the floor + empty log_by_lua, the median of the per-round
-# ratios to it (robust to slow drifts), and the ratio to native. It also prints the
+# ratios to it (robust to slow drifts) with their middle half (the first to third
+# quartile: how far apart two contenders must be for a run to tell them apart), and
+# the ratio to native. It also prints the
 # gateway worker's CPU time per request (user + system, from /proc/PID/stat, summed
 # over the rounds), and its user-space part: what the gateway's core spends on a
 # request whatever the load generator's core does, so the figure that spreads least
@@ -107,10 +109,18 @@ native=${med[ovh-gw0]:-}
 printf '\n== throughput, 1 gateway worker pinned, wrk -t1 -c%s, %s rounds of %s s alternating, GET /\n' "$CONNS" "$ROUNDS" "$SECS"
 # The median over rounds of a contender's req/s over the floor's in the same round
 # (adjacent runs: what drifts slowly on a shared machine cancels out).
-round_ratio() {
+round_ratios() {
     paste -d' ' <(echo "${results[$1]}" | tr ' ' '\n' | grep -v '^$') \
         <(echo "${results[ovh-floor1]}" | tr ' ' '\n' | grep -v '^$') |
-        awk '{ printf "%.4f ", $1 / $2 }' | median
+        awk '{ printf "%.4f ", $1 / $2 }'
+}
+round_ratio() { round_ratios "$1" | median; }
+# Their spread: the middle half of the rounds' ratios (first to third quartile, by the
+# nearest rank), in percent. A target closer to the median than this cannot be told
+# apart from the run's noise.
+round_iqr() {
+    round_ratios "$1" | tr ' ' '\n' | grep -v '^$' | sort -g |
+        awk '{a[NR]=$1} END { q1 = int((NR + 3) / 4); q3 = NR + 1 - q1; printf "%.1f..%.1f", 100 * a[q1], 100 * a[q3] }'
 }
 # The worker's CPU microseconds per request over all rounds.
 cpu_us() { awk -v t="${ticks[$1]}" -v n="${reqs[$1]}" -v hz="$tck" 'BEGIN { printf "%.2f", 1e6 * t / hz / n }'; }
@@ -120,19 +130,21 @@ user_us() { awk -v t="${uticks[$1]}" -v n="${reqs[$1]}" -v hz="$tck" 'BEGIN { pr
 # bottleneck; below, req/s says more of the load generator's core than of the gateway.
 busy() { awk -v t="${ticks[$1]}" -v hz="$tck" -v s="$((ROUNDS * SECS))" 'BEGIN { printf "%.0f%%", 100 * t / hz / s }'; }
 floor_cpu=$([ -n "$floor" ] && cpu_us ovh-floor1 || echo "")
-printf '   %-36s %12s %18s %14s %12s %10s %10s %9s %6s %8s\n' contender "req/s median" "min..max" "vs floor+log" "per round" "vs native" "CPU us/req" "vs floor" "busy" "user us"
+printf '   %-36s %12s %18s %14s %12s %12s %10s %10s %9s %6s %8s\n' contender "req/s median" "min..max" "vs floor+log" "per round" "rounds IQR" "vs native" "CPU us/req" "vs floor" "busy" "user us"
 for n in "${names[@]}"; do
     c=$(cpu_us "$n")
-    printf '   %-36s %12.0f %18s %14s %12s %10s %10s %9s %6s %8s\n' "$(overhead_label "$n.conf")" "${med[$n]}" \
+    printf '   %-36s %12.0f %18s %14s %12s %12s %10s %10s %9s %6s %8s\n' "$(overhead_label "$n.conf")" "${med[$n]}" \
         "$(echo "${results[$n]}" | range)" \
         "$([ -n "$floor" ] && awk -v a="${med[$n]}" -v b="$floor" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)" \
         "$([ -n "$floor" ] && awk -v x="$(round_ratio "$n")" 'BEGIN { printf "%.1f%%", 100 * x }' || echo -)" \
+        "$([ -n "$floor" ] && round_iqr "$n" || echo -)" \
         "$([ -n "$native" ] && awk -v a="${med[$n]}" -v b="$native" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)" \
         "$c" "$([ -n "$floor_cpu" ] && awk -v a="$c" -v b="$floor_cpu" 'BEGIN { printf "%.1f%%", 100 * a / b }' || echo -)" \
         "$(busy "$n")" "$(user_us "$n")"
 done
 echo "   vs floor+log: ratio of the medians; per round: median of each round's ratio to the floor"
 echo "   + empty log_by_lua. Target (issue 15): rsbalancer at least 97% of that floor."
+echo "   rounds IQR: the middle half of those per-round ratios (first to third quartile), %."
 echo "   CPU us/req: the gateway worker's user + system CPU time per request over all rounds"
 echo "   (clock ticks of $((1000 / tck)) ms); vs floor: against the floor + empty log_by_lua's; busy:"
 echo "   that CPU time over the runs' wall time (under 100%: the gateway was not the bottleneck,"
