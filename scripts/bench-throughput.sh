@@ -100,8 +100,12 @@ for r in $(seq 1 "$ROUNDS"); do
     done
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-range() { tr ' ' '\n' | grep -v '^$' | sort -g | awk 'NR==1 {lo=$1} {hi=$1} END {printf "%.0f..%.0f", lo, hi}'; }
+# Space-separated numbers on stdin: one per line, in order; then their median, their
+# range, and their middle half (first to third quartile by the nearest rank, in %).
+sorted() { tr ' ' '\n' | grep -v '^$' | sort -g; }
+median() { sorted | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+range() { sorted | awk 'NR==1 {lo=$1} {hi=$1} END {printf "%.0f..%.0f", lo, hi}'; }
+iqr_pct() { sorted | awk '{a[NR]=$1} END { q1 = int((NR + 3) / 4); q3 = NR + 1 - q1; printf "%.1f..%.1f", 100 * a[q1], 100 * a[q3] }'; }
 declare -A med
 for n in "${names[@]}"; do med[$n]=$(echo "${results[$n]}" | median); done
 floor=${med[ovh-floor1]:-}
@@ -115,17 +119,14 @@ round_ratios() {
         awk '{ printf "%.4f ", $1 / $2 }'
 }
 round_ratio() { round_ratios "$1" | median; }
-# Their spread: the middle half of the rounds' ratios (first to third quartile, by the
-# nearest rank), in percent. A target closer to the median than this cannot be told
-# apart from the run's noise.
-round_iqr() {
-    round_ratios "$1" | tr ' ' '\n' | grep -v '^$' | sort -g |
-        awk '{a[NR]=$1} END { q1 = int((NR + 3) / 4); q3 = NR + 1 - q1; printf "%.1f..%.1f", 100 * a[q1], 100 * a[q3] }'
-}
-# The worker's CPU microseconds per request over all rounds.
-cpu_us() { awk -v t="${ticks[$1]}" -v n="${reqs[$1]}" -v hz="$tck" 'BEGIN { printf "%.2f", 1e6 * t / hz / n }'; }
-# The user-space part of it.
-user_us() { awk -v t="${uticks[$1]}" -v n="${reqs[$1]}" -v hz="$tck" 'BEGIN { printf "%.2f", 1e6 * t / hz / n }'; }
+# Their spread (the middle half): a target closer to the median than this cannot be
+# told apart from the run's noise.
+round_iqr() { round_ratios "$1" | iqr_pct; }
+# Clock ticks $1 over requests $2, in microseconds per request.
+us_per_req() { awk -v t="$1" -v n="$2" -v hz="$tck" 'BEGIN { printf "%.2f", 1e6 * t / hz / n }'; }
+# The worker's CPU microseconds per request over all rounds, and the user-space part.
+cpu_us() { us_per_req "${ticks[$1]}" "${reqs[$1]}"; }
+user_us() { us_per_req "${uticks[$1]}" "${reqs[$1]}"; }
 # How busy the worker's core was during the runs: near 100% when the gateway is the
 # bottleneck; below, req/s says more of the load generator's core than of the gateway.
 busy() { awk -v t="${ticks[$1]}" -v hz="$tck" -v s="$((ROUNDS * SECS))" 'BEGIN { printf "%.0f%%", 100 * t / hz / s }'; }
